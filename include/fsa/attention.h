@@ -1,0 +1,59 @@
+#pragma once
+// Forward and backward of exact attention with an optional boolean mask and additive bias
+// (SPEC.md sections 2-4). Layouts: query (B, Sq, H, D), key/value (B, Sk, Hk, D), out like
+// query, lse (B, H, Sq) fp32, attn_mask / attn_bias ({B|1}, {H|Hk|1}, {Sq|1}, {Sk|1}).
+// Arguments are validated before anything is written; a rejection throws fsa::Error.
+
+#include <optional>
+
+#include "fsa/error.h"
+#include "fsa/plan.h"
+#include "fsa/tensor.h"
+
+namespace fsa {
+
+struct AttentionOptions {
+  std::optional<float> softmax_scale;  // default 1/sqrt(D); must be finite and >= 0
+  bool is_causal = false;              // bottom-right aligned: key j is visible to row i iff
+                                       // j <= i + Sk - Sq
+  float softcap = 0.0f;                // 0 = off; c > 0: s = c * tanh(scale * x / c) + bias
+  bool deterministic = false;          // backward bitwise reproducible (always so on the CPU)
+};
+
+struct ForwardArgs {
+  TensorView query;                     // (B, Sq, H, D)   fp16 / bf16 / fp32 (CPU)
+  TensorView key;                       // (B, Sk, Hk, D)  same dtype
+  TensorView value;                     // (B, Sk, Hk, D)  same dtype
+  std::optional<TensorView> attn_mask;  // bool, True = keep
+  std::optional<TensorView> attn_bias;  // query dtype or fp32, added to the scaled scores
+  AttentionOptions options;
+  TensorView out;                       // (B, Sq, H, D) query dtype, written
+  std::optional<TensorView> lse;        // (B, H, Sq) fp32 natural-log LSE, written when given
+  const Plan* plan = nullptr;           // built from attn_mask and causality when null
+  void* stream = nullptr;               // cudaStream_t for CUDA tensors; ignored on the CPU
+};
+
+struct BackwardArgs {
+  TensorView query, key, value;         // as in forward
+  TensorView out;                       // forward output
+  TensorView lse;                       // (B, H, Sq) fp32 from forward
+  TensorView dout;                      // (B, Sq, H, D) query dtype
+  std::optional<TensorView> attn_mask;
+  std::optional<TensorView> attn_bias;
+  AttentionOptions options;
+  TensorView dquery;                    // like query, written
+  TensorView dkey;                      // like key, written (summed over the G heads of a kv head)
+  TensorView dvalue;                    // like value, written
+  std::optional<TensorView> dbias;      // exactly attn_bias's shape and dtype, written when given
+  const Plan* plan = nullptr;
+  void* stream = nullptr;
+};
+
+void forward(const ForwardArgs& args);
+void backward(const BackwardArgs& args);
+
+// CPU backend worker threads; 0 = hardware concurrency (or FSA_NUM_THREADS when set).
+void set_num_threads(int num_threads);
+int num_threads();
+
+}  // namespace fsa

@@ -1,0 +1,119 @@
+#pragma once
+// The block map: sparsity as data, planned once per (mask, causality, tile shape) and reused by
+// forward and backward. For every (batch, head, query block) of the map it lists the key blocks
+// that are *full* (every entry kept: no mask read, no predicate) and *partial* (mask tile and/or
+// causal predicate applied); key blocks in neither list are never visited. The transposed lists
+// (per key block: full and partial query blocks) drive the backward pass.
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include "fsa/tensor.h"
+
+namespace fsa {
+
+// A read-only run of block indices (C++17 has no std::span).
+struct BlockSpan {
+  const int32_t* first = nullptr;
+  int64_t count = 0;
+  const int32_t* begin() const { return first; }
+  const int32_t* end() const { return first + count; }
+  int64_t size() const { return count; }
+  bool empty() const { return count == 0; }
+  int32_t operator[](int64_t i) const { return first[i]; }
+};
+
+// Compressed rows of block indices, ascending within a row.
+struct BlockLists {
+  std::vector<int64_t> offsets;  // (rows + 1,)
+  std::vector<int32_t> blocks;   // (offsets.back(),)
+  BlockSpan row(int64_t r) const {
+    return {blocks.data() + offsets[r], offsets[r + 1] - offsets[r]};
+  }
+};
+
+struct BlockMap {
+  // Extents of the map. batch is 1 when neither the mask nor the block selection varies with
+  // batch; heads is 1, Hk or H (the larger of the mask's and the selection's head counts).
+  int64_t batch = 0;
+  int64_t heads = 0;
+  int64_t m_blocks = 0;  // ceil(Sq / block_m)
+  int64_t n_blocks = 0;  // ceil(Sk / block_n)
+  int block_m = 0;       // query rows per tile
+  int block_n = 0;       // key columns per tile
+  BlockLists full;       // row ((b * heads + h) * m_blocks + m) -> key blocks, every entry kept
+  BlockLists partial;    // same rows -> key blocks with kept and dropped entries
+  BlockLists full_t;     // row ((b * heads + h) * n_blocks + n) -> query blocks, every entry kept
+  BlockLists partial_t;  // same rows -> query blocks with kept and dropped entries
+  int64_t kept_entries = 0;  // kept (query, key) pairs summed over the map's (batch, head)
+};
+
+struct PlanOptions {
+  int block_m = 64;  // tile rows (queries); any value >= 1
+  int block_n = 64;  // tile columns (keys); any value >= 1
+  // Optional caller-supplied block selection, bool (B|1, H|Hk|1, ceil(Sq/block_m), ceil(Sk/block_n)):
+  // a tile whose entry is False is never visited. It is combined (AND) with attn_mask and causality.
+  std::optional<TensorView> block_mask;
+};
+
+// A plan for one problem geometry. Cheap to copy (shared, immutable storage).
+class Plan {
+ public:
+  Plan() = default;
+
+  bool valid() const { return map_ != nullptr; }
+  const BlockMap& map() const { return *map_; }
+
+  // The problem the plan was built for; forward/backward check their arguments against it.
+  int64_t batch() const { return batch_; }
+  int64_t num_heads() const { return num_heads_; }
+  int64_t num_kv_heads() const { return num_kv_heads_; }
+  int64_t seqlen_q() const { return seqlen_q_; }
+  int64_t seqlen_k() const { return seqlen_k_; }
+  bool is_causal() const { return is_causal_; }
+  bool has_mask() const { return has_mask_; }
+  Device device() const { return device_; }
+
+  // Problem (batch, query head) -> map (batch, head).
+  int64_t map_batch(int64_t b) const { return map_->batch == 1 ? 0 : b; }
+  int64_t map_head(int64_t h) const { return h / (num_heads_ / map_->heads); }
+
+  BlockSpan full_blocks(int64_t mb, int64_t mh, int64_t m) const {
+    return map_->full.row((mb * map_->heads + mh) * map_->m_blocks + m);
+  }
+  BlockSpan partial_blocks(int64_t mb, int64_t mh, int64_t m) const {
+    return map_->partial.row((mb * map_->heads + mh) * map_->m_blocks + m);
+  }
+  BlockSpan full_query_blocks(int64_t mb, int64_t mh, int64_t n) const {
+    return map_->full_t.row((mb * map_->heads + mh) * map_->n_blocks + n);
+  }
+  BlockSpan partial_query_blocks(int64_t mb, int64_t mh, int64_t n) const {
+    return map_->partial_t.row((mb * map_->heads + mh) * map_->n_blocks + n);
+  }
+
+  // Fraction of (query, key) entries kept by mask and causality: the work the kernels do,
+  // relative to dense non-causal attention, is about visited_tile_fraction().
+  double kept_density() const;
+  // Fraction of all tiles that are visited (full + partial).
+  double visited_tile_fraction() const;
+
+ private:
+  friend Plan make_plan(const TensorView&, const TensorView&, const std::optional<TensorView>&,
+                        bool, const PlanOptions&);
+  std::shared_ptr<const BlockMap> map_;
+  int64_t batch_ = 0, num_heads_ = 0, num_kv_heads_ = 0, seqlen_q_ = 0, seqlen_k_ = 0;
+  bool is_causal_ = false, has_mask_ = false;
+  Device device_{};
+};
+
+// Builds the block map for query (B, Sq, H, D) and key (B, Sk, Hk, D) (only their shapes are
+// read), an optional bool attn_mask of any SPEC shape, causality and the tile shape. The mask is
+// read once; a stride-0 (expanded) dimension is treated as broadcast and read once; a key-only mask
+// (..., 1, Sk) costs O(Sk) reads plus O(blocks) bookkeeping.
+Plan make_plan(const TensorView& query, const TensorView& key,
+               const std::optional<TensorView>& attn_mask, bool is_causal,
+               const PlanOptions& options = {});
+
+}  // namespace fsa

@@ -1,0 +1,256 @@
+// Block-map planning: one read of the mask (O(Sk) for a key-only mask) turns mask + causality +
+// optional block selection into per-tile full / partial / skipped decisions.
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "core/causal.h"
+#include "core/problem.h"
+
+namespace fsa {
+namespace {
+
+using detail::BroadcastOperand;
+using detail::CausalBand;
+
+// Kept entries of one mask row segment [c0, c1): the mask is bool bytes, any stride.
+int64_t count_true(const uint8_t* row, int64_t stride, int64_t c0, int64_t c1) {
+  int64_t n = 0;
+  if (stride == 1) {
+    for (int64_t j = c0; j < c1; ++j) n += row[j] != 0;
+  } else {
+    for (int64_t j = c0; j < c1; ++j) n += row[j * stride] != 0;
+  }
+  return n;
+}
+
+// Counts kept entries per key block for one (map batch, map head, query block). The mask's
+// effective shape decides how: a mask that varies along both Sq and Sk is read row by row (each
+// element once over the whole plan); otherwise every row shares one prefix-sum row (key-only,
+// scalar or no mask), optionally weighted per row (query-only mask).
+class TileCounter {
+ public:
+  TileCounter(const std::optional<BroadcastOperand>& mask, int64_t sq, int64_t sk, bool causal,
+              int block_m, int block_n)
+      : mask_(mask), sk_(sk), band_{sq, sk, causal}, block_m_(block_m), block_n_(block_n) {
+    per_row_ = mask_ && mask_->read_stride[2] != 0 && mask_->read_stride[3] != 0;
+    prefix_.resize(size_t(sk + 1));
+  }
+
+  // Selects the mask slice of map (batch, head) `b`, `h_query` (a query head of that map head).
+  void select(int64_t b, int64_t h_query) {
+    base_ = nullptr;
+    if (mask_) {
+      base_ = static_cast<const uint8_t*>(mask_->data) + mask_->offset(b, h_query, 0, 0);
+    }
+    if (per_row_) return;
+    // Shared row: prefix_[j] = kept keys among [0, j) of the (single) key row.
+    prefix_[0] = 0;
+    if (mask_ && mask_->read_stride[3] != 0) {
+      const int64_t s = mask_->read_stride[3];
+      for (int64_t j = 0; j < sk_; ++j) prefix_[j + 1] = prefix_[j] + (base_[j * s] != 0);
+    } else {
+      for (int64_t j = 0; j < sk_; ++j) prefix_[j + 1] = j + 1;
+    }
+  }
+
+  // counts[n] = kept entries of tile (m, n) for the n with selected[n]; others untouched.
+  void count(int64_t m, const std::vector<uint8_t>& selected, std::vector<int64_t>& counts) {
+    const int64_t r0 = m * block_m_, r1 = std::min(r0 + block_m_, band_.seqlen_q);
+    const int64_t n_blocks = int64_t(counts.size());
+    if (per_row_) {
+      std::fill(counts.begin(), counts.end(), 0);
+      const int64_t sr = mask_->read_stride[2], sc = mask_->read_stride[3];
+      for (int64_t i = r0; i < r1; ++i) {
+        const int64_t end = band_.visible_end(i);  // keys [0, end) are visible to row i
+        const uint8_t* row = base_ + i * sr;
+        for (int64_t n = 0; n < n_blocks && n * block_n_ < end; ++n) {
+          if (!selected[n]) continue;
+          counts[n] += count_true(row, sc, n * block_n_, std::min((n + 1) * block_n_, end));
+        }
+      }
+      return;
+    }
+    // Per-row weight: 1, or the query-only mask's value for the row.
+    const bool weighted = mask_ && mask_->read_stride[2] != 0;
+    int64_t weight_sum = 0;
+    for (int64_t i = r0; i < r1; ++i) weight_sum += row_weight(weighted, i);
+    const int64_t first_end = band_.visible_end(r0), last_end = band_.visible_end(r1 - 1);
+    for (int64_t n = 0; n < n_blocks; ++n) {
+      if (!selected[n]) continue;
+      const int64_t c0 = n * block_n_, c1 = std::min(c0 + block_n_, sk_);
+      if (c1 <= first_end) {
+        counts[n] = weight_sum * (prefix_[c1] - prefix_[c0]);  // every row sees the whole tile
+      } else if (c0 >= last_end) {
+        counts[n] = 0;  // no row sees any key of the tile
+      } else {
+        int64_t kept = 0;  // a causal diagonal tile: O(block_m) work, O(Sq) over the plan
+        for (int64_t i = r0; i < r1; ++i) {
+          const int64_t e = std::min(c1, band_.visible_end(i));
+          if (e > c0) kept += row_weight(weighted, i) * (prefix_[e] - prefix_[c0]);
+        }
+        counts[n] = kept;
+      }
+    }
+  }
+
+ private:
+  int64_t row_weight(bool weighted, int64_t i) const {
+    return weighted ? int64_t(base_[i * mask_->read_stride[2]] != 0) : 1;
+  }
+
+  const std::optional<BroadcastOperand>& mask_;
+  int64_t sk_;
+  CausalBand band_;
+  int block_m_, block_n_;
+  bool per_row_ = false;
+  const uint8_t* base_ = nullptr;
+  std::vector<int64_t> prefix_;
+};
+
+void transpose(const BlockLists& rows, int64_t outer, int64_t m_blocks, int64_t n_blocks,
+               BlockLists& cols) {
+  cols.offsets.assign(size_t(outer * n_blocks + 1), 0);
+  for (int64_t o = 0; o < outer; ++o) {
+    for (int64_t m = 0; m < m_blocks; ++m) {
+      for (int32_t n : rows.row(o * m_blocks + m)) ++cols.offsets[size_t(o * n_blocks + n + 1)];
+    }
+  }
+  for (size_t r = 1; r < cols.offsets.size(); ++r) cols.offsets[r] += cols.offsets[r - 1];
+  cols.blocks.resize(size_t(cols.offsets.back()));
+  std::vector<int64_t> cursor(cols.offsets.begin(), cols.offsets.end() - 1);
+  for (int64_t o = 0; o < outer; ++o) {
+    for (int64_t m = 0; m < m_blocks; ++m) {  // ascending m: each column's list is sorted
+      for (int32_t n : rows.row(o * m_blocks + m)) {
+        cols.blocks[size_t(cursor[size_t(o * n_blocks + n)]++)] = int32_t(m);
+      }
+    }
+  }
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace
+
+Plan make_plan(const TensorView& query, const TensorView& key,
+               const std::optional<TensorView>& attn_mask, bool is_causal,
+               const PlanOptions& options) {
+  const detail::Geometry g = detail::validate_geometry(query, key);
+  if (options.block_m < 1) {
+    throw Error(ErrorKind::kValue, "block_m", "expected >= 1, got " + std::to_string(options.block_m));
+  }
+  if (options.block_n < 1) {
+    throw Error(ErrorKind::kValue, "block_n", "expected >= 1, got " + std::to_string(options.block_n));
+  }
+  const int64_t m_blocks = ceil_div(g.seqlen_q, options.block_m);
+  const int64_t n_blocks = ceil_div(g.seqlen_k, options.block_n);
+
+  std::optional<BroadcastOperand> mask, selection;
+  if (attn_mask) {
+    if (attn_mask->dtype != DType::kBool) {
+      throw Error(ErrorKind::kDType, "attn_mask",
+                  "expected dtype bool (True = keep), got " + to_string(attn_mask->dtype));
+    }
+    if (attn_mask->device != query.device) {
+      throw Error(ErrorKind::kDevice, "attn_mask",
+                  "expected device " + to_string(query.device) + " (the query's), got " +
+                      to_string(attn_mask->device));
+    }
+    mask = detail::validate_broadcast(*attn_mask, "attn_mask", g, g.seqlen_q, g.seqlen_k);
+  }
+  if (options.block_mask) {
+    if (options.block_mask->dtype != DType::kBool) {
+      throw Error(ErrorKind::kDType, "block_mask",
+                  "expected dtype bool (True = visit), got " + to_string(options.block_mask->dtype));
+    }
+    if (options.block_mask->device != query.device) {
+      throw Error(ErrorKind::kDevice, "block_mask",
+                  "expected device " + to_string(query.device) + " (the query's), got " +
+                      to_string(options.block_mask->device));
+    }
+    selection = detail::validate_broadcast(*options.block_mask, "block_mask", g, m_blocks, n_blocks);
+  }
+
+  auto map = std::make_shared<BlockMap>();
+  map->block_m = options.block_m;
+  map->block_n = options.block_n;
+  map->m_blocks = m_blocks;
+  map->n_blocks = n_blocks;
+  // The map's extents are the finest of what varies: batch if the mask or selection does, heads
+  // as the larger of their head counts (each of 1, Hk, H divides the next).
+  auto batch_of = [](const std::optional<BroadcastOperand>& o) {
+    return o ? o->read_extent(0) : int64_t(1);
+  };
+  auto heads_of = [](const std::optional<BroadcastOperand>& o) {
+    return o ? o->read_extent(1) : int64_t(1);
+  };
+  map->batch = std::max(batch_of(mask), batch_of(selection));
+  map->heads = std::max(heads_of(mask), heads_of(selection));
+  // An expanded (stride-0) head dim of size H reads as 1 head; H itself is always divisible.
+  const int64_t rows = map->batch * map->heads * m_blocks;
+
+  TileCounter counter(mask, g.seqlen_q, g.seqlen_k, is_causal, options.block_m, options.block_n);
+  std::vector<int64_t> counts(size_t(n_blocks), 0);
+  std::vector<uint8_t> selected(size_t(n_blocks), 1);
+  map->full.offsets.assign(size_t(rows + 1), 0);
+  map->partial.offsets.assign(size_t(rows + 1), 0);
+  const int64_t head_group = g.num_heads / map->heads;
+  for (int64_t b = 0; b < map->batch; ++b) {
+    for (int64_t h = 0; h < map->heads; ++h) {
+      const int64_t h_query = h * head_group;  // any query head of this map head
+      counter.select(b, h_query);
+      for (int64_t m = 0; m < m_blocks; ++m) {
+        const int64_t row = (b * map->heads + h) * m_blocks + m;
+        if (selection) {
+          const auto* sel = static_cast<const uint8_t*>(selection->data) +
+                            selection->offset(b, h_query, m, 0);
+          for (int64_t n = 0; n < n_blocks; ++n) {
+            selected[size_t(n)] = sel[n * selection->read_stride[3]] != 0;
+          }
+        }
+        counter.count(m, selected, counts);
+        const int64_t tile_rows = std::min<int64_t>(options.block_m, g.seqlen_q - m * options.block_m);
+        for (int64_t n = 0; n < n_blocks; ++n) {
+          if (!selected[size_t(n)] || counts[size_t(n)] == 0) continue;
+          const int64_t tile_cols =
+              std::min<int64_t>(options.block_n, g.seqlen_k - n * options.block_n);
+          map->kept_entries += counts[size_t(n)];
+          BlockLists& list = counts[size_t(n)] == tile_rows * tile_cols ? map->full : map->partial;
+          list.blocks.push_back(int32_t(n));
+        }
+        map->full.offsets[size_t(row + 1)] = int64_t(map->full.blocks.size());
+        map->partial.offsets[size_t(row + 1)] = int64_t(map->partial.blocks.size());
+      }
+    }
+  }
+  transpose(map->full, map->batch * map->heads, m_blocks, n_blocks, map->full_t);
+  transpose(map->partial, map->batch * map->heads, m_blocks, n_blocks, map->partial_t);
+
+  Plan plan;
+  plan.map_ = std::move(map);
+  plan.batch_ = g.batch;
+  plan.num_heads_ = g.num_heads;
+  plan.num_kv_heads_ = g.num_kv_heads;
+  plan.seqlen_q_ = g.seqlen_q;
+  plan.seqlen_k_ = g.seqlen_k;
+  plan.is_causal_ = is_causal;
+  plan.has_mask_ = attn_mask.has_value();
+  plan.device_ = query.device;
+  return plan;
+}
+
+double Plan::kept_density() const {
+  const double total = double(map_->batch) * double(map_->heads) * double(seqlen_q_) *
+                       double(seqlen_k_);
+  return total > 0 ? double(map_->kept_entries) / total : 0.0;
+}
+
+double Plan::visited_tile_fraction() const {
+  const double total = double(map_->batch) * double(map_->heads) * double(map_->m_blocks) *
+                       double(map_->n_blocks);
+  const double visited = double(map_->full.blocks.size() + map_->partial.blocks.size());
+  return total > 0 ? visited / total : 0.0;
+}
+
+}  // namespace fsa

@@ -1,0 +1,123 @@
+// CPU forward: one task per (batch, query head, query block); the online softmax runs over the
+// plan's full key blocks (no predicates) and then its partial ones (mask / causal applied).
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "cpu/cpu_backend.h"
+#include "cpu/thread_pool.h"
+#include "cpu/tile.h"
+
+namespace fsa::detail::cpu {
+namespace {
+
+// Per-worker scratch, sized once per call.
+struct ForwardScratch {
+  std::vector<float> q;       // (block_m, D)
+  std::vector<float> kt;      // (D, block_n): K transposed so score rows are contiguous
+  std::vector<float> v;       // (block_n, D)
+  std::vector<float> s;       // (block_m, block_n) logits, then probabilities
+  std::vector<float> acc;     // (block_m, D) unnormalized output
+  std::vector<float> row_max; // (block_m) running max of the log2 logits
+  std::vector<float> row_sum; // (block_m) running sum of exp2(s2 - row_max)
+  std::vector<float> row_buf; // (max(D, block_n)) conversion / bias row
+};
+
+// Online-softmax state of one row, in the log2 domain. The -inf guards are what makes empty rows
+// exact: while no key has been kept, max = -inf and we subtract 0 instead of -inf, so every
+// exp2 is exp2(-inf) = 0 rather than exp2(NaN).
+inline float rescale_for(float& row_max, float tile_max) {
+  const float new_max = std::max(row_max, tile_max);
+  const float correction = row_max == kNegInf ? 0.0f : std::exp2(row_max - new_max);
+  row_max = new_max;
+  return correction;
+}
+
+}  // namespace
+
+void forward(const ForwardProblem& p, const Plan& plan) {
+  const BlockMap& map = plan.map();
+  const int64_t bm = map.block_m, bn = map.block_n, D = p.head_dim;
+  const int64_t tasks = p.batch * p.num_heads * map.m_blocks;
+  std::vector<ForwardScratch> scratch(size_t(std::max(1, cpu_threads())));
+  for (auto& w : scratch) {
+    w.q.resize(size_t(bm * D));
+    w.kt.resize(size_t(D * bn));
+    w.v.resize(size_t(bn * D));
+    w.s.resize(size_t(bm * bn));
+    w.acc.resize(size_t(bm * D));
+    w.row_max.resize(size_t(bm));
+    w.row_sum.resize(size_t(bm));
+    w.row_buf.resize(size_t(std::max(D, bn)));
+  }
+  const ScoreTransform transform(p);
+
+  parallel_for(tasks, [&](int64_t task, int worker) {
+    ForwardScratch& w = scratch[size_t(worker)];
+    const int64_t m = task % map.m_blocks;
+    const int64_t h = (task / map.m_blocks) % p.num_heads;
+    const int64_t b = task / (map.m_blocks * p.num_heads);
+    const int64_t hk = h / p.group();
+    const int64_t r0 = m * bm, rows = std::min(bm, p.seqlen_q - r0);
+
+    load_rows(p.q, p.dtype, b, r0, rows, h, D, w.q.data());
+    std::fill(w.acc.begin(), w.acc.end(), 0.0f);
+    std::fill(w.row_max.begin(), w.row_max.end(), kNegInf);
+    std::fill(w.row_sum.begin(), w.row_sum.end(), 0.0f);
+
+    const int64_t mb = plan.map_batch(b), mh = plan.map_head(h);
+    for (int pass = 0; pass < 2; ++pass) {
+      const bool partial = pass == 1;
+      const BlockSpan blocks = partial ? plan.partial_blocks(mb, mh, m) : plan.full_blocks(mb, mh, m);
+      for (int32_t n : blocks) {
+        const Tile tile{r0, rows, n * bn, std::min(bn, p.seqlen_k - n * bn)};
+        load_rows_transposed(p.k, p.dtype, b, tile.c0, tile.cols, hk, D, w.row_buf.data(),
+                             w.kt.data(), bn);
+        load_rows(p.v, p.dtype, b, tile.c0, tile.cols, hk, D, w.v.data());
+        // s (rows, cols) = q (rows, D) . k^T (D, cols)
+        matmul_nn(w.q.data(), D, w.kt.data(), bn, w.s.data(), bn, rows, tile.cols, D);
+        transform.apply(w.s.data(), bn, tile, b, h, partial, w.row_buf.data());
+        for (int64_t r = 0; r < rows; ++r) {
+          float* sr = w.s.data() + r * bn;
+          float tile_max = kNegInf;
+          for (int64_t c = 0; c < tile.cols; ++c) tile_max = std::max(tile_max, sr[c]);
+          const float correction = rescale_for(w.row_max[size_t(r)], tile_max);
+          const float shift = w.row_max[size_t(r)] == kNegInf ? 0.0f : w.row_max[size_t(r)];
+          float sum = 0.0f;
+          for (int64_t c = 0; c < tile.cols; ++c) {
+            sr[c] = fast_exp2(sr[c] - shift);
+            sum += sr[c];
+          }
+          w.row_sum[size_t(r)] = w.row_sum[size_t(r)] * correction + sum;
+          if (correction != 1.0f) {
+            float* ar = w.acc.data() + r * D;
+            for (int64_t d = 0; d < D; ++d) ar[d] *= correction;
+          }
+        }
+        // acc (rows, D) += p (rows, cols) . v (cols, D)
+        matmul_nn_acc(w.s.data(), bn, w.v.data(), D, w.acc.data(), D, rows, tile.cols, D);
+      }
+    }
+
+    // Normalize; a row with no kept key (sum 0) is exactly 0 with LSE = -inf.
+    for (int64_t r = 0; r < rows; ++r) {
+      const float sum = w.row_sum[size_t(r)];
+      const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+      float* ar = w.acc.data() + r * D;
+      if (sum != sum) {
+        for (int64_t d = 0; d < D; ++d) ar[d] = sum;  // NaN in, NaN out (this row only)
+      } else {
+        for (int64_t d = 0; d < D; ++d) ar[d] *= inv;
+      }
+      if (p.lse) {
+        const float lse = sum > 0.0f ? (w.row_max[size_t(r)] + std::log2(sum)) * kLn2
+                                     : (sum != sum ? sum : kNegInf);
+        p.lse[b * p.lse_stride_b + h * p.lse_stride_h + (r0 + r) * p.lse_stride_s] = lse;
+      }
+    }
+    store_rows(w.acc.data(), p.out, p.dtype, b, r0, rows, h, D);
+  });
+}
+
+}  // namespace fsa::detail::cpu

@@ -1,0 +1,200 @@
+#pragma once
+// Tile-level building blocks shared by the CPU forward and backward: operand loads into fp32,
+// the small matrix products, and the score transform (scale, softcap, bias, mask / causality)
+// in the log2 domain.
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "core/causal.h"
+#include "core/dtype.h"
+#include "core/problem.h"
+
+namespace fsa::detail::cpu {
+
+constexpr float kLog2e = 1.4426950408889634f;  // log2(e): exp(x) = exp2(x * kLog2e)
+constexpr float kLn2 = 0.6931471805599453f;    // ln(2): log(x) = log2(x) * kLn2
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// exp2 for the softmax: a degree-6 polynomial on [-0.5, 0.5] times 2^round(x) (relative error
+// ~2e-7, below fp32 rounding of the products it feeds), written branch-free so the compiler can
+// vectorize the loops that call it, which std::exp2 prevents. Exactly 0 for x < -126 (and -inf:
+// dropped entries and empty rows must contribute exact zeros); NaN propagates.
+inline float fast_exp2(float x) {
+  const float xc = x < -126.0f ? -126.0f : (x > 127.0f ? 127.0f : x);
+  const float k = std::nearbyint(xc);
+  const float f = xc - k;  // [-0.5, 0.5]
+  // Taylor coefficients of 2^f = e^(f ln2): ln2^n / n!
+  float p = 1.5403530393381606e-4f;
+  p = p * f + 1.3333558146428443e-3f;
+  p = p * f + 9.6181291076284772e-3f;
+  p = p * f + 5.5504108664821580e-2f;
+  p = p * f + 2.4022650695910072e-1f;
+  p = p * f + 6.9314718055994531e-1f;
+  p = p * f + 1.0f;
+  const int32_t e = int32_t(k) + 127;
+  const float scale = bits_to_float(uint32_t(e) << 23);
+  float r = p * scale;
+  r = x < -126.0f ? 0.0f : r;
+  return x != x ? x : r;
+}
+
+// Geometry of one tile: rows [r0, r0 + rows) of the queries, keys [c0, c0 + cols).
+struct Tile {
+  int64_t r0, rows, c0, cols;
+};
+
+// Loads rows of a (B, S, H, D) operand at (b, s0.., h) into dst (rows x D, row stride D).
+inline void load_rows(const SeqOperand& op, DType dtype, int64_t b, int64_t s0, int64_t rows,
+                      int64_t h, int64_t head_dim, float* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    load_floats(element_ptr(op.data, dtype, op.offset(b, s0 + r, h)), dtype, head_dim,
+                dst + r * head_dim);
+  }
+}
+
+// Loads rows transposed: dst (D x ld), dst[d * ld + r] = op[b, s0 + r, h, d].
+inline void load_rows_transposed(const SeqOperand& op, DType dtype, int64_t b, int64_t s0,
+                                 int64_t rows, int64_t h, int64_t head_dim, float* row_buf,
+                                 float* dst, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    load_floats(element_ptr(op.data, dtype, op.offset(b, s0 + r, h)), dtype, head_dim, row_buf);
+    for (int64_t d = 0; d < head_dim; ++d) dst[d * ld + r] = row_buf[d];
+  }
+}
+
+inline void store_rows(const float* src, const SeqOperand& op, DType dtype, int64_t b, int64_t s0,
+                       int64_t rows, int64_t h, int64_t head_dim) {
+  for (int64_t r = 0; r < rows; ++r) {
+    store_floats(src + r * head_dim, head_dim, dtype,
+                 element_ptr(op.data, dtype, op.offset(b, s0 + r, h)));
+  }
+}
+
+// c (m x n, row stride ldc) = a (m x k, row stride lda) * bt (k x n, row stride ldb).
+inline void matmul_nn(const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+                      int64_t ldc, int64_t m, int64_t n, int64_t k) {
+  for (int64_t i = 0; i < m; ++i) {
+    float* ci = c + i * ldc;
+    for (int64_t j = 0; j < n; ++j) ci[j] = 0.0f;
+    const float* ai = a + i * lda;
+    for (int64_t p = 0; p < k; ++p) {
+      const float av = ai[p];
+      const float* bp = b + p * ldb;
+      for (int64_t j = 0; j < n; ++j) ci[j] += av * bp[j];
+    }
+  }
+}
+
+// c (n x k) += a^T b where a is (m x n, row stride lda) and b is (m x k, row stride ldb).
+inline void matmul_tn_acc(const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+                          int64_t ldc, int64_t m, int64_t n, int64_t k) {
+  for (int64_t i = 0; i < m; ++i) {
+    const float* ai = a + i * lda;
+    const float* bi = b + i * ldb;
+    for (int64_t j = 0; j < n; ++j) {
+      const float av = ai[j];
+      if (av == 0.0f) continue;  // dropped entries: a common, cheap skip
+      float* cj = c + j * ldc;
+      for (int64_t p = 0; p < k; ++p) cj[p] += av * bi[p];
+    }
+  }
+}
+
+// c (m x k) += a (m x n, row stride lda) * b (n x k, row stride ldb).
+inline void matmul_nn_acc(const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+                          int64_t ldc, int64_t m, int64_t n, int64_t k) {
+  for (int64_t i = 0; i < m; ++i) {
+    const float* ai = a + i * lda;
+    float* ci = c + i * ldc;
+    for (int64_t j = 0; j < n; ++j) {
+      const float av = ai[j];
+      if (av == 0.0f) continue;
+      const float* bj = b + j * ldb;
+      for (int64_t p = 0; p < k; ++p) ci[p] += av * bj[p];
+    }
+  }
+}
+
+// Turns raw products x = q.k of a tile into log2-domain logits s2 = s * log2(e), with
+//   s = scale * x + bias                     (no softcap)
+//   s = c * tanh(scale * x / c) + bias       (softcap c > 0; the bias stays outside the cap)
+// and, on partial tiles, s2 = -inf where the mask or causality drops the entry. When `tanh_out`
+// is given (backward with softcap), it receives t = tanh(scale * x / c) for the derivative.
+class ScoreTransform {
+ public:
+  explicit ScoreTransform(const Problem& p)
+      : p_(p), band_{p.seqlen_q, p.seqlen_k, p.is_causal} {
+    scale_log2_ = p.scale * kLog2e;
+    if (p.softcap > 0.0f) {
+      cap_in_ = p.scale / p.softcap;
+      cap_out_log2_ = p.softcap * kLog2e;
+    }
+  }
+
+  // s: (tile.rows x ld) products in, logits out. bias_row: scratch of >= tile.cols floats.
+  void apply(float* s, int64_t ld, const Tile& tile, int64_t b, int64_t h, bool partial,
+             float* bias_row, float* tanh_out = nullptr) const {
+    for (int64_t r = 0; r < tile.rows; ++r) {
+      float* sr = s + r * ld;
+      if (p_.softcap > 0.0f) {
+        float* tr = tanh_out ? tanh_out + r * ld : nullptr;
+        for (int64_t c = 0; c < tile.cols; ++c) {
+          const float t = std::tanh(sr[c] * cap_in_);
+          if (tr) tr[c] = t;
+          sr[c] = t * cap_out_log2_;
+        }
+      } else {
+        for (int64_t c = 0; c < tile.cols; ++c) sr[c] *= scale_log2_;
+      }
+      if (p_.bias) add_bias_row(sr, tile, r, b, h, bias_row);
+      if (partial) drop_entries(sr, tile, r, b, h);
+    }
+  }
+
+  const CausalBand& band() const { return band_; }
+
+ private:
+  void add_bias_row(float* sr, const Tile& tile, int64_t r, int64_t b, int64_t h,
+                    float* bias_row) const {
+    const BroadcastOperand& bias = *p_.bias;
+    const int64_t off = bias.offset(b, h, tile.r0 + r, tile.c0);
+    const int64_t sc = bias.read_stride[3];
+    if (sc == 0) {
+      const float v = load_float(bias.data, bias.dtype, off) * kLog2e;
+      for (int64_t c = 0; c < tile.cols; ++c) sr[c] += v;
+      return;
+    }
+    if (sc == 1) {
+      load_floats(element_ptr(bias.data, bias.dtype, off), bias.dtype, tile.cols, bias_row);
+    } else {
+      for (int64_t c = 0; c < tile.cols; ++c) {
+        bias_row[c] = load_float(bias.data, bias.dtype, off + c * sc);
+      }
+    }
+    for (int64_t c = 0; c < tile.cols; ++c) sr[c] += bias_row[c] * kLog2e;
+  }
+
+  void drop_entries(float* sr, const Tile& tile, int64_t r, int64_t b, int64_t h) const {
+    const int64_t visible = band_.visible_end(tile.r0 + r) - tile.c0;  // keys [c0, c0+visible)
+    int64_t c = visible < 0 ? 0 : visible;
+    for (; c < tile.cols; ++c) sr[c] = kNegInf;
+    if (!p_.mask) return;
+    const BroadcastOperand& mask = *p_.mask;
+    const auto* row = static_cast<const uint8_t*>(mask.data) + mask.offset(b, h, tile.r0 + r, tile.c0);
+    const int64_t sc = mask.read_stride[3];
+    const int64_t end = visible < tile.cols ? (visible < 0 ? 0 : visible) : tile.cols;
+    for (c = 0; c < end; ++c) {
+      if (!row[c * sc]) sr[c] = kNegInf;
+    }
+  }
+
+  const Problem& p_;
+  CausalBand band_;
+  float scale_log2_ = 0.0f;
+  float cap_in_ = 0.0f;        // scale / c
+  float cap_out_log2_ = 0.0f;  // c * log2(e)
+};
+
+}  // namespace fsa::detail::cpu
