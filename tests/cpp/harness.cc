@@ -380,14 +380,24 @@ void expect_matches_reference(const Problem& p, const Inputs& inputs, const Outp
   expect_pass_rule(label, "out", ours.out, ref.out, naive.out, dtype, max_abs_finite(ref.out));
   expect_pass_rule(label, "lse", ours.lse, ref.lse, naive.lse, fsa::DType::kFloat32,
                    max_abs_finite(ref.lse));
-  expect_exact_where_untouched(label, "out", ours.out, structure.row_kept, p.head_dim, 0.0);
+  // row_kept is in the LSE's (B, H, Sq) order; out and dq rows are (B, Sq, H).
+  std::vector<uint8_t> row_kept_bsh(structure.row_kept.size());
+  for (int64_t b = 0; b < p.batch; ++b) {
+    for (int64_t h = 0; h < p.heads; ++h) {
+      for (int64_t i = 0; i < p.seqlen_q; ++i) {
+        row_kept_bsh[(b * p.seqlen_q + i) * p.heads + h] =
+            structure.row_kept[(b * p.heads + h) * p.seqlen_q + i];
+      }
+    }
+  }
+  expect_exact_where_untouched(label, "out", ours.out, row_kept_bsh, p.head_dim, 0.0);
   expect_exact_where_untouched(label, "lse", ours.lse, structure.row_kept, 1, -inf);
   if (!with_backward) return;
 
   expect_pass_rule(label, "dq", ours.dq, ref.dq, naive.dq, dtype, max_abs_finite(ref.dq));
   expect_pass_rule(label, "dk", ours.dk, ref.dk, naive.dk, dtype, max_abs_finite(ref.dk));
   expect_pass_rule(label, "dv", ours.dv, ref.dv, naive.dv, dtype, max_abs_finite(ref.dv));
-  expect_exact_where_untouched(label, "dq", ours.dq, structure.row_kept, p.head_dim, 0.0);
+  expect_exact_where_untouched(label, "dq", ours.dq, row_kept_bsh, p.head_dim, 0.0);
   expect_exact_where_untouched(label, "dk", ours.dk, structure.key_kept, p.head_dim, 0.0);
   expect_exact_where_untouched(label, "dv", ours.dv, structure.key_kept, p.head_dim, 0.0);
   if (p.bias_shape) {
