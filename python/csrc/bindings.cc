@@ -1,0 +1,326 @@
+// flash_sparse_attn._C: the C++ core over DLPack arrays.
+//
+// Every array argument is an nb::ndarray view of the caller's memory (torch tensors, numpy
+// arrays, and any other __dlpack__ producer): nothing is copied and nothing is allocated here.
+// Outputs are allocated by the caller (torch allocates torch tensors, so its caching allocator and
+// CUDA graphs keep working); CUDA work runs on the stream the caller passes (an integer
+// cudaStream_t, 0 = the legacy default stream). The GIL is released while the core runs.
+//
+// fsa::Error becomes a Python exception by kind: kDType -> TypeError, kUnsupported ->
+// NotImplementedError (a RuntimeError), everything else -> ValueError. The message starts with the
+// argument's name.
+
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "fsa/fsa.h"
+#include "fsa/mask.h"
+
+namespace nb = nanobind;
+
+namespace {
+
+// Read-only inputs accept read-only producers too (e.g. numpy.broadcast_to views).
+using InArray = nb::ndarray<nb::ro>;
+using OutArray = nb::ndarray<>;
+
+std::string dtype_name(const nb::dlpack::dtype& dt) {
+  const char* code = "unknown";
+  switch (nb::dlpack::dtype_code(dt.code)) {
+    case nb::dlpack::dtype_code::Int: code = "int"; break;
+    case nb::dlpack::dtype_code::UInt: code = "uint"; break;
+    case nb::dlpack::dtype_code::Float: code = "float"; break;
+    case nb::dlpack::dtype_code::Bfloat: code = "bfloat"; break;
+    case nb::dlpack::dtype_code::Complex: code = "complex"; break;
+    case nb::dlpack::dtype_code::Bool: return "bool";
+  }
+  return std::string(code) + std::to_string(int(dt.bits));
+}
+
+fsa::DType to_dtype(const nb::dlpack::dtype& dt, const char* name) {
+  if (dt.lanes == 1) {
+    switch (nb::dlpack::dtype_code(dt.code)) {
+      case nb::dlpack::dtype_code::Float:
+        if (dt.bits == 32) return fsa::DType::kFloat32;
+        if (dt.bits == 16) return fsa::DType::kFloat16;
+        if (dt.bits == 64) return fsa::DType::kFloat64;
+        break;
+      case nb::dlpack::dtype_code::Bfloat:
+        if (dt.bits == 16) return fsa::DType::kBFloat16;
+        break;
+      case nb::dlpack::dtype_code::Bool:
+        if (dt.bits == 8) return fsa::DType::kBool;
+        break;
+      default:
+        break;
+    }
+  }
+  throw fsa::Error(fsa::ErrorKind::kDType, name,
+                   "unsupported dtype " + dtype_name(dt) +
+                       " (expected float16, bfloat16, float32, float64 or bool)");
+}
+
+template <typename Array>
+fsa::TensorView to_view(const Array& a, const char* name) {
+  if (a.ndim() > size_t(fsa::kMaxRank)) {
+    throw fsa::Error(fsa::ErrorKind::kShape, name,
+                     "expected at most " + std::to_string(fsa::kMaxRank) + " dims, got " +
+                         std::to_string(a.ndim()));
+  }
+  fsa::TensorView v;
+  v.data = const_cast<void*>(static_cast<const void*>(a.data()));
+  v.dtype = to_dtype(a.dtype(), name);
+  const int device_type = a.device_type();
+  if (device_type == nb::device::cpu::value) {
+    v.device = {fsa::DeviceType::kCPU, 0};
+  } else if (device_type == nb::device::cuda::value) {
+    v.device = {fsa::DeviceType::kCUDA, int(a.device_id())};
+  } else {
+    throw fsa::Error(fsa::ErrorKind::kDevice, name,
+                     "unsupported device type " + std::to_string(device_type) +
+                         " (expected a CPU or CUDA array)");
+  }
+  v.rank = int(a.ndim());
+  for (int d = 0; d < v.rank; ++d) {
+    v.shape[size_t(d)] = int64_t(a.shape(size_t(d)));
+    v.stride[size_t(d)] = int64_t(a.stride(size_t(d)));
+  }
+  return v;
+}
+
+std::optional<fsa::TensorView> to_view(const std::optional<InArray>& a, const char* name) {
+  if (!a) return std::nullopt;
+  return to_view(*a, name);
+}
+
+std::optional<fsa::TensorView> to_out_view(const std::optional<OutArray>& a, const char* name) {
+  if (!a) return std::nullopt;
+  return to_view(*a, name);
+}
+
+void* to_stream(uintptr_t stream) { return reinterpret_cast<void*>(stream); }
+
+fsa::AttentionOptions attention_options(std::optional<double> softmax_scale, bool is_causal,
+                                        double softcap, bool deterministic) {
+  fsa::AttentionOptions o;
+  if (softmax_scale) o.softmax_scale = float(*softmax_scale);
+  o.is_causal = is_causal;
+  o.softcap = float(softcap);
+  o.deterministic = deterministic;
+  return o;
+}
+
+fsa::MaskKind mask_kind(const std::string& type) {
+  if (type == "topk") return fsa::MaskKind::kTopK;
+  if (type == "relu") return fsa::MaskKind::kReLU;
+  throw fsa::Error(fsa::ErrorKind::kValue, "type",
+                   "unsupported mask type '" + type + "' (supported: 'topk', 'relu')");
+}
+
+fsa::BlockReduce block_reduce(const std::string& reduce) {
+  if (reduce == "max") return fsa::BlockReduce::kMax;
+  if (reduce == "mean") return fsa::BlockReduce::kMean;
+  throw fsa::Error(fsa::ErrorKind::kValue, "reduce",
+                   "unsupported reduction '" + reduce + "' (supported: 'max', 'mean')");
+}
+
+}  // namespace
+
+NB_MODULE(_C, m) {
+  m.doc() = "flash_sparse_attn C++ core over DLPack arrays (see include/fsa/*.h)";
+  // Plans held by autograd graphs that are still alive at interpreter exit are not leaks of ours.
+  nb::set_leak_warnings(false);
+
+  nb::register_exception_translator([](const std::exception_ptr& p, void*) {
+    try {
+      std::rethrow_exception(p);
+    } catch (const fsa::Error& e) {
+      PyObject* type = PyExc_ValueError;
+      if (e.kind() == fsa::ErrorKind::kDType) type = PyExc_TypeError;
+      if (e.kind() == fsa::ErrorKind::kUnsupported) type = PyExc_NotImplementedError;
+      PyErr_SetString(type, e.what());
+    }
+  });
+
+#ifdef FSA_WITH_CUDA
+  m.attr("has_cuda") = true;
+#else
+  m.attr("has_cuda") = false;
+#endif
+
+  nb::class_<fsa::Plan>(m, "Plan",
+                        "A block map for one problem geometry, shared by forward and backward.")
+      .def_prop_ro("valid", &fsa::Plan::valid)
+      .def_prop_ro("batch", &fsa::Plan::batch)
+      .def_prop_ro("num_heads", &fsa::Plan::num_heads)
+      .def_prop_ro("num_kv_heads", &fsa::Plan::num_kv_heads)
+      .def_prop_ro("seqlen_q", &fsa::Plan::seqlen_q)
+      .def_prop_ro("seqlen_k", &fsa::Plan::seqlen_k)
+      .def_prop_ro("is_causal", &fsa::Plan::is_causal)
+      .def_prop_ro("has_mask", &fsa::Plan::has_mask)
+      .def_prop_ro("block_m", [](const fsa::Plan& p) { return p.map().block_m; })
+      .def_prop_ro("block_n", [](const fsa::Plan& p) { return p.map().block_n; })
+      .def_prop_ro("m_blocks", [](const fsa::Plan& p) { return p.map().m_blocks; })
+      .def_prop_ro("n_blocks", [](const fsa::Plan& p) { return p.map().n_blocks; })
+      .def_prop_ro("kept_entries", [](const fsa::Plan& p) { return p.map().kept_entries; })
+      .def("kept_density", &fsa::Plan::kept_density)
+      .def("visited_tile_fraction", &fsa::Plan::visited_tile_fraction);
+
+  m.def(
+      "make_plan",
+      [](const InArray& query, const InArray& key, const std::optional<InArray>& attn_mask,
+         bool is_causal, std::optional<int> block_m, std::optional<int> block_n,
+         const std::optional<InArray>& block_mask) {
+        const fsa::TensorView q = to_view(query, "query"), k = to_view(key, "key");
+        const std::optional<fsa::TensorView> mask = to_view(attn_mask, "attn_mask");
+        fsa::PlanOptions options;  // the backend's default tiles unless the caller picks them
+        if (block_m) options.block_m = *block_m;
+        if (block_n) options.block_n = *block_n;
+        options.block_mask = to_view(block_mask, "block_mask");
+        nb::gil_scoped_release release;
+        return fsa::make_plan(q, k, mask, is_causal, options);
+      },
+      nb::arg("query"), nb::arg("key"), nb::arg("attn_mask").none(), nb::arg("is_causal"),
+      nb::arg("block_m").none() = nb::none(), nb::arg("block_n").none() = nb::none(), nb::arg("block_mask").none() = nb::none(),
+      "Builds the block map for query (B, Sq, H, D), key (B, Sk, Hk, D) (shapes only), an optional "
+      "bool attn_mask, causality, the tile shape and an optional block selection.");
+
+  m.def(
+      "forward",
+      [](const InArray& query, const InArray& key, const InArray& value,
+         const std::optional<InArray>& attn_mask, const std::optional<InArray>& attn_bias,
+         const OutArray& out, const std::optional<OutArray>& lse,
+         std::optional<double> softmax_scale, bool is_causal, double softcap,
+         const fsa::Plan* plan, uintptr_t stream) {
+        fsa::ForwardArgs a;
+        a.query = to_view(query, "query");
+        a.key = to_view(key, "key");
+        a.value = to_view(value, "value");
+        a.attn_mask = to_view(attn_mask, "attn_mask");
+        a.attn_bias = to_view(attn_bias, "attn_bias");
+        a.out = to_view(out, "out");
+        a.lse = to_out_view(lse, "lse");
+        a.options = attention_options(softmax_scale, is_causal, softcap, false);
+        a.plan = plan;
+        a.stream = to_stream(stream);
+        nb::gil_scoped_release release;
+        fsa::forward(a);
+      },
+      nb::arg("query"), nb::arg("key"), nb::arg("value"), nb::arg("attn_mask").none(),
+      nb::arg("attn_bias").none(), nb::arg("out"), nb::arg("lse").none(),
+      nb::arg("softmax_scale").none(), nb::arg("is_causal"), nb::arg("softcap"),
+      nb::arg("plan").none(), nb::arg("stream") = 0,
+      "out (B, Sq, H, D) and, when given, lse (B, H, Sq) fp32 are written in place.");
+
+  m.def(
+      "backward",
+      [](const InArray& dout, const InArray& query, const InArray& key, const InArray& value,
+         const InArray& out, const InArray& lse, const std::optional<InArray>& attn_mask,
+         const std::optional<InArray>& attn_bias, const OutArray& dquery, const OutArray& dkey,
+         const OutArray& dvalue, const std::optional<OutArray>& dbias,
+         std::optional<double> softmax_scale, bool is_causal, double softcap, bool deterministic,
+         const fsa::Plan* plan, uintptr_t stream) {
+        fsa::BackwardArgs a;
+        a.dout = to_view(dout, "dout");
+        a.query = to_view(query, "query");
+        a.key = to_view(key, "key");
+        a.value = to_view(value, "value");
+        a.out = to_view(out, "out");
+        a.lse = to_view(lse, "lse");
+        a.attn_mask = to_view(attn_mask, "attn_mask");
+        a.attn_bias = to_view(attn_bias, "attn_bias");
+        a.dquery = to_view(dquery, "dquery");
+        a.dkey = to_view(dkey, "dkey");
+        a.dvalue = to_view(dvalue, "dvalue");
+        a.dbias = to_out_view(dbias, "dbias");
+        a.options = attention_options(softmax_scale, is_causal, softcap, deterministic);
+        a.plan = plan;
+        a.stream = to_stream(stream);
+        nb::gil_scoped_release release;
+        fsa::backward(a);
+      },
+      nb::arg("dout"), nb::arg("query"), nb::arg("key"), nb::arg("value"), nb::arg("out"),
+      nb::arg("lse"), nb::arg("attn_mask").none(), nb::arg("attn_bias").none(),
+      nb::arg("dquery"), nb::arg("dkey"), nb::arg("dvalue"), nb::arg("dbias").none(),
+      nb::arg("softmax_scale").none(), nb::arg("is_causal"), nb::arg("softcap"),
+      nb::arg("deterministic"), nb::arg("plan").none(), nb::arg("stream") = 0,
+      "dquery, dkey, dvalue and, when given, dbias (attn_bias's shape) are written in place.");
+
+  m.def("set_num_threads", &fsa::set_num_threads, nb::arg("num_threads"),
+        "CPU worker threads; 0 = default (FSA_NUM_THREADS or the hardware concurrency).");
+  m.def("num_threads", &fsa::num_threads);
+
+  // ---- mask utilities ----------------------------------------------------------------------------
+
+  m.def(
+      "dynamic_mask_shape",
+      [](const InArray& attn_bias, const std::optional<InArray>& attn_mask) {
+        const auto s = fsa::dynamic_mask_shape(to_view(attn_bias, "attention_bias"),
+                                               to_view(attn_mask, "attention_mask"));
+        return std::make_tuple(s[0], s[1], s[2], s[3]);
+      },
+      nb::arg("attention_bias"), nb::arg("attention_mask").none());
+
+  m.def(
+      "dynamic_mask",
+      [](const InArray& attn_bias, const std::optional<InArray>& attn_mask,
+         const std::string& type, int64_t window_size, double min_value, int64_t block_size,
+         const OutArray& out) {
+        fsa::DynamicMaskArgs a;
+        a.attn_bias = to_view(attn_bias, "attention_bias");
+        a.attn_mask = to_view(attn_mask, "attention_mask");
+        a.kind = mask_kind(type);
+        a.window_size = window_size;
+        a.min_value = min_value;
+        a.block_size = block_size;
+        a.out = to_view(out, "out");
+        nb::gil_scoped_release release;
+        fsa::dynamic_mask(a);
+      },
+      nb::arg("attention_bias"), nb::arg("attention_mask").none(), nb::arg("type"),
+      nb::arg("window_size"), nb::arg("min_value"), nb::arg("block_size"), nb::arg("out"));
+
+  m.def(
+      "block_smooth",
+      [](const OutArray& mask, int64_t block_size) {
+        const fsa::TensorView v = to_view(mask, "attention_mask");
+        nb::gil_scoped_release release;
+        fsa::block_smooth(v, block_size);
+      },
+      nb::arg("attention_mask"), nb::arg("block_size"));
+
+  m.def(
+      "expand_mask_2d",
+      [](const InArray& mask_2d, int64_t query_len, int64_t key_len, const OutArray& out) {
+        fsa::expand_mask_2d(to_view(mask_2d, "attention_mask"), query_len, key_len,
+                            to_view(out, "out"));
+      },
+      nb::arg("attention_mask"), nb::arg("query_len"), nb::arg("key_len"), nb::arg("out"));
+
+  m.def(
+      "select_blocks",
+      [](const InArray& attn_bias, int64_t seqlen_q, int block_m, int block_n, int64_t top_k,
+         const std::string& reduce, bool is_causal, const OutArray& out) {
+        fsa::BlockSelectArgs a;
+        a.attn_bias = to_view(attn_bias, "attention_bias");
+        a.seqlen_q = seqlen_q;
+        a.block_m = block_m;
+        a.block_n = block_n;
+        a.top_k = top_k;
+        a.reduce = block_reduce(reduce);
+        a.is_causal = is_causal;
+        a.out = to_view(out, "out");
+        nb::gil_scoped_release release;
+        fsa::select_blocks(a);
+      },
+      nb::arg("attention_bias"), nb::arg("query_len"), nb::arg("block_m"), nb::arg("block_n"),
+      nb::arg("top_k"), nb::arg("reduce"), nb::arg("is_causal"), nb::arg("out"));
+}
