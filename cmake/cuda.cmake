@@ -1,30 +1,70 @@
-# CUDA backend detection. CUDA is optional: when nvcc is found and src/cuda has sources, they are
-# compiled into the library (FSA_WITH_CUDA); otherwise the build is CPU-only and CUDA tensors are
-# rejected with a clear error.
+# CUDA backend. Optional and auto-detected: when nvcc is found the CUDA sources are compiled into
+# the library (FSA_WITH_CUDA); otherwise the build is CPU-only and CUDA tensors are rejected with a
+# clear error. The knobs below shrink developer and CI builds.
 option(FSA_ENABLE_CUDA "Build the CUDA backend when nvcc is found" ON)
+set(FSA_CUDA_HEAD_DIMS "64;128;256" CACHE STRING "Kernel head-dim widths to instantiate")
+set(FSA_CUDA_DTYPES "bf16;fp16" CACHE STRING "Kernel dtypes to instantiate")
+set(FSA_CUDA_ARCHS "80;90a" CACHE STRING "CUDA architectures (sm_80 mma.sync path runs on Hopper too)")
+set(FSA_CUTLASS_INCLUDE_DIR "" CACHE PATH
+    "CuTe/CUTLASS include dir (default: .deps/cutlass/include from scripts/fetch_cutlass.sh)")
 
-file(GLOB FSA_CUDA_SOURCES CONFIGURE_DEPENDS ${PROJECT_SOURCE_DIR}/src/cuda/*.cu
-     ${PROJECT_SOURCE_DIR}/src/cuda/generated/*.cu)
 set(FSA_WITH_CUDA OFF)
 if(FSA_ENABLE_CUDA)
   include(CheckLanguage)
   check_language(CUDA)
-  if(CMAKE_CUDA_COMPILER AND FSA_CUDA_SOURCES)
+  if(CMAKE_CUDA_COMPILER)
     set(FSA_WITH_CUDA ON)
   endif()
 endif()
 
-if(FSA_WITH_CUDA)
-  enable_language(CUDA)
-  message(STATUS "flash-sparse-attn: CUDA backend ON (${CMAKE_CUDA_COMPILER})")
-  target_sources(fsa PRIVATE ${FSA_CUDA_SOURCES})
-  target_compile_definitions(fsa PUBLIC FSA_WITH_CUDA)
-else()
-  if(NOT FSA_ENABLE_CUDA)
-    message(STATUS "flash-sparse-attn: CUDA backend OFF (FSA_ENABLE_CUDA=OFF)")
-  elseif(NOT FSA_CUDA_SOURCES)
-    message(STATUS "flash-sparse-attn: CUDA backend OFF (no CUDA sources in this version)")
-  else()
+if(NOT FSA_WITH_CUDA)
+  if(FSA_ENABLE_CUDA)
     message(STATUS "flash-sparse-attn: CUDA backend OFF (nvcc not found)")
+  else()
+    message(STATUS "flash-sparse-attn: CUDA backend OFF (FSA_ENABLE_CUDA=OFF)")
   endif()
+  return()
 endif()
+
+set(CMAKE_CUDA_ARCHITECTURES ${FSA_CUDA_ARCHS})
+enable_language(CUDA)
+find_package(CUDAToolkit REQUIRED)
+set(CMAKE_CUDA_STANDARD 17)
+set(CMAKE_CUDA_STANDARD_REQUIRED ON)
+
+if(NOT FSA_CUTLASS_INCLUDE_DIR)
+  execute_process(COMMAND bash ${PROJECT_SOURCE_DIR}/scripts/fetch_cutlass.sh
+                  RESULT_VARIABLE fetch_result)
+  if(NOT fetch_result EQUAL 0)
+    message(FATAL_ERROR "scripts/fetch_cutlass.sh failed: the CUDA backend needs the CuTe headers "
+                        "of nvidia-cutlass 4.2.0.0 (or set FSA_CUTLASS_INCLUDE_DIR, or "
+                        "-DFSA_ENABLE_CUDA=OFF)")
+  endif()
+  set(FSA_CUTLASS_INCLUDE_DIR ${PROJECT_SOURCE_DIR}/.deps/cutlass/include)
+endif()
+
+set(fsa_cuda_sources
+  ${PROJECT_SOURCE_DIR}/src/cuda/backend.cu
+)
+foreach(hdim ${FSA_CUDA_HEAD_DIMS})
+  foreach(dtype ${FSA_CUDA_DTYPES})
+    set(gen ${PROJECT_SOURCE_DIR}/src/cuda/generated/forward_hdim${hdim}_${dtype}.cu)
+    if(NOT EXISTS ${gen})
+      message(FATAL_ERROR "${gen} does not exist: run scripts/generate_kernels.py, or fix "
+                          "FSA_CUDA_HEAD_DIMS / FSA_CUDA_DTYPES")
+    endif()
+    list(APPEND fsa_cuda_sources ${gen})
+    target_compile_definitions(fsa PRIVATE FSA_CUDA_BUILT_${hdim}_${dtype}=1)
+  endforeach()
+endforeach()
+
+target_sources(fsa PRIVATE ${fsa_cuda_sources})
+set_target_properties(fsa PROPERTIES CUDA_ARCHITECTURES "${FSA_CUDA_ARCHS}")
+target_compile_definitions(fsa PUBLIC FSA_WITH_CUDA)
+target_include_directories(fsa SYSTEM PRIVATE ${FSA_CUTLASS_INCLUDE_DIR})
+target_link_libraries(fsa PUBLIC CUDA::cudart)
+# -lineinfo for profilers; spills are reported (DESIGN kernel rule 7).
+target_compile_options(fsa PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:--expt-relaxed-constexpr -lineinfo
+                       -Xptxas=--warn-on-spills>)
+message(STATUS "flash-sparse-attn: CUDA backend ON (${CMAKE_CUDA_COMPILER}; archs ${FSA_CUDA_ARCHS}; "
+               "head dims ${FSA_CUDA_HEAD_DIMS}; dtypes ${FSA_CUDA_DTYPES})")

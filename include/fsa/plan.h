@@ -51,12 +51,20 @@ struct BlockMap {
 };
 
 struct PlanOptions {
-  int block_m = 64;  // tile rows (queries); any value >= 1
-  int block_n = 64;  // tile columns (keys); any value >= 1
+  // Tile shape. 0 = the default of the backend that will run the plan (CPU: 64 x 64; CUDA: the
+  // forward kernel's tiles for the head dim). The CPU backend runs any shape; the CUDA kernels
+  // need their own (a mismatched plan is rejected with the expected shape).
+  int block_m = 0;  // tile rows (queries)
+  int block_n = 0;  // tile columns (keys)
   // Optional caller-supplied block selection, bool (B|1, H|Hk|1, ceil(Sq/block_m), ceil(Sk/block_n)):
   // a tile whose entry is False is never visited. It is combined (AND) with attn_mask and causality.
   std::optional<TensorView> block_mask;
+  void* stream = nullptr;  // cudaStream_t on which a CUDA plan is built; ignored on the CPU
 };
+
+namespace detail {
+struct DeviceBlockMap;  // the CUDA backend's copy of the block map (device memory)
+}
 
 // A plan for one problem geometry. Cheap to copy (shared, immutable storage).
 class Plan {
@@ -64,7 +72,10 @@ class Plan {
   Plan() = default;
 
   bool valid() const { return map_ != nullptr; }
+  // Extents and tile shape; the lists are filled for CPU plans. A CUDA plan keeps its lists in
+  // device memory (device_map()), and its host lists are empty.
   const BlockMap& map() const { return *map_; }
+  const detail::DeviceBlockMap* device_map() const { return device_map_.get(); }
 
   // The problem the plan was built for; forward/backward check their arguments against it.
   int64_t batch() const { return batch_; }
@@ -94,7 +105,8 @@ class Plan {
   }
 
   // Fraction of (query, key) entries kept by mask and causality: the work the kernels do,
-  // relative to dense non-causal attention, is about visited_tile_fraction().
+  // relative to dense non-causal attention, is about visited_tile_fraction(). For a CUDA plan
+  // these wait for the planning kernels and copy two counters to the host.
   double kept_density() const;
   // Fraction of all tiles that are visited (full + partial).
   double visited_tile_fraction() const;
@@ -103,14 +115,16 @@ class Plan {
   friend Plan make_plan(const TensorView&, const TensorView&, const std::optional<TensorView>&,
                         bool, const PlanOptions&);
   std::shared_ptr<const BlockMap> map_;
+  std::shared_ptr<const detail::DeviceBlockMap> device_map_;
   int64_t batch_ = 0, num_heads_ = 0, num_kv_heads_ = 0, seqlen_q_ = 0, seqlen_k_ = 0;
   bool is_causal_ = false, has_mask_ = false;
   Device device_{};
 };
 
 // Builds the block map for query (B, Sq, H, D) and key (B, Sk, Hk, D) (only their shapes are
-// read), an optional bool attn_mask of any SPEC shape, causality and the tile shape. The mask is
-// read once; a stride-0 (expanded) dimension is treated as broadcast and read once; a key-only mask
+// read), an optional bool attn_mask of any SPEC shape, causality and the tile shape, on the
+// device of `query` (CUDA: asynchronously, on options.stream). The mask is read once; a stride-0
+// (expanded) dimension is treated as broadcast and read once; on the CPU a key-only mask
 // (..., 1, Sk) costs O(Sk) reads plus O(blocks) bookkeeping.
 Plan make_plan(const TensorView& query, const TensorView& key,
                const std::optional<TensorView>& attn_mask, bool is_causal,

@@ -4,6 +4,7 @@
 #include "core/problem.h"
 #include "cpu/cpu_backend.h"
 #include "cpu/thread_pool.h"
+#include "cuda/cuda_backend.h"
 #include "fsa/attention.h"
 
 namespace fsa {
@@ -11,8 +12,10 @@ namespace {
 
 // Plans with the backend's default tiles when the caller did not bring a plan.
 Plan plan_for(const TensorView& query, const TensorView& key,
-              const std::optional<TensorView>& mask, bool is_causal) {
-  return make_plan(query, key, mask, is_causal, PlanOptions{});
+              const std::optional<TensorView>& mask, bool is_causal, void* stream) {
+  PlanOptions options;
+  options.stream = stream;
+  return make_plan(query, key, mask, is_causal, options);
 }
 
 }  // namespace
@@ -20,25 +23,26 @@ Plan plan_for(const TensorView& query, const TensorView& key,
 void forward(const ForwardArgs& args) {
   const detail::ForwardProblem p = detail::validate_forward(args);
   Plan local;
-  if (!args.plan) local = plan_for(args.query, args.key, args.attn_mask, p.is_causal);
+  if (!args.plan) local = plan_for(args.query, args.key, args.attn_mask, p.is_causal, args.stream);
   const Plan& plan = args.plan ? *args.plan : local;
-  if (p.device.type == DeviceType::kCPU) {
-    detail::cpu::forward(p, plan);
+  if (p.device.type == DeviceType::kCUDA) {
+    detail::cuda::forward(p, plan, args.stream);
     return;
   }
-  throw Error(ErrorKind::kUnsupported, "query", "no backend for device " + to_string(p.device));
+  detail::cpu::forward(p, plan);
 }
 
 void backward(const BackwardArgs& args) {
   const detail::BackwardProblem p = detail::validate_backward(args);
   Plan local;
-  if (!args.plan) local = plan_for(args.query, args.key, args.attn_mask, p.is_causal);
-  const Plan& plan = args.plan ? *args.plan : local;
-  if (p.device.type == DeviceType::kCPU) {
-    detail::cpu::backward(p, plan);
-    return;
+  if (p.device.type == DeviceType::kCUDA) {
+    throw Error(ErrorKind::kUnsupported, "query",
+                "the CUDA backward is not implemented yet (issue: CUDA backward); run the backward "
+                "on CPU tensors");
   }
-  throw Error(ErrorKind::kUnsupported, "query", "no backend for device " + to_string(p.device));
+  if (!args.plan) local = plan_for(args.query, args.key, args.attn_mask, p.is_causal, args.stream);
+  const Plan& plan = args.plan ? *args.plan : local;
+  detail::cpu::backward(p, plan);
 }
 
 void set_num_threads(int num_threads) { detail::set_cpu_threads(num_threads); }

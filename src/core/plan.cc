@@ -7,6 +7,8 @@
 
 #include "core/causal.h"
 #include "core/problem.h"
+#include "cuda/cuda_backend.h"
+#include "cuda/tiles.h"
 
 namespace fsa {
 namespace {
@@ -131,20 +133,35 @@ void transpose(const BlockLists& rows, int64_t outer, int64_t m_blocks, int64_t 
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+constexpr int kCpuBlock = 64;  // CPU tiles: 64 x 64 fp32 scores stay in L1 with a 64-wide head
+
 }  // namespace
 
 Plan make_plan(const TensorView& query, const TensorView& key,
                const std::optional<TensorView>& attn_mask, bool is_causal,
                const PlanOptions& options) {
   const detail::Geometry g = detail::validate_geometry(query, key);
-  if (options.block_m < 1) {
-    throw Error(ErrorKind::kValue, "block_m", "expected >= 1, got " + std::to_string(options.block_m));
+  if (key.device != query.device) {
+    throw Error(ErrorKind::kDevice, "key",
+                "expected device " + to_string(query.device) + " (the query's), got " +
+                    to_string(key.device));
   }
-  if (options.block_n < 1) {
-    throw Error(ErrorKind::kValue, "block_n", "expected >= 1, got " + std::to_string(options.block_n));
+  const bool on_cuda = query.device.type == DeviceType::kCUDA;
+  const int head_dim = int(query.shape[3]);
+  const int block_m = options.block_m != 0 ? options.block_m
+                      : on_cuda            ? detail::cuda::forward_block_m(head_dim)
+                                           : kCpuBlock;
+  const int block_n = options.block_n != 0 ? options.block_n
+                      : on_cuda            ? detail::cuda::forward_block_n(head_dim)
+                                           : kCpuBlock;
+  if (block_m < 1) {
+    throw Error(ErrorKind::kValue, "block_m", "expected >= 1 (0 = default), got " + std::to_string(block_m));
   }
-  const int64_t m_blocks = ceil_div(g.seqlen_q, options.block_m);
-  const int64_t n_blocks = ceil_div(g.seqlen_k, options.block_n);
+  if (block_n < 1) {
+    throw Error(ErrorKind::kValue, "block_n", "expected >= 1 (0 = default), got " + std::to_string(block_n));
+  }
+  const int64_t m_blocks = ceil_div(g.seqlen_q, block_m);
+  const int64_t n_blocks = ceil_div(g.seqlen_k, block_n);
 
   std::optional<BroadcastOperand> mask, selection;
   if (attn_mask) {
@@ -173,8 +190,8 @@ Plan make_plan(const TensorView& query, const TensorView& key,
   }
 
   auto map = std::make_shared<BlockMap>();
-  map->block_m = options.block_m;
-  map->block_n = options.block_n;
+  map->block_m = block_m;
+  map->block_n = block_n;
   map->m_blocks = m_blocks;
   map->n_blocks = n_blocks;
   // The map's extents are the finest of what varies: batch if the mask or selection does, heads
@@ -190,7 +207,23 @@ Plan make_plan(const TensorView& query, const TensorView& key,
   // An expanded (stride-0) head dim of size H reads as 1 head; H itself is always divisible.
   const int64_t rows = map->batch * map->heads * m_blocks;
 
-  TileCounter counter(mask, g.seqlen_q, g.seqlen_k, is_causal, options.block_m, options.block_n);
+  Plan plan;
+  plan.batch_ = g.batch;
+  plan.num_heads_ = g.num_heads;
+  plan.num_kv_heads_ = g.num_kv_heads;
+  plan.seqlen_q_ = g.seqlen_q;
+  plan.seqlen_k_ = g.seqlen_k;
+  plan.is_causal_ = is_causal;
+  plan.has_mask_ = attn_mask.has_value();
+  plan.device_ = query.device;
+  if (on_cuda) {
+    plan.device_map_ = detail::cuda::make_device_plan(g, mask, selection, is_causal, *map,
+                                                      options.stream);
+    plan.map_ = std::move(map);
+    return plan;
+  }
+
+  TileCounter counter(mask, g.seqlen_q, g.seqlen_k, is_causal, block_m, block_n);
   std::vector<int64_t> counts(size_t(n_blocks), 0);
   std::vector<uint8_t> selected(size_t(n_blocks), 1);
   map->full.offsets.assign(size_t(rows + 1), 0);
@@ -210,11 +243,10 @@ Plan make_plan(const TensorView& query, const TensorView& key,
           }
         }
         counter.count(m, selected, counts);
-        const int64_t tile_rows = std::min<int64_t>(options.block_m, g.seqlen_q - m * options.block_m);
+        const int64_t tile_rows = std::min<int64_t>(block_m, g.seqlen_q - m * block_m);
         for (int64_t n = 0; n < n_blocks; ++n) {
           if (!selected[size_t(n)] || counts[size_t(n)] == 0) continue;
-          const int64_t tile_cols =
-              std::min<int64_t>(options.block_n, g.seqlen_k - n * options.block_n);
+          const int64_t tile_cols = std::min<int64_t>(block_n, g.seqlen_k - n * block_n);
           map->kept_entries += counts[size_t(n)];
           BlockLists& list = counts[size_t(n)] == tile_rows * tile_cols ? map->full : map->partial;
           list.blocks.push_back(int32_t(n));
@@ -227,30 +259,25 @@ Plan make_plan(const TensorView& query, const TensorView& key,
   transpose(map->full, map->batch * map->heads, m_blocks, n_blocks, map->full_t);
   transpose(map->partial, map->batch * map->heads, m_blocks, n_blocks, map->partial_t);
 
-  Plan plan;
   plan.map_ = std::move(map);
-  plan.batch_ = g.batch;
-  plan.num_heads_ = g.num_heads;
-  plan.num_kv_heads_ = g.num_kv_heads;
-  plan.seqlen_q_ = g.seqlen_q;
-  plan.seqlen_k_ = g.seqlen_k;
-  plan.is_causal_ = is_causal;
-  plan.has_mask_ = attn_mask.has_value();
-  plan.device_ = query.device;
   return plan;
 }
 
 double Plan::kept_density() const {
   const double total = double(map_->batch) * double(map_->heads) * double(seqlen_q_) *
                        double(seqlen_k_);
-  return total > 0 ? double(map_->kept_entries) / total : 0.0;
+  const int64_t kept =
+      device_map_ ? detail::cuda::device_plan_stats(*device_map_).kept_entries : map_->kept_entries;
+  return total > 0 ? double(kept) / total : 0.0;
 }
 
 double Plan::visited_tile_fraction() const {
   const double total = double(map_->batch) * double(map_->heads) * double(map_->m_blocks) *
                        double(map_->n_blocks);
-  const double visited = double(map_->full.blocks.size() + map_->partial.blocks.size());
-  return total > 0 ? visited / total : 0.0;
+  const int64_t visited =
+      device_map_ ? detail::cuda::device_plan_stats(*device_map_).visited_tiles
+                  : int64_t(map_->full.blocks.size() + map_->partial.blocks.size());
+  return total > 0 ? double(visited) / total : 0.0;
 }
 
 }  // namespace fsa

@@ -1,0 +1,375 @@
+// CUDA forward: correctness against the CPU backend on small shapes (--check), and timings of the
+// issue's workloads with CUDA events (--bench). Peers (SDPA, FlexAttention) are timed by the
+// Python comparison script in the same run.
+//
+//   ./build/fsa_bench_cuda --check
+//   ./build/fsa_bench_cuda --bench [--reps 20]
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "fsa/fsa.h"
+
+namespace {
+
+#define CHECK_CUDA(call)                                                               \
+  do {                                                                                 \
+    cudaError_t e_ = (call);                                                           \
+    if (e_ != cudaSuccess) {                                                           \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                    \
+    }                                                                                  \
+  } while (0)
+
+uint16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+float from_bf16(uint16_t h) {
+  const uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+template <typename T>
+T* to_device(const std::vector<T>& host) {
+  T* d = nullptr;
+  CHECK_CUDA(cudaMalloc(&d, std::max<size_t>(1, host.size() * sizeof(T))));
+  CHECK_CUDA(cudaMemcpy(d, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice));
+  return d;
+}
+template <typename T>
+std::vector<T> to_host(const T* d, size_t n) {
+  std::vector<T> h(n);
+  CHECK_CUDA(cudaMemcpy(h.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost));
+  return h;
+}
+
+struct Case {
+  const char* name;
+  int64_t B, Sq, Sk, H, Hk, D;
+  bool causal;
+  int mask_kind;  // 0 none, 1 full (B,Hk,Sq,Sk) random 30% with False tiles, 2 key-only (B,1,1,Sk)
+  int bias_kind;  // 0 none, 1 (B,Hk,1,Sk) fp32, 2 (B,H,Sq,Sk) bf16, 3 (1,1,Sq,1) fp32
+  float softcap;
+};
+
+fsa::Device cuda0() { return fsa::Device{fsa::DeviceType::kCUDA, 0}; }
+
+bool run_check(const Case& c, std::mt19937& rng) {
+  using fsa::DType;
+  using fsa::TensorView;
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::uniform_real_distribution<float> uni(0.0f, 1.0f);
+  std::vector<uint16_t> q(size_t(c.B * c.Sq * c.H * c.D)), k(size_t(c.B * c.Sk * c.Hk * c.D)),
+      v(k.size());
+  for (auto& x : q) x = to_bf16(normal(rng));
+  for (auto& x : k) x = to_bf16(normal(rng));
+  for (auto& x : v) x = to_bf16(normal(rng));
+  std::vector<uint8_t> mask;
+  std::vector<int64_t> mshape;
+  if (c.mask_kind == 1) {
+    mshape = {c.B, c.Hk, c.Sq, c.Sk};
+    mask.resize(size_t(c.B * c.Hk * c.Sq * c.Sk));
+    for (size_t i = 0; i < mask.size(); ++i) {
+      const int64_t j = int64_t(i) % c.Sk, r = (int64_t(i) / c.Sk) % c.Sq;
+      const bool dead_tile = ((r / 64) + (j / 64)) % 3 == 0;  // whole False 64x64 tiles
+      mask[i] = !dead_tile && uni(rng) < 0.3f;
+    }
+  } else if (c.mask_kind == 2) {
+    mshape = {c.B, 1, 1, c.Sk};
+    mask.resize(size_t(c.B * c.Sk));
+    for (auto& x : mask) x = uni(rng) < 0.5f;
+  }
+  std::vector<float> bias32;
+  std::vector<uint16_t> bias16;
+  std::vector<int64_t> bshape;
+  if (c.bias_kind == 1) {
+    bshape = {c.B, c.Hk, 1, c.Sk};
+    bias32.resize(size_t(c.B * c.Hk * c.Sk));
+    for (auto& x : bias32) x = normal(rng);
+  } else if (c.bias_kind == 2) {
+    bshape = {c.B, c.H, c.Sq, c.Sk};
+    bias16.resize(size_t(c.B * c.H * c.Sq * c.Sk));
+    for (auto& x : bias16) x = to_bf16(normal(rng));
+  } else if (c.bias_kind == 3) {
+    bshape = {1, 1, c.Sq, 1};
+    bias32.resize(size_t(c.Sq));
+    for (auto& x : bias32) x = normal(rng);
+  }
+
+  auto view = [](void* p, DType t, const std::vector<int64_t>& s, fsa::Device dev) {
+    return TensorView::contiguous(p, t, {s[0], s[1], s[2], s[3]}, dev);
+  };
+  auto make_args = [&](void* qp, void* kp, void* vp, void* mp, void* bp, void* op, void* lp,
+                       fsa::Device dev) {
+    fsa::ForwardArgs a;
+    a.query = view(qp, DType::kBFloat16, {c.B, c.Sq, c.H, c.D}, dev);
+    a.key = view(kp, DType::kBFloat16, {c.B, c.Sk, c.Hk, c.D}, dev);
+    a.value = view(vp, DType::kBFloat16, {c.B, c.Sk, c.Hk, c.D}, dev);
+    if (c.mask_kind) a.attn_mask = view(mp, DType::kBool, mshape, dev);
+    if (c.bias_kind) {
+      a.attn_bias = view(bp, c.bias_kind == 2 ? DType::kBFloat16 : DType::kFloat32, bshape, dev);
+    }
+    a.options.is_causal = c.causal;
+    a.options.softcap = c.softcap;
+    a.out = view(op, DType::kBFloat16, {c.B, c.Sq, c.H, c.D}, dev);
+    a.lse = TensorView::contiguous(lp, DType::kFloat32, {c.B, c.H, c.Sq}, dev);
+    return a;
+  };
+  void* bias_host = c.bias_kind == 2 ? static_cast<void*>(bias16.data()) : bias32.data();
+
+  // CPU backend (fp32 accumulation from the same bf16 inputs).
+  std::vector<uint16_t> out_cpu(q.size());
+  std::vector<float> lse_cpu(size_t(c.B * c.H * c.Sq));
+  fsa::forward(make_args(q.data(), k.data(), v.data(), mask.data(), bias_host, out_cpu.data(),
+                         lse_cpu.data(), fsa::Device{}));
+
+  // CUDA, outputs poisoned (NaN bit patterns) so unwritten elements show.
+  uint16_t *dq = to_device(q), *dk = to_device(k), *dv = to_device(v);
+  uint8_t* dm = to_device(mask);
+  void* db = c.bias_kind == 2 ? static_cast<void*>(to_device(bias16))
+                              : static_cast<void*>(to_device(bias32));
+  uint16_t* dout = nullptr;
+  float* dlse = nullptr;
+  CHECK_CUDA(cudaMalloc(&dout, std::max<size_t>(1, q.size() * 2)));
+  CHECK_CUDA(cudaMalloc(&dlse, std::max<size_t>(1, lse_cpu.size() * 4)));
+  CHECK_CUDA(cudaMemset(dout, 0xff, q.size() * 2));
+  CHECK_CUDA(cudaMemset(dlse, 0xff, lse_cpu.size() * 4));
+  std::string error;
+  try {
+    fsa::forward(make_args(dq, dk, dv, dm, db, dout, dlse, cuda0()));
+    CHECK_CUDA(cudaDeviceSynchronize());
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  const auto out_gpu = to_host(dout, q.size());
+  const auto lse_gpu = to_host(dlse, lse_cpu.size());
+  for (void* p : {static_cast<void*>(dq), static_cast<void*>(dk), static_cast<void*>(dv),
+                  static_cast<void*>(dm), db, static_cast<void*>(dout), static_cast<void*>(dlse)}) {
+    cudaFree(p);
+  }
+  if (!error.empty()) {
+    std::printf("%-40s ERROR %s\n", c.name, error.c_str());
+    return false;
+  }
+
+  double max_err = 0, max_ref = 0, lse_err = 0;
+  int64_t nan = 0, empty_mismatch = 0;
+  for (size_t i = 0; i < out_gpu.size(); ++i) {
+    const float g = from_bf16(out_gpu[i]), r = from_bf16(out_cpu[i]);
+    if (std::isnan(g)) ++nan;
+    max_err = std::max(max_err, double(std::abs(g - r)));
+    max_ref = std::max(max_ref, double(std::abs(r)));
+  }
+  for (size_t i = 0; i < lse_gpu.size(); ++i) {
+    if (std::isinf(lse_cpu[i]) || std::isinf(lse_gpu[i])) {
+      empty_mismatch += lse_cpu[i] != lse_gpu[i];
+      continue;
+    }
+    if (std::isnan(lse_gpu[i])) ++nan;
+    lse_err = std::max(lse_err, double(std::abs(lse_gpu[i] - lse_cpu[i])));
+  }
+  // The GPU rounds P to bf16 before P.V (as every flash kernel does); the CPU keeps fp32. Their
+  // difference is bounded by a few bf16 ulps of the output scale.
+  const bool ok = nan == 0 && empty_mismatch == 0 && max_err <= 2e-2 * std::max(1.0, max_ref) &&
+                  lse_err <= 1e-2;
+  std::printf("%-40s %s  max|out diff| %.2e (|out| max %.2f)  max|lse diff| %.2e  nan %lld  "
+              "empty-row mismatches %lld\n",
+              c.name, ok ? "PASS" : "FAIL", max_err, max_ref, lse_err, (long long)nan,
+              (long long)empty_mismatch);
+  return ok;
+}
+
+int check() {
+  std::mt19937 rng(2024);
+  const Case cases[] = {
+      {"dense (2,512,512,8,8,64)", 2, 512, 512, 8, 8, 64, false, 0, 0, 0},
+      {"dense causal (2,512,512,8,8,64)", 2, 512, 512, 8, 8, 64, true, 0, 0, 0},
+      {"causal (1,300,517,4,4,128) ragged", 1, 300, 517, 4, 4, 128, true, 0, 0, 0},
+      {"causal Sq>Sk (1,200,77,2,1,128)", 1, 200, 77, 2, 1, 128, true, 0, 0, 0},
+      {"D=256 causal (1,257,333,2,2,256)", 1, 257, 333, 2, 2, 256, true, 0, 0, 0},
+      {"D=32 pad (1,129,190,2,1,32)", 1, 129, 190, 2, 1, 32, false, 0, 0, 0},
+      {"D=96 pad (1,129,190,2,1,96)", 1, 129, 190, 2, 1, 96, true, 0, 0, 0},
+      {"mask full+tiles GQA (2,256,320,8,2,64)", 2, 256, 320, 8, 2, 64, true, 1, 1, 0},
+      {"mask key-only, bias full (1,200,300,4,2,128)", 1, 200, 300, 4, 2, 128, false, 2, 2, 0},
+      {"bias (1,1,Sq,1) softcap 5 (1,256,256,4,4,64)", 1, 256, 256, 4, 4, 64, true, 0, 3, 5.0f},
+      {"decode GQA mask+bias (3,1,1025,32,4,128)", 3, 1, 1025, 32, 4, 128, true, 2, 1, 0},
+      {"Sk = 0 (1,64,0,2,2,64)", 1, 64, 0, 2, 2, 64, false, 0, 0, 0},
+  };
+  int failed = 0;
+  for (const Case& c : cases) failed += !run_check(c, rng);
+  std::printf("%d passed, %d failed\n", int(std::size(cases)) - failed, failed);
+  return failed ? 1 : 0;
+}
+
+// Times fsa::forward with CUDA events; median over reps.
+template <typename F>
+float median_ms(int reps, F&& f) {
+  cudaEvent_t a, b;
+  CHECK_CUDA(cudaEventCreate(&a));
+  CHECK_CUDA(cudaEventCreate(&b));
+  for (int i = 0; i < 3; ++i) f();
+  std::vector<float> t;
+  for (int i = 0; i < reps; ++i) {
+    CHECK_CUDA(cudaEventRecord(a));
+    f();
+    CHECK_CUDA(cudaEventRecord(b));
+    CHECK_CUDA(cudaEventSynchronize(b));
+    float ms = 0;
+    CHECK_CUDA(cudaEventElapsedTime(&ms, a, b));
+    t.push_back(ms);
+  }
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+int bench(int reps) {
+  using fsa::DType;
+  using fsa::TensorView;
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  auto random_bf16 = [&](size_t n) {
+    std::vector<uint16_t> h(n);
+    for (auto& x : h) x = to_bf16(normal(rng));
+    return to_device(h);
+  };
+  std::printf("%-52s %10s %10s %12s\n", "workload (bf16)", "ms", "TFLOP/s", "density");
+  {  // Dense causal (B=2, S=16384, H=16, D=128).
+    const int64_t B = 2, S = 16384, H = 16, D = 128;
+    uint16_t *q = random_bf16(B * S * H * D), *k = random_bf16(B * S * H * D),
+             *v = random_bf16(B * S * H * D), *o = nullptr;
+    CHECK_CUDA(cudaMalloc(&o, B * S * H * D * 2));
+    fsa::ForwardArgs a;
+    a.query = TensorView::contiguous(q, DType::kBFloat16, {B, S, H, D}, cuda0());
+    a.key = TensorView::contiguous(k, DType::kBFloat16, {B, S, H, D}, cuda0());
+    a.value = TensorView::contiguous(v, DType::kBFloat16, {B, S, H, D}, cuda0());
+    a.out = TensorView::contiguous(o, DType::kBFloat16, {B, S, H, D}, cuda0());
+    a.options.is_causal = true;
+    const fsa::Plan plan = fsa::make_plan(a.query, a.key, std::nullopt, true);
+    a.plan = &plan;
+    const float ms = median_ms(reps, [&] { fsa::forward(a); });
+    const double flops = 4.0 * double(S) * double(S) * double(D) * double(B * H) / 2.0;
+    std::printf("%-52s %10.3f %10.1f %11.1f%%\n", "dense causal (2,16384,16,16,128)", ms,
+                flops / ms * 1e-9, 100.0 * plan.kept_density());
+    for (void* p : {q, k, v, o}) cudaFree(p);
+  }
+  {  // Trainable-mask workload: (1, 16384, 32, 8, 128), causal, bias (B, Hk, 1, S), per (b, hk,
+     // 128-query block) the diagonal 128-key block + top-16 earlier ones by mean bias.
+    const int64_t B = 1, S = 16384, H = 32, Hk = 8, D = 128, kSel = 128, kTop = 16;
+    uint16_t *q = random_bf16(B * S * H * D), *k = random_bf16(B * S * Hk * D),
+             *v = random_bf16(B * S * Hk * D), *o = nullptr;
+    CHECK_CUDA(cudaMalloc(&o, B * S * H * D * 2));
+    std::vector<float> bias(size_t(B * Hk * S));
+    for (auto& x : bias) x = -std::log1p(std::exp(normal(rng)));
+    const int64_t nb = S / kSel;
+    // Block selection at the kernel's tile granularity (128 x 64): each 128-key block is 2 tiles.
+    const int64_t m_blocks = S / 128, n_blocks = S / 64;
+    std::vector<uint8_t> sel(size_t(B * Hk * m_blocks * n_blocks), 0);
+    for (int64_t hk = 0; hk < Hk; ++hk) {
+      std::vector<double> mean(static_cast<size_t>(nb));
+      for (int64_t j = 0; j < nb; ++j) {
+        double s = 0;
+        for (int64_t c = 0; c < kSel; ++c) s += bias[size_t(hk * S + j * kSel + c)];
+        mean[size_t(j)] = s / kSel;
+      }
+      for (int64_t i = 0; i < nb; ++i) {
+        std::vector<int64_t> idx(static_cast<size_t>(i));
+        std::iota(idx.begin(), idx.end(), 0);
+        const int64_t top = std::min<int64_t>(kTop, i);
+        std::partial_sort(idx.begin(), idx.begin() + top, idx.end(),
+                          [&](int64_t x, int64_t y) { return mean[size_t(x)] > mean[size_t(y)]; });
+        auto mark = [&](int64_t j) {
+          uint8_t* row = sel.data() + (hk * m_blocks + i) * n_blocks;
+          row[2 * j] = row[2 * j + 1] = 1;
+        };
+        mark(i);
+        for (int64_t t = 0; t < top; ++t) mark(idx[size_t(t)]);
+      }
+    }
+    float* dbias = to_device(bias);
+    uint8_t* dsel = to_device(sel);
+    fsa::ForwardArgs a;
+    a.query = TensorView::contiguous(q, DType::kBFloat16, {B, S, H, D}, cuda0());
+    a.key = TensorView::contiguous(k, DType::kBFloat16, {B, S, Hk, D}, cuda0());
+    a.value = TensorView::contiguous(v, DType::kBFloat16, {B, S, Hk, D}, cuda0());
+    a.attn_bias = TensorView::contiguous(dbias, DType::kFloat32, {B, Hk, 1, S}, cuda0());
+    a.out = TensorView::contiguous(o, DType::kBFloat16, {B, S, H, D}, cuda0());
+    a.options.is_causal = true;
+    fsa::PlanOptions po;
+    po.block_mask = TensorView::contiguous(dsel, DType::kBool, {B, Hk, m_blocks, n_blocks}, cuda0());
+    fsa::Plan plan;
+    const float plan_ms = median_ms(reps, [&] { plan = fsa::make_plan(a.query, a.key, std::nullopt, true, po); });
+    a.plan = &plan;
+    const float ms = median_ms(reps, [&] { fsa::forward(a); });
+    const double density = plan.kept_density();
+    const double flops = 4.0 * double(S) * double(S) * double(D) * double(B * H) * density;
+    std::printf("%-52s %10.3f %10.1f %11.1f%%\n", "trainable mask (1,16384,32,8,128) fwd", ms,
+                flops / ms * 1e-9, 100.0 * density);
+    std::printf("%-52s %10.3f\n", "  its plan (block selection -> lists)", plan_ms);
+    for (void* p : {static_cast<void*>(q), static_cast<void*>(k), static_cast<void*>(v),
+                    static_cast<void*>(o), static_cast<void*>(dbias), static_cast<void*>(dsel)}) {
+      cudaFree(p);
+    }
+  }
+  {  // Decode: (1, 1, 524288, 32, 8, 128), key-only mask keeping 1/8 of the 128-key blocks.
+    const int64_t B = 1, Sk = 524288, H = 32, Hk = 8, D = 128;
+    uint16_t *q = random_bf16(B * H * D), *k = random_bf16(B * Sk * Hk * D),
+             *v = random_bf16(B * Sk * Hk * D), *o = nullptr;
+    CHECK_CUDA(cudaMalloc(&o, B * H * D * 2));
+    std::vector<uint8_t> mask(size_t(B * Sk), 0);
+    for (int64_t j = 0; j < Sk; ++j) mask[size_t(j)] = (j / 128) % 8 == 0;
+    uint8_t* dm = to_device(mask);
+    fsa::ForwardArgs a;
+    a.query = TensorView::contiguous(q, DType::kBFloat16, {B, 1, H, D}, cuda0());
+    a.key = TensorView::contiguous(k, DType::kBFloat16, {B, Sk, Hk, D}, cuda0());
+    a.value = TensorView::contiguous(v, DType::kBFloat16, {B, Sk, Hk, D}, cuda0());
+    a.attn_mask = TensorView::contiguous(dm, DType::kBool, {B, 1, 1, Sk}, cuda0());
+    a.out = TensorView::contiguous(o, DType::kBFloat16, {B, 1, H, D}, cuda0());
+    a.options.is_causal = true;
+    const fsa::Plan plan = fsa::make_plan(a.query, a.key, a.attn_mask, true);
+    a.plan = &plan;
+    const float ms = median_ms(reps, [&] { fsa::forward(a); });
+    const double bytes = 2.0 * double(Sk) / 8.0 * double(Hk * D) * 2.0;
+    std::printf("%-52s %10.3f %9.0f GB/s (kept K+V bytes)\n", "decode (1,1,524288,32,8,128) 1/8 blocks",
+                ms, bytes / ms * 1e-6);
+    for (void* p : {static_cast<void*>(q), static_cast<void*>(k), static_cast<void*>(v),
+                    static_cast<void*>(o), static_cast<void*>(dm)}) {
+      cudaFree(p);
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int reps = 20;
+  bool do_check = false, do_bench = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--check") do_check = true;
+    else if (a == "--bench") do_bench = true;
+    else if (a == "--reps" && i + 1 < argc) reps = std::atoi(argv[++i]);
+    else {
+      std::fprintf(stderr, "usage: fsa_bench_cuda [--check] [--bench] [--reps N]\n");
+      return 2;
+    }
+  }
+  if (!do_check && !do_bench) do_check = do_bench = true;
+  int rc = 0;
+  if (do_check) rc |= check();
+  if (do_bench) rc |= bench(reps);
+  return rc;
+}

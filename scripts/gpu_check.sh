@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# One call on the GPU machine (no network there): build the CUDA backend, check it against the CPU
+# backend, run compute-sanitizer memcheck on the checks, run the benchmarks; short table last.
+# Logs go to $OUT (the device tool brings them back). Needs .deps/nvidia_cutlass-*.whl carried.
+#
+#   scripts/gpu_check.sh [--no-sanitizer] [--reps N]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/fsa_gpu_out}
+mkdir -p "$OUT"
+sanitize=1
+reps=20
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --no-sanitizer) sanitize=0 ;;
+    --reps) reps=$2; shift ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+status=0
+step() { echo "== $1 ($(date +%T))"; }
+
+step "device"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem --format=csv | tee "$OUT/device.txt"
+
+step "build"
+build=build-gpu
+if ! { cmake -S . -B $build -G Ninja -DCMAKE_BUILD_TYPE=Release -DFSA_BUILD_TESTS=OFF \
+         -DFSA_BUILD_EXAMPLES=OFF -DFSA_CUDA_ARCHS="80;90a" && \
+       cmake --build $build -j 16; } > "$OUT/build.log" 2>&1; then
+  tail -n 40 "$OUT/build.log"
+  echo "BUILD FAILED"
+  exit 1
+fi
+grep -iE "spill|warning" "$OUT/build.log" | grep -v "0 bytes spill" | head -n 20
+
+step "check: CUDA forward vs CPU backend"
+./$build/fsa_bench_cuda --check 2>&1 | tee "$OUT/check.log" || status=1
+
+if [ $sanitize = 1 ]; then
+  step "compute-sanitizer memcheck (checks)"
+  compute-sanitizer --tool memcheck --error-exitcode 9 ./$build/fsa_bench_cuda --check \
+    > "$OUT/memcheck.log" 2>&1
+  rc=$?
+  tail -n 3 "$OUT/memcheck.log"
+  [ $rc -ne 0 ] && { echo "MEMCHECK FAILED (rc $rc)"; status=1; }
+fi
+
+step "bench"
+./$build/fsa_bench_cuda --bench --reps "$reps" 2>&1 | tee "$OUT/bench.log" || status=1
+
+echo
+echo "== summary ($(head -n 2 "$OUT/device.txt" | tail -n 1))"
+grep -E "passed, .* failed" "$OUT/check.log"
+[ $sanitize = 1 ] && grep -E "ERROR SUMMARY" "$OUT/memcheck.log"
+cat "$OUT/bench.log"
+exit $status

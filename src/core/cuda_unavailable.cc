@@ -1,0 +1,26 @@
+// Definitions of the CUDA backend's entry points for builds without CUDA: every one rejects the
+// call with a clear message instead of failing to link.
+#ifndef FSA_WITH_CUDA
+
+#include "cuda/cuda_backend.h"
+
+namespace fsa::detail::cuda {
+namespace {
+[[noreturn]] void unavailable() {
+  throw Error(ErrorKind::kUnsupported, "query",
+              "got a CUDA tensor, but this build has no CUDA backend (rebuild where nvcc is found)");
+}
+}  // namespace
+
+std::shared_ptr<const DeviceBlockMap> make_device_plan(const Geometry&,
+                                                       const std::optional<BroadcastOperand>&,
+                                                       const std::optional<BroadcastOperand>&,
+                                                       bool, const BlockMap&, void*) {
+  unavailable();
+}
+DevicePlanStats device_plan_stats(const DeviceBlockMap&) { unavailable(); }
+void forward(const ForwardProblem&, const Plan&, void*) { unavailable(); }
+
+}  // namespace fsa::detail::cuda
+
+#endif  // FSA_WITH_CUDA

@@ -1,0 +1,237 @@
+// CUDA backend host side: builds the device block map, lowers a validated problem into the
+// kernels' params, and dispatches on (head dim, dtype) — the only place with such switches.
+
+#include <string>
+
+#include "cuda/check.h"
+#include "cuda/cuda_backend.h"
+#include "cuda/device_plan.h"
+#include "cuda/forward_launch.h"
+#include "cuda/plan_kernels.cuh"
+#include "cuda/tiles.h"
+
+// Which (head dim, dtype) instantiations this build has: CMake defines FSA_CUDA_BUILT_<D>_<dtype>=1
+// for each generated file it compiles.
+#ifndef FSA_CUDA_BUILT_64_bf16
+#define FSA_CUDA_BUILT_64_bf16 0
+#endif
+#ifndef FSA_CUDA_BUILT_64_fp16
+#define FSA_CUDA_BUILT_64_fp16 0
+#endif
+#ifndef FSA_CUDA_BUILT_128_bf16
+#define FSA_CUDA_BUILT_128_bf16 0
+#endif
+#ifndef FSA_CUDA_BUILT_128_fp16
+#define FSA_CUDA_BUILT_128_fp16 0
+#endif
+#ifndef FSA_CUDA_BUILT_256_bf16
+#define FSA_CUDA_BUILT_256_bf16 0
+#endif
+#ifndef FSA_CUDA_BUILT_256_fp16
+#define FSA_CUDA_BUILT_256_fp16 0
+#endif
+#define FSA_IF_BUILT(D, dtype, ...) \
+  if constexpr (FSA_CUDA_BUILT_##D##_##dtype) { __VA_ARGS__ }
+
+namespace fsa::detail::cuda {
+namespace {
+
+size_t align_up(size_t n) { return (n + 255) & ~size_t(255); }
+
+void fill_strides(int64_t (&dst)[4], const BroadcastOperand& op) {
+  for (int d = 0; d < 4; ++d) dst[d] = op.read_stride[d];
+}
+
+[[noreturn]] void fail(const std::string& arg, const std::string& message) {
+  throw Error(ErrorKind::kUnsupported, arg, message);
+}
+
+// The kernels copy rows in 16-byte chunks: the head dim must be a multiple of 8 elements and every
+// row must start 16-byte aligned.
+void check_rows_aligned(const SeqOperand& op, const char* name, int64_t head_dim) {
+  const auto addr = reinterpret_cast<uintptr_t>(op.data);
+  const bool ok = head_dim % 8 == 0 && addr % 16 == 0 && op.stride_b % 8 == 0 &&
+                  op.stride_s % 8 == 0 && op.stride_h % 8 == 0;
+  if (!ok) {
+    fail(name, "the CUDA kernels need head_dim % 8 == 0, a 16-byte aligned pointer and strides "
+               "that are multiples of 8 elements (got head_dim " + std::to_string(head_dim) +
+               "); pad the head dim (e.g. torch.nn.functional.pad) or make the tensor contiguous");
+  }
+}
+
+}  // namespace
+
+std::shared_ptr<const DeviceBlockMap> make_device_plan(
+    const Geometry& g, const std::optional<BroadcastOperand>& mask,
+    const std::optional<BroadcastOperand>& selection, bool is_causal, const BlockMap& extents,
+    void* stream_ptr) {
+  auto stream = static_cast<cudaStream_t>(stream_ptr);
+  auto map = std::make_shared<DeviceBlockMap>();
+  map->stream = stream;
+  FSA_CUDA_CHECK(cudaGetDevice(&map->device));
+
+  const int64_t outer = extents.batch * extents.heads;
+  const int64_t rows = outer * extents.m_blocks, cols = outer * extents.n_blocks;
+  const int64_t tiles = rows * extents.n_blocks;
+  if (extents.m_blocks > INT32_MAX || extents.n_blocks > INT32_MAX) {
+    fail("query", "too many blocks for a CUDA plan");
+  }
+  // Layout of the one allocation: counters, 2 x (rows counts + rows lists), 2 x (cols counts +
+  // cols lists), tile classes.
+  size_t offset = 0;
+  auto take = [&](size_t bytes) {
+    const size_t at = offset;
+    offset += align_up(bytes);
+    return at;
+  };
+  const size_t counters_at = take(2 * sizeof(unsigned long long));
+  const size_t full_count_at = take(rows * sizeof(int32_t));
+  const size_t partial_count_at = take(rows * sizeof(int32_t));
+  const size_t full_index_at = take(tiles * sizeof(int32_t));
+  const size_t partial_index_at = take(tiles * sizeof(int32_t));
+  const size_t full_count_t_at = take(cols * sizeof(int32_t));
+  const size_t partial_count_t_at = take(cols * sizeof(int32_t));
+  const size_t full_index_t_at = take(tiles * sizeof(int32_t));
+  const size_t partial_index_t_at = take(tiles * sizeof(int32_t));
+  const size_t class_at = take(tiles);
+  FSA_CUDA_CHECK(cudaMallocAsync(&map->storage, offset, stream));
+  auto* base = static_cast<uint8_t*>(map->storage);
+  map->counters = reinterpret_cast<unsigned long long*>(base + counters_at);
+  map->tile_class = base + class_at;
+  FSA_CUDA_CHECK(cudaMemsetAsync(map->counters, 0, 2 * sizeof(unsigned long long), stream));
+
+  BlockMapParams& mp = map->params;
+  mp.full_count = reinterpret_cast<int32_t*>(base + full_count_at);
+  mp.partial_count = reinterpret_cast<int32_t*>(base + partial_count_at);
+  mp.full_index = reinterpret_cast<int32_t*>(base + full_index_at);
+  mp.partial_index = reinterpret_cast<int32_t*>(base + partial_index_at);
+  mp.full_count_t = reinterpret_cast<int32_t*>(base + full_count_t_at);
+  mp.partial_count_t = reinterpret_cast<int32_t*>(base + partial_count_t_at);
+  mp.full_index_t = reinterpret_cast<int32_t*>(base + full_index_t_at);
+  mp.partial_index_t = reinterpret_cast<int32_t*>(base + partial_index_t_at);
+  mp.map_batch = int(extents.batch);
+  mp.map_heads = int(extents.heads);
+  mp.head_group = int(g.num_heads / extents.heads);
+  mp.m_blocks = int(extents.m_blocks);
+  mp.n_blocks = int(extents.n_blocks);
+  mp.block_m = extents.block_m;
+  mp.block_n = extents.block_n;
+
+  PlanParams pp{};
+  if (mask) {
+    pp.mask = static_cast<const uint8_t*>(mask->data);
+    fill_strides(pp.mask_stride, *mask);
+    pp.mask_head_group = int(mask->head_group);
+  }
+  if (selection) {
+    pp.selection = static_cast<const uint8_t*>(selection->data);
+    fill_strides(pp.sel_stride, *selection);
+    pp.sel_head_group = int(selection->head_group);
+  }
+  pp.seqlen_q = int(g.seqlen_q);
+  pp.seqlen_k = int(g.seqlen_k);
+  pp.is_causal = is_causal;
+  pp.tile_class = map->tile_class;
+  pp.counters = map->counters;
+  pp.map = mp;
+  if (rows > 0 && extents.n_blocks > 0) {
+    const dim3 grid(unsigned(extents.m_blocks), unsigned(extents.heads), unsigned(extents.batch));
+    classify_kernel<<<grid, kPlanThreads, size_t(extents.n_blocks), stream>>>(pp);
+    FSA_CUDA_CHECK(cudaGetLastError());
+    const dim3 grid_t(unsigned(extents.n_blocks), unsigned(extents.heads), unsigned(extents.batch));
+    transpose_kernel<<<grid_t, 32, 0, stream>>>(pp);
+    FSA_CUDA_CHECK(cudaGetLastError());
+  } else if (rows > 0) {  // Sk = 0: every row has empty lists
+    FSA_CUDA_CHECK(cudaMemsetAsync(const_cast<int32_t*>(mp.full_count), 0, rows * sizeof(int32_t), stream));
+    FSA_CUDA_CHECK(cudaMemsetAsync(const_cast<int32_t*>(mp.partial_count), 0, rows * sizeof(int32_t), stream));
+  }
+  return map;
+}
+
+DevicePlanStats device_plan_stats(const DeviceBlockMap& map) {
+  unsigned long long host[2] = {0, 0};
+  FSA_CUDA_CHECK(cudaMemcpyAsync(host, map.counters, sizeof(host), cudaMemcpyDeviceToHost,
+                                 map.stream));
+  FSA_CUDA_CHECK(cudaStreamSynchronize(map.stream));
+  return {int64_t(host[0]), int64_t(host[1])};
+}
+
+void forward(const ForwardProblem& p, const Plan& plan, void* stream_ptr) {
+  auto stream = static_cast<cudaStream_t>(stream_ptr);
+  const DeviceBlockMap* map = plan.device_map();
+  if (!map) fail("plan", "expected a plan built for CUDA tensors");
+  const int kdim = kernel_head_dim(int(p.head_dim));
+  const int block_m = forward_block_m(int(p.head_dim)), block_n = forward_block_n(int(p.head_dim));
+  if (map->params.block_m != block_m || map->params.block_n != block_n) {
+    throw Error(ErrorKind::kValue, "plan",
+                "built with tiles " + std::to_string(map->params.block_m) + "x" +
+                    std::to_string(map->params.block_n) + ", the CUDA forward for head_dim " +
+                    std::to_string(p.head_dim) + " needs " + std::to_string(block_m) + "x" +
+                    std::to_string(block_n) + " (leave PlanOptions block_m/block_n at 0)");
+  }
+  check_rows_aligned(p.q, "query", p.head_dim);
+  check_rows_aligned(p.k, "key", p.head_dim);
+  check_rows_aligned(p.v, "value", p.head_dim);
+  if (p.batch == 0 || p.seqlen_q == 0 || p.num_heads == 0) return;
+  if (p.batch > 65535 || p.num_heads > 65535) fail("query", "batch and num_heads must be <= 65535");
+
+  ForwardParams fp{};
+  fp.q = p.q.data;
+  fp.k = p.k.data;
+  fp.v = p.v.data;
+  fp.out = p.out.data;
+  fp.lse = p.lse;
+  fp.q_stride_b = p.q.stride_b, fp.q_stride_s = p.q.stride_s, fp.q_stride_h = p.q.stride_h;
+  fp.k_stride_b = p.k.stride_b, fp.k_stride_s = p.k.stride_s, fp.k_stride_h = p.k.stride_h;
+  fp.v_stride_b = p.v.stride_b, fp.v_stride_s = p.v.stride_s, fp.v_stride_h = p.v.stride_h;
+  fp.o_stride_b = p.out.stride_b, fp.o_stride_s = p.out.stride_s, fp.o_stride_h = p.out.stride_h;
+  fp.lse_stride_b = p.lse_stride_b, fp.lse_stride_h = p.lse_stride_h;
+  fp.lse_stride_s = p.lse_stride_s;
+  if (p.mask) {
+    fp.mask = static_cast<const uint8_t*>(p.mask->data);
+    fill_strides(fp.mask_stride, *p.mask);
+    fp.mask_head_group = int(p.mask->head_group);
+  }
+  if (p.bias) {
+    fp.bias = p.bias->data;
+    fp.bias_is_fp32 = p.bias->dtype == DType::kFloat32;
+    fill_strides(fp.bias_stride, *p.bias);
+    fp.bias_head_group = int(p.bias->head_group);
+  }
+  fp.batch = int(p.batch);
+  fp.seqlen_q = int(p.seqlen_q);
+  fp.seqlen_k = int(p.seqlen_k);
+  fp.num_heads = int(p.num_heads);
+  fp.num_kv_heads = int(p.num_kv_heads);
+  fp.head_dim = int(p.head_dim);
+  fp.group = int(p.group());
+  constexpr float kLog2e = 1.4426950408889634f;
+  fp.scale_log2 = p.scale * kLog2e;
+  if (p.softcap > 0.0f) {
+    fp.softcap_in = p.scale / p.softcap;
+    fp.softcap_out = p.softcap * kLog2e;
+  }
+  fp.is_causal = p.is_causal;
+  fp.map = map->params;
+
+  const bool bf16 = p.dtype == DType::kBFloat16;
+  switch (kdim) {
+#define FSA_FORWARD_CASE(D)                                                    \
+  case D:                                                                      \
+    if (bf16) {                                                                \
+      FSA_IF_BUILT(D, bf16, launch_forward<D, Bf16>(fp, stream); return;)      \
+    } else {                                                                   \
+      FSA_IF_BUILT(D, fp16, launch_forward<D, Fp16>(fp, stream); return;)      \
+    }                                                                          \
+    break;
+    FSA_FORWARD_CASE(64)
+    FSA_FORWARD_CASE(128)
+    FSA_FORWARD_CASE(256)
+#undef FSA_FORWARD_CASE
+  }
+  fail("query", "the CUDA forward for head_dim " + std::to_string(p.head_dim) + " (kernel width " +
+                    std::to_string(kdim) + ") and dtype " + to_string(p.dtype) +
+                    " was not built (see FSA_CUDA_HEAD_DIMS / FSA_CUDA_DTYPES)");
+}
+
+}  // namespace fsa::detail::cuda

@@ -1,0 +1,31 @@
+#pragma once
+// The CUDA backend as seen from the core: plain C++ declarations, no CUDA headers. Without a CUDA
+// build these are defined by src/core/cuda_unavailable.cc and throw ErrorKind::kUnsupported.
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+
+#include "core/problem.h"
+#include "fsa/plan.h"
+
+namespace fsa::detail::cuda {
+
+struct DevicePlanStats {
+  int64_t kept_entries = 0;   // kept (query, key) pairs over the map's (batch, head)
+  int64_t visited_tiles = 0;  // full + partial tiles
+};
+
+// Builds the block map on the device of the mask / query, asynchronously on `stream`. `extents`
+// carries the map's batch, heads, blocks and tile shape.
+std::shared_ptr<const DeviceBlockMap> make_device_plan(
+    const Geometry& g, const std::optional<BroadcastOperand>& mask,
+    const std::optional<BroadcastOperand>& selection, bool is_causal, const BlockMap& extents,
+    void* stream);
+
+// Waits for the planning kernels and reads the plan's counters.
+DevicePlanStats device_plan_stats(const DeviceBlockMap& map);
+
+void forward(const ForwardProblem& p, const Plan& plan, void* stream);
+
+}  // namespace fsa::detail::cuda

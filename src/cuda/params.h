@@ -1,0 +1,73 @@
+#pragma once
+// POD parameter structs of the CUDA kernels, passed by value as __grid_constant__. Every stride is
+// in elements and 64-bit; broadcast dims of mask and bias have stride 0.
+
+#include <cstdint>
+
+namespace fsa::detail::cuda {
+
+// The block map on the device: fixed-stride lists (row r's entries at [r * capacity, ...)).
+struct BlockMapParams {
+  const int32_t* full_index = nullptr;     // (rows, n_blocks) key blocks, every entry kept
+  const int32_t* full_count = nullptr;     // (rows,)
+  const int32_t* partial_index = nullptr;  // (rows, n_blocks) key blocks with dropped entries
+  const int32_t* partial_count = nullptr;  // (rows,)
+  const int32_t* full_index_t = nullptr;     // (cols, m_blocks) query blocks per key block
+  const int32_t* full_count_t = nullptr;     // (cols,)
+  const int32_t* partial_index_t = nullptr;  // (cols, m_blocks)
+  const int32_t* partial_count_t = nullptr;  // (cols,)
+  int map_batch = 1;   // 1 or B
+  int map_heads = 1;   // 1, Hk or H
+  int head_group = 1;  // H / map_heads: query heads per map head
+  int m_blocks = 0;    // ceil(Sq / block_m)
+  int n_blocks = 0;    // ceil(Sk / block_n)
+  int block_m = 0;
+  int block_n = 0;
+};
+
+struct ForwardParams {
+  const void* q;  // (B, Sq, H, D)
+  const void* k;  // (B, Sk, Hk, D)
+  const void* v;  // (B, Sk, Hk, D)
+  void* out;      // (B, Sq, H, D)
+  float* lse;     // (B, H, Sq) or null
+  int64_t q_stride_b, q_stride_s, q_stride_h;
+  int64_t k_stride_b, k_stride_s, k_stride_h;
+  int64_t v_stride_b, v_stride_s, v_stride_h;
+  int64_t o_stride_b, o_stride_s, o_stride_h;
+  int64_t lse_stride_b, lse_stride_h, lse_stride_s;
+
+  const uint8_t* mask;     // bool ({B|1}, {H|Hk|1}, {Sq|1}, {Sk|1}) or null
+  int64_t mask_stride[4];  // read strides: 0 on broadcast / expanded dims
+  int mask_head_group;     // query heads per mask head
+  const void* bias;        // query dtype or fp32, same shapes as the mask, or null
+  bool bias_is_fp32;
+  int64_t bias_stride[4];
+  int bias_head_group;
+
+  int batch, seqlen_q, seqlen_k, num_heads, num_kv_heads, head_dim;
+  int group;            // H / Hk
+  float scale_log2;     // softmax scale * log2(e)
+  float softcap_in;     // scale / c (softcap on), else 0
+  float softcap_out;    // c * log2(e) (softcap on), else 0
+  bool is_causal;
+
+  BlockMapParams map;
+};
+
+// Planning kernel inputs.
+struct PlanParams {
+  const uint8_t* mask;       // or null
+  int64_t mask_stride[4];    // read strides (0 on broadcast dims)
+  int mask_head_group;       // query heads per mask head
+  const uint8_t* selection;  // block selection (…, m_blocks, n_blocks) or null
+  int64_t sel_stride[4];
+  int sel_head_group;
+  int seqlen_q, seqlen_k;
+  bool is_causal;
+  uint8_t* tile_class;       // (rows, n_blocks): 0 skipped, 1 partial, 2 full
+  unsigned long long* counters;  // [kept entries, visited tiles], accumulated
+  BlockMapParams map;        // output lists (const-cast in the kernel)
+};
+
+}  // namespace fsa::detail::cuda
