@@ -1,0 +1,91 @@
+"""flash_sparse_attn: exact attention with a boolean mask and a trainable bias, where the work scales
+with the kept tiles. A drop-in for the reference project's Python API (flash-sparse-attn 1.2.3):
+the same public names and signatures, implemented on this project's C++ core (CPU backend, and
+the CUDA backend where it was built).
+
+Backends: the reference has three (its CUDA extension, Triton, Flex). Here one function,
+``flash_sparse_attn_func``, runs on the tensors' device. ``CUDA_AVAILABLE`` says whether the CUDA
+backend was compiled in; ``CPU_AVAILABLE`` is always true; the reference's Triton and Flex
+backends do not exist here (their flags are False and their functions None, as in a reference
+install without them).
+"""
+
+from typing import Optional
+
+__version__ = "0.1.0"
+
+from . import _C  # noqa: E402  (the extension: fails loudly if the package was not built)
+
+CPU_AVAILABLE = True
+CUDA_AVAILABLE = bool(_C.has_cuda)
+TRITON_AVAILABLE = False
+FLEX_AVAILABLE = False
+
+try:
+    from .flash_sparse_attn_interface import flash_sparse_attn_func
+except ImportError:  # torch is not installed: the numpy-level API (flash_sparse_attn.ops) remains
+    flash_sparse_attn_func = None
+    CPU_AVAILABLE = False
+    CUDA_AVAILABLE = False
+
+# Not provided (no varlen API in this project); None as in a reference install without its CUDA
+# extension, so `from flash_sparse_attn import flash_sparse_attn_varlen_func` keeps working.
+flash_sparse_attn_varlen_func = None
+triton_sparse_attn_func = None
+flex_sparse_attn_func = None
+
+
+def get_available_backends():
+    """Return a list of available backends ("cuda" when compiled in, then "cpu")."""
+    backends = []
+    if CUDA_AVAILABLE:
+        backends.append("cuda")
+    if CPU_AVAILABLE:
+        backends.append("cpu")
+    return backends
+
+
+def flash_sparse_attn_func_auto(backend: Optional[str] = None, **kwargs):
+    """Return the attention function for ``backend`` ("cuda", "cpu", "triton", "flex"), or for the
+    first available one when None. "cuda" and "cpu" name the same function (it runs on the
+    tensors' device); "triton" and "flex" raise RuntimeError, as the reference does when that
+    backend is missing."""
+    if backend is None:
+        available = get_available_backends()
+        if not available:
+            raise RuntimeError(
+                "No flash sparse attention backend is available: install torch and build the "
+                "package (pip install .)."
+            )
+        backend = available[0]
+    if backend == "cuda":
+        if not CUDA_AVAILABLE:
+            raise RuntimeError(
+                "CUDA backend is not available: this build has no CUDA backend (rebuild with nvcc "
+                "present and FSA_ENABLE_CUDA=ON)."
+            )
+        return flash_sparse_attn_func
+    if backend == "cpu":
+        if not CPU_AVAILABLE:
+            raise RuntimeError("CPU backend is not available: install torch.")
+        return flash_sparse_attn_func
+    if backend in ("triton", "flex"):
+        raise RuntimeError(
+            f"{backend} backend is not available in this implementation; use backend=None or "
+            "'cuda' / 'cpu' (the same math, with bottom-right aligned causality)."
+        )
+    raise ValueError(f"Unknown backend: {backend}. Available backends: {get_available_backends()}")
+
+
+__all__ = [
+    "CPU_AVAILABLE",
+    "CUDA_AVAILABLE",
+    "TRITON_AVAILABLE",
+    "FLEX_AVAILABLE",
+    "flash_sparse_attn_func",
+    "flash_sparse_attn_varlen_func",
+    "triton_sparse_attn_func",
+    "flex_sparse_attn_func",
+    "get_available_backends",
+    "flash_sparse_attn_func_auto",
+]

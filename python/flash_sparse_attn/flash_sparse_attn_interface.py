@@ -1,0 +1,377 @@
+"""PyTorch front end of the C++ core: ``flash_sparse_attn_func`` with autograd and torch.compile.
+
+Three routes, one kernel:
+
+* eager, no gradient needed: a direct call into the extension (the cheapest route; the
+  tiny-problem overhead bar of the project is measured here);
+* eager with gradients: ``FlashSparseAttnFunc`` (torch.autograd.Function); the block-map plan is
+  built once in forward, kept on ``ctx`` and reused by backward;
+* under torch.compile: the torch.library custom ops ``flash_sparse_attn::fwd`` / ``::bwd`` with
+  fake kernels (so ``fullgraph=True`` traces without graph breaks) and ``register_autograd``. The
+  plan is handed from the forward op to the backward op through a small int64 handle tensor
+  (an id into a bounded registry; an evicted plan is rebuilt, never reused wrongly).
+
+Outputs are allocated here, by torch, and written in place by the core; tensors reach C++ through
+DLPack (no torch headers in C++). CUDA tensors run on the current CUDA stream.
+"""
+
+import collections
+import itertools
+import threading
+from typing import Optional, Tuple
+
+import torch
+
+from . import _C
+
+_Tensor = torch.Tensor
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+
+
+def _last_dim_contiguous(x: Optional[_Tensor]) -> Optional[_Tensor]:
+    """The core needs unit stride on the head dim only; any other layout passes through."""
+    if x is not None and x.dim() > 0 and x.stride(-1) != 1:
+        return x.contiguous()
+    return x
+
+
+def _stream(t: _Tensor) -> int:
+    if t.is_cuda:
+        return torch.cuda.current_stream(t.device).cuda_stream
+    return 0
+
+
+def _check_inputs(query, key, value, attn_mask, attn_bias) -> None:
+    """Python-side checks that must come before outputs are allocated; the core checks the rest."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    for name, t in (("attn_mask", attn_mask), ("attn_bias", attn_bias)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(t).__name__}")
+    if query.dim() != 4:
+        raise ValueError(
+            "query: expected 4 dims (batch, seqlen_q, num_heads, head_dim), "
+            f"got shape {tuple(query.shape)}"
+        )
+
+
+def _resolve_block_size(block_size) -> Tuple[Optional[int], Optional[int]]:
+    if block_size is None:
+        return None, None
+    if isinstance(block_size, int):
+        return block_size, block_size
+    block_m, block_n = block_size
+    return int(block_m), int(block_n)
+
+
+def _new_outputs(query: _Tensor, need_lse: bool):
+    batch, seqlen_q, num_heads, _ = query.shape
+    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    lse = None
+    if need_lse:
+        lse = torch.empty((batch, num_heads, seqlen_q), dtype=torch.float32, device=query.device)
+    return out, lse
+
+
+# Tensors cross into C++ as DLPack capsules made by torch's C-level exporter: about 0.2 us each,
+# against about 2 us for the Python-level Tensor.__dlpack__ that nanobind would call otherwise
+# (which also refuses tensors that require grad; the core never records history anyway). The
+# tensors come from the current stream, on which the core runs, so no stream handshake is needed.
+_to_dlpack = getattr(torch._C, "_to_dlpack", None) or torch.utils.dlpack.to_dlpack
+
+
+def _dl(t: Optional[_Tensor]):
+    return None if t is None else _to_dlpack(t)
+
+
+def _make_plan(q, k, attn_mask, is_causal, block_mask, block_m, block_n):
+    return _C.make_plan(
+        _dl(q), _dl(k), _dl(attn_mask), is_causal, block_m, block_n, _dl(block_mask)
+    )
+
+
+def _run_backward(
+    dout, q, k, v, out, lse, attn_mask, attn_bias, softmax_scale, is_causal, softcap,
+    deterministic, plan, need_dbias,
+):
+    dout = _last_dim_contiguous(dout)
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    dbias = None
+    if need_dbias:
+        # Exactly the bias's shape (broadcast dims included): the core reduces into it.
+        dbias = torch.empty(attn_bias.shape, dtype=attn_bias.dtype, device=attn_bias.device)
+    _C.backward(
+        _dl(dout), _dl(q), _dl(k), _dl(v), _dl(out), _dl(lse),
+        _dl(attn_mask), _dl(attn_bias), _dl(dq), _dl(dk), _dl(dv), _dl(dbias),
+        softmax_scale, is_causal, softcap, deterministic, plan, _stream(q),
+    )
+    return dq, dk, dv, dbias
+
+
+# ---- eager autograd ------------------------------------------------------------------------------
+
+
+class FlashSparseAttnFunc(torch.autograd.Function):
+    """Gradients for query, key, value and attn_bias (also when only the bias requires grad)."""
+
+    @staticmethod
+    def forward(
+        ctx, q, k, v, attn_mask, attn_bias, softmax_scale, is_causal, softcap, deterministic,
+        block_mask, block_m, block_n,
+    ):
+        plan = _make_plan(q, k, attn_mask, is_causal, block_mask, block_m, block_n)
+        out, lse = _new_outputs(q, need_lse=True)
+        _C.forward(
+            _dl(q), _dl(k), _dl(v), _dl(attn_mask), _dl(attn_bias), _dl(out), _dl(lse),
+            softmax_scale, is_causal, softcap, plan, _stream(q),
+        )
+        ctx.save_for_backward(q, k, v, attn_mask, attn_bias, out, lse)
+        ctx.plan = plan  # built once, reused by backward
+        ctx.softmax_scale = softmax_scale
+        ctx.is_causal = is_causal
+        ctx.softcap = softcap
+        ctx.deterministic = deterministic
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, attn_mask, attn_bias, out, lse = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dq, dk, dv, dbias = _run_backward(
+            dout, q, k, v, out, lse, attn_mask, attn_bias, ctx.softmax_scale, ctx.is_causal,
+            ctx.softcap, ctx.deterministic, ctx.plan, attn_bias is not None and need[4],
+        )
+        return (
+            dq if need[0] else None,
+            dk if need[1] else None,
+            dv if need[2] else None,
+            None,
+            dbias,
+            None, None, None, None, None, None, None,
+        )
+
+
+# ---- torch.library custom ops (the torch.compile route) -----------------------------------------
+
+
+class _PlanRegistry:
+    """Plans handed from the forward op to the backward op by id. Bounded: an evicted id makes the
+    backward op rebuild the plan (same result, one more pass over the mask)."""
+
+    def __init__(self, capacity: int = 256):
+        self._plans = collections.OrderedDict()
+        self._ids = itertools.count(1)
+        self._capacity = capacity
+        self._lock = threading.Lock()
+
+    def put(self, plan) -> int:
+        with self._lock:
+            plan_id = next(self._ids)
+            self._plans[plan_id] = plan
+            while len(self._plans) > self._capacity:
+                self._plans.popitem(last=False)
+            return plan_id
+
+    def get(self, plan_id: int):
+        with self._lock:
+            return self._plans.get(plan_id)
+
+
+_plans = _PlanRegistry()
+
+
+@torch.library.custom_op("flash_sparse_attn::fwd", mutates_args=())
+def _fwd_op(
+    q: _Tensor,
+    k: _Tensor,
+    v: _Tensor,
+    attn_mask: Optional[_Tensor],
+    attn_bias: Optional[_Tensor],
+    block_mask: Optional[_Tensor],
+    softmax_scale: Optional[float],
+    is_causal: bool,
+    softcap: float,
+    deterministic: bool,
+    block_m: Optional[int],
+    block_n: Optional[int],
+) -> Tuple[_Tensor, _Tensor, _Tensor]:
+    plan = _make_plan(q, k, attn_mask, is_causal, block_mask, block_m, block_n)
+    out, lse = _new_outputs(q, need_lse=True)
+    _C.forward(
+        _dl(q), _dl(k), _dl(v), _dl(attn_mask), _dl(attn_bias), _dl(out), _dl(lse),
+        softmax_scale, is_causal, softcap, plan, _stream(q),
+    )
+    handle = torch.tensor([_plans.put(plan)], dtype=torch.int64)
+    return out, lse, handle
+
+
+@_fwd_op.register_fake
+def _fwd_fake(
+    q, k, v, attn_mask, attn_bias, block_mask, softmax_scale, is_causal, softcap, deterministic,
+    block_m, block_n,
+):
+    out, lse = _new_outputs(q, need_lse=True)
+    return out, lse, torch.empty((1,), dtype=torch.int64)
+
+
+@torch.library.custom_op("flash_sparse_attn::bwd", mutates_args=())
+def _bwd_op(
+    dout: _Tensor,
+    q: _Tensor,
+    k: _Tensor,
+    v: _Tensor,
+    out: _Tensor,
+    lse: _Tensor,
+    attn_mask: Optional[_Tensor],
+    attn_bias: Optional[_Tensor],
+    block_mask: Optional[_Tensor],
+    plan_handle: _Tensor,
+    softmax_scale: Optional[float],
+    is_causal: bool,
+    softcap: float,
+    deterministic: bool,
+    block_m: Optional[int],
+    block_n: Optional[int],
+    need_dbias: bool,
+) -> Tuple[_Tensor, _Tensor, _Tensor, _Tensor]:
+    plan = _plans.get(int(plan_handle[0]))
+    if plan is None:
+        plan = _make_plan(q, k, attn_mask, is_causal, block_mask, block_m, block_n)
+    dq, dk, dv, dbias = _run_backward(
+        dout, q, k, v, out, lse, attn_mask, attn_bias, softmax_scale, is_causal, softcap,
+        deterministic, plan, need_dbias,
+    )
+    if dbias is None:
+        dbias = q.new_empty((0,))
+    return dq, dk, dv, dbias
+
+
+@_bwd_op.register_fake
+def _bwd_fake(
+    dout, q, k, v, out, lse, attn_mask, attn_bias, block_mask, plan_handle, softmax_scale,
+    is_causal, softcap, deterministic, block_m, block_n, need_dbias,
+):
+    dbias = q.new_empty((0,))
+    if need_dbias:
+        dbias = attn_bias.new_empty(attn_bias.shape)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    (q, k, v, attn_mask, attn_bias, block_mask, softmax_scale, is_causal, softcap, deterministic,
+     block_m, block_n) = inputs
+    out, lse, handle = output
+    ctx.save_for_backward(q, k, v, out, lse, attn_mask, attn_bias, block_mask, handle)
+    ctx.softmax_scale = softmax_scale
+    ctx.is_causal = is_causal
+    ctx.softcap = softcap
+    ctx.deterministic = deterministic
+    ctx.block_m = block_m
+    ctx.block_n = block_n
+    ctx.has_bias = attn_bias is not None
+    ctx.mark_non_differentiable(lse, handle)
+
+
+def _fwd_backward(ctx, dout, _dlse, _dhandle):
+    q, k, v, out, lse, attn_mask, attn_bias, block_mask, handle = ctx.saved_tensors
+    need_dbias = ctx.has_bias and ctx.needs_input_grad[4]
+    dq, dk, dv, dbias = _bwd_op(
+        dout, q, k, v, out, lse, attn_mask, attn_bias, block_mask, handle, ctx.softmax_scale,
+        ctx.is_causal, ctx.softcap, ctx.deterministic, ctx.block_m, ctx.block_n, need_dbias,
+    )
+    return (
+        dq, dk, dv, None, dbias if need_dbias else None,
+        None, None, None, None, None, None, None,
+    )
+
+
+_fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+
+
+# ---- public API ----------------------------------------------------------------------------------
+
+
+def flash_sparse_attn_func(
+    query: _Tensor,
+    key: _Tensor,
+    value: _Tensor,
+    attn_mask: Optional[_Tensor] = None,
+    attn_bias: Optional[_Tensor] = None,
+    softmax_scale: Optional[float] = None,
+    is_causal: Optional[bool] = None,
+    softcap: Optional[float] = None,
+    deterministic: Optional[bool] = None,
+    return_attn_probs: Optional[bool] = None,
+    *,
+    block_mask: Optional[_Tensor] = None,
+    block_size=None,
+):
+    """Exact attention with an optional boolean mask and additive bias (SPEC.md sections 1-4).
+
+    Arguments (the reference project's names and order):
+        query: (batch, seqlen_q, num_heads, head_dim); float16 / bfloat16, or float32 on the CPU.
+            Only the head dim must be contiguous: e.g. a transposed (B, H, S, D) view is fine.
+        key, value: (batch, seqlen_k, num_kv_heads, head_dim); GQA / MQA when num_kv_heads <
+            num_heads (query head h reads kv head h // (num_heads // num_kv_heads)).
+        attn_mask: optional bool ({B|1}, {H|Hk|1}, {Sq|1}, {Sk|1}), True = keep. Expanded
+            (stride-0) views are read without being materialized.
+        attn_bias: optional ({B|1}, {H|Hk|1}, {Sq|1}, {Sk|1}) in the query dtype or float32, added
+            to the scaled scores; receives a gradient in exactly its own shape.
+        softmax_scale: default 1 / sqrt(head_dim).
+        is_causal: bottom-right aligned causal mask (default False).
+        softcap: 0 / None = off; c > 0 computes c * tanh(scale * qk / c) + bias.
+        deterministic: bitwise reproducible backward (always so on the CPU).
+        return_attn_probs: also return the log-sum-exp: ``(out, lse, None)``, lse (B, H, Sq)
+            float32. The unnormalized probability matrix of the reference is not returned.
+    Beyond the reference (keyword only):
+        block_mask: bool (B|1, H|Hk|1, ceil(Sq / bm), ceil(Sk / bn)) block selection, e.g. from
+            ``flash_sparse_attn.utils.mask.create_block_mask``; tiles marked False are skipped.
+        block_size: the (bm, bn) tile of ``block_mask`` (an int for both); default (64, 64).
+
+    Returns ``out`` (B, Sq, H, D) in the query dtype, or ``(out, lse, None)``.
+    """
+    _check_inputs(query, key, value, attn_mask, attn_bias)
+    is_causal = bool(is_causal) if is_causal is not None else False
+    softcap = float(softcap) if softcap is not None else 0.0
+    deterministic = bool(deterministic) if deterministic is not None else False
+    return_lse = bool(return_attn_probs)
+    if softmax_scale is not None:
+        softmax_scale = float(softmax_scale)
+    block_m, block_n = _resolve_block_size(block_size)
+    if block_mask is not None and block_m is None:
+        block_m = block_n = 64
+
+    query, key, value = (_last_dim_contiguous(t) for t in (query, key, value))
+
+    if torch.compiler.is_compiling():
+        out, lse, _ = torch.ops.flash_sparse_attn.fwd(
+            query, key, value, attn_mask, attn_bias, block_mask, softmax_scale, is_causal,
+            softcap, deterministic, block_m, block_n,
+        )
+    elif torch.is_grad_enabled() and (
+        query.requires_grad or key.requires_grad or value.requires_grad
+        or (attn_bias is not None and attn_bias.requires_grad)
+    ):
+        out, lse = FlashSparseAttnFunc.apply(
+            query, key, value, attn_mask, attn_bias, softmax_scale, is_causal, softcap,
+            deterministic, block_mask, block_m, block_n,
+        )
+    else:
+        # Inference: straight into the core, no autograd bookkeeping, lse only when asked for.
+        plan = None
+        if block_mask is not None or block_m is not None:
+            plan = _make_plan(query, key, attn_mask, is_causal, block_mask, block_m, block_n)
+        out, lse = _new_outputs(query, need_lse=return_lse)
+        _C.forward(
+            _dl(query), _dl(key), _dl(value), _dl(attn_mask), _dl(attn_bias),
+            _dl(out), _dl(lse), softmax_scale, is_causal, softcap, plan, _stream(query),
+        )
+    if return_lse:
+        return out, lse, None
+    return out

@@ -1,0 +1,1 @@
+"""Utilities: ``flash_sparse_attn.utils.mask`` (the reference's mask helpers, on the C++ core)."""
