@@ -19,10 +19,6 @@ namespace {
 
 using fsa::DType;
 
-std::string dtype_param_name(const ::testing::TestParamInfo<DType>& info) {
-  return dtype_name(info.param);
-}
-
 CaseSpec make_spec(DType dtype, int64_t batch, int64_t seqlen_q, int64_t seqlen_k, int64_t heads,
                    int64_t kv_heads, int64_t head_dim) {
   CaseSpec spec;

@@ -41,7 +41,7 @@ double Rng::normal() {
 std::vector<int64_t> contiguous_strides(const std::vector<int64_t>& shape) {
   std::vector<int64_t> strides(shape.size(), 1);
   for (int d = static_cast<int>(shape.size()) - 2; d >= 0; --d) {
-    strides[d] = strides[d + 1] * shape[d + 1];
+    strides[d] = strides[d + 1] * std::max<int64_t>(shape[d + 1], 1);
   }
   return strides;
 }
@@ -405,6 +405,10 @@ void expect_matches_reference(const Problem& p, const Inputs& inputs, const Outp
                      max_abs_finite(ref.dbias_magnitude));
     expect_exact_where_untouched(label, "dbias", ours.dbias, structure.bias_kept, 1, 0.0);
   }
+}
+
+std::string dtype_param_name(const ::testing::TestParamInfo<fsa::DType>& info) {
+  return dtype_name(info.param);
 }
 
 void expect_case_matches_reference(const CaseSpec& spec) {

@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include <gtest/gtest.h>
+
 #include "fsa/fsa.h"
 #include "reference.h"
 
@@ -27,6 +29,8 @@ class Rng {
   std::optional<double> spare_;
 };
 
+// Row-major strides as torch and numpy compute them (a size-0 dim counts as 1, so an empty
+// tensor still has non-zero strides).
 std::vector<int64_t> contiguous_strides(const std::vector<int64_t>& shape);
 fsa::TensorView make_view(void* data, fsa::DType dtype, const std::vector<int64_t>& shape,
                           const std::vector<int64_t>& strides);
@@ -118,5 +122,8 @@ void expect_matches_reference(const Problem& problem, const Inputs& inputs, cons
 
 // make_problem + make_inputs + run_library + expect_matches_reference.
 void expect_case_matches_reference(const CaseSpec& spec);
+
+// Names dtype-parameterized tests by dtype ("fp32", "bf16", "fp16").
+std::string dtype_param_name(const ::testing::TestParamInfo<fsa::DType>& info);
 
 }  // namespace fsa_test
