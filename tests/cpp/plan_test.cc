@@ -153,8 +153,8 @@ TEST(Plan, CausalWithoutMask_DiagonalTilesPartial_BelowFull_AboveSkipped) {
   ASSERT_TRUE(plan.valid());
   EXPECT_EQ(plan.map().batch, 1) << "nothing varies with batch";
   EXPECT_EQ(plan.map().heads, 1) << "nothing varies with heads";
-  EXPECT_EQ(plan.map().block_m, 64);
-  EXPECT_EQ(plan.map().block_n, 64);
+  EXPECT_EQ(plan.map().block_m, 64) << "the CPU default tile (plan.h)";
+  EXPECT_EQ(plan.map().block_n, 64) << "the CPU default tile (plan.h)";
   for (int32_t m = 0; m < 4; ++m) {
     std::vector<int32_t> below(m);
     for (int32_t n = 0; n < m; ++n) below[n] = n;
@@ -345,15 +345,16 @@ TEST(Plan, BlockMaskSelection_CombinedWithMaskAndCausal_CustomTileShape) {
   EXPECT_EQ(plan.map().kept_entries, count_map_kept(plan, g, keep));
 }
 
-TEST(Plan, NonPositiveTileShapeRaisesNamingIt) {
+// 0 means the backend's default tile; a negative size is an error.
+TEST(Plan, NegativeTileShapeRaisesNamingIt) {
   const Geometry g{1, 16, 16, 1, 1};
   ShapeViews views(g);
   for (const bool rows : {true, false}) {
     fsa::PlanOptions options;
-    (rows ? options.block_m : options.block_n) = 0;
+    (rows ? options.block_m : options.block_n) = -1;
     try {
       fsa::make_plan(views.query, views.key, std::nullopt, false, options);
-      ADD_FAILURE() << "a zero tile size was accepted";
+      ADD_FAILURE() << "a negative tile size was accepted";
     } catch (const fsa::Error& e) {
       EXPECT_EQ(e.argument(), rows ? "block_m" : "block_n") << e.what();
     }
