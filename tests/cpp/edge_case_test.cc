@@ -111,52 +111,153 @@ TEST_P(EdgeCase, MinusInfinityBiasActsAsMask_IncludingWholeRows) {
   expect_matches_reference(p, in, ours, spec.dtype, spec.dtype, true);
 }
 
-// ---- NaN isolation (SPEC section 6) ---------------------------------------------------------------
+// ---- NaN / Inf isolation (SPEC section 6) ----------------------------------------------------------
 
-// One NaN in q at (b 1, row 40, head 2). In exact math that row's scores, LSE, output and dq are
-// NaN, and so are dk/dv of the keys it attends and its dbias entries; everything else is
-// computed exactly as without the NaN (bitwise: the CPU backend is deterministic).
-TEST_P(EdgeCase, NaNInOneQueryRow_OnlyWhatThatRowTouchesIsNaN) {
-  const DType dtype = GetParam();
-  CaseSpec spec = small_spec(dtype, 2, 97, 130, 4, 2, 32);
-  spec.mask_shape = Shape4{2, 2, 97, 130};
-  spec.bias_shape = Shape4{2, 4, 97, 130};
-  const int64_t kB = 1, kRow = 40, kHead = 2, kKvHead = 1;
-  const Problem p = make_problem(spec);
-  Inputs clean = make_inputs(spec, p);
-  Inputs poisoned = clean;
-  poisoned.q[((kB * 97 + kRow) * 4 + kHead) * 32 + 5] = std::numeric_limits<double>::quiet_NaN();
-  const fsa::AttentionOptions options = make_options(spec);
-  const Outputs a = run_library(p, clean, dtype, dtype, options, true);
-  const Outputs b = run_library(p, poisoned, dtype, dtype, options, true);
-  const uint8_t* row_mask = clean.mask.data() + ((kB * 2 + kKvHead) * 97 + kRow) * 130;
-  ASSERT_GT(std::count(row_mask, row_mask + 130, 1), 0) << "the poisoned row must attend something";
+// (B, Sq, Sk, H, Hk, D) = (2, 97, 130, 4, 2, 32) with a per-kv-head mask and a full bias, run
+// twice: on clean inputs and with one element poisoned. In exact math the poison reaches only
+// what depends on that element; everything else must be computed exactly as without it (bitwise:
+// the CPU backend is deterministic).
+struct PoisonRuns {
+  static constexpr int64_t kSq = 97, kSk = 130, kH = 4, kHk = 2, kD = 32;
+  CaseSpec spec;
+  Problem problem;
+  Inputs clean, poisoned;
+  Outputs clean_out, poisoned_out;
 
-  auto same_or_nan = [](const char* name, const std::vector<double>& clean_values,
-                        const std::vector<double>& values, const std::function<bool(int64_t)>& poisoned_at) {
-    int64_t wrong = 0, first = -1;
-    for (int64_t e = 0; e < static_cast<int64_t>(values.size()); ++e) {
-      const bool ok = poisoned_at(e) ? std::isnan(values[e])
-                                     : std::memcmp(&values[e], &clean_values[e], sizeof(double)) == 0;
-      if (!ok && wrong++ == 0) first = e;
-    }
-    EXPECT_EQ(wrong, 0) << name << ": " << wrong << " entries differ from expectation, first at flat index "
-                        << first << " (" << (first >= 0 ? values[first] : 0.0) << " vs clean "
-                        << (first >= 0 ? clean_values[first] : 0.0) << ")";
+  // `prepare` edits both runs' inputs (e.g. the mask); `poison` only the poisoned run's.
+  PoisonRuns(DType dtype, const std::function<void(Inputs&)>& poison,
+             const std::function<void(Inputs&)>& prepare = nullptr) {
+    spec.dtype = dtype;
+    spec.batch = 2;
+    spec.seqlen_q = kSq;
+    spec.seqlen_k = kSk;
+    spec.heads = kH;
+    spec.kv_heads = kHk;
+    spec.head_dim = kD;
+    spec.mask_shape = Shape4{2, kHk, kSq, kSk};
+    spec.bias_shape = Shape4{2, kH, kSq, kSk};
+    problem = make_problem(spec);
+    clean = make_inputs(spec, problem);
+    if (prepare) prepare(clean);
+    poisoned = clean;
+    poison(poisoned);
+    const fsa::AttentionOptions options = make_options(spec);
+    clean_out = run_library(problem, clean, dtype, dtype, options, true);
+    poisoned_out = run_library(problem, poisoned, dtype, dtype, options, true);
+  }
+  bool attends(int64_t b, int64_t hk, int64_t i, int64_t j) const {
+    return clean.mask[((b * kHk + hk) * kSq + i) * kSk + j] != 0;
+  }
+};
+
+// Entries where `poisoned_at` holds must satisfy `expected`; all others must equal the clean run
+// bit for bit.
+void expect_poison_confined(const char* name, const std::vector<double>& clean,
+                            const std::vector<double>& poisoned,
+                            const std::function<bool(int64_t)>& poisoned_at,
+                            const std::function<bool(double)>& expected, const char* expected_name) {
+  ASSERT_EQ(clean.size(), poisoned.size());
+  int64_t wrong = 0, first = -1;
+  for (int64_t e = 0; e < static_cast<int64_t>(poisoned.size()); ++e) {
+    const bool ok = poisoned_at(e) ? expected(poisoned[e])
+                                   : std::memcmp(&poisoned[e], &clean[e], sizeof(double)) == 0;
+    if (!ok && wrong++ == 0) first = e;
+  }
+  EXPECT_EQ(wrong, 0) << name << ": " << wrong << " entries wrong (expected " << expected_name
+                      << " where the poison reaches, the clean value elsewhere); first at flat index "
+                      << first << ": " << (first >= 0 ? poisoned[first] : 0.0) << ", clean "
+                      << (first >= 0 ? clean[first] : 0.0);
+}
+
+bool is_nan(double x) { return std::isnan(x); }
+
+// One NaN in q at (b 1, row 40, head 2, d 5): that row's scores are all NaN, so its LSE and
+// output are NaN; every other row and LSE is untouched.
+constexpr int64_t kNaNBatch = 1, kNaNRow = 40, kNaNHead = 2, kNaNKvHead = 1;
+
+void poison_query(Inputs& in) {
+  in.q[((kNaNBatch * PoisonRuns::kSq + kNaNRow) * PoisonRuns::kH + kNaNHead) * PoisonRuns::kD + 5] =
+      std::numeric_limits<double>::quiet_NaN();
+}
+
+TEST_P(EdgeCase, NaNInOneQueryRow_Forward_OnlyThatRowsOutAndLseAreNaN) {
+  const PoisonRuns r(GetParam(), poison_query);
+  const int64_t q_row = (kNaNBatch * r.kSq + kNaNRow) * r.kH + kNaNHead;  // (B, Sq, H) row
+  expect_poison_confined("out", r.clean_out.out, r.poisoned_out.out,
+                         [&](int64_t e) { return e / r.kD == q_row; }, is_nan, "NaN");
+  expect_poison_confined("lse", r.clean_out.lse, r.poisoned_out.lse,
+                         [&](int64_t e) { return e == (kNaNBatch * r.kH + kNaNHead) * r.kSq + kNaNRow; },
+                         is_nan, "NaN");
+}
+
+// Backward of the same: dq of that row, dk/dv of the keys that row attends and that row's dbias
+// entries at attended keys are NaN. Keys it does not attend (masked) get nothing from it in exact
+// math, so their dk/dv, and its dbias at masked entries (exactly 0), must stay clean.
+TEST_P(EdgeCase, NaNInOneQueryRow_Backward_OnlyGradientsOfAttendedEntriesAreNaN) {
+  const PoisonRuns r(GetParam(), poison_query);
+  const int64_t q_row = (kNaNBatch * r.kSq + kNaNRow) * r.kH + kNaNHead;
+  expect_poison_confined("dq", r.clean_out.dq, r.poisoned_out.dq,
+                         [&](int64_t e) { return e / r.kD == q_row; }, is_nan, "NaN");
+  auto kv_poisoned = [&](int64_t e) {  // dk / dv are (B, Sk, Hk, D)
+    const int64_t row = e / r.kD, hk = row % r.kHk, j = (row / r.kHk) % r.kSk, b = row / (r.kHk * r.kSk);
+    return b == kNaNBatch && hk == kNaNKvHead && r.attends(b, hk, kNaNRow, j);
   };
-  const int64_t q_row = (kB * 97 + kRow) * 4 + kHead;  // (B, Sq, H) row of out and dq
-  same_or_nan("out", a.out, b.out, [&](int64_t e) { return e / 32 == q_row; });
-  same_or_nan("lse", a.lse, b.lse, [&](int64_t e) { return e == (kB * 4 + kHead) * 97 + kRow; });
-  same_or_nan("dq", a.dq, b.dq, [&](int64_t e) { return e / 32 == q_row; });
-  auto kv_poisoned = [&](int64_t e) {
-    const int64_t row = e / 32, hk = row % 2, j = (row / 2) % 130, batch = row / (2 * 130);
-    return batch == kB && hk == kKvHead && row_mask[j];
-  };
-  same_or_nan("dk", a.dk, b.dk, kv_poisoned);
-  same_or_nan("dv", a.dv, b.dv, kv_poisoned);
-  same_or_nan("dbias", a.dbias, b.dbias, [&](int64_t e) {
-    return e / 130 == (kB * 4 + kHead) * 97 + kRow && row_mask[e % 130];
+  expect_poison_confined("dk", r.clean_out.dk, r.poisoned_out.dk, kv_poisoned, is_nan, "NaN");
+  expect_poison_confined("dv", r.clean_out.dv, r.poisoned_out.dv, kv_poisoned, is_nan, "NaN");
+  expect_poison_confined(
+      "dbias", r.clean_out.dbias, r.poisoned_out.dbias,
+      [&](int64_t e) {  // dbias is (B, H, Sq, Sk)
+        return e / r.kSk == (kNaNBatch * r.kH + kNaNHead) * r.kSq + kNaNRow &&
+               r.attends(kNaNBatch, kNaNKvHead, kNaNRow, e % r.kSk);
+      },
+      is_nan, "NaN");
+}
+
+// +Inf in v at (b 0, key 17, kv head 0, d 3): in exact math only column d 3 of the outputs of rows
+// attending key 17 (query heads 0 and 1) becomes +Inf; every other output entry and every LSE
+// (which does not read v) is untouched.
+TEST_P(EdgeCase, InfInOneValueElement_Forward_OnlyThatColumnOfAttendingRowsIsInf) {
+  constexpr int64_t kKey = 17, kDim = 3;
+  const PoisonRuns r(GetParam(), [](Inputs& in) {
+    in.v[((0 * PoisonRuns::kSk + kKey) * PoisonRuns::kHk + 0) * PoisonRuns::kD + kDim] =
+        std::numeric_limits<double>::infinity();
   });
+  expect_poison_confined(
+      "out", r.clean_out.out, r.poisoned_out.out,
+      [&](int64_t e) {  // out is (B, Sq, H, D)
+        const int64_t d = e % r.kD, h = (e / r.kD) % r.kH, i = (e / (r.kD * r.kH)) % r.kSq,
+                      b = e / (r.kD * r.kH * r.kSq);
+        return b == 0 && h / (r.kH / r.kHk) == 0 && d == kDim && r.attends(0, 0, i, kKey);
+      },
+      [](double x) { return x == std::numeric_limits<double>::infinity(); }, "+Inf");
+  expect_poison_confined("lse", r.clean_out.lse, r.poisoned_out.lse, [](int64_t) { return false; },
+                         is_nan, "(nothing)");
+}
+
+// NaN in every element of k and v at a key that the mask hides from every row of its kv head
+// (b 0, kv head 1, key 50) - garbage in a masked padding slot of a KV cache. In exact math a
+// masked key contributes nothing, so every output and gradient must equal the clean run's bit for
+// bit, and dk/dv of that key are exactly 0.
+TEST_P(EdgeCase, NaNInAMaskedOutKeyAndValue_ChangesNothing) {
+  constexpr int64_t kKey = 50, kKvHead = 1;
+  auto hide_key = [](Inputs& in) {
+    for (int64_t i = 0; i < PoisonRuns::kSq; ++i) {
+      in.mask[((0 * PoisonRuns::kHk + kKvHead) * PoisonRuns::kSq + i) * PoisonRuns::kSk + kKey] = 0;
+    }
+  };
+  const PoisonRuns r(GetParam(), [&](Inputs& in) {
+    for (int64_t d = 0; d < PoisonRuns::kD; ++d) {
+      const int64_t e = ((0 * PoisonRuns::kSk + kKey) * PoisonRuns::kHk + kKvHead) * PoisonRuns::kD + d;
+      in.k[e] = in.v[e] = std::numeric_limits<double>::quiet_NaN();
+    }
+  }, hide_key);
+  const auto nothing = [](int64_t) { return false; };
+  expect_poison_confined("out", r.clean_out.out, r.poisoned_out.out, nothing, is_nan, "(nothing)");
+  expect_poison_confined("lse", r.clean_out.lse, r.poisoned_out.lse, nothing, is_nan, "(nothing)");
+  expect_poison_confined("dq", r.clean_out.dq, r.poisoned_out.dq, nothing, is_nan, "(nothing)");
+  expect_poison_confined("dk", r.clean_out.dk, r.poisoned_out.dk, nothing, is_nan, "(nothing)");
+  expect_poison_confined("dv", r.clean_out.dv, r.poisoned_out.dv, nothing, is_nan, "(nothing)");
+  expect_poison_confined("dbias", r.clean_out.dbias, r.poisoned_out.dbias, nothing, is_nan, "(nothing)");
 }
 
 // ---- strides --------------------------------------------------------------------------------------
