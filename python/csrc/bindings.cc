@@ -16,6 +16,8 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -253,6 +255,27 @@ NB_MODULE(_C, m) {
       nb::arg("softmax_scale").none(), nb::arg("is_causal"), nb::arg("softcap"),
       nb::arg("deterministic"), nb::arg("plan").none(), nb::arg("stream") = 0,
       "dquery, dkey, dvalue and, when given, dbias (attn_bias's shape) are written in place.");
+
+  // Benchmark support: the core's own time per forward call, with no Python in the loop (the
+  // reference point for measuring the Python layer's overhead, bench/python_overhead.py).
+  m.def(
+      "_time_forward",
+      [](const InArray& query, const InArray& key, const InArray& value, const OutArray& out,
+         int64_t iterations) {
+        fsa::ForwardArgs a;
+        a.query = to_view(query, "query");
+        a.key = to_view(key, "key");
+        a.value = to_view(value, "value");
+        a.out = to_view(out, "out");
+        nb::gil_scoped_release release;
+        fsa::forward(a);  // warm-up
+        const auto start = std::chrono::steady_clock::now();
+        for (int64_t i = 0; i < iterations; ++i) fsa::forward(a);
+        const std::chrono::duration<double> elapsed = std::chrono::steady_clock::now() - start;
+        return elapsed.count() / double(std::max<int64_t>(iterations, 1));
+      },
+      nb::arg("query"), nb::arg("key"), nb::arg("value"), nb::arg("out"), nb::arg("iterations"),
+      "Seconds per fsa::forward call (no mask, no bias), timed in C++.");
 
   m.def("set_num_threads", &fsa::set_num_threads, nb::arg("num_threads"),
         "CPU worker threads; 0 = default (FSA_NUM_THREADS or the hardware concurrency).");
