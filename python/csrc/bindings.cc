@@ -37,12 +37,23 @@ using OutArray = nb::ndarray<>;
 std::string dtype_name(const nb::dlpack::dtype& dt) {
   const char* code = "unknown";
   switch (nb::dlpack::dtype_code(dt.code)) {
-    case nb::dlpack::dtype_code::Int: code = "int"; break;
-    case nb::dlpack::dtype_code::UInt: code = "uint"; break;
-    case nb::dlpack::dtype_code::Float: code = "float"; break;
-    case nb::dlpack::dtype_code::Bfloat: code = "bfloat"; break;
-    case nb::dlpack::dtype_code::Complex: code = "complex"; break;
-    case nb::dlpack::dtype_code::Bool: return "bool";
+    case nb::dlpack::dtype_code::Int:
+      code = "int";
+      break;
+    case nb::dlpack::dtype_code::UInt:
+      code = "uint";
+      break;
+    case nb::dlpack::dtype_code::Float:
+      code = "float";
+      break;
+    case nb::dlpack::dtype_code::Bfloat:
+      code = "bfloat";
+      break;
+    case nb::dlpack::dtype_code::Complex:
+      code = "complex";
+      break;
+    case nb::dlpack::dtype_code::Bool:
+      return "bool";
   }
   return std::string(code) + std::to_string(int(dt.bits));
 }
@@ -180,28 +191,31 @@ NB_MODULE(_C, m) {
       "make_plan",
       [](const InArray& query, const InArray& key, const std::optional<InArray>& attn_mask,
          bool is_causal, std::optional<int> block_m, std::optional<int> block_n,
-         const std::optional<InArray>& block_mask) {
+         const std::optional<InArray>& block_mask, uintptr_t stream) {
         const fsa::TensorView q = to_view(query, "query"), k = to_view(key, "key");
         const std::optional<fsa::TensorView> mask = to_view(attn_mask, "attn_mask");
         fsa::PlanOptions options;  // the backend's default tiles unless the caller picks them
         if (block_m) options.block_m = *block_m;
         if (block_n) options.block_n = *block_n;
         options.block_mask = to_view(block_mask, "block_mask");
+        options.stream = to_stream(stream);
         nb::gil_scoped_release release;
         return fsa::make_plan(q, k, mask, is_causal, options);
       },
       nb::arg("query"), nb::arg("key"), nb::arg("attn_mask").none(), nb::arg("is_causal"),
-      nb::arg("block_m").none() = nb::none(), nb::arg("block_n").none() = nb::none(), nb::arg("block_mask").none() = nb::none(),
+      nb::arg("block_m").none() = nb::none(), nb::arg("block_n").none() = nb::none(),
+      nb::arg("block_mask").none() = nb::none(), nb::arg("stream") = 0,
       "Builds the block map for query (B, Sq, H, D), key (B, Sk, Hk, D) (shapes only), an optional "
-      "bool attn_mask, causality, the tile shape and an optional block selection.");
+      "bool attn_mask, causality, the tile shape (None: the backend's default) and an optional "
+      "block selection; a CUDA plan is built on `stream`.");
 
   m.def(
       "forward",
       [](const InArray& query, const InArray& key, const InArray& value,
          const std::optional<InArray>& attn_mask, const std::optional<InArray>& attn_bias,
          const OutArray& out, const std::optional<OutArray>& lse,
-         std::optional<double> softmax_scale, bool is_causal, double softcap,
-         const fsa::Plan* plan, uintptr_t stream) {
+         std::optional<double> softmax_scale, bool is_causal, double softcap, const fsa::Plan* plan,
+         uintptr_t stream) {
         fsa::ForwardArgs a;
         a.query = to_view(query, "query");
         a.key = to_view(key, "key");
@@ -250,10 +264,10 @@ NB_MODULE(_C, m) {
         fsa::backward(a);
       },
       nb::arg("dout"), nb::arg("query"), nb::arg("key"), nb::arg("value"), nb::arg("out"),
-      nb::arg("lse"), nb::arg("attn_mask").none(), nb::arg("attn_bias").none(),
-      nb::arg("dquery"), nb::arg("dkey"), nb::arg("dvalue"), nb::arg("dbias").none(),
-      nb::arg("softmax_scale").none(), nb::arg("is_causal"), nb::arg("softcap"),
-      nb::arg("deterministic"), nb::arg("plan").none(), nb::arg("stream") = 0,
+      nb::arg("lse"), nb::arg("attn_mask").none(), nb::arg("attn_bias").none(), nb::arg("dquery"),
+      nb::arg("dkey"), nb::arg("dvalue"), nb::arg("dbias").none(), nb::arg("softmax_scale").none(),
+      nb::arg("is_causal"), nb::arg("softcap"), nb::arg("deterministic"), nb::arg("plan").none(),
+      nb::arg("stream") = 0,
       "dquery, dkey, dvalue and, when given, dbias (attn_bias's shape) are written in place.");
 
   // Benchmark support: the core's own time per forward call, with no Python in the loop (the
@@ -281,7 +295,8 @@ NB_MODULE(_C, m) {
         "CPU worker threads; 0 = default (FSA_NUM_THREADS or the hardware concurrency).");
   m.def("num_threads", &fsa::num_threads);
 
-  // ---- mask utilities ----------------------------------------------------------------------------
+  // ---- mask utilities
+  // ----------------------------------------------------------------------------
 
   m.def(
       "dynamic_mask_shape",
@@ -294,9 +309,8 @@ NB_MODULE(_C, m) {
 
   m.def(
       "dynamic_mask",
-      [](const InArray& attn_bias, const std::optional<InArray>& attn_mask,
-         const std::string& type, int64_t window_size, double min_value, int64_t block_size,
-         const OutArray& out) {
+      [](const InArray& attn_bias, const std::optional<InArray>& attn_mask, const std::string& type,
+         int64_t window_size, double min_value, int64_t block_size, const OutArray& out) {
         fsa::DynamicMaskArgs a;
         a.attn_bias = to_view(attn_bias, "attention_bias");
         a.attn_mask = to_view(attn_mask, "attention_mask");

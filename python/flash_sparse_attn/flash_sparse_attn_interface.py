@@ -89,7 +89,7 @@ def _dl(t: Optional[_Tensor]):
 
 def _make_plan(q, k, attn_mask, is_causal, block_mask, block_m, block_n):
     return _C.make_plan(
-        _dl(q), _dl(k), _dl(attn_mask), is_causal, block_m, block_n, _dl(block_mask)
+        _dl(q), _dl(k), _dl(attn_mask), is_causal, block_m, block_n, _dl(block_mask), _stream(q)
     )
 
 

@@ -5,8 +5,6 @@
 // and the window_size-th largest key is found by a radix select (three histogram passes over
 // the row for 32-bit floats). No (B, H, Sq, Sk) temporary is built.
 
-#include "fsa/mask.h"
-
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
@@ -19,6 +17,7 @@
 
 #include "core/dtype.h"
 #include "cpu/thread_pool.h"
+#include "fsa/mask.h"
 
 namespace fsa {
 namespace {
@@ -106,9 +105,10 @@ std::array<int64_t, 4> read_strides(const TensorView& t, const std::array<int64_
   return s;
 }
 
-// ---- order-preserving integer keys ---------------------------------------------------------------
-// A float's bits, remapped so that unsigned integer order is the float order; every NaN maps to
-// the largest key, as torch.topk ranks NaN above +inf.
+// ---- order-preserving integer keys
+// --------------------------------------------------------------- A float's bits, remapped so that
+// unsigned integer order is the float order; every NaN maps to the largest key, as torch.topk ranks
+// NaN above +inf.
 
 inline uint32_t order_key(float f) {
   if (std::isnan(f)) return std::numeric_limits<uint32_t>::max();
@@ -159,17 +159,23 @@ Key radix_select(const Key* keys, int64_t n, int64_t k, int64_t* ties_needed) {
   return prefix;
 }
 
-// ---- dtype plumbing --------------------------------------------------------------------------------
+// ---- dtype plumbing
+// --------------------------------------------------------------------------------
 
 // Loads element `offset` of a float tensor as Value (double for float64, float otherwise).
 template <typename Value>
 inline Value load_value(const void* base, DType dtype, int64_t offset) {
   switch (dtype) {
-    case DType::kFloat32: return Value(static_cast<const float*>(base)[offset]);
-    case DType::kBFloat16: return Value(bf16_to_float(static_cast<const uint16_t*>(base)[offset]));
-    case DType::kFloat16: return Value(half_to_float(static_cast<const uint16_t*>(base)[offset]));
-    case DType::kFloat64: return Value(static_cast<const double*>(base)[offset]);
-    case DType::kBool: break;
+    case DType::kFloat32:
+      return Value(static_cast<const float*>(base)[offset]);
+    case DType::kBFloat16:
+      return Value(bf16_to_float(static_cast<const uint16_t*>(base)[offset]));
+    case DType::kFloat16:
+      return Value(half_to_float(static_cast<const uint16_t*>(base)[offset]));
+    case DType::kFloat64:
+      return Value(static_cast<const double*>(base)[offset]);
+    case DType::kBool:
+      break;
   }
   return Value(0);
 }
@@ -188,16 +194,22 @@ float narrow_to_float(double v) {
 template <typename Value>
 Value rounded_fill(double min_value, DType dtype) {
   switch (dtype) {
-    case DType::kFloat64: return Value(min_value);
-    case DType::kFloat32: return Value(narrow_to_float(min_value));
-    case DType::kBFloat16: return Value(bf16_to_float(float_to_bf16(narrow_to_float(min_value))));
-    case DType::kFloat16: return Value(half_to_float(float_to_half(narrow_to_float(min_value))));
-    case DType::kBool: break;
+    case DType::kFloat64:
+      return Value(min_value);
+    case DType::kFloat32:
+      return Value(narrow_to_float(min_value));
+    case DType::kBFloat16:
+      return Value(bf16_to_float(float_to_bf16(narrow_to_float(min_value))));
+    case DType::kFloat16:
+      return Value(half_to_float(float_to_half(narrow_to_float(min_value))));
+    case DType::kBool:
+      break;
   }
   return Value(0);
 }
 
-// ---- block smoothing of one row --------------------------------------------------------------------
+// ---- block smoothing of one row
+// --------------------------------------------------------------------
 
 void smooth_row(uint8_t* row, int64_t stride, int64_t n, int64_t block_size) {
   for (int64_t start = 0; start < n; start += block_size) {
@@ -219,10 +231,12 @@ void for_each_row(const TensorView& t, Fn&& fn) {
   }
   for (int64_t a = 0; a < lead[0]; ++a)
     for (int64_t b = 0; b < lead[1]; ++b)
-      for (int64_t c = 0; c < lead[2]; ++c) fn(a * lead_stride[0] + b * lead_stride[1] + c * lead_stride[2]);
+      for (int64_t c = 0; c < lead[2]; ++c)
+        fn(a * lead_stride[0] + b * lead_stride[1] + c * lead_stride[2]);
 }
 
-// ---- dynamic mask ----------------------------------------------------------------------------------
+// ---- dynamic mask
+// ----------------------------------------------------------------------------------
 
 struct RowGeometry {
   std::array<int64_t, 4> shape;        // output shape
@@ -299,7 +313,8 @@ void dynamic_mask_rows(const DynamicMaskArgs& a, const RowGeometry& g) {
   }
 }
 
-// ---- block selection -------------------------------------------------------------------------------
+// ---- block selection
+// -------------------------------------------------------------------------------
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -336,9 +351,8 @@ void select_blocks_impl(const BlockSelectArgs& a) {
 
     // Block scores over rows [r0, r1) of the bias (one row when it is broadcast over queries).
     auto reduce_rows = [&](int64_t r0, int64_t r1) {
-      s.sum.assign(size_t(n_blocks), a.reduce == BlockReduce::kMax
-                                         ? -std::numeric_limits<double>::infinity()
-                                         : 0.0);
+      s.sum.assign(size_t(n_blocks),
+                   a.reduce == BlockReduce::kMax ? -std::numeric_limits<double>::infinity() : 0.0);
       s.count.assign(size_t(n_blocks), 0);
       for (int64_t r = r0; r < r1; ++r) {
         for (int64_t j = 0; j < sk; ++j) {
@@ -355,10 +369,11 @@ void select_blocks_impl(const BlockSelectArgs& a) {
         }
       }
       for (int64_t n = 0; n < n_blocks; ++n) {
-        s.score[size_t(n)] = a.reduce == BlockReduce::kMax
-                                 ? s.sum[size_t(n)]
-                                 : (s.count[size_t(n)] ? s.sum[size_t(n)] / double(s.count[size_t(n)])
-                                                       : -std::numeric_limits<double>::infinity());
+        s.score[size_t(n)] =
+            a.reduce == BlockReduce::kMax
+                ? s.sum[size_t(n)]
+                : (s.count[size_t(n)] ? s.sum[size_t(n)] / double(s.count[size_t(n)])
+                                      : -std::numeric_limits<double>::infinity());
         if (std::isnan(s.score[size_t(n)])) {
           s.score[size_t(n)] = -std::numeric_limits<double>::infinity();  // +inf + -inf
         }
@@ -409,7 +424,8 @@ void select_blocks_impl(const BlockSelectArgs& a) {
 
 }  // namespace
 
-// ---- public entry points ---------------------------------------------------------------------------
+// ---- public entry points
+// ---------------------------------------------------------------------------
 
 std::array<int64_t, 4> dynamic_mask_shape(const TensorView& attn_bias,
                                           const std::optional<TensorView>& attn_mask) {
@@ -449,7 +465,8 @@ void dynamic_mask(const DynamicMaskArgs& args) {
     fail(ErrorKind::kValue, "block_size",
          "expected a positive integer, got " + str(args.block_size));
   }
-  if (std::isnan(args.min_value)) fail(ErrorKind::kValue, "min_dtype", "expected a number, got NaN");
+  if (std::isnan(args.min_value))
+    fail(ErrorKind::kValue, "min_dtype", "expected a number, got NaN");
   check_cpu(args.out, "out");
   check_bool(args.out, "out");
   check_out_shape(args.out, shape, "(the broadcast of attention_bias and attention_mask)");
@@ -532,16 +549,18 @@ void select_blocks(const BlockSelectArgs& args) {
          "expected query dim 1 or query_len (" + str(args.seqlen_q) + "), got shape " +
              bias.shape_string());
   }
-  if (args.block_m < 1) fail(ErrorKind::kValue, "block_m", "expected >= 1, got " + str(args.block_m));
-  if (args.block_n < 1) fail(ErrorKind::kValue, "block_n", "expected >= 1, got " + str(args.block_n));
+  if (args.block_m < 1)
+    fail(ErrorKind::kValue, "block_m", "expected >= 1, got " + str(args.block_m));
+  if (args.block_n < 1)
+    fail(ErrorKind::kValue, "block_n", "expected >= 1, got " + str(args.block_n));
   if (args.top_k < 0) fail(ErrorKind::kValue, "top_k", "expected >= 0, got " + str(args.top_k));
   check_cpu(args.out, "out");
   check_bool(args.out, "out");
   check_rank(args.out, "out", 4, "(batch, heads, query blocks, key blocks)");
-  const std::array<int64_t, 4> expected{
-      bias.shape[0] == 1 ? args.out.shape[0] : bias.shape[0],
-      bias.shape[1] == 1 ? args.out.shape[1] : bias.shape[1],
-      ceil_div(args.seqlen_q, args.block_m), ceil_div(bias.shape[3], args.block_n)};
+  const std::array<int64_t, 4> expected{bias.shape[0] == 1 ? args.out.shape[0] : bias.shape[0],
+                                        bias.shape[1] == 1 ? args.out.shape[1] : bias.shape[1],
+                                        ceil_div(args.seqlen_q, args.block_m),
+                                        ceil_div(bias.shape[3], args.block_n)};
   check_out_shape(args.out, expected,
                   "(attention_bias's batch and heads, ceil(query_len / block_m), "
                   "ceil(key_len / block_n))");
