@@ -207,6 +207,10 @@ int check() {
       {"bias (1,1,Sq,1) softcap 5 (1,256,256,4,4,64)", 1, 256, 256, 4, 4, 64, true, 0, 3, 5.0f},
       {"decode GQA mask+bias (3,1,1025,32,4,128)", 3, 1, 1025, 32, 4, 128, true, 2, 1, 0},
       {"Sk = 0 (1,64,0,2,2,64)", 1, 64, 0, 2, 2, 64, false, 0, 0, 0},
+      // Few CTAs: split-KV (and, below, GQA packing with per-head bias and per-kv-head mask).
+      {"split causal (1,300,2000,2,2,64)", 1, 300, 2000, 2, 2, 64, true, 0, 0, 0},
+      {"split+pack mask/bias (2,3,700,8,2,64)", 2, 3, 700, 8, 2, 64, true, 1, 2, 0},
+      {"split+pack decode (1,1,4096,16,2,128)", 1, 1, 4096, 16, 2, 128, true, 2, 1, 0},
   };
   int failed = 0;
   for (const Case& c : cases) failed += !run_check(c, rng);

@@ -1,6 +1,7 @@
 // CUDA backend host side: builds the device block map, lowers a validated problem into the
 // kernels' params, and dispatches on (head dim, dtype) — the only place with such switches.
 
+#include <algorithm>
 #include <string>
 
 #include "cuda/check.h"
@@ -57,6 +58,23 @@ void check_rows_aligned(const SeqOperand& op, const char* name, int64_t head_dim
                "that are multiples of 8 elements (got head_dim " + std::to_string(head_dim) +
                "); pad the head dim (e.g. torch.nn.functional.pad) or make the tensor contiguous");
   }
+}
+
+int multiprocessor_count() {
+  int device = 0, count = 0;
+  FSA_CUDA_CHECK(cudaGetDevice(&device));
+  FSA_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return count;
+}
+
+// Split-KV when the grid would not fill the GPU: enough splits for about two CTAs per SM (the
+// kernel runs two per SM), but at least 4 key tiles per split on average so the combine stays
+// cheap relative to the work it merges.
+int choose_splits(int64_t ctas, int64_t n_blocks) {
+  const int64_t target = 2 * int64_t(multiprocessor_count());
+  if (ctas >= target || n_blocks < 8) return 1;
+  const int64_t splits = std::min<int64_t>({(target + ctas - 1) / ctas, n_blocks / 4, 128});
+  return int(std::max<int64_t>(splits, 1));
 }
 
 }  // namespace
@@ -213,6 +231,29 @@ void forward(const ForwardProblem& p, const Plan& plan, void* stream_ptr) {
   }
   fp.is_causal = p.is_causal;
   fp.map = map->params;
+
+  // GQA packing when every query of a kv head's G heads fits one row tile and the plan's lists
+  // are shared by those heads (map heads 1 or Hk).
+  fp.pack_gqa = p.group() > 1 && p.seqlen_q * p.group() <= block_m &&
+                map->params.head_group % p.group() == 0;
+  const int64_t heads = fp.pack_gqa ? p.num_kv_heads : p.num_heads;
+  fp.num_splits = choose_splits(int64_t(map->params.m_blocks) * heads * p.batch,
+                                map->params.n_blocks);
+  struct Workspace {  // stream-ordered pool memory, released after the combine
+    void* ptr = nullptr;
+    cudaStream_t stream;
+    ~Workspace() {
+      if (ptr) cudaFreeAsync(ptr, stream);
+    }
+  } workspace{nullptr, stream};
+  if (fp.num_splits > 1) {
+    const int64_t rows = p.batch * p.num_heads * p.seqlen_q;
+    const size_t o_bytes = size_t(fp.num_splits) * rows * kdim * sizeof(float);
+    const size_t lse_bytes = size_t(fp.num_splits) * rows * sizeof(float);
+    FSA_CUDA_CHECK(cudaMallocAsync(&workspace.ptr, o_bytes + lse_bytes, stream));
+    fp.o_partial = static_cast<float*>(workspace.ptr);
+    fp.lse_partial = reinterpret_cast<float*>(static_cast<uint8_t*>(workspace.ptr) + o_bytes);
+  }
 
   const bool bf16 = p.dtype == DType::kBFloat16;
   switch (kdim) {

@@ -102,71 +102,136 @@ __device__ inline int visible_end(const ForwardParams& p, int i) {
   return min(max(i + p.seqlen_k - p.seqlen_q + 1, 0), p.seqlen_k);
 }
 
+// Row r of a CTA tile: the query row and the query head it belongs to.
+struct RowMap {
+  int row0;      // first flat row of the tile
+  int h;         // the CTA's head (unpacked) or kv head (packed)
+  bool packed;   // rows are (query, head-in-group) pairs
+  int group;
+  __device__ void at(int r, int& i, int& head) const {
+    const int f = row0 + r;
+    if (packed) {
+      i = f / group;
+      head = h * group + f % group;
+    } else {
+      i = f;
+      head = h;
+    }
+  }
+};
+
 template <int kHeadDim, class Elt>
-__global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads)
+__global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads, 2)
     forward_kernel(const __grid_constant__ ForwardParams p) {
   using Tiles = ForwardTiles<kHeadDim>;
   using Smem = SmemTile<kHeadDim>;
   constexpr int kBlockM = Tiles::kBlockM, kBlockN = Tiles::kBlockN, kThreads = Tiles::kThreads;
-  constexpr int kNTiles = kBlockN / 8;   // 8-column score tiles per warp row block
+  constexpr int kRT = Tiles::kRowTiles;  // 16-row mma tiles per warp
+  constexpr int kNTiles = kBlockN / 8;   // 8-column score tiles
   constexpr int kDTiles = kHeadDim / 8;  // 8-column output tiles
+  constexpr int kChunks = kHeadDim / 8;
 
   extern __shared__ __align__(128) uint8_t smem_raw[];
   uint16_t* s_q = reinterpret_cast<uint16_t*>(smem_raw);  // (kBlockM, kHeadDim)
   uint16_t* s_k = s_q + Tiles::kSmemQ;                     // 2 stages of (kBlockN, kHeadDim)
   uint16_t* s_v = s_k + 2 * Tiles::kSmemKV;                // 2 stages of (kBlockN, kHeadDim)
 
-  const int m = p.map.m_blocks - 1 - int(blockIdx.x);  // longest causal rows start first
-  const int h = blockIdx.y, b = blockIdx.z;
-  const int hk = h / p.group;
+  const int split = int(blockIdx.x) % p.num_splits;
+  const int m = p.map.m_blocks - 1 - int(blockIdx.x) / p.num_splits;  // long causal rows first
+  const int h = blockIdx.y, b = blockIdx.z;  // h: query head, or kv head when packed
+  const int hk = p.pack_gqa ? h : h / p.group;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
-  const int row0 = m * kBlockM;
+  const int warp_row0 = warp * 16 * kRT;  // the warp's first row within the tile
+  const RowMap rows{m * kBlockM, h, p.pack_gqa, p.group};
+  const int flat_rows = p.pack_gqa ? p.seqlen_q * p.group : p.seqlen_q;
 
-  // This CTA's block lists.
+  // This CTA's share of its block lists (full blocks first, then partial ones).
+  const int h_map = (p.pack_gqa ? h * p.group : h) / p.map.head_group;
   const int64_t list_row =
-      (int64_t(p.map.map_batch == 1 ? 0 : b) * p.map.map_heads + h / p.map.head_group) *
-          p.map.m_blocks + m;
+      (int64_t(p.map.map_batch == 1 ? 0 : b) * p.map.map_heads + h_map) * p.map.m_blocks + m;
   const int n_full = p.map.full_count[list_row];
-  const int total = n_full + p.map.partial_count[list_row];
+  const int listed = n_full + p.map.partial_count[list_row];
+  const int per_split = (listed + p.num_splits - 1) / p.num_splits;
+  const int it_begin = min(listed, split * per_split);
+  const int it_end = min(listed, it_begin + per_split);
   const int32_t* full_list = p.map.full_index + list_row * p.map.n_blocks;
   const int32_t* partial_list = p.map.partial_index + list_row * p.map.n_blocks;
   auto block_at = [&](int it) { return it < n_full ? full_list[it] : partial_list[it - n_full]; };
 
-  const auto* q = static_cast<const uint16_t*>(p.q) + b * p.q_stride_b + h * p.q_stride_h;
   const auto* k = static_cast<const uint16_t*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h;
   const auto* v = static_cast<const uint16_t*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h;
 
-  load_tile_async<kHeadDim, kBlockM, kThreads>(s_q, q, p.q_stride_s, row0, p.seqlen_q, p.head_dim);
-  if (total > 0) {
-    const int n = block_at(0);
-    load_tile_async<kHeadDim, kBlockN, kThreads>(s_k, k, p.k_stride_s, n * kBlockN, p.seqlen_k,
+  // Q rows (through the row map), zero past the last row and past head_dim.
+  {
+    const auto* q = static_cast<const uint16_t*>(p.q) + b * p.q_stride_b;
+    for (int idx = threadIdx.x; idx < kBlockM * kChunks; idx += kThreads) {
+      const int r = idx / kChunks, c = idx % kChunks;
+      int i, head;
+      rows.at(r, i, head);
+      const bool valid = rows.row0 + r < flat_rows && c * 8 < p.head_dim;
+      const uint16_t* src = q + (valid ? int64_t(i) * p.q_stride_s + head * p.q_stride_h + c * 8 : 0);
+      cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
+          *reinterpret_cast<const cute::uint128_t*>(src),
+          *reinterpret_cast<cute::uint128_t*>(s_q + Smem::offset(r, c)), valid);
+    }
+  }
+  if (it_begin < it_end) {
+    const int n0 = block_at(it_begin);
+    load_tile_async<kHeadDim, kBlockN, kThreads>(s_k, k, p.k_stride_s, n0 * kBlockN, p.seqlen_k,
                                                  p.head_dim);
-    load_tile_async<kHeadDim, kBlockN, kThreads>(s_v, v, p.v_stride_s, n * kBlockN, p.seqlen_k,
+    load_tile_async<kHeadDim, kBlockN, kThreads>(s_v, v, p.v_stride_s, n0 * kBlockN, p.seqlen_k,
                                                  p.head_dim);
   }
   cute::cp_async_fence();
 
-  float o[kDTiles][4];  // (16 rows, kHeadDim) output accumulator of this warp, C layout
+  // The thread's rows: (rt, r) is fragment row g + 8 r of row tile rt. Recomputed where used
+  // (a few integer ops) rather than held in registers, which the accumulators need.
+  auto row_of = [&](int rt, int r, int& i, int& head) {
+    rows.at(warp_row0 + rt * 16 + g + 8 * r, i, head);
+    i = min(i, p.seqlen_q - 1);  // padded rows read row Sq - 1 and are never written
+    head = min(head, p.num_heads - 1);
+  };
+  auto row_valid = [&](int rt, int r) {
+    return rows.row0 + warp_row0 + rt * 16 + g + 8 * r < flat_rows;
+  };
+  float o[kRT][kDTiles][4];  // (16 kRT rows, kHeadDim) output accumulator, C layout
 #pragma unroll
-  for (int d = 0; d < kDTiles; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.0f;
-  // Online softmax state of the thread's two rows (g and g + 8), log2 domain. row_sum is this
-  // thread's partial sum over its columns; the quad's sums are added once at the end.
-  float row_max[2] = {-INFINITY, -INFINITY};
-  float row_sum[2] = {0.0f, 0.0f};
-  const int i_row[2] = {row0 + warp * 16 + g, row0 + warp * 16 + g + 8};
+  for (int rt = 0; rt < kRT; ++rt)
+#pragma unroll
+    for (int d = 0; d < kDTiles; ++d) o[rt][d][0] = o[rt][d][1] = o[rt][d][2] = o[rt][d][3] = 0.0f;
+  // Online softmax state, log2 domain. row_sum is this thread's partial sum over its columns;
+  // the quad's partial sums are added once at the end.
+  float row_max[kRT][2], row_sum[kRT][2];
+#pragma unroll
+  for (int rt = 0; rt < kRT; ++rt) {
+    row_max[rt][0] = row_max[rt][1] = -INFINITY;
+    row_sum[rt][0] = row_sum[rt][1] = 0.0f;
+  }
+  // A query-invariant bias whose head is the same for every row of the tile is loaded once per
+  // column; any other bias per element.
+  const bool bias_rows_shared = p.bias != nullptr && p.bias_stride[2] == 0 &&
+                                (!p.pack_gqa || p.bias_head_group % p.group == 0);
+  auto bias_at = [&](int i, int head, int c) {  // bias(b, head, i, c), column clamped in range
+    const int64_t off = b * p.bias_stride[0] + (head / p.bias_head_group) * p.bias_stride[1] +
+                        int64_t(i) * p.bias_stride[2] +
+                        int64_t(min(c, p.seqlen_k - 1)) * p.bias_stride[3];
+    return p.bias_is_fp32 ? static_cast<const float*>(p.bias)[off] : Elt::to_float(p.bias, off);
+  };
 
-  for (int it = 0; it < total; ++it) {
-    const int n = block_at(it);
+  // Block indices are read one iteration ahead so the prefetch never waits on a global load.
+  int n = it_begin < it_end ? block_at(it_begin) : 0;
+  int n_next = it_begin + 1 < it_end ? block_at(it_begin + 1) : 0;
+  for (int it = it_begin; it < it_end; ++it) {
     const bool partial = it >= n_full;
-    const int stage = it & 1;
-    if (it + 1 < total) {  // prefetch the next K/V tile into the other stage
-      const int nn = block_at(it + 1);
+    const int stage = (it - it_begin) & 1;
+    const int n_after = it + 2 < it_end ? block_at(it + 2) : 0;
+    if (it + 1 < it_end) {  // prefetch the next K/V tile into the other stage
       load_tile_async<kHeadDim, kBlockN, kThreads>(s_k + (stage ^ 1) * Tiles::kSmemKV, k,
-                                                   p.k_stride_s, nn * kBlockN, p.seqlen_k,
+                                                   p.k_stride_s, n_next * kBlockN, p.seqlen_k,
                                                    p.head_dim);
       load_tile_async<kHeadDim, kBlockN, kThreads>(s_v + (stage ^ 1) * Tiles::kSmemKV, v,
-                                                   p.v_stride_s, nn * kBlockN, p.seqlen_k,
+                                                   p.v_stride_s, n_next * kBlockN, p.seqlen_k,
                                                    p.head_dim);
       cute::cp_async_fence();
       cute::cp_async_wait<1>();
@@ -175,148 +240,255 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads)
     }
     __syncthreads();
 
-    // s (16, kBlockN) = q (16, kHeadDim) . k^T
+    // s (16 kRT, kBlockN) = q (16 kRT, kHeadDim) . k^T: each K fragment feeds kRT mma.
     const uint16_t* kt = s_k + stage * Tiles::kSmemKV;
-    float s[kNTiles][4];
+    float s[kRT][kNTiles][4];
 #pragma unroll
-    for (int j = 0; j < kNTiles; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+    for (int rt = 0; rt < kRT; ++rt)
+#pragma unroll
+      for (int j = 0; j < kNTiles; ++j) s[rt][j][0] = s[rt][j][1] = s[rt][j][2] = s[rt][j][3] = 0.0f;
 #pragma unroll
     for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-      uint32_t a[4];
-      ldmatrix_x4(a, s_q + Smem::offset(warp * 16 + lane % 16, kk * 2 + lane / 16));
+      uint32_t a[kRT][4];
+#pragma unroll
+      for (int rt = 0; rt < kRT; ++rt) {
+        ldmatrix_x4(a[rt], s_q + Smem::offset(warp_row0 + rt * 16 + lane % 16, kk * 2 + lane / 16));
+      }
 #pragma unroll
       for (int np = 0; np < kNTiles / 2; ++np) {
         const int mi = lane / 8;
         uint32_t bk[4];
         ldmatrix_x4(bk, kt + Smem::offset(np * 16 + (mi / 2) * 8 + lane % 8, kk * 2 + mi % 2));
-        Elt::mma(s[2 * np], a, bk[0], bk[1]);
-        Elt::mma(s[2 * np + 1], a, bk[2], bk[3]);
+#pragma unroll
+        for (int rt = 0; rt < kRT; ++rt) {
+          Elt::mma(s[rt][2 * np], a[rt], bk[0], bk[1]);
+          Elt::mma(s[rt][2 * np + 1], a[rt], bk[2], bk[3]);
+        }
       }
     }
 
     // Logits in the log2 domain: scale (or softcap), bias, then the drops of a partial tile or
     // of the ragged last key block.
     const int col0 = n * kBlockN;
-    const bool ragged = col0 + kBlockN > p.seqlen_k;
+    if (p.softcap_in != 0.0f) {  // branch outside the element loop: tanhf costs on every path
 #pragma unroll
-    for (int j = 0; j < kNTiles; ++j) {
+      for (int rt = 0; rt < kRT; ++rt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float x = s[j][e];
-        x = p.softcap_in != 0.0f ? tanhf(x * p.softcap_in) * p.softcap_out : x * p.scale_log2;
-        s[j][e] = x;
-      }
+        for (int j = 0; j < kNTiles; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[rt][j][e] = tanhf(s[rt][j][e] * p.softcap_in) * p.softcap_out;
+    } else {
+#pragma unroll
+      for (int rt = 0; rt < kRT; ++rt)
+#pragma unroll
+        for (int j = 0; j < kNTiles; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[rt][j][e] *= p.scale_log2;
     }
-    if (p.bias) {
+    if (bias_rows_shared) {
+      int i0, head0;
+      row_of(0, 0, i0, head0);
 #pragma unroll
       for (int j = 0; j < kNTiles; ++j) {
+        const int c = col0 + j * 8 + 2 * t;
+        const float b0 = bias_at(0, head0, c) * kLog2e;
+        const float b1 = bias_at(0, head0, c + 1) * kLog2e;
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int i = min(i_row[e / 2], p.seqlen_q - 1);
-          const int c = min(col0 + j * 8 + 2 * t + (e & 1), p.seqlen_k - 1);
-          const int64_t off = b * p.bias_stride[0] + (h / p.bias_head_group) * p.bias_stride[1] +
-                              int64_t(i) * p.bias_stride[2] + int64_t(c) * p.bias_stride[3];
-          const float bias = p.bias_is_fp32 ? static_cast<const float*>(p.bias)[off]
-                                            : Elt::to_float(p.bias, off);
-          s[j][e] += bias * kLog2e;
+        for (int rt = 0; rt < kRT; ++rt) {
+          s[rt][j][0] += b0;
+          s[rt][j][1] += b1;
+          s[rt][j][2] += b0;
+          s[rt][j][3] += b1;
         }
       }
+    } else if (p.bias) {
+#pragma unroll
+      for (int rt = 0; rt < kRT; ++rt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          int i, head;
+          row_of(rt, r, i, head);
+#pragma unroll
+          for (int j = 0; j < kNTiles; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              s[rt][j][2 * r + e] += bias_at(i, head, col0 + j * 8 + 2 * t + e) * kLog2e;
+            }
+        }
     }
-    if (partial || ragged) {
-      const int end[2] = {partial ? visible_end(p, i_row[0]) : p.seqlen_k,
-                          partial ? visible_end(p, i_row[1]) : p.seqlen_k};
+    if (partial || col0 + kBlockN > p.seqlen_k) {
       const uint8_t* mask = partial ? p.mask : nullptr;
 #pragma unroll
-      for (int j = 0; j < kNTiles; ++j) {
+      for (int rt = 0; rt < kRT; ++rt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int c = col0 + j * 8 + 2 * t + (e & 1);
-          bool keep = c < end[e / 2];
-          if (keep && mask) {
-            const int i = min(i_row[e / 2], p.seqlen_q - 1);
-            keep = mask[b * p.mask_stride[0] + (h / p.mask_head_group) * p.mask_stride[1] +
-                        int64_t(i) * p.mask_stride[2] + int64_t(c) * p.mask_stride[3]] != 0;
-          }
-          if (!keep) s[j][e] = -INFINITY;
+        for (int r = 0; r < 2; ++r) {
+          int i, head;
+          row_of(rt, r, i, head);
+          const int end = partial ? visible_end(p, i) : p.seqlen_k;
+          const uint8_t* mrow =
+              mask ? mask + b * p.mask_stride[0] + (head / p.mask_head_group) * p.mask_stride[1] +
+                         int64_t(i) * p.mask_stride[2]
+                   : nullptr;
+#pragma unroll
+          for (int j = 0; j < kNTiles; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int c = col0 + j * 8 + 2 * t + e;
+              const bool keep = c < end && (!mrow || mrow[int64_t(c) * p.mask_stride[3]] != 0);
+              if (!keep) s[rt][j][2 * r + e] = -INFINITY;
+            }
         }
-      }
     }
 
     // Online softmax. The -inf guard: while a row has kept nothing its max is -inf and we shift
     // by 0 instead, so dropped entries give exp2(-inf) = 0, never exp2(NaN).
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float tile_max = -INFINITY;
+    for (int rt = 0; rt < kRT; ++rt)
 #pragma unroll
-      for (int j = 0; j < kNTiles; ++j) tile_max = fmaxf(tile_max, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
-      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-      const float new_max = fmaxf(row_max[r], tile_max);
-      const float correction = row_max[r] == -INFINITY ? 0.0f : exp2f(row_max[r] - new_max);
-      row_max[r] = new_max;
-      const float shift = new_max == -INFINITY ? 0.0f : new_max;
-      float sum = 0.0f;
+      for (int r = 0; r < 2; ++r) {
+        float tile_max = -INFINITY;
 #pragma unroll
-      for (int j = 0; j < kNTiles; ++j) {
-        s[j][2 * r] = exp2f(s[j][2 * r] - shift);
-        s[j][2 * r + 1] = exp2f(s[j][2 * r + 1] - shift);
-        sum += s[j][2 * r] + s[j][2 * r + 1];
+        for (int j = 0; j < kNTiles; ++j) {
+          tile_max = fmaxf(tile_max, fmaxf(s[rt][j][2 * r], s[rt][j][2 * r + 1]));
+        }
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+        const float new_max = fmaxf(row_max[rt][r], tile_max);
+        const float correction =
+            row_max[rt][r] == -INFINITY ? 0.0f : exp2f(row_max[rt][r] - new_max);
+        row_max[rt][r] = new_max;
+        const float shift = new_max == -INFINITY ? 0.0f : new_max;
+        float sum = 0.0f;
+#pragma unroll
+        for (int j = 0; j < kNTiles; ++j) {
+          s[rt][j][2 * r] = exp2f(s[rt][j][2 * r] - shift);
+          s[rt][j][2 * r + 1] = exp2f(s[rt][j][2 * r + 1] - shift);
+          sum += s[rt][j][2 * r] + s[rt][j][2 * r + 1];
+        }
+        row_sum[rt][r] = row_sum[rt][r] * correction + sum;
+#pragma unroll
+        for (int d = 0; d < kDTiles; ++d) {
+          o[rt][d][2 * r] *= correction;
+          o[rt][d][2 * r + 1] *= correction;
+        }
       }
-      row_sum[r] = row_sum[r] * correction + sum;
-#pragma unroll
-      for (int d = 0; d < kDTiles; ++d) {
-        o[d][2 * r] *= correction;
-        o[d][2 * r + 1] *= correction;
-      }
-    }
 
-    // o (16, kHeadDim) += p (16, kBlockN) . v (kBlockN, kHeadDim); v read transposed.
+    // o (16 kRT, kHeadDim) += p (16 kRT, kBlockN) . v (kBlockN, kHeadDim); v read transposed,
+    // each V fragment feeding kRT mma.
     const uint16_t* vt = s_v + stage * Tiles::kSmemKV;
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      const uint32_t a[4] = {Elt::pack(s[2 * kk][0], s[2 * kk][1]),
-                             Elt::pack(s[2 * kk][2], s[2 * kk][3]),
-                             Elt::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                             Elt::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      uint32_t a[kRT][4];
+#pragma unroll
+      for (int rt = 0; rt < kRT; ++rt) {
+        a[rt][0] = Elt::pack(s[rt][2 * kk][0], s[rt][2 * kk][1]);
+        a[rt][1] = Elt::pack(s[rt][2 * kk][2], s[rt][2 * kk][3]);
+        a[rt][2] = Elt::pack(s[rt][2 * kk + 1][0], s[rt][2 * kk + 1][1]);
+        a[rt][3] = Elt::pack(s[rt][2 * kk + 1][2], s[rt][2 * kk + 1][3]);
+      }
 #pragma unroll
       for (int dp = 0; dp < kDTiles / 2; ++dp) {
         const int mi = lane / 8;
         uint32_t bv[4];
         ldmatrix_x4_trans(bv, vt + Smem::offset(kk * 16 + (mi % 2) * 8 + lane % 8, dp * 2 + mi / 2));
-        Elt::mma(o[2 * dp], a, bv[0], bv[1]);
-        Elt::mma(o[2 * dp + 1], a, bv[2], bv[3]);
+#pragma unroll
+        for (int rt = 0; rt < kRT; ++rt) {
+          Elt::mma(o[rt][2 * dp], a[rt], bv[0], bv[1]);
+          Elt::mma(o[rt][2 * dp + 1], a[rt], bv[2], bv[3]);
+        }
       }
     }
     __syncthreads();  // this stage is refilled by the next iteration's prefetch
+    n = n_next;
+    n_next = n_after;
   }
 
-  // Normalize and write. A row that kept nothing has sum 0: O = 0 exactly and LSE = -inf.
-  auto* out = static_cast<typename Elt::Storage*>(p.out) + b * p.o_stride_b + h * p.o_stride_h;
+  // Normalize and write: the output, or this split's partial output and LSE. A row that kept
+  // nothing has sum 0: O = 0 exactly and LSE = -inf.
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float sum = row_sum[r];
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    const int i = i_row[r];
-    if (i >= p.seqlen_q) continue;
-    const float inv = sum > 0.0f ? 1.0f / sum : (sum != sum ? sum : 0.0f);
-    auto* orow = out + int64_t(i) * p.o_stride_s;
+  for (int rt = 0; rt < kRT; ++rt)
 #pragma unroll
-    for (int d = 0; d < kDTiles; ++d) {
-      const int c = d * 8 + 2 * t;
-      const float lo = o[d][2 * r] * inv, hi = o[d][2 * r + 1] * inv;
-      if (c + 1 < p.head_dim) {
-        *reinterpret_cast<uint32_t*>(orow + c) = Elt::pack(lo, hi);
-      } else if (c < p.head_dim) {
-        const uint32_t packed = Elt::pack(lo, hi);
-        *reinterpret_cast<uint16_t*>(orow + c) = uint16_t(packed & 0xffffu);
+    for (int r = 0; r < 2; ++r) {
+      float sum = row_sum[rt][r];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      if (!row_valid(rt, r)) continue;
+      int i, head;
+      row_of(rt, r, i, head);
+      const float inv = sum > 0.0f ? 1.0f / sum : (sum != sum ? sum : 0.0f);
+      const float lse = sum > 0.0f ? (row_max[rt][r] + log2f(sum)) * kLn2
+                                   : (sum != sum ? sum : -INFINITY);
+      if (p.num_splits > 1) {
+        const int64_t row = ((int64_t(split) * p.batch + b) * p.num_heads + head) * p.seqlen_q + i;
+        float* orow = p.o_partial + row * kHeadDim;
+#pragma unroll
+        for (int d = 0; d < kDTiles; ++d) {
+          *reinterpret_cast<float2*>(orow + d * 8 + 2 * t) =
+              make_float2(o[rt][d][2 * r] * inv, o[rt][d][2 * r + 1] * inv);
+        }
+        if (t == 0) p.lse_partial[row] = lse;
+        continue;
+      }
+      auto* orow = static_cast<typename Elt::Storage*>(p.out) + b * p.o_stride_b +
+                   int64_t(i) * p.o_stride_s + head * p.o_stride_h;
+#pragma unroll
+      for (int d = 0; d < kDTiles; ++d) {
+        const int c = d * 8 + 2 * t;
+        const uint32_t packed = Elt::pack(o[rt][d][2 * r] * inv, o[rt][d][2 * r + 1] * inv);
+        if (c + 1 < p.head_dim) {
+          *reinterpret_cast<uint32_t*>(orow + c) = packed;
+        } else if (c < p.head_dim) {
+          *reinterpret_cast<uint16_t*>(orow + c) = uint16_t(packed & 0xffffu);
+        }
+      }
+      if (p.lse && t == 0) {
+        p.lse[b * p.lse_stride_b + head * p.lse_stride_h + int64_t(i) * p.lse_stride_s] = lse;
       }
     }
-    if (p.lse && t == 0) {
-      const float lse = sum > 0.0f ? (row_max[r] + log2f(sum)) * kLn2
-                                   : (sum != sum ? sum : -INFINITY);
-      p.lse[b * p.lse_stride_b + h * p.lse_stride_h + int64_t(i) * p.lse_stride_s] = lse;
+}
+
+// Merges the splits of one (b, h, i) row: LSE = log sum_s exp(LSE_s), O = sum_s exp(LSE_s - LSE)
+// O_s. Exact for empty splits (LSE_s = -inf weighs 0) and empty rows (all -inf: O = 0,
+// LSE = -inf). One warp per row, lanes over the head dim.
+template <int kHeadDim, class Elt>
+__global__ void combine_kernel(const __grid_constant__ ForwardParams p) {
+  const int64_t rows = int64_t(p.batch) * p.num_heads * p.seqlen_q;
+  const int64_t row = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  float lse_max = -INFINITY;
+  for (int s = 0; s < p.num_splits; ++s) lse_max = fmaxf(lse_max, p.lse_partial[s * rows + row]);
+  float total = 0.0f;
+  float acc[kHeadDim / 32];
+#pragma unroll
+  for (int d = 0; d < kHeadDim / 32; ++d) acc[d] = 0.0f;
+  if (lse_max != -INFINITY) {
+    for (int s = 0; s < p.num_splits; ++s) {
+      const float w = exp2f((p.lse_partial[s * rows + row] - lse_max) * kLog2e);
+      if (w == 0.0f) continue;
+      total += w;
+      const float* src = p.o_partial + (s * rows + row) * kHeadDim;
+#pragma unroll
+      for (int d = 0; d < kHeadDim / 32; ++d) acc[d] += w * src[d * 32 + lane];
     }
+  }
+  const int i = int(row % p.seqlen_q);
+  const int head = int((row / p.seqlen_q) % p.num_heads);
+  const int b = int(row / (int64_t(p.seqlen_q) * p.num_heads));
+  auto* out = static_cast<typename Elt::Storage*>(p.out) + b * p.o_stride_b +
+              int64_t(i) * p.o_stride_s + head * p.o_stride_h;
+  const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+#pragma unroll
+  for (int d = 0; d < kHeadDim / 32; ++d) {
+    const int c = d * 32 + lane;
+    if (c < p.head_dim) {
+      const uint32_t packed = Elt::pack(acc[d] * inv, 0.0f);
+      *reinterpret_cast<uint16_t*>(out + c) = uint16_t(packed & 0xffffu);
+    }
+  }
+  if (p.lse && lane == 0) {
+    p.lse[b * p.lse_stride_b + head * p.lse_stride_h + int64_t(i) * p.lse_stride_s] =
+        total > 0.0f ? lse_max + logf(total) : (total != total ? total : -INFINITY);
   }
 }
 

@@ -52,6 +52,16 @@ struct ForwardParams {
   float softcap_out;    // c * log2(e) (softcap on), else 0
   bool is_causal;
 
+  // GQA packing: the CTA's rows are (query, head-in-group) pairs of one kv head, row r holding
+  // query r / group of head hk * group + r % group. Used when Sq * group fits one row tile, so K/V
+  // are read once per kv head (decode).
+  bool pack_gqa;
+  // Split-KV: each CTA walks a 1/num_splits share of its list and, when num_splits > 1, writes
+  // normalized partial outputs and their LSE to the workspaces; the combine kernel merges them.
+  int num_splits;
+  float* o_partial;    // (num_splits, B, H, Sq, kernel head dim) fp32
+  float* lse_partial;  // (num_splits, B, H, Sq) fp32
+
   BlockMapParams map;
 };
 

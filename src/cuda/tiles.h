@@ -9,24 +9,31 @@ constexpr int kernel_head_dim(int head_dim) {
   return head_dim <= 64 ? 64 : head_dim <= 128 ? 128 : 256;
 }
 
+// Query rows per warp, in 16-row mma tiles. Two tiles let every K / V fragment read from shared
+// memory feed two mma instead of one (measured on H100: 162 -> see docs/perf.md); at D = 256 the
+// output accumulator of one tile is already 128 fp32 registers per thread, so one tile.
+constexpr int forward_row_tiles(int head_dim) { return kernel_head_dim(head_dim) <= 128 ? 2 : 1; }
+// 4 warps: with ~255 registers per thread two CTAs fit on an SM, so one CTA's loads overlap the
+// other's math.
+constexpr int kForwardWarps = 4;
+constexpr int forward_block_m(int head_dim) {
+  return kForwardWarps * 16 * forward_row_tiles(head_dim);
+}
+// 64 keys per tile: a score fragment of 32 registers per row tile, and the plan's 64-key
+// granularity matches the CPU backend's default.
+constexpr int forward_block_n(int /*head_dim*/) { return 64; }
+
 template <int kHeadDim_>
 struct ForwardTiles {
   static constexpr int kHeadDim = kHeadDim_;
-  // 16 query rows per warp (one mma M tile). 8 warps (128 rows) amortize each K/V tile over many
-  // rows; at D = 256 the output accumulator alone is 128 fp32 registers per thread, so the CTA
-  // keeps 4 warps (64 rows) to stay within the register file without spills.
-  static constexpr int kBlockM = kHeadDim <= 128 ? 128 : 64;
-  // 64 keys per tile: the score fragment is 32 registers per thread, and the plan's 64-key
-  // granularity matches the CPU backend's default.
-  static constexpr int kBlockN = 64;
-  static constexpr int kWarps = kBlockM / 16;
+  static constexpr int kRowTiles = forward_row_tiles(kHeadDim);
+  static constexpr int kWarps = kForwardWarps;
+  static constexpr int kBlockM = kWarps * 16 * kRowTiles;
+  static constexpr int kBlockN = forward_block_n(kHeadDim);
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kSmemQ = kBlockM * kHeadDim;   // elements
   static constexpr int kSmemKV = kBlockN * kHeadDim;  // elements per stage of K (or V)
   static constexpr int kSmemBytes = (kSmemQ + 4 * kSmemKV) * 2;
 };
-
-constexpr int forward_block_m(int head_dim) { return kernel_head_dim(head_dim) <= 128 ? 128 : 64; }
-constexpr int forward_block_n(int /*head_dim*/) { return 64; }
 
 }  // namespace fsa::detail::cuda
