@@ -25,13 +25,7 @@ constexpr uint8_t kSentinel = 0x5a;
 // A valid call: (B, Sq, Sk, H, Hk, D) = (1, 5, 7, 4, 2, 8), fp32, mask (1, Hk, Sq, Sk), bias
 // (1, H, 1, Sk). Each case breaks one thing.
 CaseSpec valid_spec() {
-  CaseSpec spec;
-  spec.batch = 1;
-  spec.seqlen_q = 5;
-  spec.seqlen_k = 7;
-  spec.heads = 4;
-  spec.kv_heads = 2;
-  spec.head_dim = 8;
+  CaseSpec spec = case_spec(DType::kFloat32, 1, 5, 7, 4, 2, 8);
   spec.causal = true;
   spec.mask_shape = Shape4{1, 2, 5, 7};
   spec.bias_shape = Shape4{1, 4, 1, 7};
@@ -88,9 +82,9 @@ std::vector<BadCase> bad_cases() {
            [](auto& a, Scratch&) { a.key.dtype = DType::kBFloat16; }),
       both("ValueDTypeNotQueryDType", "value", ErrorKind::kDType,
            [](auto& a, Scratch&) { a.value.dtype = DType::kBFloat16; }),
-      both("QueryDTypeFloat64", "query", ErrorKind::kDType, [](auto& a, Scratch&) {
-        a.query.dtype = a.key.dtype = a.value.dtype = DType::kFloat64;
-      }),
+      both(
+          "QueryDTypeFloat64", "query", ErrorKind::kDType,
+          [](auto& a, Scratch&) { a.query.dtype = a.key.dtype = a.value.dtype = DType::kFloat64; }),
       both("MaskNotBool", "attn_mask", ErrorKind::kDType,
            [](auto& a, Scratch&) { a.attn_mask->dtype = DType::kFloat32; }),
       both("BiasFp16WithFp32Query", "attn_bias", ErrorKind::kDType,
@@ -98,7 +92,8 @@ std::vector<BadCase> bad_cases() {
       both("BiasBool", "attn_bias", ErrorKind::kDType,
            [](auto& a, Scratch&) { a.attn_bias->dtype = DType::kBool; }),
       // Mismatched devices.
-      both("KeyOnOtherDevice", "key", ErrorKind::kDevice, [](auto& a, Scratch&) { a.key.device = cuda0(); }),
+      both("KeyOnOtherDevice", "key", ErrorKind::kDevice,
+           [](auto& a, Scratch&) { a.key.device = cuda0(); }),
       both("ValueOnOtherDevice", "value", ErrorKind::kDevice,
            [](auto& a, Scratch&) { a.value.device = cuda0(); }),
       both("MaskOnOtherDevice", "attn_mask", ErrorKind::kDevice,
@@ -106,50 +101,76 @@ std::vector<BadCase> bad_cases() {
       both("BiasOnOtherDevice", "attn_bias", ErrorKind::kDevice,
            [](auto& a, Scratch&) { a.attn_bias->device = cuda0(); }),
       // Head counts: H % Hk != 0 (H = 4, Hk = 3).
-      both("KvHeadsNotDividingHeads", "key", ErrorKind::kShape, [](auto& a, Scratch& s) {
-        set_shape(a.key, {1, 7, 3, 8}, s);
-        set_shape(a.value, {1, 7, 3, 8}, s);
-      }),
+      both("KvHeadsNotDividingHeads", "key", ErrorKind::kShape,
+           [](auto& a, Scratch& s) {
+             set_shape(a.key, {1, 7, 3, 8}, s);
+             set_shape(a.value, {1, 7, 3, 8}, s);
+           }),
       // Sizes that do not match.
-      both("KeyBatchNotQueryBatch", "key", ErrorKind::kShape, [](auto& a, Scratch& s) {
-        set_shape(a.key, {2, 7, 2, 8}, s);
-        set_shape(a.value, {2, 7, 2, 8}, s);
-      }),
+      both("KeyBatchNotQueryBatch", "key", ErrorKind::kShape,
+           [](auto& a, Scratch& s) {
+             set_shape(a.key, {2, 7, 2, 8}, s);
+             set_shape(a.value, {2, 7, 2, 8}, s);
+           }),
       both("KeyHeadDimNotQueryHeadDim", "key", ErrorKind::kShape,
-           [](auto& a, Scratch& s) { set_shape(a.key, {1, 7, 2, 16}, s); }),
+           [](auto& a, Scratch& s) {
+             set_shape(a.key, {1, 7, 2, 16}, s);
+           }),
       both("ValueSeqlenNotKeySeqlen", "value", ErrorKind::kShape,
-           [](auto& a, Scratch& s) { set_shape(a.value, {1, 6, 2, 8}, s); }),
+           [](auto& a, Scratch& s) {
+             set_shape(a.value, {1, 6, 2, 8}, s);
+           }),
       // Mask / bias dims that are neither 1 nor the full size (H = 4, Hk = 2, Sq = 5, Sk = 7).
       both("MaskHeads3", "attn_mask", ErrorKind::kShape,
-           [](auto& a, Scratch& s) { set_shape(*a.attn_mask, {1, 3, 5, 7}, s); }),
+           [](auto& a, Scratch& s) {
+             set_shape(*a.attn_mask, {1, 3, 5, 7}, s);
+           }),
       both("MaskBatch2WithBatch1", "attn_mask", ErrorKind::kShape,
-           [](auto& a, Scratch& s) { set_shape(*a.attn_mask, {2, 2, 5, 7}, s); }),
+           [](auto& a, Scratch& s) {
+             set_shape(*a.attn_mask, {2, 2, 5, 7}, s);
+           }),
       both("MaskQueryDim4", "attn_mask", ErrorKind::kShape,
-           [](auto& a, Scratch& s) { set_shape(*a.attn_mask, {1, 2, 4, 7}, s); }),
+           [](auto& a, Scratch& s) {
+             set_shape(*a.attn_mask, {1, 2, 4, 7}, s);
+           }),
       both("MaskKeyDim8", "attn_mask", ErrorKind::kShape,
-           [](auto& a, Scratch& s) { set_shape(*a.attn_mask, {1, 2, 5, 8}, s); }),
+           [](auto& a, Scratch& s) {
+             set_shape(*a.attn_mask, {1, 2, 5, 8}, s);
+           }),
       both("BiasHeads3", "attn_bias", ErrorKind::kShape,
-           [](auto& a, Scratch& s) { set_shape(*a.attn_bias, {1, 3, 1, 7}, s); }),
+           [](auto& a, Scratch& s) {
+             set_shape(*a.attn_bias, {1, 3, 1, 7}, s);
+           }),
       both("BiasKeyDim6", "attn_bias", ErrorKind::kShape,
-           [](auto& a, Scratch& s) { set_shape(*a.attn_bias, {1, 4, 1, 6}, s); }),
+           [](auto& a, Scratch& s) {
+             set_shape(*a.attn_bias, {1, 4, 1, 6}, s);
+           }),
       // Head dim out of range.
-      both("HeadDim0", "query", ErrorKind::kShape, [](auto& a, Scratch& s) {
-        set_shape(a.query, {1, 5, 4, 0}, s);
-        set_shape(a.key, {1, 7, 2, 0}, s);
-        set_shape(a.value, {1, 7, 2, 0}, s);
-      }),
-      both("HeadDim264", "query", ErrorKind::kShape, [](auto& a, Scratch& s) {
-        set_shape(a.query, {1, 5, 4, 264}, s);
-        set_shape(a.key, {1, 7, 2, 264}, s);
-        set_shape(a.value, {1, 7, 2, 264}, s);
-      }),
+      both("HeadDim0", "query", ErrorKind::kShape,
+           [](auto& a, Scratch& s) {
+             set_shape(a.query, {1, 5, 4, 0}, s);
+             set_shape(a.key, {1, 7, 2, 0}, s);
+             set_shape(a.value, {1, 7, 2, 0}, s);
+           }),
+      both("HeadDim264", "query", ErrorKind::kShape,
+           [](auto& a, Scratch& s) {
+             set_shape(a.query, {1, 5, 4, 264}, s);
+             set_shape(a.key, {1, 7, 2, 264}, s);
+             set_shape(a.value, {1, 7, 2, 264}, s);
+           }),
       // Non-contiguous last dim.
       both("QueryLastDimStride2", "query", ErrorKind::kValue,
-           [](auto& a, Scratch& s) { a.query = make_view(s.data(), a.query.dtype, {1, 5, 4, 8}, {320, 64, 16, 2}); }),
+           [](auto& a, Scratch& s) {
+             a.query = make_view(s.data(), a.query.dtype, {1, 5, 4, 8}, {320, 64, 16, 2});
+           }),
       both("KeyLastDimStride2", "key", ErrorKind::kValue,
-           [](auto& a, Scratch& s) { a.key = make_view(s.data(), a.key.dtype, {1, 7, 2, 8}, {224, 32, 16, 2}); }),
+           [](auto& a, Scratch& s) {
+             a.key = make_view(s.data(), a.key.dtype, {1, 7, 2, 8}, {224, 32, 16, 2});
+           }),
       both("ValueLastDimStride2", "value", ErrorKind::kValue,
-           [](auto& a, Scratch& s) { a.value = make_view(s.data(), a.value.dtype, {1, 7, 2, 8}, {224, 32, 16, 2}); }),
+           [](auto& a, Scratch& s) {
+             a.value = make_view(s.data(), a.value.dtype, {1, 7, 2, 8}, {224, 32, 16, 2});
+           }),
       // Scalar options.
       both("SoftmaxScaleNegative", "softmax_scale", ErrorKind::kValue,
            [](auto& a, Scratch&) { a.options.softmax_scale = -0.5f; }),
@@ -159,15 +180,23 @@ std::vector<BadCase> bad_cases() {
            [inf](auto& a, Scratch&) { a.options.softmax_scale = inf; }),
       both("SoftcapNegative", "softcap", ErrorKind::kValue,
            [](auto& a, Scratch&) { a.options.softcap = -1.0f; }),
-      both("SoftcapNaN", "softcap", ErrorKind::kValue, [nan](auto& a, Scratch&) { a.options.softcap = nan; }),
+      both("SoftcapNaN", "softcap", ErrorKind::kValue,
+           [nan](auto& a, Scratch&) { a.options.softcap = nan; }),
       // out (an output of forward, an input of backward).
       both("OutWrongSeqlen", "out", ErrorKind::kShape,
-           [](auto& a, Scratch& s) { set_shape(a.out, {1, 6, 4, 8}, s); }),
+           [](auto& a, Scratch& s) {
+             set_shape(a.out, {1, 6, 4, 8}, s);
+           }),
       both("OutDTypeNotQueryDType", "out", ErrorKind::kDType,
-           [](auto& a, Scratch& s) { a.out = make_view(s.data(), DType::kBFloat16, {1, 5, 4, 8}, {160, 32, 8, 1}); }),
+           [](auto& a, Scratch& s) {
+             a.out = make_view(s.data(), DType::kBFloat16, {1, 5, 4, 8}, {160, 32, 8, 1});
+           }),
       both("OutLastDimStride2", "out", ErrorKind::kValue,
-           [](auto& a, Scratch& s) { a.out = make_view(s.data(), a.out.dtype, {1, 5, 4, 8}, {320, 64, 16, 2}); }),
-      both("OutOnOtherDevice", "out", ErrorKind::kDevice, [](auto& a, Scratch&) { a.out.device = cuda0(); }),
+           [](auto& a, Scratch& s) {
+             a.out = make_view(s.data(), a.out.dtype, {1, 5, 4, 8}, {320, 64, 16, 2});
+           }),
+      both("OutOnOtherDevice", "out", ErrorKind::kDevice,
+           [](auto& a, Scratch&) { a.out.device = cuda0(); }),
   };
 
   // Forward only.
@@ -194,23 +223,30 @@ std::vector<BadCase> bad_cases() {
                 });
   backward_case("BackwardLseNotFp32", "lse", ErrorKind::kDType,
                 [](fsa::BackwardArgs& a, Scratch&) { a.lse.dtype = DType::kBFloat16; });
-  backward_case("DoutWrongShape", "dout", ErrorKind::kShape,
-                [](fsa::BackwardArgs& a, Scratch& s) { set_shape(a.dout, {1, 5, 4, 9}, s); });
+  backward_case("DoutWrongShape", "dout", ErrorKind::kShape, [](fsa::BackwardArgs& a, Scratch& s) {
+    set_shape(a.dout, {1, 5, 4, 9}, s);
+  });
   backward_case("DoutDTypeNotQueryDType", "dout", ErrorKind::kDType,
                 [](fsa::BackwardArgs& a, Scratch&) { a.dout.dtype = DType::kBFloat16; });
   backward_case("DqueryWrongShape", "dquery", ErrorKind::kShape,
-                [](fsa::BackwardArgs& a, Scratch& s) { set_shape(a.dquery, {1, 5, 2, 8}, s); });
+                [](fsa::BackwardArgs& a, Scratch& s) {
+                  set_shape(a.dquery, {1, 5, 2, 8}, s);
+                });
   backward_case("DqueryDTypeNotQueryDType", "dquery", ErrorKind::kDType,
                 [](fsa::BackwardArgs& a, Scratch&) { a.dquery.dtype = DType::kBFloat16; });
-  backward_case("DkeyWrongShape", "dkey", ErrorKind::kShape,
-                [](fsa::BackwardArgs& a, Scratch& s) { set_shape(a.dkey, {1, 7, 4, 8}, s); });
+  backward_case("DkeyWrongShape", "dkey", ErrorKind::kShape, [](fsa::BackwardArgs& a, Scratch& s) {
+    set_shape(a.dkey, {1, 7, 4, 8}, s);
+  });
   backward_case("DvalueDTypeNotValueDType", "dvalue", ErrorKind::kDType,
                 [](fsa::BackwardArgs& a, Scratch&) { a.dvalue.dtype = DType::kBFloat16; });
-  backward_case("DvalueLastDimStride2", "dvalue", ErrorKind::kValue, [](fsa::BackwardArgs& a, Scratch& s) {
-    a.dvalue = make_view(s.data(), a.dvalue.dtype, {1, 7, 2, 8}, {224, 32, 16, 2});
-  });
+  backward_case("DvalueLastDimStride2", "dvalue", ErrorKind::kValue,
+                [](fsa::BackwardArgs& a, Scratch& s) {
+                  a.dvalue = make_view(s.data(), a.dvalue.dtype, {1, 7, 2, 8}, {224, 32, 16, 2});
+                });
   backward_case("DbiasShapeNotBiasShape", "dbias", ErrorKind::kShape,
-                [](fsa::BackwardArgs& a, Scratch& s) { set_shape(*a.dbias, {1, 4, 5, 7}, s); });
+                [](fsa::BackwardArgs& a, Scratch& s) {
+                  set_shape(*a.dbias, {1, 4, 5, 7}, s);
+                });
   backward_case("DbiasDTypeNotBiasDType", "dbias", ErrorKind::kDType,
                 [](fsa::BackwardArgs& a, Scratch&) { a.dbias->dtype = DType::kBFloat16; });
   backward_case("DbiasWithoutBias", "dbias", ErrorKind::kValue,
@@ -264,9 +300,9 @@ TEST_P(BadForwardInput, RaisesNamingTheArgumentAndWritesNothing) {
   expect_rejected([&] { fsa::forward(args); }, c);
   EXPECT_TRUE(call.buffers.out.all_bytes_equal(kSentinel)) << "out was written";
   EXPECT_TRUE(call.buffers.lse.all_bytes_equal(kSentinel)) << "lse was written";
-  EXPECT_TRUE(std::all_of(call.scratch.bytes.begin(), call.scratch.bytes.end(),
-                          [](uint8_t b) { return b == kSentinel; }))
-      << "memory behind a broken view was written";
+  EXPECT_TRUE(std::all_of(call.scratch.bytes.begin(), call.scratch.bytes.end(), [](uint8_t b) {
+    return b == kSentinel;
+  })) << "memory behind a broken view was written";
 }
 
 TEST_P(BadBackwardInput, RaisesNamingTheArgumentAndWritesNothing) {
@@ -275,7 +311,8 @@ TEST_P(BadBackwardInput, RaisesNamingTheArgumentAndWritesNothing) {
   fsa::forward(call.buffers.forward_args(call.options));
   fsa::BackwardArgs args = call.buffers.backward_args(call.options);
   fsa::backward(args);  // the unbroken call is accepted
-  for (HostTensor* t : {&call.buffers.dq, &call.buffers.dk, &call.buffers.dv, &*call.buffers.dbias}) {
+  for (HostTensor* t :
+       {&call.buffers.dq, &call.buffers.dk, &call.buffers.dv, &*call.buffers.dbias}) {
     t->fill_bytes(kSentinel);
   }
   c.backward(args, call.scratch);
@@ -284,17 +321,17 @@ TEST_P(BadBackwardInput, RaisesNamingTheArgumentAndWritesNothing) {
   EXPECT_TRUE(call.buffers.dk.all_bytes_equal(kSentinel)) << "dkey was written";
   EXPECT_TRUE(call.buffers.dv.all_bytes_equal(kSentinel)) << "dvalue was written";
   EXPECT_TRUE(call.buffers.dbias->all_bytes_equal(kSentinel)) << "dbias was written";
-  EXPECT_TRUE(std::all_of(call.scratch.bytes.begin(), call.scratch.bytes.end(),
-                          [](uint8_t b) { return b == kSentinel; }))
-      << "memory behind a broken view was written";
+  EXPECT_TRUE(std::all_of(call.scratch.bytes.begin(), call.scratch.bytes.end(), [](uint8_t b) {
+    return b == kSentinel;
+  })) << "memory behind a broken view was written";
 }
 
-INSTANTIATE_TEST_SUITE_P(SpecSection6, BadForwardInput,
-                         ::testing::ValuesIn(cases_with([](const BadCase& c) { return bool(c.forward); })),
-                         case_name);
-INSTANTIATE_TEST_SUITE_P(SpecSection6, BadBackwardInput,
-                         ::testing::ValuesIn(cases_with([](const BadCase& c) { return bool(c.backward); })),
-                         case_name);
+INSTANTIATE_TEST_SUITE_P(
+    SpecSection6, BadForwardInput,
+    ::testing::ValuesIn(cases_with([](const BadCase& c) { return bool(c.forward); })), case_name);
+INSTANTIATE_TEST_SUITE_P(
+    SpecSection6, BadBackwardInput,
+    ::testing::ValuesIn(cases_with([](const BadCase& c) { return bool(c.backward); })), case_name);
 
 // A plan must describe the call it is passed to.
 TEST(BadPlan, PlanForAnotherProblemRaisesNamingPlan) {
@@ -308,13 +345,14 @@ TEST(BadPlan, PlanForAnotherProblemRaisesNamingPlan) {
   longer.seqlen_q = 6;
   longer.mask_shape = Shape4{1, 2, 6, 7};
   const Problem longer_problem = make_problem(longer);
-  LibraryBuffers longer_buffers(longer_problem, make_inputs(longer, longer_problem), DType::kFloat32,
-                                DType::kFloat32);
+  LibraryBuffers longer_buffers(longer_problem, make_inputs(longer, longer_problem),
+                                DType::kFloat32, DType::kFloat32);
   const std::vector<PlanCase> plans = {
       {"other seqlen_q", fsa::make_plan(longer_buffers.q.view(), longer_buffers.k.view(),
                                         longer_buffers.mask->view(), true)},
       {"not causal", fsa::make_plan(call.buffers.q.view(), call.buffers.k.view(), mask, false)},
-      {"without mask", fsa::make_plan(call.buffers.q.view(), call.buffers.k.view(), std::nullopt, true)},
+      {"without mask",
+       fsa::make_plan(call.buffers.q.view(), call.buffers.k.view(), std::nullopt, true)},
       {"default-constructed", fsa::Plan()},
   };
   for (const PlanCase& pc : plans) {

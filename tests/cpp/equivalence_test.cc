@@ -19,19 +19,6 @@ namespace {
 
 using fsa::DType;
 
-CaseSpec make_spec(DType dtype, int64_t batch, int64_t seqlen_q, int64_t seqlen_k, int64_t heads,
-                   int64_t kv_heads, int64_t head_dim) {
-  CaseSpec spec;
-  spec.dtype = dtype;
-  spec.batch = batch;
-  spec.seqlen_q = seqlen_q;
-  spec.seqlen_k = seqlen_k;
-  spec.heads = heads;
-  spec.kv_heads = kv_heads;
-  spec.head_dim = head_dim;
-  return spec;
-}
-
 // Cases run in fp32 and bf16.
 class SpecCase : public ::testing::TestWithParam<DType> {};
 // Cheap cases, also run in fp16.
@@ -43,22 +30,22 @@ INSTANTIATE_TEST_SUITE_P(CPU, SpecCaseAllDTypes,
                          ::testing::Values(DType::kFloat32, DType::kBFloat16, DType::kFloat16),
                          dtype_param_name);
 
-// ---- 1. (2,512,512,8,8,64) no mask/bias, causal on and off ---------------------------------------
+// ---- 1. (2,512,512,8,8,64) no mask/bias, causal on and off --------------------------------------
 
 TEST_P(SpecCaseAllDTypes, Case01_NoMaskNoBias_NonCausal) {
-  expect_case_matches_reference(make_spec(GetParam(), 2, 512, 512, 8, 8, 64));
+  expect_case_matches_reference(case_spec(GetParam(), 2, 512, 512, 8, 8, 64));
 }
 
 TEST_P(SpecCaseAllDTypes, Case01_NoMaskNoBias_Causal) {
-  CaseSpec spec = make_spec(GetParam(), 2, 512, 512, 8, 8, 64);
+  CaseSpec spec = case_spec(GetParam(), 2, 512, 512, 8, 8, 64);
   spec.causal = true;
   expect_case_matches_reference(spec);
 }
 
-// ---- 2. (2,1024,1024,16,16,128) causal; (1,1024,1024,4,4,256) ------------------------------------
+// ---- 2. (2,1024,1024,16,16,128) causal; (1,1024,1024,4,4,256) -----------------------------------
 
 TEST_P(SpecCase, Case02_D128_Causal) {
-  CaseSpec spec = make_spec(GetParam(), 2, 1024, 1024, 16, 16, 128);
+  CaseSpec spec = case_spec(GetParam(), 2, 1024, 1024, 16, 16, 128);
   spec.causal = true;
   expect_case_matches_reference(spec);
 }
@@ -66,10 +53,10 @@ TEST_P(SpecCase, Case02_D128_Causal) {
 // The SPEC gives no causality for the D = 256 shape; non-causal here, so D = 256 is also covered
 // on fully dense tiles (the causal path at D = 256 runs in case 9's sweep).
 TEST_P(SpecCase, Case02_D256_NonCausal) {
-  expect_case_matches_reference(make_spec(GetParam(), 1, 1024, 1024, 4, 4, 256));
+  expect_case_matches_reference(case_spec(GetParam(), 1, 1024, 1024, 4, 4, 256));
 }
 
-// ---- 3. Trainable-mask path: top-k mask, bias (B,Hk,1,Sk), causal --------------------------------
+// ---- 3. Trainable-mask path: top-k mask, bias (B,Hk,1,Sk), causal -------------------------------
 
 // The top-256 keys by bias per row among the causally visible keys (what create_mask(type="topk",
 // window_size=256) gives with a 4-D causal mask), built here, not through the Python utilities.
@@ -100,7 +87,7 @@ void topk_causal_mask(const Problem& p, const Inputs& in, Rng&, std::vector<uint
 }
 
 TEST_P(SpecCase, Case03_TopkMaskPerKvHead_BiasKvHeadQueryDim1_Causal) {
-  CaseSpec spec = make_spec(GetParam(), 2, 2048, 2048, 8, 2, 128);
+  CaseSpec spec = case_spec(GetParam(), 2, 2048, 2048, 8, 2, 128);
   spec.causal = true;
   spec.bias_shape = Shape4{2, 2, 1, 2048};
   spec.mask_shape = Shape4{2, 2, 2048, 2048};
@@ -108,31 +95,31 @@ TEST_P(SpecCase, Case03_TopkMaskPerKvHead_BiasKvHeadQueryDim1_Causal) {
   expect_case_matches_reference(spec);
 }
 
-// ---- 4. Bias only, query dim 1, GQA 4: (2,1000,1000,8,2,64), causal ------------------------------
+// ---- 4. Bias only, query dim 1, GQA 4: (2,1000,1000,8,2,64), causal -----------------------------
 // 1000 = 15 * 64 + 40: the last query and key tiles are ragged.
 
 TEST_P(SpecCase, Case04_BiasOnlyQueryDim1_Gqa4_Causal) {
-  CaseSpec spec = make_spec(GetParam(), 2, 1000, 1000, 8, 2, 64);
+  CaseSpec spec = case_spec(GetParam(), 2, 1000, 1000, 8, 2, 64);
   spec.causal = true;
   spec.bias_shape = Shape4{2, 8, 1, 1000};
   expect_case_matches_reference(spec);
 }
 
-// ---- 5. Decode with GQA: (3,1,1025,32,4,128), mask and bias (B,Hk,1,Sk), causal ------------------
+// ---- 5. Decode with GQA: (3,1,1025,32,4,128), mask and bias (B,Hk,1,Sk), causal -----------------
 // Sq = 1 with is_causal means "see every key"; 1025 = 16 * 64 + 1 leaves a one-key tail tile.
 
 TEST_P(SpecCaseAllDTypes, Case05_DecodeGqa8_MaskAndBiasPerKvHead_Causal) {
-  CaseSpec spec = make_spec(GetParam(), 3, 1, 1025, 32, 4, 128);
+  CaseSpec spec = case_spec(GetParam(), 3, 1, 1025, 32, 4, 128);
   spec.causal = true;
   spec.mask_shape = Shape4{3, 4, 1, 1025};
   spec.bias_shape = Shape4{3, 4, 1, 1025};
   expect_case_matches_reference(spec);
 }
 
-// ---- 6. Decode, per-head mask with 10% True, bias (1,1,1,Sk): (2,1,4096,16,2,64) -----------------
+// ---- 6. Decode, per-head mask with 10% True, bias (1,1,1,Sk): (2,1,4096,16,2,64) ----------------
 
 TEST_P(SpecCaseAllDTypes, Case06_DecodePerHeadMask10Percent_BiasKeyOnly) {
-  CaseSpec spec = make_spec(GetParam(), 2, 1, 4096, 16, 2, 64);
+  CaseSpec spec = case_spec(GetParam(), 2, 1, 4096, 16, 2, 64);
   spec.mask_shape = Shape4{2, 16, 1, 4096};
   spec.bias_shape = Shape4{1, 1, 1, 4096};
   spec.make_mask = [](const Problem&, const Inputs&, Rng& rng, std::vector<uint8_t>& mask) {
@@ -141,13 +128,13 @@ TEST_P(SpecCaseAllDTypes, Case06_DecodePerHeadMask10Percent_BiasKeyOnly) {
   expect_case_matches_reference(spec);
 }
 
-// ---- 7. Fully masked rows and a fully masked batch: (2,256,256,4,4,64) ---------------------------
+// ---- 7. Fully masked rows and a fully masked batch: (2,256,256,4,4,64) --------------------------
 // Batch 1 is all False; in batch 0, head h has every row i with i % 5 == h all False. The bias is
 // full-shape so dbias must come out exactly 0 on every masked entry. The pass rule's structural
 // checks assert O = 0, LSE = -inf and zero gradients there, and no NaN anywhere.
 
 TEST_P(SpecCaseAllDTypes, Case07_FullyMaskedRowsAndBatch) {
-  CaseSpec spec = make_spec(GetParam(), 2, 256, 256, 4, 4, 64);
+  CaseSpec spec = case_spec(GetParam(), 2, 256, 256, 4, 4, 64);
   spec.mask_shape = Shape4{2, 4, 256, 256};
   spec.bias_shape = Shape4{2, 4, 256, 256};
   spec.make_mask = [](const Problem& p, const Inputs&, Rng& rng, std::vector<uint8_t>& mask) {
@@ -162,12 +149,12 @@ TEST_P(SpecCaseAllDTypes, Case07_FullyMaskedRowsAndBatch) {
   expect_case_matches_reference(spec);
 }
 
-// ---- 8. Block-structured mask: (1,1024,1024,4,4,128) ---------------------------------------------
+// ---- 8. Block-structured mask: (1,1024,1024,4,4,128) --------------------------------------------
 // Per head: each aligned 128x128 tile is all False with probability 1/4; otherwise each of its
 // 64x64 tiles is all False with probability 0.3, else 30% random.
 
 TEST_P(SpecCase, Case08_BlockStructuredMask) {
-  CaseSpec spec = make_spec(GetParam(), 1, 1024, 1024, 4, 4, 128);
+  CaseSpec spec = case_spec(GetParam(), 1, 1024, 1024, 4, 4, 128);
   spec.mask_shape = Shape4{1, 4, 1024, 1024};
   spec.make_mask = [](const Problem& p, const Inputs&, Rng& rng, std::vector<uint8_t>& mask) {
     const int64_t S = p.seqlen_k;
@@ -191,14 +178,14 @@ TEST_P(SpecCase, Case08_BlockStructuredMask) {
   expect_case_matches_reference(spec);
 }
 
-// ---- 9. Head-dim sweep at (1,333,517,4,2,D); D = 264 raises --------------------------------------
+// ---- 9. Head-dim sweep at (1,333,517,4,2,D); D = 264 raises -------------------------------------
 // 333 and 517 are not multiples of any tile size: ragged tiles on both axes. Causal, so Sq < Sk
 // bottom-right alignment is exercised at every D.
 
 TEST_P(SpecCase, Case09_HeadDimSweep_Causal) {
   for (const int64_t d : {8, 20, 40, 50, 72, 100, 130, 200, 224, 256}) {
     SCOPED_TRACE("head_dim " + std::to_string(d));
-    CaseSpec spec = make_spec(GetParam(), 1, 333, 517, 4, 2, d);
+    CaseSpec spec = case_spec(GetParam(), 1, 333, 517, 4, 2, d);
     spec.causal = true;
     expect_case_matches_reference(spec);
   }
@@ -223,11 +210,11 @@ TEST(SpecCaseErrors, Case09_HeadDim264RaisesNamingQuery) {
   EXPECT_TRUE(out.all_bytes_equal(0x5a)) << "out was written before the rejection";
 }
 
-// ---- 10. Broadcast reductions of dbias -----------------------------------------------------------
+// ---- 10. Broadcast reductions of dbias ----------------------------------------------------------
 // 97 is prime (ragged last query tile for every tile size); 130 = 2 * 64 + 2 leaves a two-key tail.
 
 TEST_P(SpecCaseAllDTypes, Case10_Batch1MaskAndBias_DbiasSummedOverBatch) {
-  CaseSpec spec = make_spec(GetParam(), 4, 97, 130, 4, 2, 32);
+  CaseSpec spec = case_spec(GetParam(), 4, 97, 130, 4, 2, 32);
   spec.mask_shape = Shape4{1, 4, 97, 130};
   spec.bias_shape = Shape4{1, 4, 97, 130};
   expect_case_matches_reference(spec);
@@ -236,7 +223,7 @@ TEST_P(SpecCaseAllDTypes, Case10_Batch1MaskAndBias_DbiasSummedOverBatch) {
 // A key-dim-1 bias shifts whole rows, so its exact gradient is 0 (each row of dS sums to 0); the
 // pass rule's small_atol for dbias is relative to sum |dS|, the scale its rounding noise has.
 TEST_P(SpecCaseAllDTypes, Case10_KeyDim1Bias_DbiasKeepsKeyDim1_Causal) {
-  CaseSpec spec = make_spec(GetParam(), 2, 97, 130, 4, 2, 32);
+  CaseSpec spec = case_spec(GetParam(), 2, 97, 130, 4, 2, 32);
   spec.causal = true;
   spec.bias_shape = Shape4{2, 4, 97, 1};
   expect_case_matches_reference(spec);
@@ -244,27 +231,27 @@ TEST_P(SpecCaseAllDTypes, Case10_KeyDim1Bias_DbiasKeepsKeyDim1_Causal) {
 
 // SPEC section 1: the bias may be fp32 whatever the query dtype; dbias comes back in fp32.
 TEST_P(SpecCaseAllDTypes, Case10_Fp32BiasPerKvHead_DbiasInFp32) {
-  CaseSpec spec = make_spec(GetParam(), 2, 97, 130, 4, 2, 32);
+  CaseSpec spec = case_spec(GetParam(), 2, 97, 130, 4, 2, 32);
   spec.bias_shape = Shape4{2, 2, 97, 130};
   spec.bias_dtype = DType::kFloat32;
   spec.mask_shape = Shape4{2, 1, 1, 130};
   expect_case_matches_reference(spec);
 }
 
-// ---- 11. Full (B,H,Sq,Sk) bias, no mask, Sq != Sk: (2,256,384,8,8,64), non-causal ----------------
+// ---- 11. Full (B,H,Sq,Sk) bias, no mask, Sq != Sk: (2,256,384,8,8,64), non-causal ---------------
 
 TEST_P(SpecCaseAllDTypes, Case11_FullBias_SqNotSk_NonCausal) {
-  CaseSpec spec = make_spec(GetParam(), 2, 256, 384, 8, 8, 64);
+  CaseSpec spec = case_spec(GetParam(), 2, 256, 384, 8, 8, 64);
   spec.bias_shape = Shape4{2, 8, 256, 384};
   expect_case_matches_reference(spec);
 }
 
-// ---- 12. softcap in {5, 30} with bias at (1,512,512,4,4,64) --------------------------------------
+// ---- 12. softcap in {5, 30} with bias at (1,512,512,4,4,64) -------------------------------------
 // q is drawn with std 8 so scaled scores reach several times the cap of 5 and ~the cap of 30: the
 // tanh is well into its nonlinear range. Causal for one of the two caps.
 
 TEST_P(SpecCaseAllDTypes, Case12_Softcap5_WithBias) {
-  CaseSpec spec = make_spec(GetParam(), 1, 512, 512, 4, 4, 64);
+  CaseSpec spec = case_spec(GetParam(), 1, 512, 512, 4, 4, 64);
   spec.softcap = 5.0;
   spec.q_std = 8.0;
   spec.bias_shape = Shape4{1, 4, 512, 512};
@@ -272,7 +259,7 @@ TEST_P(SpecCaseAllDTypes, Case12_Softcap5_WithBias) {
 }
 
 TEST_P(SpecCaseAllDTypes, Case12_Softcap30_WithBias_Causal) {
-  CaseSpec spec = make_spec(GetParam(), 1, 512, 512, 4, 4, 64);
+  CaseSpec spec = case_spec(GetParam(), 1, 512, 512, 4, 4, 64);
   spec.softcap = 30.0;
   spec.q_std = 8.0;
   spec.causal = true;
@@ -280,12 +267,12 @@ TEST_P(SpecCaseAllDTypes, Case12_Softcap30_WithBias_Causal) {
   expect_case_matches_reference(spec);
 }
 
-// ---- 13. deterministic: two backward runs bitwise equal at (1,4096,4096,2,1,64) ------------------
+// ---- 13. deterministic: two backward runs bitwise equal at (1,4096,4096,2,1,64) -----------------
 // With a bias (1,1,1,Sk) so dbias reduces over heads and every query row: the reduction most
 // exposed to ordering. No reference needed.
 
 TEST_P(SpecCase, Case13_DeterministicBackwardIsBitwiseReproducible) {
-  CaseSpec spec = make_spec(GetParam(), 1, 4096, 4096, 2, 1, 64);
+  CaseSpec spec = case_spec(GetParam(), 1, 4096, 4096, 2, 1, 64);
   spec.bias_shape = Shape4{1, 1, 1, 4096};
   const Problem p = make_problem(spec);
   const Inputs in = make_inputs(spec, p);
@@ -304,11 +291,11 @@ TEST_P(SpecCase, Case13_DeterministicBackwardIsBitwiseReproducible) {
   EXPECT_TRUE(first.dbias->bytes() == second.dbias->bytes()) << "dbias differs between runs";
 }
 
-// ---- 14. LSE equals the reference; out identical with and without LSE requested ------------------
+// ---- 14. LSE equals the reference; out identical with and without LSE requested -----------------
 // (Every case above also checks the LSE against the reference.)
 
 TEST_P(SpecCaseAllDTypes, Case14_OutIdenticalWithAndWithoutLse_LseMatchesReference) {
-  CaseSpec spec = make_spec(GetParam(), 2, 97, 130, 4, 2, 32);
+  CaseSpec spec = case_spec(GetParam(), 2, 97, 130, 4, 2, 32);
   spec.causal = true;
   spec.mask_shape = Shape4{2, 2, 97, 130};
   spec.bias_shape = Shape4{1, 4, 97, 130};

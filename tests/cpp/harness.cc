@@ -95,8 +95,8 @@ void store_element(void* data, fsa::DType dtype, int64_t index, double value) {
     case fsa::DType::kBFloat16:
     case fsa::DType::kFloat16: {
       const float narrow = static_cast<float>(value);
-      const uint16_t bits = dtype == fsa::DType::kBFloat16 ? float_to_bf16_bits(narrow)
-                                                           : float_to_fp16_bits(narrow);
+      const uint16_t bits =
+          dtype == fsa::DType::kBFloat16 ? float_to_bf16_bits(narrow) : float_to_fp16_bits(narrow);
       std::memcpy(bytes + index * 2, &bits, 2);
       return;
     }
@@ -145,6 +145,19 @@ int64_t HostTensor::numel() const {
   return n;
 }
 
+CaseSpec case_spec(fsa::DType dtype, int64_t batch, int64_t seqlen_q, int64_t seqlen_k,
+                   int64_t heads, int64_t kv_heads, int64_t head_dim) {
+  CaseSpec spec;
+  spec.dtype = dtype;
+  spec.batch = batch;
+  spec.seqlen_q = seqlen_q;
+  spec.seqlen_k = seqlen_k;
+  spec.heads = heads;
+  spec.kv_heads = kv_heads;
+  spec.head_dim = head_dim;
+  return spec;
+}
+
 Problem make_problem(const CaseSpec& spec) {
   Problem p;
   p.batch = spec.batch;
@@ -174,7 +187,8 @@ Inputs make_inputs(const CaseSpec& spec, const Problem& p) {
   in.k = normals(p.kv_numel(), 1.0, spec.dtype);
   in.v = normals(p.kv_numel(), 1.0, spec.dtype);
   in.dout = normals(p.q_numel(), 1.0, spec.dtype);
-  if (p.bias_shape) in.bias = normals(numel(*p.bias_shape), spec.bias_std, spec.resolved_bias_dtype());
+  if (p.bias_shape)
+    in.bias = normals(numel(*p.bias_shape), spec.bias_std, spec.resolved_bias_dtype());
   if (p.mask_shape) {
     in.mask.assign(numel(*p.mask_shape), 0);
     if (spec.make_mask) {
@@ -196,7 +210,9 @@ fsa::AttentionOptions make_options(const CaseSpec& spec) {
 
 namespace {
 
-std::vector<int64_t> to_vector(const Shape4& shape) { return {shape[0], shape[1], shape[2], shape[3]}; }
+std::vector<int64_t> to_vector(const Shape4& shape) {
+  return {shape[0], shape[1], shape[2], shape[3]};
+}
 
 }  // namespace
 
@@ -218,8 +234,7 @@ LibraryBuffers::LibraryBuffers(const Problem& p, const Inputs& in, fsa::DType dt
   }
 }
 
-fsa::ForwardArgs LibraryBuffers::forward_args(const fsa::AttentionOptions& options,
-                                              bool with_lse) {
+fsa::ForwardArgs LibraryBuffers::forward_args(const fsa::AttentionOptions& options, bool with_lse) {
   fsa::ForwardArgs args;
   args.query = q.view();
   args.key = k.view();
@@ -287,12 +302,14 @@ namespace {
 
 std::string describe(const Problem& p, fsa::DType dtype, fsa::DType bias_dtype) {
   std::ostringstream s;
-  s << "(B,Sq,Sk,H,Hk,D)=(" << p.batch << "," << p.seqlen_q << "," << p.seqlen_k << ","
-    << p.heads << "," << p.kv_heads << "," << p.head_dim << ") " << dtype_name(dtype)
+  s << "(B,Sq,Sk,H,Hk,D)=(" << p.batch << "," << p.seqlen_q << "," << p.seqlen_k << "," << p.heads
+    << "," << p.kv_heads << "," << p.head_dim << ") " << dtype_name(dtype)
     << (p.causal ? " causal" : "") << (p.softcap > 0 ? " softcap=" : "");
   if (p.softcap > 0) s << p.softcap;
   auto shape = [&](const char* name, const std::optional<Shape4>& sh) {
-    if (sh) s << " " << name << "(" << (*sh)[0] << "," << (*sh)[1] << "," << (*sh)[2] << "," << (*sh)[3] << ")";
+    if (sh)
+      s << " " << name << "(" << (*sh)[0] << "," << (*sh)[1] << "," << (*sh)[2] << "," << (*sh)[3]
+        << ")";
   };
   shape("mask", p.mask_shape);
   shape("bias", p.bias_shape);

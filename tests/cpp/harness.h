@@ -2,13 +2,13 @@
 // Test harness: deterministic inputs, host buffers in the tested dtype, views for the library,
 // and the SPEC pass rule against the fp64 reference and the naive same-dtype implementation.
 
+#include <gtest/gtest.h>
+
 #include <cstdint>
 #include <functional>
 #include <optional>
 #include <string>
 #include <vector>
-
-#include <gtest/gtest.h>
 
 #include "fsa/fsa.h"
 #include "reference.h"
@@ -45,7 +45,9 @@ class HostTensor {
                                 const std::vector<double>& values);
   static HostTensor from_mask(std::vector<int64_t> shape, const std::vector<uint8_t>& keep);
 
-  fsa::TensorView view() { return make_view(bytes_.data(), dtype_, shape_, contiguous_strides(shape_)); }
+  fsa::TensorView view() {
+    return make_view(bytes_.data(), dtype_, shape_, contiguous_strides(shape_));
+  }
   std::vector<double> to_doubles() const;
   void fill_bytes(uint8_t byte);
   bool all_bytes_equal(uint8_t byte) const;
@@ -86,6 +88,9 @@ struct CaseSpec {
   fsa::DType resolved_bias_dtype() const { return bias_dtype.value_or(dtype); }
 };
 
+// A spec with only the geometry and dtype set; tests fill in the rest.
+CaseSpec case_spec(fsa::DType dtype, int64_t batch, int64_t seqlen_q, int64_t seqlen_k,
+                   int64_t heads, int64_t kv_heads, int64_t head_dim);
 Problem make_problem(const CaseSpec& spec);
 // Inputs drawn in fp64 (q, k, v, dout, bias normal; mask per make_mask), rounded to the dtypes.
 Inputs make_inputs(const CaseSpec& spec, const Problem& problem);

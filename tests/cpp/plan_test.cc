@@ -32,11 +32,14 @@ struct ShapeViews {
   fsa::TensorView query, key;
   explicit ShapeViews(const Geometry& g) {
     query = make_view(row.data(), DType::kFloat32, {g.batch, g.seqlen_q, g.heads, 8}, {0, 0, 0, 1});
-    key = make_view(row.data(), DType::kFloat32, {g.batch, g.seqlen_k, g.kv_heads, 8}, {0, 0, 0, 1});
+    key =
+        make_view(row.data(), DType::kFloat32, {g.batch, g.seqlen_k, g.kv_heads, 8}, {0, 0, 0, 1});
   }
 };
 
-bool causal_keep(const Geometry& g, int64_t i, int64_t j) { return j <= i + g.seqlen_k - g.seqlen_q; }
+bool causal_keep(const Geometry& g, int64_t i, int64_t j) {
+  return j <= i + g.seqlen_k - g.seqlen_q;
+}
 
 enum class Tile : int8_t { kSkipped, kFull, kPartial };
 
@@ -90,15 +93,17 @@ void expect_transposed_lists_consistent(const fsa::Plan& plan, int64_t mb, int64
                                         const std::vector<Tile>& tiles) {
   const fsa::BlockMap& map = plan.map();
   for (int64_t n = 0; n < map.n_blocks; ++n) {
-    for (const auto& [span, kind] : {std::pair{plan.full_query_blocks(mb, mh, n), Tile::kFull},
-                                     std::pair{plan.partial_query_blocks(mb, mh, n), Tile::kPartial}}) {
+    for (const auto& [span, kind] :
+         {std::pair{plan.full_query_blocks(mb, mh, n), Tile::kFull},
+          std::pair{plan.partial_query_blocks(mb, mh, n), Tile::kPartial}}) {
       std::vector<int32_t> expected;
       for (int64_t m = 0; m < map.m_blocks; ++m) {
         if (tiles[m * map.n_blocks + n] == kind) expected.push_back(static_cast<int32_t>(m));
       }
       const std::vector<int32_t> got(span.begin(), span.end());
       EXPECT_EQ(got, expected) << "transposed " << (kind == Tile::kFull ? "full" : "partial")
-                               << " list of key block " << n << ", map (" << mb << ", " << mh << ")";
+                               << " list of key block " << n << ", map (" << mb << ", " << mh
+                               << ")";
     }
   }
 }
@@ -178,7 +183,9 @@ TEST(Plan, CausalBottomRight_SqBelowAndAboveSk_RaggedTiles) {
     const Geometry g{1, sq, sk, 2, 1};
     ShapeViews views(g);
     const fsa::Plan plan = fsa::make_plan(views.query, views.key, std::nullopt, true);
-    const KeepFn keep = [&](int64_t, int64_t, int64_t i, int64_t j) { return causal_keep(g, i, j); };
+    const KeepFn keep = [&](int64_t, int64_t, int64_t i, int64_t j) {
+      return causal_keep(g, i, j);
+    };
     expect_plan_matches(plan, g, keep);
     EXPECT_EQ(plan.map().kept_entries, count_map_kept(plan, g, keep));
     if (sq > sk) {
@@ -199,7 +206,8 @@ TEST(Plan, WholeFalseTilesAreNeverListed_AllTrueTilesAreFull_MixedArePartial) {
     for (int64_t j = 0; j < 256; ++j) {
       const int64_t kind = (i / 64 + j / 64) % 3;
       const bool corner = (i % 64 == 0 && j % 64 == 0);  // guarantees mixed tiles are mixed
-      mask[i * 256 + j] = kind == 1 || (kind == 2 && (corner || (j % 64 != 1 && rng.bernoulli(0.5))));
+      mask[i * 256 + j] =
+          kind == 1 || (kind == 2 && (corner || (j % 64 != 1 && rng.bernoulli(0.5))));
     }
   }
   HostTensor mask_tensor = HostTensor::from_mask({1, 1, 256, 256}, mask);
@@ -215,7 +223,9 @@ TEST(Plan, WholeFalseTilesAreNeverListed_AllTrueTilesAreFull_MixedArePartial) {
       EXPECT_EQ(in_partial, kind == 2) << "tile (" << m << ", " << n << ")";
     }
   }
-  const KeepFn keep = [&](int64_t, int64_t, int64_t i, int64_t j) { return mask[i * 256 + j] != 0; };
+  const KeepFn keep = [&](int64_t, int64_t, int64_t i, int64_t j) {
+    return mask[i * 256 + j] != 0;
+  };
   expect_plan_matches(plan, g, keep);
   EXPECT_EQ(plan.map().kept_entries, count_map_kept(plan, g, keep));
 }
@@ -273,7 +283,8 @@ TEST(Plan, Stride0ExpandedMask_ReadAsBroadcastWithinItsBuffer) {
   const Geometry g{4, 4096, 8192, 16, 4};
   GuardedBytes row(8192);
   ASSERT_NE(row.data(), nullptr);
-  for (int64_t j = 0; j < 8192; ++j) row.data()[j] = (j / 64) % 4 == 1 ? 0 : ((j / 64) % 4 != 2 || j % 2);
+  for (int64_t j = 0; j < 8192; ++j)
+    row.data()[j] = (j / 64) % 4 == 1 ? 0 : ((j / 64) % 4 != 2 || j % 2);
   const fsa::TensorView expanded =
       make_view(row.data(), DType::kBool, {4, 16, 4096, 8192}, {0, 0, 0, 1});
   ShapeViews views(g);
@@ -338,8 +349,8 @@ TEST(Plan, BlockMaskSelection_CombinedWithMaskAndCausal_CustomTileShape) {
   EXPECT_EQ(plan.map().block_m, 32);
   EXPECT_EQ(plan.map().block_n, 48);
   const KeepFn keep = [&](int64_t b, int64_t h, int64_t i, int64_t j) {
-    return selection[(h * mblocks + i / 32) * nblocks + j / 48] != 0 && mask[(b * 150 + i) * 200 + j] != 0 &&
-           causal_keep(g, i, j);
+    return selection[(h * mblocks + i / 32) * nblocks + j / 48] != 0 &&
+           mask[(b * 150 + i) * 200 + j] != 0 && causal_keep(g, i, j);
   };
   expect_plan_matches(plan, g, keep);
   EXPECT_EQ(plan.map().kept_entries, count_map_kept(plan, g, keep));
@@ -366,14 +377,7 @@ TEST(Plan, NegativeTileShapeRaisesNamingIt) {
 TEST(Plan, ForwardAndBackwardFollowACallerPlanWithBlockSelection) {
   for (const DType dtype : {DType::kFloat32, DType::kBFloat16}) {
     SCOPED_TRACE(dtype_name(dtype));
-    CaseSpec spec;
-    spec.dtype = dtype;
-    spec.batch = 2;
-    spec.seqlen_q = 150;
-    spec.seqlen_k = 200;
-    spec.heads = 4;
-    spec.kv_heads = 2;
-    spec.head_dim = 40;
+    CaseSpec spec = case_spec(dtype, 2, 150, 200, 4, 2, 40);
     spec.causal = true;
     spec.mask_shape = Shape4{2, 1, 150, 200};
     spec.bias_shape = Shape4{1, 2, 1, 200};
@@ -393,8 +397,8 @@ TEST(Plan, ForwardAndBackwardFollowACallerPlanWithBlockSelection) {
     plan_options.block_m = 32;
     plan_options.block_n = 48;
     plan_options.block_mask = selection_tensor.view();
-    const fsa::Plan plan =
-        fsa::make_plan(buffers.q.view(), buffers.k.view(), buffers.mask->view(), true, plan_options);
+    const fsa::Plan plan = fsa::make_plan(buffers.q.view(), buffers.k.view(), buffers.mask->view(),
+                                          true, plan_options);
     const fsa::AttentionOptions options = make_options(spec);
     fsa::ForwardArgs forward_args = buffers.forward_args(options);
     forward_args.plan = &plan;
@@ -413,7 +417,8 @@ TEST(Plan, ForwardAndBackwardFollowACallerPlanWithBlockSelection) {
         for (int64_t i = 0; i < 150; ++i) {
           for (int64_t j = 0; j < 200; ++j) {
             effective_in.mask[((b * 4 + h) * 150 + i) * 200 + j] =
-                in.mask[(b * 150 + i) * 200 + j] && selection[(h * mblocks + i / 32) * nblocks + j / 48];
+                in.mask[(b * 150 + i) * 200 + j] &&
+                selection[(h * mblocks + i / 32) * nblocks + j / 48];
           }
         }
       }

@@ -295,7 +295,7 @@ class AttentionLoops {
         w.dbias_magnitude[e] += std::abs(ds_biased);
       }
       const Acc ds = arith_.round(ds_biased);
-      Acc dxs = ds;  // gradient of scale * x
+      Acc dxs = ds;   // gradient of scale * x
       if (cap > 0) {  // dX = dS * (1 - t^2), through s = c * t, t = tanh(u), u = scale * x / c
         const Acc t = w.tanh_value[n];
         const Acc dt = arith_.round(ds * cap);

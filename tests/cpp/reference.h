@@ -26,8 +26,8 @@ int64_t numel(const Shape4& shape);
 
 struct Problem {
   int64_t batch = 1, seqlen_q = 1, seqlen_k = 1, heads = 1, kv_heads = 1, head_dim = 1;
-  bool causal = false;  // bottom-right aligned: key j is visible to row i iff j <= i + Sk - Sq
-  double scale = 1.0;   // the softmax scale actually used (callers resolve the 1/sqrt(D) default)
+  bool causal = false;   // bottom-right aligned: key j is visible to row i iff j <= i + Sk - Sq
+  double scale = 1.0;    // the softmax scale actually used (callers resolve the 1/sqrt(D) default)
   double softcap = 0.0;  // 0 = off
   std::optional<Shape4> mask_shape;
   std::optional<Shape4> bias_shape;

@@ -1,13 +1,14 @@
 // Checks of the test-only references themselves: the library is judged against them, so they get
 // checked against hand-computed values and against finite differences of their own forward.
 
+#include "reference.h"
+
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <limits>
 
 #include "harness.h"
-#include "reference.h"
 #include "test_dtypes.h"
 
 namespace fsa_test {
@@ -16,20 +17,13 @@ namespace {
 // A tiny problem touching every feature: GQA 2, causal with Sq < Sk, softcap, a per-kv-head mask
 // with one all-False row, and a bias broadcast over heads and query rows (so dbias reduces).
 CaseSpec tiny_spec(double softcap, Shape4 bias_shape) {
-  CaseSpec spec;
-  spec.batch = 2;
-  spec.seqlen_q = 5;
-  spec.seqlen_k = 7;
-  spec.heads = 4;
-  spec.kv_heads = 2;
-  spec.head_dim = 3;
+  CaseSpec spec = case_spec(fsa::DType::kFloat64, 2, 5, 7, 4, 2, 3);
   spec.causal = true;
   spec.softcap = softcap;
   spec.softmax_scale = 0.7f;
   spec.q_std = 2.0;
   spec.mask_shape = Shape4{1, 2, 5, 7};
   spec.bias_shape = bias_shape;
-  spec.dtype = fsa::DType::kFloat64;
   spec.make_mask = [](const Problem&, const Inputs&, Rng& rng, std::vector<uint8_t>& mask) {
     for (uint8_t& m : mask) m = rng.bernoulli(0.7) ? 1 : 0;
     for (int j = 0; j < 7; ++j) mask[(1 * 5 + 2) * 7 + j] = 0;  // kv head 1, row 2: empty
@@ -134,17 +128,11 @@ TEST(Reference, HandComputedRows) {
 // The naive implementation sets the pass rule's bound, so its error must be of the order of its
 // dtype: not accidentally exact (a bound too tight) and not garbage (a bound too loose).
 TEST(Reference, NaiveErrorIsOfTheDTypesOrder) {
-  for (const fsa::DType dtype : {fsa::DType::kFloat32, fsa::DType::kBFloat16, fsa::DType::kFloat16}) {
-    CaseSpec spec;
-    spec.batch = 2;
-    spec.seqlen_q = 64;
-    spec.seqlen_k = 96;
-    spec.heads = 4;
-    spec.kv_heads = 2;
-    spec.head_dim = 32;
+  for (const fsa::DType dtype :
+       {fsa::DType::kFloat32, fsa::DType::kBFloat16, fsa::DType::kFloat16}) {
+    CaseSpec spec = case_spec(dtype, 2, 64, 96, 4, 2, 32);
     spec.causal = true;
     spec.bias_shape = Shape4{2, 1, 64, 96};
-    spec.dtype = dtype;
     const Problem p = make_problem(spec);
     const Inputs in = make_inputs(spec, p);
     const Outputs ref = reference_attention(p, in, true);
@@ -152,9 +140,12 @@ TEST(Reference, NaiveErrorIsOfTheDTypesOrder) {
     const double unit = dtype == fsa::DType::kFloat32   ? 0x1.0p-24
                         : dtype == fsa::DType::kFloat16 ? 0x1.0p-11
                                                         : 0x1.0p-8;
-    const std::vector<std::pair<const char*, std::pair<const std::vector<double>*, const std::vector<double>*>>>
-        tensors = {{"out", {&ref.out, &naive.out}}, {"dq", {&ref.dq, &naive.dq}},
-                   {"dk", {&ref.dk, &naive.dk}},    {"dv", {&ref.dv, &naive.dv}},
+    const std::vector<
+        std::pair<const char*, std::pair<const std::vector<double>*, const std::vector<double>*>>>
+        tensors = {{"out", {&ref.out, &naive.out}},
+                   {"dq", {&ref.dq, &naive.dq}},
+                   {"dk", {&ref.dk, &naive.dk}},
+                   {"dv", {&ref.dv, &naive.dv}},
                    {"dbias", {&ref.dbias, &naive.dbias}}};
     for (const auto& [name, pair] : tensors) {
       double err = 0.0, scale = 0.0;

@@ -1,5 +1,7 @@
 // The tests' own fp32 <-> bf16 / fp16 conversions: every other test relies on them.
 
+#include "test_dtypes.h"
+
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -7,7 +9,6 @@
 #include <limits>
 
 #include "harness.h"
-#include "test_dtypes.h"
 
 namespace fsa_test {
 namespace {
@@ -31,9 +32,9 @@ TEST(TestDTypes, Bf16RoundsToNearestEven) {
 TEST(TestDTypes, Fp16RoundsToNearestEvenWithSubnormalsAndOverflow) {
   EXPECT_EQ(float_to_fp16_bits(1.0f), 0x3c00);
   EXPECT_EQ(float_to_fp16_bits(-2.0f), 0xc000);
-  EXPECT_EQ(float_to_fp16_bits(65504.0f), 0x7bff);   // largest finite
-  EXPECT_EQ(float_to_fp16_bits(65519.0f), 0x7bff);   // below the tie
-  EXPECT_EQ(float_to_fp16_bits(65520.0f), 0x7c00);   // tie with odd 65504: rounds to inf
+  EXPECT_EQ(float_to_fp16_bits(65504.0f), 0x7bff);    // largest finite
+  EXPECT_EQ(float_to_fp16_bits(65519.0f), 0x7bff);    // below the tie
+  EXPECT_EQ(float_to_fp16_bits(65520.0f), 0x7c00);    // tie with odd 65504: rounds to inf
   EXPECT_EQ(float_to_fp16_bits(0x1.0p-14f), 0x0400);  // smallest normal
   EXPECT_EQ(float_to_fp16_bits(0x1.0p-24f), 0x0001);  // smallest subnormal
   EXPECT_EQ(float_to_fp16_bits(0x1.0p-25f), 0x0000);  // tie between 0 (even) and 2^-24
@@ -65,8 +66,8 @@ TEST(TestDTypes, EveryBf16AndFp16ValueRoundTrips) {
 TEST(TestDTypes, RoundingPicksTheNearestNeighbour) {
   Rng rng(7);
   for (int n = 0; n < 200000; ++n) {
-    const float x = static_cast<float>(std::ldexp(2.0 * rng.uniform() - 1.0,
-                                                  static_cast<int>(rng.next() % 44) - 28));
+    const float x = static_cast<float>(
+        std::ldexp(2.0 * rng.uniform() - 1.0, static_cast<int>(rng.next() % 44) - 28));
     for (const fsa::DType dtype : {fsa::DType::kBFloat16, fsa::DType::kFloat16}) {
       const bool bf16 = dtype == fsa::DType::kBFloat16;
       const uint16_t bits = bf16 ? float_to_bf16_bits(x) : float_to_fp16_bits(x);
@@ -77,7 +78,8 @@ TEST(TestDTypes, RoundingPicksTheNearestNeighbour) {
       // Neighbours in magnitude (same sign): bits +- 1 within the finite range.
       for (const int step : {-1, 1}) {
         const uint16_t magnitude = bits & 0x7fff;
-        if ((step < 0 && magnitude == 0) || (magnitude + step) >= (bf16 ? 0x7f80 : 0x7c00)) continue;
+        if ((step < 0 && magnitude == 0) || (magnitude + step) >= (bf16 ? 0x7f80 : 0x7c00))
+          continue;
         const auto neighbour = static_cast<uint16_t>(bits + step);
         const double other = std::abs(value(neighbour) - x);
         ASSERT_LE(got, other) << x;
