@@ -12,6 +12,8 @@
 
 #include "test_dtypes.h"
 
+void fsa::PrintTo(fsa::DType dtype, std::ostream* os) { *os << fsa_test::dtype_name(dtype); }
+
 namespace fsa_test {
 
 uint64_t Rng::next() {

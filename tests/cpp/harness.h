@@ -7,11 +7,17 @@
 #include <cstdint>
 #include <functional>
 #include <optional>
+#include <ostream>
 #include <string>
 #include <vector>
 
 #include "fsa/fsa.h"
 #include "reference.h"
+
+namespace fsa {
+// gtest prints dtype-parameterized tests' parameter with this (ADL finds it in fsa).
+void PrintTo(DType dtype, std::ostream* os);
+}  // namespace fsa
 
 namespace fsa_test {
 
