@@ -4,8 +4,8 @@
 // offsets past 2^32 (64-bit indexing).
 //
 // Odd sizes, each on purpose: Sq = 17 and Sk = 17 are smaller than one tile and prime (a single
-// ragged tile); 97 is prime (ragged last tile for every tile size); 130 = 2 * 64 + 2 leaves a
-// two-key tail tile; Sk = 0 makes every row empty.
+// ragged tile); 97 is prime (a ragged last tile for any power-of-two tile); 130 = 2 * 64 + 2
+// leaves a two-key tail tile; Sk = 0 makes every row empty.
 
 #include <gtest/gtest.h>
 #include <sys/mman.h>
@@ -302,10 +302,6 @@ class StridedTensor {
   void store(const std::vector<double>& compact) {
     for (int64_t e = 0; e < numel(); ++e) store_element(data(), dtype_, offset(e), compact[e]);
   }
-  void store_mask(const std::vector<uint8_t>& compact) {
-    for (int64_t e = 0; e < numel(); ++e)
-      store_element(data(), dtype_, offset(e), compact[e] ? 1.0 : 0.0);
-  }
   std::vector<double> load() const {
     std::vector<double> compact(numel());
     for (int64_t e = 0; e < numel(); ++e) compact[e] = load_element(data(), dtype_, offset(e));
@@ -324,13 +320,15 @@ class StridedTensor {
 
 std::vector<int64_t> shape_of(const Shape4& s) { return {s[0], s[1], s[2], s[3]}; }
 
-// Runs forward + backward with every tensor in the layout `layout(name, shape)` gives, returns
-// the outputs in compact order. `layout` returns the strides for a tensor of `shape`.
+// Where run_strided puts each tensor: strides(name, shape) gives the strides of the tensor the
+// library calls `name`; sparse maps the storage with MAP_NORESERVE instead of allocating it.
 struct Layouts {
   std::function<std::vector<int64_t>(const std::string&, const std::vector<int64_t>&)> strides;
   bool sparse = false;
 };
 
+// Forward + backward with every tensor laid out as `layouts` says; the outputs come back in
+// compact order, or nullopt with the reason when the storage could not be mapped.
 std::optional<Outputs> run_strided(const Problem& p, const Inputs& in, DType dtype,
                                    const fsa::AttentionOptions& options, const Layouts& layouts,
                                    std::string* why_not) {
@@ -365,7 +363,7 @@ std::optional<Outputs> run_strided(const Problem& p, const Inputs& in, DType dty
   k->store(in.k);
   v->store(in.v);
   dout->store(in.dout);
-  if (mask) mask->store_mask(in.mask);
+  if (mask) mask->store(std::vector<double>(in.mask.begin(), in.mask.end()));
   if (bias) bias->store(in.bias);
 
   fsa::ForwardArgs f;

@@ -8,11 +8,9 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
-#include <cstring>
 #include <numeric>
 
 #include "harness.h"
-#include "test_dtypes.h"
 
 namespace fsa_test {
 namespace {
@@ -211,7 +209,8 @@ TEST(SpecCaseErrors, Case09_HeadDim264RaisesNamingQuery) {
 }
 
 // ---- 10. Broadcast reductions of dbias ----------------------------------------------------------
-// 97 is prime (ragged last query tile for every tile size); 130 = 2 * 64 + 2 leaves a two-key tail.
+// 97 is prime (a ragged last query tile for any power-of-two tile); 130 = 2 * 64 + 2 leaves a
+// two-key tail tile.
 
 TEST_P(SpecCaseAllDTypes, Case10_Batch1MaskAndBias_DbiasSummedOverBatch) {
   CaseSpec spec = case_spec(GetParam(), 4, 97, 130, 4, 2, 32);
