@@ -56,9 +56,13 @@ struct PlanOptions {
   // need their own (a mismatched plan is rejected with the expected shape).
   int block_m = 0;  // tile rows (queries)
   int block_n = 0;  // tile columns (keys)
-  // Optional caller-supplied block selection, bool (B|1, H|Hk|1, ceil(Sq/block_m), ceil(Sk/block_n)):
-  // a tile whose entry is False is never visited. It is combined (AND) with attn_mask and causality.
+  // Optional caller-supplied block selection, bool (B|1, H|Hk|1, ceil(Sq/sel_m), ceil(Sk/sel_n))
+  // over selection tiles of sel_m x sel_n: a tile whose entry is False is never visited. It is
+  // combined (AND) with attn_mask and causality. Selection tiles are whole multiples of the plan's
+  // tiles (e.g. 128 x 128 selections for 128 x 64 CUDA tiles); 0 = the plan's tile.
   std::optional<TensorView> block_mask;
+  int block_mask_m = 0;  // sel_m
+  int block_mask_n = 0;  // sel_n
   void* stream = nullptr;  // cudaStream_t on which a CUDA plan is built; ignored on the CPU
 };
 

@@ -15,7 +15,7 @@ namespace {
 std::shared_ptr<const DeviceBlockMap> make_device_plan(const Geometry&,
                                                        const std::optional<BroadcastOperand>&,
                                                        const std::optional<BroadcastOperand>&,
-                                                       bool, const BlockMap&, void*) {
+                                                       int, int, bool, const BlockMap&, void*) {
   unavailable();
 }
 DevicePlanStats device_plan_stats(const DeviceBlockMap&) { unavailable(); }

@@ -162,6 +162,13 @@ Plan make_plan(const TensorView& query, const TensorView& key,
   }
   const int64_t m_blocks = ceil_div(g.seqlen_q, block_m);
   const int64_t n_blocks = ceil_div(g.seqlen_k, block_n);
+  const int sel_m = options.block_mask_m != 0 ? options.block_mask_m : block_m;
+  const int sel_n = options.block_mask_n != 0 ? options.block_mask_n : block_n;
+  if (sel_m < 1 || sel_n < 1) {
+    throw Error(ErrorKind::kValue, "block_mask_m",
+                "expected selection tiles >= 1 (0 = the plan's), got " + std::to_string(sel_m) +
+                    "x" + std::to_string(sel_n));
+  }
 
   std::optional<BroadcastOperand> mask, selection;
   if (attn_mask) {
@@ -186,7 +193,14 @@ Plan make_plan(const TensorView& query, const TensorView& key,
                   "expected device " + to_string(query.device) + " (the query's), got " +
                       to_string(options.block_mask->device));
     }
-    selection = detail::validate_broadcast(*options.block_mask, "block_mask", g, m_blocks, n_blocks);
+    if (sel_m % block_m != 0 || sel_n % block_n != 0) {
+      throw Error(ErrorKind::kValue, "block_mask",
+                  "selection tiles " + std::to_string(sel_m) + "x" + std::to_string(sel_n) +
+                      " must be whole multiples of the plan's tiles " + std::to_string(block_m) +
+                      "x" + std::to_string(block_n) + " (set PlanOptions block_mask_m/_n)");
+    }
+    selection = detail::validate_broadcast(*options.block_mask, "block_mask", g,
+                                           ceil_div(g.seqlen_q, sel_m), ceil_div(g.seqlen_k, sel_n));
   }
 
   auto map = std::make_shared<BlockMap>();
@@ -217,7 +231,8 @@ Plan make_plan(const TensorView& query, const TensorView& key,
   plan.has_mask_ = attn_mask.has_value();
   plan.device_ = query.device;
   if (on_cuda) {
-    plan.device_map_ = detail::cuda::make_device_plan(g, mask, selection, is_causal, *map,
+    plan.device_map_ = detail::cuda::make_device_plan(g, mask, selection, sel_m / block_m,
+                                                      sel_n / block_n, is_causal, *map,
                                                       options.stream);
     plan.map_ = std::move(map);
     return plan;
@@ -235,11 +250,11 @@ Plan make_plan(const TensorView& query, const TensorView& key,
       counter.select(b, h_query);
       for (int64_t m = 0; m < m_blocks; ++m) {
         const int64_t row = (b * map->heads + h) * m_blocks + m;
-        if (selection) {
+        if (selection) {  // plan tile (m, n) lies in selection tile (m / ratio_m, n / ratio_n)
           const auto* sel = static_cast<const uint8_t*>(selection->data) +
-                            selection->offset(b, h_query, m, 0);
+                            selection->offset(b, h_query, m / (sel_m / block_m), 0);
           for (int64_t n = 0; n < n_blocks; ++n) {
-            selected[size_t(n)] = sel[n * selection->read_stride[3]] != 0;
+            selected[size_t(n)] = sel[(n / (sel_n / block_n)) * selection->read_stride[3]] != 0;
           }
         }
         counter.count(m, selected, counts);

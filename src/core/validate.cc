@@ -68,6 +68,7 @@ void check_contiguous_last_dim(const TensorView& t, const char* name) {
 // Outputs must not alias themselves: a zero stride on a dim of size > 1 would write one element
 // from several places.
 void check_writable(const TensorView& t, const char* name) {
+  if (t.numel() == 0) return;  // nothing is written
   for (int d = 0; d < t.rank; ++d) {
     if (t.shape[d] > 1 && t.stride[d] == 0) {
       fail(ErrorKind::kValue, name,

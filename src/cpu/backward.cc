@@ -147,9 +147,12 @@ class Backward {
         for (int64_t c = 0; c < tile.cols; ++c) sr[c] = dr[c] = 0.0f;
         continue;
       }
+      // A dropped entry (logit -inf) has P = 0 and dS = 0 exactly, even when its row's LSE or
+      // its key's value is NaN: in exact math it contributes nothing (SPEC section 2).
       for (int64_t c = 0; c < tile.cols; ++c) {
-        sr[c] = fast_exp2(sr[c] - lse2);   // P
-        dr[c] = sr[c] * (dr[c] - rd);      // dS = P * (dP - rowdot)
+        const bool kept = sr[c] != kNegInf;
+        sr[c] = kept ? fast_exp2(sr[c] - lse2) : 0.0f;  // P
+        dr[c] = kept ? sr[c] * (dr[c] - rd) : 0.0f;     // dS = P * (dP - rowdot)
       }
     }
   }

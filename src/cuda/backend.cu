@@ -81,8 +81,8 @@ int choose_splits(int64_t ctas, int64_t n_blocks) {
 
 std::shared_ptr<const DeviceBlockMap> make_device_plan(
     const Geometry& g, const std::optional<BroadcastOperand>& mask,
-    const std::optional<BroadcastOperand>& selection, bool is_causal, const BlockMap& extents,
-    void* stream_ptr) {
+    const std::optional<BroadcastOperand>& selection, int sel_ratio_m, int sel_ratio_n,
+    bool is_causal, const BlockMap& extents, void* stream_ptr) {
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   auto map = std::make_shared<DeviceBlockMap>();
   map->stream = stream;
@@ -145,6 +145,8 @@ std::shared_ptr<const DeviceBlockMap> make_device_plan(
     pp.selection = static_cast<const uint8_t*>(selection->data);
     fill_strides(pp.sel_stride, *selection);
     pp.sel_head_group = int(selection->head_group);
+    pp.sel_ratio_m = sel_ratio_m;
+    pp.sel_ratio_n = sel_ratio_n;
   }
   pp.seqlen_q = int(g.seqlen_q);
   pp.seqlen_k = int(g.seqlen_k);

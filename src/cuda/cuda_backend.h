@@ -17,11 +17,12 @@ struct DevicePlanStats {
 };
 
 // Builds the block map on the device of the mask / query, asynchronously on `stream`. `extents`
-// carries the map's batch, heads, blocks and tile shape.
+// carries the map's batch, heads, blocks and tile shape; a selection tile spans
+// sel_ratio_m x sel_ratio_n plan tiles.
 std::shared_ptr<const DeviceBlockMap> make_device_plan(
     const Geometry& g, const std::optional<BroadcastOperand>& mask,
-    const std::optional<BroadcastOperand>& selection, bool is_causal, const BlockMap& extents,
-    void* stream);
+    const std::optional<BroadcastOperand>& selection, int sel_ratio_m, int sel_ratio_n,
+    bool is_causal, const BlockMap& extents, void* stream);
 
 // Waits for the planning kernels and reads the plan's counters.
 DevicePlanStats device_plan_stats(const DeviceBlockMap& map);

@@ -73,6 +73,7 @@ struct PlanParams {
   const uint8_t* selection;  // block selection (…, m_blocks, n_blocks) or null
   int64_t sel_stride[4];
   int sel_head_group;
+  int sel_ratio_m, sel_ratio_n;  // plan tiles per selection tile along queries / keys
   int seqlen_q, seqlen_k;
   bool is_causal;
   uint8_t* tile_class;       // (rows, n_blocks): 0 skipped, 1 partial, 2 full

@@ -51,7 +51,8 @@ __global__ void __launch_bounds__(kPlanThreads) classify_kernel(const __grid_con
     bool selected = c0 < last_end;
     if (selected && p.selection) {
       selected = p.selection[mb * p.sel_stride[0] + (hq / p.sel_head_group) * p.sel_stride[1] +
-                             int64_t(m) * p.sel_stride[2] + int64_t(n) * p.sel_stride[3]] != 0;
+                             int64_t(m / p.sel_ratio_m) * p.sel_stride[2] +
+                             int64_t(n / p.sel_ratio_n) * p.sel_stride[3]] != 0;
     }
     long long kept = 0;
     if (selected) {

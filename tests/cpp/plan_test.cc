@@ -427,5 +427,38 @@ TEST(Plan, ForwardAndBackwardFollowACallerPlanWithBlockSelection) {
   }
 }
 
+// A selection over coarser tiles than the plan's (here 2 x 3 plan tiles each) keeps or drops
+// whole groups of plan tiles; a selection tile that is not a whole multiple is an error naming
+// block_mask.
+TEST(Plan, BlockMaskSelection_CoarserSelectionTilesThanPlanTiles) {
+  const Geometry g{1, 130, 300, 2, 1};
+  fsa::PlanOptions options;
+  options.block_m = 32;
+  options.block_n = 32;
+  options.block_mask_m = 64;
+  options.block_mask_n = 96;
+  const int64_t sel_m = 3, sel_n = 4;  // ceil(130 / 64), ceil(300 / 96)
+  Rng rng(21);
+  std::vector<uint8_t> selection(2 * sel_m * sel_n);
+  for (uint8_t& s : selection) s = rng.bernoulli(0.5);
+  HostTensor selection_tensor = HostTensor::from_mask({1, 2, sel_m, sel_n}, selection);
+  options.block_mask = selection_tensor.view();
+  ShapeViews views(g);
+  const fsa::Plan plan = fsa::make_plan(views.query, views.key, std::nullopt, true, options);
+  const KeepFn keep = [&](int64_t, int64_t h, int64_t i, int64_t j) {
+    return selection[(h * sel_m + i / 64) * sel_n + j / 96] != 0 && causal_keep(g, i, j);
+  };
+  expect_plan_matches(plan, g, keep);
+  EXPECT_EQ(plan.map().kept_entries, count_map_kept(plan, g, keep));
+
+  options.block_mask_n = 48;  // not a multiple of 32
+  try {
+    fsa::make_plan(views.query, views.key, std::nullopt, true, options);
+    ADD_FAILURE() << "expected fsa::Error for a selection tile that is not a multiple";
+  } catch (const fsa::Error& e) {
+    EXPECT_EQ(e.argument(), "block_mask") << e.what();
+  }
+}
+
 }  // namespace
 }  // namespace fsa_test
