@@ -191,23 +191,28 @@ NB_MODULE(_C, m) {
       "make_plan",
       [](const InArray& query, const InArray& key, const std::optional<InArray>& attn_mask,
          bool is_causal, std::optional<int> block_m, std::optional<int> block_n,
-         const std::optional<InArray>& block_mask, uintptr_t stream) {
+         const std::optional<InArray>& block_mask, std::optional<int> block_mask_m,
+         std::optional<int> block_mask_n, uintptr_t stream) {
         const fsa::TensorView q = to_view(query, "query"), k = to_view(key, "key");
         const std::optional<fsa::TensorView> mask = to_view(attn_mask, "attn_mask");
         fsa::PlanOptions options;  // the backend's default tiles unless the caller picks them
         if (block_m) options.block_m = *block_m;
         if (block_n) options.block_n = *block_n;
         options.block_mask = to_view(block_mask, "block_mask");
+        if (block_mask_m) options.block_mask_m = *block_mask_m;
+        if (block_mask_n) options.block_mask_n = *block_mask_n;
         options.stream = to_stream(stream);
         nb::gil_scoped_release release;
         return fsa::make_plan(q, k, mask, is_causal, options);
       },
       nb::arg("query"), nb::arg("key"), nb::arg("attn_mask").none(), nb::arg("is_causal"),
       nb::arg("block_m").none() = nb::none(), nb::arg("block_n").none() = nb::none(),
-      nb::arg("block_mask").none() = nb::none(), nb::arg("stream") = 0,
+      nb::arg("block_mask").none() = nb::none(), nb::arg("block_mask_m").none() = nb::none(),
+      nb::arg("block_mask_n").none() = nb::none(), nb::arg("stream") = 0,
       "Builds the block map for query (B, Sq, H, D), key (B, Sk, Hk, D) (shapes only), an optional "
       "bool attn_mask, causality, the tile shape (None: the backend's default) and an optional "
-      "block selection; a CUDA plan is built on `stream`.");
+      "block selection over block_mask_m x block_mask_n tiles, whole multiples of the plan's "
+      "(None: the plan's tile); a CUDA plan is built on `stream`.");
 
   m.def(
       "forward",

@@ -88,8 +88,15 @@ def _dl(t: Optional[_Tensor]):
 
 
 def _make_plan(q, k, attn_mask, is_causal, block_mask, block_m, block_n):
+    """block_m x block_n is the tile of block_mask (the selection); the plan's own tile is the
+    backend's default, except on the CPU, which runs any tile and then simply uses the
+    selection's (a selection tile must be a whole multiple of the plan's)."""
+    plan_m = plan_n = None
+    if block_mask is not None and not q.is_cuda:
+        plan_m, plan_n = block_m, block_n
     return _C.make_plan(
-        _dl(q), _dl(k), _dl(attn_mask), is_causal, block_m, block_n, _dl(block_mask), _stream(q)
+        _dl(q), _dl(k), _dl(attn_mask), is_causal, plan_m, plan_n, _dl(block_mask), block_m,
+        block_n, _stream(q),
     )
 
 
@@ -332,7 +339,9 @@ def flash_sparse_attn_func(
     Beyond the reference (keyword only):
         block_mask: bool (B|1, H|Hk|1, ceil(Sq / bm), ceil(Sk / bn)) block selection, e.g. from
             ``flash_sparse_attn.utils.mask.create_block_mask``; tiles marked False are skipped.
-        block_size: the (bm, bn) tile of ``block_mask`` (an int for both); default (64, 64).
+        block_size: the (bm, bn) tile of ``block_mask`` (an int for both); default (128, 128),
+            as ``create_block_mask``'s. On CUDA it must be a whole multiple of the kernel's tile
+            (128 x 128 always is).
 
     Returns ``out`` (B, Sq, H, D) in the query dtype, or ``(out, lse, None)``.
     """
@@ -343,9 +352,11 @@ def flash_sparse_attn_func(
     return_lse = bool(return_attn_probs)
     if softmax_scale is not None:
         softmax_scale = float(softmax_scale)
-    block_m, block_n = _resolve_block_size(block_size)
-    if block_mask is not None and block_m is None:
-        block_m = block_n = 64
+    block_m = block_n = None
+    if block_mask is not None:
+        block_m, block_n = _resolve_block_size(block_size)
+        if block_m is None:
+            block_m = block_n = 128
 
     query, key, value = (_last_dim_contiguous(t) for t in (query, key, value))
 
@@ -365,7 +376,7 @@ def flash_sparse_attn_func(
     else:
         # Inference: straight into the core, no autograd bookkeeping, lse only when asked for.
         plan = None
-        if block_mask is not None or block_m is not None:
+        if block_mask is not None:
             plan = _make_plan(query, key, attn_mask, is_causal, block_mask, block_m, block_n)
         out, lse = _new_outputs(query, need_lse=return_lse)
         _C.forward(

@@ -117,3 +117,24 @@ def test_inductor_fullgraph():
     assert torch.allclose(loss, ref_loss, rtol=1e-4, atol=1e-4)
     for ours, ref in zip((q.grad, k.grad, v.grad, bias.grad), ref_grads):
         assert torch.allclose(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_block_mask_under_compile():
+    from flash_sparse_attn.utils.mask import create_block_mask
+
+    q, k, v, bias, _ = _inputs()
+    blocks = create_block_mask(bias, 33, num_blocks=1, block_size=(16, 8), is_causal=True)
+
+    def fn(q_, k_, v_, bias_):
+        out = flash_sparse_attn_func(q_, k_, v_, attn_bias=bias_, is_causal=True,
+                                     block_mask=blocks, block_size=(16, 8))
+        return out.sum()
+
+    loss = torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v, bias)
+    loss.backward()
+    refs = [t.detach().clone().requires_grad_() for t in (q, k, v, bias)]
+    ref_loss = fn(*refs)
+    ref_loss.backward()
+    assert torch.allclose(loss, ref_loss, atol=1e-5)
+    for ours, ref in zip((q, k, v, bias), refs):
+        assert torch.allclose(ours.grad, ref.grad, atol=1e-5)

@@ -353,25 +353,29 @@ def test_block_selector_full_query_bias_and_masked_keys():
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_block_mask_end_to_end(causal):
+@pytest.mark.parametrize("s,tile", [(96, (16, 16)), (600, None)])
+def test_block_mask_end_to_end(causal, s, tile):
     """flash_sparse_attn_func(block_mask=...) equals dense attention with the block selection
-    expanded to an element mask."""
-    b, s, h, hk, d, bm, bn = 2, 96, 4, 2, 32, 16, 16
+    expanded to an element mask (tile None: both sides' default, 128 x 128)."""
+    b, h, hk, d = 2, 4, 2, 32
+    bm, bn = tile or (128, 128)
+    kwargs = {} if tile is None else {"block_size": tile}
     q = torch.randn(b, s, h, d)
     k = torch.randn(b, s, hk, d)
     v = torch.randn(b, s, hk, d)
     bias = torch.randn(b, hk, 1, s)
-    blocks = create_block_mask(bias, s, num_blocks=2, block_size=(bm, bn), is_causal=causal)
+    blocks = create_block_mask(bias, s, num_blocks=2, is_causal=causal, **kwargs)
+    assert blocks.shape == (b, hk, -(-s // bm), -(-s // bn))
     dense = blocks.repeat_interleave(bm, dim=2).repeat_interleave(bn, dim=3)[:, :, :s, :s]
     out = flash_sparse_attn_func(q, k, v, attn_bias=bias, is_causal=causal, block_mask=blocks,
-                                 block_size=(bm, bn))
+                                 **kwargs)
     ref, _ = attention_math(q.double(), k.double(), v.double(), mask=dense, bias=bias.double(),
                             causal=causal)
     assert (out.double() - ref).abs().max().item() < 1e-5
     # and with gradients (the plan with the block selection is reused by backward)
     qg = q.clone().requires_grad_()
     out2 = flash_sparse_attn_func(qg, k, v, attn_bias=bias, is_causal=causal, block_mask=blocks,
-                                  block_size=(bm, bn))
+                                  **kwargs)
     out2.sum().backward()
     qr = q.double().clone().requires_grad_()
     ref2, _ = attention_math(qr, k.double(), v.double(), mask=dense, bias=bias.double(),

@@ -268,7 +268,7 @@ def create_block_mask(
     attention_bias,
     query_len: int,
     num_blocks: int,
-    block_size: Union[int, Tuple[int, int]] = 64,
+    block_size: Union[int, Tuple[int, int]] = 128,
     is_causal: bool = False,
     reduce: str = "max",
 ):
@@ -283,8 +283,9 @@ def create_block_mask(
         attention_bias: ({B|1}, {Hk|H|1}, {1|query_len}, key_len), typically (B, Hk, 1, Sk).
         query_len: the attention problem's query length.
         num_blocks: key blocks kept per query block by score (besides the causal ones).
-        block_size: the tile (block_m, block_n), or one int for both; pass the same value as
-            ``block_size=`` to ``flash_sparse_attn_func``.
+        block_size: the selection tile (block_m, block_n), or one int for both; pass the same
+            value as ``block_size=`` to ``flash_sparse_attn_func``. The default 128 x 128 is a
+            whole multiple of every backend's tile (CPU 64 x 64, CUDA 128 x 64).
         is_causal: as the attention call's ``is_causal``.
         reduce: "max" or "mean".
 
