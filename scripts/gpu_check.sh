@@ -3,16 +3,20 @@
 # backend, run compute-sanitizer memcheck on the checks, run the benchmarks; short table last.
 # Logs go to $OUT (the device tool brings them back). Needs .deps/nvidia_cutlass-*.whl carried.
 #
-#   scripts/gpu_check.sh [--no-sanitizer] [--reps N]
+#   scripts/gpu_check.sh [--no-sanitizer] [--no-python] [--compare dense,trainable,decode] [--reps N]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/fsa_gpu_out}
 mkdir -p "$OUT"
 sanitize=1
+python=1
 reps=20
+compare_only=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --no-sanitizer) sanitize=0 ;;
+    --no-python) python=0 ;;
+    --compare) compare_only=$2; shift ;;
     --reps) reps=$2; shift ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
@@ -48,12 +52,35 @@ if [ $sanitize = 1 ]; then
   [ $rc -ne 0 ] && { echo "MEMCHECK FAILED (rc $rc)"; status=1; }
 fi
 
-step "bench"
+step "bench (library alone)"
 ./$build/fsa_bench_cuda --bench --reps "$reps" 2>&1 | tee "$OUT/bench.log" || status=1
+
+if [ $python = 1 ]; then
+  step "python package (CUDA build)"
+  if ! SKBUILD_CMAKE_DEFINE="FSA_CUDA_ARCHS=90a" SKBUILD_BUILD_DIR=build-gpu-python \
+       python3 -m pip install --no-build-isolation --no-deps -q . > "$OUT/pip.log" 2>&1; then
+    tail -n 30 "$OUT/pip.log"
+    echo "PYTHON BUILD FAILED"
+    exit 1
+  fi
+  step "GPU tests: SPEC section 7 forward cases vs float64 torch"
+  (cd /tmp && PYTHONUNBUFFERED=1 python3 -m pytest -q -p no:cacheprovider \
+      "$OLDPWD/tests/gpu" 2>&1) | tee "$OUT/pytest_gpu.log" | tail -n 25
+  if ! grep -qE "[0-9]+ passed" "$OUT/pytest_gpu.log" || grep -qE "[0-9]+ (failed|error)" "$OUT/pytest_gpu.log"; then
+    status=1
+  fi
+  step "peers: SDPA flash / cuDNN, FlexAttention (same process, same card)"
+  PYTHONUNBUFFERED=1 python3 bench/compare.py --reps "$reps" --json "$OUT/compare.json" \
+    ${compare_only:+--only $compare_only} 2>&1 | tee "$OUT/compare.log" | grep -v "^W[0-9]" || status=1
+fi
 
 echo
 echo "== summary ($(head -n 2 "$OUT/device.txt" | tail -n 1))"
 grep -E "passed, .* failed" "$OUT/check.log"
 [ $sanitize = 1 ] && grep -E "ERROR SUMMARY" "$OUT/memcheck.log"
 cat "$OUT/bench.log"
+if [ $python = 1 ]; then
+  tail -n 1 "$OUT/pytest_gpu.log"
+  grep -E "^  " "$OUT/compare.log"
+fi
 exit $status

@@ -47,18 +47,58 @@ void fill_strides(int64_t (&dst)[4], const BroadcastOperand& op) {
   throw Error(ErrorKind::kUnsupported, arg, message);
 }
 
-// The kernels copy rows in 16-byte chunks: the head dim must be a multiple of 8 elements and every
-// row must start 16-byte aligned.
-void check_rows_aligned(const SeqOperand& op, const char* name, int64_t head_dim) {
+// The kernels copy rows in 16-byte chunks: every row must start 16-byte aligned and hold a
+// multiple of 8 elements.
+bool rows_aligned(const SeqOperand& op, int64_t head_dim) {
   const auto addr = reinterpret_cast<uintptr_t>(op.data);
-  const bool ok = head_dim % 8 == 0 && addr % 16 == 0 && op.stride_b % 8 == 0 &&
-                  op.stride_s % 8 == 0 && op.stride_h % 8 == 0;
-  if (!ok) {
-    fail(name, "the CUDA kernels need head_dim % 8 == 0, a 16-byte aligned pointer and strides "
-               "that are multiples of 8 elements (got head_dim " + std::to_string(head_dim) +
-               "); pad the head dim (e.g. torch.nn.functional.pad) or make the tensor contiguous");
+  return head_dim % 8 == 0 && addr % 16 == 0 && op.stride_b % 8 == 0 && op.stride_s % 8 == 0 &&
+         op.stride_h % 8 == 0;
+}
+
+// dst (rows = B * S * H, padded_dim) = src (B, S, H, head_dim) with zeros past head_dim.
+__global__ void pad_rows_kernel(const uint16_t* src, int64_t stride_b, int64_t stride_s,
+                                int64_t stride_h, int64_t seqlen, int64_t heads, int head_dim,
+                                int padded_dim, int64_t rows, uint16_t* dst) {
+  const int64_t total = rows * padded_dim;
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t row = idx / padded_dim;
+    const int d = int(idx % padded_dim);
+    const int64_t h = row % heads, s = (row / heads) % seqlen, b = row / (heads * seqlen);
+    dst[idx] = d < head_dim ? src[b * stride_b + s * stride_s + h * stride_h + d] : uint16_t(0);
   }
 }
+
+// Rows that are not 16-byte chunks (a head dim that is not a multiple of 8, odd strides, an
+// unaligned pointer) are copied once into a zero-padded contiguous buffer the kernels can read:
+// one extra read and write of that input, reported in docs/numerics.md.
+SeqOperand padded_copy(const SeqOperand& op, int64_t batch, int64_t seqlen, int64_t heads,
+                       int64_t head_dim, cudaStream_t stream, void*& buffer) {
+  const int padded = int((head_dim + 7) / 8 * 8);
+  const int64_t rows = batch * seqlen * heads;
+  FSA_CUDA_CHECK(cudaMallocAsync(&buffer, std::max<int64_t>(rows * padded, 1) * 2, stream));
+  if (rows > 0) {
+    const int64_t blocks = std::min<int64_t>((rows * padded + 255) / 256, 65535);
+    pad_rows_kernel<<<unsigned(blocks), 256, 0, stream>>>(
+        static_cast<const uint16_t*>(op.data), op.stride_b, op.stride_s, op.stride_h, seqlen,
+        heads, int(head_dim), padded, rows, static_cast<uint16_t*>(buffer));
+    FSA_CUDA_CHECK(cudaGetLastError());
+  }
+  return {buffer, seqlen * heads * padded, heads * padded, padded};
+}
+
+// Stream-ordered pool memory released (after the work queued on the stream) at scope exit.
+struct StreamBuffer {
+  void* ptr = nullptr;
+  cudaStream_t stream = nullptr;
+  StreamBuffer() = default;
+  explicit StreamBuffer(cudaStream_t s) : stream(s) {}
+  StreamBuffer(const StreamBuffer&) = delete;
+  StreamBuffer& operator=(const StreamBuffer&) = delete;
+  ~StreamBuffer() {
+    if (ptr) cudaFreeAsync(ptr, stream);
+  }
+};
 
 int multiprocessor_count() {
   int device = 0, count = 0;
@@ -91,8 +131,8 @@ std::shared_ptr<const DeviceBlockMap> make_device_plan(
   const int64_t outer = extents.batch * extents.heads;
   const int64_t rows = outer * extents.m_blocks, cols = outer * extents.n_blocks;
   const int64_t tiles = rows * extents.n_blocks;
-  if (extents.m_blocks > INT32_MAX || extents.n_blocks > INT32_MAX) {
-    fail("query", "too many blocks for a CUDA plan");
+  if (extents.m_blocks > 65535 || extents.n_blocks > INT32_MAX || outer > 65535) {
+    fail("query", "too many query blocks or (batch x heads) for a CUDA plan (at most 65535 each)");
   }
   // Layout of the one allocation: counters, 2 x (rows counts + rows lists), 2 x (cols counts +
   // cols lists), tile classes.
@@ -155,11 +195,14 @@ std::shared_ptr<const DeviceBlockMap> make_device_plan(
   pp.counters = map->counters;
   pp.map = mp;
   if (rows > 0 && extents.n_blocks > 0) {
-    const dim3 grid(unsigned(extents.m_blocks), unsigned(extents.heads), unsigned(extents.batch));
-    classify_kernel<<<grid, kPlanThreads, size_t(extents.n_blocks), stream>>>(pp);
+    const unsigned threads = 32 * kPlanWarps;
+    const dim3 grid(unsigned((extents.n_blocks + kPlanWarps - 1) / kPlanWarps),
+                    unsigned(extents.m_blocks), unsigned(outer));
+    classify_kernel<<<grid, threads, 0, stream>>>(pp);
     FSA_CUDA_CHECK(cudaGetLastError());
-    const dim3 grid_t(unsigned(extents.n_blocks), unsigned(extents.heads), unsigned(extents.batch));
-    transpose_kernel<<<grid_t, 32, 0, stream>>>(pp);
+    compact_kernel<<<unsigned((rows + kPlanWarps - 1) / kPlanWarps), threads, 0, stream>>>(pp);
+    FSA_CUDA_CHECK(cudaGetLastError());
+    transpose_kernel<<<unsigned((cols + kPlanWarps - 1) / kPlanWarps), threads, 0, stream>>>(pp);
     FSA_CUDA_CHECK(cudaGetLastError());
   } else if (rows > 0) {  // Sk = 0: every row has empty lists
     FSA_CUDA_CHECK(cudaMemsetAsync(const_cast<int32_t*>(mp.full_count), 0, rows * sizeof(int32_t), stream));
@@ -189,21 +232,32 @@ void forward(const ForwardProblem& p, const Plan& plan, void* stream_ptr) {
                     std::to_string(p.head_dim) + " needs " + std::to_string(block_m) + "x" +
                     std::to_string(block_n) + " (leave PlanOptions block_m/block_n at 0)");
   }
-  check_rows_aligned(p.q, "query", p.head_dim);
-  check_rows_aligned(p.k, "key", p.head_dim);
-  check_rows_aligned(p.v, "value", p.head_dim);
   if (p.batch == 0 || p.seqlen_q == 0 || p.num_heads == 0) return;
   if (p.batch > 65535 || p.num_heads > 65535) fail("query", "batch and num_heads must be <= 65535");
 
+  StreamBuffer q_pad(stream), k_pad(stream), v_pad(stream);
+  const SeqOperand q = rows_aligned(p.q, p.head_dim)
+                           ? p.q
+                           : padded_copy(p.q, p.batch, p.seqlen_q, p.num_heads, p.head_dim,
+                                         stream, q_pad.ptr);
+  const SeqOperand k = rows_aligned(p.k, p.head_dim)
+                           ? p.k
+                           : padded_copy(p.k, p.batch, p.seqlen_k, p.num_kv_heads, p.head_dim,
+                                         stream, k_pad.ptr);
+  const SeqOperand v = rows_aligned(p.v, p.head_dim)
+                           ? p.v
+                           : padded_copy(p.v, p.batch, p.seqlen_k, p.num_kv_heads, p.head_dim,
+                                         stream, v_pad.ptr);
+
   ForwardParams fp{};
-  fp.q = p.q.data;
-  fp.k = p.k.data;
-  fp.v = p.v.data;
+  fp.q = q.data;
+  fp.k = k.data;
+  fp.v = v.data;
   fp.out = p.out.data;
   fp.lse = p.lse;
-  fp.q_stride_b = p.q.stride_b, fp.q_stride_s = p.q.stride_s, fp.q_stride_h = p.q.stride_h;
-  fp.k_stride_b = p.k.stride_b, fp.k_stride_s = p.k.stride_s, fp.k_stride_h = p.k.stride_h;
-  fp.v_stride_b = p.v.stride_b, fp.v_stride_s = p.v.stride_s, fp.v_stride_h = p.v.stride_h;
+  fp.q_stride_b = q.stride_b, fp.q_stride_s = q.stride_s, fp.q_stride_h = q.stride_h;
+  fp.k_stride_b = k.stride_b, fp.k_stride_s = k.stride_s, fp.k_stride_h = k.stride_h;
+  fp.v_stride_b = v.stride_b, fp.v_stride_s = v.stride_s, fp.v_stride_h = v.stride_h;
   fp.o_stride_b = p.out.stride_b, fp.o_stride_s = p.out.stride_s, fp.o_stride_h = p.out.stride_h;
   fp.lse_stride_b = p.lse_stride_b, fp.lse_stride_h = p.lse_stride_h;
   fp.lse_stride_s = p.lse_stride_s;
@@ -241,13 +295,7 @@ void forward(const ForwardProblem& p, const Plan& plan, void* stream_ptr) {
   const int64_t heads = fp.pack_gqa ? p.num_kv_heads : p.num_heads;
   fp.num_splits = choose_splits(int64_t(map->params.m_blocks) * heads * p.batch,
                                 map->params.n_blocks);
-  struct Workspace {  // stream-ordered pool memory, released after the combine
-    void* ptr = nullptr;
-    cudaStream_t stream;
-    ~Workspace() {
-      if (ptr) cudaFreeAsync(ptr, stream);
-    }
-  } workspace{nullptr, stream};
+  StreamBuffer workspace(stream);  // split-KV partial outputs, released after the combine
   if (fp.num_splits > 1) {
     const int64_t rows = p.batch * p.num_heads * p.seqlen_q;
     const size_t o_bytes = size_t(fp.num_splits) * rows * kdim * sizeof(float);

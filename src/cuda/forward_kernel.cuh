@@ -435,10 +435,11 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads, 2)
       for (int d = 0; d < kDTiles; ++d) {
         const int c = d * 8 + 2 * t;
         const uint32_t packed = Elt::pack(o[rt][d][2 * r] * inv, o[rt][d][2 * r + 1] * inv);
-        if (c + 1 < p.head_dim) {
+        if (c + 1 < p.head_dim && (reinterpret_cast<uintptr_t>(orow + c) & 3) == 0) {
           *reinterpret_cast<uint32_t*>(orow + c) = packed;
-        } else if (c < p.head_dim) {
-          *reinterpret_cast<uint16_t*>(orow + c) = uint16_t(packed & 0xffffu);
+        } else {  // odd strides or the last odd column: element stores
+          if (c < p.head_dim) *reinterpret_cast<uint16_t*>(orow + c) = uint16_t(packed & 0xffffu);
+          if (c + 1 < p.head_dim) *reinterpret_cast<uint16_t*>(orow + c + 1) = uint16_t(packed >> 16);
         }
       }
       if (p.lse && t == 0) {

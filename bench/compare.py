@@ -1,0 +1,272 @@
+#!/usr/bin/env python3
+"""Forward timings of flash_sparse_attn next to its peers, in one process on one GPU.
+
+Peers: PyTorch SDPA with the flash and cuDNN backends (dense), and FlexAttention (compiled) with a
+BlockMask built from block lists (kv_num_blocks / kv_indices, never by evaluating a mask over
+Sq x Sk) and a bias score_mod. Every peer's output is checked against ours before it is timed; a
+peer that errors or runs out of memory is reported as such. Times are CUDA-event medians.
+
+    python3 bench/compare.py [--reps 20] [--json out.json] [--only dense,trainable,decode]
+"""
+
+import argparse
+import json
+import math
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import flash_sparse_attn
+from flash_sparse_attn import flash_sparse_attn_func
+
+try:
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+    flex_compiled = torch.compile(flex_attention, dynamic=False)
+except Exception as e:  # noqa: BLE001 - reported per workload
+    flex_compiled = None
+    FLEX_ERROR = repr(e)
+
+
+def median_ms(fn, reps):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a = torch.cuda.Event(enable_timing=True)
+        b = torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def max_err(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+class Table:
+    def __init__(self):
+        self.rows = []
+
+    def add(self, workload, impl, ms=None, flops=None, note="", bytes_moved=None):
+        row = {"workload": workload, "impl": impl, "ms": ms, "note": note}
+        if ms is not None and flops is not None:
+            row["tflops"] = flops / ms * 1e-9
+        if ms is not None and bytes_moved is not None:
+            row["gbps"] = bytes_moved / ms * 1e-6
+        self.rows.append(row)
+        rate = (f"{row['tflops']:8.1f} TFLOP/s" if "tflops" in row else
+                f"{row['gbps']:8.0f} GB/s" if "gbps" in row else "")
+        time_s = f"{ms:9.3f} ms" if ms is not None else "        -   "
+        print(f"  {impl:34s} {time_s} {rate:16s} {note}", flush=True)
+
+
+def peer(table, workload, name, fn, ours, tol, reps, flops=None, bytes_moved=None):
+    """Checks a peer's output against ours, then times it; failures are reported, not dropped."""
+    try:
+        out = fn()
+        torch.cuda.synchronize()
+        err = max_err(out, ours)
+        if not math.isfinite(err) or err > tol:
+            table.add(workload, name, note=f"WRONG: max|peer - ours| = {err:.3g} > {tol}")
+            return
+        table.add(workload, name, median_ms(fn, reps), flops, f"max|diff| {err:.2e}", bytes_moved)
+    except torch.cuda.OutOfMemoryError:
+        table.add(workload, name, note="out of memory")
+        torch.cuda.empty_cache()
+    except Exception as e:  # noqa: BLE001
+        table.add(workload, name, note=f"error: {type(e).__name__}: {str(e)[:120]}")
+
+
+def check_rows(name, out, q, k, v, keep_fn, bias_fn=None, rows=(0, 1, 127, 128, -1)):
+    """Checks sampled query rows of `out` (every head) against float64; raises when wrong, so no
+    peer is compared with a wrong result of ours."""
+    B, Sq, H, D = q.shape
+    G = H // k.shape[2]
+    worst = 0.0
+    for b in range(B):
+        for i in rows:
+            i = i % Sq
+            for h in range(H):
+                keep = keep_fn(b, h, i)                              # (Sk,) bool
+                kk = k[b, :, h // G].double()[keep]
+                vv = v[b, :, h // G].double()[keep]
+                s = kk @ q[b, i, h].double() / math.sqrt(D)
+                if bias_fn is not None:
+                    s = s + bias_fn(b, h, i)[keep].double()
+                ref = torch.softmax(s, 0) @ vv if kk.shape[0] else torch.zeros(D, device=q.device)
+                worst = max(worst, (out[b, i, h].double() - ref).abs().max().item())
+    if not worst <= 2e-2:
+        raise AssertionError(f"{name}: flash_sparse_attn differs from float64 by {worst:.3g}")
+    print(f"  (flash_sparse_attn vs float64 on sampled rows: max|diff| {worst:.2e})")
+
+
+def sdpa(q, k, v, backend, **kw):
+    from torch.nn.attention import sdpa_kernel
+    with sdpa_kernel(backend):
+        return F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **kw).transpose(1, 2)
+
+
+def flex_block_mask(kv_num_blocks, kv_indices, full_num, full_idx, B, H, Sq, Sk, block, mask_mod):
+    return BlockMask.from_kv_blocks(kv_num_blocks, kv_indices, full_num, full_idx,
+                                    BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(Sq, Sk))
+
+
+def dense_causal(table, reps, B=2, S=16384, H=16, D=128):
+    from torch.nn.attention import SDPBackend
+    name = f"dense causal fwd ({B},{S},{H},{H},{D}) bf16"
+    print(name, flush=True)
+    q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    flops = 4 * S * S * D * B * H / 2
+    ours = flash_sparse_attn_func(q, k, v, is_causal=True)
+    ar = torch.arange(S, device="cuda")
+    check_rows(name, ours, q, k, v, lambda b, h, i: ar <= i, rows=(0, 1, 8191, -1))
+    table.add(name, "flash_sparse_attn", median_ms(
+        lambda: flash_sparse_attn_func(q, k, v, is_causal=True), reps), flops)
+    for label, backend in [("SDPA flash", SDPBackend.FLASH_ATTENTION),
+                           ("SDPA cuDNN", SDPBackend.CUDNN_ATTENTION)]:
+        peer(table, name, label, lambda b=backend: sdpa(q, k, v, b, is_causal=True), ours, 2e-2,
+             reps, flops)
+    if flex_compiled is None:
+        table.add(name, "FlexAttention", note=f"unavailable: {FLEX_ERROR}")
+        return
+    from torch.nn.attention.flex_attention import create_block_mask
+    bm = create_block_mask(lambda b, h, qi, ki: ki <= qi, None, None, S, S, device="cuda")
+    peer(table, name, "FlexAttention (causal BlockMask)",
+         lambda: flex_compiled(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                               block_mask=bm).transpose(1, 2), ours, 2e-2, reps, flops)
+
+
+def trainable_mask(table, reps, B=1, S=16384, H=32, Hk=8, D=128, top=16, block=128):
+    """Causal, bias (B, Hk, 1, S); per (batch, kv head, 128-query block) the diagonal block plus
+    the top-`top` earlier 128-key blocks by mean bias."""
+    name = f"trainable mask fwd ({B},{S},{H},{Hk},{D}) top-{top} bf16"
+    print(name, flush=True)
+    G = H // Hk
+    q = torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(B, S, Hk, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    bias = -F.softplus(torch.randn(B, Hk, 1, S, device="cuda")).to(torch.bfloat16)
+    nb = S // block
+    mean = bias.float().view(B, Hk, nb, block).mean(-1)            # (B, Hk, nb)
+    earlier = torch.ones(nb, nb, device="cuda", dtype=torch.bool).tril(-1)
+    scores = mean[:, :, None, :].expand(B, Hk, nb, nb).masked_fill(~earlier, -math.inf)
+    top_idx = scores.topk(min(top, nb), dim=-1).indices            # (B, Hk, nb, top)
+    valid = torch.gather(scores, -1, top_idx) > -math.inf
+    sel = torch.zeros(B, Hk, nb, nb, device="cuda", dtype=torch.bool)
+    sel.scatter_(-1, top_idx, valid)
+    sel |= torch.eye(nb, device="cuda", dtype=torch.bool)
+    density = (sel.float().sum() * block * block - B * Hk * nb * block * (block - 1) / 2) / (
+        B * Hk * S * S)
+    flops = 4 * S * S * D * B * H * density.item()
+
+    run = lambda: flash_sparse_attn_func(q, k, v, attn_bias=bias, is_causal=True,  # noqa: E731
+                                         block_mask=sel, block_size=block)
+    ours = run()
+    ar = torch.arange(S, device="cuda")
+    check_rows(name, ours, q, k, v,
+               lambda b, h, i: sel[b, h // G, i // block].repeat_interleave(block) & (ar <= i),
+               lambda b, h, i: bias[b, h // G, 0], rows=(0, 5000, -1))
+    table.add(name, "flash_sparse_attn", median_ms(run, reps), flops,
+              f"density {100 * density.item():.1f}%")
+    plan_ms = median_ms(lambda: flash_sparse_attn._C.make_plan(
+        q, k, None, True, None, None, sel, block, block, torch.cuda.current_stream().cuda_stream),
+        reps)
+    table.add(name, "  of which: plan (selection -> lists)", plan_ms)
+
+    # Reference check of ours on a few rows (float64): the block selection expanded to keys.
+    if flex_compiled is None:
+        table.add(name, "FlexAttention", note=f"unavailable: {FLEX_ERROR}")
+        return
+    # BlockMask from the same lists, per (b, h) (heads expanded from kv heads): the diagonal block
+    # is partial (causal mask_mod), the others full.
+    sel_h = sel.repeat_interleave(G, 1)                             # (B, H, nb, nb)
+    diag = torch.eye(nb, device="cuda", dtype=torch.bool)[None, None]
+    full = sel_h & ~diag
+    part = sel_h & diag
+    def lists(m):
+        num = m.sum(-1).to(torch.int32)
+        idx = torch.argsort(m.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+        return num, idx
+    kv_num, kv_idx = lists(part)
+    full_num, full_idx = lists(full)
+    bm = flex_block_mask(kv_num, kv_idx, full_num, full_idx, B, H, S, S, block,
+                         lambda b, h, qi, ki: ki <= qi)
+    bias_k = bias[:, :, 0, :]                                       # (B, Hk, S)
+
+    def score_mod(score, b, h, qi, ki):
+        return score + bias_k[b, h // G, ki].float()
+
+    peer(table, name, "FlexAttention (BlockMask + bias)",
+         lambda: flex_compiled(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                               score_mod=score_mod, block_mask=bm, enable_gqa=True).transpose(1, 2),
+         ours, 3e-2, reps, flops)
+
+
+def decode(table, reps, B=1, Sk=524288, H=32, Hk=8, D=128, keep_every=8, block=128):
+    from torch.nn.attention import SDPBackend
+    name = f"decode fwd ({B},1,{Sk},{H},{Hk},{D}) 1/{keep_every} blocks bf16"
+    print(name, flush=True)
+    q = torch.randn(B, 1, H, D, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(B, Sk, Hk, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    keep_blocks = (torch.arange(Sk // block, device="cuda") % keep_every) == 0
+    mask = keep_blocks.repeat_interleave(block)[None, None, None, :]  # (1, 1, 1, Sk) key-only
+    kept_bytes = 2 * (Sk // keep_every) * Hk * D * 2
+    run = lambda: flash_sparse_attn_func(q, k, v, attn_mask=mask, is_causal=True)  # noqa: E731
+    ours = run()
+    check_rows(name, ours, q, k, v, lambda b, h, i: mask[0, 0, 0], rows=(0,))
+    table.add(name, "flash_sparse_attn", median_ms(run, reps), None, "kept K+V bytes",
+              kept_bytes)
+    dense_bytes = 2 * Sk * Hk * D * 2
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    try:
+        table.add(name, "SDPA flash, all keys (dense)", median_ms(
+            lambda: sdpa(q, k, v, SDPBackend.FLASH_ATTENTION, enable_gqa=True), reps), None,
+            "all K+V bytes", dense_bytes)
+    except Exception as e:  # noqa: BLE001
+        table.add(name, "SDPA flash, all keys (dense)", note=f"error: {str(e)[:100]}")
+    if flex_compiled is None:
+        table.add(name, "FlexAttention", note=f"unavailable: {FLEX_ERROR}")
+        return
+    nb = Sk // block
+    kv_num = keep_blocks.sum().to(torch.int32).view(1, 1, 1).expand(B, H, 1).contiguous()
+    kv_idx = torch.nonzero(keep_blocks).flatten().to(torch.int32)
+    kv_idx = torch.cat([kv_idx, torch.zeros(nb - kv_idx.numel(), dtype=torch.int32,
+                                            device="cuda")]).view(1, 1, 1, nb).expand(B, H, 1, nb)
+    bm = BlockMask.from_kv_blocks(torch.zeros_like(kv_num), torch.zeros_like(kv_idx.contiguous()),
+                                  kv_num, kv_idx.contiguous(), BLOCK_SIZE=block,
+                                  seq_lengths=(1, Sk))
+    peer(table, name, "FlexAttention (BlockMask)",
+         lambda: flex_compiled(qh, kh, vh, block_mask=bm, enable_gqa=True).transpose(1, 2),
+         ours, 2e-2, reps, None, kept_bytes)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--only", default="dense,trainable,decode")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    props = torch.cuda.get_device_properties(0)
+    print(f"device: {props.name}, torch {torch.__version__}, "
+          f"flash_sparse_attn {flash_sparse_attn.__version__}, {time.strftime('%Y-%m-%d')}")
+    table = Table()
+    runs = {"dense": dense_causal, "trainable": trainable_mask, "decode": decode}
+    for key in args.only.split(","):
+        runs[key](table, args.reps)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": props.name, "torch": torch.__version__,
+                       "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
+                       "rows": table.rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

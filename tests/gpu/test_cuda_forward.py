@@ -1,0 +1,245 @@
+"""CUDA forward against a float64 PyTorch reference on the GPU: every SPEC section 7 forward case.
+
+Runs only where a CUDA device and a CUDA build of the package exist (scripts/gpu_check.sh).
+Inputs are drawn fresh each run (seeded from the clock; the seed is printed on failure), outputs
+are poisoned with NaN before each launch so unwritten elements fail, and the pass rule is SPEC's:
+max|ours - ref| <= 2 * max|naive same-dtype - ref| + atol, no NaN, exact zeros and -inf on empty
+rows.
+"""
+
+import math
+import os
+import time
+
+import pytest
+import torch
+
+import flash_sparse_attn
+from flash_sparse_attn import _C
+from flash_sparse_attn.utils.mask import create_mask
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or not getattr(_C, "has_cuda", False),
+    reason="needs a CUDA device and a CUDA build of flash_sparse_attn",
+)
+
+SEED = int(os.environ.get("FSA_TEST_SEED", time.time_ns() % (2**31)))
+DTYPES = [torch.bfloat16, torch.float16]
+ATOL = 1e-4  # below one ulp of bf16/fp16 outputs of magnitude ~1: only absorbs exact-zero refs
+
+
+def expand_heads(x, heads):
+    return x if x is None or x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], 1)
+
+
+def attention(q, k, v, mask, bias, scale, causal, softcap, compute_dtype):
+    """Attention per SPEC section 2 in `compute_dtype` (float64: the reference; the input dtype: the
+    naive same-precision implementation). Returns out (B, Sq, H, D) and lse (B, H, Sq)."""
+    B, Sq, H, D = q.shape
+    Sk = k.shape[1]
+    qh = q.to(compute_dtype).transpose(1, 2)
+    kh = expand_heads(k.to(compute_dtype).transpose(1, 2), H)
+    vh = expand_heads(v.to(compute_dtype).transpose(1, 2), H)
+    x = qh @ kh.transpose(-1, -2)
+    s = softcap * torch.tanh(scale * x / softcap) if softcap else x * scale
+    if bias is not None:
+        s = s + expand_heads(bias.to(compute_dtype), H)
+    keep = torch.ones(B, H, Sq, Sk, dtype=torch.bool, device=q.device)
+    if mask is not None:
+        keep = keep & expand_heads(mask, H)
+    if causal:
+        i = torch.arange(Sq, device=q.device)[:, None]
+        j = torch.arange(Sk, device=q.device)[None, :]
+        keep = keep & (j <= i + Sk - Sq)
+    s = s.float() if compute_dtype != torch.float64 else s
+    s = s.masked_fill(~keep, -math.inf)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse[..., None]).masked_fill(~keep, 0.0).nan_to_num(0.0)
+    out = p.to(compute_dtype) @ vh
+    return out.transpose(1, 2), lse
+
+
+def run_ours(q, k, v, mask=None, bias=None, scale=None, causal=False, softcap=0.0):
+    """The CUDA forward through the extension, into NaN-poisoned outputs."""
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("nan"), device=q.device)
+    _C.forward(q, k, v, mask, bias, out, lse, scale, causal, float(softcap), None,
+               torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    return out, lse
+
+
+def check(q, k, v, mask=None, bias=None, scale=None, causal=False, softcap=0.0, label=""):
+    scale_ = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    out, lse = run_ours(q, k, v, mask, bias, scale, causal, softcap)
+    ref_out, ref_lse = attention(q, k, v, mask, bias, scale_, causal, softcap, torch.float64)
+    naive_out, _ = attention(q, k, v, mask, bias, scale_, causal, softcap, q.dtype)
+    where = f"{label} seed={SEED} dtype={q.dtype}"
+    assert not out.isnan().any(), f"NaN (or unwritten) output: {where}"
+    assert not lse.isnan().any(), f"NaN (or unwritten) lse: {where}"
+    empty = ref_lse == -math.inf  # (B, H, Sq)
+    if empty.any():
+        assert (lse[empty] == -math.inf).all(), f"empty rows need LSE = -inf: {where}"
+        out_rows = out.transpose(1, 2)[empty]
+        assert (out_rows == 0).all(), f"empty rows need O = 0 exactly: {where}"
+    err = (out.double() - ref_out).abs().max().item()
+    naive_err = (naive_out.double() - ref_out).abs().max().item()
+    assert err <= 2 * naive_err + ATOL, f"out error {err:.3e} > 2 x naive {naive_err:.3e}: {where}"
+    finite = ~empty
+    lse_err = (lse.double() - ref_lse)[finite].abs().max().item() if finite.any() else 0.0
+    assert lse_err <= 1e-3 * max(1.0, ref_lse[finite].abs().max().item()), \
+        f"lse error {lse_err:.3e}: {where}"
+    return out, lse
+
+
+def randn(*shape, dtype, gen):
+    return torch.randn(*shape, generator=gen, device="cuda", dtype=torch.float32).to(dtype)
+
+
+@pytest.fixture
+def gen():
+    g = torch.Generator(device="cuda")
+    g.manual_seed(SEED)
+    return g
+
+
+def qkv(B, Sq, Sk, H, Hk, D, dtype, gen):
+    return (randn(B, Sq, H, D, dtype=dtype, gen=gen), randn(B, Sk, Hk, D, dtype=dtype, gen=gen),
+            randn(B, Sk, Hk, D, dtype=dtype, gen=gen))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_case1_dense_and_against_sdpa(dtype, causal, gen):
+    q, k, v = qkv(2, 512, 512, 8, 8, 64, dtype, gen)
+    out, _ = check(q, k, v, causal=causal, label="case 1")
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal).transpose(1, 2)
+    ref, _ = attention(q, k, v, None, None, 1 / 8, causal, 0.0, torch.float64)
+    sdpa_err = (sdpa.double() - ref).abs().max().item()
+    err = (out.double() - ref).abs().max().item()
+    assert err <= 2 * sdpa_err + ATOL, f"ours {err:.3e} vs SDPA {sdpa_err:.3e} (seed {SEED})"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_case2_causal_large_heads_and_d256(dtype, gen):
+    check(*qkv(2, 1024, 1024, 16, 16, 128, dtype, gen), causal=True, label="case 2a")
+    check(*qkv(1, 1024, 1024, 4, 4, 256, dtype, gen), causal=True, label="case 2b")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_case3_trainable_mask_topk_causal(dtype, gen):
+    B, S, H, Hk, D, window = 2, 2048, 8, 2, 128, 256
+    q, k, v = qkv(B, S, S, H, Hk, D, dtype, gen)
+    bias = randn(B, Hk, 1, S, dtype=dtype, gen=gen)
+    causal = torch.ones(S, S, dtype=torch.bool, device="cuda").tril()[None, None]
+    mask = create_mask(bias, causal, B, S, S, window, torch.finfo(dtype).min, type="topk")
+    assert mask.shape == (B, Hk, S, S)
+    check(q, k, v, mask=mask, bias=bias, causal=True, label="case 3")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_case4_bias_query_dim_1_gqa4(dtype, gen):
+    q, k, v = qkv(2, 1000, 1000, 8, 2, 64, dtype, gen)
+    bias = randn(2, 2, 1, 1000, dtype=dtype, gen=gen)
+    check(q, k, v, bias=bias, causal=True, label="case 4")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_case5_decode_gqa_mask_bias(dtype, gen):
+    q, k, v = qkv(3, 1, 1025, 32, 4, 128, dtype, gen)
+    mask = torch.rand(3, 4, 1, 1025, device="cuda", generator=gen) < 0.5
+    bias = randn(3, 4, 1, 1025, dtype=torch.float32, gen=gen)
+    check(q, k, v, mask=mask, bias=bias, causal=True, label="case 5")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_case6_decode_per_head_sparse_mask(dtype, gen):
+    q, k, v = qkv(2, 1, 4096, 16, 2, 64, dtype, gen)
+    mask = torch.rand(2, 16, 1, 4096, device="cuda", generator=gen) < 0.1
+    bias = randn(1, 1, 1, 4096, dtype=dtype, gen=gen)
+    check(q, k, v, mask=mask, bias=bias, label="case 6")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_case7_fully_masked_rows_and_batch(dtype, gen):
+    q, k, v = qkv(2, 256, 256, 4, 4, 64, dtype, gen)
+    mask = torch.rand(2, 4, 256, 256, device="cuda", generator=gen) < 0.5
+    mask[1] = False          # a fully masked batch
+    mask[0, :, 17] = False   # fully masked rows
+    mask[0, 2, 100:140] = False
+    out, lse = check(q, k, v, mask=mask, label="case 7")
+    assert (out[1] == 0).all() and (lse[1] == -math.inf).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_case8_block_structured_mask(dtype, gen):
+    q, k, v = qkv(1, 1024, 1024, 4, 4, 128, dtype, gen)
+    mask = torch.rand(1, 4, 1024, 1024, device="cuda", generator=gen) < 0.3
+    tiles64 = torch.rand(1, 4, 16, 16, device="cuda", generator=gen) < 0.3
+    tiles128 = torch.rand(1, 4, 8, 8, device="cuda", generator=gen) < 0.3
+    mask &= ~tiles64.repeat_interleave(64, 2).repeat_interleave(64, 3)
+    mask &= ~tiles128.repeat_interleave(128, 2).repeat_interleave(128, 3)
+    check(q, k, v, mask=mask, label="case 8")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [8, 20, 40, 50, 72, 100, 130, 200, 224, 256])
+def test_case9_head_dim_sweep(dtype, D, gen):
+    check(*qkv(1, 333, 517, 4, 2, D, dtype, gen), causal=True, label=f"case 9 D={D}")
+
+
+def test_case9_head_dim_264_raises(gen):
+    q, k, v = qkv(1, 16, 16, 2, 2, 264, torch.bfloat16, gen)
+    with pytest.raises(ValueError, match="head_dim"):
+        run_ours(q, k, v)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_case10_batch1_mask_bias_and_key_dim_1_bias(dtype, gen):
+    q, k, v = qkv(4, 200, 300, 4, 2, 64, dtype, gen)
+    mask = torch.rand(1, 2, 200, 300, device="cuda", generator=gen) < 0.7
+    bias = randn(1, 4, 200, 300, dtype=dtype, gen=gen)
+    check(q, k, v, mask=mask, bias=bias, causal=True, label="case 10a")
+    check(q, k, v, bias=randn(4, 4, 200, 1, dtype=dtype, gen=gen), label="case 10b")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_case11_full_bias_sq_ne_sk(dtype, gen):
+    q, k, v = qkv(2, 256, 384, 8, 8, 64, dtype, gen)
+    check(q, k, v, bias=randn(2, 8, 256, 384, dtype=dtype, gen=gen), label="case 11")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("softcap", [5.0, 30.0])
+def test_case12_softcap_with_bias(dtype, softcap, gen):
+    q, k, v = qkv(1, 512, 512, 4, 4, 64, dtype, gen)
+    bias = randn(1, 4, 512, 512, dtype=dtype, gen=gen)
+    check(q, k, v, bias=bias, softcap=softcap, causal=True, label="case 12")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_case14_lse_and_out_identical_with_or_without_lse(dtype, gen):
+    q, k, v = qkv(2, 300, 500, 4, 2, 128, dtype, gen)
+    out, lse = check(q, k, v, causal=True, label="case 14")
+    out_only = torch.full_like(q, float("nan"))
+    _C.forward(q, k, v, None, None, out_only, None, None, True, 0.0, None,
+               torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    assert torch.equal(out, out_only)
+
+
+def test_public_api_on_cuda_matches_the_op(gen):
+    q, k, v = qkv(2, 257, 300, 8, 2, 64, torch.bfloat16, gen)
+    bias = randn(2, 2, 1, 300, dtype=torch.bfloat16, gen=gen)
+    out = flash_sparse_attn.flash_sparse_attn_func(q, k, v, attn_bias=bias, is_causal=True)
+    ref, _ = run_ours(q, k, v, bias=bias, causal=True)
+    assert torch.equal(out, ref)
+
+
+def test_poisoned_strided_inputs_transposed_layout(gen):
+    # (B, H, S, D) buffers viewed as (B, S, H, D): any strides with a contiguous last dim.
+    q = randn(2, 8, 300, 64, dtype=torch.bfloat16, gen=gen).transpose(1, 2)
+    k = randn(2, 2, 400, 64, dtype=torch.bfloat16, gen=gen).transpose(1, 2)
+    v = randn(2, 2, 400, 64, dtype=torch.bfloat16, gen=gen).transpose(1, 2)
+    check(q, k, v, causal=True, label="strided")
