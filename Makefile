@@ -2,7 +2,9 @@
 # assumed to be installed beyond what scripts/install_system_deps.sh provides.
 BUILD ?= build
 JOBS ?= 2
-CMAKE_FLAGS ?=  # e.g. "-DFSA_CUDA_HEAD_DIMS=128 -DFSA_CUDA_DTYPES=bf16" (CI uses a reduced set)
+# Extra CMake flags, e.g. CMAKE_FLAGS="-DFSA_CUDA_HEAD_DIMS=128 -DFSA_CUDA_DTYPES=bf16" (CI uses a
+# reduced CUDA instantiation set this way).
+CMAKE_FLAGS ?=
 
 .PHONY: all build demo test test-cpp test-python bench deps clean
 
