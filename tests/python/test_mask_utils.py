@@ -394,3 +394,42 @@ def test_block_selector_errors():
         create_block_mask(torch.randn(1, 2, 3, 64), 64, 2)  # query dim neither 1 nor query_len
     with pytest.raises(ValueError, match="block_size"):
         create_block_mask(bias, 64, 2, block_size=0)
+
+
+def _exact_topk_rows(filled, k, fill):
+    """Top-k per row by (value desc, index asc), then entries equal to the fill dropped: the tie
+    rule the core documents. filled: (rows, n) float64 numpy without NaN."""
+    rows, n = filled.shape
+    out = np.zeros((rows, n), dtype=bool)
+    idx = np.arange(n)
+    for r in range(rows):
+        order = np.lexsort((idx, -filled[r]))[:min(k, n)]
+        out[r, order] = True
+    return out & (filled != fill)
+
+
+@pytest.mark.parametrize("n", [4097, 65536])
+@pytest.mark.parametrize("dist", ["normal", "narrow", "duplicates", "ascending", "descending",
+                                  "constant"])
+@pytest.mark.parametrize("k", [1, 100, 2048, 4096])
+def test_large_rows_exact(n, dist, k):
+    """Rows long enough for the sampled lower bound, on distributions that stress it."""
+    g = torch.Generator().manual_seed(n + k)
+    if dist == "normal":
+        bias = torch.randn(3, n, generator=g)
+    elif dist == "narrow":  # every value in [1, 1 + 2^-10): one exponent, few mantissa bits
+        bias = 1 + torch.rand(3, n, generator=g) / 1024
+    elif dist == "duplicates":
+        bias = torch.randint(0, 7, (3, n), generator=g).float()
+    elif dist == "ascending":
+        bias = torch.arange(n).float().repeat(3, 1)
+    elif dist == "descending":
+        bias = torch.arange(n, 0, -1).float().repeat(3, 1)
+    else:
+        bias = torch.full((3, n), 0.5)
+    mask = torch.rand(3, n, generator=g) < 0.9
+    mask[2] = torch.rand(n, generator=g) < 0.01  # fewer valid keys than k in this row
+    fill = float(torch.finfo(torch.float32).min)
+    out = topk_mask(bias.view(3, 1, 1, n), mask.view(3, 1, 1, n), window_size=k, min_dtype=fill)
+    filled = torch.where(mask, bias, torch.tensor(fill)).double().numpy()
+    assert np.array_equal(out.view(3, n).numpy(), _exact_topk_rows(filled, k, fill))
