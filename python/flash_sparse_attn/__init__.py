@@ -14,6 +14,15 @@ from typing import Optional
 
 __version__ = "0.1.0"
 
+# torch first when it is installed: a CUDA build of the extension needs libcudart.so.13, and if
+# the extension loads it first (the system's copy) torch's own CUDA libraries then fail to load
+# (segfault at import, seen on the H100 machine). Loaded after torch, the extension shares
+# torch's copy.
+try:
+    import torch  # noqa: F401
+except ImportError:
+    pass
+
 from . import _C  # noqa: E402  (the extension: fails loudly if the package was not built)
 
 CPU_AVAILABLE = True

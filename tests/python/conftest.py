@@ -49,8 +49,8 @@ def attention_math(q, k, v, mask=None, bias=None, scale=None, causal=False, soft
     if mask is not None:
         keep = keep & expand_heads(mask, heads)
     if causal:
-        i = torch.arange(sq).view(sq, 1)
-        j = torch.arange(sk).view(1, sk)
+        i = torch.arange(sq, device=q.device).view(sq, 1)
+        j = torch.arange(sk, device=q.device).view(1, sk)
         keep = keep & (j <= i + sk - sq)
     has_any = keep.any(dim=-1, keepdim=True)
     # log-sum-exp over kept entries; rows with none get a finite stand-in so autograd stays finite.

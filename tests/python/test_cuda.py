@@ -81,22 +81,27 @@ def test_compile_forward_on_cuda():
     assert torch.equal(compiled(q, k, v), fn(q, k, v))
 
 
-def test_backward_on_cuda_or_clear_error():
-    q, k, v, mask, bias = _cuda(*_case(1, 64, 64, 2, 2, 64, True, True, torch.bfloat16))
-    q.requires_grad_()
-    bias.requires_grad_()
-    out = flash_sparse_attn_func(q, k, v, attn_mask=mask, attn_bias=bias)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_backward_on_cuda_or_clear_error(dtype):
+    q, k, v, mask, bias = _case(2, 130, 200, 4, 2, 64, True, True, dtype)
+    leaves = [t.cuda().requires_grad_() for t in (q, k, v, bias)]
+    out = flash_sparse_attn_func(leaves[0], leaves[1], leaves[2], attn_mask=mask.cuda(),
+                                 attn_bias=leaves[3], is_causal=True)
+    dout = torch.randn_like(out)
     try:
-        out.float().sum().backward()
+        out.backward(dout)
     except NotImplementedError as e:  # a build whose CUDA backend has no backward yet
         pytest.xfail(f"CUDA backward not available: {e}")
-    ref_q = q.detach().cpu().double().requires_grad_()
-    ref_b = bias.detach().cpu().double().requires_grad_()
-    ref, _ = attention_math(ref_q, k.cpu().double(), v.cpu().double(), mask=mask.cpu(),
-                            bias=ref_b)
-    ref.sum().backward()
-    assert (q.grad.cpu().double() - ref_q.grad).abs().max().item() < 5e-2
-    assert (bias.grad.cpu().double() - ref_b.grad).abs().max().item() < 5e-2
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v, bias)]
+    ref, _ = attention_math(*ref_in[:3], mask=mask, bias=ref_in[3], causal=True)
+    ref.backward(dout.cpu().double())
+    naive_in = [t.detach().cuda().requires_grad_() for t in (q, k, v, bias)]
+    naive, _ = attention_math(*naive_in[:3], mask=mask.cuda(), bias=naive_in[3], causal=True,
+                              compute_dtype=dtype)
+    naive.backward(dout)
+    for name, ours, r, nv in zip(("dq", "dk", "dv", "dbias"), leaves, ref_in, naive_in):
+        assert ours.grad.shape == ours.shape
+        assert_close_rule(name, ours.grad.cpu(), r.grad, nv.grad.cpu(), ATOL[dtype])
 
 
 def test_mask_utilities_on_cuda_tensors():
