@@ -107,7 +107,12 @@ bool run_check(const Case& c, std::mt19937& rng) {
     bshape = {1, 1, c.Sq, 1};
     bias32.resize(size_t(c.Sq));
     for (auto& x : bias32) x = normal(rng);
+  } else if (c.bias_kind == 4) {
+    bshape = {1, c.Hk, c.Sq, c.Sk};
+    bias16.resize(size_t(c.Hk * c.Sq * c.Sk));
+    for (auto& x : bias16) x = to_bf16(normal(rng));
   }
+  const bool bias16_kind = c.bias_kind == 2 || c.bias_kind == 4;
 
   auto view = [](void* p, DType t, const std::vector<int64_t>& s, fsa::Device dev) {
     return TensorView::contiguous(p, t, {s[0], s[1], s[2], s[3]}, dev);
@@ -120,7 +125,7 @@ bool run_check(const Case& c, std::mt19937& rng) {
     a.value = view(vp, DType::kBFloat16, {c.B, c.Sk, c.Hk, c.D}, dev);
     if (c.mask_kind) a.attn_mask = view(mp, DType::kBool, mshape, dev);
     if (c.bias_kind) {
-      a.attn_bias = view(bp, c.bias_kind == 2 ? DType::kBFloat16 : DType::kFloat32, bshape, dev);
+      a.attn_bias = view(bp, bias16_kind ? DType::kBFloat16 : DType::kFloat32, bshape, dev);
     }
     a.options.is_causal = c.causal;
     a.options.softcap = c.softcap;
@@ -128,7 +133,7 @@ bool run_check(const Case& c, std::mt19937& rng) {
     a.lse = TensorView::contiguous(lp, DType::kFloat32, {c.B, c.H, c.Sq}, dev);
     return a;
   };
-  void* bias_host = c.bias_kind == 2 ? static_cast<void*>(bias16.data()) : bias32.data();
+  void* bias_host = bias16_kind ? static_cast<void*>(bias16.data()) : bias32.data();
 
   // CPU backend (fp32 accumulation from the same bf16 inputs).
   std::vector<uint16_t> out_cpu(q.size());
@@ -139,8 +144,8 @@ bool run_check(const Case& c, std::mt19937& rng) {
   // CUDA, outputs poisoned (NaN bit patterns) so unwritten elements show.
   uint16_t *dq = to_device(q), *dk = to_device(k), *dv = to_device(v);
   uint8_t* dm = to_device(mask);
-  void* db = c.bias_kind == 2 ? static_cast<void*>(to_device(bias16))
-                              : static_cast<void*>(to_device(bias32));
+  void* db = bias16_kind ? static_cast<void*>(to_device(bias16))
+                         : static_cast<void*>(to_device(bias32));
   uint16_t* dout = nullptr;
   float* dlse = nullptr;
   CHECK_CUDA(cudaMalloc(&dout, std::max<size_t>(1, q.size() * 2)));
@@ -189,7 +194,104 @@ bool run_check(const Case& c, std::mt19937& rng) {
               "empty-row mismatches %lld\n",
               c.name, ok ? "PASS" : "FAIL", max_err, max_ref, lse_err, (long long)nan,
               (long long)empty_mismatch);
-  return ok;
+  if (c.D > 128) return ok;  // the CUDA backward covers head_dim <= 128 for now
+
+  // Backward: both backends from the CPU forward's out and LSE, the same dO.
+  std::vector<uint16_t> dout_h(q.size());
+  for (auto& x : dout_h) x = to_bf16(normal(rng));
+  const size_t bias_elems = bias16_kind ? bias16.size() : bias32.size();
+  const size_t bias_bytes = bias_elems * (bias16_kind ? 2 : 4);
+  auto make_bwd = [&](void* qp, void* kp, void* vp, void* mp, void* bp, void* op, void* lp,
+                      void* dop, void* dqp, void* dkp, void* dvp, void* dbp, fsa::Device dev) {
+    const fsa::ForwardArgs f = make_args(qp, kp, vp, mp, bp, op, lp, dev);
+    fsa::BackwardArgs a;
+    a.query = f.query, a.key = f.key, a.value = f.value, a.out = f.out, a.lse = *f.lse;
+    a.attn_mask = f.attn_mask, a.attn_bias = f.attn_bias, a.options = f.options;
+    a.dout = view(dop, DType::kBFloat16, {c.B, c.Sq, c.H, c.D}, dev);
+    a.dquery = view(dqp, DType::kBFloat16, {c.B, c.Sq, c.H, c.D}, dev);
+    a.dkey = view(dkp, DType::kBFloat16, {c.B, c.Sk, c.Hk, c.D}, dev);
+    a.dvalue = view(dvp, DType::kBFloat16, {c.B, c.Sk, c.Hk, c.D}, dev);
+    if (c.bias_kind) a.dbias = view(dbp, bias16_kind ? DType::kBFloat16 : DType::kFloat32, bshape, dev);
+    return a;
+  };
+  std::vector<uint16_t> dq_c(q.size()), dk_c(k.size()), dv_c(k.size());
+  std::vector<uint8_t> dbias_c(bias_bytes);
+  fsa::backward(make_bwd(q.data(), k.data(), v.data(), mask.data(), bias_host, out_cpu.data(),
+                         lse_cpu.data(), dout_h.data(), dq_c.data(), dk_c.data(), dv_c.data(),
+                         dbias_c.data(), fsa::Device{}));
+  uint16_t *gq = to_device(q), *gk = to_device(k), *gv = to_device(v), *go = to_device(out_cpu),
+           *gdo = to_device(dout_h);
+  float* glse = to_device(lse_cpu);
+  uint8_t* gm = to_device(mask);
+  void* gb = bias16_kind ? static_cast<void*>(to_device(bias16)) : static_cast<void*>(to_device(bias32));
+  uint16_t *gdq = nullptr, *gdk = nullptr, *gdv = nullptr;
+  uint8_t* gdb = nullptr;
+  CHECK_CUDA(cudaMalloc(&gdq, std::max<size_t>(2, q.size() * 2)));
+  CHECK_CUDA(cudaMalloc(&gdk, std::max<size_t>(2, k.size() * 2)));
+  CHECK_CUDA(cudaMalloc(&gdv, std::max<size_t>(2, k.size() * 2)));
+  CHECK_CUDA(cudaMalloc(&gdb, std::max<size_t>(4, bias_bytes)));
+  CHECK_CUDA(cudaMemset(gdq, 0xff, q.size() * 2));  // NaN poison
+  CHECK_CUDA(cudaMemset(gdk, 0xff, k.size() * 2));
+  CHECK_CUDA(cudaMemset(gdv, 0xff, k.size() * 2));
+  CHECK_CUDA(cudaMemset(gdb, 0xff, bias_bytes));
+  std::string berror;
+  try {
+    fsa::backward(make_bwd(gq, gk, gv, gm, gb, go, glse, gdo, gdq, gdk, gdv, gdb, cuda0()));
+    CHECK_CUDA(cudaDeviceSynchronize());
+  } catch (const std::exception& e) {
+    berror = e.what();
+  }
+  const auto dq_g = to_host(gdq, q.size()), dk_g = to_host(gdk, k.size()), dv_g = to_host(gdv, k.size());
+  const auto dbias_g = to_host(gdb, bias_bytes);
+  for (void* ptr : {static_cast<void*>(gq), static_cast<void*>(gk), static_cast<void*>(gv),
+                    static_cast<void*>(go), static_cast<void*>(gdo), static_cast<void*>(glse),
+                    static_cast<void*>(gm), gb, static_cast<void*>(gdq), static_cast<void*>(gdk),
+                    static_cast<void*>(gdv), static_cast<void*>(gdb)}) {
+    cudaFree(ptr);
+  }
+  if (!berror.empty()) {
+    std::printf("%-40s ERROR (backward) %s\n", c.name, berror.c_str());
+    return false;
+  }
+  // Relative to the tensor's largest reference value: the GPU rounds P and dS to bf16 before
+  // their products (as every flash kernel does), the CPU keeps fp32.
+  auto compare = [](const char* what, const std::vector<float>& g, const std::vector<float>& r) {
+    double err = 0, ref = 0;
+    int64_t bad = 0;
+    for (size_t i = 0; i < g.size(); ++i) {
+      if (!std::isfinite(g[i])) ++bad;
+      err = std::max(err, double(std::abs(g[i] - r[i])));
+      ref = std::max(ref, double(std::abs(r[i])));
+    }
+    const bool good = bad == 0 && err <= 3e-2 * std::max(ref, 1e-3);
+    std::printf("    %-6s %s max|diff| %.2e (|ref| max %.2e) non-finite %lld\n", what,
+                good ? "ok  " : "FAIL", err, ref, (long long)bad);
+    return good;
+  };
+  auto floats16 = [](const std::vector<uint16_t>& x) {
+    std::vector<float> f(x.size());
+    for (size_t i = 0; i < x.size(); ++i) f[i] = from_bf16(x[i]);
+    return f;
+  };
+  auto bias_floats = [&](const std::vector<uint8_t>& bytes) {
+    std::vector<float> f(bias_elems);
+    for (size_t i = 0; i < bias_elems; ++i) {
+      if (bias16_kind) {
+        uint16_t h;
+        std::memcpy(&h, bytes.data() + 2 * i, 2);
+        f[i] = from_bf16(h);
+      } else {
+        std::memcpy(&f[i], bytes.data() + 4 * i, 4);
+      }
+    }
+    return f;
+  };
+  bool bok = compare("dq", floats16(dq_g), floats16(dq_c));
+  bok &= compare("dk", floats16(dk_g), floats16(dk_c));
+  bok &= compare("dv", floats16(dv_g), floats16(dv_c));
+  if (c.bias_kind) bok &= compare("dbias", bias_floats(dbias_g), bias_floats(dbias_c));
+  std::printf("%-40s %s (backward)\n", c.name, bok ? "PASS" : "FAIL");
+  return ok && bok;
 }
 
 int check() {
@@ -213,6 +315,8 @@ int check() {
       {"split causal (1,300,2000,2,2,64)", 1, 300, 2000, 2, 2, 64, true, 0, 0, 0},
       {"split+pack mask/bias (2,3,700,8,2,64)", 2, 3, 700, 8, 2, 64, true, 1, 2, 0},
       {"split+pack decode (1,1,4096,16,2,128)", 1, 1, 4096, 16, 2, 128, true, 2, 1, 0},
+      {"bias (1,Hk,Sq,Sk) summed (2,150,270,4,2,64)", 2, 150, 270, 4, 2, 64, true, 1, 4, 0},
+      {"softcap 30, full bias (1,200,260,2,2,128)", 1, 200, 260, 2, 2, 128, true, 0, 2, 30.0f},
   };
   int failed = 0;
   for (const Case& c : cases) failed += !run_check(c, rng);

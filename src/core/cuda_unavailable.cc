@@ -20,6 +20,7 @@ std::shared_ptr<const DeviceBlockMap> make_device_plan(const Geometry&,
 }
 DevicePlanStats device_plan_stats(const DeviceBlockMap&) { unavailable(); }
 void forward(const ForwardProblem&, const Plan&, void*) { unavailable(); }
+void backward(const BackwardProblem&, const Plan&, void*) { unavailable(); }
 
 }  // namespace fsa::detail::cuda
 

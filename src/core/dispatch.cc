@@ -35,13 +35,12 @@ void forward(const ForwardArgs& args) {
 void backward(const BackwardArgs& args) {
   const detail::BackwardProblem p = detail::validate_backward(args);
   Plan local;
-  if (p.device.type == DeviceType::kCUDA) {
-    throw Error(ErrorKind::kUnsupported, "query",
-                "the CUDA backward is not implemented yet (issue: CUDA backward); run the backward "
-                "on CPU tensors");
-  }
   if (!args.plan) local = plan_for(args.query, args.key, args.attn_mask, p.is_causal, args.stream);
   const Plan& plan = args.plan ? *args.plan : local;
+  if (p.device.type == DeviceType::kCUDA) {
+    detail::cuda::backward(p, plan, args.stream);
+    return;
+  }
   detail::cpu::backward(p, plan);
 }
 

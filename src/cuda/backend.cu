@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <string>
 
+#include "cuda/backward_launch.h"
 #include "cuda/check.h"
 #include "cuda/cuda_backend.h"
 #include "cuda/device_plan.h"
@@ -31,6 +32,20 @@
 #ifndef FSA_CUDA_BUILT_256_fp16
 #define FSA_CUDA_BUILT_256_fp16 0
 #endif
+#ifndef FSA_CUDA_BWD_BUILT_64_bf16
+#define FSA_CUDA_BWD_BUILT_64_bf16 0
+#endif
+#ifndef FSA_CUDA_BWD_BUILT_64_fp16
+#define FSA_CUDA_BWD_BUILT_64_fp16 0
+#endif
+#ifndef FSA_CUDA_BWD_BUILT_128_bf16
+#define FSA_CUDA_BWD_BUILT_128_bf16 0
+#endif
+#ifndef FSA_CUDA_BWD_BUILT_128_fp16
+#define FSA_CUDA_BWD_BUILT_128_fp16 0
+#endif
+#define FSA_IF_BWD_BUILT(D, dtype, ...) \
+  if constexpr (FSA_CUDA_BWD_BUILT_##D##_##dtype) { __VA_ARGS__ }
 #define FSA_IF_BUILT(D, dtype, ...) \
   if constexpr (FSA_CUDA_BUILT_##D##_##dtype) { __VA_ARGS__ }
 
@@ -219,19 +234,26 @@ DevicePlanStats device_plan_stats(const DeviceBlockMap& map) {
   return {int64_t(host[0]), int64_t(host[1])};
 }
 
-void forward(const ForwardProblem& p, const Plan& plan, void* stream_ptr) {
-  auto stream = static_cast<cudaStream_t>(stream_ptr);
+// The plan must be a CUDA plan with the kernels' tiles for this head dim.
+const DeviceBlockMap& kernel_plan(const Plan& plan, int64_t head_dim) {
   const DeviceBlockMap* map = plan.device_map();
   if (!map) fail("plan", "expected a plan built for CUDA tensors");
-  const int kdim = kernel_head_dim(int(p.head_dim));
-  const int block_m = forward_block_m(int(p.head_dim)), block_n = forward_block_n(int(p.head_dim));
+  const int block_m = forward_block_m(int(head_dim)), block_n = forward_block_n(int(head_dim));
   if (map->params.block_m != block_m || map->params.block_n != block_n) {
     throw Error(ErrorKind::kValue, "plan",
                 "built with tiles " + std::to_string(map->params.block_m) + "x" +
-                    std::to_string(map->params.block_n) + ", the CUDA forward for head_dim " +
-                    std::to_string(p.head_dim) + " needs " + std::to_string(block_m) + "x" +
+                    std::to_string(map->params.block_n) + ", the CUDA kernels for head_dim " +
+                    std::to_string(head_dim) + " need " + std::to_string(block_m) + "x" +
                     std::to_string(block_n) + " (leave PlanOptions block_m/block_n at 0)");
   }
+  return *map;
+}
+
+void forward(const ForwardProblem& p, const Plan& plan, void* stream_ptr) {
+  auto stream = static_cast<cudaStream_t>(stream_ptr);
+  const DeviceBlockMap* map = &kernel_plan(plan, p.head_dim);
+  const int kdim = kernel_head_dim(int(p.head_dim));
+  const int block_m = forward_block_m(int(p.head_dim));
   if (p.batch == 0 || p.seqlen_q == 0 || p.num_heads == 0) return;
   if (p.batch > 65535 || p.num_heads > 65535) fail("query", "batch and num_heads must be <= 65535");
 
@@ -323,6 +345,132 @@ void forward(const ForwardProblem& p, const Plan& plan, void* stream_ptr) {
   fail("query", "the CUDA forward for head_dim " + std::to_string(p.head_dim) + " (kernel width " +
                     std::to_string(kdim) + ") and dtype " + to_string(p.dtype) +
                     " was not built (see FSA_CUDA_HEAD_DIMS / FSA_CUDA_DTYPES)");
+}
+
+void backward(const BackwardProblem& p, const Plan& plan, void* stream_ptr) {
+  auto stream = static_cast<cudaStream_t>(stream_ptr);
+  const DeviceBlockMap& map = kernel_plan(plan, p.head_dim);
+  const int kdim = kernel_head_dim(int(p.head_dim));
+  if (kdim > 128) {
+    fail("query", "the CUDA backward supports head_dim <= 128 for now (got " +
+                      std::to_string(p.head_dim) + "); run the backward on CPU tensors");
+  }
+  if (p.batch > 65535 || p.num_heads > 65535) fail("query", "batch and num_heads must be <= 65535");
+
+  StreamBuffer q_pad(stream), k_pad(stream), v_pad(stream), do_pad(stream);
+  const SeqOperand q = rows_aligned(p.q, p.head_dim)
+                           ? p.q
+                           : padded_copy(p.q, p.batch, p.seqlen_q, p.num_heads, p.head_dim,
+                                         stream, q_pad.ptr);
+  const SeqOperand k = rows_aligned(p.k, p.head_dim)
+                           ? p.k
+                           : padded_copy(p.k, p.batch, p.seqlen_k, p.num_kv_heads, p.head_dim,
+                                         stream, k_pad.ptr);
+  const SeqOperand v = rows_aligned(p.v, p.head_dim)
+                           ? p.v
+                           : padded_copy(p.v, p.batch, p.seqlen_k, p.num_kv_heads, p.head_dim,
+                                         stream, v_pad.ptr);
+  const SeqOperand dout = rows_aligned(p.dout, p.head_dim)
+                              ? p.dout
+                              : padded_copy(p.dout, p.batch, p.seqlen_q, p.num_heads, p.head_dim,
+                                            stream, do_pad.ptr);
+
+  BackwardParams bp{};
+  bp.q = q.data, bp.k = k.data, bp.v = v.data, bp.out = p.out.data, bp.dout = dout.data;
+  bp.lse = p.lse;
+  bp.dq = p.dq.data, bp.dk = p.dk.data, bp.dv = p.dv.data;
+  bp.q_stride_b = q.stride_b, bp.q_stride_s = q.stride_s, bp.q_stride_h = q.stride_h;
+  bp.k_stride_b = k.stride_b, bp.k_stride_s = k.stride_s, bp.k_stride_h = k.stride_h;
+  bp.v_stride_b = v.stride_b, bp.v_stride_s = v.stride_s, bp.v_stride_h = v.stride_h;
+  bp.o_stride_b = p.out.stride_b, bp.o_stride_s = p.out.stride_s, bp.o_stride_h = p.out.stride_h;
+  bp.do_stride_b = dout.stride_b, bp.do_stride_s = dout.stride_s, bp.do_stride_h = dout.stride_h;
+  bp.dq_stride_b = p.dq.stride_b, bp.dq_stride_s = p.dq.stride_s, bp.dq_stride_h = p.dq.stride_h;
+  bp.dk_stride_b = p.dk.stride_b, bp.dk_stride_s = p.dk.stride_s, bp.dk_stride_h = p.dk.stride_h;
+  bp.dv_stride_b = p.dv.stride_b, bp.dv_stride_s = p.dv.stride_s, bp.dv_stride_h = p.dv.stride_h;
+  bp.lse_stride_b = p.lse_stride_b, bp.lse_stride_h = p.lse_stride_h;
+  bp.lse_stride_s = p.lse_stride_s;
+  if (p.mask) {
+    bp.mask = static_cast<const uint8_t*>(p.mask->data);
+    fill_strides(bp.mask_stride, *p.mask);
+    bp.mask_head_group = int(p.mask->head_group);
+  }
+  if (p.bias) {
+    bp.bias = p.bias->data;
+    bp.bias_is_fp32 = p.bias->dtype == DType::kFloat32;
+    fill_strides(bp.bias_stride, *p.bias);
+    bp.bias_head_group = int(p.bias->head_group);
+  }
+  bp.batch = int(p.batch), bp.seqlen_q = int(p.seqlen_q), bp.seqlen_k = int(p.seqlen_k);
+  bp.num_heads = int(p.num_heads), bp.num_kv_heads = int(p.num_kv_heads);
+  bp.head_dim = int(p.head_dim), bp.group = int(p.group());
+  constexpr float kLog2e = 1.4426950408889634f;
+  bp.scale = p.scale;
+  bp.scale_log2 = p.scale * kLog2e;
+  if (p.softcap > 0.0f) {
+    bp.softcap_in = p.scale / p.softcap;
+    bp.softcap_out = p.softcap * kLog2e;
+  }
+  bp.is_causal = p.is_causal;
+  bp.map = map.params;
+
+  // Scratch from the stream-ordered pool: rowdot (B, H, Sq) and the bias-gradient accumulator.
+  StreamBuffer rowdot(stream), accum(stream);
+  const int64_t rows = p.batch * p.num_heads * p.seqlen_q;
+  FSA_CUDA_CHECK(cudaMallocAsync(&rowdot.ptr, std::max<int64_t>(rows, 1) * sizeof(float), stream));
+  bp.rowdot = static_cast<float*>(rowdot.ptr);
+  if (p.dbias) {
+    const BroadcastOperand& g = *p.dbias;
+    for (int d = 0; d < 4; ++d) {
+      bp.dbias_stride[d] = g.stride[d];
+      bp.dbias_shape[d] = int(g.shape[d]);
+    }
+    bp.dbias = g.data;
+    const bool query_full = g.shape[2] == p.seqlen_q, key_full = g.shape[3] == p.seqlen_k;
+    const bool broadcast = g.shape[0] != p.batch || g.shape[1] != p.num_heads;
+    if (query_full && key_full) {
+      bp.bias_grad = broadcast ? BiasGrad::kFullSummed : BiasGrad::kFull;
+    } else {
+      bp.bias_grad = query_full ? BiasGrad::kRows : BiasGrad::kColumns;
+    }
+    if (bp.bias_grad == BiasGrad::kFullSummed && p.deterministic) {
+      fail("attn_bias", "deterministic=True with a bias that has both a query and a key dim and "
+                        "is broadcast over batch or heads is not supported on CUDA yet (its "
+                        "gradient is summed with atomics); expand the bias or run on the CPU");
+    }
+    int64_t accum_elems = 0;
+    if (bp.bias_grad == BiasGrad::kFullSummed) accum_elems = g.shape[0] * g.shape[1] * g.shape[2] * g.shape[3];
+    if (bp.bias_grad == BiasGrad::kRows) accum_elems = rows;
+    if (bp.bias_grad == BiasGrad::kColumns) accum_elems = p.batch * p.num_heads * p.seqlen_k;
+    if (accum_elems > 0) {
+      FSA_CUDA_CHECK(cudaMallocAsync(&accum.ptr, accum_elems * sizeof(float), stream));
+      float* a = static_cast<float*>(accum.ptr);
+      if (bp.bias_grad == BiasGrad::kFullSummed) {
+        FSA_CUDA_CHECK(cudaMemsetAsync(a, 0, accum_elems * sizeof(float), stream));
+        bp.dbias_accum = a;
+      } else if (bp.bias_grad == BiasGrad::kRows) {
+        bp.row_accum = a;
+      } else {
+        bp.col_accum = a;
+      }
+    }
+  }
+
+  const bool bf16 = p.dtype == DType::kBFloat16;
+  switch (kdim) {
+#define FSA_BACKWARD_CASE(D)                                                     \
+  case D:                                                                        \
+    if (bf16) {                                                                  \
+      FSA_IF_BWD_BUILT(D, bf16, launch_backward<D, Bf16>(bp, stream); return;)   \
+    } else {                                                                     \
+      FSA_IF_BWD_BUILT(D, fp16, launch_backward<D, Fp16>(bp, stream); return;)   \
+    }                                                                            \
+    break;
+    FSA_BACKWARD_CASE(64)
+    FSA_BACKWARD_CASE(128)
+#undef FSA_BACKWARD_CASE
+  }
+  fail("query", "the CUDA backward for head_dim " + std::to_string(p.head_dim) + " and dtype " +
+                    to_string(p.dtype) + " was not built (see FSA_CUDA_HEAD_DIMS / FSA_CUDA_DTYPES)");
 }
 
 }  // namespace fsa::detail::cuda

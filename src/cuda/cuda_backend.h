@@ -28,5 +28,6 @@ std::shared_ptr<const DeviceBlockMap> make_device_plan(
 DevicePlanStats device_plan_stats(const DeviceBlockMap& map);
 
 void forward(const ForwardProblem& p, const Plan& plan, void* stream);
+void backward(const BackwardProblem& p, const Plan& plan, void* stream);
 
 }  // namespace fsa::detail::cuda

@@ -65,6 +65,64 @@ struct ForwardParams {
   BlockMapParams map;
 };
 
+// How the bias gradient is produced (the caller's dbias shape decides).
+enum class BiasGrad : int {
+  kNone = 0,
+  kFull = 1,        // dbias (B, H, Sq, Sk): each dS element written once by the dQ pass
+  kFullSummed = 2,  // dbias ({B|1}, {H|Hk|1}, Sq, Sk) with a broadcast dim: fp32 atomics into
+                    // dbias_accum (dbias's own size), converted at the end
+  kRows = 3,        // dbias (..., Sq, 1): row sums in the dQ pass into row_accum (B, H, Sq)
+  kColumns = 4,     // dbias (..., 1, Sk|1): column sums in the dK/dV pass into col_accum (B, H, Sk)
+};
+
+struct BackwardParams {
+  const void* q;     // (B, Sq, H, D)
+  const void* k;     // (B, Sk, Hk, D)
+  const void* v;     // (B, Sk, Hk, D)
+  const void* out;   // (B, Sq, H, D) forward output
+  const void* dout;  // (B, Sq, H, D)
+  const float* lse;  // (B, H, Sq) natural-log LSE from forward
+  void* dq;          // (B, Sq, H, D)
+  void* dk;          // (B, Sk, Hk, D)
+  void* dv;          // (B, Sk, Hk, D)
+  int64_t q_stride_b, q_stride_s, q_stride_h;
+  int64_t k_stride_b, k_stride_s, k_stride_h;
+  int64_t v_stride_b, v_stride_s, v_stride_h;
+  int64_t o_stride_b, o_stride_s, o_stride_h;
+  int64_t do_stride_b, do_stride_s, do_stride_h;
+  int64_t dq_stride_b, dq_stride_s, dq_stride_h;
+  int64_t dk_stride_b, dk_stride_s, dk_stride_h;
+  int64_t dv_stride_b, dv_stride_s, dv_stride_h;
+  int64_t lse_stride_b, lse_stride_h, lse_stride_s;
+  const float* rowdot;  // (B, H, Sq) sum_d dO * O, from the preprocess kernel
+
+  const uint8_t* mask;  // as in ForwardParams
+  int64_t mask_stride[4];
+  int mask_head_group;
+  const void* bias;
+  bool bias_is_fp32;
+  int64_t bias_stride[4];
+  int bias_head_group;
+
+  BiasGrad bias_grad;
+  void* dbias;               // caller's dbias (bias dtype), kFull
+  int64_t dbias_stride[4];   // caller strides of dbias
+  int dbias_shape[4];        // caller shape of dbias
+  float* dbias_accum;        // kFullSummed: fp32, dbias's shape, contiguous
+  float* row_accum;          // kRows: (B, H, Sq) fp32
+  float* col_accum;          // kColumns: (B, H, Sk) fp32
+
+  int batch, seqlen_q, seqlen_k, num_heads, num_kv_heads, head_dim;
+  int group;
+  float scale;        // softmax scale (natural units): dQ and dK are scaled by it
+  float scale_log2;   // scale * log2(e)
+  float softcap_in;   // scale / c, or 0
+  float softcap_out;  // c * log2(e), or 0
+  bool is_causal;
+
+  BlockMapParams map;
+};
+
 // Planning kernel inputs.
 struct PlanParams {
   const uint8_t* mask;       // or null

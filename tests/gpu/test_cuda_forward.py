@@ -53,10 +53,13 @@ def attention(q, k, v, mask, bias, scale, causal, softcap, compute_dtype):
         keep = keep & (j <= i + Sk - Sq)
     s = s.float() if compute_dtype != torch.float64 else s
     s = s.masked_fill(~keep, -math.inf)
-    lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - lse[..., None]).masked_fill(~keep, 0.0).nan_to_num(0.0)
+    # Empty rows (no kept key): LSE = -inf and P = 0, computed so that autograd sees no
+    # -inf - (-inf) either (the rows' logits are replaced before logsumexp, its result after).
+    empty = ~keep.any(-1)
+    lse = torch.logsumexp(s.masked_fill(empty[..., None], 0.0), dim=-1)
+    p = torch.exp(s - lse.masked_fill(empty, 0.0)[..., None])
     out = p.to(compute_dtype) @ vh
-    return out.transpose(1, 2), lse
+    return out.transpose(1, 2), lse.masked_fill(empty, -math.inf)
 
 
 def run_ours(q, k, v, mask=None, bias=None, scale=None, causal=False, softcap=0.0):

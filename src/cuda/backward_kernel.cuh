@@ -1,0 +1,536 @@
+#pragma once
+// Backward kernels (mma.sync m16n8k16; fragment layouts as in forward_kernel.cuh). Two passes,
+// each output element written by exactly one CTA, as on the CPU backend:
+//
+//   rowdot_kernel  rowdot (B, H, Sq) = sum_d dO * O                       one warp per row
+//   dq_kernel      dQ of one query tile over the plan's key blocks;        CTA (m, h, b)
+//                  dbias for a bias with a query dim (full or row sums)
+//   dkdv_kernel    dK, dV of one key tile over the G query heads and the   CTA (n, hk, b)
+//                  transposed lists; column sums of dS for a query-
+//                  broadcast bias
+//
+// Each pass recomputes P and dS from Q, K, V, dO, LSE and rowdot (no (B, H, Sq, Sk) temporary).
+
+#include "cuda/forward_kernel.cuh"
+
+namespace fsa::detail::cuda {
+
+// Threads per CTA and tile rows of the two passes. dQ: 16 query rows per warp and one warp per
+// 16 rows of the plan's query tile. dK/dV: 16 key rows per warp, 4 warps = the plan's 64-key
+// tile; its dK and dV accumulators (2 x 16 x D fp32 per warp) are what limits D to 128.
+template <int kHeadDim>
+struct BackwardTiles {
+  static constexpr int kBlockM = forward_block_m(kHeadDim);  // the plan's query tile
+  static constexpr int kBlockN = forward_block_n(kHeadDim);  // the plan's key tile
+  static constexpr int kDqWarps = kBlockM / 16;
+  static constexpr int kDkvWarps = kBlockN / 16;
+  static constexpr int kHalfM = 64;  // dK/dV walks a query tile in halves of 64 queries
+  static constexpr int kSmemDq = (kBlockM * kHeadDim * 2 + 4 * kBlockN * kHeadDim) * 2;
+  static constexpr int kSmemDkv = (2 * kBlockN * kHeadDim + 4 * kHalfM * kHeadDim) * 2 +
+                                  2 * 2 * kHalfM * int(sizeof(float));
+};
+
+template <class Elt>
+__global__ void rowdot_kernel(const __grid_constant__ BackwardParams p) {
+  const int64_t rows = int64_t(p.batch) * p.num_heads * p.seqlen_q;
+  const int64_t row = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const int i = int(row % p.seqlen_q), h = int((row / p.seqlen_q) % p.num_heads);
+  const int b = int(row / (int64_t(p.seqlen_q) * p.num_heads));
+  const void* o = static_cast<const typename Elt::Storage*>(p.out) + b * p.o_stride_b +
+                  i * p.o_stride_s + h * p.o_stride_h;
+  const void* d = static_cast<const typename Elt::Storage*>(p.dout) + b * p.do_stride_b +
+                  i * p.do_stride_s + h * p.do_stride_h;
+  float sum = 0.0f;
+  for (int c = lane; c < p.head_dim; c += 32) sum += Elt::to_float(o, c) * Elt::to_float(d, c);
+  for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+  if (lane == 0) const_cast<float*>(p.rowdot)[row] = sum;  // (B, H, Sq), row = (b H + h) Sq + i
+}
+
+// c (16, kCols) = A[a_row0 .. a_row0 + 16, :] . B[0 .. kCols, :]^T, both swizzled smem tiles of
+// kHeadDim columns (the forward's q . k^T).
+template <int kHeadDim, int kCols, class Elt>
+__device__ inline void warp_gemm_nt(float (&c)[kCols / 8][4], const uint16_t* sa, int a_row0,
+                                    const uint16_t* sb) {
+  using Smem = SmemTile<kHeadDim>;
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int j = 0; j < kCols / 8; ++j) c[j][0] = c[j][1] = c[j][2] = c[j][3] = 0.0f;
+#pragma unroll
+  for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+    uint32_t a[4];
+    ldmatrix_x4(a, sa + Smem::offset(a_row0 + lane % 16, kk * 2 + lane / 16));
+#pragma unroll
+    for (int np = 0; np < kCols / 16; ++np) {
+      const int mi = lane / 8;
+      uint32_t bk[4];
+      ldmatrix_x4(bk, sb + Smem::offset(np * 16 + (mi / 2) * 8 + lane % 8, kk * 2 + mi % 2));
+      Elt::mma(c[2 * np], a, bk[0], bk[1]);
+      Elt::mma(c[2 * np + 1], a, bk[2], bk[3]);
+    }
+  }
+}
+
+// acc (16, kHeadDim) += P (16, kCols, registers) . B (kCols, kHeadDim) with B read transposed
+// (the forward's p . v).
+template <int kHeadDim, int kCols, class Elt>
+__device__ inline void warp_gemm_pv(float (&acc)[kHeadDim / 8][4], const float (&p)[kCols / 8][4],
+                                    const uint16_t* sb) {
+  using Smem = SmemTile<kHeadDim>;
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int kk = 0; kk < kCols / 16; ++kk) {
+    const uint32_t a[4] = {Elt::pack(p[2 * kk][0], p[2 * kk][1]), Elt::pack(p[2 * kk][2], p[2 * kk][3]),
+                           Elt::pack(p[2 * kk + 1][0], p[2 * kk + 1][1]),
+                           Elt::pack(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+#pragma unroll
+    for (int dp = 0; dp < kHeadDim / 16; ++dp) {
+      const int mi = lane / 8;
+      uint32_t bv[4];
+      ldmatrix_x4_trans(bv, sb + Smem::offset(kk * 16 + (mi % 2) * 8 + lane % 8, dp * 2 + mi / 2));
+      Elt::mma(acc[2 * dp], a, bv[0], bv[1]);
+      Elt::mma(acc[2 * dp + 1], a, bv[2], bv[3]);
+    }
+  }
+}
+
+__device__ inline int bwd_visible_end(const BackwardParams& p, int i) {
+  if (!p.is_causal) return p.seqlen_k;
+  return min(max(i + p.seqlen_k - p.seqlen_q + 1, 0), p.seqlen_k);
+}
+
+// One entry of the recomputation: from the raw product x = q.k and dP = dO.v of (query i, key j)
+// returns P (natural softmax probability), dS = P (dP - rowdot) and dX (the gradient w.r.t. the
+// scaled product: dS, or dS (1 - t^2) under softcap). A dropped entry, an empty row (LSE -inf)
+// and a padded row give exact zeros.
+template <class Elt>
+__device__ inline void entry_grads(const BackwardParams& p, int b, int head, int i, int j,
+                                   bool check, float x, float dp, float lse2, float rowdot,
+                                   float& prob, float& ds, float& dx) {
+  float t = 0.0f, s2;
+  if (p.softcap_in != 0.0f) {
+    t = tanhf(x * p.softcap_in);
+    s2 = t * p.softcap_out;
+  } else {
+    s2 = x * p.scale_log2;
+  }
+  bool keep = lse2 != -INFINITY;
+  if (keep && check) {  // partial tile or ragged edge: bounds, causality and the mask
+    keep = i < p.seqlen_q && j < p.seqlen_k && j < bwd_visible_end(p, i);
+    if (keep && p.mask) {
+      keep = p.mask[b * p.mask_stride[0] + (head / p.mask_head_group) * p.mask_stride[1] +
+                    int64_t(i) * p.mask_stride[2] + int64_t(j) * p.mask_stride[3]] != 0;
+    }
+  }
+  if (!keep) {
+    prob = ds = dx = 0.0f;
+    return;
+  }
+  if (p.bias) {
+    const int64_t off = b * p.bias_stride[0] + (head / p.bias_head_group) * p.bias_stride[1] +
+                        int64_t(i) * p.bias_stride[2] + int64_t(j) * p.bias_stride[3];
+    s2 += (p.bias_is_fp32 ? static_cast<const float*>(p.bias)[off] : Elt::to_float(p.bias, off)) *
+          kLog2e;
+  }
+  prob = s2 == -INFINITY ? 0.0f : exp2f(s2 - lse2);  // a -inf bias acts as a mask
+  ds = prob * (dp - rowdot);
+  dx = p.softcap_in != 0.0f ? ds * (1.0f - t * t) : ds;
+}
+
+// ------------------------------------------------------------------------------------------------
+// dQ pass: CTA (query tile m, head h, batch b); warps own 16 query rows each.
+template <int kHeadDim, class Elt>
+__global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kDqWarps * 32)
+    dq_kernel(const __grid_constant__ BackwardParams p) {
+  using Tiles = BackwardTiles<kHeadDim>;
+  constexpr int kBlockM = Tiles::kBlockM, kBlockN = Tiles::kBlockN;
+  constexpr int kThreads = Tiles::kDqWarps * 32;
+  constexpr int kNTiles = kBlockN / 8, kDTiles = kHeadDim / 8;
+  extern __shared__ __align__(128) uint8_t smem_raw[];
+  uint16_t* s_q = reinterpret_cast<uint16_t*>(smem_raw);  // (kBlockM, kHeadDim)
+  uint16_t* s_do = s_q + kBlockM * kHeadDim;               // (kBlockM, kHeadDim)
+  uint16_t* s_k = s_do + kBlockM * kHeadDim;               // 2 stages (kBlockN, kHeadDim)
+  uint16_t* s_v = s_k + 2 * kBlockN * kHeadDim;            // 2 stages
+
+  const int m = int(blockIdx.x), h = blockIdx.y, b = blockIdx.z, hk = h / p.group;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int row0 = m * kBlockM;
+  const int64_t list_row =
+      (int64_t(p.map.map_batch == 1 ? 0 : b) * p.map.map_heads + h / p.map.head_group) *
+          p.map.m_blocks + m;
+  const int n_full = p.map.full_count[list_row];
+  const int total = n_full + p.map.partial_count[list_row];
+  const int32_t* full_list = p.map.full_index + list_row * p.map.n_blocks;
+  const int32_t* partial_list = p.map.partial_index + list_row * p.map.n_blocks;
+  auto block_at = [&](int it) { return it < n_full ? full_list[it] : partial_list[it - n_full]; };
+
+  const auto* k = static_cast<const uint16_t*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h;
+  const auto* v = static_cast<const uint16_t*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h;
+  load_tile_async<kHeadDim, kBlockM, kThreads>(
+      s_q, static_cast<const uint16_t*>(p.q) + b * p.q_stride_b + h * p.q_stride_h, p.q_stride_s,
+      row0, p.seqlen_q, p.head_dim);
+  load_tile_async<kHeadDim, kBlockM, kThreads>(
+      s_do, static_cast<const uint16_t*>(p.dout) + b * p.do_stride_b + h * p.do_stride_h,
+      p.do_stride_s, row0, p.seqlen_q, p.head_dim);
+  if (total > 0) {
+    const int n0 = block_at(0);
+    load_tile_async<kHeadDim, kBlockN, kThreads>(s_k, k, p.k_stride_s, n0 * kBlockN, p.seqlen_k,
+                                                 p.head_dim);
+    load_tile_async<kHeadDim, kBlockN, kThreads>(s_v, v, p.v_stride_s, n0 * kBlockN, p.seqlen_k,
+                                                 p.head_dim);
+  }
+  cute::cp_async_fence();
+
+  int i_row[2];
+  float lse2[2], rdot[2], row_grad[2] = {0.0f, 0.0f};
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    i_row[r] = row0 + warp * 16 + g + 8 * r;
+    const bool valid = i_row[r] < p.seqlen_q;
+    const int i = min(i_row[r], p.seqlen_q - 1);
+    lse2[r] = valid ? p.lse[b * p.lse_stride_b + h * p.lse_stride_h + int64_t(i) * p.lse_stride_s] *
+                          kLog2e
+                    : -INFINITY;
+    rdot[r] = valid ? p.rowdot[(int64_t(b) * p.num_heads + h) * p.seqlen_q + i] : 0.0f;
+  }
+  float dq[kDTiles][4];
+#pragma unroll
+  for (int d = 0; d < kDTiles; ++d) dq[d][0] = dq[d][1] = dq[d][2] = dq[d][3] = 0.0f;
+
+  for (int it = 0; it < total; ++it) {
+    const int n = block_at(it), stage = it & 1;
+    if (it + 1 < total) {
+      const int nn = block_at(it + 1);
+      load_tile_async<kHeadDim, kBlockN, kThreads>(s_k + (stage ^ 1) * kBlockN * kHeadDim, k,
+                                                   p.k_stride_s, nn * kBlockN, p.seqlen_k, p.head_dim);
+      load_tile_async<kHeadDim, kBlockN, kThreads>(s_v + (stage ^ 1) * kBlockN * kHeadDim, v,
+                                                   p.v_stride_s, nn * kBlockN, p.seqlen_k, p.head_dim);
+      cute::cp_async_fence();
+      cute::cp_async_wait<1>();
+    } else {
+      cute::cp_async_wait<0>();
+    }
+    __syncthreads();
+    const uint16_t* kt = s_k + stage * kBlockN * kHeadDim;
+    const uint16_t* vt = s_v + stage * kBlockN * kHeadDim;
+    float s[kNTiles][4], dpt[kNTiles][4];
+    warp_gemm_nt<kHeadDim, kBlockN, Elt>(s, s_q, warp * 16, kt);    // x = q . k
+    warp_gemm_nt<kHeadDim, kBlockN, Elt>(dpt, s_do, warp * 16, vt);  // dP = dO . v
+    const bool check = it >= n_full || (n + 1) * kBlockN > p.seqlen_k;
+#pragma unroll
+    for (int j = 0; j < kNTiles; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e / 2, i = i_row[r], c = n * kBlockN + j * 8 + 2 * t + (e & 1);
+        float prob, ds, dx;
+        entry_grads<Elt>(p, b, h, i, c, check || i >= p.seqlen_q, s[j][e], dpt[j][e], lse2[r],
+                         rdot[r], prob, ds, dx);
+        s[j][e] = dx;
+        if (p.bias_grad == BiasGrad::kFull) {  // every in-range entry of a visited tile, once
+          if (i < p.seqlen_q && c < p.seqlen_k) {
+            const int64_t off = b * p.dbias_stride[0] + h * p.dbias_stride[1] +
+                                int64_t(i) * p.dbias_stride[2] + int64_t(c) * p.dbias_stride[3];
+            if (p.bias_is_fp32) static_cast<float*>(p.dbias)[off] = ds;
+            else reinterpret_cast<uint16_t*>(p.dbias)[off] = uint16_t(Elt::pack(ds, 0.0f) & 0xffffu);
+          }
+        } else if (ds != 0.0f) {
+          if (p.bias_grad == BiasGrad::kFullSummed) {
+            const int bb = p.dbias_shape[0] == 1 ? 0 : b;
+            const int hb = h / (p.num_heads / p.dbias_shape[1]);
+            atomicAdd(p.dbias_accum + ((int64_t(bb) * p.dbias_shape[1] + hb) * p.seqlen_q + i) *
+                                          p.seqlen_k + c, ds);
+          } else if (p.bias_grad == BiasGrad::kRows) {
+            row_grad[r] += ds;
+          }
+        }
+      }
+    warp_gemm_pv<kHeadDim, kBlockN, Elt>(dq, s, kt);  // dQ += dX . k (scaled at the end)
+    __syncthreads();
+  }
+
+  auto* dq_out = static_cast<typename Elt::Storage*>(p.dq) + b * p.dq_stride_b + h * p.dq_stride_h;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float rg = row_grad[r];
+    rg += __shfl_xor_sync(0xffffffffu, rg, 1);
+    rg += __shfl_xor_sync(0xffffffffu, rg, 2);
+    const int i = i_row[r];
+    if (i >= p.seqlen_q) continue;
+    if (p.bias_grad == BiasGrad::kRows && t == 0) {
+      p.row_accum[(int64_t(b) * p.num_heads + h) * p.seqlen_q + i] = rg;
+    }
+    auto* row = dq_out + int64_t(i) * p.dq_stride_s;
+#pragma unroll
+    for (int d = 0; d < kDTiles; ++d) {
+      const int c = d * 8 + 2 * t;
+      const uint32_t packed = Elt::pack(dq[d][2 * r] * p.scale, dq[d][2 * r + 1] * p.scale);
+      if (c < p.head_dim) *reinterpret_cast<uint16_t*>(row + c) = uint16_t(packed & 0xffffu);
+      if (c + 1 < p.head_dim) *reinterpret_cast<uint16_t*>(row + c + 1) = uint16_t(packed >> 16);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// dK/dV pass: CTA (key tile n, kv head hk, batch b); warps own 16 key rows each; the query tiles
+// of the transposed lists are walked in halves of 64 queries (the columns here).
+template <int kHeadDim, class Elt>
+__global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kDkvWarps * 32)
+    dkdv_kernel(const __grid_constant__ BackwardParams p) {
+  using Tiles = BackwardTiles<kHeadDim>;
+  constexpr int kBlockM = Tiles::kBlockM, kBlockN = Tiles::kBlockN, kHalf = Tiles::kHalfM;
+  constexpr int kThreads = Tiles::kDkvWarps * 32;
+  constexpr int kCTiles = kHalf / 8, kDTiles = kHeadDim / 8;
+  constexpr int kHalves = kBlockM / kHalf;
+  extern __shared__ __align__(128) uint8_t smem_raw[];
+  uint16_t* s_k = reinterpret_cast<uint16_t*>(smem_raw);  // (kBlockN, kHeadDim)
+  uint16_t* s_v = s_k + kBlockN * kHeadDim;                // (kBlockN, kHeadDim)
+  uint16_t* s_q = s_v + kBlockN * kHeadDim;                // 2 stages (kHalf, kHeadDim)
+  uint16_t* s_do = s_q + 2 * kHalf * kHeadDim;             // 2 stages (kHalf, kHeadDim)
+  float* s_lse2 = reinterpret_cast<float*>(s_do + 2 * kHalf * kHeadDim);  // 2 stages (kHalf)
+  float* s_rdot = s_lse2 + 2 * kHalf;                                       // 2 stages (kHalf)
+
+  const int n = int(blockIdx.x), hk = blockIdx.y, b = blockIdx.z;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int key0 = n * kBlockN;
+  const auto* kg = static_cast<const uint16_t*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h;
+  const auto* vg = static_cast<const uint16_t*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h;
+  load_tile_async<kHeadDim, kBlockN, kThreads>(s_k, kg, p.k_stride_s, key0, p.seqlen_k, p.head_dim);
+  load_tile_async<kHeadDim, kBlockN, kThreads>(s_v, vg, p.v_stride_s, key0, p.seqlen_k, p.head_dim);
+
+  // The work list: (head, query tile, partial) over the G heads, each head's transposed full then
+  // partial list, each query tile in kHalves halves. Enumerated by a flat index.
+  const int mb = p.map.map_batch == 1 ? 0 : b;
+  auto list_of = [&](int h, int& n_full, int& n_total, const int32_t*& full, const int32_t*& part) {
+    const int64_t col =
+        (int64_t(mb) * p.map.map_heads + h / p.map.head_group) * p.map.n_blocks + n;
+    n_full = p.map.full_count_t[col];
+    n_total = n_full + p.map.partial_count_t[col];
+    full = p.map.full_index_t + col * p.map.m_blocks;
+    part = p.map.partial_index_t + col * p.map.m_blocks;
+  };
+  // Loads the Q / dO half tile `half` of query tile m for head h into `stage`, with its LSE (log2
+  // units; -inf past Sq so those columns drop) and rowdot.
+  auto load_half = [&](int h, int m, int half, int stage) {
+    const int q0 = m * kBlockM + half * kHalf;
+    load_tile_async<kHeadDim, kHalf, kThreads>(
+        s_q + stage * kHalf * kHeadDim,
+        static_cast<const uint16_t*>(p.q) + b * p.q_stride_b + h * p.q_stride_h, p.q_stride_s, q0,
+        p.seqlen_q, p.head_dim);
+    load_tile_async<kHeadDim, kHalf, kThreads>(
+        s_do + stage * kHalf * kHeadDim,
+        static_cast<const uint16_t*>(p.dout) + b * p.do_stride_b + h * p.do_stride_h,
+        p.do_stride_s, q0, p.seqlen_q, p.head_dim);
+    for (int c = threadIdx.x; c < kHalf; c += kThreads) {
+      const int i = q0 + c;
+      const bool valid = i < p.seqlen_q;
+      s_lse2[stage * kHalf + c] =
+          valid ? p.lse[b * p.lse_stride_b + h * p.lse_stride_h + int64_t(i) * p.lse_stride_s] * kLog2e
+                : -INFINITY;
+      s_rdot[stage * kHalf + c] =
+          valid ? p.rowdot[(int64_t(b) * p.num_heads + h) * p.seqlen_q + i] : 0.0f;
+    }
+  };
+
+  int total = 0;
+  for (int h = hk * p.group; h < (hk + 1) * p.group; ++h) {
+    int nf, nt;
+    const int32_t *f, *pt;
+    list_of(h, nf, nt, f, pt);
+    total += nt * kHalves;
+  }
+  // Cursor over the flat work list.
+  int cur_h = hk * p.group, cur_idx = 0, cur_half = 0;
+  int cur_full, cur_total;
+  const int32_t *cur_flist, *cur_plist;
+  list_of(cur_h, cur_full, cur_total, cur_flist, cur_plist);
+  auto skip_empty_heads = [&]() {
+    while (cur_idx >= cur_total && cur_h + 1 < (hk + 1) * p.group) {
+      ++cur_h;
+      cur_idx = 0;
+      cur_half = 0;
+      list_of(cur_h, cur_full, cur_total, cur_flist, cur_plist);
+    }
+  };
+  skip_empty_heads();
+  struct Work {
+    int h, m, half;
+    bool partial;
+  };
+  auto current = [&]() {
+    const int m = cur_idx < cur_full ? cur_flist[cur_idx] : cur_plist[cur_idx - cur_full];
+    return Work{cur_h, m, cur_half, cur_idx >= cur_full};
+  };
+  auto advance = [&]() {
+    if (++cur_half == kHalves) {
+      cur_half = 0;
+      ++cur_idx;
+      skip_empty_heads();
+    }
+  };
+
+  Work next{};
+  if (total > 0) {
+    next = current();
+    load_half(next.h, next.m, next.half, 0);
+  }
+  cute::cp_async_fence();
+
+  float dk[kDTiles][4], dv[kDTiles][4];
+#pragma unroll
+  for (int d = 0; d < kDTiles; ++d) {
+    dk[d][0] = dk[d][1] = dk[d][2] = dk[d][3] = 0.0f;
+    dv[d][0] = dv[d][1] = dv[d][2] = dv[d][3] = 0.0f;
+  }
+  float col_grad[2] = {0.0f, 0.0f};  // per key row r: column sums of dS, for kColumns
+  int col_head = -1;                 // the head col_grad belongs to
+  const int key_row[2] = {key0 + warp * 16 + g, key0 + warp * 16 + g + 8};
+  auto flush_col_grad = [&]() {
+    if (p.bias_grad != BiasGrad::kColumns || col_head < 0) return;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float cg = col_grad[r];
+      cg += __shfl_xor_sync(0xffffffffu, cg, 1);
+      cg += __shfl_xor_sync(0xffffffffu, cg, 2);
+      if (t == 0 && key_row[r] < p.seqlen_k) {
+        p.col_accum[(int64_t(b) * p.num_heads + col_head) * p.seqlen_k + key_row[r]] = cg;
+      }
+      col_grad[r] = 0.0f;
+    }
+  };
+  // Every head's column sums are written, zeros included, so col_accum needs no clearing.
+  if (p.bias_grad == BiasGrad::kColumns) {
+    for (int h = hk * p.group; h < (hk + 1) * p.group; ++h) {
+      col_head = h;
+      flush_col_grad();
+    }
+    col_head = -1;
+  }
+
+  for (int it = 0; it < total; ++it) {
+    const Work w = next;
+    const int stage = it & 1;
+    advance();
+    if (it + 1 < total) {
+      next = current();
+      load_half(next.h, next.m, next.half, stage ^ 1);
+      cute::cp_async_fence();
+      cute::cp_async_wait<1>();
+    } else {
+      cute::cp_async_wait<0>();
+    }
+    __syncthreads();
+    if (w.h != col_head) {
+      flush_col_grad();
+      col_head = w.h;
+    }
+    const uint16_t* qt = s_q + stage * kHalf * kHeadDim;
+    const uint16_t* dot = s_do + stage * kHalf * kHeadDim;
+    const float* lse2 = s_lse2 + stage * kHalf;
+    const float* rdot = s_rdot + stage * kHalf;
+    float s[kCTiles][4], dpt[kCTiles][4];
+    warp_gemm_nt<kHeadDim, kHalf, Elt>(s, s_k, warp * 16, qt);    // x^T = k . q
+    warp_gemm_nt<kHeadDim, kHalf, Elt>(dpt, s_v, warp * 16, dot);  // dP^T = v . dO
+    const int q0 = w.m * kBlockM + w.half * kHalf;
+    const bool check = w.partial || key0 + kBlockN > p.seqlen_k || q0 + kHalf > p.seqlen_q;
+#pragma unroll
+    for (int j = 0; j < kCTiles; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e / 2, cl = j * 8 + 2 * t + (e & 1);
+        float prob, ds, dx;
+        entry_grads<Elt>(p, b, w.h, q0 + cl, key_row[r], check, s[j][e], dpt[j][e], lse2[cl],
+                         rdot[cl], prob, ds, dx);
+        s[j][e] = prob;
+        dpt[j][e] = dx;
+        col_grad[r] += ds;
+      }
+    warp_gemm_pv<kHeadDim, kHalf, Elt>(dv, s, dot);   // dV += P^T . dO
+    warp_gemm_pv<kHeadDim, kHalf, Elt>(dk, dpt, qt);  // dK += dX^T . q (scaled at the end)
+    __syncthreads();
+  }
+  flush_col_grad();
+
+  auto* dk_out = static_cast<typename Elt::Storage*>(p.dk) + b * p.dk_stride_b + hk * p.dk_stride_h;
+  auto* dv_out = static_cast<typename Elt::Storage*>(p.dv) + b * p.dv_stride_b + hk * p.dv_stride_h;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int key = key_row[r];
+    if (key >= p.seqlen_k) continue;
+    auto* krow = dk_out + int64_t(key) * p.dk_stride_s;
+    auto* vrow = dv_out + int64_t(key) * p.dv_stride_s;
+#pragma unroll
+    for (int d = 0; d < kDTiles; ++d) {
+      const int c = d * 8 + 2 * t;
+      const uint32_t kp = Elt::pack(dk[d][2 * r] * p.scale, dk[d][2 * r + 1] * p.scale);
+      const uint32_t vp = Elt::pack(dv[d][2 * r], dv[d][2 * r + 1]);
+      if (c < p.head_dim) {
+        *reinterpret_cast<uint16_t*>(krow + c) = uint16_t(kp & 0xffffu);
+        *reinterpret_cast<uint16_t*>(vrow + c) = uint16_t(vp & 0xffffu);
+      }
+      if (c + 1 < p.head_dim) {
+        *reinterpret_cast<uint16_t*>(krow + c + 1) = uint16_t(kp >> 16);
+        *reinterpret_cast<uint16_t*>(vrow + c + 1) = uint16_t(vp >> 16);
+      }
+    }
+  }
+}
+
+// Zeroes dbias through its strides (kFull: entries of skipped tiles must read 0).
+template <class Elt>
+__global__ void zero_dbias_kernel(const __grid_constant__ BackwardParams p) {
+  const int64_t total = int64_t(p.dbias_shape[0]) * p.dbias_shape[1] * p.dbias_shape[2] *
+                        p.dbias_shape[3];
+  const size_t bytes = p.bias_is_fp32 ? 4 : 2;
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t j = e % p.dbias_shape[3], i = (e / p.dbias_shape[3]) % p.dbias_shape[2];
+    const int64_t h = (e / (int64_t(p.dbias_shape[3]) * p.dbias_shape[2])) % p.dbias_shape[1];
+    const int64_t b = e / (int64_t(p.dbias_shape[3]) * p.dbias_shape[2] * p.dbias_shape[1]);
+    const int64_t off = b * p.dbias_stride[0] + h * p.dbias_stride[1] + i * p.dbias_stride[2] +
+                        j * p.dbias_stride[3];
+    if (bytes == 4) static_cast<float*>(p.dbias)[off] = 0.0f;
+    else static_cast<uint16_t*>(p.dbias)[off] = 0;
+  }
+}
+
+// dbias (caller's shape, bias dtype) from the fp32 accumulators: sums over the dims the caller
+// passed as 1, in a fixed order. One thread per dbias element.
+template <class Elt>
+__global__ void dbias_reduce_kernel(const __grid_constant__ BackwardParams p) {
+  const int64_t total = int64_t(p.dbias_shape[0]) * p.dbias_shape[1] * p.dbias_shape[2] *
+                        p.dbias_shape[3];
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    const int jb = int(e % p.dbias_shape[3]);
+    const int ib = int((e / p.dbias_shape[3]) % p.dbias_shape[2]);
+    const int hb = int((e / (int64_t(p.dbias_shape[3]) * p.dbias_shape[2])) % p.dbias_shape[1]);
+    const int bb = int(e / (int64_t(p.dbias_shape[3]) * p.dbias_shape[2] * p.dbias_shape[1]));
+    float sum = 0.0f;
+    if (p.bias_grad == BiasGrad::kFullSummed) {
+      sum = p.dbias_accum[e];
+    } else {
+      const int heads_per = p.num_heads / p.dbias_shape[1];
+      const bool rows = p.bias_grad == BiasGrad::kRows;
+      const int len = rows ? p.seqlen_q : p.seqlen_k;
+      const bool full_dim = rows ? p.dbias_shape[2] == p.seqlen_q : p.dbias_shape[3] == p.seqlen_k;
+      const float* acc = rows ? p.row_accum : p.col_accum;
+      for (int b = (p.dbias_shape[0] == 1 ? 0 : bb); b < (p.dbias_shape[0] == 1 ? p.batch : bb + 1); ++b) {
+        for (int h = hb * heads_per; h < (hb + 1) * heads_per; ++h) {
+          const float* a = acc + (int64_t(b) * p.num_heads + h) * len;
+          if (full_dim) {
+            sum += a[rows ? ib : jb];
+          } else {
+            for (int x = 0; x < len; ++x) sum += a[x];
+          }
+        }
+      }
+    }
+    const int64_t off = bb * p.dbias_stride[0] + hb * p.dbias_stride[1] + ib * p.dbias_stride[2] +
+                        jb * p.dbias_stride[3];
+    if (p.bias_is_fp32) static_cast<float*>(p.dbias)[off] = sum;
+    else reinterpret_cast<uint16_t*>(p.dbias)[off] = uint16_t(Elt::pack(sum, 0.0f) & 0xffffu);
+  }
+}
+
+}  // namespace fsa::detail::cuda

@@ -1,0 +1,189 @@
+"""CUDA backward against float64 PyTorch autograd on the GPU: SPEC section 7 backward cases.
+
+Gradients of q, k, v and the bias (in the bias's own shape) through flash_sparse_attn_func's
+autograd; the pass rule is SPEC's (max|ours - ref| <= 2 max|naive same-dtype - ref| + atol, no
+NaN, exact zeros where no kept entry contributes). The CUDA backward covers head_dim <= 128.
+"""
+
+import math
+
+import pytest
+import torch
+
+from flash_sparse_attn import _C, flash_sparse_attn_func
+from flash_sparse_attn.utils.mask import create_mask
+
+from test_cuda_forward import SEED, attention, qkv, randn  # noqa: F401 (fixtures below)
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or not getattr(_C, "has_cuda", False),
+    reason="needs a CUDA device and a CUDA build of flash_sparse_attn",
+)
+DTYPES = [torch.bfloat16, torch.float16]
+
+
+@pytest.fixture
+def gen():
+    g = torch.Generator(device="cuda")
+    g.manual_seed(SEED)
+    return g
+
+
+def grads_of(fn, inputs, dout):
+    for t in inputs:
+        if t is not None:
+            t.grad = None
+    out = fn()
+    out.backward(dout)
+    return [None if t is None else t.grad for t in inputs]
+
+
+def check_backward(q, k, v, mask=None, bias=None, causal=False, softcap=0.0, label=""):
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    dout = torch.randn_like(q)
+    leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+    bias_leaf = None if bias is None else bias.detach().clone().requires_grad_(True)
+    ours = grads_of(lambda: flash_sparse_attn_func(
+        *leaves, attn_mask=mask, attn_bias=bias_leaf, is_causal=causal, softcap=softcap or None),
+        leaves + [bias_leaf], dout)
+
+    def reference(dtype):
+        ls = [x.detach().to(dtype).requires_grad_(True) for x in (q, k, v)]
+        bl = None if bias is None else bias.detach().to(dtype).requires_grad_(True)
+        return grads_of(lambda: attention(*ls, mask, bl, scale, causal, softcap, dtype)[0].to(dtype),
+                        ls + [bl], dout.to(dtype))
+
+    ref = reference(torch.float64)
+    naive = reference(q.dtype)
+    where = f"{label} seed={SEED} dtype={q.dtype}"
+    for name, g, r, n in zip(("dq", "dk", "dv", "dbias"), ours, ref, naive):
+        if r is None:
+            continue
+        assert g is not None, f"{name} missing: {where}"
+        assert g.shape == r.shape, f"{name} shape {tuple(g.shape)} != {tuple(r.shape)}: {where}"
+        assert not g.isnan().any(), f"{name} has NaN: {where}"
+        err = (g.double() - r).abs().max().item()
+        naive_err = (n.double() - r).abs().max().item()
+        atol = 1e-3 * max(r.abs().max().item(), 1e-6)
+        assert err <= 2 * naive_err + atol, \
+            f"{name} error {err:.3e} > 2 x naive {naive_err:.3e} + {atol:.1e}: {where}"
+        zero = r == 0
+        if zero.any() and name != "dbias":
+            assert (g[zero] == 0).all(), f"{name} must be exactly 0 where no kept entry reaches: {where}"
+    return ours
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_case1_dense(dtype, causal, gen):
+    check_backward(*qkv(2, 512, 512, 8, 8, 64, dtype, gen), causal=causal, label="case 1")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_case2_causal_128(dtype, gen):
+    check_backward(*qkv(2, 1024, 1024, 16, 16, 128, dtype, gen), causal=True, label="case 2")
+
+
+def test_case2_d256_backward_is_a_clear_error(gen):
+    q, k, v = (x.requires_grad_(True) for x in qkv(1, 64, 64, 2, 2, 256, torch.bfloat16, gen))
+    out = flash_sparse_attn_func(q, k, v, is_causal=True)
+    with pytest.raises((RuntimeError, NotImplementedError), match="head_dim <= 128"):
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_case3_trainable_mask(dtype, gen):
+    B, S, H, Hk, D = 2, 2048, 8, 2, 128
+    q, k, v = qkv(B, S, S, H, Hk, D, dtype, gen)
+    bias = randn(B, Hk, 1, S, dtype=dtype, gen=gen)
+    causal = torch.ones(S, S, dtype=torch.bool, device="cuda").tril()[None, None]
+    mask = create_mask(bias, causal, B, S, S, 256, torch.finfo(dtype).min, type="topk")
+    check_backward(q, k, v, mask=mask, bias=bias, causal=True, label="case 3")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_case4_bias_query_dim_1_gqa4(dtype, gen):
+    q, k, v = qkv(2, 1000, 1000, 8, 2, 64, dtype, gen)
+    check_backward(q, k, v, bias=randn(2, 2, 1, 1000, dtype=dtype, gen=gen), causal=True,
+                   label="case 4")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_case5_decode(dtype, gen):
+    q, k, v = qkv(3, 1, 1025, 32, 4, 128, dtype, gen)
+    mask = torch.rand(3, 4, 1, 1025, device="cuda", generator=gen) < 0.5
+    check_backward(q, k, v, mask=mask, bias=randn(3, 4, 1, 1025, dtype=dtype, gen=gen),
+                   causal=True, label="case 5")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_case7_fully_masked_rows(dtype, gen):
+    q, k, v = qkv(2, 256, 256, 4, 4, 64, dtype, gen)
+    mask = torch.rand(2, 4, 256, 256, device="cuda", generator=gen) < 0.5
+    mask[1] = False
+    mask[0, :, 17] = False
+    dq, dk, dv, _ = check_backward(q, k, v, mask=mask, label="case 7")
+    assert (dq[1] == 0).all() and (dk[1] == 0).all() and (dv[1] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_case8_block_structured(dtype, gen):
+    q, k, v = qkv(1, 1024, 1024, 4, 4, 128, dtype, gen)
+    mask = torch.rand(1, 4, 1024, 1024, device="cuda", generator=gen) < 0.3
+    tiles = torch.rand(1, 4, 8, 8, device="cuda", generator=gen) < 0.4
+    mask &= ~tiles.repeat_interleave(128, 2).repeat_interleave(128, 3)
+    check_backward(q, k, v, mask=mask, label="case 8")
+
+
+@pytest.mark.parametrize("D", [8, 20, 40, 50, 72, 100])
+def test_case9_head_dims(D, gen):
+    check_backward(*qkv(1, 333, 517, 4, 2, D, torch.bfloat16, gen), causal=True,
+                   label=f"case 9 D={D}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_case10_broadcast_biases(dtype, gen):
+    q, k, v = qkv(4, 200, 300, 4, 2, 64, dtype, gen)
+    mask = torch.rand(1, 2, 200, 300, device="cuda", generator=gen) < 0.7
+    check_backward(q, k, v, mask=mask, bias=randn(1, 4, 200, 300, dtype=dtype, gen=gen),
+                   causal=True, label="case 10 batch-1 bias")
+    check_backward(q, k, v, bias=randn(4, 4, 200, 1, dtype=dtype, gen=gen),
+                   label="case 10 key-dim-1 bias")
+    check_backward(q, k, v, bias=randn(1, 1, 1, 1, dtype=torch.float32, gen=gen),
+                   label="case 10 scalar bias")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_case11_full_bias(dtype, gen):
+    q, k, v = qkv(2, 256, 384, 8, 8, 64, dtype, gen)
+    check_backward(q, k, v, bias=randn(2, 8, 256, 384, dtype=dtype, gen=gen), label="case 11")
+
+
+@pytest.mark.parametrize("softcap", [5.0, 30.0])
+def test_case12_softcap(softcap, gen):
+    q, k, v = qkv(1, 512, 512, 4, 4, 64, torch.bfloat16, gen)
+    check_backward(q, k, v, bias=randn(1, 4, 512, 512, dtype=torch.bfloat16, gen=gen),
+                   softcap=softcap, causal=True, label="case 12")
+
+
+def test_case13_deterministic_bitwise(gen):
+    q, k, v = qkv(1, 4096, 4096, 2, 1, 64, torch.bfloat16, gen)
+    bias = randn(1, 1, 1, 4096, dtype=torch.bfloat16, gen=gen)
+    dout = torch.randn_like(q)
+    runs = []
+    for _ in range(2):
+        leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v, bias)]
+        out = flash_sparse_attn_func(*leaves[:3], attn_bias=leaves[3], deterministic=True)
+        out.backward(dout)
+        runs.append([x.grad for x in leaves])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_bias_only_requires_grad(gen):
+    q, k, v = qkv(2, 300, 300, 4, 2, 64, torch.bfloat16, gen)
+    bias = randn(2, 2, 1, 300, dtype=torch.bfloat16, gen=gen).requires_grad_(True)
+    out = flash_sparse_attn_func(q, k, v, attn_bias=bias, is_causal=True)
+    out.backward(torch.randn_like(out))
+    assert bias.grad is not None and bias.grad.shape == bias.shape
+    assert not bias.grad.isnan().any()
