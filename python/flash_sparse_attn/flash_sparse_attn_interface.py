@@ -6,6 +6,8 @@ Three routes, one kernel:
   tiny-problem overhead bar of the project is measured here);
 * eager with gradients: ``FlashSparseAttnFunc`` (torch.autograd.Function); the block-map plan is
   built once in forward, kept on ``ctx`` and reused by backward;
+* plans are also cached across calls that share a mask (``_PlanCache``: the layers of one step),
+  and, on CUDA, across mask-free calls of the same shapes;
 * under torch.compile: the torch.library custom ops ``flash_sparse_attn::fwd`` / ``::bwd`` with
   fake kernels (so ``fullgraph=True`` traces without graph breaks) and ``register_autograd``. The
   plan is handed from the forward op to the backward op through a small int64 handle tensor
@@ -18,6 +20,7 @@ DLPack (no torch headers in C++). CUDA tensors run on the current CUDA stream.
 import collections
 import itertools
 import threading
+import weakref
 from typing import Optional, Tuple
 
 import torch
@@ -100,6 +103,69 @@ def _make_plan(q, k, attn_mask, is_causal, block_mask, block_m, block_n):
     )
 
 
+class _PlanCache:
+    """Plans reused across calls: the layers of one model step share their mask (and a call
+    without a mask has a plan that depends on shapes only), so the block map is built once, not
+    once per layer. A mask or block selection is keyed by the tensor object itself (a weak
+    reference, so a freed tensor never matches a new one at the same address) and its version
+    counter (so an in-place update through torch replans). The key also holds the shapes, the
+    device and the CUDA stream the plan was built on. Writes that bypass torch's version counter
+    (``tensor.data[...] = ...``, writes through a numpy / DLPack alias) are not seen: call
+    ``clear_plan_cache()`` after those. Bounded; least recently used plans go first."""
+
+    def __init__(self, capacity: int = 32):
+        self._entries = collections.OrderedDict()
+        self._capacity = capacity
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _tensor_key(t):
+        if t is None:
+            return None
+        return (id(t), t._version, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+
+    def get(self, q, k, attn_mask, is_causal, block_mask, block_m, block_n):
+        stream = _stream(q)
+        key = (tuple(q.shape), tuple(k.shape), q.device, stream, is_causal, block_m, block_n,
+               self._tensor_key(attn_mask), self._tensor_key(block_mask))
+        tensors = (attn_mask, block_mask)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                plan, refs = entry
+                if all(t is None or ref() is t for ref, t in zip(refs, tensors)):
+                    self._entries.move_to_end(key)
+                    return plan
+        plan = _make_plan(q, k, attn_mask, is_causal, block_mask, block_m, block_n)
+        refs = tuple(None if t is None else weakref.ref(t) for t in tensors)
+        with self._lock:
+            self._entries[key] = (plan, refs)
+            while len(self._entries) > self._capacity:
+                self._entries.popitem(last=False)
+        return plan
+
+    def clear(self):
+        with self._lock:
+            self._entries.clear()
+
+
+_plan_cache = _PlanCache()
+
+
+def clear_plan_cache() -> None:
+    """Forget every cached plan (see ``_PlanCache``)."""
+    _plan_cache.clear()
+
+
+def _plan_for_call(q, k, attn_mask, is_causal, block_mask, block_m, block_n):
+    """The plan of an eager call: cached where planning costs something (any CUDA call: small
+    planning kernels; a CPU call with a mask or block selection: one read of it). A mask-free CPU
+    call returns None and the core plans inline (cheaper than the cache lookup)."""
+    if q.is_cuda or attn_mask is not None or block_mask is not None:
+        return _plan_cache.get(q, k, attn_mask, is_causal, block_mask, block_m, block_n)
+    return None
+
+
 def _run_backward(
     dout, q, k, v, out, lse, attn_mask, attn_bias, softmax_scale, is_causal, softcap,
     deterministic, plan, need_dbias,
@@ -131,14 +197,16 @@ class FlashSparseAttnFunc(torch.autograd.Function):
         ctx, q, k, v, attn_mask, attn_bias, softmax_scale, is_causal, softcap, deterministic,
         block_mask, block_m, block_n,
     ):
-        plan = _make_plan(q, k, attn_mask, is_causal, block_mask, block_m, block_n)
+        plan = _plan_for_call(q, k, attn_mask, is_causal, block_mask, block_m, block_n)
+        if plan is None:  # mask-free CPU call: still one plan for forward and backward
+            plan = _make_plan(q, k, attn_mask, is_causal, block_mask, block_m, block_n)
         out, lse = _new_outputs(q, need_lse=True)
         _C.forward(
             _dl(q), _dl(k), _dl(v), _dl(attn_mask), _dl(attn_bias), _dl(out), _dl(lse),
             softmax_scale, is_causal, softcap, plan, _stream(q),
         )
         ctx.save_for_backward(q, k, v, attn_mask, attn_bias, out, lse)
-        ctx.plan = plan  # built once, reused by backward
+        ctx.plan = plan  # built once (or taken from the cache), reused by backward
         ctx.softmax_scale = softmax_scale
         ctx.is_causal = is_causal
         ctx.softcap = softcap
@@ -208,7 +276,9 @@ def _fwd_op(
     block_m: Optional[int],
     block_n: Optional[int],
 ) -> Tuple[_Tensor, _Tensor, _Tensor]:
-    plan = _make_plan(q, k, attn_mask, is_causal, block_mask, block_m, block_n)
+    plan = _plan_for_call(q, k, attn_mask, is_causal, block_mask, block_m, block_n)
+    if plan is None:
+        plan = _make_plan(q, k, attn_mask, is_causal, block_mask, block_m, block_n)
     out, lse = _new_outputs(q, need_lse=True)
     _C.forward(
         _dl(q), _dl(k), _dl(v), _dl(attn_mask), _dl(attn_bias), _dl(out), _dl(lse),
@@ -375,9 +445,7 @@ def flash_sparse_attn_func(
         )
     else:
         # Inference: straight into the core, no autograd bookkeeping, lse only when asked for.
-        plan = None
-        if block_mask is not None:
-            plan = _make_plan(query, key, attn_mask, is_causal, block_mask, block_m, block_n)
+        plan = _plan_for_call(query, key, attn_mask, is_causal, block_mask, block_m, block_n)
         out, lse = _new_outputs(query, need_lse=return_lse)
         _C.forward(
             _dl(query), _dl(key), _dl(value), _dl(attn_mask), _dl(attn_bias),

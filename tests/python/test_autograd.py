@@ -168,3 +168,45 @@ def test_double_backward_through_retain_graph():
     q.grad = None
     out.sum().backward()
     assert torch.equal(q.grad, first)
+
+
+def test_plan_cache_reuses_and_invalidates(monkeypatch):
+    calls = []
+    real = iface._make_plan
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(iface, "_make_plan", counting)
+    iface.clear_plan_cache()
+    q, k, v, bias, mask = _inputs(torch.float32, (B, H, SQ, SK), with_mask=True)
+    q, k, v, bias = (t.detach() for t in (q, k, v, bias))
+    first = flash_sparse_attn_func(q, k, v, attn_mask=mask, attn_bias=bias)
+    for _ in range(3):  # e.g. the layers of one step sharing the mask
+        assert torch.equal(flash_sparse_attn_func(q, k, v, attn_mask=mask, attn_bias=bias), first)
+    assert len(calls) == 1
+
+    mask[0, 0, 1] = ~mask[0, 0, 1]  # an in-place update bumps the version: replanned
+    updated = flash_sparse_attn_func(q, k, v, attn_mask=mask, attn_bias=bias)
+    assert len(calls) == 2
+    ref, _ = attention_math(q.double(), k.double(), v.double(), mask=mask, bias=bias.double())
+    assert (updated.double() - ref).abs().max().item() < 1e-5
+
+    other = mask.clone()  # same contents, another tensor: its own entry
+    flash_sparse_attn_func(q, k, v, attn_mask=other, attn_bias=bias)
+    assert len(calls) == 3
+    flash_sparse_attn_func(q, k, v, attn_mask=mask, attn_bias=bias, is_causal=True)
+    assert len(calls) == 4
+
+
+def test_plan_cache_never_matches_a_freed_mask():
+    q, k, v, _, _ = _inputs(torch.float32, (1, 1, 1, 1), with_mask=False)
+    q, k, v = (t.detach() for t in (q, k, v))
+    for trial in range(20):  # new masks, often at a freed one's address and id
+        mask = torch.rand(B, 1, SQ, SK) < 0.5
+        mask[..., 0] = True
+        out = flash_sparse_attn_func(q, k, v, attn_mask=mask)
+        ref, _ = attention_math(q.double(), k.double(), v.double(), mask=mask)
+        assert (out.double() - ref).abs().max().item() < 1e-5, trial
+        del mask
