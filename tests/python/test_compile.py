@@ -138,3 +138,28 @@ def test_block_mask_under_compile():
     assert torch.allclose(loss, ref_loss, atol=1e-5)
     for ours, ref in zip((q, k, v, bias), refs):
         assert torch.allclose(ours.grad, ref.grad, atol=1e-5)
+
+
+def test_dynamic_shapes_one_graph():
+    """dynamic=True: one graph serves several sequence lengths (fake kernels are shape-generic)."""
+    counts = torch._dynamo.utils.counters
+    counts.clear()
+
+    def fn(q_, k_, v_, bias_):
+        return flash_sparse_attn_func(q_, k_, v_, attn_bias=bias_, is_causal=True).sum()
+
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend="aot_eager")
+    for s in (17, 40, 64):
+        q = torch.randn(2, s, 4, 16, requires_grad=True)
+        k = torch.randn(2, s + 3, 2, 16, requires_grad=True)
+        v = torch.randn(2, s + 3, 2, 16, requires_grad=True)
+        bias = torch.randn(2, 2, 1, s + 3, requires_grad=True)
+        loss = compiled(q, k, v, bias)
+        loss.backward()
+        refs = [t.detach().clone().requires_grad_() for t in (q, k, v, bias)]
+        ref = fn(*refs)
+        ref.backward()
+        assert torch.allclose(loss, ref, atol=1e-4)
+        for ours, r in zip((q, k, v, bias), refs):
+            assert torch.allclose(ours.grad, r.grad, atol=1e-4)
+    assert counts["stats"]["unique_graphs"] <= 2  # the static first call, then one dynamic graph
