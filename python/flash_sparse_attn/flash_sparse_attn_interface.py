@@ -1,6 +1,6 @@
 """PyTorch front end of the C++ core: ``flash_sparse_attn_func`` with autograd and torch.compile.
 
-Three routes, one kernel:
+Routes into the one core:
 
 * eager, no gradient needed: a direct call into the extension (the cheapest route; the
   tiny-problem overhead bar of the project is measured here);
