@@ -67,7 +67,9 @@ target_sources(fsa PRIVATE ${fsa_cuda_sources})
 set_target_properties(fsa PROPERTIES CUDA_ARCHITECTURES "${FSA_CUDA_ARCHS}")
 target_compile_definitions(fsa PUBLIC FSA_WITH_CUDA)
 target_include_directories(fsa SYSTEM PRIVATE ${FSA_CUTLASS_INCLUDE_DIR})
-target_link_libraries(fsa PUBLIC CUDA::cudart)
+# Static cudart: a Python process that loads torch (with its own cudart) and this extension in
+# either order must not end up with two runtimes.
+target_link_libraries(fsa PUBLIC CUDA::cudart_static)
 # -lineinfo for profilers; spills are reported (DESIGN kernel rule 7).
 target_compile_options(fsa PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:--expt-relaxed-constexpr -lineinfo
                        -Xptxas=--warn-on-spills>)

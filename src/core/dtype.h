@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "fsa/tensor.h"
 
@@ -145,6 +146,41 @@ inline const T* element_ptr(const void* base, DType dtype, int64_t offset) {
 template <typename T = void>
 inline T* element_ptr(void* base, DType dtype, int64_t offset) {
   return reinterpret_cast<T*>(static_cast<char*>(base) + offset * int64_t(dtype_size(dtype)));
+}
+
+// Accumulation-type versions of the loads and stores: T = float for fp32 / bf16 / fp16 data, and
+// T = double for fp64 data (which is read and written without passing through fp32).
+template <typename T>
+inline void load_values(const void* src, DType dtype, int64_t n, T* dst) {
+  if constexpr (std::is_same_v<T, float>) {
+    load_floats(src, dtype, n, dst);
+  } else if (dtype == DType::kFloat64) {
+    std::memcpy(dst, src, size_t(n) * sizeof(double));
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = T(load_float(src, dtype, i));
+  }
+}
+
+template <typename T>
+inline T load_value(const void* base, DType dtype, int64_t offset) {
+  if (dtype == DType::kFloat64) return T(static_cast<const double*>(base)[offset]);
+  return T(load_float(base, dtype, offset));
+}
+
+template <typename T>
+inline void store_values(const T* src, int64_t n, DType dtype, void* dst) {
+  if constexpr (std::is_same_v<T, float>) {
+    store_floats(src, n, dtype, dst);
+  } else if (dtype == DType::kFloat64) {
+    std::memcpy(dst, src, size_t(n) * sizeof(double));
+  } else {
+    for (int64_t i = 0; i < n; ++i) store_float(float(src[i]), dtype, dst, i);
+  }
+}
+
+template <typename T>
+inline void store_value(T value, DType dtype, void* base, int64_t offset) {
+  store_values(&value, 1, dtype, static_cast<char*>(base) + offset * int64_t(dtype_size(dtype)));
 }
 
 }  // namespace fsa::detail

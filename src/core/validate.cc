@@ -78,14 +78,18 @@ void check_writable(const TensorView& t, const char* name) {
   }
 }
 
+// fp16 / bf16 everywhere; fp32 and fp64 on the CPU (fp64 accumulates in double: gradient checks).
 void check_float_dtype(const TensorView& t, const char* name) {
-  if (t.dtype != DType::kFloat16 && t.dtype != DType::kBFloat16 && t.dtype != DType::kFloat32) {
+  if (t.dtype != DType::kFloat16 && t.dtype != DType::kBFloat16 && t.dtype != DType::kFloat32 &&
+      t.dtype != DType::kFloat64) {
     fail(ErrorKind::kDType, name,
-         "expected dtype float16, bfloat16 or float32 (CPU), got " + to_string(t.dtype));
+         "expected dtype float16, bfloat16, or float32 / float64 (CPU), got " +
+             to_string(t.dtype));
   }
-  if (t.dtype == DType::kFloat32 && t.device.type == DeviceType::kCUDA) {
+  if ((t.dtype == DType::kFloat32 || t.dtype == DType::kFloat64) &&
+      t.device.type == DeviceType::kCUDA) {
     fail(ErrorKind::kDType, name,
-         "float32 runs on the CPU backend only; use float16 or bfloat16 on CUDA");
+         to_string(t.dtype) + " runs on the CPU backend only; use float16 or bfloat16 on CUDA");
   }
 }
 

@@ -13,34 +13,36 @@ namespace fsa::detail::cpu {
 namespace {
 
 // Per-worker scratch, sized once per call.
+template <typename Acc>
 struct ForwardScratch {
-  std::vector<float> q;       // (block_m, D)
-  std::vector<float> kt;      // (D, block_n): K transposed so score rows are contiguous
-  std::vector<float> v;       // (block_n, D)
-  std::vector<float> s;       // (block_m, block_n) logits, then probabilities
-  std::vector<float> acc;     // (block_m, D) unnormalized output
-  std::vector<float> row_max; // (block_m) running max of the log2 logits
-  std::vector<float> row_sum; // (block_m) running sum of exp2(s2 - row_max)
-  std::vector<float> row_buf; // (max(D, block_n)) conversion / bias row
+  std::vector<Acc> q;        // (block_m, D)
+  std::vector<Acc> kt;       // (D, block_n): K transposed so score rows are contiguous
+  std::vector<Acc> v;        // (block_n, D)
+  std::vector<Acc> s;        // (block_m, block_n) logits, then probabilities
+  std::vector<Acc> acc;      // (block_m, D) unnormalized output
+  std::vector<Acc> row_max;  // (block_m) running max of the log2 logits
+  std::vector<Acc> row_sum;  // (block_m) running sum of exp2(s2 - row_max)
+  std::vector<Acc> row_buf;  // (max(D, block_n)) conversion / bias row
 };
 
 // Online-softmax state of one row, in the log2 domain. The -inf guards are what makes empty rows
 // exact: while no key has been kept, max = -inf and we subtract 0 instead of -inf, so every
 // exp2 is exp2(-inf) = 0 rather than exp2(NaN).
-inline float rescale_for(float& row_max, float tile_max) {
-  const float new_max = std::max(row_max, tile_max);
-  const float correction = row_max == kNegInf ? 0.0f : std::exp2(row_max - new_max);
+template <typename Acc>
+inline Acc rescale_for(Acc& row_max, Acc tile_max) {
+  const Acc new_max = std::max(row_max, tile_max);
+  const Acc correction = row_max == kNegInfOf<Acc> ? Acc(0) : std::exp2(row_max - new_max);
   row_max = new_max;
   return correction;
 }
 
-}  // namespace
-
-void forward(const ForwardProblem& p, const Plan& plan) {
+template <typename Acc>
+void run_forward(const ForwardProblem& p, const Plan& plan) {
+  constexpr Acc kNegInf = kNegInfOf<Acc>;
   const BlockMap& map = plan.map();
   const int64_t bm = map.block_m, bn = map.block_n, D = p.head_dim;
   const int64_t tasks = p.batch * p.num_heads * map.m_blocks;
-  std::vector<ForwardScratch> scratch(size_t(std::max(1, cpu_threads())));
+  std::vector<ForwardScratch<Acc>> scratch(size_t(std::max(1, cpu_threads())));
   for (auto& w : scratch) {
     w.q.resize(size_t(bm * D));
     w.kt.resize(size_t(D * bn));
@@ -51,10 +53,10 @@ void forward(const ForwardProblem& p, const Plan& plan) {
     w.row_sum.resize(size_t(bm));
     w.row_buf.resize(size_t(std::max(D, bn)));
   }
-  const ScoreTransform transform(p);
+  const ScoreTransform<Acc> transform(p);
 
   parallel_for(tasks, [&](int64_t task, int worker) {
-    ForwardScratch& w = scratch[size_t(worker)];
+    ForwardScratch<Acc>& w = scratch[size_t(worker)];
     const int64_t m = task % map.m_blocks;
     const int64_t h = (task / map.m_blocks) % p.num_heads;
     const int64_t b = task / (map.m_blocks * p.num_heads);
@@ -62,9 +64,9 @@ void forward(const ForwardProblem& p, const Plan& plan) {
     const int64_t r0 = m * bm, rows = std::min(bm, p.seqlen_q - r0);
 
     load_rows(p.q, p.dtype, b, r0, rows, h, D, w.q.data());
-    std::fill(w.acc.begin(), w.acc.end(), 0.0f);
+    std::fill(w.acc.begin(), w.acc.end(), Acc(0));
     std::fill(w.row_max.begin(), w.row_max.end(), kNegInf);
-    std::fill(w.row_sum.begin(), w.row_sum.end(), 0.0f);
+    std::fill(w.row_sum.begin(), w.row_sum.end(), Acc(0));
 
     const int64_t mb = plan.map_batch(b), mh = plan.map_head(h);
     for (int pass = 0; pass < 2; ++pass) {
@@ -79,19 +81,19 @@ void forward(const ForwardProblem& p, const Plan& plan) {
         matmul_nn(w.q.data(), D, w.kt.data(), bn, w.s.data(), bn, rows, tile.cols, D);
         transform.apply(w.s.data(), bn, tile, b, h, partial, w.row_buf.data());
         for (int64_t r = 0; r < rows; ++r) {
-          float* sr = w.s.data() + r * bn;
-          float tile_max = kNegInf;
+          Acc* sr = w.s.data() + r * bn;
+          Acc tile_max = kNegInf;
           for (int64_t c = 0; c < tile.cols; ++c) tile_max = std::max(tile_max, sr[c]);
-          const float correction = rescale_for(w.row_max[size_t(r)], tile_max);
-          const float shift = w.row_max[size_t(r)] == kNegInf ? 0.0f : w.row_max[size_t(r)];
-          float sum = 0.0f;
+          const Acc correction = rescale_for(w.row_max[size_t(r)], tile_max);
+          const Acc shift = w.row_max[size_t(r)] == kNegInf ? Acc(0) : w.row_max[size_t(r)];
+          Acc sum = 0;
           for (int64_t c = 0; c < tile.cols; ++c) {
             sr[c] = fast_exp2(sr[c] - shift);
             sum += sr[c];
           }
           w.row_sum[size_t(r)] = w.row_sum[size_t(r)] * correction + sum;
-          if (correction != 1.0f) {
-            float* ar = w.acc.data() + r * D;
+          if (correction != Acc(1)) {
+            Acc* ar = w.acc.data() + r * D;
             for (int64_t d = 0; d < D; ++d) ar[d] *= correction;
           }
         }
@@ -102,22 +104,32 @@ void forward(const ForwardProblem& p, const Plan& plan) {
 
     // Normalize; a row with no kept key (sum 0) is exactly 0 with LSE = -inf.
     for (int64_t r = 0; r < rows; ++r) {
-      const float sum = w.row_sum[size_t(r)];
-      const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-      float* ar = w.acc.data() + r * D;
+      const Acc sum = w.row_sum[size_t(r)];
+      const Acc inv = sum > 0 ? Acc(1) / sum : Acc(0);
+      Acc* ar = w.acc.data() + r * D;
       if (sum != sum) {
         for (int64_t d = 0; d < D; ++d) ar[d] = sum;  // NaN in, NaN out (this row only)
       } else {
         for (int64_t d = 0; d < D; ++d) ar[d] *= inv;
       }
       if (p.lse) {
-        const float lse = sum > 0.0f ? (w.row_max[size_t(r)] + std::log2(sum)) * kLn2
-                                     : (sum != sum ? sum : kNegInf);
-        p.lse[b * p.lse_stride_b + h * p.lse_stride_h + (r0 + r) * p.lse_stride_s] = lse;
+        const Acc lse = sum > 0 ? (w.row_max[size_t(r)] + std::log2(sum)) * Acc(kLn2)
+                                : (sum != sum ? sum : kNegInf);
+        p.lse[b * p.lse_stride_b + h * p.lse_stride_h + (r0 + r) * p.lse_stride_s] = float(lse);
       }
     }
     store_rows(w.acc.data(), p.out, p.dtype, b, r0, rows, h, D);
   });
+}
+
+}  // namespace
+
+void forward(const ForwardProblem& p, const Plan& plan) {
+  if (p.dtype == DType::kFloat64) {
+    run_forward<double>(p, plan);
+  } else {
+    run_forward<float>(p, plan);
+  }
 }
 
 }  // namespace fsa::detail::cpu

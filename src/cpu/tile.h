@@ -1,7 +1,8 @@
 #pragma once
-// Tile-level building blocks shared by the CPU forward and backward: operand loads into fp32,
-// the small matrix products, and the score transform (scale, softcap, bias, mask / causality)
-// in the log2 domain.
+// Tile-level building blocks shared by the CPU forward and backward: operand loads into the
+// accumulation type Acc (float for fp32 / bf16 / fp16 inputs, double for fp64 inputs), the small
+// matrix products, and the score transform (scale, softcap, bias, mask / causality) in the log2
+// domain.
 
 #include <cmath>
 #include <cstdint>
@@ -13,9 +14,10 @@
 
 namespace fsa::detail::cpu {
 
-constexpr float kLog2e = 1.4426950408889634f;  // log2(e): exp(x) = exp2(x * kLog2e)
-constexpr float kLn2 = 0.6931471805599453f;    // ln(2): log(x) = log2(x) * kLn2
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr double kLog2e = 1.4426950408889634;  // log2(e): exp(x) = exp2(x * kLog2e)
+constexpr double kLn2 = 0.6931471805599453;    // ln(2): log(x) = log2(x) * kLn2
+template <typename Acc>
+constexpr Acc kNegInfOf = -std::numeric_limits<Acc>::infinity();
 
 // exp2 for the softmax: a degree-6 polynomial on [-0.5, 0.5] times 2^round(x) (relative error
 // ~2e-7, below fp32 rounding of the products it feeds), written branch-free so the compiler can
@@ -39,6 +41,8 @@ inline float fast_exp2(float x) {
   r = x < -126.0f ? 0.0f : r;
   return x != x ? x : r;
 }
+// fp64 inputs (gradient checks) use the library exp2.
+inline double fast_exp2(double x) { return std::exp2(x); }
 
 // Geometry of one tile: rows [r0, r0 + rows) of the queries, keys [c0, c0 + cols).
 struct Tile {
@@ -46,72 +50,78 @@ struct Tile {
 };
 
 // Loads rows of a (B, S, H, D) operand at (b, s0.., h) into dst (rows x D, row stride D).
+template <typename Acc>
 inline void load_rows(const SeqOperand& op, DType dtype, int64_t b, int64_t s0, int64_t rows,
-                      int64_t h, int64_t head_dim, float* dst) {
+                      int64_t h, int64_t head_dim, Acc* dst) {
   for (int64_t r = 0; r < rows; ++r) {
-    load_floats(element_ptr(op.data, dtype, op.offset(b, s0 + r, h)), dtype, head_dim,
+    load_values(element_ptr(op.data, dtype, op.offset(b, s0 + r, h)), dtype, head_dim,
                 dst + r * head_dim);
   }
 }
 
 // Loads rows transposed: dst (D x ld), dst[d * ld + r] = op[b, s0 + r, h, d].
+template <typename Acc>
 inline void load_rows_transposed(const SeqOperand& op, DType dtype, int64_t b, int64_t s0,
-                                 int64_t rows, int64_t h, int64_t head_dim, float* row_buf,
-                                 float* dst, int64_t ld) {
+                                 int64_t rows, int64_t h, int64_t head_dim, Acc* row_buf, Acc* dst,
+                                 int64_t ld) {
   for (int64_t r = 0; r < rows; ++r) {
-    load_floats(element_ptr(op.data, dtype, op.offset(b, s0 + r, h)), dtype, head_dim, row_buf);
+    load_values(element_ptr(op.data, dtype, op.offset(b, s0 + r, h)), dtype, head_dim, row_buf);
     for (int64_t d = 0; d < head_dim; ++d) dst[d * ld + r] = row_buf[d];
   }
 }
 
-inline void store_rows(const float* src, const SeqOperand& op, DType dtype, int64_t b, int64_t s0,
+template <typename Acc>
+inline void store_rows(const Acc* src, const SeqOperand& op, DType dtype, int64_t b, int64_t s0,
                        int64_t rows, int64_t h, int64_t head_dim) {
   for (int64_t r = 0; r < rows; ++r) {
-    store_floats(src + r * head_dim, head_dim, dtype,
+    store_values(src + r * head_dim, head_dim, dtype,
                  element_ptr(op.data, dtype, op.offset(b, s0 + r, h)));
   }
 }
 
 // c (m x n, row stride ldc) = a (m x k, row stride lda) * bt (k x n, row stride ldb).
-inline void matmul_nn(const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
-                      int64_t ldc, int64_t m, int64_t n, int64_t k) {
+template <typename Acc>
+inline void matmul_nn(const Acc* a, int64_t lda, const Acc* b, int64_t ldb, Acc* c, int64_t ldc,
+                      int64_t m, int64_t n, int64_t k) {
   for (int64_t i = 0; i < m; ++i) {
-    float* ci = c + i * ldc;
-    for (int64_t j = 0; j < n; ++j) ci[j] = 0.0f;
-    const float* ai = a + i * lda;
+    Acc* ci = c + i * ldc;
+    for (int64_t j = 0; j < n; ++j) ci[j] = 0;
+    const Acc* ai = a + i * lda;
     for (int64_t p = 0; p < k; ++p) {
-      const float av = ai[p];
-      const float* bp = b + p * ldb;
+      const Acc av = ai[p];
+      const Acc* bp = b + p * ldb;
       for (int64_t j = 0; j < n; ++j) ci[j] += av * bp[j];
     }
   }
 }
 
 // c (n x k) += a^T b where a is (m x n, row stride lda) and b is (m x k, row stride ldb).
-inline void matmul_tn_acc(const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+template <typename Acc>
+inline void matmul_tn_acc(const Acc* a, int64_t lda, const Acc* b, int64_t ldb, Acc* c,
                           int64_t ldc, int64_t m, int64_t n, int64_t k) {
   for (int64_t i = 0; i < m; ++i) {
-    const float* ai = a + i * lda;
-    const float* bi = b + i * ldb;
+    const Acc* ai = a + i * lda;
+    const Acc* bi = b + i * ldb;
     for (int64_t j = 0; j < n; ++j) {
-      const float av = ai[j];
-      if (av == 0.0f) continue;  // dropped entries: a common, cheap skip
-      float* cj = c + j * ldc;
+      const Acc av = ai[j];
+      if (av == 0) continue;  // dropped entries: a common, cheap skip
+      Acc* cj = c + j * ldc;
       for (int64_t p = 0; p < k; ++p) cj[p] += av * bi[p];
     }
   }
 }
 
 // c (m x k) += a (m x n, row stride lda) * b (n x k, row stride ldb).
-inline void matmul_nn_acc(const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+template <typename Acc>
+inline void matmul_nn_acc(const Acc* a, int64_t lda, const Acc* b, int64_t ldb, Acc* c,
                           int64_t ldc, int64_t m, int64_t n, int64_t k) {
   for (int64_t i = 0; i < m; ++i) {
-    const float* ai = a + i * lda;
-    float* ci = c + i * ldc;
+    const Acc* ai = a + i * lda;
+    Acc* ci = c + i * ldc;
     for (int64_t j = 0; j < n; ++j) {
-      const float av = ai[j];
-      if (av == 0.0f) continue;
-      const float* bj = b + j * ldb;
+      const Acc av = ai[j];
+      if (av == 0) continue;
+      const Acc* bj = b + j * ldb;
       for (int64_t p = 0; p < k; ++p) ci[p] += av * bj[p];
     }
   }
@@ -122,26 +132,27 @@ inline void matmul_nn_acc(const float* a, int64_t lda, const float* b, int64_t l
 //   s = c * tanh(scale * x / c) + bias       (softcap c > 0; the bias stays outside the cap)
 // and, on partial tiles, s2 = -inf where the mask or causality drops the entry. When `tanh_out`
 // is given (backward with softcap), it receives t = tanh(scale * x / c) for the derivative.
+template <typename Acc>
 class ScoreTransform {
  public:
   explicit ScoreTransform(const Problem& p)
       : p_(p), band_{p.seqlen_q, p.seqlen_k, p.is_causal} {
-    scale_log2_ = p.scale * kLog2e;
+    scale_log2_ = Acc(p.scale) * Acc(kLog2e);
     if (p.softcap > 0.0f) {
-      cap_in_ = p.scale / p.softcap;
-      cap_out_log2_ = p.softcap * kLog2e;
+      cap_in_ = Acc(p.scale) / Acc(p.softcap);
+      cap_out_log2_ = Acc(p.softcap) * Acc(kLog2e);
     }
   }
 
-  // s: (tile.rows x ld) products in, logits out. bias_row: scratch of >= tile.cols floats.
-  void apply(float* s, int64_t ld, const Tile& tile, int64_t b, int64_t h, bool partial,
-             float* bias_row, float* tanh_out = nullptr) const {
+  // s: (tile.rows x ld) products in, logits out. bias_row: scratch of >= tile.cols values.
+  void apply(Acc* s, int64_t ld, const Tile& tile, int64_t b, int64_t h, bool partial,
+             Acc* bias_row, Acc* tanh_out = nullptr) const {
     for (int64_t r = 0; r < tile.rows; ++r) {
-      float* sr = s + r * ld;
+      Acc* sr = s + r * ld;
       if (p_.softcap > 0.0f) {
-        float* tr = tanh_out ? tanh_out + r * ld : nullptr;
+        Acc* tr = tanh_out ? tanh_out + r * ld : nullptr;
         for (int64_t c = 0; c < tile.cols; ++c) {
-          const float t = std::tanh(sr[c] * cap_in_);
+          const Acc t = std::tanh(sr[c] * cap_in_);
           if (tr) tr[c] = t;
           sr[c] = t * cap_out_log2_;
         }
@@ -156,45 +167,46 @@ class ScoreTransform {
   const CausalBand& band() const { return band_; }
 
  private:
-  void add_bias_row(float* sr, const Tile& tile, int64_t r, int64_t b, int64_t h,
-                    float* bias_row) const {
+  void add_bias_row(Acc* sr, const Tile& tile, int64_t r, int64_t b, int64_t h,
+                    Acc* bias_row) const {
     const BroadcastOperand& bias = *p_.bias;
     const int64_t off = bias.offset(b, h, tile.r0 + r, tile.c0);
     const int64_t sc = bias.read_stride[3];
+    const Acc log2e = Acc(kLog2e);
     if (sc == 0) {
-      const float v = load_float(bias.data, bias.dtype, off) * kLog2e;
+      const Acc v = load_value<Acc>(bias.data, bias.dtype, off) * log2e;
       for (int64_t c = 0; c < tile.cols; ++c) sr[c] += v;
       return;
     }
     if (sc == 1) {
-      load_floats(element_ptr(bias.data, bias.dtype, off), bias.dtype, tile.cols, bias_row);
+      load_values(element_ptr(bias.data, bias.dtype, off), bias.dtype, tile.cols, bias_row);
     } else {
       for (int64_t c = 0; c < tile.cols; ++c) {
-        bias_row[c] = load_float(bias.data, bias.dtype, off + c * sc);
+        bias_row[c] = load_value<Acc>(bias.data, bias.dtype, off + c * sc);
       }
     }
-    for (int64_t c = 0; c < tile.cols; ++c) sr[c] += bias_row[c] * kLog2e;
+    for (int64_t c = 0; c < tile.cols; ++c) sr[c] += bias_row[c] * log2e;
   }
 
-  void drop_entries(float* sr, const Tile& tile, int64_t r, int64_t b, int64_t h) const {
+  void drop_entries(Acc* sr, const Tile& tile, int64_t r, int64_t b, int64_t h) const {
     const int64_t visible = band_.visible_end(tile.r0 + r) - tile.c0;  // keys [c0, c0+visible)
     int64_t c = visible < 0 ? 0 : visible;
-    for (; c < tile.cols; ++c) sr[c] = kNegInf;
+    for (; c < tile.cols; ++c) sr[c] = kNegInfOf<Acc>;
     if (!p_.mask) return;
     const BroadcastOperand& mask = *p_.mask;
     const auto* row = static_cast<const uint8_t*>(mask.data) + mask.offset(b, h, tile.r0 + r, tile.c0);
     const int64_t sc = mask.read_stride[3];
     const int64_t end = visible < tile.cols ? (visible < 0 ? 0 : visible) : tile.cols;
     for (c = 0; c < end; ++c) {
-      if (!row[c * sc]) sr[c] = kNegInf;
+      if (!row[c * sc]) sr[c] = kNegInfOf<Acc>;
     }
   }
 
   const Problem& p_;
   CausalBand band_;
-  float scale_log2_ = 0.0f;
-  float cap_in_ = 0.0f;        // scale / c
-  float cap_out_log2_ = 0.0f;  // c * log2(e)
+  Acc scale_log2_ = 0;
+  Acc cap_in_ = 0;        // scale / c
+  Acc cap_out_log2_ = 0;  // c * log2(e)
 };
 
 }  // namespace fsa::detail::cpu

@@ -82,9 +82,9 @@ std::vector<BadCase> bad_cases() {
            [](auto& a, Scratch&) { a.key.dtype = DType::kBFloat16; }),
       both("ValueDTypeNotQueryDType", "value", ErrorKind::kDType,
            [](auto& a, Scratch&) { a.value.dtype = DType::kBFloat16; }),
-      both(
-          "QueryDTypeFloat64", "query", ErrorKind::kDType,
-          [](auto& a, Scratch&) { a.query.dtype = a.key.dtype = a.value.dtype = DType::kFloat64; }),
+      // (float64 is valid on the CPU, for gradient checks; bool never is)
+      both("QueryDTypeBool", "query", ErrorKind::kDType,
+           [](auto& a, Scratch&) { a.query.dtype = a.key.dtype = a.value.dtype = DType::kBool; }),
       both("MaskNotBool", "attn_mask", ErrorKind::kDType,
            [](auto& a, Scratch&) { a.attn_mask->dtype = DType::kFloat32; }),
       both("BiasFp16WithFp32Query", "attn_bias", ErrorKind::kDType,
