@@ -115,6 +115,29 @@ struct StreamBuffer {
   }
 };
 
+// The operand itself when the kernels can read its rows, else a padded copy held by `buffer`.
+SeqOperand kernel_rows(const SeqOperand& op, int64_t batch, int64_t seqlen, int64_t heads,
+                       int64_t head_dim, StreamBuffer& buffer) {
+  if (rows_aligned(op, head_dim)) return op;
+  return padded_copy(op, batch, seqlen, heads, head_dim, buffer.stream, buffer.ptr);
+}
+
+// Mask and bias fields are the same in the forward and backward params.
+template <class Params>
+void fill_mask_and_bias(Params& params, const Problem& p) {
+  if (p.mask) {
+    params.mask = static_cast<const uint8_t*>(p.mask->data);
+    fill_strides(params.mask_stride, *p.mask);
+    params.mask_head_group = int(p.mask->head_group);
+  }
+  if (p.bias) {
+    params.bias = p.bias->data;
+    params.bias_is_fp32 = p.bias->dtype == DType::kFloat32;
+    fill_strides(params.bias_stride, *p.bias);
+    params.bias_head_group = int(p.bias->head_group);
+  }
+}
+
 int multiprocessor_count() {
   int device = 0, count = 0;
   FSA_CUDA_CHECK(cudaGetDevice(&device));
@@ -258,18 +281,9 @@ void forward(const ForwardProblem& p, const Plan& plan, void* stream_ptr) {
   if (p.batch > 65535 || p.num_heads > 65535) fail("query", "batch and num_heads must be <= 65535");
 
   StreamBuffer q_pad(stream), k_pad(stream), v_pad(stream);
-  const SeqOperand q = rows_aligned(p.q, p.head_dim)
-                           ? p.q
-                           : padded_copy(p.q, p.batch, p.seqlen_q, p.num_heads, p.head_dim,
-                                         stream, q_pad.ptr);
-  const SeqOperand k = rows_aligned(p.k, p.head_dim)
-                           ? p.k
-                           : padded_copy(p.k, p.batch, p.seqlen_k, p.num_kv_heads, p.head_dim,
-                                         stream, k_pad.ptr);
-  const SeqOperand v = rows_aligned(p.v, p.head_dim)
-                           ? p.v
-                           : padded_copy(p.v, p.batch, p.seqlen_k, p.num_kv_heads, p.head_dim,
-                                         stream, v_pad.ptr);
+  const SeqOperand q = kernel_rows(p.q, p.batch, p.seqlen_q, p.num_heads, p.head_dim, q_pad);
+  const SeqOperand k = kernel_rows(p.k, p.batch, p.seqlen_k, p.num_kv_heads, p.head_dim, k_pad);
+  const SeqOperand v = kernel_rows(p.v, p.batch, p.seqlen_k, p.num_kv_heads, p.head_dim, v_pad);
 
   ForwardParams fp{};
   fp.q = q.data;
@@ -283,17 +297,7 @@ void forward(const ForwardProblem& p, const Plan& plan, void* stream_ptr) {
   fp.o_stride_b = p.out.stride_b, fp.o_stride_s = p.out.stride_s, fp.o_stride_h = p.out.stride_h;
   fp.lse_stride_b = p.lse_stride_b, fp.lse_stride_h = p.lse_stride_h;
   fp.lse_stride_s = p.lse_stride_s;
-  if (p.mask) {
-    fp.mask = static_cast<const uint8_t*>(p.mask->data);
-    fill_strides(fp.mask_stride, *p.mask);
-    fp.mask_head_group = int(p.mask->head_group);
-  }
-  if (p.bias) {
-    fp.bias = p.bias->data;
-    fp.bias_is_fp32 = p.bias->dtype == DType::kFloat32;
-    fill_strides(fp.bias_stride, *p.bias);
-    fp.bias_head_group = int(p.bias->head_group);
-  }
+  fill_mask_and_bias(fp, p);
   fp.batch = int(p.batch);
   fp.seqlen_q = int(p.seqlen_q);
   fp.seqlen_k = int(p.seqlen_k);
@@ -358,22 +362,11 @@ void backward(const BackwardProblem& p, const Plan& plan, void* stream_ptr) {
   if (p.batch > 65535 || p.num_heads > 65535) fail("query", "batch and num_heads must be <= 65535");
 
   StreamBuffer q_pad(stream), k_pad(stream), v_pad(stream), do_pad(stream);
-  const SeqOperand q = rows_aligned(p.q, p.head_dim)
-                           ? p.q
-                           : padded_copy(p.q, p.batch, p.seqlen_q, p.num_heads, p.head_dim,
-                                         stream, q_pad.ptr);
-  const SeqOperand k = rows_aligned(p.k, p.head_dim)
-                           ? p.k
-                           : padded_copy(p.k, p.batch, p.seqlen_k, p.num_kv_heads, p.head_dim,
-                                         stream, k_pad.ptr);
-  const SeqOperand v = rows_aligned(p.v, p.head_dim)
-                           ? p.v
-                           : padded_copy(p.v, p.batch, p.seqlen_k, p.num_kv_heads, p.head_dim,
-                                         stream, v_pad.ptr);
-  const SeqOperand dout = rows_aligned(p.dout, p.head_dim)
-                              ? p.dout
-                              : padded_copy(p.dout, p.batch, p.seqlen_q, p.num_heads, p.head_dim,
-                                            stream, do_pad.ptr);
+  const SeqOperand q = kernel_rows(p.q, p.batch, p.seqlen_q, p.num_heads, p.head_dim, q_pad);
+  const SeqOperand k = kernel_rows(p.k, p.batch, p.seqlen_k, p.num_kv_heads, p.head_dim, k_pad);
+  const SeqOperand v = kernel_rows(p.v, p.batch, p.seqlen_k, p.num_kv_heads, p.head_dim, v_pad);
+  const SeqOperand dout =
+      kernel_rows(p.dout, p.batch, p.seqlen_q, p.num_heads, p.head_dim, do_pad);
 
   BackwardParams bp{};
   bp.q = q.data, bp.k = k.data, bp.v = v.data, bp.out = p.out.data, bp.dout = dout.data;
@@ -389,17 +382,7 @@ void backward(const BackwardProblem& p, const Plan& plan, void* stream_ptr) {
   bp.dv_stride_b = p.dv.stride_b, bp.dv_stride_s = p.dv.stride_s, bp.dv_stride_h = p.dv.stride_h;
   bp.lse_stride_b = p.lse_stride_b, bp.lse_stride_h = p.lse_stride_h;
   bp.lse_stride_s = p.lse_stride_s;
-  if (p.mask) {
-    bp.mask = static_cast<const uint8_t*>(p.mask->data);
-    fill_strides(bp.mask_stride, *p.mask);
-    bp.mask_head_group = int(p.mask->head_group);
-  }
-  if (p.bias) {
-    bp.bias = p.bias->data;
-    bp.bias_is_fp32 = p.bias->dtype == DType::kFloat32;
-    fill_strides(bp.bias_stride, *p.bias);
-    bp.bias_head_group = int(p.bias->head_group);
-  }
+  fill_mask_and_bias(bp, p);
   bp.batch = int(p.batch), bp.seqlen_q = int(p.seqlen_q), bp.seqlen_k = int(p.seqlen_k);
   bp.num_heads = int(p.num_heads), bp.num_kv_heads = int(p.num_kv_heads);
   bp.head_dim = int(p.head_dim), bp.group = int(p.group());
