@@ -48,53 +48,6 @@ __global__ void rowdot_kernel(const __grid_constant__ BackwardParams p) {
   if (lane == 0) const_cast<float*>(p.rowdot)[row] = sum;  // (B, H, Sq), row = (b H + h) Sq + i
 }
 
-// c (16, kCols) = A[a_row0 .. a_row0 + 16, :] . B[0 .. kCols, :]^T, both swizzled smem tiles of
-// kHeadDim columns (the forward's q . k^T).
-template <int kHeadDim, int kCols, class Elt>
-__device__ inline void warp_gemm_nt(float (&c)[kCols / 8][4], const uint16_t* sa, int a_row0,
-                                    const uint16_t* sb) {
-  using Smem = SmemTile<kHeadDim>;
-  const int lane = threadIdx.x % 32;
-#pragma unroll
-  for (int j = 0; j < kCols / 8; ++j) c[j][0] = c[j][1] = c[j][2] = c[j][3] = 0.0f;
-#pragma unroll
-  for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-    uint32_t a[4];
-    ldmatrix_x4(a, sa + Smem::offset(a_row0 + lane % 16, kk * 2 + lane / 16));
-#pragma unroll
-    for (int np = 0; np < kCols / 16; ++np) {
-      const int mi = lane / 8;
-      uint32_t bk[4];
-      ldmatrix_x4(bk, sb + Smem::offset(np * 16 + (mi / 2) * 8 + lane % 8, kk * 2 + mi % 2));
-      Elt::mma(c[2 * np], a, bk[0], bk[1]);
-      Elt::mma(c[2 * np + 1], a, bk[2], bk[3]);
-    }
-  }
-}
-
-// acc (16, kHeadDim) += P (16, kCols, registers) . B (kCols, kHeadDim) with B read transposed
-// (the forward's p . v).
-template <int kHeadDim, int kCols, class Elt>
-__device__ inline void warp_gemm_pv(float (&acc)[kHeadDim / 8][4], const float (&p)[kCols / 8][4],
-                                    const uint16_t* sb) {
-  using Smem = SmemTile<kHeadDim>;
-  const int lane = threadIdx.x % 32;
-#pragma unroll
-  for (int kk = 0; kk < kCols / 16; ++kk) {
-    const uint32_t a[4] = {Elt::pack(p[2 * kk][0], p[2 * kk][1]), Elt::pack(p[2 * kk][2], p[2 * kk][3]),
-                           Elt::pack(p[2 * kk + 1][0], p[2 * kk + 1][1]),
-                           Elt::pack(p[2 * kk + 1][2], p[2 * kk + 1][3])};
-#pragma unroll
-    for (int dp = 0; dp < kHeadDim / 16; ++dp) {
-      const int mi = lane / 8;
-      uint32_t bv[4];
-      ldmatrix_x4_trans(bv, sb + Smem::offset(kk * 16 + (mi % 2) * 8 + lane % 8, dp * 2 + mi / 2));
-      Elt::mma(acc[2 * dp], a, bv[0], bv[1]);
-      Elt::mma(acc[2 * dp + 1], a, bv[2], bv[3]);
-    }
-  }
-}
-
 __device__ inline int bwd_visible_end(const BackwardParams& p, int i) {
   if (!p.is_causal) return p.seqlen_k;
   return min(max(i + p.seqlen_k - p.seqlen_q + 1, 0), p.seqlen_k);
@@ -194,7 +147,8 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kDqWarps * 32)
                     : -INFINITY;
     rdot[r] = valid ? p.rowdot[(int64_t(b) * p.num_heads + h) * p.seqlen_q + i] : 0.0f;
   }
-  float dq[kDTiles][4];
+  float dq_rt[1][kDTiles][4];
+  auto& dq = dq_rt[0];
 #pragma unroll
   for (int d = 0; d < kDTiles; ++d) dq[d][0] = dq[d][1] = dq[d][2] = dq[d][3] = 0.0f;
 
@@ -214,9 +168,11 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kDqWarps * 32)
     __syncthreads();
     const uint16_t* kt = s_k + stage * kBlockN * kHeadDim;
     const uint16_t* vt = s_v + stage * kBlockN * kHeadDim;
-    float s[kNTiles][4], dpt[kNTiles][4];
-    warp_gemm_nt<kHeadDim, kBlockN, Elt>(s, s_q, warp * 16, kt);    // x = q . k
-    warp_gemm_nt<kHeadDim, kBlockN, Elt>(dpt, s_do, warp * 16, vt);  // dP = dO . v
+    float s_rt[1][kNTiles][4], dp_rt[1][kNTiles][4];  // one 16-row tile per warp
+    auto& s = s_rt[0];
+    auto& dpt = dp_rt[0];
+    warp_gemm_nt<kHeadDim, kBlockN, 1, Elt>(s_rt, s_q, warp * 16, kt);    // x = q . k^T
+    warp_gemm_nt<kHeadDim, kBlockN, 1, Elt>(dp_rt, s_do, warp * 16, vt);  // dP = dO . v^T
     const bool check = it >= n_full || (n + 1) * kBlockN > p.seqlen_k;
 #pragma unroll
     for (int j = 0; j < kNTiles; ++j)
@@ -245,7 +201,7 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kDqWarps * 32)
           }
         }
       }
-    warp_gemm_pv<kHeadDim, kBlockN, Elt>(dq, s, kt);  // dQ += dX . k (scaled at the end)
+    warp_gemm_pv<kHeadDim, kBlockN, 1, Elt>(dq_rt, s_rt, kt);  // dQ += dX . k (scaled at the end)
     __syncthreads();
   }
 
@@ -376,7 +332,9 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kDkvWarps * 32)
   }
   cute::cp_async_fence();
 
-  float dk[kDTiles][4], dv[kDTiles][4];
+  float dk_rt[1][kDTiles][4], dv_rt[1][kDTiles][4];
+  auto& dk = dk_rt[0];
+  auto& dv = dv_rt[0];
 #pragma unroll
   for (int d = 0; d < kDTiles; ++d) {
     dk[d][0] = dk[d][1] = dk[d][2] = dk[d][3] = 0.0f;
@@ -428,9 +386,11 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kDkvWarps * 32)
     const uint16_t* dot = s_do + stage * kHalf * kHeadDim;
     const float* lse2 = s_lse2 + stage * kHalf;
     const float* rdot = s_rdot + stage * kHalf;
-    float s[kCTiles][4], dpt[kCTiles][4];
-    warp_gemm_nt<kHeadDim, kHalf, Elt>(s, s_k, warp * 16, qt);    // x^T = k . q
-    warp_gemm_nt<kHeadDim, kHalf, Elt>(dpt, s_v, warp * 16, dot);  // dP^T = v . dO
+    float s_rt[1][kCTiles][4], dp_rt[1][kCTiles][4];  // one 16-key tile per warp
+    auto& s = s_rt[0];
+    auto& dpt = dp_rt[0];
+    warp_gemm_nt<kHeadDim, kHalf, 1, Elt>(s_rt, s_k, warp * 16, qt);    // x^T = k . q^T
+    warp_gemm_nt<kHeadDim, kHalf, 1, Elt>(dp_rt, s_v, warp * 16, dot);  // dP^T = v . dO^T
     const int q0 = w.m * kBlockM + w.half * kHalf;
     const bool check = w.partial || key0 + kBlockN > p.seqlen_k || q0 + kHalf > p.seqlen_q;
 #pragma unroll
@@ -445,8 +405,8 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kDkvWarps * 32)
         dpt[j][e] = dx;
         col_grad[r] += ds;
       }
-    warp_gemm_pv<kHeadDim, kHalf, Elt>(dv, s, dot);   // dV += P^T . dO
-    warp_gemm_pv<kHeadDim, kHalf, Elt>(dk, dpt, qt);  // dK += dX^T . q (scaled at the end)
+    warp_gemm_pv<kHeadDim, kHalf, 1, Elt>(dv_rt, s_rt, dot);  // dV += P^T . dO
+    warp_gemm_pv<kHeadDim, kHalf, 1, Elt>(dk_rt, dp_rt, qt);  // dK += dX^T . q (scaled at the end)
     __syncthreads();
   }
   flush_col_grad();

@@ -97,6 +97,71 @@ __device__ inline void ldmatrix_x4_trans(uint32_t (&r)[4], const uint16_t* p) {
                                 r[3]);
 }
 
+// c (16 kRT, kCols) = A[a_row0 .. a_row0 + 16 kRT, :] . B[0 .. kCols, :]^T over kHeadDim, both
+// swizzled shared-memory tiles (q . k^T; in the backward also dO . v^T, k . q^T, v . dO^T). Each
+// B fragment read from shared memory feeds kRT mma.
+template <int kHeadDim, int kCols, int kRT, class Elt>
+__device__ inline void warp_gemm_nt(float (&c)[kRT][kCols / 8][4], const uint16_t* sa, int a_row0,
+                                    const uint16_t* sb) {
+  using Smem = SmemTile<kHeadDim>;
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int rt = 0; rt < kRT; ++rt)
+#pragma unroll
+    for (int j = 0; j < kCols / 8; ++j) c[rt][j][0] = c[rt][j][1] = c[rt][j][2] = c[rt][j][3] = 0.0f;
+#pragma unroll
+  for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+    uint32_t a[kRT][4];
+#pragma unroll
+    for (int rt = 0; rt < kRT; ++rt) {
+      ldmatrix_x4(a[rt], sa + Smem::offset(a_row0 + rt * 16 + lane % 16, kk * 2 + lane / 16));
+    }
+#pragma unroll
+    for (int np = 0; np < kCols / 16; ++np) {
+      const int mi = lane / 8;
+      uint32_t b[4];
+      ldmatrix_x4(b, sb + Smem::offset(np * 16 + (mi / 2) * 8 + lane % 8, kk * 2 + mi % 2));
+#pragma unroll
+      for (int rt = 0; rt < kRT; ++rt) {
+        Elt::mma(c[rt][2 * np], a[rt], b[0], b[1]);
+        Elt::mma(c[rt][2 * np + 1], a[rt], b[2], b[3]);
+      }
+    }
+  }
+}
+
+// acc (16 kRT, kHeadDim) += P (16 kRT, kCols, in registers: a C fragment is the next product's A
+// fragment) . B (kCols, kHeadDim), B read transposed from a swizzled tile (p . v; in the backward
+// also dX . k, P^T . dO, dX^T . q). Each B fragment feeds kRT mma.
+template <int kHeadDim, int kCols, int kRT, class Elt>
+__device__ inline void warp_gemm_pv(float (&acc)[kRT][kHeadDim / 8][4],
+                                    const float (&p)[kRT][kCols / 8][4], const uint16_t* sb) {
+  using Smem = SmemTile<kHeadDim>;
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int kk = 0; kk < kCols / 16; ++kk) {
+    uint32_t a[kRT][4];
+#pragma unroll
+    for (int rt = 0; rt < kRT; ++rt) {
+      a[rt][0] = Elt::pack(p[rt][2 * kk][0], p[rt][2 * kk][1]);
+      a[rt][1] = Elt::pack(p[rt][2 * kk][2], p[rt][2 * kk][3]);
+      a[rt][2] = Elt::pack(p[rt][2 * kk + 1][0], p[rt][2 * kk + 1][1]);
+      a[rt][3] = Elt::pack(p[rt][2 * kk + 1][2], p[rt][2 * kk + 1][3]);
+    }
+#pragma unroll
+    for (int dp = 0; dp < kHeadDim / 16; ++dp) {
+      const int mi = lane / 8;
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, sb + Smem::offset(kk * 16 + (mi % 2) * 8 + lane % 8, dp * 2 + mi / 2));
+#pragma unroll
+      for (int rt = 0; rt < kRT; ++rt) {
+        Elt::mma(acc[rt][2 * dp], a[rt], b[0], b[1]);
+        Elt::mma(acc[rt][2 * dp + 1], a[rt], b[2], b[3]);
+      }
+    }
+  }
+}
+
 __device__ inline int visible_end(const ForwardParams& p, int i) {
   if (!p.is_causal) return p.seqlen_k;
   return min(max(i + p.seqlen_k - p.seqlen_q + 1, 0), p.seqlen_k);
@@ -240,32 +305,9 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads, 2)
     }
     __syncthreads();
 
-    // s (16 kRT, kBlockN) = q (16 kRT, kHeadDim) . k^T: each K fragment feeds kRT mma.
-    const uint16_t* kt = s_k + stage * Tiles::kSmemKV;
+    // s (16 kRT, kBlockN) = q (16 kRT, kHeadDim) . k^T
     float s[kRT][kNTiles][4];
-#pragma unroll
-    for (int rt = 0; rt < kRT; ++rt)
-#pragma unroll
-      for (int j = 0; j < kNTiles; ++j) s[rt][j][0] = s[rt][j][1] = s[rt][j][2] = s[rt][j][3] = 0.0f;
-#pragma unroll
-    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-      uint32_t a[kRT][4];
-#pragma unroll
-      for (int rt = 0; rt < kRT; ++rt) {
-        ldmatrix_x4(a[rt], s_q + Smem::offset(warp_row0 + rt * 16 + lane % 16, kk * 2 + lane / 16));
-      }
-#pragma unroll
-      for (int np = 0; np < kNTiles / 2; ++np) {
-        const int mi = lane / 8;
-        uint32_t bk[4];
-        ldmatrix_x4(bk, kt + Smem::offset(np * 16 + (mi / 2) * 8 + lane % 8, kk * 2 + mi % 2));
-#pragma unroll
-        for (int rt = 0; rt < kRT; ++rt) {
-          Elt::mma(s[rt][2 * np], a[rt], bk[0], bk[1]);
-          Elt::mma(s[rt][2 * np + 1], a[rt], bk[2], bk[3]);
-        }
-      }
-    }
+    warp_gemm_nt<kHeadDim, kBlockN, kRT, Elt>(s, s_q, warp_row0, s_k + stage * Tiles::kSmemKV);
 
     // Logits in the log2 domain: scale (or softcap), bias, then the drops of a partial tile or
     // of the ragged last key block.
@@ -373,31 +415,8 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads, 2)
         }
       }
 
-    // o (16 kRT, kHeadDim) += p (16 kRT, kBlockN) . v (kBlockN, kHeadDim); v read transposed,
-    // each V fragment feeding kRT mma.
-    const uint16_t* vt = s_v + stage * Tiles::kSmemKV;
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      uint32_t a[kRT][4];
-#pragma unroll
-      for (int rt = 0; rt < kRT; ++rt) {
-        a[rt][0] = Elt::pack(s[rt][2 * kk][0], s[rt][2 * kk][1]);
-        a[rt][1] = Elt::pack(s[rt][2 * kk][2], s[rt][2 * kk][3]);
-        a[rt][2] = Elt::pack(s[rt][2 * kk + 1][0], s[rt][2 * kk + 1][1]);
-        a[rt][3] = Elt::pack(s[rt][2 * kk + 1][2], s[rt][2 * kk + 1][3]);
-      }
-#pragma unroll
-      for (int dp = 0; dp < kDTiles / 2; ++dp) {
-        const int mi = lane / 8;
-        uint32_t bv[4];
-        ldmatrix_x4_trans(bv, vt + Smem::offset(kk * 16 + (mi % 2) * 8 + lane % 8, dp * 2 + mi / 2));
-#pragma unroll
-        for (int rt = 0; rt < kRT; ++rt) {
-          Elt::mma(o[rt][2 * dp], a[rt], bv[0], bv[1]);
-          Elt::mma(o[rt][2 * dp + 1], a[rt], bv[2], bv[3]);
-        }
-      }
-    }
+    // o (16 kRT, kHeadDim) += p (16 kRT, kBlockN) . v (kBlockN, kHeadDim)
+    warp_gemm_pv<kHeadDim, kBlockN, kRT, Elt>(o, s, s_v + stage * Tiles::kSmemKV);
     __syncthreads();  // this stage is refilled by the next iteration's prefetch
     n = n_next;
     n_next = n_after;
