@@ -9,6 +9,7 @@ no (B, H, Sq, Sk) float temporary is built (the reference builds two). CUDA tens
 by the CPU core on a host copy of the bias and mask, and the bool result is copied back.
 """
 
+import warnings
 from typing import Optional, Tuple, Union
 
 from .. import _C
@@ -34,8 +35,26 @@ def _host(x):
     if _is_torch(x):
         x = x.detach()
         if x.device.type != "cpu":
+            _warn_host_copy(x.device)
             x = x.cpu()
     return x
+
+
+_host_copy_warned = False
+
+
+def _warn_host_copy(device) -> None:
+    """The mask utilities have no GPU kernels yet: say so once rather than run slowly in silence."""
+    global _host_copy_warned
+    if not _host_copy_warned:
+        _host_copy_warned = True
+        warnings.warn(
+            f"flash_sparse_attn.utils.mask: tensors on {device} are processed by the CPU core on "
+            "a host copy (no GPU kernels for the mask utilities yet); for long sequences prefer "
+            "create_block_mask, whose output is small",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 _to_dlpack = getattr(torch._C, "_to_dlpack", None) if torch is not None else None
@@ -158,6 +177,7 @@ def block_smooth(attention_mask, key_len: int, block_size: int):
     if block_size == 1:
         return attention_mask
     if _is_torch(attention_mask) and attention_mask.device.type != "cpu":
+        _warn_host_copy(attention_mask.device)
         host = attention_mask.cpu()
         _C.block_smooth(_arg(host), block_size)
         attention_mask.copy_(host)
