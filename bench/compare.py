@@ -107,6 +107,27 @@ def check_rows(name, out, q, k, v, keep_fn, bias_fn=None, rows=(0, 1, 127, 128, 
     print(f"  (flash_sparse_attn vs float64 on sampled rows: max|diff| {worst:.2e})")
 
 
+def fwd_bwd(fn, leaves, dout):
+    """A closure running forward + backward of fn() with the given leaves requiring grad."""
+    def run():
+        for t in leaves:
+            t.grad = None
+        fn().backward(dout)
+    return run
+
+
+def time_fwd_bwd(table, name, label, fn, leaves, dout, reps, flops):
+    """Reports the median time of forward + backward through autograd."""
+    try:
+        ms = median_ms(fwd_bwd(fn, leaves, dout), reps)
+        table.add(name, label + " fwd+bwd", ms, 3.5 * flops if flops else None)
+    except torch.cuda.OutOfMemoryError:
+        table.add(name, label + " fwd+bwd", note="out of memory")
+        torch.cuda.empty_cache()
+    except Exception as e:  # noqa: BLE001
+        table.add(name, label + " fwd+bwd", note=f"error: {type(e).__name__}: {str(e)[:120]}")
+
+
 def sdpa(q, k, v, backend, **kw):
     from torch.nn.attention import sdpa_kernel
     with sdpa_kernel(backend):
@@ -134,14 +155,28 @@ def dense_causal(table, reps, B=2, S=16384, H=16, D=128):
                            ("SDPA cuDNN", SDPBackend.CUDNN_ATTENTION)]:
         peer(table, name, label, lambda b=backend: sdpa(q, k, v, b, is_causal=True), ours, 2e-2,
              reps, flops)
+    bm = None
     if flex_compiled is None:
         table.add(name, "FlexAttention", note=f"unavailable: {FLEX_ERROR}")
-        return
-    from torch.nn.attention.flex_attention import create_block_mask
-    bm = create_block_mask(lambda b, h, qi, ki: ki <= qi, None, None, S, S, device="cuda")
-    peer(table, name, "FlexAttention (causal BlockMask)",
-         lambda: flex_compiled(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                               block_mask=bm).transpose(1, 2), ours, 2e-2, reps, flops)
+    else:
+        from torch.nn.attention.flex_attention import create_block_mask
+        bm = create_block_mask(lambda b, h, qi, ki: ki <= qi, None, None, S, S, device="cuda")
+        peer(table, name, "FlexAttention (causal BlockMask)",
+             lambda: flex_compiled(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                   block_mask=bm).transpose(1, 2), ours, 2e-2, reps, flops)
+    # Forward + backward (TFLOP/s over 3.5x the forward's flops: fwd 1 + bwd 2.5).
+    leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+    dout = torch.randn_like(q)
+    time_fwd_bwd(table, name, "flash_sparse_attn",
+                 lambda: flash_sparse_attn_func(*leaves, is_causal=True), leaves, dout, reps, flops)
+    for label, backend in [("SDPA flash", SDPBackend.FLASH_ATTENTION),
+                           ("SDPA cuDNN", SDPBackend.CUDNN_ATTENTION)]:
+        time_fwd_bwd(table, name, label, lambda b=backend: sdpa(*leaves, b, is_causal=True),
+                     leaves, dout, reps, flops)
+    if bm is not None:
+        time_fwd_bwd(table, name, "FlexAttention",
+                     lambda: flex_compiled(*(x.transpose(1, 2) for x in leaves),
+                                           block_mask=bm).transpose(1, 2), leaves, dout, reps, flops)
 
 
 def trainable_mask(table, reps, B=1, S=16384, H=32, Hk=8, D=128, top=16, block=128):
@@ -207,6 +242,24 @@ def trainable_mask(table, reps, B=1, S=16384, H=32, Hk=8, D=128, top=16, block=1
          lambda: flex_compiled(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                score_mod=score_mod, block_mask=bm, enable_gqa=True).transpose(1, 2),
          ours, 3e-2, reps, flops)
+
+    # Forward + backward with the bias requiring grad.
+    leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v, bias)]
+    dout = torch.randn_like(q)
+    time_fwd_bwd(table, name, "flash_sparse_attn",
+                 lambda: flash_sparse_attn_func(*leaves[:3], attn_bias=leaves[3], is_causal=True,
+                                                block_mask=sel, block_size=block),
+                 leaves, dout, reps, flops)
+    bias_leaf = leaves[3]
+
+    def score_mod_grad(score, b, h, qi, ki):
+        return score + bias_leaf[b, h // G, 0, ki].float()
+
+    time_fwd_bwd(table, name, "FlexAttention",
+                 lambda: flex_compiled(*(x.transpose(1, 2) for x in leaves[:3]),
+                                       score_mod=score_mod_grad, block_mask=bm,
+                                       enable_gqa=True).transpose(1, 2),
+                 leaves, dout, reps, flops)
 
 
 def decode(table, reps, B=1, Sk=524288, H=32, Hk=8, D=128, keep_every=8, block=128):

@@ -369,11 +369,31 @@ int bench(int reps) {
     a.options.is_causal = true;
     const fsa::Plan plan = fsa::make_plan(a.query, a.key, std::nullopt, true);
     a.plan = &plan;
+    float* lse = nullptr;
+    CHECK_CUDA(cudaMalloc(&lse, B * H * S * 4));
+    a.lse = TensorView::contiguous(lse, DType::kFloat32, {B, H, S}, cuda0());
     const float ms = median_ms(reps, [&] { fsa::forward(a); });
     const double flops = 4.0 * double(S) * double(S) * double(D) * double(B * H) / 2.0;
-    std::printf("%-52s %10.3f %10.1f %11.1f%%\n", "dense causal (2,16384,16,16,128)", ms,
+    std::printf("%-52s %10.3f %10.1f %11.1f%%\n", "dense causal (2,16384,16,16,128) fwd", ms,
                 flops / ms * 1e-9, 100.0 * plan.kept_density());
-    for (void* p : {q, k, v, o}) cudaFree(p);
+    uint16_t *dout = random_bf16(B * S * H * D), *dq = nullptr, *dk = nullptr, *dv = nullptr;
+    for (uint16_t** g : {&dq, &dk, &dv}) CHECK_CUDA(cudaMalloc(g, B * S * H * D * 2));
+    fsa::BackwardArgs bw;
+    bw.query = a.query, bw.key = a.key, bw.value = a.value, bw.out = a.out, bw.lse = *a.lse;
+    bw.options = a.options;
+    bw.dout = TensorView::contiguous(dout, DType::kBFloat16, {B, S, H, D}, cuda0());
+    bw.dquery = TensorView::contiguous(dq, DType::kBFloat16, {B, S, H, D}, cuda0());
+    bw.dkey = TensorView::contiguous(dk, DType::kBFloat16, {B, S, H, D}, cuda0());
+    bw.dvalue = TensorView::contiguous(dv, DType::kBFloat16, {B, S, H, D}, cuda0());
+    bw.plan = &plan;
+    const float bms = median_ms(reps, [&] { fsa::backward(bw); });
+    std::printf("%-52s %10.3f %10.1f\n", "dense causal (2,16384,16,16,128) bwd", bms,
+                2.5 * flops / bms * 1e-9);
+    for (void* p : {static_cast<void*>(q), static_cast<void*>(k), static_cast<void*>(v),
+                    static_cast<void*>(o), static_cast<void*>(lse), static_cast<void*>(dout),
+                    static_cast<void*>(dq), static_cast<void*>(dk), static_cast<void*>(dv)}) {
+      cudaFree(p);
+    }
   }
   {  // Trainable-mask workload: (1, 16384, 32, 8, 128), causal, bias (B, Hk, 1, S), per (b, hk,
      // 128-query block) the diagonal 128-key block + top-16 earlier ones by mean bias.
@@ -422,12 +442,38 @@ int bench(int reps) {
     fsa::Plan plan;
     const float plan_ms = median_ms(reps, [&] { plan = fsa::make_plan(a.query, a.key, std::nullopt, true, po); });
     a.plan = &plan;
+    float* lse = nullptr;
+    CHECK_CUDA(cudaMalloc(&lse, B * H * S * 4));
+    a.lse = TensorView::contiguous(lse, DType::kFloat32, {B, H, S}, cuda0());
     const float ms = median_ms(reps, [&] { fsa::forward(a); });
     const double density = plan.kept_density();
     const double flops = 4.0 * double(S) * double(S) * double(D) * double(B * H) * density;
     std::printf("%-52s %10.3f %10.1f %11.1f%%\n", "trainable mask (1,16384,32,8,128) fwd", ms,
                 flops / ms * 1e-9, 100.0 * density);
     std::printf("%-52s %10.3f\n", "  its plan (block selection -> lists)", plan_ms);
+    uint16_t *dout = random_bf16(B * S * H * D), *gq = nullptr, *gk = nullptr, *gv = nullptr;
+    float* gbias = nullptr;
+    CHECK_CUDA(cudaMalloc(&gq, B * S * H * D * 2));
+    CHECK_CUDA(cudaMalloc(&gk, B * S * Hk * D * 2));
+    CHECK_CUDA(cudaMalloc(&gv, B * S * Hk * D * 2));
+    CHECK_CUDA(cudaMalloc(&gbias, B * Hk * S * 4));
+    fsa::BackwardArgs bw;
+    bw.query = a.query, bw.key = a.key, bw.value = a.value, bw.out = a.out, bw.lse = *a.lse;
+    bw.attn_bias = a.attn_bias, bw.options = a.options;
+    bw.dout = TensorView::contiguous(dout, DType::kBFloat16, {B, S, H, D}, cuda0());
+    bw.dquery = TensorView::contiguous(gq, DType::kBFloat16, {B, S, H, D}, cuda0());
+    bw.dkey = TensorView::contiguous(gk, DType::kBFloat16, {B, S, Hk, D}, cuda0());
+    bw.dvalue = TensorView::contiguous(gv, DType::kBFloat16, {B, S, Hk, D}, cuda0());
+    bw.dbias = TensorView::contiguous(gbias, DType::kFloat32, {B, Hk, 1, S}, cuda0());
+    bw.plan = &plan;
+    const float bms = median_ms(reps, [&] { fsa::backward(bw); });
+    std::printf("%-52s %10.3f %10.1f\n", "trainable mask bwd (bias grad)", bms,
+                2.5 * flops / bms * 1e-9);
+    std::printf("%-52s %10.3f\n", "trainable mask fwd + bwd", ms + bms);
+    for (void* p : {static_cast<void*>(lse), static_cast<void*>(dout), static_cast<void*>(gq),
+                    static_cast<void*>(gk), static_cast<void*>(gv), static_cast<void*>(gbias)}) {
+      cudaFree(p);
+    }
     for (void* p : {static_cast<void*>(q), static_cast<void*>(k), static_cast<void*>(v),
                     static_cast<void*>(o), static_cast<void*>(dbias), static_cast<void*>(dsel)}) {
       cudaFree(p);
