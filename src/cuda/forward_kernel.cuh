@@ -73,18 +73,27 @@ struct SmemTile {
 
 // Asynchronously copies rows [row_begin, row_begin + kRows) of a (S, D) slice with row stride
 // `row_stride` into a swizzled tile; rows past `row_limit` and columns past `head_dim` are zero.
+// Thread t always copies chunk t % kChunks of rows t / kChunks + k * kRowsPerPass, so its column,
+// its source step and (kRowsPerPass a multiple of 8) its swizzle term are loop-invariant.
 template <int kHeadDim, int kRows, int kThreads>
 __device__ void load_tile_async(uint16_t* smem, const uint16_t* gmem, int64_t row_stride,
                                 int row_begin, int row_limit, int head_dim) {
   constexpr int kChunks = kHeadDim / 8;
-  for (int idx = threadIdx.x; idx < kRows * kChunks; idx += kThreads) {
-    const int r = idx / kChunks, c = idx % kChunks;
-    const int gr = row_begin + r;
-    const bool valid = gr < row_limit && c * 8 < head_dim;
-    const uint16_t* src = gmem + (valid ? int64_t(gr) * row_stride + c * 8 : 0);
+  static_assert(kThreads % kChunks == 0, "threads must cover whole rows");
+  constexpr int kRowsPerPass = kThreads / kChunks;
+  static_assert(kRows % kRowsPerPass == 0, "passes must cover the tile");
+  const int c = threadIdx.x % kChunks, r0 = threadIdx.x / kChunks;
+  const bool col_ok = c * 8 < head_dim;
+  const uint16_t* src = gmem + int64_t(row_begin + r0) * row_stride + c * 8;
+  const int64_t src_step = int64_t(kRowsPerPass) * row_stride;
+#pragma unroll
+  for (int k = 0; k < kRows / kRowsPerPass; ++k) {
+    const int r = r0 + k * kRowsPerPass;
+    const bool valid = col_ok && row_begin + r < row_limit;
     cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
-        *reinterpret_cast<const cute::uint128_t*>(src),
+        *reinterpret_cast<const cute::uint128_t*>(valid ? src : gmem),
         *reinterpret_cast<cute::uint128_t*>(smem + SmemTile<kHeadDim>::offset(r, c)), valid);
+    src += src_step;
   }
 }
 
@@ -97,14 +106,35 @@ __device__ inline void ldmatrix_x4_trans(uint32_t (&r)[4], const uint16_t* p) {
                                 r[3]);
 }
 
+// Swizzled addresses of the ldmatrix operands, mostly precomputed. Every ldmatrix below reads 8
+// consecutive rows r0 .. r0 + 7 (r0 a multiple of 8) at logical chunk 2 kk + c, where c in {0, 1}
+// depends on the lane. With row & 7 = lane % 8 the physical chunk is (2 kk + c) ^ (lane % 8) =
+// (2 kk) ^ x with x = c ^ (lane % 8) < 8, i.e. (2 kk & ~7) + ((2 kk & 7) ^ x): a compile-time part
+// and one of four per-lane values. Precomputing the four turns each address into one add plus an
+// immediate (the per-instruction swizzle arithmetic made the integer pipe the busiest one).
+struct LaneSwizzle {
+  int step[4];  // ((2 kk & 7) ^ x) * 8 elements for kk % 4 = 0 .. 3
+  __device__ explicit LaneSwizzle(int x) {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) step[k] = ((2 * k) ^ x) * 8;
+  }
+  // Offset (elements) of logical chunk pair kk within a row: compile-time kk.
+  __device__ int at(int kk) const { return (2 * kk & ~7) * 8 + step[kk & 3]; }
+};
+
 // c (16 kRT, kCols) = A[a_row0 .. a_row0 + 16 kRT, :] . B[0 .. kCols, :]^T over kHeadDim, both
 // swizzled shared-memory tiles (q . k^T; in the backward also dO . v^T, k . q^T, v . dO^T). Each
 // B fragment read from shared memory feeds kRT mma.
 template <int kHeadDim, int kCols, int kRT, class Elt>
 __device__ inline void warp_gemm_nt(float (&c)[kRT][kCols / 8][4], const uint16_t* sa, int a_row0,
                                     const uint16_t* sb) {
-  using Smem = SmemTile<kHeadDim>;
   const int lane = threadIdx.x % 32;
+  // A (x4): matrices (rows 0-7 | 8-15) x (chunk 0 | 1): lane -> row lane % 16, chunk lane / 16.
+  const uint16_t* a_base = sa + (a_row0 + lane % 16) * kHeadDim;
+  const LaneSwizzle a_swz((lane / 16) ^ (lane % 8));
+  // B (x4): matrices (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15).
+  const uint16_t* b_base = sb + ((lane / 16) * 8 + lane % 8) * kHeadDim;
+  const LaneSwizzle b_swz(((lane / 8) % 2) ^ (lane % 8));
 #pragma unroll
   for (int rt = 0; rt < kRT; ++rt)
 #pragma unroll
@@ -113,14 +143,11 @@ __device__ inline void warp_gemm_nt(float (&c)[kRT][kCols / 8][4], const uint16_
   for (int kk = 0; kk < kHeadDim / 16; ++kk) {
     uint32_t a[kRT][4];
 #pragma unroll
-    for (int rt = 0; rt < kRT; ++rt) {
-      ldmatrix_x4(a[rt], sa + Smem::offset(a_row0 + rt * 16 + lane % 16, kk * 2 + lane / 16));
-    }
+    for (int rt = 0; rt < kRT; ++rt) ldmatrix_x4(a[rt], a_base + rt * 16 * kHeadDim + a_swz.at(kk));
 #pragma unroll
     for (int np = 0; np < kCols / 16; ++np) {
-      const int mi = lane / 8;
       uint32_t b[4];
-      ldmatrix_x4(b, sb + Smem::offset(np * 16 + (mi / 2) * 8 + lane % 8, kk * 2 + mi % 2));
+      ldmatrix_x4(b, b_base + np * 16 * kHeadDim + b_swz.at(kk));
 #pragma unroll
       for (int rt = 0; rt < kRT; ++rt) {
         Elt::mma(c[rt][2 * np], a[rt], b[0], b[1]);
@@ -136,8 +163,11 @@ __device__ inline void warp_gemm_nt(float (&c)[kRT][kCols / 8][4], const uint16_
 template <int kHeadDim, int kCols, int kRT, class Elt>
 __device__ inline void warp_gemm_pv(float (&acc)[kRT][kHeadDim / 8][4],
                                     const float (&p)[kRT][kCols / 8][4], const uint16_t* sb) {
-  using Smem = SmemTile<kHeadDim>;
   const int lane = threadIdx.x % 32;
+  // B (x4, transposed): matrices (keys 0-7 | 8-15) x (d chunk 0 | 1): lane -> key row
+  // ((lane / 8) % 2) * 8 + lane % 8, chunk lane / 16.
+  const uint16_t* b_base = sb + (((lane / 8) % 2) * 8 + lane % 8) * kHeadDim;
+  const LaneSwizzle b_swz((lane / 16) ^ (lane % 8));
 #pragma unroll
   for (int kk = 0; kk < kCols / 16; ++kk) {
     uint32_t a[kRT][4];
@@ -150,9 +180,8 @@ __device__ inline void warp_gemm_pv(float (&acc)[kRT][kHeadDim / 8][4],
     }
 #pragma unroll
     for (int dp = 0; dp < kHeadDim / 16; ++dp) {
-      const int mi = lane / 8;
       uint32_t b[4];
-      ldmatrix_x4_trans(b, sb + Smem::offset(kk * 16 + (mi % 2) * 8 + lane % 8, dp * 2 + mi / 2));
+      ldmatrix_x4_trans(b, b_base + kk * 16 * kHeadDim + b_swz.at(dp));
 #pragma unroll
       for (int rt = 0; rt < kRT; ++rt) {
         Elt::mma(acc[rt][2 * dp], a[rt], b[0], b[1]);
