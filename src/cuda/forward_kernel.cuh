@@ -97,6 +97,14 @@ __device__ void load_tile_async(uint16_t* smem, const uint16_t* gmem, int64_t ro
   }
 }
 
+// 2^x on the special-function unit. Flush-to-zero is exact here: probabilities below 2^-126 of
+// the row's running max contribute nothing to an fp32 sum that contains 1, and exp2(-inf) = 0.
+__device__ inline float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 __device__ inline void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* p) {
   cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(p), r[0], r[1], r[2],
                                 r[3]);
@@ -426,21 +434,25 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads, 2)
         tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
         const float new_max = fmaxf(row_max[rt][r], tile_max);
         const float correction =
-            row_max[rt][r] == -INFINITY ? 0.0f : exp2f(row_max[rt][r] - new_max);
+            row_max[rt][r] == -INFINITY ? 0.0f : fast_exp2(row_max[rt][r] - new_max);
         row_max[rt][r] = new_max;
         const float shift = new_max == -INFINITY ? 0.0f : new_max;
         float sum = 0.0f;
 #pragma unroll
         for (int j = 0; j < kNTiles; ++j) {
-          s[rt][j][2 * r] = exp2f(s[rt][j][2 * r] - shift);
-          s[rt][j][2 * r + 1] = exp2f(s[rt][j][2 * r + 1] - shift);
+          s[rt][j][2 * r] = fast_exp2(s[rt][j][2 * r] - shift);
+          s[rt][j][2 * r + 1] = fast_exp2(s[rt][j][2 * r + 1] - shift);
           sum += s[rt][j][2 * r] + s[rt][j][2 * r + 1];
         }
         row_sum[rt][r] = row_sum[rt][r] * correction + sum;
+        // Rescale the accumulator only when some row of the warp moved its max (after the first
+        // tiles that is rare); the vote keeps the branch uniform.
+        if (__any_sync(0xffffffffu, correction != 1.0f)) {
 #pragma unroll
-        for (int d = 0; d < kDTiles; ++d) {
-          o[rt][d][2 * r] *= correction;
-          o[rt][d][2 * r + 1] *= correction;
+          for (int d = 0; d < kDTiles; ++d) {
+            o[rt][d][2 * r] *= correction;
+            o[rt][d][2 * r + 1] *= correction;
+          }
         }
       }
 
