@@ -153,7 +153,7 @@ __device__ inline void grad_pass(const float (&s)[kN][4], const float (&dp)[kN][
     for (int e = 0; e < 4; ++e) {
       const float lse2 = lse2_of(j, e);
       const bool keep = s[j][e] != -INFINITY && lse2 != -INFINITY;
-      const float pr = keep ? exp2f(s[j][e] - lse2) : 0.0f;
+      const float pr = keep ? fast_exp2(s[j][e] - lse2) : 0.0f;
       ds[j][e] = keep ? pr * (dp[j][e] - rowdot_of(j, e)) : 0.0f;
       prob[j][e] = pr;
     }

@@ -365,13 +365,33 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads, 2)
           for (int e = 0; e < 4; ++e) s[rt][j][e] *= p.scale_log2;
     }
     if (bias_rows_shared) {
+      // A query-invariant bias (..., 1, Sk|1): one value per column, shared by every row. A
+      // contiguous key dim on a whole tile is read straight through a pointer; anything else
+      // (strides, the ragged last tile) through the general clamped offset.
+      float bias_col[kNTiles][2];
       int i0, head0;
       row_of(0, 0, i0, head0);
+      if (p.bias_stride[3] == 1 && col0 + kBlockN <= p.seqlen_k) {
+        const int64_t off = b * p.bias_stride[0] + (head0 / p.bias_head_group) * p.bias_stride[1] +
+                            col0 + 2 * t;
+#pragma unroll
+        for (int j = 0; j < kNTiles; ++j) {
+          bias_col[j][0] = p.bias_is_fp32 ? static_cast<const float*>(p.bias)[off + j * 8]
+                                          : Elt::to_float(p.bias, off + j * 8);
+          bias_col[j][1] = p.bias_is_fp32 ? static_cast<const float*>(p.bias)[off + j * 8 + 1]
+                                          : Elt::to_float(p.bias, off + j * 8 + 1);
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < kNTiles; ++j) {
+          const int c = col0 + j * 8 + 2 * t;
+          bias_col[j][0] = bias_at(0, head0, c);
+          bias_col[j][1] = bias_at(0, head0, c + 1);
+        }
+      }
 #pragma unroll
       for (int j = 0; j < kNTiles; ++j) {
-        const int c = col0 + j * 8 + 2 * t;
-        const float b0 = bias_at(0, head0, c) * kLog2e;
-        const float b1 = bias_at(0, head0, c + 1) * kLog2e;
+        const float b0 = bias_col[j][0] * kLog2e, b1 = bias_col[j][1] * kLog2e;
 #pragma unroll
         for (int rt = 0; rt < kRT; ++rt) {
           s[rt][j][0] += b0;
