@@ -105,11 +105,29 @@ __device__ inline void scale_pass(float (&s)[kN][4], float scale_log2) {
     for (int e = 0; e < 4; ++e) s[j][e] *= scale_log2;
 }
 
-// s += bias * log2(e); indices clamped in range (out-of-range entries are dropped next).
+// s += bias * log2(e); indices clamped in range (out-of-range entries are dropped next). A
+// query-invariant bias (..., 1, Sk|1) depends on the key alone: where the rows are keys (dK/dV
+// pass) each thread reads its two rows' values once.
 template <class Elt, int kN, class Index>
 __device__ inline void bias_pass(const BackwardParams& p, int b, int head, float (&s)[kN][4],
                                  const Index& ix) {
   const int64_t base = b * p.bias_stride[0] + (head / p.bias_head_group) * p.bias_stride[1];
+  if constexpr (Index::kRowsAreKeys) {
+    if (p.bias_stride[2] == 0) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int64_t off = base + int64_t(min(ix.row[r], p.seqlen_k - 1)) * p.bias_stride[3];
+        const float v = (p.bias_is_fp32 ? static_cast<const float*>(p.bias)[off]
+                                        : Elt::to_float(p.bias, off)) * kLog2e;
+#pragma unroll
+        for (int j = 0; j < kN; ++j) {
+          s[j][2 * r] += v;
+          s[j][2 * r + 1] += v;
+        }
+      }
+      return;
+    }
+  }
 #pragma unroll
   for (int j = 0; j < kN; ++j)
 #pragma unroll
@@ -161,12 +179,14 @@ __device__ inline void grad_pass(const float (&s)[kN][4], const float (&dp)[kN][
 
 // Query and key of fragment element (j, e) in the dQ pass (rows are queries) ...
 struct DqIndex {
+  static constexpr bool kRowsAreKeys = false;
   int row[2], col0, t;
   __device__ int query(int, int e) const { return row[e / 2]; }
   __device__ int key(int j, int e) const { return col0 + j * 8 + 2 * t + (e & 1); }
 };
 // ... and in the dK/dV pass (rows are keys).
 struct DkvIndex {
+  static constexpr bool kRowsAreKeys = true;
   int row[2], col0, t;
   __device__ int query(int j, int e) const { return col0 + j * 8 + 2 * t + (e & 1); }
   __device__ int key(int, int e) const { return row[e / 2]; }
