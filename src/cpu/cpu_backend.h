@@ -1,7 +1,7 @@
 #pragma once
 // The CPU backend: the same tiled online-softmax algorithm as the GPU kernels, threads over
 // (batch, head, query block) in forward and over key / query blocks in backward, visiting only
-// the tiles the plan lists. fp32 accumulation for every input dtype.
+// the tiles the plan lists. fp32 accumulation for fp32 / bf16 / fp16 inputs, fp64 for fp64 inputs.
 
 #include "core/problem.h"
 #include "fsa/plan.h"
