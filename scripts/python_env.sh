@@ -32,6 +32,9 @@ requirements=(
   "nanobind==2.9.2"
   "scikit-build-core==0.11.6"
   "transformers==4.57.6"
+  # bench/report.py draws docs/plots/*.png from sweep JSON on this (CPU) machine; the GPU machine
+  # has no network and the sweep there never imports it.
+  "matplotlib==3.11.2"
 )
 
 if [[ -z "${FSA_ENABLE_CUDA:-}" ]]; then

@@ -1,0 +1,176 @@
+"""bench/sweep.py's smoke mode (tiny shapes on the CPU) and bench/report.py on small JSON.
+
+The sweep's GPU numbers can only come from the GPU machine; here we check that the machinery works:
+entries are checked and timed or reported as failures, the JSON is complete after every entry,
+--resume skips what is done, bad flags name the flag, and the report renders tables, plots and
+the marker blocks without touching the hand-written text around them.
+"""
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def load_module(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, "bench",
+                                                                               f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    return load_module("sweep")
+
+
+@pytest.fixture(scope="module")
+def report():
+    return load_module("report")
+
+
+SMOKE = ["--smoke", "--reps", "1", "--warmup", "0", "--flush-mb", "0", "--device", "cpu"]
+
+
+def test_smoke_sweep_rows_and_resume(sweep, tmp_path):
+    out = tmp_path / "s.json"
+    args = SMOKE + ["--json", str(out), "--only", "dense,decode",
+                    "--impls", "ours,sdpa_cudnn,sdpa_flash_dense", "--filter", "causal|Sk1024"]
+    assert sweep.main(args) == 0
+    data = json.loads(out.read_text())
+    assert data["format"] == "fsa-sweep/1"
+    meta = data["meta"]
+    for k in ("device", "torch", "flash_sparse_attn", "date", "command"):
+        assert meta[k], k
+    assert "--smoke" in meta["command"]
+    rows = {r["key"]: r for r in data["rows"]}
+    assert set(rows) == {"dense/causal/D64/S256|ours", "dense/causal/D64/S256|sdpa_cudnn",
+                         "decode/Sk1024/keep1of2|ours", "decode/Sk1024/keep1of2|sdpa_flash_dense"}
+    ours = rows["dense/causal/D64/S256|ours"]
+    assert ours["fail"] == {} and ours["max_diff_vs_fp64"] <= 2e-2
+    for k in ("fwd_ms", "bwd_ms", "fwdbwd_ms"):
+        assert ours[k] > 0, k
+    assert ours["flops"] > 0 and 0.49 < ours["density"] < 0.51
+    # cuDNN has no CPU kernel: a row saying so, not a dropped entry
+    assert rows["dense/causal/D64/S256|sdpa_cudnn"]["fail"]["fwd"] in ("unsupported", "error")
+    dec = rows["decode/Sk1024/keep1of2|ours"]
+    assert dec["fwd_ms"] > 0 and "bwd_ms" not in dec and dec["bytes_moved"] > 0
+    assert rows["decode/Sk1024/keep1of2|sdpa_flash_dense"]["notes"]  # marked as not checked
+    # --resume: nothing left to run, rows kept, the run appended to the meta
+    assert sweep.main(args + ["--resume"]) == 0
+    again = json.loads(out.read_text())
+    assert [r["key"] for r in again["rows"]] == [r["key"] for r in data["rows"]]
+    assert len(again["meta"]["runs"]) == 2
+
+
+def test_smoke_sweep_masked_workloads(sweep, tmp_path):
+    out = tmp_path / "m.json"
+    assert sweep.main(SMOKE + ["--json", str(out), "--only", "trainable,reference",
+                               "--impls", "ours", "--filter", "d20|S256"]) == 0
+    rows = {r["key"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"trainable/S512/d20|ours", "reference/S256/w64|ours"}
+    for r in rows.values():
+        assert r["fail"] == {}, r["notes"]
+        assert r["max_diff_vs_fp64"] <= 3e-2 and r["fwdbwd_ms"] > 0
+        assert 0 < r["density"] < 0.5
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--only", "dense,bogus"], "--only"),
+    (["--impls", "ours,nope"], "--impls"),
+    (["--reps", "0"], "--reps"),
+    (["--dtype", "fp8"], "--dtype"),
+    (["--resume"], "--resume"),
+    (["--filter", "("], "--filter"),
+])
+def test_bad_flags_name_the_flag(sweep, capsys, argv, flag):
+    with pytest.raises(SystemExit) as e:
+        sweep.parse_args(["--smoke"] + argv)
+    assert e.value.code == 2
+    assert flag in capsys.readouterr().err
+
+
+def test_entries_cover_the_issue(sweep):
+    entries = sweep.enumerate_entries(sweep.GROUPS, False, False, "cuda", None, None)
+    keys = {f"{w}|{i}" for _, w, impls in entries for i in impls}
+    assert len([k for k in keys if k.startswith("dense/") and k.endswith("|ours")]) == 12
+    assert "trainable/S65536/d5|flex" in keys and "trainable/S16384/d10|sdpa_eff_mask" in keys
+    assert "reference/S256/w1024|ours" in keys and "reference/S32768/w1024|flex" in keys
+    assert "decode/Sk524288/keep1of8|ours" in keys and "decode/Sk4096/keep1of8|flex" in keys
+
+
+def synthetic_results():
+    """A tiny fsa-sweep/1 file for exercising the report (test data, not measurements)."""
+    rows = []
+    meta = dict(device="TestCard", torch="t", triton="t", flash_sparse_attn="0", git="abc",
+                date="2000-01-01T00:00:00", command="python3 bench/sweep.py --test")
+    def add(group, wkey, spec, impl, density, **kw):
+        r = dict(key=f"{wkey}|{impl}", workload=wkey, group=group, spec=spec, impl=impl,
+                 label=impl, fail={}, notes=[], density=density, flops=1e9, bytes_moved=1e6,
+                 density_independent=impl.startswith("sdpa") and group == "trainable")
+        r.update(kw)
+        rows.append(r)
+    for d in (0.05, 0.2):
+        spec = dict(group="trainable", S=4096, B=1, H=4, Hk=2, D=64, causal=True, target=d)
+        w = f"trainable/S4096/d{int(d * 100)}"
+        add("trainable", w, spec, "ours", d, fwd_ms=1.0 + d, bwd_ms=2.0, fwdbwd_ms=3.0,
+            peak_fwd_mb=1.0, peak_fwdbwd_mb=2.0)
+        add("trainable", w, spec, "flex", d, fwd_ms=1.5, bwd_ms=2.5, fwdbwd_ms=4.0,
+            first_call_s=9.0, first_train_s=20.0)
+    spec = dict(group="trainable", S=4096, B=1, H=4, Hk=2, D=64, causal=True, target=0.05)
+    add("trainable", "trainable/S4096/d5", spec, "sdpa_eff_mask", 0.05, fwd_ms=5.0,
+        fail={"bwd": "oom", "fwdbwd": "oom", "peak_fwdbwd": "oom"}, notes=["OutOfMemoryError"])
+    spec = dict(group="dense", causal=True, B=1, S=4096, H=4, Hk=4, D=256)
+    add("dense", "dense/causal/D256/S4096", spec, "ours", 0.5, fwd_ms=1.0,
+        fail={"bwd": "unsupported", "fwdbwd": "unsupported", "peak_fwdbwd": "unsupported"},
+        notes=["RuntimeError: head_dim <= 128 only"])
+    for sk in (4096, 8192):
+        spec = dict(group="decode", Sk=sk, keep_every=8, B=1, H=4, Hk=2, D=64, causal=True)
+        add("decode", f"decode/Sk{sk}/keep1of8", spec, "ours", 0.125, fwd_ms=0.01 * sk / 4096)
+    return {"format": "fsa-sweep/1", "meta": dict(meta, runs=[meta]), "rows": rows}
+
+
+def test_report_writes_blocks_and_plots(report, tmp_path):
+    pytest.importorskip("matplotlib")
+    res = tmp_path / "r.json"
+    res.write_text(json.dumps(synthetic_results()))
+    perf = tmp_path / "perf.md"
+    perf.write_text("# Perf\n\nhand-written text\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("# X\n\n## Status\n\nstatus text\n\n## How it works\n\nmore\n")
+    plots = tmp_path / "plots"
+    argv = [str(res), "--perf", str(perf), "--readme", str(readme), "--plots", str(plots)]
+    assert report.main(argv) == 0
+    p, r = perf.read_text(), readme.read_text()
+    assert p.startswith("# Perf\n\nhand-written text\n") and report.BEGIN_PERF in p
+    assert "TestCard" in p and "`python3 bench/sweep.py --test`" in p
+    assert "OOM" in p and "unsup." in p and "head_dim <= 128" in p
+    assert "9.0 s / 20.0 s" in p                               # Flex compile time, apart
+    # headline block after the Status section, before the next section
+    assert r.index("status text") < r.index(report.BEGIN_README) < r.index("## How it works")
+    assert "trainable_density.png" in r
+    for name in ("trainable_density.png", "decode_sk.png", "dense_tflops.png"):
+        assert (plots / name).stat().st_size > 1000, name
+    # idempotent: a second run replaces the blocks, it does not add new ones
+    assert report.main(argv) == 0
+    assert perf.read_text() == p and readme.read_text() == r
+
+
+def test_report_reads_compare_py_json(report, capsys):
+    legacy = os.path.join(ROOT, "docs", "compare_h100_2026-11-26.json")
+    assert report.main([legacy, "--stdout", "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    assert "NVIDIA H100 80GB HBM3" in out and report.BEGIN_README in out
+    assert "| causal D=128 S=16K (2,16384,16,16,128) | 6.65 (331)" in out
+
+
+def test_report_rejects_bad_input(report, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "other/9", "rows": []}')
+    with pytest.raises(SystemExit):
+        report.main([str(bad), "--stdout"])
+    assert "unknown format" in capsys.readouterr().err
