@@ -227,3 +227,44 @@ def test_bias_only_requires_grad(gen):
     out.backward(torch.randn_like(out))
     assert bias.grad is not None and bias.grad.shape == bias.shape
     assert not bias.grad.isnan().any()
+
+
+def test_trainable_backward_peak_memory(gen):
+    """Issue #5: the backward of the trainable-mask path allocates, beyond the gradients it
+    returns, less than 10% of the bytes of q + k + v (no (B, H, Sq, Sk) temporary, no fp32 copies
+    of q/k/v-sized tensors). Measured with the caching allocator's peak around the backward alone;
+    what is legitimately new is exactly dq, dk, dv and dbias (each rounded up to the allocator's
+    512-byte granularity)."""
+    B, S, H, Hk, D, block, top = 1, 4096, 32, 8, 128, 128, 8
+    q, k, v = qkv(B, S, S, H, Hk, D, torch.bfloat16, gen)
+    bias = randn(B, Hk, 1, S, dtype=torch.bfloat16, gen=gen)
+    nb = S // block
+    # diagonal block + the top-8 earlier blocks by mean bias, per (batch, kv head, query block)
+    mean = bias.float().view(B, Hk, nb, block).mean(-1)
+    earlier = torch.ones(nb, nb, device="cuda", dtype=torch.bool).tril(-1)
+    scores = mean[:, :, None, :].expand(B, Hk, nb, nb).masked_fill(~earlier, -math.inf)
+    idx = scores.topk(top, dim=-1).indices
+    sel = torch.zeros(B, Hk, nb, nb, device="cuda", dtype=torch.bool)
+    sel.scatter_(-1, idx, torch.gather(scores, -1, idx) > -math.inf)
+    sel |= torch.eye(nb, device="cuda", dtype=torch.bool)
+    leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v, bias)]
+    dout = torch.randn_like(q)
+    out = flash_sparse_attn_func(*leaves[:3], attn_bias=leaves[3], is_causal=True,
+                                 block_mask=sel, block_size=block)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out.backward(dout)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+
+    def alloc_bytes(t):
+        return -(-t.numel() * t.element_size() // 512) * 512
+
+    grads = sum(alloc_bytes(t.grad) for t in leaves)
+    assert all(t.grad is not None for t in leaves)
+    qkv_bytes = sum(t.numel() * t.element_size() for t in (q, k, v))
+    scratch = peak - grads
+    assert scratch < 0.1 * qkv_bytes, (
+        f"backward scratch {scratch / 2**20:.2f} MiB (peak {peak / 2**20:.2f} MiB minus grads "
+        f"{grads / 2**20:.2f} MiB) >= 10% of q+k+v = {0.1 * qkv_bytes / 2**20:.2f} MiB")
