@@ -4,6 +4,11 @@
 # Logs go to $OUT (the device tool brings them back). Needs .deps/nvidia_cutlass-*.whl carried.
 #
 #   scripts/gpu_check.sh [--no-sanitizer] [--no-python] [--compare dense,trainable,decode] [--reps N]
+#                        [--sweep "SWEEP ARGS"] [--sweep-resume FILE]
+#
+# --sweep runs bench/sweep.py with those arguments (e.g. "--only dense") instead of compare.py in
+# the peers step, writing $OUT/sweep.json; --sweep-resume FILE (a sweep.json brought back from an
+# earlier, interrupted call, put in the work tree) continues it, skipping the entries it has.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/fsa_gpu_out}
@@ -12,12 +17,17 @@ sanitize=1
 python=1
 reps=20
 compare_only=""
+sweep_args=""
+sweep_resume=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --no-sanitizer) sanitize=0 ;;
     --no-python) python=0 ;;
     --compare) compare_only=$2; shift ;;
     --reps) reps=$2; shift ;;
+    --sweep) sweep_args=${2:?--sweep needs its arguments, e.g. --sweep \"--only dense\"}; shift ;;
+    --sweep-resume) sweep_resume=${2:?--sweep-resume needs a sweep.json path}; shift
+      [ -f "$sweep_resume" ] || { echo "--sweep-resume: no such file $sweep_resume" >&2; exit 2; } ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -69,9 +79,21 @@ if [ $python = 1 ]; then
   if ! grep -qE "[0-9]+ passed" "$OUT/pytest_gpu.log" || grep -qE "[0-9]+ (failed|error)" "$OUT/pytest_gpu.log"; then
     status=1
   fi
-  step "peers: SDPA flash / cuDNN, FlexAttention (same process, same card)"
-  PYTHONUNBUFFERED=1 python3 bench/compare.py --reps "$reps" --json "$OUT/compare.json" \
-    ${compare_only:+--only $compare_only} 2>&1 | tee "$OUT/compare.log" | grep -v "^W[0-9]" || status=1
+  if [ -n "$sweep_args$sweep_resume" ]; then
+    step "peers: sweep (bench/sweep.py $sweep_args) -> $OUT/sweep.json"
+    resume=""
+    if [ -n "$sweep_resume" ]; then
+      cp "$sweep_resume" "$OUT/sweep.json" && resume=--resume
+    fi
+    # stderr carries the progress bar; the per-entry lines go to sweep.log and the summary
+    # shellcheck disable=SC2086
+    PYTHONUNBUFFERED=1 python3 bench/sweep.py $sweep_args $resume --json "$OUT/sweep.json" \
+      > "$OUT/sweep.log" 2> >(grep -v "^W[0-9]" >&2) || status=1
+  else
+    step "peers: SDPA flash / cuDNN, FlexAttention (same process, same card)"
+    PYTHONUNBUFFERED=1 python3 bench/compare.py --reps "$reps" --json "$OUT/compare.json" \
+      ${compare_only:+--only $compare_only} 2>&1 | tee "$OUT/compare.log" | grep -v "^W[0-9]" || status=1
+  fi
 fi
 
 echo
@@ -81,6 +103,7 @@ grep -E "passed, .* failed" "$OUT/check.log"
 cat "$OUT/bench.log"
 if [ $python = 1 ]; then
   tail -n 1 "$OUT/pytest_gpu.log"
-  grep -E "^  " "$OUT/compare.log"
+  if [ -f "$OUT/compare.log" ]; then grep -E "^  " "$OUT/compare.log"; fi
+  if [ -f "$OUT/sweep.log" ]; then grep -vE "^W[0-9]" "$OUT/sweep.log" | tail -n 60; fi
 fi
 exit $status
