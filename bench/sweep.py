@@ -26,7 +26,19 @@ region) before every rep. A peer that errors, runs out of memory, or does not su
 row saying so, never dropped. Flex compile time (the first call) is recorded apart from the medians.
 
 Results go to --json after every entry (an interrupted run keeps what it finished); --resume skips
-entries already in that file. The file's format ("fsa-sweep/1") is documented in docs/perf.md.
+entries already in that file. Its format, "fsa-sweep/1" (read by bench/report.py):
+  {"format": "fsa-sweep/1",
+   "meta": {device, torch, cuda, triton, flash_sparse_attn, git, python, date, command, dtype,
+            reps, warmup, flush_mb, quick, smoke, "runs": [the same, one per invocation]},
+   "rows": [{"key": "<workload>|<impl>", "workload", "group", "spec": {shape, causal, target
+             density, ...}, "impl", "label", "density" (kept fraction of Sq x Sk), "flops" (forward,
+             kept entries), "bytes_moved" (decode: kept K+V), "fwd_ms", "bwd_ms", "fwdbwd_ms",
+             "peak_fwd_mb", "peak_fwdbwd_mb", "aux_mb" (masks / lists built for that impl),
+             "first_call_s", "first_train_s" (first calls: Flex compiles there), "reps_*",
+             "max_diff_vs_fp64" (ours) or "max_diff_vs_ours", "grad_rel_diff_vs_ours",
+             "fail": {measure: "oom" | "unsupported" | "error" | "wrong"}, "notes": [messages],
+             "density_independent" (masked SDPA rows of the trainable group)}]}
+A measure missing from a row is in its "fail" map, or was not taken (decode: forward only).
 
     python3 bench/sweep.py --json sweep.json [--only dense,trainable,reference,decode] [--quick]
                            [--resume] [--reps 10] [--impls ours,flex,...] [--filter REGEX]
@@ -420,10 +432,10 @@ def _lists(m):
 
 
 class Impl:
-    def __init__(self, fwd, train=None, aux_bytes=0, tol=2e-2, checked=True, why_no_train=None):
+    def __init__(self, fwd, train=None, aux_bytes=0, tol=2e-2, checked=True):
         self.fwd, self.train, self.aux_bytes, self.tol = fwd, train, aux_bytes, tol
         self.checked = checked
-        self.why_no_train = why_no_train
+        self.release = None
 
 
 def make_impl(name, p):
@@ -458,13 +470,25 @@ def make_impl(name, p):
                 m = m[:, :, None].expand(B, Hm, H // Hm, Sq, p.Sk).reshape(B, H, Sq, p.Sk)
             return m
 
-        fixed = float_mask(p.bias)
+        def heads(t):
+            # K/V repeated to H heads, as users of masked dense attention do (repeat_kv): the
+            # memory-efficient backend takes no enable_gqa together with a mask.
+            return t if p.G == 1 else t.repeat_interleave(p.G, dim=2)
+
+        state = {"fixed": float_mask(p.bias)}
+        fixed = state["fixed"]
         aux = keep.numel() * keep.element_size() + (
             fixed.numel() * fixed.element_size() if fixed is not keep else 0)
-        return Impl(lambda: _sdpa(p.q, p.k, p.v, backend, attn_mask=fixed),
-                    lambda L: _sdpa(*L[:3], backend,
+        del fixed
+        impl = Impl(lambda: _sdpa(p.q, heads(p.k), heads(p.v), backend,
+                                  attn_mask=state["fixed"]),
+                    lambda L: _sdpa(L[0], heads(L[1]), heads(L[2]), backend,
                                     attn_mask=float_mask(L[3] if len(L) > 3 else None)),
                     aux_bytes=aux, tol=tol)
+        # The forward's prebuilt mask is dropped before the training passes, which build their
+        # own from the bias leaf (so that the bias gets its gradient).
+        impl.release = lambda: state.pop("fixed", None)
+        return impl
     if name == "flex":
         from torch.nn.attention.flex_attention import BlockMask
         fn = flex_fn()
@@ -652,6 +676,8 @@ def run_entry(p, impl_name, timer, args):
         # 2. forward
         row["fwd_ms"], row["reps_fwd"] = timer.median(impl.fwd, args.reps, args.warmup)
         row["peak_fwd_mb"] = timer.peak_mb(impl.fwd)
+        if impl.release is not None:
+            impl.release()
     except Exception as e:  # noqa: BLE001
         label, msg = classify(e)
         fail_all(label, msg)
