@@ -188,6 +188,10 @@ def fmt_ms(v):
     return f"{v:.3f}"
 
 
+def fmt_rate(x):
+    return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
+
+
 def fmt_k(n):
     """4096 -> 4K, 524288 -> 512K, 300 -> 300."""
     return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
@@ -201,9 +205,9 @@ def cell(row, measure, notes):
     if v is not None:
         s = fmt_ms(v)
         if row.get("flops") and row["group"] != "decode":
-            s += f" ({row['flops'] * FLOP_MULT[measure] / v * 1e-9:.3g})"
+            s += f" ({fmt_rate(row['flops'] * FLOP_MULT[measure] / v * 1e-9)})"
         elif row.get("bytes_moved") and measure == "fwd":
-            s += f" ({row['bytes_moved'] / v * 1e-6:.3g} GB/s)"
+            s += f" ({fmt_rate(row['bytes_moved'] / v * 1e-6)} GB/s)"
         if measure == "bwd" and any("bwd = fwd+bwd - fwd" in n for n in row.get("notes", [])):
             s += "*"
         return s
@@ -553,7 +557,18 @@ def make_plots(rows, runs, outdir):
     made = []
     sub = subtitle(runs)
 
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda y, _: f"{y:g}")
+
     def save(fig, name):
+        for ax in fig.axes:          # plain numbers on log axes (no 1.6 x 10^0 ticks)
+            if ax.get_yscale() == "log":
+                ax.yaxis.set_major_formatter(plain)
+                ax.yaxis.set_minor_formatter(plain)
+                ax.tick_params(axis="y", which="minor", labelsize=7)
+            if ax.get_xscale() == "log":
+                ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: fmt_k(int(round(x)))))
         fig.tight_layout()
         fig.savefig(os.path.join(outdir, name), dpi=110, bbox_inches="tight")
         plt.close(fig)
@@ -581,6 +596,7 @@ def make_plots(rows, runs, outdir):
                     elif label != LABELS[impl]:
                         ax.plot([], [], label=label, **st)
                 ax.set_yscale("log")
+                ax.set_xlim(0, 55)
                 ax.set_xlabel("kept entries, % of S x S")
                 ax.set_ylabel(f"{MEASURE_TITLES[m].lower()}, ms")
                 ax.set_title(f"S = {fmt_k(S)}: {MEASURE_TITLES[m].lower()}", fontsize=10)
