@@ -196,10 +196,11 @@ class Problem:
         self.Sq = 1 if g == "decode" else spec["S"]
         self.Sk = spec["Sk"] if g == "decode" else spec["S"]
         self.causal = spec["causal"]
-        gen = torch.Generator(device="cpu").manual_seed(zlib.crc32(workload_key(spec).encode()))
+        # Drawn on the device (a 512K-key K on the host would take seconds per tensor).
+        gen = torch.Generator(device=device).manual_seed(zlib.crc32(workload_key(spec).encode()))
 
         def randn(*shape):
-            return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+            return torch.randn(*shape, generator=gen, device=device).to(dtype)
 
         self.q = randn(B, self.Sq, H, D)
         self.k = randn(B, self.Sk, Hk, D)
@@ -218,14 +219,14 @@ class Problem:
         if g == "dense":
             kept = self.Sq * (self.Sq + 1) / 2 if self.causal else self.Sq * self.Sk
         elif g == "trainable":
-            self.bias = (-F.softplus(torch.randn(B, Hk, 1, self.Sk, generator=gen))).to(
-                device=device, dtype=dtype)
+            self.bias = (-F.softplus(torch.randn(B, Hk, 1, self.Sk, generator=gen,
+                                                 device=device))).to(dtype)
             self.sel = self._select_blocks(spec["target"], nq)
             diag = self.sel.diagonal(dim1=-2, dim2=-1).sum().item()
             kept = (self.sel.sum().item() * BLOCK * BLOCK - diag * BLOCK * (BLOCK - 1) / 2) / (B * Hk)
         elif g == "reference":
-            self.bias = (-F.softplus(torch.randn(B, Hk, 1, self.Sk, generator=gen))).to(
-                device=device, dtype=dtype)
+            self.bias = (-F.softplus(torch.randn(B, Hk, 1, self.Sk, generator=gen,
+                                                 device=device))).to(dtype)
             self.mask = self._topk_causal_mask(spec["window"])
             kept = self.mask.sum().item() / (B * Hk)
         else:
@@ -907,7 +908,9 @@ def parse_args(argv):
     if args.dtype not in ("bf16", "fp16"):
         ap.error(f"--dtype: expected bf16 or fp16, got {args.dtype!r}")
     if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        args.device = "cuda" if torch.cuda.is_available() or args.list else "cpu"
+    if args.list:
+        return args
     if args.device not in ("cuda", "cpu") and not args.device.startswith("cuda:"):
         ap.error(f"--device: expected cuda, cuda:N or cpu, got {args.device!r}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -930,7 +933,8 @@ def main(argv=None):
             print(wkey, " ".join(impls))
         return 0
     if args.device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(args.device))
+        if ":" in args.device:
+            torch.cuda.set_device(torch.device(args.device))
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         device_name = props.name
     else:
