@@ -1,9 +1,12 @@
-// CUDA forward: correctness against the CPU backend on small shapes (--check), and timings of the
-// issue's workloads with CUDA events (--bench). Peers (SDPA, FlexAttention) are timed by the
-// Python comparison script in the same run.
+// CUDA forward and backward: correctness against the CPU backend on small shapes (--check), timings
+// of the three workloads (--bench), and any one workload (--shape ..., the flags of
+// fsa_bench_cli). Timing is bench/workload_bench.h's: CUDA events, warmup, median / min / p90,
+// cold L2, no allocation in the timed loop. Peers (SDPA, FlexAttention) are timed by the Python
+// comparison script in the same run.
 //
 //   ./build/fsa_bench_cuda --check
-//   ./build/fsa_bench_cuda --bench [--reps 20]
+//   ./build/fsa_bench_cuda --bench [--reps 20] [--warmup 5] [--l2 rotate|flush|warm] [--json]
+//   ./build/fsa_bench_cuda --shape 1,16384,16384,32,8,128 --causal --density 0.1 --mode fwd,bwd
 
 #include <cuda_runtime.h>
 
@@ -17,6 +20,7 @@
 #include <vector>
 
 #include "fsa/fsa.h"
+#include "workload_bench.h"
 
 namespace {
 
@@ -324,189 +328,64 @@ int check() {
   return failed ? 1 : 0;
 }
 
-// Times fsa::forward with CUDA events; median over reps.
-template <typename F>
-float median_ms(int reps, F&& f) {
-  cudaEvent_t a, b;
-  CHECK_CUDA(cudaEventCreate(&a));
-  CHECK_CUDA(cudaEventCreate(&b));
-  for (int i = 0; i < 3; ++i) f();
-  std::vector<float> t;
-  for (int i = 0; i < reps; ++i) {
-    CHECK_CUDA(cudaEventRecord(a));
-    f();
-    CHECK_CUDA(cudaEventRecord(b));
-    CHECK_CUDA(cudaEventSynchronize(b));
-    float ms = 0;
-    CHECK_CUDA(cudaEventElapsedTime(&ms, a, b));
-    t.push_back(ms);
-  }
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
-}
-
-int bench(int reps) {
-  using fsa::DType;
-  using fsa::TensorView;
-  std::mt19937 rng(5);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  auto random_bf16 = [&](size_t n) {
-    std::vector<uint16_t> h(n);
-    for (auto& x : h) x = to_bf16(normal(rng));
-    return to_device(h);
+// The three workloads through the workload engine (bench/workload_bench.h: CUDA events,
+// warmup, median / min / p90, cold L2, scratch from a pool that keeps its memory), under the row
+// names of the earlier runs so that their numbers stay comparable.
+int bench(const fsa_bench::Timing& timing, bool json) {
+  using fsa_bench::Mode;
+  struct Item {
+    fsa_bench::Workload workload;
+    std::vector<Mode> modes;
+    std::vector<std::pair<const char*, const char*>> rows;  // (row kind, label), in print order
   };
-  std::printf("%-52s %10s %10s %12s\n", "workload (bf16)", "ms", "TFLOP/s", "density");
-  {  // Dense causal (B=2, S=16384, H=16, D=128).
-    const int64_t B = 2, S = 16384, H = 16, D = 128;
-    uint16_t *q = random_bf16(B * S * H * D), *k = random_bf16(B * S * H * D),
-             *v = random_bf16(B * S * H * D), *o = nullptr;
-    CHECK_CUDA(cudaMalloc(&o, B * S * H * D * 2));
-    fsa::ForwardArgs a;
-    a.query = TensorView::contiguous(q, DType::kBFloat16, {B, S, H, D}, cuda0());
-    a.key = TensorView::contiguous(k, DType::kBFloat16, {B, S, H, D}, cuda0());
-    a.value = TensorView::contiguous(v, DType::kBFloat16, {B, S, H, D}, cuda0());
-    a.out = TensorView::contiguous(o, DType::kBFloat16, {B, S, H, D}, cuda0());
-    a.options.is_causal = true;
-    const fsa::Plan plan = fsa::make_plan(a.query, a.key, std::nullopt, true);
-    a.plan = &plan;
-    float* lse = nullptr;
-    CHECK_CUDA(cudaMalloc(&lse, B * H * S * 4));
-    a.lse = TensorView::contiguous(lse, DType::kFloat32, {B, H, S}, cuda0());
-    const float ms = median_ms(reps, [&] { fsa::forward(a); });
-    const double flops = 4.0 * double(S) * double(S) * double(D) * double(B * H) / 2.0;
-    std::printf("%-52s %10.3f %10.1f %11.1f%%\n", "dense causal (2,16384,16,16,128) fwd", ms,
-                flops / ms * 1e-9, 100.0 * plan.kept_density());
-    uint16_t *dout = random_bf16(B * S * H * D), *dq = nullptr, *dk = nullptr, *dv = nullptr;
-    for (uint16_t** g : {&dq, &dk, &dv}) CHECK_CUDA(cudaMalloc(g, B * S * H * D * 2));
-    fsa::BackwardArgs bw;
-    bw.query = a.query, bw.key = a.key, bw.value = a.value, bw.out = a.out, bw.lse = *a.lse;
-    bw.options = a.options;
-    bw.dout = TensorView::contiguous(dout, DType::kBFloat16, {B, S, H, D}, cuda0());
-    bw.dquery = TensorView::contiguous(dq, DType::kBFloat16, {B, S, H, D}, cuda0());
-    bw.dkey = TensorView::contiguous(dk, DType::kBFloat16, {B, S, H, D}, cuda0());
-    bw.dvalue = TensorView::contiguous(dv, DType::kBFloat16, {B, S, H, D}, cuda0());
-    bw.plan = &plan;
-    const float bms = median_ms(reps, [&] { fsa::backward(bw); });
-    std::printf("%-52s %10.3f %10.1f\n", "dense causal (2,16384,16,16,128) bwd", bms,
-                2.5 * flops / bms * 1e-9);
-    for (void* p : {static_cast<void*>(q), static_cast<void*>(k), static_cast<void*>(v),
-                    static_cast<void*>(o), static_cast<void*>(lse), static_cast<void*>(dout),
-                    static_cast<void*>(dq), static_cast<void*>(dk), static_cast<void*>(dv)}) {
-      cudaFree(p);
+  const std::vector<Mode> all = {Mode::kForward, Mode::kBackward, Mode::kForwardBackward};
+  fsa_bench::Workload dense;  // (B, S, H, D) = (2, 16384, 16, 128), no mask
+  dense.batch = 2, dense.seqlen_q = dense.seqlen_k = 16384, dense.heads = dense.kv_heads = 16;
+  dense.head_dim = 128, dense.causal = true;
+  // Trainable mask: bias (B, Hk, 1, S) fp32; per (b, kv head, 128-query block) the diagonal
+  // 128-key block + the top-16 earlier ones by mean bias.
+  fsa_bench::Workload trainable;
+  trainable.batch = 1, trainable.seqlen_q = trainable.seqlen_k = 16384, trainable.heads = 32;
+  trainable.kv_heads = 8, trainable.head_dim = 128, trainable.causal = true;
+  trainable.top_k = 16, trainable.select_block = 128, trainable.bias_dtype = fsa::DType::kFloat32;
+  // Decode: key-only mask (B, 1, 1, Sk) keeping 1/8 of the 128-key blocks.
+  fsa_bench::Workload decode;
+  decode.batch = 1, decode.seqlen_q = 1, decode.seqlen_k = 524288, decode.heads = 32;
+  decode.kv_heads = 8, decode.head_dim = 128, decode.causal = true;
+  decode.key_mask_every = 8, decode.select_block = 128;
+  const Item items[] = {
+      {dense, all,
+       {{"fwd", "dense causal (2,16384,16,16,128) fwd"},
+        {"bwd", "dense causal (2,16384,16,16,128) bwd"},
+        {"fwd+bwd", "dense causal (2,16384,16,16,128) fwd + bwd"}}},
+      {trainable, all,
+       {{"fwd", "trainable mask (1,16384,32,8,128) fwd"},
+        {"plan", "  its plan (block selection -> lists)"},
+        {"bwd", "trainable mask bwd (bias grad)"},
+        {"fwd+bwd", "trainable mask fwd + bwd"}}},
+      {decode, {Mode::kForward},
+       {{"fwd", "decode (1,1,524288,32,8,128) 1/8 blocks"},
+        {"plan", "  its plan (key-only mask -> lists)"}}},
+  };
+  std::vector<std::string> notes;
+  for (const Item& item : items) {
+    const fsa_bench::Result r = fsa_bench::run_workload(item.workload, item.modes, timing);
+    if (!json && notes.empty()) {
+      fsa_bench::print_header(r, "fsa_bench_cuda --bench (the issue's workloads, bf16)");
+      fsa_bench::print_table_columns("workload", 52);
     }
-  }
-  {  // Trainable-mask workload: (1, 16384, 32, 8, 128), causal, bias (B, Hk, 1, S), per (b, hk,
-     // 128-query block) the diagonal 128-key block + top-16 earlier ones by mean bias.
-    const int64_t B = 1, S = 16384, H = 32, Hk = 8, D = 128, kSel = 128, kTop = 16;
-    uint16_t *q = random_bf16(B * S * H * D), *k = random_bf16(B * S * Hk * D),
-             *v = random_bf16(B * S * Hk * D), *o = nullptr;
-    CHECK_CUDA(cudaMalloc(&o, B * S * H * D * 2));
-    std::vector<float> bias(size_t(B * Hk * S));
-    for (auto& x : bias) x = -std::log1p(std::exp(normal(rng)));
-    const int64_t nb = S / kSel;
-    // Block selection at the kernel's tile granularity (128 x 64): each 128-key block is 2 tiles.
-    const int64_t m_blocks = S / 128, n_blocks = S / 64;
-    std::vector<uint8_t> sel(size_t(B * Hk * m_blocks * n_blocks), 0);
-    for (int64_t hk = 0; hk < Hk; ++hk) {
-      std::vector<double> mean(static_cast<size_t>(nb));
-      for (int64_t j = 0; j < nb; ++j) {
-        double s = 0;
-        for (int64_t c = 0; c < kSel; ++c) s += bias[size_t(hk * S + j * kSel + c)];
-        mean[size_t(j)] = s / kSel;
-      }
-      for (int64_t i = 0; i < nb; ++i) {
-        std::vector<int64_t> idx(static_cast<size_t>(i));
-        std::iota(idx.begin(), idx.end(), 0);
-        const int64_t top = std::min<int64_t>(kTop, i);
-        std::partial_sort(idx.begin(), idx.begin() + top, idx.end(),
-                          [&](int64_t x, int64_t y) { return mean[size_t(x)] > mean[size_t(y)]; });
-        auto mark = [&](int64_t j) {
-          uint8_t* row = sel.data() + (hk * m_blocks + i) * n_blocks;
-          row[2 * j] = row[2 * j + 1] = 1;
-        };
-        mark(i);
-        for (int64_t t = 0; t < top; ++t) mark(idx[size_t(t)]);
+    notes.push_back(fsa_bench::describe(item.workload) + ": " + r.cache);
+    for (const auto& [kind, label] : item.rows) {
+      for (const fsa_bench::Row& row : r.rows) {
+        if (row.kind != kind) continue;
+        if (json) fsa_bench::print_json(label, row, r, item.workload, timing);
+        else fsa_bench::print_row(label, row, r, 52);
       }
     }
-    float* dbias = to_device(bias);
-    uint8_t* dsel = to_device(sel);
-    fsa::ForwardArgs a;
-    a.query = TensorView::contiguous(q, DType::kBFloat16, {B, S, H, D}, cuda0());
-    a.key = TensorView::contiguous(k, DType::kBFloat16, {B, S, Hk, D}, cuda0());
-    a.value = TensorView::contiguous(v, DType::kBFloat16, {B, S, Hk, D}, cuda0());
-    a.attn_bias = TensorView::contiguous(dbias, DType::kFloat32, {B, Hk, 1, S}, cuda0());
-    a.out = TensorView::contiguous(o, DType::kBFloat16, {B, S, H, D}, cuda0());
-    a.options.is_causal = true;
-    fsa::PlanOptions po;
-    po.block_mask = TensorView::contiguous(dsel, DType::kBool, {B, Hk, m_blocks, n_blocks}, cuda0());
-    fsa::Plan plan;
-    const float plan_ms = median_ms(reps, [&] { plan = fsa::make_plan(a.query, a.key, std::nullopt, true, po); });
-    a.plan = &plan;
-    float* lse = nullptr;
-    CHECK_CUDA(cudaMalloc(&lse, B * H * S * 4));
-    a.lse = TensorView::contiguous(lse, DType::kFloat32, {B, H, S}, cuda0());
-    const float ms = median_ms(reps, [&] { fsa::forward(a); });
-    const double density = plan.kept_density();
-    const double flops = 4.0 * double(S) * double(S) * double(D) * double(B * H) * density;
-    std::printf("%-52s %10.3f %10.1f %11.1f%%\n", "trainable mask (1,16384,32,8,128) fwd", ms,
-                flops / ms * 1e-9, 100.0 * density);
-    std::printf("%-52s %10.3f\n", "  its plan (block selection -> lists)", plan_ms);
-    uint16_t *dout = random_bf16(B * S * H * D), *gq = nullptr, *gk = nullptr, *gv = nullptr;
-    float* gbias = nullptr;
-    CHECK_CUDA(cudaMalloc(&gq, B * S * H * D * 2));
-    CHECK_CUDA(cudaMalloc(&gk, B * S * Hk * D * 2));
-    CHECK_CUDA(cudaMalloc(&gv, B * S * Hk * D * 2));
-    CHECK_CUDA(cudaMalloc(&gbias, B * Hk * S * 4));
-    fsa::BackwardArgs bw;
-    bw.query = a.query, bw.key = a.key, bw.value = a.value, bw.out = a.out, bw.lse = *a.lse;
-    bw.attn_bias = a.attn_bias, bw.options = a.options;
-    bw.dout = TensorView::contiguous(dout, DType::kBFloat16, {B, S, H, D}, cuda0());
-    bw.dquery = TensorView::contiguous(gq, DType::kBFloat16, {B, S, H, D}, cuda0());
-    bw.dkey = TensorView::contiguous(gk, DType::kBFloat16, {B, S, Hk, D}, cuda0());
-    bw.dvalue = TensorView::contiguous(gv, DType::kBFloat16, {B, S, Hk, D}, cuda0());
-    bw.dbias = TensorView::contiguous(gbias, DType::kFloat32, {B, Hk, 1, S}, cuda0());
-    bw.plan = &plan;
-    const float bms = median_ms(reps, [&] { fsa::backward(bw); });
-    std::printf("%-52s %10.3f %10.1f\n", "trainable mask bwd (bias grad)", bms,
-                2.5 * flops / bms * 1e-9);
-    std::printf("%-52s %10.3f\n", "trainable mask fwd + bwd", ms + bms);
-    for (void* p : {static_cast<void*>(lse), static_cast<void*>(dout), static_cast<void*>(gq),
-                    static_cast<void*>(gk), static_cast<void*>(gv), static_cast<void*>(gbias)}) {
-      cudaFree(p);
-    }
-    for (void* p : {static_cast<void*>(q), static_cast<void*>(k), static_cast<void*>(v),
-                    static_cast<void*>(o), static_cast<void*>(dbias), static_cast<void*>(dsel)}) {
-      cudaFree(p);
-    }
+    std::fflush(stdout);
   }
-  {  // Decode: (1, 1, 524288, 32, 8, 128), key-only mask keeping 1/8 of the 128-key blocks.
-    const int64_t B = 1, Sk = 524288, H = 32, Hk = 8, D = 128;
-    uint16_t *q = random_bf16(B * H * D), *k = random_bf16(B * Sk * Hk * D),
-             *v = random_bf16(B * Sk * Hk * D), *o = nullptr;
-    CHECK_CUDA(cudaMalloc(&o, B * H * D * 2));
-    std::vector<uint8_t> mask(size_t(B * Sk), 0);
-    for (int64_t j = 0; j < Sk; ++j) mask[size_t(j)] = (j / 128) % 8 == 0;
-    uint8_t* dm = to_device(mask);
-    fsa::ForwardArgs a;
-    a.query = TensorView::contiguous(q, DType::kBFloat16, {B, 1, H, D}, cuda0());
-    a.key = TensorView::contiguous(k, DType::kBFloat16, {B, Sk, Hk, D}, cuda0());
-    a.value = TensorView::contiguous(v, DType::kBFloat16, {B, Sk, Hk, D}, cuda0());
-    a.attn_mask = TensorView::contiguous(dm, DType::kBool, {B, 1, 1, Sk}, cuda0());
-    a.out = TensorView::contiguous(o, DType::kBFloat16, {B, 1, H, D}, cuda0());
-    a.options.is_causal = true;
-    fsa::Plan plan;
-    const float plan_ms =
-        median_ms(reps, [&] { plan = fsa::make_plan(a.query, a.key, a.attn_mask, true); });
-    a.plan = &plan;
-    const float ms = median_ms(reps, [&] { fsa::forward(a); });
-    const double bytes = 2.0 * double(Sk) / 8.0 * double(Hk * D) * 2.0;
-    std::printf("%-52s %10.3f %9.0f GB/s (kept K+V bytes)\n", "decode (1,1,524288,32,8,128) 1/8 blocks",
-                ms, bytes / ms * 1e-6);
-    std::printf("%-52s %10.3f\n", "  its plan (key-only mask -> lists)", plan_ms);
-    for (void* p : {static_cast<void*>(q), static_cast<void*>(k), static_cast<void*>(v),
-                    static_cast<void*>(o), static_cast<void*>(dm)}) {
-      cudaFree(p);
-    }
+  if (!json) {
+    for (const std::string& note : notes) std::printf("cache, %s\n", note.c_str());
   }
   return 0;
 }
@@ -514,21 +393,41 @@ int bench(int reps) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  int reps = 20;
   bool do_check = false, do_bench = false;
+  std::vector<std::string> rest;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--check") do_check = true;
     else if (a == "--bench") do_bench = true;
-    else if (a == "--reps" && i + 1 < argc) reps = std::atoi(argv[++i]);
-    else {
-      std::fprintf(stderr, "usage: fsa_bench_cuda [--check] [--bench] [--reps N]\n");
-      return 2;
-    }
+    else rest.push_back(a);
   }
-  if (!do_check && !do_bench) do_check = do_bench = true;
+  const fsa_bench::Cli defaults;  // --device cuda
+  if (!do_check && !do_bench) {
+    // One workload (--shape ...; also --help), or with no arguments: --check and --bench.
+    if (!rest.empty()) return fsa_bench::cli_main("fsa_bench_cuda", rest, defaults);
+    do_check = do_bench = true;
+  }
+  fsa_bench::Cli cli = defaults;
+  try {
+    fsa_bench::parse_cli(rest, cli);
+    if (cli.has_shape) throw fsa_bench::UsageError("--shape: not with --check / --bench");
+  } catch (const fsa_bench::UsageError& e) {
+    std::fprintf(stderr,
+                 "fsa_bench_cuda: %s\nusage: fsa_bench_cuda [--check] [--bench [--reps N] "
+                 "[--warmup N] [--l2 rotate|flush|warm] [--json]]\n"
+                 "       fsa_bench_cuda --shape B,Sq,Sk,H,Hk,D [...] (--help lists the flags)\n",
+                 e.what());
+    return 2;
+  }
   int rc = 0;
   if (do_check) rc |= check();
-  if (do_bench) rc |= bench(reps);
+  if (do_bench) {
+    try {
+      rc |= bench(cli.timing, cli.json);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "fsa_bench_cuda --bench: error: %s\n", e.what());
+      rc = 1;
+    }
+  }
   return rc;
 }
