@@ -94,10 +94,10 @@ uint16_t to_fp16(float f) {
   std::memcpy(&u, &f, 4);
   const uint32_t sign = (u >> 16) & 0x8000u, magnitude = u & 0x7fffffffu;
   if (magnitude >= 0x477ff000u) return uint16_t(sign | 0x7c00u);  // rounds to >= 65520: inf
-  if (magnitude < 0x38800000u) return uint16_t(sign);              // below 2^-14: zero (bench data)
-  uint32_t h = (magnitude - 0x38000000u) >> 13;                    // exponent rebiased 127 -> 15
+  if (magnitude < 0x38800000u) return uint16_t(sign);             // below 2^-14: zero (bench data)
+  uint32_t h = (magnitude - 0x38000000u) >> 13;                   // exponent rebiased 127 -> 15
   const uint32_t rest = magnitude & 0x1fffu;
-  if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;         // round to nearest even
+  if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;  // round to nearest even
   return uint16_t(sign | h);
 }
 
@@ -179,23 +179,25 @@ class CpuDevice final : public BenchDevice {
   }
   std::string clock() const override { return "std::chrono::steady_clock around each call"; }
   std::string cache_name() const override { return "LLC"; }
+  // The last-level cache as reported, at most 64 MiB: VMs often report the whole socket's L3
+  // (hundreds of MiB over many core complexes), which would only inflate the rotated sets.
   size_t cache_bytes() const override {
     long bytes = -1;
 #ifdef _SC_LEVEL3_CACHE_SIZE
     bytes = sysconf(_SC_LEVEL3_CACHE_SIZE);
     if (bytes <= 0) bytes = sysconf(_SC_LEVEL2_CACHE_SIZE);
 #endif
-    return bytes > 0 ? size_t(bytes) : 0;
+    return bytes > 0 ? std::min(size_t(bytes), size_t(64) << 20) : 0;
   }
-  size_t flush_bytes() const override {  // 2x the LLC, within [8, 256] MiB
-    return std::clamp<size_t>(size_t(kColdFactor * double(cache_bytes())), size_t(8) << 20,
-                              size_t(256) << 20);
+  size_t flush_bytes() const override {  // 2x the LLC, at least 8 MiB
+    return std::max<size_t>(size_t(kColdFactor * double(cache_bytes())), size_t(8) << 20);
   }
   std::string pool_note() const override { return "host buffers allocated before timing"; }
   void* stream() override { return nullptr; }
   void* alloc(size_t bytes) override {
     void* p = std::calloc(std::max<size_t>(bytes, 1), 1);
-    if (!p) throw std::runtime_error("out of host memory allocating " + std::to_string(bytes) + " bytes");
+    if (!p)
+      throw std::runtime_error("out of host memory allocating " + std::to_string(bytes) + " bytes");
     allocations_.push_back(p);
     return p;
   }
@@ -214,7 +216,8 @@ class CpuDevice final : public BenchDevice {
       const auto t0 = Clock::now();
       body(i);
       const auto t1 = Clock::now();
-      if (i >= warmup) ms[size_t(i - warmup)] = std::chrono::duration<double, std::milli>(t1 - t0).count();
+      if (i >= warmup)
+        ms[size_t(i - warmup)] = std::chrono::duration<double, std::milli>(t1 - t0).count();
     }
     return ms;
   }
@@ -256,10 +259,11 @@ class CudaDevice final : public BenchDevice {
     uint64_t keep = UINT64_MAX;
     BENCH_CUDA(cudaMemPoolSetAttribute(pool_, cudaMemPoolAttrReleaseThreshold, &keep));
   }
-  ~CudaDevice() override {
-    cudaStreamSynchronize(stream_);
+  ~CudaDevice() override {  // also hands the pool's kept memory back before the next workload
+    cudaDeviceSynchronize();
     for (void* p : allocations_) cudaFree(p);
     cudaStreamDestroy(stream_);
+    cudaMemPoolTrimTo(pool_, 0);
   }
   fsa::Device id() const override { return fsa::Device{fsa::DeviceType::kCUDA, 0}; }
   std::string name() const override { return name_; }
@@ -352,8 +356,9 @@ std::unique_ptr<BenchDevice> open_device(const Timing& timing) {
 #ifdef FSA_WITH_CUDA
   return std::make_unique<CudaDevice>();
 #else
-  throw UsageError("--device cuda: this build has no CUDA backend (no nvcc, or "
-                   "FSA_ENABLE_CUDA=OFF); --device cpu times the CPU backend");
+  throw UsageError(
+      "--device cuda: this build has no CUDA backend (no nvcc, or "
+      "FSA_ENABLE_CUDA=OFF); --device cpu times the CPU backend");
 #endif
 }
 
@@ -368,9 +373,11 @@ void validate(const Workload& w, const std::vector<Mode>& modes, const Timing& t
     throw UsageError("--shape: H (" + std::to_string(w.heads) + ") must be a multiple of Hk (" +
                      std::to_string(w.kv_heads) + ")");
   }
-  if (w.head_dim > 256) throw UsageError("--shape: D must be 1..256, got " + std::to_string(w.head_dim));
+  if (w.head_dim > 256)
+    throw UsageError("--shape: D must be 1..256, got " + std::to_string(w.head_dim));
   if (w.dtype == DType::kFloat32 && t.device != fsa::DeviceType::kCPU) {
-    throw UsageError("--dtype fp32: the CUDA backend takes bf16 or fp16 (fp32 only with --device cpu)");
+    throw UsageError(
+        "--dtype fp32: the CUDA backend takes bf16 or fp16 (fp32 only with --device cpu)");
   }
   if (w.bias_dtype && *w.bias_dtype != DType::kFloat32 && *w.bias_dtype != w.dtype) {
     throw UsageError(std::string("--bias-dtype: expected fp32 or the query dtype (") +
@@ -437,7 +444,8 @@ HostData make_host_data(const Workload& w, bool backward) {
     h.bias.resize(size_t(nb) * fsa::dtype_size(bdt));
     std::mt19937 rng(5);
     std::normal_distribution<float> normal(0.0f, 1.0f);
-    for (int64_t i = 0; i < nb; ++i) store(h.bias.data(), bdt, i, -std::log1p(std::exp(normal(rng))));
+    for (int64_t i = 0; i < nb; ++i)
+      store(h.bias.data(), bdt, i, -std::log1p(std::exp(normal(rng))));
   }
   if (w.key_mask_every > 0) {
     h.mask.resize(size_t(w.batch * w.seqlen_k));
@@ -469,8 +477,10 @@ HostData make_host_data(const Workload& w, bool backward) {
       int64_t lo = 0, hi = nb;
       while (lo < hi) {
         const int64_t mid = (lo + hi) / 2;
-        if (density_at(mid) >= w.density) hi = mid;
-        else lo = mid + 1;
+        if (density_at(mid) >= w.density)
+          hi = mid;
+        else
+          lo = mid + 1;
       }
       k = lo;
       if (k > 0 && w.density - density_at(k - 1) < density_at(k) - w.density) --k;
@@ -490,8 +500,9 @@ struct Buffers {
 
 size_t set_bytes(const Workload& w, const HostData& h, bool backward) {
   size_t bytes = 2 * h.q.size() + h.k.size() + h.v.size() + h.bias.size() + h.mask.size();
-  if (backward) bytes += size_t(w.batch * w.heads * w.seqlen_q) * 4 + 2 * h.q.size() + h.k.size() +
-                         h.v.size() + h.bias.size();
+  if (backward)
+    bytes += size_t(w.batch * w.heads * w.seqlen_q) * 4 + 2 * h.q.size() + h.k.size() + h.v.size() +
+             h.bias.size();
   return bytes;
 }
 
@@ -525,8 +536,8 @@ Result run_workload(const Workload& w, const std::vector<Mode>& modes, const Tim
   validate(w, modes, timing);
   // Declared first: the device (stream, memory) outlives the plans and views below.
   std::unique_ptr<BenchDevice> device = open_device(timing);
-  const bool backward = std::any_of(modes.begin(), modes.end(),
-                                    [](Mode m) { return m != Mode::kForward; });
+  const bool backward =
+      std::any_of(modes.begin(), modes.end(), [](Mode m) { return m != Mode::kForward; });
   HostData host = make_host_data(w, backward);
   const double selection_density_host = host.selection_density;
   const fsa::Device dev = device->id();
@@ -695,9 +706,7 @@ Result run_workload(const Workload& w, const std::vector<Mode>& modes, const Tim
     std::function<void(int)> body;
     double factor = 1.0;
     switch (mode) {
-      case Mode::kForward:
-        body = [&](int i) { fsa::forward(fwd[set_of(i)]); };
-        break;
+      case Mode::kForward: body = [&](int i) { fsa::forward(fwd[set_of(i)]); }; break;
       case Mode::kBackward:
         body = [&](int i) { fsa::backward(bwd[set_of(i)]); };
         factor = 2.5;
@@ -719,7 +728,8 @@ Result run_workload(const Workload& w, const std::vector<Mode>& modes, const Tim
     row.flops = factor * fwd_flops * result.density;
     row.dense_flops = factor * fwd_flops * result.dense_density;
     if (mode == Mode::kForward && Sq == 1) {  // decode: kept K and V rows, read once each
-      row.kv_bytes = result.density * double(B * Sk * Hk * D) * 2.0 * double(fsa::dtype_size(w.dtype));
+      row.kv_bytes =
+          result.density * double(B * Sk * Hk * D) * 2.0 * double(fsa::dtype_size(w.dtype));
     }
     result.rows.push_back(row);
   }
@@ -817,10 +827,11 @@ std::string usage(const char* program) {
   return std::string("usage: ") + program +
          " --shape B,Sq,Sk,H,Hk,D [options]\n"
          "  --causal                  bottom-right causal\n"
-         "  --dtype bf16|fp16|fp32    query/key/value dtype (fp32: --device cpu only; default bf16)\n"
-         "  --density P               trainable-mask workload: bias (B,Hk,1,Sk), per query block the\n"
-         "                            diagonal + top-k key blocks by mean bias, k chosen so that the\n"
-         "                            planned density (fraction of all Sq x Sk entries) is closest to P\n"
+         "  --dtype bf16|fp16|fp32    q/k/v dtype (default bf16; fp32 with --device cpu only)\n"
+         "  --density P               trainable-mask workload: bias (B,Hk,1,Sk); per query block\n"
+         "                            the diagonal + the top-k key blocks by mean bias, k chosen\n"
+         "                            so that the planned density (fraction of all Sq x Sk\n"
+         "                            entries) is closest to P\n"
          "  --top-k K                 the same with k given\n"
          "  --select-block N          selection / key-mask block size (default 128)\n"
          "  --key-mask-every N        key-only mask (B,1,1,Sk) keeping every N-th key block\n"
@@ -843,7 +854,8 @@ int64_t parse_int(const std::string& flag, const std::string& text, int64_t min)
   errno = 0;
   const long long v = std::strtoll(text.c_str(), &end, 10);
   if (text.empty() || *end != '\0' || errno != 0 || v < min) {
-    throw UsageError(flag + ": expected an integer >= " + std::to_string(min) + ", got '" + text + "'");
+    throw UsageError(flag + ": expected an integer >= " + std::to_string(min) + ", got '" + text +
+                     "'");
   }
   return v;
 }
@@ -878,7 +890,8 @@ void parse_cli(const std::vector<std::string>& args, Cli& cli) {
     }
     auto next = [&](const char* expected) -> std::string {
       if (has_value) return value;
-      if (i + 1 >= args.size()) throw UsageError(flag + ": missing value (expected " + expected + ")");
+      if (i + 1 >= args.size())
+        throw UsageError(flag + ": missing value (expected " + expected + ")");
       return args[++i];
     };
     auto no_value = [&] {
@@ -893,7 +906,8 @@ void parse_cli(const std::vector<std::string>& args, Cli& cli) {
       }
       const char* names[] = {"B", "Sq", "Sk", "H", "Hk", "D"};
       int64_t v[6];
-      for (int d = 0; d < 6; ++d) v[d] = parse_int(std::string("--shape ") + names[d], parts[size_t(d)], 1);
+      for (int d = 0; d < 6; ++d)
+        v[d] = parse_int(std::string("--shape ") + names[d], parts[size_t(d)], 1);
       w.batch = v[0], w.seqlen_q = v[1], w.seqlen_k = v[2], w.heads = v[3], w.kv_heads = v[4],
       w.head_dim = v[5];
       cli.has_shape = true;
@@ -907,8 +921,10 @@ void parse_cli(const std::vector<std::string>& args, Cli& cli) {
       char* end = nullptr;
       const double p = std::strtod(text.c_str(), &end);
       if (text.empty() || *end != '\0' || !(p > 0 && p <= 1)) {
-        throw UsageError("--density: expected a fraction of all Sq x Sk entries in (0, 1], e.g. "
-                         "0.1, got '" + text + "'");
+        throw UsageError(
+            "--density: expected a fraction of all Sq x Sk entries in (0, 1], e.g. "
+            "0.1, got '" +
+            text + "'");
       }
       w.density = p;
     } else if (flag == "--top-k") {
@@ -927,10 +943,15 @@ void parse_cli(const std::vector<std::string>& args, Cli& cli) {
       cli.modes.clear();
       for (const std::string& m : split(text, ',')) {
         Mode mode;
-        if (m == "fwd") mode = Mode::kForward;
-        else if (m == "bwd") mode = Mode::kBackward;
-        else if (m == "fwdbwd" || m == "fwd+bwd") mode = Mode::kForwardBackward;
-        else throw UsageError("--mode: expected fwd, bwd or fwdbwd (comma-separated), got '" + m + "'");
+        if (m == "fwd")
+          mode = Mode::kForward;
+        else if (m == "bwd")
+          mode = Mode::kBackward;
+        else if (m == "fwdbwd" || m == "fwd+bwd")
+          mode = Mode::kForwardBackward;
+        else
+          throw UsageError("--mode: expected fwd, bwd or fwdbwd (comma-separated), got '" + m +
+                           "'");
         if (std::find(cli.modes.begin(), cli.modes.end(), mode) == cli.modes.end()) {
           cli.modes.push_back(mode);
         }
@@ -941,15 +962,22 @@ void parse_cli(const std::vector<std::string>& args, Cli& cli) {
       cli.timing.warmup = int(parse_int(flag, next("an integer >= 0"), 0));
     } else if (flag == "--l2") {
       const std::string text = next("rotate, flush or warm");
-      if (text == "rotate") cli.timing.cache = CachePolicy::kRotate;
-      else if (text == "flush") cli.timing.cache = CachePolicy::kFlush;
-      else if (text == "warm") cli.timing.cache = CachePolicy::kWarm;
-      else throw UsageError("--l2: expected rotate, flush or warm, got '" + text + "'");
+      if (text == "rotate")
+        cli.timing.cache = CachePolicy::kRotate;
+      else if (text == "flush")
+        cli.timing.cache = CachePolicy::kFlush;
+      else if (text == "warm")
+        cli.timing.cache = CachePolicy::kWarm;
+      else
+        throw UsageError("--l2: expected rotate, flush or warm, got '" + text + "'");
     } else if (flag == "--device") {
       const std::string text = next("cuda or cpu");
-      if (text == "cuda") cli.timing.device = fsa::DeviceType::kCUDA;
-      else if (text == "cpu") cli.timing.device = fsa::DeviceType::kCPU;
-      else throw UsageError("--device: expected cuda or cpu, got '" + text + "'");
+      if (text == "cuda")
+        cli.timing.device = fsa::DeviceType::kCUDA;
+      else if (text == "cpu")
+        cli.timing.device = fsa::DeviceType::kCPU;
+      else
+        throw UsageError("--device: expected cuda or cpu, got '" + text + "'");
     } else if (flag == "--threads") {
       cli.timing.threads = int(parse_int(flag, next("an integer >= 1"), 1));
     } else if (flag == "--name") {
@@ -971,15 +999,19 @@ int run_cli(const Cli& cli) {
     print_header(r, name);
     std::printf("cache: %s\n", r.cache.c_str());
     if (r.top_k >= 0) {
-      std::printf("selection: top-%lld key blocks of %d by mean bias per query block%s; planned "
-                  "density %.2f%%\n", (long long)r.top_k, cli.workload.select_block,
-                  cli.workload.causal ? " + the diagonal" : "", 100.0 * r.density);
+      std::printf(
+          "selection: top-%lld key blocks of %d by mean bias per query block%s; planned "
+          "density %.2f%%\n",
+          (long long)r.top_k, cli.workload.select_block,
+          cli.workload.causal ? " + the diagonal" : "", 100.0 * r.density);
     }
     print_table_columns("", 8);
   }
   for (const Row& row : r.rows) {
-    if (cli.json) print_json(name, row, r, cli.workload, cli.timing);
-    else print_row(row.kind, row, r, 8);
+    if (cli.json)
+      print_json(name, row, r, cli.workload, cli.timing);
+    else
+      print_row(row.kind, row, r, 8);
   }
   return 0;
 }

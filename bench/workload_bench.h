@@ -37,8 +37,8 @@ struct Workload {
   // blocks of select_block keys by mean bias (fsa::select_blocks), handed to the plan as its
   // block selection. Set either density (top_k is then chosen so that the planned density is
   // closest to it) or top_k.
-  double density = 0;   // target fraction of all Sq x Sk entries, in (0, 1]; 0 = not set
-  int64_t top_k = -1;   // >= 0: key blocks kept per query block besides the required ones
+  double density = 0;  // target fraction of all Sq x Sk entries, in (0, 1]; 0 = not set
+  int64_t top_k = -1;  // >= 0: key blocks kept per query block besides the required ones
   int select_block = 128;
   // Key-only mask (B, 1, 1, Sk) keeping every key_mask_every-th block of select_block keys.
   int64_t key_mask_every = 0;
@@ -62,12 +62,14 @@ struct Stats {
 };
 
 struct Row {
-  std::string kind;          // "plan", "fwd", "bwd" or "fwd+bwd"
+  std::string kind;  // "plan", "fwd", "bwd" or "fwd+bwd"
   Stats time;
-  double flops = 0;          // over kept entries: 4*Sq*Sk*D*H*B*density (x2.5 bwd, x3.5 fwd+bwd)
-  double dense_flops = 0;    // the same at the density of the unmasked problem
-  double kv_bytes = 0;       // decode (Sq == 1) forward: kept K + V bytes read, else 0
-  double pool_peak_bytes = -1;  // CUDA: high-water mark of the stream-ordered pool, else -1
+  double flops = 0;        // over kept entries: 4*Sq*Sk*D*H*B*density (x2.5 bwd, x3.5 fwd+bwd)
+  double dense_flops = 0;  // the same at the density of the unmasked problem
+  double kv_bytes = 0;     // decode (Sq == 1) forward: kept K + V bytes read, else 0
+  // CUDA: high-water mark of the stream-ordered pool over the mode's calls (the plan's lists and
+  // the library's scratch; inputs and outputs are not pool memory), else -1.
+  double pool_peak_bytes = -1;
 };
 
 struct Result {
