@@ -222,133 +222,55 @@ struct RowMap {
   }
 };
 
-template <int kHeadDim, class Elt>
-__global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads, 2)
-    forward_kernel(const __grid_constant__ ForwardParams p) {
-  using Tiles = ForwardTiles<kHeadDim>;
-  using Smem = SmemTile<kHeadDim>;
-  constexpr int kBlockM = Tiles::kBlockM, kBlockN = Tiles::kBlockN, kThreads = Tiles::kThreads;
-  constexpr int kRT = Tiles::kRowTiles;  // 16-row mma tiles per warp
-  constexpr int kNTiles = kBlockN / 8;   // 8-column score tiles
-  constexpr int kDTiles = kHeadDim / 8;  // 8-column output tiles
-  constexpr int kChunks = kHeadDim / 8;
+// What one warp needs to process its rows of a CTA tile, shared by the sm80 and the sm90 kernel.
+// Both hold a warp's scores and outputs in the mma C layout: fragment (rt, j) of a thread covers
+// rows warp_row0 + 16 rt + g (+ 8) and columns 8 j + 2 t (+ 1), g = lane / 4, t = lane % 4.
+struct WarpRows {
+  const ForwardParams& p;
+  RowMap rows;
+  int b;
+  int warp_row0;  // the warp's first row within the tile
+  int g, t;
+  int flat_rows;  // rows of the whole problem in the row map's numbering
+  bool bias_rows_shared;  // a query-invariant bias with the same head for every row of the tile
 
-  extern __shared__ __align__(128) uint8_t smem_raw[];
-  uint16_t* s_q = reinterpret_cast<uint16_t*>(smem_raw);  // (kBlockM, kHeadDim)
-  uint16_t* s_k = s_q + Tiles::kSmemQ;                     // 2 stages of (kBlockN, kHeadDim)
-  uint16_t* s_v = s_k + 2 * Tiles::kSmemKV;                // 2 stages of (kBlockN, kHeadDim)
+  __device__ WarpRows(const ForwardParams& params, int m, int block_m, int h, int b_, int row0)
+      : p(params),
+        rows{m * block_m, h, params.pack_gqa, params.group},
+        b(b_),
+        warp_row0(row0),
+        g(threadIdx.x % 32 / 4),
+        t(threadIdx.x % 4),
+        flat_rows(params.pack_gqa ? params.seqlen_q * params.group : params.seqlen_q),
+        bias_rows_shared(params.bias != nullptr && params.bias_stride[2] == 0 &&
+                         (!params.pack_gqa || params.bias_head_group % params.group == 0)) {}
 
-  const int split = int(blockIdx.x) % p.num_splits;
-  const int m = p.map.m_blocks - 1 - int(blockIdx.x) / p.num_splits;  // long causal rows first
-  const int h = blockIdx.y, b = blockIdx.z;  // h: query head, or kv head when packed
-  const int hk = p.pack_gqa ? h : h / p.group;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int g = lane / 4, t = lane % 4;
-  const int warp_row0 = warp * 16 * kRT;  // the warp's first row within the tile
-  const RowMap rows{m * kBlockM, h, p.pack_gqa, p.group};
-  const int flat_rows = p.pack_gqa ? p.seqlen_q * p.group : p.seqlen_q;
-
-  // This CTA's share of its block lists (full blocks first, then partial ones).
-  const int h_map = (p.pack_gqa ? h * p.group : h) / p.map.head_group;
-  const int64_t list_row =
-      (int64_t(p.map.map_batch == 1 ? 0 : b) * p.map.map_heads + h_map) * p.map.m_blocks + m;
-  const int n_full = p.map.full_count[list_row];
-  const int listed = n_full + p.map.partial_count[list_row];
-  const int per_split = (listed + p.num_splits - 1) / p.num_splits;
-  const int it_begin = min(listed, split * per_split);
-  const int it_end = min(listed, it_begin + per_split);
-  const int32_t* full_list = p.map.full_index + list_row * p.map.n_blocks;
-  const int32_t* partial_list = p.map.partial_index + list_row * p.map.n_blocks;
-  auto block_at = [&](int it) { return it < n_full ? full_list[it] : partial_list[it - n_full]; };
-
-  const auto* k = static_cast<const uint16_t*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h;
-  const auto* v = static_cast<const uint16_t*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h;
-
-  // Q rows (through the row map), zero past the last row and past head_dim.
-  {
-    const auto* q = static_cast<const uint16_t*>(p.q) + b * p.q_stride_b;
-    for (int idx = threadIdx.x; idx < kBlockM * kChunks; idx += kThreads) {
-      const int r = idx / kChunks, c = idx % kChunks;
-      int i, head;
-      rows.at(r, i, head);
-      const bool valid = rows.row0 + r < flat_rows && c * 8 < p.head_dim;
-      const uint16_t* src = q + (valid ? int64_t(i) * p.q_stride_s + head * p.q_stride_h + c * 8 : 0);
-      cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
-          *reinterpret_cast<const cute::uint128_t*>(src),
-          *reinterpret_cast<cute::uint128_t*>(s_q + Smem::offset(r, c)), valid);
-    }
-  }
-  if (it_begin < it_end) {
-    const int n0 = block_at(it_begin);
-    load_tile_async<kHeadDim, kBlockN, kThreads>(s_k, k, p.k_stride_s, n0 * kBlockN, p.seqlen_k,
-                                                 p.head_dim);
-    load_tile_async<kHeadDim, kBlockN, kThreads>(s_v, v, p.v_stride_s, n0 * kBlockN, p.seqlen_k,
-                                                 p.head_dim);
-  }
-  cute::cp_async_fence();
-
-  // The thread's rows: (rt, r) is fragment row g + 8 r of row tile rt. Recomputed where used
-  // (a few integer ops) rather than held in registers, which the accumulators need.
-  auto row_of = [&](int rt, int r, int& i, int& head) {
+  // Fragment row (rt, r): its query row and head. Recomputed where used (a few integer ops)
+  // rather than held in registers, which the accumulators need.
+  __device__ void row_of(int rt, int r, int& i, int& head) const {
     rows.at(warp_row0 + rt * 16 + g + 8 * r, i, head);
     i = min(i, p.seqlen_q - 1);  // padded rows read row Sq - 1 and are never written
     head = min(head, p.num_heads - 1);
-  };
-  auto row_valid = [&](int rt, int r) {
-    return rows.row0 + warp_row0 + rt * 16 + g + 8 * r < flat_rows;
-  };
-  float o[kRT][kDTiles][4];  // (16 kRT rows, kHeadDim) output accumulator, C layout
-#pragma unroll
-  for (int rt = 0; rt < kRT; ++rt)
-#pragma unroll
-    for (int d = 0; d < kDTiles; ++d) o[rt][d][0] = o[rt][d][1] = o[rt][d][2] = o[rt][d][3] = 0.0f;
-  // Online softmax state, log2 domain. row_sum is this thread's partial sum over its columns;
-  // the quad's partial sums are added once at the end.
-  float row_max[kRT][2], row_sum[kRT][2];
-#pragma unroll
-  for (int rt = 0; rt < kRT; ++rt) {
-    row_max[rt][0] = row_max[rt][1] = -INFINITY;
-    row_sum[rt][0] = row_sum[rt][1] = 0.0f;
   }
-  // A query-invariant bias whose head is the same for every row of the tile is loaded once per
-  // column; any other bias per element.
-  const bool bias_rows_shared = p.bias != nullptr && p.bias_stride[2] == 0 &&
-                                (!p.pack_gqa || p.bias_head_group % p.group == 0);
-  auto bias_at = [&](int i, int head, int c) {  // bias(b, head, i, c), column clamped in range
+  __device__ bool row_valid(int rt, int r) const {
+    return rows.row0 + warp_row0 + rt * 16 + g + 8 * r < flat_rows;
+  }
+  template <class Elt>
+  __device__ float bias_at(int i, int head, int c) const {  // bias(b, head, i, c), c clamped
     const int64_t off = b * p.bias_stride[0] + (head / p.bias_head_group) * p.bias_stride[1] +
                         int64_t(i) * p.bias_stride[2] +
                         int64_t(min(c, p.seqlen_k - 1)) * p.bias_stride[3];
     return p.bias_is_fp32 ? static_cast<const float*>(p.bias)[off] : Elt::to_float(p.bias, off);
-  };
+  }
 
-  // Block indices are read one iteration ahead so the prefetch never waits on a global load.
-  int n = it_begin < it_end ? block_at(it_begin) : 0;
-  int n_next = it_begin + 1 < it_end ? block_at(it_begin + 1) : 0;
-  for (int it = it_begin; it < it_end; ++it) {
-    const bool partial = it >= n_full;
-    const int stage = (it - it_begin) & 1;
-    const int n_after = it + 2 < it_end ? block_at(it + 2) : 0;
-    if (it + 1 < it_end) {  // prefetch the next K/V tile into the other stage
-      load_tile_async<kHeadDim, kBlockN, kThreads>(s_k + (stage ^ 1) * Tiles::kSmemKV, k,
-                                                   p.k_stride_s, n_next * kBlockN, p.seqlen_k,
-                                                   p.head_dim);
-      load_tile_async<kHeadDim, kBlockN, kThreads>(s_v + (stage ^ 1) * Tiles::kSmemKV, v,
-                                                   p.v_stride_s, n_next * kBlockN, p.seqlen_k,
-                                                   p.head_dim);
-      cute::cp_async_fence();
-      cute::cp_async_wait<1>();
-    } else {
-      cute::cp_async_wait<0>();
-    }
-    __syncthreads();
-
-    // s (16 kRT, kBlockN) = q (16 kRT, kHeadDim) . k^T
-    float s[kRT][kNTiles][4];
-    warp_gemm_nt<kHeadDim, kBlockN, kRT, Elt>(s, s_q, warp_row0, s_k + stage * Tiles::kSmemKV);
-
-    // Logits in the log2 domain: scale (or softcap), bias, then the drops of a partial tile or
-    // of the ragged last key block.
-    const int col0 = n * kBlockN;
+  // Scores of key tile col0 .. col0 + 8 kNTiles into logits in the log2 domain: scale (or
+  // softcap), bias, then the drops of a partial tile or of the ragged last key block.
+  // `bias_tile`, when given, holds this tile's kNTiles * 8 values of a query-invariant bias (in
+  // the bias's dtype), already in shared memory.
+  template <int kRT, int kNTiles, class Elt>
+  __device__ __forceinline__ void logits(float (&s)[kRT][kNTiles][4], int col0, bool partial,
+                                         const void* bias_tile = nullptr) const {
+    constexpr int kBlockN = kNTiles * 8;
     if (p.softcap_in != 0.0f) {  // branch outside the element loop: tanhf costs on every path
 #pragma unroll
       for (int rt = 0; rt < kRT; ++rt)
@@ -371,7 +293,20 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads, 2)
       float bias_col[kNTiles][2];
       int i0, head0;
       row_of(0, 0, i0, head0);
-      if (p.bias_stride[3] == 1 && col0 + kBlockN <= p.seqlen_k) {
+      if (bias_tile != nullptr) {
+#pragma unroll
+        for (int j = 0; j < kNTiles; ++j) {
+          const int c = j * 8 + 2 * t;
+          if (p.bias_is_fp32) {
+            const float2 v = *reinterpret_cast<const float2*>(static_cast<const float*>(bias_tile) + c);
+            bias_col[j][0] = v.x;
+            bias_col[j][1] = v.y;
+          } else {
+            bias_col[j][0] = Elt::to_float(bias_tile, c);
+            bias_col[j][1] = Elt::to_float(bias_tile, c + 1);
+          }
+        }
+      } else if (p.bias_stride[3] == 1 && col0 + kBlockN <= p.seqlen_k) {
         const int64_t off = b * p.bias_stride[0] + (head0 / p.bias_head_group) * p.bias_stride[1] +
                             col0 + 2 * t;
 #pragma unroll
@@ -385,8 +320,8 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads, 2)
 #pragma unroll
         for (int j = 0; j < kNTiles; ++j) {
           const int c = col0 + j * 8 + 2 * t;
-          bias_col[j][0] = bias_at(0, head0, c);
-          bias_col[j][1] = bias_at(0, head0, c + 1);
+          bias_col[j][0] = bias_at<Elt>(0, head0, c);
+          bias_col[j][1] = bias_at<Elt>(0, head0, c + 1);
         }
       }
 #pragma unroll
@@ -411,7 +346,7 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads, 2)
           for (int j = 0; j < kNTiles; ++j)
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-              s[rt][j][2 * r + e] += bias_at(i, head, col0 + j * 8 + 2 * t + e) * kLog2e;
+              s[rt][j][2 * r + e] += bias_at<Elt>(i, head, col0 + j * 8 + 2 * t + e) * kLog2e;
             }
         }
     }
@@ -438,94 +373,235 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads, 2)
             }
         }
     }
+  }
 
-    // Online softmax. The -inf guard: while a row has kept nothing its max is -inf and we shift
-    // by 0 instead, so dropped entries give exp2(-inf) = 0, never exp2(NaN).
+  // Normalizes and writes the warp's rows: the output, or this split's partial output and LSE. A
+  // row that kept nothing has sum 0: O = 0 exactly and LSE = -inf.
+  template <int kHeadDim, int kRT, class Elt>
+  __device__ __forceinline__ void write(const float (&o)[kRT][kHeadDim / 8][4],
+                                        const float (&row_max)[kRT][2],
+                                        const float (&row_sum)[kRT][2], int split) const {
+    constexpr int kDTiles = kHeadDim / 8;
 #pragma unroll
     for (int rt = 0; rt < kRT; ++rt)
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        float tile_max = -INFINITY;
-#pragma unroll
-        for (int j = 0; j < kNTiles; ++j) {
-          tile_max = fmaxf(tile_max, fmaxf(s[rt][j][2 * r], s[rt][j][2 * r + 1]));
-        }
-        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-        const float new_max = fmaxf(row_max[rt][r], tile_max);
-        const float correction =
-            row_max[rt][r] == -INFINITY ? 0.0f : fast_exp2(row_max[rt][r] - new_max);
-        row_max[rt][r] = new_max;
-        const float shift = new_max == -INFINITY ? 0.0f : new_max;
-        float sum = 0.0f;
-#pragma unroll
-        for (int j = 0; j < kNTiles; ++j) {
-          s[rt][j][2 * r] = fast_exp2(s[rt][j][2 * r] - shift);
-          s[rt][j][2 * r + 1] = fast_exp2(s[rt][j][2 * r + 1] - shift);
-          sum += s[rt][j][2 * r] + s[rt][j][2 * r + 1];
-        }
-        row_sum[rt][r] = row_sum[rt][r] * correction + sum;
-        // Rescale the accumulator only when some row of the warp moved its max (after the first
-        // tiles that is rare); the vote keeps the branch uniform.
-        if (__any_sync(0xffffffffu, correction != 1.0f)) {
+        float sum = row_sum[rt][r];
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        if (!row_valid(rt, r)) continue;
+        int i, head;
+        row_of(rt, r, i, head);
+        const float inv = sum > 0.0f ? 1.0f / sum : (sum != sum ? sum : 0.0f);
+        const float lse = sum > 0.0f ? (row_max[rt][r] + log2f(sum)) * kLn2
+                                     : (sum != sum ? sum : -INFINITY);
+        if (p.num_splits > 1) {
+          const int64_t row =
+              ((int64_t(split) * p.batch + b) * p.num_heads + head) * p.seqlen_q + i;
+          float* orow = p.o_partial + row * kHeadDim;
 #pragma unroll
           for (int d = 0; d < kDTiles; ++d) {
-            o[rt][d][2 * r] *= correction;
-            o[rt][d][2 * r + 1] *= correction;
+            *reinterpret_cast<float2*>(orow + d * 8 + 2 * t) =
+                make_float2(o[rt][d][2 * r] * inv, o[rt][d][2 * r + 1] * inv);
+          }
+          if (t == 0) p.lse_partial[row] = lse;
+          continue;
+        }
+        auto* orow = static_cast<typename Elt::Storage*>(p.out) + b * p.o_stride_b +
+                     int64_t(i) * p.o_stride_s + head * p.o_stride_h;
+#pragma unroll
+        for (int d = 0; d < kDTiles; ++d) {
+          const int c = d * 8 + 2 * t;
+          const uint32_t packed = Elt::pack(o[rt][d][2 * r] * inv, o[rt][d][2 * r + 1] * inv);
+          if (c + 1 < p.head_dim && (reinterpret_cast<uintptr_t>(orow + c) & 3) == 0) {
+            *reinterpret_cast<uint32_t*>(orow + c) = packed;
+          } else {  // odd strides or the last odd column: element stores
+            if (c < p.head_dim) *reinterpret_cast<uint16_t*>(orow + c) = uint16_t(packed & 0xffffu);
+            if (c + 1 < p.head_dim) {
+              *reinterpret_cast<uint16_t*>(orow + c + 1) = uint16_t(packed >> 16);
+            }
           }
         }
+        if (p.lse && t == 0) {
+          p.lse[b * p.lse_stride_b + head * p.lse_stride_h + int64_t(i) * p.lse_stride_s] = lse;
+        }
       }
+  }
+};
 
+// One online-softmax step of a warp's rows over a tile of logits (log2 domain): probabilities
+// replace the logits in s, row max and partial row sums advance, and `correction` receives the
+// factor the output accumulator must be scaled by before this tile's P . V is added. The -inf
+// guard: while a row has kept nothing its max is -inf and we shift by 0 instead, so dropped
+// entries give exp2(-inf) = 0, never exp2(NaN).
+template <int kRT, int kNTiles>
+__device__ __forceinline__ void softmax_step(float (&s)[kRT][kNTiles][4], float (&row_max)[kRT][2],
+                                             float (&row_sum)[kRT][2],
+                                             float (&correction)[kRT][2]) {
+#pragma unroll
+  for (int rt = 0; rt < kRT; ++rt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float tile_max = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < kNTiles; ++j) {
+        tile_max = fmaxf(tile_max, fmaxf(s[rt][j][2 * r], s[rt][j][2 * r + 1]));
+      }
+      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+      const float new_max = fmaxf(row_max[rt][r], tile_max);
+      correction[rt][r] = row_max[rt][r] == -INFINITY ? 0.0f : fast_exp2(row_max[rt][r] - new_max);
+      row_max[rt][r] = new_max;
+      const float shift = new_max == -INFINITY ? 0.0f : new_max;
+      float sum = 0.0f;
+#pragma unroll
+      for (int j = 0; j < kNTiles; ++j) {
+        s[rt][j][2 * r] = fast_exp2(s[rt][j][2 * r] - shift);
+        s[rt][j][2 * r + 1] = fast_exp2(s[rt][j][2 * r + 1] - shift);
+        sum += s[rt][j][2 * r] + s[rt][j][2 * r + 1];
+      }
+      row_sum[rt][r] = row_sum[rt][r] * correction[rt][r] + sum;
+    }
+}
+
+// Scales fragment row (rt, r) of an accumulator by correction[rt][r], addressed through
+// at(rt, d, e) (the C layout). Only when some row of the warp moved its max (after the first tiles
+// that is rare); the vote keeps the branch uniform.
+template <int kRT, int kDTiles, class At>
+__device__ __forceinline__ void rescale_rows(const At& at, const float (&correction)[kRT][2]) {
+#pragma unroll
+  for (int rt = 0; rt < kRT; ++rt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if (__any_sync(0xffffffffu, correction[rt][r] != 1.0f)) {
+#pragma unroll
+        for (int d = 0; d < kDTiles; ++d) {
+          at(rt, d, 2 * r) *= correction[rt][r];
+          at(rt, d, 2 * r + 1) *= correction[rt][r];
+        }
+      }
+    }
+}
+
+// This CTA's share of its block lists: full key blocks first, then partial ones.
+struct BlockList {
+  const int32_t* full;
+  const int32_t* partial;
+  int n_full;
+  int begin, end;  // iterations [begin, end) of this split
+  __device__ BlockList(const ForwardParams& p, int b, int h_map, int m, int split) {
+    const int64_t row =
+        (int64_t(p.map.map_batch == 1 ? 0 : b) * p.map.map_heads + h_map) * p.map.m_blocks + m;
+    n_full = p.map.full_count[row];
+    const int listed = n_full + p.map.partial_count[row];
+    const int per_split = (listed + p.num_splits - 1) / p.num_splits;
+    begin = min(listed, split * per_split);
+    end = min(listed, begin + per_split);
+    full = p.map.full_index + row * p.map.n_blocks;
+    partial = p.map.partial_index + row * p.map.n_blocks;
+  }
+  __device__ int at(int it) const { return it < n_full ? full[it] : partial[it - n_full]; }
+};
+
+template <int kHeadDim, class Elt>
+__global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads, 2)
+    forward_kernel(const __grid_constant__ ForwardParams p) {
+  using Tiles = ForwardTiles<kHeadDim>;
+  using Smem = SmemTile<kHeadDim>;
+  constexpr int kBlockM = Tiles::kBlockM, kBlockN = Tiles::kBlockN, kThreads = Tiles::kThreads;
+  constexpr int kRT = Tiles::kRowTiles;  // 16-row mma tiles per warp
+  constexpr int kNTiles = kBlockN / 8;   // 8-column score tiles
+  constexpr int kDTiles = kHeadDim / 8;  // 8-column output tiles
+  constexpr int kChunks = kHeadDim / 8;
+
+  extern __shared__ __align__(128) uint8_t smem_raw[];
+  uint16_t* s_q = reinterpret_cast<uint16_t*>(smem_raw);  // (kBlockM, kHeadDim)
+  uint16_t* s_k = s_q + Tiles::kSmemQ;                     // 2 stages of (kBlockN, kHeadDim)
+  uint16_t* s_v = s_k + 2 * Tiles::kSmemKV;                // 2 stages of (kBlockN, kHeadDim)
+
+  const int split = int(blockIdx.x) % p.num_splits;
+  const int m = p.map.m_blocks - 1 - int(blockIdx.x) / p.num_splits;  // long causal rows first
+  const int h = blockIdx.y, b = blockIdx.z;  // h: query head, or kv head when packed
+  const int hk = p.pack_gqa ? h : h / p.group;
+  const int warp = threadIdx.x / 32;
+  const WarpRows wr(p, m, kBlockM, h, b, warp * 16 * kRT);
+  const BlockList list(p, b, (p.pack_gqa ? h * p.group : h) / p.map.head_group, m, split);
+
+  const auto* k = static_cast<const uint16_t*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h;
+  const auto* v = static_cast<const uint16_t*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h;
+
+  // Q rows (through the row map), zero past the last row and past head_dim.
+  {
+    const auto* q = static_cast<const uint16_t*>(p.q) + b * p.q_stride_b;
+    for (int idx = threadIdx.x; idx < kBlockM * kChunks; idx += kThreads) {
+      const int r = idx / kChunks, c = idx % kChunks;
+      int i, head;
+      wr.rows.at(r, i, head);
+      const bool valid = wr.rows.row0 + r < wr.flat_rows && c * 8 < p.head_dim;
+      const uint16_t* src = q + (valid ? int64_t(i) * p.q_stride_s + head * p.q_stride_h + c * 8 : 0);
+      cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
+          *reinterpret_cast<const cute::uint128_t*>(src),
+          *reinterpret_cast<cute::uint128_t*>(s_q + Smem::offset(r, c)), valid);
+    }
+  }
+  if (list.begin < list.end) {
+    const int n0 = list.at(list.begin);
+    load_tile_async<kHeadDim, kBlockN, kThreads>(s_k, k, p.k_stride_s, n0 * kBlockN, p.seqlen_k,
+                                                 p.head_dim);
+    load_tile_async<kHeadDim, kBlockN, kThreads>(s_v, v, p.v_stride_s, n0 * kBlockN, p.seqlen_k,
+                                                 p.head_dim);
+  }
+  cute::cp_async_fence();
+
+  float o[kRT][kDTiles][4];  // (16 kRT rows, kHeadDim) output accumulator, C layout
+#pragma unroll
+  for (int rt = 0; rt < kRT; ++rt)
+#pragma unroll
+    for (int d = 0; d < kDTiles; ++d) o[rt][d][0] = o[rt][d][1] = o[rt][d][2] = o[rt][d][3] = 0.0f;
+  // Online softmax state, log2 domain. row_sum is this thread's partial sum over its columns;
+  // the quad's partial sums are added once at the end.
+  float row_max[kRT][2], row_sum[kRT][2];
+#pragma unroll
+  for (int rt = 0; rt < kRT; ++rt) {
+    row_max[rt][0] = row_max[rt][1] = -INFINITY;
+    row_sum[rt][0] = row_sum[rt][1] = 0.0f;
+  }
+
+  // Block indices are read one iteration ahead so the prefetch never waits on a global load.
+  int n = list.begin < list.end ? list.at(list.begin) : 0;
+  int n_next = list.begin + 1 < list.end ? list.at(list.begin + 1) : 0;
+  for (int it = list.begin; it < list.end; ++it) {
+    const int stage = (it - list.begin) & 1;
+    const int n_after = it + 2 < list.end ? list.at(it + 2) : 0;
+    if (it + 1 < list.end) {  // prefetch the next K/V tile into the other stage
+      load_tile_async<kHeadDim, kBlockN, kThreads>(s_k + (stage ^ 1) * Tiles::kSmemKV, k,
+                                                   p.k_stride_s, n_next * kBlockN, p.seqlen_k,
+                                                   p.head_dim);
+      load_tile_async<kHeadDim, kBlockN, kThreads>(s_v + (stage ^ 1) * Tiles::kSmemKV, v,
+                                                   p.v_stride_s, n_next * kBlockN, p.seqlen_k,
+                                                   p.head_dim);
+      cute::cp_async_fence();
+      cute::cp_async_wait<1>();
+    } else {
+      cute::cp_async_wait<0>();
+    }
+    __syncthreads();
+
+    // s (16 kRT, kBlockN) = q (16 kRT, kHeadDim) . k^T
+    float s[kRT][kNTiles][4];
+    warp_gemm_nt<kHeadDim, kBlockN, kRT, Elt>(s, s_q, wr.warp_row0, s_k + stage * Tiles::kSmemKV);
+    wr.logits<kRT, kNTiles, Elt>(s, n * kBlockN, it >= list.n_full);
+    float correction[kRT][2];
+    softmax_step(s, row_max, row_sum, correction);
+    rescale_rows<kRT, kDTiles>([&](int rt, int d, int e) -> float& { return o[rt][d][e]; },
+                               correction);
     // o (16 kRT, kHeadDim) += p (16 kRT, kBlockN) . v (kBlockN, kHeadDim)
     warp_gemm_pv<kHeadDim, kBlockN, kRT, Elt>(o, s, s_v + stage * Tiles::kSmemKV);
     __syncthreads();  // this stage is refilled by the next iteration's prefetch
     n = n_next;
     n_next = n_after;
   }
-
-  // Normalize and write: the output, or this split's partial output and LSE. A row that kept
-  // nothing has sum 0: O = 0 exactly and LSE = -inf.
-#pragma unroll
-  for (int rt = 0; rt < kRT; ++rt)
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float sum = row_sum[rt][r];
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      if (!row_valid(rt, r)) continue;
-      int i, head;
-      row_of(rt, r, i, head);
-      const float inv = sum > 0.0f ? 1.0f / sum : (sum != sum ? sum : 0.0f);
-      const float lse = sum > 0.0f ? (row_max[rt][r] + log2f(sum)) * kLn2
-                                   : (sum != sum ? sum : -INFINITY);
-      if (p.num_splits > 1) {
-        const int64_t row = ((int64_t(split) * p.batch + b) * p.num_heads + head) * p.seqlen_q + i;
-        float* orow = p.o_partial + row * kHeadDim;
-#pragma unroll
-        for (int d = 0; d < kDTiles; ++d) {
-          *reinterpret_cast<float2*>(orow + d * 8 + 2 * t) =
-              make_float2(o[rt][d][2 * r] * inv, o[rt][d][2 * r + 1] * inv);
-        }
-        if (t == 0) p.lse_partial[row] = lse;
-        continue;
-      }
-      auto* orow = static_cast<typename Elt::Storage*>(p.out) + b * p.o_stride_b +
-                   int64_t(i) * p.o_stride_s + head * p.o_stride_h;
-#pragma unroll
-      for (int d = 0; d < kDTiles; ++d) {
-        const int c = d * 8 + 2 * t;
-        const uint32_t packed = Elt::pack(o[rt][d][2 * r] * inv, o[rt][d][2 * r + 1] * inv);
-        if (c + 1 < p.head_dim && (reinterpret_cast<uintptr_t>(orow + c) & 3) == 0) {
-          *reinterpret_cast<uint32_t*>(orow + c) = packed;
-        } else {  // odd strides or the last odd column: element stores
-          if (c < p.head_dim) *reinterpret_cast<uint16_t*>(orow + c) = uint16_t(packed & 0xffffu);
-          if (c + 1 < p.head_dim) *reinterpret_cast<uint16_t*>(orow + c + 1) = uint16_t(packed >> 16);
-        }
-      }
-      if (p.lse && t == 0) {
-        p.lse[b * p.lse_stride_b + head * p.lse_stride_h + int64_t(i) * p.lse_stride_s] = lse;
-      }
-    }
+  wr.write<kHeadDim, kRT, Elt>(o, row_max, row_sum, split);
 }
 
 // Merges the splits of one (b, h, i) row: LSE = log sum_s exp(LSE_s), O = sum_s exp(LSE_s - LSE)

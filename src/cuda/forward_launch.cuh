@@ -1,30 +1,66 @@
 #pragma once
 // Definition of launch_forward, included only by the generated instantiation files.
 
+#include <cstdlib>
+#include <cstring>
+
 #include "cuda/check.h"
 #include "cuda/forward_kernel.cuh"
+#include "cuda/forward_kernel_sm90.cuh"
 #include "cuda/forward_launch.h"
 
 namespace fsa::detail::cuda {
 
+// The Hopper kernel serves prefill on sm_90 devices (the sm_90a image of this build). Decode-style
+// GQA packing stays on the sm80 kernel: two of its CTAs share an SM, which a memory-bound pass of
+// mostly padded rows needs more than wgmma. FSA_CUDA_FORWARD=sm80 forces the sm80 kernel (for A/B
+// measurements on one card).
+inline bool use_sm90_forward(const ForwardParams& params) {
+  static const bool forced_sm80 = [] {
+    const char* env = std::getenv("FSA_CUDA_FORWARD");
+    return env != nullptr && std::strcmp(env, "sm80") == 0;
+  }();
+  if (forced_sm80 || params.pack_gqa) return false;
+  int device = 0, major = 0;
+  FSA_CUDA_CHECK(cudaGetDevice(&device));
+  FSA_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major == 9;
+}
+
+template <int kHeadDim, class Elt>
+void launch_combine(const ForwardParams& params, cudaStream_t stream) {
+  constexpr int kRowsPerBlock = 4;  // one warp per (b, h, i) row
+  const int64_t rows = int64_t(params.batch) * params.num_heads * params.seqlen_q;
+  combine_kernel<kHeadDim, Elt><<<unsigned((rows + kRowsPerBlock - 1) / kRowsPerBlock),
+                                  32 * kRowsPerBlock, 0, stream>>>(params);
+  FSA_CUDA_CHECK(cudaGetLastError());
+}
+
 template <int kHeadDim, class Elt>
 void launch_forward(const ForwardParams& params, cudaStream_t stream) {
-  using Tiles = ForwardTiles<kHeadDim>;
-  auto* kernel = &forward_kernel<kHeadDim, Elt>;
-  // Above 48 KiB of dynamic shared memory a kernel must opt in (per device; cheap to repeat).
-  FSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      Tiles::kSmemBytes));
   const int heads = params.pack_gqa ? params.num_kv_heads : params.num_heads;
   const dim3 grid(params.map.m_blocks * params.num_splits, heads, params.batch);
-  kernel<<<grid, Tiles::kThreads, Tiles::kSmemBytes, stream>>>(params);
-  FSA_CUDA_CHECK(cudaGetLastError());
-  if (params.num_splits > 1) {
-    constexpr int kRowsPerBlock = 4;  // one warp per (b, h, i) row
-    const int64_t rows = int64_t(params.batch) * params.num_heads * params.seqlen_q;
-    combine_kernel<kHeadDim, Elt><<<unsigned((rows + kRowsPerBlock - 1) / kRowsPerBlock),
-                                    32 * kRowsPerBlock, 0, stream>>>(params);
-    FSA_CUDA_CHECK(cudaGetLastError());
+  bool launched = false;
+  if constexpr (kHeadDim <= 128) {
+    if (use_sm90_forward(params)) {
+      using Tiles = Sm90ForwardTiles<kHeadDim, Elt>;
+      auto* kernel = &forward_kernel_sm90<kHeadDim, Elt>;
+      FSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          Tiles::kSmemBytes));
+      kernel<<<grid, Tiles::kThreads, Tiles::kSmemBytes, stream>>>(params);
+      launched = true;
+    }
   }
+  if (!launched) {
+    using Tiles = ForwardTiles<kHeadDim>;
+    auto* kernel = &forward_kernel<kHeadDim, Elt>;
+    // Above 48 KiB of dynamic shared memory a kernel must opt in (per device; cheap to repeat).
+    FSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        Tiles::kSmemBytes));
+    kernel<<<grid, Tiles::kThreads, Tiles::kSmemBytes, stream>>>(params);
+  }
+  FSA_CUDA_CHECK(cudaGetLastError());
+  if (params.num_splits > 1) launch_combine<kHeadDim, Elt>(params, stream);
 }
 
 }  // namespace fsa::detail::cuda

@@ -1,0 +1,314 @@
+#pragma once
+// Hopper forward kernel: warpgroup MMA (wgmma, sm_90a) over the same block lists as the sm80
+// kernel, for kernel head dims 64 and 128.
+//
+// One CTA of two warpgroups per (128-row query block, head, batch); warpgroup w owns rows
+// 64 w .. 64 w + 63. Per key tile: S = Q K^T with both operands in shared memory (wgmma SS),
+// logits and online softmax in registers (the WarpRows / softmax_step code the sm80 kernel
+// uses: a wgmma accumulator is laid out per warp exactly like an mma.sync C fragment), then
+// O += P V with P straight from registers (wgmma RS) and V read from shared memory as an MN-major
+// operand. K/V tiles rotate through three cp.async stages so that each warpgroup overlaps the
+// softmax of one tile with the P . V product of the previous one.
+//
+// Shared-memory tiles use the canonical 128-byte-swizzled GMMA layouts of CuTe; the cp.async
+// destinations are computed from the same layout objects (gmma_offset), so loads and descriptors
+// cannot disagree.
+
+#include <cute/arch/mma_sm90.hpp>
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cute/tensor.hpp>
+
+#include "cuda/forward_kernel.cuh"
+
+namespace fsa::detail::cuda {
+
+template <class Elt>
+struct CuteElement;
+template <>
+struct CuteElement<Bf16> {
+  using type = cute::bfloat16_t;
+};
+template <>
+struct CuteElement<Fp16> {
+  using type = cute::half_t;
+};
+
+template <int kHeadDim_, class Elt>
+struct Sm90ForwardTiles {
+  static constexpr int kHeadDim = kHeadDim_;
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "the sm90 forward covers head dims 64 and 128");
+  // The plan's tiles: the same block map serves this kernel, the sm80 one and the backward.
+  static constexpr int kBlockM = 128;
+  static constexpr int kBlockN = 64;
+  static_assert(kBlockM == forward_block_m(kHeadDim) && kBlockN == forward_block_n(kHeadDim),
+                "the sm90 kernel walks the plan's tiles");
+  static constexpr int kWarpGroups = kBlockM / 64;
+  static constexpr int kThreads = kWarpGroups * 128;
+  static constexpr int kStages = 3;  // see the pipeline in forward_kernel_sm90
+
+  using T = typename CuteElement<Elt>::type;
+  using SmemLayoutQ = decltype(cute::tile_to_shape(
+      cute::GMMA::Layout_K_SW128_Atom<T>{}, cute::Shape<cute::Int<kBlockM>, cute::Int<kHeadDim>>{}));
+  using SmemLayoutK = decltype(cute::tile_to_shape(
+      cute::GMMA::Layout_K_SW128_Atom<T>{},
+      cute::Shape<cute::Int<kBlockN>, cute::Int<kHeadDim>, cute::Int<kStages>>{}));
+  // V as the B operand of P . V: (N = head dim, K = keys), head dim contiguous (MN-major).
+  using SmemLayoutVt = decltype(cute::tile_to_shape(
+      cute::GMMA::Layout_MN_SW128_Atom<T>{},
+      cute::Shape<cute::Int<kHeadDim>, cute::Int<kBlockN>, cute::Int<kStages>>{}));
+  using TiledMmaS = decltype(cute::make_tiled_mma(
+      cute::GMMA::ss_op_selector<T, T, float,
+                                 cute::Shape<cute::_64, cute::Int<kBlockN>, cute::Int<kHeadDim>>>(),
+      cute::Layout<cute::Shape<cute::Int<kWarpGroups>, cute::_1, cute::_1>>{}));
+  using TiledMmaO = decltype(cute::make_tiled_mma(
+      cute::GMMA::rs_op_selector<T, T, float,
+                                 cute::Shape<cute::_64, cute::Int<kHeadDim>, cute::Int<kBlockN>>,
+                                 cute::GMMA::Major::K, cute::GMMA::Major::MN>(),
+      cute::Layout<cute::Shape<cute::Int<kWarpGroups>, cute::_1, cute::_1>>{}));
+
+  static constexpr int kSmemQ = int(cute::cosize_v<SmemLayoutQ>);
+  static constexpr int kSmemK = int(cute::cosize_v<SmemLayoutK>);
+  static constexpr int kSmemV = int(cute::cosize_v<SmemLayoutVt>);
+  // Per stage, the key tile's slice of a query-invariant bias (fp32 at most: 4 bytes per key).
+  static constexpr int kBiasStageBytes = kBlockN * 4;
+  static constexpr int kSmemBytes = (kSmemQ + kSmemK + kSmemV) * 2 + kStages * kBiasStageBytes;
+};
+
+// Element offset of a coordinate in one of the GMMA shared-memory layouts above. CuTe applies their
+// 128-byte swizzle (Swizzle<3, 4, 3>) to byte addresses when a tensor is built on a pointer; on
+// 16-bit elements of a 1024-byte aligned tile that is Swizzle<3, 3, 3> of the element offset:
+// 16-byte chunk bits [3, 6) XOR-ed with the 128-byte row bits [6, 9). (Evaluating the layout
+// object itself would apply the swizzle to element offsets, which is not what the hardware reads.)
+template <class GmmaLayout, class... Coord>
+__device__ __forceinline__ int gmma_offset(const GmmaLayout& layout, Coord... coord) {
+  const int linear = int(layout.layout_b()(coord...));
+  return linear ^ (((linear >> 6) & 7) << 3);
+}
+
+// Orders this thread's generic-proxy writes to shared memory (cp.async, st.shared) before later
+// reads of the async proxy (wgmma operands).
+__device__ inline void fence_async_shared() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// Copies key rows [row_begin, row_begin + kRows) of a (S, D) slice into stage `stage` of a
+// swizzled tile, through `offset(row, column)` (elements): rows past row_limit and columns past
+// head_dim are zero. Each thread copies one fixed 16-byte chunk column of every kRowsPerPass-th
+// row.
+template <int kHeadDim, int kRows, int kThreads, class Offset>
+__device__ __forceinline__ void load_rows_async(uint16_t* smem, const Offset& offset,
+                                                const uint16_t* gmem, int64_t row_stride,
+                                                int row_begin, int row_limit, int head_dim) {
+  constexpr int kChunks = kHeadDim / 8;
+  static_assert(kThreads % kChunks == 0, "threads must cover whole rows");
+  constexpr int kRowsPerPass = kThreads / kChunks;
+  static_assert(kRows % kRowsPerPass == 0, "passes must cover the tile");
+  const int c = threadIdx.x % kChunks, r0 = threadIdx.x / kChunks;
+  const bool col_ok = c * 8 < head_dim;
+  const uint16_t* src = gmem + int64_t(row_begin + r0) * row_stride + c * 8;
+  const int64_t src_step = int64_t(kRowsPerPass) * row_stride;
+#pragma unroll
+  for (int k = 0; k < kRows / kRowsPerPass; ++k) {
+    const int r = r0 + k * kRowsPerPass;
+    const bool valid = col_ok && row_begin + r < row_limit;
+    cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
+        *reinterpret_cast<const cute::uint128_t*>(valid ? src : gmem),
+        *reinterpret_cast<cute::uint128_t*>(smem + offset(r, c * 8)), valid);
+    src += src_step;
+  }
+}
+
+template <int kHeadDim, class Elt>
+__global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
+    forward_kernel_sm90(const __grid_constant__ ForwardParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using namespace cute;
+  using Tiles = Sm90ForwardTiles<kHeadDim, Elt>;
+  using T = typename Tiles::T;
+  constexpr int kBlockM = Tiles::kBlockM, kBlockN = Tiles::kBlockN, kThreads = Tiles::kThreads;
+  constexpr int kStages = Tiles::kStages;
+  constexpr int kNTiles = kBlockN / 8;
+  constexpr int kDTiles = kHeadDim / 8;
+
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  T* smem_q = reinterpret_cast<T*>(smem_raw);
+  T* smem_k = smem_q + Tiles::kSmemQ;
+  T* smem_v = smem_k + Tiles::kSmemK;
+  Tensor sQ = make_tensor(make_smem_ptr(smem_q), typename Tiles::SmemLayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(smem_k), typename Tiles::SmemLayoutK{});
+  Tensor sVt = make_tensor(make_smem_ptr(smem_v), typename Tiles::SmemLayoutVt{});
+  const typename Tiles::SmemLayoutQ layout_q;
+  const typename Tiles::SmemLayoutK layout_k;
+  const typename Tiles::SmemLayoutVt layout_vt;
+
+  const int split = int(blockIdx.x) % p.num_splits;
+  const int m = p.map.m_blocks - 1 - int(blockIdx.x) / p.num_splits;  // long causal rows first
+  const int h = blockIdx.y, b = blockIdx.z;  // h: query head, or kv head when packed
+  const int hk = p.pack_gqa ? h : h / p.group;
+  const int warp = threadIdx.x / 32;  // warp w of the CTA holds rows 16 w .. 16 w + 15
+  const WarpRows wr(p, m, kBlockM, h, b, warp * 16);
+  const BlockList list(p, b, (p.pack_gqa ? h * p.group : h) / p.map.head_group, m, split);
+
+  const auto* k = static_cast<const uint16_t*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h;
+  const auto* v = static_cast<const uint16_t*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h;
+  auto* s_q = reinterpret_cast<uint16_t*>(smem_q);
+  auto* s_k = reinterpret_cast<uint16_t*>(smem_k);
+  auto* s_v = reinterpret_cast<uint16_t*>(smem_v);
+  auto k_offset = [&](int stage) {
+    return [&layout_k, stage](int r, int c) { return gmma_offset(layout_k, r, c, stage); };
+  };
+  auto v_offset = [&](int stage) {
+    return [&layout_vt, stage](int r, int c) { return gmma_offset(layout_vt, c, r, stage); };
+  };
+  // A query-invariant bias with a contiguous, 16-byte aligned key dim travels with its K/V tile
+  // (cp.async into the stage's bias slice), so the softmax never waits on a global load; other
+  // biases are read by WarpRows::logits directly. Whole tiles only: the ragged last one reads
+  // global memory.
+  uint8_t* s_bias = smem_raw + (Tiles::kSmemQ + Tiles::kSmemK + Tiles::kSmemV) * 2;
+  const int bias_bytes = p.bias_is_fp32 ? 4 : 2;
+  const uint8_t* bias_row = nullptr;
+  if (wr.bias_rows_shared && p.bias_stride[3] == 1) {
+    int i0, head0;
+    wr.row_of(0, 0, i0, head0);
+    bias_row = static_cast<const uint8_t*>(p.bias) +
+               (b * p.bias_stride[0] + (head0 / p.bias_head_group) * p.bias_stride[1]) * bias_bytes;
+    if (reinterpret_cast<uintptr_t>(bias_row) % 16 != 0) bias_row = nullptr;
+  }
+  auto bias_staged = [&](int n_block) {
+    return bias_row != nullptr && (n_block + 1) * kBlockN <= p.seqlen_k;
+  };
+  auto load_kv = [&](int stage, int n_block) {
+    if (bias_staged(n_block) && int(threadIdx.x) < kBlockN * bias_bytes / 16) {
+      SM80_CP_ASYNC_CACHEGLOBAL<uint128_t>::copy(
+          *reinterpret_cast<const uint128_t*>(bias_row + int64_t(n_block) * kBlockN * bias_bytes +
+                                              threadIdx.x * 16),
+          *reinterpret_cast<uint128_t*>(s_bias + stage * Tiles::kBiasStageBytes + threadIdx.x * 16));
+    }
+    load_rows_async<kHeadDim, kBlockN, kThreads>(s_k, k_offset(stage), k, p.k_stride_s,
+                                                 n_block * kBlockN, p.seqlen_k, p.head_dim);
+    load_rows_async<kHeadDim, kBlockN, kThreads>(s_v, v_offset(stage), v, p.v_stride_s,
+                                                 n_block * kBlockN, p.seqlen_k, p.head_dim);
+  };
+
+  // Q rows (through the row map), zero past the last row and past head_dim.
+  {
+    constexpr int kChunks = kHeadDim / 8;
+    const auto* q = static_cast<const uint16_t*>(p.q) + b * p.q_stride_b;
+    for (int idx = threadIdx.x; idx < kBlockM * kChunks; idx += kThreads) {
+      const int r = idx / kChunks, c = idx % kChunks;
+      int i, head;
+      wr.rows.at(r, i, head);
+      const bool valid = wr.rows.row0 + r < wr.flat_rows && c * 8 < p.head_dim;
+      const uint16_t* src =
+          q + (valid ? int64_t(i) * p.q_stride_s + head * p.q_stride_h + c * 8 : 0);
+      SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>::copy(
+          *reinterpret_cast<const uint128_t*>(src),
+          *reinterpret_cast<uint128_t*>(s_q + gmma_offset(layout_q, r, c * 8)), valid);
+    }
+  }
+  if (list.begin < list.end) load_kv(0, list.at(list.begin));
+  cp_async_fence();
+
+  typename Tiles::TiledMmaS mma_s;
+  typename Tiles::TiledMmaO mma_o;
+  auto thr_s = mma_s.get_thread_slice(threadIdx.x);
+  auto thr_o = mma_o.get_thread_slice(threadIdx.x);
+  Tensor tSrQ = thr_s.partition_fragment_A(sQ);   // (MMA, MMA_M, MMA_K) descriptors
+  Tensor tSrK = thr_s.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_K, stage)
+  Tensor tOrV = thr_o.partition_fragment_B(sVt);  // (MMA, MMA_N, MMA_K, stage)
+  Tensor tSrS = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
+  Tensor tOrO = partition_fragment_C(mma_o, Shape<Int<kBlockM>, Int<kHeadDim>>{});
+  static_assert(decltype(size(tSrS))::value == kNTiles * 4, "one 16-row C fragment per warp");
+  static_assert(decltype(size(tOrO))::value == kDTiles * 4, "one 16-row C fragment per warp");
+  // P as the A operand of the RS wgmma: the C fragment of key columns 16 kk .. 16 kk + 15 is, value
+  // for value, the A fragment of k-block kk (both layouts are ((2, 2, 2), ...) over the same rows
+  // and columns), so the conversion is an element-wise cast in register order.
+  Tensor tOrP = make_tensor<T>(Layout<Shape<Shape<_2, _2, _2>, _1, Int<kBlockN / 16>>>{});
+
+  float row_max[1][2] = {{-INFINITY, -INFINITY}}, row_sum[1][2] = {{0.0f, 0.0f}};
+  clear(tOrO);
+  auto o_at = [&](int, int d, int e) -> float& { return tOrO(4 * d + e); };
+
+  // Software pipeline, per warpgroup: iteration j issues S_j = Q K_j^T and then O += P_{j-1} V_{j-1}
+  // (both asynchronous), waits for S_j only, and runs the softmax of tile j while the tensor cores
+  // work on P_{j-1} V_{j-1}; then it waits for that product and rescales O for tile j. Tile j's K
+  // and V live in stage j % 3: while S_j reads stage j, P_{j-1} V_{j-1} reads stage j - 1 and
+  // tile j + 1 lands in the third.
+  auto issue_pv = [&](int stage) {
+    warpgroup_fence_operand(tOrO);
+    warpgroup_arrive();
+#pragma unroll
+    for (int kb = 0; kb < size<2>(tOrP); ++kb) {
+      gemm(mma_o, tOrP(_, _, kb), tOrV(_, _, kb, stage), tOrO);
+    }
+    warpgroup_commit_batch();
+  };
+  int n = list.begin < list.end ? list.at(list.begin) : 0;
+  int n_next = list.begin + 1 < list.end ? list.at(list.begin + 1) : 0;
+  for (int it = list.begin; it < list.end; ++it) {
+    const int j = it - list.begin;
+    const int stage = j % kStages;
+    const int n_after = it + 2 < list.end ? list.at(it + 2) : 0;
+    cp_async_wait<0>();  // tile j, issued one iteration ago
+    fence_async_shared();
+    // Every warpgroup has finished iteration j - 1, so its P_{j-2} V_{j-2}: stage j + 1 is free.
+    __syncthreads();
+    if (it + 1 < list.end) {
+      load_kv((j + 1) % kStages, n_next);
+      cp_async_fence();
+    }
+
+    warpgroup_fence_operand(tSrS);
+    warpgroup_arrive();
+    mma_s.accumulate_ = GMMA::ScaleOut::Zero;
+#pragma unroll
+    for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
+      gemm(mma_s, tSrQ(_, _, kb), tSrK(_, _, kb, stage), tSrS);
+      mma_s.accumulate_ = GMMA::ScaleOut::One;
+    }
+    warpgroup_commit_batch();
+    if (j > 0) {
+      issue_pv((j + kStages - 1) % kStages);
+      warpgroup_wait<1>();  // S_j (groups retire in order)
+    } else {
+      warpgroup_wait<0>();
+    }
+    warpgroup_fence_operand(tSrS);
+
+    float s[1][kNTiles][4];
+#pragma unroll
+    for (int c = 0; c < kNTiles; ++c)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[0][c][e] = tSrS(4 * c + e);
+    wr.logits<1, kNTiles, Elt>(s, n * kBlockN, it >= list.n_full,
+                               bias_staged(n) ? s_bias + stage * Tiles::kBiasStageBytes : nullptr);
+    float correction[1][2];
+    softmax_step(s, row_max, row_sum, correction);
+
+    warpgroup_wait<0>();  // P_{j-1} V_{j-1}: tOrP and tOrO are free again
+    warpgroup_fence_operand(tOrO);
+#pragma unroll
+    for (int c = 0; c < kNTiles; ++c)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) tOrP(4 * c + e) = static_cast<T>(s[0][c][e]);
+    rescale_rows<1, kDTiles>(o_at, correction);
+    n = n_next;
+    n_next = n_after;
+  }
+  if (list.begin < list.end) {  // the last tile's P V
+    issue_pv((list.end - list.begin - 1) % kStages);
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(tOrO);
+  }
+  float o[1][kDTiles][4];
+#pragma unroll
+  for (int d = 0; d < kDTiles; ++d)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[0][d][e] = tOrO(4 * d + e);
+  wr.write<kHeadDim, 1, Elt>(o, row_max, row_sum, split);
+#else
+  __trap();  // launched only on sm_90 devices, where the sm_90a image exists
+#endif
+}
+
+}  // namespace fsa::detail::cuda
