@@ -12,7 +12,8 @@
 //   - cold L2: when one call's working set is below 2x the cache, several copies of the inputs
 //     and outputs are rotated so that >= 2x the cache is touched between two uses of a copy
 //     (a write-based flush would leave ~L2-sized dirty lines whose write-back lands in the timed
-//     call); `--l2 flush` writes a 256 MiB buffer between calls instead, `--l2 warm` does neither.
+//     call); a working set that would need more than 64 copies, or `--l2 flush`, gets a 256 MiB
+//     buffer written between calls instead (untimed); `--l2 warm` does neither.
 
 #include <cstdint>
 #include <optional>
