@@ -233,6 +233,12 @@ struct WarpRows {
   int g, t;
   int flat_rows;  // rows of the whole problem in the row map's numbering
   bool bias_rows_shared;  // a query-invariant bias with the same head for every row of the tile
+  // Logits stay in the units of the scores q . k (no multiply per element) unless softcap (or a
+  // scale too small to divide by) needs them in the log2 domain: exp_scale takes them there inside
+  // the softmax's exp2 (one fma), bias_factor takes a bias into their units (once per value).
+  bool prescaled;
+  float exp_scale;
+  float bias_factor;
 
   __device__ WarpRows(const ForwardParams& params, int m, int block_m, int h, int b_, int row0)
       : p(params),
@@ -243,7 +249,10 @@ struct WarpRows {
         t(threadIdx.x % 4),
         flat_rows(params.pack_gqa ? params.seqlen_q * params.group : params.seqlen_q),
         bias_rows_shared(params.bias != nullptr && params.bias_stride[2] == 0 &&
-                         (!params.pack_gqa || params.bias_head_group % params.group == 0)) {}
+                         (!params.pack_gqa || params.bias_head_group % params.group == 0)),
+        prescaled(params.softcap_in != 0.0f || !(params.scale_log2 >= 1e-20f)),
+        exp_scale(prescaled ? 1.0f : params.scale_log2),
+        bias_factor(prescaled ? kLog2e : kLog2e / params.scale_log2) {}
 
   // Fragment row (rt, r): its query row and head. Recomputed where used (a few integer ops)
   // rather than held in registers, which the accumulators need.
@@ -278,7 +287,7 @@ struct WarpRows {
         for (int j = 0; j < kNTiles; ++j)
 #pragma unroll
           for (int e = 0; e < 4; ++e) s[rt][j][e] = tanhf(s[rt][j][e] * p.softcap_in) * p.softcap_out;
-    } else {
+    } else if (prescaled) {
 #pragma unroll
       for (int rt = 0; rt < kRT; ++rt)
 #pragma unroll
@@ -326,7 +335,7 @@ struct WarpRows {
       }
 #pragma unroll
       for (int j = 0; j < kNTiles; ++j) {
-        const float b0 = bias_col[j][0] * kLog2e, b1 = bias_col[j][1] * kLog2e;
+        const float b0 = bias_col[j][0] * bias_factor, b1 = bias_col[j][1] * bias_factor;
 #pragma unroll
         for (int rt = 0; rt < kRT; ++rt) {
           s[rt][j][0] += b0;
@@ -346,7 +355,7 @@ struct WarpRows {
           for (int j = 0; j < kNTiles; ++j)
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-              s[rt][j][2 * r + e] += bias_at<Elt>(i, head, col0 + j * 8 + 2 * t + e) * kLog2e;
+              s[rt][j][2 * r + e] += bias_at<Elt>(i, head, col0 + j * 8 + 2 * t + e) * bias_factor;
             }
         }
     }
@@ -429,38 +438,47 @@ struct WarpRows {
   }
 };
 
-// One online-softmax step of a warp's rows over a tile of logits (log2 domain): probabilities
-// replace the logits in s, row max and partial row sums advance, and `correction` receives the
-// factor the output accumulator must be scaled by before this tile's P . V is added. The -inf
-// guard: while a row has kept nothing its max is -inf and we shift by 0 instead, so dropped
-// entries give exp2(-inf) = 0, never exp2(NaN).
+// One online-softmax step of a warp's rows over a tile of logits (log2 domain after multiplying
+// by exp_scale, a positive factor): probabilities replace the logits in s, row max (log2 domain)
+// and partial row sums advance, and `correction` receives the factor the output accumulator must
+// be scaled by before this tile's P . V is added. The -inf guard: while a row has kept nothing its
+// max is -inf and we shift by 0 instead, so dropped entries give exp2(-inf) = 0, never
+// exp2(NaN). Max and sum are reduced as trees: a chain of dependent adds would leave the warp
+// waiting on each one.
 template <int kRT, int kNTiles>
-__device__ __forceinline__ void softmax_step(float (&s)[kRT][kNTiles][4], float (&row_max)[kRT][2],
-                                             float (&row_sum)[kRT][2],
+__device__ __forceinline__ void softmax_step(float (&s)[kRT][kNTiles][4], float exp_scale,
+                                             float (&row_max)[kRT][2], float (&row_sum)[kRT][2],
                                              float (&correction)[kRT][2]) {
+  static_assert((kNTiles & (kNTiles - 1)) == 0, "tree reductions over a power of two");
 #pragma unroll
   for (int rt = 0; rt < kRT; ++rt)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      float tile_max = -INFINITY;
+      float part[kNTiles];
 #pragma unroll
-      for (int j = 0; j < kNTiles; ++j) {
-        tile_max = fmaxf(tile_max, fmaxf(s[rt][j][2 * r], s[rt][j][2 * r + 1]));
-      }
+      for (int j = 0; j < kNTiles; ++j) part[j] = fmaxf(s[rt][j][2 * r], s[rt][j][2 * r + 1]);
+#pragma unroll
+      for (int w = kNTiles / 2; w > 0; w /= 2)
+#pragma unroll
+        for (int j = 0; j < w; ++j) part[j] = fmaxf(part[j], part[j + w]);
+      float tile_max = part[0];
       tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
       tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-      const float new_max = fmaxf(row_max[rt][r], tile_max);
+      const float new_max = fmaxf(row_max[rt][r], tile_max * exp_scale);
       correction[rt][r] = row_max[rt][r] == -INFINITY ? 0.0f : fast_exp2(row_max[rt][r] - new_max);
       row_max[rt][r] = new_max;
       const float shift = new_max == -INFINITY ? 0.0f : new_max;
-      float sum = 0.0f;
 #pragma unroll
       for (int j = 0; j < kNTiles; ++j) {
-        s[rt][j][2 * r] = fast_exp2(s[rt][j][2 * r] - shift);
-        s[rt][j][2 * r + 1] = fast_exp2(s[rt][j][2 * r + 1] - shift);
-        sum += s[rt][j][2 * r] + s[rt][j][2 * r + 1];
+        s[rt][j][2 * r] = fast_exp2(fmaf(s[rt][j][2 * r], exp_scale, -shift));
+        s[rt][j][2 * r + 1] = fast_exp2(fmaf(s[rt][j][2 * r + 1], exp_scale, -shift));
+        part[j] = s[rt][j][2 * r] + s[rt][j][2 * r + 1];
       }
-      row_sum[rt][r] = row_sum[rt][r] * correction[rt][r] + sum;
+#pragma unroll
+      for (int w = kNTiles / 2; w > 0; w /= 2)
+#pragma unroll
+        for (int j = 0; j < w; ++j) part[j] += part[j + w];
+      row_sum[rt][r] = row_sum[rt][r] * correction[rt][r] + part[0];
     }
 }
 
@@ -592,7 +610,7 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads, 2)
     warp_gemm_nt<kHeadDim, kBlockN, kRT, Elt>(s, s_q, wr.warp_row0, s_k + stage * Tiles::kSmemKV);
     wr.logits<kRT, kNTiles, Elt>(s, n * kBlockN, it >= list.n_full);
     float correction[kRT][2];
-    softmax_step(s, row_max, row_sum, correction);
+    softmax_step(s, wr.exp_scale, row_max, row_sum, correction);
     rescale_rows<kRT, kDTiles>([&](int rt, int d, int e) -> float& { return o[rt][d][e]; },
                                correction);
     // o (16 kRT, kHeadDim) += p (16 kRT, kBlockN) . v (kBlockN, kHeadDim)

@@ -44,7 +44,7 @@ struct Sm90ForwardTiles {
                 "the sm90 kernel walks the plan's tiles");
   static constexpr int kWarpGroups = kBlockM / 64;
   static constexpr int kThreads = kWarpGroups * 128;
-  static constexpr int kStages = 3;  // see the pipeline in forward_kernel_sm90
+  static constexpr int kStages = 4;  // see the pipeline in forward_kernel_sm90
 
   using T = typename CuteElement<Elt>::type;
   using SmemLayoutQ = decltype(cute::tile_to_shape(
@@ -56,8 +56,10 @@ struct Sm90ForwardTiles {
   using SmemLayoutVt = decltype(cute::tile_to_shape(
       cute::GMMA::Layout_MN_SW128_Atom<T>{},
       cute::Shape<cute::Int<kHeadDim>, cute::Int<kBlockN>, cute::Int<kStages>>{}));
+  // Q is the register operand of S = Q K^T: with 64-key tiles, reading it from shared memory for
+  // every product would cost as much shared-memory bandwidth as the K tile itself.
   using TiledMmaS = decltype(cute::make_tiled_mma(
-      cute::GMMA::ss_op_selector<T, T, float,
+      cute::GMMA::rs_op_selector<T, T, float,
                                  cute::Shape<cute::_64, cute::Int<kBlockN>, cute::Int<kHeadDim>>>(),
       cute::Layout<cute::Shape<cute::Int<kWarpGroups>, cute::_1, cute::_1>>{}));
   using TiledMmaO = decltype(cute::make_tiled_mma(
@@ -91,12 +93,12 @@ __device__ inline void fence_async_shared() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
-// Copies key rows [row_begin, row_begin + kRows) of a (S, D) slice into stage `stage` of a
-// swizzled tile, through `offset(row, column)` (elements): rows past row_limit and columns past
-// head_dim are zero. Each thread copies one fixed 16-byte chunk column of every kRowsPerPass-th
-// row.
-template <int kHeadDim, int kRows, int kThreads, class Offset>
-__device__ __forceinline__ void load_rows_async(uint16_t* smem, const Offset& offset,
+// Copies key rows [row_begin, row_begin + kRows) of a (S, D) slice with row stride `row_stride`
+// into a swizzled tile: rows past row_limit and columns past head_dim are zero. Thread t copies
+// 16-byte chunk column t % kChunks of rows t / kChunks + k * kRowsPerPass; its destination offsets
+// are `first` + k * `step` elements (see GmmaLoadOffsets).
+template <int kHeadDim, int kRows, int kThreads>
+__device__ __forceinline__ void load_rows_async(uint16_t* smem, int first, int step,
                                                 const uint16_t* gmem, int64_t row_stride,
                                                 int row_begin, int row_limit, int head_dim) {
   constexpr int kChunks = kHeadDim / 8;
@@ -109,14 +111,31 @@ __device__ __forceinline__ void load_rows_async(uint16_t* smem, const Offset& of
   const int64_t src_step = int64_t(kRowsPerPass) * row_stride;
 #pragma unroll
   for (int k = 0; k < kRows / kRowsPerPass; ++k) {
-    const int r = r0 + k * kRowsPerPass;
-    const bool valid = col_ok && row_begin + r < row_limit;
+    const bool valid = col_ok && row_begin + r0 + k * kRowsPerPass < row_limit;
     cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
         *reinterpret_cast<const cute::uint128_t*>(valid ? src : gmem),
-        *reinterpret_cast<cute::uint128_t*>(smem + offset(r, c * 8)), valid);
+        *reinterpret_cast<cute::uint128_t*>(smem + first + k * step), valid);
     src += src_step;
   }
 }
+
+// A thread's cp.async destinations in a GMMA tile, computed once: the offset of its first row
+// (row t / kChunks, column 8 (t % kChunks)) and the step per pass of kRowsPerPass rows. A pass
+// moves by a multiple of 1024 elements in these layouts (16 or 32 rows of 64 elements, or 16
+// or 32 MN-major columns of the head dim), above the swizzle's bits, so the step is constant.
+struct GmmaLoadOffsets {
+  int first, step;
+  template <int kHeadDim, int kThreads, class GmmaLayout>
+  __device__ static GmmaLoadOffsets make(const GmmaLayout& layout, bool mn_major) {
+    constexpr int kChunks = kHeadDim / 8, kRowsPerPass = kThreads / kChunks;
+    const int c = threadIdx.x % kChunks, r0 = threadIdx.x / kChunks;
+    auto at = [&](int r) {
+      return mn_major ? gmma_offset(layout, c * 8, r, 0) : gmma_offset(layout, r, c * 8, 0);
+    };
+    const int first = at(r0);
+    return {first, at(r0 + kRowsPerPass) - first};
+  }
+};
 
 template <int kHeadDim, class Elt>
 __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
@@ -134,7 +153,6 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
   T* smem_q = reinterpret_cast<T*>(smem_raw);
   T* smem_k = smem_q + Tiles::kSmemQ;
   T* smem_v = smem_k + Tiles::kSmemK;
-  Tensor sQ = make_tensor(make_smem_ptr(smem_q), typename Tiles::SmemLayoutQ{});
   Tensor sK = make_tensor(make_smem_ptr(smem_k), typename Tiles::SmemLayoutK{});
   Tensor sVt = make_tensor(make_smem_ptr(smem_v), typename Tiles::SmemLayoutVt{});
   const typename Tiles::SmemLayoutQ layout_q;
@@ -154,12 +172,11 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
   auto* s_q = reinterpret_cast<uint16_t*>(smem_q);
   auto* s_k = reinterpret_cast<uint16_t*>(smem_k);
   auto* s_v = reinterpret_cast<uint16_t*>(smem_v);
-  auto k_offset = [&](int stage) {
-    return [&layout_k, stage](int r, int c) { return gmma_offset(layout_k, r, c, stage); };
-  };
-  auto v_offset = [&](int stage) {
-    return [&layout_vt, stage](int r, int c) { return gmma_offset(layout_vt, c, r, stage); };
-  };
+  const auto k_dst = GmmaLoadOffsets::make<kHeadDim, kThreads>(layout_k, false);
+  const auto v_dst = GmmaLoadOffsets::make<kHeadDim, kThreads>(layout_vt, true);
+  constexpr int kStageElems = kBlockN * kHeadDim;  // a stage is the outermost mode of both layouts
+  static_assert(Tiles::kSmemK == kStages * kStageElems && Tiles::kSmemV == kStages * kStageElems,
+                "stages are contiguous tiles");
   // A query-invariant bias with a contiguous, 16-byte aligned key dim travels with its K/V tile
   // (cp.async into the stage's bias slice), so the softmax never waits on a global load; other
   // biases are read by WarpRows::logits directly. Whole tiles only: the ragged last one reads
@@ -184,10 +201,12 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
                                               threadIdx.x * 16),
           *reinterpret_cast<uint128_t*>(s_bias + stage * Tiles::kBiasStageBytes + threadIdx.x * 16));
     }
-    load_rows_async<kHeadDim, kBlockN, kThreads>(s_k, k_offset(stage), k, p.k_stride_s,
-                                                 n_block * kBlockN, p.seqlen_k, p.head_dim);
-    load_rows_async<kHeadDim, kBlockN, kThreads>(s_v, v_offset(stage), v, p.v_stride_s,
-                                                 n_block * kBlockN, p.seqlen_k, p.head_dim);
+    load_rows_async<kHeadDim, kBlockN, kThreads>(s_k + stage * kStageElems, k_dst.first,
+                                                 k_dst.step, k, p.k_stride_s, n_block * kBlockN,
+                                                 p.seqlen_k, p.head_dim);
+    load_rows_async<kHeadDim, kBlockN, kThreads>(s_v + stage * kStageElems, v_dst.first,
+                                                 v_dst.step, v, p.v_stride_s, n_block * kBlockN,
+                                                 p.seqlen_k, p.head_dim);
   };
 
   // Q rows (through the row map), zero past the last row and past head_dim.
@@ -206,14 +225,22 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
           *reinterpret_cast<uint128_t*>(s_q + gmma_offset(layout_q, r, c * 8)), valid);
     }
   }
+  // cp.async groups, in order: Q, tile 0, tile 1, then one per iteration (tile j + 2), each
+  // possibly empty, so that "tile j has landed" is always "at most one group pending" at j.
+  cp_async_fence();
   if (list.begin < list.end) load_kv(0, list.at(list.begin));
+  cp_async_fence();
+  if (list.begin + 1 < list.end) load_kv(1, list.at(list.begin + 1));
   cp_async_fence();
 
   typename Tiles::TiledMmaS mma_s;
   typename Tiles::TiledMmaO mma_o;
   auto thr_s = mma_s.get_thread_slice(threadIdx.x);
   auto thr_o = mma_o.get_thread_slice(threadIdx.x);
-  Tensor tSrQ = thr_s.partition_fragment_A(sQ);   // (MMA, MMA_M, MMA_K) descriptors
+  // Q (the thread's A fragments of S = Q K^T) in registers. An RS A fragment of k-block kb holds,
+  // in register order (v0, v1, v2), row 16 warp + g + 8 v1 and column 16 kb + 8 v2 + 2 t + v0:
+  // the mma.sync A layout, so each (v1, v2) pair of values is one 32-bit shared-memory read.
+  Tensor tSrQ = make_tensor<T>(Layout<Shape<Shape<_2, _2, _2>, _1, Int<kHeadDim / 16>>>{});
   Tensor tSrK = thr_s.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_K, stage)
   Tensor tOrV = thr_o.partition_fragment_B(sVt);  // (MMA, MMA_N, MMA_K, stage)
   Tensor tSrS = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
@@ -225,6 +252,23 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
   // and columns), so the conversion is an element-wise cast in register order.
   Tensor tOrP = make_tensor<T>(Layout<Shape<Shape<_2, _2, _2>, _1, Int<kBlockN / 16>>>{});
 
+  cp_async_wait<2>();  // Q (the first K/V tiles may still be in flight)
+  __syncthreads();
+  {
+    const int row = warp * 16 + wr.g;
+    auto* q_regs = reinterpret_cast<uint32_t*>(raw_pointer_cast(tSrQ.data()));
+#pragma unroll
+    for (int kb = 0; kb < kHeadDim / 16; ++kb)
+#pragma unroll
+      for (int v2 = 0; v2 < 2; ++v2)
+#pragma unroll
+        for (int v1 = 0; v1 < 2; ++v1) {
+          const int col = 16 * kb + 8 * v2 + 2 * wr.t;
+          q_regs[4 * kb + 2 * v2 + v1] =
+              *reinterpret_cast<const uint32_t*>(s_q + gmma_offset(layout_q, row + 8 * v1, col));
+        }
+  }
+
   float row_max[1][2] = {{-INFINITY, -INFINITY}}, row_sum[1][2] = {{0.0f, 0.0f}};
   clear(tOrO);
   auto o_at = [&](int, int d, int e) -> float& { return tOrO(4 * d + e); };
@@ -232,8 +276,8 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
   // Software pipeline, per warpgroup: iteration j issues S_j = Q K_j^T and then O += P_{j-1} V_{j-1}
   // (both asynchronous), waits for S_j only, and runs the softmax of tile j while the tensor cores
   // work on P_{j-1} V_{j-1}; then it waits for that product and rescales O for tile j. Tile j's K
-  // and V live in stage j % 3: while S_j reads stage j, P_{j-1} V_{j-1} reads stage j - 1 and
-  // tile j + 1 lands in the third.
+  // and V live in stage j % 4: while S_j reads stage j and P_{j-1} V_{j-1} stage j - 1, tiles
+  // j + 1 and j + 2 are in flight in the other two (two iterations to cover L2 latency under load).
   auto issue_pv = [&](int stage) {
     warpgroup_fence_operand(tOrO);
     warpgroup_arrive();
@@ -243,20 +287,21 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
     }
     warpgroup_commit_batch();
   };
+  // Block indices of tiles j and j + 2, read ahead so no prefetch waits on a global load.
   int n = list.begin < list.end ? list.at(list.begin) : 0;
+  int n_ahead = list.begin + 2 < list.end ? list.at(list.begin + 2) : 0;
+  int n_ahead_next = list.begin + 3 < list.end ? list.at(list.begin + 3) : 0;
   int n_next = list.begin + 1 < list.end ? list.at(list.begin + 1) : 0;
   for (int it = list.begin; it < list.end; ++it) {
     const int j = it - list.begin;
     const int stage = j % kStages;
-    const int n_after = it + 2 < list.end ? list.at(it + 2) : 0;
-    cp_async_wait<0>();  // tile j, issued one iteration ago
+    const int n_after = it + 4 < list.end ? list.at(it + 4) : 0;
+    cp_async_wait<1>();  // tile j (tile j + 1 may still be in flight)
     fence_async_shared();
-    // Every warpgroup has finished iteration j - 1, so its P_{j-2} V_{j-2}: stage j + 1 is free.
+    // Every warpgroup has finished iteration j - 1, so its P_{j-2} V_{j-2}: stage j + 2 is free.
     __syncthreads();
-    if (it + 1 < list.end) {
-      load_kv((j + 1) % kStages, n_next);
-      cp_async_fence();
-    }
+    if (it + 2 < list.end) load_kv((j + 2) % kStages, n_ahead);
+    cp_async_fence();
 
     warpgroup_fence_operand(tSrS);
     warpgroup_arrive();
@@ -283,17 +328,21 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
     wr.logits<1, kNTiles, Elt>(s, n * kBlockN, it >= list.n_full,
                                bias_staged(n) ? s_bias + stage * Tiles::kBiasStageBytes : nullptr);
     float correction[1][2];
-    softmax_step(s, row_max, row_sum, correction);
+    softmax_step(s, wr.exp_scale, row_max, row_sum, correction);
 
     warpgroup_wait<0>();  // P_{j-1} V_{j-1}: tOrP and tOrO are free again
     warpgroup_fence_operand(tOrO);
+    auto* p_regs = reinterpret_cast<uint32_t*>(raw_pointer_cast(tOrP.data()));
 #pragma unroll
-    for (int c = 0; c < kNTiles; ++c)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) tOrP(4 * c + e) = static_cast<T>(s[0][c][e]);
+    for (int c = 0; c < kNTiles; ++c) {
+      p_regs[2 * c] = Elt::pack(s[0][c][0], s[0][c][1]);
+      p_regs[2 * c + 1] = Elt::pack(s[0][c][2], s[0][c][3]);
+    }
     rescale_rows<1, kDTiles>(o_at, correction);
     n = n_next;
-    n_next = n_after;
+    n_next = n_ahead;
+    n_ahead = n_ahead_next;
+    n_ahead_next = n_after;
   }
   if (list.begin < list.end) {  // the last tile's P V
     issue_pv((list.end - list.begin - 1) % kStages);
