@@ -42,8 +42,14 @@ struct Sm90ForwardTiles {
   static constexpr int kBlockN = 64;
   static_assert(kBlockM == forward_block_m(kHeadDim) && kBlockN == forward_block_n(kHeadDim),
                 "the sm90 kernel walks the plan's tiles");
-  static constexpr int kWarpGroups = kBlockM / 64;
-  static constexpr int kThreads = kWarpGroups * 128;
+  static constexpr int kWarpGroups = kBlockM / 64;  // consumers: 64 rows each
+  static constexpr int kProducerThreads = 128;      // one warpgroup issues every K/V load
+  static constexpr int kConsumerThreads = kWarpGroups * 128;
+  static constexpr int kThreads = kProducerThreads + kConsumerThreads;
+  // Registers per thread after setmaxnreg: the producer needs few, the consumers hold O, S, P and
+  // Q. 128 * 40 + 256 * 232 = 64512 <= 65536.
+  static constexpr int kProducerRegisters = 40;
+  static constexpr int kConsumerRegisters = 232;
   static constexpr int kStages = 4;  // see the pipeline in forward_kernel_sm90
 
   using T = typename CuteElement<Elt>::type;
@@ -73,7 +79,9 @@ struct Sm90ForwardTiles {
   static constexpr int kSmemV = int(cute::cosize_v<SmemLayoutVt>);
   // Per stage, the key tile's slice of a query-invariant bias (fp32 at most: 4 bytes per key).
   static constexpr int kBiasStageBytes = kBlockN * 4;
-  static constexpr int kSmemBytes = (kSmemQ + kSmemK + kSmemV) * 2 + kStages * kBiasStageBytes;
+  static constexpr int kBarrierOffset = (kSmemQ + kSmemK + kSmemV) * 2 + kStages * kBiasStageBytes;
+  // Per stage: "full" (the producer's copies landed) and "empty" (both consumers are done with it).
+  static constexpr int kSmemBytes = kBarrierOffset + 2 * kStages * 8;
 };
 
 // Element offset of a coordinate in one of the GMMA shared-memory layouts above. CuTe applies their
@@ -91,6 +99,34 @@ __device__ __forceinline__ int gmma_offset(const GmmaLayout& layout, Coord... co
 // reads of the async proxy (wgmma operands).
 __device__ inline void fence_async_shared() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// Shared-memory mbarriers (PTX ISA, "mbarrier"): the producer/consumer handshake of the pipeline.
+__device__ inline uint32_t smem_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ inline void mbarrier_init(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_address(bar)), "r"(count));
+}
+__device__ inline void mbarrier_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_address(bar)) : "memory");
+}
+// Arrives on `bar` once every cp.async this thread issued before has completed.
+__device__ inline void mbarrier_arrive_on_copies(uint64_t* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_address(bar))
+               : "memory");
+}
+// Waits until the phase of `bar` with the given parity has completed.
+__device__ inline void mbarrier_wait(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "wait_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra wait_%=;\n"
+      "}\n" ::"r"(smem_address(bar)),
+      "r"(parity)
+      : "memory");
 }
 
 // Copies key rows [row_begin, row_begin + kRows) of a (S, D) slice with row stride `row_stride`
@@ -121,8 +157,8 @@ __device__ __forceinline__ void load_rows_async(uint16_t* smem, int first, int s
 
 // A thread's cp.async destinations in a GMMA tile, computed once: the offset of its first row
 // (row t / kChunks, column 8 (t % kChunks)) and the step per pass of kRowsPerPass rows. A pass
-// moves by a multiple of 1024 elements in these layouts (16 or 32 rows of 64 elements, or 16
-// or 32 MN-major columns of the head dim), above the swizzle's bits, so the step is constant.
+// moves by a multiple of 512 elements in these layouts (8 or 16 rows of 64 elements, or 8 or 16
+// MN-major columns of the head dim), above the swizzle's source bits 6-8, so the step is constant.
 struct GmmaLoadOffsets {
   int first, step;
   template <int kHeadDim, int kThreads, class GmmaLayout>
@@ -144,12 +180,14 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
   using namespace cute;
   using Tiles = Sm90ForwardTiles<kHeadDim, Elt>;
   using T = typename Tiles::T;
-  constexpr int kBlockM = Tiles::kBlockM, kBlockN = Tiles::kBlockN, kThreads = Tiles::kThreads;
+  constexpr int kBlockM = Tiles::kBlockM, kBlockN = Tiles::kBlockN;
   constexpr int kStages = Tiles::kStages;
   constexpr int kNTiles = kBlockN / 8;
   constexpr int kDTiles = kHeadDim / 8;
 
-  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  // Dynamic shared memory starts 1024-byte aligned (no static shared memory here), as the 128-byte
+  // swizzle of the GMMA layouts requires.
+  extern __shared__ __align__(128) uint8_t smem_raw[];
   T* smem_q = reinterpret_cast<T*>(smem_raw);
   T* smem_k = smem_q + Tiles::kSmemQ;
   T* smem_v = smem_k + Tiles::kSmemK;
@@ -159,34 +197,37 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
   const typename Tiles::SmemLayoutK layout_k;
   const typename Tiles::SmemLayoutVt layout_vt;
 
+  uint64_t* full_bar = reinterpret_cast<uint64_t*>(smem_raw + Tiles::kBarrierOffset);
+  uint64_t* empty_bar = full_bar + kStages;
+  if (threadIdx.x == 0) {
+    for (int st = 0; st < kStages; ++st) {
+      mbarrier_init(&full_bar[st], Tiles::kProducerThreads);
+      mbarrier_init(&empty_bar[st], Tiles::kConsumerThreads / 32);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
   const int split = int(blockIdx.x) % p.num_splits;
   const int m = p.map.m_blocks - 1 - int(blockIdx.x) / p.num_splits;  // long causal rows first
   const int h = blockIdx.y, b = blockIdx.z;  // h: query head, or kv head when packed
   const int hk = p.pack_gqa ? h : h / p.group;
-  const int warp = threadIdx.x / 32;  // warp w of the CTA holds rows 16 w .. 16 w + 15
-  const WarpRows wr(p, m, kBlockM, h, b, warp * 16);
   const BlockList list(p, b, (p.pack_gqa ? h * p.group : h) / p.map.head_group, m, split);
-
-  const auto* k = static_cast<const uint16_t*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h;
-  const auto* v = static_cast<const uint16_t*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h;
-  auto* s_q = reinterpret_cast<uint16_t*>(smem_q);
-  auto* s_k = reinterpret_cast<uint16_t*>(smem_k);
-  auto* s_v = reinterpret_cast<uint16_t*>(smem_v);
-  const auto k_dst = GmmaLoadOffsets::make<kHeadDim, kThreads>(layout_k, false);
-  const auto v_dst = GmmaLoadOffsets::make<kHeadDim, kThreads>(layout_vt, true);
+  const int tiles = list.end - list.begin;
   constexpr int kStageElems = kBlockN * kHeadDim;  // a stage is the outermost mode of both layouts
   static_assert(Tiles::kSmemK == kStages * kStageElems && Tiles::kSmemV == kStages * kStageElems,
                 "stages are contiguous tiles");
   // A query-invariant bias with a contiguous, 16-byte aligned key dim travels with its K/V tile
   // (cp.async into the stage's bias slice), so the softmax never waits on a global load; other
   // biases are read by WarpRows::logits directly. Whole tiles only: the ragged last one reads
-  // global memory.
+  // global memory. Producer and consumers derive the same answer from the params.
   uint8_t* s_bias = smem_raw + (Tiles::kSmemQ + Tiles::kSmemK + Tiles::kSmemV) * 2;
   const int bias_bytes = p.bias_is_fp32 ? 4 : 2;
+  const WarpRows row0(p, m, kBlockM, h, b, 0);
   const uint8_t* bias_row = nullptr;
-  if (wr.bias_rows_shared && p.bias_stride[3] == 1) {
+  if (row0.bias_rows_shared && p.bias_stride[3] == 1) {
     int i0, head0;
-    wr.row_of(0, 0, i0, head0);
+    row0.row_of(0, 0, i0, head0);
     bias_row = static_cast<const uint8_t*>(p.bias) +
                (b * p.bias_stride[0] + (head0 / p.bias_head_group) * p.bias_stride[1]) * bias_bytes;
     if (reinterpret_cast<uintptr_t>(bias_row) % 16 != 0) bias_row = nullptr;
@@ -194,26 +235,56 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
   auto bias_staged = [&](int n_block) {
     return bias_row != nullptr && (n_block + 1) * kBlockN <= p.seqlen_k;
   };
-  auto load_kv = [&](int stage, int n_block) {
-    if (bias_staged(n_block) && int(threadIdx.x) < kBlockN * bias_bytes / 16) {
-      SM80_CP_ASYNC_CACHEGLOBAL<uint128_t>::copy(
-          *reinterpret_cast<const uint128_t*>(bias_row + int64_t(n_block) * kBlockN * bias_bytes +
-                                              threadIdx.x * 16),
-          *reinterpret_cast<uint128_t*>(s_bias + stage * Tiles::kBiasStageBytes + threadIdx.x * 16));
-    }
-    load_rows_async<kHeadDim, kBlockN, kThreads>(s_k + stage * kStageElems, k_dst.first,
-                                                 k_dst.step, k, p.k_stride_s, n_block * kBlockN,
-                                                 p.seqlen_k, p.head_dim);
-    load_rows_async<kHeadDim, kBlockN, kThreads>(s_v + stage * kStageElems, v_dst.first,
-                                                 v_dst.step, v, p.v_stride_s, n_block * kBlockN,
-                                                 p.seqlen_k, p.head_dim);
-  };
 
-  // Q rows (through the row map), zero past the last row and past head_dim.
+  if (threadIdx.x < Tiles::kProducerThreads) {
+    // Producer warpgroup: tile j into stage j % kStages once both consumers released the tile
+    // that used it before, then an arrival on its "full" barrier when the copies have landed.
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Tiles::kProducerRegisters));
+    constexpr int kLoaders = Tiles::kProducerThreads;
+    const auto k_dst = GmmaLoadOffsets::make<kHeadDim, kLoaders>(layout_k, false);
+    const auto v_dst = GmmaLoadOffsets::make<kHeadDim, kLoaders>(layout_vt, true);
+    const auto* k = static_cast<const uint16_t*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h;
+    const auto* v = static_cast<const uint16_t*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h;
+    auto* s_k = reinterpret_cast<uint16_t*>(smem_k);
+    auto* s_v = reinterpret_cast<uint16_t*>(smem_v);
+    int n_next = tiles > 0 ? list.at(list.begin) : 0;
+    for (int j = 0; j < tiles; ++j) {
+      const int stage = j % kStages;
+      const int n_block = n_next;
+      n_next = j + 1 < tiles ? list.at(list.begin + j + 1) : 0;
+      if (j >= kStages) mbarrier_wait(&empty_bar[stage], (j / kStages - 1) & 1);
+      if (bias_staged(n_block) && int(threadIdx.x) < kBlockN * bias_bytes / 16) {
+        SM80_CP_ASYNC_CACHEGLOBAL<uint128_t>::copy(
+            *reinterpret_cast<const uint128_t*>(bias_row +
+                                                int64_t(n_block) * kBlockN * bias_bytes +
+                                                threadIdx.x * 16),
+            *reinterpret_cast<uint128_t*>(s_bias + stage * Tiles::kBiasStageBytes +
+                                          threadIdx.x * 16));
+      }
+      load_rows_async<kHeadDim, kBlockN, kLoaders>(s_k + stage * kStageElems, k_dst.first,
+                                                   k_dst.step, k, p.k_stride_s,
+                                                   n_block * kBlockN, p.seqlen_k, p.head_dim);
+      load_rows_async<kHeadDim, kBlockN, kLoaders>(s_v + stage * kStageElems, v_dst.first,
+                                                   v_dst.step, v, p.v_stride_s,
+                                                   n_block * kBlockN, p.seqlen_k, p.head_dim);
+      mbarrier_arrive_on_copies(&full_bar[stage]);
+    }
+    cp_async_wait<0>();
+    return;
+  }
+
+  // Consumer warpgroups: 64 rows each, no barrier between them.
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Tiles::kConsumerRegisters));
+  const int ct = int(threadIdx.x) - Tiles::kProducerThreads;  // 0 .. kConsumerThreads - 1
+  const int warp = ct / 32;  // consumer warp w holds rows 16 w .. 16 w + 15
+  const WarpRows wr(p, m, kBlockM, h, b, warp * 16);
+
+  // Q rows (through the row map), zero past the last row and past head_dim, then into registers.
+  auto* s_q = reinterpret_cast<uint16_t*>(smem_q);
   {
     constexpr int kChunks = kHeadDim / 8;
     const auto* q = static_cast<const uint16_t*>(p.q) + b * p.q_stride_b;
-    for (int idx = threadIdx.x; idx < kBlockM * kChunks; idx += kThreads) {
+    for (int idx = ct; idx < kBlockM * kChunks; idx += Tiles::kConsumerThreads) {
       const int r = idx / kChunks, c = idx % kChunks;
       int i, head;
       wr.rows.at(r, i, head);
@@ -224,19 +295,15 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
           *reinterpret_cast<const uint128_t*>(src),
           *reinterpret_cast<uint128_t*>(s_q + gmma_offset(layout_q, r, c * 8)), valid);
     }
+    cp_async_fence();
+    cp_async_wait<0>();
+    asm volatile("bar.sync 1, %0;\n" ::"n"(Tiles::kConsumerThreads) : "memory");
   }
-  // cp.async groups, in order: Q, tile 0, tile 1, then one per iteration (tile j + 2), each
-  // possibly empty, so that "tile j has landed" is always "at most one group pending" at j.
-  cp_async_fence();
-  if (list.begin < list.end) load_kv(0, list.at(list.begin));
-  cp_async_fence();
-  if (list.begin + 1 < list.end) load_kv(1, list.at(list.begin + 1));
-  cp_async_fence();
 
   typename Tiles::TiledMmaS mma_s;
   typename Tiles::TiledMmaO mma_o;
-  auto thr_s = mma_s.get_thread_slice(threadIdx.x);
-  auto thr_o = mma_o.get_thread_slice(threadIdx.x);
+  auto thr_s = mma_s.get_thread_slice(ct);
+  auto thr_o = mma_o.get_thread_slice(ct);
   // Q (the thread's A fragments of S = Q K^T) in registers. An RS A fragment of k-block kb holds,
   // in register order (v0, v1, v2), row 16 warp + g + 8 v1 and column 16 kb + 8 v2 + 2 t + v0:
   // the mma.sync A layout, so each (v1, v2) pair of values is one 32-bit shared-memory read.
@@ -251,9 +318,6 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
   // for value, the A fragment of k-block kk (both layouts are ((2, 2, 2), ...) over the same rows
   // and columns), so the conversion is an element-wise cast in register order.
   Tensor tOrP = make_tensor<T>(Layout<Shape<Shape<_2, _2, _2>, _1, Int<kBlockN / 16>>>{});
-
-  cp_async_wait<2>();  // Q (the first K/V tiles may still be in flight)
-  __syncthreads();
   {
     const int row = warp * 16 + wr.g;
     auto* q_regs = reinterpret_cast<uint32_t*>(raw_pointer_cast(tSrQ.data()));
@@ -275,9 +339,8 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
 
   // Software pipeline, per warpgroup: iteration j issues S_j = Q K_j^T and then O += P_{j-1} V_{j-1}
   // (both asynchronous), waits for S_j only, and runs the softmax of tile j while the tensor cores
-  // work on P_{j-1} V_{j-1}; then it waits for that product and rescales O for tile j. Tile j's K
-  // and V live in stage j % 4: while S_j reads stage j and P_{j-1} V_{j-1} stage j - 1, tiles
-  // j + 1 and j + 2 are in flight in the other two (two iterations to cover L2 latency under load).
+  // work on P_{j-1} V_{j-1}; then it waits for that product, releases stage j - 1 to the producer
+  // and rescales O for tile j. The two consumer warpgroups never wait for each other.
   auto issue_pv = [&](int stage) {
     warpgroup_fence_operand(tOrO);
     warpgroup_arrive();
@@ -287,21 +350,14 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
     }
     warpgroup_commit_batch();
   };
-  // Block indices of tiles j and j + 2, read ahead so no prefetch waits on a global load.
-  int n = list.begin < list.end ? list.at(list.begin) : 0;
-  int n_ahead = list.begin + 2 < list.end ? list.at(list.begin + 2) : 0;
-  int n_ahead_next = list.begin + 3 < list.end ? list.at(list.begin + 3) : 0;
-  int n_next = list.begin + 1 < list.end ? list.at(list.begin + 1) : 0;
-  for (int it = list.begin; it < list.end; ++it) {
-    const int j = it - list.begin;
+  const bool release_lane = ct % 32 == 0;
+  int n = tiles > 0 ? list.at(list.begin) : 0;
+  int n_next = tiles > 1 ? list.at(list.begin + 1) : 0;
+  for (int j = 0; j < tiles; ++j) {
     const int stage = j % kStages;
-    const int n_after = it + 4 < list.end ? list.at(it + 4) : 0;
-    cp_async_wait<1>();  // tile j (tile j + 1 may still be in flight)
-    fence_async_shared();
-    // Every warpgroup has finished iteration j - 1, so its P_{j-2} V_{j-2}: stage j + 2 is free.
-    __syncthreads();
-    if (it + 2 < list.end) load_kv((j + 2) % kStages, n_ahead);
-    cp_async_fence();
+    const int n_after = j + 2 < tiles ? list.at(list.begin + j + 2) : 0;
+    mbarrier_wait(&full_bar[stage], (j / kStages) & 1);
+    fence_async_shared();  // the producer's cp.async writes, before wgmma reads them
 
     warpgroup_fence_operand(tSrS);
     warpgroup_arrive();
@@ -325,13 +381,14 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
     for (int c = 0; c < kNTiles; ++c)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[0][c][e] = tSrS(4 * c + e);
-    wr.logits<1, kNTiles, Elt>(s, n * kBlockN, it >= list.n_full,
+    wr.logits<1, kNTiles, Elt>(s, n * kBlockN, list.begin + j >= list.n_full,
                                bias_staged(n) ? s_bias + stage * Tiles::kBiasStageBytes : nullptr);
     float correction[1][2];
     softmax_step(s, wr.exp_scale, row_max, row_sum, correction);
 
-    warpgroup_wait<0>();  // P_{j-1} V_{j-1}: tOrP and tOrO are free again
+    warpgroup_wait<0>();  // P_{j-1} V_{j-1}: tOrP, tOrO and stage j - 1 are free again
     warpgroup_fence_operand(tOrO);
+    if (j > 0 && release_lane) mbarrier_arrive(&empty_bar[(j + kStages - 1) % kStages]);
     auto* p_regs = reinterpret_cast<uint32_t*>(raw_pointer_cast(tOrP.data()));
 #pragma unroll
     for (int c = 0; c < kNTiles; ++c) {
@@ -340,12 +397,10 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
     }
     rescale_rows<1, kDTiles>(o_at, correction);
     n = n_next;
-    n_next = n_ahead;
-    n_ahead = n_ahead_next;
-    n_ahead_next = n_after;
+    n_next = n_after;
   }
-  if (list.begin < list.end) {  // the last tile's P V
-    issue_pv((list.end - list.begin - 1) % kStages);
+  if (tiles > 0) {  // the last tile's P V
+    issue_pv((tiles - 1) % kStages);
     warpgroup_wait<0>();
     warpgroup_fence_operand(tOrO);
   }
