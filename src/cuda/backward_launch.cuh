@@ -2,12 +2,30 @@
 // Definition of launch_backward, included only by the generated instantiation files.
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 #include "cuda/backward_kernel.cuh"
+#include "cuda/backward_kernel_sm90.cuh"
 #include "cuda/backward_launch.h"
 #include "cuda/check.h"
 
 namespace fsa::detail::cuda {
+
+// The Hopper dK/dV kernel serves sm_90 devices (the sm_90a image of this build), except under
+// softcap (its extra per-entry terms stay on the sm80 kernel). FSA_CUDA_BACKWARD=sm80 forces the
+// sm80 kernel (for A/B measurements on one card).
+inline bool use_sm90_backward(const BackwardParams& params) {
+  static const bool forced_sm80 = [] {
+    const char* env = std::getenv("FSA_CUDA_BACKWARD");
+    return env != nullptr && std::strcmp(env, "sm80") == 0;
+  }();
+  if (forced_sm80 || params.softcap_in != 0.0f) return false;
+  int device = 0, major = 0;
+  FSA_CUDA_CHECK(cudaGetDevice(&device));
+  FSA_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major == 9;
+}
 
 template <int kHeadDim, class Elt>
 void launch_backward(const BackwardParams& p, cudaStream_t stream) {
@@ -32,7 +50,15 @@ void launch_backward(const BackwardParams& p, cudaStream_t stream) {
          stream>>>(p);
     FSA_CUDA_CHECK(cudaGetLastError());
   }
-  if (p.map.n_blocks > 0) {
+  if (p.map.n_blocks > 0 && use_sm90_backward(p)) {
+    using Sm90Tiles = Sm90DkvTiles<kHeadDim, Elt>;
+    auto* dkdv = &dkdv_kernel_sm90<kHeadDim, Elt>;
+    FSA_CUDA_CHECK(cudaFuncSetAttribute(dkdv, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        Sm90Tiles::kSmemBytes));
+    dkdv<<<dim3(p.map.n_blocks, p.num_kv_heads, p.batch), Sm90Tiles::kThreads,
+           Sm90Tiles::kSmemBytes, stream>>>(p);
+    FSA_CUDA_CHECK(cudaGetLastError());
+  } else if (p.map.n_blocks > 0) {
     auto* dkdv = &dkdv_kernel<kHeadDim, Elt>;
     FSA_CUDA_CHECK(cudaFuncSetAttribute(dkdv, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         Tiles::kSmemDkv));

@@ -1,0 +1,390 @@
+#pragma once
+// Hopper dK/dV pass: warpgroup MMA (wgmma, sm_90a) over the same transposed block lists, work
+// order and element passes as dkdv_kernel (backward_kernel.cuh), for kernel head dims 64 and 128.
+//
+// CTA (64-key tile n, kv head hk, batch b) = one producer warpgroup + one consumer warpgroup. The
+// producer copies the K and V tiles once, then streams the 64-query halves of the work list
+// (Q, dO, LSE, rowdot) through kStages cp.async stages, announcing each on a "full" mbarrier.
+// The consumer owns the 64 key rows (16 per warp, as in dkdv_kernel) and, per half:
+//
+//   x^T  = K Q^T    SS wgmma (64 keys x 64 queries, K = head dim)
+//   dP^T = V dO^T   SS wgmma
+//   element passes -> P^T, dS^T (column sums of dS for BiasGrad::kColumns)
+//   dV  += P^T dO   RS wgmma: P^T from registers, dO as the MN-major (head dim x queries) operand
+//   dK  += dS^T Q   RS wgmma, Q likewise
+//
+// A Q / dO stage is stored once, K-major (queries x head dim) with the 128-byte swizzle; the
+// MN-major operand view (head dim x queries) built from the MN atom tiled queries-first addresses
+// the same bytes (checked on the host with CuTe: &k_major(q, d) == &mn_major(d, q) for every
+// element), so both GEMMs read one copy.
+
+#include "cuda/backward_kernel.cuh"
+#include "cuda/forward_kernel_sm90.cuh"
+
+namespace fsa::detail::cuda {
+
+template <int kHeadDim_, class Elt>
+struct Sm90DkvTiles {
+  static constexpr int kHeadDim = kHeadDim_;
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "the sm90 dK/dV pass covers head dims 64, 128");
+  static constexpr int kBlockM = forward_block_m(kHeadDim);  // the plan's query tile
+  static constexpr int kBlockN = forward_block_n(kHeadDim);  // the plan's key tile
+  static_assert(kBlockN == 64, "one consumer warpgroup owns the plan's key tile");
+  static constexpr int kHalf = 64;  // queries per step, as in dkdv_kernel
+  static constexpr int kHalves = kBlockM / kHalf;
+  static constexpr int kProducerThreads = 128;
+  static constexpr int kConsumerThreads = 128;
+  static constexpr int kThreads = kProducerThreads + kConsumerThreads;
+  // One CTA per SM: the consumer holds dK and dV (2 x 64 fp32 at D = 128), x^T and dP^T (2 x 32)
+  // and the two bf16 A operands (2 x 16); at 216 registers (two CTAs per SM) ptxas spilled and
+  // serialized the wgmma.
+  static constexpr int kCtasPerSm = 1;
+  static constexpr int kProducerRegisters = 40;
+  static constexpr int kConsumerRegisters = 240;
+  // Stages of (Q, dO) halves: 4 x 32.5 KiB + K and V = 162 KiB at D = 128.
+  static constexpr int kStages = 4;
+
+  using T = typename CuteElement<Elt>::type;
+  // K and V tiles (keys x head dim), K-major: the A operands of the two SS products.
+  using SmemLayoutKV = decltype(cute::tile_to_shape(
+      cute::GMMA::Layout_K_SW128_Atom<T>{},
+      cute::Shape<cute::Int<kBlockN>, cute::Int<kHeadDim>, cute::_1>{}));
+  // Q / dO halves (queries x head dim, per stage), K-major: the B operands of the SS products ...
+  using SmemLayoutQ = decltype(cute::tile_to_shape(
+      cute::GMMA::Layout_K_SW128_Atom<T>{},
+      cute::Shape<cute::Int<kHalf>, cute::Int<kHeadDim>, cute::Int<kStages>>{}));
+  // ... and the same bytes as the (N = head dim, K = queries) MN-major B operand of the RS ones.
+  using SmemLayoutQt = decltype(cute::tile_to_shape(
+      cute::GMMA::Layout_MN_SW128_Atom<T>{},
+      cute::Shape<cute::Int<kHeadDim>, cute::Int<kHalf>, cute::Int<kStages>>{},
+      cute::Step<cute::_2, cute::_1, cute::_3>{}));
+  using TiledMmaS = decltype(cute::make_tiled_mma(
+      cute::GMMA::ss_op_selector<T, T, float,
+                                 cute::Shape<cute::_64, cute::Int<kHalf>, cute::Int<kHeadDim>>>()));
+  using TiledMmaKV = decltype(cute::make_tiled_mma(
+      cute::GMMA::rs_op_selector<T, T, float,
+                                 cute::Shape<cute::_64, cute::Int<kHeadDim>, cute::Int<kHalf>>,
+                                 cute::GMMA::Major::K, cute::GMMA::Major::MN>()));
+
+  static constexpr int kSmemKV = int(cute::cosize_v<SmemLayoutKV>);  // elements, each of K and V
+  static constexpr int kSmemQ = int(cute::cosize_v<SmemLayoutQ>);    // elements, each of Q and dO
+  static_assert(kSmemQ == kStages * kHalf * kHeadDim, "stages are contiguous tiles");
+  // Per stage, the half's raw LSE and rowdot (fp32, 64 each), after the tiles.
+  static constexpr int kStatsOffset = (2 * kSmemKV + 2 * kSmemQ) * 2;
+  static constexpr int kBarrierOffset = kStatsOffset + kStages * 2 * kHalf * 4;
+  static constexpr int kSmemBytes = kBarrierOffset + 2 * kStages * 8;
+};
+
+// The dK/dV pass's work list, as dkdv_kernel walks it: over the G query heads of kv head hk, each
+// head's transposed full then partial list of query tiles, each tile in kHalves halves. The
+// producer and the consumer each walk their own copy.
+template <int kHalves>
+struct DkvWorkCursor {
+  const BackwardParams* p;
+  int n, mb, h_end;
+  int h, idx, half, n_full, n_total;
+  const int32_t *full, *part;
+
+  __device__ void load_head() {
+    const int64_t col = (int64_t(mb) * p->map.map_heads + h / p->map.head_group) * p->map.n_blocks + n;
+    n_full = p->map.full_count_t[col];
+    n_total = n_full + p->map.partial_count_t[col];
+    full = p->map.full_index_t + col * p->map.m_blocks;
+    part = p->map.partial_index_t + col * p->map.m_blocks;
+  }
+  __device__ void skip_empty_heads() {
+    while (idx >= n_total && h + 1 < h_end) {
+      ++h;
+      idx = 0;
+      half = 0;
+      load_head();
+    }
+  }
+  __device__ DkvWorkCursor(const BackwardParams& params, int n_block, int hk, int b)
+      : p(&params), n(n_block), mb(params.map.map_batch == 1 ? 0 : b),
+        h_end((hk + 1) * params.group), h(hk * params.group), idx(0), half(0) {
+    load_head();
+    skip_empty_heads();
+  }
+  __device__ bool done() const { return idx >= n_total; }
+  __device__ int m() const { return idx < n_full ? full[idx] : part[idx - n_full]; }
+  __device__ bool partial() const { return idx >= n_full; }
+  __device__ void advance() {
+    if (++half == kHalves) {
+      half = 0;
+      ++idx;
+      skip_empty_heads();
+    }
+  }
+};
+
+template <int kHeadDim, class Elt>
+__global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
+                                  Sm90DkvTiles<kHeadDim, Elt>::kCtasPerSm)
+    dkdv_kernel_sm90(const __grid_constant__ BackwardParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using namespace cute;
+  using Tiles = Sm90DkvTiles<kHeadDim, Elt>;
+  using T = typename Tiles::T;
+  constexpr int kBlockM = Tiles::kBlockM, kBlockN = Tiles::kBlockN, kHalf = Tiles::kHalf;
+  constexpr int kStages = Tiles::kStages;
+  constexpr int kCTiles = kHalf / 8, kDTiles = kHeadDim / 8;
+  constexpr int kStageElems = kHalf * kHeadDim;
+
+  // Dynamic shared memory starts 1024-byte aligned (no static shared memory), as the 128-byte
+  // swizzle needs; every tile below is a multiple of 1024 bytes.
+  extern __shared__ __align__(128) uint8_t smem_raw[];
+  T* smem_k = reinterpret_cast<T*>(smem_raw);
+  T* smem_v = smem_k + Tiles::kSmemKV;
+  T* smem_q = smem_v + Tiles::kSmemKV;
+  T* smem_do = smem_q + Tiles::kSmemQ;
+  float* s_lse = reinterpret_cast<float*>(smem_raw + Tiles::kStatsOffset);  // (kStages, kHalf)
+  float* s_rdot = s_lse + kStages * kHalf;                                 // (kStages, kHalf)
+  uint64_t* full_bar = reinterpret_cast<uint64_t*>(smem_raw + Tiles::kBarrierOffset);
+  uint64_t* empty_bar = full_bar + kStages;
+  if (threadIdx.x == 0) {
+    for (int st = 0; st < kStages; ++st) {
+      mbarrier_init(&full_bar[st], Tiles::kProducerThreads);
+      mbarrier_init(&empty_bar[st], Tiles::kConsumerThreads / 32);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  const int n = int(blockIdx.x), hk = blockIdx.y, b = blockIdx.z;
+  const int key0 = n * kBlockN;
+
+  if (threadIdx.x < Tiles::kProducerThreads) {
+    // Producer: K and V first (their copies complete before stage 0's arrival), then half j into
+    // stage j % kStages once the consumer released what used it before.
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Tiles::kProducerRegisters));
+    constexpr int kLoaders = Tiles::kProducerThreads;
+    const typename Tiles::SmemLayoutKV layout_kv;
+    const typename Tiles::SmemLayoutQ layout_q;
+    const auto kv_dst = GmmaLoadOffsets::make<kHeadDim, kLoaders>(layout_kv, false);
+    const auto q_dst = GmmaLoadOffsets::make<kHeadDim, kLoaders>(layout_q, false);
+    load_rows_async<kHeadDim, kBlockN, kLoaders>(
+        reinterpret_cast<uint16_t*>(smem_k), kv_dst.first, kv_dst.step,
+        static_cast<const uint16_t*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h, p.k_stride_s,
+        key0, p.seqlen_k, p.head_dim);
+    load_rows_async<kHeadDim, kBlockN, kLoaders>(
+        reinterpret_cast<uint16_t*>(smem_v), kv_dst.first, kv_dst.step,
+        static_cast<const uint16_t*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h, p.v_stride_s,
+        key0, p.seqlen_k, p.head_dim);
+    auto* s_q = reinterpret_cast<uint16_t*>(smem_q);
+    auto* s_do = reinterpret_cast<uint16_t*>(smem_do);
+    const int c = int(threadIdx.x) % kHalf;  // threads 0-63: LSE, 64-127: rowdot
+    const bool loads_lse = int(threadIdx.x) < kHalf;
+    DkvWorkCursor<Tiles::kHalves> cur(p, n, hk, b);
+    for (int j = 0; !cur.done(); ++j, cur.advance()) {
+      const int stage = j % kStages, h = cur.h;
+      const int q0 = cur.m() * kBlockM + cur.half * kHalf;
+      if (j >= kStages) mbarrier_wait(&empty_bar[stage], (j / kStages - 1) & 1);
+      load_rows_async<kHeadDim, kHalf, kLoaders>(
+          s_q + stage * kStageElems, q_dst.first, q_dst.step,
+          static_cast<const uint16_t*>(p.q) + b * p.q_stride_b + h * p.q_stride_h, p.q_stride_s,
+          q0, p.seqlen_q, p.head_dim);
+      load_rows_async<kHeadDim, kHalf, kLoaders>(
+          s_do + stage * kStageElems, q_dst.first, q_dst.step,
+          static_cast<const uint16_t*>(p.dout) + b * p.do_stride_b + h * p.do_stride_h,
+          p.do_stride_s, q0, p.seqlen_q, p.head_dim);
+      // Raw statistics, zero past Sq (those queries are dropped by the consumer's drop pass).
+      const int i = q0 + c;
+      const bool valid = i < p.seqlen_q;
+      const float* src = loads_lse ? p.lse + b * p.lse_stride_b + h * p.lse_stride_h +
+                                         int64_t(valid ? i : 0) * p.lse_stride_s
+                                   : p.rowdot + (int64_t(b) * p.num_heads + h) * p.seqlen_q +
+                                         (valid ? i : 0);
+      SM80_CP_ASYNC_CACHEALWAYS_ZFILL<uint32_t>::copy(
+          *reinterpret_cast<const uint32_t*>(src),
+          *reinterpret_cast<uint32_t*>((loads_lse ? s_lse : s_rdot) + stage * kHalf + c), valid);
+      mbarrier_arrive_on_copies(&full_bar[stage]);
+    }
+    cp_async_wait<0>();
+    return;
+  }
+
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Tiles::kConsumerRegisters));
+  const int ct = int(threadIdx.x) - Tiles::kProducerThreads;
+  const int warp = ct / 32, lane = ct % 32, g = lane / 4, t = lane % 4;
+
+  Tensor sK = make_tensor(make_smem_ptr(smem_k), typename Tiles::SmemLayoutKV{});
+  Tensor sV = make_tensor(make_smem_ptr(smem_v), typename Tiles::SmemLayoutKV{});
+  Tensor sQ = make_tensor(make_smem_ptr(smem_q), typename Tiles::SmemLayoutQ{});
+  Tensor sDo = make_tensor(make_smem_ptr(smem_do), typename Tiles::SmemLayoutQ{});
+  Tensor sQt = make_tensor(make_smem_ptr(smem_q), typename Tiles::SmemLayoutQt{});
+  Tensor sDot = make_tensor(make_smem_ptr(smem_do), typename Tiles::SmemLayoutQt{});
+
+  typename Tiles::TiledMmaS mma_s;
+  typename Tiles::TiledMmaKV mma_kv;
+  auto thr_s = mma_s.get_thread_slice(ct);
+  auto thr_kv = mma_kv.get_thread_slice(ct);
+  Tensor tSrK = thr_s.partition_fragment_A(sK);     // (MMA, 1, MMA_K, 1)
+  Tensor tSrV = thr_s.partition_fragment_A(sV);     // (MMA, 1, MMA_K, 1)
+  Tensor tSrQ = thr_s.partition_fragment_B(sQ);     // (MMA, 1, MMA_K, stage)
+  Tensor tSrDo = thr_s.partition_fragment_B(sDo);   // (MMA, 1, MMA_K, stage)
+  Tensor tKVrQt = thr_kv.partition_fragment_B(sQt);    // (MMA, MMA_N, MMA_K, stage)
+  Tensor tKVrDot = thr_kv.partition_fragment_B(sDot);  // (MMA, MMA_N, MMA_K, stage)
+  Tensor tSrS = partition_fragment_C(mma_s, Shape<Int<kBlockN>, Int<kHalf>>{});   // x^T
+  Tensor tSrDp = partition_fragment_C(mma_s, Shape<Int<kBlockN>, Int<kHalf>>{});  // dP^T
+  Tensor tdK = partition_fragment_C(mma_kv, Shape<Int<kBlockN>, Int<kHeadDim>>{});
+  Tensor tdV = partition_fragment_C(mma_kv, Shape<Int<kBlockN>, Int<kHeadDim>>{});
+  static_assert(decltype(size(tSrS))::value == kCTiles * 4, "one 16-row C fragment per warp");
+  static_assert(decltype(size(tdK))::value == kDTiles * 4, "one 16-row C fragment per warp");
+  // P^T and dS^T as RS A operands: the C fragment of query columns 16 kk .. 16 kk + 15 is, value
+  // for value, the A fragment of k-block kk (see forward_kernel_sm90).
+  Tensor tP = make_tensor<T>(Layout<Shape<Shape<_2, _2, _2>, _1, Int<kHalf / 16>>>{});
+  Tensor tDs = make_tensor<T>(Layout<Shape<Shape<_2, _2, _2>, _1, Int<kHalf / 16>>>{});
+  auto* p_regs = reinterpret_cast<uint32_t*>(raw_pointer_cast(tP.data()));
+  auto* ds_regs = reinterpret_cast<uint32_t*>(raw_pointer_cast(tDs.data()));
+  clear(tdK);
+  clear(tdV);
+
+  float col_grad[2] = {0.0f, 0.0f};  // per key row r: column sums of dS, for kColumns
+  int col_head = -1;                 // the head col_grad belongs to
+  const int key_row[2] = {key0 + warp * 16 + g, key0 + warp * 16 + g + 8};
+  auto flush_col_grad = [&]() {
+    if (p.bias_grad != BiasGrad::kColumns || col_head < 0) return;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float cg = col_grad[r];
+      cg += __shfl_xor_sync(0xffffffffu, cg, 1);
+      cg += __shfl_xor_sync(0xffffffffu, cg, 2);
+      if (t == 0 && key_row[r] < p.seqlen_k) {
+        p.col_accum[(int64_t(b) * p.num_heads + col_head) * p.seqlen_k + key_row[r]] = cg;
+      }
+      col_grad[r] = 0.0f;
+    }
+  };
+  // Every head's column sums are written, zeros included, so col_accum needs no clearing.
+  if (p.bias_grad == BiasGrad::kColumns) {
+    for (int h = hk * p.group; h < (hk + 1) * p.group; ++h) {
+      col_head = h;
+      flush_col_grad();
+    }
+    col_head = -1;
+  }
+
+  auto issue_ss = [&](auto& acc, const auto& a, const auto& bop, int stage) {
+    warpgroup_fence_operand(acc);
+    warpgroup_arrive();
+    mma_s.accumulate_ = GMMA::ScaleOut::Zero;
+#pragma unroll
+    for (int kb = 0; kb < size<2>(a); ++kb) {
+      gemm(mma_s, a(_, _, kb, 0), bop(_, _, kb, stage), acc);
+      mma_s.accumulate_ = GMMA::ScaleOut::One;
+    }
+    warpgroup_commit_batch();
+  };
+  auto issue_rs = [&](auto& acc, const auto& a, const auto& bop, int stage) {
+    warpgroup_fence_operand(acc);
+    warpgroup_arrive();
+#pragma unroll
+    for (int kb = 0; kb < size<2>(a); ++kb) gemm(mma_kv, a(_, _, kb), bop(_, _, kb, stage), acc);
+    warpgroup_commit_batch();
+  };
+
+  // Per half j: issue x^T and dP^T, run the element passes of x^T (up to P^T) while dP^T is
+  // computed, then dS^T, and issue dV and dK together (defining an A operand while another wgmma
+  // was in flight made ptxas serialize them, C7513). The products of half j overlap the wait for
+  // half j + 1's stage and the issue of its x^T and dP^T.
+  const bool release_lane = lane == 0;
+  DkvWorkCursor<Tiles::kHalves> cur(p, n, hk, b);
+  int j = 0;
+  for (; !cur.done(); ++j, cur.advance()) {
+    const int stage = j % kStages, h = cur.h;
+    const int q0 = cur.m() * kBlockM + cur.half * kHalf;
+    const bool check = cur.partial() || key0 + kBlockN > p.seqlen_k || q0 + kHalf > p.seqlen_q;
+    if (h != col_head) {
+      flush_col_grad();
+      col_head = h;
+    }
+    mbarrier_wait(&full_bar[stage], (j / kStages) & 1);
+    fence_async_shared();  // the producer's cp.async writes, before wgmma reads them
+    // The previous half's dV and dK products retire before x^T and dP^T are issued: with them in
+    // flight too, ptxas ran out of registers and serialized every wgmma (C7512).
+    warpgroup_wait<0>();
+    if (j > 0 && release_lane) mbarrier_arrive(&empty_bar[(j + kStages - 1) % kStages]);
+    issue_ss(tSrS, tSrK, tSrQ, stage);
+    issue_ss(tSrDp, tSrV, tSrDo, stage);
+    warpgroup_wait<1>();  // x^T
+    warpgroup_fence_operand(tSrS);
+
+    // The element passes work in place on the accumulators (flat index 4 c + e = s[c][e]).
+    auto& s = *reinterpret_cast<float(*)[kCTiles][4]>(raw_pointer_cast(tSrS.data()));
+    const DkvIndex ix{{key_row[0], key_row[1]}, q0, t};
+    scale_pass(s, p.scale_log2);
+    if (p.bias) bias_pass<Elt>(p, b, h, s, ix);
+    if (check) drop_pass(p, b, h, s, ix);
+    const float* lse = s_lse + stage * kHalf;
+    const float* rdot = s_rdot + stage * kHalf;
+    // P^T (exact zeros for dropped entries and empty rows), then dV += P^T dO.
+#pragma unroll
+    for (int c = 0; c < kCTiles; ++c)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float lse2 = lse[c * 8 + 2 * t + (e & 1)] * kLog2e;
+        const bool keep = s[c][e] != -INFINITY && lse2 != -INFINITY;
+        s[c][e] = keep ? fast_exp2(s[c][e] - lse2) : 0.0f;
+      }
+    warpgroup_wait<0>();  // dP^T
+    warpgroup_fence_operand(tSrDp);
+#pragma unroll
+    for (int c = 0; c < kCTiles; ++c) {
+      p_regs[2 * c] = Elt::pack(s[c][0], s[c][1]);
+      p_regs[2 * c + 1] = Elt::pack(s[c][2], s[c][3]);
+    }
+    // dS^T = P^T (dP^T - rowdot); dX = dS without softcap. Then dK += dS^T Q.
+    auto& ds = *reinterpret_cast<float(*)[kCTiles][4]>(raw_pointer_cast(tSrDp.data()));
+#pragma unroll
+    for (int c = 0; c < kCTiles; ++c)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) ds[c][e] = s[c][e] * (ds[c][e] - rdot[c * 8 + 2 * t + (e & 1)]);
+    if (p.bias_grad == BiasGrad::kColumns) {
+#pragma unroll
+      for (int c = 0; c < kCTiles; ++c)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) col_grad[e / 2] += ds[c][e];
+    }
+#pragma unroll
+    for (int c = 0; c < kCTiles; ++c) {
+      ds_regs[2 * c] = Elt::pack(ds[c][0], ds[c][1]);
+      ds_regs[2 * c + 1] = Elt::pack(ds[c][2], ds[c][3]);
+    }
+    issue_rs(tdV, tP, tKVrDot, stage);
+    issue_rs(tdK, tDs, tKVrQt, stage);
+  }
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(tdK);
+  warpgroup_fence_operand(tdV);
+  flush_col_grad();
+
+  auto* dk_out = static_cast<typename Elt::Storage*>(p.dk) + b * p.dk_stride_b + hk * p.dk_stride_h;
+  auto* dv_out = static_cast<typename Elt::Storage*>(p.dv) + b * p.dv_stride_b + hk * p.dv_stride_h;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int key = key_row[r];
+    if (key >= p.seqlen_k) continue;
+    auto* krow = dk_out + int64_t(key) * p.dk_stride_s;
+    auto* vrow = dv_out + int64_t(key) * p.dv_stride_s;
+#pragma unroll
+    for (int d = 0; d < kDTiles; ++d) {
+      const int c = d * 8 + 2 * t;
+      const uint32_t kp = Elt::pack(tdK(4 * d + 2 * r) * p.scale, tdK(4 * d + 2 * r + 1) * p.scale);
+      const uint32_t vp = Elt::pack(tdV(4 * d + 2 * r), tdV(4 * d + 2 * r + 1));
+      if (c < p.head_dim) {
+        *reinterpret_cast<uint16_t*>(krow + c) = uint16_t(kp & 0xffffu);
+        *reinterpret_cast<uint16_t*>(vrow + c) = uint16_t(vp & 0xffffu);
+      }
+      if (c + 1 < p.head_dim) {
+        *reinterpret_cast<uint16_t*>(krow + c + 1) = uint16_t(kp >> 16);
+        *reinterpret_cast<uint16_t*>(vrow + c + 1) = uint16_t(vp >> 16);
+      }
+    }
+  }
+#else
+  __trap();  // launched only on sm_90 devices, where the sm_90a image exists
+#endif
+}
+
+}  // namespace fsa::detail::cuda
