@@ -725,6 +725,15 @@ def run_entry(p, impl_name, timer, args):
         leaves = None
         after_failure(impl_name)
         return row
+    if impl_name == "ours" and p._ours_grads is not None:
+        # Our reference gradients must be reproducible after our timed loops.
+        clear()
+        impl.train(leaves).backward(p.dout)
+        again = [t.grad for t in leaves]
+        rel, desc = grad_mismatch(again, p._ours_grads)
+        row["ours_grad_drift"] = rel
+        if not rel <= 1e-2:
+            row["notes"].append("ours: gradients changed between calls: " + desc)
     # 4. backward alone, through a retained graph; derived from fwd+bwd - fwd(train) if the
     # implementation cannot run its backward twice.
     try:
@@ -989,6 +998,12 @@ def main(argv=None):
             continue
         print(f"{wkey}  shape (B,Sq,Sk,H,Hk,D)=({spec['B']},{p.Sq},{p.Sk},{spec['H']},"
               f"{spec['Hk']},{spec['D']}) density {100 * p.density:.1f}%", flush=True)
+        if p.backward:
+            # Our gradients, the peers' reference, computed before anything is timed; after our
+            # own timed loops they are recomputed and must not have changed (run_entry).
+            p.ours_grads()
+            if p._ours_grads is not None:
+                p._ours_grads = [g.clone() for g in p._ours_grads]
         for impl in impls:
             progress.show(f"{wkey}|{impl}")
             row = run_entry(p, impl, timer, args)

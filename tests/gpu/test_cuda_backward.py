@@ -38,13 +38,18 @@ def grads_of(fn, inputs, dout):
     return [None if t is None else t.grad for t in inputs]
 
 
-def check_backward(q, k, v, mask=None, bias=None, causal=False, softcap=0.0, label=""):
+def check_backward(q, k, v, mask=None, bias=None, causal=False, softcap=0.0, label="",
+                   selection=None):
+    """`selection` = (block_mask, block_size): ours runs with that block selection instead of
+    `mask`, which must then be the selection expanded to entries (the reference's mask)."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     dout = torch.randn_like(q)
     leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
     bias_leaf = None if bias is None else bias.detach().clone().requires_grad_(True)
+    how = ({"attn_mask": mask} if selection is None else
+           {"block_mask": selection[0], "block_size": selection[1]})
     ours = grads_of(lambda: flash_sparse_attn_func(
-        *leaves, attn_mask=mask, attn_bias=bias_leaf, is_causal=causal, softcap=softcap or None),
+        *leaves, attn_bias=bias_leaf, is_causal=causal, softcap=softcap or None, **how),
         leaves + [bias_leaf], dout)
 
     def reference(dtype):
@@ -227,6 +232,23 @@ def test_bias_only_requires_grad(gen):
     out.backward(torch.randn_like(out))
     assert bias.grad is not None and bias.grad.shape == bias.shape
     assert not bias.grad.isnan().any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [64, 128])
+def test_block_selection_gqa_bias_grad(dtype, D, gen):
+    """The trainable-mask path as users run it: a per-(batch, kv head) block selection of 128 x 128
+    tiles (diagonal + random earlier blocks), causal, GQA 4, a per-kv-head key bias requiring
+    grad. The reference gets the selection expanded to entries."""
+    B, S, H, Hk, block = 1, 1024, 8, 2, 128
+    q, k, v = qkv(B, S, S, H, Hk, D, dtype, gen)
+    bias = randn(B, Hk, 1, S, dtype=dtype, gen=gen)
+    nb = S // block
+    sel = torch.rand(B, Hk, nb, nb, device="cuda", generator=gen) < 0.4
+    sel |= torch.eye(nb, device="cuda", dtype=torch.bool)
+    mask = sel.repeat_interleave(block, 2).repeat_interleave(block, 3)  # (B, Hk, S, S)
+    check_backward(q, k, v, mask=mask, bias=bias, causal=True, label="block selection",
+                   selection=(sel, block))
 
 
 def test_trainable_backward_peak_memory(gen):
