@@ -387,4 +387,326 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
 #endif
 }
 
+// ------------------------------------------------------------------------------------------------
+// Hopper dQ pass: the same block lists, element passes and dbias duties as dq_kernel
+// (backward_kernel.cuh), for kernel head dims 64 and 128.
+//
+// CTA (128-query tile m, head h, batch b) = one producer warpgroup + two consumer warpgroups of 64
+// query rows each (as the forward). The producer copies the tile's Q and dO once (they complete
+// with the first K/V stage), then streams the 64-key K and V tiles of the list through kStages
+// cp.async stages. Per key tile, each consumer warpgroup (no barrier between the two: one's element
+// passes overlap the other's products):
+//
+//   x  = Q K^T      SS wgmma (64 queries x 64 keys, K = head dim)
+//   dP = dO V^T     SS wgmma
+//   element passes -> dS (= dX without softcap), dbias duties
+//   dQ += dS K      RS wgmma: dS from registers, K read as the MN-major (head dim x keys) operand
+//                   of the same K stage (the layout view the dK/dV pass uses for Q and dO)
+template <int kHeadDim_, class Elt>
+struct Sm90DqTiles {
+  static constexpr int kHeadDim = kHeadDim_;
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "the sm90 dQ pass covers head dims 64, 128");
+  static constexpr int kBlockM = forward_block_m(kHeadDim);  // the plan's query tile
+  static constexpr int kBlockN = forward_block_n(kHeadDim);  // the plan's key tile
+  static_assert(kBlockM == 128 && kBlockN == 64, "two consumer warpgroups of 64 query rows");
+  static constexpr int kWarpGroups = kBlockM / 64;
+  static constexpr int kProducerThreads = 128;
+  static constexpr int kConsumerThreads = kWarpGroups * 128;
+  static constexpr int kThreads = kProducerThreads + kConsumerThreads;
+  // 128 * 40 + 256 * 232 = 64512 <= 65536 (the forward's split). A consumer holds dQ (64 fp32 at
+  // D = 128), x and dP (2 x 32) and the dS A operand (16).
+  static constexpr int kProducerRegisters = 40;
+  static constexpr int kConsumerRegisters = 232;
+  // Q, dO (2 x 32 KiB) + 4 stages of K and V (4 x 32 KiB) = 192 KiB at D = 128.
+  static constexpr int kStages = 4;
+
+  using T = typename CuteElement<Elt>::type;
+  // Q and dO tiles (queries x head dim), K-major: the A operands of the two SS products.
+  using SmemLayoutQ = decltype(cute::tile_to_shape(
+      cute::GMMA::Layout_K_SW128_Atom<T>{},
+      cute::Shape<cute::Int<kBlockM>, cute::Int<kHeadDim>, cute::_1>{}));
+  // K / V stages (keys x head dim), K-major: the B operands of the SS products ...
+  using SmemLayoutK = decltype(cute::tile_to_shape(
+      cute::GMMA::Layout_K_SW128_Atom<T>{},
+      cute::Shape<cute::Int<kBlockN>, cute::Int<kHeadDim>, cute::Int<kStages>>{}));
+  // ... and a K stage's bytes as the (N = head dim, K = keys) MN-major B operand of dQ += dS K.
+  using SmemLayoutKt = decltype(cute::tile_to_shape(
+      cute::GMMA::Layout_MN_SW128_Atom<T>{},
+      cute::Shape<cute::Int<kHeadDim>, cute::Int<kBlockN>, cute::Int<kStages>>{},
+      cute::Step<cute::_2, cute::_1, cute::_3>{}));
+  using TiledMmaS = decltype(cute::make_tiled_mma(
+      cute::GMMA::ss_op_selector<T, T, float,
+                                 cute::Shape<cute::_64, cute::Int<kBlockN>, cute::Int<kHeadDim>>>(),
+      cute::Layout<cute::Shape<cute::Int<kWarpGroups>, cute::_1, cute::_1>>{}));
+  using TiledMmaDq = decltype(cute::make_tiled_mma(
+      cute::GMMA::rs_op_selector<T, T, float,
+                                 cute::Shape<cute::_64, cute::Int<kHeadDim>, cute::Int<kBlockN>>,
+                                 cute::GMMA::Major::K, cute::GMMA::Major::MN>(),
+      cute::Layout<cute::Shape<cute::Int<kWarpGroups>, cute::_1, cute::_1>>{}));
+
+  static constexpr int kSmemQ = int(cute::cosize_v<SmemLayoutQ>);  // elements, each of Q and dO
+  static constexpr int kSmemK = int(cute::cosize_v<SmemLayoutK>);  // elements, each of K and V
+  static_assert(kSmemK == kStages * kBlockN * kHeadDim, "stages are contiguous tiles");
+  static constexpr int kBarrierOffset = (2 * kSmemQ + 2 * kSmemK) * 2;
+  static constexpr int kSmemBytes = kBarrierOffset + 2 * kStages * 8;
+};
+
+// kQueryBiasGrad: the launch's bias gradient is one of the dQ pass's duties (kFull, kFullSummed,
+// kRows). A separate instantiation: any use of dS after it is formed (even behind a runtime branch
+// never taken) made ptxas serialize every wgmma of the kernel (C7515), so the common path has none.
+template <int kHeadDim, class Elt, bool kQueryBiasGrad>
+__global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
+    dq_kernel_sm90(const __grid_constant__ BackwardParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using namespace cute;
+  using Tiles = Sm90DqTiles<kHeadDim, Elt>;
+  using T = typename Tiles::T;
+  constexpr int kBlockM = Tiles::kBlockM, kBlockN = Tiles::kBlockN;
+  constexpr int kStages = Tiles::kStages;
+  constexpr int kNTiles = kBlockN / 8, kDTiles = kHeadDim / 8;
+  constexpr int kStageElems = kBlockN * kHeadDim;
+
+  // Dynamic shared memory starts 1024-byte aligned (no static shared memory); every tile below is
+  // a multiple of 1024 bytes.
+  extern __shared__ __align__(128) uint8_t smem_raw[];
+  T* smem_q = reinterpret_cast<T*>(smem_raw);
+  T* smem_do = smem_q + Tiles::kSmemQ;
+  T* smem_k = smem_do + Tiles::kSmemQ;
+  T* smem_v = smem_k + Tiles::kSmemK;
+  uint64_t* full_bar = reinterpret_cast<uint64_t*>(smem_raw + Tiles::kBarrierOffset);
+  uint64_t* empty_bar = full_bar + kStages;
+  if (threadIdx.x == 0) {
+    for (int st = 0; st < kStages; ++st) {
+      mbarrier_init(&full_bar[st], Tiles::kProducerThreads);
+      mbarrier_init(&empty_bar[st], Tiles::kConsumerThreads / 32);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  const int m = p.map.m_blocks - 1 - int(blockIdx.x);  // longest causal rows start first
+  const int h = blockIdx.y, b = blockIdx.z, hk = h / p.group;
+  const int row0 = m * kBlockM;
+  const int64_t list_row =
+      (int64_t(p.map.map_batch == 1 ? 0 : b) * p.map.map_heads + h / p.map.head_group) *
+          p.map.m_blocks + m;
+  const int n_full = p.map.full_count[list_row];
+  const int total = n_full + p.map.partial_count[list_row];
+  const int32_t* full_list = p.map.full_index + list_row * p.map.n_blocks;
+  const int32_t* partial_list = p.map.partial_index + list_row * p.map.n_blocks;
+  auto block_at = [&](int it) { return it < n_full ? full_list[it] : partial_list[it - n_full]; };
+
+  if (threadIdx.x < Tiles::kProducerThreads) {
+    // Producer: Q and dO with the first tile (stage 0's arrival covers them), then tile j into
+    // stage j % kStages once both consumers released what used it before.
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Tiles::kProducerRegisters));
+    constexpr int kLoaders = Tiles::kProducerThreads;
+    const typename Tiles::SmemLayoutQ layout_q;
+    const typename Tiles::SmemLayoutK layout_k;
+    const auto q_dst = GmmaLoadOffsets::make<kHeadDim, kLoaders>(layout_q, false);
+    const auto k_dst = GmmaLoadOffsets::make<kHeadDim, kLoaders>(layout_k, false);
+    const auto* k = static_cast<const uint16_t*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h;
+    const auto* v = static_cast<const uint16_t*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h;
+    auto* s_k = reinterpret_cast<uint16_t*>(smem_k);
+    auto* s_v = reinterpret_cast<uint16_t*>(smem_v);
+    if (total > 0) {
+      load_rows_async<kHeadDim, kBlockM, kLoaders>(
+          reinterpret_cast<uint16_t*>(smem_q), q_dst.first, q_dst.step,
+          static_cast<const uint16_t*>(p.q) + b * p.q_stride_b + h * p.q_stride_h, p.q_stride_s,
+          row0, p.seqlen_q, p.head_dim);
+      load_rows_async<kHeadDim, kBlockM, kLoaders>(
+          reinterpret_cast<uint16_t*>(smem_do), q_dst.first, q_dst.step,
+          static_cast<const uint16_t*>(p.dout) + b * p.do_stride_b + h * p.do_stride_h,
+          p.do_stride_s, row0, p.seqlen_q, p.head_dim);
+    }
+    for (int j = 0; j < total; ++j) {
+      const int stage = j % kStages;
+      const int n = block_at(j);
+      if (j >= kStages) mbarrier_wait(&empty_bar[stage], (j / kStages - 1) & 1);
+      load_rows_async<kHeadDim, kBlockN, kLoaders>(s_k + stage * kStageElems, k_dst.first,
+                                                   k_dst.step, k, p.k_stride_s, n * kBlockN,
+                                                   p.seqlen_k, p.head_dim);
+      load_rows_async<kHeadDim, kBlockN, kLoaders>(s_v + stage * kStageElems, k_dst.first,
+                                                   k_dst.step, v, p.v_stride_s, n * kBlockN,
+                                                   p.seqlen_k, p.head_dim);
+      mbarrier_arrive_on_copies(&full_bar[stage]);
+    }
+    cp_async_wait<0>();
+    return;
+  }
+
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Tiles::kConsumerRegisters));
+  const int ct = int(threadIdx.x) - Tiles::kProducerThreads;  // 0 .. kConsumerThreads - 1
+  const int warp = ct / 32, lane = ct % 32, g = lane / 4, t = lane % 4;  // rows 16 warp ..
+
+  Tensor sQ = make_tensor(make_smem_ptr(smem_q), typename Tiles::SmemLayoutQ{});
+  Tensor sDo = make_tensor(make_smem_ptr(smem_do), typename Tiles::SmemLayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(smem_k), typename Tiles::SmemLayoutK{});
+  Tensor sV = make_tensor(make_smem_ptr(smem_v), typename Tiles::SmemLayoutK{});
+  Tensor sKt = make_tensor(make_smem_ptr(smem_k), typename Tiles::SmemLayoutKt{});
+
+  typename Tiles::TiledMmaS mma_s;
+  typename Tiles::TiledMmaDq mma_dq;
+  auto thr_s = mma_s.get_thread_slice(ct);
+  auto thr_dq = mma_dq.get_thread_slice(ct);
+  Tensor tSrQ = thr_s.partition_fragment_A(sQ);    // (MMA, 1, MMA_K, 1): this warpgroup's rows
+  Tensor tSrDo = thr_s.partition_fragment_A(sDo);  // (MMA, 1, MMA_K, 1)
+  Tensor tSrK = thr_s.partition_fragment_B(sK);    // (MMA, 1, MMA_K, stage)
+  Tensor tSrV = thr_s.partition_fragment_B(sV);    // (MMA, 1, MMA_K, stage)
+  Tensor tDqrKt = thr_dq.partition_fragment_B(sKt);  // (MMA, MMA_N, MMA_K, stage)
+  Tensor tSrS = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});   // x
+  Tensor tSrDp = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});  // dP
+  Tensor tDq = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});
+  static_assert(decltype(size(tSrS))::value == kNTiles * 4, "one 16-row C fragment per warp");
+  static_assert(decltype(size(tDq))::value == kDTiles * 4, "one 16-row C fragment per warp");
+  // dS as the RS A operand: the C fragment of key columns 16 kk .. 16 kk + 15 is, value for value,
+  // the A fragment of k-block kk (see forward_kernel_sm90).
+  Tensor tDs = make_tensor<T>(Layout<Shape<Shape<_2, _2, _2>, _1, Int<kBlockN / 16>>>{});
+  auto* ds_regs = reinterpret_cast<uint32_t*>(raw_pointer_cast(tDs.data()));
+  // dQ starts from the first product (ScaleOut::Zero) rather than from cleared registers: zeroing
+  // them made ptxas serialize every wgmma (C7515).
+  mma_dq.accumulate_ = GMMA::ScaleOut::Zero;
+
+  int i_row[2];
+  float lse2[2], rdot[2], row_grad[2] = {0.0f, 0.0f};
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    i_row[r] = row0 + warp * 16 + g + 8 * r;
+    const bool valid = i_row[r] < p.seqlen_q;
+    const int i = min(i_row[r], p.seqlen_q - 1);
+    lse2[r] = valid ? p.lse[b * p.lse_stride_b + h * p.lse_stride_h + int64_t(i) * p.lse_stride_s] *
+                          kLog2e
+                    : -INFINITY;
+    rdot[r] = valid ? p.rowdot[(int64_t(b) * p.num_heads + h) * p.seqlen_q + i] : 0.0f;
+  }
+
+  auto issue_ss = [&](auto& acc, const auto& a, const auto& bop, int stage) {
+    warpgroup_fence_operand(acc);
+    warpgroup_arrive();
+    mma_s.accumulate_ = GMMA::ScaleOut::Zero;
+#pragma unroll
+    for (int kb = 0; kb < size<2>(a); ++kb) {
+      gemm(mma_s, a(_, _, kb, 0), bop(_, _, kb, stage), acc);
+      mma_s.accumulate_ = GMMA::ScaleOut::One;
+    }
+    warpgroup_commit_batch();
+  };
+
+  // Per tile j: issue x_j and dP_j behind dQ_{j-1} (still in flight), wait for dQ_{j-1} and x_j,
+  // release stage j - 1, run the element passes of x_j while dP_j is computed, then dS_j (written
+  // into the A operand only once nothing is in flight), and issue dQ += dS_j K_j.
+  const bool release_lane = lane == 0;
+  for (int j = 0; j < total; ++j) {
+    const int stage = j % kStages;
+    const int n = block_at(j);
+    const bool check =
+        j >= n_full || (n + 1) * kBlockN > p.seqlen_k || row0 + kBlockM > p.seqlen_q;
+    mbarrier_wait(&full_bar[stage], (j / kStages) & 1);
+    fence_async_shared();  // the producer's cp.async writes, before wgmma reads them
+    issue_ss(tSrS, tSrQ, tSrK, stage);
+    issue_ss(tSrDp, tSrDo, tSrV, stage);
+    warpgroup_wait<1>();  // dQ_{j-1} and x_j
+    warpgroup_fence_operand(tSrS);
+    if (j > 0 && release_lane) mbarrier_arrive(&empty_bar[(j + kStages - 1) % kStages]);
+
+    // The element passes work in place on the accumulators (flat index 4 c + e = s[c][e]).
+    auto& s = *reinterpret_cast<float(*)[kNTiles][4]>(raw_pointer_cast(tSrS.data()));
+    const DqIndex ix{{i_row[0], i_row[1]}, n * kBlockN, t};
+    scale_pass(s, p.scale_log2);
+    if (p.bias) bias_pass<Elt>(p, b, h, s, ix);
+    if (check) drop_pass(p, b, h, s, ix);
+    // P (exact zeros for dropped entries and empty rows).
+#pragma unroll
+    for (int c = 0; c < kNTiles; ++c)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float l2 = lse2[e / 2];
+        const bool keep = s[c][e] != -INFINITY && l2 != -INFINITY;
+        s[c][e] = keep ? fast_exp2(s[c][e] - l2) : 0.0f;
+      }
+    warpgroup_wait<0>();  // dP_j
+    warpgroup_fence_operand(tSrDp);
+    // dS = P (dP - rowdot); dX = dS without softcap.
+    auto& ds = *reinterpret_cast<float(*)[kNTiles][4]>(raw_pointer_cast(tSrDp.data()));
+#pragma unroll
+    for (int c = 0; c < kNTiles; ++c)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) ds[c][e] = s[c][e] * (ds[c][e] - rdot[e / 2]);
+#pragma unroll
+    for (int c = 0; c < kNTiles; ++c) {
+      ds_regs[2 * c] = Elt::pack(ds[c][0], ds[c][1]);
+      ds_regs[2 * c + 1] = Elt::pack(ds[c][2], ds[c][3]);
+    }
+    if constexpr (!kQueryBiasGrad) {
+    } else if (p.bias_grad == BiasGrad::kFull) {  // every in-range entry of a visited tile, once
+      const int64_t base = b * p.dbias_stride[0] + h * p.dbias_stride[1];
+#pragma unroll
+      for (int c = 0; c < kNTiles; ++c)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = i_row[e / 2], col = n * kBlockN + c * 8 + 2 * t + (e & 1);
+          if (i >= p.seqlen_q || col >= p.seqlen_k) continue;
+          const int64_t off =
+              base + int64_t(i) * p.dbias_stride[2] + int64_t(col) * p.dbias_stride[3];
+          if (p.bias_is_fp32) static_cast<float*>(p.dbias)[off] = ds[c][e];
+          else reinterpret_cast<uint16_t*>(p.dbias)[off] = uint16_t(Elt::pack(ds[c][e], 0.0f) & 0xffffu);
+        }
+    } else if (p.bias_grad == BiasGrad::kFullSummed) {
+      const int bb = p.dbias_shape[0] == 1 ? 0 : b;
+      const int hb = h / (p.num_heads / p.dbias_shape[1]);
+      float* acc = p.dbias_accum + (int64_t(bb) * p.dbias_shape[1] + hb) * p.seqlen_q * p.seqlen_k;
+#pragma unroll
+      for (int c = 0; c < kNTiles; ++c)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          if (ds[c][e] == 0.0f) continue;
+          const int i = i_row[e / 2], col = n * kBlockN + c * 8 + 2 * t + (e & 1);
+          atomicAdd(acc + int64_t(i) * p.seqlen_k + col, ds[c][e]);
+        }
+    } else if (p.bias_grad == BiasGrad::kRows) {
+#pragma unroll
+      for (int c = 0; c < kNTiles; ++c)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) row_grad[e / 2] += ds[c][e];
+    }
+    warpgroup_fence_operand(tDq);
+    warpgroup_arrive();
+#pragma unroll
+    for (int kb = 0; kb < size<2>(tDs); ++kb) {
+      gemm(mma_dq, tDs(_, _, kb), tDqrKt(_, _, kb, stage), tDq);
+      mma_dq.accumulate_ = GMMA::ScaleOut::One;
+    }
+    warpgroup_commit_batch();
+
+  }
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(tDq);
+  if (total == 0) clear(tDq);
+
+  auto* dq_out = static_cast<typename Elt::Storage*>(p.dq) + b * p.dq_stride_b + h * p.dq_stride_h;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float rg = row_grad[r];
+    rg += __shfl_xor_sync(0xffffffffu, rg, 1);
+    rg += __shfl_xor_sync(0xffffffffu, rg, 2);
+    const int i = i_row[r];
+    if (i >= p.seqlen_q) continue;
+    if (p.bias_grad == BiasGrad::kRows && t == 0) {
+      p.row_accum[(int64_t(b) * p.num_heads + h) * p.seqlen_q + i] = rg;
+    }
+    auto* row = dq_out + int64_t(i) * p.dq_stride_s;
+#pragma unroll
+    for (int d = 0; d < kDTiles; ++d) {
+      const int c = d * 8 + 2 * t;
+      const uint32_t packed =
+          Elt::pack(tDq(4 * d + 2 * r) * p.scale, tDq(4 * d + 2 * r + 1) * p.scale);
+      if (c < p.head_dim) *reinterpret_cast<uint16_t*>(row + c) = uint16_t(packed & 0xffffu);
+      if (c + 1 < p.head_dim) *reinterpret_cast<uint16_t*>(row + c + 1) = uint16_t(packed >> 16);
+    }
+  }
+#else
+  __trap();  // launched only on sm_90 devices, where the sm_90a image exists
+#endif
+}
+
 }  // namespace fsa::detail::cuda

@@ -27,6 +27,16 @@ inline bool use_sm90_backward(const BackwardParams& params) {
   return major == 9;
 }
 
+// The Hopper dQ kernel: same rule as the dK/dV one, but off until FSA_CUDA_DQ_SM90=1 (it has not
+// passed the CUDA-vs-CPU checks yet).
+inline bool use_sm90_dq(const BackwardParams& params) {
+  static const bool enabled = [] {
+    const char* env = std::getenv("FSA_CUDA_DQ_SM90");
+    return env != nullptr && std::strcmp(env, "1") == 0;
+  }();
+  return enabled && use_sm90_backward(params);
+}
+
 template <int kHeadDim, class Elt>
 void launch_backward(const BackwardParams& p, cudaStream_t stream) {
   using Tiles = BackwardTiles<kHeadDim>;
@@ -42,7 +52,19 @@ void launch_backward(const BackwardParams& p, cudaStream_t stream) {
     rowdot_kernel<Elt><<<unsigned((rows + 3) / 4), 128, 0, stream>>>(p);
     FSA_CUDA_CHECK(cudaGetLastError());
   }
-  if (p.map.m_blocks > 0) {
+  if (p.map.m_blocks > 0 && use_sm90_dq(p)) {
+    using Sm90Tiles = Sm90DqTiles<kHeadDim, Elt>;
+    const bool query_bias_grad = p.bias_grad == BiasGrad::kFull ||
+                                 p.bias_grad == BiasGrad::kFullSummed ||
+                                 p.bias_grad == BiasGrad::kRows;
+    auto* dq = query_bias_grad ? &dq_kernel_sm90<kHeadDim, Elt, true>
+                               : &dq_kernel_sm90<kHeadDim, Elt, false>;
+    FSA_CUDA_CHECK(cudaFuncSetAttribute(dq, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        Sm90Tiles::kSmemBytes));
+    dq<<<dim3(p.map.m_blocks, p.num_heads, p.batch), Sm90Tiles::kThreads, Sm90Tiles::kSmemBytes,
+         stream>>>(p);
+    FSA_CUDA_CHECK(cudaGetLastError());
+  } else if (p.map.m_blocks > 0) {
     auto* dq = &dq_kernel<kHeadDim, Elt>;
     FSA_CUDA_CHECK(cudaFuncSetAttribute(dq, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         Tiles::kSmemDq));
