@@ -27,12 +27,12 @@ inline bool use_sm90_backward(const BackwardParams& params) {
   return major == 9;
 }
 
-// The Hopper dQ kernel: same rule as the dK/dV one, but off until FSA_CUDA_DQ_SM90=1 (it has not
-// passed the CUDA-vs-CPU checks yet).
+// The Hopper dQ kernel: same rule as the dK/dV one; FSA_CUDA_DQ_SM90=0 keeps the sm80 dQ pass
+// beside the sm90 dK/dV pass (A/B measurements of the dQ pass alone).
 inline bool use_sm90_dq(const BackwardParams& params) {
   static const bool enabled = [] {
     const char* env = std::getenv("FSA_CUDA_DQ_SM90");
-    return env != nullptr && std::strcmp(env, "1") == 0;
+    return env == nullptr || std::strcmp(env, "0") != 0;
   }();
   return enabled && use_sm90_backward(params);
 }
