@@ -357,6 +357,90 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kDqWarps * 32)
   }
 }
 
+// The dK/dV pass's work list: over the G query heads of kv head hk, each head's transposed full
+// then partial list of query tiles, each tile in kHalves halves. (In the sm90 kernel the producer
+// and the consumer each walk their own copy.)
+template <int kHalves>
+struct DkvWorkCursor {
+  const BackwardParams* p;
+  int n, mb, h_end;
+  int h, idx, half, n_full, n_total;
+  const int32_t *full, *part;
+
+  __device__ void load_head() {
+    const int64_t col = (int64_t(mb) * p->map.map_heads + h / p->map.head_group) * p->map.n_blocks + n;
+    n_full = p->map.full_count_t[col];
+    n_total = n_full + p->map.partial_count_t[col];
+    full = p->map.full_index_t + col * p->map.m_blocks;
+    part = p->map.partial_index_t + col * p->map.m_blocks;
+  }
+  __device__ void skip_empty_heads() {
+    while (idx >= n_total && h + 1 < h_end) {
+      ++h;
+      idx = 0;
+      half = 0;
+      load_head();
+    }
+  }
+  __device__ DkvWorkCursor(const BackwardParams& params, int n_block, int hk, int b)
+      : p(&params), n(n_block), mb(params.map.map_batch == 1 ? 0 : b),
+        h_end((hk + 1) * params.group), h(hk * params.group), idx(0), half(0) {
+    load_head();
+    skip_empty_heads();
+  }
+  __device__ bool done() const { return idx >= n_total; }
+  __device__ int m() const { return idx < n_full ? full[idx] : part[idx - n_full]; }
+  __device__ bool partial() const { return idx >= n_full; }
+  __device__ void advance() {
+    if (++half == kHalves) {
+      half = 0;
+      ++idx;
+      skip_empty_heads();
+    }
+  }
+};
+
+// Column sums of dS for BiasGrad::kColumns in a dK/dV pass: a thread's two key rows' partial sums
+// over the current head, quad-reduced and written when the head changes and at the end. Every
+// head's sums are written (zeros included, by zero_heads first), so col_accum needs no clearing.
+struct ColumnSums {
+  float sum[2] = {0.0f, 0.0f};  // per key row r of the thread
+  int head = -1;                // the head `sum` belongs to
+  // Where the sums go: the CTA's batch, the thread's quad lane and its two key rows. Passed at
+  // each call rather than held, which would cost the kernels registers.
+  struct Rows {
+    int b, t;
+    const int (&key_row)[2];
+  };
+  __device__ void flush(const BackwardParams& p, const Rows& at) {
+    if (p.bias_grad != BiasGrad::kColumns || head < 0) return;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float cg = sum[r];
+      cg += __shfl_xor_sync(0xffffffffu, cg, 1);
+      cg += __shfl_xor_sync(0xffffffffu, cg, 2);
+      if (at.t == 0 && at.key_row[r] < p.seqlen_k) {
+        p.col_accum[(int64_t(at.b) * p.num_heads + head) * p.seqlen_k + at.key_row[r]] = cg;
+      }
+      sum[r] = 0.0f;
+    }
+  }
+  __device__ void zero_heads(const BackwardParams& p, const Rows& at, int hk) {
+    if (p.bias_grad != BiasGrad::kColumns) return;
+    for (int h = hk * p.group; h < (hk + 1) * p.group; ++h) {
+      head = h;
+      flush(p, at);
+    }
+    head = -1;
+  }
+  __device__ void switch_to(const BackwardParams& p, const Rows& at, int h) {
+    if (h != head) {
+      flush(p, at);
+      head = h;
+    }
+  }
+};
+
 // ------------------------------------------------------------------------------------------------
 // dK/dV pass: CTA (key tile n, kv head hk, batch b); warps own 16 key rows each; the query tiles
 // of the transposed lists are walked in halves of 64 queries (the columns here).
@@ -384,17 +468,6 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kDkvWarps * 32)
   load_tile_async<kHeadDim, kBlockN, kThreads>(s_k, kg, p.k_stride_s, key0, p.seqlen_k, p.head_dim);
   load_tile_async<kHeadDim, kBlockN, kThreads>(s_v, vg, p.v_stride_s, key0, p.seqlen_k, p.head_dim);
 
-  // The work list: (head, query tile, partial) over the G heads, each head's transposed full then
-  // partial list, each query tile in kHalves halves. Enumerated by a flat index.
-  const int mb = p.map.map_batch == 1 ? 0 : b;
-  auto list_of = [&](int h, int& n_full, int& n_total, const int32_t*& full, const int32_t*& part) {
-    const int64_t col =
-        (int64_t(mb) * p.map.map_heads + h / p.map.head_group) * p.map.n_blocks + n;
-    n_full = p.map.full_count_t[col];
-    n_total = n_full + p.map.partial_count_t[col];
-    full = p.map.full_index_t + col * p.map.m_blocks;
-    part = p.map.partial_index_t + col * p.map.m_blocks;
-  };
   // Loads the Q / dO half tile `half` of query tile m for head h into `stage`, with its LSE (log2
   // units; -inf past Sq so those columns drop) and rowdot.
   auto load_half = [&](int h, int m, int half, int stage) {
@@ -418,45 +491,16 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kDkvWarps * 32)
     }
   };
 
-  int total = 0;
-  for (int h = hk * p.group; h < (hk + 1) * p.group; ++h) {
-    int nf, nt;
-    const int32_t *f, *pt;
-    list_of(h, nf, nt, f, pt);
-    total += nt * kHalves;
-  }
-  // Cursor over the flat work list.
-  int cur_h = hk * p.group, cur_idx = 0, cur_half = 0;
-  int cur_full, cur_total;
-  const int32_t *cur_flist, *cur_plist;
-  list_of(cur_h, cur_full, cur_total, cur_flist, cur_plist);
-  auto skip_empty_heads = [&]() {
-    while (cur_idx >= cur_total && cur_h + 1 < (hk + 1) * p.group) {
-      ++cur_h;
-      cur_idx = 0;
-      cur_half = 0;
-      list_of(cur_h, cur_full, cur_total, cur_flist, cur_plist);
-    }
-  };
-  skip_empty_heads();
+  // The work list, walked one item ahead of the compute (its loads are prefetched).
   struct Work {
     int h, m, half;
     bool partial;
   };
-  auto current = [&]() {
-    const int m = cur_idx < cur_full ? cur_flist[cur_idx] : cur_plist[cur_idx - cur_full];
-    return Work{cur_h, m, cur_half, cur_idx >= cur_full};
-  };
-  auto advance = [&]() {
-    if (++cur_half == kHalves) {
-      cur_half = 0;
-      ++cur_idx;
-      skip_empty_heads();
-    }
-  };
-
+  DkvWorkCursor<kHalves> cursor(p, n, hk, b);
+  auto current = [&]() { return Work{cursor.h, cursor.m(), cursor.half, cursor.partial()}; };
+  bool have_next = !cursor.done();
   Work next{};
-  if (total > 0) {
+  if (have_next) {
     next = current();
     load_half(next.h, next.m, next.half, 0);
   }
@@ -470,36 +514,17 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kDkvWarps * 32)
     dk[d][0] = dk[d][1] = dk[d][2] = dk[d][3] = 0.0f;
     dv[d][0] = dv[d][1] = dv[d][2] = dv[d][3] = 0.0f;
   }
-  float col_grad[2] = {0.0f, 0.0f};  // per key row r: column sums of dS, for kColumns
-  int col_head = -1;                 // the head col_grad belongs to
   const int key_row[2] = {key0 + warp * 16 + g, key0 + warp * 16 + g + 8};
-  auto flush_col_grad = [&]() {
-    if (p.bias_grad != BiasGrad::kColumns || col_head < 0) return;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float cg = col_grad[r];
-      cg += __shfl_xor_sync(0xffffffffu, cg, 1);
-      cg += __shfl_xor_sync(0xffffffffu, cg, 2);
-      if (t == 0 && key_row[r] < p.seqlen_k) {
-        p.col_accum[(int64_t(b) * p.num_heads + col_head) * p.seqlen_k + key_row[r]] = cg;
-      }
-      col_grad[r] = 0.0f;
-    }
-  };
-  // Every head's column sums are written, zeros included, so col_accum needs no clearing.
-  if (p.bias_grad == BiasGrad::kColumns) {
-    for (int h = hk * p.group; h < (hk + 1) * p.group; ++h) {
-      col_head = h;
-      flush_col_grad();
-    }
-    col_head = -1;
-  }
+  ColumnSums col;
+  const ColumnSums::Rows col_rows{b, t, key_row};
+  col.zero_heads(p, col_rows, hk);
 
-  for (int it = 0; it < total; ++it) {
+  for (int it = 0; have_next; ++it) {
     const Work w = next;
     const int stage = it & 1;
-    advance();
-    if (it + 1 < total) {
+    cursor.advance();
+    have_next = !cursor.done();
+    if (have_next) {
       next = current();
       load_half(next.h, next.m, next.half, stage ^ 1);
       cute::cp_async_fence();
@@ -508,10 +533,7 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kDkvWarps * 32)
       cute::cp_async_wait<0>();
     }
     __syncthreads();
-    if (w.h != col_head) {
-      flush_col_grad();
-      col_head = w.h;
-    }
+    col.switch_to(p, col_rows, w.h);
     const uint16_t* qt = s_q + stage * kHalf * kHeadDim;
     const uint16_t* dot = s_do + stage * kHalf * kHeadDim;
     const float* lse2 = s_lse2 + stage * kHalf;
@@ -523,7 +545,7 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kDkvWarps * 32)
     warp_gemm_nt<kHeadDim, kHalf, 1, Elt>(dp_rt, s_v, warp * 16, dot);  // dP^T = v . dO^T
     const int q0 = w.m * kBlockM + w.half * kHalf;
     const bool check = w.partial || key0 + kBlockN > p.seqlen_k || q0 + kHalf > p.seqlen_q;
-    // After this block: s = P (for dV), dpt = dX (for dK); col_grad holds the sums of dS.
+    // After this block: s = P (for dV), dpt = dX (for dK); col.sum holds the sums of dS.
     if (p.softcap_in == 0.0f) {
       const DkvIndex ix{{key_row[0], key_row[1]}, q0, t};
       scale_pass(s, p.scale_log2);
@@ -535,7 +557,7 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kDkvWarps * 32)
 #pragma unroll
         for (int j = 0; j < kCTiles; ++j)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) col_grad[e / 2] += dpt[j][e];  // dS = dX without softcap
+          for (int e = 0; e < 4; ++e) col.sum[e / 2] += dpt[j][e];  // dS = dX without softcap
       }
     } else {
 #pragma unroll
@@ -548,14 +570,14 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kDkvWarps * 32)
                            rdot[cl], prob, ds, dx);
           s[j][e] = prob;
           dpt[j][e] = dx;
-          col_grad[r] += ds;
+          col.sum[r] += ds;
         }
     }
     warp_gemm_pv<kHeadDim, kHalf, 1, Elt>(dv_rt, s_rt, dot);  // dV += P^T . dO
     warp_gemm_pv<kHeadDim, kHalf, 1, Elt>(dk_rt, dp_rt, qt);  // dK += dX^T . q (scaled at the end)
     __syncthreads();
   }
-  flush_col_grad();
+  col.flush(p, col_rows);
 
   auto* dk_out = static_cast<typename Elt::Storage*>(p.dk) + b * p.dk_stride_b + hk * p.dk_stride_h;
   auto* dv_out = static_cast<typename Elt::Storage*>(p.dv) + b * p.dv_stride_b + hk * p.dv_stride_h;

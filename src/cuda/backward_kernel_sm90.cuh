@@ -75,49 +75,6 @@ struct Sm90DkvTiles {
   static constexpr int kSmemBytes = kBarrierOffset + 2 * kStages * 8;
 };
 
-// The dK/dV pass's work list, as dkdv_kernel walks it: over the G query heads of kv head hk, each
-// head's transposed full then partial list of query tiles, each tile in kHalves halves. The
-// producer and the consumer each walk their own copy.
-template <int kHalves>
-struct DkvWorkCursor {
-  const BackwardParams* p;
-  int n, mb, h_end;
-  int h, idx, half, n_full, n_total;
-  const int32_t *full, *part;
-
-  __device__ void load_head() {
-    const int64_t col = (int64_t(mb) * p->map.map_heads + h / p->map.head_group) * p->map.n_blocks + n;
-    n_full = p->map.full_count_t[col];
-    n_total = n_full + p->map.partial_count_t[col];
-    full = p->map.full_index_t + col * p->map.m_blocks;
-    part = p->map.partial_index_t + col * p->map.m_blocks;
-  }
-  __device__ void skip_empty_heads() {
-    while (idx >= n_total && h + 1 < h_end) {
-      ++h;
-      idx = 0;
-      half = 0;
-      load_head();
-    }
-  }
-  __device__ DkvWorkCursor(const BackwardParams& params, int n_block, int hk, int b)
-      : p(&params), n(n_block), mb(params.map.map_batch == 1 ? 0 : b),
-        h_end((hk + 1) * params.group), h(hk * params.group), idx(0), half(0) {
-    load_head();
-    skip_empty_heads();
-  }
-  __device__ bool done() const { return idx >= n_total; }
-  __device__ int m() const { return idx < n_full ? full[idx] : part[idx - n_full]; }
-  __device__ bool partial() const { return idx >= n_full; }
-  __device__ void advance() {
-    if (++half == kHalves) {
-      half = 0;
-      ++idx;
-      skip_empty_heads();
-    }
-  }
-};
-
 template <int kHeadDim, class Elt>
 __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
                                   Sm90DkvTiles<kHeadDim, Elt>::kCtasPerSm)
@@ -240,30 +197,10 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
   clear(tdK);
   clear(tdV);
 
-  float col_grad[2] = {0.0f, 0.0f};  // per key row r: column sums of dS, for kColumns
-  int col_head = -1;                 // the head col_grad belongs to
   const int key_row[2] = {key0 + warp * 16 + g, key0 + warp * 16 + g + 8};
-  auto flush_col_grad = [&]() {
-    if (p.bias_grad != BiasGrad::kColumns || col_head < 0) return;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float cg = col_grad[r];
-      cg += __shfl_xor_sync(0xffffffffu, cg, 1);
-      cg += __shfl_xor_sync(0xffffffffu, cg, 2);
-      if (t == 0 && key_row[r] < p.seqlen_k) {
-        p.col_accum[(int64_t(b) * p.num_heads + col_head) * p.seqlen_k + key_row[r]] = cg;
-      }
-      col_grad[r] = 0.0f;
-    }
-  };
-  // Every head's column sums are written, zeros included, so col_accum needs no clearing.
-  if (p.bias_grad == BiasGrad::kColumns) {
-    for (int h = hk * p.group; h < (hk + 1) * p.group; ++h) {
-      col_head = h;
-      flush_col_grad();
-    }
-    col_head = -1;
-  }
+  ColumnSums col;
+  const ColumnSums::Rows col_rows{b, t, key_row};
+  col.zero_heads(p, col_rows, hk);
 
   auto issue_ss = [&](auto& acc, const auto& a, const auto& bop, int stage) {
     warpgroup_fence_operand(acc);
@@ -295,10 +232,7 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
     const int stage = j % kStages, h = cur.h;
     const int q0 = cur.m() * kBlockM + cur.half * kHalf;
     const bool check = cur.partial() || key0 + kBlockN > p.seqlen_k || q0 + kHalf > p.seqlen_q;
-    if (h != col_head) {
-      flush_col_grad();
-      col_head = h;
-    }
+    col.switch_to(p, col_rows, h);
     mbarrier_wait(&full_bar[stage], (j / kStages) & 1);
     fence_async_shared();  // the producer's cp.async writes, before wgmma reads them
     // The previous half's dV and dK products retire before x^T and dP^T are issued: with them in
@@ -344,7 +278,7 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
 #pragma unroll
       for (int c = 0; c < kCTiles; ++c)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) col_grad[e / 2] += ds[c][e];
+        for (int e = 0; e < 4; ++e) col.sum[e / 2] += ds[c][e];
     }
 #pragma unroll
     for (int c = 0; c < kCTiles; ++c) {
@@ -357,7 +291,7 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
   warpgroup_wait<0>();
   warpgroup_fence_operand(tdK);
   warpgroup_fence_operand(tdV);
-  flush_col_grad();
+  col.flush(p, col_rows);
 
   auto* dk_out = static_cast<typename Elt::Storage*>(p.dk) + b * p.dk_stride_b + hk * p.dk_stride_h;
   auto* dv_out = static_cast<typename Elt::Storage*>(p.dv) + b * p.dv_stride_b + hk * p.dv_stride_h;
