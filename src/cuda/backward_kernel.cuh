@@ -192,6 +192,46 @@ struct DkvIndex {
   __device__ int key(int, int e) const { return row[e / 2]; }
 };
 
+// The dQ pass's share of a bias gradient with a query dim, for one tile of dS (C layout: fragment
+// (j, e) is row i_row[e / 2], key col0 + 8 j + 2 t + (e & 1)): kFull writes each in-range entry
+// once, kFullSummed adds it into dbias_accum (fp32 atomics), kRows sums it into row_grad.
+template <class Elt, int kNTiles>
+__device__ __forceinline__ void dq_pass_dbias(const BackwardParams& p, int b, int h,
+                                              const int (&i_row)[2], int col0, int t,
+                                              const float (&ds)[kNTiles][4],
+                                              float (&row_grad)[2]) {
+  if (p.bias_grad == BiasGrad::kFull) {
+    const int64_t base = b * p.dbias_stride[0] + h * p.dbias_stride[1];
+#pragma unroll
+    for (int j = 0; j < kNTiles; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = i_row[e / 2], c = col0 + j * 8 + 2 * t + (e & 1);
+        if (i >= p.seqlen_q || c >= p.seqlen_k) continue;
+        const int64_t off = base + int64_t(i) * p.dbias_stride[2] + int64_t(c) * p.dbias_stride[3];
+        if (p.bias_is_fp32) static_cast<float*>(p.dbias)[off] = ds[j][e];
+        else reinterpret_cast<uint16_t*>(p.dbias)[off] = uint16_t(Elt::pack(ds[j][e], 0.0f) & 0xffffu);
+      }
+  } else if (p.bias_grad == BiasGrad::kFullSummed) {
+    const int bb = p.dbias_shape[0] == 1 ? 0 : b;
+    const int hb = h / (p.num_heads / p.dbias_shape[1]);
+    float* acc = p.dbias_accum + (int64_t(bb) * p.dbias_shape[1] + hb) * p.seqlen_q * p.seqlen_k;
+#pragma unroll
+    for (int j = 0; j < kNTiles; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        if (ds[j][e] == 0.0f) continue;
+        const int i = i_row[e / 2], c = col0 + j * 8 + 2 * t + (e & 1);
+        atomicAdd(acc + int64_t(i) * p.seqlen_k + c, ds[j][e]);
+      }
+  } else if (p.bias_grad == BiasGrad::kRows) {
+#pragma unroll
+    for (int j = 0; j < kNTiles; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) row_grad[e / 2] += ds[j][e];
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // dQ pass: CTA (query tile m, head h, batch b); warps own 16 query rows each.
 template <int kHeadDim, class Elt>
@@ -301,36 +341,7 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kDqWarps * 32)
           dpt[j][e] = ds;
         }
     }
-    if (p.bias_grad == BiasGrad::kFull) {  // every in-range entry of a visited tile, once
-      const int64_t base = b * p.dbias_stride[0] + h * p.dbias_stride[1];
-#pragma unroll
-      for (int j = 0; j < kNTiles; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int i = i_row[e / 2], c = n * kBlockN + j * 8 + 2 * t + (e & 1);
-          if (i >= p.seqlen_q || c >= p.seqlen_k) continue;
-          const int64_t off = base + int64_t(i) * p.dbias_stride[2] + int64_t(c) * p.dbias_stride[3];
-          if (p.bias_is_fp32) static_cast<float*>(p.dbias)[off] = dpt[j][e];
-          else reinterpret_cast<uint16_t*>(p.dbias)[off] = uint16_t(Elt::pack(dpt[j][e], 0.0f) & 0xffffu);
-        }
-    } else if (p.bias_grad == BiasGrad::kFullSummed) {
-      const int bb = p.dbias_shape[0] == 1 ? 0 : b;
-      const int hb = h / (p.num_heads / p.dbias_shape[1]);
-      float* acc = p.dbias_accum + (int64_t(bb) * p.dbias_shape[1] + hb) * p.seqlen_q * p.seqlen_k;
-#pragma unroll
-      for (int j = 0; j < kNTiles; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          if (dpt[j][e] == 0.0f) continue;
-          const int i = i_row[e / 2], c = n * kBlockN + j * 8 + 2 * t + (e & 1);
-          atomicAdd(acc + int64_t(i) * p.seqlen_k + c, dpt[j][e]);
-        }
-    } else if (p.bias_grad == BiasGrad::kRows) {
-#pragma unroll
-      for (int j = 0; j < kNTiles; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) row_grad[e / 2] += dpt[j][e];
-    }
+    dq_pass_dbias<Elt>(p, b, h, i_row, n * kBlockN, t, dpt, row_grad);
     warp_gemm_pv<kHeadDim, kBlockN, 1, Elt>(dq_rt, s_rt, kt);  // dQ += dX . k (scaled at the end)
     __syncthreads();
   }
@@ -406,26 +417,26 @@ struct DkvWorkCursor {
 struct ColumnSums {
   float sum[2] = {0.0f, 0.0f};  // per key row r of the thread
   int head = -1;                // the head `sum` belongs to
-  // Where the sums go: the CTA's batch, the thread's quad lane and its two key rows. Passed at
-  // each call rather than held, which would cost the kernels registers.
+  // Where the sums go: the CTA's batch, the thread's quad lane and its first key row (the second
+  // is 8 below). Passed by value at each call rather than held, which would cost registers.
   struct Rows {
-    int b, t;
-    const int (&key_row)[2];
+    int b, t, key_row0;
   };
-  __device__ void flush(const BackwardParams& p, const Rows& at) {
+  __device__ void flush(const BackwardParams& p, Rows at) {
     if (p.bias_grad != BiasGrad::kColumns || head < 0) return;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float cg = sum[r];
       cg += __shfl_xor_sync(0xffffffffu, cg, 1);
       cg += __shfl_xor_sync(0xffffffffu, cg, 2);
-      if (at.t == 0 && at.key_row[r] < p.seqlen_k) {
-        p.col_accum[(int64_t(at.b) * p.num_heads + head) * p.seqlen_k + at.key_row[r]] = cg;
+      const int key = at.key_row0 + 8 * r;
+      if (at.t == 0 && key < p.seqlen_k) {
+        p.col_accum[(int64_t(at.b) * p.num_heads + head) * p.seqlen_k + key] = cg;
       }
       sum[r] = 0.0f;
     }
   }
-  __device__ void zero_heads(const BackwardParams& p, const Rows& at, int hk) {
+  __device__ void zero_heads(const BackwardParams& p, Rows at, int hk) {
     if (p.bias_grad != BiasGrad::kColumns) return;
     for (int h = hk * p.group; h < (hk + 1) * p.group; ++h) {
       head = h;
@@ -433,7 +444,7 @@ struct ColumnSums {
     }
     head = -1;
   }
-  __device__ void switch_to(const BackwardParams& p, const Rows& at, int h) {
+  __device__ void switch_to(const BackwardParams& p, Rows at, int h) {
     if (h != head) {
       flush(p, at);
       head = h;
@@ -516,7 +527,7 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kDkvWarps * 32)
   }
   const int key_row[2] = {key0 + warp * 16 + g, key0 + warp * 16 + g + 8};
   ColumnSums col;
-  const ColumnSums::Rows col_rows{b, t, key_row};
+  const ColumnSums::Rows col_rows{b, t, key_row[0]};
   col.zero_heads(p, col_rows, hk);
 
   for (int it = 0; have_next; ++it) {

@@ -199,7 +199,7 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
 
   const int key_row[2] = {key0 + warp * 16 + g, key0 + warp * 16 + g + 8};
   ColumnSums col;
-  const ColumnSums::Rows col_rows{b, t, key_row};
+  const ColumnSums::Rows col_rows{b, t, key_row[0]};
   col.zero_heads(p, col_rows, hk);
 
   auto issue_ss = [&](auto& acc, const auto& a, const auto& bop, int stage) {
@@ -575,38 +575,7 @@ __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
       ds_regs[2 * c] = Elt::pack(ds[c][0], ds[c][1]);
       ds_regs[2 * c + 1] = Elt::pack(ds[c][2], ds[c][3]);
     }
-    if constexpr (!kQueryBiasGrad) {
-    } else if (p.bias_grad == BiasGrad::kFull) {  // every in-range entry of a visited tile, once
-      const int64_t base = b * p.dbias_stride[0] + h * p.dbias_stride[1];
-#pragma unroll
-      for (int c = 0; c < kNTiles; ++c)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int i = i_row[e / 2], col = n * kBlockN + c * 8 + 2 * t + (e & 1);
-          if (i >= p.seqlen_q || col >= p.seqlen_k) continue;
-          const int64_t off =
-              base + int64_t(i) * p.dbias_stride[2] + int64_t(col) * p.dbias_stride[3];
-          if (p.bias_is_fp32) static_cast<float*>(p.dbias)[off] = ds[c][e];
-          else reinterpret_cast<uint16_t*>(p.dbias)[off] = uint16_t(Elt::pack(ds[c][e], 0.0f) & 0xffffu);
-        }
-    } else if (p.bias_grad == BiasGrad::kFullSummed) {
-      const int bb = p.dbias_shape[0] == 1 ? 0 : b;
-      const int hb = h / (p.num_heads / p.dbias_shape[1]);
-      float* acc = p.dbias_accum + (int64_t(bb) * p.dbias_shape[1] + hb) * p.seqlen_q * p.seqlen_k;
-#pragma unroll
-      for (int c = 0; c < kNTiles; ++c)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          if (ds[c][e] == 0.0f) continue;
-          const int i = i_row[e / 2], col = n * kBlockN + c * 8 + 2 * t + (e & 1);
-          atomicAdd(acc + int64_t(i) * p.seqlen_k + col, ds[c][e]);
-        }
-    } else if (p.bias_grad == BiasGrad::kRows) {
-#pragma unroll
-      for (int c = 0; c < kNTiles; ++c)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) row_grad[e / 2] += ds[c][e];
-    }
+    if constexpr (kQueryBiasGrad) dq_pass_dbias<Elt>(p, b, h, i_row, n * kBlockN, t, ds, row_grad);
     warpgroup_fence_operand(tDq);
     warpgroup_arrive();
 #pragma unroll
