@@ -64,6 +64,11 @@ foreach(hdim ${FSA_CUDA_HEAD_DIMS})
 endforeach()
 
 target_sources(fsa PRIVATE ${fsa_cuda_sources})
+# The Hopper kernels (wgmma) exist only in an sm_90a image; without one, sm_90 devices run the
+# sm80 kernels (from the sm_80 image or its PTX).
+if("90a" IN_LIST FSA_CUDA_ARCHS)
+  target_compile_definitions(fsa PRIVATE FSA_CUDA_HAS_SM90A=1)
+endif()
 set_target_properties(fsa PROPERTIES CUDA_ARCHITECTURES "${FSA_CUDA_ARCHS}")
 target_compile_definitions(fsa PUBLIC FSA_WITH_CUDA)
 target_include_directories(fsa SYSTEM PRIVATE ${FSA_CUTLASS_INCLUDE_DIR})

@@ -9,6 +9,7 @@
 #include "cuda/backward_kernel_sm90.cuh"
 #include "cuda/backward_launch.h"
 #include "cuda/check.h"
+#include "cuda/device_arch.h"
 
 namespace fsa::detail::cuda {
 
@@ -21,10 +22,7 @@ inline bool use_sm90_backward(const BackwardParams& params) {
     return env != nullptr && std::strcmp(env, "sm80") == 0;
   }();
   if (forced_sm80 || params.softcap_in != 0.0f) return false;
-  int device = 0, major = 0;
-  FSA_CUDA_CHECK(cudaGetDevice(&device));
-  FSA_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  return major == 9;
+  return hopper_kernels_available();
 }
 
 // The Hopper dQ kernel: same rule as the dK/dV one; FSA_CUDA_DQ_SM90=0 keeps the sm80 dQ pass

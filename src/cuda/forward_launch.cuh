@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "cuda/check.h"
+#include "cuda/device_arch.h"
 #include "cuda/forward_kernel.cuh"
 #include "cuda/forward_kernel_sm90.cuh"
 #include "cuda/forward_launch.h"
@@ -21,10 +22,7 @@ inline bool use_sm90_forward(const ForwardParams& params) {
     return env != nullptr && std::strcmp(env, "sm80") == 0;
   }();
   if (forced_sm80 || params.pack_gqa) return false;
-  int device = 0, major = 0;
-  FSA_CUDA_CHECK(cudaGetDevice(&device));
-  FSA_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  return major == 9;
+  return hopper_kernels_available();
 }
 
 template <int kHeadDim, class Elt>

@@ -1,0 +1,24 @@
+#pragma once
+// Which kernel family serves the current device (host code).
+
+#include <cuda_runtime.h>
+
+#include "cuda/check.h"
+
+namespace fsa::detail::cuda {
+
+// Whether the current device runs this build's Hopper (wgmma) kernels: an sm_90 device and an
+// sm_90a image in the build (FSA_CUDA_HAS_SM90A, set by cmake/cuda.cmake when FSA_CUDA_ARCHS
+// lists 90a). Otherwise the sm80 kernels serve every device.
+inline bool hopper_kernels_available() {
+#if defined(FSA_CUDA_HAS_SM90A)
+  int device = 0, major = 0;
+  FSA_CUDA_CHECK(cudaGetDevice(&device));
+  FSA_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major == 9;
+#else
+  return false;
+#endif
+}
+
+}  // namespace fsa::detail::cuda
