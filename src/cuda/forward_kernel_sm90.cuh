@@ -2,13 +2,15 @@
 // Hopper forward kernel: warpgroup MMA (wgmma, sm_90a) over the same block lists as the sm80
 // kernel, for kernel head dims 64 and 128.
 //
-// One CTA of two warpgroups per (128-row query block, head, batch); warpgroup w owns rows
-// 64 w .. 64 w + 63. Per key tile: S = Q K^T with both operands in shared memory (wgmma SS),
-// logits and online softmax in registers (the WarpRows / softmax_step code the sm80 kernel
-// uses: a wgmma accumulator is laid out per warp exactly like an mma.sync C fragment), then
-// O += P V with P straight from registers (wgmma RS) and V read from shared memory as an MN-major
-// operand. K/V tiles rotate through three cp.async stages so that each warpgroup overlaps the
-// softmax of one tile with the P . V product of the previous one.
+// One CTA per (128-row query block, head, batch) with three warpgroups. A producer warpgroup
+// (few registers after setmaxnreg) copies each key tile's K and V, and a query-invariant bias's
+// slice, into one of four shared-memory stages with cp.async and arrives on the stage's "full"
+// mbarrier when the copies land. Two consumer warpgroups own 64 query rows each and never wait
+// for each other: per tile, S = Q K^T with Q in registers (wgmma RS), the logits and online
+// softmax in registers (the WarpRows / softmax_step code of the sm80 kernel: a wgmma accumulator
+// is laid out per warp exactly like an mma.sync C fragment), then O += P V with P from registers
+// and V read from shared memory as an MN-major operand; each consumer overlaps the softmax of
+// tile j with its P_{j-1} V_{j-1} and releases a stage on its "empty" mbarrier.
 //
 // Shared-memory tiles use the canonical 128-byte-swizzled GMMA layouts of CuTe; the cp.async
 // destinations are computed from the same layout objects (gmma_offset), so loads and descriptors
