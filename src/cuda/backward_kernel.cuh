@@ -232,6 +232,34 @@ __device__ __forceinline__ void dq_pass_dbias(const BackwardParams& p, int b, in
   }
 }
 
+// The dQ pass's epilogue for a warp's two fragment rows: dQ (accumulated unscaled, read through
+// dq_at(d, e) in the C layout) times the softmax scale, and for kRows the quad-reduced row sums.
+template <class Elt, int kDTiles, class DqAt>
+__device__ __forceinline__ void dq_pass_write(const BackwardParams& p, int b, int h,
+                                              const int (&i_row)[2], int t,
+                                              const float (&row_grad)[2], const DqAt& dq_at) {
+  auto* dq_out = static_cast<typename Elt::Storage*>(p.dq) + b * p.dq_stride_b + h * p.dq_stride_h;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float rg = row_grad[r];
+    rg += __shfl_xor_sync(0xffffffffu, rg, 1);
+    rg += __shfl_xor_sync(0xffffffffu, rg, 2);
+    const int i = i_row[r];
+    if (i >= p.seqlen_q) continue;
+    if (p.bias_grad == BiasGrad::kRows && t == 0) {
+      p.row_accum[(int64_t(b) * p.num_heads + h) * p.seqlen_q + i] = rg;
+    }
+    auto* row = dq_out + int64_t(i) * p.dq_stride_s;
+#pragma unroll
+    for (int d = 0; d < kDTiles; ++d) {
+      const int c = d * 8 + 2 * t;
+      const uint32_t packed = Elt::pack(dq_at(d, 2 * r) * p.scale, dq_at(d, 2 * r + 1) * p.scale);
+      if (c < p.head_dim) *reinterpret_cast<uint16_t*>(row + c) = uint16_t(packed & 0xffffu);
+      if (c + 1 < p.head_dim) *reinterpret_cast<uint16_t*>(row + c + 1) = uint16_t(packed >> 16);
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // dQ pass: CTA (query tile m, head h, batch b); warps own 16 query rows each.
 template <int kHeadDim, class Elt>
@@ -346,26 +374,8 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kDqWarps * 32)
     __syncthreads();
   }
 
-  auto* dq_out = static_cast<typename Elt::Storage*>(p.dq) + b * p.dq_stride_b + h * p.dq_stride_h;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float rg = row_grad[r];
-    rg += __shfl_xor_sync(0xffffffffu, rg, 1);
-    rg += __shfl_xor_sync(0xffffffffu, rg, 2);
-    const int i = i_row[r];
-    if (i >= p.seqlen_q) continue;
-    if (p.bias_grad == BiasGrad::kRows && t == 0) {
-      p.row_accum[(int64_t(b) * p.num_heads + h) * p.seqlen_q + i] = rg;
-    }
-    auto* row = dq_out + int64_t(i) * p.dq_stride_s;
-#pragma unroll
-    for (int d = 0; d < kDTiles; ++d) {
-      const int c = d * 8 + 2 * t;
-      const uint32_t packed = Elt::pack(dq[d][2 * r] * p.scale, dq[d][2 * r + 1] * p.scale);
-      if (c < p.head_dim) *reinterpret_cast<uint16_t*>(row + c) = uint16_t(packed & 0xffffu);
-      if (c + 1 < p.head_dim) *reinterpret_cast<uint16_t*>(row + c + 1) = uint16_t(packed >> 16);
-    }
-  }
+  dq_pass_write<Elt, kDTiles>(p, b, h, i_row, t, row_grad,
+                              [&](int d, int e) { return dq[d][e]; });
 }
 
 // The dK/dV pass's work list: over the G query heads of kv head hk, each head's transposed full

@@ -97,16 +97,10 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
   T* smem_do = smem_q + Tiles::kSmemQ;
   float* s_lse = reinterpret_cast<float*>(smem_raw + Tiles::kStatsOffset);  // (kStages, kHalf)
   float* s_rdot = s_lse + kStages * kHalf;                                 // (kStages, kHalf)
-  uint64_t* full_bar = reinterpret_cast<uint64_t*>(smem_raw + Tiles::kBarrierOffset);
+  uint64_t* full_bar =
+      init_stage_barriers<kStages, Tiles::kProducerThreads, Tiles::kConsumerThreads>(
+          smem_raw + Tiles::kBarrierOffset);
   uint64_t* empty_bar = full_bar + kStages;
-  if (threadIdx.x == 0) {
-    for (int st = 0; st < kStages; ++st) {
-      mbarrier_init(&full_bar[st], Tiles::kProducerThreads);
-      mbarrier_init(&empty_bar[st], Tiles::kConsumerThreads / 32);
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
-  __syncthreads();
 
   const int n = int(blockIdx.x), hk = blockIdx.y, b = blockIdx.z;
   const int key0 = n * kBlockN;
@@ -411,16 +405,10 @@ __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
   T* smem_do = smem_q + Tiles::kSmemQ;
   T* smem_k = smem_do + Tiles::kSmemQ;
   T* smem_v = smem_k + Tiles::kSmemK;
-  uint64_t* full_bar = reinterpret_cast<uint64_t*>(smem_raw + Tiles::kBarrierOffset);
+  uint64_t* full_bar =
+      init_stage_barriers<kStages, Tiles::kProducerThreads, Tiles::kConsumerThreads>(
+          smem_raw + Tiles::kBarrierOffset);
   uint64_t* empty_bar = full_bar + kStages;
-  if (threadIdx.x == 0) {
-    for (int st = 0; st < kStages; ++st) {
-      mbarrier_init(&full_bar[st], Tiles::kProducerThreads);
-      mbarrier_init(&empty_bar[st], Tiles::kConsumerThreads / 32);
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
-  __syncthreads();
 
   const int m = p.map.m_blocks - 1 - int(blockIdx.x);  // longest causal rows start first
   const int h = blockIdx.y, b = blockIdx.z, hk = h / p.group;
@@ -590,27 +578,8 @@ __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
   warpgroup_fence_operand(tDq);
   if (total == 0) clear(tDq);
 
-  auto* dq_out = static_cast<typename Elt::Storage*>(p.dq) + b * p.dq_stride_b + h * p.dq_stride_h;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float rg = row_grad[r];
-    rg += __shfl_xor_sync(0xffffffffu, rg, 1);
-    rg += __shfl_xor_sync(0xffffffffu, rg, 2);
-    const int i = i_row[r];
-    if (i >= p.seqlen_q) continue;
-    if (p.bias_grad == BiasGrad::kRows && t == 0) {
-      p.row_accum[(int64_t(b) * p.num_heads + h) * p.seqlen_q + i] = rg;
-    }
-    auto* row = dq_out + int64_t(i) * p.dq_stride_s;
-#pragma unroll
-    for (int d = 0; d < kDTiles; ++d) {
-      const int c = d * 8 + 2 * t;
-      const uint32_t packed =
-          Elt::pack(tDq(4 * d + 2 * r) * p.scale, tDq(4 * d + 2 * r + 1) * p.scale);
-      if (c < p.head_dim) *reinterpret_cast<uint16_t*>(row + c) = uint16_t(packed & 0xffffu);
-      if (c + 1 < p.head_dim) *reinterpret_cast<uint16_t*>(row + c + 1) = uint16_t(packed >> 16);
-    }
-  }
+  dq_pass_write<Elt, kDTiles>(p, b, h, i_row, t, row_grad,
+                              [&](int d, int e) { return tDq(4 * d + e); });
 #else
   __trap();  // launched only on sm_90 devices, where the sm_90a image exists
 #endif

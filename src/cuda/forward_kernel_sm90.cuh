@@ -131,6 +131,23 @@ __device__ inline void mbarrier_wait(uint64_t* bar, uint32_t parity) {
       : "memory");
 }
 
+// The pipeline's per-stage barriers at `bar`: "full" (kStages, one arrival per producer thread,
+// when its copies land) then "empty" (kStages, one arrival per consumer warp). Thread 0
+// initializes them; the whole CTA then synchronizes. Returns the "full" array; "empty" follows.
+template <int kStages, int kProducerThreads, int kConsumerThreads>
+__device__ inline uint64_t* init_stage_barriers(uint8_t* bar) {
+  auto* full = reinterpret_cast<uint64_t*>(bar);
+  if (threadIdx.x == 0) {
+    for (int st = 0; st < kStages; ++st) {
+      mbarrier_init(&full[st], kProducerThreads);
+      mbarrier_init(&full[kStages + st], kConsumerThreads / 32);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+  return full;
+}
+
 // Copies key rows [row_begin, row_begin + kRows) of a (S, D) slice with row stride `row_stride`
 // into a swizzled tile: rows past row_limit and columns past head_dim are zero. Thread t copies
 // 16-byte chunk column t % kChunks of rows t / kChunks + k * kRowsPerPass; its destination offsets
@@ -199,16 +216,10 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
   const typename Tiles::SmemLayoutK layout_k;
   const typename Tiles::SmemLayoutVt layout_vt;
 
-  uint64_t* full_bar = reinterpret_cast<uint64_t*>(smem_raw + Tiles::kBarrierOffset);
+  uint64_t* full_bar =
+      init_stage_barriers<kStages, Tiles::kProducerThreads, Tiles::kConsumerThreads>(
+          smem_raw + Tiles::kBarrierOffset);
   uint64_t* empty_bar = full_bar + kStages;
-  if (threadIdx.x == 0) {
-    for (int st = 0; st < kStages; ++st) {
-      mbarrier_init(&full_bar[st], Tiles::kProducerThreads);
-      mbarrier_init(&empty_bar[st], Tiles::kConsumerThreads / 32);
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
-  __syncthreads();
 
   const int split = int(blockIdx.x) % p.num_splits;
   const int m = p.map.m_blocks - 1 - int(blockIdx.x) / p.num_splits;  // long causal rows first
