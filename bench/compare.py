@@ -6,7 +6,10 @@ BlockMask built from block lists (kv_num_blocks / kv_indices, never by evaluatin
 Sq x Sk) and a bias score_mod. Every peer's output is checked against ours before it is timed; a
 peer that errors or runs out of memory is reported as such. Times are CUDA-event medians.
 
-    python3 bench/compare.py [--reps 20] [--json out.json] [--only dense,trainable,decode]
+    python3 bench/compare.py [--reps 20] [--json out.json] [--only dense,trainable,decode,bias]
+
+(`bias` is not in the default set: forward + backward with full biases broadcast over batch/heads,
+the atomics and the deterministic path of the bias gradient side by side.)
 """
 
 import argparse
@@ -300,6 +303,84 @@ def decode(table, reps, B=1, Sk=524288, H=32, Hk=8, D=128, keep_every=8, block=1
          ours, 2e-2, reps, None, kept_bytes)
 
 
+def broadcast_bias(table, reps, B=2, S=4096, H=16, D=128):
+    """Forward + backward with a full (Sq, Sk) bias broadcast over batch and/or heads, requiring
+    grad: its gradient sums the dS of several (b, h). Ours by default (fp32 atomics) and with
+    deterministic=True (one ordered dQ launch per (b, h) sharing a bias slice), next to a
+    non-broadcast bias (each dS written once) and the peers that take a bias gradient."""
+    from torch.nn.attention import SDPBackend
+    q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    dout = torch.randn_like(q)
+    flops = 4 * S * S * D * B * H / 2
+    for shape in [(B, H, S, S), (1, H, S, S), (B, 1, S, S), (1, 1, S, S)]:
+        name = f"bias {tuple(shape)} grad, causal ({B},{S},{H},{H},{D}) bf16"
+        print(name, flush=True)
+        bias = torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+        ours = flash_sparse_attn_func(q, k, v, attn_bias=bias, is_causal=True)
+        ar = torch.arange(S, device="cuda")
+        check_rows(name, ours, q, k, v, lambda b, h, i: ar <= i,
+                   lambda b, h, i: bias[b % shape[0], h % shape[1], i], rows=(0, 1000, -1))
+        leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v, bias)]
+        grads = {}
+        for det in (False, True):
+            label = "flash_sparse_attn" + (" deterministic" if det else "")
+            run = fwd_bwd(lambda d=det: flash_sparse_attn_func(
+                *leaves[:3], attn_bias=leaves[3], is_causal=True, deterministic=d), leaves, dout)
+            run()
+            grads[det] = leaves[3].grad.clone()
+            time_fwd_bwd(table, name, label, lambda d=det: flash_sparse_attn_func(
+                *leaves[:3], attn_bias=leaves[3], is_causal=True, deterministic=d),
+                leaves, dout, reps, flops)
+        diff = max_err(grads[False], grads[True])
+        scale = grads[False].float().abs().max().item()
+        print(f"  (dbias default vs deterministic: max|diff| {diff:.2e}, |dbias| max {scale:.2e})")
+        if not diff <= 2e-2 * max(scale, 1e-3):
+            raise AssertionError(f"{name}: default and deterministic dbias disagree by {diff:.3g}")
+
+        def peer_fwd_bwd(label, fn):
+            """Times a peer's forward + backward, then checks its bias gradient against ours."""
+            leaves[3].grad = None
+            time_fwd_bwd(table, name, label, fn, leaves, dout, reps, flops)
+            if leaves[3].grad is not None:
+                err = max_err(leaves[3].grad, grads[False])
+                ok = err <= 3e-2 * max(scale, 1e-3)
+                print(f"    ({label} dbias vs ours: max|diff| {err:.2e}{'' if ok else ' WRONG'})")
+                if not ok:
+                    table.rows[-1]["note"] = f"WRONG dbias: max|peer - ours| = {err:.3g}"
+
+        # SDPA's memory-efficient backend takes a float mask and returns its gradient.
+        peer_fwd_bwd("SDPA efficient (float mask)",
+                     lambda: sdpa(*leaves[:3], SDPBackend.EFFICIENT_ATTENTION,
+                                  attn_mask=leaves[3] + causal_additive(S)))
+        if flex_compiled is None:
+            table.add(name, "FlexAttention", note=f"unavailable: {FLEX_ERROR}")
+        else:
+            from torch.nn.attention.flex_attention import create_block_mask
+            bm = create_block_mask(lambda b, h, qi, ki: ki <= qi, None, None, S, S, device="cuda")
+            bl = leaves[3]
+            per_batch, per_head = shape[0] > 1, shape[1] > 1
+
+            def score_mod(score, b, h, qi, ki):
+                return score + bl[b if per_batch else 0, h if per_head else 0, qi, ki].float()
+
+            peer_fwd_bwd("FlexAttention", lambda: flex_compiled(
+                *(x.transpose(1, 2) for x in leaves[:3]), score_mod=score_mod,
+                block_mask=bm).transpose(1, 2))
+        del leaves, grads, bias
+        torch.cuda.empty_cache()
+
+
+_causal = {}
+
+
+def causal_additive(S):
+    """(S, S) bf16: 0 on and below the diagonal, -inf above (the causal mask as a float mask)."""
+    if S not in _causal:
+        _causal[S] = torch.full((S, S), -math.inf, device="cuda",
+                                dtype=torch.bfloat16).triu(1)
+    return _causal[S]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=20)
@@ -311,7 +392,8 @@ def main():
     print(f"device: {props.name}, torch {torch.__version__}, "
           f"flash_sparse_attn {flash_sparse_attn.__version__}, {time.strftime('%Y-%m-%d')}")
     table = Table()
-    runs = {"dense": dense_causal, "trainable": trainable_mask, "decode": decode}
+    runs = {"dense": dense_causal, "trainable": trainable_mask, "decode": decode,
+            "bias": broadcast_bias}
     for key in args.only.split(","):
         runs[key](table, args.reps)
     if args.json:

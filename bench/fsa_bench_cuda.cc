@@ -65,8 +65,10 @@ struct Case {
   int64_t B, Sq, Sk, H, Hk, D;
   bool causal;
   int mask_kind;  // 0 none, 1 full (B,Hk,Sq,Sk) random 30% with False tiles, 2 key-only (B,1,1,Sk)
-  int bias_kind;  // 0 none, 1 (B,Hk,1,Sk) fp32, 2 (B,H,Sq,Sk) bf16, 3 (1,1,Sq,1) fp32
+  int bias_kind;  // 0 none, 1 (B,Hk,1,Sk) fp32, 2 (B,H,Sq,Sk) bf16, 3 (1,1,Sq,1) fp32,
+                  // 4 (1,Hk,Sq,Sk) bf16, 5 (B,1,Sq,Sk) fp32
   float softcap;
+  bool deterministic = false;  // also: a second CUDA backward must be bitwise identical
 };
 
 fsa::Device cuda0() { return fsa::Device{fsa::DeviceType::kCUDA, 0}; }
@@ -115,6 +117,10 @@ bool run_check(const Case& c, std::mt19937& rng) {
     bshape = {1, c.Hk, c.Sq, c.Sk};
     bias16.resize(size_t(c.Hk * c.Sq * c.Sk));
     for (auto& x : bias16) x = to_bf16(normal(rng));
+  } else if (c.bias_kind == 5) {
+    bshape = {c.B, 1, c.Sq, c.Sk};
+    bias32.resize(size_t(c.B * c.Sq * c.Sk));
+    for (auto& x : bias32) x = normal(rng);
   }
   const bool bias16_kind = c.bias_kind == 2 || c.bias_kind == 4;
 
@@ -133,6 +139,7 @@ bool run_check(const Case& c, std::mt19937& rng) {
     }
     a.options.is_causal = c.causal;
     a.options.softcap = c.softcap;
+    a.options.deterministic = c.deterministic;
     a.out = view(op, DType::kBFloat16, {c.B, c.Sq, c.H, c.D}, dev);
     a.lse = TensorView::contiguous(lp, DType::kFloat32, {c.B, c.H, c.Sq}, dev);
     return a;
@@ -247,6 +254,19 @@ bool run_check(const Case& c, std::mt19937& rng) {
   }
   const auto dq_g = to_host(gdq, q.size()), dk_g = to_host(gdk, k.size()), dv_g = to_host(gdv, k.size());
   const auto dbias_g = to_host(gdb, bias_bytes);
+  // deterministic: a second run over fresh poison must reproduce every gradient bit for bit.
+  bool bitwise = true;
+  if (c.deterministic && berror.empty()) {
+    CHECK_CUDA(cudaMemset(gdq, 0xff, q.size() * 2));
+    CHECK_CUDA(cudaMemset(gdk, 0xff, k.size() * 2));
+    CHECK_CUDA(cudaMemset(gdv, 0xff, k.size() * 2));
+    CHECK_CUDA(cudaMemset(gdb, 0xff, bias_bytes));
+    fsa::backward(make_bwd(gq, gk, gv, gm, gb, go, glse, gdo, gdq, gdk, gdv, gdb, cuda0()));
+    CHECK_CUDA(cudaDeviceSynchronize());
+    bitwise = to_host(gdq, q.size()) == dq_g && to_host(gdk, k.size()) == dk_g &&
+              to_host(gdv, k.size()) == dv_g && to_host(gdb, bias_bytes) == dbias_g;
+    std::printf("    second run bitwise identical: %s\n", bitwise ? "ok" : "FAIL");
+  }
   for (void* ptr : {static_cast<void*>(gq), static_cast<void*>(gk), static_cast<void*>(gv),
                     static_cast<void*>(go), static_cast<void*>(gdo), static_cast<void*>(glse),
                     static_cast<void*>(gm), gb, static_cast<void*>(gdq), static_cast<void*>(gdk),
@@ -294,6 +314,7 @@ bool run_check(const Case& c, std::mt19937& rng) {
   bok &= compare("dk", floats16(dk_g), floats16(dk_c));
   bok &= compare("dv", floats16(dv_g), floats16(dv_c));
   if (c.bias_kind) bok &= compare("dbias", bias_floats(dbias_g), bias_floats(dbias_c));
+  bok &= bitwise;
   std::printf("%-40s %s (backward)\n", c.name, bok ? "PASS" : "FAIL");
   return ok && bok;
 }
@@ -321,6 +342,9 @@ int check() {
       {"split+pack decode (1,1,4096,16,2,128)", 1, 1, 4096, 16, 2, 128, true, 2, 1, 0},
       {"bias (1,Hk,Sq,Sk) summed (2,150,270,4,2,64)", 2, 150, 270, 4, 2, 64, true, 1, 4, 0},
       {"softcap 30, full bias (1,200,260,2,2,128)", 1, 200, 260, 2, 2, 128, true, 0, 2, 30.0f},
+      // deterministic=True with a full bias broadcast over heads / batch: ordered dQ launches.
+      {"det. bias (1,Hk,Sq,Sk) (2,150,270,4,2,64)", 2, 150, 270, 4, 2, 64, true, 1, 4, 0, true},
+      {"det. bias (B,1,Sq,Sk) (2,333,200,6,2,128)", 2, 333, 200, 6, 2, 128, false, 0, 5, 0, true},
   };
   int failed = 0;
   for (const Case& c : cases) failed += !run_check(c, rng);

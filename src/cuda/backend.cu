@@ -395,6 +395,7 @@ void backward(const BackwardProblem& p, const Plan& plan, void* stream_ptr) {
   }
   bp.is_causal = p.is_causal;
   bp.map = map.params;
+  bp.dq_head_step = 1;  // grid (m, H, B); see BackwardParams::ordered_dbias
 
   // Scratch from the stream-ordered pool: rowdot (B, H, Sq) and the bias-gradient accumulator.
   StreamBuffer rowdot(stream), accum(stream);
@@ -415,11 +416,9 @@ void backward(const BackwardProblem& p, const Plan& plan, void* stream_ptr) {
     } else {
       bp.bias_grad = query_full ? BiasGrad::kRows : BiasGrad::kColumns;
     }
-    if (bp.bias_grad == BiasGrad::kFullSummed && p.deterministic) {
-      fail("attn_bias", "deterministic=True with a bias that has both a query and a key dim and "
-                        "is broadcast over batch or heads is not supported on CUDA yet (its "
-                        "gradient is summed with atomics); expand the bias or run on the CPU");
-    }
+    // A full bias broadcast over batch or heads sums the dS of several (b, h) into one element:
+    // fp32 atomics by default, ordered launches when deterministic (docs/perf.md measures both).
+    bp.ordered_dbias = bp.bias_grad == BiasGrad::kFullSummed && p.deterministic;
     int64_t accum_elems = 0;
     if (bp.bias_grad == BiasGrad::kFullSummed) accum_elems = g.shape[0] * g.shape[1] * g.shape[2] * g.shape[3];
     if (bp.bias_grad == BiasGrad::kRows) accum_elems = rows;

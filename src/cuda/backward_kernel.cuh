@@ -192,9 +192,20 @@ struct DkvIndex {
   __device__ int key(int, int e) const { return row[e / 2]; }
 };
 
+// The (batch, head) of a dQ CTA: grid (m, H, B) with dq_head_step 1, or an ordered kFullSummed
+// launch (see BackwardParams::ordered_dbias). Multiply-adds of launch constants, so that the
+// compiler can rematerialize them instead of keeping them live.
+struct DqHead {
+  int b, h;
+};
+__device__ __forceinline__ DqHead dq_cta_head(const BackwardParams& p) {
+  return {int(blockIdx.z) + p.dq_batch0, int(blockIdx.y) * p.dq_head_step + p.dq_head0};
+}
+
 // The dQ pass's share of a bias gradient with a query dim, for one tile of dS (C layout: fragment
 // (j, e) is row i_row[e / 2], key col0 + 8 j + 2 t + (e & 1)): kFull writes each in-range entry
-// once, kFullSummed adds it into dbias_accum (fp32 atomics), kRows sums it into row_grad.
+// once, kFullSummed adds it into dbias_accum (fp32 atomics: in an ordered launch no two CTAs share
+// an element, so the sums' order is fixed), kRows sums it into row_grad.
 template <class Elt, int kNTiles>
 __device__ __forceinline__ void dq_pass_dbias(const BackwardParams& p, int b, int h,
                                               const int (&i_row)[2], int col0, int t,
@@ -276,7 +287,8 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kDqWarps * 32)
   uint16_t* s_v = s_k + 2 * kBlockN * kHeadDim;            // 2 stages
 
   const int m = p.map.m_blocks - 1 - int(blockIdx.x);  // longest causal rows start first
-  const int h = blockIdx.y, b = blockIdx.z, hk = h / p.group;
+  const DqHead head = dq_cta_head(p);
+  const int b = head.b, h = head.h, hk = h / p.group;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int row0 = m * kBlockM;
   const int64_t list_row =

@@ -411,7 +411,8 @@ __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
   uint64_t* empty_bar = full_bar + kStages;
 
   const int m = p.map.m_blocks - 1 - int(blockIdx.x);  // longest causal rows start first
-  const int h = blockIdx.y, b = blockIdx.z, hk = h / p.group;
+  const DqHead head = dq_cta_head(p);
+  const int b = head.b, h = head.h, hk = h / p.group;
   const int row0 = m * kBlockM;
   const int64_t list_row =
       (int64_t(p.map.map_batch == 1 ? 0 : b) * p.map.map_heads + h / p.map.head_group) *

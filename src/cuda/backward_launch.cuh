@@ -50,25 +50,39 @@ void launch_backward(const BackwardParams& p, cudaStream_t stream) {
     rowdot_kernel<Elt><<<unsigned((rows + 3) / 4), 128, 0, stream>>>(p);
     FSA_CUDA_CHECK(cudaGetLastError());
   }
-  if (p.map.m_blocks > 0 && use_sm90_dq(p)) {
-    using Sm90Tiles = Sm90DqTiles<kHeadDim, Elt>;
-    const bool query_bias_grad = p.bias_grad == BiasGrad::kFull ||
-                                 p.bias_grad == BiasGrad::kFullSummed ||
-                                 p.bias_grad == BiasGrad::kRows;
-    auto* dq = query_bias_grad ? &dq_kernel_sm90<kHeadDim, Elt, true>
-                               : &dq_kernel_sm90<kHeadDim, Elt, false>;
-    FSA_CUDA_CHECK(cudaFuncSetAttribute(dq, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        Sm90Tiles::kSmemBytes));
-    dq<<<dim3(p.map.m_blocks, p.num_heads, p.batch), Sm90Tiles::kThreads, Sm90Tiles::kSmemBytes,
-         stream>>>(p);
-    FSA_CUDA_CHECK(cudaGetLastError());
-  } else if (p.map.m_blocks > 0) {
-    auto* dq = &dq_kernel<kHeadDim, Elt>;
-    FSA_CUDA_CHECK(cudaFuncSetAttribute(dq, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        Tiles::kSmemDq));
-    dq<<<dim3(p.map.m_blocks, p.num_heads, p.batch), Tiles::kDqWarps * 32, Tiles::kSmemDq,
-         stream>>>(p);
-    FSA_CUDA_CHECK(cudaGetLastError());
+  if (p.map.m_blocks > 0) {
+    void (*dq)(BackwardParams);
+    int threads = 0, smem = 0;
+    if (use_sm90_dq(p)) {
+      using Sm90Tiles = Sm90DqTiles<kHeadDim, Elt>;
+      const bool query_bias_grad = p.bias_grad == BiasGrad::kFull ||
+                                   p.bias_grad == BiasGrad::kFullSummed ||
+                                   p.bias_grad == BiasGrad::kRows;
+      dq = query_bias_grad ? &dq_kernel_sm90<kHeadDim, Elt, true>
+                           : &dq_kernel_sm90<kHeadDim, Elt, false>;
+      threads = Sm90Tiles::kThreads, smem = Sm90Tiles::kSmemBytes;
+    } else {
+      dq = &dq_kernel<kHeadDim, Elt>;
+      threads = Tiles::kDqWarps * 32, smem = Tiles::kSmemDq;
+    }
+    FSA_CUDA_CHECK(cudaFuncSetAttribute(dq, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    if (!p.ordered_dbias) {
+      dq<<<dim3(p.map.m_blocks, p.num_heads, p.batch), threads, smem, stream>>>(p);
+      FSA_CUDA_CHECK(cudaGetLastError());
+    } else {
+      // One launch per member of a dbias slice, in order (BackwardParams::ordered_dbias).
+      const int heads_per = p.num_heads / p.dbias_shape[1];
+      const int members = (p.batch / p.dbias_shape[0]) * heads_per;
+      BackwardParams launch = p;
+      launch.dq_head_step = heads_per;
+      for (int member = 0; member < members; ++member) {
+        launch.dq_head0 = member % heads_per;
+        launch.dq_batch0 = p.dbias_shape[0] == 1 ? member / heads_per : 0;
+        dq<<<dim3(p.map.m_blocks, p.dbias_shape[1], p.dbias_shape[0]), threads, smem, stream>>>(
+            launch);
+        FSA_CUDA_CHECK(cudaGetLastError());
+      }
+    }
   }
   if (p.map.n_blocks > 0 && use_sm90_backward(p)) {
     using Sm90Tiles = Sm90DkvTiles<kHeadDim, Elt>;

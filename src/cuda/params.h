@@ -69,8 +69,9 @@ struct ForwardParams {
 enum class BiasGrad : int {
   kNone = 0,
   kFull = 1,        // dbias (B, H, Sq, Sk): each dS element written once by the dQ pass
-  kFullSummed = 2,  // dbias ({B|1}, {H|Hk|1}, Sq, Sk) with a broadcast dim: fp32 atomics into
-                    // dbias_accum (dbias's own size), converted at the end
+  kFullSummed = 2,  // dbias ({B|1}, {H|Hk|1}, Sq, Sk) with a broadcast dim: summed into
+                    // dbias_accum (fp32, dbias's own size; atomics, or ordered launches when
+                    // deterministic), converted at the end
   kRows = 3,        // dbias (..., Sq, 1): row sums in the dQ pass into row_accum (B, H, Sq)
   kColumns = 4,     // dbias (..., 1, Sk|1): column sums in the dK/dV pass into col_accum (B, H, Sk)
 };
@@ -111,6 +112,14 @@ struct BackwardParams {
   float* dbias_accum;        // kFullSummed: fp32, dbias's shape, contiguous
   float* row_accum;          // kRows: (B, H, Sq) fp32
   float* col_accum;          // kColumns: (B, H, Sk) fp32
+  // The dQ grid's (head, batch): CTA (x, y, z) runs head y * dq_head_step + dq_head0 of batch
+  // z + dq_batch0. Normally one launch, grid (m, H, B), step 1 and offsets 0. Ordered kFullSummed
+  // (deterministic=True): one launch per member of a dbias slice (the (b, h) pairs that share one
+  // dbias (Sq, Sk) slice), grid (m, dbias heads, dbias batch), each CTA running that member of
+  // its slice; no two CTAs of a launch touch one dbias_accum element, so the launch order fixes
+  // the order of the sums. Otherwise fp32 atomics from every (b, h) at once.
+  bool ordered_dbias;
+  int dq_head_step, dq_head0, dq_batch0;
 
   int batch, seqlen_q, seqlen_k, num_heads, num_kv_heads, head_dim;
   int group;

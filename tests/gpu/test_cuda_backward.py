@@ -39,7 +39,7 @@ def grads_of(fn, inputs, dout):
 
 
 def check_backward(q, k, v, mask=None, bias=None, causal=False, softcap=0.0, label="",
-                   selection=None):
+                   selection=None, deterministic=False):
     """`selection` = (block_mask, block_size): ours runs with that block selection instead of
     `mask`, which must then be the selection expanded to entries (the reference's mask)."""
     scale = 1.0 / math.sqrt(q.shape[-1])
@@ -49,7 +49,8 @@ def check_backward(q, k, v, mask=None, bias=None, causal=False, softcap=0.0, lab
     how = ({"attn_mask": mask} if selection is None else
            {"block_mask": selection[0], "block_size": selection[1]})
     ours = grads_of(lambda: flash_sparse_attn_func(
-        *leaves, attn_bias=bias_leaf, is_causal=causal, softcap=softcap or None, **how),
+        *leaves, attn_bias=bias_leaf, is_causal=causal, softcap=softcap or None,
+        deterministic=deterministic, **how),
         leaves + [bias_leaf], dout)
 
     def reference(dtype):
@@ -211,18 +212,37 @@ def test_case12_softcap(softcap, gen):
                    softcap=softcap, causal=True, label="case 12")
 
 
-def test_case13_deterministic_bitwise(gen):
-    q, k, v = qkv(1, 4096, 4096, 2, 1, 64, torch.bfloat16, gen)
-    bias = randn(1, 1, 1, 4096, dtype=torch.bfloat16, gen=gen)
+# Bias shapes whose gradient sums over (batch, head): a per-key bias (column sums), and full
+# (Sq, Sk) biases broadcast over batch and/or heads (summed across (b, h) CTAs of the dQ pass).
+DET_BIAS_SHAPES = [(1, 1, 1, 4096), (1, 1, 4096, 4096), (2, 1, 4096, 4096), (1, 2, 4096, 4096)]
+
+
+@pytest.mark.parametrize("bias_shape", DET_BIAS_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_case13_deterministic_bitwise(bias_shape, gen):
+    q, k, v = qkv(2, 4096, 4096, 4, 2, 64, torch.bfloat16, gen)
+    bias = randn(*bias_shape, dtype=torch.bfloat16, gen=gen)
     dout = torch.randn_like(q)
     runs = []
     for _ in range(2):
         leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v, bias)]
-        out = flash_sparse_attn_func(*leaves[:3], attn_bias=leaves[3], deterministic=True)
+        out = flash_sparse_attn_func(*leaves[:3], attn_bias=leaves[3], is_causal=True,
+                                     deterministic=True)
         out.backward(dout)
         runs.append([x.grad for x in leaves])
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
+    for name, a, b in zip(("dq", "dk", "dv", "dbias"), *runs):
+        assert torch.equal(a, b), f"{name} differs between two deterministic runs"
+        assert not a.isnan().any(), name
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_case13_deterministic_broadcast_full_bias(dtype, gen):
+    """deterministic=True orders the sums of a full bias broadcast over batch/heads (one dQ
+    launch per (b, h) sharing a bias slice): the same pass rule as the default path."""
+    q, k, v = qkv(3, 200, 300, 4, 2, 64, dtype, gen)
+    mask = torch.rand(1, 2, 200, 300, device="cuda", generator=gen) < 0.7
+    for shape in [(1, 1, 200, 300), (3, 1, 200, 300), (1, 2, 200, 300), (1, 4, 200, 300)]:
+        check_backward(q, k, v, mask=mask, bias=randn(*shape, dtype=dtype, gen=gen), causal=True,
+                       deterministic=True, label=f"case 13 deterministic bias {shape}")
 
 
 def test_bias_only_requires_grad(gen):
