@@ -342,6 +342,10 @@ int check() {
       {"split+pack decode (1,1,4096,16,2,128)", 1, 1, 4096, 16, 2, 128, true, 2, 1, 0},
       {"bias (1,Hk,Sq,Sk) summed (2,150,270,4,2,64)", 2, 150, 270, 4, 2, 64, true, 1, 4, 0},
       {"softcap 30, full bias (1,200,260,2,2,128)", 1, 200, 260, 2, 2, 128, true, 0, 2, 30.0f},
+      // 16-bit biases with a query dim and Sk % 8 == 0: the sm90 kernels stage their tiles in
+      // shared memory (ragged query and key tiles, a mask, a summed broadcast).
+      {"staged bias, mask (2,333,256,4,2,128)", 2, 333, 256, 4, 2, 128, true, 1, 2, 0},
+      {"staged bias (1,Hk,Sq,Sk) (2,190,136,4,2,64)", 2, 190, 136, 4, 2, 64, false, 0, 4, 0},
       // deterministic=True with a full bias broadcast over heads / batch: ordered dQ launches.
       {"det. bias (1,Hk,Sq,Sk) (2,150,270,4,2,64)", 2, 150, 270, 4, 2, 64, true, 1, 4, 0, true},
       {"det. bias (B,1,Sq,Sk) (2,333,200,6,2,128)", 2, 333, 200, 6, 2, 128, false, 0, 5, 0, true},

@@ -135,6 +135,13 @@ void fill_mask_and_bias(Params& params, const Problem& p) {
     params.bias_is_fp32 = p.bias->dtype == DType::kFloat32;
     fill_strides(params.bias_stride, *p.bias);
     params.bias_head_group = int(p.bias->head_group);
+    // A 16-bit bias with a query dim whose key rows are whole 16-byte chunks: the Hopper kernels'
+    // producers stage its tiles in shared memory with the K/V tiles (see Params::bias_staged).
+    bool chunks = p.bias->dtype != DType::kFloat32 && params.bias_stride[2] != 0 &&
+                  params.bias_stride[3] == 1 && p.seqlen_k % 8 == 0 &&
+                  reinterpret_cast<uintptr_t>(p.bias->data) % 16 == 0;
+    for (int d = 0; d < 3; ++d) chunks = chunks && params.bias_stride[d] % 8 == 0;
+    params.bias_staged = chunks;
   }
 }
 
@@ -409,6 +416,14 @@ void backward(const BackwardProblem& p, const Plan& plan, void* stream_ptr) {
       bp.dbias_shape[d] = int(g.shape[d]);
     }
     bp.dbias = g.data;
+    if (g.shape[0] * g.shape[1] * g.shape[2] > INT32_MAX) {  // its rows are one grid dimension
+      fail("attn_bias", "a bias gradient with more than 2^31 - 1 rows (batch x heads x queries) "
+                        "is not supported on CUDA");
+    }
+    const int elt_bytes = g.dtype == DType::kFloat32 ? 4 : 2;
+    bp.dbias_pairs = g.stride[3] == 1 && g.stride[0] % 2 == 0 && g.stride[1] % 2 == 0 &&
+                     g.stride[2] % 2 == 0 &&
+                     reinterpret_cast<uintptr_t>(g.data) % (2 * elt_bytes) == 0;
     const bool query_full = g.shape[2] == p.seqlen_q, key_full = g.shape[3] == p.seqlen_k;
     const bool broadcast = g.shape[0] != p.batch || g.shape[1] != p.num_heads;
     if (query_full && key_full) {

@@ -211,17 +211,33 @@ __device__ __forceinline__ void dq_pass_dbias(const BackwardParams& p, int b, in
                                               const int (&i_row)[2], int col0, int t,
                                               const float (&ds)[kNTiles][4],
                                               float (&row_grad)[2]) {
+  // Entries (j, 2 r) and (j, 2 r + 1) are adjacent keys c, c + 1 (c even) of row i_row[r]: one
+  // store (or one vector atomic on sm_90) for both where the pair is whole and aligned.
   if (p.bias_grad == BiasGrad::kFull) {
     const int64_t base = b * p.dbias_stride[0] + h * p.dbias_stride[1];
 #pragma unroll
     for (int j = 0; j < kNTiles; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = i_row[e / 2], c = col0 + j * 8 + 2 * t + (e & 1);
+      for (int r = 0; r < 2; ++r) {
+        const int i = i_row[r], c = col0 + j * 8 + 2 * t;
         if (i >= p.seqlen_q || c >= p.seqlen_k) continue;
         const int64_t off = base + int64_t(i) * p.dbias_stride[2] + int64_t(c) * p.dbias_stride[3];
-        if (p.bias_is_fp32) static_cast<float*>(p.dbias)[off] = ds[j][e];
-        else reinterpret_cast<uint16_t*>(p.dbias)[off] = uint16_t(Elt::pack(ds[j][e], 0.0f) & 0xffffu);
+        const float lo = ds[j][2 * r], hi = ds[j][2 * r + 1];
+        if (p.dbias_pairs && c + 1 < p.seqlen_k) {
+          if (p.bias_is_fp32) *reinterpret_cast<float2*>(static_cast<float*>(p.dbias) + off) = make_float2(lo, hi);
+          else *reinterpret_cast<uint32_t*>(static_cast<uint16_t*>(p.dbias) + off) = Elt::pack(lo, hi);
+          continue;
+        }
+        const bool second = c + 1 < p.seqlen_k;
+        const int64_t off1 = off + p.dbias_stride[3];
+        if (p.bias_is_fp32) {
+          static_cast<float*>(p.dbias)[off] = lo;
+          if (second) static_cast<float*>(p.dbias)[off1] = hi;
+        } else {
+          const uint32_t packed = Elt::pack(lo, hi);
+          static_cast<uint16_t*>(p.dbias)[off] = uint16_t(packed & 0xffffu);
+          if (second) static_cast<uint16_t*>(p.dbias)[off1] = uint16_t(packed >> 16);
+        }
       }
   } else if (p.bias_grad == BiasGrad::kFullSummed) {
     const int bb = p.dbias_shape[0] == 1 ? 0 : b;
@@ -230,10 +246,19 @@ __device__ __forceinline__ void dq_pass_dbias(const BackwardParams& p, int b, in
 #pragma unroll
     for (int j = 0; j < kNTiles; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        if (ds[j][e] == 0.0f) continue;
-        const int i = i_row[e / 2], c = col0 + j * 8 + 2 * t + (e & 1);
-        atomicAdd(acc + int64_t(i) * p.seqlen_k + c, ds[j][e]);
+      for (int r = 0; r < 2; ++r) {
+        const float lo = ds[j][2 * r], hi = ds[j][2 * r + 1];
+        if (lo == 0.0f && hi == 0.0f) continue;  // dropped or out of range (P = 0)
+        const int i = i_row[r], c = col0 + j * 8 + 2 * t;
+        float* a = acc + int64_t(i) * p.seqlen_k + c;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+        if (p.seqlen_k % 2 == 0) {  // a 8-byte aligned (c even), c + 1 < Sk
+          atomicAdd(reinterpret_cast<float2*>(a), make_float2(lo, hi));
+          continue;
+        }
+#endif
+        if (lo != 0.0f) atomicAdd(a, lo);
+        if (hi != 0.0f) atomicAdd(a + 1, hi);
       }
   } else if (p.bias_grad == BiasGrad::kRows) {
 #pragma unroll
@@ -637,36 +662,44 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kDkvWarps * 32)
   }
 }
 
-// Zeroes dbias through its strides (kFull: entries of skipped tiles must read 0).
-template <class Elt>
-__global__ void zero_dbias_kernel(const __grid_constant__ BackwardParams p) {
-  const int64_t total = int64_t(p.dbias_shape[0]) * p.dbias_shape[1] * p.dbias_shape[2] *
-                        p.dbias_shape[3];
-  const size_t bytes = p.bias_is_fp32 ? 4 : 2;
-  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
-       e += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t j = e % p.dbias_shape[3], i = (e / p.dbias_shape[3]) % p.dbias_shape[2];
-    const int64_t h = (e / (int64_t(p.dbias_shape[3]) * p.dbias_shape[2])) % p.dbias_shape[1];
-    const int64_t b = e / (int64_t(p.dbias_shape[3]) * p.dbias_shape[2] * p.dbias_shape[1]);
-    const int64_t off = b * p.dbias_stride[0] + h * p.dbias_stride[1] + i * p.dbias_stride[2] +
-                        j * p.dbias_stride[3];
-    if (bytes == 4) static_cast<float*>(p.dbias)[off] = 0.0f;
-    else static_cast<uint16_t*>(p.dbias)[off] = 0;
+// Visits every dbias element as f(b, h, i, j, e) in the caller's shape (e: its row-major index).
+// Grid (dbias rows (b, h, i), blocks of kDbiasKeysPerBlock keys): the row's index arithmetic
+// (64-bit divisions) is done once per block, and a few long rows (a key bias (B, H, 1, Sk)) still
+// spread over many blocks.
+constexpr int kDbiasKeysPerBlock = 2048;
+template <class F>
+__device__ __forceinline__ void for_each_dbias_entry(const BackwardParams& p, F&& f) {
+  const int64_t r = blockIdx.x;
+  const int i = int(r % p.dbias_shape[2]);
+  const int h = int((r / p.dbias_shape[2]) % p.dbias_shape[1]);
+  const int b = int(r / (int64_t(p.dbias_shape[2]) * p.dbias_shape[1]));
+  const int j_end = min(int(blockIdx.y + 1) * kDbiasKeysPerBlock, p.dbias_shape[3]);
+  for (int j = int(blockIdx.y) * kDbiasKeysPerBlock + threadIdx.x; j < j_end; j += blockDim.x) {
+    f(b, h, i, j, r * p.dbias_shape[3] + j);
   }
 }
 
+__device__ __forceinline__ int64_t dbias_offset(const BackwardParams& p, int b, int h, int i,
+                                                int j) {
+  return b * p.dbias_stride[0] + h * p.dbias_stride[1] + int64_t(i) * p.dbias_stride[2] +
+         int64_t(j) * p.dbias_stride[3];
+}
+
+// Zeroes dbias through its strides (kFull: entries of skipped tiles must read 0).
+template <class Elt>
+__global__ void zero_dbias_kernel(const __grid_constant__ BackwardParams p) {
+  for_each_dbias_entry(p, [&](int b, int h, int i, int j, int64_t) {
+    const int64_t off = dbias_offset(p, b, h, i, j);
+    if (p.bias_is_fp32) static_cast<float*>(p.dbias)[off] = 0.0f;
+    else static_cast<uint16_t*>(p.dbias)[off] = 0;
+  });
+}
+
 // dbias (caller's shape, bias dtype) from the fp32 accumulators: sums over the dims the caller
-// passed as 1, in a fixed order. One thread per dbias element.
+// passed as 1, in a fixed order. One lane per dbias element.
 template <class Elt>
 __global__ void dbias_reduce_kernel(const __grid_constant__ BackwardParams p) {
-  const int64_t total = int64_t(p.dbias_shape[0]) * p.dbias_shape[1] * p.dbias_shape[2] *
-                        p.dbias_shape[3];
-  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
-       e += int64_t(gridDim.x) * blockDim.x) {
-    const int jb = int(e % p.dbias_shape[3]);
-    const int ib = int((e / p.dbias_shape[3]) % p.dbias_shape[2]);
-    const int hb = int((e / (int64_t(p.dbias_shape[3]) * p.dbias_shape[2])) % p.dbias_shape[1]);
-    const int bb = int(e / (int64_t(p.dbias_shape[3]) * p.dbias_shape[2] * p.dbias_shape[1]));
+  for_each_dbias_entry(p, [&](int bb, int hb, int ib, int jb, int64_t e) {
     float sum = 0.0f;
     if (p.bias_grad == BiasGrad::kFullSummed) {
       sum = p.dbias_accum[e];
@@ -687,11 +720,10 @@ __global__ void dbias_reduce_kernel(const __grid_constant__ BackwardParams p) {
         }
       }
     }
-    const int64_t off = bb * p.dbias_stride[0] + hb * p.dbias_stride[1] + ib * p.dbias_stride[2] +
-                        jb * p.dbias_stride[3];
+    const int64_t off = dbias_offset(p, bb, hb, ib, jb);
     if (p.bias_is_fp32) static_cast<float*>(p.dbias)[off] = sum;
     else reinterpret_cast<uint16_t*>(p.dbias)[off] = uint16_t(Elt::pack(sum, 0.0f) & 0xffffu);
-  }
+  });
 }
 
 }  // namespace fsa::detail::cuda

@@ -73,6 +73,14 @@ struct Sm90DkvTiles {
   static constexpr int kStatsOffset = (2 * kSmemKV + 2 * kSmemQ) * 2;
   static constexpr int kBarrierOffset = kStatsOffset + kStages * 2 * kHalf * 4;
   static constexpr int kSmemBytes = kBarrierOffset + 2 * kStages * 8;
+  // A staged bias (Params::bias_staged) lives after the barriers, so that launches without one
+  // keep their shared memory (and the L1 that the rest of the carveout leaves) as it was. Per stage its
+  // (64 queries x 64 keys) tile, SmemTile<64>.
+  static constexpr int kBiasOffset = (kSmemBytes + 127) / 128 * 128;
+  static constexpr int kBiasStageElems = kHalf * kBlockN;
+  static constexpr int smem_bytes(bool staged_bias) {
+    return staged_bias ? kBiasOffset + kStages * kBiasStageElems * 2 : kSmemBytes;
+  }
 };
 
 template <int kHeadDim, class Elt>
@@ -97,6 +105,7 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
   T* smem_do = smem_q + Tiles::kSmemQ;
   float* s_lse = reinterpret_cast<float*>(smem_raw + Tiles::kStatsOffset);  // (kStages, kHalf)
   float* s_rdot = s_lse + kStages * kHalf;                                 // (kStages, kHalf)
+  auto* s_bias = reinterpret_cast<uint16_t*>(smem_raw + Tiles::kBiasOffset);
   uint64_t* full_bar =
       init_stage_barriers<kStages, Tiles::kProducerThreads, Tiles::kConsumerThreads>(
           smem_raw + Tiles::kBarrierOffset);
@@ -149,6 +158,13 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
       SM80_CP_ASYNC_CACHEALWAYS_ZFILL<uint32_t>::copy(
           *reinterpret_cast<const uint32_t*>(src),
           *reinterpret_cast<uint32_t*>((loads_lse ? s_lse : s_rdot) + stage * kHalf + c), valid);
+      if (p.bias_staged) {  // rows = the half's queries, columns = this CTA's keys
+        load_bias_tile_async<kHalf, kLoaders>(
+            s_bias + stage * Tiles::kBiasStageElems,
+            static_cast<const uint16_t*>(p.bias) + b * p.bias_stride[0] +
+                (h / p.bias_head_group) * p.bias_stride[1] + key0,
+            p.bias_stride[2], q0, p.seqlen_q, p.seqlen_k - key0);
+      }
       mbarrier_arrive_on_copies(&full_bar[stage]);
     }
     cp_async_wait<0>();
@@ -242,7 +258,12 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
     auto& s = *reinterpret_cast<float(*)[kCTiles][4]>(raw_pointer_cast(tSrS.data()));
     const DkvIndex ix{{key_row[0], key_row[1]}, q0, t};
     scale_pass(s, p.scale_log2);
-    if (p.bias) bias_pass<Elt>(p, b, h, s, ix);
+    if (p.bias_staged) {
+      // Entry (key row, query column) is element (query, key) of the staged tile.
+      add_staged_bias<Elt, true>(s, s_bias + stage * Tiles::kBiasStageElems, warp * 16, kLog2e);
+    } else if (p.bias) {
+      bias_pass<Elt>(p, b, h, s, ix);
+    }
     if (check) drop_pass(p, b, h, s, ix);
     const float* lse = s_lse + stage * kHalf;
     const float* rdot = s_rdot + stage * kHalf;
@@ -379,14 +400,28 @@ struct Sm90DqTiles {
   static constexpr int kSmemQ = int(cute::cosize_v<SmemLayoutQ>);  // elements, each of Q and dO
   static constexpr int kSmemK = int(cute::cosize_v<SmemLayoutK>);  // elements, each of K and V
   static_assert(kSmemK == kStages * kBlockN * kHeadDim, "stages are contiguous tiles");
+  // Barriers: "full" and "empty" per stage, then "bias empty" per bias slot (below).
+  static constexpr int kBiasSlots = 2;
   static constexpr int kBarrierOffset = (2 * kSmemQ + 2 * kSmemK) * 2;
-  static constexpr int kSmemBytes = kBarrierOffset + 2 * kStages * 8;
+  static constexpr int kSmemBytes = kBarrierOffset + (2 * kStages + kBiasSlots) * 8;
+  // A staged bias (Params::bias_staged) lives after the barriers, so that launches without one
+  // keep their shared memory (and the L1 that the rest of the carveout leaves) as it was. Its
+  // (kBlockM x kBlockN) tiles go through a ring of two slots (four would not fit beside the K/V
+  // stages at D = 128), each with a "bias empty" barrier that the consumers arrive on once they
+  // have read it.
+  static constexpr int kBiasOffset = (kSmemBytes + 127) / 128 * 128;
+  static constexpr int kBiasSlotElems = kBlockM * kBlockN;
+  static constexpr int smem_bytes(bool staged_bias) {
+    return staged_bias ? kBiasOffset + kBiasSlots * kBiasSlotElems * 2 : kSmemBytes;
+  }
 };
 
 // kQueryBiasGrad: the launch's bias gradient is one of the dQ pass's duties (kFull, kFullSummed,
 // kRows). A separate instantiation: any use of dS after it is formed (even behind a runtime branch
 // never taken) made ptxas serialize every wgmma of the kernel (C7515), so the common path has none.
-template <int kHeadDim, class Elt, bool kQueryBiasGrad>
+// kStagedBias == p.bias_staged, likewise: as a runtime branch the staged path cost the dense dQ
+// pass 4% (and made ptxas spill).
+template <int kHeadDim, class Elt, bool kQueryBiasGrad, bool kStagedBias>
 __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
     dq_kernel_sm90(const __grid_constant__ BackwardParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -405,6 +440,13 @@ __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
   T* smem_do = smem_q + Tiles::kSmemQ;
   T* smem_k = smem_do + Tiles::kSmemQ;
   T* smem_v = smem_k + Tiles::kSmemK;
+  auto* s_bias = reinterpret_cast<uint16_t*>(smem_raw + Tiles::kBiasOffset);
+  uint64_t* bias_empty = reinterpret_cast<uint64_t*>(smem_raw + Tiles::kBarrierOffset) + 2 * kStages;
+  if (threadIdx.x == 0) {  // initialized before init_stage_barriers' fence and CTA barrier
+    for (int slot = 0; slot < Tiles::kBiasSlots; ++slot) {
+      mbarrier_init(&bias_empty[slot], Tiles::kConsumerThreads / 32);
+    }
+  }
   uint64_t* full_bar =
       init_stage_barriers<kStages, Tiles::kProducerThreads, Tiles::kConsumerThreads>(
           smem_raw + Tiles::kBarrierOffset);
@@ -456,6 +498,17 @@ __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
       load_rows_async<kHeadDim, kBlockN, kLoaders>(s_v + stage * kStageElems, k_dst.first,
                                                    k_dst.step, v, p.v_stride_s, n * kBlockN,
                                                    p.seqlen_k, p.head_dim);
+      if constexpr (kStagedBias) {  // into slot j % 2 once both consumers read tile j - 2's
+        const int slot = j % Tiles::kBiasSlots;
+        if (j >= Tiles::kBiasSlots) {
+          mbarrier_wait(&bias_empty[slot], (j / Tiles::kBiasSlots - 1) & 1);
+        }
+        load_bias_tile_async<kBlockM, kLoaders>(
+            s_bias + slot * Tiles::kBiasSlotElems,
+            static_cast<const uint16_t*>(p.bias) + b * p.bias_stride[0] +
+                (h / p.bias_head_group) * p.bias_stride[1] + n * kBlockN,
+            p.bias_stride[2], row0, p.seqlen_q, p.seqlen_k - n * kBlockN);
+      }
       mbarrier_arrive_on_copies(&full_bar[stage]);
     }
     cp_async_wait<0>();
@@ -540,7 +593,14 @@ __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
     auto& s = *reinterpret_cast<float(*)[kNTiles][4]>(raw_pointer_cast(tSrS.data()));
     const DqIndex ix{{i_row[0], i_row[1]}, n * kBlockN, t};
     scale_pass(s, p.scale_log2);
-    if (p.bias) bias_pass<Elt>(p, b, h, s, ix);
+    if constexpr (kStagedBias) {
+      const int slot = j % Tiles::kBiasSlots;
+      add_staged_bias<Elt, false>(s, s_bias + slot * Tiles::kBiasSlotElems, warp * 16, kLog2e);
+      __syncwarp();
+      if (release_lane) mbarrier_arrive(&bias_empty[slot]);
+    } else if (p.bias) {
+      bias_pass<Elt>(p, b, h, s, ix);
+    }
     if (check) drop_pass(p, b, h, s, ix);
     // P (exact zeros for dropped entries and empty rows).
 #pragma unroll

@@ -40,9 +40,24 @@ void launch_backward(const BackwardParams& p, cudaStream_t stream) {
   using Tiles = BackwardTiles<kHeadDim>;
   const int64_t elements = int64_t(p.dbias_shape[0]) * p.dbias_shape[1] * p.dbias_shape[2] *
                            p.dbias_shape[3];
-  const unsigned grid_1d = unsigned(std::min<int64_t>((elements + 255) / 256, 65535));
+  // zero_dbias / dbias_reduce: grid (dbias rows, key blocks), see for_each_dbias_entry.
+  const dim3 dbias_grid(
+      unsigned(int64_t(p.dbias_shape[0]) * p.dbias_shape[1] * p.dbias_shape[2]),
+      unsigned((p.dbias_shape[3] + kDbiasKeysPerBlock - 1) / kDbiasKeysPerBlock));
+  const unsigned dbias_threads = unsigned(std::min(256, (p.dbias_shape[3] + 31) / 32 * 32));
   if (p.bias_grad == BiasGrad::kFull && elements > 0) {
-    zero_dbias_kernel<Elt><<<grid_1d, 256, 0, stream>>>(p);
+    // Entries of skipped tiles must read 0: a memset when dbias is one dense block.
+    bool dense = true;
+    int64_t expected = 1;
+    for (int d = 3; d >= 0; --d) {
+      dense = dense && (p.dbias_shape[d] == 1 || p.dbias_stride[d] == expected);
+      expected *= p.dbias_shape[d];
+    }
+    if (dense) {
+      FSA_CUDA_CHECK(cudaMemsetAsync(p.dbias, 0, elements * (p.bias_is_fp32 ? 4 : 2), stream));
+    } else {
+      zero_dbias_kernel<Elt><<<dbias_grid, dbias_threads, 0, stream>>>(p);
+    }
     FSA_CUDA_CHECK(cudaGetLastError());
   }
   const int64_t rows = int64_t(p.batch) * p.num_heads * p.seqlen_q;
@@ -58,9 +73,14 @@ void launch_backward(const BackwardParams& p, cudaStream_t stream) {
       const bool query_bias_grad = p.bias_grad == BiasGrad::kFull ||
                                    p.bias_grad == BiasGrad::kFullSummed ||
                                    p.bias_grad == BiasGrad::kRows;
-      dq = query_bias_grad ? &dq_kernel_sm90<kHeadDim, Elt, true>
-                           : &dq_kernel_sm90<kHeadDim, Elt, false>;
-      threads = Sm90Tiles::kThreads, smem = Sm90Tiles::kSmemBytes;
+      if (p.bias_staged) {
+        dq = query_bias_grad ? &dq_kernel_sm90<kHeadDim, Elt, true, true>
+                             : &dq_kernel_sm90<kHeadDim, Elt, false, true>;
+      } else {
+        dq = query_bias_grad ? &dq_kernel_sm90<kHeadDim, Elt, true, false>
+                             : &dq_kernel_sm90<kHeadDim, Elt, false, false>;
+      }
+      threads = Sm90Tiles::kThreads, smem = Sm90Tiles::smem_bytes(p.bias_staged);
     } else {
       dq = &dq_kernel<kHeadDim, Elt>;
       threads = Tiles::kDqWarps * 32, smem = Tiles::kSmemDq;
@@ -87,10 +107,13 @@ void launch_backward(const BackwardParams& p, cudaStream_t stream) {
   if (p.map.n_blocks > 0 && use_sm90_backward(p)) {
     using Sm90Tiles = Sm90DkvTiles<kHeadDim, Elt>;
     auto* dkdv = &dkdv_kernel_sm90<kHeadDim, Elt>;
+    // One instantiation for both: the opt-in limit is the larger size (a fixed value, so that host
+    // threads launching it concurrently never lower it under each other), a launch asks for what
+    // it uses.
     FSA_CUDA_CHECK(cudaFuncSetAttribute(dkdv, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        Sm90Tiles::kSmemBytes));
+                                        Sm90Tiles::smem_bytes(true)));
     dkdv<<<dim3(p.map.n_blocks, p.num_kv_heads, p.batch), Sm90Tiles::kThreads,
-           Sm90Tiles::kSmemBytes, stream>>>(p);
+           Sm90Tiles::smem_bytes(p.bias_staged), stream>>>(p);
     FSA_CUDA_CHECK(cudaGetLastError());
   } else if (p.map.n_blocks > 0) {
     auto* dkdv = &dkdv_kernel<kHeadDim, Elt>;
@@ -103,7 +126,7 @@ void launch_backward(const BackwardParams& p, cudaStream_t stream) {
   const bool reduce = p.bias_grad == BiasGrad::kFullSummed || p.bias_grad == BiasGrad::kRows ||
                       p.bias_grad == BiasGrad::kColumns;
   if (reduce && elements > 0) {
-    dbias_reduce_kernel<Elt><<<grid_1d, 256, 0, stream>>>(p);
+    dbias_reduce_kernel<Elt><<<dbias_grid, dbias_threads, 0, stream>>>(p);
     FSA_CUDA_CHECK(cudaGetLastError());
   }
 }

@@ -38,6 +38,9 @@ struct Bf16 {
   __device__ static float to_float(const void* p, int64_t i) {
     return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
   }
+  __device__ static float2 unpack(uint32_t x) {  // (low, high) halves of a packed pair
+    return make_float2(__uint_as_float(x << 16), __uint_as_float(x & 0xffff0000u));
+  }
   __device__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     cute::SM80_16x8x16_F32BF16BF16F32_TN::fma(d[0], d[1], d[2], d[3], a[0], a[1], a[2], a[3], b0,
                                               b1, d[0], d[1], d[2], d[3]);
@@ -52,6 +55,11 @@ struct Fp16 {
   }
   __device__ static float to_float(const void* p, int64_t i) {
     return __half2float(static_cast<const __half*>(p)[i]);
+  }
+  __device__ static float2 unpack(uint32_t x) {
+    __half2 v;
+    memcpy(&v, &x, 4);
+    return __half22float2(v);
   }
   __device__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     cute::SM80_16x8x16_F32F16F16F32_TN::fma(d[0], d[1], d[2], d[3], a[0], a[1], a[2], a[3], b0,
@@ -112,6 +120,37 @@ __device__ inline void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* p) {
 __device__ inline void ldmatrix_x4_trans(uint32_t (&r)[4], const uint16_t* p) {
   cute::SM75_U16x8_LDSM_T::copy(*reinterpret_cast<const cute::uint128_t*>(p), r[0], r[1], r[2],
                                 r[3]);
+}
+
+// Adds factor x a staged 16-bit bias tile (Params::bias_staged: SmemTile<64>, rows = queries, 64
+// keys, filled by load_bias_tile_async) to one warp's 16 x 64 block of mma C fragments s[8][4]
+// (rows 16 w + g (+ 8), columns 8 c + 2 t (+ 1)), four ldmatrix per warp. kKeyRows = false: the
+// fragment rows are tile rows warp_row0 .. warp_row0 + 15 and its columns the tile's 64 keys (S
+// in the forward and the dQ pass). kKeyRows = true: the fragment rows are keys warp_row0 ..
+// warp_row0 + 15 and its columns the tile's 64 query rows (S^T in the dK/dV pass), read
+// transposed.
+template <class Elt, bool kKeyRows>
+__device__ __forceinline__ void add_staged_bias(float (&s)[8][4], const uint16_t* tile,
+                                                int warp_row0, float factor) {
+  const int lane = threadIdx.x % 32, sel_a = (lane / 8) & 1, sel_b = lane / 16;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    // Matrix k of the x4 lands in register k: (fragment rows +0 | +8) x (columns 16 q | 16 q + 8)
+    // in the order (0, 0), (+8, 0), (0, +8), (+8, +8); lanes 8 k .. 8 k + 7 address its rows.
+    uint32_t r[4];
+    if constexpr (!kKeyRows) {
+      ldmatrix_x4(r, tile + SmemTile<64>::offset(warp_row0 + lane % 8 + 8 * sel_a, 2 * q + sel_b));
+    } else {
+      ldmatrix_x4_trans(
+          r, tile + SmemTile<64>::offset(16 * q + lane % 8 + 8 * sel_b, warp_row0 / 8 + sel_a));
+    }
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const float2 v = Elt::unpack(r[k]);
+      s[2 * q + k / 2][2 * (k % 2)] += v.x * factor;
+      s[2 * q + k / 2][2 * (k % 2) + 1] += v.y * factor;
+    }
+  }
 }
 
 // Swizzled addresses of the ldmatrix operands, mostly precomputed. Every ldmatrix below reads 8
@@ -275,10 +314,12 @@ struct WarpRows {
   // Scores of key tile col0 .. col0 + 8 kNTiles into logits in the log2 domain: scale (or
   // softcap), bias, then the drops of a partial tile or of the ragged last key block.
   // `bias_tile`, when given, holds this tile's kNTiles * 8 values of a query-invariant bias (in
-  // the bias's dtype), already in shared memory.
+  // the bias's dtype), already in shared memory; `staged_tile`, when given, the tile's rows x
+  // (kNTiles * 8) block of a bias with a query dim (ForwardParams::bias_staged, row = tile row).
   template <int kRT, int kNTiles, class Elt>
   __device__ __forceinline__ void logits(float (&s)[kRT][kNTiles][4], int col0, bool partial,
-                                         const void* bias_tile = nullptr) const {
+                                         const void* bias_tile = nullptr,
+                                         const uint16_t* staged_tile = nullptr) const {
     constexpr int kBlockN = kNTiles * 8;
     if (p.softcap_in != 0.0f) {  // branch outside the element loop: tanhf costs on every path
 #pragma unroll
@@ -343,6 +384,12 @@ struct WarpRows {
           s[rt][j][2] += b0;
           s[rt][j][3] += b1;
         }
+      }
+    } else if (staged_tile != nullptr) {
+      static_assert(kNTiles == 8, "staged bias tiles are 64 keys wide");
+#pragma unroll
+      for (int rt = 0; rt < kRT; ++rt) {
+        add_staged_bias<Elt, false>(s[rt], staged_tile, warp_row0 + rt * 16, bias_factor);
       }
     } else if (p.bias) {
 #pragma unroll

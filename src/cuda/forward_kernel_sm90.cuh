@@ -84,6 +84,14 @@ struct Sm90ForwardTiles {
   static constexpr int kBarrierOffset = (kSmemQ + kSmemK + kSmemV) * 2 + kStages * kBiasStageBytes;
   // Per stage: "full" (the producer's copies landed) and "empty" (both consumers are done with it).
   static constexpr int kSmemBytes = kBarrierOffset + 2 * kStages * 8;
+  // A staged bias (Params::bias_staged) lives after the barriers, so that launches without one
+  // keep their shared memory (and the L1 that the rest of the carveout leaves) as it was. Per stage its
+  // (kBlockM x kBlockN) tile, SmemTile<kBlockN>.
+  static constexpr int kStagedBiasOffset = (kSmemBytes + 127) / 128 * 128;
+  static constexpr int kStagedBiasStageElems = kBlockM * kBlockN;
+  static constexpr int smem_bytes(bool staged_bias) {
+    return staged_bias ? kStagedBiasOffset + kStages * kStagedBiasStageElems * 2 : kSmemBytes;
+  }
 };
 
 // Element offset of a coordinate in one of the GMMA shared-memory layouts above. CuTe applies their
@@ -174,6 +182,29 @@ __device__ __forceinline__ void load_rows_async(uint16_t* smem, int first, int s
   }
 }
 
+// A producer's share of a staged bias tile (Params::bias_staged): rows [row_begin, row_begin +
+// kRows) x 64 keys of a 16-bit bias slice (row stride `row_stride`, `gmem` at the tile's first
+// key) into SmemTile<64> (read back with staged_bias); rows past row_limit and keys past
+// key_limit are zero. A rolled loop: the producer warpgroup runs on 40 registers, and the
+// unrolled copy made ptxas spill there.
+template <int kRows, int kThreads>
+__device__ __forceinline__ void load_bias_tile_async(uint16_t* smem, const uint16_t* gmem,
+                                                     int64_t row_stride, int row_begin,
+                                                     int row_limit, int key_limit) {
+  constexpr int kChunks = 8;  // 64 keys of 16-byte chunks
+  static_assert(kThreads % kChunks == 0 && kRows % (kThreads / kChunks) == 0, "whole passes");
+  const int c = threadIdx.x % kChunks;
+  const bool col_ok = c * 8 < key_limit;
+#pragma unroll 1
+  for (int r = threadIdx.x / kChunks; r < kRows; r += kThreads / kChunks) {
+    const bool valid = col_ok && row_begin + r < row_limit;
+    const uint16_t* src = valid ? gmem + int64_t(row_begin + r) * row_stride + c * 8 : gmem;
+    cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
+        *reinterpret_cast<const cute::uint128_t*>(src),
+        *reinterpret_cast<cute::uint128_t*>(smem + SmemTile<64>::offset(r, c)), valid);
+  }
+}
+
 // A thread's cp.async destinations in a GMMA tile, computed once: the offset of its first row
 // (row t / kChunks, column 8 (t % kChunks)) and the step per pass of kRowsPerPass rows. A pass
 // moves by a multiple of 512 elements in these layouts (8 or 16 rows of 64 elements, or 8 or 16
@@ -192,7 +223,9 @@ struct GmmaLoadOffsets {
   }
 };
 
-template <int kHeadDim, class Elt>
+// kStagedBias == p.bias_staged. A separate instantiation: the staged path's branches in the
+// producer and consumer loops cost the dense forward 9% on H100 as runtime branches.
+template <int kHeadDim, class Elt, bool kStagedBias>
 __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
     forward_kernel_sm90(const __grid_constant__ ForwardParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -231,10 +264,12 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
   static_assert(Tiles::kSmemK == kStages * kStageElems && Tiles::kSmemV == kStages * kStageElems,
                 "stages are contiguous tiles");
   // A query-invariant bias with a contiguous, 16-byte aligned key dim travels with its K/V tile
-  // (cp.async into the stage's bias slice), so the softmax never waits on a global load; other
-  // biases are read by WarpRows::logits directly. Whole tiles only: the ragged last one reads
-  // global memory. Producer and consumers derive the same answer from the params.
+  // (cp.async into the stage's bias slice), so the softmax never waits on a global load. Whole
+  // tiles only: the ragged last one reads global memory. Producer and consumers derive the same
+  // answer from the params. A bias with a query dim travels as its (kBlockM x kBlockN) tile when
+  // p.bias_staged (16-bit, whole 16-byte chunks); other biases are read by WarpRows::logits.
   uint8_t* s_bias = smem_raw + (Tiles::kSmemQ + Tiles::kSmemK + Tiles::kSmemV) * 2;
+  auto* s_staged_bias = reinterpret_cast<uint16_t*>(smem_raw + Tiles::kStagedBiasOffset);
   const int bias_bytes = p.bias_is_fp32 ? 4 : 2;
   const WarpRows row0(p, m, kBlockM, h, b, 0);
   const uint8_t* bias_row = nullptr;
@@ -273,6 +308,13 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
                                                 threadIdx.x * 16),
             *reinterpret_cast<uint128_t*>(s_bias + stage * Tiles::kBiasStageBytes +
                                           threadIdx.x * 16));
+      }
+      if constexpr (kStagedBias) {
+        load_bias_tile_async<kBlockM, kLoaders>(
+            s_staged_bias + stage * Tiles::kStagedBiasStageElems,
+            static_cast<const uint16_t*>(p.bias) + b * p.bias_stride[0] +
+                (h / p.bias_head_group) * p.bias_stride[1] + n_block * kBlockN,
+            p.bias_stride[2], m * kBlockM, p.seqlen_q, p.seqlen_k - n_block * kBlockN);
       }
       load_rows_async<kHeadDim, kBlockN, kLoaders>(s_k + stage * kStageElems, k_dst.first,
                                                    k_dst.step, k, p.k_stride_s,
@@ -394,8 +436,10 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
     for (int c = 0; c < kNTiles; ++c)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[0][c][e] = tSrS(4 * c + e);
-    wr.logits<1, kNTiles, Elt>(s, n * kBlockN, list.begin + j >= list.n_full,
-                               bias_staged(n) ? s_bias + stage * Tiles::kBiasStageBytes : nullptr);
+    wr.logits<1, kNTiles, Elt>(
+        s, n * kBlockN, list.begin + j >= list.n_full,
+        bias_staged(n) ? s_bias + stage * Tiles::kBiasStageBytes : nullptr,
+        kStagedBias ? s_staged_bias + stage * Tiles::kStagedBiasStageElems : nullptr);
     float correction[1][2];
     softmax_step(s, wr.exp_scale, row_max, row_sum, correction);
 

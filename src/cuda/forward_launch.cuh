@@ -42,10 +42,12 @@ void launch_forward(const ForwardParams& params, cudaStream_t stream) {
   if constexpr (kHeadDim <= 128) {
     if (use_sm90_forward(params)) {
       using Tiles = Sm90ForwardTiles<kHeadDim, Elt>;
-      auto* kernel = &forward_kernel_sm90<kHeadDim, Elt>;
-      FSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          Tiles::kSmemBytes));
-      kernel<<<grid, Tiles::kThreads, Tiles::kSmemBytes, stream>>>(params);
+      auto* kernel = params.bias_staged ? &forward_kernel_sm90<kHeadDim, Elt, true>
+                                        : &forward_kernel_sm90<kHeadDim, Elt, false>;
+      const int smem = Tiles::smem_bytes(params.bias_staged);
+      FSA_CUDA_CHECK(
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+      kernel<<<grid, Tiles::kThreads, smem, stream>>>(params);
       launched = true;
     }
   }

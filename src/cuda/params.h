@@ -42,6 +42,7 @@ struct ForwardParams {
   int mask_head_group;     // query heads per mask head
   const void* bias;        // query dtype or fp32, same shapes as the mask, or null
   bool bias_is_fp32;
+  bool bias_staged;  // as in BackwardParams: the sm90 kernel stages the bias tiles
   int64_t bias_stride[4];
   int bias_head_group;
 
@@ -102,6 +103,10 @@ struct BackwardParams {
   int mask_head_group;
   const void* bias;
   bool bias_is_fp32;
+  // 16-bit bias with a query dim, keys contiguous, rows 16-byte aligned, Sk % 8 == 0: the sm90
+  // passes copy its (queries x 64 keys) tiles into shared memory with each stage. (Beside
+  // bias_is_fp32, in its padding: no later field moves.)
+  bool bias_staged;
   int64_t bias_stride[4];
   int bias_head_group;
 
@@ -119,6 +124,9 @@ struct BackwardParams {
   // its slice; no two CTAs of a launch touch one dbias_accum element, so the launch order fixes
   // the order of the sums. Otherwise fp32 atomics from every (b, h) at once.
   bool ordered_dbias;
+  // dbias's keys contiguous and every even key's entry aligned for a pair store (two 16-bit
+  // values, or two fp32).
+  bool dbias_pairs;
   int dq_head_step, dq_head0, dq_batch0;
 
   int batch, seqlen_q, seqlen_k, num_heads, num_kv_heads, head_dim;
