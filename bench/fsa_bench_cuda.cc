@@ -69,6 +69,8 @@ struct Case {
                   // 4 (1,Hk,Sq,Sk) bf16, 5 (B,1,Sq,Sk) fp32
   float softcap;
   bool deterministic = false;  // also: a second CUDA backward must be bitwise identical
+  int dbias_pad = 0;  // the CUDA dbias's rows are padded by this many elements (a strided dbias;
+                      // the padding must come back untouched)
 };
 
 fsa::Device cuda0() { return fsa::Device{fsa::DeviceType::kCUDA, 0}; }
@@ -222,7 +224,15 @@ bool run_check(const Case& c, std::mt19937& rng) {
     a.dquery = view(dqp, DType::kBFloat16, {c.B, c.Sq, c.H, c.D}, dev);
     a.dkey = view(dkp, DType::kBFloat16, {c.B, c.Sk, c.Hk, c.D}, dev);
     a.dvalue = view(dvp, DType::kBFloat16, {c.B, c.Sk, c.Hk, c.D}, dev);
-    if (c.bias_kind) a.dbias = view(dbp, bias16_kind ? DType::kBFloat16 : DType::kFloat32, bshape, dev);
+    const DType bt = bias16_kind ? DType::kBFloat16 : DType::kFloat32;
+    if (c.bias_kind && (c.dbias_pad == 0 || dev.type != fsa::DeviceType::kCUDA)) {
+      a.dbias = view(dbp, bt, bshape, dev);
+    } else if (c.bias_kind) {
+      const int64_t pitch = bshape[3] + c.dbias_pad;
+      a.dbias = TensorView::strided(dbp, bt, {bshape[0], bshape[1], bshape[2], bshape[3]},
+                                    {bshape[1] * bshape[2] * pitch, bshape[2] * pitch, pitch, 1},
+                                    dev);
+    }
     return a;
   };
   std::vector<uint16_t> dq_c(q.size()), dk_c(k.size()), dv_c(k.size());
@@ -240,11 +250,28 @@ bool run_check(const Case& c, std::mt19937& rng) {
   CHECK_CUDA(cudaMalloc(&gdq, std::max<size_t>(2, q.size() * 2)));
   CHECK_CUDA(cudaMalloc(&gdk, std::max<size_t>(2, k.size() * 2)));
   CHECK_CUDA(cudaMalloc(&gdv, std::max<size_t>(2, k.size() * 2)));
-  CHECK_CUDA(cudaMalloc(&gdb, std::max<size_t>(4, bias_bytes)));
+  const size_t bias_elt = bias16_kind ? 2 : 4;
+  const size_t dbias_rows = c.bias_kind ? size_t(bshape[0] * bshape[1] * bshape[2]) : 0;
+  const size_t dbias_row_bytes = c.bias_kind ? size_t(bshape[3]) * bias_elt : 0;
+  const size_t dbias_pitch_bytes = dbias_row_bytes + size_t(c.dbias_pad) * bias_elt;
+  const size_t gdb_bytes = c.dbias_pad ? dbias_rows * dbias_pitch_bytes : bias_bytes;
+  CHECK_CUDA(cudaMalloc(&gdb, std::max<size_t>(4, gdb_bytes)));
   CHECK_CUDA(cudaMemset(gdq, 0xff, q.size() * 2));  // NaN poison
   CHECK_CUDA(cudaMemset(gdk, 0xff, k.size() * 2));
   CHECK_CUDA(cudaMemset(gdv, 0xff, k.size() * 2));
-  CHECK_CUDA(cudaMemset(gdb, 0xff, bias_bytes));
+  CHECK_CUDA(cudaMemset(gdb, 0xff, gdb_bytes));
+  // The caller's dbias bytes, rows packed; for a padded dbias, whether its padding stayed 0xff.
+  bool pad_untouched = true;
+  auto dbias_bytes_of = [&](const std::vector<uint8_t>& raw) {
+    if (!c.dbias_pad) return raw;
+    std::vector<uint8_t> packed(bias_bytes);
+    for (size_t r = 0; r < dbias_rows; ++r) {
+      const uint8_t* row = raw.data() + r * dbias_pitch_bytes;
+      std::memcpy(packed.data() + r * dbias_row_bytes, row, dbias_row_bytes);
+      for (size_t x = dbias_row_bytes; x < dbias_pitch_bytes; ++x) pad_untouched &= row[x] == 0xff;
+    }
+    return packed;
+  };
   std::string berror;
   try {
     fsa::backward(make_bwd(gq, gk, gv, gm, gb, go, glse, gdo, gdq, gdk, gdv, gdb, cuda0()));
@@ -253,18 +280,18 @@ bool run_check(const Case& c, std::mt19937& rng) {
     berror = e.what();
   }
   const auto dq_g = to_host(gdq, q.size()), dk_g = to_host(gdk, k.size()), dv_g = to_host(gdv, k.size());
-  const auto dbias_g = to_host(gdb, bias_bytes);
+  const auto dbias_g = dbias_bytes_of(to_host(gdb, gdb_bytes));
   // deterministic: a second run over fresh poison must reproduce every gradient bit for bit.
   bool bitwise = true;
   if (c.deterministic && berror.empty()) {
     CHECK_CUDA(cudaMemset(gdq, 0xff, q.size() * 2));
     CHECK_CUDA(cudaMemset(gdk, 0xff, k.size() * 2));
     CHECK_CUDA(cudaMemset(gdv, 0xff, k.size() * 2));
-    CHECK_CUDA(cudaMemset(gdb, 0xff, bias_bytes));
+    CHECK_CUDA(cudaMemset(gdb, 0xff, gdb_bytes));
     fsa::backward(make_bwd(gq, gk, gv, gm, gb, go, glse, gdo, gdq, gdk, gdv, gdb, cuda0()));
     CHECK_CUDA(cudaDeviceSynchronize());
     bitwise = to_host(gdq, q.size()) == dq_g && to_host(gdk, k.size()) == dk_g &&
-              to_host(gdv, k.size()) == dv_g && to_host(gdb, bias_bytes) == dbias_g;
+              to_host(gdv, k.size()) == dv_g && dbias_bytes_of(to_host(gdb, gdb_bytes)) == dbias_g;
     std::printf("    second run bitwise identical: %s\n", bitwise ? "ok" : "FAIL");
   }
   for (void* ptr : {static_cast<void*>(gq), static_cast<void*>(gk), static_cast<void*>(gv),
@@ -315,6 +342,10 @@ bool run_check(const Case& c, std::mt19937& rng) {
   bok &= compare("dv", floats16(dv_g), floats16(dv_c));
   if (c.bias_kind) bok &= compare("dbias", bias_floats(dbias_g), bias_floats(dbias_c));
   bok &= bitwise;
+  if (c.dbias_pad) {
+    std::printf("    dbias padding untouched: %s\n", pad_untouched ? "ok" : "FAIL");
+    bok &= pad_untouched;
+  }
   std::printf("%-40s %s (backward)\n", c.name, bok ? "PASS" : "FAIL");
   return ok && bok;
 }
@@ -346,6 +377,8 @@ int check() {
       // shared memory (ragged query and key tiles, a mask, a summed broadcast).
       {"staged bias, mask (2,333,256,4,2,128)", 2, 333, 256, 4, 2, 128, true, 1, 2, 0},
       {"staged bias (1,Hk,Sq,Sk) (2,190,136,4,2,64)", 2, 190, 136, 4, 2, 64, false, 0, 4, 0},
+      // A strided dbias (odd row pitch): zeroed and written through its strides, key by key.
+      {"full bias, strided dbias (1,150,200,4,2,64)", 1, 150, 200, 4, 2, 64, true, 0, 2, 0, false, 3},
       // deterministic=True with a full bias broadcast over heads / batch: ordered dQ launches.
       {"det. bias (1,Hk,Sq,Sk) (2,150,270,4,2,64)", 2, 150, 270, 4, 2, 64, true, 1, 4, 0, true},
       {"det. bias (B,1,Sq,Sk) (2,333,200,6,2,128)", 2, 333, 200, 6, 2, 128, false, 0, 5, 0, true},

@@ -432,8 +432,13 @@ void backward(const BackwardProblem& p, const Plan& plan, void* stream_ptr) {
       bp.bias_grad = query_full ? BiasGrad::kRows : BiasGrad::kColumns;
     }
     // A full bias broadcast over batch or heads sums the dS of several (b, h) into one element:
-    // fp32 atomics by default, ordered launches when deterministic (docs/perf.md measures both).
-    bp.ordered_dbias = bp.bias_grad == BiasGrad::kFullSummed && p.deterministic;
+    // ordered launches (one per (b, h) sharing a bias slice, BackwardParams::ordered_dbias) when
+    // deterministic, or when each launch still has two CTAs per SM; else fp32 atomics from one
+    // launch. On H100 the ordered launches tied with the atomics at 512 CTAs per launch and took
+    // 1.7-2.7x as long at 64 and 32 (docs/perf.md, "Bias gradients").
+    const int64_t ordered_ctas = int64_t(map.params.m_blocks) * g.shape[1] * g.shape[0];
+    bp.ordered_dbias = bp.bias_grad == BiasGrad::kFullSummed &&
+                       (p.deterministic || ordered_ctas >= 2 * int64_t(multiprocessor_count()));
     int64_t accum_elems = 0;
     if (bp.bias_grad == BiasGrad::kFullSummed) accum_elems = g.shape[0] * g.shape[1] * g.shape[2] * g.shape[3];
     if (bp.bias_grad == BiasGrad::kRows) accum_elems = rows;

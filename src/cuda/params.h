@@ -119,10 +119,11 @@ struct BackwardParams {
   float* col_accum;          // kColumns: (B, H, Sk) fp32
   // The dQ grid's (head, batch): CTA (x, y, z) runs head y * dq_head_step + dq_head0 of batch
   // z + dq_batch0. Normally one launch, grid (m, H, B), step 1 and offsets 0. Ordered kFullSummed
-  // (deterministic=True): one launch per member of a dbias slice (the (b, h) pairs that share one
-  // dbias (Sq, Sk) slice), grid (m, dbias heads, dbias batch), each CTA running that member of
-  // its slice; no two CTAs of a launch touch one dbias_accum element, so the launch order fixes
-  // the order of the sums. Otherwise fp32 atomics from every (b, h) at once.
+  // (deterministic=True, or launches that still fill the GPU; see backend.cu): one launch per
+  // member of a dbias slice (the (b, h) pairs that share one dbias (Sq, Sk) slice), grid
+  // (m, dbias heads, dbias batch), each CTA running that member of its slice; no two CTAs of a
+  // launch touch one dbias_accum element, so the launch order fixes the order of the sums.
+  // Otherwise fp32 atomics from every (b, h) at once.
   bool ordered_dbias;
   // dbias's keys contiguous and every even key's entry aligned for a pair store (two 16-bit
   // values, or two fp32).
