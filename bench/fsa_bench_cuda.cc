@@ -378,7 +378,8 @@ int check() {
       {"staged bias, mask (2,333,256,4,2,128)", 2, 333, 256, 4, 2, 128, true, 1, 2, 0},
       {"staged bias (1,Hk,Sq,Sk) (2,190,136,4,2,64)", 2, 190, 136, 4, 2, 64, false, 0, 4, 0},
       // A strided dbias (odd row pitch): zeroed and written through its strides, key by key.
-      {"full bias, strided dbias (1,150,200,4,2,64)", 1, 150, 200, 4, 2, 64, true, 0, 2, 0, false, 3},
+      {"full bias, strided dbias (1,150,200,4,2,64)", 1, 150, 200, 4, 2, 64, true, 0, 2, 0, false,
+       3},
       // deterministic=True with a full bias broadcast over heads / batch: ordered dQ launches.
       {"det. bias (1,Hk,Sq,Sk) (2,150,270,4,2,64)", 2, 150, 270, 4, 2, 64, true, 1, 4, 0, true},
       {"det. bias (B,1,Sq,Sk) (2,333,200,6,2,128)", 2, 333, 200, 6, 2, 128, false, 0, 5, 0, true},

@@ -202,6 +202,22 @@ __device__ __forceinline__ DqHead dq_cta_head(const BackwardParams& p) {
   return {int(blockIdx.z) + p.dq_batch0, int(blockIdx.y) * p.dq_head_step + p.dq_head0};
 }
 
+// Stores a packed pair of 16-bit dS values (keys c, c + 1; c even) of row i into a kFull dbias:
+// one 32-bit store where the pair is whole and aligned (dbias_pairs), else key by key.
+__device__ __forceinline__ void store_dbias_pair16(const BackwardParams& p, int b, int h, int i,
+                                                   int c, uint32_t packed) {
+  if (i >= p.seqlen_q || c >= p.seqlen_k) return;
+  auto* dbias = static_cast<uint16_t*>(p.dbias);
+  const int64_t off = b * p.dbias_stride[0] + h * p.dbias_stride[1] +
+                      int64_t(i) * p.dbias_stride[2] + int64_t(c) * p.dbias_stride[3];
+  if (p.dbias_pairs && c + 1 < p.seqlen_k) {
+    *reinterpret_cast<uint32_t*>(dbias + off) = packed;
+    return;
+  }
+  dbias[off] = uint16_t(packed & 0xffffu);
+  if (c + 1 < p.seqlen_k) dbias[off + p.dbias_stride[3]] = uint16_t(packed >> 16);
+}
+
 // The dQ pass's share of a bias gradient with a query dim, for one tile of dS (C layout: fragment
 // (j, e) is row i_row[e / 2], key col0 + 8 j + 2 t + (e & 1)): kFull writes each in-range entry
 // once, kFullSummed adds it into dbias_accum (fp32 atomics: in an ordered launch no two CTAs share
@@ -213,7 +229,16 @@ __device__ __forceinline__ void dq_pass_dbias(const BackwardParams& p, int b, in
                                               float (&row_grad)[2]) {
   // Entries (j, 2 r) and (j, 2 r + 1) are adjacent keys c, c + 1 (c even) of row i_row[r]: one
   // store (or one vector atomic on sm_90) for both where the pair is whole and aligned.
-  if (p.bias_grad == BiasGrad::kFull) {
+  if (p.bias_grad == BiasGrad::kFull && !p.bias_is_fp32) {
+#pragma unroll
+    for (int j = 0; j < kNTiles; ++j)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        store_dbias_pair16(p, b, h, i_row[r], col0 + j * 8 + 2 * t,
+                           Elt::pack(ds[j][2 * r], ds[j][2 * r + 1]));
+      }
+  } else if (p.bias_grad == BiasGrad::kFull) {
+    auto* dbias = static_cast<float*>(p.dbias);
     const int64_t base = b * p.dbias_stride[0] + h * p.dbias_stride[1];
 #pragma unroll
     for (int j = 0; j < kNTiles; ++j)
@@ -224,19 +249,10 @@ __device__ __forceinline__ void dq_pass_dbias(const BackwardParams& p, int b, in
         const int64_t off = base + int64_t(i) * p.dbias_stride[2] + int64_t(c) * p.dbias_stride[3];
         const float lo = ds[j][2 * r], hi = ds[j][2 * r + 1];
         if (p.dbias_pairs && c + 1 < p.seqlen_k) {
-          if (p.bias_is_fp32) *reinterpret_cast<float2*>(static_cast<float*>(p.dbias) + off) = make_float2(lo, hi);
-          else *reinterpret_cast<uint32_t*>(static_cast<uint16_t*>(p.dbias) + off) = Elt::pack(lo, hi);
-          continue;
-        }
-        const bool second = c + 1 < p.seqlen_k;
-        const int64_t off1 = off + p.dbias_stride[3];
-        if (p.bias_is_fp32) {
-          static_cast<float*>(p.dbias)[off] = lo;
-          if (second) static_cast<float*>(p.dbias)[off1] = hi;
+          *reinterpret_cast<float2*>(dbias + off) = make_float2(lo, hi);
         } else {
-          const uint32_t packed = Elt::pack(lo, hi);
-          static_cast<uint16_t*>(p.dbias)[off] = uint16_t(packed & 0xffffu);
-          if (second) static_cast<uint16_t*>(p.dbias)[off1] = uint16_t(packed >> 16);
+          dbias[off] = lo;
+          if (c + 1 < p.seqlen_k) dbias[off + p.dbias_stride[3]] = hi;
         }
       }
   } else if (p.bias_grad == BiasGrad::kFullSummed) {

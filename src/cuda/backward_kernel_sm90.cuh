@@ -74,8 +74,8 @@ struct Sm90DkvTiles {
   static constexpr int kBarrierOffset = kStatsOffset + kStages * 2 * kHalf * 4;
   static constexpr int kSmemBytes = kBarrierOffset + 2 * kStages * 8;
   // A staged bias (Params::bias_staged) lives after the barriers, so that launches without one
-  // keep their shared memory (and the L1 that the rest of the carveout leaves) as it was. Per stage its
-  // (64 queries x 64 keys) tile, SmemTile<64>.
+  // keep their shared memory (and the L1 that the rest of the carveout leaves) as it was. Per
+  // stage its (64 queries x 64 keys) tile, SmemTile<64>.
   static constexpr int kBiasOffset = (kSmemBytes + 127) / 128 * 128;
   static constexpr int kBiasStageElems = kHalf * kBlockN;
   static constexpr int smem_bytes(bool staged_bias) {
@@ -416,13 +416,27 @@ struct Sm90DqTiles {
   }
 };
 
-// kQueryBiasGrad: the launch's bias gradient is one of the dQ pass's duties (kFull, kFullSummed,
-// kRows). A separate instantiation: any use of dS after it is formed (even behind a runtime branch
-// never taken) made ptxas serialize every wgmma of the kernel (C7515), so the common path has none.
+// The dQ pass's bias-gradient duty, a template parameter of dq_kernel_sm90. Any use of the fp32
+// dS after it is packed for dQ += dS K (even behind a runtime branch never taken) makes ptxas
+// serialize every wgmma of the kernel (C7515), so each duty is its own instantiation:
+//   kNone:   no bias gradient with a query dim (the common path);
+//   kPacked: kFull with a 16-bit dbias, stored from the packed dS (the same rounding): no C7515;
+//   kFp32:   kFull with an fp32 dbias, kFullSummed and kRows, which need dS in fp32 (C7515).
+enum class DqBiasDuty { kNone, kPacked, kFp32 };
+
+inline DqBiasDuty dq_bias_duty(const BackwardParams& p) {
+  switch (p.bias_grad) {
+    case BiasGrad::kFull: return p.bias_is_fp32 ? DqBiasDuty::kFp32 : DqBiasDuty::kPacked;
+    case BiasGrad::kFullSummed:
+    case BiasGrad::kRows: return DqBiasDuty::kFp32;
+    default: return DqBiasDuty::kNone;
+  }
+}
+
 // kStagedBias == p.bias_staged, likewise: as a runtime branch the staged path made ptxas spill
 // (20 bytes) in the common instantiation and the dense dQ pass slower (0.455 vs 0.436 ms at
 // (2, 4096, 16, 16, 128) causal on H100).
-template <int kHeadDim, class Elt, bool kQueryBiasGrad, bool kStagedBias>
+template <int kHeadDim, class Elt, DqBiasDuty kDuty, bool kStagedBias>
 __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
     dq_kernel_sm90(const __grid_constant__ BackwardParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -442,7 +456,8 @@ __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
   T* smem_k = smem_do + Tiles::kSmemQ;
   T* smem_v = smem_k + Tiles::kSmemK;
   auto* s_bias = reinterpret_cast<uint16_t*>(smem_raw + Tiles::kBiasOffset);
-  uint64_t* bias_empty = reinterpret_cast<uint64_t*>(smem_raw + Tiles::kBarrierOffset) + 2 * kStages;
+  uint64_t* bias_empty =
+      reinterpret_cast<uint64_t*>(smem_raw + Tiles::kBarrierOffset) + 2 * kStages;
   if (threadIdx.x == 0) {  // initialized before init_stage_barriers' fence and CTA barrier
     for (int slot = 0; slot < Tiles::kBiasSlots; ++slot) {
       mbarrier_init(&bias_empty[slot], Tiles::kConsumerThreads / 32);
@@ -625,7 +640,16 @@ __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
       ds_regs[2 * c] = Elt::pack(ds[c][0], ds[c][1]);
       ds_regs[2 * c + 1] = Elt::pack(ds[c][2], ds[c][3]);
     }
-    if constexpr (kQueryBiasGrad) dq_pass_dbias<Elt>(p, b, h, i_row, n * kBlockN, t, ds, row_grad);
+    if constexpr (kDuty == DqBiasDuty::kFp32) {
+      dq_pass_dbias<Elt>(p, b, h, i_row, n * kBlockN, t, ds, row_grad);
+    } else if constexpr (kDuty == DqBiasDuty::kPacked) {
+#pragma unroll
+      for (int c = 0; c < kNTiles; ++c)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          store_dbias_pair16(p, b, h, i_row[r], n * kBlockN + c * 8 + 2 * t, ds_regs[2 * c + r]);
+        }
+    }
     warpgroup_fence_operand(tDq);
     warpgroup_arrive();
 #pragma unroll

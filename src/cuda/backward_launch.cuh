@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "cuda/backward_kernel.cuh"
 #include "cuda/backward_kernel_sm90.cuh"
@@ -70,16 +71,16 @@ void launch_backward(const BackwardParams& p, cudaStream_t stream) {
     int threads = 0, smem = 0;
     if (use_sm90_dq(p)) {
       using Sm90Tiles = Sm90DqTiles<kHeadDim, Elt>;
-      const bool query_bias_grad = p.bias_grad == BiasGrad::kFull ||
-                                   p.bias_grad == BiasGrad::kFullSummed ||
-                                   p.bias_grad == BiasGrad::kRows;
-      if (p.bias_staged) {
-        dq = query_bias_grad ? &dq_kernel_sm90<kHeadDim, Elt, true, true>
-                             : &dq_kernel_sm90<kHeadDim, Elt, false, true>;
-      } else {
-        dq = query_bias_grad ? &dq_kernel_sm90<kHeadDim, Elt, true, false>
-                             : &dq_kernel_sm90<kHeadDim, Elt, false, false>;
-      }
+      auto pick = [&](auto staged) -> void (*)(BackwardParams) {
+        constexpr bool kStaged = decltype(staged)::value;
+        using Duty = DqBiasDuty;
+        switch (dq_bias_duty(p)) {
+          case Duty::kPacked: return &dq_kernel_sm90<kHeadDim, Elt, Duty::kPacked, kStaged>;
+          case Duty::kFp32: return &dq_kernel_sm90<kHeadDim, Elt, Duty::kFp32, kStaged>;
+          default: return &dq_kernel_sm90<kHeadDim, Elt, Duty::kNone, kStaged>;
+        }
+      };
+      dq = p.bias_staged ? pick(std::true_type{}) : pick(std::false_type{});
       threads = Sm90Tiles::kThreads, smem = Sm90Tiles::smem_bytes(p.bias_staged);
     } else {
       dq = &dq_kernel<kHeadDim, Elt>;

@@ -85,8 +85,8 @@ struct Sm90ForwardTiles {
   // Per stage: "full" (the producer's copies landed) and "empty" (both consumers are done with it).
   static constexpr int kSmemBytes = kBarrierOffset + 2 * kStages * 8;
   // A staged bias (Params::bias_staged) lives after the barriers, so that launches without one
-  // keep their shared memory (and the L1 that the rest of the carveout leaves) as it was. Per stage its
-  // (kBlockM x kBlockN) tile, SmemTile<kBlockN>.
+  // keep their shared memory (and the L1 that the rest of the carveout leaves) as it was. Per
+  // stage its (kBlockM x kBlockN) tile, SmemTile<kBlockN>.
   static constexpr int kStagedBiasOffset = (kSmemBytes + 127) / 128 * 128;
   static constexpr int kStagedBiasStageElems = kBlockM * kBlockN;
   static constexpr int smem_bytes(bool staged_bias) {
