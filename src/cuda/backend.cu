@@ -435,7 +435,7 @@ void backward(const BackwardProblem& p, const Plan& plan, void* stream_ptr) {
     // ordered launches (one per (b, h) sharing a bias slice, BackwardParams::ordered_dbias) when
     // deterministic, or when each launch still has two CTAs per SM; else fp32 atomics from one
     // launch. On H100 the ordered launches tied with the atomics at 512 CTAs per launch and took
-    // 1.6-2.7x as long at 64 and 32 (docs/perf.md, "Bias gradients").
+    // 1.6-2.9x as long at 64 and 32 (docs/perf.md, "Bias gradients").
     const int64_t ordered_ctas = int64_t(map.params.m_blocks) * g.shape[1] * g.shape[0];
     bp.ordered_dbias = bp.bias_grad == BiasGrad::kFullSummed &&
                        (p.deterministic || ordered_ctas >= 2 * int64_t(multiprocessor_count()));
