@@ -433,9 +433,9 @@ inline DqBiasDuty dq_bias_duty(const BackwardParams& p) {
   }
 }
 
-// kStagedBias == p.bias_staged, likewise: as a runtime branch the staged path made ptxas spill
-// (20 bytes) in the common instantiation and the dense dQ pass slower (0.455 vs 0.436 ms at
-// (2, 4096, 16, 16, 128) causal on H100).
+// kDuty == dq_bias_duty(p). kStagedBias == p.bias_staged, also an instantiation: as a runtime
+// branch the staged path made ptxas spill (20 bytes) in the common instantiation and the dense dQ
+// pass slower (0.455 vs 0.436 ms at (2, 4096, 16, 16, 128) causal on H100).
 template <int kHeadDim, class Elt, DqBiasDuty kDuty, bool kStagedBias>
 __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
     dq_kernel_sm90(const __grid_constant__ BackwardParams p) {
