@@ -1,10 +1,12 @@
 #pragma once
-// Hopper backward passes (dkdv_kernel_sm90, then dq_kernel_sm90 below). dK/dV pass: warpgroup MMA (wgmma, sm_90a) over the same transposed block lists, work
-// order and element passes as dkdv_kernel (backward_kernel.cuh), for kernel head dims 64 and 128.
+// Hopper backward passes (dkdv_kernel_sm90, then dq_kernel_sm90 below). dK/dV pass: warpgroup
+// MMA (wgmma, sm_90a) over the same transposed block lists, work order and element passes as
+// dkdv_kernel (backward_kernel.cuh), for kernel head dims 64 and 128.
 //
 // CTA (64-key tile n, kv head hk, batch b) = one producer warpgroup + one consumer warpgroup. The
 // producer copies the K and V tiles once, then streams the 64-query halves of the work list
-// (Q, dO, LSE, rowdot) through kStages cp.async stages, announcing each on a "full" mbarrier.
+// (Q, dO, LSE, rowdot, and a staged 16-bit bias's 64 x 64 tile) through kStages cp.async stages,
+// announcing each on a "full" mbarrier.
 // The consumer owns the 64 key rows (16 per warp, as in dkdv_kernel) and, per half:
 //
 //   x^T  = K Q^T    SS wgmma (64 keys x 64 queries, K = head dim)
@@ -343,8 +345,9 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
 // CTA (128-query tile m, head h, batch b) = one producer warpgroup + two consumer warpgroups of 64
 // query rows each (as the forward). The producer copies the tile's Q and dO once (they complete
 // with the first K/V stage), then streams the 64-key K and V tiles of the list through kStages
-// cp.async stages. Per key tile, each consumer warpgroup (no barrier between the two: one's element
-// passes overlap the other's products):
+// cp.async stages (a staged 16-bit bias's 128 x 64 tiles through two slots of their own). Per key
+// tile, each consumer warpgroup (no barrier between the two: one's element passes overlap the
+// other's products):
 //
 //   x  = Q K^T      SS wgmma (64 queries x 64 keys, K = head dim)
 //   dP = dO V^T     SS wgmma

@@ -4,8 +4,8 @@
 //
 // One CTA per (128-row query block, head, batch) with three warpgroups. A producer warpgroup
 // (few registers after setmaxnreg) copies each key tile's K and V, and a query-invariant bias's
-// slice, into one of four shared-memory stages with cp.async and arrives on the stage's "full"
-// mbarrier when the copies land. Two consumer warpgroups own 64 query rows each and never wait
+// slice or a 16-bit bias's (128 x 64) tile, into one of four shared-memory stages with cp.async
+// and arrives on the stage's "full" mbarrier when the copies land. Two consumer warpgroups own 64 query rows each and never wait
 // for each other: per tile, S = Q K^T with Q in registers (wgmma RS), the logits and online
 // softmax in registers (the WarpRows / softmax_step code of the sm80 kernel: a wgmma accumulator
 // is laid out per warp exactly like an mma.sync C fragment), then O += P V with P from registers
