@@ -186,7 +186,9 @@ __device__ __forceinline__ void load_rows_async(uint16_t* smem, int first, int s
 // kRows) x 64 keys of a 16-bit bias slice (row stride `row_stride`, `gmem` at the tile's first
 // key) into SmemTile<64> (read back with staged_bias); rows past row_limit and keys past
 // key_limit are zero. A rolled loop: the producer warpgroup runs on 40 registers, and the
-// unrolled copy made ptxas spill there.
+// unrolled copy made ptxas spill there. Not load_tile_async<64, kRows, kThreads> with its loop
+// rolled: that version keeps its stepped source pointer and 64-bit step live and still spilled
+// 12 bytes in the staged dQ kernels at D = 128; this one recomputes each row's address.
 template <int kRows, int kThreads>
 __device__ __forceinline__ void load_bias_tile_async(uint16_t* smem, const uint16_t* gmem,
                                                      int64_t row_stride, int row_begin,
