@@ -50,6 +50,16 @@ struct BlockMap {
   int64_t kept_entries = 0;  // kept (query, key) pairs summed over the map's (batch, head)
 };
 
+// Whether a plan for a key-only mask also compacts its keys (Plan::compacted()).
+enum class CompactKeys {
+  // Where it pays: a key-only mask (query dim 1), no block selection, and at least 128 query rows.
+  // A shorter query block (decode) reads each kept K / V row about once, and gathering it first
+  // would triple that traffic, so those calls keep the block map.
+  kAuto,
+  kAlways,  // any key-only mask without a block selection (tests, A/B measurements)
+  kNever,   // the block map only
+};
+
 struct PlanOptions {
   // Tile shape. 0 = the default of the backend that will run the plan (CPU: 64 x 64; CUDA: the
   // forward kernel's tiles for the head dim). The CPU backend runs any shape; the CUDA kernels
@@ -63,11 +73,18 @@ struct PlanOptions {
   std::optional<TensorView> block_mask;
   int block_mask_m = 0;  // sel_m
   int block_mask_n = 0;  // sel_n
+  // Compacted keys for a key-only mask: the plan also lists each (batch, mask head)'s kept keys,
+  // and calls whose bias is query-invariant (or absent) run over those keys gathered into a dense
+  // key axis, so work follows the kept keys even when they are scattered (a top-k mask) and every
+  // tile of the block map is partly kept.
+  CompactKeys compact_keys = CompactKeys::kAuto;
   void* stream = nullptr;  // cudaStream_t on which a CUDA plan is built; ignored on the CPU
 };
 
 namespace detail {
 struct DeviceBlockMap;  // the CUDA backend's copy of the block map (device memory)
+struct KeyCompaction;   // compacted keys: key lists and their block map (core/compaction.h)
+struct PlanAccess;      // the core's builders of plans
 }
 
 // A plan for one problem geometry. Cheap to copy (shared, immutable storage).
@@ -115,11 +132,22 @@ class Plan {
   // Fraction of all tiles that are visited (full + partial).
   double visited_tile_fraction() const;
 
+  // Whether the plan holds compacted keys (PlanOptions::compact_keys): calls whose bias is
+  // query-invariant or absent then run over the kept keys.
+  bool compacted() const { return compaction_ != nullptr; }
+  // Fraction of the key tiles of the full (Sq x Sk) grid that a compacted call visits: tiles of
+  // the compacted key axis (slots), which ends after the longest list. 0 when not compacted. For
+  // a CUDA plan this waits for the planning kernels.
+  double compacted_tile_fraction() const;
+  const detail::KeyCompaction* compaction() const { return compaction_.get(); }
+
  private:
   friend Plan make_plan(const TensorView&, const TensorView&, const std::optional<TensorView>&,
                         bool, const PlanOptions&);
+  friend struct detail::PlanAccess;
   std::shared_ptr<const BlockMap> map_;
   std::shared_ptr<const detail::DeviceBlockMap> device_map_;
+  std::shared_ptr<const detail::KeyCompaction> compaction_;
   int64_t batch_ = 0, num_heads_ = 0, num_kv_heads_ = 0, seqlen_q_ = 0, seqlen_k_ = 0;
   bool is_causal_ = false, has_mask_ = false;
   Device device_{};

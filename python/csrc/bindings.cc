@@ -131,6 +131,14 @@ fsa::AttentionOptions attention_options(std::optional<double> softmax_scale, boo
   return o;
 }
 
+fsa::CompactKeys compact_keys_mode(const std::string& mode) {
+  if (mode == "auto") return fsa::CompactKeys::kAuto;
+  if (mode == "always") return fsa::CompactKeys::kAlways;
+  if (mode == "never") return fsa::CompactKeys::kNever;
+  throw fsa::Error(fsa::ErrorKind::kValue, "compact_keys",
+                   "expected 'auto', 'always' or 'never', got '" + mode + "'");
+}
+
 fsa::MaskKind mask_kind(const std::string& type) {
   if (type == "topk") return fsa::MaskKind::kTopK;
   if (type == "relu") return fsa::MaskKind::kReLU;
@@ -184,6 +192,8 @@ NB_MODULE(_C, m) {
       .def_prop_ro("m_blocks", [](const fsa::Plan& p) { return p.map().m_blocks; })
       .def_prop_ro("n_blocks", [](const fsa::Plan& p) { return p.map().n_blocks; })
       .def_prop_ro("kept_entries", [](const fsa::Plan& p) { return p.map().kept_entries; })
+      .def_prop_ro("compacted", &fsa::Plan::compacted)
+      .def("compacted_tile_fraction", &fsa::Plan::compacted_tile_fraction)
       .def("kept_density", &fsa::Plan::kept_density)
       .def("visited_tile_fraction", &fsa::Plan::visited_tile_fraction);
 
@@ -192,7 +202,7 @@ NB_MODULE(_C, m) {
       [](const InArray& query, const InArray& key, const std::optional<InArray>& attn_mask,
          bool is_causal, std::optional<int> block_m, std::optional<int> block_n,
          const std::optional<InArray>& block_mask, std::optional<int> block_mask_m,
-         std::optional<int> block_mask_n, uintptr_t stream) {
+         std::optional<int> block_mask_n, uintptr_t stream, const std::string& compact_keys) {
         const fsa::TensorView q = to_view(query, "query"), k = to_view(key, "key");
         const std::optional<fsa::TensorView> mask = to_view(attn_mask, "attn_mask");
         fsa::PlanOptions options;  // the backend's default tiles unless the caller picks them
@@ -202,6 +212,7 @@ NB_MODULE(_C, m) {
         if (block_mask_m) options.block_mask_m = *block_mask_m;
         if (block_mask_n) options.block_mask_n = *block_mask_n;
         options.stream = to_stream(stream);
+        options.compact_keys = compact_keys_mode(compact_keys);
         nb::gil_scoped_release release;
         return fsa::make_plan(q, k, mask, is_causal, options);
       },
@@ -209,10 +220,12 @@ NB_MODULE(_C, m) {
       nb::arg("block_m").none() = nb::none(), nb::arg("block_n").none() = nb::none(),
       nb::arg("block_mask").none() = nb::none(), nb::arg("block_mask_m").none() = nb::none(),
       nb::arg("block_mask_n").none() = nb::none(), nb::arg("stream") = 0,
+      nb::arg("compact_keys") = "auto",
       "Builds the block map for query (B, Sq, H, D), key (B, Sk, Hk, D) (shapes only), an optional "
       "bool attn_mask, causality, the tile shape (None: the backend's default) and an optional "
       "block selection over block_mask_m x block_mask_n tiles, whole multiples of the plan's "
-      "(None: the plan's tile); a CUDA plan is built on `stream`.");
+      "(None: the plan's tile); a CUDA plan is built on `stream`. compact_keys: 'auto' (a key-only "
+      "mask's kept keys are listed when seqlen_q >= 128), 'always' or 'never'.");
 
   m.def(
       "forward",

@@ -374,6 +374,37 @@ _fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
 # ---- public API ----------------------------------------------------------------------------------
 
 
+def _topk_mask(query, key, attn_mask, attn_bias, topk):
+    """The mask ``topk=`` asks for: create_mask's selection on the bias's device (no gradient)."""
+    from .utils.mask import create_mask
+
+    if isinstance(topk, bool) or not isinstance(topk, int):
+        raise TypeError(f"topk: expected an int or None, got {type(topk).__name__}")
+    if topk < 1:
+        raise ValueError(f"topk: expected a positive number of keys per row, got {topk}")
+    if attn_bias is None:
+        raise ValueError("topk: selects keys by attn_bias, which is None; pass attn_bias")
+    if not attn_bias.is_floating_point():
+        raise TypeError(f"attn_bias: expected a float dtype for topk, got {attn_bias.dtype}")
+    if attn_bias.dim() != 4:
+        raise ValueError(
+            "attn_bias: expected 4 dims ({B|1}, {H|Hk|1}, {Sq|1}, {Sk|1}), got shape "
+            f"{tuple(attn_bias.shape)}"
+        )
+    batch, seqlen_q = query.shape[0], query.shape[1]
+    seqlen_k = key.shape[1] if key.dim() == 4 else attn_bias.shape[-1]
+    if attn_bias.shape[-1] != seqlen_k:
+        raise ValueError(
+            f"attn_bias: topk selects along the key dim, expected its size {seqlen_k} (seqlen_k), "
+            f"got shape {tuple(attn_bias.shape)}"
+        )
+    return create_mask(
+        attn_bias.detach(), attn_mask, batch, seqlen_q, seqlen_k, topk,
+        torch.finfo(attn_bias.dtype).min,
+    )
+
+
+
 def flash_sparse_attn_func(
     query: _Tensor,
     key: _Tensor,
@@ -388,6 +419,7 @@ def flash_sparse_attn_func(
     *,
     block_mask: Optional[_Tensor] = None,
     block_size=None,
+    topk: Optional[int] = None,
 ):
     """Exact attention with an optional boolean mask and additive bias (SPEC.md sections 1-4).
 
@@ -412,10 +444,19 @@ def flash_sparse_attn_func(
         block_size: the (bm, bn) tile of ``block_mask`` (an int for both); default (128, 128),
             as ``create_block_mask``'s. On CUDA it must be a whole multiple of the kernel's tile
             (128 x 128 always is).
+        topk: keep in every row only the ``topk`` largest ``attn_bias`` entries among the keys
+            ``attn_mask`` allows (all keys without one); causality then applies to the kept keys.
+            Exactly the keys ``create_mask(attn_bias, attn_mask, ..., window_size=topk,
+            min_dtype=finfo(attn_bias.dtype).min)`` keeps (ties go to the lower key index; an
+            entry equal to min_dtype is never kept), selected on the tensors' device. With a
+            query-invariant bias (e.g. Doge's (B, Hk, 1, Sk)) the kept set is a key mask of
+            O(B * Hk * Sk) bytes and the attention runs over the kept keys only.
 
     Returns ``out`` (B, Sq, H, D) in the query dtype, or ``(out, lse, None)``.
     """
     _check_inputs(query, key, value, attn_mask, attn_bias)
+    if topk is not None:
+        attn_mask = _topk_mask(query, key, attn_mask, attn_bias, topk)
     is_causal = bool(is_causal) if is_causal is not None else False
     softcap = float(softcap) if softcap is not None else 0.0
     deterministic = bool(deterministic) if deterministic is not None else False

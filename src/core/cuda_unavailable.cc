@@ -15,9 +15,17 @@ namespace {
 std::shared_ptr<const DeviceBlockMap> make_device_plan(const Geometry&,
                                                        const std::optional<BroadcastOperand>&,
                                                        const std::optional<BroadcastOperand>&,
-                                                       int, int, bool, const BlockMap&, void*) {
+                                                       int, int, bool, const BlockMap&,
+                                                       const RowEnd&, void*) {
   unavailable();
 }
+std::shared_ptr<const KeyCompaction> make_device_compaction(const Geometry&,
+                                                            const BroadcastOperand&, bool, int,
+                                                            int, void*) {
+  unavailable();
+}
+void compacted_forward(const ForwardProblem&, const KeyCompaction&, void*) { unavailable(); }
+void compacted_backward(const BackwardProblem&, const KeyCompaction&, void*) { unavailable(); }
 DevicePlanStats device_plan_stats(const DeviceBlockMap&) { unavailable(); }
 void forward(const ForwardProblem&, const Plan&, void*) { unavailable(); }
 void backward(const BackwardProblem&, const Plan&, void*) { unavailable(); }

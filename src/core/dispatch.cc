@@ -1,6 +1,7 @@
 // The public entry points: validate, plan (unless the caller brought a plan), run the backend of
 // the tensors' device.
 
+#include "core/compaction.h"
 #include "core/problem.h"
 #include "cpu/cpu_backend.h"
 #include "cpu/thread_pool.h"
@@ -25,11 +26,20 @@ void forward(const ForwardArgs& args) {
   Plan local;
   if (!args.plan) local = plan_for(args.query, args.key, args.attn_mask, p.is_causal, args.stream);
   const Plan& plan = args.plan ? *args.plan : local;
+  const bool compacted = detail::runs_compacted(plan, p);
   if (p.device.type == DeviceType::kCUDA) {
-    detail::cuda::forward(p, plan, args.stream);
+    if (compacted) {
+      detail::cuda::compacted_forward(p, *plan.compaction(), args.stream);
+    } else {
+      detail::cuda::forward(p, plan, args.stream);
+    }
     return;
   }
-  detail::cpu::forward(p, plan);
+  if (compacted) {
+    detail::cpu_compacted_forward(p, plan);
+  } else {
+    detail::cpu::forward(p, plan);
+  }
 }
 
 void backward(const BackwardArgs& args) {
@@ -37,11 +47,20 @@ void backward(const BackwardArgs& args) {
   Plan local;
   if (!args.plan) local = plan_for(args.query, args.key, args.attn_mask, p.is_causal, args.stream);
   const Plan& plan = args.plan ? *args.plan : local;
+  const bool compacted = detail::runs_compacted(plan, p);
   if (p.device.type == DeviceType::kCUDA) {
-    detail::cuda::backward(p, plan, args.stream);
+    if (compacted) {
+      detail::cuda::compacted_backward(p, *plan.compaction(), args.stream);
+    } else {
+      detail::cuda::backward(p, plan, args.stream);
+    }
     return;
   }
-  detail::cpu::backward(p, plan);
+  if (compacted) {
+    detail::cpu_compacted_backward(p, plan);
+  } else {
+    detail::cpu::backward(p, plan);
+  }
 }
 
 void set_num_threads(int num_threads) { detail::set_cpu_threads(num_threads); }

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "core/causal.h"
+#include "core/compaction.h"
 #include "core/problem.h"
 #include "cuda/cuda_backend.h"
 #include "cuda/tiles.h"
@@ -53,7 +54,10 @@ class TileCounter {
       const int64_t s = mask_->read_stride[3];
       for (int64_t j = 0; j < sk_; ++j) prefix_[j + 1] = prefix_[j] + (base_[j * s] != 0);
     } else {
-      for (int64_t j = 0; j < sk_; ++j) prefix_[j + 1] = j + 1;
+      // No key dim: every key is kept, or, for a mask of one flag per (batch, head) (no query dim
+      // either; a query-only mask weighs its rows instead), none is.
+      const int64_t flag = mask_ && mask_->read_stride[2] == 0 ? int64_t(base_[0] != 0) : 1;
+      for (int64_t j = 0; j < sk_; ++j) prefix_[j + 1] = (j + 1) * flag;
     }
   }
 
@@ -230,11 +234,19 @@ Plan make_plan(const TensorView& query, const TensorView& key,
   plan.is_causal_ = is_causal;
   plan.has_mask_ = attn_mask.has_value();
   plan.device_ = query.device;
+  const bool compact = mask && !selection && detail::compactable_mask(*mask) &&
+                       (options.compact_keys == CompactKeys::kAlways ||
+                        (options.compact_keys == CompactKeys::kAuto &&
+                         g.seqlen_q >= detail::kCompactMinQueries));
   if (on_cuda) {
     plan.device_map_ = detail::cuda::make_device_plan(g, mask, selection, sel_m / block_m,
                                                       sel_n / block_n, is_causal, *map,
-                                                      options.stream);
+                                                      detail::RowEnd{}, options.stream);
     plan.map_ = std::move(map);
+    if (compact) {
+      plan.compaction_ = detail::cuda::make_device_compaction(g, *mask, is_causal, block_m,
+                                                              block_n, options.stream);
+    }
     return plan;
   }
 
@@ -275,8 +287,43 @@ Plan make_plan(const TensorView& query, const TensorView& key,
   transpose(map->partial, map->batch * map->heads, m_blocks, n_blocks, map->partial_t);
 
   plan.map_ = std::move(map);
+  if (compact) {
+    plan.compaction_ = detail::make_cpu_compaction(g, *mask, is_causal, block_m, block_n);
+  }
   return plan;
 }
+
+namespace detail {
+
+void fill_map_from_row_end(BlockMap& map, const int32_t* row_end, int64_t seqlen_q,
+                           int64_t seqlen_k) {
+  const int64_t outer = map.batch * map.heads, rows = outer * map.m_blocks;
+  map.full.offsets.assign(size_t(rows + 1), 0);
+  map.partial.offsets.assign(size_t(rows + 1), 0);
+  map.kept_entries = 0;
+  for (int64_t o = 0; o < outer; ++o) {
+    const int32_t* end = row_end + o * seqlen_q;  // non-decreasing in the row
+    for (int64_t m = 0; m < map.m_blocks; ++m) {
+      const int64_t r0 = m * map.block_m, r1 = std::min<int64_t>(r0 + map.block_m, seqlen_q);
+      for (int64_t n = 0; n < map.n_blocks; ++n) {
+        const int64_t c0 = n * map.block_n, cols = std::min<int64_t>(map.block_n, seqlen_k - c0);
+        if (c0 >= end[r1 - 1]) break;  // this tile and every later one: no row sees a slot
+        int64_t kept = 0;
+        for (int64_t i = r0; i < r1; ++i) kept += std::clamp<int64_t>(end[i] - c0, 0, cols);
+        map.kept_entries += kept;
+        BlockLists& list = kept == (r1 - r0) * cols ? map.full : map.partial;
+        list.blocks.push_back(int32_t(n));
+      }
+      const int64_t row = o * map.m_blocks + m;
+      map.full.offsets[size_t(row + 1)] = int64_t(map.full.blocks.size());
+      map.partial.offsets[size_t(row + 1)] = int64_t(map.partial.blocks.size());
+    }
+  }
+  transpose(map.full, outer, map.m_blocks, map.n_blocks, map.full_t);
+  transpose(map.partial, outer, map.m_blocks, map.n_blocks, map.partial_t);
+}
+
+}  // namespace detail
 
 double Plan::kept_density() const {
   const double total = double(map_->batch) * double(map_->heads) * double(seqlen_q_) *
@@ -284,6 +331,11 @@ double Plan::kept_density() const {
   const int64_t kept =
       device_map_ ? detail::cuda::device_plan_stats(*device_map_).kept_entries : map_->kept_entries;
   return total > 0 ? double(kept) / total : 0.0;
+}
+
+double Plan::compacted_tile_fraction() const {
+  // The slot axis is as long as the key axis, so the compacted map's grid is the full one.
+  return compaction_ ? compaction_->plan.visited_tile_fraction() : 0.0;
 }
 
 double Plan::visited_tile_fraction() const {

@@ -41,6 +41,19 @@ struct BroadcastOperand {
   }
 };
 
+// Compacted keys (core/compaction.h): row i of (b, query head h) sees keys [0, at(b, h, i)) of
+// the problem's key axis, which then holds the kept keys gathered into slots; the bound replaces
+// the mask and causality. Null on every other path.
+struct RowEnd {
+  const int32_t* data = nullptr;  // (batch | 1, heads, Sq)
+  int64_t stride_b = 0;           // 0 when every batch shares the bounds
+  int64_t stride_h = 0;
+  int64_t head_group = 1;  // query heads per head of the array
+  int64_t at(int64_t b, int64_t h, int64_t i) const {
+    return data[b * stride_b + (h / head_group) * stride_h + i];
+  }
+};
+
 struct Problem {
   int64_t batch = 0, seqlen_q = 0, seqlen_k = 0, num_heads = 0, num_kv_heads = 0, head_dim = 0;
   DType dtype = DType::kFloat32;
@@ -51,6 +64,7 @@ struct Problem {
   bool deterministic = false;
   SeqOperand q, k, v;
   std::optional<BroadcastOperand> mask, bias;
+  RowEnd row_end;  // compacted keys only
   int64_t group() const { return num_heads / num_kv_heads; }  // G query heads per kv head
 };
 

@@ -189,12 +189,16 @@ class ScoreTransform {
   }
 
   void drop_entries(Acc* sr, const Tile& tile, int64_t r, int64_t b, int64_t h) const {
-    const int64_t visible = band_.visible_end(tile.r0 + r) - tile.c0;  // keys [c0, c0+visible)
+    // Keys [c0, c0 + visible) of the tile: causality, or over compacted keys the row's own bound
+    // (which holds the mask too: a compacted problem has none).
+    const int64_t i = tile.r0 + r;
+    const int64_t visible =
+        (p_.row_end.data ? p_.row_end.at(b, h, i) : band_.visible_end(i)) - tile.c0;
     int64_t c = visible < 0 ? 0 : visible;
     for (; c < tile.cols; ++c) sr[c] = kNegInfOf<Acc>;
     if (!p_.mask) return;
     const BroadcastOperand& mask = *p_.mask;
-    const auto* row = static_cast<const uint8_t*>(mask.data) + mask.offset(b, h, tile.r0 + r, tile.c0);
+    const auto* row = static_cast<const uint8_t*>(mask.data) + mask.offset(b, h, i, tile.c0);
     const int64_t sc = mask.read_stride[3];
     const int64_t end = visible < tile.cols ? (visible < 0 ? 0 : visible) : tile.cols;
     for (c = 0; c < end; ++c) {

@@ -10,6 +10,7 @@
 #include "cuda/device_plan.h"
 #include "cuda/forward_launch.h"
 #include "cuda/plan_kernels.cuh"
+#include "cuda/stream_buffer.h"
 #include "cuda/tiles.h"
 
 // Which (head dim, dtype) instantiations this build has: CMake defines FSA_CUDA_BUILT_<D>_<dtype>=1
@@ -102,19 +103,6 @@ SeqOperand padded_copy(const SeqOperand& op, int64_t batch, int64_t seqlen, int6
   return {buffer, seqlen * heads * padded, heads * padded, padded};
 }
 
-// Stream-ordered pool memory released (after the work queued on the stream) at scope exit.
-struct StreamBuffer {
-  void* ptr = nullptr;
-  cudaStream_t stream = nullptr;
-  StreamBuffer() = default;
-  explicit StreamBuffer(cudaStream_t s) : stream(s) {}
-  StreamBuffer(const StreamBuffer&) = delete;
-  StreamBuffer& operator=(const StreamBuffer&) = delete;
-  ~StreamBuffer() {
-    if (ptr) cudaFreeAsync(ptr, stream);
-  }
-};
-
 // The operand itself when the kernels can read its rows, else a padded copy held by `buffer`.
 SeqOperand kernel_rows(const SeqOperand& op, int64_t batch, int64_t seqlen, int64_t heads,
                        int64_t head_dim, StreamBuffer& buffer) {
@@ -122,9 +110,14 @@ SeqOperand kernel_rows(const SeqOperand& op, int64_t batch, int64_t seqlen, int6
   return padded_copy(op, batch, seqlen, heads, head_dim, buffer.stream, buffer.ptr);
 }
 
-// Mask and bias fields are the same in the forward and backward params.
+RowEndParams row_end_params(const RowEnd& r) {
+  return {r.data, r.stride_b, r.stride_h, int(r.head_group)};
+}
+
+// Mask, bias and row-bound fields are the same in the forward and backward params.
 template <class Params>
 void fill_mask_and_bias(Params& params, const Problem& p) {
+  params.row_end = row_end_params(p.row_end);
   if (p.mask) {
     params.mask = static_cast<const uint8_t*>(p.mask->data);
     fill_strides(params.mask_stride, *p.mask);
@@ -167,7 +160,7 @@ int choose_splits(int64_t ctas, int64_t n_blocks) {
 std::shared_ptr<const DeviceBlockMap> make_device_plan(
     const Geometry& g, const std::optional<BroadcastOperand>& mask,
     const std::optional<BroadcastOperand>& selection, int sel_ratio_m, int sel_ratio_n,
-    bool is_causal, const BlockMap& extents, void* stream_ptr) {
+    bool is_causal, const BlockMap& extents, const RowEnd& row_end, void* stream_ptr) {
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   auto map = std::make_shared<DeviceBlockMap>();
   map->stream = stream;
@@ -236,6 +229,7 @@ std::shared_ptr<const DeviceBlockMap> make_device_plan(
   pp.seqlen_q = int(g.seqlen_q);
   pp.seqlen_k = int(g.seqlen_k);
   pp.is_causal = is_causal;
+  pp.row_end = row_end_params(row_end);
   pp.tile_class = map->tile_class;
   pp.counters = map->counters;
   pp.map = mp;

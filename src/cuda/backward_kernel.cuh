@@ -48,11 +48,6 @@ __global__ void rowdot_kernel(const __grid_constant__ BackwardParams p) {
   if (lane == 0) const_cast<float*>(p.rowdot)[row] = sum;  // (B, H, Sq), row = (b H + h) Sq + i
 }
 
-__device__ inline int bwd_visible_end(const BackwardParams& p, int i) {
-  if (!p.is_causal) return p.seqlen_k;
-  return min(max(i + p.seqlen_k - p.seqlen_q + 1, 0), p.seqlen_k);
-}
-
 // One entry of the recomputation: from the raw product x = q.k and dP = dO.v of (query i, key j)
 // returns P (natural softmax probability), dS = P (dP - rowdot) and dX (the gradient w.r.t. the
 // scaled product: dS, or dS (1 - t^2) under softcap). A dropped entry, an empty row (LSE -inf)
@@ -70,7 +65,7 @@ __device__ inline void entry_grads(const BackwardParams& p, int b, int head, int
   }
   bool keep = lse2 != -INFINITY;
   if (keep && check) {  // partial tile or ragged edge: bounds, causality and the mask
-    keep = i < p.seqlen_q && j < p.seqlen_k && j < bwd_visible_end(p, i);
+    keep = i < p.seqlen_q && j < p.seqlen_k && j < visible_end(p, b, head, i);
     if (keep && p.mask) {
       keep = p.mask[b * p.mask_stride[0] + (head / p.mask_head_group) * p.mask_stride[1] +
                     int64_t(i) * p.mask_stride[2] + int64_t(j) * p.mask_stride[3]] != 0;
@@ -146,12 +141,25 @@ __device__ inline void drop_pass(const BackwardParams& p, int b, int head, float
   const uint8_t* mask =
       p.mask ? p.mask + b * p.mask_stride[0] + (head / p.mask_head_group) * p.mask_stride[1]
              : nullptr;
+  // Where the rows are queries, each thread has two: their visible ends once per tile (on the
+  // compacted path each is a load).
+  int row_end[2] = {0, 0};
+  if constexpr (!Index::kRowsAreKeys) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) row_end[r] = visible_end(p, b, head, min(ix.row[r], p.seqlen_q - 1));
+  }
 #pragma unroll
   for (int j = 0; j < kN; ++j)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int i = ix.query(j, e), k = ix.key(j, e);
-      bool keep = i < p.seqlen_q && k < p.seqlen_k && k < bwd_visible_end(p, i);
+      const bool in_range = i < p.seqlen_q && k < p.seqlen_k;
+      bool keep;
+      if constexpr (Index::kRowsAreKeys) {
+        keep = in_range && k < visible_end(p, b, head, i);
+      } else {
+        keep = in_range && k < row_end[e / 2];
+      }
       if (keep && mask) {
         keep = mask[int64_t(i) * p.mask_stride[2] + int64_t(k) * p.mask_stride[3]] != 0;
       }

@@ -6,6 +6,7 @@
 #include <memory>
 #include <optional>
 
+#include "core/compaction.h"
 #include "core/problem.h"
 #include "fsa/plan.h"
 
@@ -18,11 +19,23 @@ struct DevicePlanStats {
 
 // Builds the block map on the device of the mask / query, asynchronously on `stream`. `extents`
 // carries the map's batch, heads, blocks and tile shape; a selection tile spans
-// sel_ratio_m x sel_ratio_n plan tiles.
+// sel_ratio_m x sel_ratio_n plan tiles. With row_end (device memory, heads = extents.heads) the
+// map is a compacted one: row bounds alone decide, with no mask, selection or causality.
 std::shared_ptr<const DeviceBlockMap> make_device_plan(
     const Geometry& g, const std::optional<BroadcastOperand>& mask,
     const std::optional<BroadcastOperand>& selection, int sel_ratio_m, int sel_ratio_n,
-    bool is_causal, const BlockMap& extents, void* stream);
+    bool is_causal, const BlockMap& extents, const RowEnd& row_end, void* stream);
+
+// Compacted keys (core/compaction.h) on the device, asynchronously on `stream`: the key lists of
+// a key-only mask, every row's bound and their block map with tiles block_m x block_n.
+std::shared_ptr<const KeyCompaction> make_device_compaction(const Geometry& g,
+                                                            const BroadcastOperand& mask,
+                                                            bool is_causal, int block_m,
+                                                            int block_n, void* stream);
+// A call over the plan's compacted keys: gathers K, V (and the bias), runs the kernels over the
+// slots, and (backward) scatters dK, dV and the bias gradient back by key.
+void compacted_forward(const ForwardProblem& p, const KeyCompaction& c, void* stream);
+void compacted_backward(const BackwardProblem& p, const KeyCompaction& c, void* stream);
 
 // Waits for the planning kernels and reads the plan's counters.
 DevicePlanStats device_plan_stats(const DeviceBlockMap& map);

@@ -238,7 +238,15 @@ __device__ inline void warp_gemm_pv(float (&acc)[kRT][kHeadDim / 8][4],
   }
 }
 
-__device__ inline int visible_end(const ForwardParams& p, int i) {
+// Keys [0, visible_end) are visible to row i of (b, head): bottom-right causality, or on the
+// compacted-key path the row's own bound (RowEndParams), which also holds the mask. Forward and
+// backward params alike.
+template <class Params>
+__device__ inline int visible_end(const Params& p, int b, int head, int i) {
+  if (p.row_end.data != nullptr) {
+    return p.row_end.data[b * p.row_end.stride_b + (head / p.row_end.head_group) * p.row_end.stride_h +
+                          i];
+  }
   if (!p.is_causal) return p.seqlen_k;
   return min(max(i + p.seqlen_k - p.seqlen_q + 1, 0), p.seqlen_k);
 }
@@ -414,7 +422,7 @@ struct WarpRows {
         for (int r = 0; r < 2; ++r) {
           int i, head;
           row_of(rt, r, i, head);
-          const int end = partial ? visible_end(p, i) : p.seqlen_k;
+          const int end = partial ? visible_end(p, b, head, i) : p.seqlen_k;
           const uint8_t* mrow =
               mask ? mask + b * p.mask_stride[0] + (head / p.mask_head_group) * p.mask_stride[1] +
                          int64_t(i) * p.mask_stride[2]

@@ -6,6 +6,16 @@
 
 namespace fsa::detail::cuda {
 
+// Compacted keys (Plan::compacted()): the kernels run over the kept keys gathered into a dense key
+// axis, and row i of (b, head) sees its slots [0, row_end) there. That one bound replaces the
+// mask and causality (both are folded into it); null on every other path.
+struct RowEndParams {
+  const int32_t* data = nullptr;  // (batch|1, heads, Sq) int32
+  int64_t stride_b = 0;           // 0 when every batch shares the lists
+  int64_t stride_h = 0;
+  int head_group = 1;             // query heads per row_end head
+};
+
 // The block map on the device: fixed-stride lists (row r's entries at [r * capacity, ...)).
 struct BlockMapParams {
   const int32_t* full_index = nullptr;     // (rows, n_blocks) key blocks, every entry kept
@@ -52,6 +62,7 @@ struct ForwardParams {
   float softcap_in;     // scale / c (softcap on), else 0
   float softcap_out;    // c * log2(e) (softcap on), else 0
   bool is_causal;
+  RowEndParams row_end;  // compacted keys: each row's visible key slots (else null)
 
   // GQA packing: the CTA's rows are (query, head-in-group) pairs of one kv head, row r holding
   // query r / group of head hk * group + r % group. Used when Sq * group fits one row tile, so K/V
@@ -137,6 +148,7 @@ struct BackwardParams {
   float softcap_in;   // scale / c, or 0
   float softcap_out;  // c * log2(e), or 0
   bool is_causal;
+  RowEndParams row_end;  // as in ForwardParams
 
   BlockMapParams map;
 };
@@ -152,6 +164,7 @@ struct PlanParams {
   int sel_ratio_m, sel_ratio_n;  // plan tiles per selection tile along queries / keys
   int seqlen_q, seqlen_k;
   bool is_causal;
+  RowEndParams row_end;      // compacted keys: rows' visible slots (then no mask or selection)
   uint8_t* tile_class;       // (rows, n_blocks): 0 skipped, 1 partial, 2 full
   unsigned long long* counters;  // [kept entries, visited tiles], accumulated
   BlockMapParams map;        // output lists (const-cast in the kernel)

@@ -2,7 +2,8 @@
 // Device planning in three passes:
 //   classify   one warp per tile: counts its kept entries and marks it skipped / partial / full.
 //              Tiles outside the causal band or the block selection are never read; a tile that
-//              every row sees whole under a query-invariant mask (..., 1, Sk) reads one key row.
+//              every row sees whole under a query-invariant mask (..., 1, Sk) reads one key row;
+//              over compacted keys the rows' bounds (PlanParams::row_end) decide alone.
 //   compact    one warp per row of the map: full and partial key-block lists by warp ballots.
 //   transpose  one warp per column: the query-block lists the backward pass walks.
 
@@ -43,7 +44,20 @@ __global__ void __launch_bounds__(32 * kPlanWarps) classify_kernel(const __grid_
                            int64_t(n / p.sel_ratio_n) * p.sel_stride[3]] != 0;
   }
   long long kept = 0;
-  if (selected) {
+  if (p.row_end.data != nullptr) {
+    // Compacted keys: row i sees slots [0, row_end[i]), non-decreasing in i (causality only ever
+    // uncovers keys), so the first and last rows bound the tile and only a straddling tile needs
+    // the per-row sum.
+    const int32_t* end = p.row_end.data + mb * p.row_end.stride_b +
+                         (hq / p.row_end.head_group) * p.row_end.stride_h + r0;
+    if (c0 + cols <= end[0]) {
+      kept = (long long)rows * cols;
+    } else if (c0 < end[rows - 1]) {
+      long long local = 0;
+      for (int r = lane; r < rows; r += 32) local += min(max(end[r] - c0, 0), cols);
+      kept = warp_sum(local);
+    }
+  } else if (selected) {
     const uint8_t* mask =
         p.mask ? p.mask + mb * p.mask_stride[0] + (hq / p.mask_head_group) * p.mask_stride[1]
                : nullptr;

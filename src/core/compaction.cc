@@ -1,0 +1,315 @@
+// Compacted keys (core/compaction.h): the lowering shared by both backends, and the CPU lists,
+// gathers and scatters.
+
+#include "core/compaction.h"
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "core/causal.h"
+#include "core/dtype.h"
+#include "cpu/cpu_backend.h"
+#include "cpu/thread_pool.h"
+
+namespace fsa::detail {
+
+Plan PlanAccess::make(const Geometry& g, bool is_causal, bool has_mask, Device device,
+                      std::shared_ptr<const BlockMap> map,
+                      std::shared_ptr<const DeviceBlockMap> device_map) {
+  Plan plan;
+  plan.batch_ = g.batch;
+  plan.num_heads_ = g.num_heads;
+  plan.num_kv_heads_ = g.num_kv_heads;
+  plan.seqlen_q_ = g.seqlen_q;
+  plan.seqlen_k_ = g.seqlen_k;
+  plan.is_causal_ = is_causal;
+  plan.has_mask_ = has_mask;
+  plan.device_ = device;
+  plan.map_ = std::move(map);
+  plan.device_map_ = std::move(device_map);
+  return plan;
+}
+
+bool compactable_mask(const BroadcastOperand& mask) { return mask.read_stride[2] == 0; }
+
+bool runs_compacted(const Plan& plan, const Problem& p) {
+  // A bias with a query dim would have to be gathered per row: such calls keep the block map.
+  return plan.compacted() && (!p.bias || p.bias->read_stride[2] == 0);
+}
+
+bool runs_compacted(const Plan& plan, const BackwardProblem& p) {
+  return runs_compacted(plan, static_cast<const Problem&>(p)) && (!p.dbias || p.dbias->shape[2] == 1);
+}
+
+CompactGeometry compact_geometry(const Problem& p, const KeyCompaction& c) {
+  CompactGeometry g = c.lists;
+  if (p.bias) {
+    // Each extent is 1 or the problem's (heads: 1, Hk or H, each dividing the next), so the larger
+    // one is the finer of the two.
+    g.bias_batch = std::max(p.bias->read_extent(0), g.list_batch);
+    g.bias_heads = std::max(p.bias->read_extent(1), g.list_heads);
+  }
+  return g;
+}
+
+DType compact_bias_dtype(const Problem& p) {
+  return p.dtype == DType::kFloat64 ? DType::kFloat64 : DType::kFloat32;
+}
+
+RowEnd row_end_of(const KeyCompaction& c) {
+  const CompactGeometry& g = c.lists;
+  RowEnd r;
+  r.data = c.row_end;
+  r.stride_b = g.list_batch == 1 ? 0 : g.list_heads * g.seqlen_q;
+  r.stride_h = g.seqlen_q;
+  r.head_group = g.num_heads / g.list_heads;
+  return r;
+}
+
+namespace {
+
+// A contiguous (B, Sk, heads, D) operand.
+SeqOperand packed_rows(void* data, const CompactGeometry& g, int64_t heads, int64_t head_dim) {
+  return {data, g.seqlen_k * heads * head_dim, heads * head_dim, head_dim};
+}
+
+// A contiguous (bias_batch, bias_heads, 1, Sk) operand read by query head.
+BroadcastOperand packed_bias(void* data, DType dtype, const CompactGeometry& g) {
+  BroadcastOperand op;
+  op.data = data;
+  op.dtype = dtype;
+  const int64_t shape[4] = {g.bias_batch, g.bias_heads, 1, g.seqlen_k};
+  const int64_t stride[4] = {g.bias_heads * g.seqlen_k, g.seqlen_k, g.seqlen_k, 1};
+  for (int d = 0; d < 4; ++d) {
+    op.shape[d] = shape[d];
+    op.stride[d] = stride[d];
+    op.read_stride[d] = shape[d] == 1 ? 0 : stride[d];
+  }
+  op.head_group = g.num_heads / g.bias_heads;
+  return op;
+}
+
+}  // namespace
+
+void lower_compacted(const Problem& p, const CompactGeometry& g, const KeyCompaction& c, void* k,
+                     void* v, void* bias, Problem& out) {
+  out.num_kv_heads = g.kv_heads;
+  out.k = packed_rows(k, g, g.kv_heads, p.head_dim);
+  out.v = packed_rows(v, g, g.kv_heads, p.head_dim);
+  out.mask.reset();
+  if (p.bias) out.bias = packed_bias(bias, compact_bias_dtype(p), g);
+  out.row_end = row_end_of(c);
+}
+
+void compacted_grads(const CompactGeometry& g, void* dk, void* dv, void* dbias,
+                     BackwardProblem& out) {
+  out.dk = packed_rows(dk, g, g.kv_heads, out.head_dim);
+  out.dv = packed_rows(dv, g, g.kv_heads, out.head_dim);
+  if (out.dbias) out.dbias = packed_bias(dbias, out.bias->dtype, g);
+}
+
+// ---- CPU -----------------------------------------------------------------------------------------
+
+namespace {
+
+// Host storage of a CPU plan's lists.
+struct HostLists {
+  std::vector<int32_t> keys, count, slot, row_end;
+};
+
+int64_t compact_kv_heads(const Geometry& g, int64_t list_heads) {
+  return list_heads == g.num_heads && g.num_heads != g.num_kv_heads ? g.num_heads
+                                                                     : g.num_kv_heads;
+}
+
+}  // namespace
+
+std::shared_ptr<const KeyCompaction> make_cpu_compaction(const Geometry& geo,
+                                                         const BroadcastOperand& mask,
+                                                         bool is_causal, int block_m, int block_n) {
+  CompactGeometry g;
+  g.batch = geo.batch, g.seqlen_q = geo.seqlen_q, g.seqlen_k = geo.seqlen_k;
+  g.num_heads = geo.num_heads, g.num_kv_heads = geo.num_kv_heads;
+  g.list_batch = mask.read_extent(0);
+  g.list_heads = mask.read_extent(1);
+  g.kv_heads = compact_kv_heads(geo, g.list_heads);
+
+  const int64_t lists = g.list_batch * g.list_heads, sq = g.seqlen_q, sk = g.seqlen_k;
+  auto host = std::make_shared<HostLists>();
+  host->keys.assign(size_t(lists * sk), 0);
+  host->count.assign(size_t(lists), 0);
+  host->slot.assign(size_t(lists * sk), -1);
+  host->row_end.assign(size_t(lists * sq), 0);
+  const CausalBand band{sq, sk, is_causal};
+  std::vector<int32_t> kept_before(size_t(sk + 1));  // kept keys among [0, j)
+  for (int64_t l = 0; l < lists; ++l) {
+    const int64_t lb = l / g.list_heads, lh = l % g.list_heads;
+    const auto* row = static_cast<const uint8_t*>(mask.data) + lb * mask.read_stride[0] +
+                      lh * mask.read_stride[1];
+    int32_t n = 0;
+    for (int64_t j = 0; j < sk; ++j) {
+      kept_before[size_t(j)] = n;
+      if (row[j * mask.read_stride[3]] != 0) {
+        host->keys[size_t(l * sk + n)] = int32_t(j);
+        host->slot[size_t(l * sk + j)] = n++;
+      }
+    }
+    kept_before[size_t(sk)] = n;
+    host->count[size_t(l)] = n;
+    // The keys a row may see are a prefix of the sorted list: those before its causal end.
+    for (int64_t i = 0; i < sq; ++i) {
+      host->row_end[size_t(l * sq + i)] = kept_before[size_t(band.visible_end(i))];
+    }
+  }
+
+  auto map = std::make_shared<BlockMap>();
+  map->batch = g.list_batch;
+  map->heads = g.list_heads;
+  map->block_m = block_m;
+  map->block_n = block_n;
+  map->m_blocks = (sq + block_m - 1) / block_m;
+  map->n_blocks = (sk + block_n - 1) / block_n;
+  fill_map_from_row_end(*map, host->row_end.data(), sq, sk);
+
+  auto c = std::make_shared<KeyCompaction>();
+  c->lists = g;
+  c->keys = host->keys.data();
+  c->count = host->count.data();
+  c->slot = host->slot.data();
+  c->row_end = host->row_end.data();
+  c->storage = host;
+  const Geometry compact{geo.batch, sq, sk, geo.num_heads, g.kv_heads};
+  c->plan = PlanAccess::make(compact, is_causal, false, Device{}, std::move(map), nullptr);
+  return c;
+}
+
+namespace {
+
+// Gathers K and V rows into slots (rows past a list's count stay zero) and the bias by the lists.
+void cpu_gather(const Problem& p, const CompactGeometry& g, const KeyCompaction& c, void* k,
+                void* v, void* bias) {
+  const int64_t sk = g.seqlen_k, D = p.head_dim;
+  const size_t row_bytes = size_t(D) * dtype_size(p.dtype);
+  parallel_for(g.batch * g.kv_heads, [&](int64_t task, int) {
+    const int64_t b = task / g.kv_heads, hc = task % g.kv_heads;
+    const int64_t l = g.list_of_kv(b, hc), hk = g.source_kv_head(hc);
+    for (int64_t w = 0; w < c.count[l]; ++w) {
+      const int64_t key = c.keys[l * sk + w];
+      const int64_t dst = ((b * sk + w) * g.kv_heads + hc) * D;
+      std::memcpy(element_ptr(k, p.dtype, dst), element_ptr(p.k.data, p.dtype, p.k.offset(b, key, hk)),
+                  row_bytes);
+      std::memcpy(element_ptr(v, p.dtype, dst), element_ptr(p.v.data, p.dtype, p.v.offset(b, key, hk)),
+                  row_bytes);
+    }
+  });
+  if (!p.bias) return;
+  const DType bias_dtype = compact_bias_dtype(p);
+  for (int64_t bx = 0; bx < g.bias_batch; ++bx) {
+    for (int64_t hx = 0; hx < g.bias_heads; ++hx) {
+      const int64_t l = g.list_of_bias(bx, hx), hq = g.query_head_of_bias(hx);
+      const int64_t base = (bx * g.bias_heads + hx) * sk;
+      for (int64_t w = 0; w < c.count[l]; ++w) {
+        const double value = load_value<double>(
+            p.bias->data, p.bias->dtype, p.bias->offset(bx, hq, 0, c.keys[l * sk + w]));
+        store_value(value, bias_dtype, bias, base + w);
+      }
+    }
+  }
+}
+
+// dK (or dV) of the caller from the gathered gradient: key j of kv head hk sums, over the
+// gathered heads that copy hk, the gradient of its slot (none where the key was dropped).
+template <typename Acc>
+void cpu_scatter_rows(const CompactGeometry& g, const KeyCompaction& c, DType dtype,
+                      int64_t head_dim, const void* src, const SeqOperand& dst) {
+  const int64_t sk = g.seqlen_k, D = head_dim, per = g.kv_heads / g.num_kv_heads;
+  parallel_for(g.batch * g.num_kv_heads, [&](int64_t task, int) {
+    const int64_t b = task / g.num_kv_heads, hk = task % g.num_kv_heads;
+    const size_t width = size_t(D);
+    std::vector<Acc> sum(width), row(width);
+    for (int64_t j = 0; j < sk; ++j) {
+      std::fill(sum.begin(), sum.end(), Acc(0));
+      for (int64_t hc = hk * per; hc < (hk + 1) * per; ++hc) {
+        const int32_t s = c.slot[g.list_of_kv(b, hc) * sk + j];
+        if (s < 0) continue;
+        load_values(element_ptr(src, dtype, ((b * sk + s) * g.kv_heads + hc) * D), dtype, D,
+                    row.data());
+        for (int64_t d = 0; d < D; ++d) sum[size_t(d)] += row[size_t(d)];
+      }
+      store_values(sum.data(), D, dtype, element_ptr(dst.data, dtype, dst.offset(b, j, hk)));
+    }
+  });
+}
+
+// The caller's dbias (its shape: (Bb, Hb, 1, Sk | 1)) from the gathered one: each element sums
+// the gathered rows that share it, at the key's slot (or over every kept slot for a key dim of 1).
+template <typename Acc>
+void cpu_scatter_dbias(const CompactGeometry& g, const KeyCompaction& c, DType src_dtype,
+                       const void* src, const BroadcastOperand& dbias) {
+  const int64_t sk = g.seqlen_k;
+  const int64_t bb = dbias.shape[0], hb = dbias.shape[1], keys = dbias.shape[3];
+  for (int64_t b = 0; b < bb; ++b) {
+    for (int64_t h = 0; h < hb; ++h) {
+      for (int64_t j = 0; j < keys; ++j) {
+        Acc sum = 0;
+        for (int64_t bx = 0; bx < g.bias_batch; ++bx) {
+          if (bb != 1 && bx != b) continue;
+          for (int64_t hx = 0; hx < g.bias_heads; ++hx) {
+            if (hx / (g.bias_heads / hb) != h) continue;
+            const int64_t l = g.list_of_bias(bx, hx), row = (bx * g.bias_heads + hx) * sk;
+            if (keys == sk) {
+              const int32_t s = c.slot[l * sk + j];
+              if (s >= 0) sum += load_value<Acc>(src, src_dtype, row + s);
+            } else {
+              for (int64_t w = 0; w < c.count[l]; ++w) sum += load_value<Acc>(src, src_dtype, row + w);
+            }
+          }
+        }
+        store_value(sum, dbias.dtype, dbias.data,
+                    b * dbias.stride[0] + h * dbias.stride[1] + j * dbias.stride[3]);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void cpu_compacted_forward(const ForwardProblem& p, const Plan& plan) {
+  const KeyCompaction& c = *plan.compaction();
+  const CompactGeometry g = compact_geometry(p, c);
+  const size_t rows = size_t(g.batch * g.seqlen_k * g.kv_heads * p.head_dim);
+  std::vector<uint8_t> k(rows * dtype_size(p.dtype)), v(k.size());
+  std::vector<uint8_t> bias(
+      size_t(g.bias_batch * g.bias_heads * g.seqlen_k) * dtype_size(compact_bias_dtype(p)));
+  cpu_gather(p, g, c, k.data(), v.data(), bias.data());
+  ForwardProblem cp = p;
+  lower_compacted(p, g, c, k.data(), v.data(), bias.data(), cp);
+  cpu::forward(cp, c.plan);
+}
+
+void cpu_compacted_backward(const BackwardProblem& p, const Plan& plan) {
+  const KeyCompaction& c = *plan.compaction();
+  const CompactGeometry g = compact_geometry(p, c);
+  const size_t rows = size_t(g.batch * g.seqlen_k * g.kv_heads * p.head_dim);
+  const DType bias_dtype = compact_bias_dtype(p);
+  const size_t bias_bytes = size_t(g.bias_batch * g.bias_heads * g.seqlen_k) * dtype_size(bias_dtype);
+  std::vector<uint8_t> k(rows * dtype_size(p.dtype)), v(k.size()), dk(k.size()), dv(k.size());
+  std::vector<uint8_t> bias(bias_bytes), dbias(p.dbias ? bias_bytes : 0);
+  cpu_gather(p, g, c, k.data(), v.data(), bias.data());
+  BackwardProblem cp = p;
+  lower_compacted(p, g, c, k.data(), v.data(), bias.data(), cp);
+  compacted_grads(g, dk.data(), dv.data(), dbias.data(), cp);
+  cpu::backward(cp, c.plan);
+  if (p.dtype == DType::kFloat64) {
+    cpu_scatter_rows<double>(g, c, p.dtype, p.head_dim, dk.data(), p.dk);
+    cpu_scatter_rows<double>(g, c, p.dtype, p.head_dim, dv.data(), p.dv);
+    if (p.dbias) cpu_scatter_dbias<double>(g, c, bias_dtype, dbias.data(), *p.dbias);
+  } else {
+    cpu_scatter_rows<float>(g, c, p.dtype, p.head_dim, dk.data(), p.dk);
+    cpu_scatter_rows<float>(g, c, p.dtype, p.head_dim, dv.data(), p.dv);
+    if (p.dbias) cpu_scatter_dbias<float>(g, c, bias_dtype, dbias.data(), *p.dbias);
+  }
+}
+
+}  // namespace fsa::detail

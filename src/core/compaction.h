@@ -1,0 +1,131 @@
+#pragma once
+// Compacted keys (DESIGN.md, "compacted key lists"). A key-only mask (query dim 1, e.g. the
+// reference's top-k key mask (B, Hk, 1, Sk)) scatters its kept keys over the whole sequence, so
+// every tile of the block map is partly kept and skipping tiles saves nothing. For such a mask the
+// plan also keeps, per (batch, mask head), the sorted list of kept key indices. A call then runs
+// over the kept keys gathered into a dense key axis of "slots": K and V rows (and a
+// query-invariant bias) are gathered by the lists, the kernels run the usual block map over the
+// slots, and row i of the problem sees slots [0, row_end[i]) — the mask and causality by the
+// *original* key index folded into one bound per row (the lists are sorted, so the kept keys a
+// row may see under causality are always a prefix of its list). dK, dV and the bias gradient are
+// scattered back by key (zeros for dropped keys). Work and traffic follow the kept keys.
+//
+// The index math below (which list a compacted head reads, which source rows a slot copies, which
+// slots a bias-gradient element sums) is shared by the CPU loops and the CUDA kernels, so the CPU
+// tests in CI cover it.
+
+#include <cstdint>
+#include <memory>
+
+#include "core/problem.h"
+#include "fsa/plan.h"
+
+#if defined(__CUDACC__)
+#define FSA_HOST_DEVICE __host__ __device__
+#else
+#define FSA_HOST_DEVICE
+#endif
+
+namespace fsa::detail {
+
+// Extents of a compacted call: the problem's, the key lists', and the gathered operands'.
+struct CompactGeometry {
+  int64_t batch = 0, seqlen_q = 0, seqlen_k = 0;  // seqlen_k: also the slots per list
+  int64_t num_heads = 0, num_kv_heads = 0;        // H, Hk of the problem
+  int64_t list_batch = 1, list_heads = 1;         // key lists: the mask's read extents
+  // Kv heads of the gathered K / V: Hk, or H when the mask has a head per query head and
+  // GQA shares a kv head among several of them (each query head then reads its own gathered copy).
+  int64_t kv_heads = 0;
+  // Gathered bias (B | 1, bias_heads, 1, Sk) fp32: the finer of the bias's and the lists' batch and
+  // heads. bias_heads == 0: no bias.
+  int64_t bias_batch = 1, bias_heads = 0;
+
+  // The list a gathered kv head of batch b reads: (list batch, list head) flattened.
+  FSA_HOST_DEVICE int64_t list_of_kv(int64_t b, int64_t hc) const {
+    return (list_batch == 1 ? 0 : b) * list_heads + hc / (kv_heads / list_heads);
+  }
+  // The problem's kv head a gathered kv head copies.
+  FSA_HOST_DEVICE int64_t source_kv_head(int64_t hc) const {
+    return hc / (kv_heads / num_kv_heads);
+  }
+  // The list a gathered bias row (bias batch bx, bias head hx) follows.
+  FSA_HOST_DEVICE int64_t list_of_bias(int64_t bx, int64_t hx) const {
+    return (list_batch == 1 ? 0 : bx) * list_heads + hx / (bias_heads / list_heads);
+  }
+  // A query head of gathered bias head hx (any: they share the bias and the list).
+  FSA_HOST_DEVICE int64_t query_head_of_bias(int64_t hx) const {
+    return hx * (num_heads / bias_heads);
+  }
+};
+
+// The lists of a compacted plan, in the plan's device memory (host memory for a CPU plan).
+struct KeyCompaction {
+  CompactGeometry lists;           // list_batch, list_heads and the problem extents (bias unset)
+  const int32_t* keys = nullptr;   // (list_batch, list_heads, Sk): kept keys ascending, then unused
+  const int32_t* count = nullptr;  // (list_batch, list_heads): kept keys per list
+  const int32_t* slot = nullptr;   // (list_batch, list_heads, Sk): slot of key j, or -1 (dropped)
+  const int32_t* row_end = nullptr;  // (list_batch, list_heads, Sq): row i sees slots [0, row_end)
+  std::shared_ptr<void> storage;     // owns the arrays (a device allocation or host vector)
+  Plan plan;  // the block map over (Sq rows) x (Sk slots), bounded by row_end
+};
+
+// Builds plans (Plan's fields are private to the core's builders).
+struct PlanAccess {
+  static Plan make(const Geometry& g, bool is_causal, bool has_mask, Device device,
+                   std::shared_ptr<const BlockMap> map,
+                   std::shared_ptr<const DeviceBlockMap> device_map);
+  static void set_compaction(Plan& plan, std::shared_ptr<const KeyCompaction> compaction) {
+    plan.compaction_ = std::move(compaction);
+  }
+};
+
+// Fills map's lists (full, partial and their transposes) and kept_entries from row bounds: row i
+// of map row (b, h) sees slots [0, row_end[(b * heads + h) * Sq + i]). map's extents are set.
+void fill_map_from_row_end(BlockMap& map, const int32_t* row_end, int64_t seqlen_q,
+                           int64_t seqlen_k);
+
+// CompactKeys::kAuto compacts problems with at least this many query rows (one CUDA query tile):
+// below it each kept K / V row is used about once and gathering it would cost more than it saves.
+inline constexpr int64_t kCompactMinQueries = 128;
+
+// Whether the mask is one a plan compacts: a bool mask whose query dim is broadcast.
+bool compactable_mask(const BroadcastOperand& mask);
+
+// Whether a call with this problem runs over a compacted plan's lists: the plan has them and the
+// bias, if any, is query-invariant (a bias with a query dim would have to be gathered per row).
+bool runs_compacted(const Plan& plan, const Problem& p);
+// ... and for a backward call, a bias gradient without a query dim (an expanded bias's gradient
+// has one row per query).
+bool runs_compacted(const Plan& plan, const BackwardProblem& p);
+
+// The geometry of a compacted call of `p` over lists `c`.
+CompactGeometry compact_geometry(const Problem& p, const KeyCompaction& c);
+
+// The dtype of the gathered bias and its gradient: fp32, or fp64 for an fp64 problem (CPU).
+DType compact_bias_dtype(const Problem& p);
+
+// The problem over the gathered operands: K / V (B, Sk slots, kv_heads, D) contiguous, in the
+// problem's dtype; the bias, if any, (bias_batch, bias_heads, 1, Sk) contiguous in
+// compact_bias_dtype; no mask; RowEnd from the lists. dk / dv / dbias of a backward problem are
+// the caller's until replaced (compacted_grads).
+void lower_compacted(const Problem& p, const CompactGeometry& g, const KeyCompaction& c,
+                     void* k, void* v, void* bias, Problem& out);
+// Points a lowered backward problem's gradients at the gathered layouts: dk / dv like its k / v,
+// dbias (if any) like its bias.
+void compacted_grads(const CompactGeometry& g, void* dk, void* dv, void* dbias,
+                     BackwardProblem& out);
+
+// Row bounds of the lists, for Problem::row_end: head `h` of the problem reads list head
+// h / (H / list_heads).
+RowEnd row_end_of(const KeyCompaction& c);
+
+// Compacted keys of a key-only mask on the CPU, with a block map of block_m x block_n tiles.
+std::shared_ptr<const KeyCompaction> make_cpu_compaction(const Geometry& g,
+                                                         const BroadcastOperand& mask,
+                                                         bool is_causal, int block_m, int block_n);
+
+// The CPU backend's compacted calls (gathers, runs cpu::forward / backward, scatters).
+void cpu_compacted_forward(const ForwardProblem& p, const Plan& plan);
+void cpu_compacted_backward(const BackwardProblem& p, const Plan& plan);
+
+}  // namespace fsa::detail

@@ -1,0 +1,481 @@
+// Compacted keys on the device (core/compaction.h): the key lists of a key-only mask, every row's
+// bound and their block map (planning), and the gathers and scatters around a compacted call.
+//
+// Planning, asynchronously on the plan's stream:
+//   list_keys_kernel  one CTA per (batch, mask head): a block-wide scan of the mask row gives every
+//                     kept key its slot (keys ascending), and every key its slot or -1
+//   row_end_kernel    one thread per (list, query row): the kept keys it may see under causality
+//                     are a prefix of the sorted list; a binary search gives its length
+//   then the usual classify / compact / transpose kernels over the slots (plan_kernels.cuh).
+// A call: gather_rows_kernel (K and V rows into slots), gather_bias_kernel, the kernels over the
+// slots, and for the backward scatter_rows_kernel (dK, dV by key) and scatter_dbias_kernel. No
+// host synchronization anywhere: list lengths stay on the device, and the kernels walk the block
+// map, which ends where the lists end.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "core/compaction.h"
+#include "cuda/check.h"
+#include "cuda/cuda_backend.h"
+#include "cuda/device_plan.h"
+#include "cuda/stream_buffer.h"
+#include "cuda/tiles.h"
+
+namespace fsa::detail::cuda {
+namespace {
+
+constexpr int kListThreads = 1024;
+constexpr int kListItems = 8;  // consecutive keys per thread per pass of list_keys_kernel
+
+// grid (lists), kListThreads threads. Row l of the mask is (l / list_heads, l % list_heads, 0, :)
+// read through its strides (stride_k 0: one flag for the whole row).
+__global__ void __launch_bounds__(kListThreads)
+    list_keys_kernel(const uint8_t* mask, int64_t stride_b, int64_t stride_h, int64_t stride_k,
+                     int list_heads, int seqlen_k, int32_t* keys, int32_t* count, int32_t* slot) {
+  constexpr int kWarps = kListThreads / 32;
+  __shared__ int warp_offset[kWarps];
+  __shared__ int total;  // kept keys of the passes so far
+  const int l = blockIdx.x, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const uint8_t* row = mask + (l / list_heads) * stride_b + (l % list_heads) * stride_h;
+  int32_t* list = keys + int64_t(l) * seqlen_k;
+  int32_t* slots = slot + int64_t(l) * seqlen_k;
+  if (threadIdx.x == 0) total = 0;
+  __syncthreads();
+  for (int base = 0; base < seqlen_k; base += kListThreads * kListItems) {
+    const int first = base + int(threadIdx.x) * kListItems;  // this thread's keys
+    bool kept[kListItems];
+    int n = 0;
+#pragma unroll
+    for (int e = 0; e < kListItems; ++e) {
+      kept[e] = first + e < seqlen_k && row[int64_t(first + e) * stride_k] != 0;
+      n += kept[e];
+    }
+    // Exclusive prefix of n over the CTA: within the warp, then over the warps' totals.
+    int inclusive = n;
+#pragma unroll
+    for (int o = 1; o < 32; o *= 2) {
+      const int v = __shfl_up_sync(0xffffffffu, inclusive, o);
+      if (lane >= o) inclusive += v;
+    }
+    if (lane == 31) warp_offset[warp] = inclusive;
+    __syncthreads();
+    if (warp == 0) {
+      const int own = warp_offset[lane];  // kWarps == 32
+      int sum = own;
+#pragma unroll
+      for (int o = 1; o < 32; o *= 2) {
+        const int v = __shfl_up_sync(0xffffffffu, sum, o);
+        if (lane >= o) sum += v;
+      }
+      warp_offset[lane] = sum - own;
+    }
+    __syncthreads();
+    int at = total + warp_offset[warp] + inclusive - n;
+#pragma unroll
+    for (int e = 0; e < kListItems; ++e) {
+      if (first + e >= seqlen_k) break;
+      if (kept[e]) {
+        list[at] = first + e;
+        slots[first + e] = at++;
+      } else {
+        slots[first + e] = -1;
+      }
+    }
+    __syncthreads();  // every thread has read `total`
+    if (threadIdx.x == kListThreads - 1) total = at;
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) count[l] = total;
+}
+static_assert(kListThreads == 32 * 32, "the warp totals are scanned by one warp");
+
+// grid (ceil(lists * Sq / 256)), 256 threads: row_end[l][i] = kept keys of list l before row i's
+// causal end (bottom-right aligned), i.e. the slots [0, row_end) the row sees.
+__global__ void row_end_kernel(const int32_t* keys, const int32_t* count, int64_t lists,
+                               int seqlen_q, int seqlen_k, bool is_causal, int32_t* row_end) {
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= lists * seqlen_q) return;
+  const int64_t l = idx / seqlen_q;
+  const int i = int(idx % seqlen_q);
+  const int end = is_causal ? min(max(i + seqlen_k - seqlen_q + 1, 0), seqlen_k) : seqlen_k;
+  const int32_t* list = keys + l * seqlen_k;
+  int lo = 0, hi = count[l];  // the first slot whose key is >= end
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (list[mid] < end) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  row_end[idx] = lo;
+}
+
+// Slots a kernel may read: whole slot tiles up to a list's end (rows past it are zeroed, so a
+// tile's unused slots hold no stale NaN for the tensor cores to multiply by P = 0).
+__device__ inline int slots_read(int count, int seqlen_k) {
+  constexpr int kTile = forward_block_n(128);
+  static_assert(forward_block_n(64) == kTile && forward_block_n(256) == kTile, "one slot tile");
+  return min((count + kTile - 1) / kTile * kTile, seqlen_k);
+}
+
+struct GatherParams {
+  const void* k;  // (B, Sk, Hk, D), 16-bit
+  const void* v;
+  int64_t k_stride_b, k_stride_s, k_stride_h;
+  int64_t v_stride_b, v_stride_s, v_stride_h;
+  void* k_out;  // (B, Sk slots, kv_heads, D) contiguous
+  void* v_out;
+  const int32_t* keys;
+  const int32_t* count;
+  CompactGeometry g;
+  int head_dim;
+};
+
+// grid (x, kv_heads, B): slot rows of one gathered kv head, kChunk elements per thread (8: one
+// 16-byte copy when every row is 16-byte aligned; else 1).
+template <int kChunk>
+__global__ void gather_rows_kernel(const __grid_constant__ GatherParams p) {
+  using Chunk = std::conditional_t<kChunk == 8, uint4, uint16_t>;
+  const int hc = blockIdx.y, b = blockIdx.z;
+  const int64_t l = p.g.list_of_kv(b, hc), hk = p.g.source_kv_head(hc);
+  const int sk = int(p.g.seqlen_k), n = p.count[l];
+  const int chunks = p.head_dim / kChunk;
+  const int64_t total = int64_t(slots_read(n, sk)) * chunks;
+  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int w = int(idx / chunks), c = int(idx % chunks) * kChunk;
+    const int64_t dst = ((b * p.g.seqlen_k + w) * p.g.kv_heads + hc) * p.head_dim + c;
+    Chunk kc{}, vc{};
+    if (w < n) {
+      const int64_t key = p.keys[l * sk + w];
+      kc = *reinterpret_cast<const Chunk*>(static_cast<const uint16_t*>(p.k) + b * p.k_stride_b +
+                                           key * p.k_stride_s + hk * p.k_stride_h + c);
+      vc = *reinterpret_cast<const Chunk*>(static_cast<const uint16_t*>(p.v) + b * p.v_stride_b +
+                                           key * p.v_stride_s + hk * p.v_stride_h + c);
+    }
+    *reinterpret_cast<Chunk*>(static_cast<uint16_t*>(p.k_out) + dst) = kc;
+    *reinterpret_cast<Chunk*>(static_cast<uint16_t*>(p.v_out) + dst) = vc;
+  }
+}
+
+struct BiasGatherParams {
+  const void* bias;         // the caller's, read through its broadcast strides
+  bool bias_is_fp32;        // else 16-bit: bf16 or fp16 as the problem's dtype
+  bool bf16;
+  int64_t read_stride[4];
+  int64_t head_group;       // query heads per head of the caller's bias
+  float* out;               // (bias_batch, bias_heads, Sk slots)
+  const int32_t* keys;
+  const int32_t* count;
+  CompactGeometry g;
+};
+
+__device__ inline float load_bias(const BiasGatherParams& p, int64_t offset) {
+  if (p.bias_is_fp32) return static_cast<const float*>(p.bias)[offset];
+  const uint16_t bits = static_cast<const uint16_t*>(p.bias)[offset];
+  if (p.bf16) return __uint_as_float(uint32_t(bits) << 16);
+  return __half2float(__ushort_as_half(bits));
+}
+
+// grid (ceil(Sk / 256), bias_heads, bias_batch), 256 threads.
+__global__ void gather_bias_kernel(const __grid_constant__ BiasGatherParams p) {
+  const int hx = blockIdx.y, bx = blockIdx.z;
+  const int64_t l = p.g.list_of_bias(bx, hx), hq = p.g.query_head_of_bias(hx);
+  const int sk = int(p.g.seqlen_k), n = p.count[l];
+  const int w = blockIdx.x * blockDim.x + threadIdx.x;
+  if (w >= slots_read(n, sk)) return;
+  float value = 0.0f;
+  if (w < n) {
+    const int64_t key = p.keys[l * sk + w];
+    value = load_bias(p, bx * p.read_stride[0] + (hq / p.head_group) * p.read_stride[1] +
+                             key * p.read_stride[3]);
+  }
+  p.out[(int64_t(bx) * p.g.bias_heads + hx) * sk + w] = value;
+}
+
+struct ScatterParams {
+  const void* src;  // (B, Sk slots, kv_heads, D) contiguous, 16-bit
+  void* dst;        // (B, Sk, Hk, D), the caller's strides
+  int64_t stride_b, stride_s, stride_h;
+  const int32_t* slot;
+  CompactGeometry g;
+  int head_dim;
+  bool bf16;
+};
+
+__device__ inline float half_bits_to_float(uint16_t bits, bool bf16) {
+  return bf16 ? __uint_as_float(uint32_t(bits) << 16) : __half2float(__ushort_as_half(bits));
+}
+__device__ inline uint16_t float_to_half_bits(float x, bool bf16) {
+  return bf16 ? __bfloat16_as_ushort(__float2bfloat16_rn(x)) : __half_as_ushort(__float2half_rn(x));
+}
+
+// grid (ceil(Sk * D / 256), Hk, B), one element per thread: key j of kv head hk sums, over the
+// gathered heads that copy hk (one, or a query group's), its slot's gradient; 0 for a dropped
+// key. Each element is written once: no atomics, the same order every run.
+__global__ void scatter_rows_kernel(const __grid_constant__ ScatterParams p) {
+  const int hk = blockIdx.y, b = blockIdx.z;
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= p.g.seqlen_k * p.head_dim) return;
+  const int64_t j = idx / p.head_dim;
+  const int d = int(idx % p.head_dim);
+  const int64_t per = p.g.kv_heads / p.g.num_kv_heads;
+  float sum = 0.0f;
+  for (int64_t hc = hk * per; hc < (hk + 1) * per; ++hc) {
+    const int32_t s = p.slot[p.g.list_of_kv(b, hc) * p.g.seqlen_k + j];
+    if (s < 0) continue;
+    const int64_t at = ((b * p.g.seqlen_k + s) * p.g.kv_heads + hc) * p.head_dim + d;
+    sum += half_bits_to_float(static_cast<const uint16_t*>(p.src)[at], p.bf16);
+  }
+  static_cast<uint16_t*>(p.dst)[b * p.stride_b + j * p.stride_s + hk * p.stride_h + d] =
+      float_to_half_bits(sum, p.bf16);
+}
+
+struct DbiasScatterParams {
+  const float* src;  // (bias_batch, bias_heads, Sk slots), the compacted call's fp32 gradient
+  void* dbias;       // the caller's: (Bb, Hb, 1, Sk | 1), its strides and dtype
+  int64_t stride[4];
+  int shape[4];
+  int dtype;  // 0 fp32, 1 bf16, 2 fp16
+  const int32_t* slot;
+  const int32_t* count;
+  CompactGeometry g;
+};
+
+// grid (ceil(Skb / 256), Hb, Bb): each element of the caller's dbias sums the gathered rows that
+// share it, at its key's slot (or over every kept slot for a key dim of 1), in a fixed order.
+__global__ void scatter_dbias_kernel(const __grid_constant__ DbiasScatterParams p) {
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int j = blockIdx.x * blockDim.x + threadIdx.x;
+  if (j >= p.shape[3]) return;
+  const int64_t sk = p.g.seqlen_k;
+  float sum = 0.0f;
+  for (int64_t bx = 0; bx < p.g.bias_batch; ++bx) {
+    if (p.shape[0] != 1 && bx != b) continue;
+    for (int64_t hx = 0; hx < p.g.bias_heads; ++hx) {
+      if (hx / (p.g.bias_heads / p.shape[1]) != h) continue;
+      const int64_t l = p.g.list_of_bias(bx, hx);
+      const float* row = p.src + (bx * p.g.bias_heads + hx) * sk;
+      if (p.shape[3] == sk) {
+        const int32_t s = p.slot[l * sk + j];
+        if (s >= 0) sum += row[s];
+      } else {
+        for (int w = 0; w < p.count[l]; ++w) sum += row[w];
+      }
+    }
+  }
+  const int64_t at = b * p.stride[0] + h * p.stride[1] + j * p.stride[3];
+  if (p.dtype == 0) {
+    static_cast<float*>(p.dbias)[at] = sum;
+  } else {
+    static_cast<uint16_t*>(p.dbias)[at] = float_to_half_bits(sum, p.dtype == 1);
+  }
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Grid x for a grid-stride loop over `total` items of 256 threads: enough CTAs to fill the GPU.
+unsigned stride_grid(int64_t total) {
+  return unsigned(std::clamp<int64_t>(ceil_div(total, 256), 1, 1024));
+}
+
+bool rows_aligned16(const SeqOperand& op, int64_t head_dim) {
+  return head_dim % 8 == 0 && reinterpret_cast<uintptr_t>(op.data) % 16 == 0 &&
+         op.stride_b % 8 == 0 && op.stride_s % 8 == 0 && op.stride_h % 8 == 0;
+}
+
+// Gathers K, V and the bias of `p` by the lists into `k`, `v` (B, Sk, kv_heads, D) and `bias`.
+void gather(const Problem& p, const CompactGeometry& g, const KeyCompaction& c, void* k, void* v,
+            float* bias, cudaStream_t stream) {
+  GatherParams gp{};
+  gp.k = p.k.data, gp.v = p.v.data;
+  gp.k_stride_b = p.k.stride_b, gp.k_stride_s = p.k.stride_s, gp.k_stride_h = p.k.stride_h;
+  gp.v_stride_b = p.v.stride_b, gp.v_stride_s = p.v.stride_s, gp.v_stride_h = p.v.stride_h;
+  gp.k_out = k, gp.v_out = v;
+  gp.keys = c.keys, gp.count = c.count;
+  gp.g = g;
+  gp.head_dim = int(p.head_dim);
+  const bool wide = rows_aligned16(p.k, p.head_dim) && rows_aligned16(p.v, p.head_dim);
+  const int64_t chunks = g.seqlen_k * (wide ? p.head_dim / 8 : p.head_dim);
+  const dim3 grid(stride_grid(chunks), unsigned(g.kv_heads), unsigned(g.batch));
+  if (wide) {
+    gather_rows_kernel<8><<<grid, 256, 0, stream>>>(gp);
+  } else {
+    gather_rows_kernel<1><<<grid, 256, 0, stream>>>(gp);
+  }
+  FSA_CUDA_CHECK(cudaGetLastError());
+  if (!p.bias) return;
+  BiasGatherParams bp{};
+  bp.bias = p.bias->data;
+  bp.bias_is_fp32 = p.bias->dtype == DType::kFloat32;
+  bp.bf16 = p.bias->dtype == DType::kBFloat16;
+  for (int d = 0; d < 4; ++d) bp.read_stride[d] = p.bias->read_stride[d];
+  bp.head_group = p.bias->head_group;
+  bp.out = bias;
+  bp.keys = c.keys, bp.count = c.count;
+  bp.g = g;
+  gather_bias_kernel<<<dim3(unsigned(ceil_div(g.seqlen_k, 256)), unsigned(g.bias_heads),
+                           unsigned(g.bias_batch)),
+                       256, 0, stream>>>(bp);
+  FSA_CUDA_CHECK(cudaGetLastError());
+}
+
+void scatter_rows(const CompactGeometry& g, const KeyCompaction& c, const void* src,
+                  const SeqOperand& dst, int64_t head_dim, bool bf16, cudaStream_t stream) {
+  if (g.seqlen_k == 0) return;
+  ScatterParams sp{};
+  sp.src = src, sp.dst = dst.data;
+  sp.stride_b = dst.stride_b, sp.stride_s = dst.stride_s, sp.stride_h = dst.stride_h;
+  sp.slot = c.slot;
+  sp.g = g;
+  sp.head_dim = int(head_dim);
+  sp.bf16 = bf16;
+  scatter_rows_kernel<<<dim3(unsigned(ceil_div(g.seqlen_k * head_dim, 256)),
+                             unsigned(g.num_kv_heads), unsigned(g.batch)),
+                        256, 0, stream>>>(sp);
+  FSA_CUDA_CHECK(cudaGetLastError());
+}
+
+void scatter_dbias(const CompactGeometry& g, const KeyCompaction& c, const float* src,
+                   const BroadcastOperand& dbias, cudaStream_t stream) {
+  DbiasScatterParams dp{};
+  dp.src = src;
+  dp.dbias = dbias.data;
+  for (int d = 0; d < 4; ++d) {
+    dp.stride[d] = dbias.stride[d];
+    dp.shape[d] = int(dbias.shape[d]);
+  }
+  dp.dtype = dbias.dtype == DType::kFloat32 ? 0 : dbias.dtype == DType::kBFloat16 ? 1 : 2;
+  dp.slot = c.slot, dp.count = c.count;
+  dp.g = g;
+  if (dbias.shape[0] * dbias.shape[1] * dbias.shape[3] == 0) return;
+  scatter_dbias_kernel<<<dim3(unsigned(ceil_div(dbias.shape[3], 256)), unsigned(dbias.shape[1]),
+                              unsigned(dbias.shape[0])),
+                         256, 0, stream>>>(dp);
+  FSA_CUDA_CHECK(cudaGetLastError());
+}
+
+// One allocation for a call's gathered operands: K, V (and dK, dV) rows, then fp32 bias rows.
+struct CompactBuffers {
+  StreamBuffer memory;
+  void *k = nullptr, *v = nullptr, *dk = nullptr, *dv = nullptr;
+  float *bias = nullptr, *dbias = nullptr;
+  CompactBuffers(const Problem& p, const CompactGeometry& g, bool grads, bool dbias_wanted,
+                 cudaStream_t stream)
+      : memory(stream) {
+    const size_t rows = size_t(g.batch * g.seqlen_k * g.kv_heads * p.head_dim) * 2;
+    const size_t bias_bytes = size_t(g.bias_batch * g.bias_heads * g.seqlen_k) * sizeof(float);
+    const size_t row_bytes = (rows + 255) / 256 * 256;
+    const size_t total = row_bytes * (grads ? 4 : 2) + bias_bytes * (dbias_wanted ? 2 : 1);
+    FSA_CUDA_CHECK(cudaMallocAsync(&memory.ptr, std::max<size_t>(total, 1), stream));
+    auto* base = static_cast<uint8_t*>(memory.ptr);
+    k = base;
+    v = base + row_bytes;
+    if (grads) {
+      dk = base + 2 * row_bytes;
+      dv = base + 3 * row_bytes;
+    }
+    bias = reinterpret_cast<float*>(base + row_bytes * (grads ? 4 : 2));
+    if (dbias_wanted) dbias = bias + g.bias_batch * g.bias_heads * g.seqlen_k;
+  }
+};
+
+}  // namespace
+
+std::shared_ptr<const KeyCompaction> make_device_compaction(const Geometry& geo,
+                                                            const BroadcastOperand& mask,
+                                                            bool is_causal, int block_m,
+                                                            int block_n, void* stream_ptr) {
+  auto stream = static_cast<cudaStream_t>(stream_ptr);
+  CompactGeometry g;
+  g.batch = geo.batch, g.seqlen_q = geo.seqlen_q, g.seqlen_k = geo.seqlen_k;
+  g.num_heads = geo.num_heads, g.num_kv_heads = geo.num_kv_heads;
+  g.list_batch = mask.read_extent(0);
+  g.list_heads = mask.read_extent(1);
+  g.kv_heads = g.list_heads == g.num_heads && g.num_heads != g.num_kv_heads ? g.num_heads
+                                                                            : g.num_kv_heads;
+  const int64_t lists = g.list_batch * g.list_heads, sq = g.seqlen_q, sk = g.seqlen_k;
+  if (lists > INT32_MAX || sk > INT32_MAX / 2 || sq > INT32_MAX) {
+    throw Error(ErrorKind::kUnsupported, "attn_mask",
+                "too many key lists or keys for compacted keys on CUDA");
+  }
+
+  // keys, slot: (lists, Sk); count: (lists); row_end: (lists, Sq); one allocation.
+  const size_t keys_bytes = size_t(lists * sk) * 4, count_bytes = size_t(lists) * 4;
+  const size_t row_bytes = size_t(lists * sq) * 4;
+  auto at = [](size_t bytes) { return (bytes + 255) / 256 * 256; };
+  void* raw = nullptr;
+  FSA_CUDA_CHECK(cudaMallocAsync(
+      &raw, std::max<size_t>(2 * at(keys_bytes) + at(count_bytes) + at(row_bytes), 1), stream));
+  std::shared_ptr<void> storage(raw, [stream](void* ptr) { cudaFreeAsync(ptr, stream); });
+  auto* base = static_cast<uint8_t*>(raw);
+  auto* keys = reinterpret_cast<int32_t*>(base);
+  auto* slot = reinterpret_cast<int32_t*>(base + at(keys_bytes));
+  auto* count = reinterpret_cast<int32_t*>(base + 2 * at(keys_bytes));
+  auto* row_end = reinterpret_cast<int32_t*>(base + 2 * at(keys_bytes) + at(count_bytes));
+  if (lists > 0) {
+    list_keys_kernel<<<unsigned(lists), kListThreads, 0, stream>>>(
+        static_cast<const uint8_t*>(mask.data), mask.read_stride[0], mask.read_stride[1],
+        mask.read_stride[3], int(g.list_heads), int(sk), keys, count, slot);
+    FSA_CUDA_CHECK(cudaGetLastError());
+  }
+  if (lists * sq > 0) {
+    row_end_kernel<<<unsigned(ceil_div(lists * sq, 256)), 256, 0, stream>>>(
+        keys, count, lists, int(sq), int(sk), is_causal, row_end);
+    FSA_CUDA_CHECK(cudaGetLastError());
+  }
+
+  auto c = std::make_shared<KeyCompaction>();
+  c->lists = g;
+  c->keys = keys, c->count = count, c->slot = slot, c->row_end = row_end;
+  c->storage = std::move(storage);
+  BlockMap extents;
+  extents.batch = g.list_batch;
+  extents.heads = g.list_heads;
+  extents.block_m = block_m;
+  extents.block_n = block_n;
+  extents.m_blocks = ceil_div(sq, block_m);
+  extents.n_blocks = ceil_div(sk, block_n);
+  const Geometry compact{geo.batch, sq, sk, geo.num_heads, g.kv_heads};
+  auto device_map = make_device_plan(compact, std::nullopt, std::nullopt, 1, 1, false, extents,
+                                     row_end_of(*c), stream_ptr);
+  int device = 0;
+  FSA_CUDA_CHECK(cudaGetDevice(&device));
+  c->plan = PlanAccess::make(compact, is_causal, false, Device{DeviceType::kCUDA, device},
+                             std::make_shared<BlockMap>(extents), std::move(device_map));
+  return c;
+}
+
+void compacted_forward(const ForwardProblem& p, const KeyCompaction& c, void* stream_ptr) {
+  auto stream = static_cast<cudaStream_t>(stream_ptr);
+  if (p.batch == 0 || p.seqlen_q == 0 || p.num_heads == 0) return;
+  const CompactGeometry g = compact_geometry(p, c);
+  CompactBuffers buffers(p, g, false, false, stream);
+  gather(p, g, c, buffers.k, buffers.v, buffers.bias, stream);
+  ForwardProblem cp = p;
+  lower_compacted(p, g, c, buffers.k, buffers.v, buffers.bias, cp);
+  forward(cp, c.plan, stream_ptr);
+}
+
+void compacted_backward(const BackwardProblem& p, const KeyCompaction& c, void* stream_ptr) {
+  auto stream = static_cast<cudaStream_t>(stream_ptr);
+  if (p.batch == 0 || p.num_heads == 0) return;
+  const CompactGeometry g = compact_geometry(p, c);
+  CompactBuffers buffers(p, g, true, p.dbias.has_value(), stream);
+  gather(p, g, c, buffers.k, buffers.v, buffers.bias, stream);
+  BackwardProblem cp = p;
+  lower_compacted(p, g, c, buffers.k, buffers.v, buffers.bias, cp);
+  compacted_grads(g, buffers.dk, buffers.dv, buffers.dbias, cp);
+  backward(cp, c.plan, stream_ptr);
+  const bool bf16 = p.dtype == DType::kBFloat16;
+  scatter_rows(g, c, buffers.dk, p.dk, p.head_dim, bf16, stream);
+  scatter_rows(g, c, buffers.dv, p.dv, p.head_dim, bf16, stream);
+  if (p.dbias) scatter_dbias(g, c, buffers.dbias, *p.dbias, stream);
+}
+
+}  // namespace fsa::detail::cuda

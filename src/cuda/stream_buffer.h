@@ -1,0 +1,21 @@
+#pragma once
+// Scratch memory of one call from the stream-ordered pool of the caller's stream.
+
+#include <cuda_runtime.h>
+
+namespace fsa::detail::cuda {
+
+// Pool memory released (after the work queued on the stream) at scope exit.
+struct StreamBuffer {
+  void* ptr = nullptr;
+  cudaStream_t stream = nullptr;
+  StreamBuffer() = default;
+  explicit StreamBuffer(cudaStream_t s) : stream(s) {}
+  StreamBuffer(const StreamBuffer&) = delete;
+  StreamBuffer& operator=(const StreamBuffer&) = delete;
+  ~StreamBuffer() {
+    if (ptr) cudaFreeAsync(ptr, stream);
+  }
+};
+
+}  // namespace fsa::detail::cuda

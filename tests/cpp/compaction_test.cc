@@ -1,0 +1,232 @@
+// Compacted keys (src/core/compaction.h) on the CPU backend: a key-only mask's plan lists the kept
+// keys, calls run over them gathered into slots, and gradients are scattered back by key. Every
+// case runs twice, through the compacted plan and through the block map alone
+// (CompactKeys::kNever), and both must pass the SPEC rule against float64.
+//
+// Sizes are odd on purpose (97 and 130 leave ragged query and key tiles; Sq > Sk leaves empty
+// leading rows under causality), and the masks keep scattered keys so that every tile of the
+// block map is partial.
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <numeric>
+
+#include "core/compaction.h"
+#include "harness.h"
+
+namespace fsa_test {
+namespace {
+
+using fsa::DType;
+
+class Compaction : public ::testing::TestWithParam<DType> {};
+INSTANTIATE_TEST_SUITE_P(CPU, Compaction, ::testing::Values(DType::kFloat32, DType::kBFloat16),
+                         dtype_param_name);
+
+fsa::Plan plan_for(LibraryBuffers& buffers, bool causal, bool compact,
+                   fsa::CompactKeys mode = fsa::CompactKeys::kAlways) {
+  fsa::PlanOptions options;
+  options.compact_keys = compact ? mode : fsa::CompactKeys::kNever;
+  return fsa::make_plan(buffers.q.view(), buffers.k.view(),
+                        buffers.mask ? std::optional<fsa::TensorView>(buffers.mask->view())
+                                     : std::nullopt,
+                        causal, options);
+}
+
+// Runs the case through a compacted plan and through the block map alone; both must match float64,
+// and the two plans must keep the same entries.
+void expect_both_paths_match(const CaseSpec& spec) {
+  const Problem problem = make_problem(spec);
+  const Inputs inputs = make_inputs(spec, problem);
+  const fsa::AttentionOptions options = make_options(spec);
+  for (const bool compact : {true, false}) {
+    SCOPED_TRACE(compact ? "compacted keys" : "block map");
+    LibraryBuffers buffers(problem, inputs, spec.dtype, spec.resolved_bias_dtype());
+    const fsa::Plan plan = plan_for(buffers, spec.causal, compact);
+    ASSERT_EQ(plan.compacted(), compact);
+    fsa::ForwardArgs f = buffers.forward_args(options);
+    f.plan = &plan;
+    fsa::forward(f);
+    fsa::BackwardArgs b = buffers.backward_args(options);
+    b.plan = &plan;
+    fsa::backward(b);
+    expect_matches_reference(problem, inputs, buffers.outputs(true), spec.dtype,
+                             spec.resolved_bias_dtype(), true);
+  }
+}
+
+// Keeps `keep` keys per (batch, mask head) row: the largest bias entries (the reference's
+// create_mask with attention_mask None), or random keys where the bias has no key dim.
+auto top_keys(int64_t keep) {
+  return [keep](const Problem& p, const Inputs& in, Rng& rng, std::vector<uint8_t>& mask) {
+    const Shape4& ms = *p.mask_shape;
+    const int64_t sk = ms[3], rows = ms[0] * ms[1] * ms[2];
+    std::vector<double> score(static_cast<size_t>(sk));
+    std::vector<int64_t> order(static_cast<size_t>(sk));
+    for (int64_t r = 0; r < rows; ++r) {
+      for (double& s : score) s = rng.uniform();
+      if (p.bias_shape && (*p.bias_shape)[3] == sk && (*p.bias_shape)[0] * (*p.bias_shape)[1] == 1) {
+        for (int64_t j = 0; j < sk; ++j) score[size_t(j)] = in.bias[size_t(j)];
+      }
+      std::iota(order.begin(), order.end(), 0);
+      std::stable_sort(order.begin(), order.end(),
+                       [&](int64_t x, int64_t y) { return score[size_t(x)] > score[size_t(y)]; });
+      for (int64_t n = 0; n < std::min(keep, sk); ++n) mask[size_t(r * sk + order[size_t(n)])] = 1;
+    }
+  };
+}
+
+TEST_P(Compaction, KeyMaskPerKvHead_BiasPerKvHead_Gqa2_Causal) {
+  CaseSpec spec = case_spec(GetParam(), 2, 97, 130, 4, 2, 32);
+  spec.causal = true;
+  spec.mask_shape = Shape4{2, 2, 1, 130};
+  spec.bias_shape = Shape4{2, 2, 1, 130};
+  spec.make_mask = top_keys(23);
+  expect_both_paths_match(spec);
+}
+
+// A mask head per query head with GQA: each query head reads its own gathered copy of its kv
+// head, and dK / dV sum the group's copies.
+TEST_P(Compaction, KeyMaskPerQueryHead_SharedBias_Gqa2_NonCausal) {
+  CaseSpec spec = case_spec(GetParam(), 2, 97, 130, 4, 2, 32);
+  spec.mask_shape = Shape4{2, 4, 1, 130};
+  spec.bias_shape = Shape4{1, 1, 1, 130};
+  spec.make_mask = top_keys(40);
+  expect_both_paths_match(spec);
+}
+
+// One list for every batch and head; a per-head scalar bias (key dim 1), whose gradient sums the
+// kept keys; Sq > Sk leaves the first 53 rows empty under causality.
+TEST_P(Compaction, SharedKeyMask_KeyDim1Bias_SqAboveSk_Causal) {
+  CaseSpec spec = case_spec(GetParam(), 2, 150, 97, 4, 2, 32);
+  spec.causal = true;
+  spec.mask_shape = Shape4{1, 1, 1, 97};
+  spec.bias_shape = Shape4{2, 4, 1, 1};
+  spec.make_mask = top_keys(30);
+  expect_both_paths_match(spec);
+}
+
+// Sq < Sk (a cached prefix) with an fp32 bias per batch only, summed over heads in the gradient.
+TEST_P(Compaction, KeyMask_BatchBias_SqBelowSk_Causal) {
+  CaseSpec spec = case_spec(GetParam(), 2, 61, 200, 4, 4, 64);
+  spec.causal = true;
+  spec.mask_shape = Shape4{2, 4, 1, 200};
+  spec.bias_shape = Shape4{2, 1, 1, 200};
+  spec.bias_dtype = DType::kFloat32;
+  spec.make_mask = top_keys(50);
+  expect_both_paths_match(spec);
+}
+
+// A list that keeps nothing (every row of that head empty: zeros, LSE -inf, zero gradients) next
+// to one that keeps everything, without bias.
+TEST_P(Compaction, EmptyAndFullLists_NoBias) {
+  CaseSpec spec = case_spec(GetParam(), 2, 70, 90, 2, 2, 16);
+  spec.causal = true;
+  spec.mask_shape = Shape4{2, 2, 1, 90};
+  spec.make_mask = [](const Problem&, const Inputs&, Rng& rng, std::vector<uint8_t>& mask) {
+    for (int64_t j = 0; j < 90; ++j) {
+      mask[size_t(j)] = 0;                           // (b 0, h 0): nothing
+      mask[size_t(90 + j)] = 1;                      // (b 0, h 1): everything
+      mask[size_t(180 + j)] = rng.bernoulli(0.2);    // (b 1, h 0)
+      mask[size_t(270 + j)] = rng.bernoulli(0.05);   // (b 1, h 1)
+    }
+  };
+  expect_both_paths_match(spec);
+}
+
+// A mask whose key dim is broadcast too: one flag per (batch, head).
+TEST_P(Compaction, PerHeadFlagMask_KeyDimBroadcast) {
+  CaseSpec spec = case_spec(GetParam(), 1, 40, 75, 2, 1, 32);
+  spec.mask_shape = Shape4{1, 2, 1, 1};
+  spec.bias_shape = Shape4{1, 1, 1, 75};
+  spec.make_mask = [](const Problem&, const Inputs&, Rng&, std::vector<uint8_t>& mask) {
+    mask[0] = 1;
+    mask[1] = 0;
+  };
+  expect_both_paths_match(spec);
+}
+
+// Decode: one query row sees every kept key.
+TEST_P(Compaction, Decode_KeyMaskAndBiasPerKvHead) {
+  CaseSpec spec = case_spec(GetParam(), 3, 1, 1025, 8, 2, 64);
+  spec.causal = true;
+  spec.mask_shape = Shape4{3, 2, 1, 1025};
+  spec.bias_shape = Shape4{3, 2, 1, 1025};
+  spec.make_mask = top_keys(100);
+  expect_both_paths_match(spec);
+}
+
+// Softcap runs over compacted keys like anywhere else.
+TEST_P(Compaction, Softcap_KeyMask_Causal) {
+  CaseSpec spec = case_spec(GetParam(), 1, 130, 130, 2, 1, 32);
+  spec.causal = true;
+  spec.softcap = 5.0;
+  spec.q_std = 3.0;
+  spec.mask_shape = Shape4{1, 1, 1, 130};
+  spec.bias_shape = Shape4{1, 1, 1, 130};
+  spec.make_mask = top_keys(33);
+  expect_both_paths_match(spec);
+}
+
+// A bias with a query dim cannot be gathered by key: such calls run the block map of the same plan.
+TEST_P(Compaction, FullBiasKeepsTheBlockMap) {
+  CaseSpec spec = case_spec(GetParam(), 1, 97, 130, 2, 2, 32);
+  spec.causal = true;
+  spec.mask_shape = Shape4{1, 2, 1, 130};
+  spec.bias_shape = Shape4{1, 2, 97, 130};
+  spec.make_mask = top_keys(20);
+  expect_both_paths_match(spec);
+}
+
+TEST(CompactionPlan, KeepsTheSameEntriesAndVisitsFewerTiles) {
+  CaseSpec spec = case_spec(DType::kFloat32, 1, 1024, 1024, 2, 2, 16);
+  spec.causal = true;
+  spec.mask_shape = Shape4{1, 2, 1, 1024};
+  spec.make_mask = [](const Problem&, const Inputs&, Rng& rng, std::vector<uint8_t>& mask) {
+    for (uint8_t& m : mask) m = rng.bernoulli(0.125) ? 1 : 0;  // scattered: every tile partial
+  };
+  const Problem problem = make_problem(spec);
+  const Inputs inputs = make_inputs(spec, problem);
+  LibraryBuffers buffers(problem, inputs, spec.dtype, spec.dtype);
+  const fsa::Plan compacted = plan_for(buffers, true, true);
+  const fsa::Plan blocks = plan_for(buffers, true, false);
+  ASSERT_TRUE(compacted.compacted());
+  ASSERT_FALSE(blocks.compacted());
+  // The block map of a compacted plan is still there (for calls with a full bias) and the same.
+  EXPECT_DOUBLE_EQ(compacted.kept_density(), blocks.kept_density());
+  EXPECT_DOUBLE_EQ(compacted.visited_tile_fraction(), blocks.visited_tile_fraction());
+  // The compacted map keeps exactly the same (query, key) pairs ...
+  EXPECT_DOUBLE_EQ(compacted.compaction()->plan.kept_density(), blocks.kept_density());
+  // ... over about 1/8 of the tiles: every causal tile of the block map is visited.
+  EXPECT_GT(blocks.visited_tile_fraction(), 0.5);
+  EXPECT_LT(compacted.compacted_tile_fraction(), 0.2);
+  EXPECT_EQ(blocks.compacted_tile_fraction(), 0.0);
+}
+
+TEST(CompactionPlan, AutoCompactsFromOneFullQueryTile) {
+  for (const int64_t sq : {1, 127, 128, 300}) {
+    CaseSpec spec = case_spec(DType::kFloat32, 1, sq, 64, 2, 2, 16);
+    spec.mask_shape = Shape4{1, 2, 1, 64};
+    const Problem problem = make_problem(spec);
+    const Inputs inputs = make_inputs(spec, problem);
+    LibraryBuffers buffers(problem, inputs, spec.dtype, spec.dtype);
+    EXPECT_EQ(plan_for(buffers, true, true, fsa::CompactKeys::kAuto).compacted(), sq >= 128)
+        << "seqlen_q " << sq;
+  }
+}
+
+TEST(CompactionPlan, OnlyKeyOnlyMasksAreCompacted) {
+  CaseSpec spec = case_spec(DType::kFloat32, 1, 64, 64, 2, 2, 16);
+  spec.mask_shape = Shape4{1, 2, 64, 64};
+  const Problem problem = make_problem(spec);
+  const Inputs inputs = make_inputs(spec, problem);
+  LibraryBuffers buffers(problem, inputs, spec.dtype, spec.dtype);
+  EXPECT_FALSE(plan_for(buffers, false, true).compacted());  // a mask with a query dim
+  fsa::PlanOptions options;
+  EXPECT_FALSE(fsa::make_plan(buffers.q.view(), buffers.k.view(), std::nullopt, true, options)
+                   .compacted());  // no mask
+}
+
+}  // namespace
+}  // namespace fsa_test

@@ -1,0 +1,148 @@
+"""Compacted keys on CUDA (src/core/compaction.h): key-only masks (B|1, H|Hk|1, 1, Sk) whose
+plans list the kept keys, forward and backward against float64 under SPEC's pass rule, the plan's
+choice visible (Plan.compacted), and `topk=` against create_mask + attention.
+
+Masks keep scattered keys (the reference's top-k) so every tile of the block map is partial;
+sizes are odd (1000 = 7 * 128 + 104 query rows, 1337 keys) so the last tiles are ragged, and
+causality with Sq > Sk leaves leading rows empty.
+"""
+
+import math
+
+import pytest
+import torch
+
+from flash_sparse_attn import _C, flash_sparse_attn_func
+from flash_sparse_attn.utils.mask import create_mask
+
+from test_cuda_backward import check_backward
+from test_cuda_forward import SEED, check, qkv, randn
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or not getattr(_C, "has_cuda", False),
+    reason="needs a CUDA device and a CUDA build of flash_sparse_attn",
+)
+DTYPES = [torch.bfloat16, torch.float16]
+
+
+@pytest.fixture
+def gen():
+    g = torch.Generator(device="cuda")
+    g.manual_seed(SEED)
+    return g
+
+
+def top_keys(score, keep):
+    """Bool mask of `score`'s shape keeping the `keep` largest entries along the last dim."""
+    idx = score.float().topk(min(keep, score.shape[-1]), dim=-1).indices
+    return torch.zeros_like(score, dtype=torch.bool).scatter(-1, idx, True)
+
+
+def plan_of(q, k, mask, causal, mode="auto"):
+    return _C.make_plan(q, k, mask, causal, None, None, None, None, None,
+                        torch.cuda.current_stream().cuda_stream, mode)
+
+
+# (B, Sq, Sk, H, Hk, D), mask shape, bias shape, causal
+CASES = [
+    ((2, 1000, 1337, 8, 2, 128), (2, 2, 1, 1337), (2, 2, 1, 1337), True),   # Doge: per kv head
+    ((1, 1000, 1337, 8, 2, 64), (1, 8, 1, 1337), (1, 1, 1, 1337), False),   # a list per query head
+    ((2, 700, 333, 4, 4, 128), (1, 1, 1, 333), (2, 4, 1, 1), True),         # Sq > Sk: empty rows
+    ((1, 256, 4096, 4, 1, 64), (1, 1, 1, 4096), (1, 4, 1, 4096), True),     # MQA, Sq < Sk
+    ((1, 333, 1000, 2, 2, 96), (1, 2, 1, 1000), None, True),                # padded head dim
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,mask_shape,bias_shape,causal", CASES)
+def test_forward_and_backward_over_compacted_keys(dtype, shape, mask_shape, bias_shape, causal,
+                                                   gen):
+    B, Sq, Sk, H, Hk, D = shape
+    q, k, v = qkv(B, Sq, Sk, H, Hk, D, dtype, gen)
+    score = randn(*mask_shape, dtype=torch.float32, gen=gen)
+    mask = top_keys(score, max(1, Sk // 8))
+    bias = None if bias_shape is None else randn(*bias_shape, dtype=dtype, gen=gen)
+    assert plan_of(q, k, mask, causal).compacted, "a key-only mask with Sq >= 128 is compacted"
+    label = f"compacted {shape} mask {mask_shape} bias {bias_shape} causal={causal}"
+    check(q, k, v, mask, bias, causal=causal, label=label)
+    check_backward(q, k, v, mask, bias, causal=causal, label=label)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_empty_and_full_lists(dtype, gen):
+    """One (batch, head) keeps no key (its rows: zeros, LSE -inf, zero gradients), one keeps all."""
+    q, k, v = qkv(2, 300, 500, 2, 2, 64, dtype, gen)
+    mask = torch.rand(2, 2, 1, 500, generator=gen, device="cuda") < 0.1
+    mask[0, 0] = False
+    mask[0, 1] = True
+    bias = randn(2, 2, 1, 500, dtype=dtype, gen=gen)
+    check(q, k, v, mask, bias, causal=True, label="empty and full lists")
+    check_backward(q, k, v, mask, bias, causal=True, label="empty and full lists")
+
+
+def test_deterministic_backward_over_compacted_keys(gen):
+    dtype = torch.bfloat16
+    q, k, v = qkv(1, 1024, 1024, 4, 2, 128, dtype, gen)
+    bias = randn(1, 2, 1, 1024, dtype=dtype, gen=gen)
+    mask = top_keys(bias, 100)
+    runs = []
+    for _ in range(2):
+        leaves = [x.clone().requires_grad_(True) for x in (q, k, v, bias)]
+        out = flash_sparse_attn_func(*leaves[:3], attn_mask=mask, attn_bias=leaves[3],
+                                     is_causal=True, deterministic=True)
+        out.backward(torch.ones_like(out))
+        runs.append([x.grad for x in leaves])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b), "deterministic=True must give bitwise-equal gradients"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_compacted_and_block_map_paths_agree(dtype, gen):
+    """The same call through a compacted plan and a block-map plan (compact_keys='never')."""
+    q, k, v = qkv(1, 512, 2048, 8, 2, 128, dtype, gen)
+    bias = randn(1, 2, 1, 2048, dtype=dtype, gen=gen)
+    mask = top_keys(bias, 256)
+    outs = []
+    for mode in ("always", "never"):
+        plan = plan_of(q, k, mask, True, mode)
+        assert plan.compacted == (mode == "always")
+        out = torch.full_like(q, float("nan"))
+        _C.forward(q, k, v, mask, bias, out, None, None, True, 0.0, plan,
+                   torch.cuda.current_stream().cuda_stream)
+        outs.append(out)
+    torch.cuda.synchronize()
+    # Both are checked against float64 elsewhere; here they must agree to bf16/fp16 rounding.
+    unit = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -10
+    assert (outs[0].float() - outs[1].float()).abs().max().item() <= 2 * unit
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_topk_matches_create_mask(dtype, gen):
+    """topk=w keeps exactly create_mask's keys: same output and gradients as passing its mask."""
+    B, S, H, Hk, D, w = 1, 777, 4, 2, 64, 100
+    q, k, v = qkv(B, S, S, H, Hk, D, dtype, gen)
+    bias = randn(B, Hk, 1, S, dtype=dtype, gen=gen)
+    bias[..., :50] = bias[..., 50:100]  # ties in the bias: the lower key index wins
+    mask = create_mask(bias, None, B, S, S, w, torch.finfo(dtype).min)
+    assert mask.shape == (B, Hk, 1, S) and mask.device == bias.device
+    assert int(mask.sum()) == B * Hk * w
+    grads = []
+    for how in ({"attn_mask": mask}, {"topk": w}):
+        leaves = [x.clone().requires_grad_(True) for x in (q, k, v, bias)]
+        out = flash_sparse_attn_func(*leaves[:3], attn_bias=leaves[3], is_causal=True, **how)
+        out.backward(torch.ones_like(out))
+        grads.append([out] + [x.grad for x in leaves])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b), "topk= must run exactly the create_mask mask"
+    check(q, k, v, mask, bias, causal=True, label="topk")
+
+
+def test_topk_errors(gen):
+    q, k, v = qkv(1, 64, 64, 2, 2, 64, torch.bfloat16, gen)
+    with pytest.raises(ValueError, match="topk"):
+        flash_sparse_attn_func(q, k, v, topk=8)  # no bias to select by
+    bias = randn(1, 2, 1, 64, dtype=torch.bfloat16, gen=gen)
+    with pytest.raises(ValueError, match="topk"):
+        flash_sparse_attn_func(q, k, v, attn_bias=bias, topk=0)
+    with pytest.raises(TypeError, match="topk"):
+        flash_sparse_attn_func(q, k, v, attn_bias=bias, topk=2.5)

@@ -1,0 +1,93 @@
+"""`topk=` (keys selected by the bias without a caller-built mask) and compacted keys (a key-only
+mask's plan lists the kept keys) through the Python API on CPU tensors: the SPEC pass rule against
+float64, the same result as create_mask + attn_mask, the plan's choice, and errors."""
+
+import pytest
+import torch
+
+from flash_sparse_attn import _C, flash_sparse_attn_func
+from flash_sparse_attn.utils.mask import create_mask
+
+from conftest import run_case
+
+HALF = [torch.float16, torch.bfloat16]
+
+
+def rand(*shape, dtype):
+    return torch.randn(*shape, dtype=torch.float32).to(dtype)
+
+
+def qkv(b, sq, sk, h, hk, d, dtype):
+    return (rand(b, sq, h, d, dtype=dtype), rand(b, sk, hk, d, dtype=dtype),
+            rand(b, sk, hk, d, dtype=dtype))
+
+
+def plan_of(q, k, mask, causal, mode="auto"):
+    return _C.make_plan(torch.utils.dlpack.to_dlpack(q), torch.utils.dlpack.to_dlpack(k),
+                        None if mask is None else torch.utils.dlpack.to_dlpack(mask), causal,
+                        compact_keys=mode)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_topk_runs_create_masks_keys(dtype):
+    """Doge's call: bias (B, Hk, 1, S), causal, the top-w keys per (batch, kv head)."""
+    b, s, h, hk, d, w = 2, 300, 4, 2, 32, 40
+    q, k, v = qkv(b, s, s, h, hk, d, dtype)
+    bias = rand(b, hk, 1, s, dtype=dtype)
+    bias[..., 10:20] = bias[..., 30:40]  # ties: the lower key index wins in both
+    mask = create_mask(bias, None, b, s, s, w, torch.finfo(dtype).min)
+    assert mask.shape == (b, hk, 1, s) and int(mask.sum()) == b * hk * w
+    results = []
+    for how in ({"attn_mask": mask}, {"topk": w}):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v, bias)]
+        out = flash_sparse_attn_func(*leaves[:3], attn_bias=leaves[3], is_causal=True, **how)
+        out.backward(torch.ones_like(out))
+        results.append([out] + [t.grad for t in leaves])
+    for ours, theirs in zip(*results):
+        assert torch.equal(ours, theirs)
+    run_case(flash_sparse_attn_func, q, k, v, mask=mask, bias=bias, causal=True)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_topk_with_a_key_mask_selects_among_allowed_keys(dtype):
+    b, s, h, d, w = 1, 200, 2, 32, 30
+    q, k, v = qkv(b, s, s, h, h, d, dtype)
+    bias = rand(b, h, 1, s, dtype=dtype)
+    allowed = torch.rand(b, 1, 1, s) < 0.5
+    out = flash_sparse_attn_func(q, k, v, attn_mask=allowed, attn_bias=bias, topk=w)
+    mask = create_mask(bias, allowed, b, s, s, w, torch.finfo(dtype).min)
+    assert not (mask & ~allowed).any()
+    assert torch.equal(out, flash_sparse_attn_func(q, k, v, attn_mask=mask, attn_bias=bias))
+
+
+def test_key_masks_are_compacted_from_one_query_tile():
+    q, k, _ = qkv(1, 128, 512, 2, 2, 32, torch.bfloat16)
+    mask = torch.rand(1, 2, 1, 512) < 0.1
+    assert plan_of(q, k, mask, True).compacted
+    assert not plan_of(q[:, :127], k, mask, True).compacted        # decode-like: block map
+    assert not plan_of(q, k, mask, True, "never").compacted
+    assert not plan_of(q, k, mask.expand(1, 2, 128, 512).contiguous(), True).compacted
+    assert plan_of(q, k, mask, True).compacted_tile_fraction() < 0.5
+    with pytest.raises(ValueError, match="compact_keys"):
+        plan_of(q, k, mask, True, "sometimes")
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_compacted_plan_matches_reference_with_gqa_and_bias_grad(dtype):
+    q, k, v = qkv(2, 200, 333, 8, 2, 32, dtype)
+    bias = rand(2, 2, 1, 333, dtype=dtype)
+    mask = create_mask(bias, None, 2, 200, 333, 50, torch.finfo(dtype).min)
+    run_case(flash_sparse_attn_func, q, k, v, mask=mask, bias=bias, causal=True)
+
+
+def test_topk_errors():
+    q, k, v = qkv(1, 16, 16, 2, 2, 8, torch.bfloat16)
+    bias = rand(1, 2, 1, 16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="topk"):
+        flash_sparse_attn_func(q, k, v, topk=4)
+    with pytest.raises(ValueError, match="topk"):
+        flash_sparse_attn_func(q, k, v, attn_bias=bias, topk=0)
+    with pytest.raises(TypeError, match="topk"):
+        flash_sparse_attn_func(q, k, v, attn_bias=bias, topk=True)
+    with pytest.raises(ValueError, match="attn_bias"):
+        flash_sparse_attn_func(q, k, v, attn_bias=bias[..., :8], topk=4)
