@@ -78,12 +78,22 @@ struct PlanOptions {
   // key axis, so work follows the kept keys even when they are scattered (a top-k mask) and every
   // tile of the block map is partly kept.
   CompactKeys compact_keys = CompactKeys::kAuto;
+  // Per-row top-k without a mask tensor (beyond the reference): with topk > 0 every row keeps
+  // only the topk largest entries of topk_bias among the keys it may see (attn_mask and
+  // causality) — exactly what create_mask(topk_bias, that mask, window_size=topk, min_dtype =
+  // topk_min_value) keeps, ties to the lower key index, never an entry equal to the fill — as one
+  // threshold per row, O(B * heads * Sq), never an Sq x Sk mask. topk_bias: fp16 / bf16 / fp32,
+  // query-invariant ({B|1}, {H|Hk|1}, 1, {Sk|1}); forward / backward must pass it as attn_bias.
+  std::optional<TensorView> topk_bias;
+  int64_t topk = 0;
+  double topk_min_value = -3.4028234663852886e38;  // the fill (the reference's min_dtype)
   void* stream = nullptr;  // cudaStream_t on which a CUDA plan is built; ignored on the CPU
 };
 
 namespace detail {
 struct DeviceBlockMap;  // the CUDA backend's copy of the block map (device memory)
 struct KeyCompaction;   // compacted keys: key lists and their block map (core/compaction.h)
+struct RowThresholds;   // per-row top-k thresholds (core/thresholds.h)
 struct PlanAccess;      // the core's builders of plans
 }
 
@@ -140,6 +150,8 @@ class Plan {
   // a CUDA plan this waits for the planning kernels.
   double compacted_tile_fraction() const;
   const detail::KeyCompaction* compaction() const { return compaction_.get(); }
+  // Per-row top-k thresholds (PlanOptions::topk), or null.
+  const detail::RowThresholds* thresholds() const { return thresholds_.get(); }
 
  private:
   friend Plan make_plan(const TensorView&, const TensorView&, const std::optional<TensorView>&,
@@ -148,6 +160,7 @@ class Plan {
   std::shared_ptr<const BlockMap> map_;
   std::shared_ptr<const detail::DeviceBlockMap> device_map_;
   std::shared_ptr<const detail::KeyCompaction> compaction_;
+  std::shared_ptr<const detail::RowThresholds> thresholds_;
   int64_t batch_ = 0, num_heads_ = 0, num_kv_heads_ = 0, seqlen_q_ = 0, seqlen_k_ = 0;
   bool is_causal_ = false, has_mask_ = false;
   Device device_{};

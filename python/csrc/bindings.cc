@@ -202,7 +202,8 @@ NB_MODULE(_C, m) {
       [](const InArray& query, const InArray& key, const std::optional<InArray>& attn_mask,
          bool is_causal, std::optional<int> block_m, std::optional<int> block_n,
          const std::optional<InArray>& block_mask, std::optional<int> block_mask_m,
-         std::optional<int> block_mask_n, uintptr_t stream, const std::string& compact_keys) {
+         std::optional<int> block_mask_n, uintptr_t stream, const std::string& compact_keys,
+         const std::optional<InArray>& topk_bias, int64_t topk, double topk_min_value) {
         const fsa::TensorView q = to_view(query, "query"), k = to_view(key, "key");
         const std::optional<fsa::TensorView> mask = to_view(attn_mask, "attn_mask");
         fsa::PlanOptions options;  // the backend's default tiles unless the caller picks them
@@ -213,6 +214,9 @@ NB_MODULE(_C, m) {
         if (block_mask_n) options.block_mask_n = *block_mask_n;
         options.stream = to_stream(stream);
         options.compact_keys = compact_keys_mode(compact_keys);
+        options.topk_bias = to_view(topk_bias, "attn_bias");
+        options.topk = topk;
+        options.topk_min_value = topk_min_value;
         nb::gil_scoped_release release;
         return fsa::make_plan(q, k, mask, is_causal, options);
       },
@@ -220,12 +224,15 @@ NB_MODULE(_C, m) {
       nb::arg("block_m").none() = nb::none(), nb::arg("block_n").none() = nb::none(),
       nb::arg("block_mask").none() = nb::none(), nb::arg("block_mask_m").none() = nb::none(),
       nb::arg("block_mask_n").none() = nb::none(), nb::arg("stream") = 0,
-      nb::arg("compact_keys") = "auto",
+      nb::arg("compact_keys") = "auto", nb::arg("topk_bias").none() = nb::none(),
+      nb::arg("topk") = 0, nb::arg("topk_min_value") = -3.4028234663852886e38,
       "Builds the block map for query (B, Sq, H, D), key (B, Sk, Hk, D) (shapes only), an optional "
       "bool attn_mask, causality, the tile shape (None: the backend's default) and an optional "
       "block selection over block_mask_m x block_mask_n tiles, whole multiples of the plan's "
       "(None: the plan's tile); a CUDA plan is built on `stream`. compact_keys: 'auto' (a key-only "
-      "mask's kept keys are listed when seqlen_q >= 128), 'always' or 'never'.");
+      "mask's kept keys are listed when seqlen_q >= 128), 'always' or 'never'. topk > 0: every "
+      "row keeps only the topk largest entries of topk_bias (query-invariant, the call's attn_bias) "
+      "among the keys the mask and causality let it see, as per-row thresholds.");
 
   m.def(
       "forward",
@@ -328,7 +335,8 @@ NB_MODULE(_C, m) {
   m.def(
       "dynamic_mask",
       [](const InArray& attn_bias, const std::optional<InArray>& attn_mask, const std::string& type,
-         int64_t window_size, double min_value, int64_t block_size, const OutArray& out) {
+         int64_t window_size, double min_value, int64_t block_size, const OutArray& out,
+         uintptr_t stream) {
         fsa::DynamicMaskArgs a;
         a.attn_bias = to_view(attn_bias, "attention_bias");
         a.attn_mask = to_view(attn_mask, "attention_mask");
@@ -337,33 +345,38 @@ NB_MODULE(_C, m) {
         a.min_value = min_value;
         a.block_size = block_size;
         a.out = to_view(out, "out");
+        a.stream = to_stream(stream);
         nb::gil_scoped_release release;
         fsa::dynamic_mask(a);
       },
       nb::arg("attention_bias"), nb::arg("attention_mask").none(), nb::arg("type"),
-      nb::arg("window_size"), nb::arg("min_value"), nb::arg("block_size"), nb::arg("out"));
+      nb::arg("window_size"), nb::arg("min_value"), nb::arg("block_size"), nb::arg("out"),
+      nb::arg("stream") = 0,
+      "out (the broadcast shape, bool) is written in place; CUDA arrays on `stream`.");
 
   m.def(
       "block_smooth",
-      [](const OutArray& mask, int64_t block_size) {
+      [](const OutArray& mask, int64_t block_size, uintptr_t stream) {
         const fsa::TensorView v = to_view(mask, "attention_mask");
         nb::gil_scoped_release release;
-        fsa::block_smooth(v, block_size);
+        fsa::block_smooth(v, block_size, to_stream(stream));
       },
-      nb::arg("attention_mask"), nb::arg("block_size"));
+      nb::arg("attention_mask"), nb::arg("block_size"), nb::arg("stream") = 0);
 
   m.def(
       "expand_mask_2d",
-      [](const InArray& mask_2d, int64_t query_len, int64_t key_len, const OutArray& out) {
+      [](const InArray& mask_2d, int64_t query_len, int64_t key_len, const OutArray& out,
+         uintptr_t stream) {
         fsa::expand_mask_2d(to_view(mask_2d, "attention_mask"), query_len, key_len,
-                            to_view(out, "out"));
+                            to_view(out, "out"), to_stream(stream));
       },
-      nb::arg("attention_mask"), nb::arg("query_len"), nb::arg("key_len"), nb::arg("out"));
+      nb::arg("attention_mask"), nb::arg("query_len"), nb::arg("key_len"), nb::arg("out"),
+      nb::arg("stream") = 0);
 
   m.def(
       "select_blocks",
       [](const InArray& attn_bias, int64_t seqlen_q, int block_m, int block_n, int64_t top_k,
-         const std::string& reduce, bool is_causal, const OutArray& out) {
+         const std::string& reduce, bool is_causal, const OutArray& out, uintptr_t stream) {
         fsa::BlockSelectArgs a;
         a.attn_bias = to_view(attn_bias, "attention_bias");
         a.seqlen_q = seqlen_q;
@@ -373,9 +386,11 @@ NB_MODULE(_C, m) {
         a.reduce = block_reduce(reduce);
         a.is_causal = is_causal;
         a.out = to_view(out, "out");
+        a.stream = to_stream(stream);
         nb::gil_scoped_release release;
         fsa::select_blocks(a);
       },
       nb::arg("attention_bias"), nb::arg("query_len"), nb::arg("block_m"), nb::arg("block_n"),
-      nb::arg("top_k"), nb::arg("reduce"), nb::arg("is_causal"), nb::arg("out"));
+      nb::arg("top_k"), nb::arg("reduce"), nb::arg("is_causal"), nb::arg("out"),
+      nb::arg("stream") = 0);
 }

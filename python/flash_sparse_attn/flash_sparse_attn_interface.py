@@ -90,16 +90,22 @@ def _dl(t: Optional[_Tensor]):
     return None if t is None else _to_dlpack(t)
 
 
-def _make_plan(q, k, attn_mask, is_causal, block_mask, block_m, block_n):
+def _make_plan(q, k, attn_mask, is_causal, block_mask, block_m, block_n, attn_bias=None,
+               row_topk=0):
     """block_m x block_n is the tile of block_mask (the selection); the plan's own tile is the
     backend's default, except on the CPU, which runs any tile and then simply uses the
-    selection's (a selection tile must be a whole multiple of the plan's)."""
+    selection's (a selection tile must be a whole multiple of the plan's). row_topk > 0: the plan
+    holds per-row top-k thresholds of attn_bias (``topk_causal``)."""
     plan_m = plan_n = None
     if block_mask is not None and not q.is_cuda:
         plan_m, plan_n = block_m, block_n
+    topk_args = {}
+    if row_topk:
+        topk_args = dict(topk_bias=_dl(attn_bias.detach()), topk=row_topk,
+                         topk_min_value=float(torch.finfo(attn_bias.dtype).min))
     return _C.make_plan(
         _dl(q), _dl(k), _dl(attn_mask), is_causal, plan_m, plan_n, _dl(block_mask), block_m,
-        block_n, _stream(q),
+        block_n, _stream(q), **topk_args,
     )
 
 
@@ -124,11 +130,14 @@ class _PlanCache:
             return None
         return (id(t), t._version, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
 
-    def get(self, q, k, attn_mask, is_causal, block_mask, block_m, block_n):
+    def get(self, q, k, attn_mask, is_causal, block_mask, block_m, block_n, attn_bias=None,
+            row_topk=0):
         stream = _stream(q)
+        topk_bias = attn_bias if row_topk else None
         key = (tuple(q.shape), tuple(k.shape), q.device, stream, is_causal, block_m, block_n,
-               self._tensor_key(attn_mask), self._tensor_key(block_mask))
-        tensors = (attn_mask, block_mask)
+               self._tensor_key(attn_mask), self._tensor_key(block_mask), row_topk,
+               self._tensor_key(topk_bias))
+        tensors = (attn_mask, block_mask, topk_bias)
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
@@ -136,7 +145,8 @@ class _PlanCache:
                 if all(t is None or ref() is t for ref, t in zip(refs, tensors)):
                     self._entries.move_to_end(key)
                     return plan
-        plan = _make_plan(q, k, attn_mask, is_causal, block_mask, block_m, block_n)
+        plan = _make_plan(q, k, attn_mask, is_causal, block_mask, block_m, block_n, attn_bias,
+                          row_topk)
         refs = tuple(None if t is None else weakref.ref(t) for t in tensors)
         with self._lock:
             self._entries[key] = (plan, refs)
@@ -157,12 +167,14 @@ def clear_plan_cache() -> None:
     _plan_cache.clear()
 
 
-def _plan_for_call(q, k, attn_mask, is_causal, block_mask, block_m, block_n):
+def _plan_for_call(q, k, attn_mask, is_causal, block_mask, block_m, block_n, attn_bias=None,
+                   row_topk=0):
     """The plan of an eager call: cached where planning costs something (any CUDA call: small
-    planning kernels; a CPU call with a mask or block selection: one read of it). A mask-free CPU
-    call returns None and the core plans inline (cheaper than the cache lookup)."""
-    if q.is_cuda or attn_mask is not None or block_mask is not None:
-        return _plan_cache.get(q, k, attn_mask, is_causal, block_mask, block_m, block_n)
+    planning kernels; a CPU call with a mask, block selection or per-row top-k: one read of it).
+    A mask-free CPU call returns None and the core plans inline (cheaper than the cache lookup)."""
+    if q.is_cuda or attn_mask is not None or block_mask is not None or row_topk:
+        return _plan_cache.get(q, k, attn_mask, is_causal, block_mask, block_m, block_n,
+                               attn_bias, row_topk)
     return None
 
 
@@ -195,9 +207,10 @@ class FlashSparseAttnFunc(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, q, k, v, attn_mask, attn_bias, softmax_scale, is_causal, softcap, deterministic,
-        block_mask, block_m, block_n,
+        block_mask, block_m, block_n, row_topk,
     ):
-        plan = _plan_for_call(q, k, attn_mask, is_causal, block_mask, block_m, block_n)
+        plan = _plan_for_call(q, k, attn_mask, is_causal, block_mask, block_m, block_n, attn_bias,
+                              row_topk)
         if plan is None:  # mask-free CPU call: still one plan for forward and backward
             plan = _make_plan(q, k, attn_mask, is_causal, block_mask, block_m, block_n)
         out, lse = _new_outputs(q, need_lse=True)
@@ -228,7 +241,7 @@ class FlashSparseAttnFunc(torch.autograd.Function):
             dv if need[2] else None,
             None,
             dbias,
-            None, None, None, None, None, None, None,
+            None, None, None, None, None, None, None, None,
         )
 
 
@@ -275,8 +288,10 @@ def _fwd_op(
     deterministic: bool,
     block_m: Optional[int],
     block_n: Optional[int],
+    row_topk: int = 0,
 ) -> Tuple[_Tensor, _Tensor, _Tensor]:
-    plan = _plan_for_call(q, k, attn_mask, is_causal, block_mask, block_m, block_n)
+    plan = _plan_for_call(q, k, attn_mask, is_causal, block_mask, block_m, block_n, attn_bias,
+                          row_topk)
     if plan is None:
         plan = _make_plan(q, k, attn_mask, is_causal, block_mask, block_m, block_n)
     out, lse = _new_outputs(q, need_lse=True)
@@ -291,7 +306,7 @@ def _fwd_op(
 @_fwd_op.register_fake
 def _fwd_fake(
     q, k, v, attn_mask, attn_bias, block_mask, softmax_scale, is_causal, softcap, deterministic,
-    block_m, block_n,
+    block_m, block_n, row_topk=0,
 ):
     out, lse = _new_outputs(q, need_lse=True)
     return out, lse, torch.empty((1,), dtype=torch.int64)
@@ -316,10 +331,12 @@ def _bwd_op(
     block_m: Optional[int],
     block_n: Optional[int],
     need_dbias: bool,
+    row_topk: int = 0,
 ) -> Tuple[_Tensor, _Tensor, _Tensor, _Tensor]:
     plan = _plans.get(int(plan_handle[0]))
     if plan is None:
-        plan = _make_plan(q, k, attn_mask, is_causal, block_mask, block_m, block_n)
+        plan = _make_plan(q, k, attn_mask, is_causal, block_mask, block_m, block_n, attn_bias,
+                          row_topk)
     dq, dk, dv, dbias = _run_backward(
         dout, q, k, v, out, lse, attn_mask, attn_bias, softmax_scale, is_causal, softcap,
         deterministic, plan, need_dbias,
@@ -332,7 +349,7 @@ def _bwd_op(
 @_bwd_op.register_fake
 def _bwd_fake(
     dout, q, k, v, out, lse, attn_mask, attn_bias, block_mask, plan_handle, softmax_scale,
-    is_causal, softcap, deterministic, block_m, block_n, need_dbias,
+    is_causal, softcap, deterministic, block_m, block_n, need_dbias, row_topk=0,
 ):
     dbias = q.new_empty((0,))
     if need_dbias:
@@ -342,7 +359,7 @@ def _bwd_fake(
 
 def _fwd_setup_context(ctx, inputs, output):
     (q, k, v, attn_mask, attn_bias, block_mask, softmax_scale, is_causal, softcap, deterministic,
-     block_m, block_n) = inputs
+     block_m, block_n, row_topk) = inputs
     out, lse, handle = output
     ctx.save_for_backward(q, k, v, out, lse, attn_mask, attn_bias, block_mask, handle)
     ctx.softmax_scale = softmax_scale
@@ -351,6 +368,7 @@ def _fwd_setup_context(ctx, inputs, output):
     ctx.deterministic = deterministic
     ctx.block_m = block_m
     ctx.block_n = block_n
+    ctx.row_topk = row_topk
     ctx.has_bias = attn_bias is not None
     ctx.mark_non_differentiable(lse, handle)
 
@@ -361,10 +379,11 @@ def _fwd_backward(ctx, dout, _dlse, _dhandle):
     dq, dk, dv, dbias = _bwd_op(
         dout, q, k, v, out, lse, attn_mask, attn_bias, block_mask, handle, ctx.softmax_scale,
         ctx.is_causal, ctx.softcap, ctx.deterministic, ctx.block_m, ctx.block_n, need_dbias,
+        ctx.row_topk,
     )
     return (
         dq, dk, dv, None, dbias if need_dbias else None,
-        None, None, None, None, None, None, None,
+        None, None, None, None, None, None, None, None,
     )
 
 
@@ -374,10 +393,8 @@ _fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
 # ---- public API ----------------------------------------------------------------------------------
 
 
-def _topk_mask(query, key, attn_mask, attn_bias, topk):
-    """The mask ``topk=`` asks for: create_mask's selection on the bias's device (no gradient)."""
-    from .utils.mask import create_mask
-
+def _check_topk(topk, attn_bias, key) -> int:
+    """Python-side checks of ``topk=`` (the core checks the bias's shape against the problem)."""
     if isinstance(topk, bool) or not isinstance(topk, int):
         raise TypeError(f"topk: expected an int or None, got {type(topk).__name__}")
     if topk < 1:
@@ -391,13 +408,21 @@ def _topk_mask(query, key, attn_mask, attn_bias, topk):
             "attn_bias: expected 4 dims ({B|1}, {H|Hk|1}, {Sq|1}, {Sk|1}), got shape "
             f"{tuple(attn_bias.shape)}"
         )
-    batch, seqlen_q = query.shape[0], query.shape[1]
     seqlen_k = key.shape[1] if key.dim() == 4 else attn_bias.shape[-1]
     if attn_bias.shape[-1] != seqlen_k:
         raise ValueError(
             f"attn_bias: topk selects along the key dim, expected its size {seqlen_k} (seqlen_k), "
             f"got shape {tuple(attn_bias.shape)}"
         )
+    return topk
+
+
+def _topk_mask(query, key, attn_mask, attn_bias, topk):
+    """The mask ``topk=`` asks for: create_mask's selection on the bias's device (no gradient)."""
+    from .utils.mask import create_mask
+
+    _check_topk(topk, attn_bias, key)
+    batch, seqlen_q, seqlen_k = query.shape[0], query.shape[1], key.shape[1]
     return create_mask(
         attn_bias.detach(), attn_mask, batch, seqlen_q, seqlen_k, topk,
         torch.finfo(attn_bias.dtype).min,
@@ -420,6 +445,7 @@ def flash_sparse_attn_func(
     block_mask: Optional[_Tensor] = None,
     block_size=None,
     topk: Optional[int] = None,
+    topk_causal: bool = False,
 ):
     """Exact attention with an optional boolean mask and additive bias (SPEC.md sections 1-4).
 
@@ -451,13 +477,27 @@ def flash_sparse_attn_func(
             entry equal to min_dtype is never kept), selected on the tensors' device. With a
             query-invariant bias (e.g. Doge's (B, Hk, 1, Sk)) the kept set is a key mask of
             O(B * Hk * Sk) bytes and the attention runs over the kept keys only.
+        topk_causal: with ``topk`` and ``is_causal``, select each row's keys among those
+            causality lets it see (and attn_mask allows): what create_mask keeps when given the
+            causal 4-D mask (the reference's benchmarks). The bias must be query-invariant; the
+            selection is one threshold per row, O(B * H * Sq), never an Sq x Sk mask.
 
     Returns ``out`` (B, Sq, H, D) in the query dtype, or ``(out, lse, None)``.
     """
     _check_inputs(query, key, value, attn_mask, attn_bias)
-    if topk is not None:
-        attn_mask = _topk_mask(query, key, attn_mask, attn_bias, topk)
     is_causal = bool(is_causal) if is_causal is not None else False
+    row_topk = 0
+    if topk_causal:
+        if topk is None:
+            raise ValueError("topk_causal: selects the topk keys of each row; pass topk as well")
+        if not is_causal:
+            raise ValueError(
+                "topk_causal: selects among the keys causality lets each row see, so it needs "
+                "is_causal=True (without causality, topk alone selects the same keys)"
+            )
+        row_topk = _check_topk(topk, attn_bias, key)
+    elif topk is not None:
+        attn_mask = _topk_mask(query, key, attn_mask, attn_bias, topk)
     softcap = float(softcap) if softcap is not None else 0.0
     deterministic = bool(deterministic) if deterministic is not None else False
     return_lse = bool(return_attn_probs)
@@ -474,7 +514,7 @@ def flash_sparse_attn_func(
     if torch.compiler.is_compiling():
         out, lse, _ = torch.ops.flash_sparse_attn.fwd(
             query, key, value, attn_mask, attn_bias, block_mask, softmax_scale, is_causal,
-            softcap, deterministic, block_m, block_n,
+            softcap, deterministic, block_m, block_n, row_topk,
         )
     elif torch.is_grad_enabled() and (
         query.requires_grad or key.requires_grad or value.requires_grad
@@ -482,11 +522,12 @@ def flash_sparse_attn_func(
     ):
         out, lse = FlashSparseAttnFunc.apply(
             query, key, value, attn_mask, attn_bias, softmax_scale, is_causal, softcap,
-            deterministic, block_mask, block_m, block_n,
+            deterministic, block_mask, block_m, block_n, row_topk,
         )
     else:
         # Inference: straight into the core, no autograd bookkeeping, lse only when asked for.
-        plan = _plan_for_call(query, key, attn_mask, is_causal, block_mask, block_m, block_n)
+        plan = _plan_for_call(query, key, attn_mask, is_causal, block_mask, block_m, block_n,
+                              attn_bias, row_topk)
         out, lse = _new_outputs(query, need_lse=return_lse)
         _C.forward(
             _dl(query), _dl(key), _dl(value), _dl(attn_mask), _dl(attn_bias),

@@ -17,15 +17,9 @@
 #include <cstdint>
 #include <memory>
 
+#include "core/host_device.h"
 #include "core/problem.h"
 #include "fsa/plan.h"
-
-#if defined(__CUDACC__)
-#define FSA_HOST_DEVICE __host__ __device__
-#else
-#define FSA_HOST_DEVICE
-#endif
-
 namespace fsa::detail {
 
 // Extents of a compacted call: the problem's, the key lists', and the gathered operands'.

@@ -16,12 +16,17 @@ std::shared_ptr<const DeviceBlockMap> make_device_plan(const Geometry&,
                                                        const std::optional<BroadcastOperand>&,
                                                        const std::optional<BroadcastOperand>&,
                                                        int, int, bool, const BlockMap&,
-                                                       const RowEnd&, void*) {
+                                                       const RowEnd&, bool, void*) {
   unavailable();
 }
 std::shared_ptr<const KeyCompaction> make_device_compaction(const Geometry&,
                                                             const BroadcastOperand&, bool, int,
                                                             int, void*) {
+  unavailable();
+}
+std::shared_ptr<const RowThresholds> make_device_thresholds(
+    const Geometry&, const BroadcastOperand&, const std::optional<BroadcastOperand>&, bool,
+    int64_t, double, void*) {
   unavailable();
 }
 void compacted_forward(const ForwardProblem&, const KeyCompaction&, void*) { unavailable(); }

@@ -3,6 +3,7 @@
 
 #include "core/compaction.h"
 #include "core/problem.h"
+#include "core/thresholds.h"
 #include "cpu/cpu_backend.h"
 #include "cpu/thread_pool.h"
 #include "cuda/cuda_backend.h"
@@ -19,13 +20,27 @@ Plan plan_for(const TensorView& query, const TensorView& key,
   return make_plan(query, key, mask, is_causal, options);
 }
 
+// A plan with per-row top-k thresholds hands them to the call, whose bias must be the one they
+// were computed from.
+void attach_thresholds(const Plan& plan, detail::Problem& p) {
+  const detail::RowThresholds* t = plan.thresholds();
+  if (!t) return;
+  if (!p.bias || p.bias->data != t->bias) {
+    throw Error(ErrorKind::kValue, "attn_bias",
+                "the plan's per-row top-k was computed from another bias: pass the plan's "
+                "PlanOptions::topk_bias as attn_bias");
+  }
+  p.row_topk = t->view;
+}
+
 }  // namespace
 
 void forward(const ForwardArgs& args) {
-  const detail::ForwardProblem p = detail::validate_forward(args);
+  detail::ForwardProblem p = detail::validate_forward(args);
   Plan local;
   if (!args.plan) local = plan_for(args.query, args.key, args.attn_mask, p.is_causal, args.stream);
   const Plan& plan = args.plan ? *args.plan : local;
+  attach_thresholds(plan, p);
   const bool compacted = detail::runs_compacted(plan, p);
   if (p.device.type == DeviceType::kCUDA) {
     if (compacted) {
@@ -43,10 +58,11 @@ void forward(const ForwardArgs& args) {
 }
 
 void backward(const BackwardArgs& args) {
-  const detail::BackwardProblem p = detail::validate_backward(args);
+  detail::BackwardProblem p = detail::validate_backward(args);
   Plan local;
   if (!args.plan) local = plan_for(args.query, args.key, args.attn_mask, p.is_causal, args.stream);
   const Plan& plan = args.plan ? *args.plan : local;
+  attach_thresholds(plan, p);
   const bool compacted = detail::runs_compacted(plan, p);
   if (p.device.type == DeviceType::kCUDA) {
     if (compacted) {

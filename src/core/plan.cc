@@ -8,6 +8,7 @@
 #include "core/causal.h"
 #include "core/compaction.h"
 #include "core/problem.h"
+#include "core/thresholds.h"
 #include "cuda/cuda_backend.h"
 #include "cuda/tiles.h"
 
@@ -175,6 +176,13 @@ Plan make_plan(const TensorView& query, const TensorView& key,
   }
 
   std::optional<BroadcastOperand> mask, selection;
+  std::optional<BroadcastOperand> topk_bias;
+  if (options.topk != 0 || options.topk_bias) {
+    if (!options.topk_bias) {
+      throw Error(ErrorKind::kValue, "topk", "selects keys by a bias: set PlanOptions::topk_bias");
+    }
+    topk_bias = detail::validate_topk_bias(*options.topk_bias, options.topk, g, query.device);
+  }
   if (attn_mask) {
     if (attn_mask->dtype != DType::kBool) {
       throw Error(ErrorKind::kDType, "attn_mask",
@@ -234,18 +242,24 @@ Plan make_plan(const TensorView& query, const TensorView& key,
   plan.is_causal_ = is_causal;
   plan.has_mask_ = attn_mask.has_value();
   plan.device_ = query.device;
-  const bool compact = mask && !selection && detail::compactable_mask(*mask) &&
+  // Compacted slots renumber the keys, which the thresholds' tie rule compares by index.
+  const bool compact = !topk_bias && mask && !selection && detail::compactable_mask(*mask) &&
                        (options.compact_keys == CompactKeys::kAlways ||
                         (options.compact_keys == CompactKeys::kAuto &&
                          g.seqlen_q >= detail::kCompactMinQueries));
   if (on_cuda) {
     plan.device_map_ = detail::cuda::make_device_plan(g, mask, selection, sel_m / block_m,
                                                       sel_n / block_n, is_causal, *map,
-                                                      detail::RowEnd{}, options.stream);
+                                                      detail::RowEnd{}, topk_bias.has_value(),
+                                                      options.stream);
     plan.map_ = std::move(map);
     if (compact) {
       plan.compaction_ = detail::cuda::make_device_compaction(g, *mask, is_causal, block_m,
                                                               block_n, options.stream);
+    }
+    if (topk_bias) {
+      plan.thresholds_ = detail::cuda::make_device_thresholds(
+          g, *topk_bias, mask, is_causal, options.topk, options.topk_min_value, options.stream);
     }
     return plan;
   }
@@ -289,6 +303,10 @@ Plan make_plan(const TensorView& query, const TensorView& key,
   plan.map_ = std::move(map);
   if (compact) {
     plan.compaction_ = detail::make_cpu_compaction(g, *mask, is_causal, block_m, block_n);
+  }
+  if (topk_bias) {
+    plan.thresholds_ = detail::make_cpu_thresholds(g, *topk_bias, mask, is_causal, options.topk,
+                                                   options.topk_min_value);
   }
   return plan;
 }

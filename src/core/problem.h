@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <optional>
 
+#include "core/row_topk.h"
 #include "fsa/attention.h"
 
 namespace fsa::detail {
@@ -64,7 +65,8 @@ struct Problem {
   bool deterministic = false;
   SeqOperand q, k, v;
   std::optional<BroadcastOperand> mask, bias;
-  RowEnd row_end;  // compacted keys only
+  RowEnd row_end;    // compacted keys only
+  RowTopK row_topk;  // per-row top-k thresholds (PlanOptions::topk) only
   int64_t group() const { return num_heads / num_kv_heads; }  // G query heads per kv head
 };
 

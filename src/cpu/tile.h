@@ -174,11 +174,8 @@ class ScoreTransform {
     const int64_t sc = bias.read_stride[3];
     const Acc log2e = Acc(kLog2e);
     if (sc == 0) {
-      const Acc v = load_value<Acc>(bias.data, bias.dtype, off) * log2e;
-      for (int64_t c = 0; c < tile.cols; ++c) sr[c] += v;
-      return;
-    }
-    if (sc == 1) {
+      for (int64_t c = 0; c < tile.cols; ++c) bias_row[c] = load_value<Acc>(bias.data, bias.dtype, off);
+    } else if (sc == 1) {
       load_values(element_ptr(bias.data, bias.dtype, off), bias.dtype, tile.cols, bias_row);
     } else {
       for (int64_t c = 0; c < tile.cols; ++c) {
@@ -186,6 +183,12 @@ class ScoreTransform {
       }
     }
     for (int64_t c = 0; c < tile.cols; ++c) sr[c] += bias_row[c] * log2e;
+    if (p_.row_topk.key) {  // per-row top-k: the row's threshold on the bias it just added
+      const int64_t at = p_.row_topk.at(b, h, tile.r0 + r);
+      for (int64_t c = 0; c < tile.cols; ++c) {
+        if (!p_.row_topk.keeps(float(bias_row[c]), tile.c0 + c, at)) sr[c] = kNegInfOf<Acc>;
+      }
+    }
   }
 
   void drop_entries(Acc* sr, const Tile& tile, int64_t r, int64_t b, int64_t h) const {

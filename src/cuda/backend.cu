@@ -118,6 +118,7 @@ RowEndParams row_end_params(const RowEnd& r) {
 template <class Params>
 void fill_mask_and_bias(Params& params, const Problem& p) {
   params.row_end = row_end_params(p.row_end);
+  params.row_topk = p.row_topk;
   if (p.mask) {
     params.mask = static_cast<const uint8_t*>(p.mask->data);
     fill_strides(params.mask_stride, *p.mask);
@@ -160,7 +161,8 @@ int choose_splits(int64_t ctas, int64_t n_blocks) {
 std::shared_ptr<const DeviceBlockMap> make_device_plan(
     const Geometry& g, const std::optional<BroadcastOperand>& mask,
     const std::optional<BroadcastOperand>& selection, int sel_ratio_m, int sel_ratio_n,
-    bool is_causal, const BlockMap& extents, const RowEnd& row_end, void* stream_ptr) {
+    bool is_causal, const BlockMap& extents, const RowEnd& row_end, bool all_partial,
+    void* stream_ptr) {
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   auto map = std::make_shared<DeviceBlockMap>();
   map->stream = stream;
@@ -230,6 +232,7 @@ std::shared_ptr<const DeviceBlockMap> make_device_plan(
   pp.seqlen_k = int(g.seqlen_k);
   pp.is_causal = is_causal;
   pp.row_end = row_end_params(row_end);
+  pp.all_partial = all_partial;
   pp.tile_class = map->tile_class;
   pp.counters = map->counters;
   pp.map = mp;

@@ -78,8 +78,13 @@ __device__ inline void entry_grads(const BackwardParams& p, int b, int head, int
   if (p.bias) {
     const int64_t off = b * p.bias_stride[0] + (head / p.bias_head_group) * p.bias_stride[1] +
                         int64_t(i) * p.bias_stride[2] + int64_t(j) * p.bias_stride[3];
-    s2 += (p.bias_is_fp32 ? static_cast<const float*>(p.bias)[off] : Elt::to_float(p.bias, off)) *
-          kLog2e;
+    const float v = p.bias_is_fp32 ? static_cast<const float*>(p.bias)[off]
+                                   : Elt::to_float(p.bias, off);
+    if (p.row_topk.key != nullptr && !p.row_topk.keeps(v, j, p.row_topk.at(b, head, i))) {
+      prob = ds = dx = 0.0f;
+      return;
+    }
+    s2 += v * kLog2e;
   }
   prob = s2 == -INFINITY ? 0.0f : exp2f(s2 - lse2);  // a -inf bias acts as a mask
   ds = prob * (dp - rowdot);
@@ -134,8 +139,28 @@ __device__ inline void bias_pass(const BackwardParams& p, int b, int head, float
     }
 }
 
-// s = -inf where the entry is out of range, causally invisible or masked out.
-template <int kN, class Index>
+// Per-row top-k (BackwardParams::row_topk): s = -inf where the row's threshold drops the key. The
+// query-invariant bias is read again (L1: the few keys of the tile) rather than kept live from
+// bias_pass, which costs registers on every path.
+template <class Elt, int kN, class Index>
+__device__ __noinline__ void topk_drop(const BackwardParams& p, int b, int head,
+                                       float (&s)[kN][4], const Index& ix) {
+  const int64_t base = b * p.bias_stride[0] + (head / p.bias_head_group) * p.bias_stride[1];
+#pragma unroll
+  for (int j = 0; j < kN; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int i = min(ix.query(j, e), p.seqlen_q - 1), k = min(ix.key(j, e), p.seqlen_k - 1);
+      const int64_t off = base + int64_t(k) * p.bias_stride[3];
+      const float v = p.bias_is_fp32 ? static_cast<const float*>(p.bias)[off]
+                                     : Elt::to_float(p.bias, off);
+      if (!p.row_topk.keeps(v, k, p.row_topk.at(b, head, i))) s[j][e] = -INFINITY;
+    }
+}
+
+// s = -inf where the entry is out of range, causally invisible, masked out or (per-row top-k)
+// below its row's threshold. The planner lists every tile partial under per-row top-k.
+template <class Elt, int kN, class Index>
 __device__ inline void drop_pass(const BackwardParams& p, int b, int head, float (&s)[kN][4],
                                  const Index& ix) {
   const uint8_t* mask =
@@ -165,6 +190,7 @@ __device__ inline void drop_pass(const BackwardParams& p, int b, int head, float
       }
       if (!keep) s[j][e] = -INFINITY;
     }
+  if (p.row_topk.key != nullptr) topk_drop<Elt>(p, b, head, s, ix);
 }
 
 // From logits s and dP: prob = P, ds = dS = P (dP - rowdot), exact zeros for dropped entries and
@@ -410,7 +436,7 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kDqWarps * 32)
       const DqIndex ix{{i_row[0], i_row[1]}, n * kBlockN, t};
       scale_pass(s, p.scale_log2);
       if (p.bias) bias_pass<Elt>(p, b, h, s, ix);
-      if (check) drop_pass(p, b, h, s, ix);
+      if (check) drop_pass<Elt>(p, b, h, s, ix);
       grad_pass(s, dpt, s, dpt, [&](int, int e) { return lse2[e / 2]; },
                 [&](int, int e) { return rdot[e / 2]; });  // s = P, dpt = dS
 #pragma unroll
@@ -632,7 +658,7 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kDkvWarps * 32)
       const DkvIndex ix{{key_row[0], key_row[1]}, q0, t};
       scale_pass(s, p.scale_log2);
       if (p.bias) bias_pass<Elt>(p, b, w.h, s, ix);
-      if (check) drop_pass(p, b, w.h, s, ix);
+      if (check) drop_pass<Elt>(p, b, w.h, s, ix);
       grad_pass(s, dpt, s, dpt, [&](int j, int e) { return lse2[j * 8 + 2 * t + (e & 1)]; },
                 [&](int j, int e) { return rdot[j * 8 + 2 * t + (e & 1)]; });
       if (p.bias_grad == BiasGrad::kColumns) {

@@ -266,7 +266,7 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
     } else if (p.bias) {
       bias_pass<Elt>(p, b, h, s, ix);
     }
-    if (check) drop_pass(p, b, h, s, ix);
+    if (check) drop_pass<Elt>(p, b, h, s, ix);
     const float* lse = s_lse + stage * kHalf;
     const float* rdot = s_rdot + stage * kHalf;
     // P^T (exact zeros for dropped entries and empty rows), then dV += P^T dO.
@@ -620,7 +620,7 @@ __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
     } else if (p.bias) {
       bias_pass<Elt>(p, b, h, s, ix);
     }
-    if (check) drop_pass(p, b, h, s, ix);
+    if (check) drop_pass<Elt>(p, b, h, s, ix);
     // P (exact zeros for dropped entries and empty rows).
 #pragma unroll
     for (int c = 0; c < kNTiles; ++c)

@@ -443,7 +443,7 @@ std::shared_ptr<const KeyCompaction> make_device_compaction(const Geometry& geo,
   extents.n_blocks = ceil_div(sk, block_n);
   const Geometry compact{geo.batch, sq, sk, geo.num_heads, g.kv_heads};
   auto device_map = make_device_plan(compact, std::nullopt, std::nullopt, 1, 1, false, extents,
-                                     row_end_of(*c), stream_ptr);
+                                     row_end_of(*c), false, stream_ptr);
   int device = 0;
   FSA_CUDA_CHECK(cudaGetDevice(&device));
   c->plan = PlanAccess::make(compact, is_causal, false, Device{DeviceType::kCUDA, device},

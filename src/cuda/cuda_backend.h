@@ -8,6 +8,7 @@
 
 #include "core/compaction.h"
 #include "core/problem.h"
+#include "core/thresholds.h"
 #include "fsa/plan.h"
 
 namespace fsa::detail::cuda {
@@ -21,10 +22,12 @@ struct DevicePlanStats {
 // carries the map's batch, heads, blocks and tile shape; a selection tile spans
 // sel_ratio_m x sel_ratio_n plan tiles. With row_end (device memory, heads = extents.heads) the
 // map is a compacted one: row bounds alone decide, with no mask, selection or causality.
+// all_partial lists no tile as full (per-row top-k thresholds apply to every tile).
 std::shared_ptr<const DeviceBlockMap> make_device_plan(
     const Geometry& g, const std::optional<BroadcastOperand>& mask,
     const std::optional<BroadcastOperand>& selection, int sel_ratio_m, int sel_ratio_n,
-    bool is_causal, const BlockMap& extents, const RowEnd& row_end, void* stream);
+    bool is_causal, const BlockMap& extents, const RowEnd& row_end, bool all_partial,
+    void* stream);
 
 // Compacted keys (core/compaction.h) on the device, asynchronously on `stream`: the key lists of
 // a key-only mask, every row's bound and their block map with tiles block_m x block_n.
@@ -32,6 +35,11 @@ std::shared_ptr<const KeyCompaction> make_device_compaction(const Geometry& g,
                                                             const BroadcastOperand& mask,
                                                             bool is_causal, int block_m,
                                                             int block_n, void* stream);
+// Per-row top-k thresholds (core/row_topk.h) on the device, asynchronously on `stream`.
+std::shared_ptr<const RowThresholds> make_device_thresholds(
+    const Geometry& g, const BroadcastOperand& bias, const std::optional<BroadcastOperand>& mask,
+    bool is_causal, int64_t topk, double min_value, void* stream);
+
 // A call over the plan's compacted keys: gathers K, V (and the bias), runs the kernels over the
 // slots, and (backward) scatters dK, dV and the bias gradient back by key.
 void compacted_forward(const ForwardProblem& p, const KeyCompaction& c, void* stream);

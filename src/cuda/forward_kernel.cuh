@@ -393,6 +393,24 @@ struct WarpRows {
           s[rt][j][3] += b1;
         }
       }
+      if (p.row_topk.key != nullptr) {  // per-row top-k: each row's threshold on these values
+#pragma unroll
+        for (int rt = 0; rt < kRT; ++rt)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            int i, head;
+            row_of(rt, r, i, head);
+            const int64_t at = p.row_topk.at(b, head, i);
+#pragma unroll
+            for (int j = 0; j < kNTiles; ++j)
+#pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                if (!p.row_topk.keeps(bias_col[j][e], col0 + j * 8 + 2 * t + e, at)) {
+                  s[rt][j][2 * r + e] = -INFINITY;
+                }
+              }
+          }
+      }
     } else if (staged_tile != nullptr) {
       static_assert(kNTiles == 8, "staged bias tiles are 64 keys wide");
 #pragma unroll
@@ -406,11 +424,17 @@ struct WarpRows {
         for (int r = 0; r < 2; ++r) {
           int i, head;
           row_of(rt, r, i, head);
+          const int64_t at = p.row_topk.key != nullptr ? p.row_topk.at(b, head, i) : 0;
 #pragma unroll
           for (int j = 0; j < kNTiles; ++j)
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-              s[rt][j][2 * r + e] += bias_at<Elt>(i, head, col0 + j * 8 + 2 * t + e) * bias_factor;
+              const int c = col0 + j * 8 + 2 * t + e;
+              const float v = bias_at<Elt>(i, head, c);
+              s[rt][j][2 * r + e] += v * bias_factor;
+              if (p.row_topk.key != nullptr && !p.row_topk.keeps(v, c, at)) {
+                s[rt][j][2 * r + e] = -INFINITY;
+              }
             }
         }
     }

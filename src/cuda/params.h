@@ -4,6 +4,8 @@
 
 #include <cstdint>
 
+#include "core/row_topk.h"
+
 namespace fsa::detail::cuda {
 
 // Compacted keys (Plan::compacted()): the kernels run over the kept keys gathered into a dense key
@@ -63,6 +65,7 @@ struct ForwardParams {
   float softcap_out;    // c * log2(e) (softcap on), else 0
   bool is_causal;
   RowEndParams row_end;  // compacted keys: each row's visible key slots (else null)
+  RowTopK row_topk;      // per-row top-k thresholds (core/row_topk.h), or key null
 
   // GQA packing: the CTA's rows are (query, head-in-group) pairs of one kv head, row r holding
   // query r / group of head hk * group + r % group. Used when Sq * group fits one row tile, so K/V
@@ -149,6 +152,7 @@ struct BackwardParams {
   float softcap_out;  // c * log2(e), or 0
   bool is_causal;
   RowEndParams row_end;  // as in ForwardParams
+  RowTopK row_topk;      // as in ForwardParams
 
   BlockMapParams map;
 };
@@ -165,6 +169,7 @@ struct PlanParams {
   int seqlen_q, seqlen_k;
   bool is_causal;
   RowEndParams row_end;      // compacted keys: rows' visible slots (then no mask or selection)
+  bool all_partial;          // no full tiles: a per-row predicate (top-k thresholds) everywhere
   uint8_t* tile_class;       // (rows, n_blocks): 0 skipped, 1 partial, 2 full
   unsigned long long* counters;  // [kept entries, visited tiles], accumulated
   BlockMapParams map;        // output lists (const-cast in the kernel)

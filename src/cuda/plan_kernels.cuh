@@ -79,7 +79,8 @@ __global__ void __launch_bounds__(32 * kPlanWarps) classify_kernel(const __grid_
   }
   if (lane == 0) {
     const int64_t row = (int64_t(mb) * map.map_heads + mh) * map.m_blocks + m;
-    p.tile_class[row * map.n_blocks + n] = kept == 0 ? 0 : (kept == (long long)rows * cols ? 2 : 1);
+    const bool full = kept == (long long)rows * cols && !p.all_partial;
+    p.tile_class[row * map.n_blocks + n] = kept == 0 ? 0 : (full ? 2 : 1);
     if (kept) atomicAdd(p.counters, (unsigned long long)kept);
   }
 }

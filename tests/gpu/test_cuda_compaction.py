@@ -146,3 +146,34 @@ def test_topk_errors(gen):
         flash_sparse_attn_func(q, k, v, attn_bias=bias, topk=0)
     with pytest.raises(TypeError, match="topk"):
         flash_sparse_attn_func(q, k, v, attn_bias=bias, topk=2.5)
+
+
+def causal_mask(sq, sk):
+    i = torch.arange(sq, device="cuda")[:, None]
+    j = torch.arange(sk, device="cuda")[None, :]
+    return (j <= i + sk - sq)[None, None]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,window", [((1, 1000, 1000, 8, 2, 128), 100),
+                                          ((2, 333, 700, 4, 4, 64), 50),
+                                          ((1, 700, 333, 4, 1, 64), 40)])
+def test_topk_causal_thresholds_match_create_mask(dtype, shape, window, gen):
+    """Per-row causal top-k as thresholds keeps create_mask's keys (given the causal 4-D mask):
+    the same result as attending with that mask, forward and backward, ties included."""
+    B, Sq, Sk, H, Hk, D = shape
+    q, k, v = qkv(B, Sq, Sk, H, Hk, D, dtype, gen)
+    bias = randn(B, Hk, 1, Sk, dtype=dtype, gen=gen)
+    bias[..., 3:30] = bias[..., 40:67].flip(-1)  # ties, some across the causal frontier
+    mask = create_mask(bias, causal_mask(Sq, Sk), B, Sq, Sk, window, torch.finfo(dtype).min)
+    results = []
+    for how in ({"attn_mask": mask}, {"topk": window, "topk_causal": True}):
+        leaves = [x.clone().requires_grad_(True) for x in (q, k, v, bias)]
+        out = flash_sparse_attn_func(*leaves[:3], attn_bias=leaves[3], is_causal=True, **how)
+        out.backward(torch.ones_like(out))
+        results.append([out] + [x.grad for x in leaves])
+    for name, ours, theirs in zip(("out", "dq", "dk", "dv", "dbias"), *results):
+        scale = max(1.0, theirs.float().abs().max().item())
+        err = (ours.float() - theirs.float()).abs().max().item()
+        assert err <= 2e-2 * scale, f"{name}: {err:.3e} (scale {scale:.3e}) {shape} w={window}"
+    check(q, k, v, mask, bias, causal=True, label=f"topk_causal {shape} w={window}")

@@ -91,3 +91,46 @@ def test_topk_errors():
         flash_sparse_attn_func(q, k, v, attn_bias=bias, topk=True)
     with pytest.raises(ValueError, match="attn_bias"):
         flash_sparse_attn_func(q, k, v, attn_bias=bias[..., :8], topk=4)
+
+
+def causal_mask(sq, sk):
+    i = torch.arange(sq)[:, None]
+    j = torch.arange(sk)[None, :]
+    return (j <= i + sk - sq)[None, None]
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("sq,sk", [(300, 300), (150, 333), (333, 150)])
+def test_topk_causal_runs_create_masks_per_row_keys(dtype, sq, sk):
+    """Per-row causal top-k (create_mask given the causal 4-D mask), as thresholds: the same
+    output and gradients as passing create_mask's (B, Hk, Sq, Sk) mask, ties included."""
+    b, h, hk, d, w = 2, 4, 2, 32, 25
+    q, k, v = qkv(b, sq, sk, h, hk, d, dtype)
+    bias = rand(b, hk, 1, sk, dtype=dtype)
+    bias[..., 5:40] = bias[..., 45:80].flip(-1)  # ties across the causal frontier
+    bias[0, 0, 0, 7] = torch.finfo(dtype).min   # a fill-valued entry is never kept
+    mask = create_mask(bias, causal_mask(sq, sk), b, sq, sk, w, torch.finfo(dtype).min)
+    results = []
+    for how in ({"attn_mask": mask}, {"topk": w, "topk_causal": True}):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v, bias)]
+        out = flash_sparse_attn_func(*leaves[:3], attn_bias=leaves[3], is_causal=True, **how)
+        out.backward(torch.ones_like(out))
+        results.append([out] + [t.grad for t in leaves])
+    for name, ours, theirs in zip(("out", "dq", "dk", "dv", "dbias"), *results):
+        assert (ours.float() - theirs.float()).abs().max().item() <= 1e-2 * max(
+            1.0, theirs.float().abs().max().item()), name
+    run_case(lambda *a, **kw: flash_sparse_attn_func(*a, topk=w, topk_causal=True,
+                                                     **{**kw, "attn_mask": None}),
+             q, k, v, mask=mask, bias=bias, causal=True)
+
+
+def test_topk_causal_errors():
+    q, k, v = qkv(1, 16, 16, 2, 2, 8, torch.bfloat16)
+    bias = rand(1, 2, 1, 16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="topk_causal"):
+        flash_sparse_attn_func(q, k, v, attn_bias=bias, topk=4, topk_causal=True)  # not causal
+    with pytest.raises(ValueError, match="topk_causal"):
+        flash_sparse_attn_func(q, k, v, attn_bias=bias, is_causal=True, topk_causal=True)
+    full = rand(1, 2, 16, 16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="attn_bias"):  # a bias with a query dim
+        flash_sparse_attn_func(q, k, v, attn_bias=full, is_causal=True, topk=4, topk_causal=True)
