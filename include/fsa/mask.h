@@ -5,9 +5,16 @@
 //
 // Every function writes into caller-allocated bool outputs and reads its inputs through their
 // strides (a stride-0, expanded view is read without being materialized). No intermediate
-// (B, H, Sq, Sk) float tensor is built: work and scratch memory are O(Sk) per thread.
+// (B, H, Sq, Sk) float tensor is built: scratch is O(Sk) per CPU thread, and a CUDA row works in
+// shared memory.
 // Arguments are validated before anything is written; a rejection throws fsa::Error naming the
-// argument. CPU tensors only (a CUDA tensor raises ErrorKind::kUnsupported).
+// argument.
+//
+// Devices: every tensor of one call must be on one device (else ErrorKind::kDevice naming the
+// argument). CPU tensors run on the calling thread and the CPU pool. CUDA tensors run as kernels
+// on that device, queued on `stream` (a cudaStream_t; nullptr = the legacy default stream) and not
+// waited for, with results bitwise identical to the CPU's; a build without CUDA rejects them with
+// ErrorKind::kUnsupported.
 
 #include <array>
 #include <cstdint>
@@ -42,6 +49,7 @@ struct DynamicMaskArgs {
   int64_t block_size = 1;
   // bool, exactly the broadcast shape of attn_bias and attn_mask (dynamic_mask_shape()), written.
   TensorView out;
+  void* stream = nullptr;  // cudaStream_t for CUDA tensors
 };
 
 // The output shape dynamic_mask() requires: the broadcast of attn_bias's and attn_mask's shapes.
@@ -55,12 +63,12 @@ void dynamic_mask(const DynamicMaskArgs& args);
 // In place on a bool tensor of rank 1..4 whose last dim is the key dim: every run of block_size
 // keys becomes all True iff strictly more than half of it is True, else all False; a trailing
 // partial run uses its own length. block_size == 1 is a no-op; block_size <= 0 is rejected.
-void block_smooth(const TensorView& mask, int64_t block_size);
+void block_smooth(const TensorView& mask, int64_t block_size, void* stream = nullptr);
 
 // A 2-D (B, L) bool padding mask -> out (B, 1, 1, key_len) bool: L == key_len copies it; L ==
 // query_len < key_len left-pads it with True (the cached prefix); any other width is rejected.
 void expand_mask_2d(const TensorView& mask_2d, int64_t query_len, int64_t key_len,
-                    const TensorView& out);
+                    const TensorView& out, void* stream = nullptr);
 
 // How the scores of the keys of a key block are reduced to one block score.
 enum class BlockReduce { kMax, kMean };
@@ -83,10 +91,12 @@ struct BlockSelectArgs {
   // bool (Bo, Ho, ceil(Sq / block_m), ceil(Sk / block_n)), written. Bo is Bb, or any batch when
   // Bb == 1 (likewise Ho): the layout PlanOptions::block_mask accepts.
   TensorView out;
+  void* stream = nullptr;  // cudaStream_t for CUDA tensors
 };
 
 // The block-level selector: cost O(Bb * Hb * (Sqb * Sk + m_blocks * n_blocks)), memory
-// O(n_blocks) per thread.
+// O(n_blocks) per thread (CUDA: one 8-byte score per bias (batch, head, query block or 1, key
+// block), stream-ordered).
 void select_blocks(const BlockSelectArgs& args);
 
 }  // namespace fsa

@@ -1,9 +1,10 @@
-// Mask utilities (include/fsa/mask.h, SPEC.md section 5) on the CPU.
+// Mask utilities (include/fsa/mask.h, SPEC.md section 5): the validation every device shares, the
+// dispatch by device (CUDA tensors go to src/cuda/mask_kernels.cu), and the CPU implementation.
 //
-// Every output row is produced from its own O(Sk) scratch: the bias row is read through its
-// broadcast strides, filled where the mask is False and turned into order-preserving integer keys;
-// the window_size-th largest key is found among the few keys above a sampled lower bound. Three
-// passes over the row in all; no (B, H, Sq, Sk) temporary.
+// On the CPU, every output row is produced from its own O(Sk) scratch: the bias row is read through
+// its broadcast strides, filled where the mask is False and turned into order-preserving integer
+// keys; the window_size-th largest key is found among the few keys above a sampled lower bound.
+// Three passes over the row in all; no (B, H, Sq, Sk) temporary.
 
 #include <algorithm>
 #include <cfloat>
@@ -18,6 +19,7 @@
 
 #include "core/dtype.h"
 #include "cpu/thread_pool.h"
+#include "cuda/mask_backend.h"
 #include "fsa/mask.h"
 
 namespace fsa {
@@ -41,12 +43,17 @@ std::string shape_str(const std::array<int64_t, 4>& s) {
   return "(" + str(s[0]) + ", " + str(s[1]) + ", " + str(s[2]) + ", " + str(s[3]) + ")";
 }
 
-void check_cpu(const TensorView& t, const char* name) {
-  if (t.device.type != DeviceType::kCPU) {
-    fail(ErrorKind::kUnsupported, name,
-         "the mask utilities run on CPU tensors, got a tensor on " + to_string(t.device));
+// Every tensor of a call must be on the device of the first one (`first`, named `first_name`).
+void check_device(const TensorView& t, const char* name, const Device& first,
+                  const char* first_name) {
+  if (t.device != first) {
+    fail(ErrorKind::kDevice, name,
+         "expected a tensor on " + to_string(first) + " (" + first_name +
+             "'s device), got one on " + to_string(t.device));
   }
 }
+
+bool on_cuda(const TensorView& t) { return t.device.type == DeviceType::kCUDA; }
 
 void check_rank(const TensorView& t, const char* name, int rank, const char* dims) {
   if (t.rank != rank) {
@@ -177,6 +184,26 @@ Value rounded_fill(double min_value, DType dtype) {
   return Value(0);
 }
 
+// The same fill as raw bits of `dtype`, zero-extended: what the CUDA kernels compare against.
+uint64_t rounded_fill_bits(double min_value, DType dtype) {
+  switch (dtype) {
+    case DType::kFloat64: {
+      uint64_t bits;
+      std::memcpy(&bits, &min_value, sizeof(bits));
+      return bits;
+    }
+    case DType::kFloat32:
+      return detail::float_to_bits(narrow_to_float(min_value));
+    case DType::kBFloat16:
+      return float_to_bf16(narrow_to_float(min_value));
+    case DType::kFloat16:
+      return float_to_half(narrow_to_float(min_value));
+    case DType::kBool:
+      break;
+  }
+  return 0;
+}
+
 // ---- block smoothing of one row
 // --------------------------------------------------------------------
 
@@ -206,12 +233,6 @@ void for_each_row(const TensorView& t, Fn&& fn) {
 
 // ---- dynamic mask
 // ----------------------------------------------------------------------------------
-
-struct RowGeometry {
-  std::array<int64_t, 4> shape;        // output shape
-  std::array<int64_t, 4> bias_stride;  // broadcast read strides
-  std::array<int64_t, 4> mask_stride;
-};
 
 // Element readers per storage dtype, so the row loops carry no per-element dtype switch.
 struct LoadF32 {
@@ -291,7 +312,7 @@ RowScratch<Key>& row_scratch() {
 }
 
 template <typename Load>
-void dynamic_mask_rows(const DynamicMaskArgs& a, const RowGeometry& g) {
+void dynamic_mask_rows(const DynamicMaskArgs& a, const detail::DynamicMaskLayout& g) {
   using Value = typename Load::Value;
   using Key = std::conditional_t<std::is_same_v<Value, double>, uint64_t, uint32_t>;
   const int64_t sk = g.shape[3];
@@ -301,7 +322,7 @@ void dynamic_mask_rows(const DynamicMaskArgs& a, const RowGeometry& g) {
   const Key fill_key = order_key(fill);
   const Key fill_key_alt = fill == Value(0) ? order_key(Value(-fill)) : fill_key;
   const bool topk = a.kind == MaskKind::kTopK;
-  const int64_t k = std::min<int64_t>(a.window_size, sk);
+  const int64_t k = g.window;
   const void* bias = a.attn_bias.data;
   const auto* mask = a.attn_mask ? static_cast<const uint8_t*>(a.attn_mask->data) : nullptr;
   auto* out = static_cast<uint8_t*>(a.out.data);
@@ -543,11 +564,10 @@ std::array<int64_t, 4> dynamic_mask_shape(const TensorView& attn_bias,
 
 void dynamic_mask(const DynamicMaskArgs& args) {
   const TensorView& bias = args.attn_bias;
-  check_cpu(bias, "attention_bias");
   check_float(bias, "attention_bias");
   const std::array<int64_t, 4> shape = dynamic_mask_shape(bias, args.attn_mask);
   if (args.attn_mask) {
-    check_cpu(*args.attn_mask, "attention_mask");
+    check_device(*args.attn_mask, "attention_mask", bias.device, "attention_bias");
     check_bool(*args.attn_mask, "attention_mask");
   }
   if (args.kind == MaskKind::kTopK && args.window_size < 0) {
@@ -559,14 +579,22 @@ void dynamic_mask(const DynamicMaskArgs& args) {
   }
   if (std::isnan(args.min_value))
     fail(ErrorKind::kValue, "min_dtype", "expected a number, got NaN");
-  check_cpu(args.out, "out");
+  check_device(args.out, "out", bias.device, "attention_bias");
   check_bool(args.out, "out");
   check_out_shape(args.out, shape, "(the broadcast of attention_bias and attention_mask)");
   check_writable(args.out, "out");
 
   if (shape[0] * shape[1] * shape[2] * shape[3] == 0) return;
-  RowGeometry g{shape, read_strides(bias, shape), {}};
+  detail::DynamicMaskLayout g;
+  g.shape = shape;
+  g.bias_stride = read_strides(bias, shape);
   if (args.attn_mask) g.mask_stride = read_strides(*args.attn_mask, shape);
+  g.window = args.kind == MaskKind::kTopK ? std::min(args.window_size, shape[3]) : 0;
+  g.fill_bits = rounded_fill_bits(args.min_value, bias.dtype);
+  if (on_cuda(bias)) {
+    detail::cuda::dynamic_mask(args, g);
+    return;
+  }
   switch (bias.dtype) {
     case DType::kFloat32:
       dynamic_mask_rows<LoadF32>(args, g);
@@ -585,8 +613,7 @@ void dynamic_mask(const DynamicMaskArgs& args) {
   }
 }
 
-void block_smooth(const TensorView& mask, int64_t block_size) {
-  check_cpu(mask, "attention_mask");
+void block_smooth(const TensorView& mask, int64_t block_size, void* stream) {
   check_bool(mask, "attention_mask");
   if (mask.rank < 1 || mask.rank > 4) {
     fail(ErrorKind::kShape, "attention_mask",
@@ -598,14 +625,17 @@ void block_smooth(const TensorView& mask, int64_t block_size) {
   }
   check_writable(mask, "attention_mask");
   if (block_size == 1 || mask.numel() == 0) return;
+  if (on_cuda(mask)) {
+    detail::cuda::block_smooth(mask, block_size, stream);
+    return;
+  }
   auto* data = static_cast<uint8_t*>(mask.data);
   const int64_t n = mask.shape[mask.rank - 1], stride = mask.stride[mask.rank - 1];
   for_each_row(mask, [&](int64_t offset) { smooth_row(data + offset, stride, n, block_size); });
 }
 
 void expand_mask_2d(const TensorView& mask_2d, int64_t query_len, int64_t key_len,
-                    const TensorView& out) {
-  check_cpu(mask_2d, "attention_mask");
+                    const TensorView& out, void* stream) {
   check_bool(mask_2d, "attention_mask");
   check_rank(mask_2d, "attention_mask", 2, "(batch_size, seq_len)");
   check_nonnegative_shape(mask_2d, "attention_mask");
@@ -623,10 +653,15 @@ void expand_mask_2d(const TensorView& mask_2d, int64_t query_len, int64_t key_le
              str(query_len) + ", left-padded with True when key_len > query_len), got shape " +
              mask_2d.shape_string());
   }
-  check_cpu(out, "out");
+  check_device(out, "out", mask_2d.device, "attention_mask");
   check_bool(out, "out");
   check_out_shape(out, {batch, 1, 1, key_len}, "(batch_size, 1, 1, key_len)");
   check_writable(out, "out");
+  if (batch * key_len == 0) return;
+  if (on_cuda(mask_2d)) {
+    detail::cuda::expand_mask_2d(mask_2d, pad, out, stream);
+    return;
+  }
   const auto* src = static_cast<const uint8_t*>(mask_2d.data);
   auto* dst = static_cast<uint8_t*>(out.data);
   for (int64_t b = 0; b < batch; ++b) {
@@ -640,7 +675,6 @@ void expand_mask_2d(const TensorView& mask_2d, int64_t query_len, int64_t key_le
 
 void select_blocks(const BlockSelectArgs& args) {
   const TensorView& bias = args.attn_bias;
-  check_cpu(bias, "attention_bias");
   check_float(bias, "attention_bias");
   check_rank(bias, "attention_bias", 4, "({B|1}, {H|Hk|1}, {Sq|1}, Sk)");
   check_nonnegative_shape(bias, "attention_bias");
@@ -657,7 +691,7 @@ void select_blocks(const BlockSelectArgs& args) {
   if (args.block_n < 1)
     fail(ErrorKind::kValue, "block_n", "expected >= 1, got " + str(args.block_n));
   if (args.top_k < 0) fail(ErrorKind::kValue, "top_k", "expected >= 0, got " + str(args.top_k));
-  check_cpu(args.out, "out");
+  check_device(args.out, "out", bias.device, "attention_bias");
   check_bool(args.out, "out");
   check_rank(args.out, "out", 4, "(batch, heads, query blocks, key blocks)");
   const std::array<int64_t, 4> expected{bias.shape[0] == 1 ? args.out.shape[0] : bias.shape[0],
@@ -669,6 +703,10 @@ void select_blocks(const BlockSelectArgs& args) {
                   "ceil(key_len / block_n))");
   check_writable(args.out, "out");
   if (args.out.numel() == 0) return;
+  if (on_cuda(bias)) {
+    detail::cuda::select_blocks(args);
+    return;
+  }
   if (bias.dtype == DType::kFloat64) {
     select_blocks_impl<double>(args);
   } else {

@@ -4,12 +4,13 @@ Also the block-level selector, end to end through flash_sparse_attn_func(block_m
 
 import itertools
 import math
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
-from flash_sparse_attn import flash_sparse_attn_func
+from flash_sparse_attn import _C, flash_sparse_attn_func
 from flash_sparse_attn.utils.mask import (
     block_smooth,
     create_block_mask,
@@ -257,6 +258,35 @@ def test_bias_requiring_grad_is_detached():
     bias = torch.randn(1, 1, 4, 8, requires_grad=True)
     out = create_mask(bias, None, 1, 4, 8, 3, -1e30)
     assert not out.requires_grad and out.dtype == torch.bool
+
+
+def test_outputs_follow_the_input_without_warnings():
+    """Results are allocated where the input lives (CUDA tensors: tests/gpu), with no warning."""
+    bias = distinct_bias((2, 2, 3, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        outs = [create_mask(bias, torch.ones(2, 16, dtype=torch.bool), 2, 3, 16, 4, -1e30),
+                create_mask(bias, None, 2, 3, 16, None, -1e30, type="relu", block_size=2),
+                create_block_mask(bias[:, :, :1], 3, 1, block_size=4)]
+    for out in outs:
+        assert isinstance(out, torch.Tensor) and out.device == bias.device
+
+
+def test_extension_takes_a_stream_and_ignores_it_on_the_cpu():
+    """The bindings take the caller's CUDA stream (an integer, default 0) on every mask utility."""
+    bias = distinct_bias((1, 1, 2, 10))
+    expected = topk_mask(bias, None, window_size=3, min_dtype=-1e30)
+    out = torch.empty(1, 1, 2, 10, dtype=torch.bool)
+    _C.dynamic_mask(bias, None, "topk", 3, -1e30, 1, out, stream=0)
+    assert torch.equal(out, expected)
+    _C.block_smooth(out, 2, stream=0)
+    assert torch.equal(out, block_smooth(expected.clone(), 10, 2))
+    wide = torch.empty(1, 1, 1, 10, dtype=torch.bool)
+    _C.expand_mask_2d(torch.ones(1, 10, dtype=torch.bool), 1, 10, wide, stream=0)
+    assert wide.all()
+    blocks = torch.empty(1, 1, 1, 3, dtype=torch.bool)
+    _C.select_blocks(bias[:, :, :1], 2, 4, 4, 1, "max", False, blocks, stream=0)
+    assert blocks.sum() == 1
 
 
 def test_block_smooth_rejects_expanded_views():

@@ -4,12 +4,12 @@ core: ``create_mask``, ``topk_mask``, ``relu_mask``, ``block_smooth`` (and ``top
 selection for ``flash_sparse_attn_func(..., block_mask=...)`` without building an Sq x Sk mask.
 
 Inputs may be torch tensors or numpy arrays (anything the extension takes through DLPack); the
-output is of the same kind. The core fills, selects and smooths in one pass per output row:
-no (B, H, Sq, Sk) float temporary is built (the reference builds two). CUDA tensors are processed
-by the CPU core on a host copy of the bias and mask, and the bool result is copied back.
+output is of the same kind, on the same device. The core fills, selects and smooths in one pass per
+output row: no (B, H, Sq, Sk) float temporary is built (the reference builds two). CUDA tensors are
+processed by the core's CUDA kernels on the current torch stream, with results identical to the
+CPU's (docs/numerics.md, "Mask utilities").
 """
 
-import warnings
 from typing import Optional, Tuple, Union
 
 from .. import _C
@@ -27,34 +27,9 @@ def _is_torch(x) -> bool:
     return torch is not None and isinstance(x, torch.Tensor)
 
 
-def _host(x):
-    """A view the CPU core can read: torch tensors are detached (and copied to the host when on
-    another device); numpy arrays pass through."""
-    if x is None:
-        return None
-    if _is_torch(x):
-        x = x.detach()
-        if x.device.type != "cpu":
-            _warn_host_copy(x.device)
-            x = x.cpu()
-    return x
-
-
-_host_copy_warned = False
-
-
-def _warn_host_copy(device) -> None:
-    """The mask utilities have no GPU kernels yet: say so once rather than run slowly in silence."""
-    global _host_copy_warned
-    if not _host_copy_warned:
-        _host_copy_warned = True
-        warnings.warn(
-            f"flash_sparse_attn.utils.mask: tensors on {device} are processed by the CPU core on "
-            "a host copy (no GPU kernels for the mask utilities yet); for long sequences prefer "
-            "create_block_mask, whose output is small",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+def _detached(x):
+    """x without autograd history (DLPack does not export a tensor that requires grad)."""
+    return x.detach() if _is_torch(x) and x.requires_grad else x
 
 
 _to_dlpack = getattr(torch._C, "_to_dlpack", None) if torch is not None else None
@@ -68,18 +43,38 @@ def _arg(x):
     return x
 
 
+# The current stream's raw handle: torch's private accessor is what its own generated code calls
+# (a public torch.cuda.current_stream() builds a Stream object per call: microseconds that matter
+# for a single-row decode mask).
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) if torch is not None else None
+
+
+def _stream(x) -> int:
+    """The cudaStream_t the core runs CUDA work on: the current torch stream of x's device."""
+    if _is_torch(x) and x.is_cuda:
+        if _raw_stream is not None:
+            return _raw_stream(x.device.index)
+        return torch.cuda.current_stream(x.device).cuda_stream
+    return 0
+
+
 def _empty_bool(like, shape):
+    """An uninitialized bool output of the same kind as `like`, on its device."""
     if _is_torch(like):
-        return torch.empty(shape, dtype=torch.bool)
+        return torch.empty(shape, dtype=torch.bool, device=like.device)
     import numpy as np
 
     return np.empty(shape, dtype=np.bool_)
 
 
-def _to_device_of(result, like):
-    if _is_torch(like) and like.device.type != "cpu":
-        return result.to(like.device)
-    return result
+def _broadcast_shape(bias, mask):
+    """The output shape: the broadcast of two 4-D shapes (computed here, which is cheaper than a
+    call into the core; the core checks that the shapes do broadcast before writing anything)."""
+    if bias.ndim == 4 and (mask is None or mask.ndim == 4):
+        if mask is None:
+            return tuple(bias.shape)
+        return tuple(x if y == 1 else y for x, y in zip(bias.shape, mask.shape))
+    return _C.dynamic_mask_shape(_arg(bias), _arg(mask))  # raises with the core's message
 
 
 def _finfo_min(bias) -> float:
@@ -127,11 +122,11 @@ def _dynamic_mask(attention_bias, attention_mask, type, window_size, min_dtype, 
         window_size = 0
     if min_dtype is None:
         min_dtype = _finfo_min(attention_bias)
-    bias, mask = _host(attention_bias), _host(attention_mask)
-    shape = _C.dynamic_mask_shape(_arg(bias), _arg(mask))
-    out = _empty_bool(attention_bias, shape)
-    _C.dynamic_mask(_arg(bias), _arg(mask), type, window_size, float(min_dtype), block, _arg(out))
-    return _to_device_of(out, attention_bias)
+    bias, mask = _detached(attention_bias), _detached(attention_mask)
+    out = _empty_bool(bias, _broadcast_shape(bias, mask))
+    _C.dynamic_mask(_arg(bias), _arg(mask), type, window_size, float(min_dtype), block, _arg(out),
+                    _stream(bias))
+    return out
 
 
 # ---- the reference's API -------------------------------------------------------------------------
@@ -176,13 +171,7 @@ def block_smooth(attention_mask, key_len: int, block_size: int):
         )
     if block_size == 1:
         return attention_mask
-    if _is_torch(attention_mask) and attention_mask.device.type != "cpu":
-        _warn_host_copy(attention_mask.device)
-        host = attention_mask.cpu()
-        _C.block_smooth(_arg(host), block_size)
-        attention_mask.copy_(host)
-    else:
-        _C.block_smooth(_arg(attention_mask), block_size)
+    _C.block_smooth(_arg(attention_mask), block_size, _stream(attention_mask))
     return attention_mask
 
 
@@ -238,10 +227,10 @@ def _expand_2d(attention_mask, batch_size: int, query_len: int, key_len: int):
     width = attention_mask.shape[-1]
     if width == key_len:  # a view, nothing to build
         return attention_mask.reshape(batch_size, 1, 1, key_len)
-    host = _host(attention_mask)
     out = _empty_bool(attention_mask, (batch_size, 1, 1, key_len))
-    _C.expand_mask_2d(_arg(host), query_len, key_len, _arg(out))  # raises for any other width
-    return _to_device_of(out, attention_mask)
+    # raises for any other width
+    _C.expand_mask_2d(_arg(attention_mask), query_len, key_len, _arg(out), _stream(attention_mask))
+    return out
 
 
 def create_mask(
@@ -318,7 +307,7 @@ def create_block_mask(
         block_m = block_n = block_size
     else:
         block_m, block_n = block_size
-    bias = _host(attention_bias)
+    bias = _detached(attention_bias)
     if bias.ndim != 4:
         raise ValueError(
             "attention_bias: expected 4 dims ({B|1}, {H|Hk|1}, {1|query_len}, key_len), got shape "
@@ -332,8 +321,8 @@ def create_block_mask(
     n_blocks = -(-int(bias.shape[3]) // block_n)
     out = _empty_bool(attention_bias, (bias.shape[0], bias.shape[1], m_blocks, n_blocks))
     _C.select_blocks(_arg(bias), int(query_len), block_m, block_n, int(num_blocks), reduce,
-                     bool(is_causal), _arg(out))
-    return _to_device_of(out, attention_bias)
+                     bool(is_causal), _arg(out), _stream(bias))
+    return out
 
 
 __all__ = [
