@@ -1,4 +1,4 @@
-#include <sstream>
+#include <string>
 
 #include "fsa/error.h"
 #include "fsa/tensor.h"
@@ -42,12 +42,13 @@ std::string to_string(const Device& device) {
   return device.type == DeviceType::kCPU ? "cpu" : "cuda:" + std::to_string(device.index);
 }
 
+// Built with std::to_string rather than an ostringstream: the extension's iostreams use the
+// process's locale facets, and in a CUDA build loaded next to torch (another libstdc++) that
+// crashed with SIGSEGV inside every error message that printed a shape (issue #13).
 std::string TensorView::shape_string() const {
-  std::ostringstream os;
-  os << '(';
-  for (int d = 0; d < rank; ++d) os << (d ? ", " : "") << shape[d];
-  os << ')';
-  return os.str();
+  std::string s = "(";
+  for (int d = 0; d < rank; ++d) s += (d ? ", " : "") + std::to_string(shape[d]);
+  return s + ")";
 }
 
 TensorView TensorView::contiguous(void* data, DType dtype, std::initializer_list<int64_t> shape,

@@ -1,7 +1,6 @@
 // Argument validation: one clear message per rejection, all of it before anything is written.
 
 #include <cmath>
-#include <sstream>
 #include <string>
 
 #include "core/problem.h"
@@ -45,13 +44,11 @@ void check_shape(const TensorView& t, const char* name, std::initializer_list<in
   int d = 0;
   for (int64_t s : shape) {
     if (t.shape[d] != s) {
-      std::ostringstream os;
-      os << '(';
+      std::string expected = "(";  // no ostringstream: see TensorView::shape_string
       int e = 0;
-      for (int64_t x : shape) os << (e++ ? ", " : "") << x;
-      os << ')';
+      for (int64_t x : shape) expected += (e++ ? ", " : "") + str(x);
       fail(ErrorKind::kShape, name,
-           "expected shape " + os.str() + " " + dims + ", got " + t.shape_string());
+           "expected shape " + expected + ") " + dims + ", got " + t.shape_string());
     }
     ++d;
   }
