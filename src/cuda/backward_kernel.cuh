@@ -52,7 +52,7 @@ __global__ void rowdot_kernel(const __grid_constant__ BackwardParams p) {
 // returns P (natural softmax probability), dS = P (dP - rowdot) and dX (the gradient w.r.t. the
 // scaled product: dS, or dS (1 - t^2) under softcap). A dropped entry, an empty row (LSE -inf)
 // and a padded row give exact zeros.
-template <class Elt>
+template <class Elt, bool kRowTopK>
 __device__ inline void entry_grads(const BackwardParams& p, int b, int head, int i, int j,
                                    bool check, float x, float dp, float lse2, float rowdot,
                                    float& prob, float& ds, float& dx) {
@@ -80,9 +80,11 @@ __device__ inline void entry_grads(const BackwardParams& p, int b, int head, int
                         int64_t(i) * p.bias_stride[2] + int64_t(j) * p.bias_stride[3];
     const float v = p.bias_is_fp32 ? static_cast<const float*>(p.bias)[off]
                                    : Elt::to_float(p.bias, off);
-    if (p.row_topk.key != nullptr && !p.row_topk.keeps(v, j, p.row_topk.at(b, head, i))) {
-      prob = ds = dx = 0.0f;
-      return;
+    if constexpr (kRowTopK) {
+      if (!p.row_topk.keeps(v, j, p.row_topk.at(b, head, i))) {
+        prob = ds = dx = 0.0f;
+        return;
+      }
     }
     s2 += v * kLog2e;
   }
@@ -139,33 +141,18 @@ __device__ inline void bias_pass(const BackwardParams& p, int b, int head, float
     }
 }
 
-// Per-row top-k (BackwardParams::row_topk): s = -inf where the row's threshold drops the key. The
-// query-invariant bias is read again (L1: the few keys of the tile) rather than kept live from
-// bias_pass, which costs registers on every path.
-template <class Elt, int kN, class Index>
-__device__ __noinline__ void topk_drop(const BackwardParams& p, int b, int head,
-                                       float (&s)[kN][4], const Index& ix) {
-  const int64_t base = b * p.bias_stride[0] + (head / p.bias_head_group) * p.bias_stride[1];
-#pragma unroll
-  for (int j = 0; j < kN; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int i = min(ix.query(j, e), p.seqlen_q - 1), k = min(ix.key(j, e), p.seqlen_k - 1);
-      const int64_t off = base + int64_t(k) * p.bias_stride[3];
-      const float v = p.bias_is_fp32 ? static_cast<const float*>(p.bias)[off]
-                                     : Elt::to_float(p.bias, off);
-      if (!p.row_topk.keeps(v, k, p.row_topk.at(b, head, i))) s[j][e] = -INFINITY;
-    }
-}
-
-// s = -inf where the entry is out of range, causally invisible, masked out or (per-row top-k)
-// below its row's threshold. The planner lists every tile partial under per-row top-k.
-template <class Elt, int kN, class Index>
+// s = -inf where the entry is out of range, causally invisible, masked out or (kRowTopK ==
+// p.row_topk.key != null) below its row's top-k threshold. Under per-row top-k the planner lists
+// every tile partial, so this pass sees every entry; it reads the query-invariant bias again (L1:
+// the tile's few keys) rather than keeping bias_pass's values live.
+template <class Elt, bool kRowTopK, int kN, class Index>
 __device__ inline void drop_pass(const BackwardParams& p, int b, int head, float (&s)[kN][4],
                                  const Index& ix) {
   const uint8_t* mask =
       p.mask ? p.mask + b * p.mask_stride[0] + (head / p.mask_head_group) * p.mask_stride[1]
              : nullptr;
+  const int64_t bias_base =
+      kRowTopK ? b * p.bias_stride[0] + (head / p.bias_head_group) * p.bias_stride[1] : 0;
   // Where the rows are queries, each thread has two: their visible ends once per tile (on the
   // compacted path each is a load).
   int row_end[2] = {0, 0};
@@ -188,9 +175,16 @@ __device__ inline void drop_pass(const BackwardParams& p, int b, int head, float
       if (keep && mask) {
         keep = mask[int64_t(i) * p.mask_stride[2] + int64_t(k) * p.mask_stride[3]] != 0;
       }
+      if constexpr (kRowTopK) {
+        if (keep) {
+          const int64_t off = bias_base + int64_t(k) * p.bias_stride[3];
+          const float v = p.bias_is_fp32 ? static_cast<const float*>(p.bias)[off]
+                                         : Elt::to_float(p.bias, off);
+          keep = p.row_topk.keeps(v, k, p.row_topk.at(b, head, i));
+        }
+      }
       if (!keep) s[j][e] = -INFINITY;
     }
-  if (p.row_topk.key != nullptr) topk_drop<Elt>(p, b, head, s, ix);
 }
 
 // From logits s and dP: prob = P, ds = dS = P (dP - rowdot), exact zeros for dropped entries and
@@ -348,7 +342,9 @@ __device__ __forceinline__ void dq_pass_write(const BackwardParams& p, int b, in
 
 // ------------------------------------------------------------------------------------------------
 // dQ pass: CTA (query tile m, head h, batch b); warps own 16 query rows each.
-template <int kHeadDim, class Elt>
+// kRowTopK == (p.row_topk.key != null): an instantiation of its own, so that the common path
+// keeps its registers (as a runtime branch the test cost the sm90 dQ pass 68 bytes of spills).
+template <int kHeadDim, class Elt, bool kRowTopK>
 __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kDqWarps * 32)
     dq_kernel(const __grid_constant__ BackwardParams p) {
   using Tiles = BackwardTiles<kHeadDim>;
@@ -436,7 +432,7 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kDqWarps * 32)
       const DqIndex ix{{i_row[0], i_row[1]}, n * kBlockN, t};
       scale_pass(s, p.scale_log2);
       if (p.bias) bias_pass<Elt>(p, b, h, s, ix);
-      if (check) drop_pass<Elt>(p, b, h, s, ix);
+      if (check) drop_pass<Elt, kRowTopK>(p, b, h, s, ix);
       grad_pass(s, dpt, s, dpt, [&](int, int e) { return lse2[e / 2]; },
                 [&](int, int e) { return rdot[e / 2]; });  // s = P, dpt = dS
 #pragma unroll
@@ -450,7 +446,7 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kDqWarps * 32)
         for (int e = 0; e < 4; ++e) {
           const int r = e / 2, i = i_row[r], c = n * kBlockN + j * 8 + 2 * t + (e & 1);
           float prob, ds, dx;
-          entry_grads<Elt>(p, b, h, i, c, check, s[j][e], dpt[j][e], lse2[r], rdot[r], prob, ds,
+          entry_grads<Elt, kRowTopK>(p, b, h, i, c, check, s[j][e], dpt[j][e], lse2[r], rdot[r], prob, ds,
                            dx);
           s[j][e] = dx;
           dpt[j][e] = ds;
@@ -552,7 +548,7 @@ struct ColumnSums {
 // ------------------------------------------------------------------------------------------------
 // dK/dV pass: CTA (key tile n, kv head hk, batch b); warps own 16 key rows each; the query tiles
 // of the transposed lists are walked in halves of 64 queries (the columns here).
-template <int kHeadDim, class Elt>
+template <int kHeadDim, class Elt, bool kRowTopK>  // kRowTopK: as dq_kernel's
 __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kDkvWarps * 32)
     dkdv_kernel(const __grid_constant__ BackwardParams p) {
   using Tiles = BackwardTiles<kHeadDim>;
@@ -658,7 +654,7 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kDkvWarps * 32)
       const DkvIndex ix{{key_row[0], key_row[1]}, q0, t};
       scale_pass(s, p.scale_log2);
       if (p.bias) bias_pass<Elt>(p, b, w.h, s, ix);
-      if (check) drop_pass<Elt>(p, b, w.h, s, ix);
+      if (check) drop_pass<Elt, kRowTopK>(p, b, w.h, s, ix);
       grad_pass(s, dpt, s, dpt, [&](int j, int e) { return lse2[j * 8 + 2 * t + (e & 1)]; },
                 [&](int j, int e) { return rdot[j * 8 + 2 * t + (e & 1)]; });
       if (p.bias_grad == BiasGrad::kColumns) {
@@ -674,7 +670,7 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kDkvWarps * 32)
         for (int e = 0; e < 4; ++e) {
           const int r = e / 2, cl = j * 8 + 2 * t + (e & 1);
           float prob, ds, dx;
-          entry_grads<Elt>(p, b, w.h, q0 + cl, key_row[r], check, s[j][e], dpt[j][e], lse2[cl],
+          entry_grads<Elt, kRowTopK>(p, b, w.h, q0 + cl, key_row[r], check, s[j][e], dpt[j][e], lse2[cl],
                            rdot[cl], prob, ds, dx);
           s[j][e] = prob;
           dpt[j][e] = dx;

@@ -85,7 +85,8 @@ struct Sm90DkvTiles {
   }
 };
 
-template <int kHeadDim, class Elt>
+// kRowTopK == (p.row_topk.key != null), as in dq_kernel (backward_kernel.cuh).
+template <int kHeadDim, class Elt, bool kRowTopK>
 __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
                                   Sm90DkvTiles<kHeadDim, Elt>::kCtasPerSm)
     dkdv_kernel_sm90(const __grid_constant__ BackwardParams p) {
@@ -266,7 +267,7 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
     } else if (p.bias) {
       bias_pass<Elt>(p, b, h, s, ix);
     }
-    if (check) drop_pass<Elt>(p, b, h, s, ix);
+    if (check) drop_pass<Elt, kRowTopK>(p, b, h, s, ix);
     const float* lse = s_lse + stage * kHalf;
     const float* rdot = s_rdot + stage * kHalf;
     // P^T (exact zeros for dropped entries and empty rows), then dV += P^T dO.
@@ -439,7 +440,9 @@ inline DqBiasDuty dq_bias_duty(const BackwardParams& p) {
 // kDuty == dq_bias_duty(p). kStagedBias == p.bias_staged, also an instantiation: as a runtime
 // branch the staged path made ptxas spill (20 bytes) in the common instantiation and the dense dQ
 // pass slower (0.455 vs 0.436 ms at (2, 4096, 16, 16, 128) causal on H100).
-template <int kHeadDim, class Elt, DqBiasDuty kDuty, bool kStagedBias>
+// kRowTopK == (p.row_topk.key != null), as in dq_kernel: per-row top-k needs a query-invariant
+// bias, so it never meets kStagedBias or a dbias with a query dim.
+template <int kHeadDim, class Elt, DqBiasDuty kDuty, bool kStagedBias, bool kRowTopK>
 __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
     dq_kernel_sm90(const __grid_constant__ BackwardParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -620,7 +623,7 @@ __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
     } else if (p.bias) {
       bias_pass<Elt>(p, b, h, s, ix);
     }
-    if (check) drop_pass<Elt>(p, b, h, s, ix);
+    if (check) drop_pass<Elt, kRowTopK>(p, b, h, s, ix);
     // P (exact zeros for dropped entries and empty rows).
 #pragma unroll
     for (int c = 0; c < kNTiles; ++c)

@@ -39,6 +39,7 @@ inline bool use_sm90_dq(const BackwardParams& params) {
 template <int kHeadDim, class Elt>
 void launch_backward(const BackwardParams& p, cudaStream_t stream) {
   using Tiles = BackwardTiles<kHeadDim>;
+  const bool row_topk = p.row_topk.key != nullptr;
   const int64_t elements = int64_t(p.dbias_shape[0]) * p.dbias_shape[1] * p.dbias_shape[2] *
                            p.dbias_shape[3];
   // zero_dbias / dbias_reduce: grid (dbias rows, key blocks), see for_each_dbias_entry.
@@ -75,15 +76,18 @@ void launch_backward(const BackwardParams& p, cudaStream_t stream) {
         constexpr bool kStaged = decltype(staged)::value;
         using Duty = DqBiasDuty;
         switch (dq_bias_duty(p)) {
-          case Duty::kPacked: return &dq_kernel_sm90<kHeadDim, Elt, Duty::kPacked, kStaged>;
-          case Duty::kFp32: return &dq_kernel_sm90<kHeadDim, Elt, Duty::kFp32, kStaged>;
-          default: return &dq_kernel_sm90<kHeadDim, Elt, Duty::kNone, kStaged>;
+          case Duty::kPacked: return &dq_kernel_sm90<kHeadDim, Elt, Duty::kPacked, kStaged, false>;
+          case Duty::kFp32: return &dq_kernel_sm90<kHeadDim, Elt, Duty::kFp32, kStaged, false>;
+          default: return &dq_kernel_sm90<kHeadDim, Elt, Duty::kNone, kStaged, false>;
         }
       };
-      dq = p.bias_staged ? pick(std::true_type{}) : pick(std::false_type{});
+      // Per-row top-k comes with a query-invariant bias: never staged, no dQ-pass dbias duty.
+      dq = row_topk ? &dq_kernel_sm90<kHeadDim, Elt, DqBiasDuty::kNone, false, true>
+           : p.bias_staged ? pick(std::true_type{})
+                           : pick(std::false_type{});
       threads = Sm90Tiles::kThreads, smem = Sm90Tiles::smem_bytes(p.bias_staged);
     } else {
-      dq = &dq_kernel<kHeadDim, Elt>;
+      dq = row_topk ? &dq_kernel<kHeadDim, Elt, true> : &dq_kernel<kHeadDim, Elt, false>;
       threads = Tiles::kDqWarps * 32, smem = Tiles::kSmemDq;
     }
     FSA_CUDA_CHECK(cudaFuncSetAttribute(dq, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
@@ -107,7 +111,8 @@ void launch_backward(const BackwardParams& p, cudaStream_t stream) {
   }
   if (p.map.n_blocks > 0 && use_sm90_backward(p)) {
     using Sm90Tiles = Sm90DkvTiles<kHeadDim, Elt>;
-    auto* dkdv = &dkdv_kernel_sm90<kHeadDim, Elt>;
+    auto* dkdv = row_topk ? &dkdv_kernel_sm90<kHeadDim, Elt, true>
+                          : &dkdv_kernel_sm90<kHeadDim, Elt, false>;
     // One instantiation for both: the opt-in limit is the larger size (a fixed value, so that host
     // threads launching it concurrently never lower it under each other), a launch asks for what
     // it uses.
@@ -117,7 +122,7 @@ void launch_backward(const BackwardParams& p, cudaStream_t stream) {
            Sm90Tiles::smem_bytes(p.bias_staged), stream>>>(p);
     FSA_CUDA_CHECK(cudaGetLastError());
   } else if (p.map.n_blocks > 0) {
-    auto* dkdv = &dkdv_kernel<kHeadDim, Elt>;
+    auto* dkdv = row_topk ? &dkdv_kernel<kHeadDim, Elt, true> : &dkdv_kernel<kHeadDim, Elt, false>;
     FSA_CUDA_CHECK(cudaFuncSetAttribute(dkdv, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         Tiles::kSmemDkv));
     dkdv<<<dim3(p.map.n_blocks, p.num_kv_heads, p.batch), Tiles::kDkvWarps * 32, Tiles::kSmemDkv,

@@ -394,6 +394,11 @@ struct WarpRows {
         }
       }
       if (p.row_topk.key != nullptr) {  // per-row top-k: each row's threshold on these values
+        uint32_t col_key[kNTiles][2];  // the values' order keys, shared by the rows
+#pragma unroll
+        for (int j = 0; j < kNTiles; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) col_key[j][e] = order_key(bias_col[j][e]);
 #pragma unroll
         for (int rt = 0; rt < kRT; ++rt)
 #pragma unroll
@@ -401,13 +406,17 @@ struct WarpRows {
             int i, head;
             row_of(rt, r, i, head);
             const int64_t at = p.row_topk.at(b, head, i);
+            const uint32_t threshold = p.row_topk.key[at];
+            const int last = p.row_topk.last[at];
 #pragma unroll
             for (int j = 0; j < kNTiles; ++j)
 #pragma unroll
               for (int e = 0; e < 2; ++e) {
-                if (!p.row_topk.keeps(bias_col[j][e], col0 + j * 8 + 2 * t + e, at)) {
-                  s[rt][j][2 * r + e] = -INFINITY;
-                }
+                const uint32_t k = col_key[j][e];
+                const bool keep = k != p.row_topk.fill_key && k != p.row_topk.fill_key_alt &&
+                                  (k > threshold ||
+                                   (k == threshold && col0 + j * 8 + 2 * t + e <= last));
+                if (!keep) s[rt][j][2 * r + e] = -INFINITY;
               }
           }
       }
