@@ -32,6 +32,82 @@ def _as_bool_mask(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tens
     return attention_mask != 0
 
 
+def _reject_packed_sequences(kwargs) -> None:
+    """Padding-free training (DataCollatorWithFlattening) packs documents into one row and marks
+    their boundaries with cu_seq_lens_* or with position_ids that restart at 0; without a varlen
+    path every token would attend across documents, so those calls raise."""
+    for name in ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens_q", "cu_seqlens_k"):
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(
+                f"{name}: packed sequences are not supported yet (no varlen path); unpack the "
+                "batch or pad it"
+            )
+    position_ids = kwargs.get("position_ids")
+    if position_ids is not None and position_ids.dim() == 2 and position_ids.shape[-1] > 1:
+        if _restarts(position_ids):
+            raise NotImplementedError(
+                "position_ids: restart within a row, i.e. packed sequences, which are not "
+                "supported yet (no varlen path); unpack the batch or pad it"
+            )
+
+
+_restart_cache = {}  # id(position_ids) -> (weakref, version, answer)
+
+
+def _restarts(position_ids) -> bool:
+    """Whether position ids decrease anywhere along a row; waits for the device once per tensor
+    (transformers passes every layer the same position_ids object)."""
+    import weakref
+
+    cached = _restart_cache.get(id(position_ids))
+    if cached is not None and cached[0]() is position_ids and cached[1] == position_ids._version:
+        return cached[2]
+    answer = bool((position_ids[:, 1:] < position_ids[:, :-1]).any())
+    _restart_cache.clear()
+    _restart_cache[id(position_ids)] = (weakref.ref(position_ids), position_ids._version, answer)
+    return answer
+
+
+_causal_key_masks = {}  # id(mask) -> (weakref, version, key mask or None)
+_warned_dense_mask = False
+
+
+def _causal_key_mask(mask, is_causal, bias):
+    """For a 4-D bool mask (B|1, 1, Sq, Sk) that is causality (bottom-right) AND one key mask per
+    batch (transformers' causal mask with key padding), that key mask (B|1, 1, 1, Sk); else None.
+    The check reads the mask once on its device and waits for the answer, once per mask tensor:
+    transformers hands every layer of a forward the same mask object, and the answer is cached
+    by that object (and its version counter)."""
+    if (not is_causal or mask.dim() != 4 or mask.shape[1] != 1 or bias.dim() != 4
+            or bias.shape[2] != 1):
+        return None
+    import weakref
+
+    cached = _causal_key_masks.get(id(mask))
+    if cached is not None and cached[0]() is mask and cached[1] == mask._version:
+        return cached[2]
+    sq, sk = mask.shape[-2], mask.shape[-1]
+    key_mask = mask[:, :, -1:, :]  # the last row sees every key causality allows
+    i = torch.arange(sq, device=mask.device)[:, None]
+    j = torch.arange(sk, device=mask.device)[None, :]
+    causal = j <= i + sk - sq
+    result = key_mask if torch.equal(mask, causal & key_mask) else None
+    _causal_key_masks.clear()  # one live mask at a time is the common case; keep it bounded
+    _causal_key_masks[id(mask)] = (weakref.ref(mask), mask._version, result)
+    return result
+
+
+def _warn_dense_mask() -> None:
+    global _warned_dense_mask
+    if not _warned_dense_mask:
+        _warned_dense_mask = True
+        logger.warning(
+            "flash_sparse_attention: window_size with a 4-D attention_mask that is not causal "
+            "+ key padding builds create_mask's (B, H, Sq, Sk) mask; masks that are, and "
+            "attention_mask=None, select the keys without one"
+        )
+
+
 def _target_dtype(module: torch.nn.Module, query: torch.Tensor) -> Optional[torch.dtype]:
     """float32 inputs (PEFT casts layer norms up) go back to the model's half dtype on the GPU, where
     the kernels are fp16 / bf16; the CPU backend runs float32 as is."""
@@ -71,9 +147,16 @@ def flash_sparse_attention_forward(
         attention_bias: optional ({B|1}, {H|Hk|1}, {Sq|1}, {Sk|1}) bias added to the scores.
         scaling: softmax scale (default 1 / sqrt(head_dim)).
         window_size: with a bias and key_len > window_size, only the window_size largest bias
-            entries per row are kept (create_mask(type="topk")).
+            entries per row are kept, exactly as create_mask(type="topk") keeps them, without
+            building its mask: attention_mask None keeps the global top keys per (batch, kv
+            head) (a key mask), a 4-D causal (+ key padding) mask the top keys of each row among
+            those it may see (per-row thresholds); any other 4-D mask falls back to create_mask's
+            (B, H, Sq, Sk) mask, with a warning.
         softcap: softcap of the scores (None / 0 = off).
         **kwargs: is_causal, deterministic; output_attentions / head_mask are not supported.
+            Packed sequences (cu_seq_lens_q / cu_seq_lens_k, or position_ids that restart within a
+            row) raise NotImplementedError: there is no varlen path yet, and attending across the
+            documents would be silently wrong.
 
     Returns:
         (out, None) with out (batch_size, query_len, num_heads, head_dim).
@@ -88,6 +171,7 @@ def flash_sparse_attention_forward(
             "use the eager implementation for those."
         )
 
+    _reject_packed_sequences(kwargs)
     batch_size, _, query_len, _ = query.shape
     key_len = key.shape[2]
     if any(dim == 0 for dim in query.shape):
@@ -125,13 +209,24 @@ def flash_sparse_attention_forward(
         if 1 < query_len <= key_len:
             query_valid = key_mask[:, 0, 0, key_len - query_len:]  # (B, Sq)
         attention_mask = key_mask
-    elif (
-        attention_bias is not None and window_size is not None and key_len > window_size
-    ):
-        attention_mask = create_mask(
-            attention_bias, attention_mask, batch_size, query_len, key_len,
-            window_size=window_size, min_dtype=torch.finfo(attention_bias.dtype).min,
-        )
+    topk = {}
+    if attention_bias is not None and window_size is not None and key_len > window_size:
+        # create_mask(bias, attention_mask, ..., window_size) without an Sq x Sk mask: a key mask
+        # when the selection does not depend on the row (no mask, or a key-only one), per-row
+        # thresholds when the mask is causality (and key padding) over a query-invariant bias.
+        if attention_mask is None or attention_mask.shape[-2] == 1:
+            topk = {"topk": int(window_size)}
+        else:
+            key_mask = _causal_key_mask(attention_mask, is_causal, attention_bias)
+            if key_mask is not None:
+                attention_mask = key_mask
+                topk = {"topk": int(window_size), "topk_causal": True}
+            else:
+                _warn_dense_mask()
+                attention_mask = create_mask(
+                    attention_bias, attention_mask, batch_size, query_len, key_len,
+                    window_size=window_size, min_dtype=torch.finfo(attention_bias.dtype).min,
+                )
 
     out = flash_sparse_attn_func(
         query, key, value,
@@ -141,6 +236,7 @@ def flash_sparse_attention_forward(
         is_causal=is_causal,
         softcap=softcap,
         deterministic=kwargs.get("deterministic"),
+        **topk,
     )
     if query_valid is not None:
         out = out * query_valid[:, :, None, None].to(out.dtype)
