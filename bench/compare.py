@@ -6,15 +6,34 @@ BlockMask built from block lists (kv_num_blocks / kv_indices, never by evaluatin
 Sq x Sk) and a bias score_mod. Every peer's output is checked against ours before it is timed; a
 peer that errors or runs out of memory is reported as such. Times are CUDA-event medians.
 
-    python3 bench/compare.py [--reps 20] [--json out.json] [--only dense,trainable,decode,bias]
+    python3 bench/compare.py [--reps 20] [--json out.json] [--only dense,trainable,decode,bias,topk]
+                             [--topk-cases key16k,row16k,key32k,mem32k,keyref,rowref]
 
 (`bias` is not in the default set: forward + backward with full biases broadcast over batch/heads,
 the atomics and the deterministic path of the bias gradient side by side.)
+
+`topk` (not in the default set either) decides issues #11 and #12: the reference's workflow, a
+per-key bias (B, Hk, 1, S) whose top-`keep` keys are kept, causal, forward and forward + backward
+with the bias gradient. Two forms: the key mask (the global top-`keep` keys per (batch, kv head),
+what the transformers integration builds for Doge) and the per-row form (each row's top-`keep`
+causal keys: create_mask with a causal 4-D mask, a (B, Hk, S, S) bool tensor). Rows: ours with the
+mask precomputed, ours with the selection inside the call (`topk=` / `topk_causal=True` where this
+build has them, else create_mask inside the timed region, as the row says), our dense causal, SDPA
+cuDNN and flash dense causal, FlexAttention over the gathered keys (flex_gather: the floor a user
+writes in torch) and the reference project's Triton kernel on the same mask; then the ratios the
+issues set bars on, and the peak memory of the per-row forward + backward against dense causal.
+The reference kernel is never committed: scripts/fetch_reference.sh puts it into .peers/ (carry
+.peers to the GPU machine, which has no network); without it its rows say "not available".
 """
 
 import argparse
+import collections
+import functools
+import importlib.util
 import json
 import math
+import operator
+import os
 import sys
 import time
 
@@ -23,6 +42,7 @@ import torch.nn.functional as F
 
 import flash_sparse_attn
 from flash_sparse_attn import flash_sparse_attn_func
+from flash_sparse_attn.utils.mask import create_mask
 
 try:
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -32,8 +52,8 @@ except Exception as e:  # noqa: BLE001 - reported per workload
     FLEX_ERROR = repr(e)
 
 
-def median_ms(fn, reps):
-    for _ in range(3):
+def median_ms(fn, reps, warmup=3):
+    for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     times = []
@@ -57,8 +77,10 @@ class Table:
     def __init__(self):
         self.rows = []
 
-    def add(self, workload, impl, ms=None, flops=None, note="", bytes_moved=None):
-        row = {"workload": workload, "impl": impl, "ms": ms, "note": note}
+    def add(self, workload, impl, ms=None, flops=None, note="", bytes_moved=None, **extra):
+        """Prints a row and keeps it for --json; `extra` fields (e.g. peak_mb, ratio) go to the
+        JSON only."""
+        row = {"workload": workload, "impl": impl, "ms": ms, "note": note, **extra}
         if ms is not None and flops is not None:
             row["tflops"] = flops / ms * 1e-9
         if ms is not None and bytes_moved is not None:
@@ -370,6 +392,473 @@ def broadcast_bias(table, reps, B=2, S=4096, H=16, D=128):
         torch.cuda.empty_cache()
 
 
+# ---- topk: the reference's workflow (issues #11 and #12) ----------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BF16_MIN = torch.finfo(torch.bfloat16).min
+FLEX_GATHER_BLOCK = 128
+
+
+def flex_gather(q, k, v, bias, keep):
+    """Attention over the top-`keep` keys of a per-key bias, written in torch the way a user can
+    today: the floor issue #12 sets. q (B, H, Sq, D), k / v (B, Hk, Sk, D) (head-first, as
+    FlexAttention takes them), bias (B, Hk, 1, Sk); returns (B, H, Sq, D).
+
+    idx = the top-`keep` key indices per (batch, kv head), sorted; K, V and the bias gathered by
+    idx inside the autograd graph (so the bias gets its gradient); FlexAttention with the gathered
+    bias as score_mod and a mask_mod keeping gathered key c for query q iff idx[c] <= q + Sk - Sq
+    (bottom-right causal by original index); GQA through enable_gqa. The BlockMask comes from
+    counts, not from evaluating the mask_mod over Sq x keep: idx is sorted, so query q sees exactly
+    the first n(q) = #{c: idx[c] <= q + Sk - Sq} gathered keys, and a query block sees its first
+    n(first row) // 128 key blocks whole and the following ones up to n(last row) in part.
+
+    Run it as flex_gather_compiled (the whole function compiled): the score_mod / mask_mod
+    closures are then built inside the compiled region, whereas a new closure per call passed to a
+    compiled flex_attention would recompile at every call."""
+    B, H, Sq, D = q.shape
+    Hk, Sk = k.shape[1], k.shape[2]
+    G = H // Hk
+    keep = min(keep, Sk)
+    offset = Sk - Sq
+    bias_k = bias[:, :, 0, :]                                                    # (B, Hk, Sk)
+    idx = bias_k.detach().topk(keep, dim=-1).indices.sort(dim=-1).values         # (B, Hk, keep)
+    k_g = k.gather(2, idx[..., None].expand(-1, -1, -1, D))                      # (B, Hk, keep, D)
+    v_g = v.gather(2, idx[..., None].expand(-1, -1, -1, D))
+    bias_g = bias_k.gather(2, idx)                                               # (B, Hk, keep)
+
+    def score_mod(score, b, h, qi, c):
+        return score + bias_g[b, h // G, c].float()
+
+    def mask_mod(b, h, qi, c):
+        return idx[b, h // G, c] <= qi + offset
+
+    block = FLEX_GATHER_BLOCK
+    nq, nk = -(-Sq // block), -(-keep // block)
+    first = torch.arange(nq, device=q.device) * block
+    rows = torch.cat([first, (first + block - 1).clamp(max=Sq - 1)]) + offset   # (2 nq,)
+    seen = torch.searchsorted(idx, rows.expand(B, Hk, -1).contiguous(), right=True)
+    full = seen[..., :nq] // block                                               # (B, Hk, nq)
+    partial = -(-seen[..., nq:] // block) - full
+    blocks = torch.arange(nk, device=q.device)
+    full_idx = blocks.expand(B, Hk, nq, nk)
+    partial_idx = (full[..., None] + blocks).clamp(max=nk - 1)                   # after the full
+    per_head = lambda t: t.repeat_interleave(G, dim=1).to(torch.int32).contiguous()  # noqa: E731
+    block_mask = BlockMask.from_kv_blocks(
+        per_head(partial), per_head(partial_idx), per_head(full), per_head(full_idx),
+        BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(Sq, keep))
+    return flex_attention(q, k_g, v_g, score_mod=score_mod, block_mask=block_mask, enable_gqa=True)
+
+
+flex_gather_compiled = (None if flex_compiled is None else
+                        torch.compile(flex_gather, dynamic=False, fullgraph=True))
+
+REFERENCE_VERSION = "1.2.3"
+REFERENCE_FILE = os.path.join(ROOT, ".peers", f"flash_sparse_attn-{REFERENCE_VERSION}",
+                              "flash_sparse_attn", "flash_sparse_attn_triton.py")
+
+
+@functools.lru_cache(maxsize=None)
+def reference_kernel():
+    """(triton_sparse_attn_func, None), or (None, why not): the reference project's Triton kernel
+    (flash-sparse-attn 1.2.3), imported from .peers/ under a module name of its own, so that it
+    cannot clash with our `flash_sparse_attn` package. Its call: (q, k, v, attn_mask, attn_bias,
+    is_causal) with our (B, S, H, D) layout, a bool mask and a bias in q's dtype, ({B|1}, {H|Hk|1},
+    {S|1}, S) with a unit key stride (it pads the key dim to a multiple of 128 itself). Its causal
+    mask is top-left aligned: the same as ours here, where Sq = Sk."""
+    if not os.path.exists(REFERENCE_FILE):
+        return None, "not available (run scripts/fetch_reference.sh)"
+    try:
+        spec = importlib.util.spec_from_file_location("fsa_reference_triton", REFERENCE_FILE)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.triton_sparse_attn_func, None
+    except Exception as e:  # noqa: BLE001 - e.g. no triton: its rows say so
+        return None, f"not available: {type(e).__name__}: {str(e)[:100]}"
+
+
+# Cases, ordered so that the cases of one shape run together (they share inputs and baselines).
+TOPK_CASES = {
+    # id: (form, (B, S, H, Hk, D), keys kept)
+    "key16k": ("key", (1, 16384, 32, 8, 128), 2048),
+    "row16k": ("row", (1, 16384, 32, 8, 128), 2048),
+    "key32k": ("key", (1, 32768, 32, 8, 128), 2048),
+    "mem32k": ("memory", (1, 32768, 32, 8, 128), 2048),
+    "keyref": ("key", (1, 32768, 2, 1, 64), 1024),     # the reference's own benchmark shape
+    "rowref": ("row", (1, 32768, 2, 1, 64), 1024),
+}
+# A measurement takes at most `reps` calls and about this long (never under 3 calls): the rows that
+# build a mask on a host copy inside the timed region take a second or more per call.
+TOPK_BUDGET_S = 5.0
+
+
+class _Wrong(Exception):
+    """A peer disagrees with ours: reported as a WRONG row, never timed."""
+
+
+def _median_ms_within(fn, reps, budget_s=TOPK_BUDGET_S):
+    """median_ms with fewer calls when `reps` of them would take longer than budget_s. Returns
+    (ms, calls timed)."""
+    fn()  # first call: compiles, autotunes, plans
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    calls = max(3, min(reps, int(budget_s / (time.perf_counter() - start))))
+    return median_ms(fn, calls, warmup=1 if calls == reps else 0), calls
+
+
+def _measure(table, name, label, fn, reps, flops=None, check=None, note=""):
+    """Runs check() (raises _Wrong, or returns a note), then times fn; a failure of either is a
+    row. Returns the median ms, or None."""
+    try:
+        if check is not None:
+            note = " ".join(x for x in (note, check()) if x)
+        ms, calls = _median_ms_within(fn, reps)
+        if calls < reps:
+            note += f" ({calls} calls timed)"
+        table.add(name, label, ms, flops, note)
+        return ms
+    except _Wrong as e:
+        table.add(name, label, note=f"WRONG: {e}")
+    except torch.cuda.OutOfMemoryError:
+        table.add(name, label, note="out of memory")
+        torch.cuda.empty_cache()
+    except Exception as e:  # noqa: BLE001
+        table.add(name, label, note=f"error: {type(e).__name__}: {str(e)[:120]}")
+    return None
+
+
+def _agree(what, got, ours, tol, nan_allowed=None):
+    """max|got - ours| <= tol over the finite entries of `got`, else _Wrong. Non-finite entries are
+    wrong, except with nan_allowed="empty rows": where ours is exactly 0 (our empty rows: the
+    reference's Triton kernel has no guard for a row that keeps no key and returns NaN there), and
+    with nan_allowed="anywhere" (its gradients: such a row's NaN spreads to the dK, dV and dbias of
+    every key its tiles touch). Returns a note with the difference and any NaN count."""
+    bad = ~torch.isfinite(got)
+    note = ""
+    if bad.any():
+        if nan_allowed is None or (nan_allowed == "empty rows" and (ours[bad] != 0).any()):
+            raise _Wrong(f"{what}: {int(bad.sum())} non-finite entries")
+        note = f"{what}: {int(bad.sum())} NaN ({nan_allowed});"
+    err = (got.float() - ours.float()).masked_fill(bad, 0).abs().max().item()
+    if not err <= tol:
+        raise _Wrong(f"{what}: max|peer - ours| = {err:.3g} > {tol:.3g}")
+    return f"{note} {what} max|diff| {err:.2e}".strip()
+
+
+def _grads(fn, leaves, dout):
+    """One forward + backward of fn(*leaves); the leaves' gradients (None where none flows)."""
+    for t in leaves:
+        t.grad = None
+    fn(*leaves).backward(dout)
+    return [None if t.grad is None else t.grad.clone() for t in leaves]
+
+
+def _agree_grads(grads, ours, nan_allowed=None):
+    """Each gradient within 3% of the largest |gradient| of ours (bf16 sums over thousands of
+    rows); a gradient ours has and the peer lacks is wrong."""
+    notes = []
+    for what, g, o in zip(("dq", "dk", "dv", "dbias"), grads, ours):
+        if o is None:
+            continue
+        if g is None:
+            raise _Wrong(f"{what}: no gradient")
+        tol = 3e-2 * max(o.float().abs().max().item(), 1e-6)
+        notes.append(_agree(what, g, o, tol, nan_allowed))
+    return "; ".join(notes)
+
+
+def _untie_top(bias, keep):
+    """randn in bf16 repeats values, so a row's keep-th largest bias usually ties with others, and
+    which of those a top-k keeps is up to the implementation (create_mask: the lowest indices;
+    torch.topk: unspecified). Lowers the tied entries past the first `keep` (by index) to the next
+    smaller bf16 value, in place, so that every implementation keeps the same keys."""
+    rows = bias.view(-1, bias.shape[-1])                                         # (B * Hk, S)
+    t = rows.topk(keep, dim=-1).values[:, -1:]                                   # keep-th largest
+    tied = rows == t
+    surplus = tied & (tied.cumsum(-1) > keep - (rows > t).sum(-1, keepdim=True))
+    # Next smaller bf16 value through the bit pattern: one step toward 0 when positive, away from
+    # it when negative; below +-0 comes the smallest negative subnormal (bits 0x8001).
+    bits = t.view(torch.int16)
+    lower = torch.where(t > 0, bits - 1,
+                        torch.where(t < 0, bits + 1, torch.full_like(bits, -0x7FFF)))
+    rows.copy_(torch.where(surplus, lower.view(torch.bfloat16), rows))
+
+
+class _TopkInputs:
+    """q, k, v and the bias (randn, bf16; ties at each row's keep-th value undone) of one (B, S, H,
+    Hk, D) shape, and its dense causal times once measured: the cases of a shape share both."""
+
+    def __init__(self, shape, keep, device="cuda"):
+        B, S, H, Hk, D = shape
+        self.shape, self.keep = shape, keep
+        self.label = "(" + ",".join(map(str, shape)) + ")"
+        self.q = torch.randn(B, S, H, D, device=device, dtype=torch.bfloat16)
+        self.k, self.v = (torch.randn(B, S, Hk, D, device=device, dtype=torch.bfloat16)
+                          for _ in range(2))
+        self.bias = torch.randn(B, Hk, 1, S, device=device, dtype=torch.bfloat16)
+        _untie_top(self.bias, keep)
+        self.dense = None
+
+    def causal_mask(self):
+        """The 4-D causal mask (1, 1, S, S) that transformers hands to create_mask."""
+        S = self.shape[1]
+        return torch.ones(S, S, device=self.q.device, dtype=torch.bool).tril()[None, None]
+
+
+def _kept_flops(mask, H, D):
+    """Forward flops over the kept (row, key) pairs, 4 D each per query head. A key mask (B, Hk, 1,
+    S) keeps key j for rows j..S-1 (causal, Sq = Sk); a per-row mask from create_mask with the
+    causal mask holds causal pairs only."""
+    G = H // mask.shape[1]
+    if mask.shape[2] == 1:
+        S = mask.shape[-1]
+        pairs = ((S - torch.arange(S, device=mask.device)) * mask[:, :, 0]).sum()
+    else:
+        pairs = mask.sum()
+    return 4 * D * G * pairs.item()
+
+
+# One implementation in a topk comparison: fn(q, k, v, bias) -> out; the reference gets its NaN
+# allowances (see _agree); note goes to its rows.
+Impl = collections.namedtuple("Impl", "id label fn is_reference note", defaults=(False, ""))
+
+
+def _run_impls(table, name, x, impls, flops, reps):
+    """Times each Impl: the forward, then forward + backward with q, k, v and the bias requiring
+    grad. impls[0] is ours, checked against float64 by the caller; every other is checked against
+    it (output, then gradients) before it is timed. Returns {(id, "fwd" | "fwd+bwd"): ms}."""
+    t = {}
+    ours_fn = impls[0].fn
+    ours = ours_fn(x.q, x.k, x.v, x.bias)
+    for i, impl in enumerate(impls):
+        check = None
+        if i:
+            check = lambda impl=impl: _agree(  # noqa: E731
+                "out", impl.fn(x.q, x.k, x.v, x.bias), ours, 2e-2,
+                "empty rows" if impl.is_reference else None)
+        t[impl.id, "fwd"] = _measure(table, name, impl.label,
+                                     lambda fn=impl.fn: fn(x.q, x.k, x.v, x.bias), reps, flops,
+                                     check, impl.note)
+    leaves = [a.detach().clone().requires_grad_(True) for a in (x.q, x.k, x.v, x.bias)]
+    dout = torch.randn_like(x.q)
+    ours_grads = _grads(ours_fn, leaves, dout)
+    for i, impl in enumerate(impls):
+        check = None
+        if i:
+            check = lambda impl=impl: _agree_grads(  # noqa: E731
+                _grads(impl.fn, leaves, dout), ours_grads,
+                "anywhere" if impl.is_reference else None)
+        t[impl.id, "fwd+bwd"] = _measure(table, name, impl.label + " fwd+bwd",
+                                         fwd_bwd(lambda fn=impl.fn: fn(*leaves), leaves, dout),
+                                         reps, 3.5 * flops, check, impl.note)
+    return t
+
+
+def _dense_baselines(table, reps, x):
+    """Our dense causal (no mask, no bias), SDPA cuDNN and flash dense causal, on x's shape; once
+    per shape."""
+    from torch.nn.attention import SDPBackend
+    if x.dense is not None:
+        return x.dense
+    B, S, H, Hk, D = x.shape
+    name = f"dense causal {x.label} bf16 (no mask, no bias)"
+    print(name, flush=True)
+    G = H // Hk
+    ar = torch.arange(S, device=x.q.device)
+    out = flash_sparse_attn_func(x.q, x.k, x.v, is_causal=True)
+    check_rows(name, out, x.q, x.k, x.v, lambda b, h, i: ar <= i)
+    del out
+    impls = [Impl("dense", "ours dense causal",
+                  lambda q, k, v, b: flash_sparse_attn_func(q, k, v, is_causal=True))]
+    for impl, label, backend in [("cudnn", "SDPA cuDNN dense causal", SDPBackend.CUDNN_ATTENTION),
+                                 ("flash", "SDPA flash dense causal", SDPBackend.FLASH_ATTENTION)]:
+        impls.append(Impl(impl, label, lambda q, k, v, b, backend=backend: sdpa(
+            q, k, v, backend, is_causal=True, enable_gqa=G > 1)))
+    x.dense = _run_impls(table, name, x, impls, 4 * S * S * D * B * H / 2, reps)
+    return x.dense
+
+
+def _selection_in_call(x, keep, per_row):
+    """Ours with the top-k selection inside the call, as an Impl "topk": `topk=keep` (with
+    `topk_causal=True` for the per-row form) where this build has them; else create_mask followed
+    by the attention, both in the timed region, and the note says so (a TypeError for an unknown
+    keyword tells which)."""
+    options = {"topk": keep, **({"topk_causal": True} if per_row else {})}
+
+    def with_topk(q, k, v, bias):
+        return flash_sparse_attn_func(q, k, v, attn_bias=bias, is_causal=True, **options)
+
+    try:
+        with_topk(x.q, x.k, x.v, x.bias)
+        return Impl("topk", "ours, " + ", ".join(f"{k}={v}" for k, v in options.items()),
+                    with_topk)
+    except TypeError as e:
+        missing = [k for k in options if f"'{k}'" in str(e)]
+        if "unexpected keyword" not in str(e) or not missing:
+            raise
+    causal = x.causal_mask() if per_row else None
+
+    def with_create_mask(q, k, v, bias):
+        B, S = q.shape[:2]
+        mask = create_mask(bias, causal, B, S, S, keep, BF16_MIN)
+        return flash_sparse_attn_func(q, k, v, attn_mask=mask, attn_bias=bias, is_causal=True)
+
+    return Impl("topk", f"ours, create_mask{'(causal)' if per_row else ''} + attention",
+                with_create_mask,
+                note=f"no {missing[0]}= in this build: create_mask + attention, both timed;")
+
+
+_OPS = {"<=": operator.le, "<": operator.lt, ">=": operator.ge}
+
+
+def _ratio_rows(table, name, t, specs):
+    """One row per (label, numerator id, denominator id, [(op, bar, issue)]): the ratio of two
+    measurements and whether it meets each bar."""
+    for label, num, den, bars in specs:
+        a, b = t.get(num), t.get(den)
+        if a is None or b is None:
+            table.add(name, f"ratio {label}", note="n/a (a measurement is missing above)")
+            continue
+        r = a / b
+        verdicts = [f"{issue} {op} {bar}: {'met' if _OPS[op](r, bar) else 'NOT met'}"
+                    for op, bar, issue in bars]
+        table.add(name, f"ratio {label}",
+                  note=f"{r:.3g}" + (f"  [{'; '.join(verdicts)}]" if verdicts else ""), ratio=r)
+
+
+def _topk_bars(x, per_row):
+    """The ratios the issues set bars on, as _ratio_rows specs. "given": ours with the mask
+    given; "in-call": ours with the selection inside the call; dense: no mask, no bias."""
+    B, S, H, Hk, D = x.shape
+    both = ("fwd", "fwd+bwd")
+    if per_row:
+        specs = [(f"{m}: given / our dense", ("ours", m), ("dense", m),
+                  [("<=", 1.3, "#11")] if S == 16384 else []) for m in both]
+        return specs + [
+            ("fwd: in-call / our dense", ("topk", "fwd"), ("dense", "fwd"), []),
+            ("fwd+bwd: in-call / our dense", ("topk", "fwd+bwd"), ("dense", "fwd+bwd"),
+             [("<=", 1.15, "#11")]),
+            ("fwd+bwd: in-call / cuDNN dense", ("topk", "fwd+bwd"), ("cudnn", "fwd+bwd"),
+             [("<=", 0.5, "#12")]),
+            ("fwd: reference / in-call", ("ref", "fwd"), ("topk", "fwd"), []),
+            ("fwd+bwd: reference / in-call", ("ref", "fwd+bwd"), ("topk", "fwd+bwd"),
+             [(">=", 3, "#11"), (">=", 6, "#12")]),
+            ("fwd+bwd: reference / given", ("ref", "fwd+bwd"), ("ours", "fwd+bwd"), [])]
+    # The key-mask bars against dense attention are set on the (1, S, 32, 8, 128) shapes only.
+    dense_bars = (H, Hk, D) == (32, 8, 128)
+    cudnn_bar = 0.3 if S <= 16384 else 0.2
+    specs = []
+    for ours, who in (("ours", "given"), ("topk", "in-call")):
+        for m in both:
+            specs += [
+                (f"{m}: {who} / our dense", (ours, m), ("dense", m),
+                 [("<=", 1.15, "#11")] if dense_bars else []),
+                (f"{m}: {who} / cuDNN dense", (ours, m), ("cudnn", m),
+                 [("<=", cudnn_bar, "#12")] if dense_bars else []),
+                (f"{m}: reference / {who}", ("ref", m), (ours, m),
+                 [(">=", 10, "#12")] if m == "fwd+bwd" else [])]
+        specs.append((f"fwd+bwd: {who} / flex-gather", (ours, "fwd+bwd"), ("flex", "fwd+bwd"),
+                      [("<=", 0.6, "#12")]))
+    return specs
+
+
+def _topk_case(table, reps, x, per_row):
+    """One top-k form on x's shape, next to its dense baselines. The key mask (per_row False): the
+    global top-`keep` keys per (batch, kv head), (B, Hk, 1, S), causality from the kernel: what
+    flash_sparse_attention_forward builds for Doge (attention_mask=None). Per row: each row's
+    top-`keep` causal keys, create_mask with the causal 4-D mask: (B, Hk, S, S)."""
+    B, S, H, Hk, D = x.shape
+    G, keep = H // Hk, x.keep
+    t = dict(_dense_baselines(table, reps, x))
+    name = f"topk {'per row' if per_row else 'key mask'} {x.label} keep {keep} causal bf16"
+    print(name, flush=True)
+    mask = create_mask(x.bias, x.causal_mask() if per_row else None, B, S, S, keep, BF16_MIN)
+    flops = _kept_flops(mask, H, D)
+
+    def given(q, k, v, bias):
+        return flash_sparse_attn_func(q, k, v, attn_mask=mask, attn_bias=bias, is_causal=True)
+
+    ar = torch.arange(S, device=x.q.device)
+    check_rows(name, given(x.q, x.k, x.v, x.bias), x.q, x.k, x.v,
+               lambda b, h, i: mask[b, h // G, i if per_row else 0] & (ar <= i),
+               lambda b, h, i: x.bias[b, h // G, 0])
+    print(f"  (density {100 * flops / (2 * D * H * B * S * S):.2f}% of the causal triangle; "
+          "'given': the mask made by create_mask before the call, not timed)")
+    impls = [Impl("ours", f"ours, {'(B,Hk,S,S)' if per_row else 'key'} mask given", given),
+             _selection_in_call(x, keep, per_row)]
+    if not per_row:
+        if flex_gather_compiled is None:
+            table.add(name, "FlexAttention, gathered keys", note=f"unavailable: {FLEX_ERROR}")
+        else:
+            impls.append(Impl("flex", "FlexAttention, gathered keys", lambda q, k, v, b: (
+                flex_gather_compiled(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), b,
+                                     keep).transpose(1, 2))))
+    reference, why = reference_kernel()
+    if reference is None:
+        table.add(name, "reference Triton", note=f"reference: {why}")
+    else:
+        impls.append(Impl("ref", "reference Triton, same mask",
+                          lambda q, k, v, b: reference(q, k, v, mask, b, True), is_reference=True))
+    t.update(_run_impls(table, name, x, impls, flops, reps))
+    _ratio_rows(table, name, t, _topk_bars(x, per_row))
+
+
+def _topk_memory(table, reps, x):
+    """Peak memory (torch.cuda.max_memory_allocated above what is allocated before the call) of
+    one forward + backward, per-row top-k against dense causal; issue #11's bar: < 2x. Without
+    topk_causal in this build, the mask create_mask builds counts, the causal 4-D mask it reads
+    (an input, as q is) does not."""
+    B, S, H, Hk, D = x.shape
+    name = f"topk per row peak memory fwd+bwd {x.label} keep {x.keep} bf16"
+    print(name, flush=True)
+    leaves = [a.detach().clone().requires_grad_(True) for a in (x.q, x.k, x.v, x.bias)]
+    dout = torch.randn_like(x.q)
+
+    def peak_mb(fn):
+        for a in leaves:
+            a.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn(*leaves).backward(dout)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+    dense = peak_mb(lambda q, k, v, b: flash_sparse_attn_func(q, k, v, is_causal=True))
+    table.add(name, "ours dense causal", note=f"peak {dense:.0f} MiB", peak_mb=dense)
+    selection = _selection_in_call(x, x.keep, per_row=True)
+    per_row = peak_mb(selection.fn)
+    table.add(name, selection.label, note=f"{selection.note} peak {per_row:.0f} MiB".strip(),
+              peak_mb=per_row)
+    _ratio_rows(table, name, {"row": per_row, "dense": dense},
+                [("peak: per row / dense", "row", "dense", [("<", 2, "#11")])])
+
+
+def topk(table, reps, cases=tuple(TOPK_CASES)):
+    """Issues #11 and #12 (see the module docstring); every case's failure is a row."""
+    x = None
+    for case in cases:
+        form, shape, keep = TOPK_CASES[case]
+        start = time.perf_counter()
+        try:
+            if x is None or (x.shape, x.keep) != (shape, keep):
+                x = None
+                torch.cuda.empty_cache()
+                x = _TopkInputs(shape, keep)
+            if form == "memory":
+                _topk_memory(table, reps, x)
+            else:
+                _topk_case(table, reps, x, per_row=form == "row")
+        except torch.cuda.OutOfMemoryError:
+            table.add(case, "(whole case)", note="out of memory")
+        except Exception as e:  # noqa: BLE001 - e.g. ours differs from float64: nothing to time
+            table.add(case, "(whole case)", note=f"error: {type(e).__name__}: {str(e)[:160]}")
+        torch.cuda.empty_cache()
+        print(f"  ({case}: {time.perf_counter() - start:.0f} s)", flush=True)
+
+
 _causal = {}
 
 
@@ -386,14 +875,20 @@ def main():
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--json", default=None)
     ap.add_argument("--only", default="dense,trainable,decode")
+    ap.add_argument("--topk-cases", default=",".join(TOPK_CASES),
+                    help="the topk group's cases, of: " + ", ".join(TOPK_CASES))
     args = ap.parse_args()
+    cases = args.topk_cases.split(",")
+    unknown = [c for c in cases if c not in TOPK_CASES]
+    if unknown:
+        ap.error(f"--topk-cases: unknown {', '.join(unknown)}; known: {', '.join(TOPK_CASES)}")
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
     print(f"device: {props.name}, torch {torch.__version__}, "
           f"flash_sparse_attn {flash_sparse_attn.__version__}, {time.strftime('%Y-%m-%d')}")
     table = Table()
     runs = {"dense": dense_causal, "trainable": trainable_mask, "decode": decode,
-            "bias": broadcast_bias}
+            "bias": broadcast_bias, "topk": lambda table, reps: topk(table, reps, cases)}
     for key in args.only.split(","):
         runs[key](table, args.reps)
     if args.json:
