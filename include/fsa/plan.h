@@ -78,6 +78,11 @@ struct PlanOptions {
   // key axis, so work follows the kept keys even when they are scattered (a top-k mask) and every
   // tile of the block map is partly kept.
   CompactKeys compact_keys = CompactKeys::kAuto;
+  // A promise that no (batch, mask head) of a compacted mask keeps more keys than this (e.g. the
+  // top-k window the mask was made with): the compacted key axis, its buffers and its grids are
+  // sized by it instead of seqlen_k. 0: no bound. On the CPU a list that keeps more raises; on
+  // CUDA (where the lists are built asynchronously) its keys past the bound are dropped.
+  int64_t max_kept_keys = 0;
   // Per-row top-k without a mask tensor (beyond the reference): with topk > 0 every row keeps
   // only the topk largest entries of topk_bias among the keys it may see (attn_mask and
   // causality) — exactly what create_mask(topk_bias, that mask, window_size=topk, min_dtype =

@@ -203,7 +203,8 @@ NB_MODULE(_C, m) {
          bool is_causal, std::optional<int> block_m, std::optional<int> block_n,
          const std::optional<InArray>& block_mask, std::optional<int> block_mask_m,
          std::optional<int> block_mask_n, uintptr_t stream, const std::string& compact_keys,
-         const std::optional<InArray>& topk_bias, int64_t topk, double topk_min_value) {
+         const std::optional<InArray>& topk_bias, int64_t topk, double topk_min_value,
+         int64_t max_kept_keys) {
         const fsa::TensorView q = to_view(query, "query"), k = to_view(key, "key");
         const std::optional<fsa::TensorView> mask = to_view(attn_mask, "attn_mask");
         fsa::PlanOptions options;  // the backend's default tiles unless the caller picks them
@@ -217,6 +218,7 @@ NB_MODULE(_C, m) {
         options.topk_bias = to_view(topk_bias, "attn_bias");
         options.topk = topk;
         options.topk_min_value = topk_min_value;
+        options.max_kept_keys = max_kept_keys;
         nb::gil_scoped_release release;
         return fsa::make_plan(q, k, mask, is_causal, options);
       },
@@ -226,13 +228,15 @@ NB_MODULE(_C, m) {
       nb::arg("block_mask_n").none() = nb::none(), nb::arg("stream") = 0,
       nb::arg("compact_keys") = "auto", nb::arg("topk_bias").none() = nb::none(),
       nb::arg("topk") = 0, nb::arg("topk_min_value") = -3.4028234663852886e38,
+      nb::arg("max_kept_keys") = 0,
       "Builds the block map for query (B, Sq, H, D), key (B, Sk, Hk, D) (shapes only), an optional "
       "bool attn_mask, causality, the tile shape (None: the backend's default) and an optional "
       "block selection over block_mask_m x block_mask_n tiles, whole multiples of the plan's "
       "(None: the plan's tile); a CUDA plan is built on `stream`. compact_keys: 'auto' (a key-only "
       "mask's kept keys are listed when seqlen_q >= 128), 'always' or 'never'. topk > 0: every "
       "row keeps only the topk largest entries of topk_bias (query-invariant, the call's attn_bias) "
-      "among the keys the mask and causality let it see, as per-row thresholds.");
+      "among the keys the mask and causality let it see, as per-row thresholds. max_kept_keys > 0: "
+      "a promise that no (batch, head) of the mask keeps more keys (sizes the compacted keys).");
 
   m.def(
       "forward",

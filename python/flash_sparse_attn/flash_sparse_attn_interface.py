@@ -91,11 +91,12 @@ def _dl(t: Optional[_Tensor]):
 
 
 def _make_plan(q, k, attn_mask, is_causal, block_mask, block_m, block_n, attn_bias=None,
-               row_topk=0):
+               row_topk=0, max_kept=0):
     """block_m x block_n is the tile of block_mask (the selection); the plan's own tile is the
     backend's default, except on the CPU, which runs any tile and then simply uses the
     selection's (a selection tile must be a whole multiple of the plan's). row_topk > 0: the plan
-    holds per-row top-k thresholds of attn_bias (``topk_causal``)."""
+    holds per-row top-k thresholds of attn_bias (``topk_causal``). max_kept > 0: attn_mask keeps at
+    most that many keys per (batch, head) (it came from ``topk``), which sizes compacted keys."""
     plan_m = plan_n = None
     if block_mask is not None and not q.is_cuda:
         plan_m, plan_n = block_m, block_n
@@ -105,7 +106,7 @@ def _make_plan(q, k, attn_mask, is_causal, block_mask, block_m, block_n, attn_bi
                          topk_min_value=float(torch.finfo(attn_bias.dtype).min))
     return _C.make_plan(
         _dl(q), _dl(k), _dl(attn_mask), is_causal, plan_m, plan_n, _dl(block_mask), block_m,
-        block_n, _stream(q), **topk_args,
+        block_n, _stream(q), max_kept_keys=max_kept, **topk_args,
     )
 
 
@@ -131,11 +132,11 @@ class _PlanCache:
         return (id(t), t._version, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
 
     def get(self, q, k, attn_mask, is_causal, block_mask, block_m, block_n, attn_bias=None,
-            row_topk=0):
+            row_topk=0, max_kept=0):
         stream = _stream(q)
         topk_bias = attn_bias if row_topk else None
         key = (tuple(q.shape), tuple(k.shape), q.device, stream, is_causal, block_m, block_n,
-               self._tensor_key(attn_mask), self._tensor_key(block_mask), row_topk,
+               self._tensor_key(attn_mask), self._tensor_key(block_mask), row_topk, max_kept,
                self._tensor_key(topk_bias))
         tensors = (attn_mask, block_mask, topk_bias)
         with self._lock:
@@ -146,7 +147,7 @@ class _PlanCache:
                     self._entries.move_to_end(key)
                     return plan
         plan = _make_plan(q, k, attn_mask, is_causal, block_mask, block_m, block_n, attn_bias,
-                          row_topk)
+                          row_topk, max_kept)
         refs = tuple(None if t is None else weakref.ref(t) for t in tensors)
         with self._lock:
             self._entries[key] = (plan, refs)
@@ -168,13 +169,13 @@ def clear_plan_cache() -> None:
 
 
 def _plan_for_call(q, k, attn_mask, is_causal, block_mask, block_m, block_n, attn_bias=None,
-                   row_topk=0):
+                   row_topk=0, max_kept=0):
     """The plan of an eager call: cached where planning costs something (any CUDA call: small
     planning kernels; a CPU call with a mask, block selection or per-row top-k: one read of it).
     A mask-free CPU call returns None and the core plans inline (cheaper than the cache lookup)."""
     if q.is_cuda or attn_mask is not None or block_mask is not None or row_topk:
         return _plan_cache.get(q, k, attn_mask, is_causal, block_mask, block_m, block_n,
-                               attn_bias, row_topk)
+                               attn_bias, row_topk, max_kept)
     return None
 
 
@@ -207,10 +208,10 @@ class FlashSparseAttnFunc(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, q, k, v, attn_mask, attn_bias, softmax_scale, is_causal, softcap, deterministic,
-        block_mask, block_m, block_n, row_topk,
+        block_mask, block_m, block_n, row_topk, max_kept,
     ):
         plan = _plan_for_call(q, k, attn_mask, is_causal, block_mask, block_m, block_n, attn_bias,
-                              row_topk)
+                              row_topk, max_kept)
         if plan is None:  # mask-free CPU call: still one plan for forward and backward
             plan = _make_plan(q, k, attn_mask, is_causal, block_mask, block_m, block_n)
         out, lse = _new_outputs(q, need_lse=True)
@@ -241,7 +242,7 @@ class FlashSparseAttnFunc(torch.autograd.Function):
             dv if need[2] else None,
             None,
             dbias,
-            None, None, None, None, None, None, None, None,
+            None, None, None, None, None, None, None, None, None,
         )
 
 
@@ -289,9 +290,10 @@ def _fwd_op(
     block_m: Optional[int],
     block_n: Optional[int],
     row_topk: int = 0,
+    max_kept: int = 0,
 ) -> Tuple[_Tensor, _Tensor, _Tensor]:
     plan = _plan_for_call(q, k, attn_mask, is_causal, block_mask, block_m, block_n, attn_bias,
-                          row_topk)
+                          row_topk, max_kept)
     if plan is None:
         plan = _make_plan(q, k, attn_mask, is_causal, block_mask, block_m, block_n)
     out, lse = _new_outputs(q, need_lse=True)
@@ -306,7 +308,7 @@ def _fwd_op(
 @_fwd_op.register_fake
 def _fwd_fake(
     q, k, v, attn_mask, attn_bias, block_mask, softmax_scale, is_causal, softcap, deterministic,
-    block_m, block_n, row_topk=0,
+    block_m, block_n, row_topk=0, max_kept=0,
 ):
     out, lse = _new_outputs(q, need_lse=True)
     return out, lse, torch.empty((1,), dtype=torch.int64)
@@ -332,11 +334,12 @@ def _bwd_op(
     block_n: Optional[int],
     need_dbias: bool,
     row_topk: int = 0,
+    max_kept: int = 0,
 ) -> Tuple[_Tensor, _Tensor, _Tensor, _Tensor]:
     plan = _plans.get(int(plan_handle[0]))
     if plan is None:
         plan = _make_plan(q, k, attn_mask, is_causal, block_mask, block_m, block_n, attn_bias,
-                          row_topk)
+                          row_topk, max_kept)
     dq, dk, dv, dbias = _run_backward(
         dout, q, k, v, out, lse, attn_mask, attn_bias, softmax_scale, is_causal, softcap,
         deterministic, plan, need_dbias,
@@ -349,7 +352,7 @@ def _bwd_op(
 @_bwd_op.register_fake
 def _bwd_fake(
     dout, q, k, v, out, lse, attn_mask, attn_bias, block_mask, plan_handle, softmax_scale,
-    is_causal, softcap, deterministic, block_m, block_n, need_dbias, row_topk=0,
+    is_causal, softcap, deterministic, block_m, block_n, need_dbias, row_topk=0, max_kept=0,
 ):
     dbias = q.new_empty((0,))
     if need_dbias:
@@ -359,7 +362,7 @@ def _bwd_fake(
 
 def _fwd_setup_context(ctx, inputs, output):
     (q, k, v, attn_mask, attn_bias, block_mask, softmax_scale, is_causal, softcap, deterministic,
-     block_m, block_n, row_topk) = inputs
+     block_m, block_n, row_topk, max_kept) = inputs
     out, lse, handle = output
     ctx.save_for_backward(q, k, v, out, lse, attn_mask, attn_bias, block_mask, handle)
     ctx.softmax_scale = softmax_scale
@@ -369,6 +372,7 @@ def _fwd_setup_context(ctx, inputs, output):
     ctx.block_m = block_m
     ctx.block_n = block_n
     ctx.row_topk = row_topk
+    ctx.max_kept = max_kept
     ctx.has_bias = attn_bias is not None
     ctx.mark_non_differentiable(lse, handle)
 
@@ -379,11 +383,11 @@ def _fwd_backward(ctx, dout, _dlse, _dhandle):
     dq, dk, dv, dbias = _bwd_op(
         dout, q, k, v, out, lse, attn_mask, attn_bias, block_mask, handle, ctx.softmax_scale,
         ctx.is_causal, ctx.softcap, ctx.deterministic, ctx.block_m, ctx.block_n, need_dbias,
-        ctx.row_topk,
+        ctx.row_topk, ctx.max_kept,
     )
     return (
         dq, dk, dv, None, dbias if need_dbias else None,
-        None, None, None, None, None, None, None, None,
+        None, None, None, None, None, None, None, None, None,
     )
 
 
@@ -486,7 +490,7 @@ def flash_sparse_attn_func(
     """
     _check_inputs(query, key, value, attn_mask, attn_bias)
     is_causal = bool(is_causal) if is_causal is not None else False
-    row_topk = 0
+    row_topk = max_kept = 0
     if topk_causal:
         if topk is None:
             raise ValueError("topk_causal: selects the topk keys of each row; pass topk as well")
@@ -498,6 +502,7 @@ def flash_sparse_attn_func(
         row_topk = _check_topk(topk, attn_bias, key)
     elif topk is not None:
         attn_mask = _topk_mask(query, key, attn_mask, attn_bias, topk)
+        max_kept = topk  # every (batch, head) of that mask keeps at most topk keys
     softcap = float(softcap) if softcap is not None else 0.0
     deterministic = bool(deterministic) if deterministic is not None else False
     return_lse = bool(return_attn_probs)
@@ -514,7 +519,7 @@ def flash_sparse_attn_func(
     if torch.compiler.is_compiling():
         out, lse, _ = torch.ops.flash_sparse_attn.fwd(
             query, key, value, attn_mask, attn_bias, block_mask, softmax_scale, is_causal,
-            softcap, deterministic, block_m, block_n, row_topk,
+            softcap, deterministic, block_m, block_n, row_topk, max_kept,
         )
     elif torch.is_grad_enabled() and (
         query.requires_grad or key.requires_grad or value.requires_grad
@@ -522,12 +527,12 @@ def flash_sparse_attn_func(
     ):
         out, lse = FlashSparseAttnFunc.apply(
             query, key, value, attn_mask, attn_bias, softmax_scale, is_causal, softcap,
-            deterministic, block_mask, block_m, block_n, row_topk,
+            deterministic, block_mask, block_m, block_n, row_topk, max_kept,
         )
     else:
         # Inference: straight into the core, no autograd bookkeeping, lse only when asked for.
         plan = _plan_for_call(query, key, attn_mask, is_causal, block_mask, block_m, block_n,
-                              attn_bias, row_topk)
+                              attn_bias, row_topk, max_kept)
         out, lse = _new_outputs(query, need_lse=return_lse)
         _C.forward(
             _dl(query), _dl(key), _dl(value), _dl(attn_mask), _dl(attn_bias),

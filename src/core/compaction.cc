@@ -71,7 +71,7 @@ namespace {
 
 // A contiguous (B, Sk, heads, D) operand.
 SeqOperand packed_rows(void* data, const CompactGeometry& g, int64_t heads, int64_t head_dim) {
-  return {data, g.seqlen_k * heads * head_dim, heads * head_dim, head_dim};
+  return {data, g.slots * heads * head_dim, heads * head_dim, head_dim};
 }
 
 // A contiguous (bias_batch, bias_heads, 1, Sk) operand read by query head.
@@ -79,8 +79,8 @@ BroadcastOperand packed_bias(void* data, DType dtype, const CompactGeometry& g) 
   BroadcastOperand op;
   op.data = data;
   op.dtype = dtype;
-  const int64_t shape[4] = {g.bias_batch, g.bias_heads, 1, g.seqlen_k};
-  const int64_t stride[4] = {g.bias_heads * g.seqlen_k, g.seqlen_k, g.seqlen_k, 1};
+  const int64_t shape[4] = {g.bias_batch, g.bias_heads, 1, g.slots};
+  const int64_t stride[4] = {g.bias_heads * g.slots, g.slots, g.slots, 1};
   for (int d = 0; d < 4; ++d) {
     op.shape[d] = shape[d];
     op.stride[d] = stride[d];
@@ -94,6 +94,7 @@ BroadcastOperand packed_bias(void* data, DType dtype, const CompactGeometry& g) 
 
 void lower_compacted(const Problem& p, const CompactGeometry& g, const KeyCompaction& c, void* k,
                      void* v, void* bias, Problem& out) {
+  out.seqlen_k = g.slots;
   out.num_kv_heads = g.kv_heads;
   out.k = packed_rows(k, g, g.kv_heads, p.head_dim);
   out.v = packed_rows(v, g, g.kv_heads, p.head_dim);
@@ -127,17 +128,20 @@ int64_t compact_kv_heads(const Geometry& g, int64_t list_heads) {
 
 std::shared_ptr<const KeyCompaction> make_cpu_compaction(const Geometry& geo,
                                                          const BroadcastOperand& mask,
-                                                         bool is_causal, int block_m, int block_n) {
+                                                         bool is_causal, int block_m, int block_n,
+                                                         int64_t max_kept_keys) {
   CompactGeometry g;
   g.batch = geo.batch, g.seqlen_q = geo.seqlen_q, g.seqlen_k = geo.seqlen_k;
+  g.slots = compact_slots(geo.seqlen_k, max_kept_keys);
   g.num_heads = geo.num_heads, g.num_kv_heads = geo.num_kv_heads;
   g.list_batch = mask.read_extent(0);
   g.list_heads = mask.read_extent(1);
   g.kv_heads = compact_kv_heads(geo, g.list_heads);
 
   const int64_t lists = g.list_batch * g.list_heads, sq = g.seqlen_q, sk = g.seqlen_k;
+  const int64_t slots = g.slots;
   auto host = std::make_shared<HostLists>();
-  host->keys.assign(size_t(lists * sk), 0);
+  host->keys.assign(size_t(lists * slots), 0);
   host->count.assign(size_t(lists), 0);
   host->slot.assign(size_t(lists * sk), -1);
   host->row_end.assign(size_t(lists * sq), 0);
@@ -151,7 +155,13 @@ std::shared_ptr<const KeyCompaction> make_cpu_compaction(const Geometry& geo,
     for (int64_t j = 0; j < sk; ++j) {
       kept_before[size_t(j)] = n;
       if (row[j * mask.read_stride[3]] != 0) {
-        host->keys[size_t(l * sk + n)] = int32_t(j);
+        if (n == slots) {
+          throw Error(ErrorKind::kValue, "max_kept_keys",
+                      "attn_mask keeps more than max_kept_keys = " + std::to_string(slots) +
+                          " keys in (batch " + std::to_string(lb) + ", head " +
+                          std::to_string(lh) + ")");
+        }
+        host->keys[size_t(l * slots + n)] = int32_t(j);
         host->slot[size_t(l * sk + j)] = n++;
       }
     }
@@ -169,8 +179,8 @@ std::shared_ptr<const KeyCompaction> make_cpu_compaction(const Geometry& geo,
   map->block_m = block_m;
   map->block_n = block_n;
   map->m_blocks = (sq + block_m - 1) / block_m;
-  map->n_blocks = (sk + block_n - 1) / block_n;
-  fill_map_from_row_end(*map, host->row_end.data(), sq, sk);
+  map->n_blocks = (slots + block_n - 1) / block_n;
+  fill_map_from_row_end(*map, host->row_end.data(), sq, slots);
 
   auto c = std::make_shared<KeyCompaction>();
   c->lists = g;
@@ -179,7 +189,7 @@ std::shared_ptr<const KeyCompaction> make_cpu_compaction(const Geometry& geo,
   c->slot = host->slot.data();
   c->row_end = host->row_end.data();
   c->storage = host;
-  const Geometry compact{geo.batch, sq, sk, geo.num_heads, g.kv_heads};
+  const Geometry compact{geo.batch, sq, slots, geo.num_heads, g.kv_heads};
   c->plan = PlanAccess::make(compact, is_causal, false, Device{}, std::move(map), nullptr);
   return c;
 }
@@ -189,14 +199,14 @@ namespace {
 // Gathers K and V rows into slots (rows past a list's count stay zero) and the bias by the lists.
 void cpu_gather(const Problem& p, const CompactGeometry& g, const KeyCompaction& c, void* k,
                 void* v, void* bias) {
-  const int64_t sk = g.seqlen_k, D = p.head_dim;
+  const int64_t slots = g.slots, D = p.head_dim;
   const size_t row_bytes = size_t(D) * dtype_size(p.dtype);
   parallel_for(g.batch * g.kv_heads, [&](int64_t task, int) {
     const int64_t b = task / g.kv_heads, hc = task % g.kv_heads;
     const int64_t l = g.list_of_kv(b, hc), hk = g.source_kv_head(hc);
     for (int64_t w = 0; w < c.count[l]; ++w) {
-      const int64_t key = c.keys[l * sk + w];
-      const int64_t dst = ((b * sk + w) * g.kv_heads + hc) * D;
+      const int64_t key = c.keys[l * slots + w];
+      const int64_t dst = ((b * slots + w) * g.kv_heads + hc) * D;
       std::memcpy(element_ptr(k, p.dtype, dst), element_ptr(p.k.data, p.dtype, p.k.offset(b, key, hk)),
                   row_bytes);
       std::memcpy(element_ptr(v, p.dtype, dst), element_ptr(p.v.data, p.dtype, p.v.offset(b, key, hk)),
@@ -208,10 +218,10 @@ void cpu_gather(const Problem& p, const CompactGeometry& g, const KeyCompaction&
   for (int64_t bx = 0; bx < g.bias_batch; ++bx) {
     for (int64_t hx = 0; hx < g.bias_heads; ++hx) {
       const int64_t l = g.list_of_bias(bx, hx), hq = g.query_head_of_bias(hx);
-      const int64_t base = (bx * g.bias_heads + hx) * sk;
+      const int64_t base = (bx * g.bias_heads + hx) * slots;
       for (int64_t w = 0; w < c.count[l]; ++w) {
         const double value = load_value<double>(
-            p.bias->data, p.bias->dtype, p.bias->offset(bx, hq, 0, c.keys[l * sk + w]));
+            p.bias->data, p.bias->dtype, p.bias->offset(bx, hq, 0, c.keys[l * slots + w]));
         store_value(value, bias_dtype, bias, base + w);
       }
     }
@@ -233,7 +243,7 @@ void cpu_scatter_rows(const CompactGeometry& g, const KeyCompaction& c, DType dt
       for (int64_t hc = hk * per; hc < (hk + 1) * per; ++hc) {
         const int32_t s = c.slot[g.list_of_kv(b, hc) * sk + j];
         if (s < 0) continue;
-        load_values(element_ptr(src, dtype, ((b * sk + s) * g.kv_heads + hc) * D), dtype, D,
+        load_values(element_ptr(src, dtype, ((b * g.slots + s) * g.kv_heads + hc) * D), dtype, D,
                     row.data());
         for (int64_t d = 0; d < D; ++d) sum[size_t(d)] += row[size_t(d)];
       }
@@ -257,7 +267,7 @@ void cpu_scatter_dbias(const CompactGeometry& g, const KeyCompaction& c, DType s
           if (bb != 1 && bx != b) continue;
           for (int64_t hx = 0; hx < g.bias_heads; ++hx) {
             if (hx / (g.bias_heads / hb) != h) continue;
-            const int64_t l = g.list_of_bias(bx, hx), row = (bx * g.bias_heads + hx) * sk;
+            const int64_t l = g.list_of_bias(bx, hx), row = (bx * g.bias_heads + hx) * g.slots;
             if (keys == sk) {
               const int32_t s = c.slot[l * sk + j];
               if (s >= 0) sum += load_value<Acc>(src, src_dtype, row + s);
@@ -278,10 +288,10 @@ void cpu_scatter_dbias(const CompactGeometry& g, const KeyCompaction& c, DType s
 void cpu_compacted_forward(const ForwardProblem& p, const Plan& plan) {
   const KeyCompaction& c = *plan.compaction();
   const CompactGeometry g = compact_geometry(p, c);
-  const size_t rows = size_t(g.batch * g.seqlen_k * g.kv_heads * p.head_dim);
+  const size_t rows = size_t(g.batch * g.slots * g.kv_heads * p.head_dim);
   std::vector<uint8_t> k(rows * dtype_size(p.dtype)), v(k.size());
   std::vector<uint8_t> bias(
-      size_t(g.bias_batch * g.bias_heads * g.seqlen_k) * dtype_size(compact_bias_dtype(p)));
+      size_t(g.bias_batch * g.bias_heads * g.slots) * dtype_size(compact_bias_dtype(p)));
   cpu_gather(p, g, c, k.data(), v.data(), bias.data());
   ForwardProblem cp = p;
   lower_compacted(p, g, c, k.data(), v.data(), bias.data(), cp);
@@ -291,9 +301,9 @@ void cpu_compacted_forward(const ForwardProblem& p, const Plan& plan) {
 void cpu_compacted_backward(const BackwardProblem& p, const Plan& plan) {
   const KeyCompaction& c = *plan.compaction();
   const CompactGeometry g = compact_geometry(p, c);
-  const size_t rows = size_t(g.batch * g.seqlen_k * g.kv_heads * p.head_dim);
+  const size_t rows = size_t(g.batch * g.slots * g.kv_heads * p.head_dim);
   const DType bias_dtype = compact_bias_dtype(p);
-  const size_t bias_bytes = size_t(g.bias_batch * g.bias_heads * g.seqlen_k) * dtype_size(bias_dtype);
+  const size_t bias_bytes = size_t(g.bias_batch * g.bias_heads * g.slots) * dtype_size(bias_dtype);
   std::vector<uint8_t> k(rows * dtype_size(p.dtype)), v(k.size()), dk(k.size()), dv(k.size());
   std::vector<uint8_t> bias(bias_bytes), dbias(p.dbias ? bias_bytes : 0);
   cpu_gather(p, g, c, k.data(), v.data(), bias.data());

@@ -24,7 +24,9 @@ namespace fsa::detail {
 
 // Extents of a compacted call: the problem's, the key lists', and the gathered operands'.
 struct CompactGeometry {
-  int64_t batch = 0, seqlen_q = 0, seqlen_k = 0;  // seqlen_k: also the slots per list
+  int64_t batch = 0, seqlen_q = 0, seqlen_k = 0;
+  // Slots per list: the compacted key axis, seqlen_k or PlanOptions::max_kept_keys if smaller.
+  int64_t slots = 0;
   int64_t num_heads = 0, num_kv_heads = 0;        // H, Hk of the problem
   int64_t list_batch = 1, list_heads = 1;         // key lists: the mask's read extents
   // Kv heads of the gathered K / V: Hk, or H when the mask has a head per query head and
@@ -55,12 +57,12 @@ struct CompactGeometry {
 // The lists of a compacted plan, in the plan's device memory (host memory for a CPU plan).
 struct KeyCompaction {
   CompactGeometry lists;           // list_batch, list_heads and the problem extents (bias unset)
-  const int32_t* keys = nullptr;   // (list_batch, list_heads, Sk): kept keys ascending, then unused
+  const int32_t* keys = nullptr;   // (list_batch, list_heads, slots): kept keys ascending
   const int32_t* count = nullptr;  // (list_batch, list_heads): kept keys per list
   const int32_t* slot = nullptr;   // (list_batch, list_heads, Sk): slot of key j, or -1 (dropped)
   const int32_t* row_end = nullptr;  // (list_batch, list_heads, Sq): row i sees slots [0, row_end)
   std::shared_ptr<void> storage;     // owns the arrays (a device allocation or host vector)
-  Plan plan;  // the block map over (Sq rows) x (Sk slots), bounded by row_end
+  Plan plan;  // the block map over (Sq rows) x (slots), bounded by row_end
 };
 
 // Builds plans (Plan's fields are private to the core's builders).
@@ -98,8 +100,8 @@ CompactGeometry compact_geometry(const Problem& p, const KeyCompaction& c);
 // The dtype of the gathered bias and its gradient: fp32, or fp64 for an fp64 problem (CPU).
 DType compact_bias_dtype(const Problem& p);
 
-// The problem over the gathered operands: K / V (B, Sk slots, kv_heads, D) contiguous, in the
-// problem's dtype; the bias, if any, (bias_batch, bias_heads, 1, Sk) contiguous in
+// The problem over the gathered operands: K / V (B, slots, kv_heads, D) contiguous, in the
+// problem's dtype; the bias, if any, (bias_batch, bias_heads, 1, slots) contiguous in
 // compact_bias_dtype; no mask; RowEnd from the lists. dk / dv / dbias of a backward problem are
 // the caller's until replaced (compacted_grads).
 void lower_compacted(const Problem& p, const CompactGeometry& g, const KeyCompaction& c,
@@ -114,9 +116,16 @@ void compacted_grads(const CompactGeometry& g, void* dk, void* dv, void* dbias,
 RowEnd row_end_of(const KeyCompaction& c);
 
 // Compacted keys of a key-only mask on the CPU, with a block map of block_m x block_n tiles.
+// max_kept_keys > 0 bounds the slots (PlanOptions::max_kept_keys); a list that keeps more raises.
 std::shared_ptr<const KeyCompaction> make_cpu_compaction(const Geometry& g,
                                                          const BroadcastOperand& mask,
-                                                         bool is_causal, int block_m, int block_n);
+                                                         bool is_causal, int block_m, int block_n,
+                                                         int64_t max_kept_keys);
+
+// The slots of a compacted plan: seqlen_k, or max_kept_keys when that is smaller.
+inline int64_t compact_slots(int64_t seqlen_k, int64_t max_kept_keys) {
+  return max_kept_keys > 0 && max_kept_keys < seqlen_k ? max_kept_keys : seqlen_k;
+}
 
 // The CPU backend's compacted calls (gathers, runs cpu::forward / backward, scatters).
 void cpu_compacted_forward(const ForwardProblem& p, const Plan& plan);

@@ -21,7 +21,7 @@ std::shared_ptr<const DeviceBlockMap> make_device_plan(const Geometry&,
 }
 std::shared_ptr<const KeyCompaction> make_device_compaction(const Geometry&,
                                                             const BroadcastOperand&, bool, int,
-                                                            int, void*) {
+                                                            int, int64_t, void*) {
   unavailable();
 }
 std::shared_ptr<const RowThresholds> make_device_thresholds(

@@ -254,8 +254,8 @@ Plan make_plan(const TensorView& query, const TensorView& key,
                                                       options.stream);
     plan.map_ = std::move(map);
     if (compact) {
-      plan.compaction_ = detail::cuda::make_device_compaction(g, *mask, is_causal, block_m,
-                                                              block_n, options.stream);
+      plan.compaction_ = detail::cuda::make_device_compaction(
+          g, *mask, is_causal, block_m, block_n, options.max_kept_keys, options.stream);
     }
     if (topk_bias) {
       plan.thresholds_ = detail::cuda::make_device_thresholds(
@@ -302,7 +302,8 @@ Plan make_plan(const TensorView& query, const TensorView& key,
 
   plan.map_ = std::move(map);
   if (compact) {
-    plan.compaction_ = detail::make_cpu_compaction(g, *mask, is_causal, block_m, block_n);
+    plan.compaction_ = detail::make_cpu_compaction(g, *mask, is_causal, block_m, block_n,
+                                                   options.max_kept_keys);
   }
   if (topk_bias) {
     plan.thresholds_ = detail::make_cpu_thresholds(g, *topk_bias, mask, is_causal, options.topk,

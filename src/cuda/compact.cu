@@ -32,17 +32,20 @@ constexpr int kListThreads = 1024;
 constexpr int kListItems = 8;  // consecutive keys per thread per pass of list_keys_kernel
 
 // grid (lists), kListThreads threads. Row l of the mask is (l / list_heads, l % list_heads, 0, :)
-// read through its strides (stride_k 0: one flag for the whole row).
+// read through its strides (stride_k 0: one flag for the whole row). A list holds at most `slots`
+// keys (PlanOptions::max_kept_keys: a promise; keys past it are dropped, never written out of
+// bounds).
 __global__ void __launch_bounds__(kListThreads)
     list_keys_kernel(const uint8_t* mask, int64_t stride_b, int64_t stride_h, int64_t stride_k,
-                     int list_heads, int seqlen_k, int32_t* keys, int32_t* count, int32_t* slot) {
+                     int list_heads, int seqlen_k, int slots, int32_t* keys, int32_t* count,
+                     int32_t* slot) {
   constexpr int kWarps = kListThreads / 32;
   __shared__ int warp_offset[kWarps];
   __shared__ int total;  // kept keys of the passes so far
   const int l = blockIdx.x, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const uint8_t* row = mask + (l / list_heads) * stride_b + (l % list_heads) * stride_h;
-  int32_t* list = keys + int64_t(l) * seqlen_k;
-  int32_t* slots = slot + int64_t(l) * seqlen_k;
+  int32_t* list = keys + int64_t(l) * slots;
+  int32_t* slot_of = slot + int64_t(l) * seqlen_k;
   if (threadIdx.x == 0) total = 0;
   __syncthreads();
   for (int base = 0; base < seqlen_k; base += kListThreads * kListItems) {
@@ -78,31 +81,30 @@ __global__ void __launch_bounds__(kListThreads)
 #pragma unroll
     for (int e = 0; e < kListItems; ++e) {
       if (first + e >= seqlen_k) break;
-      if (kept[e]) {
-        list[at] = first + e;
-        slots[first + e] = at++;
-      } else {
-        slots[first + e] = -1;
-      }
+      const bool listed = kept[e] && at < slots;
+      if (listed) list[at] = first + e;
+      slot_of[first + e] = listed ? at : -1;
+      at += kept[e];
     }
     __syncthreads();  // every thread has read `total`
     if (threadIdx.x == kListThreads - 1) total = at;
     __syncthreads();
   }
-  if (threadIdx.x == 0) count[l] = total;
+  if (threadIdx.x == 0) count[l] = min(total, slots);
 }
 static_assert(kListThreads == 32 * 32, "the warp totals are scanned by one warp");
 
 // grid (ceil(lists * Sq / 256)), 256 threads: row_end[l][i] = kept keys of list l before row i's
 // causal end (bottom-right aligned), i.e. the slots [0, row_end) the row sees.
 __global__ void row_end_kernel(const int32_t* keys, const int32_t* count, int64_t lists,
-                               int seqlen_q, int seqlen_k, bool is_causal, int32_t* row_end) {
+                               int seqlen_q, int seqlen_k, int slots, bool is_causal,
+                               int32_t* row_end) {
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= lists * seqlen_q) return;
   const int64_t l = idx / seqlen_q;
   const int i = int(idx % seqlen_q);
   const int end = is_causal ? min(max(i + seqlen_k - seqlen_q + 1, 0), seqlen_k) : seqlen_k;
-  const int32_t* list = keys + l * seqlen_k;
+  const int32_t* list = keys + l * slots;
   int lo = 0, hi = count[l];  // the first slot whose key is >= end
   while (lo < hi) {
     const int mid = (lo + hi) / 2;
@@ -117,10 +119,10 @@ __global__ void row_end_kernel(const int32_t* keys, const int32_t* count, int64_
 
 // Slots a kernel may read: whole slot tiles up to a list's end (rows past it are zeroed, so a
 // tile's unused slots hold no stale NaN for the tensor cores to multiply by P = 0).
-__device__ inline int slots_read(int count, int seqlen_k) {
+__device__ inline int slots_read(int count, int slots) {
   constexpr int kTile = forward_block_n(128);
   static_assert(forward_block_n(64) == kTile && forward_block_n(256) == kTile, "one slot tile");
-  return min((count + kTile - 1) / kTile * kTile, seqlen_k);
+  return min((count + kTile - 1) / kTile * kTile, slots);
 }
 
 struct GatherParams {
@@ -128,7 +130,7 @@ struct GatherParams {
   const void* v;
   int64_t k_stride_b, k_stride_s, k_stride_h;
   int64_t v_stride_b, v_stride_s, v_stride_h;
-  void* k_out;  // (B, Sk slots, kv_heads, D) contiguous
+  void* k_out;  // (B, slots, kv_heads, D) contiguous
   void* v_out;
   const int32_t* keys;
   const int32_t* count;
@@ -143,16 +145,16 @@ __global__ void gather_rows_kernel(const __grid_constant__ GatherParams p) {
   using Chunk = std::conditional_t<kChunk == 8, uint4, uint16_t>;
   const int hc = blockIdx.y, b = blockIdx.z;
   const int64_t l = p.g.list_of_kv(b, hc), hk = p.g.source_kv_head(hc);
-  const int sk = int(p.g.seqlen_k), n = p.count[l];
+  const int slots = int(p.g.slots), n = p.count[l];
   const int chunks = p.head_dim / kChunk;
-  const int64_t total = int64_t(slots_read(n, sk)) * chunks;
+  const int64_t total = int64_t(slots_read(n, slots)) * chunks;
   for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += int64_t(gridDim.x) * blockDim.x) {
     const int w = int(idx / chunks), c = int(idx % chunks) * kChunk;
-    const int64_t dst = ((b * p.g.seqlen_k + w) * p.g.kv_heads + hc) * p.head_dim + c;
+    const int64_t dst = ((b * p.g.slots + w) * p.g.kv_heads + hc) * p.head_dim + c;
     Chunk kc{}, vc{};
     if (w < n) {
-      const int64_t key = p.keys[l * sk + w];
+      const int64_t key = p.keys[l * slots + w];
       kc = *reinterpret_cast<const Chunk*>(static_cast<const uint16_t*>(p.k) + b * p.k_stride_b +
                                            key * p.k_stride_s + hk * p.k_stride_h + c);
       vc = *reinterpret_cast<const Chunk*>(static_cast<const uint16_t*>(p.v) + b * p.v_stride_b +
@@ -169,7 +171,7 @@ struct BiasGatherParams {
   bool bf16;
   int64_t read_stride[4];
   int64_t head_group;       // query heads per head of the caller's bias
-  float* out;               // (bias_batch, bias_heads, Sk slots)
+  float* out;               // (bias_batch, bias_heads, slots)
   const int32_t* keys;
   const int32_t* count;
   CompactGeometry g;
@@ -186,20 +188,20 @@ __device__ inline float load_bias(const BiasGatherParams& p, int64_t offset) {
 __global__ void gather_bias_kernel(const __grid_constant__ BiasGatherParams p) {
   const int hx = blockIdx.y, bx = blockIdx.z;
   const int64_t l = p.g.list_of_bias(bx, hx), hq = p.g.query_head_of_bias(hx);
-  const int sk = int(p.g.seqlen_k), n = p.count[l];
+  const int slots = int(p.g.slots), n = p.count[l];
   const int w = blockIdx.x * blockDim.x + threadIdx.x;
-  if (w >= slots_read(n, sk)) return;
+  if (w >= slots_read(n, slots)) return;
   float value = 0.0f;
   if (w < n) {
-    const int64_t key = p.keys[l * sk + w];
+    const int64_t key = p.keys[l * slots + w];
     value = load_bias(p, bx * p.read_stride[0] + (hq / p.head_group) * p.read_stride[1] +
                              key * p.read_stride[3]);
   }
-  p.out[(int64_t(bx) * p.g.bias_heads + hx) * sk + w] = value;
+  p.out[(int64_t(bx) * p.g.bias_heads + hx) * slots + w] = value;
 }
 
 struct ScatterParams {
-  const void* src;  // (B, Sk slots, kv_heads, D) contiguous, 16-bit
+  const void* src;  // (B, slots, kv_heads, D) contiguous, 16-bit
   void* dst;        // (B, Sk, Hk, D), the caller's strides
   int64_t stride_b, stride_s, stride_h;
   const int32_t* slot;
@@ -229,7 +231,7 @@ __global__ void scatter_rows_kernel(const __grid_constant__ ScatterParams p) {
   for (int64_t hc = hk * per; hc < (hk + 1) * per; ++hc) {
     const int32_t s = p.slot[p.g.list_of_kv(b, hc) * p.g.seqlen_k + j];
     if (s < 0) continue;
-    const int64_t at = ((b * p.g.seqlen_k + s) * p.g.kv_heads + hc) * p.head_dim + d;
+    const int64_t at = ((b * p.g.slots + s) * p.g.kv_heads + hc) * p.head_dim + d;
     sum += half_bits_to_float(static_cast<const uint16_t*>(p.src)[at], p.bf16);
   }
   static_cast<uint16_t*>(p.dst)[b * p.stride_b + j * p.stride_s + hk * p.stride_h + d] =
@@ -237,7 +239,7 @@ __global__ void scatter_rows_kernel(const __grid_constant__ ScatterParams p) {
 }
 
 struct DbiasScatterParams {
-  const float* src;  // (bias_batch, bias_heads, Sk slots), the compacted call's fp32 gradient
+  const float* src;  // (bias_batch, bias_heads, slots), the compacted call's fp32 gradient
   void* dbias;       // the caller's: (Bb, Hb, 1, Sk | 1), its strides and dtype
   int64_t stride[4];
   int shape[4];
@@ -260,7 +262,7 @@ __global__ void scatter_dbias_kernel(const __grid_constant__ DbiasScatterParams 
     for (int64_t hx = 0; hx < p.g.bias_heads; ++hx) {
       if (hx / (p.g.bias_heads / p.shape[1]) != h) continue;
       const int64_t l = p.g.list_of_bias(bx, hx);
-      const float* row = p.src + (bx * p.g.bias_heads + hx) * sk;
+      const float* row = p.src + (bx * p.g.bias_heads + hx) * p.g.slots;
       if (p.shape[3] == sk) {
         const int32_t s = p.slot[l * sk + j];
         if (s >= 0) sum += row[s];
@@ -301,7 +303,7 @@ void gather(const Problem& p, const CompactGeometry& g, const KeyCompaction& c, 
   gp.g = g;
   gp.head_dim = int(p.head_dim);
   const bool wide = rows_aligned16(p.k, p.head_dim) && rows_aligned16(p.v, p.head_dim);
-  const int64_t chunks = g.seqlen_k * (wide ? p.head_dim / 8 : p.head_dim);
+  const int64_t chunks = g.slots * (wide ? p.head_dim / 8 : p.head_dim);
   const dim3 grid(stride_grid(chunks), unsigned(g.kv_heads), unsigned(g.batch));
   if (wide) {
     gather_rows_kernel<8><<<grid, 256, 0, stream>>>(gp);
@@ -319,7 +321,7 @@ void gather(const Problem& p, const CompactGeometry& g, const KeyCompaction& c, 
   bp.out = bias;
   bp.keys = c.keys, bp.count = c.count;
   bp.g = g;
-  gather_bias_kernel<<<dim3(unsigned(ceil_div(g.seqlen_k, 256)), unsigned(g.bias_heads),
+  gather_bias_kernel<<<dim3(unsigned(ceil_div(g.slots, 256)), unsigned(g.bias_heads),
                            unsigned(g.bias_batch)),
                        256, 0, stream>>>(bp);
   FSA_CUDA_CHECK(cudaGetLastError());
@@ -368,8 +370,8 @@ struct CompactBuffers {
   CompactBuffers(const Problem& p, const CompactGeometry& g, bool grads, bool dbias_wanted,
                  cudaStream_t stream)
       : memory(stream) {
-    const size_t rows = size_t(g.batch * g.seqlen_k * g.kv_heads * p.head_dim) * 2;
-    const size_t bias_bytes = size_t(g.bias_batch * g.bias_heads * g.seqlen_k) * sizeof(float);
+    const size_t rows = size_t(g.batch * g.slots * g.kv_heads * p.head_dim) * 2;
+    const size_t bias_bytes = size_t(g.bias_batch * g.bias_heads * g.slots) * sizeof(float);
     const size_t row_bytes = (rows + 255) / 256 * 256;
     const size_t total = row_bytes * (grads ? 4 : 2) + bias_bytes * (dbias_wanted ? 2 : 1);
     FSA_CUDA_CHECK(cudaMallocAsync(&memory.ptr, std::max<size_t>(total, 1), stream));
@@ -381,7 +383,7 @@ struct CompactBuffers {
       dv = base + 3 * row_bytes;
     }
     bias = reinterpret_cast<float*>(base + row_bytes * (grads ? 4 : 2));
-    if (dbias_wanted) dbias = bias + g.bias_batch * g.bias_heads * g.seqlen_k;
+    if (dbias_wanted) dbias = bias + g.bias_batch * g.bias_heads * g.slots;
   }
 };
 
@@ -390,10 +392,12 @@ struct CompactBuffers {
 std::shared_ptr<const KeyCompaction> make_device_compaction(const Geometry& geo,
                                                             const BroadcastOperand& mask,
                                                             bool is_causal, int block_m,
-                                                            int block_n, void* stream_ptr) {
+                                                            int block_n, int64_t max_kept_keys,
+                                                            void* stream_ptr) {
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   CompactGeometry g;
   g.batch = geo.batch, g.seqlen_q = geo.seqlen_q, g.seqlen_k = geo.seqlen_k;
+  g.slots = compact_slots(geo.seqlen_k, max_kept_keys);
   g.num_heads = geo.num_heads, g.num_kv_heads = geo.num_kv_heads;
   g.list_batch = mask.read_extent(0);
   g.list_heads = mask.read_extent(1);
@@ -405,28 +409,32 @@ std::shared_ptr<const KeyCompaction> make_device_compaction(const Geometry& geo,
                 "too many key lists or keys for compacted keys on CUDA");
   }
 
-  // keys, slot: (lists, Sk); count: (lists); row_end: (lists, Sq); one allocation.
-  const size_t keys_bytes = size_t(lists * sk) * 4, count_bytes = size_t(lists) * 4;
-  const size_t row_bytes = size_t(lists * sq) * 4;
+  // keys: (lists, slots); slot: (lists, Sk); count: (lists); row_end: (lists, Sq); one allocation.
+  const int64_t slots = g.slots;
+  const size_t keys_bytes = size_t(lists * slots) * 4, slot_bytes = size_t(lists * sk) * 4;
+  const size_t count_bytes = size_t(lists) * 4, row_bytes = size_t(lists * sq) * 4;
   auto at = [](size_t bytes) { return (bytes + 255) / 256 * 256; };
   void* raw = nullptr;
   FSA_CUDA_CHECK(cudaMallocAsync(
-      &raw, std::max<size_t>(2 * at(keys_bytes) + at(count_bytes) + at(row_bytes), 1), stream));
+      &raw,
+      std::max<size_t>(at(keys_bytes) + at(slot_bytes) + at(count_bytes) + at(row_bytes), 1),
+      stream));
   std::shared_ptr<void> storage(raw, [stream](void* ptr) { cudaFreeAsync(ptr, stream); });
   auto* base = static_cast<uint8_t*>(raw);
   auto* keys = reinterpret_cast<int32_t*>(base);
   auto* slot = reinterpret_cast<int32_t*>(base + at(keys_bytes));
-  auto* count = reinterpret_cast<int32_t*>(base + 2 * at(keys_bytes));
-  auto* row_end = reinterpret_cast<int32_t*>(base + 2 * at(keys_bytes) + at(count_bytes));
+  auto* count = reinterpret_cast<int32_t*>(base + at(keys_bytes) + at(slot_bytes));
+  auto* row_end =
+      reinterpret_cast<int32_t*>(base + at(keys_bytes) + at(slot_bytes) + at(count_bytes));
   if (lists > 0) {
     list_keys_kernel<<<unsigned(lists), kListThreads, 0, stream>>>(
         static_cast<const uint8_t*>(mask.data), mask.read_stride[0], mask.read_stride[1],
-        mask.read_stride[3], int(g.list_heads), int(sk), keys, count, slot);
+        mask.read_stride[3], int(g.list_heads), int(sk), int(slots), keys, count, slot);
     FSA_CUDA_CHECK(cudaGetLastError());
   }
   if (lists * sq > 0) {
     row_end_kernel<<<unsigned(ceil_div(lists * sq, 256)), 256, 0, stream>>>(
-        keys, count, lists, int(sq), int(sk), is_causal, row_end);
+        keys, count, lists, int(sq), int(sk), int(slots), is_causal, row_end);
     FSA_CUDA_CHECK(cudaGetLastError());
   }
 
@@ -440,8 +448,8 @@ std::shared_ptr<const KeyCompaction> make_device_compaction(const Geometry& geo,
   extents.block_m = block_m;
   extents.block_n = block_n;
   extents.m_blocks = ceil_div(sq, block_m);
-  extents.n_blocks = ceil_div(sk, block_n);
-  const Geometry compact{geo.batch, sq, sk, geo.num_heads, g.kv_heads};
+  extents.n_blocks = ceil_div(slots, block_n);
+  const Geometry compact{geo.batch, sq, slots, geo.num_heads, g.kv_heads};
   auto device_map = make_device_plan(compact, std::nullopt, std::nullopt, 1, 1, false, extents,
                                      row_end_of(*c), false, stream_ptr);
   int device = 0;

@@ -34,7 +34,8 @@ std::shared_ptr<const DeviceBlockMap> make_device_plan(
 std::shared_ptr<const KeyCompaction> make_device_compaction(const Geometry& g,
                                                             const BroadcastOperand& mask,
                                                             bool is_causal, int block_m,
-                                                            int block_n, void* stream);
+                                                            int block_n, int64_t max_kept_keys,
+                                                            void* stream);
 // Per-row top-k thresholds (core/row_topk.h) on the device, asynchronously on `stream`.
 std::shared_ptr<const RowThresholds> make_device_thresholds(
     const Geometry& g, const BroadcastOperand& bias, const std::optional<BroadcastOperand>& mask,

@@ -134,3 +134,21 @@ def test_topk_causal_errors():
     full = rand(1, 2, 16, 16, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="attn_bias"):  # a bias with a query dim
         flash_sparse_attn_func(q, k, v, attn_bias=full, is_causal=True, topk=4, topk_causal=True)
+
+
+def test_max_kept_keys_bounds_the_compacted_keys_and_is_checked():
+    q, k, v = qkv(1, 200, 300, 2, 2, 16, torch.bfloat16)
+    mask = torch.zeros(1, 2, 1, 300, dtype=torch.bool)
+    mask[..., ::10] = True  # 30 keys per head
+    bias = rand(1, 2, 1, 300, dtype=torch.bfloat16)
+    dl = torch.utils.dlpack.to_dlpack
+    outs = []
+    for bound in (0, 30, 64):
+        plan = _C.make_plan(dl(q), dl(k), dl(mask), True, compact_keys="always", max_kept_keys=bound)
+        assert plan.compacted
+        out = torch.empty_like(q)
+        _C.forward(dl(q), dl(k), dl(v), dl(mask), dl(bias), dl(out), None, None, True, 0.0, plan, 0)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    with pytest.raises(ValueError, match="max_kept_keys"):
+        _C.make_plan(dl(q), dl(k), dl(mask), True, compact_keys="always", max_kept_keys=29)
