@@ -400,6 +400,8 @@ void backward(const BackwardProblem& p, const Plan& plan, void* stream_ptr) {
   bp.is_causal = p.is_causal;
   bp.map = map.params;
   bp.dq_head_step = 1;  // grid (m, H, B); see BackwardParams::ordered_dbias
+  bp.dkv_splits = 1;    // launch_backward may split the sm90 dK/dV pass
+  bp.dkv_split_log2 = 0;
 
   // Scratch from the stream-ordered pool: rowdot (B, H, Sq) and the bias-gradient accumulator.
   StreamBuffer rowdot(stream), accum(stream);

@@ -468,31 +468,36 @@ template <int kHalves>
 struct DkvWorkCursor {
   const BackwardParams* p;
   int n, mb, h_end;
-  int h, idx, half, n_full, n_total;
+  int h, idx, end, half, n_full;
   const int32_t *full, *part;
 
+  // This CTA's share of head h's list: query tiles [idx, end) of full then partial ones. The share
+  // is blockIdx.x % dkv_splits (sm90 grid x = key tile * splits + share; the sm80 pass runs
+  // unsplit), recomputed here rather than held: the producer warpgroup has 40 registers.
   __device__ void load_head() {
     const int64_t col = (int64_t(mb) * p->map.map_heads + h / p->map.head_group) * p->map.n_blocks + n;
     n_full = p->map.full_count_t[col];
-    n_total = n_full + p->map.partial_count_t[col];
+    const int n_total = n_full + p->map.partial_count_t[col];
+    const int split = int(blockIdx.x) & (p->dkv_splits - 1);
+    idx = (n_total * split) >> p->dkv_split_log2;
+    end = (n_total * (split + 1)) >> p->dkv_split_log2;
     full = p->map.full_index_t + col * p->map.m_blocks;
     part = p->map.partial_index_t + col * p->map.m_blocks;
   }
   __device__ void skip_empty_heads() {
-    while (idx >= n_total && h + 1 < h_end) {
+    while (idx >= end && h + 1 < h_end) {
       ++h;
-      idx = 0;
       half = 0;
       load_head();
     }
   }
   __device__ DkvWorkCursor(const BackwardParams& params, int n_block, int hk, int b)
       : p(&params), n(n_block), mb(params.map.map_batch == 1 ? 0 : b),
-        h_end((hk + 1) * params.group), h(hk * params.group), idx(0), half(0) {
+        h_end((hk + 1) * params.group), h(hk * params.group), half(0) {
     load_head();
     skip_empty_heads();
   }
-  __device__ bool done() const { return idx >= n_total; }
+  __device__ bool done() const { return idx >= end; }
   __device__ int m() const { return idx < n_full ? full[idx] : part[idx - n_full]; }
   __device__ bool partial() const { return idx >= n_full; }
   __device__ void advance() {
@@ -524,7 +529,10 @@ struct ColumnSums {
       cg += __shfl_xor_sync(0xffffffffu, cg, 2);
       const int key = at.key_row0 + 8 * r;
       if (at.t == 0 && key < p.seqlen_k) {
-        p.col_accum[(int64_t(at.b) * p.num_heads + head) * p.seqlen_k + key] = cg;
+        // One set of sums per dK/dV share (blockIdx.x % dkv_splits, as in DkvWorkCursor).
+        const int share = int(blockIdx.x) & (p.dkv_splits - 1);
+        p.col_accum[((int64_t(share) * p.batch + at.b) * p.num_heads + head) * p.seqlen_k + key] =
+            cg;
       }
       sum[r] = 0.0f;
     }
@@ -743,6 +751,30 @@ __global__ void zero_dbias_kernel(const __grid_constant__ BackwardParams p) {
 
 // dbias (caller's shape, bias dtype) from the fp32 accumulators: sums over the dims the caller
 // passed as 1, in a fixed order. One lane per dbias element.
+// dK and dV from the dK/dV pass's split shares (BackwardParams::dkv_partial), summed in split
+// order; one element per thread, grid-stride.
+template <class Elt>
+__global__ void dkv_reduce_kernel(const __grid_constant__ BackwardParams p, int kernel_dim) {
+  const int64_t per = int64_t(p.batch) * p.seqlen_k * p.num_kv_heads * kernel_dim;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < 2 * per;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    const int which = int(e / per);  // 0: dK, 1: dV
+    const int64_t x = e % per;
+    const int d = int(x % kernel_dim);
+    if (d >= p.head_dim) continue;
+    const int hk = int(x / kernel_dim % p.num_kv_heads);
+    const int64_t key = x / (int64_t(kernel_dim) * p.num_kv_heads) % p.seqlen_k;
+    const int b = int(x / (int64_t(kernel_dim) * p.num_kv_heads * p.seqlen_k));
+    float sum = 0.0f;
+    for (int s = 0; s < p.dkv_splits; ++s) sum += p.dkv_partial[(int64_t(s) * 2 + which) * per + x];
+    auto* out = static_cast<typename Elt::Storage*>(which == 0 ? p.dk : p.dv);
+    const int64_t off = which == 0
+                            ? b * p.dk_stride_b + key * p.dk_stride_s + hk * p.dk_stride_h + d
+                            : b * p.dv_stride_b + key * p.dv_stride_s + hk * p.dv_stride_h + d;
+    *reinterpret_cast<uint16_t*>(out + off) = uint16_t(Elt::pack(sum, 0.0f) & 0xffffu);
+  }
+}
+
 template <class Elt>
 __global__ void dbias_reduce_kernel(const __grid_constant__ BackwardParams p) {
   for_each_dbias_entry(p, [&](int bb, int hb, int ib, int jb, int64_t e) {
@@ -755,13 +787,16 @@ __global__ void dbias_reduce_kernel(const __grid_constant__ BackwardParams p) {
       const int len = rows ? p.seqlen_q : p.seqlen_k;
       const bool full_dim = rows ? p.dbias_shape[2] == p.seqlen_q : p.dbias_shape[3] == p.seqlen_k;
       const float* acc = rows ? p.row_accum : p.col_accum;
-      for (int b = (p.dbias_shape[0] == 1 ? 0 : bb); b < (p.dbias_shape[0] == 1 ? p.batch : bb + 1); ++b) {
-        for (int h = hb * heads_per; h < (hb + 1) * heads_per; ++h) {
-          const float* a = acc + (int64_t(b) * p.num_heads + h) * len;
-          if (full_dim) {
-            sum += a[rows ? ib : jb];
-          } else {
-            for (int x = 0; x < len; ++x) sum += a[x];
+      const int shares = rows ? 1 : p.dkv_splits;  // column sums: one per dK/dV split
+      for (int s = 0; s < shares; ++s) {
+        for (int b = (p.dbias_shape[0] == 1 ? 0 : bb); b < (p.dbias_shape[0] == 1 ? p.batch : bb + 1); ++b) {
+          for (int h = hb * heads_per; h < (hb + 1) * heads_per; ++h) {
+            const float* a = acc + ((int64_t(s) * p.batch + b) * p.num_heads + h) * len;
+            if (full_dim) {
+              sum += a[rows ? ib : jb];
+            } else {
+              for (int x = 0; x < len; ++x) sum += a[x];
+            }
           }
         }
       }

@@ -114,7 +114,8 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
           smem_raw + Tiles::kBarrierOffset);
   uint64_t* empty_bar = full_bar + kStages;
 
-  const int n = int(blockIdx.x), hk = blockIdx.y, b = blockIdx.z;
+  // Key tile n; blockIdx.x % dkv_splits is this CTA's share of its query work (DkvWorkCursor).
+  const int n = int(blockIdx.x) >> p.dkv_split_log2, hk = blockIdx.y, b = blockIdx.z;
   const int key0 = n * kBlockN;
 
   if (threadIdx.x < Tiles::kProducerThreads) {
@@ -311,6 +312,25 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
   warpgroup_fence_operand(tdV);
   col.flush(p, col_rows);
 
+  if (p.dkv_splits > 1) {  // this share's dK (scaled) and dV in fp32, summed by dkv_reduce_kernel
+    const int64_t per = int64_t(p.batch) * p.seqlen_k * p.num_kv_heads * kHeadDim;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int key = key_row[r];
+      if (key >= p.seqlen_k) continue;
+      float* krow = p.dkv_partial + int64_t(int(blockIdx.x) & (p.dkv_splits - 1)) * 2 * per +
+                    ((int64_t(b) * p.seqlen_k + key) * p.num_kv_heads + hk) * kHeadDim;
+      float* vrow = krow + per;
+#pragma unroll
+      for (int d = 0; d < kDTiles; ++d) {
+        const int c = d * 8 + 2 * t;
+        *reinterpret_cast<float2*>(krow + c) =
+            make_float2(tdK(4 * d + 2 * r) * p.scale, tdK(4 * d + 2 * r + 1) * p.scale);
+        *reinterpret_cast<float2*>(vrow + c) = make_float2(tdV(4 * d + 2 * r), tdV(4 * d + 2 * r + 1));
+      }
+    }
+    return;
+  }
   auto* dk_out = static_cast<typename Elt::Storage*>(p.dk) + b * p.dk_stride_b + hk * p.dk_stride_h;
   auto* dv_out = static_cast<typename Elt::Storage*>(p.dv) + b * p.dv_stride_b + hk * p.dv_stride_h;
 #pragma unroll

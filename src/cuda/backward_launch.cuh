@@ -11,6 +11,7 @@
 #include "cuda/backward_launch.h"
 #include "cuda/check.h"
 #include "cuda/device_arch.h"
+#include "cuda/stream_buffer.h"
 
 namespace fsa::detail::cuda {
 
@@ -34,6 +35,26 @@ inline bool use_sm90_dq(const BackwardParams& params) {
     return env == nullptr || std::strcmp(env, "0") != 0;
   }();
   return enabled && use_sm90_backward(params);
+}
+
+// log2 of the shares of a key tile's query work in the sm90 dK/dV pass
+// (BackwardParams::dkv_splits): about two CTAs per SM when the key tiles alone are fewer, at most
+// 8 shares and about two query tiles per share, the fp32 shares within 1 GiB.
+inline int dkv_split_log2(const BackwardParams& p, int kernel_dim) {
+  int device = 0, sms = 0;
+  FSA_CUDA_CHECK(cudaGetDevice(&device));
+  FSA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int64_t ctas = int64_t(p.map.n_blocks) * p.num_kv_heads * p.batch;
+  const int64_t target = 2 * int64_t(sms);
+  if (ctas >= target) return 0;
+  const int64_t want = std::min<int64_t>({(target + ctas - 1) / ctas, 8,
+                                          std::max<int64_t>(1, int64_t(p.map.m_blocks) * p.group / 2)});
+  const int64_t share_bytes = 2 * int64_t(p.batch) * p.seqlen_k * p.num_kv_heads * kernel_dim * 4;
+  int log2 = 0;  // the largest power of two <= want within the memory cap
+  while ((int64_t(2) << log2) <= want && (int64_t(2) << log2) * share_bytes <= (int64_t(1) << 30)) {
+    ++log2;
+  }
+  return log2;
 }
 
 template <int kHeadDim, class Elt>
@@ -109,8 +130,24 @@ void launch_backward(const BackwardParams& p, cudaStream_t stream) {
       }
     }
   }
+  // The dK/dV pass and the column-sum reduction after it read `kv`, whose split fields say how
+  // the key tiles' query work is shared (BackwardParams::dkv_splits).
+  BackwardParams kv = p;
+  StreamBuffer dkv_workspace(stream);
   if (p.map.n_blocks > 0 && use_sm90_backward(p)) {
     using Sm90Tiles = Sm90DkvTiles<kHeadDim, Elt>;
+    kv.dkv_split_log2 = dkv_split_log2(p, kHeadDim);
+    kv.dkv_splits = 1 << kv.dkv_split_log2;
+    if (kv.dkv_splits > 1) {
+      const size_t per = size_t(p.batch) * p.seqlen_k * p.num_kv_heads * kHeadDim;
+      const size_t cols = p.bias_grad == BiasGrad::kColumns
+                              ? size_t(p.batch) * p.num_heads * p.seqlen_k * kv.dkv_splits
+                              : 0;
+      FSA_CUDA_CHECK(cudaMallocAsync(&dkv_workspace.ptr,
+                                     (2 * per * kv.dkv_splits + cols) * sizeof(float), stream));
+      kv.dkv_partial = static_cast<float*>(dkv_workspace.ptr);
+      if (cols > 0) kv.col_accum = kv.dkv_partial + 2 * per * kv.dkv_splits;
+    }
     auto* dkdv = row_topk ? &dkdv_kernel_sm90<kHeadDim, Elt, true>
                           : &dkdv_kernel_sm90<kHeadDim, Elt, false>;
     // One instantiation for both: the opt-in limit is the larger size (a fixed value, so that host
@@ -118,9 +155,16 @@ void launch_backward(const BackwardParams& p, cudaStream_t stream) {
     // it uses.
     FSA_CUDA_CHECK(cudaFuncSetAttribute(dkdv, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         Sm90Tiles::smem_bytes(true)));
-    dkdv<<<dim3(p.map.n_blocks, p.num_kv_heads, p.batch), Sm90Tiles::kThreads,
-           Sm90Tiles::smem_bytes(p.bias_staged), stream>>>(p);
+    dkdv<<<dim3(p.map.n_blocks * kv.dkv_splits, p.num_kv_heads, p.batch), Sm90Tiles::kThreads,
+           Sm90Tiles::smem_bytes(p.bias_staged), stream>>>(kv);
     FSA_CUDA_CHECK(cudaGetLastError());
+    if (kv.dkv_splits > 1) {
+      const int64_t elements =
+          2 * int64_t(p.batch) * p.seqlen_k * p.num_kv_heads * kHeadDim;
+      dkv_reduce_kernel<Elt><<<unsigned(std::min<int64_t>((elements + 255) / 256, 8192)), 256,
+                               0, stream>>>(kv, kHeadDim);
+      FSA_CUDA_CHECK(cudaGetLastError());
+    }
   } else if (p.map.n_blocks > 0) {
     auto* dkdv = row_topk ? &dkdv_kernel<kHeadDim, Elt, true> : &dkdv_kernel<kHeadDim, Elt, false>;
     FSA_CUDA_CHECK(cudaFuncSetAttribute(dkdv, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -132,7 +176,7 @@ void launch_backward(const BackwardParams& p, cudaStream_t stream) {
   const bool reduce = p.bias_grad == BiasGrad::kFullSummed || p.bias_grad == BiasGrad::kRows ||
                       p.bias_grad == BiasGrad::kColumns;
   if (reduce && elements > 0) {
-    dbias_reduce_kernel<Elt><<<dbias_grid, dbias_threads, 0, stream>>>(p);
+    dbias_reduce_kernel<Elt><<<dbias_grid, dbias_threads, 0, stream>>>(kv);
     FSA_CUDA_CHECK(cudaGetLastError());
   }
 }

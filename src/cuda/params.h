@@ -130,7 +130,7 @@ struct BackwardParams {
   int dbias_shape[4];        // caller shape of dbias
   float* dbias_accum;        // kFullSummed: fp32, dbias's shape, contiguous
   float* row_accum;          // kRows: (B, H, Sq) fp32
-  float* col_accum;          // kColumns: (B, H, Sk) fp32
+  float* col_accum;          // kColumns: (dkv_splits, B, H, Sk) fp32
   // The dQ grid's (head, batch): CTA (x, y, z) runs head y * dq_head_step + dq_head0 of batch
   // z + dq_batch0. Normally one launch, grid (m, H, B), step 1 and offsets 0. Ordered kFullSummed
   // (deterministic=True, or launches that still fill the GPU; see backend.cu): one launch per
@@ -153,6 +153,16 @@ struct BackwardParams {
   bool is_causal;
   RowEndParams row_end;  // as in ForwardParams
   RowTopK row_topk;      // as in ForwardParams
+
+  // The sm90 dK/dV pass's split of a key tile's query work (grid x = n_blocks << dkv_split_log2),
+  // when too few key tiles would leave SMs idle and the longest tile alone sets the time (few
+  // keys: compacted top-k, short Sk). dkv_splits = 1 << dkv_split_log2 (a power of two: the
+  // producer warpgroup's 40 registers have no room for a division). dkv_splits > 1: each CTA
+  // writes its share of dK (scaled) and dV to dkv_partial, (dkv_splits, 2, B, Sk, Hk, kernel head
+  // dim) fp32, and dkv_reduce_kernel sums the shares in split order (deterministic).
+  int dkv_splits;
+  int dkv_split_log2;
+  float* dkv_partial;
 
   BlockMapParams map;
 };
