@@ -132,9 +132,14 @@ def test_topk_matches_create_mask(dtype, gen):
         out = flash_sparse_attn_func(*leaves[:3], attn_bias=leaves[3], is_causal=True, **how)
         out.backward(torch.ones_like(out))
         grads.append([out] + [x.grad for x in leaves])
-    for a, b in zip(*grads):
-        assert torch.equal(a, b), "topk= must run exactly the create_mask mask"
+    # The same keys; topk= also bounds the slot axis by w (max_kept_keys), which may split the
+    # work differently, so the sums agree to rounding rather than bitwise.
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dbias"), *grads):
+        scale = max(1.0, b.float().abs().max().item())
+        err = (a.float() - b.float()).abs().max().item()
+        assert err <= 2e-2 * scale, f"topk= vs its create_mask mask, {name}: {err:.3e}"
     check(q, k, v, mask, bias, causal=True, label="topk")
+    check_backward(q, k, v, mask, bias, causal=True, label="topk")
 
 
 def test_topk_errors(gen):
