@@ -427,10 +427,24 @@ def _topk_mask(query, key, attn_mask, attn_bias, topk):
 
     _check_topk(topk, attn_bias, key)
     batch, seqlen_q, seqlen_k = query.shape[0], query.shape[1], key.shape[1]
-    return create_mask(
-        attn_bias.detach(), attn_mask, batch, seqlen_q, seqlen_k, topk,
-        torch.finfo(attn_bias.dtype).min,
-    )
+    if attn_mask is not None and attn_mask.dim() == 4:
+        # The attention maps mask and bias heads to query heads separately (h // (H / Hx)), so a
+        # mask per kv head and a bias per query head go together; create_mask broadcasts like
+        # torch, so the coarser one is repeated to the finer head count first.
+        hm, hb = attn_mask.shape[1], attn_bias.shape[1]
+        if hm != hb and hm > 1 and hb > 1 and max(hm, hb) % min(hm, hb) == 0:
+            if hm < hb:
+                attn_mask = attn_mask.repeat_interleave(hb // hm, dim=1)
+            else:
+                attn_bias = attn_bias.repeat_interleave(hm // hb, dim=1)
+    try:
+        return create_mask(
+            attn_bias.detach(), attn_mask, batch, seqlen_q, seqlen_k, topk,
+            torch.finfo(attn_bias.dtype).min,
+        )
+    except (ValueError, TypeError) as e:  # named as this function's caller knows the arguments
+        message = str(e).replace("attention_mask", "attn_mask").replace("attention_bias", "attn_bias")
+        raise type(e)(message) from e
 
 
 
