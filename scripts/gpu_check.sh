@@ -79,6 +79,15 @@ if [ $python = 1 ]; then
   if ! grep -qE "[0-9]+ passed" "$OUT/pytest_gpu.log" || grep -qE "[0-9]+ (failed|error)" "$OUT/pytest_gpu.log"; then
     status=1
   fi
+  if [ $sanitize = 1 ]; then
+    step "compute-sanitizer memcheck (the Python API's malformed-input fuzz on CUDA)"
+    (cd /tmp && FSA_FUZZ_CALLS=150 compute-sanitizer --tool memcheck --error-exitcode 9 \
+        python3 -m pytest -q -p no:cacheprovider "$OLDPWD/tests/gpu/test_cuda_fuzz.py" \
+        > "$OUT/memcheck_fuzz.log" 2>&1)
+    rc=$?
+    grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck_fuzz.log" | tail -n 3
+    [ $rc -ne 0 ] && { echo "FUZZ MEMCHECK FAILED (rc $rc)"; status=1; }
+  fi
   if [ -n "$sweep_args$sweep_resume" ]; then
     step "peers: sweep (bench/sweep.py $sweep_args) -> $OUT/sweep.json"
     resume=""
@@ -99,7 +108,7 @@ fi
 echo
 echo "== summary ($(head -n 2 "$OUT/device.txt" | tail -n 1))"
 grep -E "passed, .* failed" "$OUT/check.log"
-[ $sanitize = 1 ] && grep -E "ERROR SUMMARY" "$OUT/memcheck.log"
+[ $sanitize = 1 ] && grep -E "ERROR SUMMARY" "$OUT/memcheck.log" "$OUT/memcheck_fuzz.log"
 cat "$OUT/bench.log"
 if [ $python = 1 ]; then
   tail -n 1 "$OUT/pytest_gpu.log"

@@ -65,13 +65,13 @@ def damage(rng, shapes, dtypes, kwargs, strided):
         kwargs["topk_causal"] = True
 
 
-def make(shape, dtype, strided):
+def make(shape, dtype, strided, device="cpu"):
     if dtype == torch.bool:
-        t = torch.rand(shape) < 0.7
+        t = torch.rand(shape, device=device) < 0.7
     elif dtype.is_floating_point:
-        t = torch.randn(shape).to(dtype)
+        t = torch.randn(shape, device=device).to(dtype)
     else:
-        t = torch.randint(0, 3, shape, dtype=dtype)
+        t = torch.randint(0, 3, shape, dtype=dtype, device=device)
     if strided and t.dim() > 0:
         t = torch.stack([t, t], dim=-1).select(-1, 0)  # the last dim's stride becomes 2
         if t.stride(-1) == 1:
@@ -79,15 +79,17 @@ def make(shape, dtype, strided):
     return t
 
 
-@pytest.mark.parametrize("seed", [1313, 7, 2026])
-def test_python_api_raises_naming_an_argument_or_runs_cleanly(seed, capsys):
+def fuzz(seed, calls_wanted, device="cpu"):
+    """Runs the fuzz; returns (calls, rejected, accepted). On CUDA, float32 inputs are among the
+    valid calls' rejections (the CUDA kernels take fp16 / bf16)."""
     rng = random.Random(seed)
     calls = rejected = accepted = 0
-    for _ in range(500):
+    for _ in range(calls_wanted):
         shapes, dtypes, kwargs, strided = random_call(rng)
         for _ in range(rng.choice([0, 1, 1, 2])):
             damage(rng, shapes, dtypes, kwargs, strided)
-        tensors = {n: make(s, dtypes[n], strided.get(n, False)) for n, s in shapes.items()}
+        tensors = {n: make(s, dtypes[n], strided.get(n, False), device)
+                   for n, s in shapes.items()}
         grad = rng.random() < 0.5 and all(
             tensors[n].is_floating_point() for n in ("query", "key", "value"))
         if grad:
@@ -110,6 +112,12 @@ def test_python_api_raises_naming_an_argument_or_runs_cleanly(seed, capsys):
         if grad:
             for n in ("query", "key", "value"):
                 assert not tensors[n].grad.isnan().any(), f"NaN d{n}: {shapes} {kwargs}"
+    return calls, rejected, accepted
+
+
+@pytest.mark.parametrize("seed", [1313, 7, 2026])
+def test_python_api_raises_naming_an_argument_or_runs_cleanly(seed, capsys):
+    calls, rejected, accepted = fuzz(seed, 500)
     with capsys.disabled():  # the count goes to the CI log
         print(f"\npython malformed-input fuzz (seed {seed}): {calls} calls, {rejected} rejected "
               f"naming an argument, {accepted} accepted")
