@@ -112,6 +112,20 @@ void compacted_grads(const CompactGeometry& g, void* dk, void* dv, void* dbias,
 
 // ---- CPU -----------------------------------------------------------------------------------------
 
+CompactGeometry compact_lists_geometry(const Geometry& geo, const BroadcastOperand& mask,
+                                       int64_t max_kept_keys) {
+  CompactGeometry g;
+  g.batch = geo.batch, g.seqlen_q = geo.seqlen_q, g.seqlen_k = geo.seqlen_k;
+  g.slots = max_kept_keys > 0 && max_kept_keys < geo.seqlen_k ? max_kept_keys : geo.seqlen_k;
+  g.num_heads = geo.num_heads, g.num_kv_heads = geo.num_kv_heads;
+  g.list_batch = mask.read_extent(0);
+  g.list_heads = mask.read_extent(1);
+  // A list per query head with GQA: every query head reads its own gathered copy of its kv head.
+  g.kv_heads = g.list_heads == g.num_heads && g.num_heads != g.num_kv_heads ? g.num_heads
+                                                                            : g.num_kv_heads;
+  return g;
+}
+
 namespace {
 
 // Host storage of a CPU plan's lists.
@@ -119,25 +133,13 @@ struct HostLists {
   std::vector<int32_t> keys, count, slot, row_end;
 };
 
-int64_t compact_kv_heads(const Geometry& g, int64_t list_heads) {
-  return list_heads == g.num_heads && g.num_heads != g.num_kv_heads ? g.num_heads
-                                                                     : g.num_kv_heads;
-}
-
 }  // namespace
 
 std::shared_ptr<const KeyCompaction> make_cpu_compaction(const Geometry& geo,
                                                          const BroadcastOperand& mask,
                                                          bool is_causal, int block_m, int block_n,
                                                          int64_t max_kept_keys) {
-  CompactGeometry g;
-  g.batch = geo.batch, g.seqlen_q = geo.seqlen_q, g.seqlen_k = geo.seqlen_k;
-  g.slots = compact_slots(geo.seqlen_k, max_kept_keys);
-  g.num_heads = geo.num_heads, g.num_kv_heads = geo.num_kv_heads;
-  g.list_batch = mask.read_extent(0);
-  g.list_heads = mask.read_extent(1);
-  g.kv_heads = compact_kv_heads(geo, g.list_heads);
-
+  const CompactGeometry g = compact_lists_geometry(geo, mask, max_kept_keys);
   const int64_t lists = g.list_batch * g.list_heads, sq = g.seqlen_q, sk = g.seqlen_k;
   const int64_t slots = g.slots;
   auto host = std::make_shared<HostLists>();

@@ -70,9 +70,6 @@ struct PlanAccess {
   static Plan make(const Geometry& g, bool is_causal, bool has_mask, Device device,
                    std::shared_ptr<const BlockMap> map,
                    std::shared_ptr<const DeviceBlockMap> device_map);
-  static void set_compaction(Plan& plan, std::shared_ptr<const KeyCompaction> compaction) {
-    plan.compaction_ = std::move(compaction);
-  }
 };
 
 // Fills map's lists (full, partial and their transposes) and kept_entries from row bounds: row i
@@ -122,10 +119,10 @@ std::shared_ptr<const KeyCompaction> make_cpu_compaction(const Geometry& g,
                                                          bool is_causal, int block_m, int block_n,
                                                          int64_t max_kept_keys);
 
-// The slots of a compacted plan: seqlen_k, or max_kept_keys when that is smaller.
-inline int64_t compact_slots(int64_t seqlen_k, int64_t max_kept_keys) {
-  return max_kept_keys > 0 && max_kept_keys < seqlen_k ? max_kept_keys : seqlen_k;
-}
+// The lists' geometry of a compacted plan for this problem and key-only mask: lists per (mask
+// batch, mask head), slots = seqlen_k or max_kept_keys when that is smaller, gathered kv heads.
+CompactGeometry compact_lists_geometry(const Geometry& g, const BroadcastOperand& mask,
+                                       int64_t max_kept_keys);
 
 // The CPU backend's compacted calls (gathers, runs cpu::forward / backward, scatters).
 void cpu_compacted_forward(const ForwardProblem& p, const Plan& plan);

@@ -233,15 +233,8 @@ Plan make_plan(const TensorView& query, const TensorView& key,
   // An expanded (stride-0) head dim of size H reads as 1 head; H itself is always divisible.
   const int64_t rows = map->batch * map->heads * m_blocks;
 
-  Plan plan;
-  plan.batch_ = g.batch;
-  plan.num_heads_ = g.num_heads;
-  plan.num_kv_heads_ = g.num_kv_heads;
-  plan.seqlen_q_ = g.seqlen_q;
-  plan.seqlen_k_ = g.seqlen_k;
-  plan.is_causal_ = is_causal;
-  plan.has_mask_ = attn_mask.has_value();
-  plan.device_ = query.device;
+  Plan plan = detail::PlanAccess::make(g, is_causal, attn_mask.has_value(), query.device,
+                                       nullptr, nullptr);
   // Compacted slots renumber the keys, which the thresholds' tie rule compares by index.
   const bool compact = !topk_bias && mask && !selection && detail::compactable_mask(*mask) &&
                        (options.compact_keys == CompactKeys::kAlways ||

@@ -395,14 +395,7 @@ std::shared_ptr<const KeyCompaction> make_device_compaction(const Geometry& geo,
                                                             int block_n, int64_t max_kept_keys,
                                                             void* stream_ptr) {
   auto stream = static_cast<cudaStream_t>(stream_ptr);
-  CompactGeometry g;
-  g.batch = geo.batch, g.seqlen_q = geo.seqlen_q, g.seqlen_k = geo.seqlen_k;
-  g.slots = compact_slots(geo.seqlen_k, max_kept_keys);
-  g.num_heads = geo.num_heads, g.num_kv_heads = geo.num_kv_heads;
-  g.list_batch = mask.read_extent(0);
-  g.list_heads = mask.read_extent(1);
-  g.kv_heads = g.list_heads == g.num_heads && g.num_heads != g.num_kv_heads ? g.num_heads
-                                                                            : g.num_kv_heads;
+  const CompactGeometry g = compact_lists_geometry(geo, mask, max_kept_keys);
   const int64_t lists = g.list_batch * g.list_heads, sq = g.seqlen_q, sk = g.seqlen_k;
   if (lists > INT32_MAX || sk > INT32_MAX / 2 || sq > INT32_MAX) {
     throw Error(ErrorKind::kUnsupported, "attn_mask",
