@@ -39,7 +39,8 @@ bool runs_compacted(const Plan& plan, const Problem& p) {
 }
 
 bool runs_compacted(const Plan& plan, const BackwardProblem& p) {
-  return runs_compacted(plan, static_cast<const Problem&>(p)) && (!p.dbias || p.dbias->shape[2] == 1);
+  return runs_compacted(plan, static_cast<const Problem&>(p)) &&
+         (!p.dbias || p.dbias->shape[2] == 1);
 }
 
 CompactGeometry compact_geometry(const Problem& p, const KeyCompaction& c) {
@@ -110,7 +111,8 @@ void compacted_grads(const CompactGeometry& g, void* dk, void* dv, void* dbias,
   if (out.dbias) out.dbias = packed_bias(dbias, out.bias->dtype, g);
 }
 
-// ---- CPU -----------------------------------------------------------------------------------------
+// ---- CPU
+// -----------------------------------------------------------------------------------------
 
 CompactGeometry compact_lists_geometry(const Geometry& geo, const BroadcastOperand& mask,
                                        int64_t max_kept_keys) {
@@ -121,8 +123,8 @@ CompactGeometry compact_lists_geometry(const Geometry& geo, const BroadcastOpera
   g.list_batch = mask.read_extent(0);
   g.list_heads = mask.read_extent(1);
   // A list per query head with GQA: every query head reads its own gathered copy of its kv head.
-  g.kv_heads = g.list_heads == g.num_heads && g.num_heads != g.num_kv_heads ? g.num_heads
-                                                                            : g.num_kv_heads;
+  g.kv_heads =
+      g.list_heads == g.num_heads && g.num_heads != g.num_kv_heads ? g.num_heads : g.num_kv_heads;
   return g;
 }
 
@@ -160,8 +162,8 @@ std::shared_ptr<const KeyCompaction> make_cpu_compaction(const Geometry& geo,
         if (n == slots) {
           throw Error(ErrorKind::kValue, "max_kept_keys",
                       "attn_mask keeps more than max_kept_keys = " + std::to_string(slots) +
-                          " keys in (batch " + std::to_string(lb) + ", head " +
-                          std::to_string(lh) + ")");
+                          " keys in (batch " + std::to_string(lb) + ", head " + std::to_string(lh) +
+                          ")");
         }
         host->keys[size_t(l * slots + n)] = int32_t(j);
         host->slot[size_t(l * sk + j)] = n++;
@@ -209,10 +211,10 @@ void cpu_gather(const Problem& p, const CompactGeometry& g, const KeyCompaction&
     for (int64_t w = 0; w < c.count[l]; ++w) {
       const int64_t key = c.keys[l * slots + w];
       const int64_t dst = ((b * slots + w) * g.kv_heads + hc) * D;
-      std::memcpy(element_ptr(k, p.dtype, dst), element_ptr(p.k.data, p.dtype, p.k.offset(b, key, hk)),
-                  row_bytes);
-      std::memcpy(element_ptr(v, p.dtype, dst), element_ptr(p.v.data, p.dtype, p.v.offset(b, key, hk)),
-                  row_bytes);
+      std::memcpy(element_ptr(k, p.dtype, dst),
+                  element_ptr(p.k.data, p.dtype, p.k.offset(b, key, hk)), row_bytes);
+      std::memcpy(element_ptr(v, p.dtype, dst),
+                  element_ptr(p.v.data, p.dtype, p.v.offset(b, key, hk)), row_bytes);
     }
   });
   if (!p.bias) return;
@@ -222,8 +224,8 @@ void cpu_gather(const Problem& p, const CompactGeometry& g, const KeyCompaction&
       const int64_t l = g.list_of_bias(bx, hx), hq = g.query_head_of_bias(hx);
       const int64_t base = (bx * g.bias_heads + hx) * slots;
       for (int64_t w = 0; w < c.count[l]; ++w) {
-        const double value = load_value<double>(
-            p.bias->data, p.bias->dtype, p.bias->offset(bx, hq, 0, c.keys[l * slots + w]));
+        const double value = load_value<double>(p.bias->data, p.bias->dtype,
+                                                p.bias->offset(bx, hq, 0, c.keys[l * slots + w]));
         store_value(value, bias_dtype, bias, base + w);
       }
     }
@@ -274,7 +276,8 @@ void cpu_scatter_dbias(const CompactGeometry& g, const KeyCompaction& c, DType s
               const int32_t s = c.slot[l * sk + j];
               if (s >= 0) sum += load_value<Acc>(src, src_dtype, row + s);
             } else {
-              for (int64_t w = 0; w < c.count[l]; ++w) sum += load_value<Acc>(src, src_dtype, row + w);
+              for (int64_t w = 0; w < c.count[l]; ++w)
+                sum += load_value<Acc>(src, src_dtype, row + w);
             }
           }
         }
@@ -292,8 +295,8 @@ void cpu_compacted_forward(const ForwardProblem& p, const Plan& plan) {
   const CompactGeometry g = compact_geometry(p, c);
   const size_t rows = size_t(g.batch * g.slots * g.kv_heads * p.head_dim);
   std::vector<uint8_t> k(rows * dtype_size(p.dtype)), v(k.size());
-  std::vector<uint8_t> bias(
-      size_t(g.bias_batch * g.bias_heads * g.slots) * dtype_size(compact_bias_dtype(p)));
+  std::vector<uint8_t> bias(size_t(g.bias_batch * g.bias_heads * g.slots) *
+                            dtype_size(compact_bias_dtype(p)));
   cpu_gather(p, g, c, k.data(), v.data(), bias.data());
   ForwardProblem cp = p;
   lower_compacted(p, g, c, k.data(), v.data(), bias.data(), cp);

@@ -27,8 +27,8 @@ struct CompactGeometry {
   int64_t batch = 0, seqlen_q = 0, seqlen_k = 0;
   // Slots per list: the compacted key axis, seqlen_k or PlanOptions::max_kept_keys if smaller.
   int64_t slots = 0;
-  int64_t num_heads = 0, num_kv_heads = 0;        // H, Hk of the problem
-  int64_t list_batch = 1, list_heads = 1;         // key lists: the mask's read extents
+  int64_t num_heads = 0, num_kv_heads = 0;  // H, Hk of the problem
+  int64_t list_batch = 1, list_heads = 1;   // key lists: the mask's read extents
   // Kv heads of the gathered K / V: Hk, or H when the mask has a head per query head and
   // GQA shares a kv head among several of them (each query head then reads its own gathered copy).
   int64_t kv_heads = 0;
@@ -56,13 +56,13 @@ struct CompactGeometry {
 
 // The lists of a compacted plan, in the plan's device memory (host memory for a CPU plan).
 struct KeyCompaction {
-  CompactGeometry lists;           // list_batch, list_heads and the problem extents (bias unset)
-  const int32_t* keys = nullptr;   // (list_batch, list_heads, slots): kept keys ascending
-  const int32_t* count = nullptr;  // (list_batch, list_heads): kept keys per list
-  const int32_t* slot = nullptr;   // (list_batch, list_heads, Sk): slot of key j, or -1 (dropped)
+  CompactGeometry lists;             // list_batch, list_heads and the problem extents (bias unset)
+  const int32_t* keys = nullptr;     // (list_batch, list_heads, slots): kept keys ascending
+  const int32_t* count = nullptr;    // (list_batch, list_heads): kept keys per list
+  const int32_t* slot = nullptr;     // (list_batch, list_heads, Sk): slot of key j, or -1 (dropped)
   const int32_t* row_end = nullptr;  // (list_batch, list_heads, Sq): row i sees slots [0, row_end)
   std::shared_ptr<void> storage;     // owns the arrays (a device allocation or host vector)
-  Plan plan;  // the block map over (Sq rows) x (slots), bounded by row_end
+  Plan plan;                         // the block map over (Sq rows) x (slots), bounded by row_end
 };
 
 // Builds plans (Plan's fields are private to the core's builders).
@@ -101,8 +101,8 @@ DType compact_bias_dtype(const Problem& p);
 // problem's dtype; the bias, if any, (bias_batch, bias_heads, 1, slots) contiguous in
 // compact_bias_dtype; no mask; RowEnd from the lists. dk / dv / dbias of a backward problem are
 // the caller's until replaced (compacted_grads).
-void lower_compacted(const Problem& p, const CompactGeometry& g, const KeyCompaction& c,
-                     void* k, void* v, void* bias, Problem& out);
+void lower_compacted(const Problem& p, const CompactGeometry& g, const KeyCompaction& c, void* k,
+                     void* v, void* bias, Problem& out);
 // Points a lowered backward problem's gradients at the gathered layouts: dk / dv like its k / v,
 // dbias (if any) like its bias.
 void compacted_grads(const CompactGeometry& g, void* dk, void* dv, void* dbias,

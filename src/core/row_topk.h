@@ -48,8 +48,7 @@ struct RowTopK {
   // Whether row `at` (from at()) keeps key j whose bias value is `value`.
   FSA_HOST_DEVICE bool keeps(float value, int64_t j, int64_t at) const {
     const uint32_t k = order_key(value);
-    return k != fill_key && k != fill_key_alt &&
-           (k > key[at] || (k == key[at] && j <= last[at]));
+    return k != fill_key && k != fill_key_alt && (k > key[at] || (k == key[at] && j <= last[at]));
   }
 };
 

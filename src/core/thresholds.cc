@@ -18,15 +18,18 @@ namespace fsa::detail {
 
 float rounded_fill(double min_value, DType dtype) {
   // As masked_fill stores it: rounded to nearest into the dtype, overflowing to infinity.
-  const float narrow = std::isnan(min_value)                ? std::numeric_limits<float>::quiet_NaN()
+  const float narrow = std::isnan(min_value) ? std::numeric_limits<float>::quiet_NaN()
                        : min_value >= double(FLT_MAX) * 2.0 ? std::numeric_limits<float>::infinity()
                        : min_value <= -double(FLT_MAX) * 2.0
                            ? -std::numeric_limits<float>::infinity()
                            : float(min_value);
   switch (dtype) {
-    case DType::kBFloat16: return bf16_to_float(float_to_bf16(narrow));
-    case DType::kFloat16: return half_to_float(float_to_half(narrow));
-    default: return narrow;
+    case DType::kBFloat16:
+      return bf16_to_float(float_to_bf16(narrow));
+    case DType::kFloat16:
+      return half_to_float(float_to_half(narrow));
+    default:
+      return narrow;
   }
 }
 
@@ -37,9 +40,9 @@ BroadcastOperand validate_topk_bias(const TensorView& bias, int64_t topk, const 
                 "expected a positive number of keys per row, got " + std::to_string(topk));
   }
   if (bias.device != device) {
-    throw Error(ErrorKind::kDevice, "attn_bias",
-                "expected device " + to_string(device) + " (the query's), got " +
-                    to_string(bias.device));
+    throw Error(
+        ErrorKind::kDevice, "attn_bias",
+        "expected device " + to_string(device) + " (the query's), got " + to_string(bias.device));
   }
   if (bias.dtype != DType::kFloat16 && bias.dtype != DType::kBFloat16 &&
       bias.dtype != DType::kFloat32) {
@@ -51,16 +54,15 @@ BroadcastOperand validate_topk_bias(const TensorView& bias, int64_t topk, const 
   if (op.read_stride[2] != 0) {
     throw Error(ErrorKind::kShape, "attn_bias",
                 "per-row top-k selects by a query-invariant bias: expected query dim 1 (or an "
-                "expanded view), got shape " + bias.shape_string());
+                "expanded view), got shape " +
+                    bias.shape_string());
   }
   return op;
 }
 
-std::shared_ptr<const RowThresholds> make_cpu_thresholds(const Geometry& g,
-                                                         const BroadcastOperand& bias,
-                                                         const std::optional<BroadcastOperand>& mask,
-                                                         bool is_causal, int64_t topk,
-                                                         double min_value) {
+std::shared_ptr<const RowThresholds> make_cpu_thresholds(
+    const Geometry& g, const BroadcastOperand& bias, const std::optional<BroadcastOperand>& mask,
+    bool is_causal, int64_t topk, double min_value) {
   // Rows of (batch, heads): the finer of the bias's and the mask's extents (each extent is 1 or
   // the problem's, and head counts 1, Hk, H each divide the next).
   const int64_t batch = std::max(bias.read_extent(0), mask ? mask->read_extent(0) : 1);
@@ -88,8 +90,8 @@ std::shared_ptr<const RowThresholds> make_cpu_thresholds(const Geometry& g,
         const int64_t end = band.visible_end(i);
         for (int64_t j = 0; j < sk; ++j) {
           const bool allowed =
-              j < end && (!mask || static_cast<const uint8_t*>(mask->data)[mask->offset(
-                                       b, hq, i, j)] != 0);
+              j < end &&
+              (!mask || static_cast<const uint8_t*>(mask->data)[mask->offset(b, hq, i, j)] != 0);
           keys[size_t(j)] =
               allowed ? order_key(load_float(bias.data, bias.dtype, bias.offset(b, hq, 0, j)))
                       : fill_key;

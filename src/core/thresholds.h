@@ -15,7 +15,7 @@ namespace fsa::detail {
 struct RowThresholds {
   RowTopK view;
   int64_t topk = 0;
-  const void* bias = nullptr;      // the bias they were computed from (a call must pass it)
+  const void* bias = nullptr;     // the bias they were computed from (a call must pass it)
   std::shared_ptr<void> storage;  // owns view.key / view.last (host or device memory)
 };
 
@@ -28,10 +28,8 @@ BroadcastOperand validate_topk_bias(const TensorView& bias, int64_t topk, const 
                                     const Device& device);
 
 // Thresholds on the CPU: for each row of (batch, heads) = the finer of the bias's and the mask's.
-std::shared_ptr<const RowThresholds> make_cpu_thresholds(const Geometry& g,
-                                                         const BroadcastOperand& bias,
-                                                         const std::optional<BroadcastOperand>& mask,
-                                                         bool is_causal, int64_t topk,
-                                                         double min_value);
+std::shared_ptr<const RowThresholds> make_cpu_thresholds(
+    const Geometry& g, const BroadcastOperand& bias, const std::optional<BroadcastOperand>& mask,
+    bool is_causal, int64_t topk, double min_value);
 
 }  // namespace fsa::detail

@@ -166,12 +166,12 @@ __global__ void gather_rows_kernel(const __grid_constant__ GatherParams p) {
 }
 
 struct BiasGatherParams {
-  const void* bias;         // the caller's, read through its broadcast strides
-  bool bias_is_fp32;        // else 16-bit: bf16 or fp16 as the problem's dtype
+  const void* bias;   // the caller's, read through its broadcast strides
+  bool bias_is_fp32;  // else 16-bit: bf16 or fp16 as the problem's dtype
   bool bf16;
   int64_t read_stride[4];
-  int64_t head_group;       // query heads per head of the caller's bias
-  float* out;               // (bias_batch, bias_heads, slots)
+  int64_t head_group;  // query heads per head of the caller's bias
+  float* out;          // (bias_batch, bias_heads, slots)
   const int32_t* keys;
   const int32_t* count;
   CompactGeometry g;
@@ -194,8 +194,8 @@ __global__ void gather_bias_kernel(const __grid_constant__ BiasGatherParams p) {
   float value = 0.0f;
   if (w < n) {
     const int64_t key = p.keys[l * slots + w];
-    value = load_bias(p, bx * p.read_stride[0] + (hq / p.head_group) * p.read_stride[1] +
-                             key * p.read_stride[3]);
+    value = load_bias(
+        p, bx * p.read_stride[0] + (hq / p.head_group) * p.read_stride[1] + key * p.read_stride[3]);
   }
   p.out[(int64_t(bx) * p.g.bias_heads + hx) * slots + w] = value;
 }
@@ -322,7 +322,7 @@ void gather(const Problem& p, const CompactGeometry& g, const KeyCompaction& c, 
   bp.keys = c.keys, bp.count = c.count;
   bp.g = g;
   gather_bias_kernel<<<dim3(unsigned(ceil_div(g.slots, 256)), unsigned(g.bias_heads),
-                           unsigned(g.bias_batch)),
+                            unsigned(g.bias_batch)),
                        256, 0, stream>>>(bp);
   FSA_CUDA_CHECK(cudaGetLastError());
 }
@@ -409,8 +409,7 @@ std::shared_ptr<const KeyCompaction> make_device_compaction(const Geometry& geo,
   auto at = [](size_t bytes) { return (bytes + 255) / 256 * 256; };
   void* raw = nullptr;
   FSA_CUDA_CHECK(cudaMallocAsync(
-      &raw,
-      std::max<size_t>(at(keys_bytes) + at(slot_bytes) + at(count_bytes) + at(row_bytes), 1),
+      &raw, std::max<size_t>(at(keys_bytes) + at(slot_bytes) + at(count_bytes) + at(row_bytes), 1),
       stream));
   std::shared_ptr<void> storage(raw, [stream](void* ptr) { cudaFreeAsync(ptr, stream); });
   auto* base = static_cast<uint8_t*>(raw);

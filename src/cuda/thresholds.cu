@@ -12,9 +12,8 @@
 
 #include <cuda_fp16.h>
 
-#include <cub/device/device_segmented_radix_sort.cuh>
-
 #include <algorithm>
+#include <cub/device/device_segmented_radix_sort.cuh>
 #include <limits>
 #include <string>
 
@@ -111,7 +110,8 @@ __device__ inline int previous_set_bit(const uint32_t* bits, int below) {
 }
 
 // grid (ceil(Sq / kSweepRows), lists), kSweepThreads threads, Sk / 8 bytes of shared memory.
-__global__ void __launch_bounds__(kSweepThreads) sweep_kernel(const __grid_constant__ SweepParams p) {
+__global__ void __launch_bounds__(kSweepThreads)
+    sweep_kernel(const __grid_constant__ SweepParams p) {
   extern __shared__ uint32_t bits[];  // (Sk / 32) words: ranks of the keys inserted so far
   __shared__ int scan[kSweepThreads];
   __shared__ int found;  // the rank of the first row's topk-th best key, or -1

@@ -7,12 +7,13 @@
 // leading rows under causality), and the masks keep scattered keys so that every tile of the
 // block map is partial.
 
+#include "core/compaction.h"
+
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <numeric>
 
-#include "core/compaction.h"
 #include "harness.h"
 
 namespace fsa_test {
@@ -28,10 +29,10 @@ fsa::Plan plan_for(LibraryBuffers& buffers, bool causal, bool compact,
                    fsa::CompactKeys mode = fsa::CompactKeys::kAlways) {
   fsa::PlanOptions options;
   options.compact_keys = compact ? mode : fsa::CompactKeys::kNever;
-  return fsa::make_plan(buffers.q.view(), buffers.k.view(),
-                        buffers.mask ? std::optional<fsa::TensorView>(buffers.mask->view())
-                                     : std::nullopt,
-                        causal, options);
+  return fsa::make_plan(
+      buffers.q.view(), buffers.k.view(),
+      buffers.mask ? std::optional<fsa::TensorView>(buffers.mask->view()) : std::nullopt, causal,
+      options);
 }
 
 // Runs the case through a compacted plan and through the block map alone; both must match float64,
@@ -66,7 +67,8 @@ auto top_keys(int64_t keep) {
     std::vector<int64_t> order(static_cast<size_t>(sk));
     for (int64_t r = 0; r < rows; ++r) {
       for (double& s : score) s = rng.uniform();
-      if (p.bias_shape && (*p.bias_shape)[3] == sk && (*p.bias_shape)[0] * (*p.bias_shape)[1] == 1) {
+      if (p.bias_shape && (*p.bias_shape)[3] == sk &&
+          (*p.bias_shape)[0] * (*p.bias_shape)[1] == 1) {
         for (int64_t j = 0; j < sk; ++j) score[size_t(j)] = in.bias[size_t(j)];
       }
       std::iota(order.begin(), order.end(), 0);
@@ -126,10 +128,10 @@ TEST_P(Compaction, EmptyAndFullLists_NoBias) {
   spec.mask_shape = Shape4{2, 2, 1, 90};
   spec.make_mask = [](const Problem&, const Inputs&, Rng& rng, std::vector<uint8_t>& mask) {
     for (int64_t j = 0; j < 90; ++j) {
-      mask[size_t(j)] = 0;                           // (b 0, h 0): nothing
-      mask[size_t(90 + j)] = 1;                      // (b 0, h 1): everything
-      mask[size_t(180 + j)] = rng.bernoulli(0.2);    // (b 1, h 0)
-      mask[size_t(270 + j)] = rng.bernoulli(0.05);   // (b 1, h 1)
+      mask[size_t(j)] = 0;                          // (b 0, h 0): nothing
+      mask[size_t(90 + j)] = 1;                     // (b 0, h 1): everything
+      mask[size_t(180 + j)] = rng.bernoulli(0.2);   // (b 1, h 0)
+      mask[size_t(270 + j)] = rng.bernoulli(0.05);  // (b 1, h 1)
     }
   };
   expect_both_paths_match(spec);

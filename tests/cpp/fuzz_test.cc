@@ -265,9 +265,12 @@ void run_case(Rng& rng, Counts& counts) {
     spec.causal = c.options.is_causal;
     spec.softcap = c.options.softcap;
     spec.softmax_scale = c.options.softmax_scale;
-    if (c.mask) spec.mask_shape = Shape4{c.mask->shape[0], c.mask->shape[1], c.mask->shape[2], c.mask->shape[3]};
+    if (c.mask)
+      spec.mask_shape =
+          Shape4{c.mask->shape[0], c.mask->shape[1], c.mask->shape[2], c.mask->shape[3]};
     if (c.bias) {
-      spec.bias_shape = Shape4{c.bias->shape[0], c.bias->shape[1], c.bias->shape[2], c.bias->shape[3]};
+      spec.bias_shape =
+          Shape4{c.bias->shape[0], c.bias->shape[1], c.bias->shape[2], c.bias->shape[3]};
       spec.bias_dtype = c.bias->dtype;
     }
     spec.seed = rng.next();
@@ -286,9 +289,10 @@ TEST(MalformedInputFuzz, EveryCallRaisesNamingAnArgumentOrRunsCleanly) {
   Counts counts;
   constexpr int kCalls = 4000;
   for (int i = 0; i < kCalls && !HasFatalFailure(); ++i) run_case(rng, counts);
-  std::printf("malformed-input fuzz: %d calls, %d rejected with an error naming the argument, "
-              "%d accepted (%d checked against the fp64 reference)\n",
-              counts.calls, counts.rejected, counts.accepted, counts.checked);
+  std::printf(
+      "malformed-input fuzz: %d calls, %d rejected with an error naming the argument, "
+      "%d accepted (%d checked against the fp64 reference)\n",
+      counts.calls, counts.rejected, counts.accepted, counts.checked);
   EXPECT_EQ(counts.calls, kCalls);
   EXPECT_GT(counts.rejected, kCalls / 2);
   EXPECT_GT(counts.accepted, kCalls / 20);
