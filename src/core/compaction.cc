@@ -64,7 +64,7 @@ RowEnd row_end_of(const KeyCompaction& c) {
   r.data = c.row_end;
   r.stride_b = g.list_batch == 1 ? 0 : g.list_heads * g.seqlen_q;
   r.stride_h = g.seqlen_q;
-  r.head_group = g.num_heads / g.list_heads;
+  r.head_group = int32_t(g.num_heads / g.list_heads);
   return r;
 }
 

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <optional>
 
+#include "core/row_end.h"
 #include "core/row_topk.h"
 #include "fsa/attention.h"
 
@@ -39,19 +40,6 @@ struct BroadcastOperand {
   int64_t offset(int64_t b, int64_t h, int64_t i, int64_t j) const {
     return b * read_stride[0] + (h / head_group) * read_stride[1] + i * read_stride[2] +
            j * read_stride[3];
-  }
-};
-
-// Compacted keys (core/compaction.h): row i of (b, query head h) sees keys [0, at(b, h, i)) of
-// the problem's key axis, which then holds the kept keys gathered into slots; the bound replaces
-// the mask and causality. Null on every other path.
-struct RowEnd {
-  const int32_t* data = nullptr;  // (batch | 1, heads, Sq)
-  int64_t stride_b = 0;           // 0 when every batch shares the bounds
-  int64_t stride_h = 0;
-  int64_t head_group = 1;  // query heads per head of the array
-  int64_t at(int64_t b, int64_t h, int64_t i) const {
-    return data[b * stride_b + (h / head_group) * stride_h + i];
   }
 };
 

@@ -45,7 +45,16 @@ struct RowTopK {
   FSA_HOST_DEVICE int64_t at(int64_t b, int64_t h, int64_t i) const {
     return b * stride_b + (h / head_group) * stride_h + i;
   }
-  // Whether row `at` (from at()) keeps key j whose bias value is `value`.
+  // Whether a row with threshold (threshold, last_kept) keeps key j whose value's order key is k
+  // (the forward reads each row's threshold once per tile and the keys' order keys once).
+  FSA_HOST_DEVICE bool keeps_key(uint32_t k, int64_t j, uint32_t threshold,
+                                 int32_t last_kept) const {
+    return k != fill_key && k != fill_key_alt &&
+           (k > threshold || (k == threshold && j <= last_kept));
+  }
+  // Whether row `at` (from at()) keeps key j whose bias value is `value`: keeps_key, reading the
+  // row's last kept index only on a tie (as an argument it was always loaded, which cost the sm80
+  // forward 28 more bytes of spills).
   FSA_HOST_DEVICE bool keeps(float value, int64_t j, int64_t at) const {
     const uint32_t k = order_key(value);
     return k != fill_key && k != fill_key_alt && (k > key[at] || (k == key[at] && j <= last[at]));

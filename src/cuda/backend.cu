@@ -110,14 +110,10 @@ SeqOperand kernel_rows(const SeqOperand& op, int64_t batch, int64_t seqlen, int6
   return padded_copy(op, batch, seqlen, heads, head_dim, buffer.stream, buffer.ptr);
 }
 
-RowEndParams row_end_params(const RowEnd& r) {
-  return {r.data, r.stride_b, r.stride_h, int(r.head_group)};
-}
-
 // Mask, bias and row-bound fields are the same in the forward and backward params.
 template <class Params>
 void fill_mask_and_bias(Params& params, const Problem& p) {
-  params.row_end = row_end_params(p.row_end);
+  params.row_end = p.row_end;
   params.row_topk = p.row_topk;
   if (p.mask) {
     params.mask = static_cast<const uint8_t*>(p.mask->data);
@@ -231,7 +227,7 @@ std::shared_ptr<const DeviceBlockMap> make_device_plan(
   pp.seqlen_q = int(g.seqlen_q);
   pp.seqlen_k = int(g.seqlen_k);
   pp.is_causal = is_causal;
-  pp.row_end = row_end_params(row_end);
+  pp.row_end = row_end;
   pp.all_partial = all_partial;
   pp.tile_class = map->tile_class;
   pp.counters = map->counters;

@@ -239,14 +239,11 @@ __device__ inline void warp_gemm_pv(float (&acc)[kRT][kHeadDim / 8][4],
 }
 
 // Keys [0, visible_end) are visible to row i of (b, head): bottom-right causality, or on the
-// compacted-key path the row's own bound (RowEndParams), which also holds the mask. Forward and
+// compacted-key path the row's own bound (core/row_end.h), which also holds the mask. Forward and
 // backward params alike.
 template <class Params>
 __device__ inline int visible_end(const Params& p, int b, int head, int i) {
-  if (p.row_end.data != nullptr) {
-    return p.row_end.data[b * p.row_end.stride_b + (head / p.row_end.head_group) * p.row_end.stride_h +
-                          i];
-  }
+  if (p.row_end.data != nullptr) return int(p.row_end.at(b, head, i));
   if (!p.is_causal) return p.seqlen_k;
   return min(max(i + p.seqlen_k - p.seqlen_q + 1, 0), p.seqlen_k);
 }
@@ -412,11 +409,10 @@ struct WarpRows {
             for (int j = 0; j < kNTiles; ++j)
 #pragma unroll
               for (int e = 0; e < 2; ++e) {
-                const uint32_t k = col_key[j][e];
-                const bool keep = k != p.row_topk.fill_key && k != p.row_topk.fill_key_alt &&
-                                  (k > threshold ||
-                                   (k == threshold && col0 + j * 8 + 2 * t + e <= last));
-                if (!keep) s[rt][j][2 * r + e] = -INFINITY;
+                if (!p.row_topk.keeps_key(col_key[j][e], col0 + j * 8 + 2 * t + e, threshold,
+                                          last)) {
+                  s[rt][j][2 * r + e] = -INFINITY;
+                }
               }
           }
       }

@@ -4,19 +4,10 @@
 
 #include <cstdint>
 
+#include "core/row_end.h"
 #include "core/row_topk.h"
 
 namespace fsa::detail::cuda {
-
-// Compacted keys (Plan::compacted()): the kernels run over the kept keys gathered into a dense key
-// axis, and row i of (b, head) sees its slots [0, row_end) there. That one bound replaces the
-// mask and causality (both are folded into it); null on every other path.
-struct RowEndParams {
-  const int32_t* data = nullptr;  // (batch|1, heads, Sq) int32
-  int64_t stride_b = 0;           // 0 when every batch shares the lists
-  int64_t stride_h = 0;
-  int head_group = 1;             // query heads per row_end head
-};
 
 // The block map on the device: fixed-stride lists (row r's entries at [r * capacity, ...)).
 struct BlockMapParams {
@@ -64,7 +55,7 @@ struct ForwardParams {
   float softcap_in;     // scale / c (softcap on), else 0
   float softcap_out;    // c * log2(e) (softcap on), else 0
   bool is_causal;
-  RowEndParams row_end;  // compacted keys: each row's visible key slots (else null)
+  RowEnd row_end;        // compacted keys: each row's visible key slots (core/row_end.h), or null
   RowTopK row_topk;      // per-row top-k thresholds (core/row_topk.h), or key null
 
   // GQA packing: the CTA's rows are (query, head-in-group) pairs of one kv head, row r holding
@@ -151,7 +142,7 @@ struct BackwardParams {
   float softcap_in;   // scale / c, or 0
   float softcap_out;  // c * log2(e), or 0
   bool is_causal;
-  RowEndParams row_end;  // as in ForwardParams
+  RowEnd row_end;        // as in ForwardParams
   RowTopK row_topk;      // as in ForwardParams
 
   // The sm90 dK/dV pass's split of a key tile's query work (grid x = n_blocks << dkv_split_log2),
@@ -178,7 +169,7 @@ struct PlanParams {
   int sel_ratio_m, sel_ratio_n;  // plan tiles per selection tile along queries / keys
   int seqlen_q, seqlen_k;
   bool is_causal;
-  RowEndParams row_end;      // compacted keys: rows' visible slots (then no mask or selection)
+  RowEnd row_end;            // compacted keys: rows' visible slots (then no mask or selection)
   bool all_partial;          // no full tiles: a per-row predicate (top-k thresholds) everywhere
   uint8_t* tile_class;       // (rows, n_blocks): 0 skipped, 1 partial, 2 full
   unsigned long long* counters;  // [kept entries, visited tiles], accumulated

@@ -48,8 +48,7 @@ __global__ void __launch_bounds__(32 * kPlanWarps) classify_kernel(const __grid_
     // Compacted keys: row i sees slots [0, row_end[i]), non-decreasing in i (causality only ever
     // uncovers keys), so the first and last rows bound the tile and only a straddling tile needs
     // the per-row sum.
-    const int32_t* end = p.row_end.data + mb * p.row_end.stride_b +
-                         (hq / p.row_end.head_group) * p.row_end.stride_h + r0;
+    const int32_t* end = p.row_end.data + p.row_end.offset(mb, hq, r0);
     if (c0 + cols <= end[0]) {
       kept = (long long)rows * cols;
     } else if (c0 < end[rows - 1]) {

@@ -52,7 +52,7 @@ __device__ inline float bias_value(const ListParams& p, int64_t off) {
 
 // grid (ceil(Sk / 256), lists): order keys (0 for keys the mask drops: below every real key, so
 // they sort last and are never inserted) and their indices, per list; plus the segment offsets.
-__global__ void list_keys_kernel(const __grid_constant__ ListParams p, uint32_t* keys,
+__global__ void order_keys_kernel(const __grid_constant__ ListParams p, uint32_t* keys,
                                  int32_t* index, int32_t* offsets) {
   const int l = blockIdx.y;
   const int j = blockIdx.x * blockDim.x + threadIdx.x;
@@ -267,7 +267,7 @@ std::shared_ptr<const RowThresholds> make_device_thresholds(
     void* sort_temp = base + (arrays + 255) / 256 * 256;
 
     const dim3 per_key(unsigned(ceil_div(sk, 256)), unsigned(lists));
-    list_keys_kernel<<<per_key, 256, 0, stream>>>(lp, keys_in, index_in, offsets);
+    order_keys_kernel<<<per_key, 256, 0, stream>>>(lp, keys_in, index_in, offsets);
     FSA_CUDA_CHECK(cudaGetLastError());
     // Radix sort is stable: equal keys keep ascending indices, create_mask's tie order.
     FSA_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortPairsDescending(
