@@ -520,6 +520,9 @@ struct ColumnSums {
   struct Rows {
     int b, t, key_row0;
   };
+  // kAdd: add to what is there (two dK/dV warpgroups sharing the keys, after zero_heads) rather
+  // than store.
+  template <bool kAdd = false>
   __device__ void flush(const BackwardParams& p, Rows at) {
     if (p.bias_grad != BiasGrad::kColumns || head < 0) return;
 #pragma unroll
@@ -531,8 +534,13 @@ struct ColumnSums {
       if (at.t == 0 && key < p.seqlen_k) {
         // One set of sums per dK/dV share (blockIdx.x % dkv_splits, as in DkvWorkCursor).
         const int share = int(blockIdx.x) & (p.dkv_splits - 1);
-        p.col_accum[((int64_t(share) * p.batch + at.b) * p.num_heads + head) * p.seqlen_k + key] =
-            cg;
+        float* dst =
+            p.col_accum + ((int64_t(share) * p.batch + at.b) * p.num_heads + head) * p.seqlen_k + key;
+        if constexpr (kAdd) {
+          atomicAdd(dst, cg);
+        } else {
+          *dst = cg;
+        }
       }
       sum[r] = 0.0f;
     }
@@ -545,9 +553,10 @@ struct ColumnSums {
     }
     head = -1;
   }
+  template <bool kAdd = false>
   __device__ void switch_to(const BackwardParams& p, Rows at, int h) {
     if (h != head) {
-      flush(p, at);
+      flush<kAdd>(p, at);
       head = h;
     }
   }

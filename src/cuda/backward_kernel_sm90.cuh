@@ -3,11 +3,14 @@
 // MMA (wgmma, sm_90a) over the same transposed block lists, work order and element passes as
 // dkdv_kernel (backward_kernel.cuh), for kernel head dims 64 and 128.
 //
-// CTA (64-key tile n, kv head hk, batch b) = one producer warpgroup + one consumer warpgroup. The
-// producer copies the K and V tiles once, then streams the 64-query halves of the work list
+// CTA (64-key tile n, kv head hk, batch b) = one producer warpgroup + two consumer warpgroups.
+// The producer copies the K and V tiles once, then streams the 64-query halves of the work list
 // (Q, dO, LSE, rowdot, and a staged 16-bit bias's 64 x 64 tile) through kStages cp.async stages,
-// announcing each on a "full" mbarrier.
-// The consumer owns the 64 key rows (16 per warp, as in dkdv_kernel) and, per half:
+// announcing each on a "full" mbarrier. The consumers share the key tile and take alternate halves
+// (half j: warpgroup j % 2, stage j % kStages), each with its own dK and dV accumulators, so one's
+// element passes run under the other's products; at the end the second adds its dK and dV into
+// the first's through shared memory (a fixed order: results stay deterministic). Per half, a
+// consumer (owning the 64 key rows, 16 per warp, as in dkdv_kernel) runs:
 //
 //   x^T  = K Q^T    SS wgmma (64 keys x 64 queries, K = head dim)
 //   dP^T = V dO^T   SS wgmma
@@ -35,16 +38,25 @@ struct Sm90DkvTiles {
   static constexpr int kHalf = 64;  // queries per step, as in dkdv_kernel
   static constexpr int kHalves = kBlockM / kHalf;
   static constexpr int kProducerThreads = 128;
-  static constexpr int kConsumerThreads = 128;
+  static constexpr int kConsumerWarpGroups = 2;
+  static constexpr int kConsumerThreads = kConsumerWarpGroups * 128;
   static constexpr int kThreads = kProducerThreads + kConsumerThreads;
-  // One CTA per SM: the consumer holds dK and dV (2 x 64 fp32 at D = 128), x^T and dP^T (2 x 32)
-  // and the two bf16 A operands (2 x 16); at 216 registers (two CTAs per SM) ptxas spilled and
-  // serialized the wgmma.
+  // One CTA per SM: a consumer holds dK and dV (2 x 64 fp32 at D = 128), x^T and dP^T (2 x 32)
+  // and the two bf16 A operands (2 x 16); at 216 registers ptxas spilled and serialized the
+  // wgmma. setmaxnreg moves registers within the CTA's launch allocation (168 per thread at 384
+  // threads): 128 * (168 - 24) = 256 * (240 - 168). The producer spills a little at 24 (64 bytes
+  // at D = 128); consumers at 232 spilled 148.
   static constexpr int kCtasPerSm = 1;
-  static constexpr int kProducerRegisters = 40;
+  static constexpr int kProducerRegisters = 24;
   static constexpr int kConsumerRegisters = 240;
-  // Stages of (Q, dO) halves: 4 x 32.5 KiB + K and V = 162 KiB at D = 128.
+  // Stages of (Q, dO) halves: 4 x 32.5 KiB + K and V = 162 KiB at D = 128. Even, so that each
+  // consumer warpgroup always uses the same stages.
   static constexpr int kStages = 4;
+  static_assert(kStages % kConsumerWarpGroups == 0, "half j: warpgroup j % 2, stage j % kStages");
+  // The second consumer's dK and dV (fp32, thread-major) for the first to add, over the Q / dO
+  // stages once both are done with them.
+  static_assert(2 * 64 * kHeadDim * 4 <= 2 * kStages * kHalf * kHeadDim * 2,
+                "the dK / dV exchange fits in the stages");
 
   using T = typename CuteElement<Elt>::type;
   // K and V tiles (keys x head dim), K-major: the A operands of the two SS products.
@@ -109,9 +121,9 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
   float* s_lse = reinterpret_cast<float*>(smem_raw + Tiles::kStatsOffset);  // (kStages, kHalf)
   float* s_rdot = s_lse + kStages * kHalf;                                 // (kStages, kHalf)
   auto* s_bias = reinterpret_cast<uint16_t*>(smem_raw + Tiles::kBiasOffset);
-  uint64_t* full_bar =
-      init_stage_barriers<kStages, Tiles::kProducerThreads, Tiles::kConsumerThreads>(
-          smem_raw + Tiles::kBarrierOffset);
+  // A stage is released by the one consumer warpgroup that used it (its four warps).
+  uint64_t* full_bar = init_stage_barriers<kStages, Tiles::kProducerThreads, 128>(
+      smem_raw + Tiles::kBarrierOffset);
   uint64_t* empty_bar = full_bar + kStages;
 
   // Key tile n; blockIdx.x % dkv_splits is this CTA's share of its query work (DkvWorkCursor).
@@ -176,8 +188,13 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
   }
 
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Tiles::kConsumerRegisters));
-  const int ct = int(threadIdx.x) - Tiles::kProducerThreads;
+  // Consumer warpgroup wg, thread ct within it.
+  const int wg = (int(threadIdx.x) - Tiles::kProducerThreads) / 128;
+  const int ct = int(threadIdx.x) % 128;
   const int warp = ct / 32, lane = ct % 32, g = lane / 4, t = lane % 4;
+  auto consumers_sync = [] {  // both consumer warpgroups (named barrier 1)
+    asm volatile("bar.sync 1, %0;\n" ::"n"(Tiles::kConsumerThreads) : "memory");
+  };
 
   Tensor sK = make_tensor(make_smem_ptr(smem_k), typename Tiles::SmemLayoutKV{});
   Tensor sV = make_tensor(make_smem_ptr(smem_v), typename Tiles::SmemLayoutKV{});
@@ -212,9 +229,12 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
   clear(tdV);
 
   const int key_row[2] = {key0 + warp * 16 + g, key0 + warp * 16 + g + 8};
+  // Both warpgroups sum columns of the same keys: the first zeroes every head's sums, then each
+  // adds its own (two fp32 additions onto zero, which commute exactly: deterministic).
   ColumnSums col;
   const ColumnSums::Rows col_rows{b, t, key_row[0]};
-  col.zero_heads(p, col_rows, hk);
+  if (wg == 0) col.zero_heads(p, col_rows, hk);
+  consumers_sync();
 
   auto issue_ss = [&](auto& acc, const auto& a, const auto& bop, int stage) {
     warpgroup_fence_operand(acc);
@@ -241,18 +261,20 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
   // half j + 1's stage and the issue of its x^T and dP^T.
   const bool release_lane = lane == 0;
   DkvWorkCursor<Tiles::kHalves> cur(p, n, hk, b);
-  int j = 0;
-  for (; !cur.done(); ++j, cur.advance()) {
+  int prev_stage = -1;  // this warpgroup's previous stage, released once its products retire
+  for (int j = 0; !cur.done(); ++j, cur.advance()) {
+    if (j % Tiles::kConsumerWarpGroups != wg) continue;
     const int stage = j % kStages, h = cur.h;
     const int q0 = cur.m() * kBlockM + cur.half * kHalf;
     const bool check = cur.partial() || key0 + kBlockN > p.seqlen_k || q0 + kHalf > p.seqlen_q;
-    col.switch_to(p, col_rows, h);
+    col.switch_to<true>(p, col_rows, h);
     mbarrier_wait(&full_bar[stage], (j / kStages) & 1);
     fence_async_shared();  // the producer's cp.async writes, before wgmma reads them
     // The previous half's dV and dK products retire before x^T and dP^T are issued: with them in
     // flight too, ptxas ran out of registers and serialized every wgmma (C7512).
     warpgroup_wait<0>();
-    if (j > 0 && release_lane) mbarrier_arrive(&empty_bar[(j + kStages - 1) % kStages]);
+    if (prev_stage >= 0 && release_lane) mbarrier_arrive(&empty_bar[prev_stage]);
+    prev_stage = stage;
     issue_ss(tSrS, tSrK, tSrQ, stage);
     issue_ss(tSrDp, tSrV, tSrDo, stage);
     warpgroup_wait<1>();  // x^T
@@ -310,7 +332,27 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
   warpgroup_wait<0>();
   warpgroup_fence_operand(tdK);
   warpgroup_fence_operand(tdV);
-  col.flush(p, col_rows);
+  col.flush<true>(p, col_rows);
+
+  // The second warpgroup's dK and dV into the first's, over the stages (every half was consumed,
+  // so every copy into them has landed; the barrier waits for the last products reading them).
+  consumers_sync();
+  auto* exchange = reinterpret_cast<float*>(smem_q);
+  constexpr int kAcc = kDTiles * 4;  // accumulator values per thread, each of dK and dV
+  if (wg == 1) {
+#pragma unroll
+    for (int i = 0; i < kAcc; ++i) {
+      exchange[i * 128 + ct] = tdK(i);
+      exchange[(kAcc + i) * 128 + ct] = tdV(i);
+    }
+  }
+  consumers_sync();
+  if (wg == 1) return;
+#pragma unroll
+  for (int i = 0; i < kAcc; ++i) {
+    tdK(i) += exchange[i * 128 + ct];
+    tdV(i) += exchange[(kAcc + i) * 128 + ct];
+  }
 
   if (p.dkv_splits > 1) {  // this share's dK (scaled) and dV in fp32, summed by dkv_reduce_kernel
     const int64_t per = int64_t(p.batch) * p.seqlen_k * p.num_kv_heads * kHeadDim;
