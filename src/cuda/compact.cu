@@ -217,25 +217,49 @@ __device__ inline uint16_t float_to_half_bits(float x, bool bf16) {
   return bf16 ? __bfloat16_as_ushort(__float2bfloat16_rn(x)) : __half_as_ushort(__float2half_rn(x));
 }
 
-// grid (ceil(Sk * D / 256), Hk, B), one element per thread: key j of kv head hk sums, over the
-// gathered heads that copy hk (one, or a query group's), its slot's gradient; 0 for a dropped
-// key. Each element is written once: no atomics, the same order every run.
+// grid (ceil(Sk * D / kElems / 256), Hk, B), kElems consecutive elements of one row per thread
+// (8: one 16-byte load per gathered head and one store, when D, the strides and the pointer allow;
+// else 1): key j of kv head hk sums, over the gathered heads that copy hk (one, or a query group's),
+// its slot's gradient; 0 for a dropped key. Each element is written once: no atomics, the same
+// order every run.
+template <int kElems>
 __global__ void scatter_rows_kernel(const __grid_constant__ ScatterParams p) {
   const int hk = blockIdx.y, b = blockIdx.z;
+  const int chunks = p.head_dim / kElems;
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= p.g.seqlen_k * p.head_dim) return;
-  const int64_t j = idx / p.head_dim;
-  const int d = int(idx % p.head_dim);
+  if (idx >= p.g.seqlen_k * chunks) return;
+  const int64_t j = idx / chunks;
+  const int d = int(idx % chunks) * kElems;
   const int64_t per = p.g.kv_heads / p.g.num_kv_heads;
-  float sum = 0.0f;
+  float sum[kElems] = {};
   for (int64_t hc = hk * per; hc < (hk + 1) * per; ++hc) {
     const int32_t s = p.slot[p.g.list_of_kv(b, hc) * p.g.seqlen_k + j];
     if (s < 0) continue;
-    const int64_t at = ((b * p.g.slots + s) * p.g.kv_heads + hc) * p.head_dim + d;
-    sum += half_bits_to_float(static_cast<const uint16_t*>(p.src)[at], p.bf16);
+    const auto* src = static_cast<const uint16_t*>(p.src) +
+                      ((b * p.g.slots + s) * p.g.kv_heads + hc) * p.head_dim + d;
+    if constexpr (kElems == 8) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(src);
+      const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        sum[e] += half_bits_to_float(uint16_t(words[e / 2] >> (16 * (e % 2))), p.bf16);
+      }
+    } else {
+      sum[0] += half_bits_to_float(src[0], p.bf16);
+    }
   }
-  static_cast<uint16_t*>(p.dst)[b * p.stride_b + j * p.stride_s + hk * p.stride_h + d] =
-      float_to_half_bits(sum, p.bf16);
+  auto* dst = static_cast<uint16_t*>(p.dst) + b * p.stride_b + j * p.stride_s + hk * p.stride_h + d;
+  if constexpr (kElems == 8) {
+    uint32_t words[4];
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      words[w] = uint32_t(float_to_half_bits(sum[2 * w], p.bf16)) |
+                 uint32_t(float_to_half_bits(sum[2 * w + 1], p.bf16)) << 16;
+    }
+    *reinterpret_cast<uint4*>(dst) = make_uint4(words[0], words[1], words[2], words[3]);
+  } else {
+    dst[0] = float_to_half_bits(sum[0], p.bf16);
+  }
 }
 
 struct DbiasScatterParams {
@@ -337,9 +361,18 @@ void scatter_rows(const CompactGeometry& g, const KeyCompaction& c, const void* 
   sp.g = g;
   sp.head_dim = int(head_dim);
   sp.bf16 = bf16;
-  scatter_rows_kernel<<<dim3(unsigned(ceil_div(g.seqlen_k * head_dim, 256)),
-                             unsigned(g.num_kv_heads), unsigned(g.batch)),
-                        256, 0, stream>>>(sp);
+  // 16-byte rows chunks when D, the caller's strides and pointer allow (the slots' rows are
+  // contiguous and start 16-byte aligned when D is a multiple of 8).
+  const bool vec = head_dim % 8 == 0 && reinterpret_cast<uintptr_t>(dst.data) % 16 == 0 &&
+                   dst.stride_b % 8 == 0 && dst.stride_s % 8 == 0 && dst.stride_h % 8 == 0;
+  const int64_t elems = vec ? 8 : 1;
+  const dim3 grid(unsigned(ceil_div(g.seqlen_k * head_dim / elems, 256)),
+                  unsigned(g.num_kv_heads), unsigned(g.batch));
+  if (vec) {
+    scatter_rows_kernel<8><<<grid, 256, 0, stream>>>(sp);
+  } else {
+    scatter_rows_kernel<1><<<grid, 256, 0, stream>>>(sp);
+  }
   FSA_CUDA_CHECK(cudaGetLastError());
 }
 
