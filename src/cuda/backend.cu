@@ -234,7 +234,8 @@ std::shared_ptr<const DeviceBlockMap> make_device_plan(
   pp.map = mp;
   if (rows > 0 && extents.n_blocks > 0) {
     const unsigned threads = 32 * kPlanWarps;
-    const dim3 grid(unsigned((extents.n_blocks + kPlanWarps - 1) / kPlanWarps),
+    constexpr int kTilesPerCta = kPlanWarps * kClassifyTilesPerWarp;
+    const dim3 grid(unsigned((extents.n_blocks + kTilesPerCta - 1) / kTilesPerCta),
                     unsigned(extents.m_blocks), unsigned(outer));
     classify_kernel<<<grid, threads, 0, stream>>>(pp);
     FSA_CUDA_CHECK(cudaGetLastError());

@@ -64,9 +64,10 @@ void launch_backward(const BackwardParams& p, cudaStream_t stream) {
   const int64_t elements = int64_t(p.dbias_shape[0]) * p.dbias_shape[1] * p.dbias_shape[2] *
                            p.dbias_shape[3];
   // zero_dbias / dbias_reduce: grid (dbias rows, key blocks), see for_each_dbias_entry.
-  const dim3 dbias_grid(
-      unsigned(int64_t(p.dbias_shape[0]) * p.dbias_shape[1] * p.dbias_shape[2]),
-      unsigned((p.dbias_shape[3] + kDbiasKeysPerBlock - 1) / kDbiasKeysPerBlock));
+  const int64_t dbias_rows = int64_t(p.dbias_shape[0]) * p.dbias_shape[1] * p.dbias_shape[2];
+  const int keys_per_block = dbias_keys_per_block(dbias_rows);
+  const dim3 dbias_grid(unsigned(dbias_rows),
+                        unsigned((p.dbias_shape[3] + keys_per_block - 1) / keys_per_block));
   const unsigned dbias_threads = unsigned(std::min(256, (p.dbias_shape[3] + 31) / 32 * 32));
   if (p.bias_grad == BiasGrad::kFull && elements > 0) {
     // Entries of skipped tiles must read 0: a memset when dbias is one dense block.
