@@ -311,10 +311,14 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
     }
     // dS^T = P^T (dP^T - rowdot); dX = dS without softcap. Then dK += dS^T Q.
     auto& ds = *reinterpret_cast<float(*)[kCTiles][4]>(raw_pointer_cast(tSrDp.data()));
+    // A dropped entry (P = 0) gives 0 even when its dP is not finite (NaN / Inf stored in V at a
+    // dropped key). As a branch on partial tiles only, ptxas spilled in both passes.
 #pragma unroll
     for (int c = 0; c < kCTiles; ++c)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) ds[c][e] = s[c][e] * (ds[c][e] - rdot[c * 8 + 2 * t + (e & 1)]);
+      for (int e = 0; e < 4; ++e) {
+        ds[c][e] = s[c][e] != 0.0f ? s[c][e] * (ds[c][e] - rdot[c * 8 + 2 * t + (e & 1)]) : 0.0f;
+      }
     if (p.bias_grad == BiasGrad::kColumns) {
 #pragma unroll
       for (int c = 0; c < kCTiles; ++c)
@@ -699,10 +703,14 @@ __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
     warpgroup_fence_operand(tSrDp);
     // dS = P (dP - rowdot); dX = dS without softcap.
     auto& ds = *reinterpret_cast<float(*)[kNTiles][4]>(raw_pointer_cast(tSrDp.data()));
+    // A dropped entry (P = 0) gives 0 even when its dP is not finite (NaN / Inf stored in V at a
+    // dropped key). As a branch on partial tiles only, ptxas spilled in both passes.
 #pragma unroll
     for (int c = 0; c < kNTiles; ++c)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) ds[c][e] = s[c][e] * (ds[c][e] - rdot[e / 2]);
+      for (int e = 0; e < 4; ++e) {
+        ds[c][e] = s[c][e] != 0.0f ? s[c][e] * (ds[c][e] - rdot[e / 2]) : 0.0f;
+      }
 #pragma unroll
     for (int c = 0; c < kNTiles; ++c) {
       ds_regs[2 * c] = Elt::pack(ds[c][0], ds[c][1]);

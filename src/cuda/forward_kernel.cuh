@@ -31,6 +31,7 @@ constexpr float kLn2 = 0.6931471805599453f;
 
 struct Bf16 {
   using Storage = __nv_bfloat16;
+  static constexpr uint32_t kExponents2 = 0x7f807f80u;  // both halves' exponent bits (NaN / Inf)
   __device__ static uint32_t pack(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&v);
@@ -49,6 +50,7 @@ struct Bf16 {
 
 struct Fp16 {
   using Storage = __half;
+  static constexpr uint32_t kExponents2 = 0x7c007c00u;
   __device__ static uint32_t pack(float lo, float hi) {
     __half2 v = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&v);
@@ -102,6 +104,95 @@ __device__ void load_tile_async(uint16_t* smem, const uint16_t* gmem, int64_t ro
         *reinterpret_cast<const cute::uint128_t*>(valid ? src : gmem),
         *reinterpret_cast<cute::uint128_t*>(smem + SmemTile<kHeadDim>::offset(r, c)), valid);
     src += src_step;
+  }
+}
+
+// NaN / Inf stored in V at a key that a partial tile drops for some of its rows must not reach
+// those rows (SPEC: a dropped key contributes nothing), but the tensor cores multiply the dropped
+// entry's P = 0 by it (0 x NaN = NaN). So, per partial tile, the V rows holding a non-finite value
+// are found in shared memory (a bit per key), zeroed there before P V, and added back, after the
+// tile's rescale, only to the rows that keep them: o(r, d) += P(r, j) V(j, d) from global memory.
+// Rare by nature: the common path pays the scan of the partial tiles' V only.
+template <class Elt>
+__device__ __forceinline__ bool chunk_nonfinite(uint4 x) {
+  constexpr uint32_t m = Elt::kExponents2;
+  return (__vcmpeq2(x.x & m, m) | __vcmpeq2(x.y & m, m) | __vcmpeq2(x.z & m, m) |
+          __vcmpeq2(x.w & m, m)) != 0;
+}
+
+// o += P(:, j) V(j, :) for every key j (tile column) of `keys`, from the tile's P (the C fragments
+// of a warp's 16 kRT rows, after the softmax step) and the tile's first key row `v_rows` in global
+// memory; only entries with P != 0 (kept) take part. o_at(rt, d, e) is the output accumulator.
+template <int kRT, int kNTiles, int kDTiles, class Elt, class At>
+__device__ void add_nonfinite_keys(uint64_t keys, const float (&s)[kRT][kNTiles][4], const At& o_at,
+                                   const uint16_t* v_rows, int64_t v_stride_s, int head_dim) {
+  const int lane = threadIdx.x % 32, t = lane % 4;
+  while (keys != 0) {
+    const int j = __ffsll(static_cast<long long>(keys)) - 1;
+    keys &= keys - 1;
+    const int owner = (lane & ~3) | ((j % 8) / 2);  // the quad lane holding column j
+    const uint16_t* vrow = v_rows + int64_t(j) * v_stride_s;
+#pragma unroll
+    for (int rt = 0; rt < kRT; ++rt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float mine = 0.0f;  // s[rt][j / 8][2 r + j % 2], selected (a runtime index would spill s)
+#pragma unroll
+        for (int c = 0; c < kNTiles; ++c)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            if (c * 8 + e == (j & ~6)) mine = s[rt][c][2 * r + e];
+          }
+        const float pr = __shfl_sync(0xffffffffu, mine, owner);
+        if (pr == 0.0f) continue;
+#pragma unroll
+        for (int d = 0; d < kDTiles; ++d)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int col = d * 8 + 2 * t + e;
+            if (col < head_dim) o_at(rt, d, 2 * r + e) += pr * Elt::to_float(vrow, col);
+          }
+      }
+  }
+}
+
+// The sm80 kernel's registers are full (255 at D = 128: the correction above, inlined, took its
+// spills from 22 to 154 bytes), so it keeps the finite values of such a row in shared memory
+// (clear_nonfinite zeroes only the NaN / Inf elements: P V adds the rest exactly) and records the
+// non-finite ones per output element, 2 bits in shared memory (mark_nonfinite_keys), which the
+// write turns into the exact result: NaN for a NaN or for both infinities, else the infinity.
+template <class Elt>
+__device__ __forceinline__ uint4 clear_nonfinite(uint4 x) {
+  constexpr uint32_t m = Elt::kExponents2;
+  auto clear = [](uint32_t w) { return w & ~__vcmpeq2(w & m, m); };
+  return make_uint4(clear(x.x), clear(x.y), clear(x.z), clear(x.w));
+}
+
+// Marks, for every key j of `keys` and every row of the warp that keeps it (keeps(rt, r, j): the
+// tile's predicate recomputed, no score registers), the non-finite values of V(j, :) in `poison`
+// (kHeadDim / 16 words per tile row; code 1 = +inf, 2 = -inf, 3 = NaN, or-ed). The quad's four
+// lanes split the columns.
+template <int kRT, int kHeadDim, class Elt, class Keeps>
+__device__ void mark_nonfinite_keys(uint64_t keys, const Keeps& keeps, int warp_row0,
+                                    uint32_t* poison, const uint16_t* v_rows, int64_t v_stride_s,
+                                    int head_dim) {
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  while (keys != 0) {
+    const int j = __ffsll(static_cast<long long>(keys)) - 1;
+    keys &= keys - 1;
+    const uint16_t* vrow = v_rows + int64_t(j) * v_stride_s;
+#pragma unroll 1
+    for (int rr = 0; rr < 2 * kRT; ++rr) {
+      if (!keeps(rr / 2, rr % 2, j)) continue;
+      const int row = warp_row0 + (rr / 2) * 16 + g + 8 * (rr % 2);
+#pragma unroll 1
+      for (int col = t; col < head_dim; col += 4) {
+        const float x = Elt::to_float(vrow, col);
+        if (isfinite(x)) continue;
+        const uint32_t code = x != x ? 3u : (x > 0.0f ? 1u : 2u);
+        atomicOr(&poison[(row * kHeadDim + col) / 16], code << (2 * (col % 16)));
+      }
+    }
   }
 }
 
@@ -316,6 +407,28 @@ struct WarpRows {
     return p.bias_is_fp32 ? static_cast<const float*>(p.bias)[off] : Elt::to_float(p.bias, off);
   }
 
+  // Whether fragment row (rt, r) keeps key column c of a partial tile: what logits() decides for
+  // it, recomputed from the operands (mask, causality, a -inf bias, the row's top-k threshold).
+  template <class Elt>
+  __device__ bool keeps_entry(int rt, int r, int c) const {
+    if (!row_valid(rt, r)) return false;
+    int i, head;
+    row_of(rt, r, i, head);
+    if (c >= p.seqlen_k || c >= visible_end(p, b, head, i)) return false;
+    if (p.mask && p.mask[b * p.mask_stride[0] + (head / p.mask_head_group) * p.mask_stride[1] +
+                         int64_t(i) * p.mask_stride[2] + int64_t(c) * p.mask_stride[3]] == 0) {
+      return false;
+    }
+    if (p.bias) {
+      const float v = bias_at<Elt>(i, head, c);
+      if (v == -INFINITY) return false;
+      if (p.row_topk.key != nullptr && !p.row_topk.keeps(v, c, p.row_topk.at(b, head, i))) {
+        return false;
+      }
+    }
+    return true;
+  }
+
   // Scores of key tile col0 .. col0 + 8 kNTiles into logits in the log2 domain: scale (or
   // softcap), bias, then the drops of a partial tile or of the ragged last key block.
   // `bias_tile`, when given, holds this tile's kNTiles * 8 values of a query-invariant bias (in
@@ -471,10 +584,26 @@ struct WarpRows {
   // Normalizes and writes the warp's rows: the output, or this split's partial output and LSE. A
   // row that kept nothing has sum 0: O = 0 exactly and LSE = -inf.
   template <int kHeadDim, int kRT, class Elt>
-  __device__ __forceinline__ void write(const float (&o)[kRT][kHeadDim / 8][4],
+  // poison: the sm80 kernel's marks of non-finite V values (mark_nonfinite_keys), or null.
+  __device__ __forceinline__ void write(const float (&o_acc)[kRT][kHeadDim / 8][4],
                                         const float (&row_max)[kRT][2],
-                                        const float (&row_sum)[kRT][2], int split) const {
+                                        const float (&row_sum)[kRT][2], int split,
+                                        const uint32_t* poison = nullptr) const {
     constexpr int kDTiles = kHeadDim / 8;
+    float o[kRT][kDTiles][4];
+#pragma unroll
+    for (int rt = 0; rt < kRT; ++rt)
+#pragma unroll
+      for (int d = 0; d < kDTiles; ++d)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          o[rt][d][e] = o_acc[rt][d][e];
+          if (poison != nullptr) {
+            const int row = warp_row0 + rt * 16 + g + 8 * (e / 2), col = d * 8 + 2 * t + e % 2;
+            const uint32_t code = (poison[(row * kHeadDim + col) / 16] >> (2 * (col % 16))) & 3u;
+            if (code != 0) o[rt][d][e] = code == 3u ? NAN : (code == 1u ? INFINITY : -INFINITY);
+          }
+        }
 #pragma unroll
     for (int rt = 0; rt < kRT; ++rt)
 #pragma unroll
@@ -620,6 +749,10 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads, 2)
   uint16_t* s_q = reinterpret_cast<uint16_t*>(smem_raw);  // (kBlockM, kHeadDim)
   uint16_t* s_k = s_q + Tiles::kSmemQ;                     // 2 stages of (kBlockN, kHeadDim)
   uint16_t* s_v = s_k + 2 * Tiles::kSmemKV;                // 2 stages of (kBlockN, kHeadDim)
+  auto* s_nonfinite = reinterpret_cast<unsigned long long*>(smem_raw + Tiles::kNonfiniteOffset);
+  auto* s_poison = reinterpret_cast<uint32_t*>(smem_raw + Tiles::kPoisonOffset);
+  if (threadIdx.x == 0) *s_nonfinite = 0;  // ordered before use by the loop's first barrier
+  bool poisoned = false;                   // s_poison holds marks (cleared at the first)
 
   const int split = int(blockIdx.x) % p.num_splits;
   const int m = p.map.m_blocks - 1 - int(blockIdx.x) / p.num_splits;  // long causal rows first
@@ -689,21 +822,56 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads, 2)
     }
     __syncthreads();
 
+    // A partial tile's NaN / Inf in V: zeroed here, recorded for the rows that keep them after the
+    // softmax step, applied by the write (mark_nonfinite_keys).
+    const bool partial = it >= list.n_full;
+    uint64_t nonfinite = 0;
+    if (partial) {
+      uint16_t* sv = s_v + stage * Tiles::kSmemKV;
+      uint64_t mine = 0;
+#pragma unroll 1
+      for (int idx = threadIdx.x; idx < kBlockN * kChunks; idx += kThreads) {
+        auto* chunk = reinterpret_cast<uint4*>(sv + Smem::offset(idx / kChunks, idx % kChunks));
+        const uint4 x = *chunk, y = clear_nonfinite<Elt>(x);
+        if (x.x != y.x || x.y != y.y || x.z != y.z || x.w != y.w) {
+          *chunk = y;
+          mine |= 1ull << (idx / kChunks);
+        }
+      }
+      if (mine) atomicOr(s_nonfinite, static_cast<unsigned long long>(mine));
+      __syncthreads();
+      nonfinite = *s_nonfinite;
+      if (nonfinite != 0 && !poisoned) {  // uniform over the CTA: the first such tile
+        for (int w = threadIdx.x; w < kBlockM * kHeadDim / 16; w += kThreads) s_poison[w] = 0;
+        poisoned = true;
+        __syncthreads();
+      }
+    }
+
     // s (16 kRT, kBlockN) = q (16 kRT, kHeadDim) . k^T
     float s[kRT][kNTiles][4];
     warp_gemm_nt<kHeadDim, kBlockN, kRT, Elt>(s, s_q, wr.warp_row0, s_k + stage * Tiles::kSmemKV);
-    wr.logits<kRT, kNTiles, Elt>(s, n * kBlockN, it >= list.n_full);
+    wr.logits<kRT, kNTiles, Elt>(s, n * kBlockN, partial);
     float correction[kRT][2];
     softmax_step(s, wr.exp_scale, row_max, row_sum, correction);
     rescale_rows<kRT, kDTiles>([&](int rt, int d, int e) -> float& { return o[rt][d][e]; },
                                correction);
     // o (16 kRT, kHeadDim) += p (16 kRT, kBlockN) . v (kBlockN, kHeadDim)
     warp_gemm_pv<kHeadDim, kBlockN, kRT, Elt>(o, s, s_v + stage * Tiles::kSmemKV);
+    if (nonfinite != 0) {  // after P V, where the scores are dead
+      const int col0 = n * kBlockN;
+      mark_nonfinite_keys<kRT, kHeadDim, Elt>(
+          nonfinite,
+          [&](int rt, int r, int j) { return wr.keeps_entry<Elt>(rt, r, col0 + j); },
+          wr.warp_row0, s_poison, v + int64_t(col0) * p.v_stride_s, p.v_stride_s, p.head_dim);
+    }
     __syncthreads();  // this stage is refilled by the next iteration's prefetch
+    if (partial && threadIdx.x == 0) *s_nonfinite = 0;  // every thread read it before the barrier
     n = n_next;
     n_next = n_after;
   }
-  wr.write<kHeadDim, kRT, Elt>(o, row_max, row_sum, split);
+  if (poisoned) __syncthreads();  // every warp's marks
+  wr.write<kHeadDim, kRT, Elt>(o, row_max, row_sum, split, poisoned ? s_poison : nullptr);
 }
 
 // Merges the splits of one (b, h, i) row: LSE = log sum_s exp(LSE_s), O = sum_s exp(LSE_s - LSE)

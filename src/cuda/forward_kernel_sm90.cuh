@@ -82,8 +82,11 @@ struct Sm90ForwardTiles {
   // Per stage, the key tile's slice of a query-invariant bias (fp32 at most: 4 bytes per key).
   static constexpr int kBiasStageBytes = kBlockN * 4;
   static constexpr int kBarrierOffset = (kSmemQ + kSmemK + kSmemV) * 2 + kStages * kBiasStageBytes;
-  // Per stage: "full" (the producer's copies landed) and "empty" (both consumers are done with it).
-  static constexpr int kSmemBytes = kBarrierOffset + 2 * kStages * 8;
+  // Per stage: "full" (the producer's copies landed) and "empty" (both consumers are done with it),
+  // then a partial tile's non-finite V keys (add_nonfinite_keys), 64 bits per stage.
+  static constexpr int kNonfiniteOffset = kBarrierOffset + 2 * kStages * 8;
+  static constexpr int kSmemBytes = kNonfiniteOffset + kStages * 8;
+  static_assert(kBlockN <= 64, "one bit per key of a tile");
   // A staged bias (Params::bias_staged) lives after the barriers, so that launches without one
   // keep their shared memory (and the L1 that the rest of the carveout leaves) as it was. Per
   // stage its (kBlockM x kBlockN) tile, SmemTile<kBlockN>.
@@ -257,6 +260,7 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
       init_stage_barriers<kStages, Tiles::kProducerThreads, Tiles::kConsumerThreads>(
           smem_raw + Tiles::kBarrierOffset);
   uint64_t* empty_bar = full_bar + kStages;
+  auto* s_nonfinite = reinterpret_cast<unsigned long long*>(smem_raw + Tiles::kNonfiniteOffset);
 
   const int split = int(blockIdx.x) % p.num_splits;
   const int m = p.map.m_blocks - 1 - int(blockIdx.x) / p.num_splits;  // long causal rows first
@@ -326,7 +330,40 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
       load_rows_async<kHeadDim, kBlockN, kLoaders>(s_v + stage * kStageElems, v_dst.first,
                                                    v_dst.step, v, p.v_stride_s,
                                                    n_block * kBlockN, p.seqlen_k, p.head_dim);
-      mbarrier_arrive_on_copies(&full_bar[stage]);
+      if (list.begin + j < list.n_full) {
+        mbarrier_arrive_on_copies(&full_bar[stage]);
+        continue;
+      }
+      // A partial tile: its V rows holding NaN / Inf are marked in s_nonfinite[stage] and zeroed
+      // before the consumers see the stage (add_nonfinite_keys). The producer waits for its own
+      // copies here, on partial tiles only. Each thread scans the chunks it copied: rows
+      // threadIdx.x / kChunks + k * kRowsPerPass.
+      constexpr int kChunks = kHeadDim / 8, kRowsPerPass = kLoaders / kChunks;
+      auto producers_sync = [] { asm volatile("bar.sync 2, %0;\n" ::"n"(kLoaders) : "memory"); };
+      if (threadIdx.x == 0) s_nonfinite[stage] = 0;
+      cp_async_fence();
+      cp_async_wait<0>();
+      producers_sync();
+      uint16_t* sv = s_v + stage * kStageElems;
+      uint64_t mine = 0;
+#pragma unroll 1
+      for (int k = 0; k < kBlockN / kRowsPerPass; ++k) {
+        const uint4 x = *reinterpret_cast<const uint4*>(sv + v_dst.first + k * v_dst.step);
+        if (chunk_nonfinite<Elt>(x)) mine |= 1ull << (int(threadIdx.x) / kChunks + k * kRowsPerPass);
+      }
+      if (mine) atomicOr(&s_nonfinite[stage], static_cast<unsigned long long>(mine));
+      producers_sync();
+      const uint64_t nonfinite = s_nonfinite[stage];
+      if (nonfinite != 0) {
+#pragma unroll 1
+        for (int k = 0; k < kBlockN / kRowsPerPass; ++k) {
+          if ((nonfinite >> (int(threadIdx.x) / kChunks + k * kRowsPerPass)) & 1) {
+            *reinterpret_cast<uint4*>(sv + v_dst.first + k * v_dst.step) = make_uint4(0, 0, 0, 0);
+          }
+        }
+        fence_async_shared();  // the zeros, before the consumers' wgmma reads them
+      }
+      mbarrier_arrive(&full_bar[stage]);
     }
     cp_async_wait<0>();
     return;
@@ -457,6 +494,16 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
       p_regs[2 * c + 1] = Elt::pack(s[0][c][2], s[0][c][3]);
     }
     rescale_rows<1, kDTiles>(o_at, correction);
+    if (list.begin + j >= list.n_full) {
+      const uint64_t nonfinite = s_nonfinite[stage];
+      if (nonfinite != 0) {
+        add_nonfinite_keys<1, kNTiles, kDTiles, Elt>(
+            nonfinite, s, o_at,
+            static_cast<const uint16_t*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h +
+                int64_t(n) * kBlockN * p.v_stride_s,
+            p.v_stride_s, p.head_dim);
+      }
+    }
     n = n_next;
     n_next = n_after;
   }

@@ -33,7 +33,12 @@ struct ForwardTiles {
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kSmemQ = kBlockM * kHeadDim;   // elements
   static constexpr int kSmemKV = kBlockN * kHeadDim;  // elements per stage of K (or V)
-  static constexpr int kSmemBytes = (kSmemQ + 4 * kSmemKV) * 2;
+  // Q, two stages of K and V, then a partial tile's keys with non-finite V values and the marks
+  // of the rows that keep them (2 bits per output element; mark_nonfinite_keys).
+  static constexpr int kNonfiniteOffset = (kSmemQ + 4 * kSmemKV) * 2;
+  static constexpr int kPoisonOffset = kNonfiniteOffset + 8;
+  static constexpr int kSmemBytes = kPoisonOffset + kBlockM * kHeadDim / 4;
+  static_assert(kBlockN <= 64, "one bit per key of a tile");
 };
 
 }  // namespace fsa::detail::cuda

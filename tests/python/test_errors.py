@@ -143,6 +143,40 @@ def test_nan_and_inf_stay_in_their_rows():
     assert torch.equal(out[0][untouched], clean[0][untouched])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nonfinite_v_at_dropped_keys_reaches_nothing(dtype):
+    # SPEC: a dropped key contributes nothing, also when its V holds NaN / Inf: outputs and every
+    # gradient equal those with the value zeroed; rows that keep it get NaN there (issue #13).
+    q, k, v = qkv(sq=70, sk=90, dtype=dtype)
+    mask = torch.rand(1, 2, 70, 90) < 0.5
+    mask[..., 7] = False  # no row keeps key 7
+    bad = v.clone()
+    bad[0, 7, :, :3] = math.nan
+    bad[0, 8, 1, 0] = math.inf  # key 8 is kept by some rows of kv head 1
+    clean = bad.masked_fill(~torch.isfinite(bad), 0)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, bad)]
+    out = flash_sparse_attn_func(*leaves, attn_mask=mask, is_causal=True)
+    ref_leaves = [t.clone().requires_grad_(True) for t in (q, k, clean)]
+    ref = flash_sparse_attn_func(*ref_leaves, attn_mask=mask, is_causal=True)
+    keeps_8 = mask[0, 1, :, 8]  # causality (j <= i + 20) lets every row see key 8
+    hit = torch.zeros_like(out, dtype=torch.bool)
+    hit[0, keeps_8, 2:4, 0] = True  # query heads 2, 3 read kv head 1
+    assert keeps_8.any() and not keeps_8.all()
+    assert (out[hit] == math.inf).all()
+    assert torch.equal(out[~hit], ref.detach()[~hit])
+    # Gradients of a call whose only non-finite values sit at key 7 (no row keeps it).
+    bad7 = v.clone()
+    bad7[0, 7, :, :3] = math.nan
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, bad7)]
+    ref_leaves = [t.clone().requires_grad_(True) for t in (q, k, bad7.nan_to_num(0.0))]
+    dout = torch.randn_like(q)
+    flash_sparse_attn_func(*leaves, attn_mask=mask, is_causal=True).backward(dout)
+    flash_sparse_attn_func(*ref_leaves, attn_mask=mask, is_causal=True).backward(dout)
+    for a, b in zip(leaves, ref_leaves):
+        assert torch.isfinite(a.grad).all()
+        assert torch.equal(a.grad, b.grad)
+
+
 def test_negative_infinite_bias_acts_as_mask():
     q, k, v = qkv(sq=5, sk=7)
     mask = torch.rand(1, 1, 5, 7) < 0.6
