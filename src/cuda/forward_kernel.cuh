@@ -110,8 +110,9 @@ __device__ void load_tile_async(uint16_t* smem, const uint16_t* gmem, int64_t ro
 // NaN / Inf stored in V at a key that a partial tile drops for some of its rows must not reach
 // those rows (SPEC: a dropped key contributes nothing), but the tensor cores multiply the dropped
 // entry's P = 0 by it (0 x NaN = NaN). So, per partial tile, the V rows holding a non-finite value
-// are found in shared memory (a bit per key), zeroed there before P V, and added back, after the
-// tile's rescale, only to the rows that keep them: o(r, d) += P(r, j) V(j, d) from global memory.
+// are found in shared memory (a bit per key). The sm90 kernel zeroes them there before P V and
+// adds them back, after the tile's rescale, only to the rows that keep them: o(r, d) += P(r, j)
+// V(j, d) from global memory (add_nonfinite_keys); the sm80 kernel records them instead (below).
 // Rare by nature: the common path pays the scan of the partial tiles' V only.
 template <class Elt>
 __device__ __forceinline__ bool chunk_nonfinite(uint4 x) {
