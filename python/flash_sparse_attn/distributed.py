@@ -21,10 +21,11 @@ selection as ``flash_sparse_attn_func(..., topk=w)`` on the unsharded tensors: t
 are gathered once, O(S) per rank, and every rank applies the library's selection to them).
 Not here yet: block selections, per-row top-k (``topk_causal``), a bias or mask with a query dim.
 
-Backends: whatever the tensors' device runs (the CPU backend with gloo, CUDA with NCCL). The
-forward starts each transfer before computing the block in hand; the backward sends a block after
-computing it. Transfers are point-to-point (``batch_isend_irecv``); nothing reads a tensor back to
-the host inside the ring.
+Backends: whatever the tensors' device runs (the CPU backend with gloo, CUDA with NCCL). Each
+step starts the transfer of the next K / V block before computing the block in hand; in the
+backward the block's dK / dV / dbias sums follow it once computed. Transfers are point-to-point
+(``batch_isend_irecv``); nothing reads a tensor back to the host inside the ring (the positions
+are exchanged once, before it).
 """
 
 import math
@@ -277,6 +278,10 @@ class _RingAttention(torch.autograd.Function):
         dout = dout.contiguous()
         q_runs = ring.runs[ring.rank]
         for step in range(ring.world):
+            last = step + 1 == ring.world
+            pending = []
+            if not last:  # K / V (and mask, bias) travel while this block is computed
+                incoming, pending = ring.exchange(list(block.values()), step)
             for q_run in q_runs:
                 rows = slice(q_run[0], q_run[0] + q_run[1])
                 for k_run in ring.runs[ring.owner(step)]:
@@ -297,16 +302,13 @@ class _RingAttention(torch.autograd.Function):
                     accs["dv"].keys(*cols).add_(dv_b.float())
                     if need_dbias:
                         accs["dbias"].keys(*cols).add_(dbias_b.float())
-            if ring.world > 1:  # each block moves on; after the last step its sums go home
-                last = step + 1 == ring.world
-                travelling = dict(accs) if last else {**block, **accs}
-                received, pending = ring.exchange(list(travelling.values()), step)
-                for req in pending:
+            if ring.world > 1:  # the block's sums follow it; after the last step they go home
+                sums, pending_sums = ring.exchange(list(accs.values()), step)
+                for req in pending + pending_sums:
                     req.wait()
-                received = dict(zip(travelling.keys(), received))
-                accs = {name: received[name] for name in accs}
+                accs = dict(zip(accs.keys(), sums))
                 if not last:
-                    block = {name: received[name] for name in block}
+                    block = dict(zip(block.keys(), incoming))
         dk, dv = accs["dk"].data.to(key.dtype), accs["dv"].data.to(value.dtype)
         dbias = accs["dbias"].data.to(attn_bias.dtype) if need_dbias else None
         return dq.to(query.dtype), dk, dv, dbias, None, None, None, None, None, None
