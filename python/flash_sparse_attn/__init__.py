@@ -32,14 +32,14 @@ FLEX_AVAILABLE = False
 
 try:
     from .flash_sparse_attn_interface import flash_sparse_attn_func
+    from .varlen import flash_sparse_attn_varlen_func
 except ImportError:  # torch is not installed: the numpy-level API (flash_sparse_attn.ops) remains
     flash_sparse_attn_func = None
+    flash_sparse_attn_varlen_func = None
     CPU_AVAILABLE = False
     CUDA_AVAILABLE = False
 
-# Not provided (no varlen API in this project); None as in a reference install without its CUDA
-# extension, so `from flash_sparse_attn import flash_sparse_attn_varlen_func` keeps working.
-flash_sparse_attn_varlen_func = None
+# Not provided; None as in a reference install without them.
 triton_sparse_attn_func = None
 flex_sparse_attn_func = None
 

@@ -1,6 +1,6 @@
 """The transformers integration's window_size: the reference's create_mask selection without an
 Sq x Sk mask (attention_mask None: a key mask; a 4-D causal + key-padding mask: per-row
-thresholds), the dense fallback for other 4-D masks, and packed sequences rejected."""
+thresholds), the dense fallback for other 4-D masks, and packed sequences run per document."""
 
 import pytest
 import torch
@@ -75,15 +75,29 @@ def test_window_with_another_4d_mask_falls_back_to_create_mask(caplog):
     assert (out.double() - reference(q, k, v, expected, bias)).abs().max().item() < 2e-2
 
 
-def test_packed_sequences_raise():
-    q, k, v = head_first(1, 2, 2, 8, 16)
-    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
-    with pytest.raises(NotImplementedError, match="cu_seq_lens_q"):
-        flash_sparse_attention_forward(_Module(), q, k, v, None, cu_seq_lens_q=cu,
-                                       cu_seq_lens_k=cu)
-    packed = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]])
-    with pytest.raises(NotImplementedError, match="position_ids"):
-        flash_sparse_attention_forward(_Module(), q, k, v, None, position_ids=packed)
-    plain = torch.arange(8)[None]
+def test_packed_sequences_run_per_document():
+    # One row of documents (padding-free training): the same as each document on its own, with
+    # causality, a per-key bias and window_size per document; marked by cu_seq_lens_* or by
+    # position_ids that restart.
+    q, k, v = head_first(1, 4, 2, 12, 16, dtype=torch.float32)
+    bias = torch.randn(1, 2, 1, 12)
+    cu = torch.tensor([0, 3, 10, 12], dtype=torch.int32)
+    by_cu, _ = flash_sparse_attention_forward(_Module(), q, k, v, None, bias, window_size=4,
+                                              cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4, 5, 6, 0, 1]])
+    by_pos, _ = flash_sparse_attention_forward(_Module(), q, k, v, None, bias, window_size=4,
+                                               position_ids=positions)
+    assert torch.equal(by_cu, by_pos)
+    for s, e in ((0, 3), (3, 10), (10, 12)):
+        alone, _ = flash_sparse_attention_forward(
+            _Module(), q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], None, bias[..., s:e],
+            window_size=4)
+        assert (by_cu[:, s:e] - alone).abs().max().item() < 1e-6
+    with pytest.raises(ValueError, match="cu_seq_lens_q"):
+        flash_sparse_attention_forward(_Module(), q, k, v, None, cu_seq_lens_q=cu)
+    with pytest.raises(NotImplementedError, match="attention_mask"):
+        flash_sparse_attention_forward(_Module(), q, k, v, torch.ones(1, 1, 12, 12, dtype=torch.bool),
+                                       position_ids=positions)
+    plain = torch.arange(12)[None]
     out, _ = flash_sparse_attention_forward(_Module(), q, k, v, None, position_ids=plain)
-    assert out.shape == (1, 8, 2, 16)
+    assert out.shape == (1, 12, 4, 16)

@@ -32,37 +32,50 @@ def _as_bool_mask(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tens
     return attention_mask != 0
 
 
-def _reject_packed_sequences(kwargs) -> None:
-    """Padding-free training (DataCollatorWithFlattening) packs documents into one row and marks
-    their boundaries with cu_seq_lens_* or with position_ids that restart at 0; without a varlen
-    path every token would attend across documents, so those calls raise."""
-    for name in ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens_q", "cu_seqlens_k"):
-        if kwargs.get(name) is not None:
+def _packed_bounds(kwargs, batch_size: int, seqlen: int):
+    """Packed sequences (padding-free training, DataCollatorWithFlattening: documents in one row,
+    their boundaries in cu_seq_lens_* or in position_ids that restart at 0): (cu_seqlens_q,
+    cu_seqlens_k), or None for an ordinary batch."""
+    for q_name, k_name in (("cu_seq_lens_q", "cu_seq_lens_k"), ("cu_seqlens_q", "cu_seqlens_k")):
+        cu_q, cu_k = kwargs.get(q_name), kwargs.get(k_name)
+        if cu_q is None and cu_k is None:
+            continue
+        if cu_q is None or cu_k is None:
+            raise ValueError(f"{q_name} / {k_name}: packed sequences need both, got one")
+        if batch_size != 1:
             raise NotImplementedError(
-                f"{name}: packed sequences are not supported yet (no varlen path); unpack the "
-                "batch or pad it"
-            )
+                f"{q_name}: packed sequences come as one row (batch_size 1), got {batch_size}")
+        return cu_q, cu_k
     position_ids = kwargs.get("position_ids")
     if position_ids is not None and position_ids.dim() == 2 and position_ids.shape[-1] > 1:
-        if _restarts(position_ids):
-            raise NotImplementedError(
-                "position_ids: restart within a row, i.e. packed sequences, which are not "
-                "supported yet (no varlen path); unpack the batch or pad it"
-            )
+        bounds = _restart_bounds(position_ids)
+        if bounds is not None:
+            if batch_size != 1 or position_ids.shape[-1] != seqlen:
+                raise NotImplementedError(
+                    "position_ids: restart within a row (packed sequences), supported for one "
+                    f"row of {seqlen} tokens, got shape {tuple(position_ids.shape)}"
+                )
+            return bounds, bounds
+    return None
 
 
-_restart_cache = {}  # id(position_ids) -> (weakref, version, answer)
+_restart_cache = {}  # id(position_ids) -> (weakref, version, offsets or None)
 
 
-def _restarts(position_ids) -> bool:
-    """Whether position ids decrease anywhere along a row; waits for the device once per tensor
+def _restart_bounds(position_ids):
+    """The documents of a packed row as int32 offsets on the host (a new document wherever the
+    position ids decrease), or None when they never do. Waits for the device once per tensor
     (transformers passes every layer the same position_ids object)."""
     import weakref
 
     cached = _restart_cache.get(id(position_ids))
     if cached is not None and cached[0]() is position_ids and cached[1] == position_ids._version:
         return cached[2]
-    answer = bool((position_ids[:, 1:] < position_ids[:, :-1]).any())
+    row = position_ids[0] if position_ids.shape[0] == 1 else position_ids
+    starts = (position_ids[:, 1:] < position_ids[:, :-1]).nonzero()[:, -1].add(1).tolist()
+    answer = None
+    if starts:
+        answer = torch.tensor([0] + sorted(set(starts)) + [row.shape[-1]], dtype=torch.int32)
     _restart_cache.clear()
     _restart_cache[id(position_ids)] = (weakref.ref(position_ids), position_ids._version, answer)
     return answer
@@ -154,9 +167,9 @@ def flash_sparse_attention_forward(
             (B, H, Sq, Sk) mask, with a warning.
         softcap: softcap of the scores (None / 0 = off).
         **kwargs: is_causal, deterministic; output_attentions / head_mask are not supported.
-            Packed sequences (cu_seq_lens_q / cu_seq_lens_k, or position_ids that restart within a
-            row) raise NotImplementedError: there is no varlen path yet, and attending across the
-            documents would be silently wrong.
+            Packed sequences (one row of documents, marked by cu_seq_lens_q / cu_seq_lens_k or
+            by position_ids that restart) run through flash_sparse_attn_varlen_func: no token
+            attends across documents; window_size selects per document.
 
     Returns:
         (out, None) with out (batch_size, query_len, num_heads, head_dim).
@@ -171,9 +184,9 @@ def flash_sparse_attention_forward(
             "use the eager implementation for those."
         )
 
-    _reject_packed_sequences(kwargs)
     batch_size, _, query_len, _ = query.shape
     key_len = key.shape[2]
+    packed = _packed_bounds(kwargs, batch_size, query_len)
     if any(dim == 0 for dim in query.shape):
         raise ValueError(
             f"query: shape {tuple(query.shape)} has a zero dimension; flash_sparse_attention does "
@@ -195,6 +208,9 @@ def flash_sparse_attention_forward(
     is_causal = bool(is_causal) and query_len != 1  # decode: the single row sees every key
 
     attention_mask = _as_bool_mask(attention_mask)
+    if packed is not None:
+        return _packed_forward(query, key, value, attention_mask, attention_bias, scaling,
+                               window_size, softcap, is_causal, kwargs, packed), None
     query_valid = None
     if attention_mask is not None and attention_mask.dim() == 2:
         if attention_bias is not None:
@@ -241,6 +257,46 @@ def flash_sparse_attention_forward(
     if query_valid is not None:
         out = out * query_valid[:, :, None, None].to(out.dtype)
     return out, None
+
+
+def _packed_forward(query, key, value, attention_mask, attention_bias, scaling, window_size,
+                    softcap, is_causal, kwargs, bounds):
+    """One row of packed documents (B = 1) through flash_sparse_attn_varlen_func: no token
+    attends across documents, causality and the top-``window_size`` selection are per document.
+    The mask may be a (1, S) key mask; the bias a per-key (1, {H|Hk|1}, 1, S) one."""
+    from ..varlen import flash_sparse_attn_varlen_func
+
+    seqlen = key.shape[1]
+    key_mask = None
+    if attention_mask is not None:
+        if attention_mask.dim() == 2:
+            key_mask = attention_mask  # (1, S): one key mask for every head
+        elif attention_mask.dim() == 4 and attention_mask.shape[2] == 1:
+            key_mask = attention_mask[0, :, 0, :]
+        else:
+            raise NotImplementedError(
+                "attention_mask: with packed sequences, a (batch, seq_len) or key-only "
+                f"(1, heads, 1, seq_len) mask is supported, got shape {tuple(attention_mask.shape)}"
+            )
+    bias = None
+    if attention_bias is not None:
+        if attention_bias.dim() != 4 or attention_bias.shape[2] != 1 or \
+                attention_bias.shape[3] != seqlen:
+            raise NotImplementedError(
+                "attention_bias: with packed sequences, a per-key (1, heads, 1, seq_len) bias is "
+                f"supported, got shape {tuple(attention_bias.shape)}"
+            )
+        bias = attention_bias[0, :, 0, :]
+    topk = None
+    if bias is not None and window_size is not None and seqlen > window_size:
+        topk = int(window_size)
+    cu_q, cu_k = bounds
+    out = flash_sparse_attn_varlen_func(
+        query[0], key[0], value[0], cu_q, cu_k,
+        attn_mask=key_mask, attn_bias=bias, softmax_scale=scaling, is_causal=is_causal,
+        softcap=softcap, deterministic=kwargs.get("deterministic"), topk=topk,
+    )
+    return out.unsqueeze(0)
 
 
 def register_flash_sparse_attention(name: str = "flash_sparse_attn") -> None:

@@ -1,0 +1,188 @@
+"""Packed sequences (varlen): several sequences of different lengths in one tensor, no token
+attending across them (FlashAttention's ``flash_attn_varlen_func`` layout, with this library's
+mask, bias and top-k).
+
+Layout (documented in docs/numerics.md, "Packed sequences"):
+    query (total_q, H, D), key / value (total_k, Hk, D): sequence b owns query rows
+    cu_seqlens_q[b] : cu_seqlens_q[b + 1] and key rows cu_seqlens_k[b] : cu_seqlens_k[b + 1].
+    attn_mask: bool key mask ({H|Hk|1}, total_k), per key of its sequence.
+    attn_bias: per-key bias ({H|Hk|1}, total_k), its gradient in the same layout.
+    Causality (is_causal) is per sequence, bottom-right aligned as in SPEC.
+
+This first version runs the core once per sequence on views of the packed tensors (outputs and
+gradients are written in place, nothing is copied or padded), so its cost is that of the
+sequences one after the other: fine for a few long documents, launch-bound for many short ones
+on a GPU. It needs the boundaries on the host: cu_seqlens on a GPU cost one device-to-host copy
+per call (a warning says so once); pass them on the CPU to avoid it.
+"""
+
+import warnings
+from typing import List, Optional, Tuple
+
+import torch
+
+from . import _C
+from .flash_sparse_attn_interface import _dl, _make_plan, _stream, _topk_mask
+
+__all__ = ["flash_sparse_attn_varlen_func"]
+
+_warned_device_bounds = False
+
+
+def _bounds(cu_seqlens, name: str, total: int) -> List[int]:
+    global _warned_device_bounds
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1:
+        raise ValueError(f"{name}: expected a 1-D int32 / int64 tensor of batch + 1 offsets")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name}: expected int32 or int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.numel() < 1:
+        raise ValueError(f"{name}: expected batch + 1 >= 1 offsets, got none")
+    if cu_seqlens.device.type != "cpu" and not _warned_device_bounds:
+        _warned_device_bounds = True
+        warnings.warn(
+            f"{name}: on {cu_seqlens.device}, read back to the host once per call (the varlen "
+            "path loops over sequences on the host); pass cu_seqlens on the CPU to avoid the copy",
+            stacklevel=3,
+        )
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != total or any(b < a for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(
+            f"{name}: expected non-decreasing offsets from 0 to {total} (the packed length), got "
+            f"{bounds if len(bounds) <= 8 else bounds[:4] + ['...'] + bounds[-2:]}"
+        )
+    return bounds
+
+
+def _per_key(t: Optional[torch.Tensor], name: str, total_k: int, heads: Tuple[int, int]):
+    if t is None:
+        return None
+    if t.dim() != 2 or t.shape[1] != total_k or t.shape[0] not in (1, *heads):
+        raise ValueError(
+            f"{name}: packed per key, expected ({{{heads[0]}|{heads[1]}|1}}, {total_k}) "
+            f"(heads, total_k), got shape {tuple(t.shape)}"
+        )
+    return t
+
+
+def _sequence(t: Optional[torch.Tensor], start: int, end: int):
+    """Packed (total, heads, D) -> this sequence's (1, L, heads, D) view; per-key (heads, total)
+    -> (1, heads, 1, L) view."""
+    if t is None:
+        return None
+    if t.dim() == 3:
+        return t[start:end].unsqueeze(0)
+    return t[:, start:end].unsqueeze(0).unsqueeze(2)
+
+
+class _VarlenAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, bias, mask, bq, bk, scale, causal, softcap, deterministic, topk):
+        out = torch.empty_like(q)
+        lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
+        calls = []  # per sequence: (q rows, k rows, its mask (after top-k), plan)
+        stream = _stream(q)
+        for b in range(len(bq) - 1):
+            (qs, qe), (ks, ke) = (bq[b], bq[b + 1]), (bk[b], bk[b + 1])
+            if qe == qs:
+                continue
+            q_b, k_b, v_b = (_sequence(t, *rows) for t, rows in ((q, (qs, qe)), (k, (ks, ke)),
+                                                                 (v, (ks, ke))))
+            mask_b, bias_b = _sequence(mask, ks, ke), _sequence(bias, ks, ke)
+            max_kept = 0
+            if topk is not None and ke > ks:
+                mask_b = _topk_mask(q_b, k_b, mask_b, bias_b, topk)
+                max_kept = topk
+            plan = _make_plan(q_b, k_b, mask_b, causal, None, None, None, max_kept=max_kept)
+            _C.forward(
+                _dl(q_b), _dl(k_b), _dl(v_b), _dl(mask_b), _dl(bias_b),
+                _dl(out[qs:qe].unsqueeze(0)), _dl(lse[:, qs:qe].unsqueeze(0)), scale, causal,
+                softcap, plan, stream,
+            )
+            calls.append(((qs, qe), (ks, ke), mask_b, plan))
+        ctx.save_for_backward(q, k, v, bias, out, lse)
+        ctx.calls, ctx.scale, ctx.causal = calls, scale, causal
+        ctx.softcap, ctx.deterministic = softcap, deterministic
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, bias, out, lse = ctx.saved_tensors
+        need_dbias = bias is not None and ctx.needs_input_grad[3]
+        dout = dout.contiguous()
+        dq = torch.zeros_like(q)  # rows of every sequence are written; zeros cover none
+        dk, dv = torch.zeros_like(k), torch.zeros_like(v)  # keys no query sees stay 0
+        dbias = torch.zeros_like(bias) if need_dbias else None
+        stream = _stream(q)
+        for (qs, qe), (ks, ke), mask_b, plan in ctx.calls:
+            _C.backward(
+                _dl(dout[qs:qe].unsqueeze(0)), _dl(_sequence(q, qs, qe)),
+                _dl(_sequence(k, ks, ke)), _dl(_sequence(v, ks, ke)),
+                _dl(out[qs:qe].unsqueeze(0)), _dl(lse[:, qs:qe].unsqueeze(0)), _dl(mask_b),
+                _dl(_sequence(bias, ks, ke)), _dl(dq[qs:qe].unsqueeze(0)),
+                _dl(_sequence(dk, ks, ke)), _dl(_sequence(dv, ks, ke)),
+                _dl(_sequence(dbias, ks, ke) if need_dbias else None), ctx.scale, ctx.causal,
+                ctx.softcap, ctx.deterministic, plan, stream,
+            )
+        return dq, dk, dv, dbias, None, None, None, None, None, None, None, None
+
+
+def flash_sparse_attn_varlen_func(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: Optional[int] = None,
+    max_seqlen_k: Optional[int] = None,
+    attn_mask: Optional[torch.Tensor] = None,
+    attn_bias: Optional[torch.Tensor] = None,
+    softmax_scale: Optional[float] = None,
+    is_causal: Optional[bool] = None,
+    softcap: Optional[float] = None,
+    deterministic: Optional[bool] = None,
+    return_attn_probs: Optional[bool] = None,
+    *,
+    topk: Optional[int] = None,
+):
+    """Attention over packed sequences (module docstring for the layout).
+
+    query (total_q, H, D), key / value (total_k, Hk, D), cu_seqlens_q / cu_seqlens_k (batch + 1,)
+    int32 / int64 offsets; max_seqlen_q / max_seqlen_k are checked when given (FlashAttention's
+    signature), not needed. attn_mask / attn_bias: per key, ({H|Hk|1}, total_k). topk: each
+    sequence keeps its topk keys by bias (per head), as ``flash_sparse_attn_func(..., topk=)``
+    on that sequence alone. Returns out (total_q, H, D), or (out, lse (H, total_q), None) with
+    return_attn_probs. Differentiable in query, key, value and attn_bias."""
+    for name, t, heads_dim in (("query", query, 3), ("key", key, 3), ("value", value, 3)):
+        if not isinstance(t, torch.Tensor) or t.dim() != heads_dim:
+            raise ValueError(f"{name}: expected packed (total, heads, head_dim), got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t)}")
+    if key.shape != value.shape:
+        raise ValueError(f"value: expected the shape of key {tuple(key.shape)}, got "
+                         f"{tuple(value.shape)}")
+    bq = _bounds(cu_seqlens_q, "cu_seqlens_q", query.shape[0])
+    bk = _bounds(cu_seqlens_k, "cu_seqlens_k", key.shape[0])
+    if len(bq) != len(bk):
+        raise ValueError(f"cu_seqlens_k: expected {len(bq)} offsets (as cu_seqlens_q), got "
+                         f"{len(bk)}")
+    for name, given, bounds in (("max_seqlen_q", max_seqlen_q, bq), ("max_seqlen_k", max_seqlen_k,
+                                                                      bk)):
+        longest = max((b - a for a, b in zip(bounds, bounds[1:])), default=0)
+        if given is not None and int(given) < longest:
+            raise ValueError(f"{name}: {given} is shorter than the longest sequence ({longest})")
+    heads = (query.shape[1], key.shape[1])
+    attn_mask = _per_key(attn_mask, "attn_mask", key.shape[0], heads)
+    attn_bias = _per_key(attn_bias, "attn_bias", key.shape[0], heads)
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        raise TypeError(f"attn_mask: expected bool, got {attn_mask.dtype}")
+    if topk is not None and attn_bias is None:
+        raise ValueError("topk: selects keys by attn_bias, which is None; pass attn_bias")
+    scale = float(softmax_scale) if softmax_scale is not None else None
+    causal = bool(is_causal) if is_causal is not None else False
+    cap = float(softcap) if softcap else 0.0
+    out, lse = _VarlenAttention.apply(
+        query, key, value, attn_bias, attn_mask, bq, bk, scale, causal, cap,
+        bool(deterministic) if deterministic is not None else False, topk)
+    if return_attn_probs:
+        return out, lse, None
+    return out

@@ -1,0 +1,124 @@
+"""Packed sequences (flash_sparse_attn_varlen_func, issue #15): every sequence's output and
+gradients equal those of flash_sparse_attn_func on that sequence alone (the same core, so to
+rounding), and the float64 reference; empty and length-1 sequences; no attention across them."""
+
+import math
+
+import pytest
+import torch
+
+from flash_sparse_attn import flash_sparse_attn_func, flash_sparse_attn_varlen_func
+
+H, HK, D = 4, 2, 16
+
+
+def _packed(lens_q, lens_k, seed, with_mask=False, with_bias=False, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    tq, tk = sum(lens_q), sum(lens_k)
+    q = torch.randn(tq, H, D, generator=g).to(dtype)
+    k = torch.randn(tk, HK, D, generator=g).to(dtype)
+    v = torch.randn(tk, HK, D, generator=g).to(dtype)
+    mask = (torch.rand(HK, tk, generator=g) < 0.7) if with_mask else None
+    bias = torch.randn(HK, tk, generator=g).to(dtype) if with_bias else None
+    cu_q = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32)
+    cu_k = torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0)), dtype=torch.int32)
+    return q, k, v, mask, bias, cu_q, cu_k
+
+
+def _grads(fn, leaves, dout):
+    out = fn(*leaves)
+    out.backward(dout)
+    return out.detach(), [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("extras", ["none", "mask+bias", "topk"])
+def test_each_sequence_as_if_alone(causal, extras):
+    lens_q = [5, 0, 1, 17, 9]
+    lens_k = [5, 3, 1, 20, 9] if not causal else [7, 3, 1, 17, 12]  # Sk >= Sq: causal rows see keys
+    with_mask = extras == "mask+bias"
+    with_bias = extras != "none"
+    topk = 4 if extras == "topk" else None
+    q, k, v, mask, bias, cu_q, cu_k = _packed(lens_q, lens_k, 7, with_mask, with_bias)
+    dout = torch.randn_like(q)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    bias_leaf = bias.clone().requires_grad_(True) if bias is not None else None
+    inputs = leaves + ([bias_leaf] if bias_leaf is not None else [])
+    out, grads = _grads(
+        lambda q_, k_, v_, *b: flash_sparse_attn_varlen_func(
+            q_, k_, v_, cu_q, cu_k, max(lens_q), max(lens_k), attn_mask=mask,
+            attn_bias=b[0] if b else None, is_causal=causal, topk=topk),
+        inputs, dout)
+    assert torch.isfinite(out).all()
+    for b in range(len(lens_q)):
+        qs, qe, ks, ke = int(cu_q[b]), int(cu_q[b + 1]), int(cu_k[b]), int(cu_k[b + 1])
+        if qe == qs:
+            continue
+        one = [t[s:e].unsqueeze(0).clone().requires_grad_(True)
+               for t, (s, e) in ((q, (qs, qe)), (k, (ks, ke)), (v, (ks, ke)))]
+        bias_one = (bias[:, ks:ke][None, :, None].clone().requires_grad_(True)
+                    if bias is not None else None)
+        mask_one = mask[:, ks:ke][None, :, None] if mask is not None else None
+        ref = flash_sparse_attn_func(*one, attn_mask=mask_one, attn_bias=bias_one,
+                                     is_causal=causal, topk=topk)
+        ref.backward(dout[qs:qe].unsqueeze(0))
+        where = f"sequence {b} ({extras}, causal={causal})"
+        torch.testing.assert_close(out[qs:qe], ref.detach()[0], rtol=1e-5, atol=1e-6, msg=where)
+        torch.testing.assert_close(grads[0][qs:qe], one[0].grad[0], rtol=1e-5, atol=1e-6,
+                                   msg=where)
+        torch.testing.assert_close(grads[1][ks:ke], one[1].grad[0], rtol=1e-5, atol=1e-6,
+                                   msg=where)
+        torch.testing.assert_close(grads[2][ks:ke], one[2].grad[0], rtol=1e-5, atol=1e-6,
+                                   msg=where)
+        if bias is not None:
+            torch.testing.assert_close(grads[3][:, ks:ke], bias_one.grad[0, :, 0], rtol=1e-5,
+                                       atol=1e-6, msg=where)
+    # Keys of a sequence without queries (sequence 1) get exactly zero gradient.
+    ks, ke = int(cu_k[1]), int(cu_k[2])
+    assert (grads[1][ks:ke] == 0).all() and (grads[2][ks:ke] == 0).all()
+
+
+def test_against_float64_and_no_cross_talk():
+    lens = [6, 11, 1]
+    q, k, v, _, _, cu, _ = _packed(lens, lens, 3)
+    out = flash_sparse_attn_varlen_func(q, k, v, cu, cu, is_causal=True)
+    # Changing one sequence's keys changes nothing in the others.
+    k2 = k.clone()
+    k2[6:17] += 1.0
+    out2 = flash_sparse_attn_varlen_func(q, k2, v, cu, cu, is_causal=True)
+    assert torch.equal(out[:6], out2[:6]) and torch.equal(out[17:], out2[17:])
+    assert not torch.equal(out[6:17], out2[6:17])
+    for s, e in ((0, 6), (6, 17), (17, 18)):
+        qh, kh, vh = (t[s:e].double().transpose(0, 1) for t in (q, k, v))
+        kh, vh = kh.repeat_interleave(H // HK, 0), vh.repeat_interleave(H // HK, 0)
+        scores = qh @ kh.transpose(-1, -2) / math.sqrt(D)
+        n = e - s
+        scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), -math.inf)
+        ref = (scores.softmax(-1) @ vh).transpose(0, 1)
+        assert (out[s:e].double() - ref).abs().max().item() < 1e-5
+
+
+def test_lse_and_empty_keys():
+    q, k, v, _, _, cu_q, cu_k = _packed([3, 2], [0, 4], 5)
+    out, lse, _ = flash_sparse_attn_varlen_func(q, k, v, cu_q, cu_k, return_attn_probs=True)
+    assert lse.shape == (H, 5)
+    assert (out[:3] == 0).all() and (lse[:, :3] == -math.inf).all()  # no keys: empty rows
+    assert torch.isfinite(lse[:, 3:]).all()
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(cu_seqlens_q=torch.tensor([0, 3, 4])), "cu_seqlens_q"),
+    (dict(cu_seqlens_q=torch.tensor([0, 4, 2, 5])), "cu_seqlens_q"),
+    (dict(cu_seqlens_k=torch.tensor([0, 5])), "cu_seqlens_k"),
+    (dict(cu_seqlens_q=torch.tensor([0.0, 5.0])), "cu_seqlens_q"),
+    (dict(max_seqlen_q=2), "max_seqlen_q"),
+    (dict(attn_bias=torch.zeros(3, 6)), "attn_bias"),
+    (dict(attn_mask=torch.ones(2, 6)), "attn_mask"),
+    (dict(topk=2), "topk"),
+])
+def test_bad_input_names_the_argument(bad, match):
+    q, k, v, _, _, cu_q, cu_k = _packed([2, 3], [4, 2], 1)
+    args = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    args.update(bad)
+    with pytest.raises((ValueError, TypeError), match=match):
+        flash_sparse_attn_varlen_func(q, k, v, **args)
