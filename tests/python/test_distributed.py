@@ -85,6 +85,32 @@ def test_ring_attention_matches_single_process(world):
         mp.spawn(_worker, args=(world, os.path.join(tmp, "rendezvous")), nprocs=world, join=True)
 
 
+def _bad_input_worker(rank, world, init_file):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        q = torch.randn(1, 4, 2, 8)
+        # Both ranks claim positions 0..3: not a permutation of the whole sequence.
+        with pytest.raises(ValueError, match="positions: over the group"):
+            ring_flash_sparse_attn_func(q, q, q, torch.arange(4))
+        pos = shard_positions(8, rank, world)
+        with pytest.raises(ValueError, match="attn_bias: sharded with the keys"):
+            ring_flash_sparse_attn_func(q, q, q, pos, attn_bias=torch.zeros(1, 2, 4, 4))
+        with pytest.raises(ValueError, match="positions: expected strictly increasing"):
+            ring_flash_sparse_attn_func(q, q, q, pos.flip(0))
+        with pytest.raises(ValueError, match="topk"):
+            ring_flash_sparse_attn_func(q, q, q, pos, topk=2)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bad_input_raises_on_every_rank():
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_bad_input_worker, args=(2, os.path.join(tmp, "rendezvous")), nprocs=2,
+                 join=True)
+
+
 def test_shard_positions_cover_the_sequence():
     for layout in ("zigzag", "contiguous"):
         for world in (1, 2, 3, 4):
