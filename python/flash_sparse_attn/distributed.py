@@ -25,7 +25,7 @@ Backends: whatever the tensors' device runs (the CPU backend with gloo, CUDA wit
 step starts the transfer of the next K / V block before computing the block in hand; in the
 backward the block's dK / dV / dbias sums follow it once computed. Transfers are point-to-point
 (``batch_isend_irecv``); nothing reads a tensor back to the host inside the ring (the positions
-are exchanged once, before it).
+are exchanged before it, once per positions tensor).
 """
 
 import math
@@ -128,6 +128,24 @@ class _Keyed:
 
     def keys(self, start: int, length: int) -> torch.Tensor:
         return self.data.narrow(self.dim, start, length)
+
+
+_ring_cache = {}  # (id(group), id(positions), device) -> (weakref, version, _Ring)
+
+
+def _ring_for(group, positions: torch.Tensor, device) -> _Ring:
+    """The _Ring of these positions: its setup (two all_gathers and a read back to the host) runs
+    once per positions tensor, not once per layer (a model's layers share it within a step)."""
+    import weakref
+
+    key = (id(group), id(positions), device)
+    cached = _ring_cache.get(key)
+    if cached is not None and cached[0]() is positions and cached[1] == positions._version:
+        return cached[2]
+    ring = _Ring(group, positions, device)
+    _ring_cache.clear()
+    _ring_cache[key] = (weakref.ref(positions), positions._version, ring)
+    return ring
 
 
 def _pair_call(q_run, k_run, causal: bool):
@@ -340,7 +358,7 @@ def ring_flash_sparse_attn_func(
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("ring_flash_sparse_attn_func: torch.distributed is not initialized")
     _check(query, key, value, positions, attn_mask, attn_bias)
-    ring = _Ring(group, positions, query.device)
+    ring = _ring_for(group, positions, query.device)
     if topk is not None:
         if attn_bias is None:
             raise ValueError("topk: selects keys by attn_bias, which is None; pass attn_bias")

@@ -14,20 +14,13 @@ import torch
 
 from flash_sparse_attn import _C, flash_sparse_attn_func
 
-from test_cuda_forward import SEED, attention, expand_heads, qkv, randn
+from test_cuda_forward import SEED, attention, expand_heads, gen, qkv, randn  # noqa: F401 (gen)
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or not getattr(_C, "has_cuda", False),
     reason="needs a CUDA device and a CUDA build of flash_sparse_attn",
 )
 DTYPES = [torch.bfloat16, torch.float16]
-
-
-@pytest.fixture
-def gen():
-    g = torch.Generator(device="cuda")
-    g.manual_seed(SEED)
-    return g
 
 
 def keep_of(mask, causal, B, H, Sq, Sk, device):
