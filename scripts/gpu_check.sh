@@ -80,10 +80,12 @@ if [ $python = 1 ]; then
     status=1
   fi
   if [ $sanitize = 1 ]; then
-    step "compute-sanitizer memcheck (the malformed-input fuzz and the non-finite V tests on CUDA)"
+    step "compute-sanitizer memcheck (the malformed-input fuzz, the non-finite V tests and per-row top-k over compacted keys on CUDA)"
     (cd /tmp && FSA_FUZZ_CALLS=150 compute-sanitizer --tool memcheck --error-exitcode 9 \
         python3 -m pytest -q -p no:cacheprovider "$OLDPWD/tests/gpu/test_cuda_fuzz.py" \
-        "$OLDPWD/tests/gpu/test_cuda_nonfinite.py" > "$OUT/memcheck_fuzz.log" 2>&1)
+        "$OLDPWD/tests/gpu/test_cuda_nonfinite.py" \
+        "$OLDPWD/tests/gpu/test_cuda_compaction.py::test_topk_causal_over_compacted_keys_against_float64" \
+        > "$OUT/memcheck_fuzz.log" 2>&1)
     rc=$?
     grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck_fuzz.log" | tail -n 3
     [ $rc -ne 0 ] && { echo "FUZZ MEMCHECK FAILED (rc $rc)"; status=1; }

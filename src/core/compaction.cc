@@ -9,6 +9,7 @@
 
 #include "core/causal.h"
 #include "core/dtype.h"
+#include "core/thresholds.h"
 #include "cpu/cpu_backend.h"
 #include "cpu/thread_pool.h"
 
@@ -65,6 +66,10 @@ RowEnd row_end_of(const KeyCompaction& c) {
   r.stride_b = g.list_batch == 1 ? 0 : g.list_heads * g.seqlen_q;
   r.stride_h = g.seqlen_q;
   r.head_group = int32_t(g.num_heads / g.list_heads);
+  r.key_last = c.key_last;
+  r.key_first = c.key_first;
+  r.key_stride_h = key_last_stride(g.slots);
+  r.key_stride_b = g.list_batch == 1 ? 0 : g.list_heads * r.key_stride_h;
   return r;
 }
 
@@ -102,6 +107,9 @@ void lower_compacted(const Problem& p, const CompactGeometry& g, const KeyCompac
   out.mask.reset();
   if (p.bias) out.bias = packed_bias(bias, compact_bias_dtype(p), g);
   out.row_end = row_end_of(c);
+  // Per-row top-k: RowEnd::key_last selects; thresholds only where the CPU plan kept them (in
+  // slots; the gathered bias holds the same values widened, so their order keys are the same).
+  out.row_topk = c.row_topk;
 }
 
 void compacted_grads(const CompactGeometry& g, void* dk, void* dv, void* dbias,
@@ -113,6 +121,21 @@ void compacted_grads(const CompactGeometry& g, void* dk, void* dv, void* dbias,
 
 // ---- CPU
 // -----------------------------------------------------------------------------------------
+
+BroadcastOperand key_flags(void* data, int64_t batch, int64_t heads, const Geometry& g) {
+  BroadcastOperand op;
+  op.data = data;
+  op.dtype = DType::kBool;
+  const int64_t shape[4] = {batch, heads, 1, g.seqlen_k};
+  const int64_t stride[4] = {heads * g.seqlen_k, g.seqlen_k, g.seqlen_k, 1};
+  for (int d = 0; d < 4; ++d) {
+    op.shape[d] = shape[d];
+    op.stride[d] = stride[d];
+    op.read_stride[d] = shape[d] == 1 ? 0 : stride[d];
+  }
+  op.head_group = g.num_heads / heads;
+  return op;
+}
 
 CompactGeometry compact_lists_geometry(const Geometry& geo, const BroadcastOperand& mask,
                                        int64_t max_kept_keys) {
@@ -132,15 +155,15 @@ namespace {
 
 // Host storage of a CPU plan's lists.
 struct HostLists {
-  std::vector<int32_t> keys, count, slot, row_end;
+  std::vector<int32_t> keys, count, slot, row_end, key_last, key_first;
 };
 
 }  // namespace
 
-std::shared_ptr<const KeyCompaction> make_cpu_compaction(const Geometry& geo,
-                                                         const BroadcastOperand& mask,
-                                                         bool is_causal, int block_m, int block_n,
-                                                         int64_t max_kept_keys) {
+std::shared_ptr<KeyCompaction> make_cpu_compaction(const Geometry& geo,
+                                                   const BroadcastOperand& mask, bool is_causal,
+                                                   int block_m, int block_n, int64_t max_kept_keys,
+                                                   const int32_t* last_row_of_key) {
   const CompactGeometry g = compact_lists_geometry(geo, mask, max_kept_keys);
   const int64_t lists = g.list_batch * g.list_heads, sq = g.seqlen_q, sk = g.seqlen_k;
   const int64_t slots = g.slots;
@@ -171,6 +194,17 @@ std::shared_ptr<const KeyCompaction> make_cpu_compaction(const Geometry& geo,
     }
     kept_before[size_t(sk)] = n;
     host->count[size_t(l)] = n;
+    if (last_row_of_key) {
+      const int64_t stride = key_last_stride(slots);
+      host->key_last.resize(size_t(lists * stride), -1);
+      host->key_first.resize(size_t(lists * stride), int32_t(sq));
+      for (int32_t w = 0; w < n; ++w) {
+        const int64_t j = host->keys[size_t(l * slots + w)];
+        host->key_last[size_t(l * stride + w)] = last_row_of_key[l * sk + j];
+        host->key_first[size_t(l * stride + w)] =
+            int32_t(is_causal ? std::clamp<int64_t>(j - (sk - sq), 0, sq) : 0);
+      }
+    }
     // The keys a row may see are a prefix of the sorted list: those before its causal end.
     for (int64_t i = 0; i < sq; ++i) {
       host->row_end[size_t(l * sq + i)] = kept_before[size_t(band.visible_end(i))];
@@ -184,7 +218,8 @@ std::shared_ptr<const KeyCompaction> make_cpu_compaction(const Geometry& geo,
   map->block_n = block_n;
   map->m_blocks = (sq + block_m - 1) / block_m;
   map->n_blocks = (slots + block_n - 1) / block_n;
-  fill_map_from_row_end(*map, host->row_end.data(), sq, slots);
+  fill_map_from_row_end(*map, host->row_end.data(), sq, slots,
+                        last_row_of_key ? host->key_last.data() : nullptr);
 
   auto c = std::make_shared<KeyCompaction>();
   c->lists = g;
@@ -192,9 +227,83 @@ std::shared_ptr<const KeyCompaction> make_cpu_compaction(const Geometry& geo,
   c->count = host->count.data();
   c->slot = host->slot.data();
   c->row_end = host->row_end.data();
+  if (last_row_of_key) {
+    c->key_last = host->key_last.data();
+    c->key_first = host->key_first.data();
+  }
   c->storage = host;
   const Geometry compact{geo.batch, sq, slots, geo.num_heads, g.kv_heads};
   c->plan = PlanAccess::make(compact, is_causal, false, Device{}, std::move(map), nullptr);
+  return c;
+}
+
+std::shared_ptr<const KeyCompaction> make_cpu_topk_compaction(
+    const Geometry& geo, const BroadcastOperand& bias, const std::optional<BroadcastOperand>& mask,
+    bool is_causal, const RowTopK& t, int block_m, int block_n) {
+  const TopkLists extents = topk_lists(bias, mask);
+  const int64_t batch = extents.batch, heads = extents.heads;
+  const int64_t lists = batch * heads, sq = geo.seqlen_q, sk = geo.seqlen_k;
+  const int64_t head_group = geo.num_heads / heads;
+  const CausalBand band{sq, sk, is_causal};
+  // Every row is checked (O(Sq * Sk) per list, as the CPU thresholds themselves): key j is listed
+  // iff some row keeps it, its last row is the last that does, and `interval` says whether the
+  // rows keeping it are exactly those from the first that sees it to that last one (which
+  // RowEnd::key_last assumes). With a fill above some values they need not be: an entry below
+  // the fill ranks under the dropped keys, so a row may keep it only once few keys are dropped.
+  std::vector<uint8_t> kept(size_t(lists * sk), 0);
+  std::vector<int32_t> last_row(size_t(lists * sk), -1);
+  std::vector<uint8_t> interval(size_t(lists), 1);
+  parallel_for(lists, [&](int64_t l, int) {
+    const int64_t b = l / heads, hq = (l % heads) * head_group;
+    for (int64_t j = 0; j < sk; ++j) {
+      if (mask && static_cast<const uint8_t*>(mask->data)[mask->offset(b, hq, 0, j)] == 0) {
+        continue;
+      }
+      const float value = load_float(bias.data, bias.dtype, bias.offset(b, hq, 0, j));
+      int64_t first = -1, last = -1, rows = 0;
+      for (int64_t i = 0; i < sq; ++i) {
+        if (j < band.visible_end(i) && t.keeps(value, j, t.at(b, hq, i))) {
+          if (first < 0) first = i;
+          last = i;
+          ++rows;
+        }
+      }
+      if (first < 0) continue;
+      kept[size_t(l * sk + j)] = 1;
+      last_row[size_t(l * sk + j)] = int32_t(last);
+      const int64_t sees = is_causal ? std::max<int64_t>(j - (sk - sq), 0) : 0;
+      if (first != sees || rows != last - first + 1) interval[size_t(l)] = 0;
+    }
+  });
+  std::shared_ptr<KeyCompaction> c = make_cpu_compaction(
+      geo, key_flags(kept.data(), batch, heads, geo), is_causal, block_m, block_n, 0,
+      last_row.data());
+  if (std::all_of(interval.begin(), interval.end(), [](uint8_t x) { return x != 0; })) return c;
+
+  // Some key's rows are not an interval: the calls also apply the thresholds, in slots.
+  struct Arrays {
+    std::vector<uint32_t> key;
+    std::vector<int32_t> last;
+  };
+  auto arrays = std::make_shared<Arrays>();
+  arrays->key.resize(size_t(lists * sq));
+  arrays->last.resize(arrays->key.size());
+  for (int64_t l = 0; l < lists; ++l) {
+    const int64_t b = l / heads, hq = (l % heads) * head_group;
+    for (int64_t i = 0; i < sq; ++i) {
+      const int64_t at = t.at(b, hq, i);
+      arrays->key[size_t(l * sq + i)] = t.key[at];
+      arrays->last[size_t(l * sq + i)] =
+          last_as_slot(t.last[at], c->keys + l * c->lists.slots, c->count[l]);
+    }
+  }
+  c->row_topk = t;
+  c->row_topk.key = arrays->key.data();
+  c->row_topk.last = arrays->last.data();
+  c->row_topk.stride_b = batch == 1 ? 0 : heads * sq;
+  c->row_topk.stride_h = sq;
+  c->row_topk.head_group = head_group;
+  c->topk_storage = arrays;
   return c;
 }
 

@@ -19,6 +19,7 @@
 
 #include "core/host_device.h"
 #include "core/problem.h"
+#include "core/row_topk.h"
 #include "fsa/plan.h"
 namespace fsa::detail {
 
@@ -63,6 +64,20 @@ struct KeyCompaction {
   const int32_t* row_end = nullptr;  // (list_batch, list_heads, Sq): row i sees slots [0, row_end)
   std::shared_ptr<void> storage;     // owns the arrays (a device allocation or host vector)
   Plan plan;                         // the block map over (Sq rows) x (slots), bounded by row_end
+  // Per-row top-k (a plan with PlanOptions::topk; null otherwise). The lists hold every key that
+  // some row keeps, and key_last (lists, key_last_stride(slots)) the last row that keeps each
+  // slot (-1 past the count): the rows keeping a key run from the first that sees it to
+  // key_last, because a row's candidates (the allowed keys of its causal prefix) only grow down
+  // the rows, so its top-k threshold only tightens. Calls then need no thresholds: s < row_end[i]
+  // and i <= key_last[s] is the selection (RowEnd::key_last), and whole tiles of it are full.
+  const int32_t* key_last = nullptr;
+  const int32_t* key_first = nullptr;  // same layout: the first row that sees each slot
+  // The CPU thresholds let entries below the fill rank under the dropped keys, which can loosen a
+  // threshold further down; when some key's rows are not an interval, the CPU plan also keeps the
+  // thresholds, renumbered into slots (the last kept index as a slot: last_as_slot), and applies
+  // them per entry. Key null otherwise (always on CUDA, whose thresholds never loosen).
+  RowTopK row_topk;
+  std::shared_ptr<void> topk_storage;  // owns row_topk's arrays (key_last is in storage)
 };
 
 // Builds plans (Plan's fields are private to the core's builders).
@@ -73,9 +88,11 @@ struct PlanAccess {
 };
 
 // Fills map's lists (full, partial and their transposes) and kept_entries from row bounds: row i
-// of map row (b, h) sees slots [0, row_end[(b * heads + h) * Sq + i]). map's extents are set.
+// of map row (b, h) sees slots [0, row_end[(b * heads + h) * Sq + i]), and, with key_last
+// ((b * heads + h) * key_last_stride(slots) + s), only while i <= key_last[s]. map's extents are
+// set.
 void fill_map_from_row_end(BlockMap& map, const int32_t* row_end, int64_t seqlen_q,
-                           int64_t seqlen_k);
+                           int64_t seqlen_k, const int32_t* key_last = nullptr);
 
 // CompactKeys::kAuto compacts problems with at least this many query rows (one CUDA query tile):
 // below it each kept K / V row is used about once and gathering it would cost more than it saves.
@@ -114,10 +131,49 @@ RowEnd row_end_of(const KeyCompaction& c);
 
 // Compacted keys of a key-only mask on the CPU, with a block map of block_m x block_n tiles.
 // max_kept_keys > 0 bounds the slots (PlanOptions::max_kept_keys); a list that keeps more raises.
-std::shared_ptr<const KeyCompaction> make_cpu_compaction(const Geometry& g,
-                                                         const BroadcastOperand& mask,
-                                                         bool is_causal, int block_m, int block_n,
-                                                         int64_t max_kept_keys);
+// last_row_of_key (lists, Sk), optional: per-row top-k's last row keeping each key, which fills
+// KeyCompaction::key_last by slot (the map then follows it).
+std::shared_ptr<KeyCompaction> make_cpu_compaction(const Geometry& g,
+                                                   const BroadcastOperand& mask, bool is_causal,
+                                                   int block_m, int block_n, int64_t max_kept_keys,
+                                                   const int32_t* last_row_of_key = nullptr);
+
+// A contiguous bool (batch, heads, 1, Sk) key mask over `data` (the keys per-row top-k lists).
+BroadcastOperand key_flags(void* data, int64_t batch, int64_t heads, const Geometry& g);
+
+// Row length of KeyCompaction::key_last: slots rounded up to whole 64-slot tiles, so that a kernel
+// may copy a tile's values in 16-byte chunks (entries past the count hold -1).
+FSA_HOST_DEVICE inline int64_t key_last_stride(int64_t slots) { return (slots + 63) / 64 * 64; }
+
+// Whether a plan with per-row top-k thresholds can also compact its keys (KeyCompaction::
+// key_last): with a key-only mask or none (the thresholds' own condition on CUDA).
+inline bool compactable_topk(const std::optional<BroadcastOperand>& mask) {
+  return !mask || compactable_mask(*mask);
+}
+
+// Per-row top-k over compacted keys on the CPU: lists of the keys some row of (batch, heads) of
+// the thresholds keeps and each one's last row (every row is checked: exact for any bias and
+// fill), plus the thresholds in slots where a key's rows are not an interval.
+std::shared_ptr<const KeyCompaction> make_cpu_topk_compaction(
+    const Geometry& g, const BroadcastOperand& bias, const std::optional<BroadcastOperand>& mask,
+    bool is_causal, const RowTopK& thresholds, int block_m, int block_n);
+
+// The last kept index of a threshold renumbered into slots of a list whose keys are sorted:
+// (listed keys <= last) - 1, so that for a listed key j, j <= last iff slot(j) <= the result;
+// "keep every tie" (INT32_MAX) stays as it is.
+FSA_HOST_DEVICE inline int32_t last_as_slot(int32_t last, const int32_t* keys, int32_t count) {
+  if (last == 0x7fffffff) return last;
+  int32_t lo = 0, hi = count;  // the first slot whose key is > last
+  while (lo < hi) {
+    const int32_t mid = (lo + hi) / 2;
+    if (keys[mid] <= last) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo - 1;
+}
 
 // The lists' geometry of a compacted plan for this problem and key-only mask: lists per (mask
 // batch, mask head), slots = seqlen_k or max_kept_keys when that is smaller, gathered kv heads.

@@ -24,6 +24,11 @@ std::shared_ptr<const KeyCompaction> make_device_compaction(const Geometry&,
                                                             int, int64_t, void*) {
   unavailable();
 }
+std::shared_ptr<const KeyCompaction> make_device_topk_compaction(
+    const Geometry&, const BroadcastOperand&, const std::optional<BroadcastOperand>&, bool,
+    const RowTopK&, int, int, void*) {
+  unavailable();
+}
 std::shared_ptr<const RowThresholds> make_device_thresholds(
     const Geometry&, const BroadcastOperand&, const std::optional<BroadcastOperand>&, bool,
     int64_t, double, void*) {

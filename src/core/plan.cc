@@ -235,24 +235,31 @@ Plan make_plan(const TensorView& query, const TensorView& key,
 
   Plan plan = detail::PlanAccess::make(g, is_causal, attn_mask.has_value(), query.device,
                                        nullptr, nullptr);
-  // Compacted slots renumber the keys, which the thresholds' tie rule compares by index.
-  const bool compact = !topk_bias && mask && !selection && detail::compactable_mask(*mask) &&
-                       (options.compact_keys == CompactKeys::kAlways ||
-                        (options.compact_keys == CompactKeys::kAuto &&
-                         g.seqlen_q >= detail::kCompactMinQueries));
+  // Compacted keys: for a key-only mask, its kept keys; for per-row top-k (with a key-only mask
+  // or none), every key some row keeps and the last row that keeps it (core/compaction.h).
+  const bool wanted = options.compact_keys == CompactKeys::kAlways ||
+                      (options.compact_keys == CompactKeys::kAuto &&
+                       g.seqlen_q >= detail::kCompactMinQueries);
+  const bool compact = wanted && !selection &&
+                       (topk_bias ? detail::compactable_topk(mask)
+                                  : mask && detail::compactable_mask(*mask));
   if (on_cuda) {
     plan.device_map_ = detail::cuda::make_device_plan(g, mask, selection, sel_m / block_m,
                                                       sel_n / block_n, is_causal, *map,
                                                       detail::RowEnd{}, topk_bias.has_value(),
                                                       options.stream);
     plan.map_ = std::move(map);
-    if (compact) {
-      plan.compaction_ = detail::cuda::make_device_compaction(
-          g, *mask, is_causal, block_m, block_n, options.max_kept_keys, options.stream);
-    }
     if (topk_bias) {
       plan.thresholds_ = detail::cuda::make_device_thresholds(
           g, *topk_bias, mask, is_causal, options.topk, options.topk_min_value, options.stream);
+      if (compact) {
+        plan.compaction_ = detail::cuda::make_device_topk_compaction(
+            g, *topk_bias, mask, is_causal, plan.thresholds_->view, block_m, block_n,
+            options.stream);
+      }
+    } else if (compact) {
+      plan.compaction_ = detail::cuda::make_device_compaction(
+          g, *mask, is_causal, block_m, block_n, options.max_kept_keys, options.stream);
     }
     return plan;
   }
@@ -294,13 +301,16 @@ Plan make_plan(const TensorView& query, const TensorView& key,
   transpose(map->partial, map->batch * map->heads, m_blocks, n_blocks, map->partial_t);
 
   plan.map_ = std::move(map);
-  if (compact) {
-    plan.compaction_ = detail::make_cpu_compaction(g, *mask, is_causal, block_m, block_n,
-                                                   options.max_kept_keys);
-  }
   if (topk_bias) {
     plan.thresholds_ = detail::make_cpu_thresholds(g, *topk_bias, mask, is_causal, options.topk,
                                                    options.topk_min_value);
+    if (compact) {
+      plan.compaction_ = detail::make_cpu_topk_compaction(
+          g, *topk_bias, mask, is_causal, plan.thresholds_->view, block_m, block_n);
+    }
+  } else if (compact) {
+    plan.compaction_ = detail::make_cpu_compaction(g, *mask, is_causal, block_m, block_n,
+                                                   options.max_kept_keys);
   }
   return plan;
 }
@@ -308,20 +318,28 @@ Plan make_plan(const TensorView& query, const TensorView& key,
 namespace detail {
 
 void fill_map_from_row_end(BlockMap& map, const int32_t* row_end, int64_t seqlen_q,
-                           int64_t seqlen_k) {
+                           int64_t seqlen_k, const int32_t* key_last) {
   const int64_t outer = map.batch * map.heads, rows = outer * map.m_blocks;
   map.full.offsets.assign(size_t(rows + 1), 0);
   map.partial.offsets.assign(size_t(rows + 1), 0);
   map.kept_entries = 0;
   for (int64_t o = 0; o < outer; ++o) {
     const int32_t* end = row_end + o * seqlen_q;  // non-decreasing in the row
+    const int32_t* last = key_last ? key_last + o * key_last_stride(seqlen_k) : nullptr;
     for (int64_t m = 0; m < map.m_blocks; ++m) {
       const int64_t r0 = m * map.block_m, r1 = std::min<int64_t>(r0 + map.block_m, seqlen_q);
       for (int64_t n = 0; n < map.n_blocks; ++n) {
         const int64_t c0 = n * map.block_n, cols = std::min<int64_t>(map.block_n, seqlen_k - c0);
         if (c0 >= end[r1 - 1]) break;  // this tile and every later one: no row sees a slot
         int64_t kept = 0;
-        for (int64_t i = r0; i < r1; ++i) kept += std::clamp<int64_t>(end[i] - c0, 0, cols);
+        for (int64_t i = r0; i < r1; ++i) {
+          if (!last) {
+            kept += std::clamp<int64_t>(end[i] - c0, 0, cols);
+            continue;
+          }
+          for (int64_t s = c0; s < std::min<int64_t>(end[i], c0 + cols); ++s) kept += i <= last[s];
+        }
+        if (kept == 0) continue;
         map.kept_entries += kept;
         BlockLists& list = kept == (r1 - r0) * cols ? map.full : map.partial;
         list.blocks.push_back(int32_t(n));

@@ -55,6 +55,9 @@ struct Problem {
   std::optional<BroadcastOperand> mask, bias;
   RowEnd row_end;    // compacted keys only
   RowTopK row_topk;  // per-row top-k thresholds (PlanOptions::topk) only
+  // CUDA calls over compacted keys: a device flag the V gather sets when it copies a non-finite
+  // value. Null elsewhere: partial tiles then check their V tile themselves.
+  const int32_t* v_nonfinite = nullptr;
   int64_t group() const { return num_heads / num_kv_heads; }  // G query heads per kv head
 };
 

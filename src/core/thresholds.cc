@@ -63,10 +63,8 @@ BroadcastOperand validate_topk_bias(const TensorView& bias, int64_t topk, const 
 std::shared_ptr<const RowThresholds> make_cpu_thresholds(
     const Geometry& g, const BroadcastOperand& bias, const std::optional<BroadcastOperand>& mask,
     bool is_causal, int64_t topk, double min_value) {
-  // Rows of (batch, heads): the finer of the bias's and the mask's extents (each extent is 1 or
-  // the problem's, and head counts 1, Hk, H each divide the next).
-  const int64_t batch = std::max(bias.read_extent(0), mask ? mask->read_extent(0) : 1);
-  const int64_t heads = std::max(bias.read_extent(1), mask ? mask->read_extent(1) : 1);
+  const TopkLists extents = topk_lists(bias, mask);
+  const int64_t batch = extents.batch, heads = extents.heads;
   const int64_t sq = g.seqlen_q, sk = g.seqlen_k;
   struct Arrays {
     std::vector<uint32_t> key;

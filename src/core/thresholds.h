@@ -2,6 +2,7 @@
 // The per-row top-k thresholds of a plan (core/row_topk.h says what they mean): validation of
 // PlanOptions::topk and the CPU computation.
 
+#include <algorithm>
 #include <memory>
 #include <optional>
 
@@ -10,6 +11,17 @@
 #include "fsa/plan.h"
 
 namespace fsa::detail {
+
+// The thresholds' lists: (batch, heads), the finer of the bias's and the mask's read extents
+// (each extent is 1 or the problem's; head counts 1, Hk, H each divide the next).
+struct TopkLists {
+  int64_t batch = 1, heads = 1;
+};
+inline TopkLists topk_lists(const BroadcastOperand& bias,
+                            const std::optional<BroadcastOperand>& mask) {
+  return {std::max(bias.read_extent(0), mask ? mask->read_extent(0) : int64_t(1)),
+          std::max(bias.read_extent(1), mask ? mask->read_extent(1) : int64_t(1))};
+}
 
 // The thresholds a plan holds.
 struct RowThresholds {

@@ -199,6 +199,12 @@ class ScoreTransform {
         (p_.row_end.data ? p_.row_end.at(b, h, i) : band_.visible_end(i)) - tile.c0;
     int64_t c = visible < 0 ? 0 : visible;
     for (; c < tile.cols; ++c) sr[c] = kNegInfOf<Acc>;
+    if (p_.row_end.key_last) {  // per-row top-k over compacted keys: each slot's last row
+      const int32_t* last = p_.row_end.key_last_row(b, h) + tile.c0;
+      for (c = 0; c < tile.cols; ++c) {
+        if (i > last[c]) sr[c] = kNegInfOf<Acc>;
+      }
+    }
     if (!p_.mask) return;
     const BroadcastOperand& mask = *p_.mask;
     const auto* row = static_cast<const uint8_t*>(mask.data) + mask.offset(b, h, i, tile.c0);

@@ -299,6 +299,7 @@ void forward(const ForwardProblem& p, const Plan& plan, void* stream_ptr) {
   fp.lse_stride_b = p.lse_stride_b, fp.lse_stride_h = p.lse_stride_h;
   fp.lse_stride_s = p.lse_stride_s;
   fill_mask_and_bias(fp, p);
+  fp.v_nonfinite = p.v_nonfinite;
   fp.batch = int(p.batch);
   fp.seqlen_q = int(p.seqlen_q);
   fp.seqlen_k = int(p.seqlen_k);

@@ -66,6 +66,7 @@ __device__ inline void entry_grads(const BackwardParams& p, int b, int head, int
   bool keep = lse2 != -INFINITY;
   if (keep && check) {  // partial tile or ragged edge: bounds, causality and the mask
     keep = i < p.seqlen_q && j < p.seqlen_k && j < visible_end(p, b, head, i);
+    if (keep && p.row_end.key_last != nullptr) keep = i <= p.row_end.key_last_row(b, head)[j];
     if (keep && p.mask) {
       keep = p.mask[b * p.mask_stride[0] + (head / p.mask_head_group) * p.mask_stride[1] +
                     int64_t(i) * p.mask_stride[2] + int64_t(j) * p.mask_stride[3]] != 0;
@@ -153,12 +154,25 @@ __device__ inline void drop_pass(const BackwardParams& p, int b, int head, float
              : nullptr;
   const int64_t bias_base =
       kRowTopK ? b * p.bias_stride[0] + (head / p.bias_head_group) * p.bias_stride[1] : 0;
+  // Per-row top-k over compacted keys: each slot's last row (RowEnd::key_last).
+  const int32_t* key_last =
+      p.row_end.key_last != nullptr ? p.row_end.key_last_row(b, head) : nullptr;
   // Where the rows are queries, each thread has two: their visible ends once per tile (on the
-  // compacted path each is a load).
-  int row_end[2] = {0, 0};
+  // compacted path each is a load). Where they are keys and the compaction gives each slot's
+  // interval of rows [key_first, key_last] (per-row top-k), those two bounds once per tile
+  // replace a row-bound load per entry.
+  int row_end[2] = {0, 0}, key_rows[2][2] = {{0, 0}, {0, 0}};
   if constexpr (!Index::kRowsAreKeys) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) row_end[r] = visible_end(p, b, head, min(ix.row[r], p.seqlen_q - 1));
+  } else if (key_last) {
+    const int32_t* key_first = p.row_end.key_first_row(b, head);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int k = min(ix.row[r], p.seqlen_k - 1);
+      key_rows[r][0] = key_first[k];
+      key_rows[r][1] = key_last[k];
+    }
   }
 #pragma unroll
   for (int j = 0; j < kN; ++j)
@@ -168,9 +182,10 @@ __device__ inline void drop_pass(const BackwardParams& p, int b, int head, float
       const bool in_range = i < p.seqlen_q && k < p.seqlen_k;
       bool keep;
       if constexpr (Index::kRowsAreKeys) {
-        keep = in_range && k < visible_end(p, b, head, i);
+        keep = in_range && (key_last ? key_rows[e / 2][0] <= i && i <= key_rows[e / 2][1]
+                                     : k < visible_end(p, b, head, i));
       } else {
-        keep = in_range && k < row_end[e / 2];
+        keep = in_range && k < row_end[e / 2] && (!key_last || i <= key_last[k]);
       }
       if (keep && mask) {
         keep = mask[int64_t(i) * p.mask_stride[2] + int64_t(k) * p.mask_stride[3]] != 0;

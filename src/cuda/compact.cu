@@ -24,6 +24,7 @@
 #include "cuda/device_plan.h"
 #include "cuda/stream_buffer.h"
 #include "cuda/tiles.h"
+#include "cuda/topk_keys.h"
 
 namespace fsa::detail::cuda {
 namespace {
@@ -136,10 +137,19 @@ struct GatherParams {
   const int32_t* count;
   CompactGeometry g;
   int head_dim;
+  bool bf16;             // else fp16
+  int32_t* v_nonfinite;  // set to 1 when a gathered V value is NaN / Inf; or null
 };
 
+// Whether a 16-bit value (bf16 or fp16 bits) is NaN or Inf: its exponent is all ones.
+__device__ inline bool half_bits_nonfinite(uint32_t bits, bool bf16) {
+  const uint32_t exponent = bf16 ? 0x7f80u : 0x7c00u;
+  return (bits & exponent) == exponent;
+}
+
 // grid (x, kv_heads, B): slot rows of one gathered kv head, kChunk elements per thread (8: one
-// 16-byte copy when every row is 16-byte aligned; else 1).
+// 16-byte copy when every row is 16-byte aligned; else 1). Also flags a non-finite V value, so that
+// the forward's partial tiles need not check their V tiles (ForwardParams::v_nonfinite).
 template <int kChunk>
 __global__ void gather_rows_kernel(const __grid_constant__ GatherParams p) {
   using Chunk = std::conditional_t<kChunk == 8, uint4, uint16_t>;
@@ -159,6 +169,17 @@ __global__ void gather_rows_kernel(const __grid_constant__ GatherParams p) {
                                            key * p.k_stride_s + hk * p.k_stride_h + c);
       vc = *reinterpret_cast<const Chunk*>(static_cast<const uint16_t*>(p.v) + b * p.v_stride_b +
                                            key * p.v_stride_s + hk * p.v_stride_h + c);
+      if (p.v_nonfinite != nullptr) {
+        bool bad = false;
+        if constexpr (kChunk == 8) {
+          const uint32_t words[4] = {vc.x, vc.y, vc.z, vc.w};
+#pragma unroll
+          for (int e = 0; e < 8; ++e) bad |= half_bits_nonfinite(words[e / 2] >> (16 * (e % 2)), p.bf16);
+        } else {
+          bad = half_bits_nonfinite(vc, p.bf16);
+        }
+        if (bad) atomicOr(p.v_nonfinite, 1);
+      }
     }
     *reinterpret_cast<Chunk*>(static_cast<uint16_t*>(p.k_out) + dst) = kc;
     *reinterpret_cast<Chunk*>(static_cast<uint16_t*>(p.v_out) + dst) = vc;
@@ -303,6 +324,63 @@ __global__ void scatter_dbias_kernel(const __grid_constant__ DbiasScatterParams 
   }
 }
 
+// Per-row top-k over compacted keys: the thresholds' lists, their keys and the thresholds.
+struct TopkListParams {
+  TopkKeys keys;
+  RowTopK t;
+  bool is_causal;
+};
+
+// grid (ceil(Sk / 256), lists): kept[l][j] = whether some row of list l keeps key j. A row's
+// candidates are the allowed keys of its causal prefix, a set that only grows down the rows, so
+// its top-k threshold only tightens (core/row_topk.h): the first row that sees j is the loosest.
+__global__ void kept_by_some_row_kernel(const __grid_constant__ TopkListParams p, uint8_t* kept) {
+  const TopkKeys& keys = p.keys;
+  const int l = blockIdx.y;
+  const int j = blockIdx.x * blockDim.x + threadIdx.x;
+  if (j >= keys.seqlen_k) return;
+  // Row i sees keys j <= i + Sk - Sq (bottom-right causality).
+  const int first = p.is_causal ? max(j - (keys.seqlen_k - keys.seqlen_q), 0) : 0;
+  bool keep = first < keys.seqlen_q && keys.allowed(l, j);
+  if (keep) {
+    keep = p.t.keeps(keys.value(l, j), j,
+                     p.t.at(l / keys.list_heads, (l % keys.list_heads) * keys.head_group, first));
+  }
+  kept[int64_t(l) * keys.seqlen_k + j] = keep;
+}
+
+// grid (ceil(slots / 256), lists): key_last[l][s] = the last row that keeps slot s's key (-1 past
+// the list's count). The rows keeping a listed key run from the first that sees it (which keeps
+// it: kept_by_some_row_kernel) while the threshold still admits it: a binary search.
+__global__ void key_last_kernel(const __grid_constant__ TopkListParams p, const int32_t* keys,
+                                const int32_t* count, int slots, int32_t* key_last,
+                                int32_t* key_first) {
+  const int l = blockIdx.y;
+  const int s = blockIdx.x * blockDim.x + threadIdx.x;
+  if (s >= key_last_stride(slots)) return;
+  const int sq = p.keys.seqlen_q, sk = p.keys.seqlen_k;
+  int32_t last = -1, first = sq;
+  if (s < count[l]) {
+    const int j = keys[int64_t(l) * slots + s];
+    const int b = l / p.keys.list_heads;
+    const int64_t hq = int64_t(l % p.keys.list_heads) * p.keys.head_group;
+    const float value = p.keys.value(l, j);
+    first = p.is_causal ? max(j - (sk - sq), 0) : 0;  // < Sq: a listed key is kept by some row
+    int lo = first, hi = sq - 1;
+    while (lo < hi) {  // keeps(lo) holds; the last row where it does
+      const int mid = (lo + hi + 1) / 2;
+      if (p.t.keeps(value, j, p.t.at(b, hq, mid))) {
+        lo = mid;
+      } else {
+        hi = mid - 1;
+      }
+    }
+    last = lo;
+  }
+  key_last[int64_t(l) * key_last_stride(slots) + s] = last;
+  key_first[int64_t(l) * key_last_stride(slots) + s] = first;
+}
+
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Grid x for a grid-stride loop over `total` items of 256 threads: enough CTAs to fill the GPU.
@@ -317,7 +395,7 @@ bool rows_aligned16(const SeqOperand& op, int64_t head_dim) {
 
 // Gathers K, V and the bias of `p` by the lists into `k`, `v` (B, Sk, kv_heads, D) and `bias`.
 void gather(const Problem& p, const CompactGeometry& g, const KeyCompaction& c, void* k, void* v,
-            float* bias, cudaStream_t stream) {
+            float* bias, int32_t* v_nonfinite, cudaStream_t stream) {
   GatherParams gp{};
   gp.k = p.k.data, gp.v = p.v.data;
   gp.k_stride_b = p.k.stride_b, gp.k_stride_s = p.k.stride_s, gp.k_stride_h = p.k.stride_h;
@@ -326,6 +404,8 @@ void gather(const Problem& p, const CompactGeometry& g, const KeyCompaction& c, 
   gp.keys = c.keys, gp.count = c.count;
   gp.g = g;
   gp.head_dim = int(p.head_dim);
+  gp.bf16 = p.dtype == DType::kBFloat16;
+  gp.v_nonfinite = v_nonfinite;
   const bool wide = rows_aligned16(p.k, p.head_dim) && rows_aligned16(p.v, p.head_dim);
   const int64_t chunks = g.slots * (wide ? p.head_dim / 8 : p.head_dim);
   const dim3 grid(stride_grid(chunks), unsigned(g.kv_heads), unsigned(g.batch));
@@ -400,33 +480,36 @@ struct CompactBuffers {
   StreamBuffer memory;
   void *k = nullptr, *v = nullptr, *dk = nullptr, *dv = nullptr;
   float *bias = nullptr, *dbias = nullptr;
+  int32_t* v_nonfinite = nullptr;  // zeroed; the V gather's flag
   CompactBuffers(const Problem& p, const CompactGeometry& g, bool grads, bool dbias_wanted,
                  cudaStream_t stream)
       : memory(stream) {
     const size_t rows = size_t(g.batch * g.slots * g.kv_heads * p.head_dim) * 2;
     const size_t bias_bytes = size_t(g.bias_batch * g.bias_heads * g.slots) * sizeof(float);
     const size_t row_bytes = (rows + 255) / 256 * 256;
-    const size_t total = row_bytes * (grads ? 4 : 2) + bias_bytes * (dbias_wanted ? 2 : 1);
-    FSA_CUDA_CHECK(cudaMallocAsync(&memory.ptr, std::max<size_t>(total, 1), stream));
+    const size_t flag_at = row_bytes * (grads ? 4 : 2);
+    const size_t total = flag_at + 256 + bias_bytes * (dbias_wanted ? 2 : 1);
+    FSA_CUDA_CHECK(cudaMallocAsync(&memory.ptr, total, stream));
     auto* base = static_cast<uint8_t*>(memory.ptr);
+    v_nonfinite = reinterpret_cast<int32_t*>(base + flag_at);
+    FSA_CUDA_CHECK(cudaMemsetAsync(v_nonfinite, 0, sizeof(int32_t), stream));
     k = base;
     v = base + row_bytes;
     if (grads) {
       dk = base + 2 * row_bytes;
       dv = base + 3 * row_bytes;
     }
-    bias = reinterpret_cast<float*>(base + row_bytes * (grads ? 4 : 2));
+    bias = reinterpret_cast<float*>(base + flag_at + 256);
     if (dbias_wanted) dbias = bias + g.bias_batch * g.bias_heads * g.slots;
   }
 };
 
-}  // namespace
-
-std::shared_ptr<const KeyCompaction> make_device_compaction(const Geometry& geo,
-                                                            const BroadcastOperand& mask,
-                                                            bool is_causal, int block_m,
-                                                            int block_n, int64_t max_kept_keys,
-                                                            void* stream_ptr) {
+// topk: per-row top-k (the mask lists the keys some row keeps): KeyCompaction::key_last too, and
+// the map follows it.
+std::shared_ptr<KeyCompaction> build_compaction(const Geometry& geo, const BroadcastOperand& mask,
+                                                bool is_causal, int block_m, int block_n,
+                                                int64_t max_kept_keys, const TopkListParams* topk,
+                                                void* stream_ptr) {
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   const CompactGeometry g = compact_lists_geometry(geo, mask, max_kept_keys);
   const int64_t lists = g.list_batch * g.list_heads, sq = g.seqlen_q, sk = g.seqlen_k;
@@ -440,10 +523,10 @@ std::shared_ptr<const KeyCompaction> make_device_compaction(const Geometry& geo,
   const size_t keys_bytes = size_t(lists * slots) * 4, slot_bytes = size_t(lists * sk) * 4;
   const size_t count_bytes = size_t(lists) * 4, row_bytes = size_t(lists * sq) * 4;
   auto at = [](size_t bytes) { return (bytes + 255) / 256 * 256; };
+  const size_t lists_bytes = at(keys_bytes) + at(slot_bytes) + at(count_bytes) + at(row_bytes);
   void* raw = nullptr;
-  FSA_CUDA_CHECK(cudaMallocAsync(
-      &raw, std::max<size_t>(at(keys_bytes) + at(slot_bytes) + at(count_bytes) + at(row_bytes), 1),
-      stream));
+  const size_t last_bytes = topk ? 2 * size_t(lists * key_last_stride(slots)) * 4 : 0;
+  FSA_CUDA_CHECK(cudaMallocAsync(&raw, std::max<size_t>(lists_bytes + last_bytes, 1), stream));
   std::shared_ptr<void> storage(raw, [stream](void* ptr) { cudaFreeAsync(ptr, stream); });
   auto* base = static_cast<uint8_t*>(raw);
   auto* keys = reinterpret_cast<int32_t*>(base);
@@ -466,6 +549,17 @@ std::shared_ptr<const KeyCompaction> make_device_compaction(const Geometry& geo,
   auto c = std::make_shared<KeyCompaction>();
   c->lists = g;
   c->keys = keys, c->count = count, c->slot = slot, c->row_end = row_end;
+  if (topk) {
+    auto* key_last = reinterpret_cast<int32_t*>(base + lists_bytes);
+    if (lists * slots > 0) {
+      key_last_kernel<<<dim3(unsigned(ceil_div(key_last_stride(slots), 256)), unsigned(lists)), 256,
+                        0, stream>>>(
+          *topk, keys, count, int(slots), key_last, key_last + lists * key_last_stride(slots));
+      FSA_CUDA_CHECK(cudaGetLastError());
+    }
+    c->key_last = key_last;
+    c->key_first = key_last + lists * key_last_stride(slots);
+  }
   c->storage = std::move(storage);
   BlockMap extents;
   extents.batch = g.list_batch;
@@ -484,14 +578,46 @@ std::shared_ptr<const KeyCompaction> make_device_compaction(const Geometry& geo,
   return c;
 }
 
+}  // namespace
+
+std::shared_ptr<const KeyCompaction> make_device_compaction(const Geometry& geo,
+                                                            const BroadcastOperand& mask,
+                                                            bool is_causal, int block_m,
+                                                            int block_n, int64_t max_kept_keys,
+                                                            void* stream) {
+  return build_compaction(geo, mask, is_causal, block_m, block_n, max_kept_keys, nullptr, stream);
+}
+
+std::shared_ptr<const KeyCompaction> make_device_topk_compaction(
+    const Geometry& geo, const BroadcastOperand& bias, const std::optional<BroadcastOperand>& mask,
+    bool is_causal, const RowTopK& t, int block_m, int block_n, void* stream_ptr) {
+  auto stream = static_cast<cudaStream_t>(stream_ptr);
+  const TopkLists extents = topk_lists(bias, mask);
+  const int64_t batch = extents.batch, heads = extents.heads;
+  const int64_t lists = batch * heads, sk = geo.seqlen_k;
+  const TopkListParams tp{make_topk_keys(geo, bias, mask, heads), t, is_causal};
+
+  // The keys some row keeps, as a (batch, heads, 1, Sk) mask for the lists' builder.
+  StreamBuffer kept(stream);
+  FSA_CUDA_CHECK(cudaMallocAsync(&kept.ptr, size_t(std::max<int64_t>(lists * sk, 1)), stream));
+  if (lists * sk > 0) {
+    kept_by_some_row_kernel<<<dim3(unsigned(ceil_div(sk, 256)), unsigned(lists)), 256, 0,
+                              stream>>>(tp, static_cast<uint8_t*>(kept.ptr));
+    FSA_CUDA_CHECK(cudaGetLastError());
+  }
+  return build_compaction(geo, key_flags(kept.ptr, batch, heads, geo), is_causal, block_m,
+                          block_n, 0, &tp, stream_ptr);
+}
+
 void compacted_forward(const ForwardProblem& p, const KeyCompaction& c, void* stream_ptr) {
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   if (p.batch == 0 || p.seqlen_q == 0 || p.num_heads == 0) return;
   const CompactGeometry g = compact_geometry(p, c);
   CompactBuffers buffers(p, g, false, false, stream);
-  gather(p, g, c, buffers.k, buffers.v, buffers.bias, stream);
+  gather(p, g, c, buffers.k, buffers.v, buffers.bias, buffers.v_nonfinite, stream);
   ForwardProblem cp = p;
   lower_compacted(p, g, c, buffers.k, buffers.v, buffers.bias, cp);
+  cp.v_nonfinite = buffers.v_nonfinite;
   forward(cp, c.plan, stream_ptr);
 }
 
@@ -500,7 +626,7 @@ void compacted_backward(const BackwardProblem& p, const KeyCompaction& c, void* 
   if (p.batch == 0 || p.num_heads == 0) return;
   const CompactGeometry g = compact_geometry(p, c);
   CompactBuffers buffers(p, g, true, p.dbias.has_value(), stream);
-  gather(p, g, c, buffers.k, buffers.v, buffers.bias, stream);
+  gather(p, g, c, buffers.k, buffers.v, buffers.bias, nullptr, stream);
   BackwardProblem cp = p;
   lower_compacted(p, g, c, buffers.k, buffers.v, buffers.bias, cp);
   compacted_grads(g, buffers.dk, buffers.dv, buffers.dbias, cp);

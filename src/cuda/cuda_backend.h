@@ -36,6 +36,12 @@ std::shared_ptr<const KeyCompaction> make_device_compaction(const Geometry& g,
                                                             bool is_causal, int block_m,
                                                             int block_n, int64_t max_kept_keys,
                                                             void* stream);
+// Per-row top-k over compacted keys (core/compaction.h, compactable_topk) on the device: lists of
+// the keys some row keeps — the first row that sees a key is the loosest, since the device
+// thresholds only tighten down the rows — and the thresholds renumbered into slots.
+std::shared_ptr<const KeyCompaction> make_device_topk_compaction(
+    const Geometry& g, const BroadcastOperand& bias, const std::optional<BroadcastOperand>& mask,
+    bool is_causal, const RowTopK& thresholds, int block_m, int block_n, void* stream);
 // Per-row top-k thresholds (core/row_topk.h) on the device, asynchronously on `stream`.
 std::shared_ptr<const RowThresholds> make_device_thresholds(
     const Geometry& g, const BroadcastOperand& bias, const std::optional<BroadcastOperand>& mask,

@@ -416,6 +416,7 @@ struct WarpRows {
     int i, head;
     row_of(rt, r, i, head);
     if (c >= p.seqlen_k || c >= visible_end(p, b, head, i)) return false;
+    if (p.row_end.key_last != nullptr && i > p.row_end.key_last_row(b, head)[c]) return false;
     if (p.mask && p.mask[b * p.mask_stride[0] + (head / p.mask_head_group) * p.mask_stride[1] +
                          int64_t(i) * p.mask_stride[2] + int64_t(c) * p.mask_stride[3]] == 0) {
       return false;
@@ -435,10 +436,14 @@ struct WarpRows {
   // `bias_tile`, when given, holds this tile's kNTiles * 8 values of a query-invariant bias (in
   // the bias's dtype), already in shared memory; `staged_tile`, when given, the tile's rows x
   // (kNTiles * 8) block of a bias with a query dim (ForwardParams::bias_staged, row = tile row).
+  // `last_tile`, when given, holds the tile's RowEnd::key_last values in shared memory, and
+  // `row_ends`, when given, the fragment rows' visible ends (else both are read from the params).
   template <int kRT, int kNTiles, class Elt>
   __device__ __forceinline__ void logits(float (&s)[kRT][kNTiles][4], int col0, bool partial,
                                          const void* bias_tile = nullptr,
-                                         const uint16_t* staged_tile = nullptr) const {
+                                         const uint16_t* staged_tile = nullptr,
+                                         const int32_t* last_tile = nullptr,
+                                         const int (*row_ends)[2] = nullptr) const {
     constexpr int kBlockN = kNTiles * 8;
     if (p.softcap_in != 0.0f) {  // branch outside the element loop: tanhf costs on every path
 #pragma unroll
@@ -565,17 +570,26 @@ struct WarpRows {
         for (int r = 0; r < 2; ++r) {
           int i, head;
           row_of(rt, r, i, head);
-          const int end = partial ? visible_end(p, b, head, i) : p.seqlen_k;
+          const int end = !partial ? p.seqlen_k
+                          : row_ends  ? row_ends[rt][r]
+                                      : visible_end(p, b, head, i);
           const uint8_t* mrow =
               mask ? mask + b * p.mask_stride[0] + (head / p.mask_head_group) * p.mask_stride[1] +
                          int64_t(i) * p.mask_stride[2]
                    : nullptr;
+          // Per-row top-k over compacted keys: slot c is kept up to its last row (c < end bounds
+          // a global read: row ends never pass the list).
+          const bool by_last = partial && p.row_end.key_last != nullptr;
+          const int32_t* last = by_last && last_tile == nullptr
+                                    ? p.row_end.key_last_row(b, head) + col0
+                                    : last_tile;
 #pragma unroll
           for (int j = 0; j < kNTiles; ++j)
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
               const int c = col0 + j * 8 + 2 * t + e;
-              const bool keep = c < end && (!mrow || mrow[int64_t(c) * p.mask_stride[3]] != 0);
+              const bool keep = c < end && (!mrow || mrow[int64_t(c) * p.mask_stride[3]] != 0) &&
+                                (!by_last || i <= last[c - col0]);
               if (!keep) s[rt][j][2 * r + e] = -INFINITY;
             }
         }

@@ -92,8 +92,15 @@ struct Sm90ForwardTiles {
   // stage its (kBlockM x kBlockN) tile, SmemTile<kBlockN>.
   static constexpr int kStagedBiasOffset = (kSmemBytes + 127) / 128 * 128;
   static constexpr int kStagedBiasStageElems = kBlockM * kBlockN;
-  static constexpr int smem_bytes(bool staged_bias) {
-    return staged_bias ? kStagedBiasOffset + kStages * kStagedBiasStageElems * 2 : kSmemBytes;
+  // Per-row top-k over compacted keys (RowEnd::key_last): per stage, the key tile's last rows
+  // (kBlockN int32). Such calls never stage a bias (their bias is query-invariant), so the two
+  // share the region after the barriers.
+  static constexpr int kKeyLastOffset = kStagedBiasOffset;
+  static constexpr int kKeyLastStageBytes = kBlockN * 4;
+  static constexpr int smem_bytes(bool staged_bias, bool key_last = false) {
+    return staged_bias ? kStagedBiasOffset + kStages * kStagedBiasStageElems * 2
+           : key_last  ? kKeyLastOffset + kStages * kKeyLastStageBytes
+                       : kSmemBytes;
   }
 };
 
@@ -231,8 +238,10 @@ struct GmmaLoadOffsets {
 // kStagedBias == p.bias_staged. A separate instantiation: with the staged path behind runtime
 // branches in the producer and consumer loops the dense forward measured 4.55-4.60 ms against
 // 4.14-4.22 ms before it (H100, same runs; docs/perf.md); this way the common instantiation
-// compiles to the PTX it had before the staged path existed.
-template <int kHeadDim, class Elt, bool kStagedBias>
+// compiles to the PTX it had before the staged path existed. kKeyLast == (p.row_end.key_last !=
+// null), per-row top-k over compacted keys, is one for the same reason: in the common one the
+// slots' last rows cost block selections 4-7% of their forward (H200, same run).
+template <int kHeadDim, class Elt, bool kStagedBias, bool kKeyLast = false>
 __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
     forward_kernel_sm90(const __grid_constant__ ForwardParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -278,6 +287,10 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
   // p.bias_staged (16-bit, whole 16-byte chunks); other biases are read by WarpRows::logits.
   uint8_t* s_bias = smem_raw + (Tiles::kSmemQ + Tiles::kSmemK + Tiles::kSmemV) * 2;
   auto* s_staged_bias = reinterpret_cast<uint16_t*>(smem_raw + Tiles::kStagedBiasOffset);
+  // Per-row top-k over compacted keys: each stage's slots' last rows, copied with the K/V tile.
+  static_assert(!(kStagedBias && kKeyLast), "the two share their shared-memory region");
+  const int32_t* key_last = kKeyLast ? p.row_end.key_last_row(b, h) : nullptr;
+  auto* s_key_last = reinterpret_cast<int32_t*>(smem_raw + Tiles::kKeyLastOffset);
   const int bias_bytes = p.bias_is_fp32 ? 4 : 2;
   const WarpRows row0(p, m, kBlockM, h, b, 0);
   const uint8_t* bias_row = nullptr;
@@ -291,6 +304,9 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
   auto bias_staged = [&](int n_block) {
     return bias_row != nullptr && (n_block + 1) * kBlockN <= p.seqlen_k;
   };
+  // Partial tiles check their V tile for NaN / Inf unless the call knows V has none (a compacted
+  // call's gather says so: ForwardParams::v_nonfinite). Producer and consumers read the same flag.
+  const bool check_v = p.v_nonfinite == nullptr || *p.v_nonfinite != 0;
 
   if (threadIdx.x < Tiles::kProducerThreads) {
     // Producer warpgroup: tile j into stage j % kStages once both consumers released the tile
@@ -317,6 +333,14 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
             *reinterpret_cast<uint128_t*>(s_bias + stage * Tiles::kBiasStageBytes +
                                           threadIdx.x * 16));
       }
+      if constexpr (kKeyLast) {
+        if (int(threadIdx.x) >= 64 && int(threadIdx.x) < 64 + kBlockN / 4) {
+          const int chunk = int(threadIdx.x) - 64;  // whole tiles: key_last_stride pads the rows
+          SM80_CP_ASYNC_CACHEGLOBAL<uint128_t>::copy(
+              *reinterpret_cast<const uint128_t*>(key_last + n_block * kBlockN + chunk * 4),
+              *reinterpret_cast<uint128_t*>(s_key_last + stage * kBlockN + chunk * 4));
+        }
+      }
       if constexpr (kStagedBias) {
         load_bias_tile_async<kBlockM, kLoaders>(
             s_staged_bias + stage * Tiles::kStagedBiasStageElems,
@@ -330,7 +354,7 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
       load_rows_async<kHeadDim, kBlockN, kLoaders>(s_v + stage * kStageElems, v_dst.first,
                                                    v_dst.step, v, p.v_stride_s,
                                                    n_block * kBlockN, p.seqlen_k, p.head_dim);
-      if (list.begin + j < list.n_full) {
+      if (list.begin + j < list.n_full || !check_v) {
         mbarrier_arrive_on_copies(&full_bar[stage]);
         continue;
       }
@@ -430,6 +454,16 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
   }
 
   float row_max[1][2] = {{-INFINITY, -INFINITY}}, row_sum[1][2] = {{0.0f, 0.0f}};
+  // The thread's two rows' visible ends (compacted row bounds: a load each), the same every tile.
+  int row_end[1][2] = {{0, 0}};
+  if constexpr (kKeyLast) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      int i, head;
+      wr.row_of(0, r, i, head);
+      row_end[0][r] = visible_end(p, b, head, i);
+    }
+  }
   clear(tOrO);
   auto o_at = [&](int, int d, int e) -> float& { return tOrO(4 * d + e); };
 
@@ -480,7 +514,8 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
     wr.logits<1, kNTiles, Elt>(
         s, n * kBlockN, list.begin + j >= list.n_full,
         bias_staged(n) ? s_bias + stage * Tiles::kBiasStageBytes : nullptr,
-        kStagedBias ? s_staged_bias + stage * Tiles::kStagedBiasStageElems : nullptr);
+        kStagedBias ? s_staged_bias + stage * Tiles::kStagedBiasStageElems : nullptr,
+        kKeyLast ? s_key_last + stage * kBlockN : nullptr, kKeyLast ? row_end : nullptr);
     float correction[1][2];
     softmax_step(s, wr.exp_scale, row_max, row_sum, correction);
 
@@ -494,7 +529,7 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
       p_regs[2 * c + 1] = Elt::pack(s[0][c][2], s[0][c][3]);
     }
     rescale_rows<1, kDTiles>(o_at, correction);
-    if (list.begin + j >= list.n_full) {
+    if (check_v && list.begin + j >= list.n_full) {
       const uint64_t nonfinite = s_nonfinite[stage];
       if (nonfinite != 0) {
         add_nonfinite_keys<1, kNTiles, kDTiles, Elt>(

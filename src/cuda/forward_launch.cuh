@@ -42,9 +42,11 @@ void launch_forward(const ForwardParams& params, cudaStream_t stream) {
   if constexpr (kHeadDim <= 128) {
     if (use_sm90_forward(params)) {
       using Tiles = Sm90ForwardTiles<kHeadDim, Elt>;
+      const bool key_last = params.row_end.key_last != nullptr;
       auto* kernel = params.bias_staged ? &forward_kernel_sm90<kHeadDim, Elt, true>
+                     : key_last         ? &forward_kernel_sm90<kHeadDim, Elt, false, true>
                                         : &forward_kernel_sm90<kHeadDim, Elt, false>;
-      const int smem = Tiles::smem_bytes(params.bias_staged);
+      const int smem = Tiles::smem_bytes(params.bias_staged, key_last);
       FSA_CUDA_CHECK(
           cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
       kernel<<<grid, Tiles::kThreads, smem, stream>>>(params);

@@ -3,7 +3,8 @@
 //   classify   one warp per tile: counts its kept entries and marks it skipped / partial / full.
 //              Tiles outside the causal band or the block selection are never read; a tile that
 //              every row sees whole under a query-invariant mask (..., 1, Sk) reads one key row;
-//              over compacted keys the rows' bounds (PlanParams::row_end) decide alone.
+//              over compacted keys the rows' bounds (PlanParams::row_end) decide alone, with each
+//              slot's last row under per-row top-k.
 //   compact    one warp per row of the map: full and partial key-block lists by warp ballots.
 //   transpose  one warp per column: the query-block lists the backward pass walks.
 
@@ -47,7 +48,27 @@ __device__ inline long long classify_tile(const PlanParams& p, int m, int n, int
     // uncovers keys), so the first and last rows bound the tile and only a straddling tile needs
     // the per-row sum.
     const int32_t* end = p.row_end.data + p.row_end.offset(mb, hq, r0);
-    if (c0 + cols <= end[0]) {
+    if (p.row_end.key_last != nullptr) {
+      // Per-row top-k: slot s is kept by the rows that see it up to its last (RowEnd::key_last).
+      // Per slot, the first tile row that sees it (a binary search: end is non-decreasing).
+      const int32_t* last = p.row_end.key_last_row(mb, hq) + c0;
+      long long local = 0;
+      if (c0 < end[rows - 1]) {
+        for (int c = lane; c < cols; c += 32) {
+          int lo = 0, hi = rows;
+          while (lo < hi) {
+            const int mid = (lo + hi) / 2;
+            if (end[mid] > c0 + c) {
+              hi = mid;
+            } else {
+              lo = mid + 1;
+            }
+          }
+          local += max(min(last[c] - r0 + 1, rows) - lo, 0);
+        }
+      }
+      kept = warp_sum(local);
+    } else if (c0 + cols <= end[0]) {
       kept = (long long)rows * cols;
     } else if (c0 < end[rows - 1]) {
       long long local = 0;

@@ -21,6 +21,7 @@
 #include "cuda/check.h"
 #include "cuda/cuda_backend.h"
 #include "cuda/stream_buffer.h"
+#include "cuda/topk_keys.h"
 
 namespace fsa::detail::cuda {
 namespace {
@@ -30,29 +31,9 @@ constexpr int kSweepRows = 128;  // rows per sweep CTA: the sequential walk stay
 // Largest Sk whose rank bitmap fits the sweep's shared memory (128 KiB).
 constexpr int64_t kMaxSweepKeys = int64_t(128) << 13;
 
-struct ListParams {
-  const void* bias;  // caller's, read through read strides
-  int bias_dtype;    // 0 fp32, 1 bf16, 2 fp16
-  int64_t bias_stride[4];
-  int64_t bias_head_group;
-  const uint8_t* mask;  // key-only mask or null
-  int64_t mask_stride[4];
-  int64_t mask_head_group;
-  int list_heads;      // lists: (list_batch, list_heads)
-  int64_t head_group;  // query heads per list head
-  int seqlen_q, seqlen_k;
-};
-
-__device__ inline float bias_value(const ListParams& p, int64_t off) {
-  if (p.bias_dtype == 0) return static_cast<const float*>(p.bias)[off];
-  const uint16_t bits = static_cast<const uint16_t*>(p.bias)[off];
-  if (p.bias_dtype == 1) return __uint_as_float(uint32_t(bits) << 16);
-  return __half2float(__ushort_as_half(bits));
-}
-
 // grid (ceil(Sk / 256), lists): order keys (0 for keys the mask drops: below every real key, so
 // they sort last and are never inserted) and their indices, per list; plus the segment offsets.
-__global__ void order_keys_kernel(const __grid_constant__ ListParams p, uint32_t* keys,
+__global__ void order_keys_kernel(const __grid_constant__ TopkKeys p, uint32_t* keys,
                                  int32_t* index, int32_t* offsets) {
   const int l = blockIdx.y;
   const int j = blockIdx.x * blockDim.x + threadIdx.x;
@@ -61,18 +42,8 @@ __global__ void order_keys_kernel(const __grid_constant__ ListParams p, uint32_t
     if (l == int(gridDim.y) - 1) offsets[l + 1] = (l + 1) * p.seqlen_k;
   }
   if (j >= p.seqlen_k) return;
-  const int b = l / p.list_heads;
-  const int64_t hq = int64_t(l % p.list_heads) * p.head_group;
-  bool allowed = true;
-  if (p.mask) {
-    allowed = p.mask[b * p.mask_stride[0] + (hq / p.mask_head_group) * p.mask_stride[1] +
-                     int64_t(j) * p.mask_stride[3]] != 0;
-  }
   const int64_t at = int64_t(l) * p.seqlen_k + j;
-  keys[at] = allowed ? order_key(bias_value(p, b * p.bias_stride[0] +
-                                                   (hq / p.bias_head_group) * p.bias_stride[1] +
-                                                   int64_t(j) * p.bias_stride[3]))
-                     : 0u;
+  keys[at] = p.allowed(l, j) ? order_key(p.value(l, j)) : 0u;
   index[at] = j;
 }
 
@@ -211,8 +182,8 @@ std::shared_ptr<const RowThresholds> make_device_thresholds(
                 "per-row top-k on CUDA supports seqlen_k <= " + std::to_string(kMaxSweepKeys) +
                     ", got " + std::to_string(g.seqlen_k));
   }
-  const int64_t batch = std::max(bias.read_extent(0), mask ? mask->read_extent(0) : 1);
-  const int64_t heads = std::max(bias.read_extent(1), mask ? mask->read_extent(1) : 1);
+  const TopkLists extents = topk_lists(bias, mask);
+  const int64_t batch = extents.batch, heads = extents.heads;
   const int64_t lists = batch * heads, sq = g.seqlen_q, sk = g.seqlen_k;
   if (lists * std::max<int64_t>(sk, 1) > std::numeric_limits<int32_t>::max() / 2) {
     throw Error(ErrorKind::kUnsupported, "attn_bias",
@@ -232,20 +203,7 @@ std::shared_ptr<const RowThresholds> make_device_thresholds(
                                                                              out_last);
     FSA_CUDA_CHECK(cudaGetLastError());
   } else if (lists * sq > 0) {
-    ListParams lp{};
-    lp.bias = bias.data;
-    lp.bias_dtype = bias.dtype == DType::kFloat32 ? 0 : bias.dtype == DType::kBFloat16 ? 1 : 2;
-    for (int d = 0; d < 4; ++d) lp.bias_stride[d] = bias.read_stride[d];
-    lp.bias_head_group = bias.head_group;
-    if (mask) {
-      lp.mask = static_cast<const uint8_t*>(mask->data);
-      for (int d = 0; d < 4; ++d) lp.mask_stride[d] = mask->read_stride[d];
-      lp.mask_head_group = mask->head_group;
-    }
-    lp.list_heads = int(heads);
-    lp.head_group = g.num_heads / heads;
-    lp.seqlen_q = int(sq);
-    lp.seqlen_k = int(sk);
+    const TopkKeys lp = make_topk_keys(g, bias, mask, heads);
 
     // Scratch: keys and indices in / out of the sort, ranks, segment offsets, the sort's own.
     const size_t n = size_t(lists * sk);

@@ -181,6 +181,130 @@ TEST_P(Compaction, FullBiasKeepsTheBlockMap) {
   expect_both_paths_match(spec);
 }
 
+// ---- Per-row top-k (PlanOptions::topk) over compacted keys ---------------------------------------
+// The plan lists every key that some row keeps and renumbers the rows' thresholds into slots. The
+// library gets only the bias and the plan; the float64 reference gets the per-row mask built here
+// as create_mask builds it: each row's bias with the fill wherever causality drops a key, its top
+// `window` (ties to the lower index), never a visible entry equal to the fill.
+
+auto per_row_topk(int64_t window, double fill) {
+  return [window, fill](const Problem& p, const Inputs& in, Rng&, std::vector<uint8_t>& mask) {
+    const Shape4& ms = *p.mask_shape;  // (Bb, Hb, Sq, Sk): the bias's batch and heads
+    const int64_t sq = ms[2], sk = ms[3];
+    std::vector<double> row(static_cast<size_t>(sk));
+    std::vector<int64_t> order(static_cast<size_t>(sk));
+    for (int64_t l = 0; l < ms[0] * ms[1]; ++l) {
+      const double* bias = in.bias.data() + l * sk;
+      for (int64_t i = 0; i < sq; ++i) {
+        const int64_t end = p.causal ? std::clamp<int64_t>(i + sk - sq + 1, 0, sk) : sk;
+        for (int64_t j = 0; j < sk; ++j) row[size_t(j)] = j < end ? bias[j] : fill;
+        std::iota(order.begin(), order.end(), 0);
+        std::stable_sort(order.begin(), order.end(),
+                         [&](int64_t x, int64_t y) { return row[size_t(x)] > row[size_t(y)]; });
+        uint8_t* out = mask.data() + (l * sq + i) * sk;
+        for (int64_t n = 0; n < std::min(window, sk); ++n) {
+          const int64_t j = order[size_t(n)];
+          out[j] = j < end && row[size_t(j)] != fill;
+        }
+      }
+    }
+  };
+}
+
+// Runs the per-row top-k through the compacted plan and through the thresholds over the block map
+// alone; both must match float64 with the mask above.
+// thresholds_kept: whether the compacted plan must also keep the thresholds (some key's rows are
+// not an interval); otherwise each slot's last row alone selects (KeyCompaction::key_last).
+void expect_topk_paths_match(CaseSpec spec, int64_t window, double fill,
+                             double max_tile_fraction = 1.0, bool thresholds_kept = false) {
+  spec.make_mask = per_row_topk(window, fill);
+  const Shape4& bs = *spec.bias_shape;
+  spec.mask_shape = Shape4{bs[0], bs[1], spec.seqlen_q, spec.seqlen_k};
+  const Problem problem = make_problem(spec);
+  const Inputs inputs = make_inputs(spec, problem);
+  const fsa::AttentionOptions options = make_options(spec);
+  for (const bool compact : {true, false}) {
+    SCOPED_TRACE(compact ? "compacted keys" : "thresholds over the block map");
+    LibraryBuffers buffers(problem, inputs, spec.dtype, spec.resolved_bias_dtype());
+    fsa::PlanOptions po;
+    po.compact_keys = compact ? fsa::CompactKeys::kAlways : fsa::CompactKeys::kNever;
+    po.topk_bias = buffers.bias->view();
+    po.topk = window;
+    po.topk_min_value = fill;
+    const fsa::Plan plan =
+        fsa::make_plan(buffers.q.view(), buffers.k.view(), std::nullopt, spec.causal, po);
+    ASSERT_EQ(plan.compacted(), compact);
+    if (compact) {
+      EXPECT_LE(plan.compacted_tile_fraction(), max_tile_fraction);
+      ASSERT_NE(plan.compaction()->key_last, nullptr);
+      EXPECT_EQ(plan.compaction()->row_topk.key != nullptr, thresholds_kept);
+    }
+    fsa::ForwardArgs f = buffers.forward_args(options);
+    f.attn_mask.reset();  // the selection comes from the plan's thresholds alone
+    f.plan = &plan;
+    fsa::forward(f);
+    fsa::BackwardArgs b = buffers.backward_args(options);
+    b.attn_mask.reset();
+    b.plan = &plan;
+    fsa::backward(b);
+    expect_matches_reference(problem, inputs, buffers.outputs(true), spec.dtype,
+                             spec.resolved_bias_dtype(), true);
+  }
+}
+
+constexpr double kBf16Lowest = -3.3895313892515355e38;
+
+// Doge's shape: bias per kv head, GQA 2, causal; bf16 values repeat (ties across rows). The
+// compacted map visits well under the causal triangle's half of the tiles.
+TEST(CompactionTopk, PerKvHeadBias_Gqa2_Causal_Bf16) {
+  CaseSpec spec = case_spec(DType::kBFloat16, 2, 300, 300, 4, 2, 32);
+  spec.causal = true;
+  spec.bias_shape = Shape4{2, 2, 1, 300};
+  expect_topk_paths_match(spec, 25, kBf16Lowest, 0.45);
+}
+
+// Sq > Sk: the first rows see nothing (empty rows, exact zeros); one shared bias.
+TEST(CompactionTopk, SharedBias_SqAboveSk_Causal_Fp32) {
+  CaseSpec spec = case_spec(DType::kFloat32, 1, 150, 97, 2, 1, 16);
+  spec.causal = true;
+  spec.bias_shape = Shape4{1, 1, 1, 97};
+  expect_topk_paths_match(spec, 20, -3.4028234663852886e38);
+}
+
+// A bias per query head with GQA: each query head has its own lists and gathered K / V copy; Sq <
+// Sk (a cached prefix) and a window longer than some rows' candidates.
+TEST(CompactionTopk, PerQueryHeadBias_SqBelowSk_Causal_Fp32) {
+  CaseSpec spec = case_spec(DType::kFloat32, 1, 61, 200, 4, 2, 16);
+  spec.causal = true;
+  spec.bias_shape = Shape4{1, 4, 1, 200};
+  expect_topk_paths_match(spec, 150, -3.4028234663852886e38);
+}
+
+// A fill inside the values' range (most values below it): entries below the fill rank under the
+// dropped keys, so the last rows, which drop few keys, keep some of them that earlier rows did
+// not. Their rows start after the first that sees them: the plan keeps the thresholds (in slots).
+TEST(CompactionTopk, FillInsideTheValues_Causal_Fp32) {
+  CaseSpec spec = case_spec(DType::kFloat32, 1, 130, 130, 2, 2, 16);
+  spec.causal = true;
+  spec.bias_shape = Shape4{1, 2, 1, 130};
+  expect_topk_paths_match(spec, 12, 1.5, 1.0, true);
+}
+
+// The same fill above only a few values: every kept key's rows still start where it is first seen.
+TEST(CompactionTopk, FillBelowMostValues_Causal_Fp32) {
+  CaseSpec spec = case_spec(DType::kFloat32, 1, 130, 130, 2, 2, 16);
+  spec.causal = true;
+  spec.bias_shape = Shape4{1, 2, 1, 130};
+  expect_topk_paths_match(spec, 12, -0.25);
+}
+
+// Without causality every row keeps the same keys: one list of `window` keys.
+TEST(CompactionTopk, NonCausal_Bf16) {
+  CaseSpec spec = case_spec(DType::kBFloat16, 2, 97, 130, 2, 2, 32);
+  spec.bias_shape = Shape4{2, 2, 1, 130};
+  expect_topk_paths_match(spec, 17, kBf16Lowest);
+}
+
 TEST(CompactionPlan, KeepsTheSameEntriesAndVisitsFewerTiles) {
   CaseSpec spec = case_spec(DType::kFloat32, 1, 1024, 1024, 2, 2, 16);
   spec.causal = true;

@@ -39,15 +39,19 @@ def grads_of(fn, inputs, dout):
 
 
 def check_backward(q, k, v, mask=None, bias=None, causal=False, softcap=0.0, label="",
-                   selection=None, deterministic=False):
+                   selection=None, deterministic=False, ours_how=None):
     """`selection` = (block_mask, block_size): ours runs with that block selection instead of
-    `mask`, which must then be the selection expanded to entries (the reference's mask)."""
+    `mask`, which must then be the selection expanded to entries (the reference's mask).
+    `ours_how`: keyword arguments that select the same entries for ours instead of `mask` (e.g.
+    topk=w, topk_causal=True)."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     dout = torch.randn_like(q)
     leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
     bias_leaf = None if bias is None else bias.detach().clone().requires_grad_(True)
     how = ({"attn_mask": mask} if selection is None else
            {"block_mask": selection[0], "block_size": selection[1]})
+    if ours_how is not None:
+        how = ours_how
     ours = grads_of(lambda: flash_sparse_attn_func(
         *leaves, attn_bias=bias_leaf, is_causal=causal, softcap=softcap or None,
         deterministic=deterministic, **how),

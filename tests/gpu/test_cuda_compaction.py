@@ -16,7 +16,7 @@ from flash_sparse_attn import _C, flash_sparse_attn_func
 from flash_sparse_attn.utils.mask import create_mask
 
 from test_cuda_backward import check_backward
-from test_cuda_forward import SEED, check, qkv, randn
+from test_cuda_forward import ATOL, SEED, attention, check, qkv, randn
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or not getattr(_C, "has_cuda", False),
@@ -182,3 +182,46 @@ def test_topk_causal_thresholds_match_create_mask(dtype, shape, window, gen):
         err = (ours.float() - theirs.float()).abs().max().item()
         assert err <= 2e-2 * scale, f"{name}: {err:.3e} (scale {scale:.3e}) {shape} w={window}"
     check(q, k, v, mask, bias, causal=True, label=f"topk_causal {shape} w={window}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,window", [((1, 1000, 1000, 8, 2, 128), 100),
+                                          ((2, 333, 700, 4, 4, 64), 50),
+                                          ((1, 700, 333, 4, 1, 64), 40),
+                                          ((1, 2048, 2048, 4, 2, 128), 256),
+                                          ((1, 300, 300, 2, 2, 128), 400)])
+def test_topk_causal_over_compacted_keys_against_float64(dtype, shape, window, gen):
+    """Per-row causal top-k runs over the keys some row keeps (the plan lists them and renumbers
+    the thresholds into slots): output, LSE and every gradient against float64 with create_mask's
+    mask by SPEC's rule, exact zeros for empty rows and for keys no row keeps."""
+    B, Sq, Sk, H, Hk, D = shape
+    q, k, v = qkv(B, Sq, Sk, H, Hk, D, dtype, gen)
+    bias = randn(B, Hk, 1, Sk, dtype=dtype, gen=gen)
+    bias[..., 3:30] = bias[..., 40:67].flip(-1)  # ties, some across the causal frontier
+    bias[..., 100] = torch.finfo(dtype).min      # a fill-valued key: never kept
+    mask = create_mask(bias, causal_mask(Sq, Sk), B, Sq, Sk, window, torch.finfo(dtype).min)
+    stream = torch.cuda.current_stream().cuda_stream
+    plan = _C.make_plan(q, k, None, True, None, None, None, None, None, stream, "auto",
+                        bias, window, float(torch.finfo(dtype).min))
+    assert plan.compacted
+    if window < Sk // 4:  # the lists skip the keys no row keeps, and the tiles past them
+        assert plan.compacted_tile_fraction() < 0.6
+    scale = 1.0 / math.sqrt(D)
+    out, lse, _ = flash_sparse_attn_func(q, k, v, attn_bias=bias, is_causal=True, topk=window,
+                                         topk_causal=True, return_attn_probs=True)
+    ref_out, ref_lse = attention(q, k, v, mask, bias, scale, True, 0.0, torch.float64)
+    naive_out, _ = attention(q, k, v, mask, bias, scale, True, 0.0, dtype)
+    where = f"topk_causal {shape} w={window} {dtype}"
+    assert not out.isnan().any(), where
+    empty = ref_lse == -math.inf
+    assert torch.equal(lse == -math.inf, empty), f"LSE -inf exactly on the empty rows: {where}"
+    if empty.any():
+        assert (out.transpose(1, 2)[empty] == 0).all(), f"empty rows must be 0: {where}"
+    err = (out.double() - ref_out).abs().max().item()
+    naive_err = (naive_out.double() - ref_out).abs().max().item()
+    assert err <= 2 * naive_err + ATOL, f"out {err:.3e} vs naive {naive_err:.3e}: {where}"
+    finite = ~empty
+    assert (lse.double() - ref_lse)[finite].abs().max().item() <= 1e-3 * max(
+        1.0, ref_lse[finite].abs().max().item()), f"lse: {where}"
+    check_backward(q, k, v, mask, bias, causal=True, label=where,
+                   ours_how={"topk": window, "topk_causal": True})

@@ -45,15 +45,15 @@ def poison(v, keys, gen):
     return bad
 
 
-def expected(q, k, v_bad, mask, causal, scale):
+def expected(q, k, v_bad, mask, causal, scale, bias=None):
     """(expected out with NaN / +-inf where IEEE arithmetic over the kept keys puts them, the
     naive same-dtype out over the cleaned V, the float64 one over the cleaned V)."""
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
     nonfinite = ~torch.isfinite(v_bad)
     v_clean = v_bad.masked_fill(nonfinite, 0)
-    ref, _ = attention(q, k, v_clean, mask, None, scale, causal, 0.0, torch.float64)
-    naive, _ = attention(q, k, v_clean, mask, None, scale, causal, 0.0, q.dtype)
+    ref, _ = attention(q, k, v_clean, mask, bias, scale, causal, 0.0, torch.float64)
+    naive, _ = attention(q, k, v_clean, mask, bias, scale, causal, 0.0, q.dtype)
     keep = keep_of(mask, causal, B, H, Sq, Sk, q.device).double()  # (B, H, Sq, Sk)
     vh = expand_heads(v_bad.transpose(1, 2), H)  # (B, H, Sk, D)
 
@@ -68,10 +68,12 @@ def expected(q, k, v_bad, mask, causal, scale):
     return want, naive, ref
 
 
-def check(q, k, v_bad, mask=None, causal=False, label=""):
+def check(q, k, v_bad, mask=None, causal=False, label="", bias=None, ours=None):
+    """ours: keyword arguments that select `mask`'s entries for our call instead of it."""
     scale = 1.0 / math.sqrt(q.shape[-1])
-    want, naive, ref = expected(q, k, v_bad, mask, causal, scale)
-    out = flash_sparse_attn_func(q, k, v_bad, attn_mask=mask, is_causal=causal).double()
+    want, naive, ref = expected(q, k, v_bad, mask, causal, scale, bias)
+    how = {"attn_mask": mask} if ours is None else ours
+    out = flash_sparse_attn_func(q, k, v_bad, attn_bias=bias, is_causal=causal, **how).double()
     where = f"{label} seed={SEED} dtype={q.dtype} D={q.shape[-1]}"
     special = ~torch.isfinite(want)
     assert special.any(), f"the case must keep some non-finite value: {where}"
@@ -118,6 +120,39 @@ def test_key_mask_block_map_and_decode(dtype, Sq, gen):
     mask[..., 11] = True
     mask[..., 10] = False
     check(q, k, poison(v, keys, gen), mask, False, "key mask")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_compacted_keys_kept_and_dropped(dtype, gen):
+    # Compacted keys (>= 128 query rows): a dropped key is never gathered; a kept one is, and the
+    # rows that causality hides it from must stay finite (the gather flags V, and the forward's
+    # partial tiles then check their V tiles).
+    B, Sq, Sk, H, Hk, D = 1, 300, 300, 4, 2, 128
+    q, k, v = qkv(B, Sq, Sk, H, Hk, D, dtype, gen)
+    mask = torch.rand(B, Hk, 1, Sk, generator=gen, device="cuda") < 0.3
+    keys = [10, 11, 150, 151, 290]
+    mask[..., [11, 151, 290]] = True
+    mask[..., [10, 150]] = False
+    check(q, k, poison(v, keys, gen), mask, True, "compacted key mask")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_per_row_topk_compacted(dtype, gen):
+    # Per-row top-k over compacted keys: a poisoned key that some rows keep and later rows drop
+    # (better keys arrive), one that no row keeps, and one kept to the end.
+    from flash_sparse_attn.utils.mask import create_mask
+    B, Sq, Sk, H, Hk, D, w = 1, 300, 300, 4, 2, 128, 20
+    q, k, v = qkv(B, Sq, Sk, H, Hk, D, dtype, gen)
+    bias = randn(B, Hk, 1, Sk, dtype=dtype, gen=gen)
+    bias[..., 40] = 1.0   # kept from row 40 until 20 better keys have arrived
+    bias[..., 41] = -5.0  # never among the top 20 of its prefix
+    bias[..., 42] = 9.0   # kept by every row from 42 on
+    causal = torch.ones(Sq, Sk, dtype=torch.bool, device="cuda").tril()[None, None]
+    mask = create_mask(bias, causal, B, Sq, Sk, w, torch.finfo(dtype).min)
+    assert mask[0, :, 40:, 40].any() and not mask[0, :, -1, 40].any()
+    assert not mask[..., 41].any() and mask[0, :, 42:, 42].all()
+    check(q, k, poison(v, [40, 41, 42], gen), mask, True, "per-row top-k", bias=bias,
+          ours={"topk": w, "topk_causal": True})
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
