@@ -152,3 +152,30 @@ def test_max_kept_keys_bounds_the_compacted_keys_and_is_checked():
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
     with pytest.raises(ValueError, match="max_kept_keys"):
         _C.make_plan(dl(q), dl(k), dl(mask), True, compact_keys="always", max_kept_keys=29)
+
+
+def test_topk_causal_plans_compact_the_keys_some_row_keeps():
+    """From 128 query rows a per-row top-k plan runs over the keys some row keeps (each with the
+    last row that keeps it): visible in the plan, fewer tiles than the causal triangle, and the
+    same result as the thresholds over the block map (compact_keys='never')."""
+    q, k, v = qkv(1, 512, 512, 2, 2, 16, torch.float32)
+    bias = rand(1, 2, 1, 512, dtype=torch.float32)
+    dl = torch.utils.dlpack.to_dlpack
+    fill = float(torch.finfo(torch.float32).min)
+
+    def plan(q_, mode):
+        return _C.make_plan(dl(q_), dl(k), None, True, compact_keys=mode, topk_bias=dl(bias),
+                            topk=32, topk_min_value=fill)
+
+    compacted = plan(q, "auto")
+    assert compacted.compacted
+    # The causal triangle is half the tiles; random biases keep about w (1 + ln(S / w)) per row.
+    assert compacted.compacted_tile_fraction() < 0.35
+    assert not plan(q, "never").compacted
+    assert not plan(q[:, :100], "auto").compacted  # under one query tile: the block map
+    outs = []
+    for p in (compacted, plan(q, "never")):
+        out = torch.empty_like(q)
+        _C.forward(dl(q), dl(k), dl(v), None, dl(bias), dl(out), None, None, True, 0.0, p, 0)
+        outs.append(out)
+    assert (outs[0] - outs[1]).abs().max().item() < 1e-5
