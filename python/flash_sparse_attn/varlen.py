@@ -22,7 +22,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from . import _C
-from .flash_sparse_attn_interface import _dl, _make_plan, _stream, _topk_mask
+from .flash_sparse_attn_interface import _check_topk, _dl, _make_plan, _stream, _topk_mask
 
 __all__ = ["flash_sparse_attn_varlen_func"]
 
@@ -76,7 +76,8 @@ def _sequence(t: Optional[torch.Tensor], start: int, end: int):
 
 class _VarlenAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, bias, mask, bq, bk, scale, causal, softcap, deterministic, topk):
+    def forward(ctx, q, k, v, bias, mask, bq, bk, scale, causal, softcap, deterministic, topk,
+                topk_causal):
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
         calls = []  # per sequence: (q rows, k rows, its mask (after top-k), plan)
@@ -88,11 +89,14 @@ class _VarlenAttention(torch.autograd.Function):
             q_b, k_b, v_b = (_sequence(t, *rows) for t, rows in ((q, (qs, qe)), (k, (ks, ke)),
                                                                  (v, (ks, ke))))
             mask_b, bias_b = _sequence(mask, ks, ke), _sequence(bias, ks, ke)
-            max_kept = 0
-            if topk is not None and ke > ks:
+            max_kept = row_topk = 0
+            if topk is not None and topk_causal and ke > ks:
+                row_topk = topk  # per row of this sequence: thresholds (its plan holds them)
+            elif topk is not None and ke > ks:
                 mask_b = _topk_mask(q_b, k_b, mask_b, bias_b, topk)
                 max_kept = topk
-            plan = _make_plan(q_b, k_b, mask_b, causal, None, None, None, max_kept=max_kept)
+            plan = _make_plan(q_b, k_b, mask_b, causal, None, None, None, attn_bias=bias_b,
+                              row_topk=row_topk, max_kept=max_kept)
             _C.forward(
                 _dl(q_b), _dl(k_b), _dl(v_b), _dl(mask_b), _dl(bias_b),
                 _dl(out[qs:qe].unsqueeze(0)), _dl(lse[:, qs:qe].unsqueeze(0)), scale, causal,
@@ -124,7 +128,7 @@ class _VarlenAttention(torch.autograd.Function):
                 _dl(_sequence(dbias, ks, ke) if need_dbias else None), ctx.scale, ctx.causal,
                 ctx.softcap, ctx.deterministic, plan, stream,
             )
-        return dq, dk, dv, dbias, None, None, None, None, None, None, None, None
+        return dq, dk, dv, dbias, None, None, None, None, None, None, None, None, None
 
 
 def flash_sparse_attn_varlen_func(
@@ -144,6 +148,7 @@ def flash_sparse_attn_varlen_func(
     return_attn_probs: Optional[bool] = None,
     *,
     topk: Optional[int] = None,
+    topk_causal: bool = False,
 ):
     """Attention over packed sequences (module docstring for the layout).
 
@@ -151,7 +156,9 @@ def flash_sparse_attn_varlen_func(
     int32 / int64 offsets; max_seqlen_q / max_seqlen_k are checked when given (FlashAttention's
     signature), not needed. attn_mask / attn_bias: per key, ({H|Hk|1}, total_k). topk: each
     sequence keeps its topk keys by bias (per head), as ``flash_sparse_attn_func(..., topk=)``
-    on that sequence alone. Returns out (total_q, H, D), or (out, lse (H, total_q), None) with
+    on that sequence alone; with topk_causal (and is_causal) each row of a sequence keeps the topk
+    keys of its causal prefix in that sequence, as ``flash_sparse_attn_func(..., topk=,
+    topk_causal=True)``. Returns out (total_q, H, D), or (out, lse (H, total_q), None) with
     return_attn_probs. Differentiable in query, key, value and attn_bias."""
     for name, t, heads_dim in (("query", query, 3), ("key", key, 3), ("value", value, 3)):
         if not isinstance(t, torch.Tensor) or t.dim() != heads_dim:
@@ -179,10 +186,19 @@ def flash_sparse_attn_varlen_func(
         raise ValueError("topk: selects keys by attn_bias, which is None; pass attn_bias")
     scale = float(softmax_scale) if softmax_scale is not None else None
     causal = bool(is_causal) if is_causal is not None else False
+    if topk_causal:
+        if topk is None:
+            raise ValueError("topk_causal: selects the topk keys of each row; pass topk as well")
+        if not causal:
+            raise ValueError(
+                "topk_causal: selects among the keys causality lets each row see, so it needs "
+                "is_causal=True (without causality, topk alone selects the same keys)"
+            )
+        _check_topk(topk, attn_bias.unsqueeze(0).unsqueeze(2), key)
     cap = float(softcap) if softcap else 0.0
     out, lse = _VarlenAttention.apply(
         query, key, value, attn_bias, attn_mask, bq, bk, scale, causal, cap,
-        bool(deterministic) if deterministic is not None else False, topk)
+        bool(deterministic) if deterministic is not None else False, topk, bool(topk_causal))
     if return_attn_probs:
         return out, lse, None
     return out

@@ -32,13 +32,16 @@ def _grads(fn, leaves, dout):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("extras", ["none", "mask+bias", "topk"])
+@pytest.mark.parametrize("extras", ["none", "mask+bias", "topk", "topk_causal"])
 def test_each_sequence_as_if_alone(causal, extras):
+    if extras == "topk_causal" and not causal:
+        pytest.skip("topk_causal selects among the keys causality lets a row see")
     lens_q = [5, 0, 1, 17, 9]
     lens_k = [5, 3, 1, 20, 9] if not causal else [7, 3, 1, 17, 12]  # Sk >= Sq: causal rows see keys
     with_mask = extras == "mask+bias"
     with_bias = extras != "none"
-    topk = 4 if extras == "topk" else None
+    topk = 4 if extras.startswith("topk") else None
+    per_row = {"topk_causal": True} if extras == "topk_causal" else {}
     q, k, v, mask, bias, cu_q, cu_k = _packed(lens_q, lens_k, 7, with_mask, with_bias)
     dout = torch.randn_like(q)
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
@@ -47,7 +50,7 @@ def test_each_sequence_as_if_alone(causal, extras):
     out, grads = _grads(
         lambda q_, k_, v_, *b: flash_sparse_attn_varlen_func(
             q_, k_, v_, cu_q, cu_k, max(lens_q), max(lens_k), attn_mask=mask,
-            attn_bias=b[0] if b else None, is_causal=causal, topk=topk),
+            attn_bias=b[0] if b else None, is_causal=causal, topk=topk, **per_row),
         inputs, dout)
     assert torch.isfinite(out).all()
     for b in range(len(lens_q)):
@@ -60,7 +63,7 @@ def test_each_sequence_as_if_alone(causal, extras):
                     if bias is not None else None)
         mask_one = mask[:, ks:ke][None, :, None] if mask is not None else None
         ref = flash_sparse_attn_func(*one, attn_mask=mask_one, attn_bias=bias_one,
-                                     is_causal=causal, topk=topk)
+                                     is_causal=causal, topk=topk, **per_row)
         ref.backward(dout[qs:qe].unsqueeze(0))
         where = f"sequence {b} ({extras}, causal={causal})"
         torch.testing.assert_close(out[qs:qe], ref.detach()[0], rtol=1e-5, atol=1e-6, msg=where)
@@ -76,6 +79,35 @@ def test_each_sequence_as_if_alone(causal, extras):
     # Keys of a sequence without queries (sequence 1) get exactly zero gradient.
     ks, ke = int(cu_k[1]), int(cu_k[2])
     assert (grads[1][ks:ke] == 0).all() and (grads[2][ks:ke] == 0).all()
+
+
+def test_topk_causal_per_document_against_float64():
+    """Each row keeps the top-w keys of its own document's causal prefix (create_mask given that
+    document's causal mask), documents long enough to run over compacted keys (>= 128 rows)."""
+    from flash_sparse_attn.utils.mask import create_mask
+
+    lens = [0, 1, 150, 129, 40]
+    w = 12
+    q, k, v, _, bias, cu_q, cu_k = _packed(lens, lens, 11, with_bias=True)
+    out = flash_sparse_attn_varlen_func(q, k, v, cu_q, cu_k, attn_bias=bias, is_causal=True,
+                                        topk=w, topk_causal=True)
+    for b in range(len(lens)):
+        s, e = int(cu_q[b]), int(cu_q[b + 1])
+        if e == s:
+            continue
+        L = e - s
+        bias_b = bias[:, s:e][None, :, None].double()
+        causal = torch.ones(L, L, dtype=torch.bool).tril()[None, None]
+        keep = create_mask(bias_b, causal, 1, L, L, w, torch.finfo(torch.float64).min)
+        keep = keep.repeat_interleave(H // HK, dim=1)[0]  # (H, L, L)
+        qd = q[s:e].double().transpose(0, 1)
+        kd, vd = (t[s:e].double().transpose(0, 1).repeat_interleave(H // HK, dim=0)
+                  for t in (k, v))
+        scores = qd @ kd.transpose(-1, -2) / math.sqrt(D) + bias_b[0].repeat_interleave(
+            H // HK, dim=0)
+        probs = torch.softmax(scores.masked_fill(~keep, -math.inf), dim=-1)
+        ref = (probs @ vd).transpose(0, 1)
+        assert (out[s:e].double() - ref).abs().max().item() < 1e-5, f"document {b}"
 
 
 def test_against_float64_and_no_cross_talk():
@@ -115,6 +147,9 @@ def test_lse_and_empty_keys():
     (dict(attn_bias=torch.zeros(3, 6)), "attn_bias"),
     (dict(attn_mask=torch.ones(2, 6)), "attn_mask"),
     (dict(topk=2), "topk"),
+    (dict(attn_bias=torch.zeros(2, 6), topk_causal=True, is_causal=True), "topk_causal"),
+    (dict(attn_bias=torch.zeros(2, 6), topk=2, topk_causal=True), "topk_causal"),
+    (dict(attn_bias=torch.zeros(2, 6), topk=0, topk_causal=True, is_causal=True), "topk"),
 ])
 def test_bad_input_names_the_argument(bad, match):
     q, k, v, _, _, cu_q, cu_k = _packed([2, 3], [4, 2], 1)
