@@ -21,6 +21,10 @@ Attention variants (same initial weights, same tokens):
                attention_bias=bias, window_size=2048, is_causal=True), the transformers
                integration: create_mask keeps the global top-2048 keys per (batch, kv head), the
                kernel adds the bias and causality
+  fsa-rows     the same call with the 4-D causal mask a transformers model passes (1, 1, S, S):
+               create_mask then keeps each row's top-2048 keys among those causality lets it see
+               (the reference's per-row selection), run as per-row top-k (topk_causal) over the
+               keys some row keeps
   sdpa-cudnn   torch SDPA with the cuDNN backend, dense causal; the dynamic mask and the bias are
                ignored (dt_proj and A get no gradient)
   sdpa-flash   the same with the flash backend
@@ -202,6 +206,27 @@ def attend_fsa(module, q, k, v, bias):
                                           is_causal=True)[0]
 
 
+_causal_masks = {}
+
+
+def causal_mask(seq_len, device):
+    """The (1, 1, S, S) bool causal mask, one tensor per length and device (a transformers model
+    builds one per forward and hands it to every layer; the integration checks it once)."""
+    key = (seq_len, str(device))
+    if key not in _causal_masks:
+        _causal_masks.clear()
+        _causal_masks[key] = torch.ones(seq_len, seq_len, dtype=torch.bool,
+                                        device=device).tril()[None, None]
+    return _causal_masks[key]
+
+
+def attend_fsa_rows(module, q, k, v, bias):
+    return flash_sparse_attention_forward(module, q, k, v,
+                                          attention_mask=causal_mask(q.shape[2], q.device),
+                                          attention_bias=bias, window_size=module.window_size,
+                                          is_causal=True)[0]
+
+
 def attend_sdpa(backend):
     def attend(module, q, k, v, bias):
         with sdpa_kernel(backend):
@@ -218,14 +243,16 @@ def attend_flex_gather(module, q, k, v, bias):
     return flex(q, k, v, bias, module.window_size).transpose(1, 2)
 
 
-def attend_eager(dtype):
+def attend_eager(dtype, per_row=False):
     """The check's reference (float64) and naive (bf16) attention: the mask from create_mask as
-    flash_sparse_attention_forward builds it, causal, softmax(q k^T / sqrt(D) + bias) v in
-    `dtype`; the output goes back to q's dtype, as the model continues in it."""
+    flash_sparse_attention_forward builds it (per_row: given the causal 4-D mask), causal,
+    softmax(q k^T / sqrt(D) + bias) v in `dtype`; the output goes back to q's dtype, as the model
+    continues in it."""
     def attend(module, q, k, v, bias):
         B, H, S, D = q.shape
         G = H // k.shape[1]
-        mask = create_mask(bias, None, B, S, S, module.window_size, torch.finfo(bias.dtype).min)
+        mask = create_mask(bias, causal_mask(S, q.device) if per_row else None, B, S, S,
+                           module.window_size, torch.finfo(bias.dtype).min)
         keep = mask.repeat_interleave(G, dim=1) & torch.ones(S, S, dtype=torch.bool,
                                                              device=q.device).tril()
         kx, vx = (t.to(dtype).repeat_interleave(G, dim=1) for t in (k, v))
@@ -238,7 +265,7 @@ def attend_eager(dtype):
     return attend
 
 
-VARIANTS = {"fsa": attend_fsa, "flex-gather": attend_flex_gather,
+VARIANTS = {"fsa": attend_fsa, "fsa-rows": attend_fsa_rows, "flex-gather": attend_flex_gather,
             **{name: attend_sdpa(backend) for name, backend in SDPA_BACKENDS.items()}}
 
 
@@ -331,23 +358,28 @@ def pass_rule(ours, ref, naive, rel_atol=4e-3):
     return {"err": err, "bound": bound, "ok": bool(err <= bound and not torch.isnan(ours).any())}
 
 
-def check_fsa(base, cfg, device):
-    """The fsa variant against float64 (see the module docstring); returns the check's record."""
+def check_fsa(base, cfg, device, variant="fsa"):
+    """The fsa (or fsa-rows) variant against float64 (see the module docstring); returns the
+    check's record."""
+    # Looked up when called (not through VARIANTS), so that a test can swap in a wrong one.
+    ours = attend_fsa_rows if variant == "fsa-rows" else attend_fsa
+    per_row = variant == "fsa-rows"
     model = copy.deepcopy(base)
     model.set_window(cfg.check_window)
     tokens = torch.randint(cfg.vocab, (1, cfg.check_tokens + 1), device=device)
-    ref_attend, naive_attend = attend_eager(torch.float64), attend_eager(torch.bfloat16)
+    ref_attend = attend_eager(torch.float64, per_row)
+    naive_attend = attend_eager(torch.bfloat16, per_row)
     results = []
     with torch.no_grad():
         losses = {name: model(tokens, attend).item() for name, attend in
-                  (("fsa", attend_fsa), ("float64", ref_attend), ("bf16", naive_attend))}
+                  (("fsa", ours), ("float64", ref_attend), ("bf16", naive_attend))}
     loss = {name: torch.tensor(value, dtype=torch.float64) for name, value in losses.items()}
     results.append({"what": "loss", **pass_rule(loss["fsa"], loss["float64"], loss["bf16"], 1e-4)})
-    for layer, call in enumerate(record_attention_inputs(model, tokens, attend_fsa)):
+    for layer, call in enumerate(record_attention_inputs(model, tokens, ours)):
         dout = torch.randn(1, cfg.check_tokens, cfg.heads, cfg.head_dim, device=device,
                            dtype=call[1].dtype)
         values = {}
-        for name, attend in (("fsa", attend_fsa), ("float64", ref_attend), ("bf16", naive_attend)):
+        for name, attend in (("fsa", ours), ("float64", ref_attend), ("bf16", naive_attend)):
             run, leaves = attention_fwd_bwd(attend, call, dout)
             with torch.no_grad():
                 out = attend(call[0], *leaves)
@@ -360,7 +392,7 @@ def check_fsa(base, cfg, device):
             results.append({"what": f"layer {layer} {what}", **rule})
     ok = all(r["ok"] for r in results)
     worst = max(results, key=lambda r: r["err"] / max(r["bound"], 1e-30))
-    print(f"check (fsa vs float64, {cfg.check_tokens} tokens, window {cfg.check_window}): "
+    print(f"check ({variant} vs float64, {cfg.check_tokens} tokens, window {cfg.check_window}): "
           f"{'ok' if ok else 'FAILED'}; loss {losses['fsa']:.6f} vs {losses['float64']:.6f} "
           f"(bf16 eager {losses['bf16']:.6f}); closest to its bound: {worst['what']} "
           f"{worst['err']:.2e} <= {worst['bound']:.2e}", flush=True)
@@ -379,7 +411,7 @@ def main(argv=None):
     ap.add_argument("--sizes", default=None, help="tokens per step (default 16384,32768)")
     ap.add_argument("--variants", default=None,
                     help="of: " + ", ".join(VARIANTS) +
-                         " (default: fsa,sdpa-cudnn,sdpa-flash,flex-gather)")
+                         " (default: fsa,fsa-rows,sdpa-cudnn,sdpa-flash,flex-gather)")
     ap.add_argument("--reps", type=int, default=None, help="timed steps per variant (default 10)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3)")
     ap.add_argument("--json", default=None, help="write every number here")
@@ -391,7 +423,7 @@ def main(argv=None):
     cfg = SMOKE if smoke else Config()
     sizes = [int(s) for s in (args.sizes or ("64,128" if smoke else "16384,32768")).split(",")]
     variants = (args.variants or ("fsa,sdpa-math,flex-gather" if smoke else
-                                  "fsa,sdpa-cudnn,sdpa-flash,flex-gather")).split(",")
+                                  "fsa,fsa-rows,sdpa-cudnn,sdpa-flash,flex-gather")).split(",")
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         ap.error(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
@@ -409,7 +441,9 @@ def main(argv=None):
 
     torch.manual_seed(0)
     base = DogeStyleLM(cfg).to(device=device, dtype=torch.bfloat16)
-    check = check_fsa(base, cfg, device)
+    checks = {name: check_fsa(base, cfg, device, name)
+              for name in ("fsa", "fsa-rows") if name == "fsa" or name in variants}
+    check = checks["fsa"]
 
     rows = []
     for seq_len in sizes:
@@ -423,7 +457,7 @@ def main(argv=None):
                 row["error"] = "out of memory"
             except Exception as e:  # noqa: BLE001 - a row says what failed
                 row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
-            if name == "fsa" and not check["ok"]:
+            if name in checks and not checks[name]["ok"]:
                 row["note"] = "CHECK FAILED"
             rows.append(row)
             torch.cuda.empty_cache()
@@ -439,12 +473,14 @@ def main(argv=None):
                        "flash_sparse_attn": flash_sparse_attn.__version__,
                        "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
                        "config": dataclasses.asdict(cfg), "reps": reps, "warmup": warmup,
-                       "check": check, "rows": rows, "fsa_over_best_sdpa": ratios}, f, indent=1)
-    return 0 if check["ok"] else 1
+                       "check": check, "checks": checks, "rows": rows,
+                       "fsa_over_best_sdpa": ratios}, f, indent=1)
+    return 0 if all(c["ok"] for c in checks.values()) else 1
 
 
 def fsa_over_sdpa(rows):
-    """{tokens: {"ratio", "sdpa" (the fastest SDPA variant), "bar"}} where both were timed."""
+    """{tokens: {"ratio", "sdpa" (the fastest SDPA variant), "bar"}} where both were timed (and
+    "rows_ratio", fsa-rows over the same SDPA variant, where that was timed too)."""
     ratios = {}
     for seq_len in sorted({r["tokens"] for r in rows}):
         timed = {r["variant"]: r["step_ms"] for r in rows
@@ -454,6 +490,8 @@ def fsa_over_sdpa(rows):
             best = min(sdpa, key=sdpa.get)
             ratios[seq_len] = {"ratio": timed["fsa"] / sdpa[best], "sdpa": best,
                                "bar": BARS.get(seq_len)}
+            if "fsa-rows" in timed:
+                ratios[seq_len]["rows_ratio"] = timed["fsa-rows"] / sdpa[best]
     return ratios
 
 
@@ -474,6 +512,8 @@ def print_table(rows, ratios):
         if r["bar"] is not None:
             met = "met" if r["ratio"] <= r["bar"] else "NOT met"
             verdict = f" (issue #12 bar <= {r['bar']}: {met})"
+        if "rows_ratio" in r:
+            print(f"fsa-rows / {r['sdpa']} step at {seq_len} tokens: {r['rows_ratio']:.3f}")
         print(f"fsa / {r['sdpa']} step at {seq_len} tokens: {r['ratio']:.3f}{verdict}")
 
 
