@@ -17,6 +17,16 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+def assert_sequence_grads(leaves, one, b1, s, e, where):
+    """The packed call's gradients of sequence [s, e) (leaves: q, k, v, bias packed) equal those
+    of its own call (one: q, k, v; b1: the bias)."""
+    for name, a, r in (("dq", leaves[0].grad[s:e], one[0].grad[0]),
+                       ("dk", leaves[1].grad[s:e], one[1].grad[0]),
+                       ("dv", leaves[2].grad[s:e], one[2].grad[0]),
+                       ("dbias", leaves[3].grad[:, s:e], b1.grad[0, :, 0])):
+        torch.testing.assert_close(a, r, msg=f"{name}: {where}")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("causal", [False, True])
 def test_varlen_matches_per_sequence_calls(dtype, causal):
@@ -43,11 +53,7 @@ def test_varlen_matches_per_sequence_calls(dtype, causal):
         ref.backward(dout[s:e].unsqueeze(0))
         where = f"sequence [{s}, {e}) seed={SEED} dtype={dtype} causal={causal}"
         assert torch.equal(out[s:e], ref.detach()[0]), where
-        for name, a, r in (("dq", leaves[0].grad[s:e], one[0].grad[0]),
-                           ("dk", leaves[1].grad[s:e], one[1].grad[0]),
-                           ("dv", leaves[2].grad[s:e], one[2].grad[0]),
-                           ("dbias", leaves[3].grad[:, s:e], b1.grad[0, :, 0])):
-            torch.testing.assert_close(a, r, msg=f"{name}: {where}")
+        assert_sequence_grads(leaves, one, b1, s, e, where)
         f64, _ = attention(*(t.detach() for t in one), m1, b1.detach(), scale, causal, 0.0,
                            torch.float64)
         naive, _ = attention(*(t.detach() for t in one), m1, b1.detach(), scale, causal, 0.0,
@@ -80,11 +86,7 @@ def test_varlen_topk_causal_matches_per_sequence_calls(dtype):
         ref.backward(dout[s:e].unsqueeze(0))
         where = f"sequence [{s}, {e}) seed={SEED} dtype={dtype}"
         assert torch.equal(out[s:e], ref.detach()[0]), where
-        for name, a, r in (("dq", leaves[0].grad[s:e], one[0].grad[0]),
-                           ("dk", leaves[1].grad[s:e], one[1].grad[0]),
-                           ("dv", leaves[2].grad[s:e], one[2].grad[0]),
-                           ("dbias", leaves[3].grad[:, s:e], b1.grad[0, :, 0])):
-            torch.testing.assert_close(a, r, msg=f"{name}: {where}")
+        assert_sequence_grads(leaves, one, b1, s, e, where)
 
 
 def test_device_offsets_warn_once():
