@@ -154,6 +154,13 @@ class Plan {
   // the compacted key axis (slots), which ends after the longest list. 0 when not compacted. For
   // a CUDA plan this waits for the planning kernels.
   double compacted_tile_fraction() const;
+  // Per-row top-k over compacted keys on CUDA (PlanOptions::topk with a causal or query-dependent
+  // mask): the sm90 forward and dQ passes walk each query tile's gathered slots, the ones some row
+  // of the tile keeps. The fraction of the full grid's tiles they visit, and the fraction of
+  // those that every row of their query tile keeps whole; 0 when the plan has no gathered lists
+  // (CPU plans, every other selection). Waits for the planning kernels.
+  double gathered_tile_fraction() const;
+  double gathered_full_fraction() const;
   const detail::KeyCompaction* compaction() const { return compaction_.get(); }
   // Per-row top-k thresholds (PlanOptions::topk), or null.
   const detail::RowThresholds* thresholds() const { return thresholds_.get(); }

@@ -195,7 +195,9 @@ NB_MODULE(_C, m) {
       .def_prop_ro("compacted", &fsa::Plan::compacted)
       .def("compacted_tile_fraction", &fsa::Plan::compacted_tile_fraction)
       .def("kept_density", &fsa::Plan::kept_density)
-      .def("visited_tile_fraction", &fsa::Plan::visited_tile_fraction);
+      .def("visited_tile_fraction", &fsa::Plan::visited_tile_fraction)
+      .def("gathered_tile_fraction", &fsa::Plan::gathered_tile_fraction)
+      .def("gathered_full_fraction", &fsa::Plan::gathered_full_fraction);
 
   m.def(
       "make_plan",

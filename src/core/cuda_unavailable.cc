@@ -16,7 +16,7 @@ std::shared_ptr<const DeviceBlockMap> make_device_plan(const Geometry&,
                                                        const std::optional<BroadcastOperand>&,
                                                        const std::optional<BroadcastOperand>&,
                                                        int, int, bool, const BlockMap&,
-                                                       const RowEnd&, bool, void*) {
+                                                       const RowEnd&, bool, int64_t, void*) {
   unavailable();
 }
 std::shared_ptr<const KeyCompaction> make_device_compaction(const Geometry&,
@@ -26,7 +26,7 @@ std::shared_ptr<const KeyCompaction> make_device_compaction(const Geometry&,
 }
 std::shared_ptr<const KeyCompaction> make_device_topk_compaction(
     const Geometry&, const BroadcastOperand&, const std::optional<BroadcastOperand>&, bool,
-    const RowTopK&, int, int, void*) {
+    const RowTopK&, int64_t, int, int, void*) {
   unavailable();
 }
 std::shared_ptr<const RowThresholds> make_device_thresholds(

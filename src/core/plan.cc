@@ -247,15 +247,15 @@ Plan make_plan(const TensorView& query, const TensorView& key,
     plan.device_map_ = detail::cuda::make_device_plan(g, mask, selection, sel_m / block_m,
                                                       sel_n / block_n, is_causal, *map,
                                                       detail::RowEnd{}, topk_bias.has_value(),
-                                                      options.stream);
+                                                      0, options.stream);
     plan.map_ = std::move(map);
     if (topk_bias) {
       plan.thresholds_ = detail::cuda::make_device_thresholds(
           g, *topk_bias, mask, is_causal, options.topk, options.topk_min_value, options.stream);
       if (compact) {
         plan.compaction_ = detail::cuda::make_device_topk_compaction(
-            g, *topk_bias, mask, is_causal, plan.thresholds_->view, block_m, block_n,
-            options.stream);
+            g, *topk_bias, mask, is_causal, plan.thresholds_->view, options.topk, block_m,
+            block_n, options.stream);
       }
     } else if (compact) {
       plan.compaction_ = detail::cuda::make_device_compaction(
@@ -366,6 +366,21 @@ double Plan::kept_density() const {
 double Plan::compacted_tile_fraction() const {
   // The slot axis is as long as the key axis, so the compacted map's grid is the full one.
   return compaction_ ? compaction_->plan.visited_tile_fraction() : 0.0;
+}
+
+double Plan::gathered_tile_fraction() const {
+  if (!compaction_ || !compaction_->plan.device_map_) return 0.0;
+  const BlockMap& map = *compaction_->plan.map_;  // (Sq rows) x (slots), slots as long as Sk
+  const double total =
+      double(map.batch) * double(map.heads) * double(map.m_blocks) * double(map.n_blocks);
+  const auto stats = detail::cuda::device_plan_stats(*compaction_->plan.device_map_);
+  return total > 0 ? double(stats.gathered_tiles) / total : 0.0;
+}
+
+double Plan::gathered_full_fraction() const {
+  if (!compaction_ || !compaction_->plan.device_map_) return 0.0;
+  const auto stats = detail::cuda::device_plan_stats(*compaction_->plan.device_map_);
+  return stats.gathered_tiles > 0 ? double(stats.gathered_full_tiles) / stats.gathered_tiles : 0.0;
 }
 
 double Plan::visited_tile_fraction() const {

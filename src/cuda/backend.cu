@@ -158,7 +158,7 @@ std::shared_ptr<const DeviceBlockMap> make_device_plan(
     const Geometry& g, const std::optional<BroadcastOperand>& mask,
     const std::optional<BroadcastOperand>& selection, int sel_ratio_m, int sel_ratio_n,
     bool is_causal, const BlockMap& extents, const RowEnd& row_end, bool all_partial,
-    void* stream_ptr) {
+    int64_t gather_window, void* stream_ptr) {
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   auto map = std::make_shared<DeviceBlockMap>();
   map->stream = stream;
@@ -178,7 +178,7 @@ std::shared_ptr<const DeviceBlockMap> make_device_plan(
     offset += align_up(bytes);
     return at;
   };
-  const size_t counters_at = take(2 * sizeof(unsigned long long));
+  const size_t counters_at = take(kPlanCounters * sizeof(unsigned long long));
   const size_t full_count_at = take(rows * sizeof(int32_t));
   const size_t partial_count_at = take(rows * sizeof(int32_t));
   const size_t full_index_at = take(tiles * sizeof(int32_t));
@@ -188,11 +188,22 @@ std::shared_ptr<const DeviceBlockMap> make_device_plan(
   const size_t full_index_t_at = take(tiles * sizeof(int32_t));
   const size_t partial_index_t_at = take(tiles * sizeof(int32_t));
   const size_t class_at = take(tiles);
+  // Per-row top-k over compacted keys: the gathered slot lists (BlockMapParams::gather_slots).
+  const bool gathered = row_end.key_last != nullptr && gather_window > 0;
+  const int64_t gather_stride =
+      gathered ? std::min((gather_window + extents.block_m - 1 + extents.block_n - 1) /
+                              extents.block_n * extents.block_n,
+                          int64_t(extents.n_blocks) * extents.block_n)
+               : 0;
+  const size_t gather_slots_at = take(gathered ? rows * gather_stride * sizeof(int32_t) : 0);
+  const size_t gather_full_at = take(gathered ? rows * sizeof(int32_t) : 0);
+  const size_t gather_tiles_at = take(gathered ? rows * sizeof(int32_t) : 0);
   FSA_CUDA_CHECK(cudaMallocAsync(&map->storage, offset, stream));
   auto* base = static_cast<uint8_t*>(map->storage);
   map->counters = reinterpret_cast<unsigned long long*>(base + counters_at);
   map->tile_class = base + class_at;
-  FSA_CUDA_CHECK(cudaMemsetAsync(map->counters, 0, 2 * sizeof(unsigned long long), stream));
+  FSA_CUDA_CHECK(
+      cudaMemsetAsync(map->counters, 0, kPlanCounters * sizeof(unsigned long long), stream));
 
   BlockMapParams& mp = map->params;
   mp.full_count = reinterpret_cast<int32_t*>(base + full_count_at);
@@ -203,6 +214,12 @@ std::shared_ptr<const DeviceBlockMap> make_device_plan(
   mp.partial_count_t = reinterpret_cast<int32_t*>(base + partial_count_t_at);
   mp.full_index_t = reinterpret_cast<int32_t*>(base + full_index_t_at);
   mp.partial_index_t = reinterpret_cast<int32_t*>(base + partial_index_t_at);
+  if (gathered) {
+    mp.gather_slots = reinterpret_cast<int32_t*>(base + gather_slots_at);
+    mp.gather_full = reinterpret_cast<int32_t*>(base + gather_full_at);
+    mp.gather_tiles = reinterpret_cast<int32_t*>(base + gather_tiles_at);
+    mp.gather_stride = int(gather_stride);
+  }
   mp.map_batch = int(extents.batch);
   mp.map_heads = int(extents.heads);
   mp.head_group = int(g.num_heads / extents.heads);
@@ -243,19 +260,28 @@ std::shared_ptr<const DeviceBlockMap> make_device_plan(
     FSA_CUDA_CHECK(cudaGetLastError());
     transpose_kernel<<<unsigned((cols + kPlanWarps - 1) / kPlanWarps), threads, 0, stream>>>(pp);
     FSA_CUDA_CHECK(cudaGetLastError());
+    if (gathered) {
+      gather_lists_kernel<<<dim3(unsigned(extents.m_blocks), unsigned(outer)), threads, 0,
+                            stream>>>(pp);
+      FSA_CUDA_CHECK(cudaGetLastError());
+    }
   } else if (rows > 0) {  // Sk = 0: every row has empty lists
     FSA_CUDA_CHECK(cudaMemsetAsync(const_cast<int32_t*>(mp.full_count), 0, rows * sizeof(int32_t), stream));
     FSA_CUDA_CHECK(cudaMemsetAsync(const_cast<int32_t*>(mp.partial_count), 0, rows * sizeof(int32_t), stream));
+    if (gathered) {
+      FSA_CUDA_CHECK(cudaMemsetAsync(const_cast<int32_t*>(mp.gather_full), 0, rows * sizeof(int32_t), stream));
+      FSA_CUDA_CHECK(cudaMemsetAsync(const_cast<int32_t*>(mp.gather_tiles), 0, rows * sizeof(int32_t), stream));
+    }
   }
   return map;
 }
 
 DevicePlanStats device_plan_stats(const DeviceBlockMap& map) {
-  unsigned long long host[2] = {0, 0};
+  unsigned long long host[kPlanCounters] = {};
   FSA_CUDA_CHECK(cudaMemcpyAsync(host, map.counters, sizeof(host), cudaMemcpyDeviceToHost,
                                  map.stream));
   FSA_CUDA_CHECK(cudaStreamSynchronize(map.stream));
-  return {int64_t(host[0]), int64_t(host[1])};
+  return {int64_t(host[0]), int64_t(host[1]), int64_t(host[2]), int64_t(host[3])};
 }
 
 // The plan must be a CUDA plan with the kernels' tiles for this head dim.
@@ -318,8 +344,9 @@ void forward(const ForwardProblem& p, const Plan& plan, void* stream_ptr) {
 
   // GQA packing when every query of a kv head's G heads fits one row tile and the plan's lists
   // are shared by those heads (map heads 1 or Hk).
+  // Not over gathered lists, whose tiles read one query head's bias.
   fp.pack_gqa = p.group() > 1 && p.seqlen_q * p.group() <= block_m &&
-                map->params.head_group % p.group() == 0;
+                map->params.head_group % p.group() == 0 && map->params.gather_slots == nullptr;
   const int64_t heads = fp.pack_gqa ? p.num_kv_heads : p.num_heads;
   fp.num_splits = choose_splits(int64_t(map->params.m_blocks) * heads * p.batch,
                                 map->params.n_blocks);

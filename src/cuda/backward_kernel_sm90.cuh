@@ -440,6 +440,9 @@ struct Sm90DqTiles {
   // D = 128), x and dP (2 x 32) and the dS A operand (16).
   static constexpr int kProducerRegisters = 40;
   static constexpr int kConsumerRegisters = 232;
+  // Gathered tiles (the forward's split, for the same reason): 128 * 56 + 256 * 224 = 64512.
+  static constexpr int kGatheredProducerRegisters = 56;
+  static constexpr int kGatheredConsumerRegisters = 224;
   // Q, dO (2 x 32 KiB) + 4 stages of K and V (4 x 32 KiB) = 192 KiB at D = 128.
   static constexpr int kStages = 4;
 
@@ -481,8 +484,13 @@ struct Sm90DqTiles {
   // have read it.
   static constexpr int kBiasOffset = (kSmemBytes + 127) / 128 * 128;
   static constexpr int kBiasSlotElems = kBlockM * kBlockN;
-  static constexpr int smem_bytes(bool staged_bias) {
-    return staged_bias ? kBiasOffset + kBiasSlots * kBiasSlotElems * 2 : kSmemBytes;
+  // Gathered tiles (BlockMapParams::gather_slots; never with a staged bias, so the same region):
+  // per stage the tile's slots, their last rows (RowEnd::key_last) and their fp32 bias values.
+  static constexpr int kGatherStageBytes = 3 * kBlockN * 4;
+  static constexpr int smem_bytes(bool staged_bias, bool gathered = false) {
+    return staged_bias ? kBiasOffset + kBiasSlots * kBiasSlotElems * 2
+           : gathered  ? kBiasOffset + kStages * kGatherStageBytes
+                       : kSmemBytes;
   }
 };
 
@@ -507,8 +515,11 @@ inline DqBiasDuty dq_bias_duty(const BackwardParams& p) {
 // branch the staged path made ptxas spill (20 bytes) in the common instantiation and the dense dQ
 // pass slower (0.455 vs 0.436 ms at (2, 4096, 16, 16, 128) causal on H100).
 // kRowTopK == (p.row_topk.key != null), as in dq_kernel: per-row top-k needs a query-invariant
-// bias, so it never meets kStagedBias or a dbias with a query dim.
-template <int kHeadDim, class Elt, DqBiasDuty kDuty, bool kStagedBias, bool kRowTopK>
+// bias, so it never meets kStagedBias or a dbias with a query dim. kGathered == (p.map.gather_slots
+// != null): per-row top-k over compacted keys, each query tile's slots gathered into its K/V
+// tiles (as in forward_kernel_sm90), with a query-invariant bias too.
+template <int kHeadDim, class Elt, DqBiasDuty kDuty, bool kStagedBias, bool kRowTopK,
+          bool kGathered = false>
 __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
     dq_kernel_sm90(const __grid_constant__ BackwardParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -547,16 +558,28 @@ __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
   const int64_t list_row =
       (int64_t(p.map.map_batch == 1 ? 0 : b) * p.map.map_heads + h / p.map.head_group) *
           p.map.m_blocks + m;
-  const int n_full = p.map.full_count[list_row];
-  const int total = n_full + p.map.partial_count[list_row];
+  static_assert(!kGathered || (kDuty == DqBiasDuty::kNone && !kStagedBias && !kRowTopK),
+                "gathered tiles come with a query-invariant bias");
+  const int n_full = kGathered ? p.map.gather_full[list_row] : p.map.full_count[list_row];
+  const int total = kGathered ? p.map.gather_tiles[list_row]
+                              : n_full + p.map.partial_count[list_row];
   const int32_t* full_list = p.map.full_index + list_row * p.map.n_blocks;
   const int32_t* partial_list = p.map.partial_index + list_row * p.map.n_blocks;
-  auto block_at = [&](int it) { return it < n_full ? full_list[it] : partial_list[it - n_full]; };
+  auto block_at = [&](int it) {
+    return kGathered ? it : it < n_full ? full_list[it] : partial_list[it - n_full];
+  };
+  // Gathered tiles: tile j's slots, and per stage their copies, last rows and bias values.
+  const int32_t* gather_slots = p.map.gather_slots + list_row * p.map.gather_stride;
+  auto* s_gather = smem_raw + Tiles::kBiasOffset;  // per stage: slots, last rows, bias
+  auto gathered_cols = [&](int stage, int what) {
+    return s_gather + stage * Tiles::kGatherStageBytes + what * kBlockN * 4;
+  };
 
   if (threadIdx.x < Tiles::kProducerThreads) {
     // Producer: Q and dO with the first tile (stage 0's arrival covers them), then tile j into
     // stage j % kStages once both consumers released what used it before.
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Tiles::kProducerRegisters));
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(
+        kGathered ? Tiles::kGatheredProducerRegisters : Tiles::kProducerRegisters));
     constexpr int kLoaders = Tiles::kProducerThreads;
     const typename Tiles::SmemLayoutQ layout_q;
     const typename Tiles::SmemLayoutK layout_k;
@@ -580,12 +603,41 @@ __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
       const int stage = j % kStages;
       const int n = block_at(j);
       if (j >= kStages) mbarrier_wait(&empty_bar[stage], (j / kStages - 1) & 1);
-      load_rows_async<kHeadDim, kBlockN, kLoaders>(s_k + stage * kStageElems, k_dst.first,
-                                                   k_dst.step, k, p.k_stride_s, n * kBlockN,
-                                                   p.seqlen_k, p.head_dim);
-      load_rows_async<kHeadDim, kBlockN, kLoaders>(s_v + stage * kStageElems, k_dst.first,
-                                                   k_dst.step, v, p.v_stride_s, n * kBlockN,
-                                                   p.seqlen_k, p.head_dim);
+      if constexpr (kGathered) {
+        // Per column (two threads each): the slot, then its bias value or its last row.
+        static_assert(kLoaders == 2 * kBlockN, "two producer threads per column");
+        const int col = int(threadIdx.x) % kBlockN;
+        const int32_t* entry = gather_slots + n * kBlockN + col;
+        const int slot = *entry;
+        const bool listed = slot >= 0;
+        if (int(threadIdx.x) < kBlockN) {
+          if (p.bias != nullptr) {
+            const float* bias = static_cast<const float*>(p.bias) + b * p.bias_stride[0] +
+                                (h / p.bias_head_group) * p.bias_stride[1];
+            SM80_CP_ASYNC_CACHEALWAYS_ZFILL<uint32_t>::copy(
+                *reinterpret_cast<const uint32_t*>(bias + (listed ? slot : 0) * p.bias_stride[3]),
+                *reinterpret_cast<uint32_t*>(gathered_cols(stage, 2) + col * 4), listed);
+          }
+        } else {
+          SM80_CP_ASYNC_CACHEALWAYS<uint32_t>::copy(
+              *reinterpret_cast<const uint32_t*>(entry),
+              *reinterpret_cast<uint32_t*>(gathered_cols(stage, 0) + col * 4));
+          SM80_CP_ASYNC_CACHEALWAYS_ZFILL<uint32_t>::copy(
+              *reinterpret_cast<const uint32_t*>(p.row_end.key_last_row(b, h) +
+                                                 (listed ? slot : 0)),
+              *reinterpret_cast<uint32_t*>(gathered_cols(stage, 1) + col * 4), listed);
+        }
+        load_gathered_rows_async<kHeadDim, kBlockN, kLoaders>(
+            s_k + stage * kStageElems, k_dst, s_v + stage * kStageElems, k_dst, k, p.k_stride_s,
+            v, p.v_stride_s, gather_slots + n * kBlockN, p.head_dim);
+      } else {
+        load_rows_async<kHeadDim, kBlockN, kLoaders>(s_k + stage * kStageElems, k_dst.first,
+                                                     k_dst.step, k, p.k_stride_s, n * kBlockN,
+                                                     p.seqlen_k, p.head_dim);
+        load_rows_async<kHeadDim, kBlockN, kLoaders>(s_v + stage * kStageElems, k_dst.first,
+                                                     k_dst.step, v, p.v_stride_s, n * kBlockN,
+                                                     p.seqlen_k, p.head_dim);
+      }
       if constexpr (kStagedBias) {  // into slot j % 2 once both consumers read tile j - 2's
         const int slot = j % Tiles::kBiasSlots;
         if (j >= Tiles::kBiasSlots) {
@@ -603,7 +655,8 @@ __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
     return;
   }
 
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Tiles::kConsumerRegisters));
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(
+      kGathered ? Tiles::kGatheredConsumerRegisters : Tiles::kConsumerRegisters));
   const int ct = int(threadIdx.x) - Tiles::kProducerThreads;  // 0 .. kConsumerThreads - 1
   const int warp = ct / 32, lane = ct % 32, g = lane / 4, t = lane % 4;  // rows 16 warp ..
 
@@ -647,6 +700,11 @@ __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
                     : -INFINITY;
     rdot[r] = valid ? p.rowdot[(int64_t(b) * p.num_heads + h) * p.seqlen_q + i] : 0.0f;
   }
+  int row_end[2] = {0, 0};  // gathered tiles: the rows' visible slots, once
+  if constexpr (kGathered) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) row_end[r] = visible_end(p, b, h, min(i_row[r], p.seqlen_q - 1));
+  }
 
   auto issue_ss = [&](auto& acc, const auto& a, const auto& bop, int stage) {
     warpgroup_fence_operand(acc);
@@ -667,8 +725,8 @@ __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
   for (int j = 0; j < total; ++j) {
     const int stage = j % kStages;
     const int n = block_at(j);
-    const bool check =
-        j >= n_full || (n + 1) * kBlockN > p.seqlen_k || row0 + kBlockM > p.seqlen_q;
+    const bool check = j >= n_full || (!kGathered && (n + 1) * kBlockN > p.seqlen_k) ||
+                       row0 + kBlockM > p.seqlen_q;
     mbarrier_wait(&full_bar[stage], (j / kStages) & 1);
     fence_async_shared();  // the producer's cp.async writes, before wgmma reads them
     issue_ss(tSrS, tSrQ, tSrK, stage);
@@ -681,7 +739,33 @@ __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
     auto& s = *reinterpret_cast<float(*)[kNTiles][4]>(raw_pointer_cast(tSrS.data()));
     const DqIndex ix{{i_row[0], i_row[1]}, n * kBlockN, t};
     scale_pass(s, p.scale_log2);
-    if constexpr (kStagedBias) {
+    if constexpr (kGathered) {
+      // Column c of the tile is slot slots[c] (-1: padding, above every end as unsigned).
+      const auto* slots = reinterpret_cast<const int32_t*>(gathered_cols(stage, 0));
+      const auto* last = reinterpret_cast<const int32_t*>(gathered_cols(stage, 1));
+      const auto* bias = reinterpret_cast<const float*>(gathered_cols(stage, 2));
+      if (p.bias != nullptr) {
+#pragma unroll
+        for (int c = 0; c < kNTiles; ++c) {
+          const float2 v = *reinterpret_cast<const float2*>(bias + c * 8 + 2 * t);
+          s[c][0] += v.x * kLog2e;
+          s[c][1] += v.y * kLog2e;
+          s[c][2] += v.x * kLog2e;
+          s[c][3] += v.y * kLog2e;
+        }
+      }
+      if (check) {
+#pragma unroll
+        for (int c = 0; c < kNTiles; ++c)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int col = c * 8 + 2 * t + (e & 1);
+            const bool keep = uint32_t(slots[col]) < uint32_t(row_end[e / 2]) &&
+                              i_row[e / 2] <= last[col];
+            if (!keep) s[c][e] = -INFINITY;
+          }
+      }
+    } else if constexpr (kStagedBias) {
       const int slot = j % Tiles::kBiasSlots;
       add_staged_bias<Elt, false>(s, s_bias + slot * Tiles::kBiasSlotElems, warp * 16, kLog2e);
       __syncwarp();
@@ -689,7 +773,7 @@ __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
     } else if (p.bias) {
       bias_pass<Elt>(p, b, h, s, ix);
     }
-    if (check) drop_pass<Elt, kRowTopK>(p, b, h, s, ix);
+    if (!kGathered && check) drop_pass<Elt, kRowTopK>(p, b, h, s, ix);
     // P (exact zeros for dropped entries and empty rows).
 #pragma unroll
     for (int c = 0; c < kNTiles; ++c)

@@ -103,11 +103,14 @@ void launch_backward(const BackwardParams& p, cudaStream_t stream) {
           default: return &dq_kernel_sm90<kHeadDim, Elt, Duty::kNone, kStaged, false>;
         }
       };
-      // Per-row top-k comes with a query-invariant bias: never staged, no dQ-pass dbias duty.
-      dq = row_topk ? &dq_kernel_sm90<kHeadDim, Elt, DqBiasDuty::kNone, false, true>
+      // Per-row top-k comes with a query-invariant bias: never staged, no dQ-pass dbias duty;
+      // over compacted keys it runs on the plan's gathered tiles.
+      const bool gathered = p.map.gather_slots != nullptr;
+      dq = gathered   ? &dq_kernel_sm90<kHeadDim, Elt, DqBiasDuty::kNone, false, false, true>
+           : row_topk ? &dq_kernel_sm90<kHeadDim, Elt, DqBiasDuty::kNone, false, true>
            : p.bias_staged ? pick(std::true_type{})
                            : pick(std::false_type{});
-      threads = Sm90Tiles::kThreads, smem = Sm90Tiles::smem_bytes(p.bias_staged);
+      threads = Sm90Tiles::kThreads, smem = Sm90Tiles::smem_bytes(p.bias_staged, gathered);
     } else {
       dq = row_topk ? &dq_kernel<kHeadDim, Elt, true> : &dq_kernel<kHeadDim, Elt, false>;
       threads = Tiles::kDqWarps * 32, smem = Tiles::kSmemDq;

@@ -504,12 +504,12 @@ struct CompactBuffers {
   }
 };
 
-// topk: per-row top-k (the mask lists the keys some row keeps): KeyCompaction::key_last too, and
-// the map follows it.
+// topk: per-row top-k (the mask lists the keys some row keeps, at most topk_window per row):
+// KeyCompaction::key_last too, and the map follows it, with each query tile's gathered slots.
 std::shared_ptr<KeyCompaction> build_compaction(const Geometry& geo, const BroadcastOperand& mask,
                                                 bool is_causal, int block_m, int block_n,
                                                 int64_t max_kept_keys, const TopkListParams* topk,
-                                                void* stream_ptr) {
+                                                int64_t topk_window, void* stream_ptr) {
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   const CompactGeometry g = compact_lists_geometry(geo, mask, max_kept_keys);
   const int64_t lists = g.list_batch * g.list_heads, sq = g.seqlen_q, sk = g.seqlen_k;
@@ -570,7 +570,7 @@ std::shared_ptr<KeyCompaction> build_compaction(const Geometry& geo, const Broad
   extents.n_blocks = ceil_div(slots, block_n);
   const Geometry compact{geo.batch, sq, slots, geo.num_heads, g.kv_heads};
   auto device_map = make_device_plan(compact, std::nullopt, std::nullopt, 1, 1, false, extents,
-                                     row_end_of(*c), false, stream_ptr);
+                                     row_end_of(*c), false, topk ? topk_window : 0, stream_ptr);
   int device = 0;
   FSA_CUDA_CHECK(cudaGetDevice(&device));
   c->plan = PlanAccess::make(compact, is_causal, false, Device{DeviceType::kCUDA, device},
@@ -585,12 +585,13 @@ std::shared_ptr<const KeyCompaction> make_device_compaction(const Geometry& geo,
                                                             bool is_causal, int block_m,
                                                             int block_n, int64_t max_kept_keys,
                                                             void* stream) {
-  return build_compaction(geo, mask, is_causal, block_m, block_n, max_kept_keys, nullptr, stream);
+  return build_compaction(geo, mask, is_causal, block_m, block_n, max_kept_keys, nullptr, 0,
+                          stream);
 }
 
 std::shared_ptr<const KeyCompaction> make_device_topk_compaction(
     const Geometry& geo, const BroadcastOperand& bias, const std::optional<BroadcastOperand>& mask,
-    bool is_causal, const RowTopK& t, int block_m, int block_n, void* stream_ptr) {
+    bool is_causal, const RowTopK& t, int64_t topk, int block_m, int block_n, void* stream_ptr) {
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   const TopkLists extents = topk_lists(bias, mask);
   const int64_t batch = extents.batch, heads = extents.heads;
@@ -606,7 +607,7 @@ std::shared_ptr<const KeyCompaction> make_device_topk_compaction(
     FSA_CUDA_CHECK(cudaGetLastError());
   }
   return build_compaction(geo, key_flags(kept.ptr, batch, heads, geo), is_causal, block_m,
-                          block_n, 0, &tp, stream_ptr);
+                          block_n, 0, &tp, topk, stream_ptr);
 }
 
 void compacted_forward(const ForwardProblem& p, const KeyCompaction& c, void* stream_ptr) {

@@ -16,6 +16,8 @@ namespace fsa::detail::cuda {
 struct DevicePlanStats {
   int64_t kept_entries = 0;   // kept (query, key) pairs over the map's (batch, head)
   int64_t visited_tiles = 0;  // full + partial tiles
+  int64_t gathered_tiles = 0;       // tiles of the gathered lists (BlockMapParams::gather_slots)
+  int64_t gathered_full_tiles = 0;  // of those, the ones every row of their query tile keeps
 };
 
 // Builds the block map on the device of the mask / query, asynchronously on `stream`. `extents`
@@ -23,11 +25,13 @@ struct DevicePlanStats {
 // sel_ratio_m x sel_ratio_n plan tiles. With row_end (device memory, heads = extents.heads) the
 // map is a compacted one: row bounds alone decide, with no mask, selection or causality.
 // all_partial lists no tile as full (per-row top-k thresholds apply to every tile).
+// gather_window > 0 with row_end.key_last (per-row top-k over compacted keys, that many keys per
+// row at most) also builds the gathered slot lists (BlockMapParams::gather_slots).
 std::shared_ptr<const DeviceBlockMap> make_device_plan(
     const Geometry& g, const std::optional<BroadcastOperand>& mask,
     const std::optional<BroadcastOperand>& selection, int sel_ratio_m, int sel_ratio_n,
     bool is_causal, const BlockMap& extents, const RowEnd& row_end, bool all_partial,
-    void* stream);
+    int64_t gather_window, void* stream);
 
 // Compacted keys (core/compaction.h) on the device, asynchronously on `stream`: the key lists of
 // a key-only mask, every row's bound and their block map with tiles block_m x block_n.
@@ -38,10 +42,12 @@ std::shared_ptr<const KeyCompaction> make_device_compaction(const Geometry& g,
                                                             void* stream);
 // Per-row top-k over compacted keys (core/compaction.h, compactable_topk) on the device: lists of
 // the keys some row keeps — the first row that sees a key is the loosest, since the device
-// thresholds only tighten down the rows — and the thresholds renumbered into slots.
+// thresholds only tighten down the rows — each slot's last row, and per query tile the slots its
+// rows keep (at most topk per row).
 std::shared_ptr<const KeyCompaction> make_device_topk_compaction(
     const Geometry& g, const BroadcastOperand& bias, const std::optional<BroadcastOperand>& mask,
-    bool is_causal, const RowTopK& thresholds, int block_m, int block_n, void* stream);
+    bool is_causal, const RowTopK& thresholds, int64_t topk, int block_m, int block_n,
+    void* stream);
 // Per-row top-k thresholds (core/row_topk.h) on the device, asynchronously on `stream`.
 std::shared_ptr<const RowThresholds> make_device_thresholds(
     const Geometry& g, const BroadcastOperand& bias, const std::optional<BroadcastOperand>& mask,

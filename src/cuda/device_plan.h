@@ -11,7 +11,7 @@ struct DeviceBlockMap {
   cuda::BlockMapParams params;             // list pointers into `storage`
   void* storage = nullptr;                 // one allocation for lists, counts and tile classes
   uint8_t* tile_class = nullptr;           // (rows, n_blocks) in `storage`
-  unsigned long long* counters = nullptr;  // [kept entries, visited tiles] in `storage`
+  unsigned long long* counters = nullptr;  // PlanParams::counters, in `storage`
   cudaStream_t stream = nullptr;           // the stream the plan was built (and is freed) on
   int device = 0;
 

@@ -123,16 +123,18 @@ __device__ __forceinline__ bool chunk_nonfinite(uint4 x) {
 
 // o += P(:, j) V(j, :) for every key j (tile column) of `keys`, from the tile's P (the C fragments
 // of a warp's 16 kRT rows, after the softmax step) and the tile's first key row `v_rows` in global
-// memory; only entries with P != 0 (kept) take part. o_at(rt, d, e) is the output accumulator.
+// memory (or, with `slots`, a gathered tile: column j is row slots[j] of v_rows); only entries
+// with P != 0 (kept) take part. o_at(rt, d, e) is the output accumulator.
 template <int kRT, int kNTiles, int kDTiles, class Elt, class At>
 __device__ void add_nonfinite_keys(uint64_t keys, const float (&s)[kRT][kNTiles][4], const At& o_at,
-                                   const uint16_t* v_rows, int64_t v_stride_s, int head_dim) {
+                                   const uint16_t* v_rows, int64_t v_stride_s, int head_dim,
+                                   const int32_t* slots = nullptr) {
   const int lane = threadIdx.x % 32, t = lane % 4;
   while (keys != 0) {
     const int j = __ffsll(static_cast<long long>(keys)) - 1;
     keys &= keys - 1;
     const int owner = (lane & ~3) | ((j % 8) / 2);  // the quad lane holding column j
-    const uint16_t* vrow = v_rows + int64_t(j) * v_stride_s;
+    const uint16_t* vrow = v_rows + int64_t(slots != nullptr ? slots[j] : j) * v_stride_s;
 #pragma unroll
     for (int rt = 0; rt < kRT; ++rt)
 #pragma unroll
@@ -438,12 +440,16 @@ struct WarpRows {
   // (kNTiles * 8) block of a bias with a query dim (ForwardParams::bias_staged, row = tile row).
   // `last_tile`, when given, holds the tile's RowEnd::key_last values in shared memory, and
   // `row_ends`, when given, the fragment rows' visible ends (else both are read from the params).
+  // `slot_tile`, when given, makes the tile a gathered one (BlockMapParams::gather_slots): column
+  // c is slot slot_tile[c] (-1: none), with its bias value in bias_tile and its last row in
+  // last_tile; col0 is unused.
   template <int kRT, int kNTiles, class Elt>
   __device__ __forceinline__ void logits(float (&s)[kRT][kNTiles][4], int col0, bool partial,
                                          const void* bias_tile = nullptr,
                                          const uint16_t* staged_tile = nullptr,
                                          const int32_t* last_tile = nullptr,
-                                         const int (*row_ends)[2] = nullptr) const {
+                                         const int (*row_ends)[2] = nullptr,
+                                         const int32_t* slot_tile = nullptr) const {
     constexpr int kBlockN = kNTiles * 8;
     if (p.softcap_in != 0.0f) {  // branch outside the element loop: tanhf costs on every path
 #pragma unroll
@@ -562,7 +568,7 @@ struct WarpRows {
             }
         }
     }
-    if (partial || col0 + kBlockN > p.seqlen_k) {
+    if (partial || (slot_tile == nullptr && col0 + kBlockN > p.seqlen_k)) {
       const uint8_t* mask = partial ? p.mask : nullptr;
 #pragma unroll
       for (int rt = 0; rt < kRT; ++rt)
@@ -588,8 +594,12 @@ struct WarpRows {
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
               const int c = col0 + j * 8 + 2 * t + e;
-              const bool keep = c < end && (!mrow || mrow[int64_t(c) * p.mask_stride[3]] != 0) &&
-                                (!by_last || i <= last[c - col0]);
+              // A gathered tile's padding slot -1 is above every end as unsigned.
+              const bool keep =
+                  slot_tile != nullptr
+                      ? uint32_t(slot_tile[c - col0]) < uint32_t(end) && i <= last[c - col0]
+                      : c < end && (!mrow || mrow[int64_t(c) * p.mask_stride[3]] != 0) &&
+                            (!by_last || i <= last[c - col0]);
               if (!keep) s[rt][j][2 * r + e] = -INFINITY;
             }
         }

@@ -52,6 +52,10 @@ struct Sm90ForwardTiles {
   // Q. 128 * 40 + 256 * 232 = 64512 <= 65536.
   static constexpr int kProducerRegisters = 40;
   static constexpr int kConsumerRegisters = 232;
+  // Gathered tiles: the producer holds each batch of row slots and their addresses (at 40 ptxas
+  // spilled 58 bytes there). 128 * 56 + 256 * 224 = 64512.
+  static constexpr int kGatheredProducerRegisters = 56;
+  static constexpr int kGatheredConsumerRegisters = 224;
   static constexpr int kStages = 4;  // see the pipeline in forward_kernel_sm90
 
   using T = typename CuteElement<Elt>::type;
@@ -92,14 +96,14 @@ struct Sm90ForwardTiles {
   // stage its (kBlockM x kBlockN) tile, SmemTile<kBlockN>.
   static constexpr int kStagedBiasOffset = (kSmemBytes + 127) / 128 * 128;
   static constexpr int kStagedBiasStageElems = kBlockM * kBlockN;
-  // Per-row top-k over compacted keys (RowEnd::key_last): per stage, the key tile's last rows
-  // (kBlockN int32). Such calls never stage a bias (their bias is query-invariant), so the two
-  // share the region after the barriers.
-  static constexpr int kKeyLastOffset = kStagedBiasOffset;
-  static constexpr int kKeyLastStageBytes = kBlockN * 4;
-  static constexpr int smem_bytes(bool staged_bias, bool key_last = false) {
+  // Per-row top-k over compacted keys, gathered tiles (BlockMapParams::gather_slots): per stage,
+  // the tile's slots and their last rows (RowEnd::key_last), kBlockN int32 each. Such calls never
+  // stage a bias (their bias is query-invariant), so the two share the region after the barriers.
+  static constexpr int kSlotOffset = kStagedBiasOffset;
+  static constexpr int kKeyLastOffset = kSlotOffset + kStages * kBlockN * 4;
+  static constexpr int smem_bytes(bool staged_bias, bool gathered = false) {
     return staged_bias ? kStagedBiasOffset + kStages * kStagedBiasStageElems * 2
-           : key_last  ? kKeyLastOffset + kStages * kKeyLastStageBytes
+           : gathered  ? kKeyLastOffset + kStages * kBlockN * 4
                        : kSmemBytes;
   }
 };
@@ -235,13 +239,70 @@ struct GmmaLoadOffsets {
   }
 };
 
+// The gathered tiles of one map row (BlockMapParams::gather_slots), with BlockList's interface:
+// iteration `it` is tile `it`, whose slots are slots[it * kBlockN, (it + 1) * kBlockN).
+struct GatheredList {
+  const int32_t* slots;
+  int n_full;
+  int begin, end;  // iterations [begin, end) of this split
+  __device__ GatheredList(const ForwardParams& p, int b, int h_map, int m, int split) {
+    const int64_t row =
+        (int64_t(p.map.map_batch == 1 ? 0 : b) * p.map.map_heads + h_map) * p.map.m_blocks + m;
+    n_full = p.map.gather_full[row];
+    const int listed = p.map.gather_tiles[row];
+    const int per_split = (listed + p.num_splits - 1) / p.num_splits;
+    begin = min(listed, split * per_split);
+    end = min(listed, begin + per_split);
+    slots = p.map.gather_slots + row * p.map.gather_stride;
+  }
+  __device__ int at(int it) const { return it; }
+};
+
+// A producer's share of a gathered K and V tile: tile row r is row slots[r] of k and v, zero
+// where the slot is -1 (past the end of the list). Each thread reads its rows' slots first, so
+// their loads are in flight together.
+template <int kHeadDim, int kRows, int kThreads>
+__device__ __forceinline__ void load_gathered_rows_async(uint16_t* smem_k, GmmaLoadOffsets k_dst,
+                                                         uint16_t* smem_v, GmmaLoadOffsets v_dst,
+                                                         const uint16_t* k, int64_t k_stride,
+                                                         const uint16_t* v, int64_t v_stride,
+                                                         const int32_t* slots, int head_dim) {
+  constexpr int kChunks = kHeadDim / 8;
+  constexpr int kRowsPerPass = kThreads / kChunks, kPasses = kRows / kRowsPerPass;
+  static_assert(kThreads % kChunks == 0 && kRows % kRowsPerPass == 0, "whole passes");
+  const int c = threadIdx.x % kChunks, r0 = threadIdx.x / kChunks;
+  const bool col_ok = c * 8 < head_dim;
+  // Four slots in flight at a time: the producer warpgroup runs on 40 registers.
+  constexpr int kBatch = kPasses < 4 ? kPasses : 4;
+  static_assert(kPasses % kBatch == 0, "whole batches");
+#pragma unroll
+  for (int first = 0; first < kPasses; first += kBatch) {
+    int slot[kBatch];
+#pragma unroll
+    for (int x = 0; x < kBatch; ++x) slot[x] = slots[r0 + (first + x) * kRowsPerPass];
+#pragma unroll
+    for (int x = 0; x < kBatch; ++x) {
+      const int k_pass = first + x;
+      const bool valid = col_ok && slot[x] >= 0;
+      const int64_t row = valid ? slot[x] : 0;
+      cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
+          *reinterpret_cast<const cute::uint128_t*>(k + row * k_stride + c * 8),
+          *reinterpret_cast<cute::uint128_t*>(smem_k + k_dst.first + k_pass * k_dst.step), valid);
+      cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
+          *reinterpret_cast<const cute::uint128_t*>(v + row * v_stride + c * 8),
+          *reinterpret_cast<cute::uint128_t*>(smem_v + v_dst.first + k_pass * v_dst.step), valid);
+    }
+  }
+}
+
 // kStagedBias == p.bias_staged. A separate instantiation: with the staged path behind runtime
 // branches in the producer and consumer loops the dense forward measured 4.55-4.60 ms against
 // 4.14-4.22 ms before it (H100, same runs; docs/perf.md); this way the common instantiation
-// compiles to the PTX it had before the staged path existed. kKeyLast == (p.row_end.key_last !=
-// null), per-row top-k over compacted keys, is one for the same reason: in the common one the
-// slots' last rows cost block selections 4-7% of their forward (H200, same run).
-template <int kHeadDim, class Elt, bool kStagedBias, bool kKeyLast = false>
+// compiles to the PTX it had before the staged path existed. kGathered == (p.map.gather_slots !=
+// null), per-row top-k over compacted keys through each query tile's gathered slots, is one for
+// the same reason: in the common one the slots' last rows alone cost block selections 4-7% of
+// their forward (H200, same run).
+template <int kHeadDim, class Elt, bool kStagedBias, bool kGathered = false>
 __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
     forward_kernel_sm90(const __grid_constant__ ForwardParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -275,7 +336,8 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
   const int m = p.map.m_blocks - 1 - int(blockIdx.x) / p.num_splits;  // long causal rows first
   const int h = blockIdx.y, b = blockIdx.z;  // h: query head, or kv head when packed
   const int hk = p.pack_gqa ? h : h / p.group;
-  const BlockList list(p, b, (p.pack_gqa ? h * p.group : h) / p.map.head_group, m, split);
+  using List = std::conditional_t<kGathered, GatheredList, BlockList>;
+  const List list(p, b, (p.pack_gqa ? h * p.group : h) / p.map.head_group, m, split);
   const int tiles = list.end - list.begin;
   constexpr int kStageElems = kBlockN * kHeadDim;  // a stage is the outermost mode of both layouts
   static_assert(Tiles::kSmemK == kStages * kStageElems && Tiles::kSmemV == kStages * kStageElems,
@@ -287,9 +349,12 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
   // p.bias_staged (16-bit, whole 16-byte chunks); other biases are read by WarpRows::logits.
   uint8_t* s_bias = smem_raw + (Tiles::kSmemQ + Tiles::kSmemK + Tiles::kSmemV) * 2;
   auto* s_staged_bias = reinterpret_cast<uint16_t*>(smem_raw + Tiles::kStagedBiasOffset);
-  // Per-row top-k over compacted keys: each stage's slots' last rows, copied with the K/V tile.
-  static_assert(!(kStagedBias && kKeyLast), "the two share their shared-memory region");
-  const int32_t* key_last = kKeyLast ? p.row_end.key_last_row(b, h) : nullptr;
+  // Gathered tiles (per-row top-k over compacted keys): each stage's slots and their last rows,
+  // and the bias values of its slots in s_bias (the compacted bias is fp32 and query-invariant,
+  // and one query head's rows share its head: the host never packs GQA here).
+  static_assert(!(kStagedBias && kGathered), "the two share their shared-memory region");
+  const int32_t* key_last = kGathered ? p.row_end.key_last_row(b, h) : nullptr;
+  auto* s_slot = reinterpret_cast<int32_t*>(smem_raw + Tiles::kSlotOffset);
   auto* s_key_last = reinterpret_cast<int32_t*>(smem_raw + Tiles::kKeyLastOffset);
   const int bias_bytes = p.bias_is_fp32 ? 4 : 2;
   const WarpRows row0(p, m, kBlockM, h, b, 0);
@@ -302,8 +367,16 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
     if (reinterpret_cast<uintptr_t>(bias_row) % 16 != 0) bias_row = nullptr;
   }
   auto bias_staged = [&](int n_block) {
-    return bias_row != nullptr && (n_block + 1) * kBlockN <= p.seqlen_k;
+    return !kGathered && bias_row != nullptr && (n_block + 1) * kBlockN <= p.seqlen_k;
   };
+  // Gathered tiles: the bias row of this head, read by slot.
+  const float* gathered_bias = nullptr;
+  if (kGathered && p.bias != nullptr) {
+    int i0, head0;
+    row0.row_of(0, 0, i0, head0);
+    gathered_bias = static_cast<const float*>(p.bias) + b * p.bias_stride[0] +
+                    (head0 / p.bias_head_group) * p.bias_stride[1];
+  }
   // Partial tiles check their V tile for NaN / Inf unless the call knows V has none (a compacted
   // call's gather says so: ForwardParams::v_nonfinite). Producer and consumers read the same flag.
   const bool check_v = p.v_nonfinite == nullptr || *p.v_nonfinite != 0;
@@ -311,7 +384,8 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
   if (threadIdx.x < Tiles::kProducerThreads) {
     // Producer warpgroup: tile j into stage j % kStages once both consumers released the tile
     // that used it before, then an arrival on its "full" barrier when the copies have landed.
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Tiles::kProducerRegisters));
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(
+        kGathered ? Tiles::kGatheredProducerRegisters : Tiles::kProducerRegisters));
     constexpr int kLoaders = Tiles::kProducerThreads;
     const auto k_dst = GmmaLoadOffsets::make<kHeadDim, kLoaders>(layout_k, false);
     const auto v_dst = GmmaLoadOffsets::make<kHeadDim, kLoaders>(layout_vt, true);
@@ -333,13 +407,32 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
             *reinterpret_cast<uint128_t*>(s_bias + stage * Tiles::kBiasStageBytes +
                                           threadIdx.x * 16));
       }
-      if constexpr (kKeyLast) {
-        if (int(threadIdx.x) >= 64 && int(threadIdx.x) < 64 + kBlockN / 4) {
-          const int chunk = int(threadIdx.x) - 64;  // whole tiles: key_last_stride pads the rows
-          SM80_CP_ASYNC_CACHEGLOBAL<uint128_t>::copy(
-              *reinterpret_cast<const uint128_t*>(key_last + n_block * kBlockN + chunk * 4),
-              *reinterpret_cast<uint128_t*>(s_key_last + stage * kBlockN + chunk * 4));
+      if constexpr (kGathered) {
+        // Per column (two threads each): the slot, then its bias value or its last row.
+        static_assert(kLoaders == 2 * kBlockN, "two producer threads per column");
+        const int col = int(threadIdx.x) % kBlockN;
+        const int32_t* entry = list.slots + n_block * kBlockN + col;
+        const int slot = *entry;
+        const bool listed = slot >= 0;
+        if (int(threadIdx.x) < kBlockN) {
+          if (gathered_bias != nullptr) {
+            SM80_CP_ASYNC_CACHEALWAYS_ZFILL<uint32_t>::copy(
+                *reinterpret_cast<const uint32_t*>(gathered_bias + (listed ? slot : 0) *
+                                                                       p.bias_stride[3]),
+                *reinterpret_cast<uint32_t*>(s_bias + stage * Tiles::kBiasStageBytes + col * 4),
+                listed);
+          }
+        } else {
+          SM80_CP_ASYNC_CACHEALWAYS<uint32_t>::copy(
+              *reinterpret_cast<const uint32_t*>(entry),
+              *reinterpret_cast<uint32_t*>(s_slot + stage * kBlockN + col));
+          SM80_CP_ASYNC_CACHEALWAYS_ZFILL<uint32_t>::copy(
+              *reinterpret_cast<const uint32_t*>(key_last + (listed ? slot : 0)),
+              *reinterpret_cast<uint32_t*>(s_key_last + stage * kBlockN + col), listed);
         }
+        load_gathered_rows_async<kHeadDim, kBlockN, kLoaders>(
+            s_k + stage * kStageElems, k_dst, s_v + stage * kStageElems, v_dst, k, p.k_stride_s,
+            v, p.v_stride_s, list.slots + n_block * kBlockN, p.head_dim);
       }
       if constexpr (kStagedBias) {
         load_bias_tile_async<kBlockM, kLoaders>(
@@ -348,12 +441,14 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
                 (h / p.bias_head_group) * p.bias_stride[1] + n_block * kBlockN,
             p.bias_stride[2], m * kBlockM, p.seqlen_q, p.seqlen_k - n_block * kBlockN);
       }
-      load_rows_async<kHeadDim, kBlockN, kLoaders>(s_k + stage * kStageElems, k_dst.first,
-                                                   k_dst.step, k, p.k_stride_s,
-                                                   n_block * kBlockN, p.seqlen_k, p.head_dim);
-      load_rows_async<kHeadDim, kBlockN, kLoaders>(s_v + stage * kStageElems, v_dst.first,
-                                                   v_dst.step, v, p.v_stride_s,
-                                                   n_block * kBlockN, p.seqlen_k, p.head_dim);
+      if constexpr (!kGathered) {
+        load_rows_async<kHeadDim, kBlockN, kLoaders>(s_k + stage * kStageElems, k_dst.first,
+                                                     k_dst.step, k, p.k_stride_s,
+                                                     n_block * kBlockN, p.seqlen_k, p.head_dim);
+        load_rows_async<kHeadDim, kBlockN, kLoaders>(s_v + stage * kStageElems, v_dst.first,
+                                                     v_dst.step, v, p.v_stride_s,
+                                                     n_block * kBlockN, p.seqlen_k, p.head_dim);
+      }
       if (list.begin + j < list.n_full || !check_v) {
         mbarrier_arrive_on_copies(&full_bar[stage]);
         continue;
@@ -394,7 +489,8 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
   }
 
   // Consumer warpgroups: 64 rows each, no barrier between them.
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Tiles::kConsumerRegisters));
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(
+      kGathered ? Tiles::kGatheredConsumerRegisters : Tiles::kConsumerRegisters));
   const int ct = int(threadIdx.x) - Tiles::kProducerThreads;  // 0 .. kConsumerThreads - 1
   const int warp = ct / 32;  // consumer warp w holds rows 16 w .. 16 w + 15
   const WarpRows wr(p, m, kBlockM, h, b, warp * 16);
@@ -456,7 +552,7 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
   float row_max[1][2] = {{-INFINITY, -INFINITY}}, row_sum[1][2] = {{0.0f, 0.0f}};
   // The thread's two rows' visible ends (compacted row bounds: a load each), the same every tile.
   int row_end[1][2] = {{0, 0}};
-  if constexpr (kKeyLast) {
+  if constexpr (kGathered) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       int i, head;
@@ -511,11 +607,17 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
     for (int c = 0; c < kNTiles; ++c)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[0][c][e] = tSrS(4 * c + e);
-    wr.logits<1, kNTiles, Elt>(
-        s, n * kBlockN, list.begin + j >= list.n_full,
-        bias_staged(n) ? s_bias + stage * Tiles::kBiasStageBytes : nullptr,
-        kStagedBias ? s_staged_bias + stage * Tiles::kStagedBiasStageElems : nullptr,
-        kKeyLast ? s_key_last + stage * kBlockN : nullptr, kKeyLast ? row_end : nullptr);
+    if constexpr (kGathered) {
+      wr.logits<1, kNTiles, Elt>(
+          s, 0, list.begin + j >= list.n_full,
+          gathered_bias != nullptr ? s_bias + stage * Tiles::kBiasStageBytes : nullptr, nullptr,
+          s_key_last + stage * kBlockN, row_end, s_slot + stage * kBlockN);
+    } else {
+      wr.logits<1, kNTiles, Elt>(
+          s, n * kBlockN, list.begin + j >= list.n_full,
+          bias_staged(n) ? s_bias + stage * Tiles::kBiasStageBytes : nullptr,
+          kStagedBias ? s_staged_bias + stage * Tiles::kStagedBiasStageElems : nullptr);
+    }
     float correction[1][2];
     softmax_step(s, wr.exp_scale, row_max, row_sum, correction);
 
@@ -532,11 +634,15 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
     if (check_v && list.begin + j >= list.n_full) {
       const uint64_t nonfinite = s_nonfinite[stage];
       if (nonfinite != 0) {
-        add_nonfinite_keys<1, kNTiles, kDTiles, Elt>(
-            nonfinite, s, o_at,
-            static_cast<const uint16_t*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h +
-                int64_t(n) * kBlockN * p.v_stride_s,
-            p.v_stride_s, p.head_dim);
+        const auto* v_head = static_cast<const uint16_t*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h;
+        if constexpr (kGathered) {  // tile column c is slot s_slot[c]
+          add_nonfinite_keys<1, kNTiles, kDTiles, Elt>(nonfinite, s, o_at, v_head, p.v_stride_s,
+                                                       p.head_dim, s_slot + stage * kBlockN);
+        } else {
+          add_nonfinite_keys<1, kNTiles, kDTiles, Elt>(
+              nonfinite, s, o_at, v_head + int64_t(n) * kBlockN * p.v_stride_s, p.v_stride_s,
+              p.head_dim);
+        }
       }
     }
     n = n_next;

@@ -40,13 +40,15 @@ void launch_forward(const ForwardParams& params, cudaStream_t stream) {
   const dim3 grid(params.map.m_blocks * params.num_splits, heads, params.batch);
   bool launched = false;
   if constexpr (kHeadDim <= 128) {
-    if (use_sm90_forward(params)) {
+    // Per-row top-k over compacted keys runs on the gathered lists its device plan always has
+    // (BlockMapParams::gather_slots); the sm80 kernel walks the slot axis.
+    const bool gathered = params.map.gather_slots != nullptr;
+    if (use_sm90_forward(params) && (gathered || params.row_end.key_last == nullptr)) {
       using Tiles = Sm90ForwardTiles<kHeadDim, Elt>;
-      const bool key_last = params.row_end.key_last != nullptr;
       auto* kernel = params.bias_staged ? &forward_kernel_sm90<kHeadDim, Elt, true>
-                     : key_last         ? &forward_kernel_sm90<kHeadDim, Elt, false, true>
+                     : gathered         ? &forward_kernel_sm90<kHeadDim, Elt, false, true>
                                         : &forward_kernel_sm90<kHeadDim, Elt, false>;
-      const int smem = Tiles::smem_bytes(params.bias_staged, key_last);
+      const int smem = Tiles::smem_bytes(params.bias_staged, gathered);
       FSA_CUDA_CHECK(
           cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
       kernel<<<grid, Tiles::kThreads, smem, stream>>>(params);

@@ -19,6 +19,15 @@ struct BlockMapParams {
   const int32_t* full_count_t = nullptr;     // (cols,)
   const int32_t* partial_index_t = nullptr;  // (cols, m_blocks)
   const int32_t* partial_count_t = nullptr;  // (cols,)
+  // Per-row top-k over compacted keys (RowEnd::key_last): per row of the map, the slots that some
+  // row of its query tile keeps, gathered by index — the slots every row of the tile keeps first,
+  // then the rest, -1 past the end of the last tile (gather_lists_kernel). The sm90 forward and
+  // dQ passes load their K/V tiles through these instead of walking the slot axis, so a tile
+  // visits about topk + block_m slots, not every slot listed before its rows. Null elsewhere.
+  const int32_t* gather_slots = nullptr;  // (rows, gather_stride)
+  const int32_t* gather_full = nullptr;   // (rows,) leading tiles of slots every row keeps
+  const int32_t* gather_tiles = nullptr;  // (rows,) tiles of block_n slots
+  int gather_stride = 0;                  // slots per row, a multiple of block_n
   int map_batch = 1;   // 1 or B
   int map_heads = 1;   // 1, Hk or H
   int head_group = 1;  // H / map_heads: query heads per map head
@@ -160,6 +169,8 @@ struct BackwardParams {
   BlockMapParams map;
 };
 
+constexpr int kPlanCounters = 4;  // PlanParams::counters
+
 // Planning kernel inputs.
 struct PlanParams {
   const uint8_t* mask;       // or null
@@ -174,7 +185,8 @@ struct PlanParams {
   RowEnd row_end;            // compacted keys: rows' visible slots (then no mask or selection)
   bool all_partial;          // no full tiles: a per-row predicate (top-k thresholds) everywhere
   uint8_t* tile_class;       // (rows, n_blocks): 0 skipped, 1 partial, 2 full
-  unsigned long long* counters;  // [kept entries, visited tiles], accumulated
+  // [kept entries, visited tiles, gathered tiles, gathered full tiles], accumulated
+  unsigned long long* counters;
   BlockMapParams map;        // output lists (const-cast in the kernel)
 };
 

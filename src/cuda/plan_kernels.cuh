@@ -7,6 +7,7 @@
 //              slot's last row under per-row top-k.
 //   compact    one warp per row of the map: full and partial key-block lists by warp ballots.
 //   transpose  one warp per column: the query-block lists the backward pass walks.
+// Per-row top-k over compacted keys adds gather_lists_kernel (the slots each query tile keeps).
 
 #include <cuda_runtime.h>
 
@@ -182,6 +183,66 @@ __global__ void __launch_bounds__(32 * kPlanWarps) transpose_kernel(const __grid
   if (threadIdx.x % 32 == 0) {
     const_cast<int32_t*>(map.full_count_t)[col] = n_full;
     const_cast<int32_t*>(map.partial_count_t)[col] = n_partial;
+  }
+}
+
+// Per-row top-k over compacted keys: the gathered slot lists of BlockMapParams, one CTA of
+// kPlanWarps warps per map row, grid (m_blocks, map_heads * map_batch). Slot s is listed for the
+// query tile's rows [r0, r1] iff some row sees it (s < row_end[r1]) and keeps it at r0 or later
+// (key_last[s] >= r0); every row keeps it iff r0 sees it and it lives to r1. Those come first, in
+// slot order, then the rest. A row keeps at most topk slots (the ones of r0 here, by the interval
+// RowEnd::key_last describes) and at most r1 - r0 slots become visible inside the tile (one key
+// per row at most), so a list holds at most topk + block_m - 1 slots: gather_stride.
+__global__ void __launch_bounds__(32 * kPlanWarps)
+    gather_lists_kernel(const __grid_constant__ PlanParams p) {
+  constexpr int kThreads = 32 * kPlanWarps;
+  const BlockMapParams& map = p.map;
+  const int m = blockIdx.x;
+  const int mh = int(blockIdx.y) % map.map_heads, mb = int(blockIdx.y) / map.map_heads;
+  const int hq = mh * map.head_group;  // a query head of this map head
+  const int64_t row = (int64_t(mb) * map.map_heads + mh) * map.m_blocks + m;
+  const int r0 = m * map.block_m, r1 = min(r0 + map.block_m, p.seqlen_q) - 1;
+  const int32_t* end = p.row_end.data + p.row_end.offset(mb, hq, 0);
+  const int seen_by_all = end[r0], seen = end[r1];
+  const int32_t* last = p.row_end.key_last_row(mb, hq);
+  int32_t* out = const_cast<int32_t*>(map.gather_slots) + row * map.gather_stride;
+
+  __shared__ int warp_taken[kPlanWarps];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  int listed = 0, kept_by_all = 0;
+  for (int pass = 0; pass < 2; ++pass) {  // 0: slots every row keeps; 1: the others
+    for (int base = 0; base < seen; base += kThreads) {
+      const int s = base + int(threadIdx.x);
+      bool take = false;
+      if (s < seen) {
+        const int l = last[s];
+        const bool by_all = s < seen_by_all && l >= r1;
+        take = pass == 0 ? by_all : !by_all && l >= r0;
+      }
+      const unsigned ballot = __ballot_sync(0xffffffffu, take);
+      if (lane == 0) warp_taken[warp] = __popc(ballot);
+      __syncthreads();
+      int before = listed, taken = 0;
+      for (int w = 0; w < kPlanWarps; ++w) {
+        before += w < warp ? warp_taken[w] : 0;
+        taken += warp_taken[w];
+      }
+      const int at = before + __popc(ballot & ((1u << lane) - 1u));
+      if (take && at < map.gather_stride) out[at] = s;  // always below it (see above)
+      listed += taken;
+      __syncthreads();  // warp_taken is rewritten next round
+    }
+    if (pass == 0) kept_by_all = listed;
+  }
+  listed = min(listed, map.gather_stride);
+  const int tiles = (listed + map.block_n - 1) / map.block_n;
+  for (int at = listed + int(threadIdx.x); at < tiles * map.block_n; at += kThreads) out[at] = -1;
+  if (threadIdx.x == 0) {
+    const int full = min(kept_by_all, listed) / map.block_n;
+    const_cast<int32_t*>(map.gather_full)[row] = full;
+    const_cast<int32_t*>(map.gather_tiles)[row] = tiles;
+    if (tiles) atomicAdd(p.counters + 2, (unsigned long long)tiles);
+    if (full) atomicAdd(p.counters + 3, (unsigned long long)full);
   }
 }
 

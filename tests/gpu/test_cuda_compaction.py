@@ -206,6 +206,15 @@ def test_topk_causal_over_compacted_keys_against_float64(dtype, shape, window, g
     assert plan.compacted
     if window < Sk // 4:  # the lists skip the keys no row keeps, and the tiles past them
         assert plan.compacted_tile_fraction() < 0.6
+    # Each query tile's gathered slots (what the sm90 forward and dQ passes walk): the ones some
+    # row of the tile keeps, at most window + 127 of them, in tiles of 64.
+    m_blocks, n_blocks = -(-Sq // 128), -(-Sk // 64)
+    gathered = plan.gathered_tile_fraction() * B * Hk * m_blocks * n_blocks
+    bound = B * Hk * m_blocks * min(-(-(window + 127) // 64), n_blocks)
+    assert 0 < gathered <= bound + 0.5, f"gathered tiles {gathered:.1f} > bound {bound}"
+    assert 0.0 <= plan.gathered_full_fraction() <= 1.0
+    if window < Sk // 4:
+        assert plan.gathered_tile_fraction() < plan.compacted_tile_fraction()
     scale = 1.0 / math.sqrt(D)
     out, lse, _ = flash_sparse_attn_func(q, k, v, attn_bias=bias, is_causal=True, topk=window,
                                          topk_causal=True, return_attn_probs=True)
