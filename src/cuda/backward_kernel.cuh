@@ -11,6 +11,8 @@
 //
 // Each pass recomputes P and dS from Q, K, V, dO, LSE and rowdot (no (B, H, Sq, Sk) temporary).
 
+#include <climits>
+
 #include "cuda/forward_kernel.cuh"
 
 namespace fsa::detail::cuda {
@@ -172,6 +174,27 @@ __device__ inline void drop_pass(const BackwardParams& p, int b, int head, float
       const int k = min(ix.row[r], p.seqlen_k - 1);
       key_rows[r][0] = key_first[k];
       key_rows[r][1] = key_last[k];
+    }
+  }
+  if constexpr (Index::kRowsAreKeys && !kRowTopK) {
+    if (key_last != nullptr && mask == nullptr) {
+      // Compacted per-row top-k (which has no mask): a key row keeps the queries of its interval.
+      // One compare pair per entry, no branch: the general loop below branches per entry, which
+      // left the dK/dV pass waiting on branch reconvergence and instruction fetch.
+      int lo[2], hi[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        lo[r] = ix.row[r] < p.seqlen_k ? key_rows[r][0] : INT_MAX;
+        hi[r] = min(key_rows[r][1], p.seqlen_q - 1);
+      }
+#pragma unroll
+      for (int j = 0; j < kN; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = ix.query(j, e);
+          s[j][e] = lo[e / 2] <= i && i <= hi[e / 2] ? s[j][e] : -INFINITY;
+        }
+      return;
     }
   }
 #pragma unroll
