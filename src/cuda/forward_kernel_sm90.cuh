@@ -12,6 +12,9 @@
 // and V read from shared memory as an MN-major operand; each consumer overlaps the softmax of
 // tile j with its P_{j-1} V_{j-1} and releases a stage on its "empty" mbarrier.
 //
+// Per-row top-k over compacted keys walks gathered tiles instead (kGathered): the producer copies
+// each tile's K/V rows, bias values and last rows by slot (BlockMapParams::gather_slots).
+//
 // Shared-memory tiles use the canonical 128-byte-swizzled GMMA layouts of CuTe; the cp.async
 // destinations are computed from the same layout objects (gmma_offset), so loads and descriptors
 // cannot disagree.
@@ -272,7 +275,8 @@ __device__ __forceinline__ void load_gathered_rows_async(uint16_t* smem_k, GmmaL
   static_assert(kThreads % kChunks == 0 && kRows % kRowsPerPass == 0, "whole passes");
   const int c = threadIdx.x % kChunks, r0 = threadIdx.x / kChunks;
   const bool col_ok = c * 8 < head_dim;
-  // Four slots in flight at a time: the producer warpgroup runs on 40 registers.
+  // Four slots in flight at a time: the producer warpgroup runs on few registers
+  // (kGatheredProducerRegisters).
   constexpr int kBatch = kPasses < 4 ? kPasses : 4;
   static_assert(kPasses % kBatch == 0, "whole batches");
 #pragma unroll

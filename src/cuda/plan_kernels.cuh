@@ -210,6 +210,7 @@ __global__ void __launch_bounds__(32 * kPlanWarps)
   __shared__ int warp_taken[kPlanWarps];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   int listed = 0, kept_by_all = 0;
+#pragma unroll  // rolled, ptxas kept the pass index on the stack (8 bytes of spills)
   for (int pass = 0; pass < 2; ++pass) {  // 0: slots every row keeps; 1: the others
     for (int base = 0; base < seen; base += kThreads) {
       const int s = base + int(threadIdx.x);
