@@ -9,6 +9,7 @@
 
 #include "core/causal.h"
 #include "core/dtype.h"
+#include "core/gather_lists.h"
 #include "core/thresholds.h"
 #include "cpu/cpu_backend.h"
 #include "cpu/thread_pool.h"
@@ -398,6 +399,46 @@ void cpu_scatter_dbias(const CompactGeometry& g, const KeyCompaction& c, DType s
 }
 
 }  // namespace
+
+GatherLists cpu_gather_lists(const KeyCompaction& c, int64_t topk, int block_m, int block_n) {
+  const CompactGeometry& g = c.lists;
+  if (c.key_last == nullptr || c.row_topk.key != nullptr) {
+    throw Error(ErrorKind::kValue, "plan",
+                "gathered lists need a per-row top-k compaction whose rows are intervals");
+  }
+  GatherLists out;
+  out.m_blocks = (g.seqlen_q + block_m - 1) / block_m;
+  out.stride = gather_stride(topk, block_m, block_n, (g.slots + block_n - 1) / block_n);
+  const int64_t rows = g.list_batch * g.list_heads * out.m_blocks;
+  out.slots.assign(size_t(rows * out.stride), -1);
+  out.full.assign(size_t(rows), 0);
+  out.tiles.assign(size_t(rows), 0);
+  const int64_t stride_k = key_last_stride(g.slots);
+  for (int64_t l = 0; l < g.list_batch * g.list_heads; ++l) {
+    const int32_t* end = c.row_end + l * g.seqlen_q;
+    const int32_t* last = c.key_last + l * stride_k;
+    for (int64_t m = 0; m < out.m_blocks; ++m) {
+      const int64_t r0 = m * block_m, r1 = std::min<int64_t>(r0 + block_m, g.seqlen_q) - 1;
+      const int64_t row = l * out.m_blocks + m;
+      int32_t* list = out.slots.data() + row * out.stride;
+      int64_t listed = 0, by_all = 0;
+      for (const GatherKind kind : {GatherKind::kFull, GatherKind::kPartial}) {
+        for (int64_t s = 0; s < end[r1]; ++s) {
+          if (gather_kind(s, last[s], end[r0], end[r1], r0, r1) != kind) continue;
+          if (listed == out.stride) {
+            throw Error(ErrorKind::kValue, "plan",
+                        "a query tile keeps more than topk + block_m - 1 slots");
+          }
+          list[listed++] = int32_t(s);
+        }
+        if (kind == GatherKind::kFull) by_all = listed;
+      }
+      out.full[size_t(row)] = int32_t(by_all / block_n);
+      out.tiles[size_t(row)] = int32_t((listed + block_n - 1) / block_n);
+    }
+  }
+  return out;
+}
 
 void cpu_compacted_forward(const ForwardProblem& p, const Plan& plan) {
   const KeyCompaction& c = *plan.compaction();

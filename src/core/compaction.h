@@ -16,6 +16,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "core/host_device.h"
 #include "core/problem.h"
@@ -157,6 +158,18 @@ inline bool compactable_topk(const std::optional<BroadcastOperand>& mask) {
 std::shared_ptr<const KeyCompaction> make_cpu_topk_compaction(
     const Geometry& g, const BroadcastOperand& bias, const std::optional<BroadcastOperand>& mask,
     bool is_causal, const RowTopK& thresholds, int block_m, int block_n);
+
+// Per-row top-k over compacted keys: each query tile's gathered slots (core/gather_lists.h), the
+// lists a CUDA plan holds in BlockMapParams::gather_slots, built on the host from a CPU plan's
+// compaction (key_last set, thresholds not kept): per row ((b * heads + h) * m_blocks + m) of
+// tiles block_m x block_n, `stride` slots from row * stride, the ones every row of the tile keeps
+// first, then the others, -1 to the end of the last tile; `full` leading tiles of the first kind
+// and `tiles` tiles in all.
+struct GatherLists {
+  int64_t stride = 0, m_blocks = 0;
+  std::vector<int32_t> slots, full, tiles;
+};
+GatherLists cpu_gather_lists(const KeyCompaction& c, int64_t topk, int block_m, int block_n);
 
 // The last kept index of a threshold renumbered into slots of a list whose keys are sorted:
 // (listed keys <= last) - 1, so that for a listed key j, j <= last iff slot(j) <= the result;

@@ -191,9 +191,8 @@ std::shared_ptr<const DeviceBlockMap> make_device_plan(
   // Per-row top-k over compacted keys: the gathered slot lists (BlockMapParams::gather_slots).
   const bool gathered = row_end.key_last != nullptr && gather_window > 0;
   const int64_t gather_stride =
-      gathered ? std::min((gather_window + extents.block_m - 1 + extents.block_n - 1) /
-                              extents.block_n * extents.block_n,
-                          int64_t(extents.n_blocks) * extents.block_n)
+      gathered ? detail::gather_stride(gather_window, extents.block_m, extents.block_n,
+                                       extents.n_blocks)
                : 0;
   const size_t gather_slots_at = take(gathered ? rows * gather_stride * sizeof(int32_t) : 0);
   const size_t gather_full_at = take(gathered ? rows * sizeof(int32_t) : 0);

@@ -11,6 +11,7 @@
 
 #include <cuda_runtime.h>
 
+#include "core/gather_lists.h"
 #include "cuda/params.h"
 
 namespace fsa::detail::cuda {
@@ -188,11 +189,8 @@ __global__ void __launch_bounds__(32 * kPlanWarps) transpose_kernel(const __grid
 
 // Per-row top-k over compacted keys: the gathered slot lists of BlockMapParams, one CTA of
 // kPlanWarps warps per map row, grid (m_blocks, map_heads * map_batch). Slot s is listed for the
-// query tile's rows [r0, r1] iff some row sees it (s < row_end[r1]) and keeps it at r0 or later
-// (key_last[s] >= r0); every row keeps it iff r0 sees it and it lives to r1. Those come first, in
-// slot order, then the rest. A row keeps at most topk slots (the ones of r0 here, by the interval
-// RowEnd::key_last describes) and at most r1 - r0 slots become visible inside the tile (one key
-// per row at most), so a list holds at most topk + block_m - 1 slots: gather_stride.
+// query tile's rows [r0, r1] by gather_kind (core/gather_lists.h): the slots every row keeps
+// first, in slot order, then the rest; at most gather_stride of them.
 __global__ void __launch_bounds__(32 * kPlanWarps)
     gather_lists_kernel(const __grid_constant__ PlanParams p) {
   constexpr int kThreads = 32 * kPlanWarps;
@@ -216,9 +214,8 @@ __global__ void __launch_bounds__(32 * kPlanWarps)
       const int s = base + int(threadIdx.x);
       bool take = false;
       if (s < seen) {
-        const int l = last[s];
-        const bool by_all = s < seen_by_all && l >= r1;
-        take = pass == 0 ? by_all : !by_all && l >= r0;
+        const GatherKind kind = gather_kind(s, last[s], seen_by_all, seen, r0, r1);
+        take = kind == (pass == 0 ? GatherKind::kFull : GatherKind::kPartial);
       }
       const unsigned ballot = __ballot_sync(0xffffffffu, take);
       if (lane == 0) warp_taken[warp] = __popc(ballot);

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <numeric>
+#include <set>
 
 #include "harness.h"
 
@@ -211,6 +212,62 @@ auto per_row_topk(int64_t window, double fill) {
   };
 }
 
+// Each query tile's gathered slots (the lists a CUDA plan gives its sm90 forward and dQ passes,
+// built here by cpu_gather_lists from the same rule) against the float64 mask: exactly the keys
+// some row of the tile keeps, the leading full tiles only slots every row keeps, and all of
+// those in full tiles before any other slot; at most window + 127 slots; -1 after them.
+void expect_gather_lists_match_mask(const fsa::Plan& plan, const std::vector<uint8_t>& mask,
+                                    int64_t window) {
+  using fsa::detail::GatherLists;
+  const fsa::detail::KeyCompaction& c = *plan.compaction();
+  const fsa::detail::CompactGeometry& g = c.lists;
+  constexpr int kBlockM = 128, kBlockN = 64;  // the sm90 kernels' tiles
+  const GatherLists lists = fsa::detail::cpu_gather_lists(c, window, kBlockM, kBlockN);
+  const int64_t sq = g.seqlen_q, sk = g.seqlen_k;
+  ASSERT_EQ(int64_t(mask.size()), g.list_batch * g.list_heads * sq * sk);
+  for (int64_t l = 0; l < g.list_batch * g.list_heads; ++l) {
+    for (int64_t m = 0; m < lists.m_blocks; ++m) {
+      SCOPED_TRACE("list " + std::to_string(l) + ", query tile " + std::to_string(m));
+      const int64_t r0 = m * kBlockM, r1 = std::min<int64_t>(r0 + kBlockM, sq) - 1;
+      std::set<int32_t> some_row, every_row;
+      for (int64_t j = 0; j < sk; ++j) {
+        bool some = false, every = true;
+        for (int64_t i = r0; i <= r1; ++i) {
+          const bool kept = mask[size_t((l * sq + i) * sk + j)] != 0;
+          some = some || kept;
+          every = every && kept;
+        }
+        if (!some) continue;
+        const int32_t s = c.slot[l * sk + j];
+        ASSERT_GE(s, 0) << "key " << j << " is kept but not listed";
+        some_row.insert(s);
+        if (every) every_row.insert(s);
+      }
+      ASSERT_LE(int64_t(some_row.size()), window + kBlockM - 1);
+      const int64_t row = l * lists.m_blocks + m;
+      const int32_t* list = lists.slots.data() + row * lists.stride;
+      const int64_t tiles = lists.tiles[size_t(row)], full = lists.full[size_t(row)];
+      ASSERT_LE(tiles * kBlockN, lists.stride);
+      std::set<int32_t> listed;
+      int64_t x = 0;
+      for (; x < lists.stride && list[x] >= 0; ++x) {
+        EXPECT_TRUE(listed.insert(list[x]).second) << "slot " << list[x] << " listed twice";
+        const bool by_every_row = every_row.count(list[x]) != 0;
+        if (x < full * kBlockN) {
+          EXPECT_TRUE(by_every_row) << "slot " << list[x] << " in a full tile";
+        }
+        if (x >= int64_t(every_row.size())) {
+          EXPECT_FALSE(by_every_row) << "slot " << list[x] << " after the ones of every row";
+        }
+      }
+      EXPECT_EQ(listed, some_row);
+      EXPECT_EQ(tiles, (x + kBlockN - 1) / kBlockN);
+      EXPECT_EQ(full, int64_t(every_row.size()) / kBlockN);
+      for (; x < lists.stride; ++x) EXPECT_EQ(list[x], -1);
+    }
+  }
+}
+
 // Runs the per-row top-k through the compacted plan and through the thresholds over the block map
 // alone; both must match float64 with the mask above.
 // thresholds_kept: whether the compacted plan must also keep the thresholds (some key's rows are
@@ -238,6 +295,12 @@ void expect_topk_paths_match(CaseSpec spec, int64_t window, double fill,
       EXPECT_LE(plan.compacted_tile_fraction(), max_tile_fraction);
       ASSERT_NE(plan.compaction()->key_last, nullptr);
       EXPECT_EQ(plan.compaction()->row_topk.key != nullptr, thresholds_kept);
+      if (thresholds_kept) {  // some key's rows are not an interval: no gathered lists
+        EXPECT_THROW(fsa::detail::cpu_gather_lists(*plan.compaction(), window, 128, 64),
+                     fsa::Error);
+      } else {
+        expect_gather_lists_match_mask(plan, inputs.mask, window);
+      }
     }
     fsa::ForwardArgs f = buffers.forward_args(options);
     f.attn_mask.reset();  // the selection comes from the plan's thresholds alone
