@@ -589,6 +589,12 @@ __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
     const auto* v = static_cast<const uint16_t*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h;
     auto* s_k = reinterpret_cast<uint16_t*>(smem_k);
     auto* s_v = reinterpret_cast<uint16_t*>(smem_v);
+    // Gathered tiles: this head's fp32 bias row, read by slot.
+    const float* gathered_bias =
+        kGathered && p.bias != nullptr
+            ? static_cast<const float*>(p.bias) + b * p.bias_stride[0] +
+                  (h / p.bias_head_group) * p.bias_stride[1]
+            : nullptr;
     if (total > 0) {
       load_rows_async<kHeadDim, kBlockM, kLoaders>(
           reinterpret_cast<uint16_t*>(smem_q), q_dst.first, q_dst.step,
@@ -604,29 +610,13 @@ __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
       const int n = block_at(j);
       if (j >= kStages) mbarrier_wait(&empty_bar[stage], (j / kStages - 1) & 1);
       if constexpr (kGathered) {
-        // Per column (two threads each): the slot, then its bias value or its last row.
         static_assert(kLoaders == 2 * kBlockN, "two producer threads per column");
-        const int col = int(threadIdx.x) % kBlockN;
-        const int32_t* entry = gather_slots + n * kBlockN + col;
-        const int slot = *entry;
-        const bool listed = slot >= 0;
-        if (int(threadIdx.x) < kBlockN) {
-          if (p.bias != nullptr) {
-            const float* bias = static_cast<const float*>(p.bias) + b * p.bias_stride[0] +
-                                (h / p.bias_head_group) * p.bias_stride[1];
-            SM80_CP_ASYNC_CACHEALWAYS_ZFILL<uint32_t>::copy(
-                *reinterpret_cast<const uint32_t*>(bias + (listed ? slot : 0) * p.bias_stride[3]),
-                *reinterpret_cast<uint32_t*>(gathered_cols(stage, 2) + col * 4), listed);
-          }
-        } else {
-          SM80_CP_ASYNC_CACHEALWAYS<uint32_t>::copy(
-              *reinterpret_cast<const uint32_t*>(entry),
-              *reinterpret_cast<uint32_t*>(gathered_cols(stage, 0) + col * 4));
-          SM80_CP_ASYNC_CACHEALWAYS_ZFILL<uint32_t>::copy(
-              *reinterpret_cast<const uint32_t*>(p.row_end.key_last_row(b, h) +
-                                                 (listed ? slot : 0)),
-              *reinterpret_cast<uint32_t*>(gathered_cols(stage, 1) + col * 4), listed);
-        }
+        stage_gathered_columns<kBlockN>(
+            gather_slots + n * kBlockN, p.row_end.key_last_row(b, h), gathered_bias,
+            p.bias_stride[3],
+            reinterpret_cast<int32_t*>(gathered_cols(stage, 0)),
+            reinterpret_cast<int32_t*>(gathered_cols(stage, 1)),
+            reinterpret_cast<float*>(gathered_cols(stage, 2)));
         load_gathered_rows_async<kHeadDim, kBlockN, kLoaders>(
             s_k + stage * kStageElems, k_dst, s_v + stage * kStageElems, k_dst, k, p.k_stride_s,
             v, p.v_stride_s, gather_slots + n * kBlockN, p.head_dim);

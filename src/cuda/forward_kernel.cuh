@@ -740,19 +740,27 @@ __device__ __forceinline__ void rescale_rows(const At& at, const float (&correct
 }
 
 // This CTA's share of its block lists: full key blocks first, then partial ones.
+// Row of the map's lists for (batch b, map head h_map, query block m).
+__device__ __forceinline__ int64_t map_row(const ForwardParams& p, int b, int h_map, int m) {
+  return (int64_t(p.map.map_batch == 1 ? 0 : b) * p.map.map_heads + h_map) * p.map.m_blocks + m;
+}
+// Iterations [begin, end) of split `split` of a list of `listed` entries.
+__device__ __forceinline__ void split_range(int listed, int num_splits, int split, int& begin,
+                                            int& end) {
+  const int per_split = (listed + num_splits - 1) / num_splits;
+  begin = min(listed, split * per_split);
+  end = min(listed, begin + per_split);
+}
+
 struct BlockList {
   const int32_t* full;
   const int32_t* partial;
   int n_full;
   int begin, end;  // iterations [begin, end) of this split
   __device__ BlockList(const ForwardParams& p, int b, int h_map, int m, int split) {
-    const int64_t row =
-        (int64_t(p.map.map_batch == 1 ? 0 : b) * p.map.map_heads + h_map) * p.map.m_blocks + m;
+    const int64_t row = map_row(p, b, h_map, m);
     n_full = p.map.full_count[row];
-    const int listed = n_full + p.map.partial_count[row];
-    const int per_split = (listed + p.num_splits - 1) / p.num_splits;
-    begin = min(listed, split * per_split);
-    end = min(listed, begin + per_split);
+    split_range(n_full + p.map.partial_count[row], p.num_splits, split, begin, end);
     full = p.map.full_index + row * p.map.n_blocks;
     partial = p.map.partial_index + row * p.map.n_blocks;
   }

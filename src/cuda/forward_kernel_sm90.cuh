@@ -249,17 +249,40 @@ struct GatheredList {
   int n_full;
   int begin, end;  // iterations [begin, end) of this split
   __device__ GatheredList(const ForwardParams& p, int b, int h_map, int m, int split) {
-    const int64_t row =
-        (int64_t(p.map.map_batch == 1 ? 0 : b) * p.map.map_heads + h_map) * p.map.m_blocks + m;
+    const int64_t row = map_row(p, b, h_map, m);
     n_full = p.map.gather_full[row];
-    const int listed = p.map.gather_tiles[row];
-    const int per_split = (listed + p.num_splits - 1) / p.num_splits;
-    begin = min(listed, split * per_split);
-    end = min(listed, begin + per_split);
+    split_range(p.map.gather_tiles[row], p.num_splits, split, begin, end);
     slots = p.map.gather_slots + row * p.map.gather_stride;
   }
   __device__ int at(int it) const { return it; }
 };
+
+// Gathered tiles: a producer's share (two threads per column, kLoaders == 2 kBlockN) of a tile's
+// per-column data: the slot (copied from the list `tile_slots`), its last row and its fp32 bias
+// value (no bias: `bias` null), zero for the padding slot -1.
+template <int kBlockN>
+__device__ __forceinline__ void stage_gathered_columns(const int32_t* tile_slots,
+                                                       const int32_t* key_last, const float* bias,
+                                                       int64_t bias_stride, int32_t* s_slot,
+                                                       int32_t* s_last, float* s_bias) {
+  const int col = int(threadIdx.x) % kBlockN;
+  const int slot = tile_slots[col];
+  const bool listed = slot >= 0;
+  if (int(threadIdx.x) < kBlockN) {
+    if (bias != nullptr) {
+      cute::SM80_CP_ASYNC_CACHEALWAYS_ZFILL<uint32_t>::copy(
+          *reinterpret_cast<const uint32_t*>(bias + (listed ? slot : 0) * bias_stride),
+          *reinterpret_cast<uint32_t*>(s_bias + col), listed);
+    }
+  } else {
+    cute::SM80_CP_ASYNC_CACHEALWAYS<uint32_t>::copy(
+        *reinterpret_cast<const uint32_t*>(tile_slots + col),
+        *reinterpret_cast<uint32_t*>(s_slot + col));
+    cute::SM80_CP_ASYNC_CACHEALWAYS_ZFILL<uint32_t>::copy(
+        *reinterpret_cast<const uint32_t*>(key_last + (listed ? slot : 0)),
+        *reinterpret_cast<uint32_t*>(s_last + col), listed);
+  }
+}
 
 // A producer's share of a gathered K and V tile: tile row r is row slots[r] of k and v, zero
 // where the slot is -1 (past the end of the list). Each thread reads its rows' slots first, so
@@ -412,28 +435,11 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
                                           threadIdx.x * 16));
       }
       if constexpr (kGathered) {
-        // Per column (two threads each): the slot, then its bias value or its last row.
         static_assert(kLoaders == 2 * kBlockN, "two producer threads per column");
-        const int col = int(threadIdx.x) % kBlockN;
-        const int32_t* entry = list.slots + n_block * kBlockN + col;
-        const int slot = *entry;
-        const bool listed = slot >= 0;
-        if (int(threadIdx.x) < kBlockN) {
-          if (gathered_bias != nullptr) {
-            SM80_CP_ASYNC_CACHEALWAYS_ZFILL<uint32_t>::copy(
-                *reinterpret_cast<const uint32_t*>(gathered_bias + (listed ? slot : 0) *
-                                                                       p.bias_stride[3]),
-                *reinterpret_cast<uint32_t*>(s_bias + stage * Tiles::kBiasStageBytes + col * 4),
-                listed);
-          }
-        } else {
-          SM80_CP_ASYNC_CACHEALWAYS<uint32_t>::copy(
-              *reinterpret_cast<const uint32_t*>(entry),
-              *reinterpret_cast<uint32_t*>(s_slot + stage * kBlockN + col));
-          SM80_CP_ASYNC_CACHEALWAYS_ZFILL<uint32_t>::copy(
-              *reinterpret_cast<const uint32_t*>(key_last + (listed ? slot : 0)),
-              *reinterpret_cast<uint32_t*>(s_key_last + stage * kBlockN + col), listed);
-        }
+        stage_gathered_columns<kBlockN>(
+            list.slots + n_block * kBlockN, key_last, gathered_bias, p.bias_stride[3],
+            s_slot + stage * kBlockN, s_key_last + stage * kBlockN,
+            reinterpret_cast<float*>(s_bias + stage * Tiles::kBiasStageBytes));
         load_gathered_rows_async<kHeadDim, kBlockN, kLoaders>(
             s_k + stage * kStageElems, k_dst, s_v + stage * kStageElems, v_dst, k, p.k_stride_s,
             v, p.v_stride_s, list.slots + n_block * kBlockN, p.head_dim);
