@@ -142,7 +142,10 @@ class Plan {
 
   // Fraction of (query, key) entries kept by mask and causality: the work the kernels do,
   // relative to dense non-causal attention, is about visited_tile_fraction(). For a CUDA plan
-  // these wait for the planning kernels and copy two counters to the host.
+  // these wait for the planning kernels and copy two counters to the host. A CUDA top-k plan
+  // that compacted the keys of a bias with query length 1 has no map of the full key axis
+  // (device_map() is null: every call runs compacted) and reports 0 here; see
+  // compacted_tile_fraction().
   double kept_density() const;
   // Fraction of all tiles that are visited (full + partial).
   double visited_tile_fraction() const;

@@ -33,6 +33,17 @@ void attach_thresholds(const Plan& plan, detail::Problem& p) {
   p.row_topk = t->view;
 }
 
+// A CUDA top-k plan over compacted keys may hold no map of the full key axis (make_plan: its
+// bias has query length 1); a call that cannot run compacted (a bias or dbias with a query dim)
+// has nothing to run over.
+void require_key_axis_map(const Plan& plan, const detail::Problem& p) {
+  if (p.device.type != DeviceType::kCUDA || plan.device_map()) return;
+  throw Error(ErrorKind::kValue, "attn_bias",
+              "the plan's top-k compacted the keys of a bias with query length 1 and holds no "
+              "map of the full key axis; pass that bias (and a dbias of its shape), not a view "
+              "with a query dim of " + std::to_string(p.seqlen_q));
+}
+
 }  // namespace
 
 void forward(const ForwardArgs& args) {
@@ -46,6 +57,7 @@ void forward(const ForwardArgs& args) {
     if (compacted) {
       detail::cuda::compacted_forward(p, *plan.compaction(), args.stream);
     } else {
+      require_key_axis_map(plan, p);
       detail::cuda::forward(p, plan, args.stream);
     }
     return;
@@ -68,6 +80,7 @@ void backward(const BackwardArgs& args) {
     if (compacted) {
       detail::cuda::compacted_backward(p, *plan.compaction(), args.stream);
     } else {
+      require_key_axis_map(plan, p);
       detail::cuda::backward(p, plan, args.stream);
     }
     return;

@@ -250,8 +250,9 @@ std::shared_ptr<const DeviceBlockMap> make_device_plan(
   pp.map = mp;
   if (rows > 0 && extents.n_blocks > 0) {
     const unsigned threads = 32 * kPlanWarps;
-    constexpr int kTilesPerCta = kPlanWarps * kClassifyTilesPerWarp;
-    const dim3 grid(unsigned((extents.n_blocks + kTilesPerCta - 1) / kTilesPerCta),
+    pp.classify_tiles_per_warp = classify_tiles_per_warp(rows * extents.n_blocks);
+    const int64_t tiles_per_cta = int64_t(kPlanWarps) * pp.classify_tiles_per_warp;
+    const dim3 grid(unsigned((extents.n_blocks + tiles_per_cta - 1) / tiles_per_cta),
                     unsigned(extents.m_blocks), unsigned(outer));
     classify_kernel<<<grid, threads, 0, stream>>>(pp);
     FSA_CUDA_CHECK(cudaGetLastError());

@@ -44,6 +44,10 @@ inline int dkv_split_log2(const BackwardParams& p, int kernel_dim) {
   int device = 0, sms = 0;
   FSA_CUDA_CHECK(cudaGetDevice(&device));
   FSA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  // FSA_CUDA_DKV_SPLIT_LOG2=k forces 2^k shares (0..3), for A/B measurements of the rule below.
+  if (const char* env = std::getenv("FSA_CUDA_DKV_SPLIT_LOG2")) {
+    return std::min(3, std::max(0, std::atoi(env)));
+  }
   const int64_t ctas = int64_t(p.map.n_blocks) * p.num_kv_heads * p.batch;
   const int64_t target = 2 * int64_t(sms);
   if (ctas >= target) return 0;

@@ -185,6 +185,7 @@ struct PlanParams {
   RowEnd row_end;            // compacted keys: rows' visible slots (then no mask or selection)
   bool all_partial;          // no full tiles: a per-row predicate (top-k thresholds) everywhere
   uint8_t* tile_class;       // (rows, n_blocks): 0 skipped, 1 partial, 2 full
+  int classify_tiles_per_warp;  // classify_kernel: tiles one warp walks (classify_tiles_per_warp())
   // [kept entries, visited tiles, gathered tiles, gathered full tiles], accumulated
   unsigned long long* counters;
   BlockMapParams map;        // output lists (const-cast in the kernel)

@@ -11,6 +11,9 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <cstdint>
+
 #include "core/gather_lists.h"
 #include "cuda/params.h"
 
@@ -105,13 +108,18 @@ __device__ inline long long classify_tile(const PlanParams& p, int m, int n, int
   return kept;
 }
 
-// Tiles per warp of classify_kernel: the kept entries are summed per CTA and added to the one
-// global counter once, which one atomic per tile had serialized (0.15 ms of planning for
-// (1, 16384, 32, 8, 128) with a key mask, H200).
-constexpr int kClassifyTilesPerWarp = 16;
+// Tiles per warp of classify_kernel: a warp walks its tiles one after the other (each a chain of
+// dependent loads), and the kept entries are summed per CTA and added to the one global counter
+// once. Many tiles per warp keep the atomics few on big maps (one per tile serialized 0.15 ms of
+// planning for (1, 16384, 32, 8, 128) with a key mask, H200); one per warp keeps small maps (the
+// compacted keys of a top-k: 4K tiles) from being a latency chain. About 32K warps in all.
+inline int classify_tiles_per_warp(int64_t tiles) {
+  constexpr int64_t kWarps = 32 * 1024;
+  return int(std::min<int64_t>(16, std::max<int64_t>(1, (tiles + kWarps - 1) / kWarps)));
+}
 
-// grid (ceil(n_blocks / (kPlanWarps * kClassifyTilesPerWarp)), m_blocks, map_heads * map_batch),
-// kPlanWarps warps; warp w of CTA x classifies tiles n = (x * kClassifyTilesPerWarp + k) *
+// grid (ceil(n_blocks / (kPlanWarps * p.classify_tiles_per_warp)), m_blocks, map_heads *
+// map_batch), kPlanWarps warps; warp w of CTA x classifies tiles n = (x * tiles_per_warp + k) *
 // kPlanWarps + w.
 __global__ void __launch_bounds__(32 * kPlanWarps) classify_kernel(const __grid_constant__ PlanParams p) {
   __shared__ unsigned long long warp_kept[kPlanWarps];
@@ -119,8 +127,8 @@ __global__ void __launch_bounds__(32 * kPlanWarps) classify_kernel(const __grid_
   const int m = blockIdx.y;
   const int mh = blockIdx.z % p.map.map_heads, mb = blockIdx.z / p.map.map_heads;
   unsigned long long kept = 0;
-  for (int k = 0; k < kClassifyTilesPerWarp; ++k) {
-    const int n = (int(blockIdx.x) * kClassifyTilesPerWarp + k) * kPlanWarps + warp;
+  for (int k = 0; k < p.classify_tiles_per_warp; ++k) {
+    const int n = (int(blockIdx.x) * p.classify_tiles_per_warp + k) * kPlanWarps + warp;
     if (n >= p.map.n_blocks) break;
     kept += (unsigned long long)classify_tile(p, m, n, mh, mb, lane);
   }
