@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "core/causal.h"
+#include "core/dkv_order.h"
 #include "core/dtype.h"
 #include "core/gather_lists.h"
 #include "core/thresholds.h"
@@ -435,6 +436,54 @@ GatherLists cpu_gather_lists(const KeyCompaction& c, int64_t topk, int block_m, 
       }
       out.full[size_t(row)] = int32_t(by_all / block_n);
       out.tiles[size_t(row)] = int32_t((listed + block_n - 1) / block_n);
+    }
+  }
+  return out;
+}
+
+DkvLists cpu_dkv_lists(const KeyCompaction& c, int block_m, int block_n) {
+  const CompactGeometry& g = c.lists;
+  if (c.key_last == nullptr || c.key_first == nullptr || c.row_topk.key != nullptr) {
+    throw Error(ErrorKind::kValue, "plan",
+                "dK/dV groups need a per-row top-k compaction whose rows are intervals");
+  }
+  DkvLists out;
+  out.n_blocks = (g.slots + block_n - 1) / block_n;
+  out.m_blocks = (g.seqlen_q + block_m - 1) / block_m;
+  const int64_t lists = g.list_batch * g.list_heads, stride = out.n_blocks * block_n;
+  const int64_t cols = lists * out.n_blocks;
+  out.slots.assign(size_t(lists * stride), -1);
+  out.full_count.assign(size_t(cols), 0);
+  out.partial_count.assign(size_t(cols), 0);
+  out.full_index.assign(size_t(cols * out.m_blocks), 0);
+  out.partial_index.assign(size_t(cols * out.m_blocks), 0);
+  const int64_t stride_k = key_last_stride(g.slots);
+  for (int64_t l = 0; l < lists; ++l) {
+    const int32_t* first = c.key_first + l * stride_k;
+    const int32_t* last = c.key_last + l * stride_k;
+    int32_t* order = out.slots.data() + l * stride;
+    const int32_t count = c.count[l];
+    for (int32_t s = 0; s < count; ++s) order[s] = s;
+    std::stable_sort(order, order + count, [&](int32_t a, int32_t b) {
+      return dkv_band(last[a]) < dkv_band(last[b]);
+    });
+    for (int64_t n = 0; n < out.n_blocks; ++n) {
+      const int32_t* group = order + n * block_n;
+      const int64_t col = l * out.n_blocks + n;
+      int64_t slots_in = 0;
+      while (slots_in < block_n && n * block_n + slots_in < count) ++slots_in;
+      for (int64_t m = 0; m < out.m_blocks; ++m) {
+        const int64_t r0 = m * block_m, r1 = std::min<int64_t>(r0 + block_m, g.seqlen_q) - 1;
+        bool meets = false, covers = slots_in == block_n;
+        for (int64_t x = 0; x < slots_in; ++x) {
+          meets = meets || dkv_slot_meets(first[group[x]], last[group[x]], r0, r1);
+          covers = covers && dkv_slot_covers(first[group[x]], last[group[x]], r0, r1);
+        }
+        if (!meets) continue;
+        int32_t& n_listed = (covers ? out.full_count : out.partial_count)[size_t(col)];
+        (covers ? out.full_index : out.partial_index)[size_t(col * out.m_blocks + n_listed++)] =
+            int32_t(m);
+      }
     }
   }
   return out;

@@ -8,6 +8,7 @@
 // block map is partial.
 
 #include "core/compaction.h"
+#include "core/dkv_order.h"
 
 #include <gtest/gtest.h>
 
@@ -268,12 +269,74 @@ void expect_gather_lists_match_mask(const fsa::Plan& plan, const std::vector<uin
   }
 }
 
+// The dK/dV pass's groups (what a CUDA plan gives its sm90 dK/dV pass, built here by cpu_dkv_lists
+// from the same rule) against the float64 mask: each list's slots grouped by ascending band of
+// their last row, in slot order within a band, then -1; each group visits exactly the query tiles
+// where one of its keys is kept by some row, listed full exactly where the group is whole and
+// every row of the tile keeps every one of its keys.
+// Returns the full (group, query tile) pairs.
+int64_t expect_dkv_lists_match_mask(const fsa::Plan& plan, const std::vector<uint8_t>& mask) {
+  using fsa::detail::dkv_band;
+  const fsa::detail::KeyCompaction& c = *plan.compaction();
+  const fsa::detail::CompactGeometry& g = c.lists;
+  constexpr int kBlockM = 128, kBlockN = 64;  // the sm90 dK/dV pass's tiles
+  const fsa::detail::DkvLists lists = fsa::detail::cpu_dkv_lists(c, kBlockM, kBlockN);
+  const int64_t sq = g.seqlen_q, sk = g.seqlen_k, stride = lists.n_blocks * kBlockN;
+  const int64_t stride_k = fsa::detail::key_last_stride(g.slots);
+  int64_t full_pairs = 0;
+  for (int64_t l = 0; l < g.list_batch * g.list_heads; ++l) {
+    SCOPED_TRACE("list " + std::to_string(l));
+    const int32_t* order = lists.slots.data() + l * stride;
+    const int32_t* last = c.key_last + l * stride_k;
+    const int64_t count = c.count[l];
+    std::vector<int32_t> seen(order, order + count);
+    std::sort(seen.begin(), seen.end());
+    for (int64_t x = 0; x < count; ++x) {
+      EXPECT_EQ(seen[size_t(x)], x) << "not a permutation";
+      if (seen[size_t(x)] != x) return full_pairs;
+    }
+    for (int64_t x = count; x < stride; ++x) EXPECT_EQ(order[x], -1);
+    for (int64_t x = 1; x < count; ++x) {
+      const uint32_t a = dkv_band(last[order[x - 1]]), b = dkv_band(last[order[x]]);
+      EXPECT_TRUE(a < b || (a == b && order[x - 1] < order[x])) << "position " << x;
+    }
+    for (int64_t n = 0; n < lists.n_blocks; ++n) {
+      const int64_t col = l * lists.n_blocks + n;
+      const int64_t in_group = std::clamp<int64_t>(count - n * kBlockN, 0, kBlockN);
+      std::vector<int32_t> want_full, want_partial;
+      for (int64_t m = 0; m < lists.m_blocks; ++m) {
+        const int64_t r0 = m * kBlockM, r1 = std::min<int64_t>(r0 + kBlockM, sq) - 1;
+        bool some = false, every = in_group == kBlockN;
+        for (int64_t x = 0; x < in_group; ++x) {
+          const int64_t j = c.keys[l * g.slots + order[n * kBlockN + x]];
+          for (int64_t i = r0; i <= r1; ++i) {
+            const bool kept = mask[size_t((l * sq + i) * sk + j)] != 0;
+            some = some || kept;
+            every = every && kept;
+          }
+        }
+        if (some) (every ? want_full : want_partial).push_back(int32_t(m));
+      }
+      auto listed = [&](const std::vector<int32_t>& counts, const std::vector<int32_t>& index) {
+        return std::vector<int32_t>(index.begin() + col * lists.m_blocks,
+                                    index.begin() + col * lists.m_blocks + counts[size_t(col)]);
+      };
+      EXPECT_EQ(listed(lists.full_count, lists.full_index), want_full) << "group " << n;
+      EXPECT_EQ(listed(lists.partial_count, lists.partial_index), want_partial) << "group " << n;
+      full_pairs += int64_t(want_full.size());
+    }
+  }
+  return full_pairs;
+}
+
 // Runs the per-row top-k through the compacted plan and through the thresholds over the block map
 // alone; both must match float64 with the mask above.
 // thresholds_kept: whether the compacted plan must also keep the thresholds (some key's rows are
 // not an interval); otherwise each slot's last row alone selects (KeyCompaction::key_last).
+// full_dkv_groups: the case must give the dK/dV pass some full (group, query tile) pairs.
 void expect_topk_paths_match(CaseSpec spec, int64_t window, double fill,
-                             double max_tile_fraction = 1.0, bool thresholds_kept = false) {
+                             double max_tile_fraction = 1.0, bool thresholds_kept = false,
+                             bool full_dkv_groups = false) {
   spec.make_mask = per_row_topk(window, fill);
   const Shape4& bs = *spec.bias_shape;
   spec.mask_shape = Shape4{bs[0], bs[1], spec.seqlen_q, spec.seqlen_k};
@@ -298,8 +361,13 @@ void expect_topk_paths_match(CaseSpec spec, int64_t window, double fill,
       if (thresholds_kept) {  // some key's rows are not an interval: no gathered lists
         EXPECT_THROW(fsa::detail::cpu_gather_lists(*plan.compaction(), window, 128, 64),
                      fsa::Error);
+        EXPECT_THROW(fsa::detail::cpu_dkv_lists(*plan.compaction(), 128, 64), fsa::Error);
       } else {
         expect_gather_lists_match_mask(plan, inputs.mask, window);
+        const int64_t full_pairs = expect_dkv_lists_match_mask(plan, inputs.mask);
+        if (full_dkv_groups) {
+          EXPECT_GT(full_pairs, 0);
+        }
       }
     }
     fsa::ForwardArgs f = buffers.forward_args(options);
@@ -324,6 +392,15 @@ TEST(CompactionTopk, PerKvHeadBias_Gqa2_Causal_Bf16) {
   spec.causal = true;
   spec.bias_shape = Shape4{2, 2, 1, 300};
   expect_topk_paths_match(spec, 25, kBf16Lowest, 0.45);
+}
+
+// A window wider than the dK/dV pass's 64-slot groups over several query tiles: groups of keys
+// that every row of a tile keeps (full pairs) next to partial ones, and a ragged last tile.
+TEST(CompactionTopk, WideWindow_DkvGroups_Causal_Fp32) {
+  CaseSpec spec = case_spec(DType::kFloat32, 1, 900, 900, 2, 1, 16);
+  spec.causal = true;
+  spec.bias_shape = Shape4{1, 1, 1, 900};
+  expect_topk_paths_match(spec, 200, -3.4028234663852886e38, 1.0, false, true);
 }
 
 // Sq > Sk: the first rows see nothing (empty rows, exact zeros); one shared bias.
