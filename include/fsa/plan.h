@@ -164,6 +164,12 @@ class Plan {
   // (CPU plans, every other selection). Waits for the planning kernels.
   double gathered_tile_fraction() const;
   double gathered_full_fraction() const;
+  // The same plans on CUDA, for the sm90 dK/dV pass: its groups of 64 slots (by the band of
+  // their last row, core/dkv_order.h) and the query tiles each one visits. The fraction of the
+  // full grid's tiles that the pass visits, and the fraction of those whose every entry is kept;
+  // 0 without the groups. Waits for the planning kernels.
+  double dkv_tile_fraction() const;
+  double dkv_full_fraction() const;
   const detail::KeyCompaction* compaction() const { return compaction_.get(); }
   // Per-row top-k thresholds (PlanOptions::topk), or null.
   const detail::RowThresholds* thresholds() const { return thresholds_.get(); }

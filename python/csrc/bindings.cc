@@ -197,7 +197,9 @@ NB_MODULE(_C, m) {
       .def("kept_density", &fsa::Plan::kept_density)
       .def("visited_tile_fraction", &fsa::Plan::visited_tile_fraction)
       .def("gathered_tile_fraction", &fsa::Plan::gathered_tile_fraction)
-      .def("gathered_full_fraction", &fsa::Plan::gathered_full_fraction);
+      .def("gathered_full_fraction", &fsa::Plan::gathered_full_fraction)
+      .def("dkv_tile_fraction", &fsa::Plan::dkv_tile_fraction)
+      .def("dkv_full_fraction", &fsa::Plan::dkv_full_fraction);
 
   m.def(
       "make_plan",

@@ -465,7 +465,7 @@ DkvLists cpu_dkv_lists(const KeyCompaction& c, int block_m, int block_n) {
     const int32_t count = c.count[l];
     for (int32_t s = 0; s < count; ++s) order[s] = s;
     std::stable_sort(order, order + count, [&](int32_t a, int32_t b) {
-      return dkv_band(last[a]) < dkv_band(last[b]);
+      return dkv_band(last[a]) > dkv_band(last[b]);
     });
     for (int64_t n = 0; n < out.n_blocks; ++n) {
       const int32_t* group = order + n * block_n;

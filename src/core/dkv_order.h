@@ -21,7 +21,9 @@
 namespace fsa::detail {
 
 // The band of a slot that the rows up to `last` keep: 4 e + f for last + 1 = 2^e (1 + f / 4 + ...),
-// quarter octaves, below 128 for any int32 row. Slots are grouped by ascending band, stably.
+// quarter octaves, below 128 for any int32 row. Slots are grouped by descending band, stably (in
+// slot order within a band): the groups of keys that live to the end come first, so the CTAs
+// with the most query tiles start first and the short ones fill the tail of the grid.
 FSA_HOST_DEVICE inline uint32_t dkv_band(int32_t last) {
   const uint32_t x = uint32_t(last < 0 ? 0 : last) + 1u;
   uint32_t e = 0;

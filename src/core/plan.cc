@@ -390,6 +390,21 @@ double Plan::gathered_full_fraction() const {
   return stats.gathered_tiles > 0 ? double(stats.gathered_full_tiles) / stats.gathered_tiles : 0.0;
 }
 
+double Plan::dkv_tile_fraction() const {
+  if (!compaction_ || !compaction_->plan.device_map_) return 0.0;
+  const BlockMap& map = *compaction_->plan.map_;
+  const double total =
+      double(map.batch) * double(map.heads) * double(map.m_blocks) * double(map.n_blocks);
+  const auto stats = detail::cuda::device_plan_stats(*compaction_->plan.device_map_);
+  return total > 0 ? double(stats.dkv_tiles) / total : 0.0;
+}
+
+double Plan::dkv_full_fraction() const {
+  if (!compaction_ || !compaction_->plan.device_map_) return 0.0;
+  const auto stats = detail::cuda::device_plan_stats(*compaction_->plan.device_map_);
+  return stats.dkv_tiles > 0 ? double(stats.dkv_full_tiles) / stats.dkv_tiles : 0.0;
+}
+
 double Plan::visited_tile_fraction() const {
   const double total = double(map_->batch) * double(map_->heads) * double(map_->m_blocks) *
                        double(map_->n_blocks);

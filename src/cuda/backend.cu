@@ -2,7 +2,10 @@
 // kernels' params, and dispatches on (head dim, dtype) — the only place with such switches.
 
 #include <algorithm>
+#include <climits>
 #include <string>
+
+#include <cub/device/device_segmented_radix_sort.cuh>
 
 #include "cuda/backward_launch.h"
 #include "cuda/check.h"
@@ -152,6 +155,41 @@ int choose_splits(int64_t ctas, int64_t n_blocks) {
   return int(std::max<int64_t>(splits, 1));
 }
 
+// The sm90 dK/dV pass's groups (BlockMapParams::dkv_slots): each list's slots keyed by band,
+// sorted stably by descending band within the list (cub's segmented radix sort over the band's 7
+// bits), then grouped and classified per query tile.
+void plan_dkv_groups(const PlanParams& pp, int64_t lists, int64_t stride, cudaStream_t stream) {
+  const int64_t n = lists * stride;  // within int32 (make_device_plan)
+  size_t sort_bytes = 0;
+  FSA_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortPairsDescending(
+      nullptr, sort_bytes, static_cast<const uint32_t*>(nullptr), static_cast<uint32_t*>(nullptr),
+      static_cast<const int32_t*>(nullptr), static_cast<int32_t*>(nullptr), int(n), int(lists),
+      static_cast<const int32_t*>(nullptr), static_cast<const int32_t*>(nullptr), 0, kDkvBandBits,
+      stream));
+  // Scratch: bands in and out, slots in and out, segment bounds, the sort's own.
+  const size_t arrays = size_t(4 * n + 2 * lists) * 4;
+  StreamBuffer scratch(stream);
+  FSA_CUDA_CHECK(cudaMallocAsync(&scratch.ptr, align_up(arrays) + sort_bytes, stream));
+  auto* band_in = static_cast<uint32_t*>(scratch.ptr);
+  auto* band_out = band_in + n;
+  auto* slot_in = reinterpret_cast<int32_t*>(band_out + n);
+  auto* slot_out = slot_in + n;
+  auto* seg_begin = slot_out + n;
+  auto* seg_end = seg_begin + lists;
+  void* sort_temp = static_cast<uint8_t*>(scratch.ptr) + align_up(arrays);
+  dkv_band_kernel<<<dim3(unsigned((stride + 255) / 256), unsigned(lists)), 256, 0, stream>>>(
+      pp, int(stride), band_in, slot_in, seg_begin, seg_end);
+  FSA_CUDA_CHECK(cudaGetLastError());
+  // Radix sort is stable: within a band the slots keep their order (the keys' order).
+  FSA_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortPairsDescending(
+      sort_temp, sort_bytes, band_in, band_out, slot_in, slot_out, int(n), int(lists), seg_begin,
+      seg_end, 0, kDkvBandBits, stream));
+  dkv_lists_kernel<<<dim3(unsigned((pp.map.n_blocks + kPlanWarps - 1) / kPlanWarps),
+                          unsigned(lists)),
+                     32 * kPlanWarps, 0, stream>>>(pp, slot_out);
+  FSA_CUDA_CHECK(cudaGetLastError());
+}
+
 }  // namespace
 
 std::shared_ptr<const DeviceBlockMap> make_device_plan(
@@ -169,6 +207,9 @@ std::shared_ptr<const DeviceBlockMap> make_device_plan(
   const int64_t tiles = rows * extents.n_blocks;
   if (extents.m_blocks > 65535 || extents.n_blocks > INT32_MAX || outer > 65535) {
     fail("query", "too many query blocks or (batch x heads) for a CUDA plan (at most 65535 each)");
+  }
+  if (row_end.key_last != nullptr && outer * extents.n_blocks * extents.block_n > INT32_MAX) {
+    fail("key", "too many compacted keys over (batch x heads) for a CUDA plan (at most 2^31)");
   }
   // Layout of the one allocation: counters, 2 x (rows counts + rows lists), 2 x (cols counts +
   // cols lists), tile classes.
@@ -197,6 +238,12 @@ std::shared_ptr<const DeviceBlockMap> make_device_plan(
   const size_t gather_slots_at = take(gathered ? rows * gather_stride * sizeof(int32_t) : 0);
   const size_t gather_full_at = take(gathered ? rows * sizeof(int32_t) : 0);
   const size_t gather_tiles_at = take(gathered ? rows * sizeof(int32_t) : 0);
+  // ... and the sm90 dK/dV pass's groups of slots (BlockMapParams::dkv_slots), for its 64-key tiles.
+  const bool dkv_groups = gathered && extents.block_n == 64;
+  const int64_t dkv_stride = extents.n_blocks * 64;
+  const size_t dkv_slots_at = take(dkv_groups ? outer * dkv_stride * sizeof(int32_t) : 0);
+  const size_t dkv_counts_at = take(dkv_groups ? 2 * cols * sizeof(int32_t) : 0);
+  const size_t dkv_index_at = take(dkv_groups ? 2 * tiles * sizeof(int32_t) : 0);
   FSA_CUDA_CHECK(cudaMallocAsync(&map->storage, offset, stream));
   auto* base = static_cast<uint8_t*>(map->storage);
   map->counters = reinterpret_cast<unsigned long long*>(base + counters_at);
@@ -218,6 +265,13 @@ std::shared_ptr<const DeviceBlockMap> make_device_plan(
     mp.gather_full = reinterpret_cast<int32_t*>(base + gather_full_at);
     mp.gather_tiles = reinterpret_cast<int32_t*>(base + gather_tiles_at);
     mp.gather_stride = int(gather_stride);
+  }
+  if (dkv_groups) {
+    mp.dkv_slots = reinterpret_cast<int32_t*>(base + dkv_slots_at);
+    mp.dkv_full_count_t = reinterpret_cast<int32_t*>(base + dkv_counts_at);
+    mp.dkv_partial_count_t = mp.dkv_full_count_t + cols;
+    mp.dkv_full_index_t = reinterpret_cast<int32_t*>(base + dkv_index_at);
+    mp.dkv_partial_index_t = mp.dkv_full_index_t + tiles;
   }
   mp.map_batch = int(extents.batch);
   mp.map_heads = int(extents.heads);
@@ -265,6 +319,7 @@ std::shared_ptr<const DeviceBlockMap> make_device_plan(
                             stream>>>(pp);
       FSA_CUDA_CHECK(cudaGetLastError());
     }
+    if (dkv_groups) plan_dkv_groups(pp, outer, dkv_stride, stream);
   } else if (rows > 0) {  // Sk = 0: every row has empty lists
     FSA_CUDA_CHECK(cudaMemsetAsync(const_cast<int32_t*>(mp.full_count), 0, rows * sizeof(int32_t), stream));
     FSA_CUDA_CHECK(cudaMemsetAsync(const_cast<int32_t*>(mp.partial_count), 0, rows * sizeof(int32_t), stream));
@@ -281,7 +336,8 @@ DevicePlanStats device_plan_stats(const DeviceBlockMap& map) {
   FSA_CUDA_CHECK(cudaMemcpyAsync(host, map.counters, sizeof(host), cudaMemcpyDeviceToHost,
                                  map.stream));
   FSA_CUDA_CHECK(cudaStreamSynchronize(map.stream));
-  return {int64_t(host[0]), int64_t(host[1]), int64_t(host[2]), int64_t(host[3])};
+  return {int64_t(host[0]), int64_t(host[1]), int64_t(host[2]), int64_t(host[3]),
+          int64_t(host[4]), int64_t(host[5])};
 }
 
 // The plan must be a CUDA plan with the kernels' tiles for this head dim.

@@ -553,10 +553,11 @@ struct DkvWorkCursor {
 struct ColumnSums {
   float sum[2] = {0.0f, 0.0f};  // per key row r of the thread
   int head = -1;                // the head `sum` belongs to
-  // Where the sums go: the CTA's batch, the thread's quad lane and its first key row (the second
-  // is 8 below). Passed by value at each call rather than held, which would cost registers.
+  // Where the sums go: the CTA's batch, the thread's quad lane and its two key rows (8 apart, or
+  // two gathered slots). Passed by value at each call rather than held, which would cost
+  // registers.
   struct Rows {
-    int b, t, key_row0;
+    int b, t, key_row[2];
   };
   // kAdd: add to what is there (two dK/dV warpgroups sharing the keys, after zero_heads) rather
   // than store.
@@ -568,7 +569,7 @@ struct ColumnSums {
       float cg = sum[r];
       cg += __shfl_xor_sync(0xffffffffu, cg, 1);
       cg += __shfl_xor_sync(0xffffffffu, cg, 2);
-      const int key = at.key_row0 + 8 * r;
+      const int key = at.key_row[r];
       if (at.t == 0 && key < p.seqlen_k) {
         // One set of sums per dK/dV share (blockIdx.x % dkv_splits, as in DkvWorkCursor).
         const int share = int(blockIdx.x) & (p.dkv_splits - 1);
@@ -675,7 +676,7 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kDkvWarps * 32)
   }
   const int key_row[2] = {key0 + warp * 16 + g, key0 + warp * 16 + g + 8};
   ColumnSums col;
-  const ColumnSums::Rows col_rows{b, t, key_row[0]};
+  const ColumnSums::Rows col_rows{b, t, {key_row[0], key_row[1]}};
   col.zero_heads(p, col_rows, hk);
 
   for (int it = 0; have_next; ++it) {

@@ -3,7 +3,9 @@
 // MMA (wgmma, sm_90a) over the same transposed block lists, work order and element passes as
 // dkdv_kernel (backward_kernel.cuh), for kernel head dims 64 and 128.
 //
-// CTA (64-key tile n, kv head hk, batch b) = one producer warpgroup + two consumer warpgroups.
+// CTA (64-key tile n, kv head hk, batch b) = one producer warpgroup + two consumer warpgroups
+// (per-row top-k over compacted keys: group n of the plan's dK/dV groups of slots, gathered by
+// slot, with the group's own query-tile lists; BlockMapParams::dkv_slots, core/dkv_order.h).
 // The producer copies the K and V tiles once, then streams the 64-query halves of the work list
 // (Q, dO, LSE, rowdot, and a staged 16-bit bias's 64 x 64 tile) through kStages cp.async stages,
 // announcing each on a "full" mbarrier. The consumers share the key tile and take alternate halves
@@ -97,6 +99,16 @@ struct Sm90DkvTiles {
   }
 };
 
+// Per-row top-k over compacted keys (BlockMapParams::dkv_slots): the 64 slots of group n that CTA
+// (n, kv head hk, batch b) runs, -1 past the list's count; null on every other path, where CTA n
+// runs the key tile n.
+__device__ __forceinline__ const int32_t* dkv_group_slots(const BackwardParams& p, int n, int hk,
+                                                          int b) {
+  if (p.map.dkv_slots == nullptr) return nullptr;
+  const int mb = p.map.map_batch == 1 ? 0 : b, mh = hk * p.group / p.map.head_group;
+  return p.map.dkv_slots + (int64_t(mb) * p.map.map_heads + mh) * p.map.n_blocks * 64 + n * 64;
+}
+
 // kRowTopK == (p.row_topk.key != null), as in dq_kernel (backward_kernel.cuh).
 template <int kHeadDim, class Elt, bool kRowTopK>
 __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
@@ -139,14 +151,20 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
     const typename Tiles::SmemLayoutQ layout_q;
     const auto kv_dst = GmmaLoadOffsets::make<kHeadDim, kLoaders>(layout_kv, false);
     const auto q_dst = GmmaLoadOffsets::make<kHeadDim, kLoaders>(layout_q, false);
-    load_rows_async<kHeadDim, kBlockN, kLoaders>(
-        reinterpret_cast<uint16_t*>(smem_k), kv_dst.first, kv_dst.step,
-        static_cast<const uint16_t*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h, p.k_stride_s,
-        key0, p.seqlen_k, p.head_dim);
-    load_rows_async<kHeadDim, kBlockN, kLoaders>(
-        reinterpret_cast<uint16_t*>(smem_v), kv_dst.first, kv_dst.step,
-        static_cast<const uint16_t*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h, p.v_stride_s,
-        key0, p.seqlen_k, p.head_dim);
+    const auto* k_rows = static_cast<const uint16_t*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h;
+    const auto* v_rows = static_cast<const uint16_t*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h;
+    if (const int32_t* group = dkv_group_slots(p, n, hk, b)) {
+      load_gathered_rows_async<kHeadDim, kBlockN, kLoaders>(
+          reinterpret_cast<uint16_t*>(smem_k), kv_dst, reinterpret_cast<uint16_t*>(smem_v), kv_dst,
+          k_rows, p.k_stride_s, v_rows, p.v_stride_s, group, p.head_dim);
+    } else {
+      load_rows_async<kHeadDim, kBlockN, kLoaders>(reinterpret_cast<uint16_t*>(smem_k),
+                                                   kv_dst.first, kv_dst.step, k_rows,
+                                                   p.k_stride_s, key0, p.seqlen_k, p.head_dim);
+      load_rows_async<kHeadDim, kBlockN, kLoaders>(reinterpret_cast<uint16_t*>(smem_v),
+                                                   kv_dst.first, kv_dst.step, v_rows,
+                                                   p.v_stride_s, key0, p.seqlen_k, p.head_dim);
+    }
     auto* s_q = reinterpret_cast<uint16_t*>(smem_q);
     auto* s_do = reinterpret_cast<uint16_t*>(smem_do);
     const int c = int(threadIdx.x) % kHalf;  // threads 0-63: LSE, 64-127: rowdot
@@ -228,11 +246,20 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
   clear(tdK);
   clear(tdV);
 
-  const int key_row[2] = {key0 + warp * 16 + g, key0 + warp * 16 + g + 8};
+  // The thread's two key rows: of the key tile, or the group's slots (seqlen_k past the list's
+  // count: such a row is dropped, and neither stored nor summed).
+  int key_row[2] = {key0 + warp * 16 + g, key0 + warp * 16 + g + 8};
+  if (const int32_t* group = dkv_group_slots(p, n, hk, b)) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int slot = group[warp * 16 + g + 8 * r];
+      key_row[r] = slot >= 0 ? slot : p.seqlen_k;
+    }
+  }
   // Both warpgroups sum columns of the same keys: the first zeroes every head's sums, then each
   // adds its own (two fp32 additions onto zero, which commute exactly: deterministic).
   ColumnSums col;
-  const ColumnSums::Rows col_rows{b, t, key_row[0]};
+  const ColumnSums::Rows col_rows{b, t, {key_row[0], key_row[1]}};
   if (wg == 0) col.zero_heads(p, col_rows, hk);
   consumers_sync();
 

@@ -156,6 +156,14 @@ void launch_backward(const BackwardParams& p, cudaStream_t stream) {
       kv.dkv_partial = static_cast<float*>(dkv_workspace.ptr);
       if (cols > 0) kv.col_accum = kv.dkv_partial + 2 * per * kv.dkv_splits;
     }
+    if (kv.map.dkv_slots != nullptr) {
+      // Per-row top-k over compacted keys: CTA n runs the slots of group n (gathered by slot) over
+      // the group's own query-tile lists (BlockMapParams::dkv_slots).
+      kv.map.full_index_t = kv.map.dkv_full_index_t;
+      kv.map.full_count_t = kv.map.dkv_full_count_t;
+      kv.map.partial_index_t = kv.map.dkv_partial_index_t;
+      kv.map.partial_count_t = kv.map.dkv_partial_count_t;
+    }
     auto* dkdv = row_topk ? &dkdv_kernel_sm90<kHeadDim, Elt, true>
                           : &dkdv_kernel_sm90<kHeadDim, Elt, false>;
     // One instantiation for both: the opt-in limit is the larger size (a fixed value, so that host

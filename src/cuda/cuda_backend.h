@@ -18,6 +18,8 @@ struct DevicePlanStats {
   int64_t visited_tiles = 0;  // full + partial tiles
   int64_t gathered_tiles = 0;       // tiles of the gathered lists (BlockMapParams::gather_slots)
   int64_t gathered_full_tiles = 0;  // of those, the ones every row of their query tile keeps
+  int64_t dkv_tiles = 0;       // (group, query tile) pairs of the dK/dV groups (dkv_slots)
+  int64_t dkv_full_tiles = 0;  // of those, the ones whose every entry is kept
 };
 
 // Builds the block map on the device of the mask / query, asynchronously on `stream`. `extents`

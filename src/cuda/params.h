@@ -28,6 +28,16 @@ struct BlockMapParams {
   const int32_t* gather_full = nullptr;   // (rows,) leading tiles of slots every row keeps
   const int32_t* gather_tiles = nullptr;  // (rows,) tiles of block_n slots
   int gather_stride = 0;                  // slots per row, a multiple of block_n
+  // Per-row top-k over compacted keys, block_n 64: the sm90 dK/dV pass's groups of slots
+  // (core/dkv_order.h, dkv_lists_kernel). Per list (map batch, map head), n_blocks * block_n
+  // slots, grouped by the band of their last row, -1 past the list's count: CTA n of the pass
+  // gathers the K / V rows of group n and walks the group's own transposed lists, in the
+  // layout of full_index_t / full_count_t (launch_backward swaps them in). Null elsewhere.
+  const int32_t* dkv_slots = nullptr;
+  const int32_t* dkv_full_index_t = nullptr;
+  const int32_t* dkv_full_count_t = nullptr;
+  const int32_t* dkv_partial_index_t = nullptr;
+  const int32_t* dkv_partial_count_t = nullptr;
   int map_batch = 1;   // 1 or B
   int map_heads = 1;   // 1, Hk or H
   int head_group = 1;  // H / map_heads: query heads per map head
@@ -169,7 +179,7 @@ struct BackwardParams {
   BlockMapParams map;
 };
 
-constexpr int kPlanCounters = 4;  // PlanParams::counters
+constexpr int kPlanCounters = 6;  // PlanParams::counters
 
 // Planning kernel inputs.
 struct PlanParams {
@@ -186,7 +196,8 @@ struct PlanParams {
   bool all_partial;          // no full tiles: a per-row predicate (top-k thresholds) everywhere
   uint8_t* tile_class;       // (rows, n_blocks): 0 skipped, 1 partial, 2 full
   int classify_tiles_per_warp;  // classify_kernel: tiles one warp walks (classify_tiles_per_warp())
-  // [kept entries, visited tiles, gathered tiles, gathered full tiles], accumulated
+  // [kept entries, visited tiles, gathered tiles, gathered full tiles, dK/dV group tiles, of
+  // those full], accumulated
   unsigned long long* counters;
   BlockMapParams map;        // output lists (const-cast in the kernel)
 };

@@ -7,13 +7,16 @@
 //              slot's last row under per-row top-k.
 //   compact    one warp per row of the map: full and partial key-block lists by warp ballots.
 //   transpose  one warp per column: the query-block lists the backward pass walks.
-// Per-row top-k over compacted keys adds gather_lists_kernel (the slots each query tile keeps).
+// Per-row top-k over compacted keys adds gather_lists_kernel (the slots each query tile keeps), and
+// dkv_band_kernel, a stable segmented sort and dkv_lists_kernel (the dK/dV pass's groups).
 
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstdint>
 
+#include "core/dkv_order.h"
 #include "core/gather_lists.h"
 #include "cuda/params.h"
 
@@ -249,6 +252,92 @@ __global__ void __launch_bounds__(32 * kPlanWarps)
     const_cast<int32_t*>(map.gather_tiles)[row] = tiles;
     if (tiles) atomicAdd(p.counters + 2, (unsigned long long)tiles);
     if (full) atomicAdd(p.counters + 3, (unsigned long long)full);
+  }
+}
+
+// Per-row top-k over compacted keys, the dK/dV pass's groups (core/dkv_order.h), step 1: per list
+// (map batch, map head), its slots keyed by dkv_band of their last row, and the list's segment
+// [list * stride, list * stride + count) for the stable segmented radix sort that follows. The
+// last row sees every slot (causality only uncovers keys), so its bound is the list's count.
+// grid (ceil(stride / 256), lists), 256 threads.
+__global__ void __launch_bounds__(256) dkv_band_kernel(const __grid_constant__ PlanParams p,
+                                                       int stride, uint32_t* band, int32_t* slot,
+                                                       int32_t* seg_begin, int32_t* seg_end) {
+  const BlockMapParams& map = p.map;
+  const int list = blockIdx.y, mh = list % map.map_heads, mb = list / map.map_heads;
+  const int hq = mh * map.head_group;  // a query head of this map head
+  const int count = p.row_end.at(mb, hq, p.seqlen_q - 1);
+  const int s = int(blockIdx.x) * 256 + int(threadIdx.x);
+  if (s == 0) {
+    seg_begin[list] = list * stride;
+    seg_end[list] = list * stride + count;
+  }
+  if (s >= stride) return;
+  const int64_t at = int64_t(list) * stride + s;
+  band[at] = s < count ? dkv_band(p.row_end.key_last_row(mb, hq)[s]) : 0u;
+  slot[at] = s;
+}
+
+// Step 2: one warp per group n of list (map batch, map head): its block_n (= 64, two per lane)
+// sorted slots into BlockMapParams::dkv_slots (-1 past the count), and the query tiles it visits
+// into the dkv_* transposed lists, ascending: visited where some slot's rows meet the tile, full
+// where the group is whole and every slot keeps every row of it. grid (ceil(n_blocks /
+// kPlanWarps), lists), kPlanWarps warps.
+__global__ void __launch_bounds__(32 * kPlanWarps) dkv_lists_kernel(
+    const __grid_constant__ PlanParams p, const int32_t* sorted) {
+  constexpr int kGroup = 64;
+  const BlockMapParams& map = p.map;
+  const int list = blockIdx.y, mh = list % map.map_heads, mb = list / map.map_heads;
+  const int hq = mh * map.head_group;
+  const int n = int(blockIdx.x) * kPlanWarps + int(threadIdx.x) / 32, lane = threadIdx.x % 32;
+  if (n >= map.n_blocks) return;
+  const int64_t stride = int64_t(map.n_blocks) * kGroup, col = int64_t(list) * map.n_blocks + n;
+  const int count = p.row_end.at(mb, hq, p.seqlen_q - 1);
+  const int32_t* first_of = p.row_end.key_first_row(mb, hq);
+  const int32_t* last_of = p.row_end.key_last_row(mb, hq);
+  int first[2], last[2];
+  int lo = INT_MAX, hi = -1;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int x = n * kGroup + lane + 32 * r;
+    const int slot = x < count ? sorted[list * stride + x] : -1;
+    const_cast<int32_t*>(map.dkv_slots)[list * stride + x] = slot;
+    first[r] = slot >= 0 ? first_of[slot] : INT_MAX;
+    last[r] = slot >= 0 ? last_of[slot] : -1;
+    lo = min(lo, first[r]);
+    hi = max(hi, last[r]);
+  }
+  for (int o = 16; o > 0; o /= 2) {
+    lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, o));
+    hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+  }
+  const bool whole = count - n * kGroup >= kGroup;
+  int n_full = 0, n_partial = 0;
+  if (hi >= 0) {
+    const int m_end = min(hi, p.seqlen_q - 1) / map.block_m;
+    for (int m = lo / map.block_m; m <= m_end; ++m) {
+      const int r0 = m * map.block_m, r1 = min(r0 + map.block_m, p.seqlen_q) - 1;
+      const bool meets = __any_sync(0xffffffffu, dkv_slot_meets(first[0], last[0], r0, r1) ||
+                                                     dkv_slot_meets(first[1], last[1], r0, r1));
+      if (!meets) continue;
+      const bool covers = __all_sync(0xffffffffu, dkv_slot_covers(first[0], last[0], r0, r1) &&
+                                                      dkv_slot_covers(first[1], last[1], r0, r1));
+      if (whole && covers) {
+        if (lane == 0) const_cast<int32_t*>(map.dkv_full_index_t)[col * map.m_blocks + n_full] = m;
+        ++n_full;
+      } else {
+        if (lane == 0) {
+          const_cast<int32_t*>(map.dkv_partial_index_t)[col * map.m_blocks + n_partial] = m;
+        }
+        ++n_partial;
+      }
+    }
+  }
+  if (lane == 0) {
+    const_cast<int32_t*>(map.dkv_full_count_t)[col] = n_full;
+    const_cast<int32_t*>(map.dkv_partial_count_t)[col] = n_partial;
+    if (n_full + n_partial) atomicAdd(p.counters + 4, (unsigned long long)(n_full + n_partial));
+    if (n_full) atomicAdd(p.counters + 5, (unsigned long long)n_full);
   }
 }
 

@@ -270,7 +270,7 @@ void expect_gather_lists_match_mask(const fsa::Plan& plan, const std::vector<uin
 }
 
 // The dK/dV pass's groups (what a CUDA plan gives its sm90 dK/dV pass, built here by cpu_dkv_lists
-// from the same rule) against the float64 mask: each list's slots grouped by ascending band of
+// from the same rule) against the float64 mask: each list's slots grouped by descending band of
 // their last row, in slot order within a band, then -1; each group visits exactly the query tiles
 // where one of its keys is kept by some row, listed full exactly where the group is whole and
 // every row of the tile keeps every one of its keys.
@@ -298,7 +298,7 @@ int64_t expect_dkv_lists_match_mask(const fsa::Plan& plan, const std::vector<uin
     for (int64_t x = count; x < stride; ++x) EXPECT_EQ(order[x], -1);
     for (int64_t x = 1; x < count; ++x) {
       const uint32_t a = dkv_band(last[order[x - 1]]), b = dkv_band(last[order[x]]);
-      EXPECT_TRUE(a < b || (a == b && order[x - 1] < order[x])) << "position " << x;
+      EXPECT_TRUE(a > b || (a == b && order[x - 1] < order[x])) << "position " << x;
     }
     for (int64_t n = 0; n < lists.n_blocks; ++n) {
       const int64_t col = l * lists.n_blocks + n;

@@ -215,6 +215,13 @@ def test_topk_causal_over_compacted_keys_against_float64(dtype, shape, window, g
     assert 0.0 <= plan.gathered_full_fraction() <= 1.0
     if window < Sk // 4:
         assert plan.gathered_tile_fraction() < plan.compacted_tile_fraction()
+    # The dK/dV pass's groups of slots (by the band of their last row): no more tiles than the
+    # slot-order map, fewer when the window is short (keys that die early no longer share tiles
+    # with keys that live to the end).
+    assert 0 < plan.dkv_tile_fraction() <= plan.compacted_tile_fraction()
+    if window < Sk // 4:
+        assert plan.dkv_tile_fraction() < plan.compacted_tile_fraction()
+    assert 0.0 <= plan.dkv_full_fraction() <= 1.0
     scale = 1.0 / math.sqrt(D)
     out, lse, _ = flash_sparse_attn_func(q, k, v, attn_bias=bias, is_causal=True, topk=window,
                                          topk_causal=True, return_attn_probs=True)

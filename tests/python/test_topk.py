@@ -172,6 +172,7 @@ def test_topk_causal_plans_compact_the_keys_some_row_keeps():
     # The causal triangle is half the tiles; random biases keep about w (1 + ln(S / w)) per row.
     assert compacted.compacted_tile_fraction() < 0.35
     assert compacted.gathered_tile_fraction() == 0.0  # gathered lists: CUDA plans only
+    assert compacted.dkv_tile_fraction() == 0.0  # and the dK/dV groups
     assert not plan(q, "never").compacted
     assert not plan(q[:, :100], "auto").compacted  # under one query tile: the block map
     outs = []
