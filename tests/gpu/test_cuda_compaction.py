@@ -116,6 +116,37 @@ def test_compacted_and_block_map_paths_agree(dtype, gen):
     assert (outs[0].float() - outs[1].float()).abs().max().item() <= 2 * unit
 
 
+def test_topk_plan_without_key_axis_map_refuses_a_query_dim_bias_gradient(gen):
+    """A top-k plan that compacted the keys of a bias with query length 1 plans no map of the
+    full key axis (every call with that bias and its gradient runs compacted); a backward asking
+    for the gradient of a (B, Hk, Sq, Sk) view of the same storage, which cannot run compacted,
+    gets a clear attn_bias error and writes nothing."""
+    dtype = torch.bfloat16
+    q, k, v = qkv(1, 512, 512, 4, 2, 64, dtype, gen)
+    bias = randn(1, 2, 1, 512, dtype=dtype, gen=gen)
+    stream = torch.cuda.current_stream().cuda_stream
+    plan = _C.make_plan(q, k, None, True, None, None, None, None, None, stream, "auto", bias, 64,
+                        float(torch.finfo(dtype).min))
+    assert plan.compacted
+    assert plan.visited_tile_fraction() == 0.0  # no key-axis map
+    out = torch.empty_like(q)
+    lse = torch.empty(1, 4, 512, device=q.device, dtype=torch.float32)
+    _C.forward(q, k, v, None, bias, out, lse, None, True, 0.0, plan, stream)
+    dout = torch.randn_like(q)
+    grads = [torch.zeros_like(t) for t in (q, k, v)]
+    wide = bias.expand(1, 2, 512, 512)
+    with pytest.raises(ValueError, match="attn_bias"):
+        _C.backward(dout, q, k, v, out, lse, None, wide, *grads, torch.zeros_like(wide), None,
+                    True, 0.0, False, plan, stream)
+    torch.cuda.synchronize()
+    assert all((g == 0).all() for g in grads)
+    dbias = torch.zeros_like(bias)  # the plan's bias and a gradient of its shape: compacted
+    _C.backward(dout, q, k, v, out, lse, None, bias, *grads, dbias, None, True, 0.0, False, plan,
+                stream)
+    torch.cuda.synchronize()
+    assert all(g.isfinite().all() for g in (*grads, dbias)) and grads[0].abs().sum() > 0
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_topk_matches_create_mask(dtype, gen):
     """topk=w keeps exactly create_mask's keys: same output and gradients as passing its mask."""
