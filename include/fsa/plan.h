@@ -92,6 +92,15 @@ struct PlanOptions {
   std::optional<TensorView> topk_bias;
   int64_t topk = 0;
   double topk_min_value = -3.4028234663852886e38;  // the fill (the reference's min_dtype)
+  // A promise about an attn_mask with a query dim: for every key, the rows that keep it (the
+  // mask AND causality) are one interval, as in create_mask's per-row top-k masks or a sliding
+  // window. The plan then compacts its keys like per-row top-k, each key with its first and last
+  // row, and a call costs the kept entries instead of every tile of the mask; a CUDA plan has no
+  // map of the full key axis (every call runs compacted: a bias or its gradient with a query dim
+  // is refused). A mask that breaks the promise: the CPU plan raises, a CUDA call gives wrong
+  // results. mask_rows_are_intervals() checks a mask. Ignored for a key-only mask (compacted
+  // anyway); not with topk or a block_mask.
+  bool mask_key_intervals = false;
   void* stream = nullptr;  // cudaStream_t on which a CUDA plan is built; ignored on the CPU
 };
 
@@ -195,5 +204,12 @@ class Plan {
 Plan make_plan(const TensorView& query, const TensorView& key,
                const std::optional<TensorView>& attn_mask, bool is_causal,
                const PlanOptions& options = {});
+
+// Whether, for every (batch, head) and key of a bool attn_mask over query (B, Sq, H, D) and key
+// (B, Sk, Hk, D), the rows that keep the key (the mask AND causality, bottom-right) are one
+// interval (or none): PlanOptions::mask_key_intervals. Reads the mask once; on CUDA it runs on
+// `stream` and waits for the answer (one 4-byte copy to the host).
+bool mask_rows_are_intervals(const TensorView& query, const TensorView& key,
+                             const TensorView& attn_mask, bool is_causal, void* stream = nullptr);
 
 }  // namespace fsa

@@ -208,7 +208,7 @@ NB_MODULE(_C, m) {
          const std::optional<InArray>& block_mask, std::optional<int> block_mask_m,
          std::optional<int> block_mask_n, uintptr_t stream, const std::string& compact_keys,
          const std::optional<InArray>& topk_bias, int64_t topk, double topk_min_value,
-         int64_t max_kept_keys) {
+         int64_t max_kept_keys, bool mask_key_intervals) {
         const fsa::TensorView q = to_view(query, "query"), k = to_view(key, "key");
         const std::optional<fsa::TensorView> mask = to_view(attn_mask, "attn_mask");
         fsa::PlanOptions options;  // the backend's default tiles unless the caller picks them
@@ -223,6 +223,7 @@ NB_MODULE(_C, m) {
         options.topk = topk;
         options.topk_min_value = topk_min_value;
         options.max_kept_keys = max_kept_keys;
+        options.mask_key_intervals = mask_key_intervals;
         nb::gil_scoped_release release;
         return fsa::make_plan(q, k, mask, is_causal, options);
       },
@@ -232,7 +233,7 @@ NB_MODULE(_C, m) {
       nb::arg("block_mask_n").none() = nb::none(), nb::arg("stream") = 0,
       nb::arg("compact_keys") = "auto", nb::arg("topk_bias").none() = nb::none(),
       nb::arg("topk") = 0, nb::arg("topk_min_value") = -3.4028234663852886e38,
-      nb::arg("max_kept_keys") = 0,
+      nb::arg("max_kept_keys") = 0, nb::arg("mask_key_intervals") = false,
       "Builds the block map for query (B, Sq, H, D), key (B, Sk, Hk, D) (shapes only), an optional "
       "bool attn_mask, causality, the tile shape (None: the backend's default) and an optional "
       "block selection over block_mask_m x block_mask_n tiles, whole multiples of the plan's "
@@ -240,7 +241,24 @@ NB_MODULE(_C, m) {
       "mask's kept keys are listed when seqlen_q >= 128), 'always' or 'never'. topk > 0: every "
       "row keeps only the topk largest entries of topk_bias (query-invariant, the call's attn_bias) "
       "among the keys the mask and causality let it see, as per-row thresholds. max_kept_keys > 0: "
-      "a promise that no (batch, head) of the mask keeps more keys (sizes the compacted keys).");
+      "a promise that no (batch, head) of the mask keeps more keys (sizes the compacted keys). "
+      "mask_key_intervals: a promise that every key's kept rows (mask AND causality) are one "
+      "interval (mask_rows_are_intervals checks it); the plan then compacts the mask's keys.");
+
+  m.def(
+      "mask_rows_are_intervals",
+      [](const InArray& query, const InArray& key, const InArray& attn_mask, bool is_causal,
+         uintptr_t stream) {
+        const fsa::TensorView q = to_view(query, "query"), k = to_view(key, "key");
+        const fsa::TensorView mask = to_view(attn_mask, "attn_mask");
+        nb::gil_scoped_release release;
+        return fsa::mask_rows_are_intervals(q, k, mask, is_causal, to_stream(stream));
+      },
+      nb::arg("query"), nb::arg("key"), nb::arg("attn_mask"), nb::arg("is_causal"),
+      nb::arg("stream") = 0,
+      "Whether, for every (batch, head) and key of the bool attn_mask, the rows that keep the key "
+      "(the mask AND causality) are one interval: make_plan's mask_key_intervals. Reads the "
+      "mask once; on CUDA it runs on `stream` and waits for the answer.");
 
   m.def(
       "forward",

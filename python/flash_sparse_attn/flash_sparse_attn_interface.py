@@ -90,13 +90,32 @@ def _dl(t: Optional[_Tensor]):
     return None if t is None else _to_dlpack(t)
 
 
+_COMPACT_MIN_QUERIES = 128  # the core's CompactKeys::kAuto threshold (kCompactMinQueries)
+
+
+def _interval_candidate(q, attn_mask, block_mask, attn_bias, row_topk, max_kept) -> bool:
+    """Whether a call's mask may run as one interval of rows per key (the core's
+    PlanOptions::mask_key_intervals): a mask with a query dim, no block selection or top-k, a
+    query block the core would compact, and a bias (if any) without a query dim, so that every
+    call with the plan runs over the compacted keys."""
+    return (attn_mask is not None and attn_mask.dim() == 4 and attn_mask.shape[2] > 1
+            and attn_mask.stride(2) != 0 and block_mask is None and not row_topk
+            and not max_kept and q.shape[1] >= _COMPACT_MIN_QUERIES
+            and (attn_bias is None or attn_bias.dim() != 4 or attn_bias.shape[2] == 1))
+
+
 def _make_plan(q, k, attn_mask, is_causal, block_mask, block_m, block_n, attn_bias=None,
-               row_topk=0, max_kept=0):
+               row_topk=0, max_kept=0, intervals=False):
     """block_m x block_n is the tile of block_mask (the selection); the plan's own tile is the
     backend's default, except on the CPU, which runs any tile and then simply uses the
     selection's (a selection tile must be a whole multiple of the plan's). row_topk > 0: the plan
     holds per-row top-k thresholds of attn_bias (``topk_causal``). max_kept > 0: attn_mask keeps at
-    most that many keys per (batch, head) (it came from ``topk``), which sizes compacted keys."""
+    most that many keys per (batch, head) (it came from ``topk``), which sizes compacted keys.
+    intervals: attn_mask is an _interval_candidate; the plan checks it (one read of the mask and,
+    on a GPU, one wait for the answer) and, if every key's rows are one interval (create_mask's
+    per-row top-k masks, sliding windows), compacts its keys like per-row top-k."""
+    mask_key_intervals = bool(intervals) and _C.mask_rows_are_intervals(
+        _dl(q), _dl(k), _dl(attn_mask), is_causal, _stream(q))
     plan_m = plan_n = None
     if block_mask is not None and not q.is_cuda:
         plan_m, plan_n = block_m, block_n
@@ -106,7 +125,8 @@ def _make_plan(q, k, attn_mask, is_causal, block_mask, block_m, block_n, attn_bi
                          topk_min_value=float(torch.finfo(attn_bias.dtype).min))
     return _C.make_plan(
         _dl(q), _dl(k), _dl(attn_mask), is_causal, plan_m, plan_n, _dl(block_mask), block_m,
-        block_n, _stream(q), max_kept_keys=max_kept, **topk_args,
+        block_n, _stream(q), max_kept_keys=max_kept, mask_key_intervals=mask_key_intervals,
+        **topk_args,
     )
 
 
@@ -135,9 +155,10 @@ class _PlanCache:
             row_topk=0, max_kept=0):
         stream = _stream(q)
         topk_bias = attn_bias if row_topk else None
+        intervals = _interval_candidate(q, attn_mask, block_mask, attn_bias, row_topk, max_kept)
         key = (tuple(q.shape), tuple(k.shape), q.device, stream, is_causal, block_m, block_n,
                self._tensor_key(attn_mask), self._tensor_key(block_mask), row_topk, max_kept,
-               self._tensor_key(topk_bias))
+               self._tensor_key(topk_bias), intervals)
         tensors = (attn_mask, block_mask, topk_bias)
         with self._lock:
             entry = self._entries.get(key)
@@ -147,7 +168,7 @@ class _PlanCache:
                     self._entries.move_to_end(key)
                     return plan
         plan = _make_plan(q, k, attn_mask, is_causal, block_mask, block_m, block_n, attn_bias,
-                          row_topk, max_kept)
+                          row_topk, max_kept, intervals)
         refs = tuple(None if t is None else weakref.ref(t) for t in tensors)
         with self._lock:
             self._entries[key] = (plan, refs)
@@ -339,7 +360,9 @@ def _bwd_op(
     plan = _plans.get(int(plan_handle[0]))
     if plan is None:
         plan = _make_plan(q, k, attn_mask, is_causal, block_mask, block_m, block_n, attn_bias,
-                          row_topk, max_kept)
+                          row_topk, max_kept,
+                          _interval_candidate(q, attn_mask, block_mask, attn_bias, row_topk,
+                                              max_kept))
     dq, dk, dv, dbias = _run_backward(
         dout, q, k, v, out, lse, attn_mask, attn_bias, softmax_scale, is_causal, softcap,
         deterministic, plan, need_dbias,
@@ -473,7 +496,10 @@ def flash_sparse_attn_func(
         key, value: (batch, seqlen_k, num_kv_heads, head_dim); GQA / MQA when num_kv_heads <
             num_heads (query head h reads kv head h // (num_heads // num_kv_heads)).
         attn_mask: optional bool ({B|1}, {H|Hk|1}, {Sq|1}, {Sk|1}), True = keep. Expanded
-            (stride-0) views are read without being materialized.
+            (stride-0) views are read without being materialized. A mask with a query dim whose
+            kept rows are one interval per key (create_mask's per-row causal top-k, a sliding
+            window) runs over its kept keys only: the plan checks that once per mask tensor (one
+            read of it; on a GPU one wait for the answer) when seqlen_q >= 128.
         attn_bias: optional ({B|1}, {H|Hk|1}, {Sq|1}, {Sk|1}) in the query dtype or float32, added
             to the scaled scores; receives a gradient in exactly its own shape.
         softmax_scale: default 1 / sqrt(head_dim).

@@ -239,6 +239,126 @@ std::shared_ptr<KeyCompaction> make_cpu_compaction(const Geometry& geo,
   return c;
 }
 
+namespace {
+
+// Per list (batch, head of the mask's read extents) and key: the first and last row keeping it
+// (the mask AND causality; -1: none); per list, whether some key's rows are not one interval.
+struct KeyRows {
+  std::vector<int32_t> first, last;
+  std::vector<uint8_t> broken;
+};
+
+KeyRows scan_key_rows(const CompactGeometry& g, const BroadcastOperand& mask, bool is_causal) {
+  const int64_t lists = g.list_batch * g.list_heads, sq = g.seqlen_q, sk = g.seqlen_k;
+  const int64_t head_group = g.num_heads / g.list_heads;
+  const CausalBand band{sq, sk, is_causal};
+  KeyRows out;
+  out.first.assign(size_t(lists * sk), -1);
+  out.last.assign(size_t(lists * sk), -1);
+  out.broken.assign(size_t(lists), 0);
+  parallel_for(lists, [&](int64_t l, int) {
+    const int64_t b = l / g.list_heads, hq = (l % g.list_heads) * head_group;
+    int32_t* first = out.first.data() + l * sk;
+    int32_t* last = out.last.data() + l * sk;
+    std::vector<int32_t> rows(size_t(sk), 0);
+    for (int64_t i = 0; i < sq; ++i) {  // row by row: the mask is read in its own order
+      const auto* row = static_cast<const uint8_t*>(mask.data) + mask.offset(b, hq, i, 0);
+      const int64_t end = band.visible_end(i);
+      for (int64_t j = 0; j < end; ++j) {
+        if (row[j * mask.read_stride[3]] == 0) continue;
+        if (first[j] < 0) first[j] = int32_t(i);
+        last[j] = int32_t(i);
+        ++rows[size_t(j)];
+      }
+    }
+    for (int64_t j = 0; j < sk; ++j) {
+      if (rows[size_t(j)] != 0 && rows[size_t(j)] != last[j] - first[j] + 1) out.broken[size_t(l)] = 1;
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+bool cpu_mask_key_intervals(const Geometry& geo, const BroadcastOperand& mask, bool is_causal) {
+  const KeyRows rows = scan_key_rows(compact_lists_geometry(geo, mask, 0), mask, is_causal);
+  return std::none_of(rows.broken.begin(), rows.broken.end(), [](uint8_t x) { return x != 0; });
+}
+
+std::shared_ptr<const KeyCompaction> make_cpu_interval_compaction(const Geometry& geo,
+                                                                  const BroadcastOperand& mask,
+                                                                  bool is_causal, int block_m,
+                                                                  int block_n) {
+  const CompactGeometry g = compact_lists_geometry(geo, mask, 0);
+  const int64_t lists = g.list_batch * g.list_heads, sq = g.seqlen_q, sk = g.seqlen_k;
+  const int64_t slots = g.slots, stride = key_last_stride(slots);
+  const KeyRows rows = scan_key_rows(g, mask, is_causal);
+  for (int64_t l = 0; l < lists; ++l) {
+    if (rows.broken[size_t(l)]) {
+      throw Error(ErrorKind::kValue, "attn_mask",
+                  "mask_key_intervals: in (batch " + std::to_string(l / g.list_heads) +
+                      ", head " + std::to_string(l % g.list_heads) +
+                      ") some key is kept by rows that are not one interval; leave "
+                      "mask_key_intervals unset for this mask");
+    }
+  }
+  auto host = std::make_shared<HostLists>();
+  host->keys.assign(size_t(lists * slots), 0);
+  host->count.assign(size_t(lists), 0);
+  host->slot.assign(size_t(lists * sk), -1);
+  host->row_end.assign(size_t(lists * sq), 0);
+  host->key_last.assign(size_t(lists * stride), -1);
+  host->key_first.assign(size_t(lists * stride), int32_t(sq));
+  std::vector<int32_t> order;
+  for (int64_t l = 0; l < lists; ++l) {
+    const int32_t* first = rows.first.data() + l * sk;
+    const int32_t* last = rows.last.data() + l * sk;
+    order.clear();
+    for (int32_t j = 0; j < int32_t(sk); ++j) {
+      if (first[j] >= 0) order.push_back(j);
+    }
+    // By first row, then by index: row i sees a prefix of the slots.
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int32_t a, int32_t b) { return first[a] < first[b]; });
+    const int32_t n = int32_t(order.size());
+    host->count[size_t(l)] = n;
+    for (int32_t s = 0; s < n; ++s) {
+      const int32_t j = order[size_t(s)];
+      host->keys[size_t(l * slots + s)] = j;
+      host->slot[size_t(l * sk + j)] = s;
+      host->key_first[size_t(l * stride + s)] = first[j];
+      host->key_last[size_t(l * stride + s)] = last[j];
+    }
+    int32_t seen = 0;
+    for (int64_t i = 0; i < sq; ++i) {
+      while (seen < n && host->key_first[size_t(l * stride + seen)] <= i) ++seen;
+      host->row_end[size_t(l * sq + i)] = seen;
+    }
+  }
+
+  auto map = std::make_shared<BlockMap>();
+  map->batch = g.list_batch;
+  map->heads = g.list_heads;
+  map->block_m = block_m;
+  map->block_n = block_n;
+  map->m_blocks = (sq + block_m - 1) / block_m;
+  map->n_blocks = (slots + block_n - 1) / block_n;
+  fill_map_from_row_end(*map, host->row_end.data(), sq, slots, host->key_last.data());
+
+  auto c = std::make_shared<KeyCompaction>();
+  c->lists = g;
+  c->keys = host->keys.data();
+  c->count = host->count.data();
+  c->slot = host->slot.data();
+  c->row_end = host->row_end.data();
+  c->key_last = host->key_last.data();
+  c->key_first = host->key_first.data();
+  c->storage = host;
+  const Geometry compact{geo.batch, sq, slots, geo.num_heads, g.kv_heads};
+  c->plan = PlanAccess::make(compact, is_causal, false, Device{}, std::move(map), nullptr);
+  return c;
+}
+
 std::shared_ptr<const KeyCompaction> make_cpu_topk_compaction(
     const Geometry& geo, const BroadcastOperand& bias, const std::optional<BroadcastOperand>& mask,
     bool is_causal, const RowTopK& t, int block_m, int block_n) {

@@ -139,6 +139,18 @@ std::shared_ptr<KeyCompaction> make_cpu_compaction(const Geometry& g,
                                                    int block_m, int block_n, int64_t max_kept_keys,
                                                    const int32_t* last_row_of_key = nullptr);
 
+// A mask with a query dim whose rows are one interval per key (PlanOptions::mask_key_intervals),
+// on the CPU: whether it is, and its compacted keys. Lists per (batch, head) of the mask's read
+// extents; slots are the keys some row keeps, ordered by their first row (then by index), so that
+// row i sees slots [0, row_end[i]) = those whose first row is <= i; key_first / key_last are each
+// slot's rows (RowEnd::key_last), and the calls run them as per-row top-k's. A mask that breaks
+// the promise raises (attn_mask).
+bool cpu_mask_key_intervals(const Geometry& g, const BroadcastOperand& mask, bool is_causal);
+std::shared_ptr<const KeyCompaction> make_cpu_interval_compaction(const Geometry& g,
+                                                                  const BroadcastOperand& mask,
+                                                                  bool is_causal, int block_m,
+                                                                  int block_n);
+
 // A contiguous bool (batch, heads, 1, Sk) key mask over `data` (the keys per-row top-k lists).
 BroadcastOperand key_flags(void* data, int64_t batch, int64_t heads, const Geometry& g);
 

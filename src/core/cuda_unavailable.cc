@@ -29,6 +29,12 @@ std::shared_ptr<const KeyCompaction> make_device_topk_compaction(
     const RowTopK&, int64_t, int, int, void*) {
   unavailable();
 }
+bool mask_key_intervals(const Geometry&, const BroadcastOperand&, bool, void*) { unavailable(); }
+std::shared_ptr<const KeyCompaction> make_device_interval_compaction(const Geometry&,
+                                                                     const BroadcastOperand&, bool,
+                                                                     int, int, void*) {
+  unavailable();
+}
 std::shared_ptr<const RowThresholds> make_device_thresholds(
     const Geometry&, const BroadcastOperand&, const std::optional<BroadcastOperand>&, bool,
     int64_t, double, void*) {

@@ -140,6 +140,21 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 constexpr int kCpuBlock = 64;  // CPU tiles: 64 x 64 fp32 scores stay in L1 with a 64-wide head
 
+// attn_mask checked against the problem: bool, on the query's device, SPEC's broadcast shapes.
+BroadcastOperand checked_mask(const TensorView& attn_mask, const TensorView& query,
+                              const detail::Geometry& g) {
+  if (attn_mask.dtype != DType::kBool) {
+    throw Error(ErrorKind::kDType, "attn_mask",
+                "expected dtype bool (True = keep), got " + to_string(attn_mask.dtype));
+  }
+  if (attn_mask.device != query.device) {
+    throw Error(ErrorKind::kDevice, "attn_mask",
+                "expected device " + to_string(query.device) + " (the query's), got " +
+                    to_string(attn_mask.device));
+  }
+  return detail::validate_broadcast(attn_mask, "attn_mask", g, g.seqlen_q, g.seqlen_k);
+}
+
 }  // namespace
 
 Plan make_plan(const TensorView& query, const TensorView& key,
@@ -183,17 +198,19 @@ Plan make_plan(const TensorView& query, const TensorView& key,
     }
     topk_bias = detail::validate_topk_bias(*options.topk_bias, options.topk, g, query.device);
   }
-  if (attn_mask) {
-    if (attn_mask->dtype != DType::kBool) {
-      throw Error(ErrorKind::kDType, "attn_mask",
-                  "expected dtype bool (True = keep), got " + to_string(attn_mask->dtype));
+  if (attn_mask) mask = checked_mask(*attn_mask, query, g);
+  // A mask with a query dim whose rows are one interval per key (PlanOptions::mask_key_intervals).
+  bool intervals = false;
+  if (options.mask_key_intervals) {
+    if (!mask) {
+      throw Error(ErrorKind::kValue, "mask_key_intervals",
+                  "set, but attn_mask is None: expected a bool mask with a query dim");
     }
-    if (attn_mask->device != query.device) {
-      throw Error(ErrorKind::kDevice, "attn_mask",
-                  "expected device " + to_string(query.device) + " (the query's), got " +
-                      to_string(attn_mask->device));
+    if (options.topk != 0 || options.topk_bias || options.block_mask) {
+      throw Error(ErrorKind::kValue, "mask_key_intervals",
+                  "expected false with topk or a block_mask (they plan their own keys)");
     }
-    mask = detail::validate_broadcast(*attn_mask, "attn_mask", g, g.seqlen_q, g.seqlen_k);
+    intervals = !detail::compactable_mask(*mask);  // a key-only mask is compacted as it is
   }
   if (options.block_mask) {
     if (options.block_mask->dtype != DType::kBool) {
@@ -242,13 +259,16 @@ Plan make_plan(const TensorView& query, const TensorView& key,
                        g.seqlen_q >= detail::kCompactMinQueries);
   const bool compact = wanted && !selection &&
                        (topk_bias ? detail::compactable_topk(mask)
-                                  : mask && detail::compactable_mask(*mask));
+                                  : mask && (intervals || detail::compactable_mask(*mask)));
   if (on_cuda) {
     // A top-k over a bias of query length 1 that compacts runs every call compacted (the call's
     // bias is the plan's, and its gradient has the bias's shape: runs_compacted), so the map of
     // the full key axis would be planned and never read: one classify pass over the whole causal
     // triangle per call (35 us of a 1.9 ms training-step attention, H200).
-    const bool key_axis_map = !(compact && topk_bias && options.topk_bias->shape[2] == 1);
+    // So does a promise of interval rows (PlanOptions::mask_key_intervals), where this map would
+    // read the whole (Sq x Sk) mask.
+    const bool key_axis_map =
+        !(compact && ((topk_bias && options.topk_bias->shape[2] == 1) || intervals));
     if (key_axis_map) {
       plan.device_map_ = detail::cuda::make_device_plan(g, mask, selection, sel_m / block_m,
                                                         sel_n / block_n, is_causal, *map,
@@ -264,6 +284,9 @@ Plan make_plan(const TensorView& query, const TensorView& key,
             g, *topk_bias, mask, is_causal, plan.thresholds_->view, options.topk, block_m,
             block_n, options.stream);
       }
+    } else if (compact && intervals) {
+      plan.compaction_ = detail::cuda::make_device_interval_compaction(g, *mask, is_causal, block_m,
+                                                                       block_n, options.stream);
     } else if (compact) {
       plan.compaction_ = detail::cuda::make_device_compaction(
           g, *mask, is_causal, block_m, block_n, options.max_kept_keys, options.stream);
@@ -315,11 +338,28 @@ Plan make_plan(const TensorView& query, const TensorView& key,
       plan.compaction_ = detail::make_cpu_topk_compaction(
           g, *topk_bias, mask, is_causal, plan.thresholds_->view, block_m, block_n);
     }
+  } else if (compact && intervals) {
+    plan.compaction_ = detail::make_cpu_interval_compaction(g, *mask, is_causal, block_m, block_n);
   } else if (compact) {
     plan.compaction_ = detail::make_cpu_compaction(g, *mask, is_causal, block_m, block_n,
                                                    options.max_kept_keys);
   }
   return plan;
+}
+
+bool mask_rows_are_intervals(const TensorView& query, const TensorView& key,
+                             const TensorView& attn_mask, bool is_causal, void* stream) {
+  const detail::Geometry g = detail::validate_geometry(query, key);
+  if (key.device != query.device) {
+    throw Error(ErrorKind::kDevice, "key",
+                "expected device " + to_string(query.device) + " (the query's), got " +
+                    to_string(key.device));
+  }
+  const BroadcastOperand mask = checked_mask(attn_mask, query, g);
+  if (query.device.type == DeviceType::kCUDA) {
+    return detail::cuda::mask_key_intervals(g, mask, is_causal, stream);
+  }
+  return detail::cpu_mask_key_intervals(g, mask, is_causal);
 }
 
 namespace detail {

@@ -16,7 +16,10 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <climits>
 #include <type_traits>
+
+#include <cub/device/device_segmented_radix_sort.cuh>
 
 #include "core/compaction.h"
 #include "cuda/check.h"
@@ -504,6 +507,151 @@ struct CompactBuffers {
   }
 };
 
+// ---- masks whose rows are one interval per key (PlanOptions::mask_key_intervals) -------------------
+
+// The mask of list l (the mask's (batch, head) read extents) and the scan's outputs.
+struct IntervalScan {
+  const uint8_t* mask;
+  int64_t stride[4];  // read strides
+  int list_heads, seqlen_q, seqlen_k;
+  bool is_causal;
+  int32_t* first;  // (lists, Sk): the first row keeping key j; 0x7f7f7f7f before the scan
+  int32_t* last;   // (lists, Sk): the last; -1 before
+  int32_t* rows;   // (lists, Sk): how many rows keep it; 0 before
+};
+constexpr int kIntervalKeys = 128;   // keys (threads) per CTA of interval_scan_kernel
+constexpr int kIntervalRows = 1024;  // rows per CTA
+
+// grid (ceil(Sk / kIntervalKeys), ceil(Sq / kIntervalRows), lists): thread = key, its rows of the
+// CTA's chunk in order (a warp reads 32 consecutive mask bytes per row, eight rows in flight),
+// merged into the key's first / last / count by atomics.
+__global__ void __launch_bounds__(kIntervalKeys) interval_scan_kernel(IntervalScan p) {
+  const int l = blockIdx.z, j = int(blockIdx.x) * kIntervalKeys + int(threadIdx.x);
+  if (j >= p.seqlen_k) return;
+  const int lb = l / p.list_heads, lh = l % p.list_heads;
+  const uint8_t* col = p.mask + lb * p.stride[0] + lh * p.stride[1] + j * p.stride[3];
+  // Row i sees key j iff j < i + Sk - Sq + 1 (bottom-right causal).
+  const int seen_from = p.is_causal ? max(j - (p.seqlen_k - p.seqlen_q), 0) : 0;
+  const int r0 = max(int(blockIdx.y) * kIntervalRows, seen_from);
+  const int r1 = min(int(blockIdx.y + 1) * kIntervalRows, p.seqlen_q);
+  int first = INT_MAX, last = -1, rows = 0;
+  constexpr int kUnroll = 8;
+  for (int i = r0; i < r1; i += kUnroll) {
+    uint8_t v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) v[u] = i + u < r1 ? col[int64_t(i + u) * p.stride[2]] : 0;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (v[u] != 0) {
+        first = min(first, i + u);
+        last = i + u;
+        ++rows;
+      }
+    }
+  }
+  if (rows == 0) return;
+  const int64_t at = int64_t(l) * p.seqlen_k + j;
+  atomicMin(p.first + at, first);
+  atomicMax(p.last + at, last);
+  atomicAdd(p.rows + at, rows);
+}
+
+// grid (ceil(Sk / 256), lists): flags a key whose rows are not one interval (*broken), and with
+// `sort_key` set writes the sort's input: the first row of a kept key (Sq for the others, which
+// sort last), the key as the value, the list's count and segment.
+__global__ void interval_check_kernel(IntervalScan p, uint32_t* broken, uint32_t* sort_key,
+                                      int32_t* sort_value, int32_t* count, int32_t* seg_begin,
+                                      int32_t* seg_end) {
+  const int l = blockIdx.y, j = int(blockIdx.x) * 256 + int(threadIdx.x);
+  if (sort_key != nullptr && j == 0) {
+    seg_begin[l] = l * p.seqlen_k;
+    seg_end[l] = (l + 1) * p.seqlen_k;
+  }
+  if (j >= p.seqlen_k) return;
+  const int64_t at = int64_t(l) * p.seqlen_k + j;
+  const int rows = p.rows[at];
+  if (rows != 0 && rows != p.last[at] - p.first[at] + 1) atomicOr(broken, 1u);
+  if (sort_key == nullptr) return;
+  sort_key[at] = rows != 0 ? uint32_t(p.first[at]) : uint32_t(p.seqlen_q);
+  sort_value[at] = j;
+  if (rows != 0) atomicAdd(count + l, 1);
+}
+
+// grid (ceil(key_last_stride(Sk) / 256), lists): slot s of list l (keys sorted by first row, then
+// index) -> keys, slot, key_first, key_last; past the count key_first = Sq, key_last = -1.
+__global__ void interval_slots_kernel(IntervalScan p, const int32_t* sorted, const int32_t* count,
+                                      int64_t stride, int32_t* keys, int32_t* slot,
+                                      int32_t* key_first, int32_t* key_last) {
+  const int l = blockIdx.y, s = int(blockIdx.x) * 256 + int(threadIdx.x);
+  if (s >= stride) return;
+  const int64_t out = l * stride + s;
+  if (s >= count[l]) {
+    key_first[out] = p.seqlen_q;
+    key_last[out] = -1;
+    return;
+  }
+  const int j = sorted[int64_t(l) * p.seqlen_k + s];
+  const int64_t at = int64_t(l) * p.seqlen_k + j;
+  keys[int64_t(l) * p.seqlen_k + s] = j;
+  slot[at] = s;
+  key_first[out] = p.first[at];
+  key_last[out] = p.last[at];
+}
+
+// grid (ceil(Sq / 256), lists): row_end[l][i] = the slots whose first row is <= i (a prefix).
+__global__ void interval_row_end_kernel(const int32_t* key_first, const int32_t* count,
+                                        int64_t stride, int seqlen_q, int32_t* row_end) {
+  const int l = blockIdx.y, i = int(blockIdx.x) * 256 + int(threadIdx.x);
+  if (i >= seqlen_q) return;
+  const int32_t* first = key_first + l * stride;
+  int lo = 0, hi = count[l];  // the first slot whose first row is > i
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (first[mid] <= i) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  row_end[int64_t(l) * seqlen_q + i] = lo;
+}
+
+// The scan over the whole mask into scratch (first, last, rows: 3 x lists x Sk int32).
+IntervalScan scan_intervals(const CompactGeometry& g, const BroadcastOperand& mask, bool is_causal,
+                            int32_t* scratch, cudaStream_t stream) {
+  const int64_t lists = g.list_batch * g.list_heads, n = lists * g.seqlen_k;
+  IntervalScan p{};
+  p.mask = static_cast<const uint8_t*>(mask.data);
+  for (int d = 0; d < 4; ++d) p.stride[d] = mask.read_stride[d];
+  p.list_heads = int(g.list_heads);
+  p.seqlen_q = int(g.seqlen_q);
+  p.seqlen_k = int(g.seqlen_k);
+  p.is_causal = is_causal;
+  p.first = scratch;
+  p.last = scratch + n;
+  p.rows = scratch + 2 * n;
+  FSA_CUDA_CHECK(cudaMemsetAsync(p.first, 0x7f, size_t(n) * 4, stream));
+  FSA_CUDA_CHECK(cudaMemsetAsync(p.last, 0xff, size_t(n) * 4, stream));
+  FSA_CUDA_CHECK(cudaMemsetAsync(p.rows, 0, size_t(n) * 4, stream));
+  if (n > 0 && g.seqlen_q > 0) {
+    const dim3 grid(unsigned(ceil_div(g.seqlen_k, kIntervalKeys)),
+                    unsigned(ceil_div(g.seqlen_q, kIntervalRows)), unsigned(lists));
+    interval_scan_kernel<<<grid, kIntervalKeys, 0, stream>>>(p);
+    FSA_CUDA_CHECK(cudaGetLastError());
+  }
+  return p;
+}
+
+void check_interval_extents(const CompactGeometry& g) {
+  const int64_t lists = g.list_batch * g.list_heads;
+  if (lists > 65535 || g.seqlen_q > INT32_MAX / 2 || lists * g.seqlen_k > INT32_MAX / 4 ||
+      ceil_div(g.seqlen_q, kIntervalRows) > 65535) {
+    throw Error(ErrorKind::kUnsupported, "attn_mask",
+                "mask_key_intervals on CUDA: at most 65535 (batch, head) lists and 2^29 keys "
+                "over them");
+  }
+}
+
 // topk: per-row top-k (the mask lists the keys some row keeps, at most topk_window per row):
 // KeyCompaction::key_last too, and the map follows it, with each query tile's gathered slots.
 std::shared_ptr<KeyCompaction> build_compaction(const Geometry& geo, const BroadcastOperand& mask,
@@ -587,6 +735,129 @@ std::shared_ptr<const KeyCompaction> make_device_compaction(const Geometry& geo,
                                                             void* stream) {
   return build_compaction(geo, mask, is_causal, block_m, block_n, max_kept_keys, nullptr, 0,
                           stream);
+}
+
+bool mask_key_intervals(const Geometry& geo, const BroadcastOperand& mask, bool is_causal,
+                        void* stream_ptr) {
+  auto stream = static_cast<cudaStream_t>(stream_ptr);
+  const CompactGeometry g = compact_lists_geometry(geo, mask, 0);
+  check_interval_extents(g);
+  const int64_t lists = g.list_batch * g.list_heads, n = lists * g.seqlen_k;
+  StreamBuffer scratch(stream);
+  FSA_CUDA_CHECK(cudaMallocAsync(&scratch.ptr, size_t(3 * n + 1) * 4, stream));
+  auto* base = static_cast<int32_t*>(scratch.ptr);
+  auto* broken = reinterpret_cast<uint32_t*>(base + 3 * n);
+  FSA_CUDA_CHECK(cudaMemsetAsync(broken, 0, 4, stream));
+  const IntervalScan p = scan_intervals(g, mask, is_causal, base, stream);
+  if (n > 0) {
+    interval_check_kernel<<<dim3(unsigned(ceil_div(g.seqlen_k, 256)), unsigned(lists)), 256, 0,
+                            stream>>>(p, broken, nullptr, nullptr, nullptr, nullptr, nullptr);
+    FSA_CUDA_CHECK(cudaGetLastError());
+  }
+  uint32_t host = 0;
+  FSA_CUDA_CHECK(cudaMemcpyAsync(&host, broken, 4, cudaMemcpyDeviceToHost, stream));
+  FSA_CUDA_CHECK(cudaStreamSynchronize(stream));
+  return host == 0;
+}
+
+std::shared_ptr<const KeyCompaction> make_device_interval_compaction(const Geometry& geo,
+                                                                     const BroadcastOperand& mask,
+                                                                     bool is_causal, int block_m,
+                                                                     int block_n,
+                                                                     void* stream_ptr) {
+  auto stream = static_cast<cudaStream_t>(stream_ptr);
+  const CompactGeometry g = compact_lists_geometry(geo, mask, 0);
+  check_interval_extents(g);
+  const int64_t lists = g.list_batch * g.list_heads, sq = g.seqlen_q, sk = g.seqlen_k;
+  const int64_t slots = g.slots, stride = key_last_stride(slots), n = lists * sk;
+
+  // The plan's lists: keys (lists, slots), slot (lists, Sk), count (lists), row_end (lists, Sq),
+  // key_last and key_first (lists, stride each); one allocation.
+  auto at = [](size_t bytes) { return (bytes + 255) / 256 * 256; };
+  const size_t keys_bytes = at(size_t(lists * slots) * 4), slot_bytes = at(size_t(n) * 4);
+  const size_t count_bytes = at(size_t(lists) * 4), row_bytes = at(size_t(lists * sq) * 4);
+  const size_t last_bytes = at(size_t(lists * stride) * 4);
+  void* raw = nullptr;
+  FSA_CUDA_CHECK(cudaMallocAsync(
+      &raw, std::max<size_t>(keys_bytes + slot_bytes + count_bytes + row_bytes + 2 * last_bytes, 1),
+      stream));
+  std::shared_ptr<void> storage(raw, [stream](void* ptr) { cudaFreeAsync(ptr, stream); });
+  auto* base = static_cast<uint8_t*>(raw);
+  auto* keys = reinterpret_cast<int32_t*>(base);
+  auto* slot = reinterpret_cast<int32_t*>(base + keys_bytes);
+  auto* count = reinterpret_cast<int32_t*>(base + keys_bytes + slot_bytes);
+  auto* row_end = reinterpret_cast<int32_t*>(base + keys_bytes + slot_bytes + count_bytes);
+  auto* key_last =
+      reinterpret_cast<int32_t*>(base + keys_bytes + slot_bytes + count_bytes + row_bytes);
+  auto* key_first = reinterpret_cast<int32_t*>(reinterpret_cast<uint8_t*>(key_last) + last_bytes);
+  FSA_CUDA_CHECK(cudaMemsetAsync(slot, 0xff, size_t(n) * 4, stream));
+  FSA_CUDA_CHECK(cudaMemsetAsync(count, 0, size_t(lists) * 4, stream));
+
+  // Scratch: the scan (3 n), the sort's keys in / out and values in / out (4 n), the segments,
+  // the broken flag (unread here: the caller promised intervals), the sort's own.
+  int end_bit = 1;
+  while ((int64_t(1) << end_bit) <= sq) ++end_bit;  // keys are first rows <= Sq
+  size_t sort_bytes = 0;
+  FSA_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortPairs(
+      nullptr, sort_bytes, static_cast<const uint32_t*>(nullptr), static_cast<uint32_t*>(nullptr),
+      static_cast<const int32_t*>(nullptr), static_cast<int32_t*>(nullptr), int(n), int(lists),
+      static_cast<const int32_t*>(nullptr), static_cast<const int32_t*>(nullptr), 0, end_bit,
+      stream));
+  const size_t arrays = at(size_t(7 * n + 2 * lists + 1) * 4);
+  StreamBuffer scratch(stream);
+  FSA_CUDA_CHECK(cudaMallocAsync(&scratch.ptr, arrays + sort_bytes, stream));
+  auto* scan = static_cast<int32_t*>(scratch.ptr);
+  auto* key_in = reinterpret_cast<uint32_t*>(scan + 3 * n);
+  auto* key_out = key_in + n;
+  auto* value_in = reinterpret_cast<int32_t*>(key_out + n);
+  auto* value_out = value_in + n;
+  auto* seg_begin = value_out + n;
+  auto* seg_end = seg_begin + lists;
+  auto* broken = reinterpret_cast<uint32_t*>(seg_end + lists);
+  void* sort_temp = static_cast<uint8_t*>(scratch.ptr) + arrays;
+  const IntervalScan p = scan_intervals(g, mask, is_causal, scan, stream);
+  if (n > 0) {
+    const dim3 per_key(unsigned(ceil_div(sk, 256)), unsigned(lists));
+    interval_check_kernel<<<per_key, 256, 0, stream>>>(p, broken, key_in, value_in, count,
+                                                      seg_begin, seg_end);
+    FSA_CUDA_CHECK(cudaGetLastError());
+    // Radix sort is stable: keys with the same first row keep ascending indices.
+    FSA_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortPairs(
+        sort_temp, sort_bytes, key_in, key_out, value_in, value_out, int(n), int(lists),
+        seg_begin, seg_end, 0, end_bit, stream));
+    interval_slots_kernel<<<dim3(unsigned(ceil_div(stride, 256)), unsigned(lists)), 256, 0,
+                            stream>>>(p, value_out, count, stride, keys, slot, key_first,
+                                      key_last);
+    FSA_CUDA_CHECK(cudaGetLastError());
+  }
+  if (lists * sq > 0) {
+    interval_row_end_kernel<<<dim3(unsigned(ceil_div(sq, 256)), unsigned(lists)), 256, 0,
+                              stream>>>(key_first, count, stride, int(sq), row_end);
+    FSA_CUDA_CHECK(cudaGetLastError());
+  }
+
+  auto c = std::make_shared<KeyCompaction>();
+  c->lists = g;
+  c->keys = keys, c->count = count, c->slot = slot, c->row_end = row_end;
+  c->key_last = key_last;
+  c->key_first = key_first;
+  c->storage = std::move(storage);
+  BlockMap extents;
+  extents.batch = g.list_batch;
+  extents.heads = g.list_heads;
+  extents.block_m = block_m;
+  extents.block_n = block_n;
+  extents.m_blocks = ceil_div(sq, block_m);
+  extents.n_blocks = ceil_div(slots, block_n);
+  const Geometry compact{geo.batch, sq, slots, geo.num_heads, g.kv_heads};
+  // No bound on the slots a row keeps: each query tile's gathered list may hold every slot.
+  auto device_map = make_device_plan(compact, std::nullopt, std::nullopt, 1, 1, false, extents,
+                                     row_end_of(*c), false, slots, stream_ptr);
+  int device = 0;
+  FSA_CUDA_CHECK(cudaGetDevice(&device));
+  c->plan = PlanAccess::make(compact, is_causal, false, Device{DeviceType::kCUDA, device},
+                             std::make_shared<BlockMap>(extents), std::move(device_map));
+  return c;
 }
 
 std::shared_ptr<const KeyCompaction> make_device_topk_compaction(

@@ -50,6 +50,15 @@ std::shared_ptr<const KeyCompaction> make_device_topk_compaction(
     const Geometry& g, const BroadcastOperand& bias, const std::optional<BroadcastOperand>& mask,
     bool is_causal, const RowTopK& thresholds, int64_t topk, int block_m, int block_n,
     void* stream);
+// A mask with a query dim whose rows are one interval per key (PlanOptions::mask_key_intervals):
+// whether it is (reads the mask, waits for the answer), and its compacted keys, asynchronously
+// (core/compaction.h, make_cpu_interval_compaction: the same lists).
+bool mask_key_intervals(const Geometry& g, const BroadcastOperand& mask, bool is_causal,
+                        void* stream);
+std::shared_ptr<const KeyCompaction> make_device_interval_compaction(const Geometry& g,
+                                                                     const BroadcastOperand& mask,
+                                                                     bool is_causal, int block_m,
+                                                                     int block_n, void* stream);
 // Per-row top-k thresholds (core/row_topk.h) on the device, asynchronously on `stream`.
 std::shared_ptr<const RowThresholds> make_device_thresholds(
     const Geometry& g, const BroadcastOperand& bias, const std::optional<BroadcastOperand>& mask,

@@ -445,6 +445,128 @@ TEST(CompactionTopk, NonCausal_Bf16) {
   expect_topk_paths_match(spec, 17, kBf16Lowest);
 }
 
+// ---- A mask with a query dim whose rows are one interval per key (mask_key_intervals) ------------
+// The library gets the (B, H, Sq, Sk) bool mask and a plan promising intervals: the plan lists the
+// keys some row keeps, ordered by their first row, each with its first and last row, and the
+// calls run them as per-row top-k's. The lists' rules (gathered per query tile, dK/dV groups) are
+// checked against the mask, and forward + backward against float64 with the mask.
+
+// Every key kept by one random run of rows or by none: runs start anywhere, so the order of the
+// first rows is not the keys' order.
+auto random_key_intervals(int64_t max_rows) {
+  return [max_rows](const Problem& p, const Inputs&, Rng& rng, std::vector<uint8_t>& mask) {
+    const Shape4& ms = *p.mask_shape;
+    const int64_t sq = ms[2], sk = ms[3];
+    std::fill(mask.begin(), mask.end(), uint8_t(0));
+    for (int64_t l = 0; l < ms[0] * ms[1]; ++l) {
+      for (int64_t j = 0; j < sk; ++j) {
+        if (rng.bernoulli(0.2)) continue;
+        const int64_t first = int64_t(rng.next() % uint64_t(sq));
+        const int64_t rows = 1 + int64_t(rng.next() % uint64_t(max_rows));
+        for (int64_t i = first; i < std::min(first + rows, sq); ++i) mask[size_t((l * sq + i) * sk + j)] = 1;
+      }
+    }
+  };
+}
+
+// window: a bound on the slots a row keeps (the gathered lists' window + 127 check).
+void expect_interval_path_matches(CaseSpec spec, int64_t window) {
+  const Problem problem = make_problem(spec);
+  const Inputs inputs = make_inputs(spec, problem);
+  const fsa::AttentionOptions options = make_options(spec);
+  LibraryBuffers buffers(problem, inputs, spec.dtype, spec.resolved_bias_dtype());
+  ASSERT_TRUE(fsa::mask_rows_are_intervals(buffers.q.view(), buffers.k.view(),
+                                           buffers.mask->view(), spec.causal));
+  fsa::PlanOptions po;
+  po.mask_key_intervals = true;
+  po.compact_keys = fsa::CompactKeys::kAlways;
+  const fsa::Plan plan =
+      fsa::make_plan(buffers.q.view(), buffers.k.view(), buffers.mask->view(), spec.causal, po);
+  ASSERT_TRUE(plan.compacted());
+  const fsa::detail::KeyCompaction& c = *plan.compaction();
+  ASSERT_NE(c.key_last, nullptr);
+  ASSERT_NE(c.key_first, nullptr);
+  // Slots by first row: row i sees exactly the slots whose first row is <= i.
+  const int64_t stride = fsa::detail::key_last_stride(c.lists.slots);
+  for (int64_t l = 0; l < c.lists.list_batch * c.lists.list_heads; ++l) {
+    for (int64_t s = 1; s < c.count[l]; ++s) {
+      ASSERT_LE(c.key_first[l * stride + s - 1], c.key_first[l * stride + s]);
+    }
+  }
+  // The entries kept: the mask AND causality (bottom-right).
+  std::vector<uint8_t> kept = inputs.mask;
+  const int64_t sq = spec.seqlen_q, sk = spec.seqlen_k;
+  for (size_t x = 0; spec.causal && x < kept.size(); ++x) {
+    const int64_t i = int64_t(x / size_t(sk)) % sq, j = int64_t(x % size_t(sk));
+    if (j > i + sk - sq) kept[x] = 0;
+  }
+  expect_gather_lists_match_mask(plan, kept, window);
+  expect_dkv_lists_match_mask(plan, kept);
+  fsa::ForwardArgs f = buffers.forward_args(options);
+  f.plan = &plan;
+  fsa::forward(f);
+  fsa::BackwardArgs b = buffers.backward_args(options);
+  b.plan = &plan;
+  fsa::backward(b);
+  expect_matches_reference(problem, inputs, buffers.outputs(true), spec.dtype,
+                           spec.resolved_bias_dtype(), true);
+}
+
+// The reference benchmark's mask: create_mask's per-row causal top-k, handed over as a tensor.
+TEST(CompactionIntervals, PerRowTopkMask_Gqa2_Causal_Bf16) {
+  CaseSpec spec = case_spec(DType::kBFloat16, 2, 300, 300, 4, 2, 32);
+  spec.causal = true;
+  spec.bias_shape = Shape4{2, 2, 1, 300};
+  spec.mask_shape = Shape4{2, 2, 300, 300};
+  spec.make_mask = per_row_topk(25, kBf16Lowest);
+  expect_interval_path_matches(spec, 25);
+}
+
+// Runs starting anywhere (first rows out of key order), Sq < Sk, causal: the mask AND causality.
+TEST(CompactionIntervals, RandomRuns_SqBelowSk_Causal_Fp32) {
+  CaseSpec spec = case_spec(DType::kFloat32, 1, 257, 300, 4, 1, 16);
+  spec.causal = true;
+  spec.bias_shape = Shape4{1, 1, 1, 300};
+  spec.mask_shape = Shape4{1, 4, 257, 300};  // a list per query head (GQA 4)
+  spec.make_mask = random_key_intervals(90);
+  expect_interval_path_matches(spec, 300);
+}
+
+// Not causal, Sq > Sk, no bias: empty rows and keys no row keeps.
+TEST(CompactionIntervals, RandomRuns_SqAboveSk_Fp32) {
+  CaseSpec spec = case_spec(DType::kFloat32, 2, 200, 150, 2, 2, 16);
+  spec.mask_shape = Shape4{2, 1, 200, 150};
+  spec.make_mask = random_key_intervals(40);
+  expect_interval_path_matches(spec, 150);
+}
+
+// A key kept by two runs of rows: the check says no, and a plan promising intervals raises.
+TEST(CompactionIntervals, TwoRunsAreRefused) {
+  CaseSpec spec = case_spec(DType::kFloat32, 1, 200, 150, 2, 2, 16);
+  spec.mask_shape = Shape4{1, 1, 200, 150};
+  spec.make_mask = [](const Problem& p, const Inputs& in, Rng& rng, std::vector<uint8_t>& mask) {
+    random_key_intervals(40)(p, in, rng, mask);
+    mask[size_t(10 * 150 + 7)] = mask[size_t(150 * 150 + 7)] = 1;
+    for (int64_t i = 11; i < 150; ++i) mask[size_t(i * 150 + 7)] = 0;  // key 7: rows 10 and 150
+  };
+  const Problem problem = make_problem(spec);
+  const Inputs inputs = make_inputs(spec, problem);
+  LibraryBuffers buffers(problem, inputs, spec.dtype, spec.resolved_bias_dtype());
+  EXPECT_FALSE(fsa::mask_rows_are_intervals(buffers.q.view(), buffers.k.view(),
+                                            buffers.mask->view(), false));
+  fsa::PlanOptions po;
+  po.mask_key_intervals = true;
+  try {
+    fsa::make_plan(buffers.q.view(), buffers.k.view(), buffers.mask->view(), false, po);
+    ADD_FAILURE() << "expected an attn_mask error";
+  } catch (const fsa::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("attn_mask"), std::string::npos) << e.what();
+  }
+  po.mask_key_intervals = true;
+  EXPECT_THROW(fsa::make_plan(buffers.q.view(), buffers.k.view(), std::nullopt, false, po),
+               fsa::Error);  // no mask to promise anything about
+}
+
 TEST(CompactionPlan, KeepsTheSameEntriesAndVisitsFewerTiles) {
   CaseSpec spec = case_spec(DType::kFloat32, 1, 1024, 1024, 2, 2, 16);
   spec.causal = true;

@@ -272,3 +272,61 @@ def test_topk_causal_over_compacted_keys_against_float64(dtype, shape, window, g
         1.0, ref_lse[finite].abs().max().item()), f"lse: {where}"
     check_backward(q, k, v, mask, bias, causal=True, label=where,
                    ours_how={"topk": window, "topk_causal": True})
+
+
+def random_runs(B, H, Sq, Sk, max_rows, gen):
+    """Each key kept by one run of rows starting anywhere (or by none)."""
+    first = torch.randint(0, Sq, (B, H, 1, Sk), device="cuda", generator=gen)
+    rows = torch.randint(1, max_rows + 1, (B, H, 1, Sk), device="cuda", generator=gen)
+    keep = torch.rand(B, H, 1, Sk, device="cuda", generator=gen) < 0.8
+    i = torch.arange(Sq, device="cuda")[:, None]
+    return (i >= first) & (i < first + rows) & keep
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,which", [((1, 1000, 1000, 8, 2, 128), "create_mask"),
+                                         ((2, 333, 700, 4, 4, 64), "create_mask"),
+                                         ((1, 700, 333, 4, 1, 64), "runs"),
+                                         ((1, 2048, 2048, 4, 2, 128), "band")])
+def test_interval_masks_over_compacted_keys_against_float64(dtype, shape, which, gen):
+    """A (B, H, Sq, Sk) mask whose rows are one interval per key (create_mask's per-row causal
+    top-k passed as a tensor, arbitrary runs, a sliding window): the device check agrees with the
+    CPU's, the call's plan compacts the keys (slots by first row), and output, LSE and every
+    gradient pass SPEC's rule against float64, exact zeros on empty rows."""
+    B, Sq, Sk, H, Hk, D = shape
+    q, k, v = qkv(B, Sq, Sk, H, Hk, D, dtype, gen)
+    bias = randn(B, Hk, 1, Sk, dtype=dtype, gen=gen)
+    if which == "create_mask":
+        mask = create_mask(bias, causal_mask(Sq, Sk), B, Sq, Sk, 100, torch.finfo(dtype).min)
+    elif which == "band":
+        i = torch.arange(Sq, device="cuda")[:, None] + (Sk - Sq)
+        j = torch.arange(Sk, device="cuda")[None, :]
+        mask = ((j <= i) & (j > i - 300))[None, None]
+    else:
+        mask = random_runs(B, Hk, Sq, Sk, 200, gen)
+    stream = torch.cuda.current_stream().cuda_stream
+    assert _C.mask_rows_are_intervals(q, k, mask, True, stream)
+    assert _C.mask_rows_are_intervals(q.cpu(), k.cpu(), mask.cpu(), True)
+    broken = mask.clone()
+    broken[..., Sq - 1, :] = ~broken[..., Sq - 1, :]  # the last row flipped: some key has two runs
+    assert not _C.mask_rows_are_intervals(q, k, broken, True, stream)
+    assert not _C.mask_rows_are_intervals(q.cpu(), k.cpu(), broken.cpu(), True)
+    plan = _C.make_plan(q, k, mask, True, None, None, None, None, None, stream, "auto",
+                        mask_key_intervals=True)
+    assert plan.compacted and plan.compacted_tile_fraction() < 0.6
+    assert 0 < plan.gathered_tile_fraction() and 0 < plan.dkv_tile_fraction()
+    scale = 1.0 / math.sqrt(D)
+    out, lse, _ = flash_sparse_attn_func(q, k, v, attn_mask=mask, attn_bias=bias, is_causal=True,
+                                         return_attn_probs=True)
+    ref_out, ref_lse = attention(q, k, v, mask, bias, scale, True, 0.0, torch.float64)
+    naive_out, _ = attention(q, k, v, mask, bias, scale, True, 0.0, dtype)
+    where = f"intervals {which} {shape} {dtype}"
+    assert not out.isnan().any(), where
+    empty = ref_lse == -math.inf
+    assert torch.equal(lse == -math.inf, empty), f"LSE -inf exactly on the empty rows: {where}"
+    if empty.any():
+        assert (out.transpose(1, 2)[empty] == 0).all(), f"empty rows must be 0: {where}"
+    err = (out.double() - ref_out).abs().max().item()
+    naive_err = (naive_out.double() - ref_out).abs().max().item()
+    assert err <= 2 * naive_err + ATOL, f"out {err:.3e} vs naive {naive_err:.3e}: {where}"
+    check_backward(q, k, v, mask, bias, causal=True, label=where)

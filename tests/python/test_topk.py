@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from flash_sparse_attn import _C, flash_sparse_attn_func
+from flash_sparse_attn import flash_sparse_attn_interface as fi
 from flash_sparse_attn.utils.mask import create_mask
 
 from conftest import run_case
@@ -181,3 +182,66 @@ def test_topk_causal_plans_compact_the_keys_some_row_keeps():
         _C.forward(dl(q), dl(k), dl(v), None, dl(bias), dl(out), None, None, True, 0.0, p, 0)
         outs.append(out)
     assert (outs[0] - outs[1]).abs().max().item() < 1e-5
+
+
+# ---- masks whose rows are one interval per key (the plan's mask_key_intervals) ------------------
+
+
+def band_mask(sq, sk, width):
+    """A causal sliding window: key j is kept by rows j .. j + width - 1 (bottom-right)."""
+    i = torch.arange(sq)[:, None] + (sk - sq)
+    j = torch.arange(sk)[None, :]
+    return ((j <= i) & (j > i - width))[None, None]
+
+
+def random_runs(b, h, sq, sk, max_rows, gen):
+    """Each key kept by one run of rows starting anywhere (or by none)."""
+    first = torch.randint(0, sq, (b, h, 1, sk), generator=gen)
+    rows = torch.randint(1, max_rows + 1, (b, h, 1, sk), generator=gen)
+    i = torch.arange(sq)[:, None]
+    keep = torch.rand(b, h, 1, sk, generator=gen) < 0.8
+    return (i >= first) & (i < first + rows) & keep
+
+
+def intervals_of(mask, causal, q, k):
+    dl = torch.utils.dlpack.to_dlpack
+    return _C.mask_rows_are_intervals(dl(q), dl(k), dl(mask), causal)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("which", ["create_mask", "band", "runs"])
+def test_interval_masks_run_over_their_keys(dtype, which):
+    """A (B, H, Sq, Sk) mask whose rows are one interval per key (create_mask's per-row causal
+    top-k, a sliding window, arbitrary runs): the check says so, the call's plan compacts the
+    keys, and output, LSE and every gradient pass the rule against float64."""
+    gen = torch.Generator().manual_seed(7)
+    b, sq, sk, h, hk, d = 2, 260, 300, 4, 2, 32
+    q, k, v = qkv(b, sq, sk, h, hk, d, dtype)
+    bias = rand(b, hk, 1, sk, dtype=dtype)
+    if which == "create_mask":
+        mask = create_mask(bias, causal_mask(sq, sk), b, sq, sk, 30, torch.finfo(dtype).min)
+    elif which == "band":
+        mask = band_mask(sq, sk, 50)
+    else:
+        mask = random_runs(b, hk, sq, sk, 70, gen)
+    assert intervals_of(mask, True, q, k)
+    dl = torch.utils.dlpack.to_dlpack
+    plan = _C.make_plan(dl(q), dl(k), dl(mask), True, mask_key_intervals=True)
+    assert plan.compacted and plan.compacted_tile_fraction() < 0.6
+    run_case(flash_sparse_attn_func, q, k, v, mask=mask, bias=bias, causal=True)
+    # The call's own (cached) plan: checked once, compacted.
+    assert fi._plan_for_call(q, k, mask, True, None, None, None, bias).compacted
+
+
+def test_a_mask_that_is_not_intervals_keeps_the_block_map():
+    q, k, v = qkv(1, 200, 200, 2, 2, 16, torch.float32)
+    mask = torch.rand(1, 2, 200, 200) < 0.3
+    assert not intervals_of(mask, False, q, k)
+    assert intervals_of(mask.any(-2, keepdim=True).expand(1, 2, 200, 200), False, q, k)
+    dl = torch.utils.dlpack.to_dlpack
+    with pytest.raises(ValueError, match="attn_mask"):  # the CPU plan checks the promise
+        _C.make_plan(dl(q), dl(k), dl(mask), False, mask_key_intervals=True)
+    with pytest.raises(ValueError, match="mask_key_intervals"):
+        _C.make_plan(dl(q), dl(k), None, False, mask_key_intervals=True)
+    run_case(flash_sparse_attn_func, q, k, v, mask=mask)
+    assert not fi._plan_for_call(q, k, mask, False, None, None, None).compacted
