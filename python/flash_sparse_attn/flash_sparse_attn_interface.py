@@ -19,6 +19,7 @@ DLPack (no torch headers in C++). CUDA tensors run on the current CUDA stream.
 
 import collections
 import itertools
+import os
 import threading
 import weakref
 from typing import Optional, Tuple
@@ -101,7 +102,14 @@ def _interval_candidate(q, attn_mask, block_mask, attn_bias, row_topk, max_kept)
     return (attn_mask is not None and attn_mask.dim() == 4 and attn_mask.shape[2] > 1
             and attn_mask.stride(2) != 0 and block_mask is None and not row_topk
             and not max_kept and q.shape[1] >= _COMPACT_MIN_QUERIES
-            and (attn_bias is None or attn_bias.dim() != 4 or attn_bias.shape[2] == 1))
+            and (attn_bias is None or attn_bias.dim() != 4 or attn_bias.shape[2] == 1)
+            and (not q.is_cuda or _cuda_mask_intervals()))
+
+
+def _cuda_mask_intervals() -> bool:
+    """The CUDA planning of interval masks was written in a session without a GPU: off unless
+    FSA_CUDA_MASK_INTERVALS=1 until it has run there (docs/numerics.md)."""
+    return os.environ.get("FSA_CUDA_MASK_INTERVALS") == "1"
 
 
 def _make_plan(q, k, attn_mask, is_causal, block_mask, block_m, block_n, attn_bias=None,

@@ -3,6 +3,8 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include <cub/device/device_segmented_radix_sort.cuh>
@@ -155,6 +157,18 @@ int choose_splits(int64_t ctas, int64_t n_blocks) {
   return int(std::max<int64_t>(splits, 1));
 }
 
+// Whether per-row top-k plans build the dK/dV groups (BlockMapParams::dkv_slots). Off unless
+// FSA_CUDA_DKV_GROUPS=1 until they have run on a GPU: written and compiled (sm_90a) in a session
+// without one, their rule checked in CI on the CPU (cpu_dkv_lists); .device/run34.sh in the repo's
+// scratch measures them against the slot-order tiles.
+bool dkv_groups_enabled() {
+  static const bool enabled = [] {
+    const char* env = std::getenv("FSA_CUDA_DKV_GROUPS");
+    return env != nullptr && std::strcmp(env, "1") == 0;
+  }();
+  return enabled;
+}
+
 // The sm90 dK/dV pass's groups (BlockMapParams::dkv_slots): each list's slots keyed by band,
 // sorted stably by descending band within the list (cub's segmented radix sort over the band's 7
 // bits), then grouped and classified per query tile.
@@ -239,7 +253,7 @@ std::shared_ptr<const DeviceBlockMap> make_device_plan(
   const size_t gather_full_at = take(gathered ? rows * sizeof(int32_t) : 0);
   const size_t gather_tiles_at = take(gathered ? rows * sizeof(int32_t) : 0);
   // ... and the sm90 dK/dV pass's groups of slots (BlockMapParams::dkv_slots), for its 64-key tiles.
-  const bool dkv_groups = gathered && extents.block_n == 64;
+  const bool dkv_groups = gathered && extents.block_n == 64 && dkv_groups_enabled();
   const int64_t dkv_stride = extents.n_blocks * 64;
   const size_t dkv_slots_at = take(dkv_groups ? outer * dkv_stride * sizeof(int32_t) : 0);
   const size_t dkv_counts_at = take(dkv_groups ? 2 * cols * sizeof(int32_t) : 0);
