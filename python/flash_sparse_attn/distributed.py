@@ -15,11 +15,16 @@ lengths work (S need not divide evenly).
 
 What it takes (everything the single-device call takes that shards with the keys): GQA / MQA,
 ``attn_mask`` as a key mask ({B|1}, {Hk|H|1}, 1, L) and ``attn_bias`` as a per-key bias
-({B|1}, {Hk|H|1}, 1, L) (its gradient returned in the same shape on the owning rank), softcap, and
+({B|1}, {Hk|H|1}, 1, L) (its gradient returned in the same shape on the owning rank), softcap,
 ``topk=w``: the w keys with the largest bias per (batch, head) over the *whole* sequence (the same
 selection as ``flash_sparse_attn_func(..., topk=w)`` on the unsharded tensors: the per-key biases
-are gathered once, O(S) per rank, and every rank applies the library's selection to them).
-Not here yet: block selections, per-row top-k (``topk_causal``), a bias or mask with a query dim.
+are gathered once, O(S) per rank, and every rank applies the library's selection to them), and
+``block_mask``: a block selection over the whole sequence, (B|1, H|Hk|1, ceil(S / bm),
+ceil(S / bn)) by global position, the same tensor on every rank, with ``block_size`` (bm, bn)
+(default 128): each (query run, key run) pair runs with its slice of it, so every run must start
+at a multiple of the tile (zigzag shards: S a multiple of 2 * world * tile); a pair whose slice
+selects nothing is skipped (found once, before the ring).
+Not here yet: per-row top-k (``topk_causal``), a bias or mask with a query dim.
 
 Backends: whatever the tensors' device runs (the CPU backend with gloo, CUDA with NCCL). Each
 step starts the transfer of the next K / V block before computing the block in hand; in the
@@ -34,7 +39,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from .flash_sparse_attn_interface import _make_plan, _run_backward, flash_sparse_attn_func
+from .flash_sparse_attn_interface import (_make_plan, _resolve_block_size, _run_backward,
+                                          flash_sparse_attn_func)
 
 __all__ = ["shard_positions", "ring_flash_sparse_attn_func"]
 
@@ -177,6 +183,50 @@ def _pair_mask(mask: Optional[_Keyed], cols, element: Optional[torch.Tensor], de
     return element if keys is None else keys & element
 
 
+class _Selection:
+    """A global block selection (B|1, H|Hk|1, ceil(S / bm), ceil(S / bn)) and its tile: each
+    (query run, key run) pair's slice, and which pairs select something (read back once)."""
+
+    def __init__(self, ring: "_Ring", block_mask: torch.Tensor, block_size):
+        bm, bn = _resolve_block_size(block_size)
+        if bm is None:
+            bm = bn = 128
+        if bm < 1 or bn < 1:
+            raise ValueError(f"block_size: expected positive tiles, got {block_size!r}")
+        S = ring.seqlen
+        want = (-(-S // bm), -(-S // bn))
+        if (block_mask.dtype != torch.bool or block_mask.dim() != 4
+                or tuple(block_mask.shape[2:]) != want):
+            raise ValueError(
+                f"block_mask: expected a bool ({{B|1}}, {{H|Hk|1}}, {want[0]}, {want[1]}) "
+                f"selection over the whole sequence of {S} tokens in tiles of {bm} x {bn}, got "
+                f"{block_mask.dtype} with shape {tuple(block_mask.shape)}"
+            )
+        for runs in ring.runs:
+            for _, length, pos in runs:
+                if pos % bm or pos % bn:
+                    raise ValueError(
+                        f"block_mask: every shard's runs must start at a multiple of the "
+                        f"selection tile {bm} x {bn}; a run starts at position {pos} (zigzag "
+                        f"shards: make S a multiple of 2 * world size * tile)"
+                    )
+        self.mask, self.bm, self.bn = block_mask, bm, bn
+        pairs = [(q_run, k_run) for q_run in ring.runs[ring.rank]
+                 for runs in ring.runs for k_run in runs]
+        flags = torch.stack([self.slice(q, k).any() for q, k in pairs]).tolist() if pairs else []
+        self.selected = {(q[2], k[2]): bool(f) for (q, k), f in zip(pairs, flags)}
+
+    def slice(self, q_run, k_run) -> torch.Tensor:
+        q_len, q_pos = q_run[1], q_run[2]
+        k_len, k_pos = k_run[1], k_run[2]
+        return self.mask[:, :, q_pos // self.bm: -(-(q_pos + q_len) // self.bm),
+                         k_pos // self.bn: -(-(k_pos + k_len) // self.bn)]
+
+    def pair(self, q_run, k_run) -> Optional[torch.Tensor]:
+        """The pair's slice, or None when it selects nothing."""
+        return self.slice(q_run, k_run) if self.selected[(q_run[2], k_run[2])] else None
+
+
 def _merge(out_acc, lse_acc, rows: slice, out_b, lse_b):
     """out_acc (B, L, H, D) fp32 and lse_acc (B, H, L) absorb a partial result over `rows`."""
     lse_old = lse_acc[:, :, rows]
@@ -244,7 +294,7 @@ def _block(key, value, attn_mask, attn_bias) -> dict:
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, value, attn_bias, attn_mask, ring, scale, causal, softcap,
-                deterministic):
+                deterministic, selection):
         B, L, H, D = query.shape
         out_acc = torch.zeros(B, L, H, D, dtype=torch.float32, device=query.device)
         lse_acc = torch.full((B, H, L), -math.inf, dtype=torch.float32, device=query.device)
@@ -261,6 +311,9 @@ class _RingAttention(torch.autograd.Function):
                     if how is None:
                         continue
                     flag, element = how
+                    sel = None if selection is None else selection.pair(q_run, k_run)
+                    if selection is not None and sel is None:
+                        continue
                     cols = (k_run[0], k_run[1])
                     bias = block.get("bias")
                     out_b, lse_b, _ = flash_sparse_attn_func(
@@ -268,7 +321,8 @@ class _RingAttention(torch.autograd.Function):
                         attn_mask=_pair_mask(block.get("mask"), cols, element, query.device),
                         attn_bias=None if bias is None else bias.keys(*cols),
                         softmax_scale=scale, is_causal=flag, softcap=softcap or None,
-                        return_attn_probs=True)
+                        return_attn_probs=True, block_mask=sel,
+                        block_size=None if sel is None else (selection.bm, selection.bn))
                     _merge(out_acc, lse_acc, rows, out_b, lse_b)
             if pending is not None:
                 for req in pending:
@@ -277,7 +331,7 @@ class _RingAttention(torch.autograd.Function):
         out = out_acc.to(query.dtype)
         ctx.save_for_backward(query, key, value, attn_bias, attn_mask, out, lse_acc)
         ctx.ring, ctx.scale, ctx.causal = ring, scale, causal
-        ctx.softcap, ctx.deterministic = softcap, deterministic
+        ctx.softcap, ctx.deterministic, ctx.selection = softcap, deterministic, selection
         return out
 
     @staticmethod
@@ -307,11 +361,17 @@ class _RingAttention(torch.autograd.Function):
                     if how is None:
                         continue
                     flag, element = how
+                    selection = ctx.selection
+                    sel = None if selection is None else selection.pair(q_run, k_run)
+                    if selection is not None and sel is None:
+                        continue
                     cols = (k_run[0], k_run[1])
                     q_b, k_b, v_b = query[:, rows], block["k"].keys(*cols), block["v"].keys(*cols)
                     mask_b = _pair_mask(block.get("mask"), cols, element, query.device)
                     bias_b = block["bias"].keys(*cols) if "bias" in block else None
-                    plan = _make_plan(q_b, k_b, mask_b, flag, None, None, None)
+                    plan = (_make_plan(q_b, k_b, mask_b, flag, None, None, None) if sel is None
+                            else _make_plan(q_b, k_b, mask_b, flag, sel, selection.bm,
+                                            selection.bn))
                     dq_b, dk_b, dv_b, dbias_b = _run_backward(
                         dout[:, rows], q_b, k_b, v_b, out[:, rows], lse[:, :, rows], mask_b,
                         bias_b, ctx.scale, flag, ctx.softcap, ctx.deterministic, plan, need_dbias)
@@ -329,7 +389,7 @@ class _RingAttention(torch.autograd.Function):
                     block = dict(zip(block.keys(), incoming))
         dk, dv = accs["dk"].data.to(key.dtype), accs["dv"].data.to(value.dtype)
         dbias = accs["dbias"].data.to(attn_bias.dtype) if need_dbias else None
-        return dq.to(query.dtype), dk, dv, dbias, None, None, None, None, None, None
+        return dq.to(query.dtype), dk, dv, dbias, None, None, None, None, None, None, None
 
 
 def ring_flash_sparse_attn_func(
@@ -345,6 +405,8 @@ def ring_flash_sparse_attn_func(
     deterministic: bool = False,
     *,
     topk: Optional[int] = None,
+    block_mask: Optional[torch.Tensor] = None,
+    block_size=None,
     group=None,
 ) -> torch.Tensor:
     """Attention of this rank's queries over the whole sharded sequence (module docstring).
@@ -352,7 +414,8 @@ def ring_flash_sparse_attn_func(
     query (B, L, H, D), key / value (B, L, Hk, D): this rank's L tokens, at global ``positions``
     (1-D int64, increasing). attn_mask / attn_bias: the keys' shards, ({B|1}, {Hk|H|1}, 1, L).
     ``topk``: keep the topk keys with the largest bias per (batch, head) over the whole sequence
-    (among those attn_mask allows). Returns this rank's output (B, L, H, D); gradients flow to
+    (among those attn_mask allows). ``block_mask`` / ``block_size``: a block selection over the
+    whole sequence by global position, the same on every rank (module docstring). Returns this rank's output (B, L, H, D); gradients flow to
     query, key, value and attn_bias (each on its own rank, in its own shape). Every rank of
     ``group`` (default: the world) must call it with the same sizes and options."""
     if not dist.is_available() or not dist.is_initialized():
@@ -365,7 +428,8 @@ def ring_flash_sparse_attn_func(
         if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
             raise ValueError(f"topk: expected a positive int, got {topk!r}")
         attn_mask = _global_topk_mask(ring, attn_mask, attn_bias, topk, query.shape[0])
+    selection = None if block_mask is None else _Selection(ring, block_mask, block_size)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(query.shape[-1])
     softcap = float(softcap) if softcap else 0.0
     return _RingAttention.apply(query, key, value, attn_bias, attn_mask, ring, scale,
-                                bool(is_causal), softcap, bool(deterministic))
+                                bool(is_causal), softcap, bool(deterministic), selection)
