@@ -22,8 +22,10 @@ are gathered once, O(S) per rank, and every rank applies the library's selection
 ``block_mask``: a block selection over the whole sequence, (B|1, H|Hk|1, ceil(S / bm),
 ceil(S / bn)) by global position, the same tensor on every rank, with ``block_size`` (bm, bn)
 (default 128): each (query run, key run) pair runs with its slice of it, so every run must start
-at a multiple of the tile (zigzag shards: S a multiple of 2 * world * tile); a pair whose slice
-selects nothing is skipped (found once, before the ring).
+at a multiple of the tile (zigzag shards: S a multiple of 2 * world * tile). A pair is not
+computed (its block still travels) when causality leaves it empty, when its key run keeps no key
+under the key mask or top-k, or when its slice of the selection selects nothing; the last two
+are found once, before the ring (one small all_gather and one read back).
 Not here yet: per-row top-k (``topk_causal``), a bias or mask with a query dim.
 
 Backends: whatever the tensors' device runs (the CPU backend with gloo, CUDA with NCCL). Each
@@ -85,6 +87,7 @@ class _Ring:
         self.prev = dist.get_global_rank(whole, (self.rank - 1) % self.world)
         # Every rank's positions (collectives work on the group's device: gloo on the CPU).
         comm_device = device if dist.get_backend(group) != "gloo" else torch.device("cpu")
+        self.comm_device = comm_device
         length = torch.tensor([positions.numel()], dtype=torch.int64, device=comm_device)
         lengths = [torch.empty_like(length) for _ in range(self.world)]
         dist.all_gather(lengths, length, group=group)
@@ -282,6 +285,24 @@ def _global_topk_mask(ring: _Ring, attn_mask, attn_bias, topk: int, batch: int):
     return kept[..., ring.positions[ring.rank].to(kept.device)]
 
 
+def _runs_with_keys(ring: _Ring, attn_mask) -> Optional[dict]:
+    """With a key mask (the caller's, or the top-k's): whether each key run of each rank keeps
+    some key (for some batch and head), by the run's first global position; found once before the
+    ring (one all_gather of a flag per run, one read back). None without a mask."""
+    if attn_mask is None:
+        return None
+    mine = ring.runs[ring.rank]
+    width = max(len(r) for r in ring.runs)
+    flags = torch.zeros(width, dtype=torch.uint8, device=ring.comm_device)
+    for n, (start, length, _) in enumerate(mine):
+        flags[n] = attn_mask.narrow(3, start, length).any().to(ring.comm_device)
+    gathered = [torch.empty_like(flags) for _ in range(ring.world)]
+    dist.all_gather(gathered, flags, group=ring.group)
+    kept = torch.stack(gathered).tolist()
+    return {run[2]: bool(kept[r][n]) for r, runs in enumerate(ring.runs)
+            for n, run in enumerate(runs)}
+
+
 def _block(key, value, attn_mask, attn_bias) -> dict:
     block = {"k": _Keyed(key, 1), "v": _Keyed(value, 1)}
     if attn_mask is not None:
@@ -294,7 +315,7 @@ def _block(key, value, attn_mask, attn_bias) -> dict:
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, value, attn_bias, attn_mask, ring, scale, causal, softcap,
-                deterministic, selection):
+                deterministic, selection, runs_with_keys):
         B, L, H, D = query.shape
         out_acc = torch.zeros(B, L, H, D, dtype=torch.float32, device=query.device)
         lse_acc = torch.full((B, H, L), -math.inf, dtype=torch.float32, device=query.device)
@@ -308,7 +329,8 @@ class _RingAttention(torch.autograd.Function):
                 rows = slice(q_run[0], q_run[0] + q_run[1])
                 for k_run in ring.runs[ring.owner(step)]:
                     how = _pair_call(q_run, k_run, causal)
-                    if how is None:
+                    if how is None or (runs_with_keys is not None
+                                       and not runs_with_keys[k_run[2]]):
                         continue
                     flag, element = how
                     sel = None if selection is None else selection.pair(q_run, k_run)
@@ -332,6 +354,7 @@ class _RingAttention(torch.autograd.Function):
         ctx.save_for_backward(query, key, value, attn_bias, attn_mask, out, lse_acc)
         ctx.ring, ctx.scale, ctx.causal = ring, scale, causal
         ctx.softcap, ctx.deterministic, ctx.selection = softcap, deterministic, selection
+        ctx.runs_with_keys = runs_with_keys
         return out
 
     @staticmethod
@@ -358,7 +381,8 @@ class _RingAttention(torch.autograd.Function):
                 rows = slice(q_run[0], q_run[0] + q_run[1])
                 for k_run in ring.runs[ring.owner(step)]:
                     how = _pair_call(q_run, k_run, ctx.causal)
-                    if how is None:
+                    if how is None or (ctx.runs_with_keys is not None
+                                       and not ctx.runs_with_keys[k_run[2]]):
                         continue
                     flag, element = how
                     selection = ctx.selection
@@ -389,7 +413,7 @@ class _RingAttention(torch.autograd.Function):
                     block = dict(zip(block.keys(), incoming))
         dk, dv = accs["dk"].data.to(key.dtype), accs["dv"].data.to(value.dtype)
         dbias = accs["dbias"].data.to(attn_bias.dtype) if need_dbias else None
-        return dq.to(query.dtype), dk, dv, dbias, None, None, None, None, None, None, None
+        return dq.to(query.dtype), dk, dv, dbias, None, None, None, None, None, None, None, None
 
 
 def ring_flash_sparse_attn_func(
@@ -432,4 +456,5 @@ def ring_flash_sparse_attn_func(
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(query.shape[-1])
     softcap = float(softcap) if softcap else 0.0
     return _RingAttention.apply(query, key, value, attn_bias, attn_mask, ring, scale,
-                                bool(is_causal), softcap, bool(deterministic), selection)
+                                bool(is_causal), softcap, bool(deterministic), selection,
+                                _runs_with_keys(ring, attn_mask))

@@ -28,6 +28,8 @@ CASES = [
     # S = 64: zigzag runs of 8 (4 ranks) or 16 (2 ranks) start at multiples of the 4 x 4 tiles
     ("causal zigzag block selection+bias", 64, "zigzag", True, False, True, 0.0, None, 4),
     ("contiguous block selection+mask", 64, "contiguous", False, True, False, 0.0, None, 4),
+    ("causal contiguous mask+bias, a shard keeps no key", 64, "contiguous", True, True, True, 0.0,
+     None, None),
 ]
 B, H, HK, D = 2, 4, 2, 16
 
@@ -38,6 +40,8 @@ def _inputs(S, with_mask, with_bias, tile, seed):
     k = torch.randn(B, S, HK, D, generator=g)
     v = torch.randn(B, S, HK, D, generator=g)
     mask = (torch.rand(B, HK, 1, S, generator=g) < 0.7) if with_mask else None
+    if mask is not None and S >= 64:
+        mask[..., S // 4: S // 2] = False  # a shard (or run) with no kept key: its pairs are skipped
     bias = torch.randn(B, HK, 1, S, generator=g) if with_bias else None
     dout = torch.randn(B, S, H, D, generator=g)
     # A block selection per (batch, kv head) keeping about half of the tiles: some pairs of query
