@@ -74,6 +74,7 @@ struct Call {
   fsa::AttentionOptions options;
   bool plan_for_other = false;  // pass a plan built for a different problem
   bool topk_plan = false;       // plan with per-row top-k thresholds of the bias
+  bool intervals_plan = false;  // plan promising the mask's rows are one interval per key
   int64_t topk = 0;
 };
 
@@ -118,7 +119,7 @@ std::string damage(Call& c, Rng& rng) {
   if (c.dbias) tensors.push_back(&*c.dbias);
   Desc& t = *tensors[rng.next() % tensors.size()];
   const float nan = std::numeric_limits<float>::quiet_NaN();
-  switch (rng.next() % 10) {
+  switch (rng.next() % 11) {
     case 0:
       t.shape.pop_back();
       return "rank";
@@ -154,6 +155,10 @@ std::string damage(Call& c, Rng& rng) {
       c.topk_plan = true;
       c.topk = int64_t(rng.next() % 3) - 1;  // -1, 0 or 1
       return "topk";
+    case 9:
+      // Random masks are rarely intervals: the CPU plan checks the promise (or finds no mask).
+      c.intervals_plan = true;
+      return "mask_key_intervals";
     default:
       // One more dim where a view can hold it (TensorView has at most kMaxRank dims; the Python
       // layer rejects more before building one), else one fewer.
@@ -203,8 +208,9 @@ void run_case(Rng& rng, Counts& counts) {
   try {
     fsa::Plan plan;
     const fsa::Plan* plan_ptr = nullptr;
-    if (c.plan_for_other || c.topk_plan) {
+    if (c.plan_for_other || c.topk_plan || c.intervals_plan) {
       fsa::PlanOptions options;
+      options.mask_key_intervals = c.intervals_plan;
       if (c.topk_plan && bias) {
         options.topk_bias = bias->view;
         options.topk = c.topk;
