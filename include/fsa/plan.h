@@ -101,6 +101,12 @@ struct PlanOptions {
   // results. mask_rows_are_intervals() checks a mask. Ignored for a key-only mask (compacted
   // anyway); not with topk or a block_mask.
   bool mask_key_intervals = false;
+  // A promise that every call with this plan has a bias without a query dim (or none), and a
+  // bias gradient of that shape: such calls run over the compacted keys, so a compacted CUDA plan
+  // skips the map of the full key axis (one classify pass over every tile the mask and causality
+  // leave). A call that breaks it gets an attn_bias error. Top-k plans over a bias of query
+  // length 1 and interval masks skip that map anyway.
+  bool compacted_calls_only = false;
   void* stream = nullptr;  // cudaStream_t on which a CUDA plan is built; ignored on the CPU
 };
 

@@ -208,7 +208,7 @@ NB_MODULE(_C, m) {
          const std::optional<InArray>& block_mask, std::optional<int> block_mask_m,
          std::optional<int> block_mask_n, uintptr_t stream, const std::string& compact_keys,
          const std::optional<InArray>& topk_bias, int64_t topk, double topk_min_value,
-         int64_t max_kept_keys, bool mask_key_intervals) {
+         int64_t max_kept_keys, bool mask_key_intervals, bool compacted_calls_only) {
         const fsa::TensorView q = to_view(query, "query"), k = to_view(key, "key");
         const std::optional<fsa::TensorView> mask = to_view(attn_mask, "attn_mask");
         fsa::PlanOptions options;  // the backend's default tiles unless the caller picks them
@@ -224,6 +224,7 @@ NB_MODULE(_C, m) {
         options.topk_min_value = topk_min_value;
         options.max_kept_keys = max_kept_keys;
         options.mask_key_intervals = mask_key_intervals;
+        options.compacted_calls_only = compacted_calls_only;
         nb::gil_scoped_release release;
         return fsa::make_plan(q, k, mask, is_causal, options);
       },
@@ -234,6 +235,7 @@ NB_MODULE(_C, m) {
       nb::arg("compact_keys") = "auto", nb::arg("topk_bias").none() = nb::none(),
       nb::arg("topk") = 0, nb::arg("topk_min_value") = -3.4028234663852886e38,
       nb::arg("max_kept_keys") = 0, nb::arg("mask_key_intervals") = false,
+      nb::arg("compacted_calls_only") = false,
       "Builds the block map for query (B, Sq, H, D), key (B, Sk, Hk, D) (shapes only), an optional "
       "bool attn_mask, causality, the tile shape (None: the backend's default) and an optional "
       "block selection over block_mask_m x block_mask_n tiles, whole multiples of the plan's "
@@ -243,7 +245,9 @@ NB_MODULE(_C, m) {
       "among the keys the mask and causality let it see, as per-row thresholds. max_kept_keys > 0: "
       "a promise that no (batch, head) of the mask keeps more keys (sizes the compacted keys). "
       "mask_key_intervals: a promise that every key's kept rows (mask AND causality) are one "
-      "interval (mask_rows_are_intervals checks it); the plan then compacts the mask's keys.");
+      "interval (mask_rows_are_intervals checks it); the plan then compacts the mask's keys. "
+      "compacted_calls_only: a promise that every call has a bias (and gradient) without a "
+      "query dim, so a compacted CUDA plan skips the map of the full key axis.");
 
   m.def(
       "mask_rows_are_intervals",

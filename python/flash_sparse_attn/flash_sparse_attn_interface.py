@@ -102,8 +102,7 @@ def _interval_candidate(q, attn_mask, block_mask, attn_bias, row_topk, max_kept)
     return (attn_mask is not None and attn_mask.dim() == 4 and attn_mask.shape[2] > 1
             and attn_mask.stride(2) != 0 and block_mask is None and not row_topk
             and not max_kept and q.shape[1] >= _COMPACT_MIN_QUERIES
-            and (attn_bias is None or attn_bias.dim() != 4 or attn_bias.shape[2] == 1)
-            and (not q.is_cuda or _cuda_mask_intervals()))
+            and _query_invariant(attn_bias) and (not q.is_cuda or _cuda_mask_intervals()))
 
 
 def _cuda_mask_intervals() -> bool:
@@ -112,8 +111,14 @@ def _cuda_mask_intervals() -> bool:
     return os.environ.get("FSA_CUDA_MASK_INTERVALS") == "1"
 
 
+def _query_invariant(attn_bias) -> bool:
+    """No bias, or one (and so its gradient) without a query dim: calls that run over a
+    compacted plan's keys."""
+    return attn_bias is None or attn_bias.dim() != 4 or attn_bias.shape[2] == 1
+
+
 def _make_plan(q, k, attn_mask, is_causal, block_mask, block_m, block_n, attn_bias=None,
-               row_topk=0, max_kept=0, intervals=False):
+               row_topk=0, max_kept=0, intervals=False, compacted_only=False):
     """block_m x block_n is the tile of block_mask (the selection); the plan's own tile is the
     backend's default, except on the CPU, which runs any tile and then simply uses the
     selection's (a selection tile must be a whole multiple of the plan's). row_topk > 0: the plan
@@ -121,7 +126,9 @@ def _make_plan(q, k, attn_mask, is_causal, block_mask, block_m, block_n, attn_bi
     most that many keys per (batch, head) (it came from ``topk``), which sizes compacted keys.
     intervals: attn_mask is an _interval_candidate; the plan checks it (one read of the mask and,
     on a GPU, one wait for the answer) and, if every key's rows are one interval (create_mask's
-    per-row top-k masks, sliding windows), compacts its keys like per-row top-k."""
+    per-row top-k masks, sliding windows), compacts its keys like per-row top-k. compacted_only:
+    every call with the plan has a _query_invariant bias (the plan cache keys by it), so a
+    compacted CUDA plan need not map the full key axis."""
     mask_key_intervals = bool(intervals) and _C.mask_rows_are_intervals(
         _dl(q), _dl(k), _dl(attn_mask), is_causal, _stream(q))
     plan_m = plan_n = None
@@ -134,7 +141,7 @@ def _make_plan(q, k, attn_mask, is_causal, block_mask, block_m, block_n, attn_bi
     return _C.make_plan(
         _dl(q), _dl(k), _dl(attn_mask), is_causal, plan_m, plan_n, _dl(block_mask), block_m,
         block_n, _stream(q), max_kept_keys=max_kept, mask_key_intervals=mask_key_intervals,
-        **topk_args,
+        compacted_calls_only=bool(compacted_only), **topk_args,
     )
 
 
@@ -164,9 +171,10 @@ class _PlanCache:
         stream = _stream(q)
         topk_bias = attn_bias if row_topk else None
         intervals = _interval_candidate(q, attn_mask, block_mask, attn_bias, row_topk, max_kept)
+        compacted_only = _query_invariant(attn_bias)
         key = (tuple(q.shape), tuple(k.shape), q.device, stream, is_causal, block_m, block_n,
                self._tensor_key(attn_mask), self._tensor_key(block_mask), row_topk, max_kept,
-               self._tensor_key(topk_bias), intervals)
+               self._tensor_key(topk_bias), intervals, compacted_only)
         tensors = (attn_mask, block_mask, topk_bias)
         with self._lock:
             entry = self._entries.get(key)
@@ -176,7 +184,7 @@ class _PlanCache:
                     self._entries.move_to_end(key)
                     return plan
         plan = _make_plan(q, k, attn_mask, is_causal, block_mask, block_m, block_n, attn_bias,
-                          row_topk, max_kept, intervals)
+                          row_topk, max_kept, intervals, compacted_only)
         refs = tuple(None if t is None else weakref.ref(t) for t in tensors)
         with self._lock:
             self._entries[key] = (plan, refs)
@@ -370,7 +378,7 @@ def _bwd_op(
         plan = _make_plan(q, k, attn_mask, is_causal, block_mask, block_m, block_n, attn_bias,
                           row_topk, max_kept,
                           _interval_candidate(q, attn_mask, block_mask, attn_bias, row_topk,
-                                              max_kept))
+                                              max_kept), _query_invariant(attn_bias))
     dq, dk, dv, dbias = _run_backward(
         dout, q, k, v, out, lse, attn_mask, attn_bias, softmax_scale, is_causal, softcap,
         deterministic, plan, need_dbias,

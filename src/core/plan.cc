@@ -268,7 +268,8 @@ Plan make_plan(const TensorView& query, const TensorView& key,
     // So does a promise of interval rows (PlanOptions::mask_key_intervals), where this map would
     // read the whole (Sq x Sk) mask.
     const bool key_axis_map =
-        !(compact && ((topk_bias && options.topk_bias->shape[2] == 1) || intervals));
+        !(compact && ((topk_bias && options.topk_bias->shape[2] == 1) || intervals ||
+                      options.compacted_calls_only));
     if (key_axis_map) {
       plan.device_map_ = detail::cuda::make_device_plan(g, mask, selection, sel_m / block_m,
                                                         sel_n / block_n, is_causal, *map,

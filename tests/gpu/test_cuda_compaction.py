@@ -341,3 +341,28 @@ def test_interval_masks_over_compacted_keys_against_float64(dtype, shape, which,
     check_backward(q, k, v, mask, bias, causal=True, label=where)
     assert _plan_for_call(q, k, mask, True, None, None, None, bias).compacted
     clear_plan_cache()
+
+
+def test_compacted_calls_only_skips_the_key_axis_map(gen):
+    """compacted_calls_only (what flash_sparse_attn_func promises when the bias has no query dim):
+    a compacted plan without the map of the full key axis gives the calls over the kept keys
+    bitwise what the plan with it gives, and a call with a query-dim bias is refused."""
+    dtype = torch.bfloat16
+    q, k, v = qkv(1, 512, 2048, 8, 2, 128, dtype, gen)
+    bias = randn(1, 2, 1, 2048, dtype=dtype, gen=gen)
+    mask = top_keys(bias, 256)
+    stream = torch.cuda.current_stream().cuda_stream
+    outs = []
+    for only in (False, True):
+        plan = _C.make_plan(q, k, mask, True, None, None, None, None, None, stream, "auto",
+                            compacted_calls_only=only)
+        assert plan.compacted
+        assert (plan.visited_tile_fraction() == 0.0) == only
+        out = torch.full_like(q, float("nan"))
+        _C.forward(q, k, v, mask, bias, out, None, None, True, 0.0, plan, stream)
+        outs.append(out)
+    torch.cuda.synchronize()
+    assert torch.equal(outs[0], outs[1])
+    with pytest.raises(ValueError, match="attn_bias"):
+        _C.forward(q, k, v, mask, bias.expand(1, 2, 512, 2048).contiguous(), outs[1], None, None,
+                   True, 0.0, plan, stream)
