@@ -95,8 +95,9 @@ class _VarlenAttention(torch.autograd.Function):
             elif topk is not None and ke > ks:
                 mask_b = _topk_mask(q_b, k_b, mask_b, bias_b, topk)
                 max_kept = topk
+            # The packed bias is per key: every call with this plan runs compacted if it can.
             plan = _make_plan(q_b, k_b, mask_b, causal, None, None, None, attn_bias=bias_b,
-                              row_topk=row_topk, max_kept=max_kept)
+                              row_topk=row_topk, max_kept=max_kept, compacted_only=True)
             _C.forward(
                 _dl(q_b), _dl(k_b), _dl(v_b), _dl(mask_b), _dl(bias_b),
                 _dl(out[qs:qe].unsqueeze(0)), _dl(lse[:, qs:qe].unsqueeze(0)), scale, causal,
