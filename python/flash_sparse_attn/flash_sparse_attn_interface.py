@@ -106,9 +106,9 @@ def _interval_candidate(q, attn_mask, block_mask, attn_bias, row_topk, max_kept)
 
 
 def _cuda_mask_intervals() -> bool:
-    """The CUDA planning of interval masks was written in a session without a GPU: off unless
-    FSA_CUDA_MASK_INTERVALS=1 until it has run there (docs/numerics.md)."""
-    return os.environ.get("FSA_CUDA_MASK_INTERVALS") == "1"
+    """FSA_CUDA_MASK_INTERVALS=0 keeps every mask with a query dim on the block map on CUDA
+    (A/B measurements, docs/perf.md)."""
+    return os.environ.get("FSA_CUDA_MASK_INTERVALS") != "0"
 
 
 def _query_invariant(attn_bias) -> bool:

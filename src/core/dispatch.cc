@@ -33,15 +33,16 @@ void attach_thresholds(const Plan& plan, detail::Problem& p) {
   p.row_topk = t->view;
 }
 
-// A CUDA top-k plan over compacted keys may hold no map of the full key axis (make_plan: its
-// bias has query length 1); a call that cannot run compacted (a bias or dbias with a query dim)
-// has nothing to run over.
+// A compacted CUDA plan may hold no map of the full key axis (make_plan: top-k over a bias of
+// query length 1, interval masks, compacted_calls_only); a call that cannot run compacted (a bias
+// or dbias with a query dim) has nothing to run over.
 void require_key_axis_map(const Plan& plan, const detail::Problem& p) {
   if (p.device.type != DeviceType::kCUDA || plan.device_map()) return;
   throw Error(ErrorKind::kValue, "attn_bias",
-              "the plan's top-k compacted the keys of a bias with query length 1 and holds no "
-              "map of the full key axis; pass that bias (and a dbias of its shape), not a view "
-              "with a query dim of " + std::to_string(p.seqlen_q));
+              "the plan compacted its keys for calls whose bias has no query dim (top-k over a "
+              "bias of query length 1, interval masks, compacted_calls_only) and holds no map of "
+              "the full key axis; pass a bias and dbias of query length 1, not ones with a query "
+              "dim of " + std::to_string(p.seqlen_q));
 }
 
 }  // namespace

@@ -157,14 +157,12 @@ int choose_splits(int64_t ctas, int64_t n_blocks) {
   return int(std::max<int64_t>(splits, 1));
 }
 
-// Whether per-row top-k plans build the dK/dV groups (BlockMapParams::dkv_slots). Off unless
-// FSA_CUDA_DKV_GROUPS=1 until they have run on a GPU: written and compiled (sm_90a) in a session
-// without one, their rule checked in CI on the CPU (cpu_dkv_lists); .device/run34.sh in the repo's
-// scratch measures them against the slot-order tiles.
+// Whether per-row top-k plans build the dK/dV groups (BlockMapParams::dkv_slots);
+// FSA_CUDA_DKV_GROUPS=0 keeps the slot-order tiles (A/B measurements, docs/perf.md).
 bool dkv_groups_enabled() {
   static const bool enabled = [] {
     const char* env = std::getenv("FSA_CUDA_DKV_GROUPS");
-    return env != nullptr && std::strcmp(env, "1") == 0;
+    return env == nullptr || std::strcmp(env, "0") != 0;
   }();
   return enabled;
 }

@@ -50,9 +50,16 @@ inline int dkv_split_log2(const BackwardParams& p, int kernel_dim) {
   }
   const int64_t ctas = int64_t(p.map.n_blocks) * p.num_kv_heads * p.batch;
   const int64_t target = 2 * int64_t(sms);
-  if (ctas >= target) return 0;
-  const int64_t want = std::min<int64_t>({(target + ctas - 1) / ctas, 8,
-                                          std::max<int64_t>(1, int64_t(p.map.m_blocks) * p.group / 2)});
+  // Per-row top-k's dK/dV groups (BlockMapParams::dkv_slots): the grid counts every slot tile,
+  // most of them empty, and the work sits in the few groups of keys that live long (up to every
+  // query tile each). Four shares measured best at (1, 16384, 32, 8, 128) and (1, 16384, 8, 2,
+  // 128) window 2048 and (1, 32768, 2, 1, 64) window 1024 (H200, docs/perf.md: 1.79 -> 1.04 ms
+  // at the last, which one share left to its longest groups).
+  const bool groups = p.map.dkv_slots != nullptr;
+  if (ctas >= target && !groups) return 0;
+  const int64_t want = std::min<int64_t>(
+      {groups ? 4 : (target + ctas - 1) / ctas, 8,
+       std::max<int64_t>(1, int64_t(p.map.m_blocks) * p.group / 2)});
   const int64_t share_bytes = 2 * int64_t(p.batch) * p.seqlen_k * p.num_kv_heads * kernel_dim * 4;
   int log2 = 0;  // the largest power of two <= want within the memory cap
   while ((int64_t(2) << log2) <= want && (int64_t(2) << log2) * share_bytes <= (int64_t(1) << 30)) {

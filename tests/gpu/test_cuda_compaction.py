@@ -248,12 +248,12 @@ def test_topk_causal_over_compacted_keys_against_float64(dtype, shape, window, g
     assert 0.0 <= plan.gathered_full_fraction() <= 1.0
     if window < Sk // 4:
         assert plan.gathered_tile_fraction() < plan.compacted_tile_fraction()
-    # The dK/dV pass's groups of slots (by the band of their last row; FSA_CUDA_DKV_GROUPS=1): no
-    # more tiles than the slot-order map, fewer when the window is short (keys that die early no
-    # longer share tiles with keys that live to the end).
-    if os.environ.get("FSA_CUDA_DKV_GROUPS") == "1":
+    # The dK/dV pass's groups of slots (by the band of their last row; FSA_CUDA_DKV_GROUPS=0 turns
+    # them off): no more tiles than the slot-order map, fewer when the window is short (keys that
+    # die early no longer share tiles with keys that live to the end).
+    if os.environ.get("FSA_CUDA_DKV_GROUPS") != "0":
         assert 0 < plan.dkv_tile_fraction() <= plan.compacted_tile_fraction()
-        if window < Sk // 4:
+        if window < Sk // 4 and Sq <= Sk:  # (Sq > Sk: the few slots fill the same tiles)
             assert plan.dkv_tile_fraction() < plan.compacted_tile_fraction()
         assert 0.0 <= plan.dkv_full_fraction() <= 1.0
     else:
@@ -320,9 +320,9 @@ def test_interval_masks_over_compacted_keys_against_float64(dtype, shape, which,
                         mask_key_intervals=True)
     assert plan.compacted and plan.compacted_tile_fraction() < 0.6
     assert 0 < plan.gathered_tile_fraction()
-    # flash_sparse_attn_func checks such masks on CUDA only with FSA_CUDA_MASK_INTERVALS=1 (until
-    # the path has been measured); the plan cache holds the answer per mask tensor.
-    monkeypatch.setenv("FSA_CUDA_MASK_INTERVALS", "1")
+    # flash_sparse_attn_func checks such masks (FSA_CUDA_MASK_INTERVALS=0 would not); the plan
+    # cache holds the answer per mask tensor.
+    monkeypatch.delenv("FSA_CUDA_MASK_INTERVALS", raising=False)
     clear_plan_cache()
     scale = 1.0 / math.sqrt(D)
     out, lse, _ = flash_sparse_attn_func(q, k, v, attn_mask=mask, attn_bias=bias, is_causal=True,
