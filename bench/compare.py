@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 import flash_sparse_attn
 from flash_sparse_attn import flash_sparse_attn_func
+from flash_sparse_attn.flash_sparse_attn_interface import clear_plan_cache
 from flash_sparse_attn.utils.mask import create_mask
 
 try:
@@ -688,6 +689,11 @@ def _selection_in_call(x, keep, per_row):
     options = {"topk": keep, **({"topk_causal": True} if per_row else {})}
 
     def with_topk(q, k, v, bias):
+        # The thresholds live in the plan, which the plan cache keeps per bias tensor; the reps
+        # reuse one bias, a training step has a new one: plan in every call, as the bars ask
+        # ("threshold computation included"). (topk= builds a new key mask, so a new plan, anyway.)
+        if per_row:
+            clear_plan_cache()
         return flash_sparse_attn_func(q, k, v, attn_bias=bias, is_causal=True, **options)
 
     try:
