@@ -549,7 +549,10 @@ struct DkvWorkCursor {
 
 // Column sums of dS for BiasGrad::kColumns in a dK/dV pass: a thread's two key rows' partial sums
 // over the current head, quad-reduced and written when the head changes and at the end. Every
-// head's sums are written (zeros included, by zero_heads first), so col_accum needs no clearing.
+// head's sums of every key row a CTA runs are written (zeros included, by zero_heads first), so
+// col_accum needs no clearing. (Per-row top-k's dK/dV groups run no CTA for the slots past a
+// list's count: their sums, like their dK / dV rows and the split reduction of them, hold
+// whatever the buffers held, and nothing reads them: the scatters read slots below the count.)
 struct ColumnSums {
   float sum[2] = {0.0f, 0.0f};  // per key row r of the thread
   int head = -1;                // the head `sum` belongs to
