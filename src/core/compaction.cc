@@ -160,6 +160,39 @@ struct HostLists {
   std::vector<int32_t> keys, count, slot, row_end, key_last, key_first;
 };
 
+// The compaction over filled host lists: their block map (per-row bounds from key_last when the
+// lists have it) and the plan over the slots.
+std::shared_ptr<KeyCompaction> cpu_compaction_of(std::shared_ptr<HostLists> host,
+                                                 const CompactGeometry& g, const Geometry& geo,
+                                                 bool is_causal, int block_m, int block_n) {
+  const int64_t sq = g.seqlen_q, slots = g.slots;
+  const bool per_row = !host->key_last.empty();
+  auto map = std::make_shared<BlockMap>();
+  map->batch = g.list_batch;
+  map->heads = g.list_heads;
+  map->block_m = block_m;
+  map->block_n = block_n;
+  map->m_blocks = (sq + block_m - 1) / block_m;
+  map->n_blocks = (slots + block_n - 1) / block_n;
+  fill_map_from_row_end(*map, host->row_end.data(), sq, slots,
+                        per_row ? host->key_last.data() : nullptr);
+
+  auto c = std::make_shared<KeyCompaction>();
+  c->lists = g;
+  c->keys = host->keys.data();
+  c->count = host->count.data();
+  c->slot = host->slot.data();
+  c->row_end = host->row_end.data();
+  if (per_row) {
+    c->key_last = host->key_last.data();
+    c->key_first = host->key_first.data();
+  }
+  c->storage = std::move(host);
+  const Geometry compact{geo.batch, sq, slots, geo.num_heads, g.kv_heads};
+  c->plan = PlanAccess::make(compact, is_causal, false, Device{}, std::move(map), nullptr);
+  return c;
+}
+
 }  // namespace
 
 std::shared_ptr<KeyCompaction> make_cpu_compaction(const Geometry& geo,
@@ -213,30 +246,7 @@ std::shared_ptr<KeyCompaction> make_cpu_compaction(const Geometry& geo,
     }
   }
 
-  auto map = std::make_shared<BlockMap>();
-  map->batch = g.list_batch;
-  map->heads = g.list_heads;
-  map->block_m = block_m;
-  map->block_n = block_n;
-  map->m_blocks = (sq + block_m - 1) / block_m;
-  map->n_blocks = (slots + block_n - 1) / block_n;
-  fill_map_from_row_end(*map, host->row_end.data(), sq, slots,
-                        last_row_of_key ? host->key_last.data() : nullptr);
-
-  auto c = std::make_shared<KeyCompaction>();
-  c->lists = g;
-  c->keys = host->keys.data();
-  c->count = host->count.data();
-  c->slot = host->slot.data();
-  c->row_end = host->row_end.data();
-  if (last_row_of_key) {
-    c->key_last = host->key_last.data();
-    c->key_first = host->key_first.data();
-  }
-  c->storage = host;
-  const Geometry compact{geo.batch, sq, slots, geo.num_heads, g.kv_heads};
-  c->plan = PlanAccess::make(compact, is_causal, false, Device{}, std::move(map), nullptr);
-  return c;
+  return cpu_compaction_of(std::move(host), g, geo, is_causal, block_m, block_n);
 }
 
 namespace {
@@ -336,27 +346,7 @@ std::shared_ptr<const KeyCompaction> make_cpu_interval_compaction(const Geometry
     }
   }
 
-  auto map = std::make_shared<BlockMap>();
-  map->batch = g.list_batch;
-  map->heads = g.list_heads;
-  map->block_m = block_m;
-  map->block_n = block_n;
-  map->m_blocks = (sq + block_m - 1) / block_m;
-  map->n_blocks = (slots + block_n - 1) / block_n;
-  fill_map_from_row_end(*map, host->row_end.data(), sq, slots, host->key_last.data());
-
-  auto c = std::make_shared<KeyCompaction>();
-  c->lists = g;
-  c->keys = host->keys.data();
-  c->count = host->count.data();
-  c->slot = host->slot.data();
-  c->row_end = host->row_end.data();
-  c->key_last = host->key_last.data();
-  c->key_first = host->key_first.data();
-  c->storage = host;
-  const Geometry compact{geo.batch, sq, slots, geo.num_heads, g.kv_heads};
-  c->plan = PlanAccess::make(compact, is_causal, false, Device{}, std::move(map), nullptr);
-  return c;
+  return cpu_compaction_of(std::move(host), g, geo, is_causal, block_m, block_n);
 }
 
 std::shared_ptr<const KeyCompaction> make_cpu_topk_compaction(

@@ -507,6 +507,27 @@ struct CompactBuffers {
   }
 };
 
+// The block map over a compaction's slots (its lists, row bounds and, for per-row selections,
+// key_last set), on the device, into c.plan; gather_window > 0 also builds the gathered lists.
+void plan_slots(KeyCompaction& c, const Geometry& geo, bool is_causal, int block_m, int block_n,
+                int64_t gather_window, void* stream_ptr) {
+  const CompactGeometry& g = c.lists;
+  BlockMap extents;
+  extents.batch = g.list_batch;
+  extents.heads = g.list_heads;
+  extents.block_m = block_m;
+  extents.block_n = block_n;
+  extents.m_blocks = ceil_div(g.seqlen_q, block_m);
+  extents.n_blocks = ceil_div(g.slots, block_n);
+  const Geometry compact{geo.batch, g.seqlen_q, g.slots, geo.num_heads, g.kv_heads};
+  auto device_map = make_device_plan(compact, std::nullopt, std::nullopt, 1, 1, false, extents,
+                                     row_end_of(c), false, gather_window, stream_ptr);
+  int device = 0;
+  FSA_CUDA_CHECK(cudaGetDevice(&device));
+  c.plan = PlanAccess::make(compact, is_causal, false, Device{DeviceType::kCUDA, device},
+                            std::make_shared<BlockMap>(extents), std::move(device_map));
+}
+
 // ---- masks whose rows are one interval per key (PlanOptions::mask_key_intervals) -------------------
 
 // The mask of list l (the mask's (batch, head) read extents) and the scan's outputs.
@@ -709,20 +730,7 @@ std::shared_ptr<KeyCompaction> build_compaction(const Geometry& geo, const Broad
     c->key_first = key_last + lists * key_last_stride(slots);
   }
   c->storage = std::move(storage);
-  BlockMap extents;
-  extents.batch = g.list_batch;
-  extents.heads = g.list_heads;
-  extents.block_m = block_m;
-  extents.block_n = block_n;
-  extents.m_blocks = ceil_div(sq, block_m);
-  extents.n_blocks = ceil_div(slots, block_n);
-  const Geometry compact{geo.batch, sq, slots, geo.num_heads, g.kv_heads};
-  auto device_map = make_device_plan(compact, std::nullopt, std::nullopt, 1, 1, false, extents,
-                                     row_end_of(*c), false, topk ? topk_window : 0, stream_ptr);
-  int device = 0;
-  FSA_CUDA_CHECK(cudaGetDevice(&device));
-  c->plan = PlanAccess::make(compact, is_causal, false, Device{DeviceType::kCUDA, device},
-                             std::make_shared<BlockMap>(extents), std::move(device_map));
+  plan_slots(*c, geo, is_causal, block_m, block_n, topk ? topk_window : 0, stream_ptr);
   return c;
 }
 
@@ -842,21 +850,8 @@ std::shared_ptr<const KeyCompaction> make_device_interval_compaction(const Geome
   c->key_last = key_last;
   c->key_first = key_first;
   c->storage = std::move(storage);
-  BlockMap extents;
-  extents.batch = g.list_batch;
-  extents.heads = g.list_heads;
-  extents.block_m = block_m;
-  extents.block_n = block_n;
-  extents.m_blocks = ceil_div(sq, block_m);
-  extents.n_blocks = ceil_div(slots, block_n);
-  const Geometry compact{geo.batch, sq, slots, geo.num_heads, g.kv_heads};
   // No bound on the slots a row keeps: each query tile's gathered list may hold every slot.
-  auto device_map = make_device_plan(compact, std::nullopt, std::nullopt, 1, 1, false, extents,
-                                     row_end_of(*c), false, slots, stream_ptr);
-  int device = 0;
-  FSA_CUDA_CHECK(cudaGetDevice(&device));
-  c->plan = PlanAccess::make(compact, is_causal, false, Device{DeviceType::kCUDA, device},
-                             std::make_shared<BlockMap>(extents), std::move(device_map));
+  plan_slots(*c, geo, is_causal, block_m, block_n, slots, stream_ptr);
   return c;
 }
 

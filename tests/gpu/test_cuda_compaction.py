@@ -217,6 +217,23 @@ def test_topk_causal_thresholds_match_create_mask(dtype, shape, window, gen):
     check(q, k, v, mask, bias, causal=True, label=f"topk_causal {shape} w={window}")
 
 
+def check_causal_forward(out, lse, q, k, v, mask, bias, where):
+    """A causal forward that selected `mask`'s entries against float64 by SPEC's rule: no NaN,
+    LSE -inf exactly on the empty rows, which are exact zeros. Returns (ref_lse, empty)."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    ref_out, ref_lse = attention(q, k, v, mask, bias, scale, True, 0.0, torch.float64)
+    naive_out, _ = attention(q, k, v, mask, bias, scale, True, 0.0, q.dtype)
+    assert not out.isnan().any(), where
+    empty = ref_lse == -math.inf
+    assert torch.equal(lse == -math.inf, empty), f"LSE -inf exactly on the empty rows: {where}"
+    if empty.any():
+        assert (out.transpose(1, 2)[empty] == 0).all(), f"empty rows must be 0: {where}"
+    err = (out.double() - ref_out).abs().max().item()
+    naive_err = (naive_out.double() - ref_out).abs().max().item()
+    assert err <= 2 * naive_err + ATOL, f"out {err:.3e} vs naive {naive_err:.3e}: {where}"
+    return ref_lse, empty
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,window", [((1, 1000, 1000, 8, 2, 128), 100),
                                           ((2, 333, 700, 4, 4, 64), 50),
@@ -258,20 +275,10 @@ def test_topk_causal_over_compacted_keys_against_float64(dtype, shape, window, g
         assert 0.0 <= plan.dkv_full_fraction() <= 1.0
     else:
         assert plan.dkv_tile_fraction() == 0.0
-    scale = 1.0 / math.sqrt(D)
     out, lse, _ = flash_sparse_attn_func(q, k, v, attn_bias=bias, is_causal=True, topk=window,
                                          topk_causal=True, return_attn_probs=True)
-    ref_out, ref_lse = attention(q, k, v, mask, bias, scale, True, 0.0, torch.float64)
-    naive_out, _ = attention(q, k, v, mask, bias, scale, True, 0.0, dtype)
     where = f"topk_causal {shape} w={window} {dtype}"
-    assert not out.isnan().any(), where
-    empty = ref_lse == -math.inf
-    assert torch.equal(lse == -math.inf, empty), f"LSE -inf exactly on the empty rows: {where}"
-    if empty.any():
-        assert (out.transpose(1, 2)[empty] == 0).all(), f"empty rows must be 0: {where}"
-    err = (out.double() - ref_out).abs().max().item()
-    naive_err = (naive_out.double() - ref_out).abs().max().item()
-    assert err <= 2 * naive_err + ATOL, f"out {err:.3e} vs naive {naive_err:.3e}: {where}"
+    ref_lse, empty = check_causal_forward(out, lse, q, k, v, mask, bias, where)
     finite = ~empty
     assert (lse.double() - ref_lse)[finite].abs().max().item() <= 1e-3 * max(
         1.0, ref_lse[finite].abs().max().item()), f"lse: {where}"
@@ -324,20 +331,10 @@ def test_interval_masks_over_compacted_keys_against_float64(dtype, shape, which,
     # cache holds the answer per mask tensor.
     monkeypatch.delenv("FSA_CUDA_MASK_INTERVALS", raising=False)
     clear_plan_cache()
-    scale = 1.0 / math.sqrt(D)
     out, lse, _ = flash_sparse_attn_func(q, k, v, attn_mask=mask, attn_bias=bias, is_causal=True,
                                          return_attn_probs=True)
-    ref_out, ref_lse = attention(q, k, v, mask, bias, scale, True, 0.0, torch.float64)
-    naive_out, _ = attention(q, k, v, mask, bias, scale, True, 0.0, dtype)
     where = f"intervals {which} {shape} {dtype}"
-    assert not out.isnan().any(), where
-    empty = ref_lse == -math.inf
-    assert torch.equal(lse == -math.inf, empty), f"LSE -inf exactly on the empty rows: {where}"
-    if empty.any():
-        assert (out.transpose(1, 2)[empty] == 0).all(), f"empty rows must be 0: {where}"
-    err = (out.double() - ref_out).abs().max().item()
-    naive_err = (naive_out.double() - ref_out).abs().max().item()
-    assert err <= 2 * naive_err + ATOL, f"out {err:.3e} vs naive {naive_err:.3e}: {where}"
+    check_causal_forward(out, lse, q, k, v, mask, bias, where)
     check_backward(q, k, v, mask, bias, causal=True, label=where)
     assert _plan_for_call(q, k, mask, True, None, None, None, bias).compacted
     clear_plan_cache()
