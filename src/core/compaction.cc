@@ -583,11 +583,13 @@ DkvLists cpu_dkv_lists(const KeyCompaction& c, int block_m, int block_n) {
       int64_t slots_in = 0;
       while (slots_in < block_n && n * block_n + slots_in < count) ++slots_in;
       for (int64_t m = 0; m < out.m_blocks; ++m) {
-        const int64_t r0 = m * block_m, r1 = std::min<int64_t>(r0 + block_m, g.seqlen_q) - 1;
         bool meets = false, covers = slots_in == block_n;
         for (int64_t x = 0; x < slots_in; ++x) {
-          meets = meets || dkv_slot_meets(first[group[x]], last[group[x]], r0, r1);
-          covers = covers && dkv_slot_covers(first[group[x]], last[group[x]], r0, r1);
+          const int32_t f = first[group[x]], e = last[group[x]];
+          const DkvTileRange met = dkv_slot_met_tiles(f, e, block_m);
+          const DkvTileRange covered = dkv_slot_covered_tiles(f, e, block_m, g.seqlen_q);
+          meets = meets || (met.lo <= m && m <= met.hi);
+          covers = covers && covered.lo <= m && m <= covered.hi;
         }
         if (!meets) continue;
         int32_t& n_listed = (covers ? out.full_count : out.partial_count)[size_t(col)];

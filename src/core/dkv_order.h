@@ -34,13 +34,27 @@ FSA_HOST_DEVICE inline uint32_t dkv_band(int32_t last) {
 inline constexpr int kDkvBandBits = 7;  // dkv_band() < 2^7
 
 // A group of slots and the query tile of rows [r0, r1]: visited iff some slot's interval meets
-// the tile, full iff the group has block_n slots and each keeps every row of the tile (the pass
-// then drops nothing there). A slot's share of the two tests:
-FSA_HOST_DEVICE inline bool dkv_slot_meets(int32_t first, int32_t last, int64_t r0, int64_t r1) {
-  return first <= r1 && last >= r0;
+// the tile (first <= r1 and last >= r0), full iff the group has block_n slots and each keeps every
+// row of the tile (first <= r0 and last >= r1; the pass then drops nothing there). Per slot, as
+// ranges of query tiles ([lo, hi], empty when hi < lo; block_m-row tiles over seqlen_q rows): it
+// meets tiles [first / block_m, last / block_m] and covers those from ceil(first / block_m)
+// through the last whose rows all lie at or before `last`. Both planners use the ranges (the CUDA
+// one marks a group's tiles instead of testing each); CI checks the CPU one's lists against the
+// mask.
+struct DkvTileRange {
+  int32_t lo, hi;
+};
+FSA_HOST_DEVICE inline DkvTileRange dkv_slot_met_tiles(int32_t first, int32_t last,
+                                                       int32_t block_m) {
+  if (first > last) return {1, 0};  // kept by no row
+  return {first / block_m, last / block_m};
 }
-FSA_HOST_DEVICE inline bool dkv_slot_covers(int32_t first, int32_t last, int64_t r0, int64_t r1) {
-  return first <= r0 && last >= r1;
+FSA_HOST_DEVICE inline DkvTileRange dkv_slot_covered_tiles(int32_t first, int32_t last,
+                                                           int32_t block_m, int64_t seqlen_q) {
+  if (first > last) return {1, 0};
+  const int32_t m_blocks = int32_t((seqlen_q + block_m - 1) / block_m);
+  const int32_t hi = last >= seqlen_q - 1 ? m_blocks - 1 : (last + 1) / block_m - 1;
+  return {(first + block_m - 1) / block_m, hi};
 }
 
 }  // namespace fsa::detail

@@ -7,13 +7,13 @@
 #include <cstring>
 #include <string>
 
-#include <cub/device/device_segmented_radix_sort.cuh>
 
 #include "cuda/backward_launch.h"
 #include "cuda/check.h"
 #include "cuda/cuda_backend.h"
 #include "cuda/device_plan.h"
 #include "cuda/forward_launch.h"
+#include "cuda/list_sort.h"
 #include "cuda/plan_kernels.cuh"
 #include "cuda/stream_buffer.h"
 #include "cuda/tiles.h"
@@ -167,38 +167,27 @@ bool dkv_groups_enabled() {
   return enabled;
 }
 
-// The sm90 dK/dV pass's groups (BlockMapParams::dkv_slots): each list's slots keyed by band,
-// sorted stably by descending band within the list (cub's segmented radix sort over the band's 7
-// bits), then grouped and classified per query tile.
+// The sm90 dK/dV pass's groups (BlockMapParams::dkv_slots): each list's slots keyed by list and
+// band, sorted stably (one radix sort over the list's and the band's bits, cuda/list_sort.h), then
+// grouped and classified per query tile.
 void plan_dkv_groups(const PlanParams& pp, int64_t lists, int64_t stride, cudaStream_t stream) {
   const int64_t n = lists * stride;  // within int32 (make_device_plan)
-  size_t sort_bytes = 0;
-  FSA_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortPairsDescending(
-      nullptr, sort_bytes, static_cast<const uint32_t*>(nullptr), static_cast<uint32_t*>(nullptr),
-      static_cast<const int32_t*>(nullptr), static_cast<int32_t*>(nullptr), int(n), int(lists),
-      static_cast<const int32_t*>(nullptr), static_cast<const int32_t*>(nullptr), 0, kDkvBandBits,
-      stream));
-  // Scratch: bands in and out, slots in and out, segment bounds, the sort's own.
-  const size_t arrays = size_t(4 * n + 2 * lists) * 4;
-  StreamBuffer scratch(stream);
-  FSA_CUDA_CHECK(cudaMallocAsync(&scratch.ptr, align_up(arrays) + sort_bytes, stream));
-  auto* band_in = static_cast<uint32_t*>(scratch.ptr);
-  auto* band_out = band_in + n;
-  auto* slot_in = reinterpret_cast<int32_t*>(band_out + n);
+  // Scratch: keys in and out, slots in and out.
+  StreamBuffer scratch(stream), sort_temp(stream);
+  FSA_CUDA_CHECK(cudaMallocAsync(&scratch.ptr, size_t(4 * n) * 4, stream));
+  auto* key_in = static_cast<uint32_t*>(scratch.ptr);
+  auto* key_out = key_in + n;
+  auto* slot_in = reinterpret_cast<int32_t*>(key_out + n);
   auto* slot_out = slot_in + n;
-  auto* seg_begin = slot_out + n;
-  auto* seg_end = seg_begin + lists;
-  void* sort_temp = static_cast<uint8_t*>(scratch.ptr) + align_up(arrays);
   dkv_band_kernel<<<dim3(unsigned((stride + 255) / 256), unsigned(lists)), 256, 0, stream>>>(
-      pp, int(stride), band_in, slot_in, seg_begin, seg_end);
+      pp, int(stride), key_in, slot_in);
   FSA_CUDA_CHECK(cudaGetLastError());
   // Radix sort is stable: within a band the slots keep their order (the keys' order).
-  FSA_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortPairsDescending(
-      sort_temp, sort_bytes, band_in, band_out, slot_in, slot_out, int(n), int(lists), seg_begin,
-      seg_end, 0, kDkvBandBits, stream));
+  sort_pairs(key_in, key_out, slot_in, slot_out, n, 0, kDkvBandBits + bits_below(lists),
+             sort_temp, stream);
   dkv_lists_kernel<<<dim3(unsigned((pp.map.n_blocks + kPlanWarps - 1) / kPlanWarps),
                           unsigned(lists)),
-                     32 * kPlanWarps, 0, stream>>>(pp, slot_out);
+                     32 * kPlanWarps, dkv_lists_smem(pp.map.m_blocks), stream>>>(pp, slot_out);
   FSA_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -3,23 +3,25 @@
 //
 // Every row of a list (batch, head) chooses among a prefix of the same keys: keys [0, e_i) with
 // e_i non-decreasing in i (all of them without causality). So the keys are ranked once per list
-// (a stable descending sort of their order keys: rank order is create_mask's order, ties to the
+// (a stable sort of their order keys, descending: rank order is create_mask's order, ties to the
 // lower index), and row i's threshold is the rank of the topk-th best key of its prefix. Rows are
-// swept in chunks: a CTA marks the ranks of its first row's prefix in a shared-memory bitmap, finds
+// swept in chunks: a CTA sets the ranks of its first row's prefix in a shared-memory bitmap, finds
 // the topk-th set bit with a block-wide popcount scan, then one thread walks the chunk's rows,
 // adding each newly visible key; a key that beats the threshold moves it to the previous set bit.
+// The walk touches shared memory only (the chunk's new ranks are loaded first, its thresholds
+// written out after): a global load per row made it a chain of latencies, 0.09-0.11 ms (H200).
 // Cost: one sort of B * H * Sk keys and O(Sk / 32 + chunk) per chunk; no Sq x Sk work.
 
 #include <cuda_fp16.h>
 
 #include <algorithm>
-#include <cub/device/device_segmented_radix_sort.cuh>
 #include <limits>
 #include <string>
 
 #include "core/thresholds.h"
 #include "cuda/check.h"
 #include "cuda/cuda_backend.h"
+#include "cuda/list_sort.h"
 #include "cuda/stream_buffer.h"
 #include "cuda/topk_keys.h"
 
@@ -27,38 +29,41 @@ namespace fsa::detail::cuda {
 namespace {
 
 constexpr int kSweepThreads = 256;
-constexpr int kSweepRows = 128;  // rows per sweep CTA: the sequential walk stays short
+constexpr int kSweepRows = 64;  // rows per sweep CTA: the sequential walk stays short
 // Largest Sk whose rank bitmap fits the sweep's shared memory (128 KiB).
 constexpr int64_t kMaxSweepKeys = int64_t(128) << 13;
 
-// grid (ceil(Sk / 256), lists): order keys (0 for keys the mask drops: below every real key, so
-// they sort last and are never inserted) and their indices, per list; plus the segment offsets.
-__global__ void order_keys_kernel(const __grid_constant__ TopkKeys p, uint32_t* keys,
-                                 int32_t* index, int32_t* offsets) {
+// grid (ceil(Sk / 256), lists): each key's sort key, list l above the bitwise complement of its
+// order key (an ascending sort then ranks descending order keys; a key the mask drops has order key
+// 0, below every real key, so it sorts last and is never inserted), and its index.
+__global__ void order_keys_kernel(const __grid_constant__ TopkKeys p, uint64_t* keys,
+                                 int32_t* index) {
   const int l = blockIdx.y;
   const int j = blockIdx.x * blockDim.x + threadIdx.x;
-  if (j == 0) {
-    offsets[l] = l * p.seqlen_k;
-    if (l == int(gridDim.y) - 1) offsets[l + 1] = (l + 1) * p.seqlen_k;
-  }
   if (j >= p.seqlen_k) return;
   const int64_t at = int64_t(l) * p.seqlen_k + j;
-  keys[at] = p.allowed(l, j) ? order_key(p.value(l, j)) : 0u;
+  const uint32_t key = p.allowed(l, j) ? order_key(p.value(l, j)) : 0u;
+  keys[at] = (uint64_t(l) << 32) | uint32_t(~key);
   index[at] = j;
 }
 
-// rank[l][perm[l][r]] = r.
-__global__ void rank_kernel(const int32_t* perm, int seqlen_k, int32_t* rank) {
+// rank[l][perm[l][r]] = r, or -1 for a key the mask drops; and perm[l][r] = INT32_MAX for a
+// dropped key's rank (after its index is read here), so that the sweep's bitmap of a prefix,
+// ranks whose key index lies below the prefix's end, never holds one.
+__global__ void rank_kernel(const uint64_t* sorted, int32_t* perm, int seqlen_k, int32_t* rank) {
   const int l = blockIdx.y;
   const int r = blockIdx.x * blockDim.x + threadIdx.x;
   if (r >= seqlen_k) return;
-  rank[int64_t(l) * seqlen_k + perm[int64_t(l) * seqlen_k + r]] = r;
+  const int64_t at = int64_t(l) * seqlen_k + r;
+  const bool dropped = uint32_t(sorted[at]) == 0xffffffffu;
+  rank[int64_t(l) * seqlen_k + perm[at]] = dropped ? -1 : r;
+  if (dropped) perm[at] = std::numeric_limits<int32_t>::max();
 }
 
 struct SweepParams {
-  const uint32_t* sorted_keys;  // (lists, Sk) descending
-  const int32_t* perm;          // (lists, Sk) key index of each rank
-  const int32_t* rank;          // (lists, Sk) rank of each key index
+  const uint64_t* sorted_keys;  // (lists, Sk) the sort's keys: ~order key in the low half
+  const int32_t* perm;          // (lists, Sk) key index of each rank (INT32_MAX: dropped)
+  const int32_t* rank;          // (lists, Sk) rank of each key index, -1 if dropped
   int seqlen_q, seqlen_k;
   int topk;
   bool is_causal;
@@ -86,20 +91,28 @@ __global__ void __launch_bounds__(kSweepThreads)
   extern __shared__ uint32_t bits[];  // (Sk / 32) words: ranks of the keys inserted so far
   __shared__ int scan[kSweepThreads];
   __shared__ int found;  // the rank of the first row's topk-th best key, or -1
+  // The ranks of the keys the chunk's rows uncover, in key order (-1: dropped); under causality
+  // row i0 + x sees x more keys than row i0 (bottom-right aligned), so at most kSweepRows - 1.
+  __shared__ int added[kSweepRows];
+  __shared__ int row_threshold[kSweepRows];  // each row's threshold rank, -1: it keeps all
   const int l = blockIdx.y, i0 = blockIdx.x * kSweepRows;
   const int i1 = min(i0 + kSweepRows, p.seqlen_q);
   const int words = (p.seqlen_k + 31) / 32;
-  const uint32_t* sorted = p.sorted_keys + int64_t(l) * p.seqlen_k;
+  const uint64_t* sorted = p.sorted_keys + int64_t(l) * p.seqlen_k;
   const int32_t* perm = p.perm + int64_t(l) * p.seqlen_k;
   const int32_t* rank = p.rank + int64_t(l) * p.seqlen_k;
-  for (int w = threadIdx.x; w < words; w += blockDim.x) bits[w] = 0;
-  __syncthreads();
-  // The first row's prefix: its allowed keys (key 0: dropped by the mask).
-  const int e0 = visible(p, i0);
-  for (int j = threadIdx.x; j < e0; j += blockDim.x) {
-    const int r = rank[j];
-    if (sorted[r] != 0) atomicOr(&bits[r / 32], 1u << (r % 32));
+  // The first row's prefix: the ranks whose (allowed) key lies below its end, a warp ballot per
+  // 32 ranks (the key order scattered over the bitmap by shared atomics was slower); then the
+  // keys the other rows add.
+  const int e0 = visible(p, i0), e1 = visible(p, i1 - 1);
+  const int lane = threadIdx.x % 32;
+#pragma unroll 4
+  for (int w = threadIdx.x / 32; w < words; w += kSweepThreads / 32) {
+    const int r = w * 32 + lane;
+    const uint32_t word = __ballot_sync(0xffffffffu, r < p.seqlen_k && perm[r] < e0);
+    if (lane == 0) bits[w] = word;
   }
+  for (int x = threadIdx.x; x < e1 - e0; x += blockDim.x) added[x] = rank[e0 + x];
   __syncthreads();
   // The topk-th set bit: each thread counts a contiguous run of words, then a block-wide scan.
   const int per = (words + kSweepThreads - 1) / kSweepThreads;
@@ -131,28 +144,34 @@ __global__ void __launch_bounds__(kSweepThreads)
   }
   const int count0 = scan[kSweepThreads - 1];
   __syncthreads();
-  if (threadIdx.x != 0) return;
-  // One thread walks the chunk: row i adds keys [e_{i-1}, e_i).
-  int count = count0, threshold = found, e = e0;
-  for (int i = i0; i < i1; ++i) {
-    const int end = visible(p, i);
-    for (; e < end; ++e) {
-      const int r = rank[e];
-      if (sorted[r] == 0) continue;  // dropped by the mask
-      bits[r / 32] |= 1u << (r % 32);
-      if (++count == p.topk) {
-        threshold = previous_set_bit(bits, p.seqlen_k);  // the largest rank: the topk-th best
-      } else if (count > p.topk && r < threshold) {
-        threshold = previous_set_bit(bits, threshold);  // the old one drops out of the top k
+  if (threadIdx.x == 0) {
+    // One thread walks the chunk: row i adds keys [e_{i-1}, e_i).
+    int count = count0, threshold = found, e = e0;
+    for (int i = i0; i < i1; ++i) {
+      const int end = visible(p, i);
+      for (; e < end; ++e) {
+        const int r = added[e - e0];
+        if (r < 0) continue;  // dropped by the mask
+        bits[r / 32] |= 1u << (r % 32);
+        if (++count == p.topk) {
+          threshold = previous_set_bit(bits, p.seqlen_k);  // the largest rank: the topk-th best
+        } else if (count > p.topk && r < threshold) {
+          threshold = previous_set_bit(bits, threshold);  // the old one drops out of the top k
+        }
       }
+      row_threshold[i - i0] = count < p.topk ? -1 : threshold;
     }
-    const int64_t at = int64_t(l) * p.seqlen_q + i;
-    if (count < p.topk) {  // every allowed key of the row is kept
+  }
+  __syncthreads();
+  for (int x = threadIdx.x; x < i1 - i0; x += blockDim.x) {
+    const int64_t at = int64_t(l) * p.seqlen_q + i0 + x;
+    const int r = row_threshold[x];
+    if (r < 0) {  // every allowed key of the row is kept
       p.out_key[at] = 0;
       p.out_last[at] = std::numeric_limits<int32_t>::max();
     } else {
-      p.out_key[at] = sorted[threshold];
-      p.out_last[at] = perm[threshold];
+      p.out_key[at] = ~uint32_t(sorted[r]);
+      p.out_last[at] = perm[r];
     }
   }
 }
@@ -205,33 +224,26 @@ std::shared_ptr<const RowThresholds> make_device_thresholds(
   } else if (lists * sq > 0) {
     const TopkKeys lp = make_topk_keys(g, bias, mask, heads);
 
-    // Scratch: keys and indices in / out of the sort, ranks, segment offsets, the sort's own.
-    const size_t n = size_t(lists * sk);
-    const size_t arrays = 5 * n * 4 + size_t(lists + 1) * 4;
-    size_t sort_bytes = 0;
-    FSA_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortPairsDescending(
-        nullptr, sort_bytes, static_cast<const uint32_t*>(nullptr), static_cast<uint32_t*>(nullptr),
-        static_cast<const int32_t*>(nullptr), static_cast<int32_t*>(nullptr), int(n), int(lists),
-        static_cast<const int32_t*>(nullptr), static_cast<const int32_t*>(nullptr), 0, 32, stream));
-    StreamBuffer scratch(stream);
-    FSA_CUDA_CHECK(cudaMallocAsync(&scratch.ptr, arrays + sort_bytes + 256, stream));
-    auto* base = static_cast<uint8_t*>(scratch.ptr);
-    auto* keys_in = reinterpret_cast<uint32_t*>(base);
+    // Scratch: sort keys in / out, indices in / out, ranks.
+    const int64_t n = lists * sk;
+    StreamBuffer scratch(stream), sort_temp(stream);
+    FSA_CUDA_CHECK(cudaMallocAsync(&scratch.ptr, size_t(n) * (2 * 8 + 3 * 4), stream));
+    auto* keys_in = static_cast<uint64_t*>(scratch.ptr);
     auto* keys_out = keys_in + n;
     auto* index_in = reinterpret_cast<int32_t*>(keys_out + n);
     auto* index_out = index_in + n;
     auto* rank = index_out + n;
-    auto* offsets = rank + n;
-    void* sort_temp = base + (arrays + 255) / 256 * 256;
 
     const dim3 per_key(unsigned(ceil_div(sk, 256)), unsigned(lists));
-    order_keys_kernel<<<per_key, 256, 0, stream>>>(lp, keys_in, index_in, offsets);
+    order_keys_kernel<<<per_key, 256, 0, stream>>>(lp, keys_in, index_in);
     FSA_CUDA_CHECK(cudaGetLastError());
-    // Radix sort is stable: equal keys keep ascending indices, create_mask's tie order.
-    FSA_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortPairsDescending(
-        sort_temp, sort_bytes, keys_in, keys_out, index_in, index_out, int(n), int(lists), offsets,
-        offsets + 1, 0, 32, stream));
-    rank_kernel<<<per_key, 256, 0, stream>>>(index_out, int(sk), rank);
+    // Radix sort is stable: equal keys keep ascending indices, create_mask's tie order. The order
+    // key of a bf16 (fp16) value is a function of its top 16 (19) bits: the sort skips the rest.
+    const int begin_bit =
+        bias.dtype == DType::kBFloat16 ? 16 : bias.dtype == DType::kFloat16 ? 13 : 0;
+    sort_pairs(keys_in, keys_out, index_in, index_out, n, begin_bit, 32 + bits_below(lists),
+               sort_temp, stream);
+    rank_kernel<<<per_key, 256, 0, stream>>>(keys_out, index_out, int(sk), rank);
     FSA_CUDA_CHECK(cudaGetLastError());
 
     SweepParams sp{};
