@@ -484,6 +484,7 @@ void backward(const BackwardProblem& p, const Plan& plan, void* stream_ptr) {
   bp.dq_head_step = 1;  // grid (m, H, B); see BackwardParams::ordered_dbias
   bp.dkv_splits = 1;    // launch_backward may split the sm90 dK/dV pass
   bp.dkv_split_log2 = 0;
+  bp.dkv_rows = int(p.seqlen_k);
 
   // Scratch from the stream-ordered pool: rowdot (B, H, Sq) and the bias-gradient accumulator.
   StreamBuffer rowdot(stream), accum(stream);

@@ -499,10 +499,40 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kDqWarps * 32)
                               [&](int d, int e) { return dq[d][e]; });
 }
 
+// A dK/dV CTA's shares of its key tile's query work (BackwardParams::dkv_splits): 2^log2 shares,
+// share s of key row `key` at row s * stride + key of its (which, batch) region of dkv_rows rows;
+// key tiles from `tiles` on hold no work (their CTAs exit). b may be the map's batch index (the
+// same list). Recomputed where needed rather than held: it costs registers the passes lack.
+struct DkvShares {
+  int log2, stride, tiles;
+};
+// The kept keys of kv head hk's list in batch b (BlockMapParams::kept_count must be set).
+__device__ inline int kept_count_of(const BackwardParams& p, int hk, int b) {
+  const int mb = p.map.map_batch == 1 ? 0 : b, mh = hk * p.group / p.map.head_group;
+  return p.map.kept_count[mb * p.map.map_heads + mh];
+}
+__device__ inline DkvShares dkv_shares_by_count(const BackwardParams& p, int hk, int b) {
+  const int count = kept_count_of(p, hk, b);
+  const int tiles = (count + p.map.block_n - 1) / p.map.block_n;
+  // The host's rule (dkv_split_log2) with the count known, in the host's terms
+  // (BackwardParams::dkv_target_tiles): about that many CTAs, at most dkv_max_shares, within the
+  // grid's tiles.
+  int want = p.dkv_max_shares;
+  if (tiles > 0) {
+    want = min(want, min((p.dkv_target_tiles + tiles - 1) / tiles, p.dkv_grid_tiles / tiles));
+  }
+  return {31 - __clz(max(want, 1)), tiles * p.map.block_n, tiles};
+}
+__device__ inline DkvShares dkv_shares(const BackwardParams& p, int hk, int b) {
+  if (!p.dkv_by_count) return {p.dkv_split_log2, p.seqlen_k, p.map.n_blocks};
+  return dkv_shares_by_count(p, hk, b);
+}
+
 // The dK/dV pass's work list: over the G query heads of kv head hk, each head's transposed full
 // then partial list of query tiles, each tile in kHalves halves. (In the sm90 kernel the producer
-// and the consumer each walk their own copy.)
-template <int kHalves>
+// and the consumer each walk their own copy.) kShares: the pass may split (DkvShares); the sm80
+// pass never does.
+template <int kHalves, bool kShares>
 struct DkvWorkCursor {
   const BackwardParams* p;
   int n, mb, h_end;
@@ -510,15 +540,16 @@ struct DkvWorkCursor {
   const int32_t *full, *part;
 
   // This CTA's share of head h's list: query tiles [idx, end) of full then partial ones. The share
-  // is blockIdx.x % dkv_splits (sm90 grid x = key tile * splits + share; the sm80 pass runs
-  // unsplit), recomputed here rather than held: the producer warpgroup has 40 registers.
+  // is blockIdx.x % 2^log2 (DkvShares; sm90 grid x = key tile * 2^log2 + share; the sm80 pass
+  // runs unsplit), recomputed here rather than held: the producer warpgroup has 40 registers.
   __device__ void load_head() {
     const int64_t col = (int64_t(mb) * p->map.map_heads + h / p->map.head_group) * p->map.n_blocks + n;
     n_full = p->map.full_count_t[col];
     const int n_total = n_full + p->map.partial_count_t[col];
-    const int split = int(blockIdx.x) & (p->dkv_splits - 1);
-    idx = (n_total * split) >> p->dkv_split_log2;
-    end = (n_total * (split + 1)) >> p->dkv_split_log2;
+    const int log2 = kShares ? dkv_shares(*p, h / p->group, mb).log2 : 0;
+    const int split = int(blockIdx.x) & ((1 << log2) - 1);
+    idx = (n_total * split) >> log2;
+    end = (n_total * (split + 1)) >> log2;
     full = p->map.full_index_t + col * p->map.m_blocks;
     part = p->map.partial_index_t + col * p->map.m_blocks;
   }
@@ -550,9 +581,12 @@ struct DkvWorkCursor {
 // Column sums of dS for BiasGrad::kColumns in a dK/dV pass: a thread's two key rows' partial sums
 // over the current head, quad-reduced and written when the head changes and at the end. Every
 // head's sums of every key row a CTA runs are written (zeros included, by zero_heads first), so
-// col_accum needs no clearing. (Per-row top-k's dK/dV groups run no CTA for the slots past a
-// list's count: their sums, like their dK / dV rows and the split reduction of them, hold
-// whatever the buffers held, and nothing reads them: the scatters read slots below the count.)
+// col_accum needs no clearing. (No CTA runs the slots past a compacted list's count, under
+// per-row top-k's dK/dV groups and a key mask's dkv_by_count: their sums and dK / dV rows hold
+// whatever the buffers held, and nothing reads them: the split reduction and the scatters stop at
+// the count.)
+// kShares as in DkvWorkCursor.
+template <bool kShares>
 struct ColumnSums {
   float sum[2] = {0.0f, 0.0f};  // per key row r of the thread
   int head = -1;                // the head `sum` belongs to
@@ -574,10 +608,13 @@ struct ColumnSums {
       cg += __shfl_xor_sync(0xffffffffu, cg, 2);
       const int key = at.key_row[r];
       if (at.t == 0 && key < p.seqlen_k) {
-        // One set of sums per dK/dV share (blockIdx.x % dkv_splits, as in DkvWorkCursor).
-        const int share = int(blockIdx.x) & (p.dkv_splits - 1);
-        float* dst =
-            p.col_accum + ((int64_t(share) * p.batch + at.b) * p.num_heads + head) * p.seqlen_k + key;
+        // One set of sums per dK/dV share (blockIdx.x % 2^log2, as in DkvWorkCursor).
+        int row = key;
+        if constexpr (kShares) {
+          const DkvShares sh = dkv_shares(p, head / p.group, at.b);
+          row += (int(blockIdx.x) & ((1 << sh.log2) - 1)) * sh.stride;
+        }
+        float* dst = p.col_accum + (int64_t(at.b) * p.num_heads + head) * p.dkv_rows + row;
         if constexpr (kAdd) {
           atomicAdd(dst, cg);
         } else {
@@ -659,7 +696,7 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kDkvWarps * 32)
     int h, m, half;
     bool partial;
   };
-  DkvWorkCursor<kHalves> cursor(p, n, hk, b);
+  DkvWorkCursor<kHalves, false> cursor(p, n, hk, b);
   auto current = [&]() { return Work{cursor.h, cursor.m(), cursor.half, cursor.partial()}; };
   bool have_next = !cursor.done();
   Work next{};
@@ -678,8 +715,8 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kDkvWarps * 32)
     dv[d][0] = dv[d][1] = dv[d][2] = dv[d][3] = 0.0f;
   }
   const int key_row[2] = {key0 + warp * 16 + g, key0 + warp * 16 + g + 8};
-  ColumnSums col;
-  const ColumnSums::Rows col_rows{b, t, {key_row[0], key_row[1]}};
+  ColumnSums<false> col;
+  const ColumnSums<false>::Rows col_rows{b, t, {key_row[0], key_row[1]}};
   col.zero_heads(p, col_rows, hk);
 
   for (int it = 0; have_next; ++it) {
@@ -802,32 +839,49 @@ __global__ void zero_dbias_kernel(const __grid_constant__ BackwardParams p) {
   });
 }
 
-// dbias (caller's shape, bias dtype) from the fp32 accumulators: sums over the dims the caller
-// passed as 1, in a fixed order. One lane per dbias element.
 // dK and dV from the dK/dV pass's split shares (BackwardParams::dkv_partial), summed in split
-// order; one element per thread, grid-stride.
+// order; four consecutive elements of a row per thread, grid-stride. Rows the pass wrote itself
+// (one share under dkv_by_count) and rows past a compaction's count (BlockMapParams::kept_count:
+// nothing reads them) are left as they are: summing every slot row of per-row top-k's four shares
+// took 0.36 ms at (1, 16384, 32, 8, 128) window 2048, where 38% of the slots hold keys (H200).
 template <class Elt>
 __global__ void dkv_reduce_kernel(const __grid_constant__ BackwardParams p, int kernel_dim) {
-  const int64_t per = int64_t(p.batch) * p.seqlen_k * p.num_kv_heads * kernel_dim;
-  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < 2 * per;
+  const int quads = kernel_dim / 4;
+  const int64_t rows = int64_t(p.batch) * p.seqlen_k * p.num_kv_heads;  // (b, key, hk) rows out
+  const int64_t per = int64_t(p.batch) * p.dkv_rows * p.num_kv_heads * kernel_dim;  // dK, then dV
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < 2 * rows * quads;
        e += int64_t(gridDim.x) * blockDim.x) {
-    const int which = int(e / per);  // 0: dK, 1: dV
-    const int64_t x = e % per;
-    const int d = int(x % kernel_dim);
+    const int which = int(e / (rows * quads));  // 0: dK, 1: dV
+    const int64_t row = e % (rows * quads) / quads;
+    const int d = int(e % quads) * 4;
     if (d >= p.head_dim) continue;
-    const int hk = int(x / kernel_dim % p.num_kv_heads);
-    const int64_t key = x / (int64_t(kernel_dim) * p.num_kv_heads) % p.seqlen_k;
-    const int b = int(x / (int64_t(kernel_dim) * p.num_kv_heads * p.seqlen_k));
-    float sum = 0.0f;
-    for (int s = 0; s < p.dkv_splits; ++s) sum += p.dkv_partial[(int64_t(s) * 2 + which) * per + x];
+    const int hk = int(row % p.num_kv_heads);
+    const int key = int(row / p.num_kv_heads % p.seqlen_k);
+    const int b = int(row / (int64_t(p.num_kv_heads) * p.seqlen_k));
+    if (p.map.kept_count != nullptr && key >= kept_count_of(p, hk, b)) continue;
+    const DkvShares sh = dkv_shares(p, hk, b);
+    if (sh.log2 == 0) continue;
+    float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (int s = 0; s < (1 << sh.log2); ++s) {
+      const float4 x = *reinterpret_cast<const float4*>(
+          p.dkv_partial + which * per +
+          ((int64_t(b) * p.dkv_rows + s * sh.stride + key) * p.num_kv_heads + hk) * kernel_dim + d);
+      sum.x += x.x, sum.y += x.y, sum.z += x.z, sum.w += x.w;
+    }
     auto* out = static_cast<typename Elt::Storage*>(which == 0 ? p.dk : p.dv);
-    const int64_t off = which == 0
-                            ? b * p.dk_stride_b + key * p.dk_stride_s + hk * p.dk_stride_h + d
-                            : b * p.dv_stride_b + key * p.dv_stride_s + hk * p.dv_stride_h + d;
-    *reinterpret_cast<uint16_t*>(out + off) = uint16_t(Elt::pack(sum, 0.0f) & 0xffffu);
+    const int64_t off = which == 0 ? b * p.dk_stride_b + key * p.dk_stride_s + hk * p.dk_stride_h
+                                   : b * p.dv_stride_b + key * p.dv_stride_s + hk * p.dv_stride_h;
+    auto* dst = reinterpret_cast<uint16_t*>(out + off);
+    const float v[4] = {sum.x, sum.y, sum.z, sum.w};
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      if (d + c < p.head_dim) dst[d + c] = uint16_t(Elt::pack(v[c], 0.0f) & 0xffffu);
+    }
   }
 }
 
+// dbias (caller's shape, bias dtype) from the fp32 accumulators: sums over the dims the caller
+// passed as 1, in a fixed order. One lane per dbias element.
 template <class Elt>
 __global__ void dbias_reduce_kernel(const __grid_constant__ BackwardParams p) {
   for_each_dbias_entry(p, [&](int bb, int hb, int ib, int jb, int64_t e) {
@@ -839,16 +893,23 @@ __global__ void dbias_reduce_kernel(const __grid_constant__ BackwardParams p) {
       const bool rows = p.bias_grad == BiasGrad::kRows;
       const int len = rows ? p.seqlen_q : p.seqlen_k;
       const bool full_dim = rows ? p.dbias_shape[2] == p.seqlen_q : p.dbias_shape[3] == p.seqlen_k;
-      const float* acc = rows ? p.row_accum : p.col_accum;
-      const int shares = rows ? 1 : p.dkv_splits;  // column sums: one per dK/dV split
-      for (int s = 0; s < shares; ++s) {
-        for (int b = (p.dbias_shape[0] == 1 ? 0 : bb); b < (p.dbias_shape[0] == 1 ? p.batch : bb + 1); ++b) {
-          for (int h = hb * heads_per; h < (hb + 1) * heads_per; ++h) {
-            const float* a = acc + ((int64_t(s) * p.batch + b) * p.num_heads + h) * len;
+      const int b0 = p.dbias_shape[0] == 1 ? 0 : bb, b1 = p.dbias_shape[0] == 1 ? p.batch : bb + 1;
+      for (int b = b0; b < b1; ++b) {
+        for (int h = hb * heads_per; h < (hb + 1) * heads_per; ++h) {
+          // Row sums: (B, H, Sq). Column sums: one per dK/dV share, in the shares' rows
+          // (BackwardParams::dkv_rows); rows past the key tiles that hold work were not written.
+          const DkvShares sh =
+              rows ? DkvShares{0, len, 0} : dkv_shares(p, h / p.group, b);
+          const int written = rows ? len : min(len, sh.tiles * p.map.block_n);
+          const float* acc = rows ? p.row_accum + (int64_t(b) * p.num_heads + h) * len
+                                  : p.col_accum + (int64_t(b) * p.num_heads + h) * p.dkv_rows;
+          for (int s = 0; s < (1 << sh.log2); ++s) {
+            const float* a = acc + s * sh.stride;
             if (full_dim) {
-              sum += a[rows ? ib : jb];
+              const int x = rows ? ib : jb;
+              if (x < written) sum += a[x];
             } else {
-              for (int x = 0; x < len; ++x) sum += a[x];
+              for (int x = 0; x < written; ++x) sum += a[x];
             }
           }
         }

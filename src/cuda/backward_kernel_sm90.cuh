@@ -138,8 +138,16 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
       smem_raw + Tiles::kBarrierOffset);
   uint64_t* empty_bar = full_bar + kStages;
 
-  // Key tile n; blockIdx.x % dkv_splits is this CTA's share of its query work (DkvWorkCursor).
-  const int n = int(blockIdx.x) >> p.dkv_split_log2, hk = blockIdx.y, b = blockIdx.z;
+  // Key tile n; blockIdx.x % 2^log2 is this CTA's share of its query work (DkvShares,
+  // DkvWorkCursor). Past the tiles that hold work (a compacted key mask's count) nothing is read
+  // or written.
+  const int hk = blockIdx.y, b = blockIdx.z;
+  const int n = [&] {
+    const DkvShares shares = dkv_shares(p, hk, b);
+    const int tile = int(blockIdx.x) >> shares.log2;
+    return tile < shares.tiles ? tile : -1;
+  }();
+  if (n < 0) return;
   const int key0 = n * kBlockN;
 
   if (threadIdx.x < Tiles::kProducerThreads) {
@@ -169,7 +177,7 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
     auto* s_do = reinterpret_cast<uint16_t*>(smem_do);
     const int c = int(threadIdx.x) % kHalf;  // threads 0-63: LSE, 64-127: rowdot
     const bool loads_lse = int(threadIdx.x) < kHalf;
-    DkvWorkCursor<Tiles::kHalves> cur(p, n, hk, b);
+    DkvWorkCursor<Tiles::kHalves, true> cur(p, n, hk, b);
     for (int j = 0; !cur.done(); ++j, cur.advance()) {
       const int stage = j % kStages, h = cur.h;
       const int q0 = cur.m() * kBlockM + cur.half * kHalf;
@@ -258,8 +266,8 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
   }
   // Both warpgroups sum columns of the same keys: the first zeroes every head's sums, then each
   // adds its own (two fp32 additions onto zero, which commute exactly: deterministic).
-  ColumnSums col;
-  const ColumnSums::Rows col_rows{b, t, {key_row[0], key_row[1]}};
+  ColumnSums<true> col;
+  const ColumnSums<true>::Rows col_rows{b, t, {key_row[0], key_row[1]}};
   if (wg == 0) col.zero_heads(p, col_rows, hk);
   consumers_sync();
 
@@ -287,7 +295,7 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
   // was in flight made ptxas serialize them, C7513). The products of half j overlap the wait for
   // half j + 1's stage and the issue of its x^T and dP^T.
   const bool release_lane = lane == 0;
-  DkvWorkCursor<Tiles::kHalves> cur(p, n, hk, b);
+  DkvWorkCursor<Tiles::kHalves, true> cur(p, n, hk, b);
   int prev_stage = -1;  // this warpgroup's previous stage, released once its products retire
   for (int j = 0; !cur.done(); ++j, cur.advance()) {
     if (j % Tiles::kConsumerWarpGroups != wg) continue;
@@ -385,14 +393,16 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
     tdV(i) += exchange[(kAcc + i) * 128 + ct];
   }
 
-  if (p.dkv_splits > 1) {  // this share's dK (scaled) and dV in fp32, summed by dkv_reduce_kernel
-    const int64_t per = int64_t(p.batch) * p.seqlen_k * p.num_kv_heads * kHeadDim;
+  const DkvShares shares = dkv_shares(p, hk, b);
+  if (shares.log2 > 0) {  // this share's dK (scaled) and dV in fp32, summed by dkv_reduce_kernel
+    const int64_t per = int64_t(p.batch) * p.dkv_rows * p.num_kv_heads * kHeadDim;
+    const int row0 = (int(blockIdx.x) & ((1 << shares.log2) - 1)) * shares.stride;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int key = key_row[r];
       if (key >= p.seqlen_k) continue;
-      float* krow = p.dkv_partial + int64_t(int(blockIdx.x) & (p.dkv_splits - 1)) * 2 * per +
-                    ((int64_t(b) * p.seqlen_k + key) * p.num_kv_heads + hk) * kHeadDim;
+      float* krow = p.dkv_partial +
+                    ((int64_t(b) * p.dkv_rows + row0 + key) * p.num_kv_heads + hk) * kHeadDim;
       float* vrow = krow + per;
 #pragma unroll
       for (int d = 0; d < kDTiles; ++d) {

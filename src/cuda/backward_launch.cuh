@@ -37,13 +37,18 @@ inline bool use_sm90_dq(const BackwardParams& params) {
   return enabled && use_sm90_backward(params);
 }
 
+inline int device_sm_count() {
+  int device = 0, sms = 0;
+  FSA_CUDA_CHECK(cudaGetDevice(&device));
+  FSA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return sms;
+}
+
 // log2 of the shares of a key tile's query work in the sm90 dK/dV pass
 // (BackwardParams::dkv_splits): about two CTAs per SM when the key tiles alone are fewer, at most
 // 8 shares and about two query tiles per share, the fp32 shares within 1 GiB.
 inline int dkv_split_log2(const BackwardParams& p, int kernel_dim) {
-  int device = 0, sms = 0;
-  FSA_CUDA_CHECK(cudaGetDevice(&device));
-  FSA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int sms = device_sm_count();
   // FSA_CUDA_DKV_SPLIT_LOG2=k forces 2^k shares (0..3), for A/B measurements of the rule below.
   if (const char* env = std::getenv("FSA_CUDA_DKV_SPLIT_LOG2")) {
     return std::min(3, std::max(0, std::atoi(env)));
@@ -153,15 +158,26 @@ void launch_backward(const BackwardParams& p, cudaStream_t stream) {
     using Sm90Tiles = Sm90DkvTiles<kHeadDim, Elt>;
     kv.dkv_split_log2 = dkv_split_log2(p, kHeadDim);
     kv.dkv_splits = 1 << kv.dkv_split_log2;
-    if (kv.dkv_splits > 1) {
-      const size_t per = size_t(p.batch) * p.seqlen_k * p.num_kv_heads * kHeadDim;
+    // A compacted key mask splits by its lists' counts on the device (BackwardParams::dkv_by_count)
+    // when one share's rows over the whole grid fit the workspace cap.
+    const int64_t grid_rows = (int64_t(p.map.n_blocks) * p.map.block_n) << kv.dkv_split_log2;
+    kv.dkv_by_count = p.map.kept_count != nullptr && p.row_end.key_last == nullptr &&
+                      2 * int64_t(p.batch) * grid_rows * p.num_kv_heads * kHeadDim * 4 <=
+                          (int64_t(1) << 30);
+    kv.dkv_rows = int(kv.dkv_by_count ? grid_rows : int64_t(p.seqlen_k) << kv.dkv_split_log2);
+    const int64_t lists = int64_t(p.num_kv_heads) * p.batch, target = 2 * device_sm_count();
+    kv.dkv_target_tiles = int((target + lists - 1) / lists);
+    kv.dkv_max_shares =
+        int(std::min<int64_t>(8, std::max<int64_t>(1, int64_t(p.map.m_blocks) * p.group / 2)));
+    kv.dkv_grid_tiles = int(grid_rows / p.map.block_n);
+    if (kv.dkv_splits > 1 || kv.dkv_by_count) {
+      const size_t per = size_t(p.batch) * kv.dkv_rows * p.num_kv_heads * kHeadDim;
       const size_t cols = p.bias_grad == BiasGrad::kColumns
-                              ? size_t(p.batch) * p.num_heads * p.seqlen_k * kv.dkv_splits
+                              ? size_t(p.batch) * p.num_heads * kv.dkv_rows
                               : 0;
-      FSA_CUDA_CHECK(cudaMallocAsync(&dkv_workspace.ptr,
-                                     (2 * per * kv.dkv_splits + cols) * sizeof(float), stream));
+      FSA_CUDA_CHECK(cudaMallocAsync(&dkv_workspace.ptr, (2 * per + cols) * sizeof(float), stream));
       kv.dkv_partial = static_cast<float*>(dkv_workspace.ptr);
-      if (cols > 0) kv.col_accum = kv.dkv_partial + 2 * per * kv.dkv_splits;
+      if (cols > 0) kv.col_accum = kv.dkv_partial + 2 * per;
     }
     if (kv.map.dkv_slots != nullptr) {
       // Per-row top-k over compacted keys: CTA n runs the slots of group n (gathered by slot) over
@@ -181,9 +197,8 @@ void launch_backward(const BackwardParams& p, cudaStream_t stream) {
     dkdv<<<dim3(p.map.n_blocks * kv.dkv_splits, p.num_kv_heads, p.batch), Sm90Tiles::kThreads,
            Sm90Tiles::smem_bytes(p.bias_staged), stream>>>(kv);
     FSA_CUDA_CHECK(cudaGetLastError());
-    if (kv.dkv_splits > 1) {
-      const int64_t elements =
-          2 * int64_t(p.batch) * p.seqlen_k * p.num_kv_heads * kHeadDim;
+    if (kv.dkv_splits > 1 || kv.dkv_by_count) {
+      const int64_t elements = 2 * int64_t(p.batch) * p.seqlen_k * p.num_kv_heads * kHeadDim / 4;
       dkv_reduce_kernel<Elt><<<unsigned(std::min<int64_t>((elements + 255) / 256, 8192)), 256,
                                0, stream>>>(kv, kHeadDim);
       FSA_CUDA_CHECK(cudaGetLastError());

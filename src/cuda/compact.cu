@@ -550,8 +550,12 @@ void plan_slots(KeyCompaction& c, const Geometry& geo, bool is_causal, int block
   extents.m_blocks = ceil_div(g.seqlen_q, block_m);
   extents.n_blocks = ceil_div(g.slots, block_n);
   const Geometry compact{geo.batch, g.seqlen_q, g.slots, geo.num_heads, g.kv_heads};
-  auto device_map = make_device_plan(compact, std::nullopt, std::nullopt, 1, 1, false, extents,
-                                     row_end_of(c), false, gather_window, stream_ptr);
+  // Not yet shared: the map is completed here before the plan takes it.
+  auto device_map = std::const_pointer_cast<DeviceBlockMap>(
+      make_device_plan(compact, std::nullopt, std::nullopt, 1, 1, false, extents, row_end_of(c),
+                       false, gather_window, stream_ptr));
+  // The lists' counts: a key mask's dK/dV pass splits by them, and the split reduction stops there.
+  device_map->params.kept_count = c.count;
   int device = 0;
   FSA_CUDA_CHECK(cudaGetDevice(&device));
   c.plan = PlanAccess::make(compact, is_causal, false, Device{DeviceType::kCUDA, device},

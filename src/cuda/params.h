@@ -38,6 +38,10 @@ struct BlockMapParams {
   const int32_t* dkv_full_count_t = nullptr;
   const int32_t* dkv_partial_index_t = nullptr;
   const int32_t* dkv_partial_count_t = nullptr;
+  // Compacted keys: each list's kept keys, (map batch, map head), on the device. A key mask's
+  // (no RowEnd::key_last) sm90 dK/dV pass sizes its split by them (BackwardParams::dkv_by_count),
+  // and the split reduction skips the slots past them. Null elsewhere.
+  const int32_t* kept_count = nullptr;
   int map_batch = 1;   // 1 or B
   int map_heads = 1;   // 1, Hk or H
   int head_group = 1;  // H / map_heads: query heads per map head
@@ -142,7 +146,7 @@ struct BackwardParams {
   int dbias_shape[4];        // caller shape of dbias
   float* dbias_accum;        // kFullSummed: fp32, dbias's shape, contiguous
   float* row_accum;          // kRows: (B, H, Sq) fp32
-  float* col_accum;          // kColumns: (dkv_splits, B, H, Sk) fp32
+  float* col_accum;          // kColumns: (B, H, dkv_rows) fp32, see dkv_splits
   // The dQ grid's (head, batch): CTA (x, y, z) runs head y * dq_head_step + dq_head0 of batch
   // z + dq_batch0. Normally one launch, grid (m, H, B), step 1 and offsets 0. Ordered kFullSummed
   // (deterministic=True, or launches that still fill the GPU; see backend.cu): one launch per
@@ -169,12 +173,28 @@ struct BackwardParams {
   // The sm90 dK/dV pass's split of a key tile's query work (grid x = n_blocks << dkv_split_log2),
   // when too few key tiles would leave SMs idle and the longest tile alone sets the time (few
   // keys: compacted top-k, short Sk). dkv_splits = 1 << dkv_split_log2 (a power of two: the
-  // producer warpgroup's 40 registers have no room for a division). dkv_splits > 1: each CTA
-  // writes its share of dK (scaled) and dV to dkv_partial, (dkv_splits, 2, B, Sk, Hk, kernel head
-  // dim) fp32, and dkv_reduce_kernel sums the shares in split order (deterministic).
+  // producer warpgroup's 40 registers have no room for a division). A CTA's shares (DkvShares):
+  // 2^log2 of them, share s of key row `key` at row s * stride + key of a region of dkv_rows rows
+  // per (which, batch): dkv_partial is (2: dK then dV, B, dkv_rows, Hk, kernel head dim) fp32, and
+  // col_accum's rows are the same. Fixed split (dkv_by_count false): log2 = dkv_split_log2,
+  // stride = Sk, dkv_rows = Sk << log2; log2 > 0 writes the shares of dK (scaled) and dV there and
+  // dkv_reduce_kernel sums them in split order (deterministic).
   int dkv_splits;
   int dkv_split_log2;
   float* dkv_partial;
+  int dkv_rows;
+  // Compacted key masks (BlockMapParams::kept_count, no RowEnd::key_last): the split follows each
+  // list's count on the device, as the host's rule would with the count known, within the grid's
+  // n_blocks << dkv_split_log2 CTAs: stride = the count's tiles * block_n, dkv_rows = n_blocks *
+  // block_n << dkv_split_log2; CTAs past the count exit, and dkv_reduce_kernel always runs. A mask
+  // given as a tensor has a slot axis as long as the key axis (its count is unknown on the host),
+  // so the fixed rule saw every slot tile and split nothing: 16 of 512 tiles at (1, 32768, 2, 1,
+  // 64) top 1024 ran on 16 CTAs.
+  bool dkv_by_count;
+  // With it, from the host: ceil(2 SMs' worth of CTAs / (Hk * B)), the tiles per list that fill
+  // the GPU unsplit; the most shares (8, and about two query tiles per share); the grid's CTAs
+  // per (kv head, batch), n_blocks << dkv_split_log2.
+  int dkv_target_tiles, dkv_max_shares, dkv_grid_tiles;
 
   BlockMapParams map;
 };
