@@ -82,6 +82,22 @@ def test_empty_and_full_lists(dtype, gen):
     check_backward(q, k, v, mask, bias, causal=True, label="empty and full lists")
 
 
+def test_lists_of_different_lengths(gen):
+    """The sm90 dK/dV pass splits each list's key tiles by that list's count on the device
+    (BackwardParams::dkv_by_count): here the four lists keep 0, every, 64 and about 150 of 1500
+    keys, so they run 0, 24, 1 and 3 key tiles in different numbers of shares, beside each other
+    in one launch, with the bias gradient's column sums per share."""
+    dtype = torch.bfloat16
+    q, k, v = qkv(2, 1000, 1500, 8, 2, 128, dtype, gen)
+    mask = torch.rand(2, 2, 1, 1500, generator=gen, device="cuda") < 0.1
+    mask[0, 0] = False
+    mask[0, 1] = True
+    mask[1, 0] = top_keys(randn(1500, dtype=torch.float32, gen=gen), 64)
+    bias = randn(2, 2, 1, 1500, dtype=dtype, gen=gen)
+    check(q, k, v, mask, bias, causal=True, label="lists of different lengths")
+    check_backward(q, k, v, mask, bias, causal=True, label="lists of different lengths")
+
+
 def test_deterministic_backward_over_compacted_keys(gen):
     dtype = torch.bfloat16
     q, k, v = qkv(1, 1024, 1024, 4, 2, 128, dtype, gen)
