@@ -32,6 +32,8 @@ void sort_pairs(const Key* keys_in, Key* keys_out, const int32_t* values_in, int
   size_t bytes = 0;
   FSA_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, bytes, keys_in, keys_out, values_in,
                                                  values_out, int(n), begin_bit, end_bit, stream));
+  // Never a null scratch pointer: cub would take the second call for a size query and not sort.
+  bytes = bytes > 0 ? bytes : 1;
   FSA_CUDA_CHECK(cudaMallocAsync(&temp.ptr, bytes, stream));
   FSA_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp.ptr, bytes, keys_in, keys_out, values_in,
                                                  values_out, int(n), begin_bit, end_bit, stream));
