@@ -20,7 +20,6 @@
 #include <climits>
 #include <type_traits>
 
-
 #include "core/compaction.h"
 #include "cuda/check.h"
 #include "cuda/cuda_backend.h"
@@ -712,9 +711,11 @@ std::shared_ptr<KeyCompaction> build_compaction(const Geometry& geo, const Broad
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   const CompactGeometry g = compact_lists_geometry(geo, mask, max_kept_keys);
   const int64_t lists = g.list_batch * g.list_heads, sq = g.seqlen_q, sk = g.seqlen_k;
-  if (lists > INT32_MAX || sk > INT32_MAX / 2 || sq > INT32_MAX) {
+  // Lists are a grid dimension of the planning kernels (and of the plan: make_device_plan).
+  if (lists > 65535 || sk > INT32_MAX / 2 || sq > INT32_MAX) {
     throw Error(ErrorKind::kUnsupported, "attn_mask",
-                "too many key lists or keys for compacted keys on CUDA");
+                "too many key lists (batch x mask heads, at most 65535) or keys for compacted "
+                "keys on CUDA");
   }
 
   // keys: (lists, slots); slot: (lists, Sk); count: (lists); row_end: (lists, Sq); one allocation.
