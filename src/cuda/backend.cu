@@ -7,7 +7,6 @@
 #include <cstring>
 #include <string>
 
-
 #include "cuda/backward_launch.h"
 #include "cuda/check.h"
 #include "cuda/cuda_backend.h"
