@@ -10,6 +10,7 @@
 #include "cuda/backward_launch.h"
 #include "cuda/check.h"
 #include "cuda/cuda_backend.h"
+#include "cuda/device_arch.h"
 #include "cuda/device_plan.h"
 #include "cuda/forward_launch.h"
 #include "cuda/list_sort.h"
@@ -137,13 +138,6 @@ void fill_mask_and_bias(Params& params, const Problem& p) {
     for (int d = 0; d < 3; ++d) chunks = chunks && params.bias_stride[d] % 8 == 0;
     params.bias_staged = chunks;
   }
-}
-
-int multiprocessor_count() {
-  int device = 0, count = 0;
-  FSA_CUDA_CHECK(cudaGetDevice(&device));
-  FSA_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  return count;
 }
 
 // Split-KV when the grid would not fill the GPU: enough splits for about two CTAs per SM (the

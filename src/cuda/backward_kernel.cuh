@@ -506,10 +506,14 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kDqWarps * 32)
 struct DkvShares {
   int log2, stride, tiles;
 };
+// The map's list (map batch, map head) that kv head hk of batch b reads.
+__device__ inline int map_list_of(const BackwardParams& p, int hk, int b) {
+  const int mb = p.map.map_batch == 1 ? 0 : b, mh = hk * p.group / p.map.head_group;
+  return mb * p.map.map_heads + mh;
+}
 // The kept keys of kv head hk's list in batch b (BlockMapParams::kept_count must be set).
 __device__ inline int kept_count_of(const BackwardParams& p, int hk, int b) {
-  const int mb = p.map.map_batch == 1 ? 0 : b, mh = hk * p.group / p.map.head_group;
-  return p.map.kept_count[mb * p.map.map_heads + mh];
+  return p.map.kept_count[map_list_of(p, hk, b)];
 }
 __device__ inline DkvShares dkv_shares_by_count(const BackwardParams& p, int hk, int b) {
   const int count = kept_count_of(p, hk, b);

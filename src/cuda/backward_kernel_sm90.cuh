@@ -105,8 +105,7 @@ struct Sm90DkvTiles {
 __device__ __forceinline__ const int32_t* dkv_group_slots(const BackwardParams& p, int n, int hk,
                                                           int b) {
   if (p.map.dkv_slots == nullptr) return nullptr;
-  const int mb = p.map.map_batch == 1 ? 0 : b, mh = hk * p.group / p.map.head_group;
-  return p.map.dkv_slots + (int64_t(mb) * p.map.map_heads + mh) * p.map.n_blocks * 64 + n * 64;
+  return p.map.dkv_slots + int64_t(map_list_of(p, hk, b)) * p.map.n_blocks * 64 + n * 64;
 }
 
 // kRowTopK == (p.row_topk.key != null), as in dq_kernel (backward_kernel.cuh).

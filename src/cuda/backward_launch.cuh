@@ -37,24 +37,20 @@ inline bool use_sm90_dq(const BackwardParams& params) {
   return enabled && use_sm90_backward(params);
 }
 
-inline int device_sm_count() {
-  int device = 0, sms = 0;
-  FSA_CUDA_CHECK(cudaGetDevice(&device));
-  FSA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return sms;
+// The most shares of a key tile's query work: 8, and about two query tiles per share.
+inline int dkv_max_shares(const BackwardParams& p) {
+  return int(std::min<int64_t>(8, std::max<int64_t>(1, int64_t(p.map.m_blocks) * p.group / 2)));
 }
 
 // log2 of the shares of a key tile's query work in the sm90 dK/dV pass
-// (BackwardParams::dkv_splits): about two CTAs per SM when the key tiles alone are fewer, at most
-// 8 shares and about two query tiles per share, the fp32 shares within 1 GiB.
-inline int dkv_split_log2(const BackwardParams& p, int kernel_dim) {
-  const int sms = device_sm_count();
+// (BackwardParams::dkv_splits): about `target` CTAs (two per SM) when the key tiles alone are
+// fewer, at most dkv_max_shares, the fp32 shares within 1 GiB.
+inline int dkv_split_log2(const BackwardParams& p, int kernel_dim, int64_t target) {
   // FSA_CUDA_DKV_SPLIT_LOG2=k forces 2^k shares (0..3), for A/B measurements of the rule below.
   if (const char* env = std::getenv("FSA_CUDA_DKV_SPLIT_LOG2")) {
     return std::min(3, std::max(0, std::atoi(env)));
   }
   const int64_t ctas = int64_t(p.map.n_blocks) * p.num_kv_heads * p.batch;
-  const int64_t target = 2 * int64_t(sms);
   // Per-row top-k's dK/dV groups (BlockMapParams::dkv_slots): the grid counts every slot tile,
   // most of them empty, and the work sits in the few groups of keys that live long (up to every
   // query tile each). Four shares measured best at (1, 16384, 32, 8, 128) and (1, 16384, 8, 2,
@@ -62,9 +58,8 @@ inline int dkv_split_log2(const BackwardParams& p, int kernel_dim) {
   // at the last, which one share left to its longest groups).
   const bool groups = p.map.dkv_slots != nullptr;
   if (ctas >= target && !groups) return 0;
-  const int64_t want = std::min<int64_t>(
-      {groups ? 4 : (target + ctas - 1) / ctas, 8,
-       std::max<int64_t>(1, int64_t(p.map.m_blocks) * p.group / 2)});
+  const int64_t want =
+      std::min<int64_t>(groups ? 4 : (target + ctas - 1) / ctas, dkv_max_shares(p));
   const int64_t share_bytes = 2 * int64_t(p.batch) * p.seqlen_k * p.num_kv_heads * kernel_dim * 4;
   int log2 = 0;  // the largest power of two <= want within the memory cap
   while ((int64_t(2) << log2) <= want && (int64_t(2) << log2) * share_bytes <= (int64_t(1) << 30)) {
@@ -156,7 +151,8 @@ void launch_backward(const BackwardParams& p, cudaStream_t stream) {
   StreamBuffer dkv_workspace(stream);
   if (p.map.n_blocks > 0 && use_sm90_backward(p)) {
     using Sm90Tiles = Sm90DkvTiles<kHeadDim, Elt>;
-    kv.dkv_split_log2 = dkv_split_log2(p, kHeadDim);
+    const int64_t target = 2 * int64_t(multiprocessor_count());
+    kv.dkv_split_log2 = dkv_split_log2(p, kHeadDim, target);
     kv.dkv_splits = 1 << kv.dkv_split_log2;
     // A compacted key mask splits by its lists' counts on the device (BackwardParams::dkv_by_count)
     // when one share's rows over the whole grid fit the workspace cap.
@@ -165,10 +161,9 @@ void launch_backward(const BackwardParams& p, cudaStream_t stream) {
                       2 * int64_t(p.batch) * grid_rows * p.num_kv_heads * kHeadDim * 4 <=
                           (int64_t(1) << 30);
     kv.dkv_rows = int(kv.dkv_by_count ? grid_rows : int64_t(p.seqlen_k) << kv.dkv_split_log2);
-    const int64_t lists = int64_t(p.num_kv_heads) * p.batch, target = 2 * device_sm_count();
+    const int64_t lists = int64_t(p.num_kv_heads) * p.batch;
     kv.dkv_target_tiles = int((target + lists - 1) / lists);
-    kv.dkv_max_shares =
-        int(std::min<int64_t>(8, std::max<int64_t>(1, int64_t(p.map.m_blocks) * p.group / 2)));
+    kv.dkv_max_shares = dkv_max_shares(p);
     kv.dkv_grid_tiles = int(grid_rows / p.map.block_n);
     if (kv.dkv_splits > 1 || kv.dkv_by_count) {
       const size_t per = size_t(p.batch) * kv.dkv_rows * p.num_kv_heads * kHeadDim;

@@ -21,4 +21,12 @@ inline bool hopper_kernels_available() {
 #endif
 }
 
+// The current device's SM count (the split rules aim at about two CTAs per SM).
+inline int multiprocessor_count() {
+  int device = 0, count = 0;
+  FSA_CUDA_CHECK(cudaGetDevice(&device));
+  FSA_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return count;
+}
+
 }  // namespace fsa::detail::cuda

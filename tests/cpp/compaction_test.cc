@@ -37,6 +37,24 @@ fsa::Plan plan_for(LibraryBuffers& buffers, bool causal, bool compact,
       options);
 }
 
+// Forward and backward through `plan` (without attn_mask where the plan's thresholds alone
+// select), then both against float64.
+void expect_plan_matches_reference(LibraryBuffers& buffers, const fsa::AttentionOptions& options,
+                                   const fsa::Plan& plan, const Problem& problem,
+                                   const Inputs& inputs, const CaseSpec& spec,
+                                   bool without_mask = false) {
+  fsa::ForwardArgs f = buffers.forward_args(options);
+  if (without_mask) f.attn_mask.reset();
+  f.plan = &plan;
+  fsa::forward(f);
+  fsa::BackwardArgs b = buffers.backward_args(options);
+  if (without_mask) b.attn_mask.reset();
+  b.plan = &plan;
+  fsa::backward(b);
+  expect_matches_reference(problem, inputs, buffers.outputs(true), spec.dtype,
+                           spec.resolved_bias_dtype(), true);
+}
+
 // Runs the case through a compacted plan and through the block map alone; both must match float64,
 // and the two plans must keep the same entries.
 void expect_both_paths_match(const CaseSpec& spec) {
@@ -48,14 +66,7 @@ void expect_both_paths_match(const CaseSpec& spec) {
     LibraryBuffers buffers(problem, inputs, spec.dtype, spec.resolved_bias_dtype());
     const fsa::Plan plan = plan_for(buffers, spec.causal, compact);
     ASSERT_EQ(plan.compacted(), compact);
-    fsa::ForwardArgs f = buffers.forward_args(options);
-    f.plan = &plan;
-    fsa::forward(f);
-    fsa::BackwardArgs b = buffers.backward_args(options);
-    b.plan = &plan;
-    fsa::backward(b);
-    expect_matches_reference(problem, inputs, buffers.outputs(true), spec.dtype,
-                             spec.resolved_bias_dtype(), true);
+    expect_plan_matches_reference(buffers, options, plan, problem, inputs, spec);
   }
 }
 
@@ -370,16 +381,8 @@ void expect_topk_paths_match(CaseSpec spec, int64_t window, double fill,
         }
       }
     }
-    fsa::ForwardArgs f = buffers.forward_args(options);
-    f.attn_mask.reset();  // the selection comes from the plan's thresholds alone
-    f.plan = &plan;
-    fsa::forward(f);
-    fsa::BackwardArgs b = buffers.backward_args(options);
-    b.attn_mask.reset();
-    b.plan = &plan;
-    fsa::backward(b);
-    expect_matches_reference(problem, inputs, buffers.outputs(true), spec.dtype,
-                             spec.resolved_bias_dtype(), true);
+    // The selection comes from the plan's thresholds alone.
+    expect_plan_matches_reference(buffers, options, plan, problem, inputs, spec, true);
   }
 }
 
@@ -502,14 +505,7 @@ void expect_interval_path_matches(CaseSpec spec, int64_t window) {
   }
   expect_gather_lists_match_mask(plan, kept, window);
   expect_dkv_lists_match_mask(plan, kept);
-  fsa::ForwardArgs f = buffers.forward_args(options);
-  f.plan = &plan;
-  fsa::forward(f);
-  fsa::BackwardArgs b = buffers.backward_args(options);
-  b.plan = &plan;
-  fsa::backward(b);
-  expect_matches_reference(problem, inputs, buffers.outputs(true), spec.dtype,
-                           spec.resolved_bias_dtype(), true);
+  expect_plan_matches_reference(buffers, options, plan, problem, inputs, spec);
 }
 
 // The reference benchmark's mask: create_mask's per-row causal top-k, handed over as a tensor.
