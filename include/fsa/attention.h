@@ -56,4 +56,13 @@ void backward(const BackwardArgs& args);
 void set_num_threads(int num_threads);
 int num_threads();
 
+// The CUDA backend takes its scratch (plans, gathered keys, split workspaces) from a memory pool of
+// its own per device, which keeps what it reserved across calls and synchronizations (the device's
+// default pool would hand it back to the driver at every synchronize and map it again on the next
+// call). release_cuda_memory() gives back what the pools hold unused, after the work queued so
+// far (synchronize first to give back everything); cuda_memory_reserved() is the bytes the
+// current device's pool holds. Without CUDA: nothing to release, 0.
+void release_cuda_memory();
+int64_t cuda_memory_reserved();
+
 }  // namespace fsa

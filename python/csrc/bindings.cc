@@ -349,6 +349,10 @@ NB_MODULE(_C, m) {
   m.def("set_num_threads", &fsa::set_num_threads, nb::arg("num_threads"),
         "CPU worker threads; 0 = default (FSA_NUM_THREADS or the hardware concurrency).");
   m.def("num_threads", &fsa::num_threads);
+  m.def("release_cuda_memory", &fsa::release_cuda_memory,
+        "Gives back to the driver what the CUDA backend's memory pools hold unused.");
+  m.def("cuda_memory_reserved", &fsa::cuda_memory_reserved,
+        "Bytes the CUDA backend's pool of the current device holds.");
 
   // ---- mask utilities
   // ----------------------------------------------------------------------------

@@ -44,6 +44,20 @@ triton_sparse_attn_func = None
 flex_sparse_attn_func = None
 
 
+def release_cuda_memory() -> None:
+    """Give back to the driver the memory the CUDA backend's pools hold unused. The backend takes
+    its scratch (plans, gathered keys, split workspaces) from a pool of its own per device that
+    keeps it across calls (so a call after a synchronize does not map it again), as torch's
+    caching allocator does; ``torch.cuda.empty_cache()`` does not reach it. Synchronize first to
+    give back everything. A no-op without CUDA."""
+    _C.release_cuda_memory()
+
+
+def cuda_memory_reserved() -> int:
+    """Bytes the CUDA backend's pool of the current device holds (0 before its first CUDA call)."""
+    return int(_C.cuda_memory_reserved())
+
+
 def get_available_backends():
     """Return a list of available backends ("cuda" when compiled in, then "cpu")."""
     backends = []
@@ -96,5 +110,7 @@ __all__ = [
     "triton_sparse_attn_func",
     "flex_sparse_attn_func",
     "get_available_backends",
+    "release_cuda_memory",
+    "cuda_memory_reserved",
     "flash_sparse_attn_func_auto",
 ]

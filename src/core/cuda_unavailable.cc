@@ -45,6 +45,8 @@ void compacted_backward(const BackwardProblem&, const KeyCompaction&, void*) { u
 DevicePlanStats device_plan_stats(const DeviceBlockMap&) { unavailable(); }
 void forward(const ForwardProblem&, const Plan&, void*) { unavailable(); }
 void backward(const BackwardProblem&, const Plan&, void*) { unavailable(); }
+void release_scratch() {}  // no pools without CUDA
+int64_t scratch_reserved() { return 0; }
 
 }  // namespace fsa::detail::cuda
 

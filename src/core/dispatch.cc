@@ -96,4 +96,7 @@ void backward(const BackwardArgs& args) {
 void set_num_threads(int num_threads) { detail::set_cpu_threads(num_threads); }
 int num_threads() { return detail::cpu_threads(); }
 
+void release_cuda_memory() { detail::cuda::release_scratch(); }
+int64_t cuda_memory_reserved() { return detail::cuda::scratch_reserved(); }
+
 }  // namespace fsa

@@ -14,6 +14,7 @@
 #include "cuda/device_plan.h"
 #include "cuda/forward_launch.h"
 #include "cuda/list_sort.h"
+#include "cuda/memory_pool.h"
 #include "cuda/plan_kernels.cuh"
 #include "cuda/stream_buffer.h"
 #include "cuda/tiles.h"
@@ -97,7 +98,7 @@ SeqOperand padded_copy(const SeqOperand& op, int64_t batch, int64_t seqlen, int6
                        int64_t head_dim, cudaStream_t stream, void*& buffer) {
   const int padded = int((head_dim + 7) / 8 * 8);
   const int64_t rows = batch * seqlen * heads;
-  FSA_CUDA_CHECK(cudaMallocAsync(&buffer, std::max<int64_t>(rows * padded, 1) * 2, stream));
+  FSA_CUDA_CHECK(scratch_malloc(&buffer, std::max<int64_t>(rows * padded, 1) * 2, stream));
   if (rows > 0) {
     const int64_t blocks = std::min<int64_t>((rows * padded + 255) / 256, 65535);
     pad_rows_kernel<<<unsigned(blocks), 256, 0, stream>>>(
@@ -167,7 +168,7 @@ void plan_dkv_groups(const PlanParams& pp, int64_t lists, int64_t stride, cudaSt
   const int64_t n = lists * stride;  // within int32 (make_device_plan)
   // Scratch: keys in and out, slots in and out.
   StreamBuffer scratch(stream), sort_temp(stream);
-  FSA_CUDA_CHECK(cudaMallocAsync(&scratch.ptr, size_t(4 * n) * 4, stream));
+  FSA_CUDA_CHECK(scratch_malloc(&scratch.ptr, size_t(4 * n) * 4, stream));
   auto* key_in = static_cast<uint32_t*>(scratch.ptr);
   auto* key_out = key_in + n;
   auto* slot_in = reinterpret_cast<int32_t*>(key_out + n);
@@ -238,7 +239,7 @@ std::shared_ptr<const DeviceBlockMap> make_device_plan(
   const size_t dkv_slots_at = take(dkv_groups ? outer * dkv_stride * sizeof(int32_t) : 0);
   const size_t dkv_counts_at = take(dkv_groups ? 2 * cols * sizeof(int32_t) : 0);
   const size_t dkv_index_at = take(dkv_groups ? 2 * tiles * sizeof(int32_t) : 0);
-  FSA_CUDA_CHECK(cudaMallocAsync(&map->storage, offset, stream));
+  FSA_CUDA_CHECK(scratch_malloc(&map->storage, offset, stream));
   auto* base = static_cast<uint8_t*>(map->storage);
   map->counters = reinterpret_cast<unsigned long long*>(base + counters_at);
   map->tile_class = base + class_at;
@@ -405,7 +406,7 @@ void forward(const ForwardProblem& p, const Plan& plan, void* stream_ptr) {
     const int64_t rows = p.batch * p.num_heads * p.seqlen_q;
     const size_t o_bytes = size_t(fp.num_splits) * rows * kdim * sizeof(float);
     const size_t lse_bytes = size_t(fp.num_splits) * rows * sizeof(float);
-    FSA_CUDA_CHECK(cudaMallocAsync(&workspace.ptr, o_bytes + lse_bytes, stream));
+    FSA_CUDA_CHECK(scratch_malloc(&workspace.ptr, o_bytes + lse_bytes, stream));
     fp.o_partial = static_cast<float*>(workspace.ptr);
     fp.lse_partial = reinterpret_cast<float*>(static_cast<uint8_t*>(workspace.ptr) + o_bytes);
   }
@@ -482,7 +483,7 @@ void backward(const BackwardProblem& p, const Plan& plan, void* stream_ptr) {
   // Scratch from the stream-ordered pool: rowdot (B, H, Sq) and the bias-gradient accumulator.
   StreamBuffer rowdot(stream), accum(stream);
   const int64_t rows = p.batch * p.num_heads * p.seqlen_q;
-  FSA_CUDA_CHECK(cudaMallocAsync(&rowdot.ptr, std::max<int64_t>(rows, 1) * sizeof(float), stream));
+  FSA_CUDA_CHECK(scratch_malloc(&rowdot.ptr, std::max<int64_t>(rows, 1) * sizeof(float), stream));
   bp.rowdot = static_cast<float*>(rowdot.ptr);
   if (p.dbias) {
     const BroadcastOperand& g = *p.dbias;
@@ -519,7 +520,7 @@ void backward(const BackwardProblem& p, const Plan& plan, void* stream_ptr) {
     if (bp.bias_grad == BiasGrad::kRows) accum_elems = rows;
     if (bp.bias_grad == BiasGrad::kColumns) accum_elems = p.batch * p.num_heads * p.seqlen_k;
     if (accum_elems > 0) {
-      FSA_CUDA_CHECK(cudaMallocAsync(&accum.ptr, accum_elems * sizeof(float), stream));
+      FSA_CUDA_CHECK(scratch_malloc(&accum.ptr, accum_elems * sizeof(float), stream));
       float* a = static_cast<float*>(accum.ptr);
       if (bp.bias_grad == BiasGrad::kFullSummed) {
         FSA_CUDA_CHECK(cudaMemsetAsync(a, 0, accum_elems * sizeof(float), stream));

@@ -11,6 +11,7 @@
 #include "cuda/backward_launch.h"
 #include "cuda/check.h"
 #include "cuda/device_arch.h"
+#include "cuda/memory_pool.h"
 #include "cuda/stream_buffer.h"
 
 namespace fsa::detail::cuda {
@@ -170,7 +171,7 @@ void launch_backward(const BackwardParams& p, cudaStream_t stream) {
       const size_t cols = p.bias_grad == BiasGrad::kColumns
                               ? size_t(p.batch) * p.num_heads * kv.dkv_rows
                               : 0;
-      FSA_CUDA_CHECK(cudaMallocAsync(&dkv_workspace.ptr, (2 * per + cols) * sizeof(float), stream));
+      FSA_CUDA_CHECK(scratch_malloc(&dkv_workspace.ptr, (2 * per + cols) * sizeof(float), stream));
       kv.dkv_partial = static_cast<float*>(dkv_workspace.ptr);
       if (cols > 0) kv.col_accum = kv.dkv_partial + 2 * per;
     }

@@ -25,6 +25,7 @@
 #include "cuda/cuda_backend.h"
 #include "cuda/device_plan.h"
 #include "cuda/list_sort.h"
+#include "cuda/memory_pool.h"
 #include "cuda/stream_buffer.h"
 #include "cuda/tiles.h"
 #include "cuda/topk_keys.h"
@@ -521,7 +522,7 @@ struct CompactBuffers {
     const size_t row_bytes = (rows + 255) / 256 * 256;
     const size_t flag_at = row_bytes * (grads ? 4 : 2);
     const size_t total = flag_at + 256 + bias_bytes * (dbias_wanted ? 2 : 1);
-    FSA_CUDA_CHECK(cudaMallocAsync(&memory.ptr, total, stream));
+    FSA_CUDA_CHECK(scratch_malloc(&memory.ptr, total, stream));
     auto* base = static_cast<uint8_t*>(memory.ptr);
     v_nonfinite = reinterpret_cast<int32_t*>(base + flag_at);
     FSA_CUDA_CHECK(cudaMemsetAsync(v_nonfinite, 0, sizeof(int32_t), stream));
@@ -726,7 +727,7 @@ std::shared_ptr<KeyCompaction> build_compaction(const Geometry& geo, const Broad
   const size_t lists_bytes = at(keys_bytes) + at(slot_bytes) + at(count_bytes) + at(row_bytes);
   void* raw = nullptr;
   const size_t last_bytes = topk ? 2 * size_t(lists * key_last_stride(slots)) * 4 : 0;
-  FSA_CUDA_CHECK(cudaMallocAsync(&raw, std::max<size_t>(lists_bytes + last_bytes, 1), stream));
+  FSA_CUDA_CHECK(scratch_malloc(&raw, std::max<size_t>(lists_bytes + last_bytes, 1), stream));
   std::shared_ptr<void> storage(raw, [stream](void* ptr) { cudaFreeAsync(ptr, stream); });
   auto* base = static_cast<uint8_t*>(raw);
   auto* keys = reinterpret_cast<int32_t*>(base);
@@ -742,7 +743,7 @@ std::shared_ptr<KeyCompaction> build_compaction(const Geometry& geo, const Broad
       FSA_CUDA_CHECK(cudaMemsetAsync(count, 0, size_t(lists) * 4, stream));
     } else {
       StreamBuffer chunk_count(stream);
-      FSA_CUDA_CHECK(cudaMallocAsync(&chunk_count.ptr, size_t(lists * chunks) * 4, stream));
+      FSA_CUDA_CHECK(scratch_malloc(&chunk_count.ptr, size_t(lists * chunks) * 4, stream));
       const dim3 grid{unsigned(chunks), unsigned(lists)};
       list_counts_kernel<<<grid, kListThreads, 0, stream>>>(
           m, static_cast<int32_t*>(chunk_count.ptr));
@@ -795,7 +796,7 @@ bool mask_key_intervals(const Geometry& geo, const BroadcastOperand& mask, bool 
   check_interval_extents(g);
   const int64_t lists = g.list_batch * g.list_heads, n = lists * g.seqlen_k;
   StreamBuffer scratch(stream);
-  FSA_CUDA_CHECK(cudaMallocAsync(&scratch.ptr, size_t(3 * n + 1) * 4, stream));
+  FSA_CUDA_CHECK(scratch_malloc(&scratch.ptr, size_t(3 * n + 1) * 4, stream));
   auto* base = static_cast<int32_t*>(scratch.ptr);
   auto* broken = reinterpret_cast<uint32_t*>(base + 3 * n);
   FSA_CUDA_CHECK(cudaMemsetAsync(broken, 0, 4, stream));
@@ -829,7 +830,7 @@ std::shared_ptr<const KeyCompaction> make_device_interval_compaction(const Geome
   const size_t count_bytes = at(size_t(lists) * 4), row_bytes = at(size_t(lists * sq) * 4);
   const size_t last_bytes = at(size_t(lists * stride) * 4);
   void* raw = nullptr;
-  FSA_CUDA_CHECK(cudaMallocAsync(
+  FSA_CUDA_CHECK(scratch_malloc(
       &raw, std::max<size_t>(keys_bytes + slot_bytes + count_bytes + row_bytes + 2 * last_bytes, 1),
       stream));
   std::shared_ptr<void> storage(raw, [stream](void* ptr) { cudaFreeAsync(ptr, stream); });
@@ -848,7 +849,7 @@ std::shared_ptr<const KeyCompaction> make_device_interval_compaction(const Geome
   // int32), the broken flag (unread here: the caller promised intervals); 4 bytes of padding.
   const int row_bits = bits_below(sq + 1);  // keys are first rows <= Sq
   StreamBuffer scratch(stream), sort_temp(stream);
-  FSA_CUDA_CHECK(cudaMallocAsync(&scratch.ptr, size_t(n) * (3 * 4 + 2 * 8 + 2 * 4) + 8, stream));
+  FSA_CUDA_CHECK(scratch_malloc(&scratch.ptr, size_t(n) * (3 * 4 + 2 * 8 + 2 * 4) + 8, stream));
   auto* scan = static_cast<int32_t*>(scratch.ptr);
   auto* key_in = reinterpret_cast<uint64_t*>(scan + 3 * n + (n & 1));  // 8-byte aligned
   auto* key_out = key_in + n;
@@ -897,7 +898,7 @@ std::shared_ptr<const KeyCompaction> make_device_topk_compaction(
 
   // The keys some row keeps, as a (batch, heads, 1, Sk) mask for the lists' builder.
   StreamBuffer kept(stream);
-  FSA_CUDA_CHECK(cudaMallocAsync(&kept.ptr, size_t(std::max<int64_t>(lists * sk, 1)), stream));
+  FSA_CUDA_CHECK(scratch_malloc(&kept.ptr, size_t(std::max<int64_t>(lists * sk, 1)), stream));
   if (lists * sk > 0) {
     kept_by_some_row_kernel<<<dim3(unsigned(ceil_div(sk, 256)), unsigned(lists)), 256, 0,
                               stream>>>(tp, static_cast<uint8_t*>(kept.ptr));

@@ -75,4 +75,9 @@ DevicePlanStats device_plan_stats(const DeviceBlockMap& map);
 void forward(const ForwardProblem& p, const Plan& plan, void* stream);
 void backward(const BackwardProblem& p, const Plan& plan, void* stream);
 
+// The library's memory pools (cuda/memory_pool.h): give back to the driver what they hold unused
+// (every device's), and the bytes the current device's pool holds (0 before its first call).
+void release_scratch();
+int64_t scratch_reserved();
+
 }  // namespace fsa::detail::cuda

@@ -12,6 +12,7 @@
 #include <cub/device/device_radix_sort.cuh>
 
 #include "cuda/check.h"
+#include "cuda/memory_pool.h"
 #include "cuda/stream_buffer.h"
 
 namespace fsa::detail::cuda {
@@ -34,7 +35,7 @@ void sort_pairs(const Key* keys_in, Key* keys_out, const int32_t* values_in, int
                                                  values_out, int(n), begin_bit, end_bit, stream));
   // Never a null scratch pointer: cub would take the second call for a size query and not sort.
   bytes = bytes > 0 ? bytes : 1;
-  FSA_CUDA_CHECK(cudaMallocAsync(&temp.ptr, bytes, stream));
+  FSA_CUDA_CHECK(scratch_malloc(&temp.ptr, bytes, stream));
   FSA_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp.ptr, bytes, keys_in, keys_out, values_in,
                                                  values_out, int(n), begin_bit, end_bit, stream));
 }

@@ -31,6 +31,7 @@
 
 #include "cuda/check.h"
 #include "cuda/mask_backend.h"
+#include "cuda/memory_pool.h"
 
 namespace fsa::detail::cuda {
 namespace {
@@ -934,7 +935,7 @@ class DeviceScope {
 class StreamScratch {
  public:
   StreamScratch(size_t bytes, cudaStream_t stream) : stream_(stream) {
-    FSA_CUDA_CHECK(cudaMallocAsync(&ptr_, std::max<size_t>(bytes, 1), stream));
+    FSA_CUDA_CHECK(scratch_malloc(&ptr_, std::max<size_t>(bytes, 1), stream));
   }
   ~StreamScratch() { cudaFreeAsync(ptr_, stream_); }
   StreamScratch(const StreamScratch&) = delete;

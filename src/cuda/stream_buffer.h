@@ -1,5 +1,5 @@
 #pragma once
-// Scratch memory of one call from the stream-ordered pool of the caller's stream.
+// Scratch memory of one call, stream-ordered, from the library's pool (memory_pool.h).
 
 #include <cuda_runtime.h>
 

@@ -22,6 +22,7 @@
 #include "cuda/check.h"
 #include "cuda/cuda_backend.h"
 #include "cuda/list_sort.h"
+#include "cuda/memory_pool.h"
 #include "cuda/stream_buffer.h"
 #include "cuda/topk_keys.h"
 
@@ -212,7 +213,7 @@ std::shared_ptr<const RowThresholds> make_device_thresholds(
   // Thresholds: key (lists, Sq) and last (lists, Sq), one allocation owned by the plan.
   void* raw = nullptr;
   const size_t half = size_t(std::max<int64_t>(lists * sq, 1)) * 4;
-  FSA_CUDA_CHECK(cudaMallocAsync(&raw, 2 * half, stream));
+  FSA_CUDA_CHECK(scratch_malloc(&raw, 2 * half, stream));
   std::shared_ptr<void> storage(raw, [stream](void* ptr) { cudaFreeAsync(ptr, stream); });
   auto* out_key = static_cast<uint32_t*>(raw);
   auto* out_last = reinterpret_cast<int32_t*>(static_cast<uint8_t*>(raw) + half);
@@ -227,7 +228,7 @@ std::shared_ptr<const RowThresholds> make_device_thresholds(
     // Scratch: sort keys in / out, indices in / out, ranks.
     const int64_t n = lists * sk;
     StreamBuffer scratch(stream), sort_temp(stream);
-    FSA_CUDA_CHECK(cudaMallocAsync(&scratch.ptr, size_t(n) * (2 * 8 + 3 * 4), stream));
+    FSA_CUDA_CHECK(scratch_malloc(&scratch.ptr, size_t(n) * (2 * 8 + 3 * 4), stream));
     auto* keys_in = static_cast<uint64_t*>(scratch.ptr);
     auto* keys_out = keys_in + n;
     auto* index_in = reinterpret_cast<int32_t*>(keys_out + n);

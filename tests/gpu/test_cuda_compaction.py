@@ -379,3 +379,23 @@ def test_compacted_calls_only_skips_the_key_axis_map(gen):
     with pytest.raises(ValueError, match="attn_bias"):
         _C.forward(q, k, v, mask, bias.expand(1, 2, 512, 2048).contiguous(), outs[1], None, None,
                    True, 0.0, plan, stream)
+
+
+def test_memory_pool_keeps_scratch_across_synchronize_until_released(gen):
+    """The backend's scratch comes from its own pool (src/cuda/memory_pool.h): reserved memory
+    survives a synchronize (the device's default pool would give it back and map it again on the
+    next call), release_cuda_memory gives it back, and a call after a release is still right."""
+    import flash_sparse_attn
+    q, k, v = qkv(1, 512, 512, 4, 2, 64, torch.bfloat16, gen)
+    mask = top_keys(randn(1, 2, 1, 512, dtype=torch.float32, gen=gen), 100)
+    clear_plan_cache()
+    first = flash_sparse_attn_func(q, k, v, attn_mask=mask, is_causal=True)
+    torch.cuda.synchronize()
+    held = flash_sparse_attn.cuda_memory_reserved()
+    assert held > 0, "the call's scratch should stay reserved in the pool after a synchronize"
+    clear_plan_cache()
+    torch.cuda.synchronize()
+    flash_sparse_attn.release_cuda_memory()
+    assert flash_sparse_attn.cuda_memory_reserved() < held
+    again = flash_sparse_attn_func(q, k, v, attn_mask=mask, is_causal=True)
+    assert torch.equal(first, again)

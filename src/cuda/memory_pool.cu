@@ -1,0 +1,78 @@
+// One memory pool per device for the CUDA backend's scratch (memory_pool.h).
+
+#include "cuda/memory_pool.h"
+
+#include <cstdint>
+#include <mutex>
+#include <vector>
+
+#include "cuda/check.h"
+#include "cuda/cuda_backend.h"
+
+namespace fsa::detail::cuda {
+namespace {
+
+std::mutex pools_mutex;
+std::vector<cudaMemPool_t> pools;  // by device ordinal; nullptr until that device's first use
+
+// The pool of `device`, created on first use. The release threshold is the largest size: memory
+// freed into the pool stays reserved across synchronizations until release_scratch() trims it.
+cudaMemPool_t pool_of(int device) {
+  std::lock_guard<std::mutex> lock(pools_mutex);
+  if (device >= int(pools.size())) pools.resize(device + 1, nullptr);
+  if (!pools[device]) {
+    cudaMemPoolProps props = {};
+    props.allocType = cudaMemAllocationTypePinned;
+    props.handleTypes = cudaMemHandleTypeNone;
+    props.location.type = cudaMemLocationTypeDevice;
+    props.location.id = device;
+    cudaMemPool_t pool = nullptr;
+    FSA_CUDA_CHECK(cudaMemPoolCreate(&pool, &props));
+    uint64_t threshold = UINT64_MAX;
+    FSA_CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &threshold));
+    pools[device] = pool;
+  }
+  return pools[device];
+}
+
+}  // namespace
+
+cudaError_t scratch_malloc(void** ptr, size_t bytes, cudaStream_t stream) {
+  int device = 0;
+  const cudaError_t e = cudaGetDevice(&device);
+  if (e != cudaSuccess) return e;
+  return cudaMallocFromPoolAsync(ptr, bytes, pool_of(device), stream);
+}
+
+void release_scratch() {
+  std::vector<cudaMemPool_t> created;
+  {
+    std::lock_guard<std::mutex> lock(pools_mutex);
+    created = pools;
+  }
+  for (cudaMemPool_t pool : created) {
+    // Trims what is free after the work queued so far; memory still in use stays reserved.
+    if (pool) FSA_CUDA_CHECK(cudaMemPoolTrimTo(pool, 0));
+  }
+}
+
+int64_t scratch_reserved() {
+  {
+    // No pool yet: 0 without asking the runtime (which fails where there is no driver).
+    std::lock_guard<std::mutex> lock(pools_mutex);
+    if (pools.empty()) return 0;
+  }
+  int device = 0;
+  FSA_CUDA_CHECK(cudaGetDevice(&device));
+  cudaMemPool_t pool = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(pools_mutex);
+    if (device < int(pools.size())) pool = pools[device];
+  }
+  if (!pool) return 0;
+  uint64_t bytes = 0;
+  FSA_CUDA_CHECK(cudaMemPoolGetAttribute(pool, cudaMemPoolAttrReservedMemCurrent, &bytes));
+  return int64_t(bytes);
+}
+
+}  // namespace fsa::detail::cuda
