@@ -485,6 +485,7 @@ void backward(const BackwardProblem& p, const Plan& plan, void* stream_ptr) {
   const int64_t rows = p.batch * p.num_heads * p.seqlen_q;
   FSA_CUDA_CHECK(scratch_malloc(&rowdot.ptr, std::max<int64_t>(rows, 1) * sizeof(float), stream));
   bp.rowdot = static_cast<float*>(rowdot.ptr);
+  bp.rowdot_chunks = rows_aligned(p.out, p.head_dim) && rows_aligned(dout, p.head_dim);
   if (p.dbias) {
     const BroadcastOperand& g = *p.dbias;
     for (int d = 0; d < 4; ++d) {

@@ -3,6 +3,7 @@
 // each output element written by exactly one CTA, as on the CPU backend:
 //
 //   rowdot_kernel  rowdot (B, H, Sq) = sum_d dO * O                       one warp per row
+//   rowdot_chunks_kernel  the same over 16-byte chunks         8 / 16 / 32 lanes per row
 //   dq_kernel      dQ of one query tile over the plan's key blocks;        CTA (m, h, b)
 //                  dbias for a bias with a query dim (full or row sums)
 //   dkdv_kernel    dK, dV of one key tile over the G query heads and the   CTA (n, hk, b)
@@ -48,6 +49,40 @@ __global__ void rowdot_kernel(const __grid_constant__ BackwardParams p) {
   for (int c = lane; c < p.head_dim; c += 32) sum += Elt::to_float(o, c) * Elt::to_float(d, c);
   for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
   if (lane == 0) const_cast<float*>(p.rowdot)[row] = sum;  // (B, H, Sq), row = (b H + h) Sq + i
+}
+
+// rowdot over rows of 16-byte chunks (out and dout 16-byte aligned, head_dim % 8 == 0): kLanes
+// lanes per row (head_dim <= 8 * kLanes chunks in one pass), each loading a chunk of 8 elements of
+// O and dO at once, summed over the row's lanes by shuffles.
+template <class Elt, int kLanes>
+__global__ void rowdot_chunks_kernel(const __grid_constant__ BackwardParams p) {
+  static_assert(kLanes == 8 || kLanes == 16 || kLanes == 32, "a row's lanes share one warp");
+  const int64_t rows = int64_t(p.batch) * p.num_heads * p.seqlen_q;
+  const int64_t row = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / kLanes;
+  const int lane = threadIdx.x % kLanes;
+  float sum = 0.0f;
+  if (row < rows) {
+    const int i = int(row % p.seqlen_q), h = int((row / p.seqlen_q) % p.num_heads);
+    const int b = int(row / (int64_t(p.seqlen_q) * p.num_heads));
+    const uint4* o = reinterpret_cast<const uint4*>(
+        static_cast<const typename Elt::Storage*>(p.out) + b * p.o_stride_b + i * p.o_stride_s +
+        h * p.o_stride_h);
+    const uint4* d = reinterpret_cast<const uint4*>(
+        static_cast<const typename Elt::Storage*>(p.dout) + b * p.do_stride_b +
+        i * p.do_stride_s + h * p.do_stride_h);
+    for (int c = lane; c < p.head_dim / 8; c += kLanes) {
+      const uint4 x = o[c], y = d[c];
+      const uint32_t xs[4] = {x.x, x.y, x.z, x.w}, ys[4] = {y.x, y.y, y.z, y.w};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float2 a = Elt::unpack(xs[e]), g = Elt::unpack(ys[e]);
+        sum = fmaf(a.x, g.x, sum);
+        sum = fmaf(a.y, g.y, sum);
+      }
+    }
+  }
+  for (int off = kLanes / 2; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+  if (row < rows && lane == 0) const_cast<float*>(p.rowdot)[row] = sum;
 }
 
 // One entry of the recomputation: from the raw product x = q.k and dP = dO.v of (query i, key j)
@@ -844,43 +879,66 @@ __global__ void zero_dbias_kernel(const __grid_constant__ BackwardParams p) {
 }
 
 // dK and dV from the dK/dV pass's split shares (BackwardParams::dkv_partial), summed in split
-// order; four consecutive elements of a row per thread, grid-stride. Rows the pass wrote itself
-// (one share under dkv_by_count) and rows past a compaction's count (BlockMapParams::kept_count:
-// nothing reads them) are left as they are: summing every slot row of per-row top-k's four shares
-// took 0.36 ms at (1, 16384, 32, 8, 128) window 2048, where 38% of the slots hold keys (H200).
-template <class Elt>
-__global__ void dkv_reduce_kernel(const __grid_constant__ BackwardParams p, int kernel_dim) {
-  const int quads = kernel_dim / 4;
-  const int64_t rows = int64_t(p.batch) * p.seqlen_k * p.num_kv_heads;  // (b, key, hk) rows out
-  const int64_t per = int64_t(p.batch) * p.dkv_rows * p.num_kv_heads * kernel_dim;  // dK, then dV
-  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < 2 * rows * quads;
-       e += int64_t(gridDim.x) * blockDim.x) {
-    const int which = int(e / (rows * quads));  // 0: dK, 1: dV
-    const int64_t row = e % (rows * quads) / quads;
-    const int d = int(e % quads) * 4;
-    if (d >= p.head_dim) continue;
-    const int hk = int(row % p.num_kv_heads);
-    const int key = int(row / p.num_kv_heads % p.seqlen_k);
-    const int b = int(row / (int64_t(p.num_kv_heads) * p.seqlen_k));
-    if (p.map.kept_count != nullptr && key >= kept_count_of(p, hk, b)) continue;
-    const DkvShares sh = dkv_shares(p, hk, b);
-    if (sh.log2 == 0) continue;
-    float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    for (int s = 0; s < (1 << sh.log2); ++s) {
-      const float4 x = *reinterpret_cast<const float4*>(
-          p.dkv_partial + which * per +
-          ((int64_t(b) * p.dkv_rows + s * sh.stride + key) * p.num_kv_heads + hk) * kernel_dim + d);
-      sum.x += x.x, sum.y += x.y, sum.z += x.z, sum.w += x.w;
-    }
-    auto* out = static_cast<typename Elt::Storage*>(which == 0 ? p.dk : p.dv);
-    const int64_t off = which == 0 ? b * p.dk_stride_b + key * p.dk_stride_s + hk * p.dk_stride_h
-                                   : b * p.dv_stride_b + key * p.dv_stride_s + hk * p.dv_stride_h;
-    auto* dst = reinterpret_cast<uint16_t*>(out + off);
-    const float v[4] = {sum.x, sum.y, sum.z, sum.w};
+// order. Grid (key blocks, kv heads, batch): a CTA's shares and count are those of one list, read
+// once; each thread sums four consecutive columns of one key's dK and dV row over every share (the
+// loads issued together) and stores each as one 8-byte write where the output allows. Lists
+// without shares (their rows written by the pass itself, one share under dkv_by_count) and rows
+// past a compaction's count (BlockMapParams::kept_count: nothing reads them) are left as they are.
+// (Summing every slot row took 0.36 ms for per-row top-k at (1, 16384, 32, 8, 128) window 2048,
+// where 38% of the slots hold keys; one thread per element with 64-bit index arithmetic took
+// 0.094 ms for a key mask's two shares at that shape, H200.)
+template <class Elt, int kKernelDim>
+__global__ void dkv_reduce_kernel(const __grid_constant__ BackwardParams p) {
+  constexpr int kQuads = kKernelDim / 4;
+  constexpr int kMaxShares = 8;  // dkv_max_shares and FSA_CUDA_DKV_SPLIT_LOG2 stay within it
+  const int hk = int(blockIdx.y), b = int(blockIdx.z);
+  const DkvShares sh = dkv_shares(p, hk, b);
+  if (sh.log2 == 0) return;
+  const int keys =
+      p.map.kept_count != nullptr ? min(p.seqlen_k, kept_count_of(p, hk, b)) : p.seqlen_k;
+  const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int key = int(e / kQuads), d = int(e % kQuads) * 4;
+  if (key >= keys || d >= p.head_dim) return;
+  const int64_t per = int64_t(p.batch) * p.dkv_rows * p.num_kv_heads * kKernelDim;  // dK, then dV
+  const int64_t step = int64_t(sh.stride) * p.num_kv_heads * kKernelDim;            // one share
+  const float* src =
+      p.dkv_partial + ((int64_t(b) * p.dkv_rows + key) * p.num_kv_heads + hk) * kKernelDim + d;
+  float4 x[kMaxShares], y[kMaxShares];
 #pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      if (d + c < p.head_dim) dst[d + c] = uint16_t(Elt::pack(v[c], 0.0f) & 0xffffu);
+  for (int s = 0; s < kMaxShares; ++s) {
+    if (s < (1 << sh.log2)) {
+      x[s] = *reinterpret_cast<const float4*>(src + s * step);
+      y[s] = *reinterpret_cast<const float4*>(src + per + s * step);
     }
+  }
+  float k4[4] = {0.0f, 0.0f, 0.0f, 0.0f}, v4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+  for (int s = 0; s < kMaxShares; ++s) {
+    if (s < (1 << sh.log2)) {
+      k4[0] += x[s].x, k4[1] += x[s].y, k4[2] += x[s].z, k4[3] += x[s].w;
+      v4[0] += y[s].x, v4[1] += y[s].y, v4[2] += y[s].z, v4[3] += y[s].w;
+    }
+  }
+  auto* dk = reinterpret_cast<uint16_t*>(static_cast<typename Elt::Storage*>(p.dk) +
+                                         b * p.dk_stride_b + key * p.dk_stride_s +
+                                         hk * p.dk_stride_h + d);
+  auto* dv = reinterpret_cast<uint16_t*>(static_cast<typename Elt::Storage*>(p.dv) +
+                                         b * p.dv_stride_b + key * p.dv_stride_s +
+                                         hk * p.dv_stride_h + d);
+  const bool whole = d + 4 <= p.head_dim;
+  const uint32_t k01 = Elt::pack(k4[0], k4[1]), k23 = Elt::pack(k4[2], k4[3]);
+  const uint32_t v01 = Elt::pack(v4[0], v4[1]), v23 = Elt::pack(v4[2], v4[3]);
+  if (whole && reinterpret_cast<uintptr_t>(dk) % 8 == 0) {
+    *reinterpret_cast<uint2*>(dk) = make_uint2(k01, k23);
+  } else {
+    const uint32_t w[2] = {k01, k23};
+    for (int c = 0; c < 4 && d + c < p.head_dim; ++c) dk[c] = uint16_t(w[c / 2] >> (16 * (c % 2)));
+  }
+  if (whole && reinterpret_cast<uintptr_t>(dv) % 8 == 0) {
+    *reinterpret_cast<uint2*>(dv) = make_uint2(v01, v23);
+  } else {
+    const uint32_t w[2] = {v01, v23};
+    for (int c = 0; c < 4 && d + c < p.head_dim; ++c) dv[c] = uint16_t(w[c / 2] >> (16 * (c % 2)));
   }
 }
 

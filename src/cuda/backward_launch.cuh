@@ -98,7 +98,16 @@ void launch_backward(const BackwardParams& p, cudaStream_t stream) {
   }
   const int64_t rows = int64_t(p.batch) * p.num_heads * p.seqlen_q;
   if (rows > 0) {
-    rowdot_kernel<Elt><<<unsigned((rows + 3) / 4), 128, 0, stream>>>(p);
+    if (p.rowdot_chunks) {
+      // A row's chunks over 8, 16 or 32 lanes: one pass of 16-byte loads for head dims <= 256.
+      const int lanes = p.head_dim <= 64 ? 8 : p.head_dim <= 128 ? 16 : 32;
+      const unsigned blocks = unsigned((rows * lanes + 255) / 256);
+      if (lanes == 8) rowdot_chunks_kernel<Elt, 8><<<blocks, 256, 0, stream>>>(p);
+      if (lanes == 16) rowdot_chunks_kernel<Elt, 16><<<blocks, 256, 0, stream>>>(p);
+      if (lanes == 32) rowdot_chunks_kernel<Elt, 32><<<blocks, 256, 0, stream>>>(p);
+    } else {
+      rowdot_kernel<Elt><<<unsigned((rows + 3) / 4), 128, 0, stream>>>(p);
+    }
     FSA_CUDA_CHECK(cudaGetLastError());
   }
   if (p.map.m_blocks > 0) {
@@ -194,9 +203,9 @@ void launch_backward(const BackwardParams& p, cudaStream_t stream) {
            Sm90Tiles::smem_bytes(p.bias_staged), stream>>>(kv);
     FSA_CUDA_CHECK(cudaGetLastError());
     if (kv.dkv_splits > 1 || kv.dkv_by_count) {
-      const int64_t elements = 2 * int64_t(p.batch) * p.seqlen_k * p.num_kv_heads * kHeadDim / 4;
-      dkv_reduce_kernel<Elt><<<unsigned(std::min<int64_t>((elements + 255) / 256, 8192)), 256,
-                               0, stream>>>(kv, kHeadDim);
+      const dim3 grid(unsigned((int64_t(p.seqlen_k) * (kHeadDim / 4) + 255) / 256),
+                      unsigned(p.num_kv_heads), unsigned(p.batch));
+      dkv_reduce_kernel<Elt, kHeadDim><<<grid, 256, 0, stream>>>(kv);
       FSA_CUDA_CHECK(cudaGetLastError());
     }
   } else if (p.map.n_blocks > 0) {

@@ -127,6 +127,7 @@ struct BackwardParams {
   int64_t dv_stride_b, dv_stride_s, dv_stride_h;
   int64_t lse_stride_b, lse_stride_h, lse_stride_s;
   const float* rowdot;  // (B, H, Sq) sum_d dO * O, from the preprocess kernel
+  bool rowdot_chunks;   // out and dout rows are 16-byte chunks: rowdot_chunks_kernel reads them
 
   const uint8_t* mask;  // as in ForwardParams
   int64_t mask_stride[4];
