@@ -255,9 +255,9 @@ __global__ void gather_bias_kernel(const __grid_constant__ BiasGatherParams p) {
 }
 
 struct ScatterParams {
-  const void* src;  // (B, slots, kv_heads, D) contiguous, 16-bit
-  void* dst;        // (B, Sk, Hk, D), the caller's strides
-  int64_t stride_b, stride_s, stride_h;
+  const void* src[2];  // dK, dV slots: (B, slots, kv_heads, D) contiguous, 16-bit
+  void* dst[2];        // dK, dV (B, Sk, Hk, D), the caller's strides
+  int64_t stride_b[2], stride_s[2], stride_h[2];
   const int32_t* slot;
   CompactGeometry g;
   int head_dim;
@@ -271,11 +271,11 @@ __device__ inline uint16_t float_to_half_bits(float x, bool bf16) {
   return bf16 ? __bfloat16_as_ushort(__float2bfloat16_rn(x)) : __half_as_ushort(__float2half_rn(x));
 }
 
-// grid (ceil(Sk * D / kElems / 256), Hk, B), kElems consecutive elements of one row per thread
-// (8: one 16-byte load per gathered head and one store, when D, the strides and the pointer allow;
-// else 1): key j of kv head hk sums, over the gathered heads that copy hk (one, or a query group's),
-// its slot's gradient; 0 for a dropped key. Each element is written once: no atomics, the same
-// order every run.
+// grid (ceil(Sk * D / kElems / 256), Hk, B), kElems consecutive elements of one row of dK and the
+// same of dV per thread (8: one 16-byte load per gathered head and one store, when D, the strides
+// and the pointers allow; else 1): key j of kv head hk sums, over the gathered heads that copy hk
+// (one, or a query group's), its slot's gradient; 0 for a dropped key. Each element is written
+// once: no atomics, the same order every run. dK and dV in one launch share the slot lookups.
 template <int kElems>
 __global__ void scatter_rows_kernel(const __grid_constant__ ScatterParams p) {
   const int hk = blockIdx.y, b = blockIdx.z;
@@ -283,36 +283,43 @@ __global__ void scatter_rows_kernel(const __grid_constant__ ScatterParams p) {
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= p.g.seqlen_k * chunks) return;
   const int64_t j = idx / chunks;
-  const int d = int(idx % chunks) * kElems;
+  const int d = int(idx - j * chunks) * kElems;
   const int64_t per = p.g.kv_heads / p.g.num_kv_heads;
-  float sum[kElems] = {};
+  float sum[2][kElems] = {};
   for (int64_t hc = hk * per; hc < (hk + 1) * per; ++hc) {
     const int32_t s = p.slot[p.g.list_of_kv(b, hc) * p.g.seqlen_k + j];
     if (s < 0) continue;
-    const auto* src = static_cast<const uint16_t*>(p.src) +
-                      ((b * p.g.slots + s) * p.g.kv_heads + hc) * p.head_dim + d;
-    if constexpr (kElems == 8) {
-      const uint4 raw = *reinterpret_cast<const uint4*>(src);
-      const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+    const int64_t offset = ((b * p.g.slots + s) * p.g.kv_heads + hc) * p.head_dim + d;
 #pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        sum[e] += half_bits_to_float(uint16_t(words[e / 2] >> (16 * (e % 2))), p.bf16);
+    for (int t = 0; t < 2; ++t) {
+      const auto* src = static_cast<const uint16_t*>(p.src[t]) + offset;
+      if constexpr (kElems == 8) {
+        const uint4 raw = *reinterpret_cast<const uint4*>(src);
+        const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          sum[t][e] += half_bits_to_float(uint16_t(words[e / 2] >> (16 * (e % 2))), p.bf16);
+        }
+      } else {
+        sum[t][0] += half_bits_to_float(src[0], p.bf16);
       }
-    } else {
-      sum[0] += half_bits_to_float(src[0], p.bf16);
     }
   }
-  auto* dst = static_cast<uint16_t*>(p.dst) + b * p.stride_b + j * p.stride_s + hk * p.stride_h + d;
-  if constexpr (kElems == 8) {
-    uint32_t words[4];
 #pragma unroll
-    for (int w = 0; w < 4; ++w) {
-      words[w] = uint32_t(float_to_half_bits(sum[2 * w], p.bf16)) |
-                 uint32_t(float_to_half_bits(sum[2 * w + 1], p.bf16)) << 16;
+  for (int t = 0; t < 2; ++t) {
+    auto* dst = static_cast<uint16_t*>(p.dst[t]) + b * p.stride_b[t] + j * p.stride_s[t] +
+                hk * p.stride_h[t] + d;
+    if constexpr (kElems == 8) {
+      uint32_t words[4];
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        words[w] = uint32_t(float_to_half_bits(sum[t][2 * w], p.bf16)) |
+                   uint32_t(float_to_half_bits(sum[t][2 * w + 1], p.bf16)) << 16;
+      }
+      *reinterpret_cast<uint4*>(dst) = make_uint4(words[0], words[1], words[2], words[3]);
+    } else {
+      dst[0] = float_to_half_bits(sum[t][0], p.bf16);
     }
-    *reinterpret_cast<uint4*>(dst) = make_uint4(words[0], words[1], words[2], words[3]);
-  } else {
-    dst[0] = float_to_half_bits(sum[0], p.bf16);
   }
 }
 
@@ -464,20 +471,28 @@ void gather(const Problem& p, const CompactGeometry& g, const KeyCompaction& c, 
   FSA_CUDA_CHECK(cudaGetLastError());
 }
 
-void scatter_rows(const CompactGeometry& g, const KeyCompaction& c, const void* src,
-                  const SeqOperand& dst, int64_t head_dim, bool bf16, cudaStream_t stream) {
+// dK and dV from their slots (scatter_rows_kernel), in one launch.
+void scatter_rows(const CompactGeometry& g, const KeyCompaction& c, const void* dk_slots,
+                  const void* dv_slots, const SeqOperand& dk, const SeqOperand& dv,
+                  int64_t head_dim, bool bf16, cudaStream_t stream) {
   if (g.seqlen_k == 0) return;
   ScatterParams sp{};
-  sp.src = src, sp.dst = dst.data;
-  sp.stride_b = dst.stride_b, sp.stride_s = dst.stride_s, sp.stride_h = dst.stride_h;
+  sp.src[0] = dk_slots, sp.src[1] = dv_slots;
+  bool vec = head_dim % 8 == 0;
+  const SeqOperand* dst[2] = {&dk, &dv};
+  for (int t = 0; t < 2; ++t) {
+    sp.dst[t] = dst[t]->data;
+    sp.stride_b[t] = dst[t]->stride_b, sp.stride_s[t] = dst[t]->stride_s;
+    sp.stride_h[t] = dst[t]->stride_h;
+    // 16-byte rows chunks when D, the caller's strides and pointer allow (the slots' rows are
+    // contiguous and start 16-byte aligned when D is a multiple of 8).
+    vec = vec && reinterpret_cast<uintptr_t>(dst[t]->data) % 16 == 0 &&
+          dst[t]->stride_b % 8 == 0 && dst[t]->stride_s % 8 == 0 && dst[t]->stride_h % 8 == 0;
+  }
   sp.slot = c.slot;
   sp.g = g;
   sp.head_dim = int(head_dim);
   sp.bf16 = bf16;
-  // 16-byte rows chunks when D, the caller's strides and pointer allow (the slots' rows are
-  // contiguous and start 16-byte aligned when D is a multiple of 8).
-  const bool vec = head_dim % 8 == 0 && reinterpret_cast<uintptr_t>(dst.data) % 16 == 0 &&
-                   dst.stride_b % 8 == 0 && dst.stride_s % 8 == 0 && dst.stride_h % 8 == 0;
   const int64_t elems = vec ? 8 : 1;
   const dim3 grid(unsigned(ceil_div(g.seqlen_k * head_dim / elems, 256)),
                   unsigned(g.num_kv_heads), unsigned(g.batch));
@@ -931,8 +946,7 @@ void compacted_backward(const BackwardProblem& p, const KeyCompaction& c, void* 
   compacted_grads(g, buffers.dk, buffers.dv, buffers.dbias, cp);
   backward(cp, c.plan, stream_ptr);
   const bool bf16 = p.dtype == DType::kBFloat16;
-  scatter_rows(g, c, buffers.dk, p.dk, p.head_dim, bf16, stream);
-  scatter_rows(g, c, buffers.dv, p.dv, p.head_dim, bf16, stream);
+  scatter_rows(g, c, buffers.dk, buffers.dv, p.dk, p.dv, p.head_dim, bf16, stream);
   if (p.dbias) scatter_dbias(g, c, buffers.dbias, *p.dbias, stream);
 }
 
