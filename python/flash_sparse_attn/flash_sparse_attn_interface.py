@@ -263,10 +263,14 @@ class FlashSparseAttnFunc(torch.autograd.Function):
         ctx.softcap = softcap
         ctx.deterministic = deterministic
         ctx.mark_non_differentiable(lse)
+        # lse never has a gradient, and out's may be absent: no zero tensors made for them.
+        ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
+        if dout is None:  # out did not reach the loss: nothing flows back
+            return (None,) * 14
         q, k, v, attn_mask, attn_bias, out, lse = ctx.saved_tensors
         need = ctx.needs_input_grad
         dq, dk, dv, dbias = _run_backward(
