@@ -886,7 +886,7 @@ __global__ void zero_dbias_kernel(const __grid_constant__ BackwardParams p) {
 // past a compaction's count (BlockMapParams::kept_count: nothing reads them) are left as they are.
 // (Summing every slot row took 0.36 ms for per-row top-k at (1, 16384, 32, 8, 128) window 2048,
 // where 38% of the slots hold keys; one thread per element with 64-bit index arithmetic took
-// 0.094 ms for a key mask's two shares at that shape, H200.)
+// 0.094 ms for a key mask's two shares at that shape, this kernel 0.062 ms, H200.)
 template <class Elt, int kKernelDim>
 __global__ void dkv_reduce_kernel(const __grid_constant__ BackwardParams p) {
   constexpr int kQuads = kKernelDim / 4;
