@@ -45,6 +45,8 @@ void compacted_backward(const BackwardProblem&, const KeyCompaction&, void*) { u
 DevicePlanStats device_plan_stats(const DeviceBlockMap&) { unavailable(); }
 void forward(const ForwardProblem&, const Plan&, void*) { unavailable(); }
 void backward(const BackwardProblem&, const Plan&, void*) { unavailable(); }
+CurrentDevice::CurrentDevice(int) {}  // a CUDA tensor is refused before anything runs
+CurrentDevice::~CurrentDevice() = default;
 void release_scratch() {}  // no pools without CUDA
 int64_t scratch_reserved() { return 0; }
 

@@ -1,6 +1,8 @@
 // The public entry points: validate, plan (unless the caller brought a plan), run the backend of
 // the tensors' device.
 
+#include <optional>
+
 #include "core/compaction.h"
 #include "core/problem.h"
 #include "core/thresholds.h"
@@ -49,6 +51,10 @@ void require_key_axis_map(const Plan& plan, const detail::Problem& p) {
 
 void forward(const ForwardArgs& args) {
   detail::ForwardProblem p = detail::validate_forward(args);
+  // CUDA tensors: their device current for the call (planning, scratch and launches), whatever
+  // the caller's is.
+  std::optional<detail::cuda::CurrentDevice> device;
+  if (p.device.type == DeviceType::kCUDA) device.emplace(p.device.index);
   Plan local;
   if (!args.plan) local = plan_for(args.query, args.key, args.attn_mask, p.is_causal, args.stream);
   const Plan& plan = args.plan ? *args.plan : local;
@@ -72,6 +78,10 @@ void forward(const ForwardArgs& args) {
 
 void backward(const BackwardArgs& args) {
   detail::BackwardProblem p = detail::validate_backward(args);
+  // CUDA tensors: their device current for the call (planning, scratch and launches), whatever
+  // the caller's is.
+  std::optional<detail::cuda::CurrentDevice> device;
+  if (p.device.type == DeviceType::kCUDA) device.emplace(p.device.index);
   Plan local;
   if (!args.plan) local = plan_for(args.query, args.key, args.attn_mask, p.is_causal, args.stream);
   const Plan& plan = args.plan ? *args.plan : local;

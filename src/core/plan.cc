@@ -261,6 +261,7 @@ Plan make_plan(const TensorView& query, const TensorView& key,
                        (topk_bias ? detail::compactable_topk(mask)
                                   : mask && (intervals || detail::compactable_mask(*mask)));
   if (on_cuda) {
+    const detail::cuda::CurrentDevice device(query.device.index);
     // A top-k over a bias of query length 1 that compacts runs every call compacted (the call's
     // bias is the plan's, and its gradient has the bias's shape: runs_compacted), so the map of
     // the full key axis would be planned and never read: one classify pass over the whole causal
@@ -358,6 +359,7 @@ bool mask_rows_are_intervals(const TensorView& query, const TensorView& key,
   }
   const BroadcastOperand mask = checked_mask(attn_mask, query, g);
   if (query.device.type == DeviceType::kCUDA) {
+    const detail::cuda::CurrentDevice device(query.device.index);
     return detail::cuda::mask_key_intervals(g, mask, is_causal, stream);
   }
   return detail::cpu_mask_key_intervals(g, mask, is_causal);

@@ -326,6 +326,19 @@ std::shared_ptr<const DeviceBlockMap> make_device_plan(
   return map;
 }
 
+CurrentDevice::CurrentDevice(int device) {
+  int current = 0;
+  FSA_CUDA_CHECK(cudaGetDevice(&current));
+  if (current != device) {
+    FSA_CUDA_CHECK(cudaSetDevice(device));
+    previous_ = current;
+  }
+}
+
+CurrentDevice::~CurrentDevice() {
+  if (previous_ >= 0) cudaSetDevice(previous_);
+}
+
 DevicePlanStats device_plan_stats(const DeviceBlockMap& map) {
   unsigned long long host[kPlanCounters] = {};
   FSA_CUDA_CHECK(cudaMemcpyAsync(host, map.counters, sizeof(host), cudaMemcpyDeviceToHost,

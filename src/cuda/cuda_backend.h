@@ -75,6 +75,19 @@ DevicePlanStats device_plan_stats(const DeviceBlockMap& map);
 void forward(const ForwardProblem& p, const Plan& plan, void* stream);
 void backward(const BackwardProblem& p, const Plan& plan, void* stream);
 
+// The core's guard around a CUDA call: `device` is current while it lives (kernels launch and
+// scratch is taken on the current device), the caller's again after. Without CUDA: nothing.
+class CurrentDevice {
+ public:
+  explicit CurrentDevice(int device);
+  ~CurrentDevice();
+  CurrentDevice(const CurrentDevice&) = delete;
+  CurrentDevice& operator=(const CurrentDevice&) = delete;
+
+ private:
+  int previous_ = -1;  // -1: unchanged
+};
+
 // The library's memory pools (cuda/memory_pool.h): give back to the driver what they hold unused
 // (every device's), and the bytes the current device's pool holds (0 before its first call).
 void release_scratch();

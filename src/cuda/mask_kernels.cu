@@ -30,6 +30,7 @@
 #include <utility>
 
 #include "cuda/check.h"
+#include "cuda/cuda_backend.h"
 #include "cuda/mask_backend.h"
 #include "cuda/memory_pool.h"
 
@@ -912,25 +913,6 @@ BlockSelectParams block_select_params(const BlockSelectArgs& a, const BlockScore
 
 // ---- host: launches -----------------------------------------------------------------------------
 
-// Makes the tensors' device current for the scope, whatever the caller's current device is.
-class DeviceScope {
- public:
-  explicit DeviceScope(int device) {
-    FSA_CUDA_CHECK(cudaGetDevice(&previous_));
-    if (previous_ != device) FSA_CUDA_CHECK(cudaSetDevice(device));
-    changed_ = previous_ != device;
-  }
-  ~DeviceScope() {
-    if (changed_) cudaSetDevice(previous_);
-  }
-  DeviceScope(const DeviceScope&) = delete;
-  DeviceScope& operator=(const DeviceScope&) = delete;
-
- private:
-  int previous_ = 0;
-  bool changed_ = false;
-};
-
 // Stream-ordered scratch, released (after the work queued on the stream) at scope exit.
 class StreamScratch {
  public:
@@ -1037,7 +1019,7 @@ void launch_select_blocks(const BlockSelectArgs& a, cudaStream_t stream) {
 
 void dynamic_mask(const DynamicMaskArgs& args, const DynamicMaskLayout& layout) {
   check_key_length(layout.shape[3], "attention_bias");
-  const DeviceScope scope(args.attn_bias.device.index);
+  const CurrentDevice scope(args.attn_bias.device.index);
   const auto stream = static_cast<cudaStream_t>(args.stream);
   const int device = args.attn_bias.device.index;
   const RowMaskParams p = row_mask_params(args, layout);
@@ -1063,12 +1045,12 @@ void dynamic_mask(const DynamicMaskArgs& args, const DynamicMaskLayout& layout) 
 }
 
 void block_smooth(const TensorView& mask, int64_t block_size, void* stream) {
-  const DeviceScope scope(mask.device.index);
+  const CurrentDevice scope(mask.device.index);
   launch_block_smooth(mask, block_size, static_cast<cudaStream_t>(stream));
 }
 
 void expand_mask_2d(const TensorView& mask_2d, int64_t pad, const TensorView& out, void* stream) {
-  const DeviceScope scope(mask_2d.device.index);
+  const CurrentDevice scope(mask_2d.device.index);
   const int64_t batch = out.shape[0], width = mask_2d.shape[1];
   constexpr int kThreads = 256;
   expand_mask_2d_kernel<<<grid_for(batch * (pad + width), kThreads), kThreads, 0,
@@ -1081,7 +1063,7 @@ void expand_mask_2d(const TensorView& mask_2d, int64_t pad, const TensorView& ou
 void select_blocks(const BlockSelectArgs& args) {
   const int64_t n_blocks = (args.attn_bias.shape[3] + args.block_n - 1) / args.block_n;
   check_key_length(n_blocks, "attention_bias");
-  const DeviceScope scope(args.attn_bias.device.index);
+  const CurrentDevice scope(args.attn_bias.device.index);
   const auto stream = static_cast<cudaStream_t>(args.stream);
   switch (args.attn_bias.dtype) {
     case DType::kBFloat16:

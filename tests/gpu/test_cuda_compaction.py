@@ -399,3 +399,31 @@ def test_memory_pool_keeps_scratch_across_synchronize_until_released(gen):
     assert flash_sparse_attn.cuda_memory_reserved() < held
     again = flash_sparse_attn_func(q, k, v, attn_mask=mask, is_causal=True)
     assert torch.equal(first, again)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_tensors_on_another_device_than_the_current_one():
+    """The core makes the tensors' device current for planning, scratch and launches (and
+    restores the caller's): a call on cuda:1 with cuda:0 current gives what it gives with cuda:1
+    current, forward and backward."""
+    g = torch.Generator(device="cuda:1")
+    g.manual_seed(SEED)
+    q, k, v = (t.to("cuda:1") for t in qkv(1, 300, 300, 4, 2, 64, torch.bfloat16, None))
+    bias = torch.randn(1, 2, 1, 300, device="cuda:1", generator=g).to(torch.bfloat16)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v, bias)]
+
+    def run():
+        clear_plan_cache()
+        for t in leaves:
+            t.grad = None
+        out = flash_sparse_attn_func(*leaves[:3], attn_bias=leaves[3], is_causal=True, topk=64)
+        out.backward(torch.ones_like(out))
+        return [out.detach().clone()] + [t.grad.clone() for t in leaves]
+
+    with torch.cuda.device(1):
+        expected = run()
+    with torch.cuda.device(0):
+        got = run()
+        assert torch.cuda.current_device() == 0
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
