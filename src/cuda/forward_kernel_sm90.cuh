@@ -2,10 +2,13 @@
 // Hopper forward kernel: warpgroup MMA (wgmma, sm_90a) over the same block lists as the sm80
 // kernel, for kernel head dims 64 and 128.
 //
-// One CTA per (128-row query block, head, batch) with three warpgroups. A producer warpgroup
-// (few registers after setmaxnreg) copies each key tile's K and V, and a query-invariant bias's
-// slice or a 16-bit bias's (128 x 64) tile, into one of four shared-memory stages with cp.async
-// and arrives on the stage's "full" mbarrier when the copies land. Two consumer warpgroups own 64 query rows each and never wait
+// A CTA runs (128-row query block, head, batch) tiles with three warpgroups: one tile per CTA, or
+// persistent, one CTA per SM taking the next tile from a counter (ForwardTileOrder), so a tile's
+// Q and first K/V tiles load while the consumers finish the previous one and write it out. A
+// producer warpgroup (few registers after setmaxnreg) copies the tile's Q, then each key tile's K
+// and V, and a query-invariant bias's slice or a 16-bit bias's (128 x 64) tile, into one of four
+// shared-memory stages with cp.async and arrives on the stage's "full" mbarrier when the copies
+// land. Two consumer warpgroups own 64 query rows each and never wait
 // for each other: per tile, S = Q K^T with Q in registers (wgmma RS), the logits and online
 // softmax in registers (the WarpRows / softmax_step code of the sm80 kernel: a wgmma accumulator
 // is laid out per warp exactly like an mma.sync C fragment), then O += P V with P from registers
@@ -92,7 +95,10 @@ struct Sm90ForwardTiles {
   // Per stage: "full" (the producer's copies landed) and "empty" (both consumers are done with it),
   // then a partial tile's non-finite V keys (add_nonfinite_keys), 64 bits per stage.
   static constexpr int kNonfiniteOffset = kBarrierOffset + 2 * kStages * 8;
-  static constexpr int kSmemBytes = kNonfiniteOffset + kStages * 8;
+  // The tile schedule's handshake (forward_kernel_sm90): the barriers tile_full, q_full and
+  // q_empty, then the published tile and the producer's two fetch slots (int32 each).
+  static constexpr int kTileOffset = kNonfiniteOffset + kStages * 8;
+  static constexpr int kSmemBytes = kTileOffset + 3 * 8 + 3 * 4;
   static_assert(kBlockN <= 64, "one bit per key of a tile");
   // A staged bias (Params::bias_staged) lives after the barriers, so that launches without one
   // keep their shared memory (and the L1 that the rest of the carveout leaves) as it was. Per
@@ -235,7 +241,11 @@ struct GmmaLoadOffsets {
     constexpr int kChunks = kHeadDim / 8, kRowsPerPass = kThreads / kChunks;
     const int c = threadIdx.x % kChunks, r0 = threadIdx.x / kChunks;
     auto at = [&](int r) {
-      return mn_major ? gmma_offset(layout, c * 8, r, 0) : gmma_offset(layout, r, c * 8, 0);
+      if constexpr (decltype(cute::rank(layout))::value == 2) {  // one tile, no stage mode
+        return mn_major ? gmma_offset(layout, c * 8, r) : gmma_offset(layout, r, c * 8);
+      } else {
+        return mn_major ? gmma_offset(layout, c * 8, r, 0) : gmma_offset(layout, r, c * 8, 0);
+      }
     };
     const int first = at(r0);
     return {first, at(r0 + kRowsPerPass) - first};
@@ -255,6 +265,34 @@ struct GatheredList {
     slots = p.map.gather_slots + row * p.map.gather_stride;
   }
   __device__ int at(int it) const { return it; }
+};
+
+// The forward's tiles (query block m, split, head h, batch b), numbered in the order of the
+// non-persistent grid (blockIdx x: the query block, longest causal rows first, and the split;
+// then y: the head; z: the batch), so both launches walk them alike. Persistent launches
+// (p.tile_counter) start CTA c on tile c and hand out the rest in order through the counter.
+struct ForwardTileOrder {
+  int x_tiles, heads, total;
+  const ForwardParams& p;
+  __device__ explicit ForwardTileOrder(const ForwardParams& params)
+      : x_tiles(params.map.m_blocks * params.num_splits),
+        heads(params.pack_gqa ? params.num_kv_heads : params.num_heads),
+        total(x_tiles * heads * params.batch),
+        p(params) {}
+  __device__ int first() const {
+    return int(blockIdx.x) + int(gridDim.x) * (int(blockIdx.y) + int(gridDim.y) * int(blockIdx.z));
+  }
+  // A tile number >= total means none is left.
+  __device__ int next() const {
+    return p.tile_counter != nullptr ? int(gridDim.x) + atomicAdd(p.tile_counter, 1) : total;
+  }
+  __device__ void decode(int tile, int& m, int& split, int& h, int& b) const {
+    const int x = tile % x_tiles, rest = tile / x_tiles;
+    split = x % p.num_splits;
+    m = p.map.m_blocks - 1 - x / p.num_splits;
+    h = rest % heads;
+    b = rest / heads;
+  }
 };
 
 // Gathered tiles: a producer's share (two threads per column, kLoaders == 2 kBlockN) of a tile's
@@ -353,19 +391,30 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
   const typename Tiles::SmemLayoutK layout_k;
   const typename Tiles::SmemLayoutVt layout_vt;
 
+  // Tiles (query block, split, head, batch) come from the launch's schedule: one per CTA of a
+  // full grid, or, persistent (ForwardParams::tile_counter), one CTA per SM walking tiles until
+  // none is left. Per tile the producer publishes its number in s_tile (tile_full), copies its Q
+  // (q_full) once the consumers hold the previous Q in registers (q_empty), then its K/V tiles;
+  // the stage ring runs on across tiles, so the next tile's Q and first K/V tiles land while the
+  // consumers finish the current one and write it out.
+  const ForwardTileOrder order(p);
+  uint64_t* tile_full = reinterpret_cast<uint64_t*>(smem_raw + Tiles::kTileOffset);
+  uint64_t* q_full = tile_full + 1;
+  uint64_t* q_empty = tile_full + 2;
+  auto* s_tile = reinterpret_cast<int*>(tile_full + 3);  // [0]: published; [1, 2]: producer's
+  (void)s_tile;
+  if (threadIdx.x == 0) {  // initialized before init_stage_barriers' fence and CTA barrier
+    mbarrier_init(tile_full, 1);
+    mbarrier_init(q_full, Tiles::kProducerThreads);
+    mbarrier_init(q_empty, Tiles::kConsumerThreads / 32);
+  }
   uint64_t* full_bar =
       init_stage_barriers<kStages, Tiles::kProducerThreads, Tiles::kConsumerThreads>(
           smem_raw + Tiles::kBarrierOffset);
   uint64_t* empty_bar = full_bar + kStages;
   auto* s_nonfinite = reinterpret_cast<unsigned long long*>(smem_raw + Tiles::kNonfiniteOffset);
 
-  const int split = int(blockIdx.x) % p.num_splits;
-  const int m = p.map.m_blocks - 1 - int(blockIdx.x) / p.num_splits;  // long causal rows first
-  const int h = blockIdx.y, b = blockIdx.z;  // h: query head, or kv head when packed
-  const int hk = p.pack_gqa ? h : h / p.group;
   using List = std::conditional_t<kGathered, GatheredList, BlockList>;
-  const List list(p, b, (p.pack_gqa ? h * p.group : h) / p.map.head_group, m, split);
-  const int tiles = list.end - list.begin;
   constexpr int kStageElems = kBlockN * kHeadDim;  // a stage is the outermost mode of both layouts
   static_assert(Tiles::kSmemK == kStages * kStageElems && Tiles::kSmemV == kStages * kStageElems,
                 "stages are contiguous tiles");
@@ -380,119 +429,160 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
   // and the bias values of its slots in s_bias (the compacted bias is fp32 and query-invariant,
   // and one query head's rows share its head: the host never packs GQA here).
   static_assert(!(kStagedBias && kGathered), "the two share their shared-memory region");
-  const int32_t* key_last = kGathered ? p.row_end.key_last_row(b, h) : nullptr;
   auto* s_slot = reinterpret_cast<int32_t*>(smem_raw + Tiles::kSlotOffset);
   auto* s_key_last = reinterpret_cast<int32_t*>(smem_raw + Tiles::kKeyLastOffset);
   const int bias_bytes = p.bias_is_fp32 ? 4 : 2;
-  const WarpRows row0(p, m, kBlockM, h, b, 0);
-  const uint8_t* bias_row = nullptr;
-  if (row0.bias_rows_shared && p.bias_stride[3] == 1) {
+  // The query-invariant bias row of a tile's head, when it may be staged (null otherwise).
+  auto staged_bias_row = [&](int m, int h, int b) -> const uint8_t* {
+    const WarpRows row0(p, m, kBlockM, h, b, 0);
+    if (kGathered || !row0.bias_rows_shared || p.bias_stride[3] != 1) return nullptr;
     int i0, head0;
     row0.row_of(0, 0, i0, head0);
-    bias_row = static_cast<const uint8_t*>(p.bias) +
-               (b * p.bias_stride[0] + (head0 / p.bias_head_group) * p.bias_stride[1]) * bias_bytes;
-    if (reinterpret_cast<uintptr_t>(bias_row) % 16 != 0) bias_row = nullptr;
-  }
-  auto bias_staged = [&](int n_block) {
+    const uint8_t* row = static_cast<const uint8_t*>(p.bias) +
+                         (b * p.bias_stride[0] + (head0 / p.bias_head_group) * p.bias_stride[1]) *
+                             bias_bytes;
+    return reinterpret_cast<uintptr_t>(row) % 16 == 0 ? row : nullptr;
+  };
+  auto bias_staged = [&](const uint8_t* bias_row, int n_block) {
     return !kGathered && bias_row != nullptr && (n_block + 1) * kBlockN <= p.seqlen_k;
   };
-  // Gathered tiles: the bias row of this head, read by slot.
-  const float* gathered_bias = nullptr;
-  if (kGathered && p.bias != nullptr) {
+  // Gathered tiles: the bias row of the tile's head, read by slot.
+  auto gathered_bias_row = [&](int m, int h, int b) -> const float* {
+    if (!kGathered || p.bias == nullptr) return nullptr;
+    const WarpRows row0(p, m, kBlockM, h, b, 0);
     int i0, head0;
     row0.row_of(0, 0, i0, head0);
-    gathered_bias = static_cast<const float*>(p.bias) + b * p.bias_stride[0] +
-                    (head0 / p.bias_head_group) * p.bias_stride[1];
-  }
+    return static_cast<const float*>(p.bias) + b * p.bias_stride[0] +
+           (head0 / p.bias_head_group) * p.bias_stride[1];
+  };
   // Partial tiles check their V tile for NaN / Inf unless the call knows V has none (a compacted
   // call's gather says so: ForwardParams::v_nonfinite). Producer and consumers read the same flag.
   const bool check_v = p.v_nonfinite == nullptr || *p.v_nonfinite != 0;
 
   if (threadIdx.x < Tiles::kProducerThreads) {
-    // Producer warpgroup: tile j into stage j % kStages once both consumers released the tile
-    // that used it before, then an arrival on its "full" barrier when the copies have landed.
+    // Producer warpgroup: K/V tile `it` (counted over the CTA's tiles) into stage it % kStages
+    // once both consumers released the tile that used it before, then an arrival on its "full"
+    // barrier when the copies have landed.
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(
         kGathered ? Tiles::kGatheredProducerRegisters : Tiles::kProducerRegisters));
     constexpr int kLoaders = Tiles::kProducerThreads;
+    auto producers_sync = [] { asm volatile("bar.sync 2, %0;\n" ::"n"(kLoaders) : "memory"); };
     const auto k_dst = GmmaLoadOffsets::make<kHeadDim, kLoaders>(layout_k, false);
     const auto v_dst = GmmaLoadOffsets::make<kHeadDim, kLoaders>(layout_vt, true);
-    const auto* k = static_cast<const uint16_t*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h;
-    const auto* v = static_cast<const uint16_t*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h;
+    const auto q_dst = GmmaLoadOffsets::make<kHeadDim, kLoaders>(layout_q, false);
+    auto* s_q = reinterpret_cast<uint16_t*>(smem_q);
     auto* s_k = reinterpret_cast<uint16_t*>(smem_k);
     auto* s_v = reinterpret_cast<uint16_t*>(smem_v);
-    int n_next = tiles > 0 ? list.at(list.begin) : 0;
-    for (int j = 0; j < tiles; ++j) {
-      const int stage = j % kStages;
-      const int n_block = n_next;
-      n_next = j + 1 < tiles ? list.at(list.begin + j + 1) : 0;
-      if (j >= kStages) mbarrier_wait(&empty_bar[stage], (j / kStages - 1) & 1);
-      if (bias_staged(n_block) && int(threadIdx.x) < kBlockN * bias_bytes / 16) {
-        SM80_CP_ASYNC_CACHEGLOBAL<uint128_t>::copy(
-            *reinterpret_cast<const uint128_t*>(bias_row +
-                                                int64_t(n_block) * kBlockN * bias_bytes +
-                                                threadIdx.x * 16),
-            *reinterpret_cast<uint128_t*>(s_bias + stage * Tiles::kBiasStageBytes +
-                                          threadIdx.x * 16));
-      }
-      if constexpr (kGathered) {
-        static_assert(kLoaders == 2 * kBlockN, "two producer threads per column");
-        stage_gathered_columns<kBlockN>(
-            list.slots + n_block * kBlockN, key_last, gathered_bias, p.bias_stride[3],
-            s_slot + stage * kBlockN, s_key_last + stage * kBlockN,
-            reinterpret_cast<float*>(s_bias + stage * Tiles::kBiasStageBytes));
-        load_gathered_rows_async<kHeadDim, kBlockN, kLoaders>(
-            s_k + stage * kStageElems, k_dst, s_v + stage * kStageElems, v_dst, k, p.k_stride_s,
-            v, p.v_stride_s, list.slots + n_block * kBlockN, p.head_dim);
-      }
-      if constexpr (kStagedBias) {
-        load_bias_tile_async<kBlockM, kLoaders>(
-            s_staged_bias + stage * Tiles::kStagedBiasStageElems,
-            static_cast<const uint16_t*>(p.bias) + b * p.bias_stride[0] +
-                (h / p.bias_head_group) * p.bias_stride[1] + n_block * kBlockN,
-            p.bias_stride[2], m * kBlockM, p.seqlen_q, p.seqlen_k - n_block * kBlockN);
-      }
-      if constexpr (!kGathered) {
-        load_rows_async<kHeadDim, kBlockN, kLoaders>(s_k + stage * kStageElems, k_dst.first,
-                                                     k_dst.step, k, p.k_stride_s,
-                                                     n_block * kBlockN, p.seqlen_k, p.head_dim);
-        load_rows_async<kHeadDim, kBlockN, kLoaders>(s_v + stage * kStageElems, v_dst.first,
-                                                     v_dst.step, v, p.v_stride_s,
-                                                     n_block * kBlockN, p.seqlen_k, p.head_dim);
-      }
-      if (list.begin + j < list.n_full || !check_v) {
-        mbarrier_arrive_on_copies(&full_bar[stage]);
-        continue;
-      }
-      // A partial tile: its V rows holding NaN / Inf are marked in s_nonfinite[stage] and zeroed
-      // before the consumers see the stage (add_nonfinite_keys). The producer waits for its own
-      // copies here, on partial tiles only. Each thread scans the chunks it copied: rows
-      // threadIdx.x / kChunks + k * kRowsPerPass.
-      constexpr int kChunks = kHeadDim / 8, kRowsPerPass = kLoaders / kChunks;
-      auto producers_sync = [] { asm volatile("bar.sync 2, %0;\n" ::"n"(kLoaders) : "memory"); };
-      if (threadIdx.x == 0) s_nonfinite[stage] = 0;
-      cp_async_fence();
-      cp_async_wait<0>();
-      producers_sync();
-      uint16_t* sv = s_v + stage * kStageElems;
-      uint64_t mine = 0;
+    int tile = order.first();
+    int it = 0;
 #pragma unroll 1
-      for (int k = 0; k < kBlockN / kRowsPerPass; ++k) {
-        const uint4 x = *reinterpret_cast<const uint4*>(sv + v_dst.first + k * v_dst.step);
-        if (chunk_nonfinite<Elt>(x)) mine |= 1ull << (int(threadIdx.x) / kChunks + k * kRowsPerPass);
+    for (int t = 0;; ++t) {
+      // Tile t's number, once the consumers are done with tile t - 1's number and Q.
+      if (t > 0) mbarrier_wait(q_empty, (t - 1) & 1);
+      if (threadIdx.x == 0) {
+        s_tile[0] = tile;
+        mbarrier_arrive(tile_full);
       }
-      if (mine) atomicOr(&s_nonfinite[stage], static_cast<unsigned long long>(mine));
-      producers_sync();
-      const uint64_t nonfinite = s_nonfinite[stage];
-      if (nonfinite != 0) {
+      if (tile >= order.total) break;
+      int m, split, h, b;
+      order.decode(tile, m, split, h, b);
+      // Q rows: never GQA-packed here (use_sm90_forward), so tile row r is query m kBlockM + r.
+      load_rows_async<kHeadDim, kBlockM, kLoaders>(
+          s_q, q_dst.first, q_dst.step,
+          static_cast<const uint16_t*>(p.q) + b * p.q_stride_b + h * p.q_stride_h, p.q_stride_s,
+          m * kBlockM, p.seqlen_q, p.head_dim);
+      mbarrier_arrive_on_copies(q_full);
+
+      const int hk = h / p.group;
+      const List list(p, b, h / p.map.head_group, m, split);
+      const int tiles = list.end - list.begin;
+      const uint8_t* bias_row = staged_bias_row(m, h, b);
+      const float* gathered_bias = gathered_bias_row(m, h, b);
+      const int32_t* key_last = kGathered ? p.row_end.key_last_row(b, h) : nullptr;
+      const auto* k = static_cast<const uint16_t*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h;
+      const auto* v = static_cast<const uint16_t*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h;
+      int n_next = tiles > 0 ? list.at(list.begin) : 0;
+#pragma unroll 1
+      for (int j = 0; j < tiles; ++j, ++it) {
+        const int stage = it % kStages;
+        const int n_block = n_next;
+        n_next = j + 1 < tiles ? list.at(list.begin + j + 1) : 0;
+        if (it >= kStages) mbarrier_wait(&empty_bar[stage], (it / kStages - 1) & 1);
+        if (bias_staged(bias_row, n_block) && int(threadIdx.x) < kBlockN * bias_bytes / 16) {
+          SM80_CP_ASYNC_CACHEGLOBAL<uint128_t>::copy(
+              *reinterpret_cast<const uint128_t*>(bias_row +
+                                                  int64_t(n_block) * kBlockN * bias_bytes +
+                                                  threadIdx.x * 16),
+              *reinterpret_cast<uint128_t*>(s_bias + stage * Tiles::kBiasStageBytes +
+                                            threadIdx.x * 16));
+        }
+        if constexpr (kGathered) {
+          static_assert(kLoaders == 2 * kBlockN, "two producer threads per column");
+          stage_gathered_columns<kBlockN>(
+              list.slots + n_block * kBlockN, key_last, gathered_bias, p.bias_stride[3],
+              s_slot + stage * kBlockN, s_key_last + stage * kBlockN,
+              reinterpret_cast<float*>(s_bias + stage * Tiles::kBiasStageBytes));
+          load_gathered_rows_async<kHeadDim, kBlockN, kLoaders>(
+              s_k + stage * kStageElems, k_dst, s_v + stage * kStageElems, v_dst, k,
+              p.k_stride_s, v, p.v_stride_s, list.slots + n_block * kBlockN, p.head_dim);
+        }
+        if constexpr (kStagedBias) {
+          load_bias_tile_async<kBlockM, kLoaders>(
+              s_staged_bias + stage * Tiles::kStagedBiasStageElems,
+              static_cast<const uint16_t*>(p.bias) + b * p.bias_stride[0] +
+                  (h / p.bias_head_group) * p.bias_stride[1] + n_block * kBlockN,
+              p.bias_stride[2], m * kBlockM, p.seqlen_q, p.seqlen_k - n_block * kBlockN);
+        }
+        if constexpr (!kGathered) {
+          load_rows_async<kHeadDim, kBlockN, kLoaders>(s_k + stage * kStageElems, k_dst.first,
+                                                       k_dst.step, k, p.k_stride_s,
+                                                       n_block * kBlockN, p.seqlen_k, p.head_dim);
+          load_rows_async<kHeadDim, kBlockN, kLoaders>(s_v + stage * kStageElems, v_dst.first,
+                                                       v_dst.step, v, p.v_stride_s,
+                                                       n_block * kBlockN, p.seqlen_k, p.head_dim);
+        }
+        if (list.begin + j < list.n_full || !check_v) {
+          mbarrier_arrive_on_copies(&full_bar[stage]);
+          continue;
+        }
+        // A partial tile: its V rows holding NaN / Inf are marked in s_nonfinite[stage] and
+        // zeroed before the consumers see the stage (add_nonfinite_keys). The producer waits for
+        // its own copies here, on partial tiles only. Each thread scans the chunks it copied:
+        // rows threadIdx.x / kChunks + k * kRowsPerPass.
+        constexpr int kChunks = kHeadDim / 8, kRowsPerPass = kLoaders / kChunks;
+        if (threadIdx.x == 0) s_nonfinite[stage] = 0;
+        cp_async_fence();
+        cp_async_wait<0>();
+        producers_sync();
+        uint16_t* sv = s_v + stage * kStageElems;
+        uint64_t mine = 0;
 #pragma unroll 1
         for (int k = 0; k < kBlockN / kRowsPerPass; ++k) {
-          if ((nonfinite >> (int(threadIdx.x) / kChunks + k * kRowsPerPass)) & 1) {
-            *reinterpret_cast<uint4*>(sv + v_dst.first + k * v_dst.step) = make_uint4(0, 0, 0, 0);
+          const uint4 x = *reinterpret_cast<const uint4*>(sv + v_dst.first + k * v_dst.step);
+          if (chunk_nonfinite<Elt>(x)) {
+            mine |= 1ull << (int(threadIdx.x) / kChunks + k * kRowsPerPass);
           }
         }
-        fence_async_shared();  // the zeros, before the consumers' wgmma reads them
+        if (mine) atomicOr(&s_nonfinite[stage], static_cast<unsigned long long>(mine));
+        producers_sync();
+        const uint64_t nonfinite = s_nonfinite[stage];
+        if (nonfinite != 0) {
+#pragma unroll 1
+          for (int k = 0; k < kBlockN / kRowsPerPass; ++k) {
+            if ((nonfinite >> (int(threadIdx.x) / kChunks + k * kRowsPerPass)) & 1) {
+              *reinterpret_cast<uint4*>(sv + v_dst.first + k * v_dst.step) =
+                  make_uint4(0, 0, 0, 0);
+            }
+          }
+          fence_async_shared();  // the zeros, before the consumers' wgmma reads them
+        }
+        mbarrier_arrive(&full_bar[stage]);
       }
-      mbarrier_arrive(&full_bar[stage]);
+      // The next tile, fetched by one thread for the warpgroup (two slots: a slot is written
+      // again only after every producer thread passed the barrier that follows its read).
+      if (threadIdx.x == 0) s_tile[1 + (t & 1)] = order.next();
+      producers_sync();
+      tile = s_tile[1 + (t & 1)];
     }
     cp_async_wait<0>();
     return;
@@ -503,28 +593,7 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
       kGathered ? Tiles::kGatheredConsumerRegisters : Tiles::kConsumerRegisters));
   const int ct = int(threadIdx.x) - Tiles::kProducerThreads;  // 0 .. kConsumerThreads - 1
   const int warp = ct / 32;  // consumer warp w holds rows 16 w .. 16 w + 15
-  const WarpRows wr(p, m, kBlockM, h, b, warp * 16);
-
-  // Q rows (through the row map), zero past the last row and past head_dim, then into registers.
   auto* s_q = reinterpret_cast<uint16_t*>(smem_q);
-  {
-    constexpr int kChunks = kHeadDim / 8;
-    const auto* q = static_cast<const uint16_t*>(p.q) + b * p.q_stride_b;
-    for (int idx = ct; idx < kBlockM * kChunks; idx += Tiles::kConsumerThreads) {
-      const int r = idx / kChunks, c = idx % kChunks;
-      int i, head;
-      wr.rows.at(r, i, head);
-      const bool valid = wr.rows.row0 + r < wr.flat_rows && c * 8 < p.head_dim;
-      const uint16_t* src =
-          q + (valid ? int64_t(i) * p.q_stride_s + head * p.q_stride_h + c * 8 : 0);
-      SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>::copy(
-          *reinterpret_cast<const uint128_t*>(src),
-          *reinterpret_cast<uint128_t*>(s_q + gmma_offset(layout_q, r, c * 8)), valid);
-    }
-    cp_async_fence();
-    cp_async_wait<0>();
-    asm volatile("bar.sync 1, %0;\n" ::"n"(Tiles::kConsumerThreads) : "memory");
-  }
 
   typename Tiles::TiledMmaS mma_s;
   typename Tiles::TiledMmaO mma_o;
@@ -544,35 +613,7 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
   // for value, the A fragment of k-block kk (both layouts are ((2, 2, 2), ...) over the same rows
   // and columns), so the conversion is an element-wise cast in register order.
   Tensor tOrP = make_tensor<T>(Layout<Shape<Shape<_2, _2, _2>, _1, Int<kBlockN / 16>>>{});
-  {
-    const int row = warp * 16 + wr.g;
-    auto* q_regs = reinterpret_cast<uint32_t*>(raw_pointer_cast(tSrQ.data()));
-#pragma unroll
-    for (int kb = 0; kb < kHeadDim / 16; ++kb)
-#pragma unroll
-      for (int v2 = 0; v2 < 2; ++v2)
-#pragma unroll
-        for (int v1 = 0; v1 < 2; ++v1) {
-          const int col = 16 * kb + 8 * v2 + 2 * wr.t;
-          q_regs[4 * kb + 2 * v2 + v1] =
-              *reinterpret_cast<const uint32_t*>(s_q + gmma_offset(layout_q, row + 8 * v1, col));
-        }
-  }
-
-  float row_max[1][2] = {{-INFINITY, -INFINITY}}, row_sum[1][2] = {{0.0f, 0.0f}};
-  // The thread's two rows' visible ends (compacted row bounds: a load each), the same every tile.
-  int row_end[1][2] = {{0, 0}};
-  if constexpr (kGathered) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      int i, head;
-      wr.row_of(0, r, i, head);
-      row_end[0][r] = visible_end(p, b, head, i);
-    }
-  }
-  clear(tOrO);
   auto o_at = [&](int, int d, int e) -> float& { return tOrO(4 * d + e); };
-
   // Software pipeline, per warpgroup: iteration j issues S_j = Q K_j^T and then O += P_{j-1} V_{j-1}
   // (both asynchronous), waits for S_j only, and runs the softmax of tile j while the tensor cores
   // work on P_{j-1} V_{j-1}; then it waits for that product, releases stage j - 1 to the producer
@@ -587,88 +628,144 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
     warpgroup_commit_batch();
   };
   const bool release_lane = ct % 32 == 0;
-  int n = tiles > 0 ? list.at(list.begin) : 0;
-  int n_next = tiles > 1 ? list.at(list.begin + 1) : 0;
-  for (int j = 0; j < tiles; ++j) {
-    const int stage = j % kStages;
-    const int n_after = j + 2 < tiles ? list.at(list.begin + j + 2) : 0;
-    mbarrier_wait(&full_bar[stage], (j / kStages) & 1);
-    fence_async_shared();  // the producer's cp.async writes, before wgmma reads them
+  int it = 0;  // K/V tiles consumed so far, over every tile of the CTA
+#pragma unroll 1
+  for (int t = 0;; ++t) {
+    mbarrier_wait(tile_full, t & 1);
+    const int tile = s_tile[0];
+    if (tile >= order.total) break;
+    int m, split, h, b;
+    order.decode(tile, m, split, h, b);
+    const int hk = h / p.group;
+    const List list(p, b, h / p.map.head_group, m, split);
+    const int tiles = list.end - list.begin;
+    const WarpRows wr(p, m, kBlockM, h, b, warp * 16);
+    const uint8_t* bias_row = staged_bias_row(m, h, b);
+    const float* gathered_bias = gathered_bias_row(m, h, b);
 
-    warpgroup_fence_operand(tSrS);
-    warpgroup_arrive();
-    mma_s.accumulate_ = GMMA::ScaleOut::Zero;
+    // Q into registers; then the producer may copy the next tile's Q over it.
+    mbarrier_wait(q_full, t & 1);
+    {
+      const int row = warp * 16 + wr.g;
+      auto* q_regs = reinterpret_cast<uint32_t*>(raw_pointer_cast(tSrQ.data()));
 #pragma unroll
-    for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
-      gemm(mma_s, tSrQ(_, _, kb), tSrK(_, _, kb, stage), tSrS);
-      mma_s.accumulate_ = GMMA::ScaleOut::One;
+      for (int kb = 0; kb < kHeadDim / 16; ++kb)
+#pragma unroll
+        for (int v2 = 0; v2 < 2; ++v2)
+#pragma unroll
+          for (int v1 = 0; v1 < 2; ++v1) {
+            const int col = 16 * kb + 8 * v2 + 2 * wr.t;
+            q_regs[4 * kb + 2 * v2 + v1] =
+                *reinterpret_cast<const uint32_t*>(s_q + gmma_offset(layout_q, row + 8 * v1, col));
+          }
     }
-    warpgroup_commit_batch();
-    if (j > 0) {
-      issue_pv((j + kStages - 1) % kStages);
-      warpgroup_wait<1>();  // S_j (groups retire in order)
-    } else {
-      warpgroup_wait<0>();
-    }
-    warpgroup_fence_operand(tSrS);
+    __syncwarp();
+    if (release_lane) mbarrier_arrive(q_empty);
 
-    float s[1][kNTiles][4];
-#pragma unroll
-    for (int c = 0; c < kNTiles; ++c)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[0][c][e] = tSrS(4 * c + e);
+    float row_max[1][2] = {{-INFINITY, -INFINITY}}, row_sum[1][2] = {{0.0f, 0.0f}};
+    // The thread's two rows' visible ends (compacted row bounds: a load each), the same every
+    // tile.
+    int row_end[1][2] = {{0, 0}};
     if constexpr (kGathered) {
-      wr.logits<1, kNTiles, Elt>(
-          s, 0, list.begin + j >= list.n_full,
-          gathered_bias != nullptr ? s_bias + stage * Tiles::kBiasStageBytes : nullptr, nullptr,
-          s_key_last + stage * kBlockN, row_end, s_slot + stage * kBlockN);
-    } else {
-      wr.logits<1, kNTiles, Elt>(
-          s, n * kBlockN, list.begin + j >= list.n_full,
-          bias_staged(n) ? s_bias + stage * Tiles::kBiasStageBytes : nullptr,
-          kStagedBias ? s_staged_bias + stage * Tiles::kStagedBiasStageElems : nullptr);
-    }
-    float correction[1][2];
-    softmax_step(s, wr.exp_scale, row_max, row_sum, correction);
-
-    warpgroup_wait<0>();  // P_{j-1} V_{j-1}: tOrP, tOrO and stage j - 1 are free again
-    warpgroup_fence_operand(tOrO);
-    if (j > 0 && release_lane) mbarrier_arrive(&empty_bar[(j + kStages - 1) % kStages]);
-    auto* p_regs = reinterpret_cast<uint32_t*>(raw_pointer_cast(tOrP.data()));
 #pragma unroll
-    for (int c = 0; c < kNTiles; ++c) {
-      p_regs[2 * c] = Elt::pack(s[0][c][0], s[0][c][1]);
-      p_regs[2 * c + 1] = Elt::pack(s[0][c][2], s[0][c][3]);
-    }
-    rescale_rows<1, kDTiles>(o_at, correction);
-    if (check_v && list.begin + j >= list.n_full) {
-      const uint64_t nonfinite = s_nonfinite[stage];
-      if (nonfinite != 0) {
-        const auto* v_head = static_cast<const uint16_t*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h;
-        if constexpr (kGathered) {  // tile column c is slot s_slot[c]
-          add_nonfinite_keys<1, kNTiles, kDTiles, Elt>(nonfinite, s, o_at, v_head, p.v_stride_s,
-                                                       p.head_dim, s_slot + stage * kBlockN);
-        } else {
-          add_nonfinite_keys<1, kNTiles, kDTiles, Elt>(
-              nonfinite, s, o_at, v_head + int64_t(n) * kBlockN * p.v_stride_s, p.v_stride_s,
-              p.head_dim);
-        }
+      for (int r = 0; r < 2; ++r) {
+        int i, head;
+        wr.row_of(0, r, i, head);
+        row_end[0][r] = visible_end(p, b, head, i);
       }
     }
-    n = n_next;
-    n_next = n_after;
-  }
-  if (tiles > 0) {  // the last tile's P V
-    issue_pv((tiles - 1) % kStages);
-    warpgroup_wait<0>();
-    warpgroup_fence_operand(tOrO);
-  }
-  float o[1][kDTiles][4];
+    clear(tOrO);
+
+    int n = tiles > 0 ? list.at(list.begin) : 0;
+    int n_next = tiles > 1 ? list.at(list.begin + 1) : 0;
+#pragma unroll 1
+    for (int j = 0; j < tiles; ++j) {
+      const int stage = (it + j) % kStages;
+      const int n_after = j + 2 < tiles ? list.at(list.begin + j + 2) : 0;
+      mbarrier_wait(&full_bar[stage], ((it + j) / kStages) & 1);
+      fence_async_shared();  // the producer's cp.async writes, before wgmma reads them
+
+      warpgroup_fence_operand(tSrS);
+      warpgroup_arrive();
+      mma_s.accumulate_ = GMMA::ScaleOut::Zero;
 #pragma unroll
-  for (int d = 0; d < kDTiles; ++d)
+      for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
+        gemm(mma_s, tSrQ(_, _, kb), tSrK(_, _, kb, stage), tSrS);
+        mma_s.accumulate_ = GMMA::ScaleOut::One;
+      }
+      warpgroup_commit_batch();
+      const int prev_stage = (it + j + kStages - 1) % kStages;
+      if (j > 0) {
+        issue_pv(prev_stage);
+        warpgroup_wait<1>();  // S_j (groups retire in order)
+      } else {
+        warpgroup_wait<0>();
+      }
+      warpgroup_fence_operand(tSrS);
+
+      float s[1][kNTiles][4];
 #pragma unroll
-    for (int e = 0; e < 4; ++e) o[0][d][e] = tOrO(4 * d + e);
-  wr.write<kHeadDim, 1, Elt>(o, row_max, row_sum, split);
+      for (int c = 0; c < kNTiles; ++c)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[0][c][e] = tSrS(4 * c + e);
+      if constexpr (kGathered) {
+        wr.logits<1, kNTiles, Elt>(
+            s, 0, list.begin + j >= list.n_full,
+            gathered_bias != nullptr ? s_bias + stage * Tiles::kBiasStageBytes : nullptr, nullptr,
+            s_key_last + stage * kBlockN, row_end, s_slot + stage * kBlockN);
+      } else {
+        wr.logits<1, kNTiles, Elt>(
+            s, n * kBlockN, list.begin + j >= list.n_full,
+            bias_staged(bias_row, n) ? s_bias + stage * Tiles::kBiasStageBytes : nullptr,
+            kStagedBias ? s_staged_bias + stage * Tiles::kStagedBiasStageElems : nullptr);
+      }
+      float correction[1][2];
+      softmax_step(s, wr.exp_scale, row_max, row_sum, correction);
+
+      warpgroup_wait<0>();  // P_{j-1} V_{j-1}: tOrP, tOrO and stage j - 1 are free again
+      warpgroup_fence_operand(tOrO);
+      if (j > 0 && release_lane) mbarrier_arrive(&empty_bar[prev_stage]);
+      auto* p_regs = reinterpret_cast<uint32_t*>(raw_pointer_cast(tOrP.data()));
+#pragma unroll
+      for (int c = 0; c < kNTiles; ++c) {
+        p_regs[2 * c] = Elt::pack(s[0][c][0], s[0][c][1]);
+        p_regs[2 * c + 1] = Elt::pack(s[0][c][2], s[0][c][3]);
+      }
+      rescale_rows<1, kDTiles>(o_at, correction);
+      if (check_v && list.begin + j >= list.n_full) {
+        const uint64_t nonfinite = s_nonfinite[stage];
+        if (nonfinite != 0) {
+          const auto* v_head =
+              static_cast<const uint16_t*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h;
+          if constexpr (kGathered) {  // tile column c is slot s_slot[c]
+            add_nonfinite_keys<1, kNTiles, kDTiles, Elt>(nonfinite, s, o_at, v_head,
+                                                         p.v_stride_s, p.head_dim,
+                                                         s_slot + stage * kBlockN);
+          } else {
+            add_nonfinite_keys<1, kNTiles, kDTiles, Elt>(
+                nonfinite, s, o_at, v_head + int64_t(n) * kBlockN * p.v_stride_s, p.v_stride_s,
+                p.head_dim);
+          }
+        }
+      }
+      n = n_next;
+      n_next = n_after;
+    }
+    if (tiles > 0) {  // the last tile's P V, then its stage goes back to the producer
+      const int last_stage = (it + tiles - 1) % kStages;
+      issue_pv(last_stage);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(tOrO);
+      if (release_lane) mbarrier_arrive(&empty_bar[last_stage]);
+    }
+    it += tiles;
+    float o[1][kDTiles][4];
+#pragma unroll
+    for (int d = 0; d < kDTiles; ++d)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[0][d][e] = tOrO(4 * d + e);
+    wr.write<kHeadDim, 1, Elt>(o, row_max, row_sum, split);
+  }
 #else
   __trap();  // launched only on sm_90 devices, where the sm_90a image exists
 #endif

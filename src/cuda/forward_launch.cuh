@@ -9,6 +9,8 @@
 #include "cuda/forward_kernel.cuh"
 #include "cuda/forward_kernel_sm90.cuh"
 #include "cuda/forward_launch.h"
+#include "cuda/memory_pool.h"
+#include "cuda/stream_buffer.h"
 
 namespace fsa::detail::cuda {
 
@@ -23,6 +25,16 @@ inline bool use_sm90_forward(const ForwardParams& params) {
   }();
   if (forced_sm80 || params.pack_gqa) return false;
   return hopper_kernels_available();
+}
+
+// Whether the sm90 forward runs persistent (one CTA per SM walking tiles); FSA_CUDA_PERSISTENT=0
+// launches one CTA per tile instead (A/B measurements, docs/perf.md).
+inline bool persistent_forward_enabled() {
+  static const bool enabled = [] {
+    const char* env = std::getenv("FSA_CUDA_PERSISTENT");
+    return env == nullptr || std::strcmp(env, "0") != 0;
+  }();
+  return enabled;
 }
 
 template <int kHeadDim, class Elt>
@@ -51,7 +63,20 @@ void launch_forward(const ForwardParams& params, cudaStream_t stream) {
       const int smem = Tiles::smem_bytes(params.bias_staged, gathered);
       FSA_CUDA_CHECK(
           cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-      kernel<<<grid, Tiles::kThreads, smem, stream>>>(params);
+      // Persistent: one CTA per SM (the kernel's occupancy) takes tiles from a counter, so a
+      // tile's Q and first K/V tiles load while the previous tile finishes and is written out.
+      const int64_t tiles = int64_t(grid.x) * grid.y * grid.z;
+      const int64_t sms = multiprocessor_count();
+      StreamBuffer counter(stream);
+      ForwardParams fp = params;
+      dim3 launch_grid = grid;
+      if (persistent_forward_enabled() && tiles > sms && tiles < (int64_t(1) << 30)) {
+        FSA_CUDA_CHECK(scratch_malloc(&counter.ptr, sizeof(int), stream));
+        FSA_CUDA_CHECK(cudaMemsetAsync(counter.ptr, 0, sizeof(int), stream));
+        fp.tile_counter = static_cast<int*>(counter.ptr);
+        launch_grid = dim3(unsigned(sms));
+      }
+      kernel<<<launch_grid, Tiles::kThreads, smem, stream>>>(fp);
       launched = true;
     }
   }

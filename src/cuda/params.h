@@ -92,6 +92,9 @@ struct ForwardParams {
   int num_splits;
   float* o_partial;    // (num_splits, B, H, Sq, kernel head dim) fp32
   float* lse_partial;  // (num_splits, B, H, Sq) fp32
+  // Persistent sm90 forward: the tile counter (zero at launch) its CTAs take the next tile from;
+  // null: one CTA per tile (forward_launch.cuh).
+  int* tile_counter;
 
   BlockMapParams map;
 };
