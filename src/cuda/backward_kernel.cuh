@@ -407,6 +407,10 @@ __device__ __forceinline__ void dq_pass_write(const BackwardParams& p, int b, in
     for (int d = 0; d < kDTiles; ++d) {
       const int c = d * 8 + 2 * t;
       const uint32_t packed = Elt::pack(dq_at(d, 2 * r) * p.scale, dq_at(d, 2 * r + 1) * p.scale);
+      if (c + 1 < p.head_dim && (reinterpret_cast<uintptr_t>(row + c) & 3) == 0) {
+        *reinterpret_cast<uint32_t*>(row + c) = packed;  // both values in one store
+        continue;
+      }
       if (c < p.head_dim) *reinterpret_cast<uint16_t*>(row + c) = uint16_t(packed & 0xffffu);
       if (c + 1 < p.head_dim) *reinterpret_cast<uint16_t*>(row + c + 1) = uint16_t(packed >> 16);
     }
@@ -562,6 +566,15 @@ __device__ inline DkvShares dkv_shares_by_count(const BackwardParams& p, int hk,
   }
   return {31 - __clz(max(want, 1)), tiles * p.map.block_n, tiles};
 }
+// The sm90 dK/dV CTA's place in its grid: x (key tile * 2^log2 + share), kv head and batch.
+// Grid (x, Hk, B), or (Hk, x, B) when tile-major (BackwardParams::dkv_tile_major).
+struct DkvCta {
+  int x, hk, b;
+};
+__device__ __forceinline__ DkvCta dkv_cta(const BackwardParams& p) {
+  return p.dkv_tile_major ? DkvCta{int(blockIdx.y), int(blockIdx.x), int(blockIdx.z)}
+                          : DkvCta{int(blockIdx.x), int(blockIdx.y), int(blockIdx.z)};
+}
 __device__ inline DkvShares dkv_shares(const BackwardParams& p, int hk, int b) {
   if (!p.dkv_by_count) return {p.dkv_split_log2, p.seqlen_k, p.map.n_blocks};
   return dkv_shares_by_count(p, hk, b);
@@ -579,14 +592,14 @@ struct DkvWorkCursor {
   const int32_t *full, *part;
 
   // This CTA's share of head h's list: query tiles [idx, end) of full then partial ones. The share
-  // is blockIdx.x % 2^log2 (DkvShares; sm90 grid x = key tile * 2^log2 + share; the sm80 pass
+  // is dkv_cta(p).x % 2^log2 (DkvShares; sm90 grid x = key tile * 2^log2 + share; the sm80 pass
   // runs unsplit), recomputed here rather than held: the producer warpgroup has 40 registers.
   __device__ void load_head() {
     const int64_t col = (int64_t(mb) * p->map.map_heads + h / p->map.head_group) * p->map.n_blocks + n;
     n_full = p->map.full_count_t[col];
     const int n_total = n_full + p->map.partial_count_t[col];
     const int log2 = kShares ? dkv_shares(*p, h / p->group, mb).log2 : 0;
-    const int split = int(blockIdx.x) & ((1 << log2) - 1);
+    const int split = dkv_cta(*p).x & ((1 << log2) - 1);
     idx = (n_total * split) >> log2;
     end = (n_total * (split + 1)) >> log2;
     full = p->map.full_index_t + col * p->map.m_blocks;
@@ -647,11 +660,11 @@ struct ColumnSums {
       cg += __shfl_xor_sync(0xffffffffu, cg, 2);
       const int key = at.key_row[r];
       if (at.t == 0 && key < p.seqlen_k) {
-        // One set of sums per dK/dV share (blockIdx.x % 2^log2, as in DkvWorkCursor).
+        // One set of sums per dK/dV share (dkv_cta(p).x % 2^log2, as in DkvWorkCursor).
         int row = key;
         if constexpr (kShares) {
           const DkvShares sh = dkv_shares(p, head / p.group, at.b);
-          row += (int(blockIdx.x) & ((1 << sh.log2) - 1)) * sh.stride;
+          row += (dkv_cta(p).x & ((1 << sh.log2) - 1)) * sh.stride;
         }
         float* dst = p.col_accum + (int64_t(at.b) * p.num_heads + head) * p.dkv_rows + row;
         if constexpr (kAdd) {

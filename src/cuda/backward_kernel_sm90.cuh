@@ -137,13 +137,14 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
       smem_raw + Tiles::kBarrierOffset);
   uint64_t* empty_bar = full_bar + kStages;
 
-  // Key tile n; blockIdx.x % 2^log2 is this CTA's share of its query work (DkvShares,
+  // Key tile n; cta.x % 2^log2 is this CTA's share of its query work (DkvShares,
   // DkvWorkCursor). Past the tiles that hold work (a compacted key mask's count) nothing is read
   // or written.
-  const int hk = blockIdx.y, b = blockIdx.z;
+  const DkvCta cta = dkv_cta(p);
+  const int hk = cta.hk, b = cta.b;
   const int n = [&] {
     const DkvShares shares = dkv_shares(p, hk, b);
-    const int tile = int(blockIdx.x) >> shares.log2;
+    const int tile = cta.x >> shares.log2;
     return tile < shares.tiles ? tile : -1;
   }();
   if (n < 0) return;
@@ -395,7 +396,7 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
   const DkvShares shares = dkv_shares(p, hk, b);
   if (shares.log2 > 0) {  // this share's dK (scaled) and dV in fp32, summed by dkv_reduce_kernel
     const int64_t per = int64_t(p.batch) * p.dkv_rows * p.num_kv_heads * kHeadDim;
-    const int row0 = (int(blockIdx.x) & ((1 << shares.log2) - 1)) * shares.stride;
+    const int row0 = (cta.x & ((1 << shares.log2) - 1)) * shares.stride;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int key = key_row[r];

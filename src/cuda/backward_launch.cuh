@@ -69,6 +69,16 @@ inline int dkv_split_log2(const BackwardParams& p, int kernel_dim, int64_t targe
   return log2;
 }
 
+// FSA_CUDA_DKV_ORDER=lists keeps the compacted dK/dV grid list after list (A/B measurements of
+// BackwardParams::dkv_tile_major, docs/perf.md).
+inline bool dkv_tile_major_enabled() {
+  static const bool enabled = [] {
+    const char* env = std::getenv("FSA_CUDA_DKV_ORDER");
+    return env == nullptr || std::strcmp(env, "lists") != 0;
+  }();
+  return enabled;
+}
+
 template <int kHeadDim, class Elt>
 void launch_backward(const BackwardParams& p, cudaStream_t stream) {
   using Tiles = BackwardTiles<kHeadDim>;
@@ -175,6 +185,10 @@ void launch_backward(const BackwardParams& p, cudaStream_t stream) {
     kv.dkv_target_tiles = int((target + lists - 1) / lists);
     kv.dkv_max_shares = dkv_max_shares(p);
     kv.dkv_grid_tiles = int(grid_rows / p.map.block_n);
+    // Per-row top-k's dK/dV groups measured slower tile-major (3.29 -> 3.34 ms at (1, 16384, 32,
+    // 8, 128) window 2048): their work does not fall with the group's index.
+    const int64_t grid_x = int64_t(p.map.n_blocks) * kv.dkv_splits;
+    kv.dkv_tile_major = kv.dkv_by_count && grid_x <= 65535 && dkv_tile_major_enabled();
     if (kv.dkv_splits > 1 || kv.dkv_by_count) {
       const size_t per = size_t(p.batch) * kv.dkv_rows * p.num_kv_heads * kHeadDim;
       const size_t cols = p.bias_grad == BiasGrad::kColumns
@@ -199,8 +213,10 @@ void launch_backward(const BackwardParams& p, cudaStream_t stream) {
     // it uses.
     FSA_CUDA_CHECK(cudaFuncSetAttribute(dkdv, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         Sm90Tiles::smem_bytes(true)));
-    dkdv<<<dim3(p.map.n_blocks * kv.dkv_splits, p.num_kv_heads, p.batch), Sm90Tiles::kThreads,
-           Sm90Tiles::smem_bytes(p.bias_staged), stream>>>(kv);
+    const dim3 dkdv_grid = kv.dkv_tile_major
+                               ? dim3(unsigned(p.num_kv_heads), unsigned(grid_x), unsigned(p.batch))
+                               : dim3(unsigned(grid_x), unsigned(p.num_kv_heads), unsigned(p.batch));
+    dkdv<<<dkdv_grid, Sm90Tiles::kThreads, Sm90Tiles::smem_bytes(p.bias_staged), stream>>>(kv);
     FSA_CUDA_CHECK(cudaGetLastError());
     if (kv.dkv_splits > 1 || kv.dkv_by_count) {
       const dim3 grid(unsigned((int64_t(p.seqlen_k) * (kHeadDim / 4) + 255) / 256),
