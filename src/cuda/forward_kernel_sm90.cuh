@@ -402,7 +402,6 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
   uint64_t* q_full = tile_full + 1;
   uint64_t* q_empty = tile_full + 2;
   auto* s_tile = reinterpret_cast<int*>(tile_full + 3);  // [0]: published; [1, 2]: producer's
-  (void)s_tile;
   if (threadIdx.x == 0) {  // initialized before init_stage_barriers' fence and CTA barrier
     mbarrier_init(tile_full, 1);
     mbarrier_init(q_full, Tiles::kProducerThreads);
