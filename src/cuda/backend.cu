@@ -4,7 +4,6 @@
 #include <algorithm>
 #include <climits>
 #include <cstdlib>
-#include <cstring>
 #include <string>
 
 #include "cuda/backward_launch.h"
@@ -154,10 +153,7 @@ int choose_splits(int64_t ctas, int64_t n_blocks) {
 // Whether per-row top-k plans build the dK/dV groups (BlockMapParams::dkv_slots);
 // FSA_CUDA_DKV_GROUPS=0 keeps the slot-order tiles (A/B measurements, docs/perf.md).
 bool dkv_groups_enabled() {
-  static const bool enabled = [] {
-    const char* env = std::getenv("FSA_CUDA_DKV_GROUPS");
-    return env == nullptr || std::strcmp(env, "0") != 0;
-  }();
+  static const bool enabled = !env_is("FSA_CUDA_DKV_GROUPS", "0");
   return enabled;
 }
 

@@ -938,21 +938,17 @@ __global__ void dkv_reduce_kernel(const __grid_constant__ BackwardParams p) {
   auto* dv = reinterpret_cast<uint16_t*>(static_cast<typename Elt::Storage*>(p.dv) +
                                          b * p.dv_stride_b + key * p.dv_stride_s +
                                          hk * p.dv_stride_h + d);
-  const bool whole = d + 4 <= p.head_dim;
-  const uint32_t k01 = Elt::pack(k4[0], k4[1]), k23 = Elt::pack(k4[2], k4[3]);
-  const uint32_t v01 = Elt::pack(v4[0], v4[1]), v23 = Elt::pack(v4[2], v4[3]);
-  if (whole && reinterpret_cast<uintptr_t>(dk) % 8 == 0) {
-    *reinterpret_cast<uint2*>(dk) = make_uint2(k01, k23);
-  } else {
-    const uint32_t w[2] = {k01, k23};
-    for (int c = 0; c < 4 && d + c < p.head_dim; ++c) dk[c] = uint16_t(w[c / 2] >> (16 * (c % 2)));
-  }
-  if (whole && reinterpret_cast<uintptr_t>(dv) % 8 == 0) {
-    *reinterpret_cast<uint2*>(dv) = make_uint2(v01, v23);
-  } else {
-    const uint32_t w[2] = {v01, v23};
-    for (int c = 0; c < 4 && d + c < p.head_dim; ++c) dv[c] = uint16_t(w[c / 2] >> (16 * (c % 2)));
-  }
+  // The four columns from d: one 8-byte store where whole and aligned, else column by column.
+  auto store4 = [&](uint16_t* out, const float (&x)[4]) {
+    const uint32_t w[2] = {Elt::pack(x[0], x[1]), Elt::pack(x[2], x[3])};
+    if (d + 4 <= p.head_dim && reinterpret_cast<uintptr_t>(out) % 8 == 0) {
+      *reinterpret_cast<uint2*>(out) = make_uint2(w[0], w[1]);
+      return;
+    }
+    for (int c = 0; c < 4 && d + c < p.head_dim; ++c) out[c] = uint16_t(w[c / 2] >> (16 * (c % 2)));
+  };
+  store4(dk, k4);
+  store4(dv, v4);
 }
 
 // dbias (caller's shape, bias dtype) from the fp32 accumulators: sums over the dims the caller

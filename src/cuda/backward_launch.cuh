@@ -3,7 +3,6 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <cstring>
 #include <type_traits>
 
 #include "cuda/backward_kernel.cuh"
@@ -20,10 +19,7 @@ namespace fsa::detail::cuda {
 // softcap (its extra per-entry terms stay on the sm80 kernel). FSA_CUDA_BACKWARD=sm80 forces the
 // sm80 kernel (for A/B measurements on one card).
 inline bool use_sm90_backward(const BackwardParams& params) {
-  static const bool forced_sm80 = [] {
-    const char* env = std::getenv("FSA_CUDA_BACKWARD");
-    return env != nullptr && std::strcmp(env, "sm80") == 0;
-  }();
+  static const bool forced_sm80 = env_is("FSA_CUDA_BACKWARD", "sm80");
   if (forced_sm80 || params.softcap_in != 0.0f) return false;
   return hopper_kernels_available();
 }
@@ -31,10 +27,7 @@ inline bool use_sm90_backward(const BackwardParams& params) {
 // The Hopper dQ kernel: same rule as the dK/dV one; FSA_CUDA_DQ_SM90=0 keeps the sm80 dQ pass
 // beside the sm90 dK/dV pass (A/B measurements of the dQ pass alone).
 inline bool use_sm90_dq(const BackwardParams& params) {
-  static const bool enabled = [] {
-    const char* env = std::getenv("FSA_CUDA_DQ_SM90");
-    return env == nullptr || std::strcmp(env, "0") != 0;
-  }();
+  static const bool enabled = !env_is("FSA_CUDA_DQ_SM90", "0");
   return enabled && use_sm90_backward(params);
 }
 
@@ -72,10 +65,7 @@ inline int dkv_split_log2(const BackwardParams& p, int kernel_dim, int64_t targe
 // FSA_CUDA_DKV_ORDER=lists keeps the compacted dK/dV grid list after list (A/B measurements of
 // BackwardParams::dkv_tile_major, docs/perf.md).
 inline bool dkv_tile_major_enabled() {
-  static const bool enabled = [] {
-    const char* env = std::getenv("FSA_CUDA_DKV_ORDER");
-    return env == nullptr || std::strcmp(env, "lists") != 0;
-  }();
+  static const bool enabled = !env_is("FSA_CUDA_DKV_ORDER", "lists");
   return enabled;
 }
 

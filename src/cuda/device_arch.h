@@ -3,6 +3,9 @@
 
 #include <cuda_runtime.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "cuda/check.h"
 
 namespace fsa::detail::cuda {
@@ -27,6 +30,13 @@ inline int multiprocessor_count() {
   FSA_CUDA_CHECK(cudaGetDevice(&device));
   FSA_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
   return count;
+}
+
+// Whether environment variable `name` is set to `value`: the backend's A/B switches
+// (FSA_CUDA_FORWARD=sm80, FSA_CUDA_PERSISTENT=0, ...; docs/perf.md). Callers read it once.
+inline bool env_is(const char* name, const char* value) {
+  const char* env = std::getenv(name);
+  return env != nullptr && std::strcmp(env, value) == 0;
 }
 
 }  // namespace fsa::detail::cuda

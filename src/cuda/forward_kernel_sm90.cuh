@@ -431,15 +431,18 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
   auto* s_slot = reinterpret_cast<int32_t*>(smem_raw + Tiles::kSlotOffset);
   auto* s_key_last = reinterpret_cast<int32_t*>(smem_raw + Tiles::kKeyLastOffset);
   const int bias_bytes = p.bias_is_fp32 ? 4 : 2;
+  // Element offset of a query-invariant bias's row for batch b and the head of row0's first row.
+  auto bias_row_offset = [&](const WarpRows& row0, int b) {
+    int i0, head0;
+    row0.row_of(0, 0, i0, head0);
+    return b * p.bias_stride[0] + (head0 / p.bias_head_group) * p.bias_stride[1];
+  };
   // The query-invariant bias row of a tile's head, when it may be staged (null otherwise).
   auto staged_bias_row = [&](int m, int h, int b) -> const uint8_t* {
     const WarpRows row0(p, m, kBlockM, h, b, 0);
     if (kGathered || !row0.bias_rows_shared || p.bias_stride[3] != 1) return nullptr;
-    int i0, head0;
-    row0.row_of(0, 0, i0, head0);
-    const uint8_t* row = static_cast<const uint8_t*>(p.bias) +
-                         (b * p.bias_stride[0] + (head0 / p.bias_head_group) * p.bias_stride[1]) *
-                             bias_bytes;
+    const uint8_t* row =
+        static_cast<const uint8_t*>(p.bias) + bias_row_offset(row0, b) * bias_bytes;
     return reinterpret_cast<uintptr_t>(row) % 16 == 0 ? row : nullptr;
   };
   auto bias_staged = [&](const uint8_t* bias_row, int n_block) {
@@ -448,11 +451,7 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
   // Gathered tiles: the bias row of the tile's head, read by slot.
   auto gathered_bias_row = [&](int m, int h, int b) -> const float* {
     if (!kGathered || p.bias == nullptr) return nullptr;
-    const WarpRows row0(p, m, kBlockM, h, b, 0);
-    int i0, head0;
-    row0.row_of(0, 0, i0, head0);
-    return static_cast<const float*>(p.bias) + b * p.bias_stride[0] +
-           (head0 / p.bias_head_group) * p.bias_stride[1];
+    return static_cast<const float*>(p.bias) + bias_row_offset(WarpRows(p, m, kBlockM, h, b, 0), b);
   };
   // Partial tiles check their V tile for NaN / Inf unless the call knows V has none (a compacted
   // call's gather says so: ForwardParams::v_nonfinite). Producer and consumers read the same flag.

@@ -1,8 +1,6 @@
 #pragma once
 // Definition of launch_forward, included only by the generated instantiation files.
 
-#include <cstdlib>
-#include <cstring>
 
 #include "cuda/check.h"
 #include "cuda/device_arch.h"
@@ -19,10 +17,7 @@ namespace fsa::detail::cuda {
 // mostly padded rows needs more than wgmma. FSA_CUDA_FORWARD=sm80 forces the sm80 kernel (for A/B
 // measurements on one card).
 inline bool use_sm90_forward(const ForwardParams& params) {
-  static const bool forced_sm80 = [] {
-    const char* env = std::getenv("FSA_CUDA_FORWARD");
-    return env != nullptr && std::strcmp(env, "sm80") == 0;
-  }();
+  static const bool forced_sm80 = env_is("FSA_CUDA_FORWARD", "sm80");
   if (forced_sm80 || params.pack_gqa) return false;
   return hopper_kernels_available();
 }
@@ -30,10 +25,7 @@ inline bool use_sm90_forward(const ForwardParams& params) {
 // Whether the sm90 forward runs persistent (one CTA per SM walking tiles); FSA_CUDA_PERSISTENT=0
 // launches one CTA per tile instead (A/B measurements, docs/perf.md).
 inline bool persistent_forward_enabled() {
-  static const bool enabled = [] {
-    const char* env = std::getenv("FSA_CUDA_PERSISTENT");
-    return env == nullptr || std::strcmp(env, "0") != 0;
-  }();
+  static const bool enabled = !env_is("FSA_CUDA_PERSISTENT", "0");
   return enabled;
 }
 

@@ -33,6 +33,7 @@
 #include "cuda/cuda_backend.h"
 #include "cuda/mask_backend.h"
 #include "cuda/memory_pool.h"
+#include "cuda/stream_buffer.h"
 
 namespace fsa::detail::cuda {
 namespace {
@@ -913,22 +914,6 @@ BlockSelectParams block_select_params(const BlockSelectArgs& a, const BlockScore
 
 // ---- host: launches -----------------------------------------------------------------------------
 
-// Stream-ordered scratch, released (after the work queued on the stream) at scope exit.
-class StreamScratch {
- public:
-  StreamScratch(size_t bytes, cudaStream_t stream) : stream_(stream) {
-    FSA_CUDA_CHECK(scratch_malloc(&ptr_, std::max<size_t>(bytes, 1), stream));
-  }
-  ~StreamScratch() { cudaFreeAsync(ptr_, stream_); }
-  StreamScratch(const StreamScratch&) = delete;
-  StreamScratch& operator=(const StreamScratch&) = delete;
-  void* get() const { return ptr_; }
-
- private:
-  void* ptr_ = nullptr;
-  cudaStream_t stream_;
-};
-
 // The dynamic shared memory `kernel` may use on the current device: the opt-in limit less its
 // static shared memory, raised once per (kernel, device) so that every launch may ask for it.
 size_t dynamic_smem_limit(const void* kernel, int device) {
@@ -1002,8 +987,10 @@ void launch_block_smooth(const TensorView& mask, int64_t block_size, cudaStream_
 template <class F>
 void launch_select_blocks(const BlockSelectArgs& a, cudaStream_t stream) {
   BlockScoreParams s = block_score_params(a, nullptr);
-  const StreamScratch keys(size_t(s.units) * sizeof(uint64_t), stream);
-  s.keys = static_cast<uint64_t*>(keys.get());
+  StreamBuffer keys(stream);
+  FSA_CUDA_CHECK(scratch_malloc(&keys.ptr, std::max<size_t>(size_t(s.units) * sizeof(uint64_t), 1),
+                                stream));
+  s.keys = static_cast<uint64_t*>(keys.ptr);
   constexpr int kScoreThreads = 128;
   block_scores_kernel<F><<<grid_for(s.units, kScoreThreads), kScoreThreads, 0, stream>>>(s);
   check_launch();
