@@ -568,6 +568,7 @@ DkvLists cpu_dkv_lists(const KeyCompaction& c, int block_m, int block_n) {
   out.full_index.assign(size_t(cols * out.m_blocks), 0);
   out.partial_index.assign(size_t(cols * out.m_blocks), 0);
   const int64_t stride_k = key_last_stride(g.slots);
+  const DkvKeyBits bits = dkv_key_bits(lists, stride, out.m_blocks);
   for (int64_t l = 0; l < lists; ++l) {
     const int32_t* first = c.key_first + l * stride_k;
     const int32_t* last = c.key_last + l * stride_k;
@@ -575,7 +576,8 @@ DkvLists cpu_dkv_lists(const KeyCompaction& c, int block_m, int block_n) {
     const int32_t count = c.count[l];
     for (int32_t s = 0; s < count; ++s) order[s] = s;
     std::stable_sort(order, order + count, [&](int32_t a, int32_t b) {
-      return dkv_band(last[a]) > dkv_band(last[b]);
+      return dkv_slot_key(bits, l, a, count, last[a], block_m) <
+             dkv_slot_key(bits, l, b, count, last[b], block_m);
     });
     for (int64_t n = 0; n < out.n_blocks; ++n) {
       const int32_t* group = order + n * block_n;

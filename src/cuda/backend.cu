@@ -157,9 +157,9 @@ bool dkv_groups_enabled() {
   return enabled;
 }
 
-// The sm90 dK/dV pass's groups (BlockMapParams::dkv_slots): each list's slots keyed by list and
-// band, sorted stably (one radix sort over the list's and the band's bits, cuda/list_sort.h), then
-// grouped and classified per query tile.
+// The sm90 dK/dV pass's groups (BlockMapParams::dkv_slots): each list's slots keyed by list, chunk
+// and last query tile (core/dkv_order.h), sorted stably (one radix sort over the key's bits,
+// cuda/list_sort.h), then grouped and classified per query tile.
 void plan_dkv_groups(const PlanParams& pp, int64_t lists, int64_t stride, cudaStream_t stream) {
   const int64_t n = lists * stride;  // within int32 (make_device_plan)
   // Scratch: keys in and out, slots in and out.
@@ -169,12 +169,13 @@ void plan_dkv_groups(const PlanParams& pp, int64_t lists, int64_t stride, cudaSt
   auto* key_out = key_in + n;
   auto* slot_in = reinterpret_cast<int32_t*>(key_out + n);
   auto* slot_out = slot_in + n;
-  dkv_band_kernel<<<dim3(unsigned((stride + 255) / 256), unsigned(lists)), 256, 0, stream>>>(
-      pp, int(stride), key_in, slot_in);
+  const DkvKeyBits bits = dkv_key_bits(lists, stride, pp.map.m_blocks);
+  dkv_key_kernel<<<dim3(unsigned((stride + 255) / 256), unsigned(lists)), 256, 0, stream>>>(
+      pp, bits, int(stride), key_in, slot_in);
   FSA_CUDA_CHECK(cudaGetLastError());
-  // Radix sort is stable: within a band the slots keep their order (the keys' order).
-  sort_pairs(key_in, key_out, slot_in, slot_out, n, 0, kDkvBandBits + bits_below(lists),
-             sort_temp, stream);
+  // Radix sort is stable: slots with equal keys keep their order (the keys' order).
+  sort_pairs(key_in, key_out, slot_in, slot_out, n, 0,
+             std::max(1, bits.list_bits + bits.chunk_bits + bits.tile_bits), sort_temp, stream);
   dkv_lists_kernel<<<dim3(unsigned((pp.map.n_blocks + kPlanWarps - 1) / kPlanWarps),
                           unsigned(lists)),
                      32 * kPlanWarps, dkv_lists_smem(pp.map.m_blocks), stream>>>(pp, slot_out);

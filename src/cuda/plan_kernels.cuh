@@ -8,7 +8,7 @@
 //   compact    one warp per row of the map: full and partial key-block lists by warp ballots.
 //   transpose  one warp per column: the query-block lists the backward pass walks.
 // Per-row top-k over compacted keys adds gather_lists_kernel (the slots each query tile keeps), and
-// dkv_band_kernel, a stable radix sort and dkv_lists_kernel (the dK/dV pass's groups).
+// dkv_key_kernel, a stable radix sort and dkv_lists_kernel (the dK/dV pass's groups).
 
 #include <cuda_runtime.h>
 
@@ -250,13 +250,13 @@ __global__ void __launch_bounds__(32 * kPlanWarps)
 }
 
 // Per-row top-k over compacted keys, the dK/dV pass's groups (core/dkv_order.h), step 1: per list
-// (map batch, map head), its slots keyed by list and descending dkv_band of their last row, for
-// the stable radix sort that follows (cuda/list_sort.h). The last row sees every slot (causality
-// only uncovers keys), so its bound is the list's count; slots past it key as band 0 and, coming
-// last in input order, sort after every counted slot of their list. grid (ceil(stride / 256),
-// lists), 256 threads.
-__global__ void __launch_bounds__(256) dkv_band_kernel(const __grid_constant__ PlanParams p,
-                                                       int stride, uint32_t* key, int32_t* slot) {
+// (map batch, map head), its slots' sort keys (dkv_slot_key: list, chunk of slots, descending last
+// query tile), for the stable radix sort that follows (cuda/list_sort.h). The last row sees every
+// slot (causality only uncovers keys), so its bound is the list's count. grid (ceil(stride /
+// 256), lists), 256 threads.
+__global__ void __launch_bounds__(256) dkv_key_kernel(const __grid_constant__ PlanParams p,
+                                                      DkvKeyBits bits, int stride, uint32_t* key,
+                                                      int32_t* slot) {
   const BlockMapParams& map = p.map;
   const int list = blockIdx.y, mh = list % map.map_heads, mb = list / map.map_heads;
   const int hq = mh * map.head_group;  // a query head of this map head
@@ -264,8 +264,8 @@ __global__ void __launch_bounds__(256) dkv_band_kernel(const __grid_constant__ P
   const int s = int(blockIdx.x) * 256 + int(threadIdx.x);
   if (s >= stride) return;
   const int64_t at = int64_t(list) * stride + s;
-  const uint32_t band = s < count ? dkv_band(p.row_end.key_last_row(mb, hq)[s]) : 0u;
-  key[at] = (uint32_t(list) << kDkvBandBits) | ((1u << kDkvBandBits) - 1u - band);
+  const int32_t last = s < count ? p.row_end.key_last_row(mb, hq)[s] : -1;
+  key[at] = dkv_slot_key(bits, list, s, count, last, map.block_m);
   slot[at] = s;
 }
 

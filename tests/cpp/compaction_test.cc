@@ -281,13 +281,12 @@ void expect_gather_lists_match_mask(const fsa::Plan& plan, const std::vector<uin
 }
 
 // The dK/dV pass's groups (what a CUDA plan gives its sm90 dK/dV pass, built here by cpu_dkv_lists
-// from the same rule) against the float64 mask: each list's slots grouped by descending band of
-// their last row, in slot order within a band, then -1; each group visits exactly the query tiles
+// from the same rule) against the float64 mask: each list's slots in chunks of consecutive slots,
+// each chunk by descending last query tile, then -1; each group visits exactly the query tiles
 // where one of its keys is kept by some row, listed full exactly where the group is whole and
 // every row of the tile keeps every one of its keys.
 // Returns the full (group, query tile) pairs.
 int64_t expect_dkv_lists_match_mask(const fsa::Plan& plan, const std::vector<uint8_t>& mask) {
-  using fsa::detail::dkv_band;
   const fsa::detail::KeyCompaction& c = *plan.compaction();
   const fsa::detail::CompactGeometry& g = c.lists;
   constexpr int kBlockM = 128, kBlockN = 64;  // the sm90 dK/dV pass's tiles
@@ -307,9 +306,15 @@ int64_t expect_dkv_lists_match_mask(const fsa::Plan& plan, const std::vector<uin
       if (seen[size_t(x)] != x) return full_pairs;
     }
     for (int64_t x = count; x < stride; ++x) EXPECT_EQ(order[x], -1);
+    // The order: chunks of kDkvChunkGroups * 64 slots in slot order, each by descending last
+    // query tile, in slot order among equal tiles (the tile is not shifted at these sizes).
+    constexpr int64_t kChunk = 64 * fsa::detail::kDkvChunkGroups;
     for (int64_t x = 1; x < count; ++x) {
-      const uint32_t a = dkv_band(last[order[x - 1]]), b = dkv_band(last[order[x]]);
-      EXPECT_TRUE(a > b || (a == b && order[x - 1] < order[x])) << "position " << x;
+      const int32_t s0 = order[x - 1], s1 = order[x];
+      const int64_t t0 = last[s0] / kBlockM, t1 = last[s1] / kBlockM;
+      EXPECT_TRUE(s0 / kChunk < s1 / kChunk ||
+                  (s0 / kChunk == s1 / kChunk && (t0 > t1 || (t0 == t1 && s0 < s1))))
+          << "position " << x;
     }
     for (int64_t n = 0; n < lists.n_blocks; ++n) {
       const int64_t col = l * lists.n_blocks + n;
@@ -345,9 +350,10 @@ int64_t expect_dkv_lists_match_mask(const fsa::Plan& plan, const std::vector<uin
 // thresholds_kept: whether the compacted plan must also keep the thresholds (some key's rows are
 // not an interval); otherwise each slot's last row alone selects (KeyCompaction::key_last).
 // full_dkv_groups: the case must give the dK/dV pass some full (group, query tile) pairs.
+// several_chunks: some list must hold more slots than one chunk of the dK/dV order.
 void expect_topk_paths_match(CaseSpec spec, int64_t window, double fill,
                              double max_tile_fraction = 1.0, bool thresholds_kept = false,
-                             bool full_dkv_groups = false) {
+                             bool full_dkv_groups = false, bool several_chunks = false) {
   spec.make_mask = per_row_topk(window, fill);
   const Shape4& bs = *spec.bias_shape;
   spec.mask_shape = Shape4{bs[0], bs[1], spec.seqlen_q, spec.seqlen_k};
@@ -379,6 +385,11 @@ void expect_topk_paths_match(CaseSpec spec, int64_t window, double fill,
         if (full_dkv_groups) {
           EXPECT_GT(full_pairs, 0);
         }
+        if (several_chunks) {
+          const fsa::detail::KeyCompaction& c = *plan.compaction();
+          const int32_t most = *std::max_element(c.count, c.count + c.lists.list_batch * c.lists.list_heads);
+          EXPECT_GT(most, 64 * fsa::detail::kDkvChunkGroups);
+        }
       }
     }
     // The selection comes from the plan's thresholds alone.
@@ -404,6 +415,15 @@ TEST(CompactionTopk, WideWindow_DkvGroups_Causal_Fp32) {
   spec.causal = true;
   spec.bias_shape = Shape4{1, 1, 1, 900};
   expect_topk_paths_match(spec, 200, -3.4028234663852886e38, 1.0, false, true);
+}
+
+// More kept keys than one chunk of the dK/dV order (core/dkv_order.h): groups from two chunks,
+// each by last query tile, still visit exactly the tiles with a kept entry.
+TEST(CompactionTopk, ManySlots_DkvChunks_Causal_Fp32) {
+  CaseSpec spec = case_spec(DType::kFloat32, 1, 3000, 3000, 1, 1, 16);
+  spec.causal = true;
+  spec.bias_shape = Shape4{1, 1, 1, 3000};
+  expect_topk_paths_match(spec, 512, -3.4028234663852886e38, 1.0, false, true, true);
 }
 
 // Sq > Sk: the first rows see nothing (empty rows, exact zeros); one shared bias.
