@@ -442,6 +442,11 @@ void forward(const ForwardProblem& p, const Plan& plan, void* stream_ptr) {
 }
 
 void backward(const BackwardProblem& p, const Plan& plan, void* stream_ptr) {
+  backward(p, plan, stream_ptr, KeyScatter{});
+}
+
+bool backward(const BackwardProblem& p, const Plan& plan, void* stream_ptr,
+              const KeyScatter& scatter) {
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   const DeviceBlockMap& map = kernel_plan(plan, p.head_dim);
   const int kdim = kernel_head_dim(int(p.head_dim));
@@ -489,6 +494,7 @@ void backward(const BackwardProblem& p, const Plan& plan, void* stream_ptr) {
   bp.dkv_splits = 1;    // launch_backward may split the sm90 dK/dV pass
   bp.dkv_split_log2 = 0;
   bp.dkv_rows = int(p.seqlen_k);
+  bp.scatter = scatter;
 
   // Scratch from the stream-ordered pool: rowdot (B, H, Sq) and the bias-gradient accumulator.
   StreamBuffer rowdot(stream), accum(stream);
@@ -549,9 +555,9 @@ void backward(const BackwardProblem& p, const Plan& plan, void* stream_ptr) {
 #define FSA_BACKWARD_CASE(D)                                                     \
   case D:                                                                        \
     if (bf16) {                                                                  \
-      FSA_IF_BWD_BUILT(D, bf16, launch_backward<D, Bf16>(bp, stream); return;)   \
+      FSA_IF_BWD_BUILT(D, bf16, return launch_backward<D, Bf16>(bp, stream);)    \
     } else {                                                                     \
-      FSA_IF_BWD_BUILT(D, fp16, launch_backward<D, Fp16>(bp, stream); return;)   \
+      FSA_IF_BWD_BUILT(D, fp16, return launch_backward<D, Fp16>(bp, stream);)    \
     }                                                                            \
     break;
     FSA_BACKWARD_CASE(64)

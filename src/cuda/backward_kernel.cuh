@@ -897,6 +897,9 @@ __global__ void zero_dbias_kernel(const __grid_constant__ BackwardParams p) {
 // loads issued together) and stores each as one 8-byte write where the output allows. Lists
 // without shares (their rows written by the pass itself, one share under dkv_by_count) and rows
 // past a compaction's count (BlockMapParams::kept_count: nothing reads them) are left as they are.
+// With BackwardParams::scatter (every list split) the grid's first dimension runs over the
+// caller's keys instead: each key's slot row is summed into the caller's dK and dV, a dropped
+// key's row zeroed.
 // (Summing every slot row took 0.36 ms for per-row top-k at (1, 16384, 32, 8, 128) window 2048,
 // where 38% of the slots hold keys; one thread per element with 64-bit index arithmetic took
 // 0.094 ms for a key mask's two shares at that shape, this kernel 0.062 ms, H200.)
@@ -907,11 +910,44 @@ __global__ void dkv_reduce_kernel(const __grid_constant__ BackwardParams p) {
   const int hk = int(blockIdx.y), b = int(blockIdx.z);
   const DkvShares sh = dkv_shares(p, hk, b);
   if (sh.log2 == 0) return;
-  const int keys =
-      p.map.kept_count != nullptr ? min(p.seqlen_k, kept_count_of(p, hk, b)) : p.seqlen_k;
+  const KeyScatter& sc = p.scatter;
+  const int keys = sc.slot != nullptr        ? sc.keys
+                   : p.map.kept_count != nullptr ? min(p.seqlen_k, kept_count_of(p, hk, b))
+                                             : p.seqlen_k;
   const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int key = int(e / kQuads), d = int(e % kQuads) * 4;
-  if (key >= keys || d >= p.head_dim) return;
+  const int out_key = int(e / kQuads), d = int(e % kQuads) * 4;
+  if (out_key >= keys || d >= p.head_dim) return;
+  // The slot row summed (-1: a dropped key, zeros) and where it goes.
+  const int key = sc.slot != nullptr
+                      ? sc.slot[int64_t(b * sc.list_stride_b + hk / sc.head_group) * sc.keys +
+                                out_key]
+                      : out_key;
+  using Storage = typename Elt::Storage;
+  auto* dk = reinterpret_cast<uint16_t*>(
+      sc.slot != nullptr ? static_cast<Storage*>(sc.dk) + b * sc.dk_stride_b +
+                               out_key * sc.dk_stride_s + hk * sc.dk_stride_h + d
+                         : static_cast<Storage*>(p.dk) + b * p.dk_stride_b + key * p.dk_stride_s +
+                               hk * p.dk_stride_h + d);
+  auto* dv = reinterpret_cast<uint16_t*>(
+      sc.slot != nullptr ? static_cast<Storage*>(sc.dv) + b * sc.dv_stride_b +
+                               out_key * sc.dv_stride_s + hk * sc.dv_stride_h + d
+                         : static_cast<Storage*>(p.dv) + b * p.dv_stride_b + key * p.dv_stride_s +
+                               hk * p.dv_stride_h + d);
+  // The four columns from d: one 8-byte store where whole and aligned, else column by column.
+  auto store4 = [&](uint16_t* out, const float (&x)[4]) {
+    const uint32_t w[2] = {Elt::pack(x[0], x[1]), Elt::pack(x[2], x[3])};
+    if (d + 4 <= p.head_dim && reinterpret_cast<uintptr_t>(out) % 8 == 0) {
+      *reinterpret_cast<uint2*>(out) = make_uint2(w[0], w[1]);
+      return;
+    }
+    for (int c = 0; c < 4 && d + c < p.head_dim; ++c) out[c] = uint16_t(w[c / 2] >> (16 * (c % 2)));
+  };
+  if (key < 0) {
+    const float zero[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    store4(dk, zero);
+    store4(dv, zero);
+    return;
+  }
   const int64_t per = int64_t(p.batch) * p.dkv_rows * p.num_kv_heads * kKernelDim;  // dK, then dV
   const int64_t step = int64_t(sh.stride) * p.num_kv_heads * kKernelDim;            // one share
   const float* src =
@@ -932,21 +968,6 @@ __global__ void dkv_reduce_kernel(const __grid_constant__ BackwardParams p) {
       v4[0] += y[s].x, v4[1] += y[s].y, v4[2] += y[s].z, v4[3] += y[s].w;
     }
   }
-  auto* dk = reinterpret_cast<uint16_t*>(static_cast<typename Elt::Storage*>(p.dk) +
-                                         b * p.dk_stride_b + key * p.dk_stride_s +
-                                         hk * p.dk_stride_h + d);
-  auto* dv = reinterpret_cast<uint16_t*>(static_cast<typename Elt::Storage*>(p.dv) +
-                                         b * p.dv_stride_b + key * p.dv_stride_s +
-                                         hk * p.dv_stride_h + d);
-  // The four columns from d: one 8-byte store where whole and aligned, else column by column.
-  auto store4 = [&](uint16_t* out, const float (&x)[4]) {
-    const uint32_t w[2] = {Elt::pack(x[0], x[1]), Elt::pack(x[2], x[3])};
-    if (d + 4 <= p.head_dim && reinterpret_cast<uintptr_t>(out) % 8 == 0) {
-      *reinterpret_cast<uint2*>(out) = make_uint2(w[0], w[1]);
-      return;
-    }
-    for (int c = 0; c < 4 && d + c < p.head_dim; ++c) out[c] = uint16_t(w[c / 2] >> (16 * (c % 2)));
-  };
   store4(dk, k4);
   store4(dv, v4);
 }

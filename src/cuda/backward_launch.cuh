@@ -70,7 +70,7 @@ inline bool dkv_tile_major_enabled() {
 }
 
 template <int kHeadDim, class Elt>
-void launch_backward(const BackwardParams& p, cudaStream_t stream) {
+bool launch_backward(const BackwardParams& p, cudaStream_t stream) {
   using Tiles = BackwardTiles<kHeadDim>;
   const bool row_topk = p.row_topk.key != nullptr;
   const int64_t elements = int64_t(p.dbias_shape[0]) * p.dbias_shape[1] * p.dbias_shape[2] *
@@ -158,6 +158,7 @@ void launch_backward(const BackwardParams& p, cudaStream_t stream) {
   // The dK/dV pass and the column-sum reduction after it read `kv`, whose split fields say how
   // the key tiles' query work is shared (BackwardParams::dkv_splits).
   BackwardParams kv = p;
+  kv.scatter = KeyScatter{};  // set below where the reduction takes it
   StreamBuffer dkv_workspace(stream);
   if (p.map.n_blocks > 0 && use_sm90_backward(p)) {
     using Sm90Tiles = Sm90DkvTiles<kHeadDim, Elt>;
@@ -209,8 +210,11 @@ void launch_backward(const BackwardParams& p, cudaStream_t stream) {
     dkdv<<<dkdv_grid, Sm90Tiles::kThreads, Sm90Tiles::smem_bytes(p.bias_staged), stream>>>(kv);
     FSA_CUDA_CHECK(cudaGetLastError());
     if (kv.dkv_splits > 1 || kv.dkv_by_count) {
-      const dim3 grid(unsigned((int64_t(p.seqlen_k) * (kHeadDim / 4) + 255) / 256),
-                      unsigned(p.num_kv_heads), unsigned(p.batch));
+      // Every list split: the reduction can write the caller's key axis (BackwardParams::scatter).
+      if (p.scatter.slot != nullptr && kv.dkv_splits > 1 && !kv.dkv_by_count) kv.scatter = p.scatter;
+      const int64_t keys = kv.scatter.slot != nullptr ? kv.scatter.keys : p.seqlen_k;
+      const dim3 grid(unsigned((keys * (kHeadDim / 4) + 255) / 256), unsigned(p.num_kv_heads),
+                      unsigned(p.batch));
       dkv_reduce_kernel<Elt, kHeadDim><<<grid, 256, 0, stream>>>(kv);
       FSA_CUDA_CHECK(cudaGetLastError());
     }
@@ -228,6 +232,7 @@ void launch_backward(const BackwardParams& p, cudaStream_t stream) {
     dbias_reduce_kernel<Elt><<<dbias_grid, dbias_threads, 0, stream>>>(kv);
     FSA_CUDA_CHECK(cudaGetLastError());
   }
+  return kv.scatter.slot != nullptr;
 }
 
 }  // namespace fsa::detail::cuda

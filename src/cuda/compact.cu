@@ -9,7 +9,8 @@
 //                     are a prefix of the sorted list; a binary search gives its length
 //   then the usual classify / compact / transpose kernels over the slots (plan_kernels.cuh).
 // A call: gather_rows_kernel (K and V rows into slots), gather_bias_kernel, the kernels over the
-// slots, and for the backward scatter_rows_kernel (dK, dV by key) and scatter_dbias_kernel. No
+// slots, and for the backward scatter_rows_kernel (dK, dV by key; unless the dK/dV split's
+// reduction wrote them by key itself, BackwardParams::scatter) and scatter_dbias_kernel. No
 // host synchronization anywhere: list lengths stay on the device, and the kernels walk the block
 // map, which ends where the lists end.
 
@@ -21,8 +22,10 @@
 #include <type_traits>
 
 #include "core/compaction.h"
+#include "cuda/backward_launch.h"
 #include "cuda/check.h"
 #include "cuda/cuda_backend.h"
+#include "cuda/device_arch.h"
 #include "cuda/device_plan.h"
 #include "cuda/list_sort.h"
 #include "cuda/memory_pool.h"
@@ -944,9 +947,26 @@ void compacted_backward(const BackwardProblem& p, const KeyCompaction& c, void* 
   BackwardProblem cp = p;
   lower_compacted(p, g, c, buffers.k, buffers.v, buffers.bias, cp);
   compacted_grads(g, buffers.dk, buffers.dv, buffers.dbias, cp);
-  backward(cp, c.plan, stream_ptr);
-  const bool bf16 = p.dtype == DType::kBFloat16;
-  scatter_rows(g, c, buffers.dk, buffers.dv, p.dk, p.dv, p.head_dim, bf16, stream);
+  // With one gathered kv head per kv head, the dK/dV split's reduction may write the caller's
+  // dK and dV by key itself (BackwardParams::scatter); else scatter_rows copies the slots' rows.
+  // FSA_CUDA_DKV_SCATTER=0 keeps scatter_rows (A/B measurements, docs/perf.md).
+  static const bool fused_scatter = !env_is("FSA_CUDA_DKV_SCATTER", "0");
+  KeyScatter scatter;
+  if (fused_scatter && g.kv_heads == g.num_kv_heads && g.seqlen_k <= INT32_MAX) {
+    scatter.slot = c.slot;
+    scatter.keys = int(g.seqlen_k);
+    scatter.list_stride_b = g.list_batch == 1 ? 0 : int(g.list_heads);
+    scatter.head_group = int(g.kv_heads / g.list_heads);
+    scatter.dk = p.dk.data, scatter.dv = p.dv.data;
+    scatter.dk_stride_b = p.dk.stride_b, scatter.dk_stride_s = p.dk.stride_s;
+    scatter.dk_stride_h = p.dk.stride_h;
+    scatter.dv_stride_b = p.dv.stride_b, scatter.dv_stride_s = p.dv.stride_s;
+    scatter.dv_stride_h = p.dv.stride_h;
+  }
+  if (!backward(cp, c.plan, stream_ptr, scatter)) {
+    const bool bf16 = p.dtype == DType::kBFloat16;
+    scatter_rows(g, c, buffers.dk, buffers.dv, p.dk, p.dv, p.head_dim, bf16, stream);
+  }
   if (p.dbias) scatter_dbias(g, c, buffers.dbias, *p.dbias, stream);
 }
 

@@ -110,6 +110,20 @@ enum class BiasGrad : int {
   kColumns = 4,     // dbias (..., 1, Sk|1): column sums in the dK/dV pass into col_accum (B, H, Sk)
 };
 
+// The caller's dK and dV of a compacted call, by key (BackwardParams::scatter). Kv head hk of batch
+// b reads list b * list_stride_b + hk / head_group of `slot` (lists x keys: each key's slot, -1
+// when no row keeps it). Only for compactions with one gathered kv head per kv head.
+struct KeyScatter {
+  const int32_t* slot = nullptr;  // null: dK and dV go to BackwardParams::dk / dv by slot
+  int keys = 0;                   // the caller's Sk
+  int list_stride_b = 0;
+  int head_group = 1;
+  void* dk = nullptr;
+  void* dv = nullptr;
+  int64_t dk_stride_b = 0, dk_stride_s = 0, dk_stride_h = 0;
+  int64_t dv_stride_b = 0, dv_stride_s = 0, dv_stride_h = 0;
+};
+
 struct BackwardParams {
   const void* q;     // (B, Sq, H, D)
   const void* k;     // (B, Sk, Hk, D)
@@ -205,6 +219,11 @@ struct BackwardParams {
   // later) and the lists are few: head after head left the last heads' longest tiles for the end
   // of the pass (H200, (1, 16384, 32, 8, 128) top 2048: 1.90 -> 1.67 ms).
   bool dkv_tile_major;
+  // Compacted calls (cuda/compact.cu) whose dK/dV pass splits every list (dkv_splits > 1, not
+  // dkv_by_count): dkv_reduce_kernel sums the shares straight into the caller's key axis, zeros
+  // for dropped keys, instead of the compacted rows that scatter_rows then copied out (one pass
+  // over dK and dV less). Set by launch_backward from a caller's request (KeyScatter::slot).
+  KeyScatter scatter;
 
   BlockMapParams map;
 };

@@ -2,5 +2,5 @@
 #include "cuda/backward_launch.cuh"
 
 namespace fsa::detail::cuda {
-template void launch_backward<128, Bf16>(const BackwardParams&, cudaStream_t);
+template bool launch_backward<128, Bf16>(const BackwardParams&, cudaStream_t);
 }  // namespace fsa::detail::cuda
