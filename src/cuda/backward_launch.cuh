@@ -46,14 +46,22 @@ inline int dkv_split_log2(const BackwardParams& p, int kernel_dim, int64_t targe
   }
   const int64_t ctas = int64_t(p.map.n_blocks) * p.num_kv_heads * p.batch;
   // Per-row top-k's dK/dV groups (BlockMapParams::dkv_slots): the grid counts every slot tile,
-  // most of them empty, and the work sits in the few groups of keys that live long (up to every
-  // query tile each). Four shares measured best at (1, 16384, 32, 8, 128) and (1, 16384, 8, 2,
-  // 128) window 2048 and (1, 32768, 2, 1, 64) window 1024 (H200, docs/perf.md: 1.79 -> 1.04 ms
-  // at the last, which one share left to its longest groups).
+  // most of them empty, and the work sits in the groups of keys that live long (up to every query
+  // tile each). Their count is on the device; every list has at least a row's window of slots,
+  // about gather_stride, so at least gather_stride / block_n groups. Where that bound alone gives
+  // an SM's worth of groups, two shares (the groups then fill the GPU by themselves), else four
+  // (H200, docs/perf.md, per-row ninth session: at (1, 16384, 32, 8, 128) window 2048, 272 such
+  // groups, the dK/dV pass and its reduction took 3.21 ms at two shares, 3.27 at four, 3.59 at
+  // eight; at (1, 32768, 2, 1, 64) window 1024, 18, it took 1.02 / 0.56 / 0.30 ms at one / two /
+  // four shares; four also measured best at (1, 16384, 8, 2, 128) window 2048, 68, with the
+  // previous groups).
   const bool groups = p.map.dkv_slots != nullptr;
   if (ctas >= target && !groups) return 0;
+  const int64_t lists = int64_t(p.num_kv_heads) * p.batch;
+  const int64_t groups_at_least = lists * (p.map.gather_stride / std::max(p.map.block_n, 1));
+  const int64_t group_shares = groups_at_least >= multiprocessor_count() ? 2 : 4;
   const int64_t want =
-      std::min<int64_t>(groups ? 4 : (target + ctas - 1) / ctas, dkv_max_shares(p));
+      std::min<int64_t>(groups ? group_shares : (target + ctas - 1) / ctas, dkv_max_shares(p));
   const int64_t share_bytes = 2 * int64_t(p.batch) * p.seqlen_k * p.num_kv_heads * kernel_dim * 4;
   int log2 = 0;  // the largest power of two <= want within the memory cap
   while ((int64_t(2) << log2) <= want && (int64_t(2) << log2) * share_bytes <= (int64_t(1) << 30)) {
