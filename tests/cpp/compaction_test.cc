@@ -426,6 +426,43 @@ TEST(CompactionTopk, ManySlots_DkvChunks_Causal_Fp32) {
   expect_topk_paths_match(spec, 512, -3.4028234663852886e38, 1.0, false, true, true);
 }
 
+// The dK/dV order's sort key (core/dkv_order.h) where list, chunk and last tile need more than 32
+// bits: the last tile is coarsened, and the key still orders by list, then chunk, then descending
+// tile, with a slot past its list's count after every counted slot of its chunk.
+TEST(CompactionTopk, DkvSlotKeyFitsIn32Bits) {
+  using fsa::detail::dkv_key_bits;
+  using fsa::detail::dkv_slot_key;
+  constexpr int kBlockM = 128, kChunk = 64 * fsa::detail::kDkvChunkGroups;
+  const int64_t lists = int64_t(1) << 12, stride = int64_t(1) << 19, m_blocks = int64_t(1) << 14;
+  const fsa::detail::DkvKeyBits bits = dkv_key_bits(lists, stride, m_blocks);
+  EXPECT_EQ(bits.list_bits, 12);
+  EXPECT_EQ(bits.chunk_bits, 9);
+  EXPECT_EQ(bits.list_bits + bits.chunk_bits + bits.tile_bits, 32);
+  EXPECT_EQ(bits.tile_shift, 3);
+  const int32_t count = int32_t(stride) - 100, last_row = int32_t(m_blocks * kBlockM) - 1;
+  auto key = [&](int64_t list, int32_t slot, int32_t last) {
+    return dkv_slot_key(bits, list, slot, count, last, kBlockM);
+  };
+  // Descending last tile within a chunk, coarsened by 2^3 tiles.
+  EXPECT_LT(key(5, 10, last_row), key(5, 11, 0));
+  EXPECT_EQ(key(5, 10, 8 * kBlockM - 1), key(5, 11, 0));
+  EXPECT_LT(key(5, 10, 8 * kBlockM), key(5, 11, 0));
+  // Chunk before tile, list before chunk.
+  EXPECT_LT(key(5, kChunk - 1, 0), key(5, kChunk, last_row));
+  EXPECT_LT(key(5, int32_t(stride) - 1, 0), key(6, 0, last_row));
+  EXPECT_LT(key(lists - 2, int32_t(stride) - 1, 0), key(lists - 1, 0, last_row));
+  // A slot past the count: after every counted slot of its chunk, before the next list.
+  EXPECT_GE(key(7, count, -1), key(7, count - 1, 0));
+  EXPECT_GE(key(7, count + 5, -1), key(7, count - 2, last_row));
+  EXPECT_LT(key(7, int32_t(stride) - 1, -1), key(8, 0, last_row));
+  // Small extents keep every tile bit.
+  const fsa::detail::DkvKeyBits small = dkv_key_bits(8, 16384, 128);
+  EXPECT_EQ(small.tile_shift, 0);
+  EXPECT_EQ(small.tile_bits, 7);
+  EXPECT_EQ(small.chunk_bits, 4);
+  EXPECT_EQ(small.list_bits, 3);
+}
+
 // Sq > Sk: the first rows see nothing (empty rows, exact zeros); one shared bias.
 TEST(CompactionTopk, SharedBias_SqAboveSk_Causal_Fp32) {
   CaseSpec spec = case_spec(DType::kFloat32, 1, 150, 97, 2, 1, 16);
