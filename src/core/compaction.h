@@ -187,9 +187,10 @@ GatherLists cpu_gather_lists(const KeyCompaction& c, int64_t topk, int block_m, 
 // CUDA plan holds in BlockMapParams::dkv_slots and dkv_*_t, built on the host from a CPU plan's
 // compaction (key_last set, thresholds not kept). Per list l (lists of the compaction), `slots`
 // from l * n_blocks * block_n: the list's count slots by ascending dkv_slot_key (chunks of slots,
-// each by descending last query tile), stably, then -1; group n is its block_n entries from n * block_n. Per column (l * n_blocks + n), the
-// query tiles the group visits, in the transposed lists' layout: full_count / partial_count, and
-// the tiles from column * m_blocks in full_index / partial_index (ascending).
+// each by descending last query tile), stably, then -1; group n is its block_n entries from
+// n * block_n. Per column (l * n_blocks + n), the query tiles the group visits, in the transposed
+// lists' layout: full_count / partial_count, and the tiles from column * m_blocks in full_index /
+// partial_index (ascending).
 struct DkvLists {
   int64_t n_blocks = 0, m_blocks = 0;
   std::vector<int32_t> slots, full_count, partial_count, full_index, partial_index;
