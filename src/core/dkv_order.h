@@ -19,14 +19,15 @@
 namespace fsa::detail {
 
 // The groups: a compaction whose rows are intervals numbers its slots by first row (row i sees
-// exactly the slots whose first row is <= i), so each list is cut into chunks of kDkvChunkGroups groups' worth of
-// consecutive slots (close first rows), each chunk is ordered by descending last query tile,
-// stably, and group n is the 64 slots from 64 n of that order. A host simulation (random biases,
-// 128-row tiles) visits 1.22x / 1.35x the ideal tiles at the two shapes above, 64% / 50% of them
-// full; bands of the last row on a logarithmic scale (quarter octaves, slot order within a band:
-// the previous rule) visited 1.27x / 1.44x, 60% / 44% full; chunks of 8 or 32 groups 1.24x /
-// 1.37x and 1.28x / 1.40x. Within a list the chunks keep slot order, so the groups of the earliest
-// keys (the ones that may live longest) start first and the short ones fill the grid's tail.
+// exactly the slots whose first row is <= i), so each list is cut into chunks of
+// kDkvChunkGroups groups' worth of consecutive slots (close first rows), each chunk is ordered by
+// descending last query tile, stably, and group n is the 64 slots from 64 n of that order. A host
+// simulation (random biases, 128-row tiles) visits 1.22x / 1.35x the ideal tiles at the two shapes
+// above, 64% / 50% of them full; bands of the last row on a logarithmic scale (quarter octaves,
+// slot order within a band: the previous rule) visited 1.27x / 1.44x, 60% / 44% full; chunks of 8
+// or 32 groups 1.24x / 1.37x and 1.28x / 1.40x. Within a list the chunks keep slot order, so the
+// groups of the earliest keys (the ones that may live longest) start first and the short ones
+// fill the grid's tail.
 inline constexpr int kDkvChunkGroups = 16;
 
 // The sort key of a slot, packed into 32 bits: list, chunk, then the last tile descending. When

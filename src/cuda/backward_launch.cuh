@@ -219,7 +219,9 @@ bool launch_backward(const BackwardParams& p, cudaStream_t stream) {
     FSA_CUDA_CHECK(cudaGetLastError());
     if (kv.dkv_splits > 1 || kv.dkv_by_count) {
       // Every list split: the reduction can write the caller's key axis (BackwardParams::scatter).
-      if (p.scatter.slot != nullptr && kv.dkv_splits > 1 && !kv.dkv_by_count) kv.scatter = p.scatter;
+      if (p.scatter.slot != nullptr && kv.dkv_splits > 1 && !kv.dkv_by_count) {
+        kv.scatter = p.scatter;
+      }
       const int64_t keys = kv.scatter.slot != nullptr ? kv.scatter.keys : p.seqlen_k;
       const dim3 grid(unsigned((keys * (kHeadDim / 4) + 255) / 256), unsigned(p.num_kv_heads),
                       unsigned(p.batch));

@@ -387,7 +387,8 @@ void expect_topk_paths_match(CaseSpec spec, int64_t window, double fill,
         }
         if (several_chunks) {
           const fsa::detail::KeyCompaction& c = *plan.compaction();
-          const int32_t most = *std::max_element(c.count, c.count + c.lists.list_batch * c.lists.list_heads);
+          const int64_t lists = c.lists.list_batch * c.lists.list_heads;
+          const int32_t most = *std::max_element(c.count, c.count + lists);
           EXPECT_GT(most, 64 * fsa::detail::kDkvChunkGroups);
         }
       }
