@@ -38,17 +38,12 @@ inline constexpr int kDkvChunkGroups = 16;
 struct DkvKeyBits {
   int list_bits, chunk_bits, tile_bits, tile_shift;
 };
-FSA_HOST_DEVICE inline int dkv_bits_below(int64_t n) {
-  int bits = 0;
-  while ((int64_t(1) << bits) < n) ++bits;
-  return bits;
-}
 // For `lists` lists of `stride` slots (64 per group) over m_blocks query tiles.
 FSA_HOST_DEVICE inline DkvKeyBits dkv_key_bits(int64_t lists, int64_t stride, int64_t m_blocks) {
   DkvKeyBits b;
-  b.list_bits = dkv_bits_below(lists);
-  b.chunk_bits = dkv_bits_below((stride + 64 * kDkvChunkGroups - 1) / (64 * kDkvChunkGroups));
-  b.tile_bits = dkv_bits_below(m_blocks);
+  b.list_bits = bits_below(lists);
+  b.chunk_bits = bits_below((stride + 64 * kDkvChunkGroups - 1) / (64 * kDkvChunkGroups));
+  b.tile_bits = bits_below(m_blocks);
   b.tile_shift = 0;
   while (b.list_bits + b.chunk_bits + b.tile_bits > 32 && b.tile_bits > 0) {
     --b.tile_bits;

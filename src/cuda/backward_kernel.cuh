@@ -922,17 +922,16 @@ __global__ void dkv_reduce_kernel(const __grid_constant__ BackwardParams p) {
                       ? sc.slot[int64_t(b * sc.list_stride_b + hk / sc.head_group) * sc.keys +
                                 out_key]
                       : out_key;
-  using Storage = typename Elt::Storage;
-  auto* dk = reinterpret_cast<uint16_t*>(
-      sc.slot != nullptr ? static_cast<Storage*>(sc.dk) + b * sc.dk_stride_b +
-                               out_key * sc.dk_stride_s + hk * sc.dk_stride_h + d
-                         : static_cast<Storage*>(p.dk) + b * p.dk_stride_b + key * p.dk_stride_s +
-                               hk * p.dk_stride_h + d);
-  auto* dv = reinterpret_cast<uint16_t*>(
-      sc.slot != nullptr ? static_cast<Storage*>(sc.dv) + b * sc.dv_stride_b +
-                               out_key * sc.dv_stride_s + hk * sc.dv_stride_h + d
-                         : static_cast<Storage*>(p.dv) + b * p.dv_stride_b + key * p.dv_stride_s +
-                               hk * p.dv_stride_h + d);
+  auto row = [&](void* base, int64_t stride_b, int64_t stride_s, int64_t stride_h, int at) {
+    return reinterpret_cast<uint16_t*>(static_cast<typename Elt::Storage*>(base) + b * stride_b +
+                                       at * stride_s + hk * stride_h + d);
+  };
+  uint16_t* dk = sc.slot != nullptr
+                     ? row(sc.dk, sc.dk_stride_b, sc.dk_stride_s, sc.dk_stride_h, out_key)
+                     : row(p.dk, p.dk_stride_b, p.dk_stride_s, p.dk_stride_h, key);
+  uint16_t* dv = sc.slot != nullptr
+                     ? row(sc.dv, sc.dv_stride_b, sc.dv_stride_s, sc.dv_stride_h, out_key)
+                     : row(p.dv, p.dv_stride_b, p.dv_stride_s, p.dv_stride_h, key);
   // The four columns from d: one 8-byte store where whole and aligned, else column by column.
   auto store4 = [&](uint16_t* out, const float (&x)[4]) {
     const uint32_t w[2] = {Elt::pack(x[0], x[1]), Elt::pack(x[2], x[3])};

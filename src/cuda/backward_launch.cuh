@@ -59,7 +59,7 @@ inline int dkv_split_log2(const BackwardParams& p, int kernel_dim, int64_t targe
   if (ctas >= target && !groups) return 0;
   const int64_t lists = int64_t(p.num_kv_heads) * p.batch;
   const int64_t groups_at_least = lists * (p.map.gather_stride / std::max(p.map.block_n, 1));
-  const int64_t group_shares = groups_at_least >= multiprocessor_count() ? 2 : 4;
+  const int64_t group_shares = 2 * groups_at_least >= target ? 2 : 4;  // target: two CTAs per SM
   const int64_t want =
       std::min<int64_t>(groups ? group_shares : (target + ctas - 1) / ctas, dkv_max_shares(p));
   const int64_t share_bytes = 2 * int64_t(p.batch) * p.seqlen_k * p.num_kv_heads * kernel_dim * 4;

@@ -11,18 +11,12 @@
 #include <cstdint>
 #include <cub/device/device_radix_sort.cuh>
 
+#include "core/host_device.h"  // bits_below
 #include "cuda/check.h"
 #include "cuda/memory_pool.h"
 #include "cuda/stream_buffer.h"
 
 namespace fsa::detail::cuda {
-
-// The bits that hold every value below n (0 for n <= 1).
-inline int bits_below(int64_t n) {
-  int bits = 0;
-  while ((int64_t(1) << bits) < n) ++bits;
-  return bits;
-}
 
 // Stable ascending sort of n (key, value) pairs by key bits [begin_bit, end_bit) (the bits below
 // begin_bit must not change the order: equal in every key, or a function of the bits above). Its
