@@ -49,6 +49,7 @@ set(fsa_cuda_sources
   ${PROJECT_SOURCE_DIR}/src/cuda/thresholds.cu
   ${PROJECT_SOURCE_DIR}/src/cuda/mask_kernels.cu
   ${PROJECT_SOURCE_DIR}/src/cuda/memory_pool.cu
+  ${PROJECT_SOURCE_DIR}/src/cuda/plan_graph.cu
 )
 foreach(hdim ${FSA_CUDA_HEAD_DIMS})
   foreach(dtype ${FSA_CUDA_DTYPES})

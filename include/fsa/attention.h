@@ -62,7 +62,18 @@ int num_threads();
 // call). release_cuda_memory() gives back what the pools hold unused, after the work queued so
 // far (synchronize first to give back everything); cuda_memory_reserved() is the bytes the
 // current device's pool holds. Without CUDA: nothing to release, 0.
+//
+// Per-row top-k plans without a mask are replayed from a CUDA graph of the planning kernels per
+// (shape, stream), each graph with its own memory, held while a plan uses it and kept for the
+// next plan of that shape after; release_cuda_memory() also drops those not in use.
+// cuda_plan_graphs() is how many graphs are held (every device) and their bytes.
 void release_cuda_memory();
 int64_t cuda_memory_reserved();
+struct CudaPlanGraphs {
+  int64_t graphs = 0;  // captured planning graphs held
+  int64_t leased = 0;  // of those, the ones a live plan uses
+  int64_t bytes = 0;   // their memory
+};
+CudaPlanGraphs cuda_plan_graphs();
 
 }  // namespace fsa

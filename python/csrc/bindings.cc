@@ -353,6 +353,13 @@ NB_MODULE(_C, m) {
         "Gives back to the driver what the CUDA backend's memory pools hold unused.");
   m.def("cuda_memory_reserved", &fsa::cuda_memory_reserved,
         "Bytes the CUDA backend's pool of the current device holds.");
+  m.def(
+      "cuda_plan_graphs",
+      [] {
+        const fsa::CudaPlanGraphs held = fsa::cuda_plan_graphs();
+        return nb::make_tuple(held.graphs, held.leased, held.bytes);
+      },
+      "(graphs, leased, bytes): the per-row top-k planning graphs held (every device).");
 
   // ---- mask utilities
   // ----------------------------------------------------------------------------

@@ -58,6 +58,15 @@ def cuda_memory_reserved() -> int:
     return int(_C.cuda_memory_reserved())
 
 
+def cuda_plan_graphs() -> dict:
+    """The CUDA graphs of per-row top-k planning held (every device): ``graphs``, ``leased`` (in
+    use by a live plan) and their ``bytes``. A plan of ``topk=..., topk_causal=True`` without a
+    mask replays its shape's graph (one capture per shape and stream, from the shape's second
+    plan); ``release_cuda_memory()`` drops the graphs no plan uses."""
+    graphs, leased, nbytes = _C.cuda_plan_graphs()
+    return {"graphs": int(graphs), "leased": int(leased), "bytes": int(nbytes)}
+
+
 def get_available_backends():
     """Return a list of available backends ("cuda" when compiled in, then "cpu")."""
     backends = []
@@ -112,5 +121,6 @@ __all__ = [
     "get_available_backends",
     "release_cuda_memory",
     "cuda_memory_reserved",
+    "cuda_plan_graphs",
     "flash_sparse_attn_func_auto",
 ]

@@ -34,6 +34,13 @@ Plan PlanAccess::make(const Geometry& g, bool is_causal, bool has_mask, Device d
   return plan;
 }
 
+Plan PlanAccess::with_device_map(const Plan& plan,
+                                 std::shared_ptr<const DeviceBlockMap> device_map) {
+  Plan copy = plan;
+  copy.device_map_ = std::move(device_map);
+  return copy;
+}
+
 bool compactable_mask(const BroadcastOperand& mask) { return mask.read_stride[2] == 0; }
 
 bool runs_compacted(const Plan& plan, const Problem& p) {

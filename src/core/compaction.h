@@ -86,6 +86,8 @@ struct PlanAccess {
   static Plan make(const Geometry& g, bool is_causal, bool has_mask, Device device,
                    std::shared_ptr<const BlockMap> map,
                    std::shared_ptr<const DeviceBlockMap> device_map);
+  // The same plan over another copy of its device map.
+  static Plan with_device_map(const Plan& plan, std::shared_ptr<const DeviceBlockMap> device_map);
 };
 
 // Fills map's lists (full, partial and their transposes) and kept_entries from row bounds: row i

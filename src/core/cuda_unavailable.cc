@@ -40,6 +40,10 @@ std::shared_ptr<const RowThresholds> make_device_thresholds(
     int64_t, double, void*) {
   unavailable();
 }
+DeviceTopkPlan make_device_topk_plan(const Geometry&, const BroadcastOperand&, bool, int64_t,
+                                     double, int, int, void*) {
+  unavailable();
+}
 void compacted_forward(const ForwardProblem&, const KeyCompaction&, void*) { unavailable(); }
 void compacted_backward(const BackwardProblem&, const KeyCompaction&, void*) { unavailable(); }
 DevicePlanStats device_plan_stats(const DeviceBlockMap&) { unavailable(); }
@@ -49,6 +53,7 @@ CurrentDevice::CurrentDevice(int) {}  // a CUDA tensor is refused before anythin
 CurrentDevice::~CurrentDevice() = default;
 void release_scratch() {}  // no pools without CUDA
 int64_t scratch_reserved() { return 0; }
+CudaPlanGraphs plan_graphs() { return {}; }
 
 }  // namespace fsa::detail::cuda
 

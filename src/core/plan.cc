@@ -278,7 +278,14 @@ Plan make_plan(const TensorView& query, const TensorView& key,
                                                         0, options.stream);
     }
     plan.map_ = std::move(map);
-    if (topk_bias) {
+    if (topk_bias && compact && !mask && !key_axis_map) {
+      // The common per-row top-k plan (Doge's bias, no mask): replayed from a graph per shape.
+      detail::cuda::DeviceTopkPlan pieces = detail::cuda::make_device_topk_plan(
+          g, *topk_bias, is_causal, options.topk, options.topk_min_value, block_m, block_n,
+          options.stream);
+      plan.thresholds_ = std::move(pieces.thresholds);
+      plan.compaction_ = std::move(pieces.compaction);
+    } else if (topk_bias) {
       plan.thresholds_ = detail::cuda::make_device_thresholds(
           g, *topk_bias, mask, is_causal, options.topk, options.topk_min_value, options.stream);
       if (compact) {

@@ -236,8 +236,10 @@ std::shared_ptr<const DeviceBlockMap> make_device_plan(
   const size_t dkv_slots_at = take(dkv_groups ? outer * dkv_stride * sizeof(int32_t) : 0);
   const size_t dkv_counts_at = take(dkv_groups ? 2 * cols * sizeof(int32_t) : 0);
   const size_t dkv_index_at = take(dkv_groups ? 2 * tiles * sizeof(int32_t) : 0);
-  FSA_CUDA_CHECK(scratch_malloc(&map->storage, offset, stream));
-  auto* base = static_cast<uint8_t*>(map->storage);
+  void* raw = nullptr;
+  FSA_CUDA_CHECK(scratch_malloc(&raw, offset, stream));
+  map->storage = scratch_owner(raw, stream);  // freed after the plan's last use on `stream`
+  auto* base = static_cast<uint8_t*>(raw);
   map->counters = reinterpret_cast<unsigned long long*>(base + counters_at);
   map->tile_class = base + class_at;
   FSA_CUDA_CHECK(

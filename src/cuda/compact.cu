@@ -746,7 +746,7 @@ std::shared_ptr<KeyCompaction> build_compaction(const Geometry& geo, const Broad
   void* raw = nullptr;
   const size_t last_bytes = topk ? 2 * size_t(lists * key_last_stride(slots)) * 4 : 0;
   FSA_CUDA_CHECK(scratch_malloc(&raw, std::max<size_t>(lists_bytes + last_bytes, 1), stream));
-  std::shared_ptr<void> storage(raw, [stream](void* ptr) { cudaFreeAsync(ptr, stream); });
+  std::shared_ptr<void> storage = scratch_owner(raw, stream);
   auto* base = static_cast<uint8_t*>(raw);
   auto* keys = reinterpret_cast<int32_t*>(base);
   auto* slot = reinterpret_cast<int32_t*>(base + at(keys_bytes));
@@ -851,7 +851,7 @@ std::shared_ptr<const KeyCompaction> make_device_interval_compaction(const Geome
   FSA_CUDA_CHECK(scratch_malloc(
       &raw, std::max<size_t>(keys_bytes + slot_bytes + count_bytes + row_bytes + 2 * last_bytes, 1),
       stream));
-  std::shared_ptr<void> storage(raw, [stream](void* ptr) { cudaFreeAsync(ptr, stream); });
+  std::shared_ptr<void> storage = scratch_owner(raw, stream);
   auto* base = static_cast<uint8_t*>(raw);
   auto* keys = reinterpret_cast<int32_t*>(base);
   auto* slot = reinterpret_cast<int32_t*>(base + keys_bytes);

@@ -63,6 +63,16 @@ std::shared_ptr<const KeyCompaction> make_device_interval_compaction(const Geome
 std::shared_ptr<const RowThresholds> make_device_thresholds(
     const Geometry& g, const BroadcastOperand& bias, const std::optional<BroadcastOperand>& mask,
     bool is_causal, int64_t topk, double min_value, void* stream);
+// Per-row top-k over compacted keys without a mask: the thresholds and the compaction above, from
+// a CUDA graph of the planning sequence, captured once per (shape, stream) and replayed with the
+// call's bias (cuda/plan_graph.cu); FSA_CUDA_PLAN_GRAPH=0 plans eagerly.
+struct DeviceTopkPlan {
+  std::shared_ptr<const RowThresholds> thresholds;
+  std::shared_ptr<const KeyCompaction> compaction;
+};
+DeviceTopkPlan make_device_topk_plan(const Geometry& g, const BroadcastOperand& bias,
+                                     bool is_causal, int64_t topk, double min_value, int block_m,
+                                     int block_n, void* stream);
 
 // A call over the plan's compacted keys: gathers K, V (and the bias), runs the kernels over the
 // slots, and (backward) scatters dK, dV and the bias gradient back by key.
@@ -89,8 +99,11 @@ class CurrentDevice {
 };
 
 // The library's memory pools (cuda/memory_pool.h): give back to the driver what they hold unused
-// (every device's), and the bytes the current device's pool holds (0 before its first call).
+// (every device's, and the planning graphs' memory), and the bytes the current device's pool
+// holds (0 before its first call).
 void release_scratch();
 int64_t scratch_reserved();
+// The planning graphs held (make_device_topk_plan).
+CudaPlanGraphs plan_graphs();
 
 }  // namespace fsa::detail::cuda

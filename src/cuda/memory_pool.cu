@@ -8,6 +8,7 @@
 
 #include "cuda/check.h"
 #include "cuda/cuda_backend.h"
+#include "cuda/plan_graph.h"
 
 namespace fsa::detail::cuda {
 namespace {
@@ -37,14 +38,48 @@ cudaMemPool_t pool_of(int device) {
 
 }  // namespace
 
+namespace {
+thread_local ScratchArena* t_arena = nullptr;  // this thread's ScratchArena scope, if any
+}  // namespace
+
+ScratchArena::ScratchArena(void* base, size_t capacity)
+    : base_(static_cast<unsigned char*>(base)), capacity_(capacity) {
+  t_arena = this;
+}
+
+ScratchArena::~ScratchArena() { t_arena = nullptr; }
+
 cudaError_t scratch_malloc(void** ptr, size_t bytes, cudaStream_t stream) {
+  if (ScratchArena* arena = t_arena) {
+    const size_t at = arena->used_;
+    const size_t taken = (bytes + ScratchArena::kAlign - 1) / ScratchArena::kAlign *
+                         ScratchArena::kAlign;
+    if (arena->base_ != nullptr) {
+      if (taken > arena->capacity_ - at) return cudaErrorMemoryAllocation;
+      arena->used_ += taken;
+      *ptr = arena->base_ + at;
+      return cudaSuccess;
+    }
+    arena->used_ += taken;  // measuring: taken from the pool below
+  }
   int device = 0;
   const cudaError_t e = cudaGetDevice(&device);
   if (e != cudaSuccess) return e;
   return cudaMallocFromPoolAsync(ptr, bytes, pool_of(device), stream);
 }
 
+void scratch_free(void* ptr, cudaStream_t stream) {
+  if (ptr == nullptr || (t_arena != nullptr && t_arena->base_ != nullptr)) return;
+  cudaFreeAsync(ptr, stream);
+}
+
+std::shared_ptr<void> scratch_owner(void* ptr, cudaStream_t stream) {
+  if (t_arena != nullptr && t_arena->base_ != nullptr) return std::shared_ptr<void>(ptr, [](void*) {});
+  return std::shared_ptr<void>(ptr, [stream](void* p) { cudaFreeAsync(p, stream); });
+}
+
 void release_scratch() {
+  release_plan_graphs();
   std::vector<cudaMemPool_t> created;
   {
     std::lock_guard<std::mutex> lock(pools_mutex);

@@ -3,6 +3,8 @@
 
 #include <cuda_runtime.h>
 
+#include "cuda/memory_pool.h"
+
 namespace fsa::detail::cuda {
 
 // Pool memory released (after the work queued on the stream) at scope exit.
@@ -14,7 +16,7 @@ struct StreamBuffer {
   StreamBuffer(const StreamBuffer&) = delete;
   StreamBuffer& operator=(const StreamBuffer&) = delete;
   ~StreamBuffer() {
-    if (ptr) cudaFreeAsync(ptr, stream);
+    scratch_free(ptr, stream);
   }
 };
 

@@ -214,7 +214,7 @@ std::shared_ptr<const RowThresholds> make_device_thresholds(
   void* raw = nullptr;
   const size_t half = size_t(std::max<int64_t>(lists * sq, 1)) * 4;
   FSA_CUDA_CHECK(scratch_malloc(&raw, 2 * half, stream));
-  std::shared_ptr<void> storage(raw, [stream](void* ptr) { cudaFreeAsync(ptr, stream); });
+  std::shared_ptr<void> storage = scratch_owner(raw, stream);
   auto* out_key = static_cast<uint32_t*>(raw);
   auto* out_last = reinterpret_cast<int32_t*>(static_cast<uint8_t*>(raw) + half);
 

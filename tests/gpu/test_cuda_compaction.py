@@ -302,6 +302,66 @@ def test_topk_causal_over_compacted_keys_against_float64(dtype, shape, window, g
                    ours_how={"topk": window, "topk_causal": True})
 
 
+@pytest.mark.parametrize("shape,bias_shape,window", [
+    ((1, 1000, 1000, 8, 2, 128), (1, 2, 1, 1000), 100),  # Doge: a bias per kv head
+    ((2, 333, 700, 4, 4, 64), (1, 4, 1, 700), 50),       # one bias for both batches
+    ((2, 300, 300, 4, 2, 64), (2, 1, 1, 300), 40),       # one bias head
+    ((1, 700, 333, 4, 1, 64), (1, 4, 1, 333), 40),       # a bias per query head, Sq > Sk
+])
+def test_topk_plans_replayed_from_graphs(shape, bias_shape, window, gen):
+    """Per-row top-k planning without a mask is captured into a CUDA graph per shape and replayed
+    with the call's bias copied in (src/cuda/plan_graph.cu): plans alive at once each hold a graph
+    of their own, and every call, its backward run in reverse order after all the forwards, gives
+    what the same keys given as create_mask's mask give (outputs also against float64)."""
+    import flash_sparse_attn
+    B, Sq, Sk, H, Hk, D = shape
+    dtype = torch.bfloat16
+    fill = torch.finfo(dtype).min
+    q, k, v = qkv(B, Sq, Sk, H, Hk, D, dtype, gen)
+    dout = randn(B, Sq, H, D, dtype=dtype, gen=gen)
+    clear_plan_cache()
+    torch.cuda.synchronize()
+    flash_sparse_attn.release_cuda_memory()  # the graphs no plan uses go: this test captures
+    runs = []
+    for i in range(4):
+        bias = randn(*bias_shape, dtype=dtype, gen=gen)
+        bias[..., 3:30] = bias[..., 40:67].flip(-1)  # ties
+        if i == 3:  # rows of a wider tensor: the graph reads a dense copy
+            bias = randn(*bias_shape[:3], Sk + 64, dtype=dtype, gen=gen)[..., 5:Sk + 5]
+        leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+        leaves.append(bias.detach().requires_grad_(True))
+        clear_plan_cache()
+        out, lse, _ = flash_sparse_attn_func(*leaves[:3], attn_bias=leaves[3], is_causal=True,
+                                             topk=window, topk_causal=True,
+                                             return_attn_probs=True)
+        runs.append((bias, leaves, out, lse))
+    clear_plan_cache()
+    held = flash_sparse_attn.cuda_plan_graphs()
+    # The shape's first plan ever runs eagerly; every later one alive here holds a graph.
+    assert held["leased"] >= 3, held
+    assert held["bytes"] > 0, held
+    for i, (bias, leaves, out, lse) in reversed(list(enumerate(runs))):
+        where = f"run {i} {shape} bias {bias_shape} w={window}"
+        full = bias.expand(B, bias_shape[1], 1, Sk)
+        mask = create_mask(full, causal_mask(Sq, Sk), B, Sq, Sk, window, fill)
+        check_causal_forward(out, lse, q, k, v, mask, full, where)
+        out.backward(dout)
+        given = [x.detach().clone().requires_grad_(True) for x in (q, k, v, bias)]
+        theirs = flash_sparse_attn_func(*given[:3], attn_bias=given[3], is_causal=True,
+                                        attn_mask=mask)
+        theirs.backward(dout)
+        for name, a, b in zip(("dq", "dk", "dv", "dbias"), leaves, given):
+            scale = max(1.0, b.grad.float().abs().max().item())
+            err = (a.grad.float() - b.grad.float()).abs().max().item()
+            assert err <= 2e-2 * scale, f"{name}: {err:.3e} (scale {scale:.3e}) {where}"
+    del runs, out, lse, leaves
+    clear_plan_cache()
+    assert flash_sparse_attn.cuda_plan_graphs()["leased"] <= held["leased"] - 3
+    torch.cuda.synchronize()
+    flash_sparse_attn.release_cuda_memory()
+    assert flash_sparse_attn.cuda_plan_graphs()["leased"] == flash_sparse_attn.cuda_plan_graphs()["graphs"]
+
+
 def random_runs(B, H, Sq, Sk, max_rows, gen):
     """Each key kept by one run of rows starting anywhere (or by none)."""
     first = torch.randint(0, Sq, (B, H, 1, Sk), device="cuda", generator=gen)
