@@ -14,6 +14,7 @@
 #include "cuda/forward_launch.h"
 #include "cuda/list_sort.h"
 #include "cuda/memory_pool.h"
+#include "cuda/plan_graph.h"
 #include "cuda/plan_kernels.cuh"
 #include "cuda/stream_buffer.h"
 #include "cuda/tiles.h"
@@ -302,18 +303,24 @@ std::shared_ptr<const DeviceBlockMap> make_device_plan(
     const int64_t tiles_per_cta = int64_t(kPlanWarps) * pp.classify_tiles_per_warp;
     const dim3 grid(unsigned((extents.n_blocks + tiles_per_cta - 1) / tiles_per_cta),
                     unsigned(extents.m_blocks), unsigned(outer));
-    classify_kernel<<<grid, threads, 0, stream>>>(pp);
+    // The map, the gathered lists and the dK/dV groups read only what came before (the row
+    // bounds): in a planning graph they are parallel branches.
+    const CaptureBranches branches(stream);
+    const cudaStream_t map_stream = branches.branch(0), dkv_stream = branches.branch(1);
+    classify_kernel<<<grid, threads, 0, map_stream>>>(pp);
     FSA_CUDA_CHECK(cudaGetLastError());
-    compact_kernel<<<unsigned((rows + kPlanWarps - 1) / kPlanWarps), threads, 0, stream>>>(pp);
+    compact_kernel<<<unsigned((rows + kPlanWarps - 1) / kPlanWarps), threads, 0, map_stream>>>(
+        pp);
     FSA_CUDA_CHECK(cudaGetLastError());
-    transpose_kernel<<<unsigned((cols + kPlanWarps - 1) / kPlanWarps), threads, 0, stream>>>(pp);
+    transpose_kernel<<<unsigned((cols + kPlanWarps - 1) / kPlanWarps), threads, 0, map_stream>>>(
+        pp);
     FSA_CUDA_CHECK(cudaGetLastError());
     if (gathered) {
       gather_lists_kernel<<<dim3(unsigned(extents.m_blocks), unsigned(outer)), threads, 0,
                             stream>>>(pp);
       FSA_CUDA_CHECK(cudaGetLastError());
     }
-    if (dkv_groups) plan_dkv_groups(pp, outer, dkv_stride, stream);
+    if (dkv_groups) plan_dkv_groups(pp, outer, dkv_stride, dkv_stream);
   } else if (rows > 0) {  // Sk = 0: every row has empty lists
     FSA_CUDA_CHECK(cudaMemsetAsync(const_cast<int32_t*>(mp.full_count), 0, rows * sizeof(int32_t), stream));
     FSA_CUDA_CHECK(cudaMemsetAsync(const_cast<int32_t*>(mp.partial_count), 0, rows * sizeof(int32_t), stream));

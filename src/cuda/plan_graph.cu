@@ -90,15 +90,18 @@ std::mutex graphs_mutex;
 // Never destroyed: instances may outlive static destruction through plans held by the caller.
 auto* graphs = new std::map<GraphKey, Entry>();
 
-// A private stream per device to capture on: the caller's may be the legacy default stream,
-// which cannot be captured.
-cudaStream_t capture_stream(int device) {
-  static std::vector<cudaStream_t> streams;  // guarded by graphs_mutex
-  if (device >= int(streams.size())) streams.resize(device + 1, nullptr);
-  if (!streams[device]) {
-    FSA_CUDA_CHECK(cudaStreamCreateWithFlags(&streams[device], cudaStreamNonBlocking));
+// Private streams per device: 0 to capture on (the caller's may be the legacy default stream,
+// which cannot be captured), then CaptureBranches' branches. Only a capture uses them, under
+// graphs_mutex.
+constexpr int kCaptureStreams = 1 + CaptureBranches::kBranches;
+cudaStream_t capture_stream(int device, int which = 0) {
+  static std::vector<cudaStream_t> streams;
+  if (device * kCaptureStreams >= int(streams.size())) {
+    streams.resize((device + 1) * kCaptureStreams, nullptr);
   }
-  return streams[device];
+  cudaStream_t& s = streams[device * kCaptureStreams + which];
+  if (!s) FSA_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  return s;
 }
 
 // The bias as the graph reads it: (bias_batch, bias_heads, keys) dense, broadcast dims kept.
@@ -200,6 +203,35 @@ DeviceTopkPlan lease(const std::shared_ptr<Instance>& instance, const void* bias
 }
 
 }  // namespace
+
+CaptureBranches::CaptureBranches(cudaStream_t stream) : stream_(stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  FSA_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  if (status != cudaStreamCaptureStatusActive) return;
+  int device = 0;
+  FSA_CUDA_CHECK(cudaGetDevice(&device));
+  // The fork: an event recorded in a capture is a dependency of the graph, not a timed event.
+  cudaEvent_t fork = nullptr;
+  FSA_CUDA_CHECK(cudaEventCreateWithFlags(&fork, cudaEventDisableTiming));
+  FSA_CUDA_CHECK(cudaEventRecord(fork, stream));
+  for (int i = 0; i < kBranches; ++i) {
+    side_[i] = capture_stream(device, 1 + i);
+    FSA_CUDA_CHECK(cudaStreamWaitEvent(side_[i], fork, 0));
+  }
+  cudaEventDestroy(fork);
+  forked_ = true;
+}
+
+CaptureBranches::~CaptureBranches() {
+  if (!forked_) return;
+  // Joined even while an exception unwinds: a capture ends only with its branches joined.
+  for (cudaStream_t side : side_) {
+    cudaEvent_t join = nullptr;
+    if (cudaEventCreateWithFlags(&join, cudaEventDisableTiming) != cudaSuccess) continue;
+    if (cudaEventRecord(join, side) == cudaSuccess) cudaStreamWaitEvent(stream_, join, 0);
+    cudaEventDestroy(join);
+  }
+}
 
 DeviceTopkPlan make_device_topk_plan(const Geometry& g, const BroadcastOperand& bias,
                                      bool is_causal, int64_t topk, double min_value, int block_m,
