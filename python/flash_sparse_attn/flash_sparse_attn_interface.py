@@ -162,12 +162,16 @@ class _PlanCache:
     counter (so an in-place update through torch replans). The key also holds the shapes, the
     device and the CUDA stream the plan was built on. Writes that bypass torch's version counter
     (``tensor.data[...] = ...``, writes through a numpy / DLPack alias) are not seen: call
-    ``clear_plan_cache()`` after those. Bounded; least recently used plans go first."""
+    ``clear_plan_cache()`` after those. Bounded; least recently used plans go first, and a plan
+    goes as soon as a tensor it is keyed by is freed (it can never match again, and its memory,
+    e.g. a leased planning graph on CUDA, goes back)."""
 
     def __init__(self, capacity: int = 32):
         self._entries = collections.OrderedDict()
         self._capacity = capacity
-        self._lock = threading.Lock()
+        # Reentrant: a weak reference's callback may run in a garbage collection that this thread
+        # started while holding the lock.
+        self._lock = threading.RLock()
 
     @staticmethod
     def _tensor_key(t):
@@ -194,12 +198,23 @@ class _PlanCache:
                     return plan
         plan = _make_plan(q, k, attn_mask, is_causal, block_mask, block_m, block_n, attn_bias,
                           row_topk, max_kept, intervals, compacted_only)
-        refs = tuple(None if t is None else weakref.ref(t) for t in tensors)
+        drop = self._drop_callback(key)
+        refs = tuple(None if t is None else weakref.ref(t, drop) for t in tensors)
         with self._lock:
             self._entries[key] = (plan, refs)
             while len(self._entries) > self._capacity:
                 self._entries.popitem(last=False)
         return plan
+
+    def _drop_callback(self, key):
+        cache = weakref.ref(self)
+
+        def drop(_ref):
+            self_ = cache()
+            if self_ is not None:
+                with self_._lock:
+                    self_._entries.pop(key, None)
+        return drop
 
     def clear(self):
         with self._lock:

@@ -2,6 +2,8 @@
 gradients for q, k, v and bias (also when only the bias requires grad); the plan built once per
 forward and reused by backward."""
 
+import gc
+
 import pytest
 import torch
 
@@ -210,3 +212,21 @@ def test_plan_cache_never_matches_a_freed_mask():
         ref, _ = attention_math(q.double(), k.double(), v.double(), mask=mask)
         assert (out.double() - ref).abs().max().item() < 1e-5, trial
         del mask
+
+
+def test_plan_cache_drops_a_plan_when_its_mask_is_freed():
+    """A cached plan keyed by a tensor goes when that tensor does: it can never match again, and
+    its memory (on CUDA, a leased planning graph) should not wait for the cache's LRU bound."""
+    q, k, v, _, _ = _inputs(torch.float32, (1, 1, 1, 1), with_mask=False)
+    q, k, v = (t.detach() for t in (q, k, v))
+    iface.clear_plan_cache()
+    mask = torch.rand(B, 1, SQ, SK) < 0.5
+    kept = torch.rand(B, 1, SQ, SK) < 0.5
+    flash_sparse_attn_func(q, k, v, attn_mask=mask)
+    flash_sparse_attn_func(q, k, v, attn_mask=kept)
+    assert len(iface._plan_cache._entries) == 2
+    del mask
+    gc.collect()
+    assert len(iface._plan_cache._entries) == 1  # kept's plan stays
+    flash_sparse_attn_func(q, k, v, attn_mask=kept)
+    assert len(iface._plan_cache._entries) == 1
