@@ -74,7 +74,9 @@ void scratch_free(void* ptr, cudaStream_t stream) {
 }
 
 std::shared_ptr<void> scratch_owner(void* ptr, cudaStream_t stream) {
-  if (t_arena != nullptr && t_arena->base_ != nullptr) return std::shared_ptr<void>(ptr, [](void*) {});
+  if (t_arena != nullptr && t_arena->base_ != nullptr) {
+    return std::shared_ptr<void>(ptr, [](void*) {});  // the arena's owner frees it
+  }
   return std::shared_ptr<void>(ptr, [stream](void* p) { cudaFreeAsync(p, stream); });
 }
 

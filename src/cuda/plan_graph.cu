@@ -87,6 +87,7 @@ struct Entry {
 };
 
 std::mutex graphs_mutex;
+thread_local bool t_capturing = false;  // this thread is inside capture(): CaptureBranches fork
 // Never destroyed: instances may outlive static destruction through plans held by the caller.
 auto* graphs = new std::map<GraphKey, Entry>();
 
@@ -166,8 +167,11 @@ std::shared_ptr<Instance> capture(size_t arena_bytes, const BroadcastOperand& bi
   cudaGraph_t graph = nullptr;
   try {
     const ScratchArena arena(instance->memory, arena_bytes);
+    t_capturing = true;
     instance->plan = build(dense_bias(bias, instance->bias), stream);
+    t_capturing = false;
   } catch (...) {
+    t_capturing = false;
     cudaStreamEndCapture(stream, &graph);
     if (graph) cudaGraphDestroy(graph);
     throw;
@@ -205,9 +209,7 @@ DeviceTopkPlan lease(const std::shared_ptr<Instance>& instance, const void* bias
 }  // namespace
 
 CaptureBranches::CaptureBranches(cudaStream_t stream) : stream_(stream) {
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  FSA_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
-  if (status != cudaStreamCaptureStatusActive) return;
+  if (!t_capturing) return;  // only the library's own captures (their streams, under the lock)
   int device = 0;
   FSA_CUDA_CHECK(cudaGetDevice(&device));
   // The fork: an event recorded in a capture is a dependency of the graph, not a timed event.
@@ -245,6 +247,11 @@ DeviceTopkPlan make_device_topk_plan(const Geometry& g, const BroadcastOperand& 
     return plan;
   };
   if (!plan_graphs_enabled()) return build(bias, stream);
+  // Inside the caller's own stream capture (e.g. a step captured with torch.cuda.graph) the
+  // planning is captured into theirs, eagerly, as before.
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  FSA_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  if (status != cudaStreamCaptureStatusNone) return build(bias, stream);
 
   GraphKey key;
   FSA_CUDA_CHECK(cudaGetDevice(&key.device));

@@ -9,10 +9,11 @@ namespace fsa::detail::cuda {
 // Drops the captured graphs and their memory; instances leased to live plans go with those.
 void release_plan_graphs();
 
-// Independent parts of a planning sequence as parallel branches of the graph being captured on
-// `stream`: branch(i) is a stream whose work runs after what `stream` had when this was made, and
-// the destructor makes `stream` wait for every branch. When `stream` is not capturing, every
-// branch is `stream` itself (eager planning stays one stream, with no added calls).
+// Independent parts of a planning sequence as parallel branches of a planning graph being
+// captured on `stream` (make_device_topk_plan): branch(i) is a stream whose work runs after what
+// `stream` had when this was made, and the destructor makes `stream` wait for every branch.
+// Outside such a capture every branch is `stream` itself (eager planning stays one stream, with
+// no added calls).
 class CaptureBranches {
  public:
   static constexpr int kBranches = 2;
