@@ -27,6 +27,11 @@ from typing import Optional, Tuple
 import torch
 
 from . import _C
+# _stream: the current CUDA stream's handle through torch's C-level getter, about 0.3 us against
+# about 6 us for torch.cuda.current_stream(device).cuda_stream; a per-row top-k call asks for it
+# three times, and its forward + backward took 0.2-0.4 ms more host time with the public getter
+# (H200 host, docs/perf.md).
+from .utils.mask import _stream
 
 _Tensor = torch.Tensor
 
@@ -41,19 +46,6 @@ def _last_dim_contiguous(x: Optional[_Tensor]) -> Optional[_Tensor]:
     return x
 
 
-# The current CUDA stream's handle, the way torch's own extensions read it: torch's C-level getter
-# takes about 0.3 us, against about 6 us for torch.cuda.current_stream(device).cuda_stream (which
-# builds a Stream object under a device guard); a per-row top-k call asks for it three times and
-# its forward + backward read 0.2-0.4 ms less host time with it (H200 host, docs/perf.md).
-_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-
-
-def _stream(t: _Tensor) -> int:
-    if t.is_cuda:
-        if _raw_stream is not None:
-            return _raw_stream(t.get_device())
-        return torch.cuda.current_stream(t.device).cuda_stream
-    return 0
 
 
 def _check_inputs(query, key, value, attn_mask, attn_bias) -> None:
