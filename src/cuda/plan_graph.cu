@@ -7,11 +7,14 @@
 // a graph whose memory is one allocation (the arena the capture carves its buffers from, and a
 // dense copy of the bias that the graph reads), then replayed with one copy kernel and one graph
 // launch. A replayed plan owns its instance (a lease) until the plan is freed; a shape with every
-// instance leased captures another, up to kMaxInstances, then plans eagerly.
+// instance leased captures another, up to kMaxInstances, then plans eagerly. At most kMaxGraphs
+// instances are held over every shape (varlen calls plan one shape per document length): the
+// idle ones of the least recently planned shapes go first.
 //
 // The first plan of a shape runs eagerly and measures the arena it needs; the second captures.
 // FSA_CUDA_PLAN_GRAPH=0 always plans eagerly (A/B measurements, docs/perf.md).
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstdio>
@@ -33,6 +36,7 @@ namespace fsa::detail::cuda {
 namespace {
 
 constexpr int kMaxInstances = 32;  // leased plans of one shape (e.g. the layers of a step)
+constexpr int kMaxGraphs = 64;     // instances over every shape
 
 bool plan_graphs_enabled() {
   static const bool enabled = !env_is("FSA_CUDA_PLAN_GRAPH", "0");
@@ -83,10 +87,12 @@ struct Instance {
 struct Entry {
   size_t arena_bytes = 0;  // measured by the shape's first plan; 0 before
   bool failed = false;     // a capture failed: this shape plans eagerly
+  uint64_t last_use = 0;   // when this shape was last planned (use_clock)
   std::vector<std::shared_ptr<Instance>> instances;
 };
 
-std::mutex graphs_mutex;
+std::mutex graphs_mutex;  // guards graphs, use_clock and every Entry; leases are taken under it
+uint64_t use_clock = 0;
 thread_local bool t_capturing = false;  // this thread is inside capture(): CaptureBranches fork
 // Never destroyed: instances may outlive static destruction through plans held by the caller.
 auto* graphs = new std::map<GraphKey, Entry>();
@@ -183,6 +189,33 @@ std::shared_ptr<Instance> capture(size_t arena_bytes, const BroadcastOperand& bi
   return instance;
 }
 
+// Room for one more instance: below kMaxGraphs over every shape, after dropping idle instances
+// of the least recently planned shapes other than `keep` (a leased instance stays: its plan holds
+// it). Under graphs_mutex.
+bool make_room(const Entry* keep) {
+  int64_t held = 0;
+  std::vector<Entry*> order;
+  for (auto& [key, entry] : *graphs) {
+    held += int64_t(entry.instances.size());
+    if (&entry != keep && !entry.instances.empty()) order.push_back(&entry);
+  }
+  std::sort(order.begin(), order.end(),
+            [](const Entry* a, const Entry* b) { return a->last_use < b->last_use; });
+  for (Entry* entry : order) {
+    auto& instances = entry->instances;
+    for (auto it = instances.begin(); it != instances.end() && held >= kMaxGraphs;) {
+      if ((*it)->leased.load()) {
+        ++it;
+      } else {
+        it = instances.erase(it);
+        --held;
+      }
+    }
+    if (held < kMaxGraphs) break;
+  }
+  return held < kMaxGraphs;
+}
+
 // The instance's plan for one call: its pieces' storage is the lease (which gives the instance
 // back when the plan's last piece goes), its thresholds name the call's bias, and its map is read
 // on the call's stream.
@@ -268,6 +301,7 @@ DeviceTopkPlan make_device_topk_plan(const Geometry& g, const BroadcastOperand& 
   {
     const std::lock_guard<std::mutex> lock(graphs_mutex);
     Entry& entry = (*graphs)[key];
+    entry.last_use = ++use_clock;
     if (entry.failed) return build(bias, stream);
     if (entry.arena_bytes == 0) {  // the shape's first plan: eager, measuring its memory
       DeviceTopkPlan plan;
@@ -285,7 +319,7 @@ DeviceTopkPlan make_device_topk_plan(const Geometry& g, const BroadcastOperand& 
         break;
       }
     }
-    if (!instance && int(entry.instances.size()) < kMaxInstances) {
+    if (!instance && int(entry.instances.size()) < kMaxInstances && make_room(&entry)) {
       try {
         instance = capture(entry.arena_bytes, bias, key.device, build);
       } catch (const Error& e) {
@@ -300,7 +334,7 @@ DeviceTopkPlan make_device_topk_plan(const Geometry& g, const BroadcastOperand& 
       entry.instances.push_back(instance);
     }
   }
-  if (!instance) return build(bias, stream);  // every instance leased: plan eagerly
+  if (!instance) return build(bias, stream);  // every instance (or graph) leased: plan eagerly
   DeviceTopkPlan plan = lease(instance, bias.data, stream);  // given back if a launch throws
   copy_bias(bias, instance->bias, stream);
   FSA_CUDA_CHECK(cudaGraphLaunch(instance->exec, stream));
