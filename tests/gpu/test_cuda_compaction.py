@@ -365,6 +365,35 @@ def test_topk_plans_replayed_from_graphs(shape, bias_shape, window, gen):
     assert after["leased"] == after["graphs"], after  # the ones no plan held went
 
 
+def test_planning_graphs_are_bounded_over_shapes(gen):
+    """Varlen calls plan one shape per document length: the planning graphs held over every shape
+    stay at most 64 (src/cuda/plan_graph.cu, kMaxGraphs), the idle graphs of the least recently
+    planned shapes going first, and a shape whose graph went is right when planned again."""
+    import flash_sparse_attn
+    clear_plan_cache()
+    torch.cuda.synchronize()
+    flash_sparse_attn.release_cuda_memory()
+    H, Hk, D, window = 2, 1, 64, 32
+    for i in range(70):
+        S = 128 + i
+        q, k, v = qkv(1, S, S, H, Hk, D, torch.bfloat16, gen)
+        for _ in range(2):  # the second plan of a shape captures its graph
+            bias = randn(1, Hk, 1, S, dtype=torch.bfloat16, gen=gen)
+            flash_sparse_attn_func(q, k, v, attn_bias=bias, is_causal=True, topk=window,
+                                   topk_causal=True)
+            clear_plan_cache()
+        held = flash_sparse_attn.cuda_plan_graphs()
+        assert held["graphs"] <= 64, (S, held)
+    assert held["graphs"] == 64, held
+    S = 128  # its graph went first: captured again, and right
+    q, k, v = qkv(1, S, S, H, Hk, D, torch.bfloat16, gen)
+    bias = randn(1, Hk, 1, S, dtype=torch.bfloat16, gen=gen)
+    out, lse, _ = flash_sparse_attn_func(q, k, v, attn_bias=bias, is_causal=True, topk=window,
+                                         topk_causal=True, return_attn_probs=True)
+    mask = create_mask(bias, causal_mask(S, S), 1, S, S, window, torch.finfo(torch.bfloat16).min)
+    check_causal_forward(out, lse, q, k, v, mask, bias, "a shape planned again after eviction")
+
+
 def random_runs(B, H, Sq, Sk, max_rows, gen):
     """Each key kept by one run of rows starting anywhere (or by none)."""
     first = torch.randint(0, Sq, (B, H, 1, Sk), device="cuda", generator=gen)
