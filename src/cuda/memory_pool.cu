@@ -36,10 +36,8 @@ cudaMemPool_t pool_of(int device) {
   return pools[device];
 }
 
-}  // namespace
-
-namespace {
 thread_local ScratchArena* t_arena = nullptr;  // this thread's ScratchArena scope, if any
+
 }  // namespace
 
 ScratchArena::ScratchArena(void* base, size_t capacity)
@@ -54,7 +52,7 @@ cudaError_t scratch_malloc(void** ptr, size_t bytes, cudaStream_t stream) {
     const size_t at = arena->used_;
     const size_t taken = (bytes + ScratchArena::kAlign - 1) / ScratchArena::kAlign *
                          ScratchArena::kAlign;
-    if (arena->base_ != nullptr) {
+    if (arena->carving()) {
       if (taken > arena->capacity_ - at) return cudaErrorMemoryAllocation;
       arena->used_ += taken;
       *ptr = arena->base_ + at;
@@ -69,12 +67,12 @@ cudaError_t scratch_malloc(void** ptr, size_t bytes, cudaStream_t stream) {
 }
 
 void scratch_free(void* ptr, cudaStream_t stream) {
-  if (ptr == nullptr || (t_arena != nullptr && t_arena->base_ != nullptr)) return;
+  if (ptr == nullptr || (t_arena != nullptr && t_arena->carving())) return;
   cudaFreeAsync(ptr, stream);
 }
 
 std::shared_ptr<void> scratch_owner(void* ptr, cudaStream_t stream) {
-  if (t_arena != nullptr && t_arena->base_ != nullptr) {
+  if (t_arena != nullptr && t_arena->carving()) {
     return std::shared_ptr<void>(ptr, [](void*) {});  // the arena's owner frees it
   }
   return std::shared_ptr<void>(ptr, [stream](void* p) { cudaFreeAsync(p, stream); });

@@ -34,6 +34,7 @@ class ScratchArena {
   ScratchArena(const ScratchArena&) = delete;
   ScratchArena& operator=(const ScratchArena&) = delete;
   size_t bytes() const { return used_; }
+  bool carving() const { return base_ != nullptr; }
 
  private:
   friend cudaError_t scratch_malloc(void**, size_t, cudaStream_t);

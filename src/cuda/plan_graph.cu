@@ -228,8 +228,7 @@ DeviceTopkPlan lease(const std::shared_ptr<Instance>& instance, const void* bias
   thresholds->bias = bias;
   thresholds->storage = owner;
   auto compaction = std::make_shared<KeyCompaction>(*captured.compaction);
-  compaction->storage = owner;
-  if (compaction->topk_storage) compaction->topk_storage = owner;
+  compaction->storage = owner;  // (topk_storage is a CPU plan's)
   if (const DeviceBlockMap* map = compaction->plan.device_map()) {
     auto copy = std::make_shared<DeviceBlockMap>(*map);
     copy->storage = owner;
