@@ -6,7 +6,8 @@ BlockMask built from block lists (kv_num_blocks / kv_indices, never by evaluatin
 Sq x Sk) and a bias score_mod. Every peer's output is checked against ours before it is timed; a
 peer that errors or runs out of memory is reported as such. Times are CUDA-event medians.
 
-    python3 bench/compare.py [--reps 20] [--json out.json] [--only dense,trainable,decode,bias,topk]
+    python3 bench/compare.py [--reps 20] [--json out.json]
+                             [--only dense,trainable,decode,bias,topk,varlen]
                              [--topk-cases key16k,row16k,key32k,mem32k,keyref,rowref]
 
 (`bias` is not in the default set: forward + backward with full biases broadcast over batch/heads,
@@ -22,6 +23,9 @@ build has them, else create_mask inside the timed region, as the row says), our 
 cuDNN and flash dense causal, FlexAttention over the gathered keys (flex_gather: the floor a user
 writes in torch) and the reference project's Triton kernel on the same mask; then the ratios the
 issues set bars on, and the peak memory of the per-row forward + backward against dense causal.
+`varlen` (not in the default set) is issue #15's packed training batch: 16 documents of random
+lengths in 64K tokens, causal, a per-key bias with its gradient; one packed call against the
+documents one by one and against FlexAttention with a document mask.
 The reference kernel is never committed: scripts/fetch_reference.sh puts it into .peers/ (carry
 .peers to the GPU machine, which has no network); without it its rows say "not available".
 """
@@ -41,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 import flash_sparse_attn
-from flash_sparse_attn import flash_sparse_attn_func
+from flash_sparse_attn import flash_sparse_attn_func, flash_sparse_attn_varlen_func
 from flash_sparse_attn.flash_sparse_attn_interface import clear_plan_cache
 from flash_sparse_attn.utils.mask import create_mask
 
@@ -866,6 +870,88 @@ def topk(table, reps, cases=tuple(TOPK_CASES)):
         print(f"  ({case}: {time.perf_counter() - start:.0f} s)", flush=True)
 
 
+def varlen(table, reps, total=65536, docs=16, H=32, Hk=8, D=128, seed=0):
+    """Issue #15: a packed batch of `docs` documents of random lengths totalling `total` tokens,
+    causal, a per-key bias (Hk, total) with its gradient, forward + backward. Ours as one packed
+    call (offsets on the device), ours on the documents one by one (flash_sparse_attn_func on each
+    document's views, every one a full-occupancy call), and FlexAttention over the packed sequence
+    with a document mask and the bias as a score_mod (its gradient through the captured tensor)."""
+    g = torch.Generator().manual_seed(seed)
+    cuts = sorted((torch.randperm(total - 1, generator=g)[:docs - 1] + 1).tolist())
+    bounds = [0] + cuts + [total]
+    lens = [b - a for a, b in zip(bounds, bounds[1:])]
+    name = f"varlen ({docs} docs, {total} tokens, {H},{Hk},{D}) causal bias bf16"
+    print(f"{name}: lengths {lens}", flush=True)
+    G = H // Hk
+    q = torch.randn(total, H, D, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(total, Hk, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    bias = -F.softplus(torch.randn(Hk, total, device="cuda")).to(torch.bfloat16)
+    cu = torch.tensor(bounds, device="cuda", dtype=torch.int32)
+    dout = torch.randn_like(q)
+    flops = sum(2 * L * L * D * H for L in lens)  # causal: half of 4 L^2 D per head
+    leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v, bias)]
+
+    def packed(q_, k_, v_, b_):
+        return flash_sparse_attn_varlen_func(q_, k_, v_, cu, cu, max(lens), max(lens),
+                                             attn_bias=b_, is_causal=True)
+
+    def one_by_one(q_, k_, v_, b_):
+        outs = [flash_sparse_attn_func(q_[s:e][None], k_[s:e][None], v_[s:e][None],
+                                       attn_bias=b_[:, s:e][None, :, None], is_causal=True)[0]
+                for s, e in zip(bounds, bounds[1:])]
+        return torch.cat(outs)
+
+    ours = packed(*leaves).detach()
+    doc = torch.repeat_interleave(torch.arange(docs, device="cuda"),
+                                  torch.tensor(lens, device="cuda"))
+    check_rows(name, ours[None], q[None], k[None], v[None],
+               lambda b, h, i: (doc == doc[i]) & (torch.arange(total, device="cuda") <= i),
+               lambda b, h, i: bias[h // G], rows=(0, 1, bounds[1], bounds[5] + 3, -1))
+    ours_grads = _grads(packed, leaves, dout)
+    results = {}
+    results["packed"] = _measure(table, name, "flash_sparse_attn varlen fwd+bwd",
+                                 fwd_bwd(lambda: packed(*leaves), leaves, dout), reps,
+                                 3.5 * flops)
+    results["docs"] = _measure(
+        table, name, "flash_sparse_attn per document fwd+bwd",
+        fwd_bwd(lambda: one_by_one(*leaves), leaves, dout), reps, 3.5 * flops,
+        check=lambda: _agree_grads(_grads(one_by_one, leaves, dout), ours_grads))
+    results["packed_fwd"] = _measure(table, name, "flash_sparse_attn varlen fwd",
+                                     lambda: packed(q, k, v, bias), reps, flops)
+    if flex_compiled is None:
+        table.add(name, "FlexAttention", note=f"unavailable: {FLEX_ERROR}")
+    else:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def mask_mod(b, h, qi, ki):
+            return (doc[qi] == doc[ki]) & (ki <= qi)
+
+        bm = create_block_mask(mask_mod, None, None, total, total, device="cuda")
+        bias_leaf = leaves[3]
+
+        def flex(q_, k_, v_, b_):
+            def score_mod(score, b, h, qi, ki):
+                return score + b_[h // G, ki].float()
+            return flex_compiled(q_.transpose(0, 1)[None], k_.transpose(0, 1)[None],
+                                 v_.transpose(0, 1)[None], score_mod=score_mod, block_mask=bm,
+                                 enable_gqa=True)[0].transpose(0, 1)
+
+        results["flex"] = _measure(
+            table, name, "FlexAttention (document mask + bias) fwd+bwd",
+            fwd_bwd(lambda: flex(*leaves), leaves, dout), reps, 3.5 * flops,
+            check=lambda: _agree_grads(_grads(flex, leaves, dout), ours_grads))
+        del bias_leaf
+    packed_ms, docs_ms, flex_ms = (results.get(x) for x in ("packed", "docs", "flex"))
+    if packed_ms and docs_ms:
+        table.add(name, "ratio fwd+bwd: varlen / per document", note=f"{packed_ms / docs_ms:.3f}"
+                  f"  [#15 <= 1.15: {'met' if packed_ms / docs_ms <= 1.15 else 'NOT met'}]",
+                  ratio=packed_ms / docs_ms)
+    if packed_ms and flex_ms:
+        table.add(name, "ratio fwd+bwd: FlexAttention / varlen", note=f"{flex_ms / packed_ms:.3f}"
+                  f"  [#15 >= 1.5: {'met' if flex_ms / packed_ms >= 1.5 else 'NOT met'}]",
+                  ratio=flex_ms / packed_ms)
+
+
 _causal = {}
 
 
@@ -895,7 +981,8 @@ def main():
           f"flash_sparse_attn {flash_sparse_attn.__version__}, {time.strftime('%Y-%m-%d')}")
     table = Table()
     runs = {"dense": dense_causal, "trainable": trainable_mask, "decode": decode,
-            "bias": broadcast_bias, "topk": lambda table, reps: topk(table, reps, cases)}
+            "bias": broadcast_bias, "topk": lambda table, reps: topk(table, reps, cases),
+            "varlen": varlen}
     for key in args.only.split(","):
         runs[key](table, args.reps)
     if args.json:

@@ -107,6 +107,24 @@ struct PlanOptions {
   // leave). A call that breaks it gets an attn_bias error. Top-k plans over a bias of query
   // length 1 and interval masks skip that map anyway.
   bool compacted_calls_only = false;
+  // Packed sequences (varlen; docs/numerics.md, "Packed sequences"): the problem (batch 1) holds
+  // `sequences` sequences one after the other, sequence s owning query rows
+  // [cu_seqlens_q[s], cu_seqlens_q[s + 1]) and key rows [cu_seqlens_k[s], cu_seqlens_k[s + 1]).
+  // No row sees a key of another sequence, and causality (bottom-right) is per sequence. The
+  // offsets are `sequences + 1` int32 values in memory of the query's device (a CUDA plan reads
+  // them on the device, asynchronously). attn_mask, if any, is a key mask (1, {H|Hk|1}, 1,
+  // total_k). The plan compacts the keys, each key with the rows of its sequence that see it, so
+  // work follows every sequence's own (causal) square, and every call runs compacted: a bias with
+  // a query dim is refused. Not with topk, a block_mask or mask_key_intervals. A CPU plan checks
+  // the offsets (non-decreasing, from 0 to the query's / key's length); a CUDA plan cannot without
+  // waiting for the device, so it clamps them into range: bad offsets give wrong rows, never a
+  // read out of bounds.
+  struct PackedSequences {
+    const int32_t* cu_seqlens_q = nullptr;
+    const int32_t* cu_seqlens_k = nullptr;
+    int64_t sequences = 0;
+  };
+  std::optional<PackedSequences> packed;
   void* stream = nullptr;  // cudaStream_t on which a CUDA plan is built; ignored on the CPU
 };
 

@@ -81,6 +81,32 @@ fsa::DType to_dtype(const nb::dlpack::dtype& dt, const char* name) {
                        " (expected float16, bfloat16, float32, float64 or bool)");
 }
 
+// Packed sequences' offsets: a contiguous 1-D int32 array on `device` (the query's).
+const int32_t* to_offsets(const InArray& a, const char* name, const fsa::Device& device,
+                          int64_t& count) {
+  const nb::dlpack::dtype dt = a.dtype();
+  if (dt.lanes != 1 || nb::dlpack::dtype_code(dt.code) != nb::dlpack::dtype_code::Int ||
+      dt.bits != 32) {
+    throw fsa::Error(fsa::ErrorKind::kDType, name,
+                     "expected int32 offsets, got " + dtype_name(dt));
+  }
+  if (a.ndim() != 1 || a.shape(0) < 1 || (a.shape(0) > 1 && a.stride(0) != 1)) {
+    throw fsa::Error(fsa::ErrorKind::kShape, name,
+                     "expected a contiguous 1-D array of sequences + 1 >= 1 offsets");
+  }
+  const fsa::Device at =
+      a.device_type() == nb::device::cuda::value
+          ? fsa::Device{fsa::DeviceType::kCUDA, int(a.device_id())}
+          : fsa::Device{fsa::DeviceType::kCPU, 0};
+  if ((a.device_type() != nb::device::cuda::value && a.device_type() != nb::device::cpu::value) ||
+      at != device) {
+    throw fsa::Error(fsa::ErrorKind::kDevice, name,
+                     "expected the query's device " + fsa::to_string(device));
+  }
+  count = int64_t(a.shape(0));
+  return static_cast<const int32_t*>(a.data());
+}
+
 template <typename Array>
 fsa::TensorView to_view(const Array& a, const char* name) {
   if (a.ndim() > size_t(fsa::kMaxRank)) {
@@ -208,7 +234,8 @@ NB_MODULE(_C, m) {
          const std::optional<InArray>& block_mask, std::optional<int> block_mask_m,
          std::optional<int> block_mask_n, uintptr_t stream, const std::string& compact_keys,
          const std::optional<InArray>& topk_bias, int64_t topk, double topk_min_value,
-         int64_t max_kept_keys, bool mask_key_intervals, bool compacted_calls_only) {
+         int64_t max_kept_keys, bool mask_key_intervals, bool compacted_calls_only,
+         const std::optional<InArray>& cu_seqlens_q, const std::optional<InArray>& cu_seqlens_k) {
         const fsa::TensorView q = to_view(query, "query"), k = to_view(key, "key");
         const std::optional<fsa::TensorView> mask = to_view(attn_mask, "attn_mask");
         fsa::PlanOptions options;  // the backend's default tiles unless the caller picks them
@@ -225,6 +252,24 @@ NB_MODULE(_C, m) {
         options.max_kept_keys = max_kept_keys;
         options.mask_key_intervals = mask_key_intervals;
         options.compacted_calls_only = compacted_calls_only;
+        if (cu_seqlens_q.has_value() != cu_seqlens_k.has_value()) {
+          throw fsa::Error(fsa::ErrorKind::kValue,
+                           cu_seqlens_q ? "cu_seqlens_k" : "cu_seqlens_q",
+                           "expected both cu_seqlens_q and cu_seqlens_k, or neither");
+        }
+        if (cu_seqlens_q) {
+          int64_t n_q = 0, n_k = 0;
+          fsa::PlanOptions::PackedSequences packed;
+          packed.cu_seqlens_q = to_offsets(*cu_seqlens_q, "cu_seqlens_q", q.device, n_q);
+          packed.cu_seqlens_k = to_offsets(*cu_seqlens_k, "cu_seqlens_k", q.device, n_k);
+          if (n_q != n_k) {
+            throw fsa::Error(fsa::ErrorKind::kShape, "cu_seqlens_k",
+                             "expected " + std::to_string(n_q) + " offsets (as cu_seqlens_q), got " +
+                                 std::to_string(n_k));
+          }
+          packed.sequences = n_q - 1;
+          options.packed = packed;
+        }
         nb::gil_scoped_release release;
         return fsa::make_plan(q, k, mask, is_causal, options);
       },
@@ -235,7 +280,8 @@ NB_MODULE(_C, m) {
       nb::arg("compact_keys") = "auto", nb::arg("topk_bias").none() = nb::none(),
       nb::arg("topk") = 0, nb::arg("topk_min_value") = -3.4028234663852886e38,
       nb::arg("max_kept_keys") = 0, nb::arg("mask_key_intervals") = false,
-      nb::arg("compacted_calls_only") = false,
+      nb::arg("compacted_calls_only") = false, nb::arg("cu_seqlens_q").none() = nb::none(),
+      nb::arg("cu_seqlens_k").none() = nb::none(),
       "Builds the block map for query (B, Sq, H, D), key (B, Sk, Hk, D) (shapes only), an optional "
       "bool attn_mask, causality, the tile shape (None: the backend's default) and an optional "
       "block selection over block_mask_m x block_mask_n tiles, whole multiples of the plan's "
@@ -247,7 +293,9 @@ NB_MODULE(_C, m) {
       "mask_key_intervals: a promise that every key's kept rows (mask AND causality) are one "
       "interval (mask_rows_are_intervals checks it); the plan then compacts the mask's keys. "
       "compacted_calls_only: a promise that every call has a bias (and gradient) without a "
-      "query dim, so a compacted CUDA plan skips the map of the full key axis.");
+      "query dim, so a compacted CUDA plan skips the map of the full key axis. cu_seqlens_q / "
+      "cu_seqlens_k: packed sequences (batch 1), int32 offsets on the query's device; the plan "
+      "compacts each sequence's keys (PlanOptions::packed).");
 
   m.def(
       "mask_rows_are_intervals",

@@ -118,8 +118,14 @@ def _query_invariant(attn_bias) -> bool:
     return attn_bias is None or attn_bias.dim() != 4 or attn_bias.shape[2] == 1
 
 
+def _offsets(cu_seqlens, device):
+    """Packed sequences' offsets as the core takes them: contiguous int32 on the query's device
+    (a CPU tensor is copied over without waiting; a device tensor is converted there)."""
+    return cu_seqlens.to(device=device, dtype=torch.int32, non_blocking=True).contiguous()
+
+
 def _make_plan(q, k, attn_mask, is_causal, block_mask, block_m, block_n, attn_bias=None,
-               row_topk=0, max_kept=0, intervals=False, compacted_only=False):
+               row_topk=0, max_kept=0, intervals=False, compacted_only=False, packed=None):
     """block_m x block_n is the tile of block_mask (the selection); the plan's own tile is the
     backend's default, except on the CPU, which runs any tile and then simply uses the
     selection's (a selection tile must be a whole multiple of the plan's). row_topk > 0: the plan
@@ -129,7 +135,13 @@ def _make_plan(q, k, attn_mask, is_causal, block_mask, block_m, block_n, attn_bi
     on a GPU, one wait for the answer) and, if every key's rows are one interval (create_mask's
     per-row top-k masks, sliding windows), compacts its keys like per-row top-k. compacted_only:
     every call with the plan has a _query_invariant bias (the plan cache keys by it), so a
-    compacted CUDA plan need not map the full key axis."""
+    compacted CUDA plan need not map the full key axis. packed: (cu_seqlens_q, cu_seqlens_k) of
+    packed sequences (q and k are (1, total, heads, D))."""
+    if packed is not None:
+        return _C.make_plan(
+            _dl(q), _dl(k), _dl(attn_mask), is_causal, stream=_stream(q),
+            cu_seqlens_q=_dl(_offsets(packed[0], q.device)),
+            cu_seqlens_k=_dl(_offsets(packed[1], q.device)))
     mask_key_intervals = bool(intervals) and _C.mask_rows_are_intervals(
         _dl(q), _dl(k), _dl(attn_mask), is_causal, _stream(q))
     plan_m = plan_n = None
@@ -172,15 +184,18 @@ class _PlanCache:
         return (id(t), t._version, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
 
     def get(self, q, k, attn_mask, is_causal, block_mask, block_m, block_n, attn_bias=None,
-            row_topk=0, max_kept=0):
+            row_topk=0, max_kept=0, packed=None):
         stream = _stream(q)
         topk_bias = attn_bias if row_topk else None
-        intervals = _interval_candidate(q, attn_mask, block_mask, attn_bias, row_topk, max_kept)
+        cu_q, cu_k = packed if packed is not None else (None, None)
+        intervals = packed is None and _interval_candidate(q, attn_mask, block_mask, attn_bias,
+                                                           row_topk, max_kept)
         compacted_only = _query_invariant(attn_bias)
         key = (tuple(q.shape), tuple(k.shape), q.device, stream, is_causal, block_m, block_n,
                self._tensor_key(attn_mask), self._tensor_key(block_mask), row_topk, max_kept,
-               self._tensor_key(topk_bias), intervals, compacted_only)
-        tensors = (attn_mask, block_mask, topk_bias)
+               self._tensor_key(topk_bias), intervals, compacted_only, self._tensor_key(cu_q),
+               self._tensor_key(cu_k))
+        tensors = (attn_mask, block_mask, topk_bias, cu_q, cu_k)
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
@@ -189,7 +204,7 @@ class _PlanCache:
                     self._entries.move_to_end(key)
                     return plan
         plan = _make_plan(q, k, attn_mask, is_causal, block_mask, block_m, block_n, attn_bias,
-                          row_topk, max_kept, intervals, compacted_only)
+                          row_topk, max_kept, intervals, compacted_only, packed)
         drop = self._drop_callback(key)
         refs = tuple(None if t is None else weakref.ref(t, drop) for t in tensors)
         with self._lock:

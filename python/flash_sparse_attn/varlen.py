@@ -9,11 +9,15 @@ Layout (documented in docs/numerics.md, "Packed sequences"):
     attn_bias: per-key bias ({H|Hk|1}, total_k), its gradient in the same layout.
     Causality (is_causal) is per sequence, bottom-right aligned as in SPEC.
 
-This first version runs the core once per sequence on views of the packed tensors (outputs and
-gradients are written in place, nothing is copied or padded), so its cost is that of the
-sequences one after the other: fine for a few long documents, launch-bound for many short ones
-on a GPU. It needs the boundaries on the host: cu_seqlens on a GPU cost one device-to-host copy
-per call (a warning says so once); pass them on the CPU to avoid it.
+Without topk the whole packed batch is one call of the core (PlanOptions::packed): the plan
+compacts each sequence's keys, each with the rows of its sequence that see it, reading
+cu_seqlens where they are (on a GPU: on the device, no copy to the host), so a call costs one
+planning pass and one launch per kernel, and its work follows every sequence's own (causal)
+square. Offsets on a GPU cannot be checked without waiting for the device: the plan clamps them
+into range (wrong values give wrong rows, never a read out of bounds); offsets on the CPU are
+checked. With topk the sequences run one after the other on views of the packed tensors (the
+top-k is per sequence), which needs the boundaries on the host: cu_seqlens on a GPU then cost one
+device-to-host copy per call (a warning says so once).
 """
 
 import warnings
@@ -22,7 +26,8 @@ from typing import List, Optional, Tuple
 import torch
 
 from . import _C
-from .flash_sparse_attn_interface import _check_topk, _dl, _make_plan, _stream, _topk_mask
+from .flash_sparse_attn_interface import (_check_topk, _dl, _make_plan, _plan_cache, _stream,
+                                          _topk_mask)
 
 __all__ = ["flash_sparse_attn_varlen_func"]
 
@@ -51,6 +56,20 @@ def _bounds(cu_seqlens, name: str, total: int) -> List[int]:
             f"{bounds if len(bounds) <= 8 else bounds[:4] + ['...'] + bounds[-2:]}"
         )
     return bounds
+
+
+def _offsets_checked(cu_seqlens, name: str, total: int):
+    """The offsets of the one-call path: shape and dtype always; values where they are on the
+    host (on a GPU that would cost a wait: the plan clamps them instead)."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1:
+        raise ValueError(f"{name}: expected a 1-D int32 / int64 tensor of batch + 1 offsets")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name}: expected int32 or int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.numel() < 1:
+        raise ValueError(f"{name}: expected batch + 1 >= 1 offsets, got none")
+    if cu_seqlens.device.type == "cpu":
+        return _bounds(cu_seqlens, name, total)
+    return None
 
 
 def _per_key(t: Optional[torch.Tensor], name: str, total_k: int, heads: Tuple[int, int]):
@@ -132,6 +151,45 @@ class _VarlenAttention(torch.autograd.Function):
         return dq, dk, dv, dbias, None, None, None, None, None, None, None, None, None
 
 
+class _PackedAttention(torch.autograd.Function):
+    """The packed batch as one problem of batch 1 (PlanOptions::packed)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, mask, cu_q, cu_k, scale, causal, softcap, deterministic):
+        q1, k1, v1 = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+        mask1 = None if mask is None else mask.unsqueeze(0).unsqueeze(2)  # (1, Hm, 1, total_k)
+        bias1 = None if bias is None else bias.unsqueeze(0).unsqueeze(2)
+        plan = _plan_cache.get(q1, k1, mask1, causal, None, None, None, bias1,
+                               packed=(cu_q, cu_k))
+        out = torch.empty_like(q)
+        lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
+        _C.forward(_dl(q1), _dl(k1), _dl(v1), _dl(mask1), _dl(bias1), _dl(out.unsqueeze(0)),
+                   _dl(lse.unsqueeze(0)), scale, causal, softcap, plan, _stream(q))
+        ctx.save_for_backward(q, k, v, bias, out, lse)
+        ctx.mask1, ctx.plan, ctx.scale, ctx.causal = mask1, plan, scale, causal
+        ctx.softcap, ctx.deterministic = softcap, deterministic
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, bias, out, lse = ctx.saved_tensors
+        need_dbias = bias is not None and ctx.needs_input_grad[3]
+        dout = dout.contiguous()
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dbias = torch.empty_like(bias) if need_dbias else None
+        bias1 = None if bias is None else bias.unsqueeze(0).unsqueeze(2)
+        dbias1 = None if dbias is None else dbias.unsqueeze(0).unsqueeze(2)
+        _C.backward(
+            _dl(dout.unsqueeze(0)), _dl(q.unsqueeze(0)), _dl(k.unsqueeze(0)),
+            _dl(v.unsqueeze(0)), _dl(out.unsqueeze(0)), _dl(lse.unsqueeze(0)), _dl(ctx.mask1),
+            _dl(bias1), _dl(dq.unsqueeze(0)), _dl(dk.unsqueeze(0)), _dl(dv.unsqueeze(0)),
+            _dl(dbias1), ctx.scale, ctx.causal, ctx.softcap, ctx.deterministic, ctx.plan,
+            _stream(q),
+        )
+        return dq, dk, dv, dbias, None, None, None, None, None, None, None, None
+
+
 def flash_sparse_attn_varlen_func(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -168,13 +226,19 @@ def flash_sparse_attn_varlen_func(
     if key.shape != value.shape:
         raise ValueError(f"value: expected the shape of key {tuple(key.shape)}, got "
                          f"{tuple(value.shape)}")
-    bq = _bounds(cu_seqlens_q, "cu_seqlens_q", query.shape[0])
-    bk = _bounds(cu_seqlens_k, "cu_seqlens_k", key.shape[0])
-    if len(bq) != len(bk):
-        raise ValueError(f"cu_seqlens_k: expected {len(bq)} offsets (as cu_seqlens_q), got "
-                         f"{len(bk)}")
+    if topk is None:  # one call (PlanOptions::packed): offsets checked where they are on the host
+        bq = _offsets_checked(cu_seqlens_q, "cu_seqlens_q", query.shape[0])
+        bk = _offsets_checked(cu_seqlens_k, "cu_seqlens_k", key.shape[0])
+    else:  # one call per sequence: the boundaries on the host
+        bq = _bounds(cu_seqlens_q, "cu_seqlens_q", query.shape[0])
+        bk = _bounds(cu_seqlens_k, "cu_seqlens_k", key.shape[0])
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"cu_seqlens_k: expected {cu_seqlens_q.numel()} offsets (as "
+                         f"cu_seqlens_q), got {cu_seqlens_k.numel()}")
     for name, given, bounds in (("max_seqlen_q", max_seqlen_q, bq), ("max_seqlen_k", max_seqlen_k,
                                                                       bk)):
+        if bounds is None:
+            continue
         longest = max((b - a for a, b in zip(bounds, bounds[1:])), default=0)
         if given is not None and int(given) < longest:
             raise ValueError(f"{name}: {given} is shorter than the longest sequence ({longest})")
@@ -197,6 +261,17 @@ def flash_sparse_attn_varlen_func(
             )
         _check_topk(topk, attn_bias.unsqueeze(0).unsqueeze(2), key)
     cap = float(softcap) if softcap else 0.0
+    if topk is None:
+        for name, t in (("attn_mask", attn_mask), ("attn_bias", attn_bias)):
+            if t is not None and t.device != query.device:
+                raise ValueError(f"{name}: expected device {query.device} (the query's), got "
+                                 f"{t.device}")
+        out, lse = _PackedAttention.apply(
+            query, key, value, attn_bias, attn_mask, cu_seqlens_q, cu_seqlens_k, scale, causal,
+            cap, bool(deterministic) if deterministic is not None else False)
+        if return_attn_probs:
+            return out, lse, None
+        return out
     out, lse = _VarlenAttention.apply(
         query, key, value, attn_bias, attn_mask, bq, bk, scale, causal, cap,
         bool(deterministic) if deterministic is not None else False, topk, bool(topk_causal))

@@ -146,6 +146,15 @@ BroadcastOperand key_flags(void* data, int64_t batch, int64_t heads, const Geome
   return op;
 }
 
+CompactGeometry packed_lists_geometry(const Geometry& geo,
+                                      const std::optional<BroadcastOperand>& mask) {
+  if (mask) return compact_lists_geometry(geo, *mask, 0);
+  BroadcastOperand none;  // one list: every read stride 0
+  none.shape[0] = none.shape[1] = none.shape[2] = 1;
+  none.shape[3] = geo.seqlen_k;
+  return compact_lists_geometry(geo, none, 0);
+}
+
 CompactGeometry compact_lists_geometry(const Geometry& geo, const BroadcastOperand& mask,
                                        int64_t max_kept_keys) {
   CompactGeometry g;
@@ -295,30 +304,15 @@ KeyRows scan_key_rows(const CompactGeometry& g, const BroadcastOperand& mask, bo
   return out;
 }
 
-}  // namespace
-
-bool cpu_mask_key_intervals(const Geometry& geo, const BroadcastOperand& mask, bool is_causal) {
-  const KeyRows rows = scan_key_rows(compact_lists_geometry(geo, mask, 0), mask, is_causal);
-  return std::none_of(rows.broken.begin(), rows.broken.end(), [](uint8_t x) { return x != 0; });
-}
-
-std::shared_ptr<const KeyCompaction> make_cpu_interval_compaction(const Geometry& geo,
-                                                                  const BroadcastOperand& mask,
-                                                                  bool is_causal, int block_m,
-                                                                  int block_n) {
-  const CompactGeometry g = compact_lists_geometry(geo, mask, 0);
+// The compaction of keys whose rows are one interval each (rows.first / rows.last, -1: none):
+// slots by first row, then by index, so that row i sees the prefix of slots whose first row is
+// <= i.
+std::shared_ptr<const KeyCompaction> interval_compaction(const CompactGeometry& g,
+                                                         const Geometry& geo, const KeyRows& rows,
+                                                         bool is_causal, int block_m,
+                                                         int block_n) {
   const int64_t lists = g.list_batch * g.list_heads, sq = g.seqlen_q, sk = g.seqlen_k;
   const int64_t slots = g.slots, stride = key_last_stride(slots);
-  const KeyRows rows = scan_key_rows(g, mask, is_causal);
-  for (int64_t l = 0; l < lists; ++l) {
-    if (rows.broken[size_t(l)]) {
-      throw Error(ErrorKind::kValue, "attn_mask",
-                  "mask_key_intervals: in (batch " + std::to_string(l / g.list_heads) +
-                      ", head " + std::to_string(l % g.list_heads) +
-                      ") some key is kept by rows that are not one interval; leave "
-                      "mask_key_intervals unset for this mask");
-    }
-  }
   auto host = std::make_shared<HostLists>();
   host->keys.assign(size_t(lists * slots), 0);
   host->count.assign(size_t(lists), 0);
@@ -354,6 +348,68 @@ std::shared_ptr<const KeyCompaction> make_cpu_interval_compaction(const Geometry
   }
 
   return cpu_compaction_of(std::move(host), g, geo, is_causal, block_m, block_n);
+}
+
+// Packed sequences: per key mask head (lists (1, list_heads)) and key, the rows of its sequence
+// that see it (all of them, or from its bottom-right causal diagonal on); -1 where the mask drops
+// it or its sequence has no rows. The offsets were checked (plan.cc).
+KeyRows packed_key_rows(const CompactGeometry& g, const PlanOptions::PackedSequences& packed,
+                        const std::optional<BroadcastOperand>& mask, bool is_causal) {
+  const int64_t lists = g.list_batch * g.list_heads, sk = g.seqlen_k;
+  KeyRows out;
+  out.first.assign(size_t(lists * sk), -1);
+  out.last.assign(size_t(lists * sk), -1);
+  out.broken.assign(size_t(lists), 0);
+  const int32_t *cu_q = packed.cu_seqlens_q, *cu_k = packed.cu_seqlens_k;
+  for (int64_t l = 0; l < lists; ++l) {
+    const auto* keep = mask ? static_cast<const uint8_t*>(mask->data) + l * mask->read_stride[1]
+                            : nullptr;
+    for (int64_t s = 0; s < packed.sequences; ++s) {
+      const int32_t q0 = cu_q[s], q1 = cu_q[s + 1], k0 = cu_k[s], k1 = cu_k[s + 1];
+      if (q1 == q0) continue;
+      for (int32_t j = k0; j < k1; ++j) {
+        if (keep && keep[j * mask->read_stride[3]] == 0) continue;
+        const int32_t diagonal = (j - k0) - ((k1 - k0) - (q1 - q0));
+        out.first[size_t(l * sk + j)] = q0 + (is_causal ? std::max(diagonal, 0) : 0);
+        out.last[size_t(l * sk + j)] = q1 - 1;
+      }
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+bool cpu_mask_key_intervals(const Geometry& geo, const BroadcastOperand& mask, bool is_causal) {
+  const KeyRows rows = scan_key_rows(compact_lists_geometry(geo, mask, 0), mask, is_causal);
+  return std::none_of(rows.broken.begin(), rows.broken.end(), [](uint8_t x) { return x != 0; });
+}
+
+std::shared_ptr<const KeyCompaction> make_cpu_interval_compaction(const Geometry& geo,
+                                                                  const BroadcastOperand& mask,
+                                                                  bool is_causal, int block_m,
+                                                                  int block_n) {
+  const CompactGeometry g = compact_lists_geometry(geo, mask, 0);
+  const int64_t lists = g.list_batch * g.list_heads;
+  const KeyRows rows = scan_key_rows(g, mask, is_causal);
+  for (int64_t l = 0; l < lists; ++l) {
+    if (rows.broken[size_t(l)]) {
+      throw Error(ErrorKind::kValue, "attn_mask",
+                  "mask_key_intervals: in (batch " + std::to_string(l / g.list_heads) +
+                      ", head " + std::to_string(l % g.list_heads) +
+                      ") some key is kept by rows that are not one interval; leave "
+                      "mask_key_intervals unset for this mask");
+    }
+  }
+  return interval_compaction(g, geo, rows, is_causal, block_m, block_n);
+}
+
+std::shared_ptr<const KeyCompaction> make_cpu_packed_compaction(
+    const Geometry& geo, const PlanOptions::PackedSequences& packed,
+    const std::optional<BroadcastOperand>& mask, bool is_causal, int block_m, int block_n) {
+  const CompactGeometry g = packed_lists_geometry(geo, mask);
+  return interval_compaction(g, geo, packed_key_rows(g, packed, mask, is_causal), is_causal,
+                             block_m, block_n);
 }
 
 std::shared_ptr<const KeyCompaction> make_cpu_topk_compaction(

@@ -153,6 +153,16 @@ std::shared_ptr<const KeyCompaction> make_cpu_interval_compaction(const Geometry
                                                                   bool is_causal, int block_m,
                                                                   int block_n);
 
+// Packed sequences (PlanOptions::packed) as interval rows: every key of a sequence with rows is
+// kept by that sequence's rows (from its bottom-right causal diagonal on, with is_causal), unless
+// the key mask (1, {H|Hk|1}, 1, total_k) drops it; then as make_cpu_interval_compaction. Lists
+// per mask head (one without a mask).
+CompactGeometry packed_lists_geometry(const Geometry& g,
+                                      const std::optional<BroadcastOperand>& mask);
+std::shared_ptr<const KeyCompaction> make_cpu_packed_compaction(
+    const Geometry& g, const PlanOptions::PackedSequences& packed,
+    const std::optional<BroadcastOperand>& mask, bool is_causal, int block_m, int block_n);
+
 // A contiguous bool (batch, heads, 1, Sk) key mask over `data` (the keys per-row top-k lists).
 BroadcastOperand key_flags(void* data, int64_t batch, int64_t heads, const Geometry& g);
 

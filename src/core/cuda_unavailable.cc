@@ -35,6 +35,11 @@ std::shared_ptr<const KeyCompaction> make_device_interval_compaction(const Geome
                                                                      int, int, void*) {
   unavailable();
 }
+std::shared_ptr<const KeyCompaction> make_device_packed_compaction(
+    const Geometry&, const PlanOptions::PackedSequences&, const std::optional<BroadcastOperand>&,
+    bool, int, int, void*) {
+  unavailable();
+}
 std::shared_ptr<const RowThresholds> make_device_thresholds(
     const Geometry&, const BroadcastOperand&, const std::optional<BroadcastOperand>&, bool,
     int64_t, double, void*) {

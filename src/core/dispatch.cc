@@ -35,16 +35,18 @@ void attach_thresholds(const Plan& plan, detail::Problem& p) {
   p.row_topk = t->view;
 }
 
-// A compacted CUDA plan may hold no map of the full key axis (make_plan: top-k over a bias of
-// query length 1, interval masks, compacted_calls_only); a call that cannot run compacted (a bias
-// or dbias with a query dim) has nothing to run over.
+// A compacted plan may hold no map of the full key axis (make_plan: packed sequences; on CUDA
+// also top-k over a bias of query length 1, interval masks, compacted_calls_only); a call that
+// cannot run compacted (a bias or dbias with a query dim) has nothing to run over.
 void require_key_axis_map(const Plan& plan, const detail::Problem& p) {
-  if (p.device.type != DeviceType::kCUDA || plan.device_map()) return;
+  const bool held = p.device.type == DeviceType::kCUDA ? plan.device_map() != nullptr
+                                                       : !plan.map().full.offsets.empty();
+  if (held) return;
   throw Error(ErrorKind::kValue, "attn_bias",
-              "the plan compacted its keys for calls whose bias has no query dim (top-k over a "
-              "bias of query length 1, interval masks, compacted_calls_only) and holds no map of "
-              "the full key axis; pass a bias and dbias of query length 1, not ones with a query "
-              "dim of " + std::to_string(p.seqlen_q));
+              "the plan compacted its keys for calls whose bias has no query dim (packed "
+              "sequences, top-k over a bias of query length 1, interval masks, "
+              "compacted_calls_only) and holds no map of the full key axis; pass a bias and dbias "
+              "of query length 1, not ones with a query dim of " + std::to_string(p.seqlen_q));
 }
 
 }  // namespace
@@ -72,6 +74,7 @@ void forward(const ForwardArgs& args) {
   if (compacted) {
     detail::cpu_compacted_forward(p, plan);
   } else {
+    require_key_axis_map(plan, p);
     detail::cpu::forward(p, plan);
   }
 }
@@ -99,6 +102,7 @@ void backward(const BackwardArgs& args) {
   if (compacted) {
     detail::cpu_compacted_backward(p, plan);
   } else {
+    require_key_axis_map(plan, p);
     detail::cpu::backward(p, plan);
   }
 }

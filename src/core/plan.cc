@@ -2,6 +2,7 @@
 // optional block selection into per-tile full / partial / skipped decisions.
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -155,6 +156,56 @@ BroadcastOperand checked_mask(const TensorView& attn_mask, const TensorView& que
   return detail::validate_broadcast(attn_mask, "attn_mask", g, g.seqlen_q, g.seqlen_k);
 }
 
+// Packed sequences (PlanOptions::packed): what they combine with, and on the CPU (where the
+// offsets are host memory) the offsets themselves.
+void check_packed(const PlanOptions& options, const detail::Geometry& g,
+                  const std::optional<BroadcastOperand>& mask, Device device) {
+  const PlanOptions::PackedSequences& packed = *options.packed;
+  if (packed.sequences < 0 || packed.sequences >= INT32_MAX) {
+    throw Error(ErrorKind::kValue, "cu_seqlens_q",
+                "expected 0 <= sequences < 2^31, got " + std::to_string(packed.sequences));
+  }
+  if (packed.cu_seqlens_q == nullptr || packed.cu_seqlens_k == nullptr) {
+    throw Error(ErrorKind::kValue, packed.cu_seqlens_q == nullptr ? "cu_seqlens_q" : "cu_seqlens_k",
+                "expected sequences + 1 int32 offsets, got a null pointer");
+  }
+  if (g.batch != 1) {
+    throw Error(ErrorKind::kShape, "query",
+                "packed sequences are one row: expected batch 1 (total_q, H, D) as (1, total_q, H, "
+                "D), got batch " + std::to_string(g.batch));
+  }
+  if (options.topk != 0 || options.topk_bias || options.block_mask || options.mask_key_intervals) {
+    throw Error(ErrorKind::kValue, "cu_seqlens_q",
+                "packed sequences plan their own keys: expected no topk, block_mask or "
+                "mask_key_intervals with them");
+  }
+  if (options.compact_keys == CompactKeys::kNever) {
+    throw Error(ErrorKind::kValue, "compact_keys",
+                "packed sequences always compact their keys: expected 'auto' or 'always', got "
+                "'never'");
+  }
+  if (mask && (mask->read_extent(2) != 1 || mask->read_extent(0) != 1)) {
+    throw Error(ErrorKind::kShape, "attn_mask",
+                "with packed sequences expected a key mask (1, {H|Hk|1}, 1, total_k), got shape (" +
+                    std::to_string(mask->shape[0]) + ", " + std::to_string(mask->shape[1]) + ", " +
+                    std::to_string(mask->shape[2]) + ", " + std::to_string(mask->shape[3]) + ")");
+  }
+  if (device.type != DeviceType::kCPU) return;
+  const int64_t n = packed.sequences;
+  for (int side = 0; side < 2; ++side) {
+    const int32_t* cu = side == 0 ? packed.cu_seqlens_q : packed.cu_seqlens_k;
+    const int64_t total = side == 0 ? g.seqlen_q : g.seqlen_k;
+    bool ok = cu[0] == 0 && cu[n] == total;
+    for (int64_t s = 0; ok && s < n; ++s) ok = cu[s] <= cu[s + 1];
+    if (!ok) {
+      throw Error(ErrorKind::kValue, side == 0 ? "cu_seqlens_q" : "cu_seqlens_k",
+                  "expected " + std::to_string(n + 1) + " non-decreasing offsets from 0 to " +
+                      std::to_string(total) + " (the packed length), got first " +
+                      std::to_string(cu[0]) + ", last " + std::to_string(cu[n]));
+    }
+  }
+}
+
 }  // namespace
 
 Plan make_plan(const TensorView& query, const TensorView& key,
@@ -212,6 +263,7 @@ Plan make_plan(const TensorView& query, const TensorView& key,
     }
     intervals = !detail::compactable_mask(*mask);  // a key-only mask is compacted as it is
   }
+  if (options.packed) check_packed(options, g, mask, query.device);
   if (options.block_mask) {
     if (options.block_mask->dtype != DType::kBool) {
       throw Error(ErrorKind::kDType, "block_mask",
@@ -257,9 +309,10 @@ Plan make_plan(const TensorView& query, const TensorView& key,
   const bool wanted = options.compact_keys == CompactKeys::kAlways ||
                       (options.compact_keys == CompactKeys::kAuto &&
                        g.seqlen_q >= detail::kCompactMinQueries);
-  const bool compact = wanted && !selection &&
-                       (topk_bias ? detail::compactable_topk(mask)
-                                  : mask && (intervals || detail::compactable_mask(*mask)));
+  const bool compact = options.packed ||
+                       (wanted && !selection &&
+                        (topk_bias ? detail::compactable_topk(mask)
+                                   : mask && (intervals || detail::compactable_mask(*mask))));
   if (on_cuda) {
     const detail::cuda::CurrentDevice device(query.device.index);
     // A top-k over a bias of query length 1 that compacts runs every call compacted (the call's
@@ -268,9 +321,10 @@ Plan make_plan(const TensorView& query, const TensorView& key,
     // triangle per call (35 us of a 1.9 ms training-step attention, H200).
     // So does a promise of interval rows (PlanOptions::mask_key_intervals), where this map would
     // read the whole (Sq x Sk) mask.
+    // Packed sequences have no map of the key axis: a row sees its own sequence's keys only.
     const bool key_axis_map =
         !(compact && ((topk_bias && options.topk_bias->shape[2] == 1) || intervals ||
-                      options.compacted_calls_only));
+                      options.compacted_calls_only || options.packed));
     if (key_axis_map) {
       plan.device_map_ = detail::cuda::make_device_plan(g, mask, selection, sel_m / block_m,
                                                         sel_n / block_n, is_causal, *map,
@@ -293,6 +347,9 @@ Plan make_plan(const TensorView& query, const TensorView& key,
             g, *topk_bias, mask, is_causal, plan.thresholds_->view, options.topk, block_m,
             block_n, options.stream);
       }
+    } else if (options.packed) {
+      plan.compaction_ = detail::cuda::make_device_packed_compaction(
+          g, *options.packed, mask, is_causal, block_m, block_n, options.stream);
     } else if (compact && intervals) {
       plan.compaction_ = detail::cuda::make_device_interval_compaction(g, *mask, is_causal, block_m,
                                                                        block_n, options.stream);
@@ -303,6 +360,12 @@ Plan make_plan(const TensorView& query, const TensorView& key,
     return plan;
   }
 
+  if (options.packed) {  // no map of the key axis (its lists stay empty: calls run compacted)
+    plan.map_ = std::move(map);
+    plan.compaction_ = detail::make_cpu_packed_compaction(g, *options.packed, mask, is_causal,
+                                                          block_m, block_n);
+    return plan;
+  }
   TileCounter counter(mask, g.seqlen_q, g.seqlen_k, is_causal, block_m, block_n);
   std::vector<int64_t> counts(size_t(n_blocks), 0);
   std::vector<uint8_t> selected(size_t(n_blocks), 1);

@@ -721,6 +721,131 @@ void check_interval_extents(const CompactGeometry& g) {
   }
 }
 
+// Packed sequences (PlanOptions::packed): the offsets and the key mask (1, {H|Hk|1}, 1, Sk), if
+// any.
+struct PackedScan {
+  const int32_t* cu_q;
+  const int32_t* cu_k;
+  int sequences;
+  const uint8_t* mask;
+  int64_t mask_stride_h, mask_stride_k;
+};
+
+// grid (ceil(Sk / 256), lists): key j's sequence (the last whose first key is <= j) and the rows
+// of it that see the key: all of them, or with causality those from its bottom-right diagonal on;
+// none where the mask drops it or the sequence has no rows. The offsets are clamped into
+// [0, Sq] / [0, Sk] and each sequence's into order, so that offsets the host never checked (they
+// live on the device) can give wrong rows but no row or key out of range.
+__global__ void packed_scan_kernel(IntervalScan p, PackedScan v) {
+  const int l = blockIdx.y, j = int(blockIdx.x) * 256 + int(threadIdx.x);
+  if (j >= p.seqlen_k) return;
+  int lo = 0, hi = v.sequences;  // the first sequence whose first key is > j, among [0, n)
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (v.cu_k[mid] <= j) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  const int s = lo - 1;
+  int first = 0, last = -1;
+  if (s >= 0 && (v.mask == nullptr || v.mask[l * v.mask_stride_h + j * v.mask_stride_k] != 0)) {
+    const int k0 = min(max(v.cu_k[s], 0), p.seqlen_k);
+    const int k1 = min(max(v.cu_k[s + 1], k0), p.seqlen_k);
+    const int q0 = min(max(v.cu_q[s], 0), p.seqlen_q);
+    const int q1 = min(max(v.cu_q[s + 1], q0), p.seqlen_q);
+    if (j >= k0 && j < k1 && q1 > q0) {
+      const int diagonal = (j - k0) - ((k1 - k0) - (q1 - q0));
+      first = q0 + (p.is_causal ? max(diagonal, 0) : 0);
+      last = q1 - 1;
+    }
+  }
+  const int64_t at = int64_t(l) * p.seqlen_k + j;
+  const bool kept = first <= last;
+  p.first[at] = kept ? first : 0x7f7f7f7f;
+  p.last[at] = kept ? last : -1;
+  p.rows[at] = kept ? last - first + 1 : 0;
+}
+
+// The compaction of keys whose rows are one interval each, from a scan of them (`scan` fills
+// an IntervalScan's first / last / rows in the 3 x lists x Sk int32 it is given): slots by first
+// row, then by index, key_first / key_last per slot, row bounds, and the map over the slots
+// (gather_window > 0: with each query tile's gathered slots).
+template <class Scan>
+std::shared_ptr<const KeyCompaction> interval_compaction(const Geometry& geo,
+                                                         const CompactGeometry& g, bool is_causal,
+                                                         int block_m, int block_n,
+                                                         int64_t gather_window, const Scan& scan,
+                                                         void* stream_ptr) {
+  auto stream = static_cast<cudaStream_t>(stream_ptr);
+  check_interval_extents(g);
+  const int64_t lists = g.list_batch * g.list_heads, sq = g.seqlen_q, sk = g.seqlen_k;
+  const int64_t slots = g.slots, stride = key_last_stride(slots), n = lists * sk;
+
+  // The plan's lists: keys (lists, slots), slot (lists, Sk), count (lists), row_end (lists, Sq),
+  // key_last and key_first (lists, stride each); one allocation.
+  auto at = [](size_t bytes) { return (bytes + 255) / 256 * 256; };
+  const size_t keys_bytes = at(size_t(lists * slots) * 4), slot_bytes = at(size_t(n) * 4);
+  const size_t count_bytes = at(size_t(lists) * 4), row_bytes = at(size_t(lists * sq) * 4);
+  const size_t last_bytes = at(size_t(lists * stride) * 4);
+  void* raw = nullptr;
+  FSA_CUDA_CHECK(scratch_malloc(
+      &raw, std::max<size_t>(keys_bytes + slot_bytes + count_bytes + row_bytes + 2 * last_bytes, 1),
+      stream));
+  std::shared_ptr<void> storage = scratch_owner(raw, stream);
+  auto* base = static_cast<uint8_t*>(raw);
+  auto* keys = reinterpret_cast<int32_t*>(base);
+  auto* slot = reinterpret_cast<int32_t*>(base + keys_bytes);
+  auto* count = reinterpret_cast<int32_t*>(base + keys_bytes + slot_bytes);
+  auto* row_end = reinterpret_cast<int32_t*>(base + keys_bytes + slot_bytes + count_bytes);
+  auto* key_last =
+      reinterpret_cast<int32_t*>(base + keys_bytes + slot_bytes + count_bytes + row_bytes);
+  auto* key_first = reinterpret_cast<int32_t*>(reinterpret_cast<uint8_t*>(key_last) + last_bytes);
+  FSA_CUDA_CHECK(cudaMemsetAsync(slot, 0xff, size_t(n) * 4, stream));
+  FSA_CUDA_CHECK(cudaMemsetAsync(count, 0, size_t(lists) * 4, stream));
+
+  // Scratch: the scan (3 n int32), the sort's keys in / out (2 n uint64) and values in / out (2 n
+  // int32), the broken flag (unread here: the caller promised intervals); 4 bytes of padding.
+  const int row_bits = bits_below(sq + 1);  // keys are first rows <= Sq
+  StreamBuffer scratch(stream), sort_temp(stream);
+  FSA_CUDA_CHECK(scratch_malloc(&scratch.ptr, size_t(n) * (3 * 4 + 2 * 8 + 2 * 4) + 8, stream));
+  auto* scanned = static_cast<int32_t*>(scratch.ptr);
+  auto* key_in = reinterpret_cast<uint64_t*>(scanned + 3 * n + (n & 1));  // 8-byte aligned
+  auto* key_out = key_in + n;
+  auto* value_in = reinterpret_cast<int32_t*>(key_out + n);
+  auto* value_out = value_in + n;
+  auto* broken = reinterpret_cast<uint32_t*>(value_out + n);
+  const IntervalScan p = scan(scanned);
+  if (n > 0) {
+    const dim3 per_key(unsigned(ceil_div(sk, 256)), unsigned(lists));
+    interval_check_kernel<<<per_key, 256, 0, stream>>>(p, broken, key_in, row_bits, value_in,
+                                                      count);
+    FSA_CUDA_CHECK(cudaGetLastError());
+    // Radix sort is stable: keys with the same first row keep ascending indices.
+    sort_pairs(key_in, key_out, value_in, value_out, n, 0, row_bits + bits_below(lists),
+               sort_temp, stream);
+    interval_slots_kernel<<<dim3(unsigned(ceil_div(stride, 256)), unsigned(lists)), 256, 0,
+                            stream>>>(p, value_out, count, stride, keys, slot, key_first,
+                                      key_last);
+    FSA_CUDA_CHECK(cudaGetLastError());
+  }
+  if (lists * sq > 0) {
+    interval_row_end_kernel<<<dim3(unsigned(ceil_div(sq, 256)), unsigned(lists)), 256, 0,
+                              stream>>>(key_first, count, stride, int(sq), row_end);
+    FSA_CUDA_CHECK(cudaGetLastError());
+  }
+
+  auto c = std::make_shared<KeyCompaction>();
+  c->lists = g;
+  c->keys = keys, c->count = count, c->slot = slot, c->row_end = row_end;
+  c->key_last = key_last;
+  c->key_first = key_first;
+  c->storage = std::move(storage);
+  plan_slots(*c, geo, is_causal, block_m, block_n, gather_window, stream_ptr);
+  return c;
+}
+
 // topk: per-row top-k (the mask lists the keys some row keeps, at most topk_window per row):
 // KeyCompaction::key_last too, and the map follows it, with each query tile's gathered slots.
 std::shared_ptr<KeyCompaction> build_compaction(const Geometry& geo, const BroadcastOperand& mask,
@@ -835,74 +960,52 @@ std::shared_ptr<const KeyCompaction> make_device_interval_compaction(const Geome
                                                                      bool is_causal, int block_m,
                                                                      int block_n,
                                                                      void* stream_ptr) {
-  auto stream = static_cast<cudaStream_t>(stream_ptr);
   const CompactGeometry g = compact_lists_geometry(geo, mask, 0);
-  check_interval_extents(g);
-  const int64_t lists = g.list_batch * g.list_heads, sq = g.seqlen_q, sk = g.seqlen_k;
-  const int64_t slots = g.slots, stride = key_last_stride(slots), n = lists * sk;
-
-  // The plan's lists: keys (lists, slots), slot (lists, Sk), count (lists), row_end (lists, Sq),
-  // key_last and key_first (lists, stride each); one allocation.
-  auto at = [](size_t bytes) { return (bytes + 255) / 256 * 256; };
-  const size_t keys_bytes = at(size_t(lists * slots) * 4), slot_bytes = at(size_t(n) * 4);
-  const size_t count_bytes = at(size_t(lists) * 4), row_bytes = at(size_t(lists * sq) * 4);
-  const size_t last_bytes = at(size_t(lists * stride) * 4);
-  void* raw = nullptr;
-  FSA_CUDA_CHECK(scratch_malloc(
-      &raw, std::max<size_t>(keys_bytes + slot_bytes + count_bytes + row_bytes + 2 * last_bytes, 1),
-      stream));
-  std::shared_ptr<void> storage = scratch_owner(raw, stream);
-  auto* base = static_cast<uint8_t*>(raw);
-  auto* keys = reinterpret_cast<int32_t*>(base);
-  auto* slot = reinterpret_cast<int32_t*>(base + keys_bytes);
-  auto* count = reinterpret_cast<int32_t*>(base + keys_bytes + slot_bytes);
-  auto* row_end = reinterpret_cast<int32_t*>(base + keys_bytes + slot_bytes + count_bytes);
-  auto* key_last =
-      reinterpret_cast<int32_t*>(base + keys_bytes + slot_bytes + count_bytes + row_bytes);
-  auto* key_first = reinterpret_cast<int32_t*>(reinterpret_cast<uint8_t*>(key_last) + last_bytes);
-  FSA_CUDA_CHECK(cudaMemsetAsync(slot, 0xff, size_t(n) * 4, stream));
-  FSA_CUDA_CHECK(cudaMemsetAsync(count, 0, size_t(lists) * 4, stream));
-
-  // Scratch: the scan (3 n int32), the sort's keys in / out (2 n uint64) and values in / out (2 n
-  // int32), the broken flag (unread here: the caller promised intervals); 4 bytes of padding.
-  const int row_bits = bits_below(sq + 1);  // keys are first rows <= Sq
-  StreamBuffer scratch(stream), sort_temp(stream);
-  FSA_CUDA_CHECK(scratch_malloc(&scratch.ptr, size_t(n) * (3 * 4 + 2 * 8 + 2 * 4) + 8, stream));
-  auto* scan = static_cast<int32_t*>(scratch.ptr);
-  auto* key_in = reinterpret_cast<uint64_t*>(scan + 3 * n + (n & 1));  // 8-byte aligned
-  auto* key_out = key_in + n;
-  auto* value_in = reinterpret_cast<int32_t*>(key_out + n);
-  auto* value_out = value_in + n;
-  auto* broken = reinterpret_cast<uint32_t*>(value_out + n);
-  const IntervalScan p = scan_intervals(g, mask, is_causal, scan, stream);
-  if (n > 0) {
-    const dim3 per_key(unsigned(ceil_div(sk, 256)), unsigned(lists));
-    interval_check_kernel<<<per_key, 256, 0, stream>>>(p, broken, key_in, row_bits, value_in,
-                                                      count);
-    FSA_CUDA_CHECK(cudaGetLastError());
-    // Radix sort is stable: keys with the same first row keep ascending indices.
-    sort_pairs(key_in, key_out, value_in, value_out, n, 0, row_bits + bits_below(lists),
-               sort_temp, stream);
-    interval_slots_kernel<<<dim3(unsigned(ceil_div(stride, 256)), unsigned(lists)), 256, 0,
-                            stream>>>(p, value_out, count, stride, keys, slot, key_first,
-                                      key_last);
-    FSA_CUDA_CHECK(cudaGetLastError());
-  }
-  if (lists * sq > 0) {
-    interval_row_end_kernel<<<dim3(unsigned(ceil_div(sq, 256)), unsigned(lists)), 256, 0,
-                              stream>>>(key_first, count, stride, int(sq), row_end);
-    FSA_CUDA_CHECK(cudaGetLastError());
-  }
-
-  auto c = std::make_shared<KeyCompaction>();
-  c->lists = g;
-  c->keys = keys, c->count = count, c->slot = slot, c->row_end = row_end;
-  c->key_last = key_last;
-  c->key_first = key_first;
-  c->storage = std::move(storage);
+  auto stream = static_cast<cudaStream_t>(stream_ptr);
   // No bound on the slots a row keeps: each query tile's gathered list may hold every slot.
-  plan_slots(*c, geo, is_causal, block_m, block_n, slots, stream_ptr);
-  return c;
+  return interval_compaction(geo, g, is_causal, block_m, block_n, g.slots,
+                             [&](int32_t* scratch) {
+                               return scan_intervals(g, mask, is_causal, scratch, stream);
+                             },
+                             stream_ptr);
+}
+
+std::shared_ptr<const KeyCompaction> make_device_packed_compaction(
+    const Geometry& geo, const PlanOptions::PackedSequences& packed,
+    const std::optional<BroadcastOperand>& mask, bool is_causal, int block_m, int block_n,
+    void* stream_ptr) {
+  const CompactGeometry g = packed_lists_geometry(geo, mask);
+  auto stream = static_cast<cudaStream_t>(stream_ptr);
+  // No gathered lists: a sequence's slots are consecutive, so the map over the slot axis visits
+  // each sequence's own (causal) square of tiles, whose K / V rows load as they lie.
+  return interval_compaction(
+      geo, g, is_causal, block_m, block_n, 0,
+      [&](int32_t* scratch) {
+        const int64_t n = g.list_batch * g.list_heads * g.seqlen_k;
+        IntervalScan p{};
+        p.list_heads = int(g.list_heads);
+        p.seqlen_q = int(g.seqlen_q);
+        p.seqlen_k = int(g.seqlen_k);
+        p.is_causal = is_causal;
+        p.first = scratch;
+        p.last = scratch + n;
+        p.rows = scratch + 2 * n;
+        PackedScan v{packed.cu_seqlens_q, packed.cu_seqlens_k, int(packed.sequences), nullptr, 0,
+                     0};
+        if (mask) {
+          v.mask = static_cast<const uint8_t*>(mask->data);
+          v.mask_stride_h = mask->read_stride[1];
+          v.mask_stride_k = mask->read_stride[3];
+        }
+        if (n > 0) {
+          packed_scan_kernel<<<dim3(unsigned(ceil_div(g.seqlen_k, 256)),
+                                    unsigned(g.list_batch * g.list_heads)),
+                               256, 0, stream>>>(p, v);
+          FSA_CUDA_CHECK(cudaGetLastError());
+        }
+        return p;
+      },
+      stream_ptr);
 }
 
 std::shared_ptr<const KeyCompaction> make_device_topk_compaction(

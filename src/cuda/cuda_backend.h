@@ -59,6 +59,13 @@ std::shared_ptr<const KeyCompaction> make_device_interval_compaction(const Geome
                                                                      const BroadcastOperand& mask,
                                                                      bool is_causal, int block_m,
                                                                      int block_n, void* stream);
+// Packed sequences (PlanOptions::packed): their compacted keys from the offsets on the device,
+// asynchronously, with no gathered lists (core/compaction.h, make_cpu_packed_compaction: the same
+// lists).
+std::shared_ptr<const KeyCompaction> make_device_packed_compaction(
+    const Geometry& g, const PlanOptions::PackedSequences& packed,
+    const std::optional<BroadcastOperand>& mask, bool is_causal, int block_m, int block_n,
+    void* stream);
 // Per-row top-k thresholds (core/row_topk.h) on the device, asynchronously on `stream`.
 std::shared_ptr<const RowThresholds> make_device_thresholds(
     const Geometry& g, const BroadcastOperand& bias, const std::optional<BroadcastOperand>& mask,

@@ -44,10 +44,11 @@ void launch_forward(const ForwardParams& params, cudaStream_t stream) {
   const dim3 grid(params.map.m_blocks * params.num_splits, heads, params.batch);
   bool launched = false;
   if constexpr (kHeadDim <= 128) {
-    // Per-row top-k over compacted keys runs on the gathered lists its device plan always has
-    // (BlockMapParams::gather_slots); the sm80 kernel walks the slot axis.
+    // Per-row top-k over compacted keys runs on the gathered lists its device plan has
+    // (BlockMapParams::gather_slots); packed sequences, whose slots are consecutive, walk the map
+    // over the slot axis and read RowEnd::key_last in their partial tiles.
     const bool gathered = params.map.gather_slots != nullptr;
-    if (use_sm90_forward(params) && (gathered || params.row_end.key_last == nullptr)) {
+    if (use_sm90_forward(params)) {
       using Tiles = Sm90ForwardTiles<kHeadDim, Elt>;
       auto* kernel = params.bias_staged ? &forward_kernel_sm90<kHeadDim, Elt, true>
                      : gathered         ? &forward_kernel_sm90<kHeadDim, Elt, false, true>

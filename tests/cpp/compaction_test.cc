@@ -621,6 +621,125 @@ TEST(CompactionIntervals, TwoRunsAreRefused) {
                fsa::Error);  // no mask to promise anything about
 }
 
+// ---- Packed sequences (PlanOptions::packed) ------------------------------------------------------
+// The library gets one row of sequences (batch 1), their offsets and no mask; the float64
+// reference gets the equivalent (1, 1, total_q, total_k) mask: a row sees the keys of its own
+// sequence, from the sequence's bottom-right causal diagonal on when causal.
+
+struct PackedCase {
+  std::vector<int32_t> cu_q, cu_k;
+};
+
+PackedCase packed_offsets(const std::vector<int32_t>& lens_q, const std::vector<int32_t>& lens_k) {
+  PackedCase c{{0}, {0}};
+  for (size_t s = 0; s < lens_q.size(); ++s) {
+    c.cu_q.push_back(c.cu_q.back() + lens_q[s]);
+    c.cu_k.push_back(c.cu_k.back() + lens_k[s]);
+  }
+  return c;
+}
+
+void expect_packed_matches_reference(DType dtype, const std::vector<int32_t>& lens_q,
+                                     const std::vector<int32_t>& lens_k, bool causal,
+                                     bool with_bias) {
+  const PackedCase pc = packed_offsets(lens_q, lens_k);
+  const int64_t tq = pc.cu_q.back(), tk = pc.cu_k.back();
+  CaseSpec spec = case_spec(dtype, 1, tq, tk, 4, 2, 32);
+  spec.causal = false;  // the reference's mask holds each sequence's causality
+  spec.mask_shape = Shape4{1, 1, tq, tk};
+  if (with_bias) spec.bias_shape = Shape4{1, 2, 1, tk};
+  spec.make_mask = [&pc, causal](const Problem&, const Inputs&, Rng&, std::vector<uint8_t>& mask) {
+    const int64_t tk_ = pc.cu_k.back();
+    std::fill(mask.begin(), mask.end(), uint8_t(0));
+    for (size_t s = 0; s + 1 < pc.cu_q.size(); ++s) {
+      const int32_t q0 = pc.cu_q[s], q1 = pc.cu_q[s + 1], k0 = pc.cu_k[s], k1 = pc.cu_k[s + 1];
+      for (int32_t i = q0; i < q1; ++i) {
+        for (int32_t j = k0; j < k1; ++j) {
+          const bool seen = !causal || (j - k0) <= (i - q0) + (k1 - k0) - (q1 - q0);
+          mask[size_t(i * tk_ + j)] = seen ? 1 : 0;
+        }
+      }
+    }
+  };
+  const Problem problem = make_problem(spec);
+  const Inputs inputs = make_inputs(spec, problem);
+  fsa::AttentionOptions options = make_options(spec);
+  options.is_causal = causal;
+  LibraryBuffers buffers(problem, inputs, spec.dtype, spec.resolved_bias_dtype());
+  fsa::PlanOptions po;
+  po.packed = fsa::PlanOptions::PackedSequences{pc.cu_q.data(), pc.cu_k.data(),
+                                                int64_t(lens_q.size())};
+  const fsa::Plan plan =
+      fsa::make_plan(buffers.q.view(), buffers.k.view(), std::nullopt, causal, po);
+  ASSERT_TRUE(plan.compacted());
+  // The kept entries are exactly the reference mask's.
+  int64_t kept = 0;
+  for (const uint8_t m : inputs.mask) kept += m;
+  EXPECT_EQ(int64_t(plan.compaction()->plan.kept_density() * double(tq * tk) + 0.5), kept);
+  expect_plan_matches_reference(buffers, options, plan, problem, inputs, spec, true);
+}
+
+TEST(CompactionPacked, RaggedLengths_Causal_Bias_Fp32) {
+  expect_packed_matches_reference(DType::kFloat32, {0, 1, 127, 128, 129, 64, 65},
+                                  {0, 1, 127, 128, 129, 64, 65}, true, true);
+}
+
+TEST(CompactionPacked, RaggedLengths_Causal_Bf16) {
+  expect_packed_matches_reference(DType::kBFloat16, {70, 0, 1, 129, 3},
+                                  {70, 0, 1, 129, 3}, true, false);
+}
+
+// Query and key lengths differ per sequence (bottom-right causality per sequence), sequences
+// without keys (empty rows) and without queries (keys no row sees).
+TEST(CompactionPacked, QueriesAndKeysDiffer_Causal_Bias_Fp32) {
+  expect_packed_matches_reference(DType::kFloat32, {5, 0, 40, 3, 90}, {20, 7, 30, 0, 150}, true,
+                                  true);
+}
+
+TEST(CompactionPacked, QueriesAndKeysDiffer_NonCausal_Bias_Bf16) {
+  expect_packed_matches_reference(DType::kBFloat16, {5, 0, 40, 3, 90}, {20, 7, 30, 0, 150}, false,
+                                  true);
+}
+
+TEST(CompactionPacked, BadInputIsNamed) {
+  CaseSpec spec = case_spec(DType::kFloat32, 1, 10, 10, 2, 2, 16);
+  spec.bias_shape = Shape4{1, 2, 10, 10};  // a bias with a query dim: refused by packed calls
+  const Problem problem = make_problem(spec);
+  const Inputs inputs = make_inputs(spec, problem);
+  LibraryBuffers buffers(problem, inputs, spec.dtype, spec.dtype);
+  auto expect_error = [&](fsa::PlanOptions po, const std::string& name) {
+    try {
+      fsa::make_plan(buffers.q.view(), buffers.k.view(), std::nullopt, true, po);
+      ADD_FAILURE() << "expected an error naming " << name;
+    } catch (const fsa::Error& e) {
+      EXPECT_NE(std::string(e.what()).find(name), std::string::npos) << e.what();
+    }
+  };
+  const std::vector<int32_t> good = {0, 4, 10}, decreasing = {0, 6, 4}, short_end = {0, 4, 9};
+  fsa::PlanOptions po;
+  po.packed = fsa::PlanOptions::PackedSequences{decreasing.data(), good.data(), 2};
+  expect_error(po, "cu_seqlens_q");
+  po.packed = fsa::PlanOptions::PackedSequences{good.data(), short_end.data(), 2};
+  expect_error(po, "cu_seqlens_k");
+  po.packed = fsa::PlanOptions::PackedSequences{good.data(), nullptr, 2};
+  expect_error(po, "cu_seqlens_k");
+  po.packed = fsa::PlanOptions::PackedSequences{good.data(), good.data(), 2};
+  po.compact_keys = fsa::CompactKeys::kNever;
+  expect_error(po, "compact_keys");
+  po.compact_keys = fsa::CompactKeys::kAuto;
+  // A bias with a query dim cannot run over the compacted keys, and the plan has no other map.
+  const fsa::Plan plan = fsa::make_plan(buffers.q.view(), buffers.k.view(), std::nullopt, true, po);
+  fsa::ForwardArgs f = buffers.forward_args(make_options(spec));
+  f.options.is_causal = true;
+  f.plan = &plan;
+  try {
+    fsa::forward(f);
+    ADD_FAILURE() << "expected an attn_bias error";
+  } catch (const fsa::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("attn_bias"), std::string::npos) << e.what();
+  }
+}
+
 TEST(CompactionPlan, KeepsTheSameEntriesAndVisitsFewerTiles) {
   CaseSpec spec = case_spec(DType::kFloat32, 1, 1024, 1024, 2, 2, 16);
   spec.causal = true;

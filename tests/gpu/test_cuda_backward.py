@@ -39,11 +39,12 @@ def grads_of(fn, inputs, dout):
 
 
 def check_backward(q, k, v, mask=None, bias=None, causal=False, softcap=0.0, label="",
-                   selection=None, deterministic=False, ours_how=None):
+                   selection=None, deterministic=False, ours_how=None, ours_call=None):
     """`selection` = (block_mask, block_size): ours runs with that block selection instead of
     `mask`, which must then be the selection expanded to entries (the reference's mask).
     `ours_how`: keyword arguments that select the same entries for ours instead of `mask` (e.g.
-    topk=w, topk_causal=True)."""
+    topk=w, topk_causal=True). `ours_call(q, k, v, bias)`: ours as another call that keeps the
+    entries of `mask` and `causal` (e.g. packed sequences), returning (B, Sq, H, D)."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     dout = torch.randn_like(q)
     leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
@@ -52,10 +53,12 @@ def check_backward(q, k, v, mask=None, bias=None, causal=False, softcap=0.0, lab
            {"block_mask": selection[0], "block_size": selection[1]})
     if ours_how is not None:
         how = ours_how
-    ours = grads_of(lambda: flash_sparse_attn_func(
-        *leaves, attn_bias=bias_leaf, is_causal=causal, softcap=softcap or None,
-        deterministic=deterministic, **how),
-        leaves + [bias_leaf], dout)
+    if ours_call is None:
+        def ours_call(q_, k_, v_, b_):
+            return flash_sparse_attn_func(q_, k_, v_, attn_bias=b_, is_causal=causal,
+                                          softcap=softcap or None, deterministic=deterministic,
+                                          **how)
+    ours = grads_of(lambda: ours_call(*leaves, bias_leaf), leaves + [bias_leaf], dout)
 
     def reference(dtype):
         ls = [x.detach().to(dtype).requires_grad_(True) for x in (q, k, v)]

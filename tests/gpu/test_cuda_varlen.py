@@ -1,6 +1,7 @@
-"""Packed sequences on CUDA (issue #15): flash_sparse_attn_varlen_func equals the per-sequence
-flash_sparse_attn_func calls (the same kernels on the same views: bitwise for the output) and the
-float64 reference, gradients included."""
+"""Packed sequences on CUDA (issue #15): one packed call (PlanOptions::packed) against float64
+with the equivalent mask over the packed sequence, gradients included, offsets read on the device
+only; with topk (one call per sequence) the per-sequence flash_sparse_attn_func calls (the same
+kernels on the same views: bitwise for the output)."""
 
 import math
 
@@ -9,6 +10,7 @@ import torch
 
 from flash_sparse_attn import _C, flash_sparse_attn_func, flash_sparse_attn_varlen_func
 
+from test_cuda_backward import check_backward, gen  # noqa: F401 (fixture)
 from test_cuda_forward import SEED, attention
 
 pytestmark = pytest.mark.skipif(
@@ -27,39 +29,89 @@ def assert_sequence_grads(leaves, one, b1, s, e, where):
         torch.testing.assert_close(a, r, msg=f"{name}: {where}")
 
 
+def packed_mask(cu_q, cu_k, Hk, causal, key_mask=None):
+    """The (1, Hk, total_q, total_k) mask the packed call keeps: a row sees its own sequence's
+    keys (from the sequence's bottom-right diagonal on when causal), and the key mask's."""
+    tq, tk = cu_q[-1], cu_k[-1]
+    keep = torch.zeros(tq, tk, dtype=torch.bool, device="cuda")
+    for q0, q1, k0, k1 in zip(cu_q, cu_q[1:], cu_k, cu_k[1:]):
+        block = torch.ones(q1 - q0, k1 - k0, dtype=torch.bool, device="cuda")
+        if causal:
+            block = block.tril((k1 - k0) - (q1 - q0))
+        keep[q0:q1, k0:k1] = block
+    keep = keep[None, None].expand(1, Hk, tq, tk)
+    if key_mask is not None:
+        keep = keep & key_mask[None, :, None, :]
+    return keep.contiguous()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("causal", [False, True])
-def test_varlen_matches_per_sequence_calls(dtype, causal):
-    g = torch.Generator(device="cuda").manual_seed(SEED)
-    lens = [300, 0, 1, 129, 700]
-    H, Hk, D, T = 8, 2, 128, sum(lens)
-    q, k, v = (torch.randn(T, h, D, device="cuda", generator=g).to(dtype) for h in (H, Hk, Hk))
-    bias = torch.randn(Hk, T, device="cuda", generator=g).to(dtype)
-    mask = torch.rand(Hk, T, device="cuda", generator=g) < 0.8
-    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
-    dout = torch.randn(T, H, D, device="cuda", generator=g).to(dtype)
-    leaves = [t.clone().requires_grad_(True) for t in (q, k, v, bias)]
-    out = flash_sparse_attn_varlen_func(*leaves[:3], cu, cu, attn_mask=mask, attn_bias=leaves[3],
-                                        is_causal=causal)
-    out.backward(dout)
+@pytest.mark.parametrize("lens_q,lens_k", [
+    ([300, 0, 1, 127, 128, 129, 700], None),      # ragged, one empty, one of length 1
+    ([40, 0, 90, 3, 200], [64, 17, 90, 0, 260]),  # keys without queries, queries without keys
+])
+def test_packed_against_float64(dtype, causal, lens_q, lens_k, gen):
+    """One packed call (PlanOptions::packed) with a key mask and a per-key bias: output, LSE and
+    every gradient against float64 with the equivalent mask over the packed sequence (within twice
+    the same-precision naive error), exact zeros for empty rows and unseen keys."""
+    lens_k = lens_k or lens_q
+    H, Hk, D = 8, 2, 128
+    cu_q = [0] + torch.tensor(lens_q).cumsum(0).tolist()
+    cu_k = [0] + torch.tensor(lens_k).cumsum(0).tolist()
+    tq, tk = cu_q[-1], cu_k[-1]
+    q = torch.randn(1, tq, H, D, device="cuda", generator=gen).to(dtype)
+    k, v = (torch.randn(1, tk, Hk, D, device="cuda", generator=gen).to(dtype) for _ in range(2))
+    bias = torch.randn(1, Hk, 1, tk, device="cuda", generator=gen).to(dtype)
+    key_mask = torch.rand(Hk, tk, device="cuda", generator=gen) < 0.8
+    mask = packed_mask(cu_q, cu_k, Hk, causal, key_mask)
+    # Offsets on the device: int64, as transformers passes them.
+    dq_, dk_ = (torch.tensor(c, device="cuda") for c in (cu_q, cu_k))
+
+    def ours(q_, k_, v_, b_):
+        out = flash_sparse_attn_varlen_func(q_[0], k_[0], v_[0], dq_, dk_, attn_mask=key_mask,
+                                            attn_bias=b_[0, :, 0], is_causal=causal)
+        return out[None]
+
+    where = f"packed {lens_q}/{lens_k} causal={causal}"
+    out, lse, _ = flash_sparse_attn_varlen_func(q[0], k[0], v[0], dq_, dk_, attn_mask=key_mask,
+                                                attn_bias=bias[0, :, 0], is_causal=causal,
+                                                return_attn_probs=True)
     scale = 1.0 / math.sqrt(D)
-    for s, e in zip(cu.tolist(), cu.tolist()[1:]):
-        if e == s:
-            continue
-        one = [t[s:e].unsqueeze(0).clone().requires_grad_(True) for t in (q, k, v)]
-        b1 = bias[:, s:e][None, :, None].clone().requires_grad_(True)
-        m1 = mask[:, s:e][None, :, None]
-        ref = flash_sparse_attn_func(*one, attn_mask=m1, attn_bias=b1, is_causal=causal)
-        ref.backward(dout[s:e].unsqueeze(0))
-        where = f"sequence [{s}, {e}) seed={SEED} dtype={dtype} causal={causal}"
-        assert torch.equal(out[s:e], ref.detach()[0]), where
-        assert_sequence_grads(leaves, one, b1, s, e, where)
-        f64, _ = attention(*(t.detach() for t in one), m1, b1.detach(), scale, causal, 0.0,
-                           torch.float64)
-        naive, _ = attention(*(t.detach() for t in one), m1, b1.detach(), scale, causal, 0.0,
-                             dtype)
-        err = (out[s:e].double() - f64[0]).abs().max().item()
-        assert err <= 2 * (naive[0].double() - f64[0]).abs().max().item() + 1e-4, where
+    f64, lse64 = attention(q, k, v, mask, bias, scale, False, 0.0, torch.float64)
+    naive, _ = attention(q, k, v, mask, bias, scale, False, 0.0, dtype)
+    err = (out[None].double() - f64).abs().max().item()
+    assert err <= 2 * (naive.double() - f64).abs().max().item() + 1e-4, where
+    empty = ~mask.repeat_interleave(H // Hk, 1).any(-1)[0]  # (H, total_q) rows that see nothing
+    assert (lse[empty] == -math.inf).all() and torch.isfinite(lse[~empty]).all(), where
+    assert (out.transpose(0, 1)[empty] == 0).all(), where
+    finite = ~empty
+    assert (lse[finite].double() - lse64[0][finite]).abs().max().item() <= 1e-2, where
+    check_backward(q, k, v, mask, bias, causal=False, label=where, ours_call=ours)
+
+
+def test_packed_planning_reads_no_offsets_on_the_host(gen):
+    """Offsets on the device: the packed call (forward and backward) makes torch wait for
+    nothing (torch's sync debug mode raises on a host read), and warns of nothing."""
+    q = torch.randn(700, 4, 64, device="cuda", generator=gen).to(torch.bfloat16)
+    bias = torch.randn(2, 700, device="cuda", generator=gen).to(torch.bfloat16)
+    leaves = [t.clone().requires_grad_(True) for t in (q, q[:, :2], q[:, 2:], bias)]
+    cu = torch.tensor([0, 300, 301, 700], dtype=torch.int32, device="cuda")
+    torch.cuda.synchronize()
+    import warnings
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("error")  # (torch warns that the mode is a prototype)
+        try:
+            out = flash_sparse_attn_varlen_func(*leaves[:3], cu, cu, max_seqlen_q=399,
+                                                max_seqlen_k=399, attn_bias=leaves[3],
+                                                is_causal=True)
+            out.sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    ours = [w for w in seen if "flash_sparse_attn" in w.filename or "cu_seqlens" in str(w.message)]
+    assert not ours, [str(w.message) for w in ours]
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -89,10 +141,12 @@ def test_varlen_topk_causal_matches_per_sequence_calls(dtype):
         assert_sequence_grads(leaves, one, b1, s, e, where)
 
 
-def test_device_offsets_warn_once():
+def test_device_offsets_warn_once_with_topk():
+    """topk runs one call per sequence, which reads the offsets on the host: it says so once."""
     q = torch.randn(10, 2, 64, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(2, 10, device="cuda", dtype=torch.bfloat16)
     cu = torch.tensor([0, 4, 10], dtype=torch.int32, device="cuda")
     import flash_sparse_attn.varlen as varlen
     varlen._warned_device_bounds = False
     with pytest.warns(UserWarning, match="cu_seqlens_q"):
-        flash_sparse_attn_varlen_func(q, q, q, cu, cu)
+        flash_sparse_attn_varlen_func(q, q, q, cu, cu, attn_bias=bias, topk=3)
