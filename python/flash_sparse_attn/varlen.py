@@ -212,8 +212,10 @@ def flash_sparse_attn_varlen_func(
     """Attention over packed sequences (module docstring for the layout).
 
     query (total_q, H, D), key / value (total_k, Hk, D), cu_seqlens_q / cu_seqlens_k (batch + 1,)
-    int32 / int64 offsets; max_seqlen_q / max_seqlen_k are checked when given (FlashAttention's
-    signature), not needed. attn_mask / attn_bias: per key, ({H|Hk|1}, total_k). topk: each
+    int32 / int64 offsets, read on their device without topk (a GPU call then never waits for
+    the GPU; the plan clamps offsets it cannot check) and on the host with topk; max_seqlen_q /
+    max_seqlen_k are checked against offsets on the host when given (FlashAttention's signature),
+    not needed. attn_mask / attn_bias: per key, ({H|Hk|1}, total_k). topk: each
     sequence keeps its topk keys by bias (per head), as ``flash_sparse_attn_func(..., topk=)``
     on that sequence alone; with topk_causal (and is_causal) each row of a sequence keeps the topk
     keys of its causal prefix in that sequence, as ``flash_sparse_attn_func(..., topk=,

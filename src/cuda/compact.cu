@@ -685,13 +685,10 @@ __global__ void interval_row_end_kernel(const int32_t* key_first, const int32_t*
   row_end[int64_t(l) * seqlen_q + i] = lo;
 }
 
-// The scan over the whole mask into scratch (first, last, rows: 3 x lists x Sk int32).
-IntervalScan scan_intervals(const CompactGeometry& g, const BroadcastOperand& mask, bool is_causal,
-                            int32_t* scratch, cudaStream_t stream) {
-  const int64_t lists = g.list_batch * g.list_heads, n = lists * g.seqlen_k;
+// A scan's extents and its outputs in scratch (first, last, rows: 3 x lists x Sk int32).
+IntervalScan scan_outputs(const CompactGeometry& g, bool is_causal, int32_t* scratch) {
+  const int64_t n = g.list_batch * g.list_heads * g.seqlen_k;
   IntervalScan p{};
-  p.mask = static_cast<const uint8_t*>(mask.data);
-  for (int d = 0; d < 4; ++d) p.stride[d] = mask.read_stride[d];
   p.list_heads = int(g.list_heads);
   p.seqlen_q = int(g.seqlen_q);
   p.seqlen_k = int(g.seqlen_k);
@@ -699,6 +696,16 @@ IntervalScan scan_intervals(const CompactGeometry& g, const BroadcastOperand& ma
   p.first = scratch;
   p.last = scratch + n;
   p.rows = scratch + 2 * n;
+  return p;
+}
+
+// The scan over the whole mask into scratch (first, last, rows: 3 x lists x Sk int32).
+IntervalScan scan_intervals(const CompactGeometry& g, const BroadcastOperand& mask, bool is_causal,
+                            int32_t* scratch, cudaStream_t stream) {
+  const int64_t lists = g.list_batch * g.list_heads, n = lists * g.seqlen_k;
+  IntervalScan p = scan_outputs(g, is_causal, scratch);
+  p.mask = static_cast<const uint8_t*>(mask.data);
+  for (int d = 0; d < 4; ++d) p.stride[d] = mask.read_stride[d];
   FSA_CUDA_CHECK(cudaMemsetAsync(p.first, 0x7f, size_t(n) * 4, stream));
   FSA_CUDA_CHECK(cudaMemsetAsync(p.last, 0xff, size_t(n) * 4, stream));
   FSA_CUDA_CHECK(cudaMemsetAsync(p.rows, 0, size_t(n) * 4, stream));
@@ -981,15 +988,7 @@ std::shared_ptr<const KeyCompaction> make_device_packed_compaction(
   return interval_compaction(
       geo, g, is_causal, block_m, block_n, 0,
       [&](int32_t* scratch) {
-        const int64_t n = g.list_batch * g.list_heads * g.seqlen_k;
-        IntervalScan p{};
-        p.list_heads = int(g.list_heads);
-        p.seqlen_q = int(g.seqlen_q);
-        p.seqlen_k = int(g.seqlen_k);
-        p.is_causal = is_causal;
-        p.first = scratch;
-        p.last = scratch + n;
-        p.rows = scratch + 2 * n;
+        const IntervalScan p = scan_outputs(g, is_causal, scratch);
         PackedScan v{packed.cu_seqlens_q, packed.cu_seqlens_k, int(packed.sequences), nullptr, 0,
                      0};
         if (mask) {
@@ -997,7 +996,7 @@ std::shared_ptr<const KeyCompaction> make_device_packed_compaction(
           v.mask_stride_h = mask->read_stride[1];
           v.mask_stride_k = mask->read_stride[3];
         }
-        if (n > 0) {
+        if (g.list_batch * g.list_heads * g.seqlen_k > 0) {
           packed_scan_kernel<<<dim3(unsigned(ceil_div(g.seqlen_k, 256)),
                                     unsigned(g.list_batch * g.list_heads)),
                                256, 0, stream>>>(p, v);
