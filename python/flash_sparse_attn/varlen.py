@@ -9,15 +9,17 @@ Layout (documented in docs/numerics.md, "Packed sequences"):
     attn_bias: per-key bias ({H|Hk|1}, total_k), its gradient in the same layout.
     Causality (is_causal) is per sequence, bottom-right aligned as in SPEC.
 
-Without topk the whole packed batch is one call of the core (PlanOptions::packed): the plan
-compacts each sequence's keys, each with the rows of its sequence that see it, reading
+Without topk_causal the whole packed batch is one call of the core (PlanOptions::packed): the
+plan compacts each sequence's keys, each with the rows of its sequence that see it, reading
 cu_seqlens where they are (on a GPU: on the device, no copy to the host), so a call costs one
 planning pass and one launch per kernel, and its work follows every sequence's own (causal)
-square. Offsets on a GPU cannot be checked without waiting for the device: the plan clamps them
-into range (wrong values give wrong rows, never a read out of bounds); offsets on the CPU are
-checked. With topk the sequences run one after the other on views of the packed tensors (the
-top-k is per sequence), which needs the boundaries on the host: cu_seqlens on a GPU then cost one
-device-to-host copy per call (a warning says so once).
+square. topk (per sequence, non-causal) first becomes a key mask with tensor ops on the device
+(_packed_topk_mask: create_mask's selection on each sequence, all sequences at once). Offsets on
+a GPU cannot be checked without waiting for the device: the plan clamps them into range (wrong
+values give wrong rows, never a read out of bounds); offsets on the CPU are checked. With
+topk_causal the sequences run one after the other on views of the packed tensors (each row's
+top-k among its sequence's causal prefix), which needs the boundaries on the host: cu_seqlens on
+a GPU then cost one device-to-host copy per call (a warning says so once).
 """
 
 import warnings
@@ -151,6 +153,50 @@ class _VarlenAttention(torch.autograd.Function):
         return dq, dk, dv, dbias, None, None, None, None, None, None, None, None, None
 
 
+def _order_keys(x: torch.Tensor) -> torch.Tensor:
+    """Integers ordered as create_mask ranks the values of x (docs/numerics.md, "Mask
+    utilities"): as floats, -0.0 just below +0.0, every NaN above +inf."""
+    bits, wide = {torch.float16: (torch.int16, torch.int32), torch.bfloat16: (torch.int16, torch.int32),
+                  torch.float32: (torch.int32, torch.int64), torch.float64: (torch.int64, torch.int64)}[x.dtype]
+    i = x.view(bits).to(wide)
+    top = torch.iinfo(bits).max
+    keys = torch.where(i >= 0, i, i ^ top)  # negative floats: larger magnitude, smaller key
+    return keys.masked_fill(torch.isnan(x), torch.iinfo(wide).max)
+
+
+def _packed_topk_mask(bias, mask, cu_k, topk: int):
+    """Per sequence and head, the key mask create_mask(bias, mask, window_size=topk,
+    min_dtype=finfo.min) gives on that sequence alone (the top-topk keys by bias, ties to the lower
+    index, never a masked key or one equal to the fill), for all sequences at once with tensor ops
+    on the bias's device: one stable sort by value, one by sequence, ranks from the offsets. No
+    host read. bias ({H|Hk|1}, total_k), mask None or ({H|Hk|1}, total_k); returns bool (heads,
+    total_k) with the finer of their head counts."""
+    bias = bias.detach()
+    if mask is not None:
+        hm, hb = mask.shape[0], bias.shape[0]
+        if hm != hb and hm > 1 and hb > 1:  # the coarser repeated to the finer (as _topk_mask)
+            if hm < hb:
+                mask = mask.repeat_interleave(hb // hm, dim=0)
+            else:
+                bias = bias.repeat_interleave(hm // hb, dim=0)
+    fill = torch.finfo(bias.dtype).min
+    heads = max(bias.shape[0], 1 if mask is None else mask.shape[0])
+    filled = bias.expand(heads, bias.shape[1])
+    if mask is not None:
+        filled = filled.masked_fill(~mask.expand(heads, bias.shape[1]), fill)
+    total = filled.shape[1]
+    offsets = cu_k.to(device=filled.device, dtype=torch.int64)
+    keys = torch.arange(total, device=filled.device)
+    sequence = torch.searchsorted(offsets[1:], keys, right=True)  # key j's sequence
+    by_value = torch.sort(_order_keys(filled.contiguous()), dim=1, descending=True,
+                          stable=True).indices  # ties keep ascending indices
+    by_sequence = torch.sort(sequence[by_value], dim=1, stable=True).indices
+    order = by_value.gather(1, by_sequence)  # by sequence, then value descending, then index
+    rank = keys[None, :] - offsets[sequence[order]]  # position within its sequence
+    kept = (rank < topk) & (filled.gather(1, order) != fill)
+    return torch.zeros_like(kept).scatter_(1, order, kept)
+
+
 class _PackedAttention(torch.autograd.Function):
     """The packed batch as one problem of batch 1 (PlanOptions::packed)."""
 
@@ -212,8 +258,8 @@ def flash_sparse_attn_varlen_func(
     """Attention over packed sequences (module docstring for the layout).
 
     query (total_q, H, D), key / value (total_k, Hk, D), cu_seqlens_q / cu_seqlens_k (batch + 1,)
-    int32 / int64 offsets, read on their device without topk (a GPU call then never waits for
-    the GPU; the plan clamps offsets it cannot check) and on the host with topk; max_seqlen_q /
+    int32 / int64 offsets, read on their device without topk_causal (a GPU call then never waits
+    for the GPU; the plan clamps offsets it cannot check) and on the host with it; max_seqlen_q /
     max_seqlen_k are checked against offsets on the host when given (FlashAttention's signature),
     not needed. attn_mask / attn_bias: per key, ({H|Hk|1}, total_k). topk: each
     sequence keeps its topk keys by bias (per head), as ``flash_sparse_attn_func(..., topk=)``
@@ -228,7 +274,8 @@ def flash_sparse_attn_varlen_func(
     if key.shape != value.shape:
         raise ValueError(f"value: expected the shape of key {tuple(key.shape)}, got "
                          f"{tuple(value.shape)}")
-    if topk is None:  # one call (PlanOptions::packed): offsets checked where they are on the host
+    packed = not topk_causal  # one call; topk_causal runs per sequence
+    if packed:  # one call (PlanOptions::packed): offsets checked where they are on the host
         bq = _offsets_checked(cu_seqlens_q, "cu_seqlens_q", query.shape[0])
         bk = _offsets_checked(cu_seqlens_k, "cu_seqlens_k", key.shape[0])
     else:  # one call per sequence: the boundaries on the host
@@ -263,11 +310,14 @@ def flash_sparse_attn_varlen_func(
             )
         _check_topk(topk, attn_bias.unsqueeze(0).unsqueeze(2), key)
     cap = float(softcap) if softcap else 0.0
-    if topk is None:
+    if packed:
         for name, t in (("attn_mask", attn_mask), ("attn_bias", attn_bias)):
             if t is not None and t.device != query.device:
                 raise ValueError(f"{name}: expected device {query.device} (the query's), got "
                                  f"{t.device}")
+        if topk is not None:
+            _check_topk(topk, attn_bias.unsqueeze(0).unsqueeze(2), key)
+            attn_mask = _packed_topk_mask(attn_bias, attn_mask, cu_seqlens_k, topk)
         out, lse = _PackedAttention.apply(
             query, key, value, attn_bias, attn_mask, cu_seqlens_q, cu_seqlens_k, scale, causal,
             cap, bool(deterministic) if deterministic is not None else False)

@@ -90,6 +90,43 @@ def test_packed_against_float64(dtype, causal, lens_q, lens_k, gen):
     check_backward(q, k, v, mask, bias, causal=False, label=where, ours_call=ours)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_packed_topk_against_float64(causal, gen):
+    """topk without topk_causal in one packed call: the key mask built on the device equals
+    create_mask on each sequence alone (bitwise), and the call (forward and every gradient) matches
+    float64 with that selection."""
+    from flash_sparse_attn.utils.mask import create_mask
+    from flash_sparse_attn.varlen import _packed_topk_mask
+
+    lens, w = [300, 0, 1, 129, 700, 90], 64
+    H, Hk, D, dtype = 8, 2, 128, torch.bfloat16
+    cu = [0] + torch.tensor(lens).cumsum(0).tolist()
+    T = cu[-1]
+    q = torch.randn(1, T, H, D, device="cuda", generator=gen).to(dtype)
+    k, v = (torch.randn(1, T, Hk, D, device="cuda", generator=gen).to(dtype) for _ in range(2))
+    bias = torch.randint(-20, 20, (1, Hk, 1, T), device="cuda", generator=gen).to(dtype) / 8
+    cu_d = torch.tensor(cu, device="cuda", dtype=torch.int32)
+    keep = _packed_topk_mask(bias[0, :, 0], None, cu_d, w)
+    for s, e in zip(cu, cu[1:]):
+        if e > s:
+            want = create_mask(bias[..., s:e], None, 1, 1, e - s, w, torch.finfo(dtype).min)
+            assert torch.equal(keep[:, s:e], want[0, :, 0]), f"sequence [{s}, {e})"
+    mask = packed_mask(cu, cu, Hk, causal, keep)
+
+    def ours(q_, k_, v_, b_):
+        return flash_sparse_attn_varlen_func(q_[0], k_[0], v_[0], cu_d, cu_d, attn_bias=b_[0, :, 0],
+                                             is_causal=causal, topk=w)[None]
+
+    where = f"packed topk {lens} w={w} causal={causal}"
+    out = ours(q, k, v, bias)
+    scale = 1.0 / math.sqrt(D)
+    f64, _ = attention(q, k, v, mask, bias, scale, False, 0.0, torch.float64)
+    naive, _ = attention(q, k, v, mask, bias, scale, False, 0.0, dtype)
+    err = (out.double() - f64).abs().max().item()
+    assert err <= 2 * (naive.double() - f64).abs().max().item() + 1e-4, where
+    check_backward(q, k, v, mask, bias, causal=False, label=where, ours_call=ours)
+
+
 def test_packed_planning_reads_no_offsets_on_the_host(gen):
     """Offsets on the device: the packed call (forward and backward) makes torch wait for
     nothing (torch's sync debug mode raises on a host read), and warns of nothing."""

@@ -157,3 +157,43 @@ def test_bad_input_names_the_argument(bad, match):
     args.update(bad)
     with pytest.raises((ValueError, TypeError), match=match):
         flash_sparse_attn_varlen_func(q, k, v, **args)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("heads", [(2, None), (1, 2), (2, 1), (4, 2), (2, 4)])
+def test_packed_topk_mask_is_create_mask_per_sequence(dtype, heads):
+    """topk without topk_causal selects all sequences' keys at once with tensor ops
+    (_packed_topk_mask); it equals create_mask on each sequence alone, bit for bit: ties to the
+    lower index, -0.0 below +0.0, NaN above +inf, masked keys and values equal to the fill never
+    kept, sequences shorter than the window, empty sequences."""
+    from flash_sparse_attn.utils.mask import create_mask
+    from flash_sparse_attn.varlen import _packed_topk_mask
+
+    hb, hm = heads
+    lens = [0, 3, 40, 1, 17, 0, 64]
+    g = torch.Generator().manual_seed(5)
+    total = sum(lens)
+    bias = torch.randint(-3, 4, (hb, total), generator=g).to(dtype)  # many ties
+    fill = torch.finfo(dtype).min
+    bias[:, 5] = -0.0
+    bias[:, 6] = 0.0
+    bias[:, 7] = fill
+    bias[:, 9] = float("nan")
+    bias[:, 11] = float("-inf")
+    bias[:, 12] = float("inf")
+    mask = None if hm is None else torch.rand(hm, total, generator=g) < 0.7
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist())
+    for w in (1, 4, 16, 100):
+        got = _packed_topk_mask(bias, mask, cu, w)
+        for s, e in zip(cu.tolist(), cu.tolist()[1:]):
+            if e == s:
+                continue
+            b1 = bias[:, s:e][None, :, None]
+            m1 = None if mask is None else mask[:, s:e][None, :, None]
+            if m1 is not None and m1.shape[1] != b1.shape[1] and min(m1.shape[1], b1.shape[1]) > 1:
+                if m1.shape[1] < b1.shape[1]:
+                    m1 = m1.repeat_interleave(b1.shape[1] // m1.shape[1], dim=1)
+                else:
+                    b1 = b1.repeat_interleave(m1.shape[1] // b1.shape[1], dim=1)
+            want = create_mask(b1, m1, 1, 1, e - s, w, fill)[0, :, 0]
+            assert torch.equal(got[:, s:e].expand_as(want), want), (dtype, heads, w, s, e)
