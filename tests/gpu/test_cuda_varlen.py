@@ -178,12 +178,14 @@ def test_varlen_topk_causal_matches_per_sequence_calls(dtype):
         assert_sequence_grads(leaves, one, b1, s, e, where)
 
 
-def test_device_offsets_warn_once_with_topk():
-    """topk runs one call per sequence, which reads the offsets on the host: it says so once."""
+def test_device_offsets_warn_once_with_topk_causal():
+    """topk_causal runs one call per sequence, which reads the offsets on the host: it says so
+    once."""
     q = torch.randn(10, 2, 64, device="cuda", dtype=torch.bfloat16)
     bias = torch.randn(2, 10, device="cuda", dtype=torch.bfloat16)
     cu = torch.tensor([0, 4, 10], dtype=torch.int32, device="cuda")
     import flash_sparse_attn.varlen as varlen
     varlen._warned_device_bounds = False
     with pytest.warns(UserWarning, match="cu_seqlens_q"):
-        flash_sparse_attn_varlen_func(q, q, q, cu, cu, attn_bias=bias, topk=3)
+        flash_sparse_attn_varlen_func(q, q, q, cu, cu, attn_bias=bias, is_causal=True, topk=3,
+                                      topk_causal=True)
