@@ -28,8 +28,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from . import _C
-from .flash_sparse_attn_interface import (_check_topk, _dl, _make_plan, _plan_cache, _stream,
-                                          _topk_mask)
+from .flash_sparse_attn_interface import _check_topk, _dl, _make_plan, _plan_cache, _stream
 
 __all__ = ["flash_sparse_attn_varlen_func"]
 
@@ -96,12 +95,14 @@ def _sequence(t: Optional[torch.Tensor], start: int, end: int):
 
 
 class _VarlenAttention(torch.autograd.Function):
+    """One core call per sequence on views: per-row top-k (topk_causal) among each sequence's
+    causal prefix, whose thresholds each sequence's plan holds."""
+
     @staticmethod
-    def forward(ctx, q, k, v, bias, mask, bq, bk, scale, causal, softcap, deterministic, topk,
-                topk_causal):
+    def forward(ctx, q, k, v, bias, mask, bq, bk, scale, causal, softcap, deterministic, topk):
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
-        calls = []  # per sequence: (q rows, k rows, its mask (after top-k), plan)
+        calls = []  # per sequence: (q rows, k rows, its mask, plan)
         stream = _stream(q)
         for b in range(len(bq) - 1):
             (qs, qe), (ks, ke) = (bq[b], bq[b + 1]), (bk[b], bk[b + 1])
@@ -110,15 +111,10 @@ class _VarlenAttention(torch.autograd.Function):
             q_b, k_b, v_b = (_sequence(t, *rows) for t, rows in ((q, (qs, qe)), (k, (ks, ke)),
                                                                  (v, (ks, ke))))
             mask_b, bias_b = _sequence(mask, ks, ke), _sequence(bias, ks, ke)
-            max_kept = row_topk = 0
-            if topk is not None and topk_causal and ke > ks:
-                row_topk = topk  # per row of this sequence: thresholds (its plan holds them)
-            elif topk is not None and ke > ks:
-                mask_b = _topk_mask(q_b, k_b, mask_b, bias_b, topk)
-                max_kept = topk
+            row_topk = topk if ke > ks else 0  # per row of this sequence: thresholds
             # The packed bias is per key: every call with this plan runs compacted if it can.
             plan = _make_plan(q_b, k_b, mask_b, causal, None, None, None, attn_bias=bias_b,
-                              row_topk=row_topk, max_kept=max_kept, compacted_only=True)
+                              row_topk=row_topk, compacted_only=True)
             _C.forward(
                 _dl(q_b), _dl(k_b), _dl(v_b), _dl(mask_b), _dl(bias_b),
                 _dl(out[qs:qe].unsqueeze(0)), _dl(lse[:, qs:qe].unsqueeze(0)), scale, causal,
@@ -150,14 +146,16 @@ class _VarlenAttention(torch.autograd.Function):
                 _dl(_sequence(dbias, ks, ke) if need_dbias else None), ctx.scale, ctx.causal,
                 ctx.softcap, ctx.deterministic, plan, stream,
             )
-        return dq, dk, dv, dbias, None, None, None, None, None, None, None, None, None
+        return dq, dk, dv, dbias, None, None, None, None, None, None, None, None
 
 
 def _order_keys(x: torch.Tensor) -> torch.Tensor:
     """Integers ordered as create_mask ranks the values of x (docs/numerics.md, "Mask
     utilities"): as floats, -0.0 just below +0.0, every NaN above +inf."""
-    bits, wide = {torch.float16: (torch.int16, torch.int32), torch.bfloat16: (torch.int16, torch.int32),
-                  torch.float32: (torch.int32, torch.int64), torch.float64: (torch.int64, torch.int64)}[x.dtype]
+    bits, wide = {torch.float16: (torch.int16, torch.int32),
+                  torch.bfloat16: (torch.int16, torch.int32),
+                  torch.float32: (torch.int32, torch.int64),
+                  torch.float64: (torch.int64, torch.int64)}[x.dtype]
     i = x.view(bits).to(wide)
     top = torch.iinfo(bits).max
     keys = torch.where(i >= 0, i, i ^ top)  # negative floats: larger magnitude, smaller key
@@ -174,7 +172,7 @@ def _packed_topk_mask(bias, mask, cu_k, topk: int):
     bias = bias.detach()
     if mask is not None:
         hm, hb = mask.shape[0], bias.shape[0]
-        if hm != hb and hm > 1 and hb > 1:  # the coarser repeated to the finer (as _topk_mask)
+        if hm != hb and hm > 1 and hb > 1:  # the coarser repeated to the finer, as topk= does
             if hm < hb:
                 mask = mask.repeat_interleave(hb // hm, dim=0)
             else:
@@ -326,7 +324,7 @@ def flash_sparse_attn_varlen_func(
         return out
     out, lse = _VarlenAttention.apply(
         query, key, value, attn_bias, attn_mask, bq, bk, scale, causal, cap,
-        bool(deterministic) if deterministic is not None else False, topk, bool(topk_causal))
+        bool(deterministic) if deterministic is not None else False, topk)
     if return_attn_probs:
         return out, lse, None
     return out
