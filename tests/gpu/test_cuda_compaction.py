@@ -7,6 +7,7 @@ sizes are odd (1000 = 7 * 128 + 104 query rows, 1337 keys) so the last tiles are
 causality with Sq > Sk leaves leading rows empty.
 """
 
+import collections
 import gc
 import math
 import os
@@ -358,11 +359,23 @@ def test_topk_plans_replayed_from_graphs(shape, bias_shape, window, gen):
     del runs, out, lse, leaves
     clear_plan_cache()
     gc.collect()  # autograd's graphs of the calls may sit in reference cycles
-    assert flash_sparse_attn.cuda_plan_graphs()["leased"] <= held["leased"] - 3
+    leased = flash_sparse_attn.cuda_plan_graphs()["leased"]
+    # (Under compute-sanitizer this failed on the tenth session's code, with every lease still
+    # held; what still refers to the plans says who holds them.)
+    assert leased <= held["leased"] - 3, (held, leased, _plan_holders())
     torch.cuda.synchronize()
     flash_sparse_attn.release_cuda_memory()
     after = flash_sparse_attn.cuda_plan_graphs()
     assert after["leased"] == after["graphs"], after  # the ones no plan held went
+
+
+def _plan_holders(limit=8):
+    """The types of what refers to the live plans (a lease count's diagnostic)."""
+    from flash_sparse_attn import _C
+    plans = [o for o in gc.get_objects() if isinstance(o, _C.Plan)]
+    holders = collections.Counter(type(r).__name__ for p in plans for r in gc.get_referrers(p)
+                                  if r is not plans)
+    return f"{len(plans)} live plans, held by {dict(holders.most_common(limit))}"
 
 
 def test_planning_graphs_are_bounded_over_shapes(gen):
