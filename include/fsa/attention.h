@@ -20,10 +20,23 @@ struct AttentionOptions {
   bool deterministic = false;          // backward bitwise reproducible (always so on the CPU)
 };
 
+// A paged K / V cache (forward only; docs/numerics.md, "Paged KV cache"): key and value are pages
+// (num_pages, page_size, Hk, D), and batch b's key j is row j % page_size of page
+// page_table[b * max_pages + j / page_size], so the problem's Sk is max_pages * page_size: masks,
+// biases and causality see that key axis, and keys past a sequence's length are the caller's to
+// mask (the Python API does, from cache_seqlens). page_table: (B, max_pages) int32, contiguous, in
+// memory of the query's device. The CPU backend checks that every entry names a page (0 <= entry
+// < num_pages). The CUDA kernels have no paged loads yet: a CUDA call with it is refused
+// (paged_kv), never run through a copy.
+struct PagedKV {
+  const int32_t* page_table = nullptr;
+  int64_t max_pages = 0;
+};
+
 struct ForwardArgs {
   TensorView query;                     // (B, Sq, H, D)   fp16 / bf16 / fp32 (CPU)
-  TensorView key;                       // (B, Sk, Hk, D)  same dtype
-  TensorView value;                     // (B, Sk, Hk, D)  same dtype
+  TensorView key;                       // (B, Sk, Hk, D)  same dtype; pages with paged_kv
+  TensorView value;                     // (B, Sk, Hk, D)  same dtype; pages with paged_kv
   std::optional<TensorView> attn_mask;  // bool, True = keep
   std::optional<TensorView> attn_bias;  // query dtype or fp32, added to the scaled scores
   AttentionOptions options;
@@ -31,7 +44,13 @@ struct ForwardArgs {
   std::optional<TensorView> lse;        // (B, H, Sq) fp32 natural-log LSE, written when given
   const Plan* plan = nullptr;           // built from attn_mask and causality when null
   void* stream = nullptr;               // cudaStream_t for CUDA tensors; ignored on the CPU
+  std::optional<PagedKV> paged_kv;      // key / value as pages of a cache (above)
 };
+
+// The (B, max_pages * page_size, Hk, D) key axis a paged cache presents (shape and the row and head
+// strides of the pages; the batch stride is 0: rows are found through the page table). What a
+// plan for a paged call is built from (make_plan reads shapes only).
+TensorView paged_key_axis(const TensorView& pages, const TensorView& query, const PagedKV& paged);
 
 struct BackwardArgs {
   TensorView query, key, value;         // as in forward

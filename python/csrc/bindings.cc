@@ -107,6 +107,34 @@ const int32_t* to_offsets(const InArray& a, const char* name, const fsa::Device&
   return static_cast<const int32_t*>(a.data());
 }
 
+// A paged cache's page table: a contiguous (batch, max_pages) int32 array on `device`.
+fsa::PagedKV to_page_table(const InArray& a, const fsa::Device& device) {
+  const nb::dlpack::dtype dt = a.dtype();
+  if (dt.lanes != 1 || nb::dlpack::dtype_code(dt.code) != nb::dlpack::dtype_code::Int ||
+      dt.bits != 32) {
+    throw fsa::Error(fsa::ErrorKind::kDType, "page_table",
+                     "expected int32 page indices, got " + dtype_name(dt));
+  }
+  if (a.ndim() != 2 || (a.shape(1) > 1 && a.stride(1) != 1) ||
+      (a.shape(0) > 1 && a.stride(0) != int64_t(a.shape(1)))) {
+    throw fsa::Error(fsa::ErrorKind::kShape, "page_table",
+                     "expected a contiguous 2-D (batch, max_pages) array");
+  }
+  const fsa::Device at =
+      a.device_type() == nb::device::cuda::value
+          ? fsa::Device{fsa::DeviceType::kCUDA, int(a.device_id())}
+          : fsa::Device{fsa::DeviceType::kCPU, 0};
+  if ((a.device_type() != nb::device::cuda::value && a.device_type() != nb::device::cpu::value) ||
+      at != device) {
+    throw fsa::Error(fsa::ErrorKind::kDevice, "page_table",
+                     "expected the query's device " + fsa::to_string(device));
+  }
+  fsa::PagedKV paged;
+  paged.page_table = static_cast<const int32_t*>(a.data());
+  paged.max_pages = int64_t(a.shape(1));
+  return paged;
+}
+
 template <typename Array>
 fsa::TensorView to_view(const Array& a, const char* name) {
   if (a.ndim() > size_t(fsa::kMaxRank)) {
@@ -318,9 +346,18 @@ NB_MODULE(_C, m) {
          const std::optional<InArray>& attn_mask, const std::optional<InArray>& attn_bias,
          const OutArray& out, const std::optional<OutArray>& lse,
          std::optional<double> softmax_scale, bool is_causal, double softcap, const fsa::Plan* plan,
-         uintptr_t stream) {
+         uintptr_t stream, const std::optional<InArray>& page_table) {
         fsa::ForwardArgs a;
         a.query = to_view(query, "query");
+        if (page_table) {
+          a.paged_kv = to_page_table(*page_table, a.query.device);
+          if (a.paged_kv->max_pages > 0 && int64_t(page_table->shape(0)) != a.query.shape[0]) {
+            throw fsa::Error(fsa::ErrorKind::kShape, "page_table",
+                             "expected (batch, max_pages) with batch " +
+                                 std::to_string(a.query.shape[0]) + " (the query's), got batch " +
+                                 std::to_string(page_table->shape(0)));
+          }
+        }
         a.key = to_view(key, "key");
         a.value = to_view(value, "value");
         a.attn_mask = to_view(attn_mask, "attn_mask");
@@ -336,8 +373,10 @@ NB_MODULE(_C, m) {
       nb::arg("query"), nb::arg("key"), nb::arg("value"), nb::arg("attn_mask").none(),
       nb::arg("attn_bias").none(), nb::arg("out"), nb::arg("lse").none(),
       nb::arg("softmax_scale").none(), nb::arg("is_causal"), nb::arg("softcap"),
-      nb::arg("plan").none(), nb::arg("stream") = 0,
-      "out (B, Sq, H, D) and, when given, lse (B, H, Sq) fp32 are written in place.");
+      nb::arg("plan").none(), nb::arg("stream") = 0, nb::arg("page_table").none() = nb::none(),
+      "out (B, Sq, H, D) and, when given, lse (B, H, Sq) fp32 are written in place. page_table "
+      "(B, max_pages) int32: key and value are pages (num_pages, page_size, Hk, D) of a cache "
+      "(ForwardArgs::paged_kv).");
 
   m.def(
       "backward",

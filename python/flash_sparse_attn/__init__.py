@@ -33,9 +33,11 @@ FLEX_AVAILABLE = False
 try:
     from .flash_sparse_attn_interface import flash_sparse_attn_func
     from .varlen import flash_sparse_attn_varlen_func
+    from .kvcache import flash_sparse_attn_with_kvcache
 except ImportError:  # torch is not installed: the numpy-level API (flash_sparse_attn.ops) remains
     flash_sparse_attn_func = None
     flash_sparse_attn_varlen_func = None
+    flash_sparse_attn_with_kvcache = None
     CPU_AVAILABLE = False
     CUDA_AVAILABLE = False
 
@@ -116,6 +118,7 @@ __all__ = [
     "FLEX_AVAILABLE",
     "flash_sparse_attn_func",
     "flash_sparse_attn_varlen_func",
+    "flash_sparse_attn_with_kvcache",
     "triton_sparse_attn_func",
     "flex_sparse_attn_func",
     "get_available_backends",

@@ -58,7 +58,11 @@ void forward(const ForwardArgs& args) {
   std::optional<detail::cuda::CurrentDevice> device;
   if (p.device.type == DeviceType::kCUDA) device.emplace(p.device.index);
   Plan local;
-  if (!args.plan) local = plan_for(args.query, args.key, args.attn_mask, p.is_causal, args.stream);
+  if (!args.plan) {
+    const TensorView key =
+        args.paged_kv ? paged_key_axis(args.key, args.query, *args.paged_kv) : args.key;
+    local = plan_for(args.query, key, args.attn_mask, p.is_causal, args.stream);
+  }
   const Plan& plan = args.plan ? *args.plan : local;
   attach_thresholds(plan, p);
   const bool compacted = detail::runs_compacted(plan, p);

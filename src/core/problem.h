@@ -11,13 +11,21 @@
 
 namespace fsa::detail {
 
-// A (B, S, H, D) operand whose last dim is contiguous.
+// A (B, S, H, D) operand whose last dim is contiguous. Paged (ForwardArgs::paged_kv: key and value
+// only): row s of batch b is row s % page_size of page pages[b * pages_stride_b + s / page_size],
+// and stride_b is the distance between pages.
 struct SeqOperand {
   void* data = nullptr;
-  int64_t stride_b = 0;  // elements between batches
+  int64_t stride_b = 0;  // elements between batches (pages when paged)
   int64_t stride_s = 0;  // elements between sequence positions
   int64_t stride_h = 0;  // elements between heads
+  const int32_t* pages = nullptr;
+  int64_t pages_stride_b = 0, page_size = 0;
   int64_t offset(int64_t b, int64_t s, int64_t h) const {
+    if (pages != nullptr) {
+      return int64_t(pages[b * pages_stride_b + s / page_size]) * stride_b +
+             (s % page_size) * stride_s + h * stride_h;
+    }
     return b * stride_b + s * stride_s + h * stride_h;
   }
 };

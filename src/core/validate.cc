@@ -1,6 +1,7 @@
 // Argument validation: one clear message per rejection, all of it before anything is written.
 
 #include <cmath>
+#include <cstdint>
 #include <string>
 
 #include "core/problem.h"
@@ -289,9 +290,71 @@ void check_plan(const Plan& plan, const Problem& p) {
   }
 }
 
+namespace {
+
+// A paged cache's pages, checked before anything reads them: (num_pages, page_size, Hk, D) key and
+// value of one shape, the table's extent, and on the CPU every entry a page.
+void check_pages(const ForwardArgs& a) {
+  const PagedKV& paged = *a.paged_kv;
+  check_rank(a.key, "key", 4, "pages (num_pages, page_size, num_kv_heads, head_dim)");
+  check_rank(a.value, "value", 4, "pages (num_pages, page_size, num_kv_heads, head_dim)");
+  check_rank(a.query, "query", 4, "(batch, seqlen_q, num_heads, head_dim)");
+  for (int d = 0; d < 4; ++d) {
+    if (a.value.shape[d] != a.key.shape[d]) {
+      fail(ErrorKind::kShape, "value",
+           "expected pages of shape " + a.key.shape_string() + " (the key's), got " +
+               a.value.shape_string());
+    }
+  }
+  if (a.key.shape[1] < 1 || a.key.shape[0] < 0) {
+    fail(ErrorKind::kShape, "key",
+         "expected pages (num_pages >= 0, page_size >= 1, ...), got " + a.key.shape_string());
+  }
+  if (paged.page_table == nullptr && a.query.shape[0] * paged.max_pages > 0) {
+    fail(ErrorKind::kValue, "page_table", "expected (batch, max_pages) int32, got a null pointer");
+  }
+  if (paged.max_pages < 0 || paged.max_pages > INT32_MAX / a.key.shape[1]) {
+    fail(ErrorKind::kValue, "page_table",
+         "expected 0 <= max_pages with max_pages * page_size < 2^31, got max_pages " +
+             str(paged.max_pages) + " of page_size " + str(a.key.shape[1]));
+  }
+  if (a.query.device.type == DeviceType::kCUDA) {
+    fail(ErrorKind::kUnsupported, "paged_kv",
+         "a paged K / V cache runs on the CPU backend only: the CUDA kernels have no paged loads "
+         "yet (issue #15); pass contiguous (batch, seqlen_k, num_kv_heads, head_dim) key and value");
+  }
+  const int64_t entries = a.query.shape[0] * paged.max_pages, pages = a.key.shape[0];
+  for (int64_t e = 0; e < entries; ++e) {
+    const int32_t page = paged.page_table[e];
+    if (page < 0 || page >= pages) {
+      fail(ErrorKind::kValue, "page_table",
+           "expected page indices in [0, " + str(pages) + "), got " + str(page) + " at (batch " +
+               str(e / paged.max_pages) + ", page " + str(e % paged.max_pages) + ")");
+    }
+  }
+}
+
+void page(SeqOperand& op, const TensorView& pages, const PagedKV& paged) {
+  op.stride_b = pages.stride[0];
+  op.pages = paged.page_table;
+  op.pages_stride_b = paged.max_pages;
+  op.page_size = pages.shape[1];
+}
+
+}  // namespace
+
 ForwardProblem validate_forward(const ForwardArgs& a) {
   ForwardProblem p;
-  lower_common(p, a.query, a.key, a.value, a.attn_mask, a.attn_bias, a.options);
+  if (a.paged_kv) {
+    check_pages(a);
+    const TensorView k = paged_key_axis(a.key, a.query, *a.paged_kv);
+    const TensorView v = paged_key_axis(a.value, a.query, *a.paged_kv);
+    lower_common(p, a.query, k, v, a.attn_mask, a.attn_bias, a.options);
+    page(p.k, a.key, *a.paged_kv);
+    page(p.v, a.value, *a.paged_kv);
+  } else {
+    lower_common(p, a.query, a.key, a.value, a.attn_mask, a.attn_bias, a.options);
+  }
   p.out = check_like(a.out, "out", a.query, "query", true);
   if (a.lse) {
     check_lse(*a.lse, "lse", p, true);
@@ -344,3 +407,15 @@ BackwardProblem validate_backward(const BackwardArgs& a) {
 }
 
 }  // namespace fsa::detail
+
+namespace fsa {
+
+TensorView paged_key_axis(const TensorView& pages, const TensorView& query, const PagedKV& paged) {
+  TensorView v = pages;
+  v.shape[0] = query.rank > 0 ? query.shape[0] : 0;
+  v.shape[1] = paged.max_pages * (pages.rank > 1 ? pages.shape[1] : 0);
+  v.stride[0] = 0;
+  return v;
+}
+
+}  // namespace fsa

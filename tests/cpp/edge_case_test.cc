@@ -507,3 +507,72 @@ TEST_P(EdgeCase, ExpandedStride0MaskAndBias_MatchReference) {
 
 }  // namespace
 }  // namespace fsa_test
+
+namespace fsa_test {
+namespace {
+
+// A paged K / V cache (ForwardArgs::paged_kv): the keys of a contiguous cache scattered over
+// shuffled pages give bitwise the contiguous call's output and LSE, with a key mask, a per-key
+// bias and causality; a page index out of range is refused before anything is written.
+TEST(PagedKV, EqualsContiguousBitwise) {
+  const int64_t B = 2, Sq = 19, Sk = 96, H = 4, Hk = 2, D = 16, page = 16;
+  const int64_t max_pages = Sk / page, pages = B * max_pages + 2;
+  Rng rng(7);
+  auto random = [&](std::vector<int64_t> shape) {
+    HostTensor t(DType::kFloat32, shape);
+    for (int64_t i = 0; i < t.numel(); ++i) store_element(t.data(), DType::kFloat32, i, rng.normal());
+    return t;
+  };
+  HostTensor q = random({B, Sq, H, D}), k = random({B, Sk, Hk, D}), v = random({B, Sk, Hk, D});
+  HostTensor bias = random({B, Hk, 1, Sk});
+  std::vector<uint8_t> keep(size_t(B * Hk * Sk));
+  for (uint8_t& x : keep) x = rng.bernoulli(0.8) ? 1 : 0;
+  HostTensor mask = HostTensor::from_mask({B, Hk, 1, Sk}, keep);
+  // Pages in reverse order, two spare ones first.
+  HostTensor k_pages = random({pages, page, Hk, D}), v_pages = random({pages, page, Hk, D});
+  std::vector<int32_t> table(size_t(B * max_pages));
+  const size_t row_bytes = size_t(Hk * D) * 4, page_bytes = size_t(page) * row_bytes;
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t p = 0; p < max_pages; ++p) {
+      const int32_t at = int32_t(pages - 1 - (b * max_pages + p));
+      table[size_t(b * max_pages + p)] = at;
+      const size_t from = size_t(b * Sk + p * page) * row_bytes;
+      std::memcpy(static_cast<uint8_t*>(k_pages.data()) + size_t(at) * page_bytes,
+                  static_cast<uint8_t*>(k.data()) + from, page_bytes);
+      std::memcpy(static_cast<uint8_t*>(v_pages.data()) + size_t(at) * page_bytes,
+                  static_cast<uint8_t*>(v.data()) + from, page_bytes);
+    }
+  }
+  auto run = [&](bool paged, HostTensor& out, HostTensor& lse) {
+    fsa::ForwardArgs a;
+    a.query = q.view();
+    a.key = paged ? k_pages.view() : k.view();
+    a.value = paged ? v_pages.view() : v.view();
+    a.attn_mask = mask.view();
+    a.attn_bias = bias.view();
+    a.options.is_causal = true;
+    a.out = out.view();
+    a.lse = lse.view();
+    if (paged) a.paged_kv = fsa::PagedKV{table.data(), max_pages};
+    fsa::forward(a);
+  };
+  HostTensor out_c(DType::kFloat32, {B, Sq, H, D}), lse_c(DType::kFloat32, {B, H, Sq});
+  HostTensor out_p(DType::kFloat32, {B, Sq, H, D}), lse_p(DType::kFloat32, {B, H, Sq});
+  run(false, out_c, lse_c);
+  run(true, out_p, lse_p);
+  EXPECT_EQ(out_c.bytes(), out_p.bytes());
+  EXPECT_EQ(lse_c.bytes(), lse_p.bytes());
+
+  table[3] = int32_t(pages);  // past the last page
+  out_p.fill_bytes(0xAB);
+  try {
+    run(true, out_p, lse_p);
+    ADD_FAILURE() << "expected a page_table error";
+  } catch (const fsa::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("page_table"), std::string::npos) << e.what();
+  }
+  EXPECT_TRUE(out_p.all_bytes_equal(0xAB));  // nothing written
+}
+
+}  // namespace
+}  // namespace fsa_test
