@@ -74,6 +74,11 @@ def flash_sparse_attn_with_kvcache(
         if page_table.shape[0] != batch:
             raise ValueError(f"page_table: expected batch {batch} (the query's), got "
                              f"{page_table.shape[0]}")
+        if q.is_cuda:  # before the plan: the core would refuse the call (paged_kv) after it
+            raise NotImplementedError(
+                "paged_kv: a paged K / V cache runs on the CPU backend only: the CUDA kernels "
+                "have no paged loads yet (issue #15); pass a contiguous (batch, seqlen_k, "
+                "num_kv_heads, head_dim) cache")
         page_table = page_table.contiguous()
         seqlen_k = page_table.shape[1] * k_cache.shape[1]
         # make_plan reads shapes only: the key axis the pages present, (B, Sk, Hk, D).
