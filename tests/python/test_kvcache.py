@@ -31,7 +31,8 @@ def _paged(k, v, page_size, g):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("page_size", [16, 64, 256])
-@pytest.mark.parametrize("seqlen_q,causal", [(1, False), (1, True), (37, True), (37, False)])
+@pytest.mark.parametrize("seqlen_q,causal", [(1, False), (1, True), (37, True), (37, False),
+                                             (130, False)])  # 130: the key mask's compacted keys
 def test_paged_equals_contiguous_bitwise(dtype, page_size, seqlen_q, causal):
     g = torch.Generator().manual_seed(page_size + seqlen_q)
     B, Sk = 3, 512
