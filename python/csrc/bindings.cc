@@ -81,18 +81,14 @@ fsa::DType to_dtype(const nb::dlpack::dtype& dt, const char* name) {
                        " (expected float16, bfloat16, float32, float64 or bool)");
 }
 
-// Packed sequences' offsets: a contiguous 1-D int32 array on `device` (the query's).
-const int32_t* to_offsets(const InArray& a, const char* name, const fsa::Device& device,
-                          int64_t& count) {
+// An int32 index array of the query's device (offsets, page tables): dtype and device checked.
+const int32_t* int32_data(const InArray& a, const char* name, const fsa::Device& device,
+                          const char* what) {
   const nb::dlpack::dtype dt = a.dtype();
   if (dt.lanes != 1 || nb::dlpack::dtype_code(dt.code) != nb::dlpack::dtype_code::Int ||
       dt.bits != 32) {
     throw fsa::Error(fsa::ErrorKind::kDType, name,
-                     "expected int32 offsets, got " + dtype_name(dt));
-  }
-  if (a.ndim() != 1 || a.shape(0) < 1 || (a.shape(0) > 1 && a.stride(0) != 1)) {
-    throw fsa::Error(fsa::ErrorKind::kShape, name,
-                     "expected a contiguous 1-D array of sequences + 1 >= 1 offsets");
+                     std::string("expected int32 ") + what + ", got " + dtype_name(dt));
   }
   const fsa::Device at =
       a.device_type() == nb::device::cuda::value
@@ -103,34 +99,30 @@ const int32_t* to_offsets(const InArray& a, const char* name, const fsa::Device&
     throw fsa::Error(fsa::ErrorKind::kDevice, name,
                      "expected the query's device " + fsa::to_string(device));
   }
-  count = int64_t(a.shape(0));
   return static_cast<const int32_t*>(a.data());
+}
+
+// Packed sequences' offsets: a contiguous 1-D int32 array on `device` (the query's).
+const int32_t* to_offsets(const InArray& a, const char* name, const fsa::Device& device,
+                          int64_t& count) {
+  const int32_t* data = int32_data(a, name, device, "offsets");
+  if (a.ndim() != 1 || a.shape(0) < 1 || (a.shape(0) > 1 && a.stride(0) != 1)) {
+    throw fsa::Error(fsa::ErrorKind::kShape, name,
+                     "expected a contiguous 1-D array of sequences + 1 >= 1 offsets");
+  }
+  count = int64_t(a.shape(0));
+  return data;
 }
 
 // A paged cache's page table: a contiguous (batch, max_pages) int32 array on `device`.
 fsa::PagedKV to_page_table(const InArray& a, const fsa::Device& device) {
-  const nb::dlpack::dtype dt = a.dtype();
-  if (dt.lanes != 1 || nb::dlpack::dtype_code(dt.code) != nb::dlpack::dtype_code::Int ||
-      dt.bits != 32) {
-    throw fsa::Error(fsa::ErrorKind::kDType, "page_table",
-                     "expected int32 page indices, got " + dtype_name(dt));
-  }
+  fsa::PagedKV paged;
+  paged.page_table = int32_data(a, "page_table", device, "page indices");
   if (a.ndim() != 2 || (a.shape(1) > 1 && a.stride(1) != 1) ||
       (a.shape(0) > 1 && a.stride(0) != int64_t(a.shape(1)))) {
     throw fsa::Error(fsa::ErrorKind::kShape, "page_table",
                      "expected a contiguous 2-D (batch, max_pages) array");
   }
-  const fsa::Device at =
-      a.device_type() == nb::device::cuda::value
-          ? fsa::Device{fsa::DeviceType::kCUDA, int(a.device_id())}
-          : fsa::Device{fsa::DeviceType::kCPU, 0};
-  if ((a.device_type() != nb::device::cuda::value && a.device_type() != nb::device::cpu::value) ||
-      at != device) {
-    throw fsa::Error(fsa::ErrorKind::kDevice, "page_table",
-                     "expected the query's device " + fsa::to_string(device));
-  }
-  fsa::PagedKV paged;
-  paged.page_table = static_cast<const int32_t*>(a.data());
   paged.max_pages = int64_t(a.shape(1));
   return paged;
 }
