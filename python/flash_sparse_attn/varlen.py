@@ -35,14 +35,19 @@ __all__ = ["flash_sparse_attn_varlen_func"]
 _warned_device_bounds = False
 
 
-def _bounds(cu_seqlens, name: str, total: int) -> List[int]:
-    global _warned_device_bounds
+def _check_offsets(cu_seqlens, name: str) -> None:
+    """Shape and dtype of offsets (their values need them on the host)."""
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1:
         raise ValueError(f"{name}: expected a 1-D int32 / int64 tensor of batch + 1 offsets")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name}: expected int32 or int64, got {cu_seqlens.dtype}")
     if cu_seqlens.numel() < 1:
         raise ValueError(f"{name}: expected batch + 1 >= 1 offsets, got none")
+
+
+def _bounds(cu_seqlens, name: str, total: int) -> List[int]:
+    global _warned_device_bounds
+    _check_offsets(cu_seqlens, name)
     if cu_seqlens.device.type != "cpu" and not _warned_device_bounds:
         _warned_device_bounds = True
         warnings.warn(
@@ -62,15 +67,8 @@ def _bounds(cu_seqlens, name: str, total: int) -> List[int]:
 def _offsets_checked(cu_seqlens, name: str, total: int):
     """The offsets of the one-call path: shape and dtype always; values where they are on the
     host (on a GPU that would cost a wait: the plan clamps them instead)."""
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1:
-        raise ValueError(f"{name}: expected a 1-D int32 / int64 tensor of batch + 1 offsets")
-    if cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{name}: expected int32 or int64, got {cu_seqlens.dtype}")
-    if cu_seqlens.numel() < 1:
-        raise ValueError(f"{name}: expected batch + 1 >= 1 offsets, got none")
-    if cu_seqlens.device.type == "cpu":
-        return _bounds(cu_seqlens, name, total)
-    return None
+    _check_offsets(cu_seqlens, name)
+    return _bounds(cu_seqlens, name, total) if cu_seqlens.device.type == "cpu" else None
 
 
 def _per_key(t: Optional[torch.Tensor], name: str, total_k: int, heads: Tuple[int, int]):

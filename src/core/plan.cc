@@ -184,7 +184,7 @@ void check_packed(const PlanOptions& options, const detail::Geometry& g,
                 "packed sequences always compact their keys: expected 'auto' or 'always', got "
                 "'never'");
   }
-  if (mask && (mask->read_extent(2) != 1 || mask->read_extent(0) != 1)) {
+  if (mask && mask->read_extent(2) != 1) {  // (its batch is the query's: 1)
     throw Error(ErrorKind::kShape, "attn_mask",
                 "with packed sequences expected a key mask (1, {H|Hk|1}, 1, total_k), got shape (" +
                     std::to_string(mask->shape[0]) + ", " + std::to_string(mask->shape[1]) + ", " +
