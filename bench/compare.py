@@ -292,42 +292,118 @@ def trainable_mask(table, reps, B=1, S=16384, H=32, Hk=8, D=128, top=16, block=1
                  leaves, dout, reps, flops)
 
 
-def decode(table, reps, B=1, Sk=524288, H=32, Hk=8, D=128, keep_every=8, block=128):
+_L2_FLUSH = None
+
+
+def flushed_ms(fn, reps, calls=1, warmup=3):
+    """Median ms of `calls` back-to-back calls of fn (per call), the L2 cache flushed before each
+    rep (outside the timed region): a decode's K / V must come from HBM, as they would between
+    two steps of a model. calls=1 is one call between the events, its host time before the first
+    launch included; calls > 1 measures what a decode loop whose host runs ahead sees."""
+    global _L2_FLUSH
+    if _L2_FLUSH is None:
+        _L2_FLUSH = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        _L2_FLUSH.zero_()
+        a = torch.cuda.Event(enable_timing=True)
+        b = torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(calls):
+            fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / calls)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def device_copy_gbps(reps):
+    """Device-to-device copy of 2 GiB: bytes read + written per second (the decode bar's unit)."""
+    x = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    ms = flushed_ms(lambda: y.copy_(x), reps)
+    del x, y
+    return 2 * (2 << 30) / ms * 1e-6
+
+
+DECODE_CASES = [(1, 524288), (8, 524288), (1, 32768), (8, 32768), (64, 32768)]
+
+
+def decode(table, reps, H=32, Hk=8, D=128, keep_every=8, block=128, page=64):
+    """Issue #15's decode bars: one query per head over a long K / V, a key mask keeping 1/8 of
+    the 128-key blocks, batches 1, 8 and 64 (64 x 512K keys do not fit the card). Per case: ours
+    one call between the events and back to back (host hidden), ours over a paged cache (pages of
+    `page` keys in shuffled order, same kept bytes; must equal the contiguous call bitwise), SDPA
+    flash over all keys, and FlexAttention at batch 1. GB/s over the kept K + V bytes."""
     from torch.nn.attention import SDPBackend
-    name = f"decode fwd ({B},1,{Sk},{H},{Hk},{D}) 1/{keep_every} blocks bf16"
-    print(name, flush=True)
-    q = torch.randn(B, 1, H, D, device="cuda", dtype=torch.bfloat16)
-    k, v = (torch.randn(B, Sk, Hk, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    keep_blocks = (torch.arange(Sk // block, device="cuda") % keep_every) == 0
-    mask = keep_blocks.repeat_interleave(block)[None, None, None, :]  # (1, 1, 1, Sk) key-only
-    kept_bytes = 2 * (Sk // keep_every) * Hk * D * 2
-    run = lambda: flash_sparse_attn_func(q, k, v, attn_mask=mask, is_causal=True)  # noqa: E731
-    ours = run()
-    check_rows(name, ours, q, k, v, lambda b, h, i: mask[0, 0, 0], rows=(0,))
-    table.add(name, "flash_sparse_attn", median_ms(run, reps), None, "kept K+V bytes",
-              kept_bytes)
-    dense_bytes = 2 * Sk * Hk * D * 2
-    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    try:
-        table.add(name, "SDPA flash, all keys (dense)", median_ms(
-            lambda: sdpa(q, k, v, SDPBackend.FLASH_ATTENTION, enable_gqa=True), reps), None,
-            "all K+V bytes", dense_bytes)
-    except Exception as e:  # noqa: BLE001
-        table.add(name, "SDPA flash, all keys (dense)", note=f"error: {str(e)[:100]}")
-    if flex_compiled is None:
-        table.add(name, "FlexAttention", note=f"unavailable: {FLEX_ERROR}")
-        return
-    nb = Sk // block
-    kv_num = keep_blocks.sum().to(torch.int32).view(1, 1, 1).expand(B, H, 1).contiguous()
-    kv_idx = torch.nonzero(keep_blocks).flatten().to(torch.int32)
-    kv_idx = torch.cat([kv_idx, torch.zeros(nb - kv_idx.numel(), dtype=torch.int32,
-                                            device="cuda")]).view(1, 1, 1, nb).expand(B, H, 1, nb)
-    bm = BlockMask.from_kv_blocks(torch.zeros_like(kv_num), torch.zeros_like(kv_idx.contiguous()),
-                                  kv_num, kv_idx.contiguous(), BLOCK_SIZE=block,
-                                  seq_lengths=(1, Sk))
-    peer(table, name, "FlexAttention (BlockMask)",
-         lambda: flex_compiled(qh, kh, vh, block_mask=bm, enable_gqa=True).transpose(1, 2),
-         ours, 2e-2, reps, None, kept_bytes)
+    from flash_sparse_attn import flash_sparse_attn_with_kvcache
+    copy = device_copy_gbps(reps)
+    print(f"device copy: {copy:.0f} GB/s (2 GiB, read + write)", flush=True)
+    table.add("device copy 2 GiB", "torch copy_", note=f"{copy:.0f} GB/s", gbps_copy=copy)
+    for B, Sk in DECODE_CASES:
+        name = f"decode fwd ({B},1,{Sk},{H},{Hk},{D}) 1/{keep_every} blocks bf16"
+        print(name, flush=True)
+        q = torch.randn(B, 1, H, D, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(B, Sk, Hk, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        keep_blocks = (torch.arange(Sk // block, device="cuda") % keep_every) == 0
+        mask = keep_blocks.repeat_interleave(block)[None, None, None, :]  # (1, 1, 1, Sk) key-only
+        kept_bytes = 2 * B * (Sk // keep_every) * Hk * D * 2
+        run = lambda: flash_sparse_attn_func(q, k, v, attn_mask=mask, is_causal=True)  # noqa: E731
+        with torch.no_grad():
+            ours = run()
+            check_rows(name, ours, q, k, v, lambda b, h, i: mask[0, 0, 0], rows=(0,))
+            ms1 = flushed_ms(run, reps)
+            table.add(name, "flash_sparse_attn, one call", ms1, None, "kept K+V bytes", kept_bytes,
+                      copy_share=kept_bytes / ms1 * 1e-6 / copy)
+            msn = flushed_ms(run, reps, calls=8)
+            table.add(name, "flash_sparse_attn, 8 calls back to back", msn, None,
+                      "per call; kept K+V bytes", kept_bytes,
+                      copy_share=kept_bytes / msn * 1e-6 / copy)
+            # The same keys as pages of a cache, in shuffled order.
+            kp, vp = (torch.empty(B * Sk // page, page, Hk, D, device="cuda",
+                                  dtype=torch.bfloat16) for _ in range(2))
+            table_ = torch.randperm(B * Sk // page, device="cuda").to(torch.int32).view(B, -1)
+            kp[table_.view(-1).long()] = k.reshape(-1, page, Hk, D)
+            vp[table_.view(-1).long()] = v.reshape(-1, page, Hk, D)
+            paged = lambda: flash_sparse_attn_with_kvcache(  # noqa: E731
+                q, kp, vp, page_table=table_, attn_mask=mask, is_causal=True)
+            same = torch.equal(paged(), ours)
+            msp = flushed_ms(paged, reps)
+            table.add(name, f"flash_sparse_attn, paged (page {page})", msp, None,
+                      "kept K+V bytes; " + ("bitwise equal to contiguous" if same else
+                                            "WRONG: differs from contiguous"), kept_bytes,
+                      paged_ratio=msp / ms1)
+            del kp, vp
+            try:
+                ms_sdpa = flushed_ms(
+                    lambda: sdpa(q, k, v, SDPBackend.FLASH_ATTENTION, enable_gqa=True), reps)
+                table.add(name, "SDPA flash, all keys (dense)", ms_sdpa, None, "all K+V bytes",
+                          2 * B * Sk * Hk * D * 2, ours_ratio=ms1 / ms_sdpa)
+            except Exception as e:  # noqa: BLE001
+                table.add(name, "SDPA flash, all keys (dense)", note=f"error: {str(e)[:100]}")
+            if B != 1:
+                continue
+            if flex_compiled is None:
+                table.add(name, "FlexAttention", note=f"unavailable: {FLEX_ERROR}")
+                continue
+            qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            nb = Sk // block
+            kv_num = keep_blocks.sum().to(torch.int32).view(1, 1, 1).expand(B, H, 1).contiguous()
+            kv_idx = torch.nonzero(keep_blocks).flatten().to(torch.int32)
+            kv_idx = torch.cat([kv_idx, torch.zeros(nb - kv_idx.numel(), dtype=torch.int32,
+                                                    device="cuda")]).view(1, 1, 1, nb)
+            kv_idx = kv_idx.expand(B, H, 1, nb).contiguous()
+            bm = BlockMask.from_kv_blocks(torch.zeros_like(kv_num), torch.zeros_like(kv_idx),
+                                          kv_num, kv_idx, BLOCK_SIZE=block, seq_lengths=(1, Sk))
+            peer(table, name, "FlexAttention (BlockMask)",
+                 lambda: flex_compiled(qh, kh, vh, block_mask=bm, enable_gqa=True).transpose(1, 2),
+                 ours, 2e-2, reps, None, kept_bytes)
+        del q, k, v
+        torch.cuda.empty_cache()
 
 
 def broadcast_bias(table, reps, B=2, S=4096, H=16, D=128):

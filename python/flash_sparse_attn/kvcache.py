@@ -12,9 +12,10 @@ Layout (docs/numerics.md, "Paged KV cache"):
     attn_mask / attn_bias: as flash_sparse_attn_func's, over the Sk keys.
 
 The sequence lengths become a key mask (and, with causality, a (B, 1, Sq, Sk) mask) built with
-tensor ops on the query's device: no host read. The paged cache runs on the CPU backend; the CUDA
-kernels have no paged loads yet and the core refuses a paged CUDA call (paged_kv) rather than
-copying the pages.
+tensor ops on the query's device: no host read. On CUDA the page table is never read on the host:
+the kernels load each K / V row through it (an entry outside [0, num_pages) is clamped into that
+range there, where the CPU backend raises), and a paged call runs the sm80 forward kernel (the
+one GQA-packed decode runs anyway; prefill-sized calls give up the Hopper kernel's speed).
 """
 
 from typing import Optional
@@ -74,11 +75,6 @@ def flash_sparse_attn_with_kvcache(
         if page_table.shape[0] != batch:
             raise ValueError(f"page_table: expected batch {batch} (the query's), got "
                              f"{page_table.shape[0]}")
-        if q.is_cuda:  # before the plan: the core would refuse the call (paged_kv) after it
-            raise NotImplementedError(
-                "paged_kv: a paged K / V cache runs on the CPU backend only: the CUDA kernels "
-                "have no paged loads yet (issue #15); pass a contiguous (batch, seqlen_k, "
-                "num_kv_heads, head_dim) cache")
         page_table = page_table.contiguous()
         seqlen_k = page_table.shape[1] * k_cache.shape[1]
         # make_plan reads shapes only: the key axis the pages present, (B, Sk, Hk, D).

@@ -20,7 +20,7 @@ struct SeqOperand {
   int64_t stride_s = 0;  // elements between sequence positions
   int64_t stride_h = 0;  // elements between heads
   const int32_t* pages = nullptr;
-  int64_t pages_stride_b = 0, page_size = 0;
+  int64_t pages_stride_b = 0, page_size = 0, num_pages = 0;
   int64_t offset(int64_t b, int64_t s, int64_t h) const {
     if (pages != nullptr) {
       return int64_t(pages[b * pages_stride_b + s / page_size]) * stride_b +

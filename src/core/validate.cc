@@ -319,9 +319,26 @@ void check_pages(const ForwardArgs& a) {
              str(paged.max_pages) + " of page_size " + str(a.key.shape[1]));
   }
   if (a.query.device.type == DeviceType::kCUDA) {
-    fail(ErrorKind::kUnsupported, "paged_kv",
-         "a paged K / V cache runs on the CPU backend only: the CUDA kernels have no paged loads "
-         "yet (issue #15); pass contiguous (batch, seqlen_k, num_kv_heads, head_dim) key and value");
+    // The kernels copy rows in 16-byte chunks and never read the table on the host: a paged row
+    // must be such a chunk (no padded copy of a cache), and out-of-range entries are clamped on
+    // the device (cuda::PagedRows) rather than checked here.
+    for (const TensorView* t : {&a.key, &a.value}) {
+      const bool chunks = t->shape[3] % 8 == 0 && reinterpret_cast<uintptr_t>(t->data) % 16 == 0 &&
+                          t->stride[0] % 8 == 0 && t->stride[1] % 8 == 0 && t->stride[2] % 8 == 0;
+      if (!chunks) {
+        fail(ErrorKind::kUnsupported, t == &a.key ? "key" : "value",
+             "a paged cache on CUDA needs 16-byte rows: head_dim a multiple of 8 and page, row "
+             "and head strides multiples of 8 elements from a 16-byte aligned pointer, got shape " +
+                 t->shape_string());
+      }
+    }
+    if (a.key.shape[0] > INT32_MAX ||
+        (a.key.shape[0] < 1 && a.query.shape[0] * paged.max_pages > 0)) {
+      fail(ErrorKind::kShape, "key",
+           "expected 1 <= num_pages < 2^31 pages for a non-empty page table on CUDA, got " +
+               a.key.shape_string());
+    }
+    return;
   }
   const int64_t entries = a.query.shape[0] * paged.max_pages, pages = a.key.shape[0];
   for (int64_t e = 0; e < entries; ++e) {
@@ -339,6 +356,7 @@ void page(SeqOperand& op, const TensorView& pages, const PagedKV& paged) {
   op.pages = paged.page_table;
   op.pages_stride_b = paged.max_pages;
   op.page_size = pages.shape[1];
+  op.num_pages = pages.shape[0];
 }
 
 }  // namespace

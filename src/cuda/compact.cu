@@ -167,6 +167,7 @@ struct GatherParams {
   const void* v;
   int64_t k_stride_b, k_stride_s, k_stride_h;
   int64_t v_stride_b, v_stride_s, v_stride_h;
+  PagedRows paged;  // a paged cache's table (K and V share it), or none
   void* k_out;  // (B, slots, kv_heads, D) contiguous
   void* v_out;
   const int32_t* keys;
@@ -201,10 +202,12 @@ __global__ void gather_rows_kernel(const __grid_constant__ GatherParams p) {
     Chunk kc{}, vc{};
     if (w < n) {
       const int64_t key = p.keys[l * slots + w];
-      kc = *reinterpret_cast<const Chunk*>(static_cast<const uint16_t*>(p.k) + b * p.k_stride_b +
-                                           key * p.k_stride_s + hk * p.k_stride_h + c);
-      vc = *reinterpret_cast<const Chunk*>(static_cast<const uint16_t*>(p.v) + b * p.v_stride_b +
-                                           key * p.v_stride_s + hk * p.v_stride_h + c);
+      kc = *reinterpret_cast<const Chunk*>(static_cast<const uint16_t*>(p.k) +
+                                           p.paged.offset(b, key, p.k_stride_b, p.k_stride_s) +
+                                           hk * p.k_stride_h + c);
+      vc = *reinterpret_cast<const Chunk*>(static_cast<const uint16_t*>(p.v) +
+                                           p.paged.offset(b, key, p.v_stride_b, p.v_stride_s) +
+                                           hk * p.v_stride_h + c);
       if (p.v_nonfinite != nullptr) {
         bool bad = false;
         if constexpr (kChunk == 8) {
@@ -443,6 +446,7 @@ void gather(const Problem& p, const CompactGeometry& g, const KeyCompaction& c, 
   gp.k = p.k.data, gp.v = p.v.data;
   gp.k_stride_b = p.k.stride_b, gp.k_stride_s = p.k.stride_s, gp.k_stride_h = p.k.stride_h;
   gp.v_stride_b = p.v.stride_b, gp.v_stride_s = p.v.stride_s, gp.v_stride_h = p.v.stride_h;
+  gp.paged = paged_rows(p.k);
   gp.k_out = k, gp.v_out = v;
   gp.keys = c.keys, gp.count = c.count;
   gp.g = g;

@@ -107,6 +107,37 @@ __device__ void load_tile_async(uint16_t* smem, const uint16_t* gmem, int64_t ro
   }
 }
 
+// As load_tile_async, for K and V tiles of a paged cache (PagedRows): tile row r is row
+// (row_begin + r) % page_size of page pages[r] (already clamped), k_head / v_head the origins of
+// the kv head, page strides between pages.
+template <int kHeadDim, int kRows, int kThreads>
+__device__ void load_paged_tiles_async(uint16_t* s_k, uint16_t* s_v, const uint16_t* k_head,
+                                       const uint16_t* v_head, int64_t k_page_stride,
+                                       int64_t k_stride_s, int64_t v_page_stride,
+                                       int64_t v_stride_s, const int32_t* pages, int page_size,
+                                       int row_begin, int row_limit, int head_dim) {
+  constexpr int kChunks = kHeadDim / 8;
+  constexpr int kRowsPerPass = kThreads / kChunks;
+  static_assert(kRows % kRowsPerPass == 0, "passes must cover the tile");
+  const int c = threadIdx.x % kChunks, r0 = threadIdx.x / kChunks;
+  const bool col_ok = c * 8 < head_dim;
+#pragma unroll
+  for (int k = 0; k < kRows / kRowsPerPass; ++k) {
+    const int r = r0 + k * kRowsPerPass;
+    const bool valid = col_ok && row_begin + r < row_limit;
+    const int64_t page = pages[r], in_page = (row_begin + r) % page_size;
+    const uint16_t* ks = k_head + (valid ? page * k_page_stride + in_page * k_stride_s + c * 8 : 0);
+    const uint16_t* vs = v_head + (valid ? page * v_page_stride + in_page * v_stride_s + c * 8 : 0);
+    const int at = SmemTile<kHeadDim>::offset(r, c);
+    cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
+        *reinterpret_cast<const cute::uint128_t*>(ks),
+        *reinterpret_cast<cute::uint128_t*>(s_k + at), valid);
+    cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
+        *reinterpret_cast<const cute::uint128_t*>(vs),
+        *reinterpret_cast<cute::uint128_t*>(s_v + at), valid);
+  }
+}
+
 // NaN / Inf stored in V at a key that a partial tile drops for some of its rows must not reach
 // those rows (SPEC: a dropped key contributes nothing), but the tensor cores multiply the dropped
 // entry's P = 0 by it (0 x NaN = NaN). So, per partial tile, the V rows holding a non-finite value
@@ -175,15 +206,15 @@ __device__ __forceinline__ uint4 clear_nonfinite(uint4 x) {
 // tile's predicate recomputed, no score registers), the non-finite values of V(j, :) in `poison`
 // (kHeadDim / 16 words per tile row; code 1 = +inf, 2 = -inf, 3 = NaN, or-ed). The quad's four
 // lanes split the columns.
-template <int kRT, int kHeadDim, class Elt, class Keeps>
+// v_row(j): V's row of the tile's key j.
+template <int kRT, int kHeadDim, class Elt, class Keeps, class VRow>
 __device__ void mark_nonfinite_keys(uint64_t keys, const Keeps& keeps, int warp_row0,
-                                    uint32_t* poison, const uint16_t* v_rows, int64_t v_stride_s,
-                                    int head_dim) {
+                                    uint32_t* poison, const VRow& v_row, int head_dim) {
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   while (keys != 0) {
     const int j = __ffsll(static_cast<long long>(keys)) - 1;
     keys &= keys - 1;
-    const uint16_t* vrow = v_rows + int64_t(j) * v_stride_s;
+    const uint16_t* vrow = v_row(j);
 #pragma unroll 1
     for (int rr = 0; rr < 2 * kRT; ++rr) {
       if (!keeps(rr / 2, rr % 2, j)) continue;
@@ -767,10 +798,13 @@ struct BlockList {
   __device__ int at(int it) const { return it < n_full ? full[it] : partial[it - n_full]; }
 };
 
-template <int kHeadDim, class Elt>
-__global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads, 2)
+// kStages: K / V tiles in flight (ForwardTiles); the loop keeps kStages - 1 tiles loading while
+// it computes one.
+template <int kHeadDim, class Elt, int kStages = 2>
+__global__ void __launch_bounds__(ForwardTiles<kHeadDim, kStages>::kThreads,
+                                  ForwardTiles<kHeadDim, kStages>::kCtasPerSm)
     forward_kernel(const __grid_constant__ ForwardParams p) {
-  using Tiles = ForwardTiles<kHeadDim>;
+  using Tiles = ForwardTiles<kHeadDim, kStages>;
   using Smem = SmemTile<kHeadDim>;
   constexpr int kBlockM = Tiles::kBlockM, kBlockN = Tiles::kBlockN, kThreads = Tiles::kThreads;
   constexpr int kRT = Tiles::kRowTiles;  // 16-row mma tiles per warp
@@ -780,8 +814,8 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads, 2)
 
   extern __shared__ __align__(128) uint8_t smem_raw[];
   uint16_t* s_q = reinterpret_cast<uint16_t*>(smem_raw);  // (kBlockM, kHeadDim)
-  uint16_t* s_k = s_q + Tiles::kSmemQ;                     // 2 stages of (kBlockN, kHeadDim)
-  uint16_t* s_v = s_k + 2 * Tiles::kSmemKV;                // 2 stages of (kBlockN, kHeadDim)
+  uint16_t* s_k = s_q + Tiles::kSmemQ;                     // kStages of (kBlockN, kHeadDim)
+  uint16_t* s_v = s_k + kStages * Tiles::kSmemKV;          // kStages of (kBlockN, kHeadDim)
   auto* s_nonfinite = reinterpret_cast<unsigned long long*>(smem_raw + Tiles::kNonfiniteOffset);
   auto* s_poison = reinterpret_cast<uint32_t*>(smem_raw + Tiles::kPoisonOffset);
   if (threadIdx.x == 0) *s_nonfinite = 0;  // ordered before use by the loop's first barrier
@@ -795,8 +829,41 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads, 2)
   const WarpRows wr(p, m, kBlockM, h, b, warp * 16 * kRT);
   const BlockList list(p, b, (p.pack_gqa ? h * p.group : h) / p.map.head_group, m, split);
 
-  const auto* k = static_cast<const uint16_t*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h;
-  const auto* v = static_cast<const uint16_t*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h;
+  // K / V rows of (b, hk): strided from k / v, or through a paged cache's table (origins of head
+  // hk; v_row serves the rare re-reads of mark_nonfinite_keys).
+  const bool paged = p.paged.table != nullptr;
+  const auto* k_head = static_cast<const uint16_t*>(p.k) + hk * p.k_stride_h;
+  const auto* v_head = static_cast<const uint16_t*>(p.v) + hk * p.v_stride_h;
+  const auto* k = k_head + (paged ? 0 : b * p.k_stride_b);
+  const auto* v = v_head + (paged ? 0 : b * p.v_stride_b);
+  auto v_row = [&](int j) { return v_head + p.paged.offset(b, j, p.v_stride_b, p.v_stride_s); };
+
+  // A paged cache: the page of each key of a tile sits in a ring slot (the tile's stage) before
+  // the tile is loaded, so its loads never wait on the table. Tile X (X-th of the CTA's list) has
+  // its pages read from the table at the end of iteration X - kStages - 1 (into page_pending,
+  // one thread per key), stored at the end of iteration X - kStages, and used when X is
+  // prefetched, at the top of iteration X - kStages + 1. The first kStages + 1 tiles are read
+  // here. A key past Sk reads no entry.
+  auto* s_pages = reinterpret_cast<int32_t*>(smem_raw + Tiles::kPagesOffset);
+  auto page_of = [&](int n_block) -> int32_t {
+    const int j = n_block * kBlockN + int(threadIdx.x);
+    return j < p.seqlen_k ? p.paged.table[b * p.paged.max_pages + j / p.paged.page_size] : 0;
+  };
+  auto clamp_page = [&](int32_t page) { return min(max(page, 0), p.paged.num_pages - 1); };
+  const int listed = list.end - list.begin;
+  int32_t page_pending = 0;
+  if (paged) {
+    if (threadIdx.x < kBlockN) {
+#pragma unroll
+      for (int st = 0; st < kStages; ++st) {
+        if (st < listed) {
+          s_pages[st * kBlockN + threadIdx.x] = clamp_page(page_of(list.at(list.begin + st)));
+        }
+      }
+      if (kStages < listed) page_pending = page_of(list.at(list.begin + kStages));
+    }
+    __syncthreads();
+  }
 
   // Q rows (through the row map), zero past the last row and past head_dim.
   {
@@ -812,14 +879,27 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads, 2)
           *reinterpret_cast<cute::uint128_t*>(s_q + Smem::offset(r, c)), valid);
     }
   }
-  if (list.begin < list.end) {
-    const int n0 = list.at(list.begin);
-    load_tile_async<kHeadDim, kBlockN, kThreads>(s_k, k, p.k_stride_s, n0 * kBlockN, p.seqlen_k,
-                                                 p.head_dim);
-    load_tile_async<kHeadDim, kBlockN, kThreads>(s_v, v, p.v_stride_s, n0 * kBlockN, p.seqlen_k,
-                                                 p.head_dim);
+  // The first kStages - 1 tiles, one commit group each (empty past the list's end, so that the
+  // loop's wait counts stay uniform).
+  auto load_stage = [&](int stage, int n_block) {
+    uint16_t *sk = s_k + stage * Tiles::kSmemKV, *sv = s_v + stage * Tiles::kSmemKV;
+    if (paged) {
+      load_paged_tiles_async<kHeadDim, kBlockN, kThreads>(
+          sk, sv, k_head, v_head, p.k_stride_b, p.k_stride_s, p.v_stride_b, p.v_stride_s,
+          s_pages + stage * kBlockN, p.paged.page_size, n_block * kBlockN, p.seqlen_k,
+          p.head_dim);
+    } else {
+      load_tile_async<kHeadDim, kBlockN, kThreads>(sk, k, p.k_stride_s, n_block * kBlockN,
+                                                   p.seqlen_k, p.head_dim);
+      load_tile_async<kHeadDim, kBlockN, kThreads>(sv, v, p.v_stride_s, n_block * kBlockN,
+                                                   p.seqlen_k, p.head_dim);
+    }
+  };
+#pragma unroll
+  for (int st = 0; st < kStages - 1; ++st) {
+    if (list.begin + st < list.end) load_stage(st, list.at(list.begin + st));
+    cute::cp_async_fence();  // Q rides in the first group
   }
-  cute::cp_async_fence();
 
   float o[kRT][kDTiles][4];  // (16 kRT rows, kHeadDim) output accumulator, C layout
 #pragma unroll
@@ -834,25 +914,23 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads, 2)
     row_max[rt][0] = row_max[rt][1] = -INFINITY;
     row_sum[rt][0] = row_sum[rt][1] = 0.0f;
   }
+  // A warp whose rows are all padding (GQA-packed decode: a few real rows in the tile) only
+  // loads and waits at the barriers; its scores would never be written.
+  const bool warp_idle = wr.rows.row0 + wr.warp_row0 >= wr.flat_rows;
 
-  // Block indices are read one iteration ahead so the prefetch never waits on a global load.
-  int n = list.begin < list.end ? list.at(list.begin) : 0;
-  int n_next = list.begin + 1 < list.end ? list.at(list.begin + 1) : 0;
+  // The block index of the tile kStages - 1 ahead is read one iteration before its prefetch, so
+  // the prefetch never waits on a global load; the current tile's index was read kStages - 1
+  // iterations ago (a cached read now).
+  const int ahead = list.begin + kStages - 1;
+  int n_ahead = ahead < list.end ? list.at(ahead) : 0;
   for (int it = list.begin; it < list.end; ++it) {
-    const int stage = (it - list.begin) & 1;
-    const int n_after = it + 2 < list.end ? list.at(it + 2) : 0;
-    if (it + 1 < list.end) {  // prefetch the next K/V tile into the other stage
-      load_tile_async<kHeadDim, kBlockN, kThreads>(s_k + (stage ^ 1) * Tiles::kSmemKV, k,
-                                                   p.k_stride_s, n_next * kBlockN, p.seqlen_k,
-                                                   p.head_dim);
-      load_tile_async<kHeadDim, kBlockN, kThreads>(s_v + (stage ^ 1) * Tiles::kSmemKV, v,
-                                                   p.v_stride_s, n_next * kBlockN, p.seqlen_k,
-                                                   p.head_dim);
-      cute::cp_async_fence();
-      cute::cp_async_wait<1>();
-    } else {
-      cute::cp_async_wait<0>();
-    }
+    const int stage = (it - list.begin) % kStages;
+    const int n = list.at(it);
+    const int n_next_ahead = it + kStages < list.end ? list.at(it + kStages) : 0;
+    const int n_page_ahead = paged && it + kStages + 1 < list.end ? list.at(it + kStages + 1) : 0;
+    if (it + kStages - 1 < list.end) load_stage((stage + kStages - 1) % kStages, n_ahead);
+    cute::cp_async_fence();
+    cute::cp_async_wait<kStages - 1>();  // this tile's group (and Q's) has landed
     __syncthreads();
 
     // A partial tile's NaN / Inf in V: zeroed here, recorded for the rows that keep them after the
@@ -881,56 +959,94 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads, 2)
       }
     }
 
-    // s (16 kRT, kBlockN) = q (16 kRT, kHeadDim) . k^T
-    float s[kRT][kNTiles][4];
-    warp_gemm_nt<kHeadDim, kBlockN, kRT, Elt>(s, s_q, wr.warp_row0, s_k + stage * Tiles::kSmemKV);
-    wr.logits<kRT, kNTiles, Elt>(s, n * kBlockN, partial);
-    float correction[kRT][2];
-    softmax_step(s, wr.exp_scale, row_max, row_sum, correction);
-    rescale_rows<kRT, kDTiles>([&](int rt, int d, int e) -> float& { return o[rt][d][e]; },
-                               correction);
-    // o (16 kRT, kHeadDim) += p (16 kRT, kBlockN) . v (kBlockN, kHeadDim)
-    warp_gemm_pv<kHeadDim, kBlockN, kRT, Elt>(o, s, s_v + stage * Tiles::kSmemKV);
-    if (nonfinite != 0) {  // after P V, where the scores are dead
-      const int col0 = n * kBlockN;
-      mark_nonfinite_keys<kRT, kHeadDim, Elt>(
-          nonfinite,
-          [&](int rt, int r, int j) { return wr.keeps_entry<Elt>(rt, r, col0 + j); },
-          wr.warp_row0, s_poison, v + int64_t(col0) * p.v_stride_s, p.v_stride_s, p.head_dim);
+    if (!warp_idle) {
+      // s (16 kRT, kBlockN) = q (16 kRT, kHeadDim) . k^T
+      float s[kRT][kNTiles][4];
+      warp_gemm_nt<kHeadDim, kBlockN, kRT, Elt>(s, s_q, wr.warp_row0,
+                                                s_k + stage * Tiles::kSmemKV);
+      wr.logits<kRT, kNTiles, Elt>(s, n * kBlockN, partial);
+      float correction[kRT][2];
+      softmax_step(s, wr.exp_scale, row_max, row_sum, correction);
+      rescale_rows<kRT, kDTiles>([&](int rt, int d, int e) -> float& { return o[rt][d][e]; },
+                                 correction);
+      // o (16 kRT, kHeadDim) += p (16 kRT, kBlockN) . v (kBlockN, kHeadDim)
+      warp_gemm_pv<kHeadDim, kBlockN, kRT, Elt>(o, s, s_v + stage * Tiles::kSmemKV);
+      if (nonfinite != 0) {  // after P V, where the scores are dead
+        const int col0 = n * kBlockN;
+        mark_nonfinite_keys<kRT, kHeadDim, Elt>(
+            nonfinite,
+            [&](int rt, int r, int j) { return wr.keeps_entry<Elt>(rt, r, col0 + j); },
+            wr.warp_row0, s_poison, [&](int j) { return v_row(col0 + j); }, p.head_dim);
+      }
     }
-    __syncthreads();  // this stage is refilled by the next iteration's prefetch
+    if (paged && threadIdx.x < kBlockN) {  // the ring (above): this stage's slot is free now
+      const int r = it - list.begin;
+      if (r + kStages < listed) s_pages[stage * kBlockN + threadIdx.x] = clamp_page(page_pending);
+      if (r + kStages + 1 < listed) page_pending = page_of(n_page_ahead);
+    }
+    __syncthreads();  // this stage is refilled by a later iteration's prefetch
     if (partial && threadIdx.x == 0) *s_nonfinite = 0;  // every thread read it before the barrier
-    n = n_next;
-    n_next = n_after;
+    n_ahead = n_next_ahead;
   }
+  cute::cp_async_wait<0>();  // no copy outlives the CTA (the trailing groups are empty)
   if (poisoned) __syncthreads();  // every warp's marks
   wr.write<kHeadDim, kRT, Elt>(o, row_max, row_sum, split, poisoned ? s_poison : nullptr);
 }
 
 // Merges the splits of one (b, h, i) row: LSE = log sum_s exp(LSE_s), O = sum_s exp(LSE_s - LSE)
 // O_s. Exact for empty splits (LSE_s = -inf weighs 0) and empty rows (all -inf: O = 0,
-// LSE = -inf). One warp per row, lanes over the head dim.
+// LSE = -inf); a NaN LSE reaches the row. One CTA of kCombineThreads per row, so that every load
+// is in flight at once (a warp walking the splits one after another waited on each: 12 us of a
+// 512K-key decode's 130): each warp reads all the splits' LSEs (a lane per split), then groups of
+// kHeadDim / 4 threads take every kGroups-th split, four columns per thread, and shared memory
+// adds the groups' sums.
+constexpr int kCombineThreads = 256;
+
 template <int kHeadDim, class Elt>
-__global__ void combine_kernel(const __grid_constant__ ForwardParams p) {
+__global__ void __launch_bounds__(kCombineThreads) combine_kernel(
+    const __grid_constant__ ForwardParams p) {
+  constexpr int kGroupThreads = kHeadDim / 4;
+  constexpr int kGroups = kCombineThreads / kGroupThreads;
+  __shared__ float4 s_acc[kGroups][kGroupThreads];
+  __shared__ float s_total[kCombineThreads / 32];
   const int64_t rows = int64_t(p.batch) * p.num_heads * p.seqlen_q;
-  const int64_t row = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (row >= rows) return;
+  const int64_t row = blockIdx.x;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int splits = p.num_splits;
   float lse_max = -INFINITY;
-  for (int s = 0; s < p.num_splits; ++s) lse_max = fmaxf(lse_max, p.lse_partial[s * rows + row]);
+  for (int s = lane; s < splits; s += 32) lse_max = fmaxf(lse_max, p.lse_partial[s * rows + row]);
+#pragma unroll
+  for (int w = 16; w > 0; w /= 2) {
+    lse_max = fmaxf(lse_max, __shfl_xor_sync(0xffffffffu, lse_max, w));
+  }
+  // Every warp's total is the same sum; warp 0's is kept.
   float total = 0.0f;
-  float acc[kHeadDim / 32];
-#pragma unroll
-  for (int d = 0; d < kHeadDim / 32; ++d) acc[d] = 0.0f;
   if (lse_max != -INFINITY) {
-    for (int s = 0; s < p.num_splits; ++s) {
-      const float w = exp2f((p.lse_partial[s * rows + row] - lse_max) * kLog2e);
-      if (w == 0.0f) continue;
-      total += w;
-      const float* src = p.o_partial + (s * rows + row) * kHeadDim;
-#pragma unroll
-      for (int d = 0; d < kHeadDim / 32; ++d) acc[d] += w * src[d * 32 + lane];
+    for (int s = lane; s < splits; s += 32) {
+      total += exp2f((p.lse_partial[s * rows + row] - lse_max) * kLog2e);
     }
+  }
+#pragma unroll
+  for (int w = 16; w > 0; w /= 2) total += __shfl_xor_sync(0xffffffffu, total, w);
+  const int group = threadIdx.x / kGroupThreads, col = threadIdx.x % kGroupThreads * 4;
+  float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  if (lse_max != -INFINITY) {
+    for (int s = group; s < splits; s += kGroups) {
+      const float w = exp2f((p.lse_partial[s * rows + row] - lse_max) * kLog2e);
+      if (w == 0.0f) continue;  // a split that weighs 0 adds nothing, even a non-finite output
+      const float4 x =
+          *reinterpret_cast<const float4*>(p.o_partial + (s * rows + row) * kHeadDim + col);
+      acc.x += w * x.x, acc.y += w * x.y, acc.z += w * x.z, acc.w += w * x.w;
+    }
+  }
+  s_acc[group][threadIdx.x % kGroupThreads] = acc;
+  if (lane == 0) s_total[warp] = total;
+  __syncthreads();
+  if (threadIdx.x >= kGroupThreads) return;
+  total = s_total[0];
+  for (int g = 1; g < kGroups; ++g) {
+    const float4 x = s_acc[g][threadIdx.x];
+    acc.x += x.x, acc.y += x.y, acc.z += x.z, acc.w += x.w;
   }
   const int i = int(row % p.seqlen_q);
   const int head = int((row / p.seqlen_q) % p.num_heads);
@@ -938,15 +1054,19 @@ __global__ void combine_kernel(const __grid_constant__ ForwardParams p) {
   auto* out = static_cast<typename Elt::Storage*>(p.out) + b * p.o_stride_b +
               int64_t(i) * p.o_stride_s + head * p.o_stride_h;
   const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+  const float o[4] = {acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv};
 #pragma unroll
-  for (int d = 0; d < kHeadDim / 32; ++d) {
-    const int c = d * 32 + lane;
-    if (c < p.head_dim) {
-      const uint32_t packed = Elt::pack(acc[d] * inv, 0.0f);
-      *reinterpret_cast<uint16_t*>(out + c) = uint16_t(packed & 0xffffu);
+  for (int c0 = 0; c0 < 4; c0 += 2) {
+    const int c = col + c0;
+    const uint32_t packed = Elt::pack(o[c0], o[c0 + 1]);
+    if (c + 1 < p.head_dim && (reinterpret_cast<uintptr_t>(out + c) & 3) == 0) {
+      *reinterpret_cast<uint32_t*>(out + c) = packed;
+    } else {  // odd strides or the last odd column: element stores
+      if (c < p.head_dim) *reinterpret_cast<uint16_t*>(out + c) = uint16_t(packed & 0xffffu);
+      if (c + 1 < p.head_dim) *reinterpret_cast<uint16_t*>(out + c + 1) = uint16_t(packed >> 16);
     }
   }
-  if (p.lse && lane == 0) {
+  if (p.lse && threadIdx.x == 0) {
     p.lse[b * p.lse_stride_b + head * p.lse_stride_h + int64_t(i) * p.lse_stride_s] =
         total > 0.0f ? lse_max + logf(total) : (total != total ? total : -INFINITY);
   }

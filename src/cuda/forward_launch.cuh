@@ -14,11 +14,12 @@ namespace fsa::detail::cuda {
 
 // The Hopper kernel serves prefill on sm_90 devices (the sm_90a image of this build). Decode-style
 // GQA packing stays on the sm80 kernel: two of its CTAs share an SM, which a memory-bound pass of
-// mostly padded rows needs more than wgmma. FSA_CUDA_FORWARD=sm80 forces the sm80 kernel (for A/B
+// mostly padded rows needs more than wgmma. So does a paged cache: only the sm80 kernel loads rows
+// through a page table. FSA_CUDA_FORWARD=sm80 forces the sm80 kernel (for A/B
 // measurements on one card).
 inline bool use_sm90_forward(const ForwardParams& params) {
   static const bool forced_sm80 = env_is("FSA_CUDA_FORWARD", "sm80");
-  if (forced_sm80 || params.pack_gqa) return false;
+  if (forced_sm80 || params.pack_gqa || params.paged.table != nullptr) return false;
   return hopper_kernels_available();
 }
 
@@ -31,10 +32,9 @@ inline bool persistent_forward_enabled() {
 
 template <int kHeadDim, class Elt>
 void launch_combine(const ForwardParams& params, cudaStream_t stream) {
-  constexpr int kRowsPerBlock = 4;  // one warp per (b, h, i) row
+  // Splits only where the forward's grid is under two waves, so rows fit a grid dimension.
   const int64_t rows = int64_t(params.batch) * params.num_heads * params.seqlen_q;
-  combine_kernel<kHeadDim, Elt><<<unsigned((rows + kRowsPerBlock - 1) / kRowsPerBlock),
-                                  32 * kRowsPerBlock, 0, stream>>>(params);
+  combine_kernel<kHeadDim, Elt><<<unsigned(rows), kCombineThreads, 0, stream>>>(params);
   FSA_CUDA_CHECK(cudaGetLastError());
 }
 

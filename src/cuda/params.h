@@ -4,6 +4,8 @@
 
 #include <cstdint>
 
+#include "core/host_device.h"
+#include "core/problem.h"
 #include "core/row_end.h"
 #include "core/row_topk.h"
 
@@ -51,6 +53,37 @@ struct BlockMapParams {
   int block_n = 0;
 };
 
+// A paged K / V cache (ForwardArgs::paged_kv) on the device: batch b's key j is row j % page_size
+// of page table[b * max_pages + j / page_size]. The table is never read on the host, so an entry
+// outside [0, num_pages) is clamped into it: it reads a page of the cache, never memory past it.
+// K / V point at the pages, and their batch stride is the distance between pages. A null table:
+// strided K / V.
+struct PagedRows {
+  const int32_t* table = nullptr;
+  int64_t max_pages = 0;
+  int page_size = 1;
+  int num_pages = 1;
+  // Elements from the K / V origin to batch b's key j (head 0).
+  FSA_HOST_DEVICE int64_t offset(int64_t b, int64_t j, int64_t stride_b, int64_t stride_s) const {
+    if (table == nullptr) return b * stride_b + j * stride_s;
+    int64_t page = table[b * max_pages + j / page_size];
+    page = page < 0 ? 0 : page >= num_pages ? num_pages - 1 : page;
+    return page * stride_b + (j % page_size) * stride_s;
+  }
+};
+
+// The device form of a paged operand's table (SeqOperand::pages), or a null table.
+inline PagedRows paged_rows(const SeqOperand& op) {
+  PagedRows r;
+  if (op.pages != nullptr) {
+    r.table = op.pages;
+    r.max_pages = op.pages_stride_b;
+    r.page_size = int(op.page_size);
+    r.num_pages = int(op.num_pages);
+  }
+  return r;
+}
+
 struct ForwardParams {
   const void* q;  // (B, Sq, H, D)
   const void* k;  // (B, Sk, Hk, D)
@@ -62,6 +95,7 @@ struct ForwardParams {
   int64_t v_stride_b, v_stride_s, v_stride_h;
   int64_t o_stride_b, o_stride_s, o_stride_h;
   int64_t lse_stride_b, lse_stride_h, lse_stride_s;
+  PagedRows paged;  // K / V as pages (the sm80 kernel only), or strided
 
   const uint8_t* mask;     // bool ({B|1}, {H|Hk|1}, {Sq|1}, {Sk|1}) or null
   int64_t mask_stride[4];  // read strides: 0 on broadcast / expanded dims

@@ -23,9 +23,28 @@ constexpr int forward_block_m(int head_dim) {
 // granularity matches the CPU backend's default.
 constexpr int forward_block_n(int /*head_dim*/) { return 64; }
 
-template <int kHeadDim_>
+// K / V stages of the sm80 forward: two, with two CTAs per SM, so that one CTA's loads overlap the
+// other's math. Measured on H200 for GQA-packed decode (docs/perf.md): one CTA per SM with four
+// stages (three tiles loading) ran 1.9x slower than two CTAs with two, because a CTA's real rows
+// sit in one warp, whose math per tile is then serial with nothing to overlap it.
+constexpr int kForwardStages = 2;
+
+// The sm80 forward's shared memory (ForwardTiles' layout) and CTAs per SM: two when two fit the
+// 228 KiB of an SM (1 KiB of it reserved per CTA; the kernel's launch bounds ask for no more),
+// else one. Host code sizes split-KV by the latter.
+constexpr int forward_smem_bytes(int head_dim, int stages) {
+  const int d = kernel_head_dim(head_dim), block_m = forward_block_m(d);
+  return (block_m * d + 2 * stages * forward_block_n(d) * d) * 2 + 8 + block_m * d / 4 +
+         stages * forward_block_n(d) * 4;
+}
+constexpr int forward_ctas_per_sm(int head_dim, int stages) {
+  return 2 * (forward_smem_bytes(head_dim, stages) + 1024) <= 228 * 1024 ? 2 : 1;
+}
+
+template <int kHeadDim_, int kStages_ = kForwardStages>
 struct ForwardTiles {
   static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kStages = kStages_;
   static constexpr int kRowTiles = forward_row_tiles(kHeadDim);
   static constexpr int kWarps = kForwardWarps;
   static constexpr int kBlockM = kWarps * 16 * kRowTiles;
@@ -33,12 +52,18 @@ struct ForwardTiles {
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kSmemQ = kBlockM * kHeadDim;   // elements
   static constexpr int kSmemKV = kBlockN * kHeadDim;  // elements per stage of K (or V)
-  // Q, two stages of K and V, then a partial tile's keys with non-finite V values and the marks
-  // of the rows that keep them (2 bits per output element; mark_nonfinite_keys).
-  static constexpr int kNonfiniteOffset = (kSmemQ + 4 * kSmemKV) * 2;
+  // Q, kStages stages of K and V, then a partial tile's keys with non-finite V values, the marks
+  // of the rows that keep them (2 bits per output element; mark_nonfinite_keys), and a paged
+  // cache's page of each key of kStages tiles (a ring, forward_kernel).
+  static constexpr int kNonfiniteOffset = (kSmemQ + 2 * kStages * kSmemKV) * 2;
   static constexpr int kPoisonOffset = kNonfiniteOffset + 8;
-  static constexpr int kSmemBytes = kPoisonOffset + kBlockM * kHeadDim / 4;
+  static constexpr int kPagesOffset = kPoisonOffset + kBlockM * kHeadDim / 4;
+  static constexpr int kPageSlots = kStages;
+  static constexpr int kSmemBytes = kPagesOffset + kPageSlots * kBlockN * 4;
+  static constexpr int kCtasPerSm = forward_ctas_per_sm(kHeadDim, kStages);
+  static_assert(kSmemBytes == forward_smem_bytes(kHeadDim, kStages), "one layout");
   static_assert(kBlockN <= 64, "one bit per key of a tile");
+  static_assert(kStages >= 2, "the loop prefetches at least one tile ahead");
 };
 
 }  // namespace fsa::detail::cuda

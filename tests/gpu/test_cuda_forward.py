@@ -165,6 +165,25 @@ def test_case6_decode_per_head_sparse_mask(dtype, gen):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_long_decode_many_splits(dtype, D, gen):
+    # MQA decode over 40K keys: one kv head per batch, so split-KV cuts each list into more than
+    # 32 splits (the combine merges them in chunks of 32), and every split walks its tiles through
+    # the decode kernel's ring of stages. Whole 64-key blocks kept, partial blocks, a block of
+    # one key, an empty batch, and a bias.
+    B, Sk, H, Hk = 3, 40000, 8, 1
+    q, k, v = qkv(B, 1, Sk, H, Hk, D, dtype, gen)
+    blocks = torch.rand(B, 1, 1, (Sk + 63) // 64, device="cuda", generator=gen) < 0.15
+    mask = blocks.repeat_interleave(64, -1)[..., :Sk].clone()
+    mask &= torch.rand(B, 1, 1, Sk, device="cuda", generator=gen) < 0.9
+    mask[0, ..., 64 * 301 + 7] = True
+    mask[2] = False  # an empty batch: O = 0, LSE = -inf through the combine
+    bias = randn(B, Hk, 1, Sk, dtype=dtype, gen=gen)
+    out, lse = check(q, k, v, mask=mask, bias=bias, label="long decode")
+    assert (out[2] == 0).all() and (lse[2] == -math.inf).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_case7_fully_masked_rows_and_batch(dtype, gen):
     q, k, v = qkv(2, 256, 256, 4, 4, 64, dtype, gen)
     mask = torch.rand(2, 4, 256, 256, device="cuda", generator=gen) < 0.5
