@@ -107,15 +107,13 @@ __device__ void load_tile_async(uint16_t* smem, const uint16_t* gmem, int64_t ro
   }
 }
 
-// As load_tile_async, for K and V tiles of a paged cache (PagedRows): tile row r is row
-// (row_begin + r) % page_size of page pages[r] (already clamped), k_head / v_head the origins of
-// the kv head, page strides between pages.
+// As load_tile_async, for K and V tiles of a paged cache (PagedRows): tile row r is at k_off[r]
+// and v_off[r] elements from the kv head's origins k_head and v_head (the forward's ring).
 template <int kHeadDim, int kRows, int kThreads>
 __device__ void load_paged_tiles_async(uint16_t* s_k, uint16_t* s_v, const uint16_t* k_head,
-                                       const uint16_t* v_head, int64_t k_page_stride,
-                                       int64_t k_stride_s, int64_t v_page_stride,
-                                       int64_t v_stride_s, const int32_t* pages, int page_size,
-                                       int row_begin, int row_limit, int head_dim) {
+                                       const uint16_t* v_head, const int64_t* k_off,
+                                       const int64_t* v_off, int row_begin, int row_limit,
+                                       int head_dim) {
   constexpr int kChunks = kHeadDim / 8;
   constexpr int kRowsPerPass = kThreads / kChunks;
   static_assert(kRows % kRowsPerPass == 0, "passes must cover the tile");
@@ -125,9 +123,8 @@ __device__ void load_paged_tiles_async(uint16_t* s_k, uint16_t* s_v, const uint1
   for (int k = 0; k < kRows / kRowsPerPass; ++k) {
     const int r = r0 + k * kRowsPerPass;
     const bool valid = col_ok && row_begin + r < row_limit;
-    const int64_t page = pages[r], in_page = (row_begin + r) % page_size;
-    const uint16_t* ks = k_head + (valid ? page * k_page_stride + in_page * k_stride_s + c * 8 : 0);
-    const uint16_t* vs = v_head + (valid ? page * v_page_stride + in_page * v_stride_s + c * 8 : 0);
+    const uint16_t* ks = k_head + (valid ? k_off[r] + c * 8 : 0);
+    const uint16_t* vs = v_head + (valid ? v_off[r] + c * 8 : 0);
     const int at = SmemTile<kHeadDim>::offset(r, c);
     cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
         *reinterpret_cast<const cute::uint128_t*>(ks),
@@ -800,7 +797,7 @@ struct BlockList {
 
 // kStages: K / V tiles in flight (ForwardTiles); the loop keeps kStages - 1 tiles loading while
 // it computes one.
-template <int kHeadDim, class Elt, int kStages = 2>
+template <int kHeadDim, class Elt, int kStages = kForwardStages>
 __global__ void __launch_bounds__(ForwardTiles<kHeadDim, kStages>::kThreads,
                                   ForwardTiles<kHeadDim, kStages>::kCtasPerSm)
     forward_kernel(const __grid_constant__ ForwardParams p) {
@@ -838,29 +835,43 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim, kStages>::kThreads,
   const auto* v = v_head + (paged ? 0 : b * p.v_stride_b);
   auto v_row = [&](int j) { return v_head + p.paged.offset(b, j, p.v_stride_b, p.v_stride_s); };
 
-  // A paged cache: the page of each key of a tile sits in a ring slot (the tile's stage) before
-  // the tile is loaded, so its loads never wait on the table. Tile X (X-th of the CTA's list) has
-  // its pages read from the table at the end of iteration X - kStages - 1 (into page_pending,
-  // one thread per key), stored at the end of iteration X - kStages, and used when X is
-  // prefetched, at the top of iteration X - kStages + 1. The first kStages + 1 tiles are read
-  // here. A key past Sk reads no entry.
-  auto* s_pages = reinterpret_cast<int32_t*>(smem_raw + Tiles::kPagesOffset);
+  // A paged cache: the K and V offsets of each key of a tile sit in a ring slot (the tile's stage)
+  // before the tile is loaded, so its loads never wait on the table. Tile X (the X-th of the CTA's
+  // list) has its pages read from the table at the end of iteration X - kStages - 1 (into
+  // page_pending, one thread per key), its offsets stored at the end of iteration X - kStages,
+  // and used when X is prefetched, at the top of iteration X - kStages + 1. The first
+  // kStages + 1 tiles are read here. A key past Sk reads no entry.
+  auto* s_koff = reinterpret_cast<int64_t*>(smem_raw + Tiles::kPagesOffset);
+  int64_t* s_voff = s_koff + kStages * kBlockN;
   auto page_of = [&](int n_block) -> int32_t {
     const int j = n_block * kBlockN + int(threadIdx.x);
     return j < p.seqlen_k ? p.paged.table[b * p.paged.max_pages + j / p.paged.page_size] : 0;
   };
-  auto clamp_page = [&](int32_t page) { return min(max(page, 0), p.paged.num_pages - 1); };
+  auto in_page_of = [&](int n_block) {
+    return (n_block * kBlockN + int(threadIdx.x)) % p.paged.page_size;
+  };
+  auto store_offsets = [&](int slot, int32_t page, int in_page) {
+    const int64_t clamped = min(max(page, 0), p.paged.num_pages - 1);
+    s_koff[slot * kBlockN + threadIdx.x] = clamped * p.k_stride_b + in_page * p.k_stride_s;
+    s_voff[slot * kBlockN + threadIdx.x] = clamped * p.v_stride_b + in_page * p.v_stride_s;
+  };
   const int listed = list.end - list.begin;
   int32_t page_pending = 0;
+  int in_page_pending = 0;
   if (paged) {
     if (threadIdx.x < kBlockN) {
 #pragma unroll
       for (int st = 0; st < kStages; ++st) {
         if (st < listed) {
-          s_pages[st * kBlockN + threadIdx.x] = clamp_page(page_of(list.at(list.begin + st)));
+          const int n_block = list.at(list.begin + st);
+          store_offsets(st, page_of(n_block), in_page_of(n_block));
         }
       }
-      if (kStages < listed) page_pending = page_of(list.at(list.begin + kStages));
+      if (kStages < listed) {
+        const int n_block = list.at(list.begin + kStages);
+        page_pending = page_of(n_block);
+        in_page_pending = in_page_of(n_block);
+      }
     }
     __syncthreads();
   }
@@ -885,9 +896,8 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim, kStages>::kThreads,
     uint16_t *sk = s_k + stage * Tiles::kSmemKV, *sv = s_v + stage * Tiles::kSmemKV;
     if (paged) {
       load_paged_tiles_async<kHeadDim, kBlockN, kThreads>(
-          sk, sv, k_head, v_head, p.k_stride_b, p.k_stride_s, p.v_stride_b, p.v_stride_s,
-          s_pages + stage * kBlockN, p.paged.page_size, n_block * kBlockN, p.seqlen_k,
-          p.head_dim);
+          sk, sv, k_head, v_head, s_koff + stage * kBlockN, s_voff + stage * kBlockN,
+          n_block * kBlockN, p.seqlen_k, p.head_dim);
     } else {
       load_tile_async<kHeadDim, kBlockN, kThreads>(sk, k, p.k_stride_s, n_block * kBlockN,
                                                    p.seqlen_k, p.head_dim);
@@ -981,8 +991,11 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim, kStages>::kThreads,
     }
     if (paged && threadIdx.x < kBlockN) {  // the ring (above): this stage's slot is free now
       const int r = it - list.begin;
-      if (r + kStages < listed) s_pages[stage * kBlockN + threadIdx.x] = clamp_page(page_pending);
-      if (r + kStages + 1 < listed) page_pending = page_of(n_page_ahead);
+      if (r + kStages < listed) store_offsets(stage, page_pending, in_page_pending);
+      if (r + kStages + 1 < listed) {
+        page_pending = page_of(n_page_ahead);
+        in_page_pending = in_page_of(n_page_ahead);
+      }
     }
     __syncthreads();  // this stage is refilled by a later iteration's prefetch
     if (partial && threadIdx.x == 0) *s_nonfinite = 0;  // every thread read it before the barrier

@@ -24,18 +24,18 @@ constexpr int forward_block_m(int head_dim) {
 constexpr int forward_block_n(int /*head_dim*/) { return 64; }
 
 // K / V stages of the sm80 forward: two, with two CTAs per SM, so that one CTA's loads overlap the
-// other's math. Measured on H200 for GQA-packed decode (docs/perf.md): one CTA per SM with four
-// stages (three tiles loading) ran 1.9x slower than two CTAs with two, because a CTA's real rows
-// sit in one warp, whose math per tile is then serial with nothing to overlap it.
+// other's math. Measured on H200 for GQA-packed decode (docs/perf.md, "Decode on H200"), where a
+// CTA's real rows sit in its first warp: one CTA per SM with four stages ran 1.9x slower, and two
+// CTAs with three stages (a Q tile of the first warp's rows only) 1.1-1.5x slower.
 constexpr int kForwardStages = 2;
 
 // The sm80 forward's shared memory (ForwardTiles' layout) and CTAs per SM: two when two fit the
 // 228 KiB of an SM (1 KiB of it reserved per CTA; the kernel's launch bounds ask for no more),
 // else one. Host code sizes split-KV by the latter.
 constexpr int forward_smem_bytes(int head_dim, int stages) {
-  const int d = kernel_head_dim(head_dim), block_m = forward_block_m(d);
-  return (block_m * d + 2 * stages * forward_block_n(d) * d) * 2 + 8 + block_m * d / 4 +
-         stages * forward_block_n(d) * 4;
+  const int d = kernel_head_dim(head_dim), rows = forward_block_m(d);
+  return (rows * d + 2 * stages * forward_block_n(d) * d) * 2 + 8 + rows * d / 4 +
+         stages * forward_block_n(d) * 16;
 }
 constexpr int forward_ctas_per_sm(int head_dim, int stages) {
   return 2 * (forward_smem_bytes(head_dim, stages) + 1024) <= 228 * 1024 ? 2 : 1;
@@ -54,14 +54,14 @@ struct ForwardTiles {
   static constexpr int kSmemKV = kBlockN * kHeadDim;  // elements per stage of K (or V)
   // Q, kStages stages of K and V, then a partial tile's keys with non-finite V values, the marks
   // of the rows that keep them (2 bits per output element; mark_nonfinite_keys), and a paged
-  // cache's page of each key of kStages tiles (a ring, forward_kernel).
+  // cache's K and V offsets of each key of kStages tiles (a ring, forward_kernel).
   static constexpr int kNonfiniteOffset = (kSmemQ + 2 * kStages * kSmemKV) * 2;
   static constexpr int kPoisonOffset = kNonfiniteOffset + 8;
   static constexpr int kPagesOffset = kPoisonOffset + kBlockM * kHeadDim / 4;
-  static constexpr int kPageSlots = kStages;
-  static constexpr int kSmemBytes = kPagesOffset + kPageSlots * kBlockN * 4;
+  static constexpr int kSmemBytes = kPagesOffset + kStages * kBlockN * 16;
   static constexpr int kCtasPerSm = forward_ctas_per_sm(kHeadDim, kStages);
   static_assert(kSmemBytes == forward_smem_bytes(kHeadDim, kStages), "one layout");
+  static_assert(kPagesOffset % 8 == 0, "64-bit offsets");
   static_assert(kBlockN <= 64, "one bit per key of a tile");
   static_assert(kStages >= 2, "the loop prefetches at least one tile ahead");
 };

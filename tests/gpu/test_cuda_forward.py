@@ -166,13 +166,15 @@ def test_case6_decode_per_head_sparse_mask(dtype, gen):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("D", [64, 128, 256])
-def test_long_decode_many_splits(dtype, D, gen):
-    # MQA decode over 40K keys: one kv head per batch, so split-KV cuts each list into more than
-    # 32 splits (the combine merges them in chunks of 32), and every split walks its tiles through
-    # the decode kernel's ring of stages. Whole 64-key blocks kept, partial blocks, a block of
-    # one key, an empty batch, and a bias.
+@pytest.mark.parametrize("Sq", [1, 5])
+def test_long_decode_many_splits(dtype, D, Sq, gen):
+    # MQA decode over 40K keys: one kv head per batch, so split-KV cuts each list into many
+    # splits, and every split walks its tiles through the kernel's ring of stages. Sq = 1: 8
+    # GQA-packed rows, the decode variant (the first warp's rows, three stages) at D <= 128;
+    # Sq = 5: 40 packed rows over two warps, the prefill variant. Whole 64-key blocks kept,
+    # partial blocks, a block of one key, an empty batch, and a bias.
     B, Sk, H, Hk = 3, 40000, 8, 1
-    q, k, v = qkv(B, 1, Sk, H, Hk, D, dtype, gen)
+    q, k, v = qkv(B, Sq, Sk, H, Hk, D, dtype, gen)
     blocks = torch.rand(B, 1, 1, (Sk + 63) // 64, device="cuda", generator=gen) < 0.15
     mask = blocks.repeat_interleave(64, -1)[..., :Sk].clone()
     mask &= torch.rand(B, 1, 1, Sk, device="cuda", generator=gen) < 0.9
