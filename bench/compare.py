@@ -23,6 +23,10 @@ build has them, else create_mask inside the timed region, as the row says), our 
 cuDNN and flash dense causal, FlexAttention over the gathered keys (flex_gather: the floor a user
 writes in torch) and the reference project's Triton kernel on the same mask; then the ratios the
 issues set bars on, and the peak memory of the per-row forward + backward against dense causal.
+`decode` is issue #15's decode bars: one query per head over 32K and 512K keys, a key mask keeping
+1/8 of the 128-key blocks, batches 1, 8 and 64, the L2 cache flushed before every rep; ours one
+call between the events and 8 back to back, ours over a paged cache (pages of 64), SDPA flash over
+all keys, FlexAttention at batch 1, and the device's copy bandwidth measured in the same run.
 `varlen` (not in the default set) is issue #15's packed training batch: 16 documents of random
 lengths in 64K tokens, causal, a per-key bias with its gradient; one packed call against the
 documents one by one and against FlexAttention with a document mask.

@@ -26,8 +26,9 @@ struct AttentionOptions {
 // biases and causality see that key axis, and keys past a sequence's length are the caller's to
 // mask (the Python API does, from cache_seqlens). page_table: (B, max_pages) int32, contiguous, in
 // memory of the query's device. The CPU backend checks that every entry names a page (0 <= entry
-// < num_pages). The CUDA kernels have no paged loads yet: a CUDA call with it is refused
-// (paged_kv), never run through a copy.
+// < num_pages); CUDA never reads the table on the host, and clamps an entry into that range on
+// the device (it reads a page, never memory past the cache). On CUDA the rows must be 16-byte
+// chunks (head_dim a multiple of 8, aligned pages and strides), else the call is refused.
 struct PagedKV {
   const int32_t* page_table = nullptr;
   int64_t max_pages = 0;
