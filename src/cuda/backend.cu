@@ -16,6 +16,7 @@
 #include "cuda/memory_pool.h"
 #include "cuda/plan_graph.h"
 #include "cuda/plan_kernels.cuh"
+#include "cuda/split_kv.h"
 #include "cuda/stream_buffer.h"
 #include "cuda/tiles.h"
 
@@ -139,26 +140,6 @@ void fill_mask_and_bias(Params& params, const Problem& p) {
     for (int d = 0; d < 3; ++d) chunks = chunks && params.bias_stride[d] % 8 == 0;
     params.bias_staged = chunks;
   }
-}
-
-// Split-KV when the grid would not fill the GPU: the split count whose grid fills the SMs' CTA
-// slots (ctas_per_sm each) in the fewest, fullest waves, the smallest such (fewer partial
-// outputs to merge), with at least 4 key tiles per split on average so the combine stays cheap
-// relative to the work it merges. A grid of 1.2 waves runs as long as 2 full ones: at batch 8,
-// 512K keys, 64 CTAs on 264 slots split 5 ways ran 320 CTAs at 42% of the copy bandwidth.
-int choose_splits(int64_t ctas, int64_t n_blocks, int ctas_per_sm) {
-  const int64_t slots = int64_t(ctas_per_sm) * multiprocessor_count();
-  if (ctas >= slots || n_blocks < 8) return 1;
-  const int64_t most =
-      std::max<int64_t>(std::min<int64_t>({2 * slots / ctas, n_blocks / 4, 128}), 1);
-  int best = 1;
-  double best_fill = 0.0;
-  for (int64_t s = 1; s <= most; ++s) {
-    const int64_t total = ctas * s, waves = (total + slots - 1) / slots;
-    const double fill = double(total) / double(waves * slots);  // of the slots its waves hold
-    if (fill > best_fill + 0.02) best = int(s), best_fill = fill;
-  }
-  return best;
 }
 
 // Whether per-row top-k plans build the dK/dV groups (BlockMapParams::dkv_slots);
@@ -429,9 +410,12 @@ void forward(const ForwardProblem& p, const Plan& plan, void* stream_ptr) {
   fp.pack_gqa = p.group() > 1 && p.seqlen_q * p.group() <= block_m &&
                 map->params.head_group % p.group() == 0 && map->params.gather_slots == nullptr;
   const int64_t heads = fp.pack_gqa ? p.num_kv_heads : p.num_heads;
-  fp.num_splits = choose_splits(
-      int64_t(map->params.m_blocks) * heads * p.batch, map->params.n_blocks,
-      forward_ctas_per_sm(kdim, kForwardStages));
+  // (Slots as the sm80 kernel's layout for this call has them; the sm90 kernel's grid is sized
+  // the same way.)
+  const Sm80Layout layout = sm80_layout(fp.pack_gqa, fp.seqlen_q * fp.group, kdim);
+  fp.num_splits = choose_splits(int64_t(map->params.m_blocks) * heads * p.batch,
+                                map->params.n_blocks,
+                                int64_t(layout.ctas_per_sm(kdim)) * multiprocessor_count());
   StreamBuffer workspace(stream);  // split-KV partial outputs, released after the combine
   if (fp.num_splits > 1) {
     const int64_t rows = p.batch * p.num_heads * p.seqlen_q;

@@ -569,11 +569,12 @@ struct WarpRows {
               }
           }
       }
-    } else if (staged_tile != nullptr) {
-      static_assert(kNTiles == 8, "staged bias tiles are 64 keys wide");
+    } else if (kNTiles == 8 && staged_tile != nullptr) {
+      if constexpr (kNTiles == 8) {  // staged bias tiles are 64 keys wide (the sm90 kernel's)
 #pragma unroll
-      for (int rt = 0; rt < kRT; ++rt) {
-        add_staged_bias<Elt, false>(s[rt], staged_tile, warp_row0 + rt * 16, bias_factor);
+        for (int rt = 0; rt < kRT; ++rt) {
+          add_staged_bias<Elt, false>(s[rt], staged_tile, warp_row0 + rt * 16, bias_factor);
+        }
       }
     } else if (p.bias) {
 #pragma unroll
@@ -796,16 +797,19 @@ struct BlockList {
 };
 
 // kStages: K / V tiles in flight (ForwardTiles); the loop keeps kStages - 1 tiles loading while
-// it computes one.
-template <int kHeadDim, class Elt, int kStages = kForwardStages>
-__global__ void __launch_bounds__(ForwardTiles<kHeadDim, kStages>::kThreads,
-                                  ForwardTiles<kHeadDim, kStages>::kCtasPerSm)
+// it computes one. kSplitKeys (decode, forward_split_keys): the warps share the tile's 16 rows
+// and each takes a quarter of every key tile with its own online softmax; the warps' states are
+// merged at the end (an exact merge: m = max m_w, l = sum l_w 2^(m_w - m), the same for O).
+template <int kHeadDim, class Elt, int kStages = kForwardStages, bool kSplitKeys = false>
+__global__ void __launch_bounds__(ForwardTiles<kHeadDim, kStages, kSplitKeys>::kThreads,
+                                  ForwardTiles<kHeadDim, kStages, kSplitKeys>::kCtasPerSm)
     forward_kernel(const __grid_constant__ ForwardParams p) {
-  using Tiles = ForwardTiles<kHeadDim, kStages>;
+  using Tiles = ForwardTiles<kHeadDim, kStages, kSplitKeys>;
   using Smem = SmemTile<kHeadDim>;
   constexpr int kBlockM = Tiles::kBlockM, kBlockN = Tiles::kBlockN, kThreads = Tiles::kThreads;
-  constexpr int kRT = Tiles::kRowTiles;  // 16-row mma tiles per warp
-  constexpr int kNTiles = kBlockN / 8;   // 8-column score tiles
+  constexpr int kRT = Tiles::kRowTiles;      // 16-row mma tiles per warp
+  constexpr int kWarpKeys = Tiles::kWarpKeys;  // keys of a tile per warp
+  constexpr int kNTiles = kWarpKeys / 8;     // 8-column score tiles
   constexpr int kDTiles = kHeadDim / 8;  // 8-column output tiles
   constexpr int kChunks = kHeadDim / 8;
 
@@ -823,7 +827,8 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim, kStages>::kThreads,
   const int h = blockIdx.y, b = blockIdx.z;  // h: query head, or kv head when packed
   const int hk = p.pack_gqa ? h : h / p.group;
   const int warp = threadIdx.x / 32;
-  const WarpRows wr(p, m, kBlockM, h, b, warp * 16 * kRT);
+  // The map's query tiles are forward_block_m rows (a split-key CTA has one: m = 0).
+  const WarpRows wr(p, m, forward_block_m(kHeadDim), h, b, kSplitKeys ? 0 : warp * 16 * kRT);
   const BlockList list(p, b, (p.pack_gqa ? h * p.group : h) / p.map.head_group, m, split);
 
   // K / V rows of (b, hk): strided from k / v, or through a paged cache's table (origins of head
@@ -927,6 +932,8 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim, kStages>::kThreads,
   // A warp whose rows are all padding (GQA-packed decode: a few real rows in the tile) only
   // loads and waits at the barriers; its scores would never be written.
   const bool warp_idle = wr.rows.row0 + wr.warp_row0 >= wr.flat_rows;
+  // This warp's keys of a tile: all, or (split keys) its quarter.
+  const int warp_key0 = kSplitKeys ? warp * kWarpKeys : 0;
 
   // The block index of the tile kStages - 1 ahead is read one iteration before its prefetch, so
   // the prefetch never waits on a global load; the current tile's index was read kStages - 1
@@ -970,22 +977,26 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim, kStages>::kThreads,
     }
 
     if (!warp_idle) {
-      // s (16 kRT, kBlockN) = q (16 kRT, kHeadDim) . k^T
+      // s (16 kRT, kWarpKeys) = q (16 kRT, kHeadDim) . k^T over this warp's keys (16-row
+      // offsets keep the tiles' swizzle: it depends on row % 8 only)
       float s[kRT][kNTiles][4];
-      warp_gemm_nt<kHeadDim, kBlockN, kRT, Elt>(s, s_q, wr.warp_row0,
-                                                s_k + stage * Tiles::kSmemKV);
-      wr.logits<kRT, kNTiles, Elt>(s, n * kBlockN, partial);
+      warp_gemm_nt<kHeadDim, kWarpKeys, kRT, Elt>(
+          s, s_q, wr.warp_row0, s_k + stage * Tiles::kSmemKV + warp_key0 * kHeadDim);
+      wr.logits<kRT, kNTiles, Elt>(s, n * kBlockN + warp_key0, partial);
       float correction[kRT][2];
       softmax_step(s, wr.exp_scale, row_max, row_sum, correction);
       rescale_rows<kRT, kDTiles>([&](int rt, int d, int e) -> float& { return o[rt][d][e]; },
                                  correction);
-      // o (16 kRT, kHeadDim) += p (16 kRT, kBlockN) . v (kBlockN, kHeadDim)
-      warp_gemm_pv<kHeadDim, kBlockN, kRT, Elt>(o, s, s_v + stage * Tiles::kSmemKV);
-      if (nonfinite != 0) {  // after P V, where the scores are dead
+      // o (16 kRT, kHeadDim) += p (16 kRT, kWarpKeys) . v (kWarpKeys, kHeadDim)
+      warp_gemm_pv<kHeadDim, kWarpKeys, kRT, Elt>(
+          o, s, s_v + stage * Tiles::kSmemKV + warp_key0 * kHeadDim);
+      // This warp's keys with a non-finite V value, after P V, where the scores are dead.
+      const uint64_t mine = kWarpKeys == 64 ? nonfinite
+                            : nonfinite & (((1ull << kWarpKeys) - 1) << warp_key0);
+      if (mine != 0) {
         const int col0 = n * kBlockN;
         mark_nonfinite_keys<kRT, kHeadDim, Elt>(
-            nonfinite,
-            [&](int rt, int r, int j) { return wr.keeps_entry<Elt>(rt, r, col0 + j); },
+            mine, [&](int rt, int r, int j) { return wr.keeps_entry<Elt>(rt, r, col0 + j); },
             wr.warp_row0, s_poison, [&](int j) { return v_row(col0 + j); }, p.head_dim);
       }
     }
@@ -1002,8 +1013,66 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim, kStages>::kThreads,
     n_ahead = n_next_ahead;
   }
   cute::cp_async_wait<0>();  // no copy outlives the CTA (the trailing groups are empty)
-  if (poisoned) __syncthreads();  // every warp's marks
-  wr.write<kHeadDim, kRT, Elt>(o, row_max, row_sum, split, poisoned ? s_poison : nullptr);
+  if constexpr (kSplitKeys) {
+    // The warps' states through the K stages (every warp is past the loop and every copy has
+    // landed after the barrier): per lane its O fragment, then each row's max and sum (the sum
+    // over the quad's columns). Warp 0 merges them and writes.
+    static_assert(kRT == 1, "split keys: one row tile");
+    __syncthreads();
+    const int lane = threadIdx.x % 32;
+    constexpr int kPer = Tiles::kMergeFloats;
+    float* merge = reinterpret_cast<float*>(s_k);
+    float* mine = merge + (warp * 32 + lane) * kPer;
+#pragma unroll
+    for (int d = 0; d < kDTiles; ++d)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) mine[d * 4 + e] = o[0][d][e];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float sum = row_sum[0][r];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      mine[kDTiles * 4 + r] = row_max[0][r];
+      mine[kDTiles * 4 + 2 + r] = sum;
+    }
+    __syncthreads();
+    if (warp != 0) return;
+    float scale[Tiles::kWarps][2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float top = -INFINITY;
+#pragma unroll
+      for (int w = 0; w < Tiles::kWarps; ++w) {
+        top = fmaxf(top, merge[(w * 32 + lane) * kPer + kDTiles * 4 + r]);
+      }
+      float total = 0.0f;
+#pragma unroll
+      for (int w = 0; w < Tiles::kWarps; ++w) {
+        const float* theirs = merge + (w * 32 + lane) * kPer + kDTiles * 4;
+        // A warp that kept nothing of the row (max -inf) weighs 0; so do all when none did.
+        scale[w][r] = theirs[r] == -INFINITY ? 0.0f : fast_exp2(theirs[r] - top);
+        total += theirs[2 + r] * scale[w][r];
+      }
+      row_max[0][r] = top;
+      // write() adds the quad's four partial sums: the total goes in one of them.
+      row_sum[0][r] = lane % 4 == 0 ? total : 0.0f;
+    }
+#pragma unroll
+    for (int d = 0; d < kDTiles; ++d)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float acc = 0.0f;
+#pragma unroll
+        for (int w = 0; w < Tiles::kWarps; ++w) {
+          acc += merge[(w * 32 + lane) * kPer + d * 4 + e] * scale[w][e / 2];
+        }
+        o[0][d][e] = acc;
+      }
+    wr.write<kHeadDim, kRT, Elt>(o, row_max, row_sum, split, poisoned ? s_poison : nullptr);
+  } else {
+    if (poisoned) __syncthreads();  // every warp's marks
+    wr.write<kHeadDim, kRT, Elt>(o, row_max, row_sum, split, poisoned ? s_poison : nullptr);
+  }
 }
 
 // Merges the splits of one (b, h, i) row: LSE = log sum_s exp(LSE_s), O = sum_s exp(LSE_s - LSE)

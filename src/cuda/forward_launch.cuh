@@ -38,6 +38,16 @@ void launch_combine(const ForwardParams& params, cudaStream_t stream) {
   FSA_CUDA_CHECK(cudaGetLastError());
 }
 
+template <int kHeadDim, class Elt, int kStages, bool kSplitKeys>
+void launch_sm80_forward(const ForwardParams& params, dim3 grid, cudaStream_t stream) {
+  using Tiles = ForwardTiles<kHeadDim, kStages, kSplitKeys>;
+  auto* kernel = &forward_kernel<kHeadDim, Elt, kStages, kSplitKeys>;
+  // Above 48 KiB of dynamic shared memory a kernel must opt in (per device; cheap to repeat).
+  FSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      Tiles::kSmemBytes));
+  kernel<<<grid, Tiles::kThreads, Tiles::kSmemBytes, stream>>>(params);
+}
+
 template <int kHeadDim, class Elt>
 void launch_forward(const ForwardParams& params, cudaStream_t stream) {
   const int heads = params.pack_gqa ? params.num_kv_heads : params.num_heads;
@@ -74,12 +84,18 @@ void launch_forward(const ForwardParams& params, cudaStream_t stream) {
     }
   }
   if (!launched) {
-    using Tiles = ForwardTiles<kHeadDim>;
-    auto* kernel = &forward_kernel<kHeadDim, Elt>;
-    // Above 48 KiB of dynamic shared memory a kernel must opt in (per device; cheap to repeat).
-    FSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        Tiles::kSmemBytes));
-    kernel<<<grid, Tiles::kThreads, Tiles::kSmemBytes, stream>>>(params);
+    const Sm80Layout layout =
+        sm80_layout(params.pack_gqa, params.seqlen_q * params.group, kHeadDim);
+    if constexpr (kHeadDim <= 128) {
+      if (layout.split_keys && layout.stages == kDeepDecodeStages) {
+        launch_sm80_forward<kHeadDim, Elt, kDeepDecodeStages, true>(params, grid, stream);
+        launched = true;
+      } else if (layout.split_keys) {
+        launch_sm80_forward<kHeadDim, Elt, kDecodeStages, true>(params, grid, stream);
+        launched = true;
+      }
+    }
+    if (!launched) launch_sm80_forward<kHeadDim, Elt, kForwardStages, false>(params, grid, stream);
   }
   FSA_CUDA_CHECK(cudaGetLastError());
   if (params.num_splits > 1) launch_combine<kHeadDim, Elt>(params, stream);

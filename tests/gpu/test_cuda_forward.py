@@ -170,9 +170,10 @@ def test_case6_decode_per_head_sparse_mask(dtype, gen):
 def test_long_decode_many_splits(dtype, D, Sq, gen):
     # MQA decode over 40K keys: one kv head per batch, so split-KV cuts each list into many
     # splits, and every split walks its tiles through the kernel's ring of stages. Sq = 1: 8
-    # GQA-packed rows, the decode variant (the first warp's rows, three stages) at D <= 128;
-    # Sq = 5: 40 packed rows over two warps, the prefill variant. Whole 64-key blocks kept,
-    # partial blocks, a block of one key, an empty batch, and a bias.
+    # GQA-packed rows, the split-key layout at D <= 128 (the warps share the rows, each takes a
+    # quarter of every key tile, their states merge at the end); Sq = 5: 40 packed rows over two
+    # warps, the row-split layout. Whole 64-key blocks kept, partial blocks, a block of one key,
+    # an empty batch, and a bias.
     B, Sk, H, Hk = 3, 40000, 8, 1
     q, k, v = qkv(B, Sq, Sk, H, Hk, D, dtype, gen)
     blocks = torch.rand(B, 1, 1, (Sk + 63) // 64, device="cuda", generator=gen) < 0.15
