@@ -10,9 +10,9 @@ namespace fsa::detail::cuda {
 // Split-KV when a grid of `ctas` would not fill the GPU's `slots` (SMs x CTAs per SM): the split
 // count whose grid fills its waves best, the smallest within 2% of it (fewer partial outputs to
 // merge), at most two waves, and at least 4 of the n_blocks key tiles per split on average so the
-// combine stays cheap relative to the work it merges. A grid of 1.2 waves runs as long as 2 full ones: at
-// batch 8, 512K keys, 64 CTAs on 264 slots split 5 ways ran 320 CTAs at 42% of the copy bandwidth
-// (docs/perf.md, "Decode on H200"); 4 ways fill one wave.
+// combine stays cheap relative to the work it merges. A grid of 1.2 waves runs as long as 2 full
+// ones: at batch 8, 512K keys, 64 CTAs on 264 slots split 5 ways ran 320 CTAs at 42% of the copy
+// bandwidth (docs/perf.md, "Decode and paged K/V on H200"); 4 ways fill one wave.
 inline int choose_splits(int64_t ctas, int64_t n_blocks, int64_t slots) {
   if (ctas < 1 || slots < 1 || ctas >= slots || n_blocks < 8) return 1;
   const int64_t most =

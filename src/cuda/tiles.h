@@ -24,16 +24,18 @@ constexpr int forward_block_m(int head_dim) {
 constexpr int forward_block_n(int /*head_dim*/) { return 64; }
 
 // K / V stages of the sm80 forward: two, with two CTAs per SM, so that one CTA's loads overlap the
-// other's math. Measured on H200 for GQA-packed decode (docs/perf.md, "Decode on H200"), where a
-// CTA's real rows sit in its first warp: one CTA per SM with four stages ran 1.9x slower, and two
-// CTAs with three stages (a Q tile of the first warp's rows only) 1.1-1.5x slower.
+// other's math.
 constexpr int kForwardStages = 2;
 
 // Decode with split keys (forward_split_keys): GQA-packed rows that fit one 16-row mma tile, every
 // warp on those rows and a quarter of each 64-key tile, so a tile's math is a quarter of one
-// warp's and the CTA can keep more tiles loading. Stages: kDecodeStages (two CTAs per SM) by
-// default; FSA_CUDA_DECODE=deep runs kDeepDecodeStages (one CTA per SM), =off the row-split
-// kernel (A/B measurements, docs/perf.md).
+// warp's and the CTA can keep more tiles loading. With the rows split over the warps instead, all
+// of a decode's real rows sit in the first warp, whose math per tile is then serial with the
+// others idle: more stages made that layout slower (four stages and one CTA per SM 1.9x, three
+// and two CTAs 1.1-1.5x; docs/perf.md, "Decode and paged K/V on H200"), while split keys over
+// three stages, two CTAs per SM, run (1, 512K keys) 1.13x faster than two stages. Stages:
+// kDecodeStages; FSA_CUDA_DECODE=deep runs kDeepDecodeStages (one CTA per SM, measured slower),
+// =off the row-split layout (A/B measurements).
 constexpr int kDecodeStages = 3;
 constexpr int kDeepDecodeStages = 6;
 constexpr int kSplitKeyRows = 16;
