@@ -895,8 +895,7 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim, kStages, kSplitKeys>::k
           *reinterpret_cast<cute::uint128_t*>(s_q + Smem::offset(r, c)), valid);
     }
   }
-  // The first kStages - 1 tiles, one commit group each (empty past the list's end, so that the
-  // loop's wait counts stay uniform).
+  // Tile n_block of K and V into a stage (through the ring's offsets when paged).
   auto load_stage = [&](int stage, int n_block) {
     uint16_t *sk = s_k + stage * Tiles::kSmemKV, *sv = s_v + stage * Tiles::kSmemKV;
     if (paged) {
@@ -910,6 +909,8 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim, kStages, kSplitKeys>::k
                                                    p.seqlen_k, p.head_dim);
     }
   };
+  // The first kStages - 1 tiles, one commit group each (empty past the list's end, so that the
+  // loop's wait counts stay uniform).
 #pragma unroll
   for (int st = 0; st < kStages - 1; ++st) {
     if (list.begin + st < list.end) load_stage(st, list.at(list.begin + st));

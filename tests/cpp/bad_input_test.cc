@@ -211,6 +211,18 @@ std::vector<BadCase> bad_cases() {
   forward_case("ForwardLseNotFp32", "lse", ErrorKind::kDType, [](fsa::ForwardArgs& a, Scratch& s) {
     a.lse = make_view(s.data(), DType::kBFloat16, {1, 4, 5}, {20, 5, 1});
   });
+  // A paged cache on CUDA whose rows are not 16-byte chunks (pages 4 bytes off alignment): the
+  // kernels would need a padded copy of the cache, which is never made. Refused before anything
+  // touches a device (this runs in CPU-only builds too).
+  forward_case("PagedCudaRowsNot16Bytes", "key", ErrorKind::kUnsupported,
+               [](fsa::ForwardArgs& a, Scratch& s) {
+                 static const int32_t table[2] = {0, 1};
+                 a.key = make_view(static_cast<uint8_t*>(s.data()) + 4, a.key.dtype, {2, 4, 2, 8},
+                                   {64, 16, 8, 1});
+                 a.value = a.key;
+                 a.paged_kv = fsa::PagedKV{table, 2};
+                 a.query.device = cuda0();
+               });
 
   // Backward only.
   auto backward_case = [&](std::string name, std::string argument, ErrorKind kind,
