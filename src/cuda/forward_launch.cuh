@@ -13,10 +13,10 @@
 namespace fsa::detail::cuda {
 
 // The Hopper kernel serves prefill on sm_90 devices (the sm_90a image of this build). Decode-style
-// GQA packing stays on the sm80 kernel: two of its CTAs share an SM, which a memory-bound pass of
-// mostly padded rows needs more than wgmma. So does a paged cache: only the sm80 kernel loads rows
-// through a page table. FSA_CUDA_FORWARD=sm80 forces the sm80 kernel (for A/B
-// measurements on one card).
+// GQA packing stays on the sm80 kernel (its split-key layout, tiles.h, keeps several K / V tiles
+// loading per CTA, which a memory-bound pass needs more than wgmma), and so does a paged cache:
+// only the sm80 kernel loads rows through a page table. FSA_CUDA_FORWARD=sm80 forces the sm80
+// kernel (for A/B measurements on one card).
 inline bool use_sm90_forward(const ForwardParams& params) {
   static const bool forced_sm80 = env_is("FSA_CUDA_FORWARD", "sm80");
   if (forced_sm80 || params.pack_gqa || params.paged.table != nullptr) return false;
