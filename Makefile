@@ -32,7 +32,7 @@ test-python:
 	.venv/bin/python -m pytest tests/python -q
 
 bench: build
-	$(BUILD)/fsa_bench
+	$(BUILD)/fsa_bench --tiles
 
 clean:
 	rm -rf $(BUILD)

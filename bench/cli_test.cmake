@@ -1,11 +1,13 @@
-# ctest of the bench CLI on the CPU backend (about a second): every mode, a block selection, a key
-# mask, fp32, --json (each line parsed) and flag errors (exit status 2, the flag named).
+# ctest of the bench program (fsa_bench) on the CPU backend (a few seconds): the workload mode's
+# every pass, a block selection, a key mask, fp32, --json (each line parsed) and flag errors (exit
+# status 2, the flag named); the --tiles mode; the usage without a mode; --check / --bench refused
+# by a build without CUDA (WITH_CUDA=OFF).
 #
-#   cmake -DCLI=build/fsa_bench_cli -P bench/cli_test.cmake
+#   cmake -DCLI=build/fsa_bench [-DWITH_CUDA=ON] -P bench/cli_test.cmake
 
 cmake_minimum_required(VERSION 3.24)
 if(NOT CLI)
-  message(FATAL_ERROR "pass -DCLI=<path to fsa_bench_cli or fsa_bench_cuda>")
+  message(FATAL_ERROR "pass -DCLI=<path to fsa_bench>")
 endif()
 
 # run_cli(<expected exit status> <regex the output must match> <args...>); sets `cli_out`.
@@ -73,3 +75,14 @@ run_cli(2 "--density: expected a fraction" ${cpu} --shape 1,64,64,1,1,64 --densi
 run_cli(2 "--select-block: .*multiples of the plan's tiles" ${cpu} --shape 1,256,256,1,1,64
         --top-k 1 --select-block 96)
 run_cli(2 "unknown argument '--bogus'" ${cpu} --bogus)
+
+# The CPU skipping benchmark: both cases, the speedup line; a bad flag is named.
+run_cli(0 "no mask, causal .*\ntile mask \\+ causal .*speedup over no mask: forward [0-9.]+x"
+        --tiles --seqlen 256 --heads 2 --kv-heads 1 --dim 64 --reps 1 --threads 1)
+run_cli(2 "--tiles: unknown argument '--shape'" --tiles --shape 1,64,64,1,1,64)
+run_cli(2 "not with --check" --tiles --check)
+# Without a mode: the usage, every mode named.
+run_cli(2 "fsa_bench --shape.*fsa_bench --tiles.*fsa_bench --check.*fsa_bench --bench")
+if(NOT WITH_CUDA)
+  run_cli(2 "--check and --bench need the CUDA backend" --check)
+endif()

@@ -1,199 +1,93 @@
-// CPU benchmark of the block-map skipping: the same causal problem with no mask and with a mask
-// that keeps a fraction of whole 64x64 tiles, forward and backward. Reports median wall time,
-// the measured densities, effective GFLOP/s over kept entries (4*Sq*Sk*D*density per head,
-// x2.5 for backward) and the dense-equivalent rate.
+// The library's C++ bench program, every mode in one binary (built with or without CUDA):
 //
-//   ./build/fsa_bench [--seqlen 4096] [--heads 8] [--kv-heads 2] [--dim 64] [--batch 1]
-//                     [--tile-density 0.10] [--reps 5] [--dtype bf16|fp16|fp32] [--threads N]
+//   fsa_bench --shape B,Sq,Sk,H,Hk,D [...]   one workload on one device (--help lists the flags):
+//                                           CUDA events (or std::chrono on the CPU backend),
+//                                           warmup, median / min / p90, cold L2, --json
+//   fsa_bench --tiles [--seqlen N ...]       the CPU backend's block-map skipping (issue #2)
+//   fsa_bench --check                        CUDA forward and backward against the CPU backend
+//   fsa_bench --bench [--reps N] [--json]    the issue's three CUDA workloads
+//
+//   ./build/fsa_bench --shape 2,16384,16384,16,16,128 --causal --mode fwd,bwd,fwdbwd
+//   ./build/fsa_bench --shape 1,16384,16384,32,8,128 --causal --density 0.1 --json
+//   ./build/fsa_bench --shape 1,1,524288,32,8,128 --causal --key-mask-every 8
+//   ./build/fsa_bench --device cpu --shape 1,256,256,2,1,64 --causal --reps 3
+//
+// --check and --bench need the CUDA backend; without it they exit with status 2 and say so. The
+// workload mode runs on CUDA by default where the build has it, else on the CPU.
 
-#include <algorithm>
-#include <chrono>
-#include <cmath>
 #include <cstdio>
-#include <cstdlib>
-#include <cstring>
-#include <random>
+#include <exception>
 #include <string>
 #include <vector>
 
-#include "fsa/fsa.h"
+#include "bench_modes.h"
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
+constexpr const char* kModes =
+    "usage: fsa_bench --shape B,Sq,Sk,H,Hk,D [...]   one workload (--help lists its flags)\n"
+    "       fsa_bench --tiles [--seqlen N] [--heads N] [--kv-heads N] [--dim N] [--batch N]\n"
+    "                         [--tile-density P] [--reps N] [--dtype bf16|fp16|fp32] "
+    "[--threads N]\n"
+    "       fsa_bench --check                        (CUDA builds)\n"
+    "       fsa_bench --bench [--reps N] [--warmup N] [--l2 rotate|flush|warm] [--json] "
+    "(CUDA builds)\n";
 
-struct Config {
-  int64_t batch = 1, seqlen = 4096, heads = 8, kv_heads = 2, dim = 64;
-  double tile_density = 0.10;  // fraction of all 64x64 tiles the mask keeps (diagonal included)
-  int reps = 5;
-  fsa::DType dtype = fsa::DType::kBFloat16;
-  int threads = 0;
-};
-
-Config parse(int argc, char** argv) {
-  Config c;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    auto next = [&]() -> const char* {
-      if (i + 1 >= argc) {
-        std::fprintf(stderr, "%s: missing value\n", a.c_str());
-        std::exit(2);
-      }
-      return argv[++i];
-    };
-    if (a == "--seqlen") c.seqlen = std::atoll(next());
-    else if (a == "--heads") c.heads = std::atoll(next());
-    else if (a == "--kv-heads") c.kv_heads = std::atoll(next());
-    else if (a == "--dim") c.dim = std::atoll(next());
-    else if (a == "--batch") c.batch = std::atoll(next());
-    else if (a == "--tile-density") c.tile_density = std::atof(next());
-    else if (a == "--reps") c.reps = std::atoi(next());
-    else if (a == "--threads") c.threads = std::atoi(next());
-    else if (a == "--dtype") {
-      const std::string d = next();
-      if (d == "bf16") c.dtype = fsa::DType::kBFloat16;
-      else if (d == "fp16") c.dtype = fsa::DType::kFloat16;
-      else if (d == "fp32") c.dtype = fsa::DType::kFloat32;
-      else {
-        std::fprintf(stderr, "--dtype: expected bf16, fp16 or fp32, got %s\n", d.c_str());
-        std::exit(2);
-      }
-    } else {
-      std::fprintf(stderr, "unknown argument %s (see the header of bench/fsa_bench.cc)\n", a.c_str());
-      std::exit(2);
+int check_and_bench(bool do_check, bool do_bench, const std::vector<std::string>& rest) {
+#ifdef FSA_WITH_CUDA
+  fsa_bench::Cli cli;  // --device cuda
+  try {
+    fsa_bench::parse_cli(rest, cli);
+    if (cli.has_shape) throw fsa_bench::UsageError("--shape: not with --check / --bench");
+  } catch (const fsa_bench::UsageError& e) {
+    std::fprintf(stderr, "fsa_bench: %s\n%s", e.what(), kModes);
+    return 2;
+  }
+  int rc = 0;
+  if (do_check) rc |= fsa_bench::cuda_check();
+  if (do_bench) {
+    try {
+      rc |= fsa_bench::cuda_bench(cli.timing, cli.json);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "fsa_bench --bench: error: %s\n", e.what());
+      rc = 1;
     }
   }
-  return c;
-}
-
-// Random bytes of a float dtype holding N(0, 1) values.
-std::vector<uint8_t> random_tensor(int64_t n, fsa::DType dtype, std::mt19937& rng) {
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  std::vector<uint8_t> bytes(size_t(n) * fsa::dtype_size(dtype));
-  for (int64_t i = 0; i < n; ++i) {
-    const float f = normal(rng);
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    if (dtype == fsa::DType::kFloat32) {
-      std::memcpy(bytes.data() + 4 * i, &f, 4);
-    } else if (dtype == fsa::DType::kBFloat16) {
-      const uint16_t h = uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-      std::memcpy(bytes.data() + 2 * i, &h, 2);
-    } else {  // fp16 of a value in normal range: truncation is fine for benchmark data
-      const uint32_t sign = (u >> 16) & 0x8000u;
-      const int32_t e = int32_t((u >> 23) & 0xff) - 127 + 15;
-      const uint16_t h = e <= 0 ? uint16_t(sign) : uint16_t(sign | (uint32_t(e) << 10) | ((u >> 13) & 0x3ffu));
-      std::memcpy(bytes.data() + 2 * i, &h, 2);
-    }
-  }
-  return bytes;
-}
-
-template <typename F>
-double median_seconds(int reps, F&& f) {
-  f();  // warm-up: thread pool start, page faults of the outputs
-  std::vector<double> t;
-  for (int r = 0; r < reps; ++r) {
-    const auto t0 = Clock::now();
-    f();
-    t.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
-  }
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
+  return rc;
+#else
+  (void)do_check, (void)do_bench, (void)rest;
+  std::fprintf(stderr, "fsa_bench: --check and --bench need the CUDA backend, which this build "
+                       "does not have (the workload mode runs on the CPU: --device cpu)\n");
+  return 2;
+#endif
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  const Config c = parse(argc, argv);
-  if (c.threads > 0) fsa::set_num_threads(c.threads);
-  const int64_t B = c.batch, S = c.seqlen, H = c.heads, Hk = c.kv_heads, D = c.dim;
-  constexpr int64_t kTile = 64;
-  std::mt19937 rng(7);
-  auto q = random_tensor(B * S * H * D, c.dtype, rng);
-  auto k = random_tensor(B * S * Hk * D, c.dtype, rng);
-  auto v = random_tensor(B * S * Hk * D, c.dtype, rng);
-  auto dout = random_tensor(B * S * H * D, c.dtype, rng);
-  std::vector<uint8_t> out(q.size()), dq(q.size()), dk(k.size()), dv(v.size());
-  std::vector<float> lse(size_t(B * H * S));
-
-  // Whole-tile mask (B, Hk, S, S): every diagonal tile, plus off-diagonal tiles drawn uniformly
-  // over the whole grid so that `tile_density` of all tiles are kept. Causality then drops the
-  // kept tiles above the diagonal (about half of them).
-  const int64_t nt = (S + kTile - 1) / kTile;
-  const double all_tiles = double(nt) * double(nt);
-  const double p_off =
-      std::clamp((c.tile_density * all_tiles - double(nt)) / (all_tiles - double(nt)), 0.0, 1.0);
-  std::vector<uint8_t> mask(size_t(B * Hk * S * S), 0);
-  std::bernoulli_distribution keep(p_off);
-  int64_t mask_tiles = 0;
-  for (int64_t bh = 0; bh < B * Hk; ++bh) {
-    for (int64_t ti = 0; ti < nt; ++ti) {
-      for (int64_t tj = 0; tj < nt; ++tj) {
-        if (tj != ti && !keep(rng)) continue;
-        ++mask_tiles;
-        for (int64_t i = ti * kTile; i < std::min(S, (ti + 1) * kTile); ++i) {
-          std::memset(mask.data() + (bh * S + i) * S + tj * kTile, 1,
-                      size_t(std::min(kTile, S - tj * kTile)));
-        }
-      }
-    }
+  bool tiles = false, do_check = false, do_bench = false;
+  std::vector<std::string> rest;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--tiles") tiles = true;
+    else if (a == "--check") do_check = true;
+    else if (a == "--bench") do_bench = true;
+    else rest.push_back(a);
   }
-
-  using fsa::TensorView;
-  fsa::ForwardArgs fw;
-  fw.query = TensorView::contiguous(q.data(), c.dtype, {B, S, H, D});
-  fw.key = TensorView::contiguous(k.data(), c.dtype, {B, S, Hk, D});
-  fw.value = TensorView::contiguous(v.data(), c.dtype, {B, S, Hk, D});
-  fw.out = TensorView::contiguous(out.data(), c.dtype, {B, S, H, D});
-  fw.lse = TensorView::contiguous(lse.data(), fsa::DType::kFloat32, {B, H, S});
-  fw.options.is_causal = true;
-  fsa::BackwardArgs bw;
-  bw.query = fw.query;
-  bw.key = fw.key;
-  bw.value = fw.value;
-  bw.out = fw.out;
-  bw.lse = *fw.lse;
-  bw.dout = TensorView::contiguous(dout.data(), c.dtype, {B, S, H, D});
-  bw.options = fw.options;
-  bw.dquery = TensorView::contiguous(dq.data(), c.dtype, {B, S, H, D});
-  bw.dkey = TensorView::contiguous(dk.data(), c.dtype, {B, S, Hk, D});
-  bw.dvalue = TensorView::contiguous(dv.data(), c.dtype, {B, S, Hk, D});
-
-  std::printf("fsa_bench (CPU, %d threads): B=%lld S=%lld H=%lld Hk=%lld D=%lld %s causal, "
-              "median of %d\n", fsa::num_threads(), (long long)B, (long long)S, (long long)H,
-              (long long)Hk, (long long)D, fsa::to_string(c.dtype).c_str(), c.reps);
-  std::printf("mask keeps %.2f%% of all %lldx%lld tiles (before causality)\n",
-              100.0 * double(mask_tiles) / (all_tiles * double(B * Hk)), (long long)kTile,
-              (long long)kTile);
-  std::printf("%-22s %10s %10s %12s %12s %10s %10s\n", "case", "kept", "tiles", "fwd ms",
-              "bwd ms", "fwd GF/s", "bwd GF/s");
-  double fwd_dense = 0, bwd_dense = 0;
-  for (int masked = 0; masked < 2; ++masked) {
-    std::optional<TensorView> m;
-    if (masked) m = TensorView::contiguous(mask.data(), fsa::DType::kBool, {B, Hk, S, S});
-    const auto t0 = Clock::now();
-    const fsa::Plan plan = fsa::make_plan(fw.query, fw.key, m, true);
-    const double plan_ms = 1e3 * std::chrono::duration<double>(Clock::now() - t0).count();
-    fw.attn_mask = bw.attn_mask = m;
-    fw.plan = bw.plan = &plan;
-    const double tf = median_seconds(c.reps, [&] { fsa::forward(fw); });
-    const double tb = median_seconds(c.reps, [&] { fsa::backward(bw); });
-    // Effective flops over kept entries: 4 * Sq * Sk * D * density per head (x2.5 backward).
-    const double kept_flops = 4.0 * double(S) * double(S) * double(D) * plan.kept_density() *
-                              double(B * H);
-    std::printf("%-22s %9.2f%% %9.2f%% %12.1f %12.1f %10.1f %10.1f\n",
-                masked ? "tile mask + causal" : "no mask, causal", 100 * plan.kept_density(),
-                100 * plan.visited_tile_fraction(), 1e3 * tf, 1e3 * tb, kept_flops / tf * 1e-9,
-                2.5 * kept_flops / tb * 1e-9);
-    if (masked) {
-      std::printf("plan of the masked case: %.1f ms (one read of the (B, Hk, S, S) mask)\n", plan_ms);
-      std::printf("speedup over no mask: forward %.2fx, backward %.2fx\n", fwd_dense / tf,
-                  bwd_dense / tb);
-    } else {
-      fwd_dense = tf;
-      bwd_dense = tb;
-    }
+  if (tiles && (do_check || do_bench)) {
+    std::fprintf(stderr, "fsa_bench: --tiles is a mode of its own, not with --check / --bench\n%s",
+                 kModes);
+    return 2;
   }
-  return 0;
+  if (tiles) return fsa_bench::tiles_main(rest);
+  if (do_check || do_bench) return check_and_bench(do_check, do_bench, rest);
+  if (rest.empty()) {
+    std::fprintf(stderr, "%s", kModes);
+    return 2;
+  }
+  fsa_bench::Cli defaults;
+#ifndef FSA_WITH_CUDA
+  defaults.timing.device = fsa::DeviceType::kCPU;
+#endif
+  return fsa_bench::cli_main("fsa_bench", rest, defaults);
 }

@@ -1,6 +1,6 @@
 #pragma once
-// One attention workload timed on one device, the library alone: the engine behind the generic
-// mode of fsa_bench_cli / fsa_bench_cuda (`--shape ...`) and behind `fsa_bench_cuda --bench`.
+// One attention workload timed on one device, the library alone: the engine behind fsa_bench's
+// workload mode (`--shape ...`) and behind `fsa_bench --bench`.
 //
 // Method (printed with every run):
 //   - every input, output, plan and flush buffer is allocated before timing; on CUDA the

@@ -51,11 +51,11 @@ fi
 grep -iE "spill|warning" "$OUT/build.log" | grep -v "0 bytes spill" | head -n 20
 
 step "check: CUDA forward vs CPU backend"
-./$build/fsa_bench_cuda --check 2>&1 | tee "$OUT/check.log" || status=1
+./$build/fsa_bench --check 2>&1 | tee "$OUT/check.log" || status=1
 
 if [ $sanitize = 1 ]; then
   step "compute-sanitizer memcheck (checks)"
-  compute-sanitizer --tool memcheck --error-exitcode 9 ./$build/fsa_bench_cuda --check \
+  compute-sanitizer --tool memcheck --error-exitcode 9 ./$build/fsa_bench --check \
     > "$OUT/memcheck.log" 2>&1
   rc=$?
   tail -n 3 "$OUT/memcheck.log"
@@ -63,7 +63,7 @@ if [ $sanitize = 1 ]; then
 fi
 
 step "bench (library alone)"
-./$build/fsa_bench_cuda --bench --reps "$reps" 2>&1 | tee "$OUT/bench.log" || status=1
+./$build/fsa_bench --bench --reps "$reps" 2>&1 | tee "$OUT/bench.log" || status=1
 
 if [ $python = 1 ]; then
   step "python package (CUDA build)"

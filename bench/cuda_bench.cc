@@ -1,12 +1,10 @@
-// CUDA forward and backward: correctness against the CPU backend on small shapes (--check), timings
-// of the three workloads (--bench), and any one workload (--shape ..., the flags of
-// fsa_bench_cli). Timing is bench/workload_bench.h's: CUDA events, warmup, median / min / p90,
-// cold L2, no allocation in the timed loop. Peers (SDPA, FlexAttention) are timed by the Python
-// comparison script in the same run.
+// `fsa_bench --check` and `fsa_bench --bench` (CUDA builds): the CUDA forward and backward
+// against the CPU backend on small shapes, and timings of the three workloads. Timing is
+// bench/workload_bench.h's: CUDA events, warmup, median / min / p90, cold L2, no allocation in the
+// timed loop. Peers (SDPA, FlexAttention) are timed by bench/compare.py in the same run.
 //
-//   ./build/fsa_bench_cuda --check
-//   ./build/fsa_bench_cuda --bench [--reps 20] [--warmup 5] [--l2 rotate|flush|warm] [--json]
-//   ./build/fsa_bench_cuda --shape 1,16384,16384,32,8,128 --causal --density 0.1 --mode fwd,bwd
+//   ./build/fsa_bench --check
+//   ./build/fsa_bench --bench [--reps 20] [--warmup 5] [--l2 rotate|flush|warm] [--json]
 
 #include <cuda_runtime.h>
 
@@ -19,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_modes.h"
 #include "fsa/fsa.h"
 #include "workload_bench.h"
 
@@ -350,7 +349,11 @@ bool run_check(const Case& c, std::mt19937& rng) {
   return ok && bok;
 }
 
-int check() {
+}  // namespace
+
+namespace fsa_bench {
+
+int cuda_check() {
   std::mt19937 rng(2024);
   const Case cases[] = {
       {"dense (2,512,512,8,8,64)", 2, 512, 512, 8, 8, 64, false, 0, 0, 0},
@@ -393,7 +396,7 @@ int check() {
 // The three workloads through the workload engine (bench/workload_bench.h: CUDA events,
 // warmup, median / min / p90, cold L2, scratch from a pool that keeps its memory), under the row
 // names of the earlier runs so that their numbers stay comparable.
-int bench(const fsa_bench::Timing& timing, bool json) {
+int cuda_bench(const Timing& timing, bool json) {
   using fsa_bench::Mode;
   struct Item {
     fsa_bench::Workload workload;
@@ -433,7 +436,7 @@ int bench(const fsa_bench::Timing& timing, bool json) {
   for (const Item& item : items) {
     const fsa_bench::Result r = fsa_bench::run_workload(item.workload, item.modes, timing);
     if (!json && notes.empty()) {
-      fsa_bench::print_header(r, "fsa_bench_cuda --bench (the issue's workloads, bf16)");
+      fsa_bench::print_header(r, "fsa_bench --bench (the issue's workloads, bf16)");
       fsa_bench::print_table_columns("workload", 52);
     }
     notes.push_back(fsa_bench::describe(item.workload) + ": " + r.cache);
@@ -452,44 +455,4 @@ int bench(const fsa_bench::Timing& timing, bool json) {
   return 0;
 }
 
-}  // namespace
-
-int main(int argc, char** argv) {
-  bool do_check = false, do_bench = false;
-  std::vector<std::string> rest;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    if (a == "--check") do_check = true;
-    else if (a == "--bench") do_bench = true;
-    else rest.push_back(a);
-  }
-  const fsa_bench::Cli defaults;  // --device cuda
-  if (!do_check && !do_bench) {
-    // One workload (--shape ...; also --help), or with no arguments: --check and --bench.
-    if (!rest.empty()) return fsa_bench::cli_main("fsa_bench_cuda", rest, defaults);
-    do_check = do_bench = true;
-  }
-  fsa_bench::Cli cli = defaults;
-  try {
-    fsa_bench::parse_cli(rest, cli);
-    if (cli.has_shape) throw fsa_bench::UsageError("--shape: not with --check / --bench");
-  } catch (const fsa_bench::UsageError& e) {
-    std::fprintf(stderr,
-                 "fsa_bench_cuda: %s\nusage: fsa_bench_cuda [--check] [--bench [--reps N] "
-                 "[--warmup N] [--l2 rotate|flush|warm] [--json]]\n"
-                 "       fsa_bench_cuda --shape B,Sq,Sk,H,Hk,D [...] (--help lists the flags)\n",
-                 e.what());
-    return 2;
-  }
-  int rc = 0;
-  if (do_check) rc |= check();
-  if (do_bench) {
-    try {
-      rc |= bench(cli.timing, cli.json);
-    } catch (const std::exception& e) {
-      std::fprintf(stderr, "fsa_bench_cuda --bench: error: %s\n", e.what());
-      rc = 1;
-    }
-  }
-  return rc;
-}
+}  // namespace fsa_bench
