@@ -7,7 +7,7 @@ Sq x Sk) and a bias score_mod. Every peer's output is checked against ours befor
 peer that errors or runs out of memory is reported as such. Times are CUDA-event medians.
 
     python3 bench/compare.py [--reps 20] [--json out.json]
-                             [--only dense,trainable,decode,bias,topk,varlen]
+                             [--only dense,trainable,decode,bias,topk,varlen,kvcache]
                              [--topk-cases key16k,row16k,key32k,mem32k,keyref,rowref]
 
 (`bias` is not in the default set: forward + backward with full biases broadcast over batch/heads,
@@ -27,6 +27,9 @@ issues set bars on, and the peak memory of the per-row forward + backward agains
 1/8 of the 128-key blocks, batches 1, 8 and 64, the L2 cache flushed before every rep; ours one
 call between the events and 8 back to back, ours over a paged cache (pages of 64), SDPA flash over
 all keys, FlexAttention at batch 1, and the device's copy bandwidth measured in the same run.
+`kvcache` (not in the default set): a decode step over caches with per-sequence lengths
+(cache_seqlens in the kernels, one plan for every step) against the lengths written into the mask
+and SDPA over every cache key, 8 calls back to back, L2 flushed.
 `varlen` (not in the default set) is issue #15's packed training batch: 16 documents of random
 lengths in 64K tokens, causal, a per-key bias with its gradient; one packed call against the
 documents one by one and against FlexAttention with a document mask.
@@ -406,6 +409,70 @@ def decode(table, reps, H=32, Hk=8, D=128, keep_every=8, block=128, page=64):
             peer(table, name, "FlexAttention (BlockMask)",
                  lambda: flex_compiled(qh, kh, vh, block_mask=bm, enable_gqa=True).transpose(1, 2),
                  ours, 2e-2, reps, None, kept_bytes)
+        del q, k, v
+        torch.cuda.empty_cache()
+
+
+# (B, cache keys, lengths drawn from [lo, hi) keys): a cache filled near its size, and one
+# allocated for a longer context than the sequences hold so far (most of its blocks past them).
+KVCACHE_CASES = [(8, 32768, 16384, 32768), (1, 524288, 393216, 524288), (8, 131072, 4096, 12288),
+                 (64, 32768, 8192, 32768)]
+
+
+def kvcache_lengths(table, reps, H=32, Hk=8, D=128, keep_every=8, block=128):
+    """A decode step over a cache with per-sequence lengths (flash_sparse_attn_with_kvcache's
+    cache_seqlens), a key mask keeping 1/8 of the 128-key blocks, causal, the L2 cache flushed
+    before every rep, per call over 8 calls back to back (a decode loop's host running ahead; the
+    lengths a new tensor every call). Ours with the lengths in the kernels (one plan for every
+    step; blocks past a length skipped), against the lengths written into the mask (what the
+    call did before: a new mask, so a new plan, every step), and SDPA flash over every key of the
+    cache. GB/s over the kept K + V bytes within the lengths."""
+    from torch.nn.attention import SDPBackend
+    from flash_sparse_attn import flash_sparse_attn_with_kvcache
+    for B, Sk, lo, hi in KVCACHE_CASES:
+        name = (f"decode step, cache ({B},{Sk},{Hk},{D}) lengths [{lo},{hi}) "
+                f"1/{keep_every} blocks bf16")
+        print(name, flush=True)
+        g = torch.Generator(device="cuda").manual_seed(B + Sk)
+        q = torch.randn(B, 1, H, D, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(B, Sk, Hk, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        keep_blocks = (torch.arange(Sk // block, device="cuda") % keep_every) == 0
+        mask = keep_blocks.repeat_interleave(block)[None, None, None, :]
+        lens = torch.randint(lo, hi, (B,), device="cuda", generator=g, dtype=torch.int32)
+        kept = int((mask[0, 0, 0][None, :] & (torch.arange(Sk, device="cuda")[None, :] <
+                                               lens[:, None])).sum())
+        kept_bytes = 2 * kept * Hk * D * 2
+        keys = torch.arange(Sk, device="cuda")
+
+        def ours():
+            return flash_sparse_attn_with_kvcache(q, k, v, lens.clone(), attn_mask=mask,
+                                                  is_causal=True)
+
+        def as_mask():
+            held = keys[None, None, None, :] < lens.clone().view(B, 1, 1, 1)
+            return flash_sparse_attn_with_kvcache(q, k, v, attn_mask=held & mask, is_causal=True)
+
+        with torch.no_grad():
+            out = ours()
+            err = max_err(out, as_mask())
+            ok = math.isfinite(err) and err <= 2e-2
+            ms = flushed_ms(ours, reps, calls=8)
+            table.add(name, "flash_sparse_attn, cache_seqlens", ms, None,
+                      "per call, 8 back to back; kept K+V bytes", kept_bytes)
+            ms_mask = flushed_ms(as_mask, reps, calls=8)
+            table.add(name, "flash_sparse_attn, lengths as a mask", ms_mask, None,
+                      ("max|diff| vs cache_seqlens %.2e" % err) if ok else
+                      f"WRONG: max|diff| vs cache_seqlens {err:.3g}", kept_bytes,
+                      lengths_speedup=ms_mask / ms)
+            try:
+                ms_sdpa = flushed_ms(
+                    lambda: sdpa(q, k, v, SDPBackend.FLASH_ATTENTION, enable_gqa=True), reps,
+                    calls=8)
+                table.add(name, "SDPA flash, every cache key (dense)", ms_sdpa, None,
+                          "all K+V bytes", 2 * B * Sk * Hk * D * 2, ours_ratio=ms / ms_sdpa)
+            except Exception as e:  # noqa: BLE001
+                table.add(name, "SDPA flash, every cache key (dense)",
+                          note=f"error: {str(e)[:100]}")
         del q, k, v
         torch.cuda.empty_cache()
 
@@ -1062,7 +1129,7 @@ def main():
     table = Table()
     runs = {"dense": dense_causal, "trainable": trainable_mask, "decode": decode,
             "bias": broadcast_bias, "topk": lambda table, reps: topk(table, reps, cases),
-            "varlen": varlen}
+            "varlen": varlen, "kvcache": kvcache_lengths}
     for key in args.only.split(","):
         runs[key](table, args.reps)
     if args.json:

@@ -23,8 +23,8 @@ struct AttentionOptions {
 // A paged K / V cache (forward only; docs/numerics.md, "Paged KV cache"): key and value are pages
 // (num_pages, page_size, Hk, D), and batch b's key j is row j % page_size of page
 // page_table[b * max_pages + j / page_size], so the problem's Sk is max_pages * page_size: masks,
-// biases and causality see that key axis, and keys past a sequence's length are the caller's to
-// mask (the Python API does, from cache_seqlens). page_table: (B, max_pages) int32, contiguous, in
+// biases and causality see that key axis, and ForwardArgs::cache_seqlens bounds each sequence's
+// keys within it. page_table: (B, max_pages) int32, contiguous, in
 // memory of the query's device. The CPU backend checks that every entry names a page (0 <= entry
 // < num_pages); CUDA never reads the table on the host, and clamps an entry into that range on
 // the device (it reads a page, never memory past the cache). On CUDA the rows must be 16-byte
@@ -46,6 +46,17 @@ struct ForwardArgs {
   const Plan* plan = nullptr;           // built from attn_mask and causality when null
   void* stream = nullptr;               // cudaStream_t for CUDA tensors; ignored on the CPU
   std::optional<PagedKV> paged_kv;      // key / value as pages of a cache (above)
+  // Per-sequence key lengths of a cache (decode, chunked prefill): (B,) int32, contiguous, in
+  // memory of the query's device, or null (every batch holds all Sk keys). Batch b holds keys
+  // [0, cache_seqlens[b]): the rest are dropped for all its rows (whatever K / V hold there, NaN
+  // included), and with is_causal row i sees keys j <= i + cache_seqlens[b] - Sq (bottom-right
+  // within the sequence's own length). The lengths are read by the kernels, not by the plan: a
+  // plan built for the full key axis (shapes, attn_mask, causality) serves every step of a decode
+  // loop whose lengths change. The CPU backend checks 0 <= length <= Sk; CUDA never reads them on
+  // the host and clamps each into that range on the device. Not with a plan that holds compacted
+  // keys and no map of the full key axis (PlanOptions::compact_keys = kNever for such calls); a
+  // compacted plan with a map runs its map.
+  const int32_t* cache_seqlens = nullptr;
 };
 
 // The (B, max_pages * page_size, Hk, D) key axis a paged cache presents (shape and the row and head

@@ -338,9 +338,20 @@ NB_MODULE(_C, m) {
          const std::optional<InArray>& attn_mask, const std::optional<InArray>& attn_bias,
          const OutArray& out, const std::optional<OutArray>& lse,
          std::optional<double> softmax_scale, bool is_causal, double softcap, const fsa::Plan* plan,
-         uintptr_t stream, const std::optional<InArray>& page_table) {
+         uintptr_t stream, const std::optional<InArray>& page_table,
+         const std::optional<InArray>& cache_seqlens) {
         fsa::ForwardArgs a;
         a.query = to_view(query, "query");
+        if (cache_seqlens) {
+          a.cache_seqlens =
+              int32_data(*cache_seqlens, "cache_seqlens", a.query.device, "sequence lengths");
+          if (cache_seqlens->ndim() != 1 || int64_t(cache_seqlens->shape(0)) != a.query.shape[0] ||
+              (cache_seqlens->shape(0) > 1 && cache_seqlens->stride(0) != 1)) {
+            throw fsa::Error(fsa::ErrorKind::kShape, "cache_seqlens",
+                             "expected a contiguous 1-D (batch,) array with batch " +
+                                 std::to_string(a.query.shape[0]) + " (the query's)");
+          }
+        }
         if (page_table) {
           a.paged_kv = to_page_table(*page_table, a.query.device);
           if (a.paged_kv->max_pages > 0 && int64_t(page_table->shape(0)) != a.query.shape[0]) {
@@ -366,9 +377,11 @@ NB_MODULE(_C, m) {
       nb::arg("attn_bias").none(), nb::arg("out"), nb::arg("lse").none(),
       nb::arg("softmax_scale").none(), nb::arg("is_causal"), nb::arg("softcap"),
       nb::arg("plan").none(), nb::arg("stream") = 0, nb::arg("page_table").none() = nb::none(),
+      nb::arg("cache_seqlens").none() = nb::none(),
       "out (B, Sq, H, D) and, when given, lse (B, H, Sq) fp32 are written in place. page_table "
       "(B, max_pages) int32: key and value are pages (num_pages, page_size, Hk, D) of a cache "
-      "(ForwardArgs::paged_kv).");
+      "(ForwardArgs::paged_kv). cache_seqlens (B,) int32: batch b holds keys "
+      "[0, cache_seqlens[b]) (ForwardArgs::cache_seqlens).");
 
   m.def(
       "backward",

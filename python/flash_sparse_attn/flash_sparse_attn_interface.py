@@ -127,7 +127,8 @@ def _offsets(cu_seqlens, device):
 
 
 def _make_plan(q, k, attn_mask, is_causal, block_mask, block_m, block_n, attn_bias=None,
-               row_topk=0, max_kept=0, intervals=False, compacted_only=False, packed=None):
+               row_topk=0, max_kept=0, intervals=False, compacted_only=False, packed=None,
+               compact_keys="auto"):
     """block_m x block_n is the tile of block_mask (the selection); the plan's own tile is the
     backend's default, except on the CPU, which runs any tile and then simply uses the
     selection's (a selection tile must be a whole multiple of the plan's). row_topk > 0: the plan
@@ -138,7 +139,8 @@ def _make_plan(q, k, attn_mask, is_causal, block_mask, block_m, block_n, attn_bi
     per-row top-k masks, sliding windows), compacts its keys like per-row top-k. compacted_only:
     every call with the plan has a _query_invariant bias (the plan cache keys by it), so a
     compacted CUDA plan need not map the full key axis. packed: (cu_seqlens_q, cu_seqlens_k) of
-    packed sequences (q and k are (1, total, heads, D))."""
+    packed sequences (q and k are (1, total, heads, D)). compact_keys: make_plan's ('never' for
+    calls with cache lengths, which run the map of the full key axis)."""
     if packed is not None:
         return _C.make_plan(
             _dl(q), _dl(k), _dl(attn_mask), is_causal, stream=_stream(q),
@@ -155,8 +157,9 @@ def _make_plan(q, k, attn_mask, is_causal, block_mask, block_m, block_n, attn_bi
                          topk_min_value=float(torch.finfo(attn_bias.dtype).min))
     return _C.make_plan(
         _dl(q), _dl(k), _dl(attn_mask), is_causal, plan_m, plan_n, _dl(block_mask), block_m,
-        block_n, _stream(q), max_kept_keys=max_kept, mask_key_intervals=mask_key_intervals,
-        compacted_calls_only=bool(compacted_only), **topk_args,
+        block_n, _stream(q), compact_keys=compact_keys, max_kept_keys=max_kept,
+        mask_key_intervals=mask_key_intervals, compacted_calls_only=bool(compacted_only),
+        **topk_args,
     )
 
 
@@ -186,17 +189,17 @@ class _PlanCache:
         return (id(t), t._version, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
 
     def get(self, q, k, attn_mask, is_causal, block_mask, block_m, block_n, attn_bias=None,
-            row_topk=0, max_kept=0, packed=None):
+            row_topk=0, max_kept=0, packed=None, compact_keys="auto"):
         stream = _stream(q)
         topk_bias = attn_bias if row_topk else None
         cu_q, cu_k = packed if packed is not None else (None, None)
-        intervals = packed is None and _interval_candidate(q, attn_mask, block_mask, attn_bias,
-                                                           row_topk, max_kept)
-        compacted_only = _query_invariant(attn_bias)
+        intervals = packed is None and compact_keys != "never" and _interval_candidate(
+            q, attn_mask, block_mask, attn_bias, row_topk, max_kept)
+        compacted_only = compact_keys != "never" and _query_invariant(attn_bias)
         key = (tuple(q.shape), tuple(k.shape), q.device, stream, is_causal, block_m, block_n,
                self._tensor_key(attn_mask), self._tensor_key(block_mask), row_topk, max_kept,
                self._tensor_key(topk_bias), intervals, compacted_only, self._tensor_key(cu_q),
-               self._tensor_key(cu_k))
+               self._tensor_key(cu_k), compact_keys)
         tensors = (attn_mask, block_mask, topk_bias, cu_q, cu_k)
         with self._lock:
             entry = self._entries.get(key)
@@ -206,7 +209,7 @@ class _PlanCache:
                     self._entries.move_to_end(key)
                     return plan
         plan = _make_plan(q, k, attn_mask, is_causal, block_mask, block_m, block_n, attn_bias,
-                          row_topk, max_kept, intervals, compacted_only, packed)
+                          row_topk, max_kept, intervals, compacted_only, packed, compact_keys)
         drop = self._drop_callback(key)
         refs = tuple(None if t is None else weakref.ref(t, drop) for t in tensors)
         with self._lock:
@@ -239,13 +242,13 @@ def clear_plan_cache() -> None:
 
 
 def _plan_for_call(q, k, attn_mask, is_causal, block_mask, block_m, block_n, attn_bias=None,
-                   row_topk=0, max_kept=0):
+                   row_topk=0, max_kept=0, compact_keys="auto"):
     """The plan of an eager call: cached where planning costs something (any CUDA call: small
     planning kernels; a CPU call with a mask, block selection or per-row top-k: one read of it).
     A mask-free CPU call returns None and the core plans inline (cheaper than the cache lookup)."""
     if q.is_cuda or attn_mask is not None or block_mask is not None or row_topk:
         return _plan_cache.get(q, k, attn_mask, is_causal, block_mask, block_m, block_n,
-                               attn_bias, row_topk, max_kept)
+                               attn_bias, row_topk, max_kept, compact_keys=compact_keys)
     return None
 
 

@@ -11,8 +11,13 @@ Layout (docs/numerics.md, "Paged KV cache"):
         sequence's own length).
     attn_mask / attn_bias: as flash_sparse_attn_func's, over the Sk keys.
 
-The sequence lengths become a key mask (and, with causality, a (B, 1, Sq, Sk) mask) built with
-tensor ops on the query's device: no host read. On CUDA the page table is never read on the host:
+The sequence lengths go to the kernels (ForwardArgs::cache_seqlens), not into a mask: the plan
+depends on the shapes, attn_mask and causality only, so a decode loop whose lengths grow reuses one
+plan (the plan cache's) while its mask stays, and the kernels skip each sequence's key blocks past
+its length. Keys past a length may hold anything (NaN included): they are never part of a result.
+int64 lengths are converted on the query's device; on CUDA they are never read on the host (a
+length outside [0, Sk] is clamped into it there, where the CPU backend raises), and a call with
+lengths runs the sm80 forward kernel. Nor is the page table read on the host on CUDA:
 the kernels load each K / V row through it (an entry outside [0, num_pages) is clamped into that
 range there, where the CPU backend raises), and a paged call runs the sm80 forward kernel (the
 one GQA-packed decode runs anyway; prefill-sized calls give up the Hopper kernel's speed).
@@ -26,18 +31,6 @@ from . import _C
 from .flash_sparse_attn_interface import _dl, _new_outputs, _plan_for_call, _stream
 
 __all__ = ["flash_sparse_attn_with_kvcache"]
-
-
-def _length_mask(cache_seqlens, batch: int, seqlen_q: int, seqlen_k: int, causal: bool, device):
-    """The keys each batch holds ((B, 1, 1, Sk)), and with causality the keys each of its rows
-    sees ((B, 1, Sq, Sk)): j <= i + cache_seqlens[b] - Sq."""
-    lengths = cache_seqlens.to(device=device, dtype=torch.int64).view(batch, 1, 1, 1)
-    keys = torch.arange(seqlen_k, device=device).view(1, 1, 1, seqlen_k)
-    held = keys < lengths
-    if not causal:
-        return held
-    rows = torch.arange(seqlen_q, device=device).view(1, 1, seqlen_q, 1)
-    return held & (keys <= rows + lengths - seqlen_q)
 
 
 def flash_sparse_attn_with_kvcache(
@@ -82,27 +75,24 @@ def flash_sparse_attn_with_kvcache(
     else:
         seqlen_k = k_cache.shape[1]
         key_axis = k_cache
-    causal = bool(is_causal)
+    seqlens = None
     if cache_seqlens is not None:
         if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.shape != (batch,) or \
                 cache_seqlens.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"cache_seqlens: expected ({batch},) int32 / int64, got "
                              f"{getattr(cache_seqlens, 'dtype', type(cache_seqlens))} "
                              f"{tuple(getattr(cache_seqlens, 'shape', ()))}")
-        held = _length_mask(cache_seqlens, batch, seqlen_q, seqlen_k, causal, q.device)
-        if attn_mask is not None:
-            if not isinstance(attn_mask, torch.Tensor) or attn_mask.dtype != torch.bool or \
-                    attn_mask.dim() != 4:
-                raise ValueError("attn_mask: expected a 4-D bool tensor (True = keep)")
-            try:
-                held = held & attn_mask.to(held.device)
-            except RuntimeError as e:
-                raise ValueError(f"attn_mask: shape {tuple(attn_mask.shape)} does not broadcast "
-                                 f"with ({batch}, 1, {seqlen_q}, {seqlen_k}): {e}") from e
-        attn_mask, causal = held, False  # causality within each sequence's length is in the mask
-    plan = _plan_for_call(q, key_axis, attn_mask, causal, None, None, None, attn_bias)
+        seqlens = cache_seqlens
+        if seqlens.dtype == torch.int64:  # out of range stays out of range (the core's rule)
+            seqlens = seqlens.clamp(-1, seqlen_k + 1)
+        # On the query's device, int32, contiguous: tensor ops, no read on the host.
+        seqlens = seqlens.to(device=q.device, dtype=torch.int32).contiguous()
+    # The plan sees shapes, the mask and causality only (the lengths are the kernels'), so a decode
+    # loop reuses it while the mask stays; calls with lengths keep the map of the full key axis.
+    plan = _plan_for_call(q, key_axis, attn_mask, bool(is_causal), None, None, None, attn_bias,
+                          compact_keys="auto" if seqlens is None else "never")
     out, lse = _new_outputs(q, return_softmax_lse)
     _C.forward(_dl(q), _dl(k_cache), _dl(v_cache), _dl(attn_mask), _dl(attn_bias), _dl(out),
-               _dl(lse), softmax_scale, causal, float(softcap) if softcap else 0.0, plan,
-               _stream(q), page_table=_dl(page_table))
+               _dl(lse), softmax_scale, bool(is_causal), float(softcap) if softcap else 0.0, plan,
+               _stream(q), page_table=_dl(page_table), cache_seqlens=_dl(seqlens))
     return (out, lse) if return_softmax_lse else out

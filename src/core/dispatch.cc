@@ -49,6 +49,22 @@ void require_key_axis_map(const Plan& plan, const detail::Problem& p) {
               "of query length 1, not ones with a query dim of " + std::to_string(p.seqlen_q));
 }
 
+// A call with cache_seqlens runs over the full key axis (the kernels bound each sequence's keys
+// there), which a compacted plan may not map.
+void require_length_map(const Plan& plan, const detail::ForwardProblem& p) {
+  if (plan.thresholds()) {
+    throw Error(ErrorKind::kUnsupported, "cache_seqlens",
+                "not with a per-row top-k plan (PlanOptions::topk): mask the lengths in the top-k "
+                "bias instead");
+  }
+  const bool held = p.device.type == DeviceType::kCUDA ? plan.device_map() != nullptr
+                                                       : !plan.map().full.offsets.empty();
+  if (held) return;
+  throw Error(ErrorKind::kValue, "plan",
+              "holds compacted keys and no map of the full key axis, which a call with "
+              "cache_seqlens runs over: build it with PlanOptions::compact_keys = kNever");
+}
+
 }  // namespace
 
 void forward(const ForwardArgs& args) {
@@ -65,7 +81,9 @@ void forward(const ForwardArgs& args) {
   }
   const Plan& plan = args.plan ? *args.plan : local;
   attach_thresholds(plan, p);
-  const bool compacted = detail::runs_compacted(plan, p);
+  if (p.cache_seqlens) require_length_map(plan, p);
+  // Compacted keys know nothing of the cache's lengths: such calls run the block map.
+  const bool compacted = !p.cache_seqlens && detail::runs_compacted(plan, p);
   if (p.device.type == DeviceType::kCUDA) {
     if (compacted) {
       detail::cuda::compacted_forward(p, *plan.compaction(), args.stream);

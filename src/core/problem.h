@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <optional>
 
+#include "core/causal.h"
 #include "core/row_end.h"
 #include "core/row_topk.h"
 #include "fsa/attention.h"
@@ -66,7 +67,15 @@ struct Problem {
   // CUDA calls over compacted keys: a device flag the V gather sets when it copies a non-finite
   // value. Null elsewhere: partial tiles then check their V tile themselves.
   const int32_t* v_nonfinite = nullptr;
+  // Forward over a cache (ForwardArgs::cache_seqlens): batch b's keys end at cache_seqlens[b]
+  // (device memory on CUDA, clamped there into [0, Sk]; checked on the CPU). Null: all Sk keys.
+  const int32_t* cache_seqlens = nullptr;
   int64_t group() const { return num_heads / num_kv_heads; }  // G query heads per kv head
+  // The keys batch b's rows may see: its length, and causality within it. Host memory only (the
+  // CPU backend's; CUDA kernels have their own copy of the rule).
+  CausalBand band(int64_t b) const {
+    return {seqlen_q, cache_seqlens ? int64_t(cache_seqlens[b]) : seqlen_k, is_causal};
+  }
 };
 
 struct ForwardProblem : Problem {

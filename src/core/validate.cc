@@ -351,6 +351,19 @@ void check_pages(const ForwardArgs& a) {
   }
 }
 
+// Per-sequence key lengths: on the CPU each one in [0, Sk]; CUDA reads them on the device only
+// (the kernels clamp them into that range).
+void check_cache_seqlens(const int32_t* lengths, const Problem& p) {
+  if (p.device.type == DeviceType::kCUDA) return;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    if (lengths[b] < 0 || lengths[b] > p.seqlen_k) {
+      fail(ErrorKind::kValue, "cache_seqlens",
+           "expected lengths in [0, " + str(p.seqlen_k) + "] (the cache's keys), got " +
+               str(lengths[b]) + " at batch " + str(b));
+    }
+  }
+}
+
 void page(SeqOperand& op, const TensorView& pages, const PagedKV& paged) {
   op.stride_b = pages.stride[0];
   op.pages = paged.page_table;
@@ -374,6 +387,10 @@ ForwardProblem validate_forward(const ForwardArgs& a) {
     lower_common(p, a.query, a.key, a.value, a.attn_mask, a.attn_bias, a.options);
   }
   p.out = check_like(a.out, "out", a.query, "query", true);
+  if (a.cache_seqlens) {
+    check_cache_seqlens(a.cache_seqlens, p);
+    p.cache_seqlens = a.cache_seqlens;
+  }
   if (a.lse) {
     check_lse(*a.lse, "lse", p, true);
     p.lse = static_cast<float*>(a.lse->data);

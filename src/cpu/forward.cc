@@ -69,11 +69,17 @@ void run_forward(const ForwardProblem& p, const Plan& plan) {
     std::fill(w.row_sum.begin(), w.row_sum.end(), Acc(0));
 
     const int64_t mb = plan.map_batch(b), mh = plan.map_head(h);
+    // A cache's length (cache_seqlens) bounds the keys: tiles past every row's end are skipped,
+    // tiles past some row's end drop entries like partial ones. Without lengths the plan's
+    // classification stands.
+    const CausalBand band = p.band(b);
+    const int64_t keys_hi = band.visible_end(r0 + rows - 1), keys_lo = band.visible_end(r0);
     for (int pass = 0; pass < 2; ++pass) {
-      const bool partial = pass == 1;
-      const BlockSpan blocks = partial ? plan.partial_blocks(mb, mh, m) : plan.full_blocks(mb, mh, m);
+      const BlockSpan blocks = pass == 1 ? plan.partial_blocks(mb, mh, m) : plan.full_blocks(mb, mh, m);
       for (int32_t n : blocks) {
         const Tile tile{r0, rows, n * bn, std::min(bn, p.seqlen_k - n * bn)};
+        if (p.cache_seqlens && tile.c0 >= keys_hi) continue;
+        const bool partial = pass == 1 || (p.cache_seqlens && tile.c0 + tile.cols > keys_lo);
         load_rows_transposed(p.k, p.dtype, b, tile.c0, tile.cols, hk, D, w.row_buf.data(),
                              w.kt.data(), bn);
         load_rows(p.v, p.dtype, b, tile.c0, tile.cols, hk, D, w.v.data());

@@ -195,8 +195,10 @@ class ScoreTransform {
     // Keys [c0, c0 + visible) of the tile: causality, or over compacted keys the row's own bound
     // (which holds the mask too: a compacted problem has none).
     const int64_t i = tile.r0 + r;
-    const int64_t visible =
-        (p_.row_end.data ? p_.row_end.at(b, h, i) : band_.visible_end(i)) - tile.c0;
+    const int64_t visible = (p_.row_end.data         ? p_.row_end.at(b, h, i)
+                             : p_.cache_seqlens != nullptr ? p_.band(b).visible_end(i)
+                                                       : band_.visible_end(i)) -
+                            tile.c0;
     int64_t c = visible < 0 ? 0 : visible;
     for (; c < tile.cols; ++c) sr[c] = kNegInfOf<Acc>;
     if (p_.row_end.key_last) {  // per-row top-k over compacted keys: each slot's last row

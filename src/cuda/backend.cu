@@ -388,6 +388,7 @@ void forward(const ForwardProblem& p, const Plan& plan, void* stream_ptr) {
   fp.lse_stride_s = p.lse_stride_s;
   fill_mask_and_bias(fp, p);
   fp.v_nonfinite = p.v_nonfinite;
+  fp.cache_seqlens = p.cache_seqlens;
   fp.batch = int(p.batch);
   fp.seqlen_q = int(p.seqlen_q);
   fp.seqlen_k = int(p.seqlen_k);

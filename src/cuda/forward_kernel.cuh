@@ -13,6 +13,8 @@
 // So a score tile's C fragments of two adjacent 8-column tiles are exactly the A fragment of the
 // P . V product: P never leaves registers.
 
+#include <climits>
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -362,12 +364,22 @@ __device__ inline void warp_gemm_pv(float (&acc)[kRT][kHeadDim / 8][4],
 
 // Keys [0, visible_end) are visible to row i of (b, head): bottom-right causality, or on the
 // compacted-key path the row's own bound (core/row_end.h), which also holds the mask. Forward and
-// backward params alike.
+// backward params alike. A cache's lengths (ForwardParams::cache_seqlens) shift it: key_shift.
 template <class Params>
 __device__ inline int visible_end(const Params& p, int b, int head, int i) {
   if (p.row_end.data != nullptr) return int(p.row_end.at(b, head, i));
   if (!p.is_causal) return p.seqlen_k;
   return min(max(i + p.seqlen_k - p.seqlen_q + 1, 0), p.seqlen_k);
+}
+
+// A cache's lengths, as a shift of visible_end: batch b holds keys [0, L), L its length clamped
+// into [0, Sk] (never read on the host), and with shift = Sk - L row i sees keys
+// [0, max(visible_end(i) - shift, 0)): L without causality, and with it
+// max(i + L - Sq + 1, 0) = max((i + Sk - Sq + 1) - shift, 0) (visible_end's clamp at Sk never
+// binds, i < Sq). 0 without lengths. One integer per CTA, so that the kernels' row loops hold no
+// pointer for it.
+__device__ inline int key_shift(const ForwardParams& p, int b) {
+  return p.cache_seqlens == nullptr ? 0 : p.seqlen_k - min(max(p.cache_seqlens[b], 0), p.seqlen_k);
 }
 
 // Row r of a CTA tile: the query row and the query head it belongs to.
@@ -440,12 +452,13 @@ struct WarpRows {
 
   // Whether fragment row (rt, r) keeps key column c of a partial tile: what logits() decides for
   // it, recomputed from the operands (mask, causality, a -inf bias, the row's top-k threshold).
+  // `shift`: key_shift (a cache's lengths), as logits() got it.
   template <class Elt>
-  __device__ bool keeps_entry(int rt, int r, int c) const {
+  __device__ bool keeps_entry(int rt, int r, int c, int shift = 0) const {
     if (!row_valid(rt, r)) return false;
     int i, head;
     row_of(rt, r, i, head);
-    if (c >= p.seqlen_k || c >= visible_end(p, b, head, i)) return false;
+    if (c >= p.seqlen_k || c >= visible_end(p, b, head, i) - shift) return false;
     if (p.row_end.key_last != nullptr && i > p.row_end.key_last_row(b, head)[c]) return false;
     if (p.mask && p.mask[b * p.mask_stride[0] + (head / p.mask_head_group) * p.mask_stride[1] +
                          int64_t(i) * p.mask_stride[2] + int64_t(c) * p.mask_stride[3]] == 0) {
@@ -470,14 +483,16 @@ struct WarpRows {
   // `row_ends`, when given, the fragment rows' visible ends (else both are read from the params).
   // `slot_tile`, when given, makes the tile a gathered one (BlockMapParams::gather_slots): column
   // c is slot slot_tile[c] (-1: none), with its bias value in bias_tile and its last row in
-  // last_tile; col0 is unused.
+  // last_tile; col0 is unused. `shift`: key_shift (a cache's lengths; the sm80 kernel), which
+  // moves every row's visible end of a partial tile left.
   template <int kRT, int kNTiles, class Elt>
   __device__ __forceinline__ void logits(float (&s)[kRT][kNTiles][4], int col0, bool partial,
                                          const void* bias_tile = nullptr,
                                          const uint16_t* staged_tile = nullptr,
                                          const int32_t* last_tile = nullptr,
                                          const int (*row_ends)[2] = nullptr,
-                                         const int32_t* slot_tile = nullptr) const {
+                                         const int32_t* slot_tile = nullptr,
+                                         int shift = 0) const {
     constexpr int kBlockN = kNTiles * 8;
     if (p.softcap_in != 0.0f) {  // branch outside the element loop: tanhf costs on every path
 #pragma unroll
@@ -607,7 +622,7 @@ struct WarpRows {
           row_of(rt, r, i, head);
           const int end = !partial ? p.seqlen_k
                           : row_ends  ? row_ends[rt][r]
-                                      : visible_end(p, b, head, i);
+                                      : visible_end(p, b, head, i) - shift;
           const uint8_t* mrow =
               mask ? mask + b * p.mask_stride[0] + (head / p.mask_head_group) * p.mask_stride[1] +
                          int64_t(i) * p.mask_stride[2]
@@ -781,15 +796,56 @@ __device__ __forceinline__ void split_range(int listed, int num_splits, int spli
   end = min(listed, begin + per_split);
 }
 
+// How many of the first `n_a` entries of ascending list `a` (and of `n_b` of list `b`) are below
+// `bound`, found by one warp with 32 probes per list and step: about log32(n) dependent loads.
+// Every lane returns both counts.
+__device__ inline void warp_count_below(const int32_t* a, int n_a, const int32_t* b, int n_b,
+                                        int bound, int& below_a, int& below_b) {
+  const int lane = threadIdx.x % 32;
+  // The answer of each list lies in [lo, hi]; each step probes lo + l * step, l = 0 .. 31, and the
+  // probes below the bound (a prefix: the list ascends) narrow it to one step's width.
+  int lo_a = 0, hi_a = n_a, lo_b = 0, hi_b = n_b;
+  while (lo_a < hi_a || lo_b < hi_b) {
+    const int step_a = (hi_a - lo_a + 31) / 32, step_b = (hi_b - lo_b + 31) / 32;
+    const int at_a = lo_a + lane * step_a, at_b = lo_b + lane * step_b;
+    const bool in_a = lo_a < hi_a && at_a < hi_a, in_b = lo_b < hi_b && at_b < hi_b;
+    const int k_a = __popc(__ballot_sync(0xffffffffu, in_a && a[at_a] < bound));
+    const int k_b = __popc(__ballot_sync(0xffffffffu, in_b && b[at_b] < bound));
+    if (lo_a < hi_a) {
+      const int next = k_a == 0 ? lo_a : lo_a + (k_a - 1) * step_a + 1;
+      hi_a = k_a == 0 ? lo_a : min(lo_a + k_a * step_a, hi_a);
+      lo_a = next;
+    }
+    if (lo_b < hi_b) {
+      const int next = k_b == 0 ? lo_b : lo_b + (k_b - 1) * step_b + 1;
+      hi_b = k_b == 0 ? lo_b : min(lo_b + k_b * step_b, hi_b);
+      lo_b = next;
+    }
+  }
+  below_a = lo_a;
+  below_b = lo_b;
+}
+
+// This CTA's share of a map row's lists: its full key blocks first, then its partial ones. With a
+// cache's lengths (ForwardParams::cache_seqlens) the CTA's rows see keys [0, keys_hi) at most:
+// blocks from keys_hi on are left out before the row is split (every warp finds the cut itself,
+// no barrier).
 struct BlockList {
   const int32_t* full;
   const int32_t* partial;
   int n_full;
   int begin, end;  // iterations [begin, end) of this split
-  __device__ BlockList(const ForwardParams& p, int b, int h_map, int m, int split) {
+  __device__ BlockList(const ForwardParams& p, int b, int h_map, int m, int split,
+                       int keys_hi = INT_MAX) {
     const int64_t row = map_row(p, b, h_map, m);
     n_full = p.map.full_count[row];
-    split_range(n_full + p.map.partial_count[row], p.num_splits, split, begin, end);
+    int n_partial = p.map.partial_count[row];
+    if (keys_hi < p.seqlen_k) {
+      warp_count_below(p.map.full_index + row * p.map.n_blocks, n_full,
+                       p.map.partial_index + row * p.map.n_blocks, n_partial,
+                       (keys_hi + p.map.block_n - 1) / p.map.block_n, n_full, n_partial);
+    }
+    split_range(n_full + n_partial, p.num_splits, split, begin, end);
     full = p.map.full_index + row * p.map.n_blocks;
     partial = p.map.partial_index + row * p.map.n_blocks;
   }
@@ -829,7 +885,18 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim, kStages, kSplitKeys>::k
   const int warp = threadIdx.x / 32;
   // The map's query tiles are forward_block_m rows (a split-key CTA has one: m = 0).
   const WarpRows wr(p, m, forward_block_m(kHeadDim), h, b, kSplitKeys ? 0 : warp * 16 * kRT);
-  const BlockList list(p, b, (p.pack_gqa ? h * p.group : h) / p.map.head_group, m, split);
+  const int shift = key_shift(p, b);
+  // A cache's lengths: the keys the CTA's last row sees bound its blocks (BlockList), and blocks
+  // past the keys its first row sees drop entries like partial ones.
+  int keys_lo = INT_MAX, keys_hi = INT_MAX;
+  if (p.cache_seqlens != nullptr) {
+    const int flat0 = wr.rows.row0, flat1 = min(wr.rows.row0 + forward_block_m(kHeadDim), wr.flat_rows) - 1;
+    const int i0 = p.pack_gqa ? flat0 / p.group : flat0, i1 = p.pack_gqa ? flat1 / p.group : flat1;
+    keys_lo = max(visible_end(p, b, 0, min(i0, p.seqlen_q - 1)) - shift, 0);
+    keys_hi = max(visible_end(p, b, 0, min(i1, p.seqlen_q - 1)) - shift, 0);
+  }
+  const BlockList list(p, b, (p.pack_gqa ? h * p.group : h) / p.map.head_group, m, split,
+                       keys_hi);
 
   // K / V rows of (b, hk): strided from k / v, or through a paged cache's table (origins of head
   // hk; v_row serves the rare re-reads of mark_nonfinite_keys).
@@ -953,7 +1020,7 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim, kStages, kSplitKeys>::k
 
     // A partial tile's NaN / Inf in V: zeroed here, recorded for the rows that keep them after the
     // softmax step, applied by the write (mark_nonfinite_keys).
-    const bool partial = it >= list.n_full;
+    const bool partial = it >= list.n_full || (n + 1) * kBlockN > keys_lo;
     uint64_t nonfinite = 0;
     if (partial) {
       uint16_t* sv = s_v + stage * Tiles::kSmemKV;
@@ -983,7 +1050,8 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim, kStages, kSplitKeys>::k
       float s[kRT][kNTiles][4];
       warp_gemm_nt<kHeadDim, kWarpKeys, kRT, Elt>(
           s, s_q, wr.warp_row0, s_k + stage * Tiles::kSmemKV + warp_key0 * kHeadDim);
-      wr.logits<kRT, kNTiles, Elt>(s, n * kBlockN + warp_key0, partial);
+      wr.logits<kRT, kNTiles, Elt>(s, n * kBlockN + warp_key0, partial, nullptr, nullptr, nullptr,
+                                   nullptr, nullptr, shift);
       float correction[kRT][2];
       softmax_step(s, wr.exp_scale, row_max, row_sum, correction);
       rescale_rows<kRT, kDTiles>([&](int rt, int d, int e) -> float& { return o[rt][d][e]; },
@@ -997,7 +1065,7 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim, kStages, kSplitKeys>::k
       if (mine != 0) {
         const int col0 = n * kBlockN;
         mark_nonfinite_keys<kRT, kHeadDim, Elt>(
-            mine, [&](int rt, int r, int j) { return wr.keeps_entry<Elt>(rt, r, col0 + j); },
+            mine, [&](int rt, int r, int j) { return wr.keeps_entry<Elt>(rt, r, col0 + j, shift); },
             wr.warp_row0, s_poison, [&](int j) { return v_row(col0 + j); }, p.head_dim);
       }
     }

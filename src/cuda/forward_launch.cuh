@@ -19,7 +19,10 @@ namespace fsa::detail::cuda {
 // kernel (for A/B measurements on one card).
 inline bool use_sm90_forward(const ForwardParams& params) {
   static const bool forced_sm80 = env_is("FSA_CUDA_FORWARD", "sm80");
-  if (forced_sm80 || params.pack_gqa || params.paged.table != nullptr) return false;
+  if (forced_sm80 || params.pack_gqa || params.paged.table != nullptr ||
+      params.cache_seqlens != nullptr) {
+    return false;
+  }
   return hopper_kernels_available();
 }
 

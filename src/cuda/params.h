@@ -131,6 +131,9 @@ struct ForwardParams {
   int* tile_counter;
 
   BlockMapParams map;
+  // A cache's per-sequence key lengths (ForwardArgs::cache_seqlens), clamped into [0, Sk] where
+  // read (key_shift), or null: all Sk keys. The sm80 kernel only.
+  const int32_t* cache_seqlens;
 };
 
 // How the bias gradient is produced (the caller's dbias shape decides).

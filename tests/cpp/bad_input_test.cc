@@ -224,6 +224,18 @@ std::vector<BadCase> bad_cases() {
                  a.query.device = cuda0();
                });
 
+  // A cache's lengths: each in [0, Sk] (Sk = 7 here), checked on the CPU before anything runs.
+  forward_case("CacheSeqlensPastTheKeys", "cache_seqlens", ErrorKind::kValue,
+               [](fsa::ForwardArgs& a, Scratch&) {
+                 static const int32_t lengths[1] = {8};
+                 a.cache_seqlens = lengths;
+               });
+  forward_case("CacheSeqlensNegative", "cache_seqlens", ErrorKind::kValue,
+               [](fsa::ForwardArgs& a, Scratch&) {
+                 static const int32_t lengths[1] = {-1};
+                 a.cache_seqlens = lengths;
+               });
+
   // Backward only.
   auto backward_case = [&](std::string name, std::string argument, ErrorKind kind,
                            std::function<void(fsa::BackwardArgs&, Scratch&)> mutate) {

@@ -574,5 +574,82 @@ TEST(PagedKV, EqualsContiguousBitwise) {
   EXPECT_TRUE(out_p.all_bytes_equal(0xAB));  // nothing written
 }
 
+// A cache's lengths (ForwardArgs::cache_seqlens): batch b keeps keys [0, L_b), with causality
+// within them (row i sees j <= i + L_b - Sq), whatever K / V hold past L_b (NaN and Inf here); the
+// same as the call over clean K / V with those rules written into the mask. Length 0: empty rows.
+TEST(CacheSeqlens, EqualsTheLengthsAsAMask) {
+  const int64_t B = 4, Sq = 70, Sk = 200, H = 4, Hk = 2, D = 16;  // 70 rows: two 64-row tiles
+  const std::vector<int32_t> lengths = {200, 0, 71, 130};
+  Rng rng(13);
+  auto random = [&](std::vector<int64_t> shape) {
+    HostTensor t(DType::kFloat32, shape);
+    for (int64_t i = 0; i < t.numel(); ++i) store_element(t.data(), DType::kFloat32, i, rng.normal());
+    return t;
+  };
+  HostTensor q = random({B, Sq, H, D}), k = random({B, Sk, Hk, D}), v = random({B, Sk, Hk, D});
+  HostTensor bias = random({B, Hk, 1, Sk});
+  HostTensor k_dirty = k, v_dirty = v;
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t i = (b * Sk + lengths[size_t(b)]) * Hk * D; i < (b + 1) * Sk * Hk * D; ++i) {
+      store_element(k_dirty.data(), DType::kFloat32, i, std::nan(""));
+      store_element(v_dirty.data(), DType::kFloat32, i, INFINITY);
+    }
+  }
+  std::vector<uint8_t> keep(size_t(B * Hk * Sk));
+  for (uint8_t& x : keep) x = rng.bernoulli(0.7) ? 1 : 0;
+  for (bool causal : {false, true}) {
+    std::vector<uint8_t> rules(size_t(B * Hk * Sq * Sk));
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < Hk; ++h)
+        for (int64_t i = 0; i < Sq; ++i)
+          for (int64_t j = 0; j < Sk; ++j) {
+            const int64_t L = lengths[size_t(b)];
+            rules[size_t(((b * Hk + h) * Sq + i) * Sk + j)] =
+                keep[size_t((b * Hk + h) * Sk + j)] && j < L && (!causal || j <= i + L - Sq);
+          }
+    HostTensor key_mask = HostTensor::from_mask({B, Hk, 1, Sk}, keep);
+    HostTensor rule_mask = HostTensor::from_mask({B, Hk, Sq, Sk}, rules);
+    HostTensor out(DType::kFloat32, {B, Sq, H, D}), lse(DType::kFloat32, {B, H, Sq});
+    HostTensor ref(DType::kFloat32, {B, Sq, H, D}), ref_lse(DType::kFloat32, {B, H, Sq});
+    fsa::ForwardArgs a;
+    a.query = q.view();
+    a.key = k_dirty.view();
+    a.value = v_dirty.view();
+    a.attn_mask = key_mask.view();
+    a.attn_bias = bias.view();
+    a.options.is_causal = causal;
+    a.out = out.view();
+    a.lse = lse.view();
+    a.cache_seqlens = lengths.data();
+    fsa::forward(a);
+    a.key = k.view();
+    a.value = v.view();
+    a.attn_mask = rule_mask.view();
+    a.options.is_causal = false;
+    a.out = ref.view();
+    a.lse = ref_lse.view();
+    a.cache_seqlens = nullptr;
+    fsa::forward(a);
+    for (int64_t e = 0; e < out.numel(); ++e) {
+      const double x = load_element(out.data(), DType::kFloat32, e);
+      const double y = load_element(ref.data(), DType::kFloat32, e);
+      ASSERT_FALSE(std::isnan(x)) << "causal " << causal << " element " << e;
+      ASSERT_NEAR(x, y, 1e-5) << "causal " << causal << " element " << e;
+      if (e / (Sq * H * D) == 1) {
+        ASSERT_EQ(x, 0.0);  // batch 1: length 0
+      }
+    }
+    for (int64_t e = 0; e < lse.numel(); ++e) {
+      const double x = load_element(lse.data(), DType::kFloat32, e);
+      const double y = load_element(ref_lse.data(), DType::kFloat32, e);
+      if (std::isinf(y)) {
+        ASSERT_EQ(x, y) << "causal " << causal << " row " << e;
+      } else {
+        ASSERT_NEAR(x, y, 1e-5) << "causal " << causal << " row " << e;
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace fsa_test

@@ -1,13 +1,19 @@
 """K / V caches on CUDA (flash_sparse_attn_with_kvcache, issue #15): a contiguous cache with
 cache_seqlens equals each sequence's own keys run alone; a paged cache equals the contiguous one
 (bitwise where both run the same kernel: decode's GQA-packed rows, and compacted keys, which are
-gathered through the table), for pages of 16, 64 and 256 keys; out-of-range table entries are
-clamped on the device, never read past the cache; rows that are not 16-byte chunks are refused."""
+gathered through the table), for pages of 16, 64 and 256 keys; cache_seqlens against float64 with
+NaN past every length, one plan for a decode loop, no host read; out-of-range table entries and
+lengths are clamped on the device, never read past the cache; rows that are not 16-byte chunks are
+refused."""
+
+import math
 
 import pytest
 import torch
 
 from flash_sparse_attn import _C, flash_sparse_attn_func, flash_sparse_attn_with_kvcache
+from flash_sparse_attn.flash_sparse_attn_interface import _plan_cache
+from test_cuda_forward import ATOL, SEED, attention
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or not getattr(_C, "has_cuda", False),
@@ -118,3 +124,101 @@ def test_paged_rows_must_be_16_byte_chunks():
     table = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32, device="cuda")
     with torch.no_grad(), pytest.raises(Exception, match="16-byte rows"):
         flash_sparse_attn_with_kvcache(q, pages, pages, page_table=table)
+
+
+def _lengths_reference(q, k, v, lens, mask, bias, causal, compute_dtype):
+    """attention() with batch b's keys [0, lens[b]) and causality within them: each sequence
+    alone, its keys past the length cut off (their NaN never reach the reference)."""
+    outs, lses = [], []
+    for b, L in enumerate(lens):
+        m = None if mask is None else mask[b:b + 1, ..., :L]
+        bi = None if bias is None else bias[b:b + 1, ..., :L]
+        o, lse = attention(q[b:b + 1], k[b:b + 1, :L], v[b:b + 1, :L], m, bi,
+                           1.0 / math.sqrt(q.shape[-1]), causal, 0.0, compute_dtype)
+        outs.append(o)
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("seqlen_q", [1, 3, 130])  # decode (split keys), packed rows, row tiles
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("paged", [False, True])
+def test_lengths_against_float64(dtype, seqlen_q, causal, paged):
+    # Lengths 0, 1, ragged and whole; K / V past every length NaN (what an unwritten cache may
+    # hold); a key mask with whole and partial blocks and a per-key bias. Decode runs many splits
+    # over 8K keys, so splits past a length have nothing to do.
+    g = torch.Generator(device="cuda").manual_seed(SEED)
+    B, Sk, H, Hk, D = 5, 8192, 8, 2, 128
+    lens = [Sk, 0, 1, 1000, 4161]
+    q = torch.randn(B, seqlen_q, H, D, device="cuda", generator=g).to(dtype)
+    k, v = (torch.randn(B, Sk, Hk, D, device="cuda", generator=g).to(dtype) for _ in range(2))
+    for b, L in enumerate(lens):
+        k[b, L:] = float("nan")
+        v[b, L:] = float("nan")
+    mask = (torch.rand(B, Hk, 1, Sk // 64, generator=g, device="cuda") < 0.7).repeat_interleave(
+        64, -1) & (torch.rand(B, Hk, 1, Sk, generator=g, device="cuda") < 0.9)
+    bias = torch.randn(B, Hk, 1, Sk, generator=g, device="cuda").to(dtype)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    kk, vv, table = (k, v, None) if not paged else _paged(k, v, 64, g)
+    with torch.no_grad():
+        out, lse = flash_sparse_attn_with_kvcache(q, kk, vv, seqlens, table, attn_mask=mask,
+                                                  attn_bias=bias, is_causal=causal,
+                                                  return_softmax_lse=True)
+    ref, ref_lse = _lengths_reference(q, k, v, lens, mask, bias, causal, torch.float64)
+    naive, _ = _lengths_reference(q, k, v, lens, mask, bias, causal, dtype)
+    where = f"seed={SEED} dtype={dtype} Sq={seqlen_q} causal={causal} paged={paged}"
+    assert not out.isnan().any() and not lse.isnan().any(), f"NaN: {where}"
+    empty = ref_lse == -math.inf
+    assert empty[1].all(), "length 0: every row empty"
+    assert (lse[empty] == -math.inf).all() and (out.transpose(1, 2)[empty] == 0).all(), where
+    err = (out.double() - ref).abs().max().item()
+    naive_err = (naive.double() - ref).abs().max().item()
+    assert err <= 2 * naive_err + ATOL, f"out error {err:.3e} > 2 x naive {naive_err:.3e}: {where}"
+    kept = ~empty
+    lse_err = (lse.double() - ref_lse)[kept].abs().max().item()
+    assert lse_err <= 1e-2, f"lse error {lse_err:.3e}: {where}"
+
+
+def test_decode_loop_reuses_one_plan_and_reads_nothing_on_the_host():
+    # Growing lengths with one key mask: the plan cache holds one plan for every step, and a step
+    # (int64 lengths converted on the device included) never waits for the GPU.
+    g = torch.Generator(device="cuda").manual_seed(SEED)
+    B, Sk, H, Hk, D = 2, 4096, 8, 2, 64
+    q = torch.randn(B, 1, H, D, device="cuda", generator=g).to(torch.bfloat16)
+    k, v = (torch.randn(B, Sk, Hk, D, device="cuda", generator=g).to(torch.bfloat16)
+            for _ in range(2))
+    mask = torch.rand(B, Hk, 1, Sk, generator=g, device="cuda") < 0.5
+    lens = torch.tensor([100, 2000], device="cuda")
+    _plan_cache.clear()
+    outs = []
+    with torch.no_grad():
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for step in range(4):
+                outs.append(flash_sparse_attn_with_kvcache(q, k, v, lens + step, attn_mask=mask))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert len(_plan_cache._entries) == 1
+    for step, out in enumerate(outs):
+        now = (lens + step).tolist()
+        ref, _ = _lengths_reference(q, k, v, now, mask, None, False, torch.float64)
+        naive, _ = _lengths_reference(q, k, v, now, mask, None, False, q.dtype)
+        err = (out.double() - ref).abs().max().item()
+        naive_err = (naive.double() - ref).abs().max().item()
+        assert err <= 2 * naive_err + ATOL, f"step {step}: {err:.3e} > 2 x {naive_err:.3e}"
+
+
+def test_out_of_range_lengths_are_clamped():
+    # Lengths are never read on the host: below 0 is 0 (empty rows), past Sk is Sk.
+    g = torch.Generator(device="cuda").manual_seed(5)
+    q = torch.randn(3, 1, 4, 64, generator=g, device="cuda").to(torch.bfloat16)
+    k = torch.randn(3, 256, 2, 64, generator=g, device="cuda").to(torch.bfloat16)
+    with torch.no_grad():
+        out, lse = flash_sparse_attn_with_kvcache(
+            q, k, k, torch.tensor([-5, 1 << 30, 256], dtype=torch.int32, device="cuda"),
+            return_softmax_lse=True)
+        whole = flash_sparse_attn_with_kvcache(q, k, k)
+    assert (out[0] == 0).all() and (lse[0] == -math.inf).all()
+    assert torch.equal(out[1:], whole[1:])

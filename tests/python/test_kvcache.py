@@ -85,6 +85,58 @@ def test_cache_seqlens_are_each_sequence_alone(causal):
         assert (out[b].double() - ref).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("seqlen_q,causal", [(1, False), (1, True), (70, True), (70, False)])
+def test_keys_past_a_length_never_reach_the_result(seqlen_q, causal):
+    # NaN past each length (an unwritten cache); a length of 0 gives empty rows (O = 0, LSE =
+    # -inf); 70 query rows span two of the CPU's 64-row tiles, whose causal bounds differ.
+    g = torch.Generator().manual_seed(seqlen_q)
+    B, Sk = 4, 200
+    q = torch.randn(B, seqlen_q, H, D, generator=g)
+    k, v = (torch.randn(B, Sk, HK, D, generator=g) for _ in range(2))
+    lens = [200, 0, 71, 130]
+    clean = [t.clone() for t in (k, v)]
+    for b, L in enumerate(lens):
+        k[b, L:] = float("nan")
+        v[b, L:] = float("inf")
+    mask = torch.rand(B, 1, 1, Sk, generator=g) < 0.7
+    with torch.no_grad():
+        out, lse = flash_sparse_attn_with_kvcache(q, k, v, torch.tensor(lens), attn_mask=mask,
+                                                  is_causal=causal, return_softmax_lse=True)
+        ref, ref_lse = flash_sparse_attn_with_kvcache(q, *clean, torch.tensor(lens),
+                                                      attn_mask=mask, is_causal=causal,
+                                                      return_softmax_lse=True)
+    assert not out.isnan().any()
+    assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
+    assert (out[1] == 0).all() and (lse[1] == -math.inf).all()
+    for b, L in enumerate(lens):
+        if L == 0:
+            continue
+        alone = flash_sparse_attn_func(q[b:b + 1], clean[0][b:b + 1, :L], clean[1][b:b + 1, :L],
+                                       attn_mask=mask[b:b + 1, ..., :L], is_causal=causal)
+        torch.testing.assert_close(out[b:b + 1], alone, rtol=1e-5, atol=1e-6)
+
+
+def test_decode_loop_reuses_one_plan():
+    # The lengths are the kernels', not the plan's: growing them keeps the plan of (shapes, mask).
+    from flash_sparse_attn.flash_sparse_attn_interface import _plan_cache
+    g = torch.Generator().manual_seed(11)
+    B, Sk = 2, 256
+    q = torch.randn(B, 1, H, D, generator=g)
+    k, v = (torch.randn(B, Sk, HK, D, generator=g) for _ in range(2))
+    mask = torch.rand(B, HK, 1, Sk, generator=g) < 0.5
+    _plan_cache.clear()
+    with torch.no_grad():
+        for step in range(3):
+            lens = torch.tensor([10 + step, 200 + step], dtype=torch.int32)
+            out = flash_sparse_attn_with_kvcache(q, k, v, lens, attn_mask=mask)
+            for b in range(B):
+                L = int(lens[b])
+                alone = flash_sparse_attn_func(q[b:b + 1], k[b:b + 1, :L], v[b:b + 1, :L],
+                                               attn_mask=mask[b:b + 1, ..., :L])
+                torch.testing.assert_close(out[b:b + 1], alone, rtol=1e-5, atol=1e-6)
+    assert len(_plan_cache._entries) == 1
+
+
 def test_bad_input_names_the_argument():
     q = torch.randn(2, 1, H, D)
     k_pages = torch.randn(6, 16, HK, D)
@@ -100,6 +152,9 @@ def test_bad_input_names_the_argument():
             flash_sparse_attn_with_kvcache(q, k_pages, k_pages, page_table=table[:1])
         with pytest.raises(ValueError, match="cache_seqlens"):
             flash_sparse_attn_with_kvcache(q, k_pages, k_pages, torch.tensor([3]), table)
+        for bad in ([3, 33], [-1, 4], [3, 1 << 40]):  # the cache holds 32 keys
+            with pytest.raises(ValueError, match=r"cache_seqlens.*\[0, 32\]"):
+                flash_sparse_attn_with_kvcache(q, k_pages, k_pages, torch.tensor(bad), table)
         with pytest.raises(ValueError, match="attn_mask"):
             flash_sparse_attn_with_kvcache(q, k_pages, k_pages, torch.tensor([3, 4]), table,
                                            attn_mask=torch.ones(2, 1, 1, 7, dtype=torch.bool))
