@@ -7,7 +7,7 @@ Sq x Sk) and a bias score_mod. Every peer's output is checked against ours befor
 peer that errors or runs out of memory is reported as such. Times are CUDA-event medians.
 
     python3 bench/compare.py [--reps 20] [--json out.json]
-                             [--only dense,trainable,decode,bias,topk,varlen,kvcache]
+                             [--only dense,trainable,decode,bias,topk,varlen,kvcache,dense256]
                              [--topk-cases key16k,row16k,key32k,mem32k,keyref,rowref]
 
 (`bias` is not in the default set: forward + backward with full biases broadcast over batch/heads,
@@ -27,6 +27,8 @@ issues set bars on, and the peak memory of the per-row forward + backward agains
 1/8 of the 128-key blocks, batches 1, 8 and 64, the L2 cache flushed before every rep; ours one
 call between the events and 8 back to back, ours over a paged cache (pages of 64), SDPA flash over
 all keys, FlexAttention at batch 1, and the device's copy bandwidth measured in the same run.
+`dense256` (not in the default set): the dense causal group at head dim 256, (1, 16384, 16, 16,
+256), issue #14's bar shape.
 `kvcache` (not in the default set): a decode step over caches with per-sequence lengths
 (cache_seqlens in the kernels, one plan for every step) against the lengths written into the mask
 and SDPA over every cache key, 8 calls back to back, L2 flushed.
@@ -1129,7 +1131,8 @@ def main():
     table = Table()
     runs = {"dense": dense_causal, "trainable": trainable_mask, "decode": decode,
             "bias": broadcast_bias, "topk": lambda table, reps: topk(table, reps, cases),
-            "varlen": varlen, "kvcache": kvcache_lengths}
+            "varlen": varlen, "kvcache": kvcache_lengths,
+            "dense256": lambda table, reps: dense_causal(table, reps, B=1, S=16384, H=16, D=256)}
     for key in args.only.split(","):
         runs[key](table, args.reps)
     if args.json:

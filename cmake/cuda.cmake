@@ -61,7 +61,7 @@ foreach(hdim ${FSA_CUDA_HEAD_DIMS})
     list(APPEND fsa_cuda_sources ${gen})
     target_compile_definitions(fsa PRIVATE FSA_CUDA_BUILT_${hdim}_${dtype}=1)
     set(gen_bwd ${PROJECT_SOURCE_DIR}/src/cuda/generated/backward_hdim${hdim}_${dtype}.cu)
-    if(EXISTS ${gen_bwd})  # the backward exists for head dims <= 128
+    if(EXISTS ${gen_bwd})
       list(APPEND fsa_cuda_sources ${gen_bwd})
       target_compile_definitions(fsa PRIVATE FSA_CUDA_BWD_BUILT_${hdim}_${dtype}=1)
     endif()

@@ -75,7 +75,8 @@ void run_forward(const ForwardProblem& p, const Plan& plan) {
     const CausalBand band = p.band(b);
     const int64_t keys_hi = band.visible_end(r0 + rows - 1), keys_lo = band.visible_end(r0);
     for (int pass = 0; pass < 2; ++pass) {
-      const BlockSpan blocks = pass == 1 ? plan.partial_blocks(mb, mh, m) : plan.full_blocks(mb, mh, m);
+      const BlockSpan blocks =
+          pass == 1 ? plan.partial_blocks(mb, mh, m) : plan.full_blocks(mb, mh, m);
       for (int32_t n : blocks) {
         const Tile tile{r0, rows, n * bn, std::min(bn, p.seqlen_k - n * bn)};
         if (p.cache_seqlens && tile.c0 >= keys_hi) continue;

@@ -52,6 +52,12 @@
 #ifndef FSA_CUDA_BWD_BUILT_128_fp16
 #define FSA_CUDA_BWD_BUILT_128_fp16 0
 #endif
+#ifndef FSA_CUDA_BWD_BUILT_256_bf16
+#define FSA_CUDA_BWD_BUILT_256_bf16 0
+#endif
+#ifndef FSA_CUDA_BWD_BUILT_256_fp16
+#define FSA_CUDA_BWD_BUILT_256_fp16 0
+#endif
 #define FSA_IF_BWD_BUILT(D, dtype, ...) \
   if constexpr (FSA_CUDA_BWD_BUILT_##D##_##dtype) { __VA_ARGS__ }
 #define FSA_IF_BUILT(D, dtype, ...) \
@@ -456,10 +462,6 @@ bool backward(const BackwardProblem& p, const Plan& plan, void* stream_ptr,
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   const DeviceBlockMap& map = kernel_plan(plan, p.head_dim);
   const int kdim = kernel_head_dim(int(p.head_dim));
-  if (kdim > 128) {
-    fail("query", "the CUDA backward supports head_dim <= 128 for now (got " +
-                      std::to_string(p.head_dim) + "); run the backward on CPU tensors");
-  }
   if (p.batch > 65535 || p.num_heads > 65535) fail("query", "batch and num_heads must be <= 65535");
 
   StreamBuffer q_pad(stream), k_pad(stream), v_pad(stream), do_pad(stream);
@@ -568,6 +570,7 @@ bool backward(const BackwardProblem& p, const Plan& plan, void* stream_ptr,
     break;
     FSA_BACKWARD_CASE(64)
     FSA_BACKWARD_CASE(128)
+    FSA_BACKWARD_CASE(256)
 #undef FSA_BACKWARD_CASE
   }
   fail("query", "the CUDA backward for head_dim " + std::to_string(p.head_dim) + " and dtype " +

@@ -20,13 +20,18 @@ namespace fsa::detail::cuda {
 
 // Threads per CTA and tile rows of the two passes. dQ: 16 query rows per warp and one warp per
 // 16 rows of the plan's query tile. dK/dV: 16 key rows per warp, 4 warps = the plan's 64-key
-// tile; its dK and dV accumulators (2 x 16 x D fp32 per warp) are what limits D to 128.
+// tile. Its dK and dV accumulators are 2 x 16 x kOutDim fp32 per warp: at D = 256 the whole rows
+// would take 256 registers per thread, so each key tile has kDParts CTAs, one per 128 columns of
+// dK and dV, each computing the tile's P and dS over all of D (the scores twice: the price of
+// registers that fit).
 template <int kHeadDim>
 struct BackwardTiles {
   static constexpr int kBlockM = forward_block_m(kHeadDim);  // the plan's query tile
   static constexpr int kBlockN = forward_block_n(kHeadDim);  // the plan's key tile
   static constexpr int kDqWarps = kBlockM / 16;
   static constexpr int kDkvWarps = kBlockN / 16;
+  static constexpr int kOutDim = kHeadDim <= 128 ? kHeadDim : 128;  // dK / dV columns per CTA
+  static constexpr int kDParts = kHeadDim / kOutDim;
   static constexpr int kHalfM = 64;  // dK/dV walks a query tile in halves of 64 queries
   static constexpr int kSmemDq = (kBlockM * kHeadDim * 2 + 4 * kBlockN * kHeadDim) * 2;
   static constexpr int kSmemDkv = (2 * kBlockN * kHeadDim + 4 * kHalfM * kHeadDim) * 2 +
@@ -702,7 +707,8 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kDkvWarps * 32)
   using Tiles = BackwardTiles<kHeadDim>;
   constexpr int kBlockM = Tiles::kBlockM, kBlockN = Tiles::kBlockN, kHalf = Tiles::kHalfM;
   constexpr int kThreads = Tiles::kDkvWarps * 32;
-  constexpr int kCTiles = kHalf / 8, kDTiles = kHeadDim / 8;
+  constexpr int kOutDim = Tiles::kOutDim;
+  constexpr int kCTiles = kHalf / 8, kDTiles = kOutDim / 8;
   constexpr int kHalves = kBlockM / kHalf;
   extern __shared__ __align__(128) uint8_t smem_raw[];
   uint16_t* s_k = reinterpret_cast<uint16_t*>(smem_raw);  // (kBlockN, kHeadDim)
@@ -712,7 +718,9 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kDkvWarps * 32)
   float* s_lse2 = reinterpret_cast<float*>(s_do + 2 * kHalf * kHeadDim);  // 2 stages (kHalf)
   float* s_rdot = s_lse2 + 2 * kHalf;                                       // 2 stages (kHalf)
 
-  const int n = int(blockIdx.x), hk = blockIdx.y, b = blockIdx.z;
+  // Grid x: key tile n, times its kDParts column parts (dK / dV columns col0 .. col0 + kOutDim).
+  const int n = int(blockIdx.x) / Tiles::kDParts, hk = blockIdx.y, b = blockIdx.z;
+  const int col0 = int(blockIdx.x) % Tiles::kDParts * kOutDim;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int key0 = n * kBlockN;
   const auto* kg = static_cast<const uint16_t*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h;
@@ -748,7 +756,7 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kDkvWarps * 32)
     int h, m, half;
     bool partial;
   };
-  DkvWorkCursor<kHalves, false> cursor(p, n, hk, b);
+  DkvWorkCursor<kHalves, false> cursor(p, n, hk, b);  // (a part's CTA walks its tile's list)
   auto current = [&]() { return Work{cursor.h, cursor.m(), cursor.half, cursor.partial()}; };
   bool have_next = !cursor.done();
   Work next{};
@@ -825,11 +833,12 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kDkvWarps * 32)
           col.sum[r] += ds;
         }
     }
-    warp_gemm_pv<kHeadDim, kHalf, 1, Elt>(dv_rt, s_rt, dot);  // dV += P^T . dO
-    warp_gemm_pv<kHeadDim, kHalf, 1, Elt>(dk_rt, dp_rt, qt);  // dK += dX^T . q (scaled at the end)
+    // dV += P^T . dO, dK += dX^T . q (scaled at the end), over this CTA's columns.
+    warp_gemm_pv<kOutDim, kHalf, 1, Elt, kHeadDim>(dv_rt, s_rt, dot + col0);
+    warp_gemm_pv<kOutDim, kHalf, 1, Elt, kHeadDim>(dk_rt, dp_rt, qt + col0);
     __syncthreads();
   }
-  col.flush(p, col_rows);
+  col.flush(p, col_rows);  // (every column part stores the same sums: the same dS)
 
   auto* dk_out = static_cast<typename Elt::Storage*>(p.dk) + b * p.dk_stride_b + hk * p.dk_stride_h;
   auto* dv_out = static_cast<typename Elt::Storage*>(p.dv) + b * p.dv_stride_b + hk * p.dv_stride_h;
@@ -841,7 +850,7 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kDkvWarps * 32)
     auto* vrow = dv_out + int64_t(key) * p.dv_stride_s;
 #pragma unroll
     for (int d = 0; d < kDTiles; ++d) {
-      const int c = d * 8 + 2 * t;
+      const int c = col0 + d * 8 + 2 * t;
       const uint32_t kp = Elt::pack(dk[d][2 * r] * p.scale, dk[d][2 * r + 1] * p.scale);
       const uint32_t vp = Elt::pack(dv[d][2 * r], dv[d][2 * r + 1]);
       if (c < p.head_dim) {

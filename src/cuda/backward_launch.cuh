@@ -77,98 +77,51 @@ inline bool dkv_tile_major_enabled() {
   return enabled;
 }
 
+using BackwardKernel = void (*)(BackwardParams);
+
+// The sm90 dQ kernel for this call with its threads and shared memory, or null: the sm80 pass
+// (D = 256, softcap, or the sm80 kernels forced).
 template <int kHeadDim, class Elt>
-bool launch_backward(const BackwardParams& p, cudaStream_t stream) {
-  using Tiles = BackwardTiles<kHeadDim>;
-  const bool row_topk = p.row_topk.key != nullptr;
-  const int64_t elements = int64_t(p.dbias_shape[0]) * p.dbias_shape[1] * p.dbias_shape[2] *
-                           p.dbias_shape[3];
-  // zero_dbias / dbias_reduce: grid (dbias rows, key blocks), see for_each_dbias_entry.
-  const int64_t dbias_rows = int64_t(p.dbias_shape[0]) * p.dbias_shape[1] * p.dbias_shape[2];
-  const int keys_per_block = dbias_keys_per_block(dbias_rows);
-  const dim3 dbias_grid(unsigned(dbias_rows),
-                        unsigned((p.dbias_shape[3] + keys_per_block - 1) / keys_per_block));
-  const unsigned dbias_threads = unsigned(std::min(256, (p.dbias_shape[3] + 31) / 32 * 32));
-  if (p.bias_grad == BiasGrad::kFull && elements > 0) {
-    // Entries of skipped tiles must read 0: a memset when dbias is one dense block.
-    bool dense = true;
-    int64_t expected = 1;
-    for (int d = 3; d >= 0; --d) {
-      dense = dense && (p.dbias_shape[d] == 1 || p.dbias_stride[d] == expected);
-      expected *= p.dbias_shape[d];
-    }
-    if (dense) {
-      FSA_CUDA_CHECK(cudaMemsetAsync(p.dbias, 0, elements * (p.bias_is_fp32 ? 4 : 2), stream));
-    } else {
-      zero_dbias_kernel<Elt><<<dbias_grid, dbias_threads, 0, stream>>>(p);
-    }
-    FSA_CUDA_CHECK(cudaGetLastError());
-  }
-  const int64_t rows = int64_t(p.batch) * p.num_heads * p.seqlen_q;
-  if (rows > 0) {
-    if (p.rowdot_chunks) {
-      // A row's chunks over 8, 16 or 32 lanes: one pass of 16-byte loads for head dims <= 256.
-      const int lanes = p.head_dim <= 64 ? 8 : p.head_dim <= 128 ? 16 : 32;
-      const unsigned blocks = unsigned((rows * lanes + 255) / 256);
-      if (lanes == 8) rowdot_chunks_kernel<Elt, 8><<<blocks, 256, 0, stream>>>(p);
-      if (lanes == 16) rowdot_chunks_kernel<Elt, 16><<<blocks, 256, 0, stream>>>(p);
-      if (lanes == 32) rowdot_chunks_kernel<Elt, 32><<<blocks, 256, 0, stream>>>(p);
-    } else {
-      rowdot_kernel<Elt><<<unsigned((rows + 3) / 4), 128, 0, stream>>>(p);
-    }
-    FSA_CUDA_CHECK(cudaGetLastError());
-  }
-  if (p.map.m_blocks > 0) {
-    void (*dq)(BackwardParams);
-    int threads = 0, smem = 0;
-    if (use_sm90_dq(p)) {
-      using Sm90Tiles = Sm90DqTiles<kHeadDim, Elt>;
-      auto pick = [&](auto staged) -> void (*)(BackwardParams) {
-        constexpr bool kStaged = decltype(staged)::value;
-        using Duty = DqBiasDuty;
-        switch (dq_bias_duty(p)) {
-          case Duty::kPacked: return &dq_kernel_sm90<kHeadDim, Elt, Duty::kPacked, kStaged, false>;
-          case Duty::kFp32: return &dq_kernel_sm90<kHeadDim, Elt, Duty::kFp32, kStaged, false>;
-          default: return &dq_kernel_sm90<kHeadDim, Elt, Duty::kNone, kStaged, false>;
-        }
-      };
-      // Per-row top-k comes with a query-invariant bias: never staged, no dQ-pass dbias duty;
-      // over compacted keys it runs on the plan's gathered tiles.
-      const bool gathered = p.map.gather_slots != nullptr;
-      dq = gathered   ? &dq_kernel_sm90<kHeadDim, Elt, DqBiasDuty::kNone, false, false, true>
-           : row_topk ? &dq_kernel_sm90<kHeadDim, Elt, DqBiasDuty::kNone, false, true>
-           : p.bias_staged ? pick(std::true_type{})
-                           : pick(std::false_type{});
-      threads = Sm90Tiles::kThreads, smem = Sm90Tiles::smem_bytes(p.bias_staged, gathered);
-    } else {
-      dq = row_topk ? &dq_kernel<kHeadDim, Elt, true> : &dq_kernel<kHeadDim, Elt, false>;
-      threads = Tiles::kDqWarps * 32, smem = Tiles::kSmemDq;
-    }
-    FSA_CUDA_CHECK(cudaFuncSetAttribute(dq, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    if (!p.ordered_dbias) {
-      dq<<<dim3(p.map.m_blocks, p.num_heads, p.batch), threads, smem, stream>>>(p);
-      FSA_CUDA_CHECK(cudaGetLastError());
-    } else {
-      // One launch per member of a dbias slice, in order (BackwardParams::ordered_dbias).
-      const int heads_per = p.num_heads / p.dbias_shape[1];
-      const int members = (p.batch / p.dbias_shape[0]) * heads_per;
-      BackwardParams launch = p;
-      launch.dq_head_step = heads_per;
-      for (int member = 0; member < members; ++member) {
-        launch.dq_head0 = member % heads_per;
-        launch.dq_batch0 = p.dbias_shape[0] == 1 ? member / heads_per : 0;
-        dq<<<dim3(p.map.m_blocks, p.dbias_shape[1], p.dbias_shape[0]), threads, smem, stream>>>(
-            launch);
-        FSA_CUDA_CHECK(cudaGetLastError());
+BackwardKernel sm90_dq_kernel(const BackwardParams& p, int& threads, int& smem) {
+  if constexpr (kHeadDim > 128) {
+    return nullptr;
+  } else {
+    if (!use_sm90_dq(p)) return nullptr;
+    const bool row_topk = p.row_topk.key != nullptr;
+    using Sm90Tiles = Sm90DqTiles<kHeadDim, Elt>;
+    auto pick = [&](auto staged) -> BackwardKernel {
+      constexpr bool kStaged = decltype(staged)::value;
+      using Duty = DqBiasDuty;
+      switch (dq_bias_duty(p)) {
+        case Duty::kPacked: return &dq_kernel_sm90<kHeadDim, Elt, Duty::kPacked, kStaged, false>;
+        case Duty::kFp32: return &dq_kernel_sm90<kHeadDim, Elt, Duty::kFp32, kStaged, false>;
+        default: return &dq_kernel_sm90<kHeadDim, Elt, Duty::kNone, kStaged, false>;
       }
-    }
+    };
+    // Per-row top-k comes with a query-invariant bias: never staged, no dQ-pass dbias duty;
+    // over compacted keys it runs on the plan's gathered tiles.
+    const bool gathered = p.map.gather_slots != nullptr;
+    const BackwardKernel dq =
+        gathered        ? &dq_kernel_sm90<kHeadDim, Elt, DqBiasDuty::kNone, false, false, true>
+        : row_topk      ? &dq_kernel_sm90<kHeadDim, Elt, DqBiasDuty::kNone, false, true>
+        : p.bias_staged ? pick(std::true_type{})
+                        : pick(std::false_type{});
+    threads = Sm90Tiles::kThreads, smem = Sm90Tiles::smem_bytes(p.bias_staged, gathered);
+    return dq;
   }
-  // The dK/dV pass and the column-sum reduction after it read `kv`, whose split fields say how
-  // the key tiles' query work is shared (BackwardParams::dkv_splits).
-  BackwardParams kv = p;
-  kv.scatter = KeyScatter{};  // set below where the reduction takes it
-  StreamBuffer dkv_workspace(stream);
-  if (p.map.n_blocks > 0 && use_sm90_backward(p)) {
+}
+
+// The sm90 dK/dV pass and, when it splits, its reduction, with `kv` (p's copy for the pass and
+// the bias reduction after it) set up for them; false when the call takes the sm80 pass (D = 256,
+// softcap, or the sm80 kernels forced), with nothing launched.
+template <int kHeadDim, class Elt>
+bool launch_sm90_dkdv(const BackwardParams& p, BackwardParams& kv, StreamBuffer& dkv_workspace,
+                      cudaStream_t stream) {
+  if constexpr (kHeadDim > 128) {
+    return false;
+  } else {
+    if (!use_sm90_backward(p)) return false;
+    const bool row_topk = p.row_topk.key != nullptr;
     using Sm90Tiles = Sm90DkvTiles<kHeadDim, Elt>;
     const int64_t target = 2 * int64_t(multiprocessor_count());
     kv.dkv_split_log2 = dkv_split_log2(p, kHeadDim, target);
@@ -212,9 +165,9 @@ bool launch_backward(const BackwardParams& p, cudaStream_t stream) {
     // it uses.
     FSA_CUDA_CHECK(cudaFuncSetAttribute(dkdv, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         Sm90Tiles::smem_bytes(true)));
-    const dim3 dkdv_grid = kv.dkv_tile_major
-                               ? dim3(unsigned(p.num_kv_heads), unsigned(grid_x), unsigned(p.batch))
-                               : dim3(unsigned(grid_x), unsigned(p.num_kv_heads), unsigned(p.batch));
+    const dim3 dkdv_grid =
+        kv.dkv_tile_major ? dim3(unsigned(p.num_kv_heads), unsigned(grid_x), unsigned(p.batch))
+                          : dim3(unsigned(grid_x), unsigned(p.num_kv_heads), unsigned(p.batch));
     dkdv<<<dkdv_grid, Sm90Tiles::kThreads, Sm90Tiles::smem_bytes(p.bias_staged), stream>>>(kv);
     FSA_CUDA_CHECK(cudaGetLastError());
     if (kv.dkv_splits > 1 || kv.dkv_by_count) {
@@ -228,12 +181,89 @@ bool launch_backward(const BackwardParams& p, cudaStream_t stream) {
       dkv_reduce_kernel<Elt, kHeadDim><<<grid, 256, 0, stream>>>(kv);
       FSA_CUDA_CHECK(cudaGetLastError());
     }
-  } else if (p.map.n_blocks > 0) {
+    return true;
+  }
+}
+
+template <int kHeadDim, class Elt>
+bool launch_backward(const BackwardParams& p, cudaStream_t stream) {
+  using Tiles = BackwardTiles<kHeadDim>;
+  const bool row_topk = p.row_topk.key != nullptr;
+  const int64_t elements = int64_t(p.dbias_shape[0]) * p.dbias_shape[1] * p.dbias_shape[2] *
+                           p.dbias_shape[3];
+  // zero_dbias / dbias_reduce: grid (dbias rows, key blocks), see for_each_dbias_entry.
+  const int64_t dbias_rows = int64_t(p.dbias_shape[0]) * p.dbias_shape[1] * p.dbias_shape[2];
+  const int keys_per_block = dbias_keys_per_block(dbias_rows);
+  const dim3 dbias_grid(unsigned(dbias_rows),
+                        unsigned((p.dbias_shape[3] + keys_per_block - 1) / keys_per_block));
+  const unsigned dbias_threads = unsigned(std::min(256, (p.dbias_shape[3] + 31) / 32 * 32));
+  if (p.bias_grad == BiasGrad::kFull && elements > 0) {
+    // Entries of skipped tiles must read 0: a memset when dbias is one dense block.
+    bool dense = true;
+    int64_t expected = 1;
+    for (int d = 3; d >= 0; --d) {
+      dense = dense && (p.dbias_shape[d] == 1 || p.dbias_stride[d] == expected);
+      expected *= p.dbias_shape[d];
+    }
+    if (dense) {
+      FSA_CUDA_CHECK(cudaMemsetAsync(p.dbias, 0, elements * (p.bias_is_fp32 ? 4 : 2), stream));
+    } else {
+      zero_dbias_kernel<Elt><<<dbias_grid, dbias_threads, 0, stream>>>(p);
+    }
+    FSA_CUDA_CHECK(cudaGetLastError());
+  }
+  const int64_t rows = int64_t(p.batch) * p.num_heads * p.seqlen_q;
+  if (rows > 0) {
+    if (p.rowdot_chunks) {
+      // A row's chunks over 8, 16 or 32 lanes: one pass of 16-byte loads for head dims <= 256.
+      const int lanes = p.head_dim <= 64 ? 8 : p.head_dim <= 128 ? 16 : 32;
+      const unsigned blocks = unsigned((rows * lanes + 255) / 256);
+      if (lanes == 8) rowdot_chunks_kernel<Elt, 8><<<blocks, 256, 0, stream>>>(p);
+      if (lanes == 16) rowdot_chunks_kernel<Elt, 16><<<blocks, 256, 0, stream>>>(p);
+      if (lanes == 32) rowdot_chunks_kernel<Elt, 32><<<blocks, 256, 0, stream>>>(p);
+    } else {
+      rowdot_kernel<Elt><<<unsigned((rows + 3) / 4), 128, 0, stream>>>(p);
+    }
+    FSA_CUDA_CHECK(cudaGetLastError());
+  }
+  if (p.map.m_blocks > 0) {
+    int threads = 0, smem = 0;
+    BackwardKernel dq = sm90_dq_kernel<kHeadDim, Elt>(p, threads, smem);
+    if (dq == nullptr) {
+      dq = row_topk ? &dq_kernel<kHeadDim, Elt, true> : &dq_kernel<kHeadDim, Elt, false>;
+      threads = Tiles::kDqWarps * 32, smem = Tiles::kSmemDq;
+    }
+    FSA_CUDA_CHECK(cudaFuncSetAttribute(dq, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    if (!p.ordered_dbias) {
+      dq<<<dim3(p.map.m_blocks, p.num_heads, p.batch), threads, smem, stream>>>(p);
+      FSA_CUDA_CHECK(cudaGetLastError());
+    } else {
+      // One launch per member of a dbias slice, in order (BackwardParams::ordered_dbias).
+      const int heads_per = p.num_heads / p.dbias_shape[1];
+      const int members = (p.batch / p.dbias_shape[0]) * heads_per;
+      BackwardParams launch = p;
+      launch.dq_head_step = heads_per;
+      for (int member = 0; member < members; ++member) {
+        launch.dq_head0 = member % heads_per;
+        launch.dq_batch0 = p.dbias_shape[0] == 1 ? member / heads_per : 0;
+        dq<<<dim3(p.map.m_blocks, p.dbias_shape[1], p.dbias_shape[0]), threads, smem, stream>>>(
+            launch);
+        FSA_CUDA_CHECK(cudaGetLastError());
+      }
+    }
+  }
+  // The dK/dV pass and the column-sum reduction after it read `kv`, whose split fields say how
+  // the key tiles' query work is shared (BackwardParams::dkv_splits).
+  BackwardParams kv = p;
+  kv.scatter = KeyScatter{};  // set below where the reduction takes it
+  StreamBuffer dkv_workspace(stream);
+  if (p.map.n_blocks > 0 && !launch_sm90_dkdv<kHeadDim, Elt>(p, kv, dkv_workspace, stream)) {
+    // The sm80 pass: kDParts CTAs per key tile (column parts of dK / dV at D = 256).
     auto* dkdv = row_topk ? &dkdv_kernel<kHeadDim, Elt, true> : &dkdv_kernel<kHeadDim, Elt, false>;
     FSA_CUDA_CHECK(cudaFuncSetAttribute(dkdv, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         Tiles::kSmemDkv));
-    dkdv<<<dim3(p.map.n_blocks, p.num_kv_heads, p.batch), Tiles::kDkvWarps * 32, Tiles::kSmemDkv,
-           stream>>>(p);
+    dkdv<<<dim3(p.map.n_blocks * Tiles::kDParts, p.num_kv_heads, p.batch), Tiles::kDkvWarps * 32,
+           Tiles::kSmemDkv, stream>>>(p);
     FSA_CUDA_CHECK(cudaGetLastError());
   }
   const bool reduce = p.bias_grad == BiasGrad::kFullSummed || p.bias_grad == BiasGrad::kRows ||

@@ -330,14 +330,16 @@ __device__ inline void warp_gemm_nt(float (&c)[kRT][kCols / 8][4], const uint16_
 
 // acc (16 kRT, kHeadDim) += P (16 kRT, kCols, in registers: a C fragment is the next product's A
 // fragment) . B (kCols, kHeadDim), B read transposed from a swizzled tile (p . v; in the backward
-// also dX . k, P^T . dO, dX^T . q). Each B fragment feeds kRT mma.
-template <int kHeadDim, int kCols, int kRT, class Elt>
+// also dX . k, P^T . dO, dX^T . q). Each B fragment feeds kRT mma. kRowElems: B's row length when
+// the product covers only kHeadDim of its columns (the D = 256 dK/dV pass's halves): sb then points
+// at the first column, a multiple of 64 (the swizzle permutes chunks within groups of 8).
+template <int kHeadDim, int kCols, int kRT, class Elt, int kRowElems = kHeadDim>
 __device__ inline void warp_gemm_pv(float (&acc)[kRT][kHeadDim / 8][4],
                                     const float (&p)[kRT][kCols / 8][4], const uint16_t* sb) {
   const int lane = threadIdx.x % 32;
   // B (x4, transposed): matrices (keys 0-7 | 8-15) x (d chunk 0 | 1): lane -> key row
   // ((lane / 8) % 2) * 8 + lane % 8, chunk lane / 16.
-  const uint16_t* b_base = sb + (((lane / 8) % 2) * 8 + lane % 8) * kHeadDim;
+  const uint16_t* b_base = sb + (((lane / 8) % 2) * 8 + lane % 8) * kRowElems;
   const LaneSwizzle b_swz((lane / 16) ^ (lane % 8));
 #pragma unroll
   for (int kk = 0; kk < kCols / 16; ++kk) {
@@ -352,7 +354,7 @@ __device__ inline void warp_gemm_pv(float (&acc)[kRT][kHeadDim / 8][4],
 #pragma unroll
     for (int dp = 0; dp < kHeadDim / 16; ++dp) {
       uint32_t b[4];
-      ldmatrix_x4_trans(b, b_base + kk * 16 * kHeadDim + b_swz.at(dp));
+      ldmatrix_x4_trans(b, b_base + kk * 16 * kRowElems + b_swz.at(dp));
 #pragma unroll
       for (int rt = 0; rt < kRT; ++rt) {
         Elt::mma(acc[rt][2 * dp], a[rt], b[0], b[1]);
@@ -890,7 +892,8 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim, kStages, kSplitKeys>::k
   // past the keys its first row sees drop entries like partial ones.
   int keys_lo = INT_MAX, keys_hi = INT_MAX;
   if (p.cache_seqlens != nullptr) {
-    const int flat0 = wr.rows.row0, flat1 = min(wr.rows.row0 + forward_block_m(kHeadDim), wr.flat_rows) - 1;
+    const int flat0 = wr.rows.row0;
+    const int flat1 = min(flat0 + forward_block_m(kHeadDim), wr.flat_rows) - 1;
     const int i0 = p.pack_gqa ? flat0 / p.group : flat0, i1 = p.pack_gqa ? flat1 / p.group : flat1;
     keys_lo = max(visible_end(p, b, 0, min(i0, p.seqlen_q - 1)) - shift, 0);
     keys_hi = max(visible_end(p, b, 0, min(i1, p.seqlen_q - 1)) - shift, 0);
