@@ -25,8 +25,10 @@ writes in torch) and the reference project's Triton kernel on the same mask; the
 issues set bars on, and the peak memory of the per-row forward + backward against dense causal.
 `decode` is issue #15's decode bars: one query per head over 32K and 512K keys, a key mask keeping
 1/8 of the 128-key blocks, batches 1, 8 and 64, the L2 cache flushed before every rep; ours one
-call between the events and 8 back to back, ours over a paged cache (pages of 64), SDPA flash over
-all keys, FlexAttention at batch 1, and the device's copy bandwidth measured in the same run.
+call between the events and 8 back to back, ours over a paged cache (pages of 64), the kernels'
+time alone of the contiguous and the paged call (torch profiler: without the host time a one-call
+figure includes), SDPA flash over all keys, FlexAttention at batch 1, and the device's copy
+bandwidth measured in the same run.
 `dense256` (not in the default set): the dense causal group at head dim 256, (1, 16384, 16, 16,
 256), issue #14's bar shape.
 `kvcache` (not in the default set): a decode step over caches with per-sequence lengths
@@ -330,6 +332,33 @@ def flushed_ms(fn, reps, calls=1, warmup=3):
     return times[len(times) // 2]
 
 
+def kernel_us(fn, reps):
+    """Mean GPU time per call of fn's CUDA kernels (torch profiler; the L2 flush between calls
+    excluded): what a call costs the device, without the host time that flushed_ms's one-call
+    figure includes."""
+    from torch.profiler import ProfilerActivity, profile
+    global _L2_FLUSH
+    if _L2_FLUSH is None:
+        _L2_FLUSH = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            _L2_FLUSH.zero_()
+            fn()
+        torch.cuda.synchronize()
+    total = 0.0
+    for e in prof.events():
+        if e.device_type.name != "CUDA":
+            continue
+        name = e.name.lower()
+        if "fill" in name or "zero" in name:  # the flush
+            continue
+        total += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+    return total / reps
+
+
 def device_copy_gbps(reps):
     """Device-to-device copy of 2 GiB: bytes read + written per second (the decode bar's unit)."""
     x = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
@@ -386,6 +415,13 @@ def decode(table, reps, H=32, Hk=8, D=128, keep_every=8, block=128, page=64):
                       "kept K+V bytes; " + ("bitwise equal to contiguous" if same else
                                             "WRONG: differs from contiguous"), kept_bytes,
                       paged_ratio=msp / ms1)
+            # The device's share alone (host time excluded), contiguous and paged.
+            us_c, us_p = kernel_us(run, reps), kernel_us(paged, reps)
+            table.add(name, "flash_sparse_attn, kernels only (profiler)", us_c * 1e-3, None,
+                      "kept K+V bytes", kept_bytes, copy_share=kept_bytes / us_c * 1e-3 / copy)
+            table.add(name, f"flash_sparse_attn, paged (page {page}), kernels only", us_p * 1e-3,
+                      None, f"paged / contiguous kernels {us_p / us_c:.3f}", kept_bytes,
+                      paged_kernel_ratio=us_p / us_c)
             del kp, vp
             try:
                 ms_sdpa = flushed_ms(
