@@ -32,8 +32,9 @@ bandwidth measured in the same run.
 `dense256` (not in the default set): the dense causal group at head dim 256, (1, 16384, 16, 16,
 256), issue #14's bar shape.
 `kvcache` (not in the default set): a decode step over caches with per-sequence lengths
-(cache_seqlens in the kernels, one plan for every step) against the lengths written into the mask
-and SDPA over every cache key, 8 calls back to back, L2 flushed.
+(cache_seqlens in the kernels, one plan for every step; the same step captured in a CUDA graph
+and replayed) against the lengths written into the mask and SDPA over every cache key, 8 calls
+back to back, L2 flushed.
 `varlen` (not in the default set) is issue #15's packed training batch: 16 documents of random
 lengths in 64K tokens, causal, a per-key bias with its gradient; one packed call against the
 documents one by one and against FlexAttention with a document mask.
@@ -497,6 +498,32 @@ def kvcache_lengths(table, reps, H=32, Hk=8, D=128, keep_every=8, block=128):
             ms = flushed_ms(ours, reps, calls=8)
             table.add(name, "flash_sparse_attn, cache_seqlens", ms, None,
                       "per call, 8 back to back; kept K+V bytes", kept_bytes)
+            # The step captured once in a CUDA graph and replayed: what a serving loop does to
+            # drop the host's share (the plan is made by the warm-up call, before the capture).
+            try:
+                static_lens = lens.clone()
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    flash_sparse_attn_with_kvcache(q, k, v, static_lens, attn_mask=mask,
+                                                   is_causal=True)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    captured = flash_sparse_attn_with_kvcache(q, k, v, static_lens,
+                                                              attn_mask=mask, is_causal=True)
+                graph.replay()
+                same = torch.equal(captured, out)
+                ms_graph = flushed_ms(graph.replay, reps, calls=8)
+                table.add(name, "flash_sparse_attn, cache_seqlens, CUDA graph replay", ms_graph,
+                          None, "per replay, 8 back to back; " +
+                          ("bitwise equal to the eager call" if same else
+                           "WRONG: differs from the eager call"), kept_bytes,
+                          graph_speedup=ms / ms_graph)
+                del graph
+            except Exception as e:  # noqa: BLE001
+                table.add(name, "flash_sparse_attn, cache_seqlens, CUDA graph replay",
+                          note=f"error: {type(e).__name__}: {str(e)[:100]}")
             ms_mask = flushed_ms(as_mask, reps, calls=8)
             table.add(name, "flash_sparse_attn, lengths as a mask", ms_mask, None,
                       ("max|diff| vs cache_seqlens %.2e" % err) if ok else

@@ -222,3 +222,31 @@ def test_out_of_range_lengths_are_clamped():
         whole = flash_sparse_attn_with_kvcache(q, k, k)
     assert (out[0] == 0).all() and (lse[0] == -math.inf).all()
     assert torch.equal(out[1:], whole[1:])
+
+
+def test_decode_step_replays_from_a_cuda_graph():
+    # A decode step with cache_seqlens has no host read and a plan made before capture, so a
+    # serving loop can capture it once and replay it with new lengths and queries written in place.
+    g = torch.Generator(device="cuda").manual_seed(SEED)
+    B, Sk, H, Hk, D = 3, 8192, 8, 2, 128
+    q = torch.randn(B, 1, H, D, device="cuda", generator=g).to(torch.bfloat16)
+    k, v = (torch.randn(B, Sk, Hk, D, device="cuda", generator=g).to(torch.bfloat16)
+            for _ in range(2))
+    mask = torch.rand(B, Hk, 1, Sk, generator=g, device="cuda") < 0.5
+    lens = torch.tensor([100, 5000, 8192], dtype=torch.int32, device="cuda")
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up (plans) on the capture's stream
+            flash_sparse_attn_with_kvcache(q, k, v, lens, attn_mask=mask, is_causal=True)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = flash_sparse_attn_with_kvcache(q, k, v, lens, attn_mask=mask, is_causal=True)
+        for step, now in enumerate(([1, 4999, 8000], [0, 64, 8192], [7, 7, 7])):
+            lens.copy_(torch.tensor(now, dtype=torch.int32))
+            q.copy_(torch.randn(B, 1, H, D, device="cuda", generator=g).to(torch.bfloat16))
+            graph.replay()
+            eager = flash_sparse_attn_with_kvcache(q, k, v, lens, attn_mask=mask, is_causal=True)
+            torch.cuda.synchronize()
+            assert torch.equal(out, eager), f"step {step} lengths {now}"
