@@ -5,10 +5,15 @@ README's headline block. Runs on any machine with matplotlib (no torch, no GPU n
     python3 bench/report.py RESULTS.json [MORE.json ...] [--perf docs/perf.md] [--readme README.md]
                             [--plots docs/plots] [--stdout]
 
-Inputs: files written by bench/sweep.py (format "fsa-sweep/1") and files written by
-bench/compare.py --json (the older {"device", "torch", "date", "command", "rows": [{"workload",
-"impl", "ms", "note", ...}]} format, e.g. docs/compare_h100_2026-11-26.json), in any mix. When the
-same (workload, implementation) entry appears in several files the last file given wins.
+Inputs: files written by bench/sweep.py (format "fsa-sweep/1") and files written by the former
+bench/compare.py --json (merged into sweep.py; the older {"device", "torch", "date", "command",
+"rows": [{"workload", "impl", "ms", "note", ...}]} format, e.g. docs/compare_h100_2026-11-26.json
+and the topk / decode / varlen JSON in docs/), in any mix. When the same (workload,
+implementation) entry appears in several files the last file given wins.
+
+The groups measured per (workload, implementation) entry get tables with a column per
+implementation (and plots); the workload groups (bias, topk, varlen, kvcache, decode_bars) a
+table per workload, a row per implementation, with its notes, derived numbers and ratios.
 
 Outputs replace only what lies between the markers
     <!-- BEGIN GENERATED: bench/report.py -->  ...  <!-- END GENERATED -->            (docs/perf.md)
@@ -26,14 +31,27 @@ import sys
 BEGIN_PERF = "<!-- BEGIN GENERATED: bench/report.py -->"
 BEGIN_README = "<!-- BEGIN GENERATED: bench/report.py (headline) -->"
 END = "<!-- END GENERATED -->"
-GROUPS = ("dense", "trainable", "reference", "decode")
+GROUPS = ("dense", "trainable", "reference", "decode")          # the README headline's
+ENTRY_GROUPS = ("dense", "dense256", "trainable", "reference", "decode")
+WORKLOAD_GROUPS = ("bias", "topk", "varlen", "kvcache", "decode_bars")
+DENSE_GROUPS = ("dense", "dense256")
 GROUP_TITLES = {
     "dense": "Dense attention (no mask)",
+    "dense256": "Dense causal attention at head dim 256 (issue #14's bar shape)",
     "trainable": "Trainable mask: bias (B, Hk, 1, S), causal, diagonal + top-k 128-key blocks by "
                  "mean bias",
     "reference": "The reference project's published configuration: (1, S, 2, 1, 64), causal, "
                  "top-1024 keys per query by a per-key bias",
     "decode": "Decode: Sq = 1, key mask keeping 1/8 of the 128-key blocks",
+    "bias": "Bias gradients: a full bias broadcast over batch and/or heads, deterministic mode "
+            "(issue #5)",
+    "topk": "The reference's top-k workflow: key mask and per-row top-k, causal, bias gradient "
+            "(issues #11, #12)",
+    "varlen": "Packed documents: one varlen call, the documents one by one, FlexAttention with a "
+              "document mask (issue #15)",
+    "kvcache": "Decode steps over caches with per-sequence lengths (issue #15)",
+    "decode_bars": "Decode bars: one call, 8 back to back, paged, kernels alone, against the "
+                   "device copy (issue #15)",
 }
 IMPL_ORDER = ["ours", "sdpa_flash", "sdpa_cudnn", "sdpa_eff_mask", "sdpa_cudnn_mask",
               "sdpa_math_mask", "sdpa_flash_dense", "flex"]
@@ -47,7 +65,8 @@ LABELS = {
     "sdpa_math_mask": "SDPA math + mask",
     "flex": "FlexAttention",
 }
-SHORT_FAIL = {"oom": "OOM", "unsupported": "unsup.", "error": "err", "wrong": "wrong"}
+SHORT_FAIL = {"oom": "OOM", "unsupported": "unsup.", "unavailable": "unavail.", "error": "err",
+              "wrong": "wrong"}
 # Flops multipliers of the measures relative to the forward's (the convention of docs/perf.md).
 FLOP_MULT = {"fwd": 1.0, "bwd": 2.5, "fwdbwd": 3.5}
 MEASURE_TITLES = {"fwd": "Forward", "bwd": "Backward", "fwdbwd": "Forward + backward"}
@@ -89,8 +108,86 @@ def load(paths):
     return runs, rows
 
 
+def legacy_fail(note):
+    """The failure label of a compare.py row without a time, from its note."""
+    low = note.lower()
+    return ("oom" if "out of memory" in low else "wrong" if "wrong" in low
+            else "unavailable" if "not available" in low or "unavailable" in low
+            else "unsupported" if "unsupported" in low else "error")
+
+
+def legacy_workload_group(workload, labels):
+    """The workload group of a compare.py workload (its implementations' labels given), or None
+    for the dense / trainable / decode workloads the entry groups read."""
+    if workload.startswith("bias ("):
+        return "bias"
+    if (workload.startswith("topk ") or workload.endswith("(no mask, no bias)")
+            or "(whole case)" in labels):
+        return "topk"
+    if workload.startswith("varlen ("):
+        return "varlen"
+    if workload.startswith("decode step, cache"):
+        return "kvcache"
+    if workload.startswith("device copy") or (
+            workload.startswith("decode fwd") and any(x.startswith("flash_sparse_attn, ")
+                                                      for x in labels)):
+        return "decode_bars"
+    return None
+
+
+LEGACY_EXTRA = ("copy_share", "gbps_copy", "paged_ratio", "paged_kernel_ratio", "lengths_speedup",
+                "ours_ratio")
+
+
 def convert_legacy(rows):
     """Rows of bench/compare.py's JSON -> sweep rows (fwd and fwd+bwd merged per impl)."""
+    labels = {}
+    for r in rows:
+        labels.setdefault(r["workload"], []).append(r["impl"].strip())
+    groups = {w: legacy_workload_group(w, ls) for w, ls in labels.items()}
+    return (convert_legacy_entries([r for r in rows if groups[r["workload"]] is None])
+            + convert_legacy_workloads([r for r in rows if groups[r["workload"]]], groups))
+
+
+def convert_legacy_workloads(rows, groups):
+    """compare.py rows of the workload groups -> sweep rows: one per (workload, implementation
+    label), keyed by the compare.py workload name, which is also the title."""
+    out = {}
+    for r in rows:
+        w, group = r["workload"], groups[r["workload"]]
+        label = r["impl"].strip()
+        measure = "fwd"
+        if label.endswith(" fwd+bwd"):
+            label, measure = label[: -len(" fwd+bwd")], "fwdbwd"
+        wkey = f"{group}/{w}"
+        impl = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+        row = out.setdefault(f"{wkey}|{impl}", dict(
+            key=f"{wkey}|{impl}", workload=wkey, group=group, spec=dict(group=group, title=w),
+            impl=impl, label=label, fail={}, notes=[], extra={}))
+        note = r.get("note") or ""
+        if note and note not in row["notes"]:
+            row["notes"].append(note)
+        row["extra"].update({k: r[k] for k in LEGACY_EXTRA if k in r})
+        if label.startswith("ratio "):
+            if r.get("ratio") is None:
+                row["fail"]["ratio"] = "n/a"
+            else:
+                row["ratio"] = r["ratio"]
+        elif "peak_mb" in r:
+            row["peak_fwdbwd_mb"] = r["peak_mb"]
+        elif r.get("ms") is not None:
+            row[f"{measure}_ms"] = r["ms"]
+            if r.get("tflops"):
+                row["flops"] = r["tflops"] * r["ms"] * 1e9 / FLOP_MULT[measure]
+            if r.get("gbps"):
+                row["bytes_moved"] = r["gbps"] * r["ms"] * 1e6
+        elif "gbps_copy" not in r:
+            row["fail"][measure] = legacy_fail(note)
+    return list(out.values())
+
+
+def convert_legacy_entries(rows):
+    """compare.py rows of the dense, dense256, trainable and decode workloads -> sweep rows."""
     out = {}
     density = {}
     for r in rows:
@@ -115,7 +212,11 @@ def convert_legacy(rows):
             impl = "flex"
         else:
             continue
-        if w.startswith("dense") and len(dims) == 5:
+        if w.startswith("dense") and dims == [1, 16384, 16, 16, 256]:     # compare's dense256
+            B, S, H, Hk, D = dims
+            spec = dict(group="dense256", causal=True, B=B, S=S, H=H, Hk=Hk, D=D)
+            key = f"dense256/causal/B{B}/S{S}"
+        elif w.startswith("dense") and len(dims) == 5:
             B, S, H, Hk, D = dims
             causal = "causal" in w
             spec = dict(group="dense", causal=causal, B=B, S=S, H=H, Hk=Hk, D=D)
@@ -140,10 +241,7 @@ def convert_legacy(rows):
             density[key] = float(dm.group(1)) / 100
         measure = "fwdbwd" if fwdbwd else "fwd"
         if r.get("ms") is None:
-            low = note.lower()
-            label = ("oom" if "out of memory" in low else "wrong" if "wrong" in low
-                     else "unsupported" if "unsupported" in low else "error")
-            row["fail"][measure] = label
+            row["fail"][measure] = legacy_fail(note)
             row["notes"].append(note)
             continue
         row[f"{measure}_ms"] = r["ms"]
@@ -157,7 +255,7 @@ def convert_legacy(rows):
         w = row["workload"]
         if w in density:
             row["density"] = density[w]
-        elif row["group"] == "dense":
+        elif row["group"] in DENSE_GROUPS:
             row["density"] = 0.5 if row["spec"]["causal"] else 1.0
         elif row["group"] == "decode":
             row["density"] = 1 / 8
@@ -250,7 +348,7 @@ def mem_cell(row, notes):
 
 def describe(spec, density):
     g = spec["group"]
-    if g == "dense":
+    if g in DENSE_GROUPS:
         return (f"{'causal' if spec['causal'] else 'non-causal'} D={spec['D']} S={fmt_k(spec['S'])} "
                 f"({spec['B']},{spec['S']},{spec['H']},{spec['Hk']},{spec['D']})")
     if g == "trainable":
@@ -264,7 +362,7 @@ def describe(spec, density):
 
 def sort_key(spec, density):
     g = spec["group"]
-    if g == "dense":
+    if g in DENSE_GROUPS:
         return (not spec["causal"], spec["D"], spec["S"])
     if g == "trainable":
         return (spec["S"], density or 0)
@@ -359,6 +457,62 @@ def group_tables(group, rows, lines):
             lines.append("")
 
 
+def workload_cell(row, measure):
+    """A workload-group table cell: 'ms (rate)' (MiB for peak memory), the failure label, or
+    empty when not measured; failure messages are in the row's notes."""
+    if measure == "peak_fwdbwd":
+        v = row.get("peak_fwdbwd_mb")
+        if v is not None:
+            return f"{v:,.0f}"
+    elif row.get(f"{measure}_ms") is not None:
+        return cell(row, measure, [])
+    f = row.get("fail", {}).get(measure)
+    return SHORT_FAIL.get(f, f) if f else ""
+
+
+def workload_notes(row):
+    """The notes column: the row's notes, then its derived numbers (markdown-safe)."""
+    parts = list(row.get("notes", []))
+    parts += [f"{k} {v:.3g}" for k, v in row.get("extra", {}).items()]
+    return "; ".join(parts).replace("|", "\\|")
+
+
+WORKLOAD_MEASURES = (("fwd", "forward, ms"), ("fwdbwd", "forward + backward, ms"),
+                     ("peak_fwdbwd", "peak fwd+bwd, MiB"))
+
+
+def workload_group_tables(group, rows, lines):
+    """A workload group's section: per workload, in the order of the files, a table of its rows
+    (implementations, then ratios) with the measures any of them has and the notes."""
+    by = {}
+    for r in rows.values():
+        if r.get("group") == group:
+            by.setdefault(r["workload"], []).append(r)
+    if not by:
+        return
+    lines.append(f"### {GROUP_TITLES[group]}")
+    lines.append("")
+    rate = ("GB/s of kept K+V (SDPA over all keys: of all K+V; device copy: read + written)"
+            if group in ("kvcache", "decode_bars") else
+            "TFLOP/s over kept entries, forward + backward counted 3.5x the forward")
+    lines.append(f"In parentheses: {rate}.")
+    lines.append("")
+    for wkey, impl_rows in by.items():
+        measures = [(m, title) for m, title in WORKLOAD_MEASURES
+                    if any(workload_cell(r, m) for r in impl_rows)]
+        title = impl_rows[0]["spec"].get("title", wkey)
+        # (the keys of converted compare.py rows end in their title)
+        lines.append(f"{title}:" if wkey.endswith(title) else f"{title} (`{wkey}`):")
+        lines.append("")
+        lines.append("| implementation | " + "".join(f"{t} | " for _, t in measures) + "notes |")
+        lines.append("|---|" + "---|" * len(measures) + "---|")
+        for r in impl_rows:
+            lines.append(f"| {r['label']} | "
+                         + "".join(f"{workload_cell(r, m)} | " for m, _ in measures)
+                         + f"{workload_notes(r)} |")
+        lines.append("")
+
+
 def runs_table(runs, lines):
     lines.append("| file | card | date | torch | triton | flash_sparse_attn (git) | command |")
     lines.append("|---|---|---|---|---|---|---|")
@@ -399,14 +553,17 @@ def perf_section(paths, runs, rows, plots, plots_rel):
     if any(r.get("legacy") for r in runs):
         lines.append("")
         lines.append("Files in the older `bench/compare.py` format were timed without the L2 "
-                     "flush, with forward outputs (not gradients) checked against ours, and "
-                     "carry forward and forward+backward times only.")
+                     "flush (except its decode and kvcache groups), their dense, trainable and "
+                     "decode peers checked on forward outputs only (not gradients), and carry "
+                     "forward and forward+backward times only.")
     lines.append("")
     for name in plots:
         lines.append(f"![{name}]({plots_rel}/{name})")
         lines.append("")
-    for g in GROUPS:
+    for g in ENTRY_GROUPS:
         group_tables(g, rows, lines)
+    for g in WORKLOAD_GROUPS:
+        workload_group_tables(g, rows, lines)
     lines.append(END)
     return "\n".join(lines) + "\n"
 
@@ -445,13 +602,16 @@ def readme_block(runs, rows, plot, plots_rel_readme):
                  "every peer checked against ours before timing; all workloads, peak memory and "
                  "the exact commands in [docs/perf.md](docs/perf.md).")
     lines.append("")
-    lines.append("| workload | pass | flash_sparse_attn | best SDPA (backend) | FlexAttention |")
-    lines.append("|---|---|---|---|---|")
+    picks = [(g, pick(workloads_of(rows, g), g)) for g in GROUPS]
+    picks = [(g, w) for g, w in picks if w is not None]
+    if picks:
+        lines.append("| workload | pass | flash_sparse_attn | best SDPA (backend) | "
+                     "FlexAttention |")
+        lines.append("|---|---|---|---|---|")
+    else:
+        lines.append(f"(No {', '.join(GROUPS)} results in these files.)")
     notes = []
-    for g in GROUPS:
-        w = pick(workloads_of(rows, g), g)
-        if w is None:
-            continue
+    for g, w in picks:
         _, spec, dens, by = w
         name = {"dense": "dense", "trainable": "trainable mask", "reference": "reference config",
                 "decode": "decode"}[g]
@@ -687,7 +847,8 @@ def headline_plot(rows, made):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("files", nargs="+", help="JSON results (bench/sweep.py or bench/compare.py)")
+    ap.add_argument("files", nargs="+",
+                    help="JSON results (bench/sweep.py, or the former bench/compare.py)")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ap.add_argument("--perf", default=os.path.join(root, "docs", "perf.md"))
     ap.add_argument("--readme", default=os.path.join(root, "README.md"))
