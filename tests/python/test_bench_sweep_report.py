@@ -2,8 +2,10 @@
 
 The sweep's GPU numbers can only come from the GPU machine; here we check that the machinery works:
 entries are checked and timed or reported as failures, the JSON is complete after every entry,
---resume skips what is done, bad flags name the flag, and the report renders tables, plots and
-the marker blocks without touching the hand-written text around them.
+--resume skips what is done, bad flags name the flag, the workload groups (bias, topk, varlen,
+kvcache, decode_bars) measure what they can on the CPU and say why not for the rest (CUDA-only
+measures: a row each), and the report renders tables, plots and the marker blocks without
+touching the hand-written text around them, for sweep files and for the former compare.py's.
 """
 
 import importlib.util
@@ -11,6 +13,7 @@ import json
 import os
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -79,9 +82,131 @@ def test_smoke_sweep_masked_workloads(sweep, tmp_path):
         assert 0 < r["density"] < 0.5
 
 
+# The workload groups on the CPU, one run shared by the tests below: one workload of bias and
+# kvcache, both decode_bars workloads (batch 1 has the FlexAttention row), three topk cases (their
+# dense baseline first), varlen, and ours at dense256's shape.
+WORKLOADS = ["--only", "bias,topk,varlen,kvcache,decode_bars,dense256",
+             "--topk-cases", "key16k,row16k,mem32k",
+             "--filter", r"bias/1x1/|topk/|varlen/|kvcache/B2/|decode_bars/|dense256/.*\|ours$"]
+
+
+@pytest.fixture(scope="module")
+def workload_run(sweep, tmp_path_factory):
+    out = tmp_path_factory.mktemp("workloads") / "w.json"
+    assert sweep.main(SMOKE + ["--json", str(out)] + WORKLOADS) == 0
+    return out, json.loads(out.read_text())
+
+
+def test_smoke_workload_groups(workload_run):
+    _, data = workload_run
+    rows = {r["key"]: r for r in data["rows"]}
+    for r in rows.values():
+        assert r["impl"] != "workload", r["notes"]          # no workload stopped early
+        assert "fail" in r and "notes" in r
+    workloads = {r["workload"] for r in rows.values()}
+    assert workloads == {
+        "bias/1x1/S256", "topk/dense/1x512x4x2x64", "topk/key16k/1x512x4x2x64",
+        "topk/row16k/1x512x4x2x64", "topk/mem32k/1x1024x4x2x64", "varlen/docs6/T1024",
+        "kvcache/B2/Sk2048/len512-1536", "decode_bars/B1/Sk2048", "decode_bars/B2/Sk1024",
+        "dense256/causal/B1/S256"}
+    assert rows["dense256/causal/B1/S256|ours"]["fwdbwd_ms"] > 0
+
+    def row(workload, impl):
+        return rows[f"{workload}|{impl}"]
+
+    # decode_bars: ours one call, back to back and paged (bitwise equal) against the device copy;
+    # the kernels-only measures need CUDA: rows saying so; Flex at batch 1 only.
+    for b, sk in ((1, 2048), (2, 1024)):
+        w = f"decode_bars/B{b}/Sk{sk}"
+        copy = row(w, "device_copy")
+        assert copy["fwd_ms"] > 0 and copy["bytes_moved"] == 2 * (16 << 20)   # read + written
+        one = row(w, "one_call")
+        assert one["fail"] == {} and one["max_diff_vs_fp64"] <= 2e-2 and one["bytes_moved"] > 0
+        assert set(one["extra"]) == {"copy_share", "gbps_copy"}
+        assert row(w, "back_to_back")["fwd_ms"] > 0
+        paged = row(w, "paged")
+        assert paged["fail"] == {} and "bitwise equal to contiguous" in paged["notes"]
+        assert paged["extra"]["paged_ratio"] > 0
+        for impl in ("kernels", "paged_kernels"):
+            assert row(w, impl)["fail"] == {"fwd": "unavailable"}
+            assert "needs CUDA" in row(w, impl)["notes"][0]
+        assert row(w, "sdpa_flash_dense")["extra"]["ours_ratio"] > 0
+        assert (f"{w}|flex" in rows) == (b == 1)
+    # kvcache: the lengths as a mask agree with cache_seqlens
+    w = "kvcache/B2/Sk2048/len512-1536"
+    mask = row(w, "lengths_as_mask")
+    assert mask["fail"] == {} and mask["extra"]["lengths_speedup"] > 0
+    assert any(n.startswith("max|diff| vs cache_seqlens") for n in mask["notes"])
+    assert row(w, "cache_seqlens")["fwd_ms"] > 0
+    assert row(w, "sdpa_flash_dense")["extra"]["ours_ratio"] > 0
+    # bias: default and deterministic bias gradients agree; the peers have no CPU backward here
+    w = "bias/1x1/S256"
+    assert row(w, "ours")["fwdbwd_ms"] > 0 and row(w, "ours")["max_diff_vs_fp64"] <= 2e-2
+    assert any(n.startswith("dbias vs default") for n in row(w, "deterministic")["notes"])
+    assert row(w, "sdpa_eff_mask")["fail"] and row(w, "flex")["fail"]
+    # varlen: per-document gradients checked against the packed call, then the #15 ratio
+    w = "varlen/docs6/T1024"
+    assert row(w, "varlen")["fwd_ms"] > 0 and row(w, "varlen")["fwdbwd_ms"] > 0
+    assert row(w, "per_document")["fail"] == {} and "dbias" in row(w, "per_document")["notes"][0]
+    ratio = row(w, "ratio:fwd-bwd-varlen-per-document")
+    assert ratio["ratio"] > 0 and ratio["bars"][0]["issue"] == "#15"
+    assert row(w, "ratio:fwd-bwd-flexattention-varlen")["fail"] == {"ratio": "n/a"}
+    # topk: the cases read their shape's dense baselines from the file; the reference kernel and
+    # the peak memory need CUDA
+    dense = row("topk/dense/1x512x4x2x64", "dense")
+    assert dense["fwd_ms"] > 0 and dense["fwdbwd_ms"] > 0
+    for case in ("key16k", "row16k"):
+        w = f"topk/{case}/1x512x4x2x64"
+        assert row(w, "ours")["max_diff_vs_fp64"] <= 2e-2
+        assert row(w, "topk")["fwdbwd_ms"] > 0 and row(w, "topk")["notes"]  # checked vs ours
+        assert row(w, "ref")["fail"] == {"fwd": "unavailable", "fwdbwd": "unavailable"}
+        assert row(w, "ratio:fwd-bwd-in-call-our-dense")["ratio"] == pytest.approx(
+            row(w, "topk")["fwdbwd_ms"] / dense["fwdbwd_ms"])
+    assert "topk/key16k/1x512x4x2x64|flex" in rows and "topk/row16k/1x512x4x2x64|flex" not in rows
+    w = "topk/mem32k/1x1024x4x2x64"
+    assert row(w, "dense")["fail"] == {"peak_fwdbwd": "unavailable"}
+    assert row(w, "ratio:peak-per-row-dense")["fail"] == {"ratio": "n/a"}
+
+
+def test_workload_groups_resume_whole_workloads(sweep, workload_run, tmp_path):
+    path, data = workload_run
+    # A cut run: kvcache's rows missing. --resume runs that workload again, and only it.
+    cut = dict(data, rows=[r for r in data["rows"] if not r["workload"].startswith("kvcache/")])
+    out = tmp_path / "cut.json"
+    out.write_text(json.dumps(cut))
+    assert sweep.main(SMOKE + ["--json", str(out), "--resume"] + WORKLOADS) == 0
+    again = json.loads(out.read_text())
+    assert sorted(r["key"] for r in again["rows"]) == sorted(r["key"] for r in data["rows"])
+    assert {r["workload"] for r in again["rows"][len(cut["rows"]):]} == {
+        "kvcache/B2/Sk2048/len512-1536"}
+    assert len(again["meta"]["runs"]) == 2
+
+
+@pytest.mark.parametrize("error, kind", [
+    ("Wrong", "wrong"), ("OutOfMemoryError", "oom"), ("RuntimeError", "error")])
+def test_a_stopped_workload_is_a_row(sweep, tmp_path, monkeypatch, error, kind):
+    exception = {"Wrong": sweep.Wrong, "OutOfMemoryError": torch.cuda.OutOfMemoryError,
+                 "RuntimeError": RuntimeError}[error]
+
+    def stops(w):
+        w.measure("ours", "flash_sparse_attn", "fwd", lambda: None)
+        raise exception("stopped by the test")
+
+    monkeypatch.setitem(sweep.WORKLOAD_RUNNERS, "varlen", stops)
+    out = tmp_path / "v.json"
+    assert sweep.main(SMOKE + ["--json", str(out), "--only", "varlen"]) == 0
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["ours"]["fwd_ms"] >= 0                     # what it measured before is kept
+    assert rows["workload"]["fail"] == {"workload": kind}
+    assert rows["workload"]["label"] == "(whole workload)"
+    assert "stopped by the test" in rows["workload"]["notes"][0]
+
+
 @pytest.mark.parametrize("argv, flag", [
     (["--only", "dense,bogus"], "--only"),
     (["--impls", "ours,nope"], "--impls"),
+    (["--only", "dense,topk", "--impls", "ours"], "--impls"),
+    (["--topk-cases", "key16k,nope"], "--topk-cases"),
     (["--reps", "0"], "--reps"),
     (["--dtype", "fp8"], "--dtype"),
     (["--resume"], "--resume"),
@@ -95,12 +220,35 @@ def test_bad_flags_name_the_flag(sweep, capsys, argv, flag):
 
 
 def test_entries_cover_the_issue(sweep):
+    assert sweep.parse_args(["--list"]).groups == ["dense", "trainable", "reference", "decode"]
     entries = sweep.enumerate_entries(sweep.GROUPS, False, False, "cuda", None, None)
     keys = {f"{w}|{i}" for _, w, impls in entries for i in impls}
     assert len([k for k in keys if k.startswith("dense/") and k.endswith("|ours")]) == 12
     assert "trainable/S65536/d5|flex" in keys and "trainable/S16384/d10|sdpa_eff_mask" in keys
     assert "reference/S256/w1024|ours" in keys and "reference/S32768/w1024|flex" in keys
     assert "decode/Sk524288/keep1of8|ours" in keys and "decode/Sk4096/keep1of8|flex" in keys
+
+
+def test_workload_entries_are_the_bars(sweep):
+    entries = sweep.enumerate_entries(sweep.ALL_GROUPS, False, False, "cuda", None, None)
+    whole = [w for _, w, impls in entries if impls is None]
+    assert [s for s, w, _ in entries if w == "dense256/causal/B1/S16384"][0]["D"] == 256
+    assert len([w for w in whole if w.startswith("bias/")]) == 4
+    assert "varlen/docs16/T65536" in whole and "kvcache/B64/Sk32768/len8192-32768" in whole
+    assert [w for w in whole if w.startswith("decode_bars/")] == [
+        f"decode_bars/B{b}/Sk{sk}" for b, sk in sweep.DECODE_BAR_CASES]
+    topk = [w for w in whole if w.startswith("topk/")]
+    assert topk == ["topk/dense/1x16384x32x8x128", "topk/key16k/1x16384x32x8x128",
+                    "topk/row16k/1x16384x32x8x128", "topk/dense/1x32768x32x8x128",
+                    "topk/key32k/1x32768x32x8x128", "topk/mem32k/1x32768x32x8x128",
+                    "topk/dense/1x32768x2x1x64", "topk/keyref/1x32768x2x1x64",
+                    "topk/rowref/1x32768x2x1x64"]
+    # --topk-cases: in the order given; a memory case alone needs no dense baseline
+    entries = sweep.enumerate_entries(["topk"], False, False, "cuda", None, None,
+                                      ["rowref", "mem32k"])
+    assert [w for _, w, _ in entries] == ["topk/dense/1x32768x2x1x64",
+                                          "topk/rowref/1x32768x2x1x64",
+                                          "topk/mem32k/1x32768x32x8x128"]
 
 
 def synthetic_results():
@@ -175,6 +323,37 @@ def test_report_reads_compare_py_json(report, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "NVIDIA H100 80GB HBM3" in out and report.BEGIN_README in out
     assert "| causal D=128 S=16K (2,16384,16,16,128) | 6.65 (331)" in out
+
+
+def test_report_renders_workload_groups(report, workload_run, capsys):
+    path, _ = workload_run
+    assert report.main([str(path), "--stdout", "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    for g in ("bias", "topk", "varlen", "kvcache", "decode_bars", "dense256"):
+        assert f"### {report.GROUP_TITLES[g]}" in out, g
+    assert "decode fwd (1,1,2048,4,2,64) 1/8 blocks (`decode_bars/B1/Sk2048`):" in out
+    assert "| flash_sparse_attn, paged (page 64) | " in out and "bitwise equal to contiguous" in out
+    assert "| flash_sparse_attn, kernels only (profiler) | unavail. |" in out
+    assert "max\\|diff\\|" in out                          # pipes in notes escaped
+    assert "| ratio fwd+bwd: varlen / per document |" in out and "[#15 <= 1.15:" in out
+    assert "| ours, topk=64, topk_causal=True | " in out
+
+
+def test_report_reads_compare_py_workload_groups(report, capsys):
+    # The former compare.py's JSON of its bar groups, as committed in docs/.
+    files = [os.path.join(ROOT, "docs", f) for f in (
+        "compare_bias_h100_2026-11-26.json", "varlen_h200_2026-12-02_s11.json",
+        "decode_h200_2026-12-02_s13c.json", "topk_h200_2026-12-02_s10.json",
+        "d256_decode_kvcache_h200_2026-12-02_s13b.json")]
+    assert report.main(files + ["--stdout", "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    for g in ("bias", "topk", "varlen", "kvcache", "decode_bars", "dense256"):
+        assert f"### {report.GROUP_TITLES[g]}" in out, g
+    assert "| flash_sparse_attn deterministic | 2.70 (178) |" in out
+    assert "0.726  [#15 <= 1.15: met]" in out
+    assert "| flash_sparse_attn, kernels only (profiler) | 0.080 (3343 GB/s) |" in out
+    assert "| reference Triton, same mask | " in out and "WRONG: dq" in out
+    assert "| causal D=256 S=16K (1,16384,16,16,256) | 10.6 (208)" in out
 
 
 def test_report_rejects_bad_input(report, tmp_path, capsys):
