@@ -28,7 +28,7 @@ Attention variants (same initial weights, same tokens):
   sdpa-cudnn   torch SDPA with the cuDNN backend, dense causal; the dynamic mask and the bias are
                ignored (dt_proj and A get no gradient)
   sdpa-flash   the same with the flash backend
-  flex-gather  bench/compare.py's flex_gather, compiled: the floor a user can write in torch
+  flex-gather  bench/sweep.py's flex_gather, compiled: the floor a user can write in torch
                (gather the top-2048 keys, FlexAttention over them with the bias as score_mod)
   sdpa-math    SDPA's math backend: the CPU stand-in of --smoke
 
@@ -77,7 +77,7 @@ from flash_sparse_attn.integrations.flash_sparse_attention import flash_sparse_a
 from flash_sparse_attn.utils.mask import create_mask
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import compare  # noqa: E402  (bench/compare.py: flex_gather, the FlexAttention peer)
+import sweep  # noqa: E402  (bench/sweep.py: flex_gather, the FlexAttention peer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,11 +236,8 @@ def attend_sdpa(backend):
 
 
 def attend_flex_gather(module, q, k, v, bias):
-    # FlexAttention has kernels for CUDA only: the uncompiled function runs the --smoke forward.
-    flex = compare.flex_gather_compiled if q.is_cuda else compare.flex_gather
-    if flex is None:
-        raise RuntimeError(f"FlexAttention unavailable: {compare.FLEX_ERROR}")
-    return flex(q, k, v, bias, module.window_size).transpose(1, 2)
+    # Compiled FlexAttention on CUDA; elsewhere (the --smoke forward) the uncompiled one.
+    return sweep.flex_gather(q, k, v, bias, module.window_size).transpose(1, 2)
 
 
 def attend_eager(dtype, per_row=False):

@@ -3,12 +3,17 @@
 # backend, run compute-sanitizer memcheck on the checks, run the benchmarks; short table last.
 # Logs go to $OUT (the device tool brings them back). Needs .deps/nvidia_cutlass-*.whl carried.
 #
-#   scripts/gpu_check.sh [--no-sanitizer] [--no-python] [--compare dense,trainable,decode] [--reps N]
+#   scripts/gpu_check.sh [--no-sanitizer] [--no-python] [--peers GROUPS] [--reps N]
 #                        [--sweep "SWEEP ARGS"] [--sweep-resume FILE]
 #
-# --sweep runs bench/sweep.py with those arguments (e.g. "--only dense") instead of compare.py in
-# the peers step, writing $OUT/sweep.json; --sweep-resume FILE (a sweep.json brought back from an
-# earlier, interrupted call, put in the work tree) continues it, skipping the entries it has.
+# The peers step runs bench/sweep.py, writing $OUT/sweep.json. By default: the issue's three bar
+# workloads (dense causal (2, 16K, 16, 128), the trainable mask at 16K and 10%, the decode bars)
+# with --reps N (default 20). --peers GROUPS (formerly --compare, for bench/compare.py) runs every
+# workload of those sweep groups instead (sweep.py --only GROUPS, e.g. topk,varlen), with --reps N;
+# --sweep runs bench/sweep.py with exactly those arguments (e.g. "--only dense"; its default
+# --reps); --sweep-resume FILE (a sweep.json brought back from an earlier, interrupted call, put in
+# the work tree; give the cut call's --peers or --sweep again) continues it, skipping the entries
+# it has.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/fsa_gpu_out}
@@ -16,14 +21,14 @@ mkdir -p "$OUT"
 sanitize=1
 python=1
 reps=20
-compare_only=""
+peers=""
 sweep_args=""
 sweep_resume=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --no-sanitizer) sanitize=0 ;;
     --no-python) python=0 ;;
-    --compare) compare_only=$2; shift ;;
+    --peers) peers=${2:?--peers needs sweep groups, e.g. --peers topk,varlen}; shift ;;
     --reps) reps=$2; shift ;;
     --sweep) sweep_args=${2:?--sweep needs its arguments, e.g. --sweep \"--only dense\"}; shift ;;
     --sweep-resume) sweep_resume=${2:?--sweep-resume needs a sweep.json path}; shift
@@ -32,6 +37,10 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
+if [ -n "$peers" ] && [ -n "$sweep_args" ]; then
+  echo "--peers and --sweep both choose the sweep's arguments: give one" >&2
+  exit 2
+fi
 
 status=0
 step() { echo "== $1 ($(date +%T))"; }
@@ -90,21 +99,23 @@ if [ $python = 1 ]; then
     grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck_fuzz.log" | tail -n 3
     [ $rc -ne 0 ] && { echo "FUZZ MEMCHECK FAILED (rc $rc)"; status=1; }
   fi
-  if [ -n "$sweep_args$sweep_resume" ]; then
-    step "peers: sweep (bench/sweep.py $sweep_args) -> $OUT/sweep.json"
-    resume=""
-    if [ -n "$sweep_resume" ]; then
-      cp "$sweep_resume" "$OUT/sweep.json" && resume=--resume
+  if [ -z "$sweep_args" ]; then
+    if [ -n "$peers" ]; then
+      sweep_args="--only $peers --reps $reps"
+    else
+      sweep_args="--only dense,trainable,decode_bars --reps $reps"
+      sweep_args+=" --filter ^(dense/causal/D128/S16384|trainable/S16384/d10|decode_bars/)"
     fi
-    # stderr carries the progress bar; the per-entry lines go to sweep.log and the summary
-    # shellcheck disable=SC2086
-    PYTHONUNBUFFERED=1 python3 bench/sweep.py $sweep_args $resume --json "$OUT/sweep.json" \
-      > "$OUT/sweep.log" 2> >(grep -v "^W[0-9]" >&2) || status=1
-  else
-    step "peers: SDPA flash / cuDNN, FlexAttention (same process, same card)"
-    PYTHONUNBUFFERED=1 python3 bench/compare.py --reps "$reps" --json "$OUT/compare.json" \
-      ${compare_only:+--only $compare_only} 2>&1 | tee "$OUT/compare.log" | grep -v "^W[0-9]" || status=1
   fi
+  step "peers (same process, same card): bench/sweep.py $sweep_args -> $OUT/sweep.json"
+  resume=""
+  if [ -n "$sweep_resume" ]; then
+    cp "$sweep_resume" "$OUT/sweep.json" && resume=--resume
+  fi
+  # stderr carries the progress bar; the per-entry lines go to sweep.log and the summary
+  # shellcheck disable=SC2086
+  PYTHONUNBUFFERED=1 python3 bench/sweep.py $sweep_args $resume --json "$OUT/sweep.json" \
+    > "$OUT/sweep.log" 2> >(grep -v "^W[0-9]" >&2) || status=1
 fi
 
 echo
@@ -114,7 +125,6 @@ grep -E "passed, .* failed" "$OUT/check.log"
 cat "$OUT/bench.log"
 if [ $python = 1 ]; then
   tail -n 1 "$OUT/pytest_gpu.log"
-  if [ -f "$OUT/compare.log" ]; then grep -E "^  " "$OUT/compare.log"; fi
   if [ -f "$OUT/sweep.log" ]; then grep -vE "^W[0-9]" "$OUT/sweep.log" | tail -n 60; fi
 fi
 exit $status
