@@ -136,7 +136,7 @@ def legacy_workload_group(workload, labels):
 
 
 LEGACY_EXTRA = ("copy_share", "gbps_copy", "paged_ratio", "paged_kernel_ratio", "lengths_speedup",
-                "ours_ratio")
+                "graph_speedup", "ours_ratio")
 
 
 def convert_legacy(rows):

@@ -45,8 +45,9 @@ and ratios; --impls does not apply to them, --filter matches their workload keys
              causal, a per-key bias with its gradient; one packed call against the documents one
              by one and against FlexAttention with a document mask.
   kvcache    a decode step over caches with per-sequence lengths (cache_seqlens in the kernels,
-             one plan for every step) against the lengths written into the mask and SDPA over
-             every cache key, 8 calls back to back.
+             one plan for every step; the same step captured in a CUDA graph and replayed, CUDA
+             only) against the lengths written into the mask and SDPA over every cache key, 8
+             calls back to back.
   decode_bars  issue #15's decode bars: one query per head over 32K and 512K keys, a key mask
              keeping 1/8 of the 128-key blocks, batches 1, 8 and 64; ours one call between the
              events and 8 back to back, ours over a paged cache (pages of 64; must equal the
@@ -88,11 +89,13 @@ whole). Its format, "fsa-sweep/1" (read by bench/report.py):
              "extra": {copy_share (GB/s of kept K+V over the device copy's), gbps_copy,
                        paged_ratio (paged / one call), paged_kernel_ratio (paged / contiguous,
                        kernels only), lengths_speedup (lengths as a mask / cache_seqlens),
-                       ours_ratio (ours / SDPA over all keys)},
+                       graph_speedup (cache_seqlens eager / CUDA graph replay), ours_ratio
+                       (ours / SDPA over all keys)},
              "ratio" and "bars": [{"issue", "op", "bar", "met"}] (the ratio rows, impl
              "ratio:..."); fail "check": a call timed although its check failed (a paged call
-             not bitwise equal to the contiguous one, lengths as a mask that differ from
-             cache_seqlens, a peer's wrong bias gradient); fail "workload": a workload stopped
+             not bitwise equal to the contiguous one, a graph replay not bitwise equal to the
+             eager call, lengths as a mask that differ from cache_seqlens, a peer's wrong bias
+             gradient); fail "workload": a workload stopped
              before its end, in a row of its own (impl "workload", the reason in its notes)}]}
 A measure missing from a row is in its "fail" map, or was not taken (decode: forward only).
 
@@ -1321,15 +1324,33 @@ def kvcache_specs(quick, smoke):
             for B, Sk, lo, hi in cases]
 
 
+def cuda_graph(fn, cuda):
+    """fn captured in a CUDA graph: (graph, the output tensor its replays write). A warm-up call
+    on a side stream comes first: it makes the plan, as a serving loop's first step would, so
+    that the captured call reads nothing on the host. CUDA only."""
+    if not cuda:
+        raise Unavailable("a CUDA graph needs CUDA")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 def kvcache_workload(w):
     """A decode step over a cache with per-sequence lengths (flash_sparse_attn_with_kvcache's
     cache_seqlens), a key mask keeping 1/8 of the 128-key blocks, causal, the L2 cache flushed
     before every rep, per call over 8 calls back to back (a decode loop's host running ahead; the
     lengths a new tensor every call). Ours with the lengths in the kernels (one plan for every
-    step; blocks past a length skipped), against the lengths written into the mask (what the
-    call did before: a new mask, so a new plan, every step; it must agree with cache_seqlens),
-    and SDPA flash over every key of the cache. GB/s over the kept K + V bytes within the
-    lengths."""
+    step; blocks past a length skipped); the same step captured once in a CUDA graph and
+    replayed (what a serving loop does to drop the host's share; must equal the eager call
+    bitwise); against the lengths written into the mask (what the call did before: a new mask,
+    so a new plan, every step; it must agree with cache_seqlens), and SDPA flash over every key
+    of the cache. GB/s over the kept K + V bytes within the lengths."""
     from torch.nn.attention import SDPBackend
     from flash_sparse_attn import flash_sparse_attn_with_kvcache
     s = w.spec
@@ -1349,6 +1370,12 @@ def kvcache_workload(w):
         return flash_sparse_attn_with_kvcache(q, k, v, lens.clone(), attn_mask=mask,
                                               is_causal=True)
 
+    static_lens = lens.clone()                       # the lengths a captured step reads
+
+    def captured_step():
+        return flash_sparse_attn_with_kvcache(q, k, v, static_lens, attn_mask=mask,
+                                              is_causal=True)
+
     def as_mask():
         held = keys[None, None, None, :] < lens.clone().view(B, 1, 1, 1)
         return flash_sparse_attn_with_kvcache(q, k, v, attn_mask=held & mask, is_causal=True)
@@ -1363,6 +1390,24 @@ def kvcache_workload(w):
         ms = w.measure("cache_seqlens", "flash_sparse_attn, cache_seqlens", "fwd", ours,
                        timing=w.back_to_back, note="per call, 8 back to back; kept K+V bytes",
                        bytes_moved=kept_bytes)
+        label = "flash_sparse_attn, cache_seqlens, CUDA graph replay"
+        try:
+            graph, captured = cuda_graph(captured_step, w.timer.cuda)
+        except Exception as e:  # noqa: BLE001
+            w.failed("cuda_graph", ["fwd"], *classify(e), label=label)
+        else:
+            def same_as_eager():
+                graph.replay()
+                if torch.equal(captured, ours()):
+                    return "bitwise equal to the eager call"
+                return "WRONG: differs from the eager call"
+
+            ms_graph = w.measure("cuda_graph", label, "fwd", graph.replay, check=same_as_eager,
+                                 timing=w.back_to_back, note="per replay, 8 back to back",
+                                 bytes_moved=kept_bytes)
+            if ms is not None and ms_graph is not None:
+                w.extra("cuda_graph", graph_speedup=ms / ms_graph)
+            del graph
         ms_mask = w.measure("lengths_as_mask", "flash_sparse_attn, lengths as a mask", "fwd",
                             as_mask, check=agrees, timing=w.back_to_back,
                             bytes_moved=kept_bytes)

@@ -138,6 +138,7 @@ def test_smoke_workload_groups(workload_run):
     assert mask["fail"] == {} and mask["extra"]["lengths_speedup"] > 0
     assert any(n.startswith("max|diff| vs cache_seqlens") for n in mask["notes"])
     assert row(w, "cache_seqlens")["fwd_ms"] > 0
+    assert row(w, "cuda_graph")["fail"] == {"fwd": "unavailable"}      # CUDA graphs need CUDA
     assert row(w, "sdpa_flash_dense")["extra"]["ours_ratio"] > 0
     # bias: default and deterministic bias gradients agree; the peers have no CPU backward here
     w = "bias/1x1/S256"
@@ -344,7 +345,7 @@ def test_report_reads_compare_py_workload_groups(report, capsys):
     files = [os.path.join(ROOT, "docs", f) for f in (
         "compare_bias_h100_2026-11-26.json", "varlen_h200_2026-12-02_s11.json",
         "decode_h200_2026-12-02_s13c.json", "topk_h200_2026-12-02_s10.json",
-        "d256_decode_kvcache_h200_2026-12-02_s13b.json")]
+        "d256_decode_kvcache_h200_2026-12-02_s13b.json", "kvcache_graph_h200_2026-12-02_s13d.json")]
     assert report.main(files + ["--stdout", "--no-plots"]) == 0
     out = capsys.readouterr().out
     for g in ("bias", "topk", "varlen", "kvcache", "decode_bars", "dense256"):
@@ -354,6 +355,8 @@ def test_report_reads_compare_py_workload_groups(report, capsys):
     assert "| flash_sparse_attn, kernels only (profiler) | 0.080 (3343 GB/s) |" in out
     assert "| reference Triton, same mask | " in out and "WRONG: dq" in out
     assert "| causal D=256 S=16K (1,16384,16,16,256) | 10.6 (208)" in out
+    assert "| flash_sparse_attn, cache_seqlens, CUDA graph replay | " in out
+    assert "bitwise equal to the eager call" in out and "graph_speedup" in out
 
 
 def test_report_rejects_bad_input(report, tmp_path, capsys):
