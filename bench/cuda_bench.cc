@@ -1,7 +1,7 @@
 // `fsa_bench --check` and `fsa_bench --bench` (CUDA builds): the CUDA forward and backward
 // against the CPU backend on small shapes, and timings of the three workloads. Timing is
 // bench/workload_bench.h's: CUDA events, warmup, median / min / p90, cold L2, no allocation in the
-// timed loop. Peers (SDPA, FlexAttention) are timed by bench/compare.py in the same run.
+// timed loop. Peers (SDPA, FlexAttention) are timed by bench/sweep.py in the same gpu_check.sh run.
 //
 //   ./build/fsa_bench --check
 //   ./build/fsa_bench --bench [--reps 20] [--warmup 5] [--l2 rotate|flush|warm] [--json]

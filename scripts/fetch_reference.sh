@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Puts the reference project's Triton kernel into the ignored folder .peers/, where
-# bench/compare.py's `topk` group finds it: flash-sparse-attn 1.2.3 from PyPI (the reference SPEC.md
+# bench/sweep.py's `topk` group finds it: flash-sparse-attn 1.2.3 from PyPI (the reference SPEC.md
 # describes), file flash_sparse_attn/flash_sparse_attn_triton.py, and its LICENSE. Never committed.
 # The GPU machine has no network: run this here, then carry .peers along.
 #
