@@ -1326,17 +1326,19 @@ def kvcache_specs(quick, smoke):
 
 def cuda_graph(fn, cuda):
     """fn captured in a CUDA graph: (graph, the output tensor its replays write). A warm-up call
-    on a side stream comes first: it makes the plan, as a serving loop's first step would, so
-    that the captured call reads nothing on the host. CUDA only."""
+    on the capture's own stream comes first: it makes the plan, as a serving loop's first step
+    would, so that the captured call finds it (plans are cached per stream: warmed up on another
+    stream, the capture would plan again and every replay would rerun the planning kernels) and
+    reads nothing on the host. CUDA only."""
     if not cuda:
         raise Unavailable("a CUDA graph needs CUDA")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
         fn()
-    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=stream):
         out = fn()
     return graph, out
 

@@ -17,6 +17,7 @@
 #include <limits>
 #include <memory>
 #include <optional>
+#include <utility>
 
 #include "harness.h"
 #include "test_dtypes.h"
@@ -511,6 +512,13 @@ TEST_P(EdgeCase, ExpandedStride0MaskAndBias_MatchReference) {
 namespace fsa_test {
 namespace {
 
+// An fp32 tensor of standard normal values.
+HostTensor normal_f32(Rng& rng, std::vector<int64_t> shape) {
+  HostTensor t(DType::kFloat32, std::move(shape));
+  for (int64_t i = 0; i < t.numel(); ++i) store_element(t.data(), DType::kFloat32, i, rng.normal());
+  return t;
+}
+
 // A paged K / V cache (ForwardArgs::paged_kv): the keys of a contiguous cache scattered over
 // shuffled pages give bitwise the contiguous call's output and LSE, with a key mask, a per-key
 // bias and causality; a page index out of range is refused before anything is written.
@@ -518,11 +526,7 @@ TEST(PagedKV, EqualsContiguousBitwise) {
   const int64_t B = 2, Sq = 19, Sk = 96, H = 4, Hk = 2, D = 16, page = 16;
   const int64_t max_pages = Sk / page, pages = B * max_pages + 2;
   Rng rng(7);
-  auto random = [&](std::vector<int64_t> shape) {
-    HostTensor t(DType::kFloat32, shape);
-    for (int64_t i = 0; i < t.numel(); ++i) store_element(t.data(), DType::kFloat32, i, rng.normal());
-    return t;
-  };
+  auto random = [&](std::vector<int64_t> shape) { return normal_f32(rng, std::move(shape)); };
   HostTensor q = random({B, Sq, H, D}), k = random({B, Sk, Hk, D}), v = random({B, Sk, Hk, D});
   HostTensor bias = random({B, Hk, 1, Sk});
   std::vector<uint8_t> keep(size_t(B * Hk * Sk));
@@ -581,11 +585,7 @@ TEST(CacheSeqlens, EqualsTheLengthsAsAMask) {
   const int64_t B = 4, Sq = 70, Sk = 200, H = 4, Hk = 2, D = 16;  // 70 rows: two 64-row tiles
   const std::vector<int32_t> lengths = {200, 0, 71, 130};
   Rng rng(13);
-  auto random = [&](std::vector<int64_t> shape) {
-    HostTensor t(DType::kFloat32, shape);
-    for (int64_t i = 0; i < t.numel(); ++i) store_element(t.data(), DType::kFloat32, i, rng.normal());
-    return t;
-  };
+  auto random = [&](std::vector<int64_t> shape) { return normal_f32(rng, std::move(shape)); };
   HostTensor q = random({B, Sq, H, D}), k = random({B, Sk, Hk, D}), v = random({B, Sk, Hk, D});
   HostTensor bias = random({B, Hk, 1, Sk});
   HostTensor k_dirty = k, v_dirty = v;

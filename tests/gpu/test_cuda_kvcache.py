@@ -180,15 +180,20 @@ def test_lengths_against_float64(dtype, seqlen_q, causal, paged):
     assert lse_err <= 1e-2, f"lse error {lse_err:.3e}: {where}"
 
 
-def test_decode_loop_reuses_one_plan_and_reads_nothing_on_the_host():
-    # Growing lengths with one key mask: the plan cache holds one plan for every step, and a step
-    # (int64 lengths converted on the device included) never waits for the GPU.
+def _decode_inputs(B, Sk, H, Hk, D):
+    """A seeded generator, one bf16 query per head, a K / V cache and a key mask keeping half."""
     g = torch.Generator(device="cuda").manual_seed(SEED)
-    B, Sk, H, Hk, D = 2, 4096, 8, 2, 64
     q = torch.randn(B, 1, H, D, device="cuda", generator=g).to(torch.bfloat16)
     k, v = (torch.randn(B, Sk, Hk, D, device="cuda", generator=g).to(torch.bfloat16)
             for _ in range(2))
     mask = torch.rand(B, Hk, 1, Sk, generator=g, device="cuda") < 0.5
+    return g, q, k, v, mask
+
+
+def test_decode_loop_reuses_one_plan_and_reads_nothing_on_the_host():
+    # Growing lengths with one key mask: the plan cache holds one plan for every step, and a step
+    # (int64 lengths converted on the device included) never waits for the GPU.
+    _, q, k, v, mask = _decode_inputs(2, 4096, 8, 2, 64)
     lens = torch.tensor([100, 2000], device="cuda")
     _plan_cache.clear()
     outs = []
@@ -227,22 +232,22 @@ def test_out_of_range_lengths_are_clamped():
 def test_decode_step_replays_from_a_cuda_graph():
     # A decode step with cache_seqlens has no host read and a plan made before capture, so a
     # serving loop can capture it once and replay it with new lengths and queries written in place.
-    g = torch.Generator(device="cuda").manual_seed(SEED)
-    B, Sk, H, Hk, D = 3, 8192, 8, 2, 128
-    q = torch.randn(B, 1, H, D, device="cuda", generator=g).to(torch.bfloat16)
-    k, v = (torch.randn(B, Sk, Hk, D, device="cuda", generator=g).to(torch.bfloat16)
-            for _ in range(2))
-    mask = torch.rand(B, Hk, 1, Sk, generator=g, device="cuda") < 0.5
+    B, H, D = 3, 8, 128
+    g, q, k, v, mask = _decode_inputs(B, 8192, H, 2, D)
     lens = torch.tensor([100, 5000, 8192], dtype=torch.int32, device="cuda")
     with torch.no_grad():
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up (plans) on the capture's stream
+        # The warm-up plans on the capture's own stream (plans are cached per stream), so the
+        # capture finds the plan and holds no planning kernels.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
             flash_sparse_attn_with_kvcache(q, k, v, lens, attn_mask=mask, is_causal=True)
-        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.current_stream().wait_stream(stream)
+        plans = len(_plan_cache._entries)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=stream):
             out = flash_sparse_attn_with_kvcache(q, k, v, lens, attn_mask=mask, is_causal=True)
+        assert len(_plan_cache._entries) == plans, "the capture planned again"
         for step, now in enumerate(([1, 4999, 8000], [0, 64, 8192], [7, 7, 7])):
             lens.copy_(torch.tensor(now, dtype=torch.int32))
             q.copy_(torch.randn(B, 1, H, D, device="cuda", generator=g).to(torch.bfloat16))
