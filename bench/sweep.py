@@ -2117,29 +2117,25 @@ def parse_args(argv):
     ap.add_argument("--dtype", default="bf16", help="bf16 or fp16")
     ap.add_argument("--list", action="store_true", help="print the entries and exit")
     args = ap.parse_args(argv)
-    groups = [g for g in args.only.split(",") if g]
-    bad = [g for g in groups if g not in ALL_GROUPS]
-    if bad or not groups:
-        ap.error(f"--only: unknown group(s) {bad or args.only!r}; expected a comma list of "
-                 f"{', '.join(ALL_GROUPS)}")
+    def comma_list(option, value, known, what):
+        """The names of a comma list, each one of `known` (else a usage error)."""
+        names = [n for n in value.split(",") if n]
+        bad = [n for n in names if n not in known]
+        if bad or not names:
+            ap.error(f"{option}: unknown {what}(s) {bad or value!r}; expected a comma list of "
+                     f"{', '.join(known)}")
+        return names
+
+    groups = comma_list("--only", args.only, ALL_GROUPS, "group")
     args.groups = groups
     if args.impls is not None:
-        impls = [i for i in args.impls.split(",") if i]
-        bad = [i for i in impls if i not in IMPLS]
-        if bad or not impls:
-            ap.error(f"--impls: unknown implementation(s) {bad or args.impls!r}; expected a comma "
-                     f"list of {', '.join(IMPLS)}")
+        impls = comma_list("--impls", args.impls, IMPLS, "implementation")
         whole = [g for g in groups if g in WORKLOAD_GROUPS]
         if whole:
             ap.error(f"--impls: the workload groups {', '.join(whole)} run every implementation "
                      "of a workload; select their workloads with --filter")
         args.impls = set(impls)
-    cases = [c for c in args.topk_cases.split(",") if c]
-    bad = [c for c in cases if c not in TOPK_CASES]
-    if bad or not cases:
-        ap.error(f"--topk-cases: unknown case(s) {bad or args.topk_cases!r}; expected a comma "
-                 f"list of {', '.join(TOPK_CASES)}")
-    args.topk_cases = cases
+    args.topk_cases = comma_list("--topk-cases", args.topk_cases, TOPK_CASES, "case")
     if args.filter is not None:
         try:
             args.filter = re.compile(args.filter)

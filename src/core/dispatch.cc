@@ -35,13 +35,16 @@ void attach_thresholds(const Plan& plan, detail::Problem& p) {
   p.row_topk = t->view;
 }
 
-// A compacted plan may hold no map of the full key axis (make_plan: packed sequences; on CUDA
-// also top-k over a bias of query length 1, interval masks, compacted_calls_only); a call that
-// cannot run compacted (a bias or dbias with a query dim) has nothing to run over.
+// Whether the plan maps the full key axis: a compacted plan may not (make_plan: packed sequences;
+// on CUDA also top-k over a bias of query length 1, interval masks, compacted_calls_only).
+bool holds_key_axis_map(const Plan& plan, const detail::Problem& p) {
+  return p.device.type == DeviceType::kCUDA ? plan.device_map() != nullptr
+                                            : !plan.map().full.offsets.empty();
+}
+
+// A call that cannot run compacted (a bias or dbias with a query dim) needs that map.
 void require_key_axis_map(const Plan& plan, const detail::Problem& p) {
-  const bool held = p.device.type == DeviceType::kCUDA ? plan.device_map() != nullptr
-                                                       : !plan.map().full.offsets.empty();
-  if (held) return;
+  if (holds_key_axis_map(plan, p)) return;
   throw Error(ErrorKind::kValue, "attn_bias",
               "the plan compacted its keys for calls whose bias has no query dim (packed "
               "sequences, top-k over a bias of query length 1, interval masks, "
@@ -57,9 +60,7 @@ void require_length_map(const Plan& plan, const detail::ForwardProblem& p) {
                 "not with a per-row top-k plan (PlanOptions::topk): mask the lengths in the top-k "
                 "bias instead");
   }
-  const bool held = p.device.type == DeviceType::kCUDA ? plan.device_map() != nullptr
-                                                       : !plan.map().full.offsets.empty();
-  if (held) return;
+  if (holds_key_axis_map(plan, p)) return;
   throw Error(ErrorKind::kValue, "plan",
               "holds compacted keys and no map of the full key axis, which a call with "
               "cache_seqlens runs over: build it with PlanOptions::compact_keys = kNever");

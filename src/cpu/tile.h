@@ -136,7 +136,7 @@ template <typename Acc>
 class ScoreTransform {
  public:
   explicit ScoreTransform(const Problem& p)
-      : p_(p), band_{p.seqlen_q, p.seqlen_k, p.is_causal} {
+      : p_(p) {
     scale_log2_ = Acc(p.scale) * Acc(kLog2e);
     if (p.softcap > 0.0f) {
       cap_in_ = Acc(p.scale) / Acc(p.softcap);
@@ -163,8 +163,6 @@ class ScoreTransform {
       if (partial) drop_entries(sr, tile, r, b, h);
     }
   }
-
-  const CausalBand& band() const { return band_; }
 
  private:
   void add_bias_row(Acc* sr, const Tile& tile, int64_t r, int64_t b, int64_t h,
@@ -195,10 +193,8 @@ class ScoreTransform {
     // Keys [c0, c0 + visible) of the tile: causality, or over compacted keys the row's own bound
     // (which holds the mask too: a compacted problem has none).
     const int64_t i = tile.r0 + r;
-    const int64_t visible = (p_.row_end.data         ? p_.row_end.at(b, h, i)
-                             : p_.cache_seqlens != nullptr ? p_.band(b).visible_end(i)
-                                                       : band_.visible_end(i)) -
-                            tile.c0;
+    const int64_t visible =
+        (p_.row_end.data ? p_.row_end.at(b, h, i) : p_.band(b).visible_end(i)) - tile.c0;
     int64_t c = visible < 0 ? 0 : visible;
     for (; c < tile.cols; ++c) sr[c] = kNegInfOf<Acc>;
     if (p_.row_end.key_last) {  // per-row top-k over compacted keys: each slot's last row
@@ -218,7 +214,6 @@ class ScoreTransform {
   }
 
   const Problem& p_;
-  CausalBand band_;
   Acc scale_log2_ = 0;
   Acc cap_in_ = 0;        // scale / c
   Acc cap_out_log2_ = 0;  // c * log2(e)
