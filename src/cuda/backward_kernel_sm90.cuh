@@ -97,46 +97,6 @@ struct Sm90DkvTiles {
   static constexpr int smem_bytes(bool staged_bias) {
     return staged_bias ? kBiasOffset + kStages * kBiasStageElems * 2 : kSmemBytes;
   }
-
-  // Fused dQ (BackwardParams::dq_accum): per consumer warpgroup, two tiles (its halves in turn)
-  // of a half's dS (64 queries x 64 keys), the MN-major A operand of dQ += dS K (queries
-  // contiguous: a thread's two adjacent queries of one key are one 32-bit store from the dS^T
-  // fragment), after everything else. Two, because a warp's wait retires its own share of a
-  // product: with one tile, a warp writing half j + 2's dS could overwrite rows that another
-  // warp's share of half j's dK product still reads. With two, half j + 4 writes half j's tile,
-  // and every warp has passed half j + 2's barrier, after its wait for half j's products.
-  using SmemLayoutDs = decltype(cute::tile_to_shape(
-      cute::GMMA::Layout_MN_SW128_Atom<T>{},
-      cute::Shape<cute::Int<kHalf>, cute::Int<kBlockN>, cute::_1>{}));
-  // The K tile's bytes as the (N = head dim, K = keys) MN-major B operand of dQ += dS K (the view
-  // the dQ pass takes of its K stages).
-  using SmemLayoutKt = decltype(cute::tile_to_shape(
-      cute::GMMA::Layout_MN_SW128_Atom<T>{},
-      cute::Shape<cute::Int<kHeadDim>, cute::Int<kBlockN>, cute::_1>{},
-      cute::Step<cute::_2, cute::_1, cute::_3>{}));
-  // The same bytes as the (keys x queries) K-major A operand of dK += dS^T Q, read from shared
-  // memory as well in this variant: with dS^T also held in registers beside dQ's accumulator,
-  // ptxas ran out of registers and serialized the wgmma (C7512).
-  using SmemLayoutDsT = decltype(cute::tile_to_shape(
-      cute::GMMA::Layout_K_SW128_Atom<T>{},
-      cute::Shape<cute::Int<kBlockN>, cute::Int<kHalf>, cute::_1>{}));
-  using TiledMmaDk = decltype(cute::make_tiled_mma(
-      cute::GMMA::ss_op_selector<T, T, float,
-                                 cute::Shape<cute::_64, cute::Int<kHeadDim>, cute::Int<kHalf>>,
-                                 cute::GMMA::Major::K, cute::GMMA::Major::MN>()));
-  using TiledMmaDq = decltype(cute::make_tiled_mma(
-      cute::GMMA::ss_op_selector<T, T, float,
-                                 cute::Shape<cute::_64, cute::Int<kHeadDim>, cute::Int<kBlockN>>,
-                                 cute::GMMA::Major::MN, cute::GMMA::Major::MN>()));
-  static constexpr int kDsElems = kHalf * kBlockN;
-  static constexpr int kDsTiles = 2 * kConsumerWarpGroups;
-  static_assert(int(cute::cosize_v<SmemLayoutDs>) == kDsElems, "one dense dS tile");
-  static constexpr int ds_offset(bool staged_bias) { return (smem_bytes(staged_bias) + 1023) / 1024 * 1024; }
-  static constexpr int smem_bytes(bool staged_bias, bool fused_dq) {
-    return fused_dq ? ds_offset(staged_bias) + kDsTiles * kDsElems * 2
-                    : smem_bytes(staged_bias);
-  }
-  static_assert(smem_bytes(true, true) <= 227 * 1024, "fits an sm_90 CTA's shared memory");
 };
 
 // Per-row top-k over compacted keys (BlockMapParams::dkv_slots): the 64 slots of group n that CTA
@@ -148,33 +108,8 @@ __device__ __forceinline__ const int32_t* dkv_group_slots(const BackwardParams& 
   return p.map.dkv_slots + int64_t(map_list_of(p, hk, b)) * p.map.n_blocks * 64 + n * 64;
 }
 
-// Fused dQ: a half's dS K (unscaled; the C fragment of a 64 x head-dim product, rows
-// row0 = q0 + 16 warp + g and row0 + 8) added into dq_accum (B, Sq, H, kernel head dim) by fp32
-// atomics that return nothing (RED). Lanes t and t ^ 1 swap a row's pair first, so that each adds
-// four adjacent columns of one row (even t: row0, odd t: row0 + 8) in one 16-byte RED.
-template <int kDTiles, class Acc>
-__device__ __forceinline__ void add_dq_half(const BackwardParams& p, int b, int h, int row0, int t,
-                                            const Acc& acc) {
-  const bool odd = t & 1;
-  const int i = row0 + (odd ? 8 : 0);
-  float* row = p.dq_accum + ((int64_t(b) * p.seqlen_q + i) * p.num_heads + h) * (kDTiles * 8) +
-               2 * (t & ~1);
-#pragma unroll
-  for (int d = 0; d < kDTiles; ++d) {
-    const float a0 = acc(4 * d), a1 = acc(4 * d + 1), b0 = acc(4 * d + 2), b1 = acc(4 * d + 3);
-    const float r0 = __shfl_xor_sync(0xffffffffu, odd ? a0 : b0, 1);
-    const float r1 = __shfl_xor_sync(0xffffffffu, odd ? a1 : b1, 1);
-    if (i < p.seqlen_q) {
-      atomicAdd(reinterpret_cast<float4*>(row + d * 8),
-                odd ? make_float4(r0, r1, b0, b1) : make_float4(a0, a1, r0, r1));
-    }
-  }
-}
-
-// kRowTopK == (p.row_topk.key != null), as in dq_kernel (backward_kernel.cuh). kFusedDq ==
-// (p.dq_accum != null): the pass also computes dQ += dS K per half (a fifth product, SS wgmma
-// from the dS tile the consumer stores) and adds it into dq_accum, so that no dQ pass runs.
-template <int kHeadDim, class Elt, bool kRowTopK, bool kFusedDq>
+// kRowTopK == (p.row_topk.key != null), as in dq_kernel (backward_kernel.cuh).
+template <int kHeadDim, class Elt, bool kRowTopK>
 __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
                                   Sm90DkvTiles<kHeadDim, Elt>::kCtasPerSm)
     dkdv_kernel_sm90(const __grid_constant__ BackwardParams p) {
@@ -304,20 +239,6 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
   Tensor tSrDo = thr_s.partition_fragment_B(sDo);   // (MMA, 1, MMA_K, stage)
   Tensor tKVrQt = thr_kv.partition_fragment_B(sQt);    // (MMA, MMA_N, MMA_K, stage)
   Tensor tKVrDot = thr_kv.partition_fragment_B(sDot);  // (MMA, MMA_N, MMA_K, stage)
-  // Fused dQ: this warpgroup's dS tile, K's MN-major view, and the 64 x head-dim accumulator
-  // (live only between a half's issue and the next half's, when x^T and dP^T are not).
-  T* smem_ds = reinterpret_cast<T*>(smem_raw + Tiles::ds_offset(p.bias_staged)) +
-               2 * wg * Tiles::kDsElems;  // tile j / 2 % 2 of the warpgroup's two
-  const typename Tiles::SmemLayoutDs layout_ds;
-  Tensor sKt = make_tensor(make_smem_ptr(smem_k), typename Tiles::SmemLayoutKt{});
-  typename Tiles::TiledMmaDq mma_dq;
-  auto thr_dq = mma_dq.get_thread_slice(ct);
-  Tensor tDqrKt = thr_dq.partition_fragment_B(sKt);  // (MMA, MMA_N, MMA_K, 1)
-  Tensor tDq = partition_fragment_C(mma_dq, Shape<Int<kHalf>, Int<kHeadDim>>{});
-  typename Tiles::TiledMmaDk mma_dk;
-  auto thr_dk = mma_dk.get_thread_slice(ct);
-  const typename Tiles::SmemLayoutDsT layout_dst;
-  Tensor tDkrQt = thr_dk.partition_fragment_B(sQt);  // (MMA, MMA_N, MMA_K, stage)
   Tensor tSrS = partition_fragment_C(mma_s, Shape<Int<kBlockN>, Int<kHalf>>{});   // x^T
   Tensor tSrDp = partition_fragment_C(mma_s, Shape<Int<kBlockN>, Int<kHalf>>{});  // dP^T
   Tensor tdK = partition_fragment_C(mma_kv, Shape<Int<kBlockN>, Int<kHeadDim>>{});
@@ -444,49 +365,8 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
       ds_regs[2 * c] = Elt::pack(ds[c][0], ds[c][1]);
       ds_regs[2 * c + 1] = Elt::pack(ds[c][2], ds[c][3]);
     }
-    if constexpr (!kFusedDq) {
-      issue_rs(tdV, tP, tKVrDot, stage);
-      issue_rs(tdK, tDs, tKVrQt, stage);
-    } else {
-      // dS into the warpgroup's tile j / 2 % 2 (SmemLayoutDs says why two), visible to the async
-      // proxy and to the warpgroup's other warps before the products read it.
-      T* ds_tile = smem_ds + (j / 2 % 2) * Tiles::kDsElems;
-#pragma unroll
-      for (int c = 0; c < kCTiles; ++c)
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          *reinterpret_cast<uint32_t*>(
-              ds_tile + gmma_offset(layout_ds, c * 8 + 2 * t, warp * 16 + g + 8 * r, 0)) =
-              ds_regs[2 * c + r];
-        }
-      fence_async_shared();
-      asm volatile("bar.sync %0, 128;\n" ::"r"(2 + wg) : "memory");
-      // dQ first, then dV and dK: the wait for dQ alone leaves those two running while its sums
-      // go out, and dQ's accumulator lives only here. (Held until the next half's wait, or with
-      // dS^T in registers for dK as well, ptxas spilled and serialized the wgmma, C7512.)
-      Tensor tDqrDs = thr_dq.partition_fragment_A(make_tensor(make_smem_ptr(ds_tile), layout_ds));
-      Tensor tDkrDsT = thr_dk.partition_fragment_A(make_tensor(make_smem_ptr(ds_tile), layout_dst));
-      warpgroup_fence_operand(tDq);
-      warpgroup_arrive();
-      mma_dq.accumulate_ = GMMA::ScaleOut::Zero;
-#pragma unroll
-      for (int kb = 0; kb < size<2>(tDqrDs); ++kb) {
-        gemm(mma_dq, tDqrDs(_, _, kb, 0), tDqrKt(_, _, kb, 0), tDq);
-        mma_dq.accumulate_ = GMMA::ScaleOut::One;
-      }
-      warpgroup_commit_batch();
-      issue_rs(tdV, tP, tKVrDot, stage);
-      warpgroup_fence_operand(tdK);
-      warpgroup_arrive();
-#pragma unroll
-      for (int kb = 0; kb < size<2>(tDkrDsT); ++kb) {
-        gemm(mma_dk, tDkrDsT(_, _, kb, 0), tDkrQt(_, _, kb, stage), tdK);
-      }
-      warpgroup_commit_batch();
-      warpgroup_wait<2>();  // dQ
-      warpgroup_fence_operand(tDq);
-      add_dq_half<kHeadDim / 8>(p, b, h, q0 + warp * 16 + g, t, tDq);
-    }
+    issue_rs(tdV, tP, tKVrDot, stage);
+    issue_rs(tdK, tDs, tKVrQt, stage);
   }
   warpgroup_wait<0>();
   warpgroup_fence_operand(tdK);
@@ -560,30 +440,6 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
 #else
   __trap();  // launched only on sm_90 devices, where the sm_90a image exists
 #endif
-}
-
-// Fused dQ's epilogue (BackwardParams::dq_accum): dq = scale * dq_accum in the caller's layout
-// and dtype, one thread per pair of columns.
-template <class Elt, int kHeadDim>
-__global__ void __launch_bounds__(256) dq_convert_kernel(const __grid_constant__ BackwardParams p) {
-  constexpr int kPairs = kHeadDim / 2;
-  const int64_t pair = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t row = pair / kPairs;  // (b Sq + i) H + h
-  const int c = int(pair % kPairs) * 2;
-  if (row >= int64_t(p.batch) * p.seqlen_q * p.num_heads || c >= p.head_dim) return;
-  const int h = int(row % p.num_heads);
-  const int64_t bi = row / p.num_heads;
-  const int i = int(bi % p.seqlen_q), b = int(bi / p.seqlen_q);
-  const float2 v = *reinterpret_cast<const float2*>(p.dq_accum + row * kHeadDim + c);
-  auto* out = static_cast<typename Elt::Storage*>(p.dq) + b * p.dq_stride_b + h * p.dq_stride_h +
-              int64_t(i) * p.dq_stride_s + c;
-  const uint32_t packed = Elt::pack(v.x * p.scale, v.y * p.scale);
-  if (c + 1 < p.head_dim && (reinterpret_cast<uintptr_t>(out) & 3) == 0) {
-    *reinterpret_cast<uint32_t*>(out) = packed;
-    return;
-  }
-  *reinterpret_cast<uint16_t*>(out) = uint16_t(packed & 0xffffu);
-  if (c + 1 < p.head_dim) *reinterpret_cast<uint16_t*>(out + 1) = uint16_t(packed >> 16);
 }
 
 // ------------------------------------------------------------------------------------------------

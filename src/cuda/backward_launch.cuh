@@ -31,26 +31,6 @@ inline bool use_sm90_dq(const BackwardParams& params) {
   return enabled && use_sm90_backward(params);
 }
 
-// Fused dQ (BackwardParams::dq_accum): the sm90 dK/dV pass adds dS K into an fp32 accumulator
-// and no dQ pass recomputes x and dP (five products per entry instead of seven). Head dim 64 only:
-// the atomics move 4 bytes per (query, column) per 64-key tile into L2, and at about 1.5 TB/s of
-// such sums that bounds the pass. On H200 at (2, 16384, 16, 16, D) the fused backward took 10.81
-// vs 11.48 ms causal and 20.32 vs 21.68 full at D = 64, but 23.41 vs 15.92 and 44.45 vs 30.24 at
-// D = 128, where it is 13.93 ms causal with the sums left out (docs/perf.md, fourteenth session).
-constexpr bool fused_dq_head_dim(int head_dim) { return head_dim == 64; }
-
-// Whether this call fuses dQ: an instantiated head dim, the sm90 passes, not deterministic (the
-// atomics' order varies), no bias-gradient duty for the dQ pass, the accumulator within 2 GiB.
-// FSA_CUDA_DQ=pass keeps the dQ pass (A/B measurements on one card).
-template <int kHeadDim>
-bool fused_dq(const BackwardParams& p) {
-  static const bool forced_pass = env_is("FSA_CUDA_DQ", "pass");
-  const int64_t accum_bytes = int64_t(p.batch) * p.seqlen_q * p.num_heads * kHeadDim * 4;
-  return fused_dq_head_dim(kHeadDim) && !forced_pass && !p.deterministic && p.map.m_blocks > 0 &&
-         dq_bias_duty(p) == DqBiasDuty::kNone && accum_bytes <= (int64_t(2) << 30) &&
-         use_sm90_dq(p);
-}
-
 // The most shares of a key tile's query work: 8, and about two query tiles per share.
 inline int dkv_max_shares(const BackwardParams& p) {
   return int(std::min<int64_t>(8, std::max<int64_t>(1, int64_t(p.map.m_blocks) * p.group / 2)));
@@ -178,25 +158,17 @@ bool launch_sm90_dkdv(const BackwardParams& p, BackwardParams& kv, StreamBuffer&
       kv.map.partial_index_t = kv.map.dkv_partial_index_t;
       kv.map.partial_count_t = kv.map.dkv_partial_count_t;
     }
-    const bool fused = kv.dq_accum != nullptr;
-    BackwardKernel dkdv = row_topk ? &dkdv_kernel_sm90<kHeadDim, Elt, true, false>
-                                   : &dkdv_kernel_sm90<kHeadDim, Elt, false, false>;
-    if constexpr (fused_dq_head_dim(kHeadDim)) {
-      if (fused) {
-        dkdv = row_topk ? &dkdv_kernel_sm90<kHeadDim, Elt, true, true>
-                        : &dkdv_kernel_sm90<kHeadDim, Elt, false, true>;
-      }
-    }
+    auto* dkdv = row_topk ? &dkdv_kernel_sm90<kHeadDim, Elt, true>
+                          : &dkdv_kernel_sm90<kHeadDim, Elt, false>;
     // One instantiation for both: the opt-in limit is the larger size (a fixed value, so that host
     // threads launching it concurrently never lower it under each other), a launch asks for what
     // it uses.
     FSA_CUDA_CHECK(cudaFuncSetAttribute(dkdv, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        Sm90Tiles::smem_bytes(true, fused)));
+                                        Sm90Tiles::smem_bytes(true)));
     const dim3 dkdv_grid =
         kv.dkv_tile_major ? dim3(unsigned(p.num_kv_heads), unsigned(grid_x), unsigned(p.batch))
                           : dim3(unsigned(grid_x), unsigned(p.num_kv_heads), unsigned(p.batch));
-    dkdv<<<dkdv_grid, Sm90Tiles::kThreads, Sm90Tiles::smem_bytes(p.bias_staged, fused), stream>>>(
-        kv);
+    dkdv<<<dkdv_grid, Sm90Tiles::kThreads, Sm90Tiles::smem_bytes(p.bias_staged), stream>>>(kv);
     FSA_CUDA_CHECK(cudaGetLastError());
     if (kv.dkv_splits > 1 || kv.dkv_by_count) {
       // Every list split: the reduction can write the caller's key axis (BackwardParams::scatter).
@@ -254,8 +226,7 @@ bool launch_backward(const BackwardParams& p, cudaStream_t stream) {
     }
     FSA_CUDA_CHECK(cudaGetLastError());
   }
-  const bool fused = fused_dq<kHeadDim>(p);
-  if (p.map.m_blocks > 0 && !fused) {
+  if (p.map.m_blocks > 0) {
     int threads = 0, smem = 0;
     BackwardKernel dq = sm90_dq_kernel<kHeadDim, Elt>(p, threads, smem);
     if (dq == nullptr) {
@@ -285,13 +256,7 @@ bool launch_backward(const BackwardParams& p, cudaStream_t stream) {
   // the key tiles' query work is shared (BackwardParams::dkv_splits).
   BackwardParams kv = p;
   kv.scatter = KeyScatter{};  // set below where the reduction takes it
-  StreamBuffer dkv_workspace(stream), dq_accum(stream);
-  const int64_t dq_accum_elems = int64_t(p.batch) * p.seqlen_q * p.num_heads * kHeadDim;
-  if (fused) {
-    FSA_CUDA_CHECK(scratch_malloc(&dq_accum.ptr, dq_accum_elems * sizeof(float), stream));
-    FSA_CUDA_CHECK(cudaMemsetAsync(dq_accum.ptr, 0, dq_accum_elems * sizeof(float), stream));
-    kv.dq_accum = static_cast<float*>(dq_accum.ptr);
-  }
+  StreamBuffer dkv_workspace(stream);
   if (p.map.n_blocks > 0 && !launch_sm90_dkdv<kHeadDim, Elt>(p, kv, dkv_workspace, stream)) {
     // The sm80 pass: kDParts CTAs per key tile (column parts of dK / dV at D = 256).
     auto* dkdv = row_topk ? &dkdv_kernel<kHeadDim, Elt, true> : &dkdv_kernel<kHeadDim, Elt, false>;
@@ -299,11 +264,6 @@ bool launch_backward(const BackwardParams& p, cudaStream_t stream) {
                                         Tiles::kSmemDkv));
     dkdv<<<dim3(p.map.n_blocks * Tiles::kDParts, p.num_kv_heads, p.batch), Tiles::kDkvWarps * 32,
            Tiles::kSmemDkv, stream>>>(p);
-    FSA_CUDA_CHECK(cudaGetLastError());
-  }
-  if (fused) {
-    const int64_t pairs = dq_accum_elems / 2;
-    dq_convert_kernel<Elt, kHeadDim><<<unsigned((pairs + 255) / 256), 256, 0, stream>>>(kv);
     FSA_CUDA_CHECK(cudaGetLastError());
   }
   const bool reduce = p.bias_grad == BiasGrad::kFullSummed || p.bias_grad == BiasGrad::kRows ||

@@ -263,13 +263,6 @@ struct BackwardParams {
   KeyScatter scatter;
 
   BlockMapParams map;
-
-  // The caller asked for a bitwise reproducible backward (BackwardProblem::deterministic).
-  bool deterministic;
-  // Fused dQ (launch_backward, fused_dq): zeroed fp32 (B, Sq, H, kernel head dim) that the sm90
-  // dK/dV pass adds each half's dS K into (atomics: the sums' order varies), then
-  // dq_convert_kernel scales into dq; no dQ pass runs. Null: the dQ pass writes dq.
-  float* dq_accum;
 };
 
 constexpr int kPlanCounters = 6;  // PlanParams::counters
