@@ -152,11 +152,29 @@ __device__ inline void scale_pass(float (&s)[kN][4], float scale_log2) {
 
 // s += bias * log2(e); indices clamped in range (out-of-range entries are dropped next). A
 // query-invariant bias (..., 1, Sk|1) depends on the key alone: where the rows are keys (dK/dV
-// pass) each thread reads its two rows' values once.
-template <class Elt, int kN, class Index>
+// pass) each thread reads its two rows' values once; where they are queries (dQ pass) and
+// kKeyColumns, each column's value serves both of the thread's rows (half the loads and index
+// arithmetic; off where its registers made ptxas spill: the sm80 dQ pass, the sm90 one with a
+// dbias duty, whose biases have a query dim anyway).
+template <class Elt, bool kKeyColumns = false, int kN, class Index>
 __device__ inline void bias_pass(const BackwardParams& p, int b, int head, float (&s)[kN][4],
                                  const Index& ix) {
   const int64_t base = b * p.bias_stride[0] + (head / p.bias_head_group) * p.bias_stride[1];
+  if constexpr (!Index::kRowsAreKeys && kKeyColumns) {
+    if (p.bias_stride[2] == 0) {
+#pragma unroll
+      for (int j = 0; j < kN; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int64_t off = base + int64_t(min(ix.key(j, e), p.seqlen_k - 1)) * p.bias_stride[3];
+          const float v = (p.bias_is_fp32 ? static_cast<const float*>(p.bias)[off]
+                                          : Elt::to_float(p.bias, off)) * kLog2e;
+          s[j][e] += v;
+          s[j][e + 2] += v;
+        }
+      return;
+    }
+  }
   if constexpr (Index::kRowsAreKeys) {
     if (p.bias_stride[2] == 0) {
 #pragma unroll

@@ -798,7 +798,7 @@ __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
       __syncwarp();
       if (release_lane) mbarrier_arrive(&bias_empty[slot]);
     } else if (p.bias) {
-      bias_pass<Elt>(p, b, h, s, ix);
+      bias_pass<Elt, kDuty == DqBiasDuty::kNone>(p, b, h, s, ix);
     }
     if (!kGathered && check) drop_pass<Elt, kRowTopK>(p, b, h, s, ix);
     // P (exact zeros for dropped entries and empty rows).
