@@ -459,9 +459,12 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
 //   dQ += dS K      RS wgmma: dS from registers, K read as the MN-major (head dim x keys) operand
 //                   of the same K stage (the layout view the dK/dV pass uses for Q and dO)
 //
-// Known: at D = 64 ptxas still reports C7515 (serialized wgmma) for both instantiations; bisected to
-// the bias and drop passes together (either alone removed leaves it), not resolved. Even so, H100
-// (2,16384,16,16,64) causal bwd: 10.99 ms vs 13.89 ms with the sm80 dQ pass.
+// Known: at D = 64 ptxas reports C7515 (serialized wgmma) for every instantiation, the gathered
+// one included, which runs neither bias_pass nor drop_pass (an earlier bisection had pointed at
+// those two); a first product that always accumulates (no runtime ScaleOut) left it too. The SASS
+// zeroes dQ's accumulator registers before the loop (CS2R) and packs dS into registers of dP's
+// accumulator. Not resolved. Even so, H100 (2,16384,16,16,64) causal bwd: 10.99 ms vs 13.89 ms
+// with the sm80 dQ pass.
 template <int kHeadDim_, class Elt>
 struct Sm90DqTiles {
   static constexpr int kHeadDim = kHeadDim_;
