@@ -497,6 +497,7 @@ bool backward(const BackwardProblem& p, const Plan& plan, void* stream_ptr,
     bp.softcap_out = p.softcap * kLog2e;
   }
   bp.is_causal = p.is_causal;
+  bp.deterministic = p.deterministic;
   bp.map = map.params;
   bp.dq_head_step = 1;  // grid (m, H, B); see BackwardParams::ordered_dbias
   bp.dkv_splits = 1;    // launch_backward may split the sm90 dK/dV pass

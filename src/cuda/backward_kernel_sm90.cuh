@@ -108,6 +108,61 @@ __device__ __forceinline__ const int32_t* dkv_group_slots(const BackwardParams& 
   return p.map.dkv_slots + int64_t(map_list_of(p, hk, b)) * p.map.n_blocks * 64 + n * 64;
 }
 
+// A consumer thread's dK (scaled) and dV rows at the end of a dK/dV pass: its two key rows
+// (key_row, seqlen_k and past: none) of the 64-row C fragments tdK and tdV (values 4 d + 2 r + e:
+// row r, columns 8 d + 2 t + e). Into the share's fp32 rows when the key tile's query work is
+// split (DkvShares; dkv_reduce_kernel sums them), else into dk and dv.
+template <class Elt, int kDTiles, class Acc>
+__device__ __forceinline__ void write_dkdv_rows(const BackwardParams& p, const DkvCta& cta, int hk,
+                                                int b, const int (&key_row)[2], int t,
+                                                const Acc& tdK, const Acc& tdV) {
+  constexpr int kHeadDim = kDTiles * 8;
+  const DkvShares shares = dkv_shares(p, hk, b);
+  if (shares.log2 > 0) {  // this share's dK (scaled) and dV in fp32, summed by dkv_reduce_kernel
+    const int64_t per = int64_t(p.batch) * p.dkv_rows * p.num_kv_heads * kHeadDim;
+    const int row0 = (cta.x & ((1 << shares.log2) - 1)) * shares.stride;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int key = key_row[r];
+      if (key >= p.seqlen_k) continue;
+      float* krow = p.dkv_partial +
+                    ((int64_t(b) * p.dkv_rows + row0 + key) * p.num_kv_heads + hk) * kHeadDim;
+      float* vrow = krow + per;
+#pragma unroll
+      for (int d = 0; d < kDTiles; ++d) {
+        const int c = d * 8 + 2 * t;
+        *reinterpret_cast<float2*>(krow + c) =
+            make_float2(tdK(4 * d + 2 * r) * p.scale, tdK(4 * d + 2 * r + 1) * p.scale);
+        *reinterpret_cast<float2*>(vrow + c) = make_float2(tdV(4 * d + 2 * r), tdV(4 * d + 2 * r + 1));
+      }
+    }
+    return;
+  }
+  auto* dk_out = static_cast<typename Elt::Storage*>(p.dk) + b * p.dk_stride_b + hk * p.dk_stride_h;
+  auto* dv_out = static_cast<typename Elt::Storage*>(p.dv) + b * p.dv_stride_b + hk * p.dv_stride_h;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int key = key_row[r];
+    if (key >= p.seqlen_k) continue;
+    auto* krow = dk_out + int64_t(key) * p.dk_stride_s;
+    auto* vrow = dv_out + int64_t(key) * p.dv_stride_s;
+#pragma unroll
+    for (int d = 0; d < kDTiles; ++d) {
+      const int c = d * 8 + 2 * t;
+      const uint32_t kp = Elt::pack(tdK(4 * d + 2 * r) * p.scale, tdK(4 * d + 2 * r + 1) * p.scale);
+      const uint32_t vp = Elt::pack(tdV(4 * d + 2 * r), tdV(4 * d + 2 * r + 1));
+      if (c < p.head_dim) {
+        *reinterpret_cast<uint16_t*>(krow + c) = uint16_t(kp & 0xffffu);
+        *reinterpret_cast<uint16_t*>(vrow + c) = uint16_t(vp & 0xffffu);
+      }
+      if (c + 1 < p.head_dim) {
+        *reinterpret_cast<uint16_t*>(krow + c + 1) = uint16_t(kp >> 16);
+        *reinterpret_cast<uint16_t*>(vrow + c + 1) = uint16_t(vp >> 16);
+      }
+    }
+  }
+}
+
 // kRowTopK == (p.row_topk.key != null), as in dq_kernel (backward_kernel.cuh).
 template <int kHeadDim, class Elt, bool kRowTopK>
 __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
@@ -393,50 +448,7 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
     tdV(i) += exchange[(kAcc + i) * 128 + ct];
   }
 
-  const DkvShares shares = dkv_shares(p, hk, b);
-  if (shares.log2 > 0) {  // this share's dK (scaled) and dV in fp32, summed by dkv_reduce_kernel
-    const int64_t per = int64_t(p.batch) * p.dkv_rows * p.num_kv_heads * kHeadDim;
-    const int row0 = (cta.x & ((1 << shares.log2) - 1)) * shares.stride;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int key = key_row[r];
-      if (key >= p.seqlen_k) continue;
-      float* krow = p.dkv_partial +
-                    ((int64_t(b) * p.dkv_rows + row0 + key) * p.num_kv_heads + hk) * kHeadDim;
-      float* vrow = krow + per;
-#pragma unroll
-      for (int d = 0; d < kDTiles; ++d) {
-        const int c = d * 8 + 2 * t;
-        *reinterpret_cast<float2*>(krow + c) =
-            make_float2(tdK(4 * d + 2 * r) * p.scale, tdK(4 * d + 2 * r + 1) * p.scale);
-        *reinterpret_cast<float2*>(vrow + c) = make_float2(tdV(4 * d + 2 * r), tdV(4 * d + 2 * r + 1));
-      }
-    }
-    return;
-  }
-  auto* dk_out = static_cast<typename Elt::Storage*>(p.dk) + b * p.dk_stride_b + hk * p.dk_stride_h;
-  auto* dv_out = static_cast<typename Elt::Storage*>(p.dv) + b * p.dv_stride_b + hk * p.dv_stride_h;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int key = key_row[r];
-    if (key >= p.seqlen_k) continue;
-    auto* krow = dk_out + int64_t(key) * p.dk_stride_s;
-    auto* vrow = dv_out + int64_t(key) * p.dv_stride_s;
-#pragma unroll
-    for (int d = 0; d < kDTiles; ++d) {
-      const int c = d * 8 + 2 * t;
-      const uint32_t kp = Elt::pack(tdK(4 * d + 2 * r) * p.scale, tdK(4 * d + 2 * r + 1) * p.scale);
-      const uint32_t vp = Elt::pack(tdV(4 * d + 2 * r), tdV(4 * d + 2 * r + 1));
-      if (c < p.head_dim) {
-        *reinterpret_cast<uint16_t*>(krow + c) = uint16_t(kp & 0xffffu);
-        *reinterpret_cast<uint16_t*>(vrow + c) = uint16_t(vp & 0xffffu);
-      }
-      if (c + 1 < p.head_dim) {
-        *reinterpret_cast<uint16_t*>(krow + c + 1) = uint16_t(kp >> 16);
-        *reinterpret_cast<uint16_t*>(vrow + c + 1) = uint16_t(vp >> 16);
-      }
-    }
-  }
+  write_dkdv_rows<Elt, kDTiles>(p, cta, hk, b, key_row, t, tdK, tdV);
 #else
   __trap();  // launched only on sm_90 devices, where the sm_90a image exists
 #endif

@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <type_traits>
 
+#include "cuda/backward_fused_sm90.cuh"
 #include "cuda/backward_kernel.cuh"
 #include "cuda/backward_kernel_sm90.cuh"
 #include "cuda/backward_launch.h"
@@ -31,20 +32,45 @@ inline bool use_sm90_dq(const BackwardParams& params) {
   return enabled && use_sm90_backward(params);
 }
 
+// Whether this call runs the fused backward (dkdvq_kernel_sm90: dK, dV and dQ in one pass over
+// pairs of key tiles, five products per kept entry instead of seven): kernel head dim 128 on the
+// sm90 passes, not deterministic (its dQ sums' order varies), no bias-gradient duty for the dQ
+// pass, not per-row top-k or a compacted key mask (their dK/dV grids follow the key count), a
+// pair list's flags within 48 KB of shared memory (pair_lists_kernel) and dq_accum within 4 GiB.
+// FSA_CUDA_DQ=pass keeps the two passes (A/B measurements on one card).
+template <int kHeadDim>
+bool fused_backward(const BackwardParams& p) {
+  if constexpr (kHeadDim != 128) {
+    return false;
+  } else {
+    static const bool forced_pass = env_is("FSA_CUDA_DQ", "pass");
+    const int64_t lists = int64_t(p.map.map_batch) * p.map.map_heads;
+    const int64_t accum_bytes =
+        int64_t(p.batch) * p.num_heads * ((p.seqlen_q + 63) / 64) * 64 * kHeadDim * 4;
+    return !forced_pass && !p.deterministic && p.map.m_blocks > 0 && p.map.n_blocks > 0 &&
+           dq_bias_duty(p) == DqBiasDuty::kNone && p.row_topk.key == nullptr &&
+           p.map.dkv_slots == nullptr && p.map.kept_count == nullptr &&
+           p.map.m_blocks <= 12000 && lists <= 65535 && accum_bytes <= (int64_t(4) << 30) &&
+           use_sm90_dq(p);
+  }
+}
+
 // The most shares of a key tile's query work: 8, and about two query tiles per share.
 inline int dkv_max_shares(const BackwardParams& p) {
   return int(std::min<int64_t>(8, std::max<int64_t>(1, int64_t(p.map.m_blocks) * p.group / 2)));
 }
 
 // log2 of the shares of a key tile's query work in the sm90 dK/dV pass
-// (BackwardParams::dkv_splits): about `target` CTAs (two per SM) when the key tiles alone are
-// fewer, at most dkv_max_shares, the fp32 shares within 1 GiB.
-inline int dkv_split_log2(const BackwardParams& p, int kernel_dim, int64_t target) {
+// (BackwardParams::dkv_splits): about `target` CTAs (two per SM) when the grid's key tiles alone
+// (`key_tiles` per kv head and batch; pairs of them in the fused pass) are fewer, at most
+// dkv_max_shares, the fp32 shares within 1 GiB.
+inline int dkv_split_log2(const BackwardParams& p, int kernel_dim, int64_t target,
+                          int64_t key_tiles) {
   // FSA_CUDA_DKV_SPLIT_LOG2=k forces 2^k shares (0..3), for A/B measurements of the rule below.
   if (const char* env = std::getenv("FSA_CUDA_DKV_SPLIT_LOG2")) {
     return std::min(3, std::max(0, std::atoi(env)));
   }
-  const int64_t ctas = int64_t(p.map.n_blocks) * p.num_kv_heads * p.batch;
+  const int64_t ctas = key_tiles * p.num_kv_heads * p.batch;
   // Per-row top-k's dK/dV groups (BlockMapParams::dkv_slots): the grid counts every slot tile,
   // most of them empty, and the work sits in the groups of keys that live long (up to every query
   // tile each). Their count is on the device; every list has at least a row's window of slots,
@@ -123,8 +149,11 @@ bool launch_sm90_dkdv(const BackwardParams& p, BackwardParams& kv, StreamBuffer&
     if (!use_sm90_backward(p)) return false;
     const bool row_topk = p.row_topk.key != nullptr;
     using Sm90Tiles = Sm90DkvTiles<kHeadDim, Elt>;
+    // The fused pass (kv.dq_accum set) runs pairs of key tiles (its CTA count for the split rule).
+    const bool fused = kv.dq_accum != nullptr;
     const int64_t target = 2 * int64_t(multiprocessor_count());
-    kv.dkv_split_log2 = dkv_split_log2(p, kHeadDim, target);
+    kv.dkv_split_log2 =
+        dkv_split_log2(p, kHeadDim, target, fused ? kv.n_pairs : int64_t(p.map.n_blocks));
     kv.dkv_splits = 1 << kv.dkv_split_log2;
     // A compacted key mask splits by its lists' counts on the device (BackwardParams::dkv_by_count)
     // when one share's rows over the whole grid fit the workspace cap.
@@ -139,7 +168,7 @@ bool launch_sm90_dkdv(const BackwardParams& p, BackwardParams& kv, StreamBuffer&
     kv.dkv_grid_tiles = int(grid_rows / p.map.block_n);
     // Per-row top-k's dK/dV groups measured slower tile-major (3.29 -> 3.34 ms at (1, 16384, 32,
     // 8, 128) window 2048): their work does not fall with the group's index.
-    const int64_t grid_x = int64_t(p.map.n_blocks) * kv.dkv_splits;
+    const int64_t grid_x = (fused ? int64_t(kv.n_pairs) : int64_t(p.map.n_blocks)) * kv.dkv_splits;
     kv.dkv_tile_major = kv.dkv_by_count && grid_x <= 65535 && dkv_tile_major_enabled();
     if (kv.dkv_splits > 1 || kv.dkv_by_count) {
       const size_t per = size_t(p.batch) * kv.dkv_rows * p.num_kv_heads * kHeadDim;
@@ -158,17 +187,27 @@ bool launch_sm90_dkdv(const BackwardParams& p, BackwardParams& kv, StreamBuffer&
       kv.map.partial_index_t = kv.map.dkv_partial_index_t;
       kv.map.partial_count_t = kv.map.dkv_partial_count_t;
     }
-    auto* dkdv = row_topk ? &dkdv_kernel_sm90<kHeadDim, Elt, true>
-                          : &dkdv_kernel_sm90<kHeadDim, Elt, false>;
+    BackwardKernel dkdv = row_topk ? &dkdv_kernel_sm90<kHeadDim, Elt, true>
+                                   : &dkdv_kernel_sm90<kHeadDim, Elt, false>;
     // One instantiation for both: the opt-in limit is the larger size (a fixed value, so that host
     // threads launching it concurrently never lower it under each other), a launch asks for what
     // it uses.
-    FSA_CUDA_CHECK(cudaFuncSetAttribute(dkdv, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        Sm90Tiles::smem_bytes(true)));
+    int threads = Sm90Tiles::kThreads, smem_limit = Sm90Tiles::smem_bytes(true);
+    int smem = Sm90Tiles::smem_bytes(p.bias_staged);
+    if constexpr (kHeadDim == 128) {
+      if (fused) {
+        using Fused = Sm90FusedTiles<kHeadDim, Elt>;
+        dkdv = &dkdvq_kernel_sm90<kHeadDim, Elt>;
+        threads = Fused::kThreads, smem_limit = Fused::smem_bytes(true);
+        smem = Fused::smem_bytes(p.bias_staged);
+      }
+    }
+    FSA_CUDA_CHECK(
+        cudaFuncSetAttribute(dkdv, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_limit));
     const dim3 dkdv_grid =
         kv.dkv_tile_major ? dim3(unsigned(p.num_kv_heads), unsigned(grid_x), unsigned(p.batch))
                           : dim3(unsigned(grid_x), unsigned(p.num_kv_heads), unsigned(p.batch));
-    dkdv<<<dkdv_grid, Sm90Tiles::kThreads, Sm90Tiles::smem_bytes(p.bias_staged), stream>>>(kv);
+    dkdv<<<dkdv_grid, threads, smem, stream>>>(kv);
     FSA_CUDA_CHECK(cudaGetLastError());
     if (kv.dkv_splits > 1 || kv.dkv_by_count) {
       // Every list split: the reduction can write the caller's key axis (BackwardParams::scatter).
@@ -226,7 +265,8 @@ bool launch_backward(const BackwardParams& p, cudaStream_t stream) {
     }
     FSA_CUDA_CHECK(cudaGetLastError());
   }
-  if (p.map.m_blocks > 0) {
+  const bool fused = fused_backward<kHeadDim>(p);
+  if (p.map.m_blocks > 0 && !fused) {
     int threads = 0, smem = 0;
     BackwardKernel dq = sm90_dq_kernel<kHeadDim, Elt>(p, threads, smem);
     if (dq == nullptr) {
@@ -256,7 +296,29 @@ bool launch_backward(const BackwardParams& p, cudaStream_t stream) {
   // the key tiles' query work is shared (BackwardParams::dkv_splits).
   BackwardParams kv = p;
   kv.scatter = KeyScatter{};  // set below where the reduction takes it
-  StreamBuffer dkv_workspace(stream);
+  StreamBuffer dkv_workspace(stream), pair_lists(stream), dq_accum(stream);
+  if constexpr (kHeadDim == 128) {
+    if (fused) {
+      // The fused pass's work lists (pair_lists_kernel) and its zeroed dQ sums.
+      const int64_t lists = int64_t(p.map.map_batch) * p.map.map_heads;
+      kv.n_pairs = (p.map.n_blocks + 1) / 2;
+      const int64_t entries = lists * kv.n_pairs;
+      FSA_CUDA_CHECK(scratch_malloc(&pair_lists.ptr,
+                                    size_t(entries) * (p.map.m_blocks + 1) * sizeof(int32_t),
+                                    stream));
+      auto* list = static_cast<int32_t*>(pair_lists.ptr);
+      auto* count = list + entries * p.map.m_blocks;
+      kv.pair_list = list, kv.pair_count = count;
+      pair_lists_kernel<256><<<dim3(unsigned(kv.n_pairs), unsigned(lists)), 256,
+                               size_t(p.map.m_blocks) * sizeof(int32_t), stream>>>(kv, list,
+                                                                                   count);
+      FSA_CUDA_CHECK(cudaGetLastError());
+      const size_t accum = size_t(p.batch) * p.num_heads * ((p.seqlen_q + 63) / 64) * 64 * kHeadDim;
+      FSA_CUDA_CHECK(scratch_malloc(&dq_accum.ptr, accum * sizeof(float), stream));
+      FSA_CUDA_CHECK(cudaMemsetAsync(dq_accum.ptr, 0, accum * sizeof(float), stream));
+      kv.dq_accum = static_cast<float*>(dq_accum.ptr);
+    }
+  }
   if (p.map.n_blocks > 0 && !launch_sm90_dkdv<kHeadDim, Elt>(p, kv, dkv_workspace, stream)) {
     // The sm80 pass: kDParts CTAs per key tile (column parts of dK / dV at D = 256).
     auto* dkdv = row_topk ? &dkdv_kernel<kHeadDim, Elt, true> : &dkdv_kernel<kHeadDim, Elt, false>;
@@ -265,6 +327,14 @@ bool launch_backward(const BackwardParams& p, cudaStream_t stream) {
     dkdv<<<dim3(p.map.n_blocks * Tiles::kDParts, p.num_kv_heads, p.batch), Tiles::kDkvWarps * 32,
            Tiles::kSmemDkv, stream>>>(p);
     FSA_CUDA_CHECK(cudaGetLastError());
+  }
+  if constexpr (kHeadDim == 128) {
+    if (fused) {
+      const int64_t pairs = int64_t(p.batch) * p.num_heads * ((p.seqlen_q + 63) / 64) * 64 *
+                            (kHeadDim / 2);
+      dq_convert_kernel<Elt, kHeadDim><<<unsigned((pairs + 255) / 256), 256, 0, stream>>>(kv);
+      FSA_CUDA_CHECK(cudaGetLastError());
+    }
   }
   const bool reduce = p.bias_grad == BiasGrad::kFullSummed || p.bias_grad == BiasGrad::kRows ||
                       p.bias_grad == BiasGrad::kColumns;

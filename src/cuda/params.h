@@ -263,6 +263,21 @@ struct BackwardParams {
   KeyScatter scatter;
 
   BlockMapParams map;
+
+  // The caller asked for a bitwise reproducible backward (BackwardProblem::deterministic).
+  bool deterministic;
+  // The fused backward (launch_backward, fused_backward; backward_fused_sm90.cuh): one sm90 pass
+  // over pairs of key tiles computes dK, dV and dQ, and no dQ pass runs. Its work per pair: for
+  // list L (map batch, map head) and pair P (key tiles 2P, 2P + 1), pair_count[L * n_pairs + P]
+  // entries at pair_list + (L * n_pairs + P) * m_blocks, ascending query tiles m, each
+  // m << 4 | flags (bit 2w: tile 2P + w lists m; bit 2w + 1: as a partial tile). dq_accum: zeroed
+  // fp32 tiles of 64 queries x kernel head dim per (b, h), in the order the pass's warpgroups hold
+  // them (dq_convert_kernel), that its bulk reductions add into (their order varies: not
+  // deterministic); dq_convert_kernel then scales them into dq. Null: the dQ pass writes dq.
+  const int32_t* pair_list;
+  const int32_t* pair_count;
+  int n_pairs;
+  float* dq_accum;
 };
 
 constexpr int kPlanCounters = 6;  // PlanParams::counters

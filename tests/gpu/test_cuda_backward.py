@@ -39,16 +39,18 @@ def grads_of(fn, inputs, dout):
 
 
 def check_backward(q, k, v, mask=None, bias=None, causal=False, softcap=0.0, label="",
-                   selection=None, deterministic=False, ours_how=None, ours_call=None):
+                   selection=None, deterministic=False, ours_how=None, ours_call=None,
+                   bias_grad=True):
     """`selection` = (block_mask, block_size): ours runs with that block selection instead of
     `mask`, which must then be the selection expanded to entries (the reference's mask).
     `ours_how`: keyword arguments that select the same entries for ours instead of `mask` (e.g.
     topk=w, topk_causal=True). `ours_call(q, k, v, bias)`: ours as another call that keeps the
-    entries of `mask` and `causal` (e.g. packed sequences), returning (B, Sq, H, D)."""
+    entries of `mask` and `causal` (e.g. packed sequences), returning (B, Sq, H, D).
+    `bias_grad=False`: the bias does not require grad (no dbias, in ours or the reference)."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     dout = torch.randn_like(q)
     leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
-    bias_leaf = None if bias is None else bias.detach().clone().requires_grad_(True)
+    bias_leaf = None if bias is None else bias.detach().clone().requires_grad_(bias_grad)
     how = ({"attn_mask": mask} if selection is None else
            {"block_mask": selection[0], "block_size": selection[1]})
     if ours_how is not None:
@@ -62,7 +64,7 @@ def check_backward(q, k, v, mask=None, bias=None, causal=False, softcap=0.0, lab
 
     def reference(dtype):
         ls = [x.detach().to(dtype).requires_grad_(True) for x in (q, k, v)]
-        bl = None if bias is None else bias.detach().to(dtype).requires_grad_(True)
+        bl = None if bias is None else bias.detach().to(dtype).requires_grad_(bias_grad)
         return grads_of(lambda: attention(*ls, mask, bl, scale, causal, softcap, dtype)[0].to(dtype),
                         ls + [bl], dout.to(dtype))
 
@@ -72,7 +74,7 @@ def check_backward(q, k, v, mask=None, bias=None, causal=False, softcap=0.0, lab
     unit = 2.0 ** -9 if q.dtype == torch.bfloat16 else 2.0 ** -12  # half a unit roundoff
     atol = {name: unit * (r.abs().max().item() if r is not None else 0.0)
             for name, r in zip(("dq", "dk", "dv"), ref[:3])}
-    if bias is not None:
+    if bias is not None and bias_grad:
         # A reduced dbias is a sum of dS terms whose rounding error follows sum |dS|, not |dbias|
         # (a key-dim-1 or scalar bias's gradient is 0 by cancellation): its scale is the largest
         # sum of |dS| over the reduced dims, from the float64 dS of the full (B, H, Sq, Sk) bias.
@@ -280,6 +282,78 @@ def test_case13_deterministic_broadcast_full_bias(dtype, gen):
     for shape in [(1, 1, 200, 300), (3, 1, 200, 300), (1, 2, 200, 300), (1, 4, 200, 300)]:
         check_backward(q, k, v, mask=mask, bias=randn(*shape, dtype=dtype, gen=gen), causal=True,
                        deterministic=True, label=f"case 13 deterministic bias {shape}")
+
+
+def tile_states_mask(B, H, Sq, Sk, gen, block_m=128, block_n=64):
+    """A mask whose (block_m x block_n) tiles are each kept whole, dropped whole, or random: the
+    plan's key tiles then list different query tiles (full or partial) side by side."""
+    tiles = (B, H, -(-Sq // block_m), -(-Sk // block_n))
+    state = torch.randint(0, 3, tiles, device="cuda", generator=gen)
+    state = state.repeat_interleave(block_m, 2)[:, :, :Sq].repeat_interleave(block_n, 3)[..., :Sk]
+    coin = torch.rand(B, H, Sq, Sk, device="cuda", generator=gen) < 0.5
+    return (state == 1) | ((state == 2) & coin)
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_backward_and_two_passes_against_float64(dim, dtype, gen):
+    """At head dim 128 on Hopper the default backward is the fused pass (dK, dV and dQ over pairs
+    of key tiles, dQ summed by bulk reductions); deterministic=True, and head dim 64, run the dQ
+    and dK/dV passes. Both against float64: GQA, causal, ragged Sq / Sk, a key mask with empty
+    rows and a per-key bias with its gradient; a full 16-bit bias without a gradient (staged in
+    shared memory); a mask whose key tiles list different query tiles, full or partial, side by
+    side; one kv head, whose key tiles' query work is split into shares."""
+    q, k, v = qkv(2, 200, 336, 8, 2, dim, dtype, gen)
+    key_mask = torch.rand(2, 2, 1, 336, device="cuda", generator=gen) < 0.6
+    key_mask[0, 1, 0, :150] = False  # rows that keep nothing under causality
+    tiles = tile_states_mask(2, 8, 200, 336, gen)
+    q1, k1, v1 = qkv(1, 1024, 1000, 4, 1, dim, dtype, gen)
+    for det in (False, True):
+        check_backward(q, k, v, mask=key_mask, bias=randn(2, 2, 1, 336, dtype=dtype, gen=gen),
+                       causal=True, deterministic=det, label=f"per-key bias det={det} D={dim}")
+        check_backward(q, k, v, bias=randn(2, 8, 200, 336, dtype=dtype, gen=gen), bias_grad=False,
+                       deterministic=det, label=f"staged full bias det={det} D={dim}")
+        check_backward(q, k, v, mask=tiles, bias=randn(1, 2, 1, 336, dtype=dtype, gen=gen),
+                       deterministic=det, label=f"tile states det={det} D={dim}")
+        check_backward(q1, k1, v1, bias=randn(1, 1, 1, 1000, dtype=dtype, gen=gen), causal=True,
+                       deterministic=det, label=f"one kv head det={det} D={dim}")
+
+
+def cuda_kernel_names(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.key for e in prof.key_averages()]
+
+
+@pytest.mark.skipif(torch.cuda.get_device_capability() != (9, 0),
+                    reason="the fused backward is an sm_90a kernel")
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("bias_shape", [None, (1, 2, 1, 1024)])
+def test_fused_backward_is_the_default_at_head_dim_128(dim, bias_shape, gen):
+    """At head dim 128 no dQ pass runs by default (the fused pass and dq_accum's conversion do),
+    and only the two passes under deterministic=True; at 64, the two passes always."""
+    q, k, v = qkv(1, 1024, 1024, 4, 2, dim, torch.bfloat16, gen)
+    bias = None if bias_shape is None else randn(*bias_shape, dtype=torch.bfloat16, gen=gen)
+    dout = torch.randn_like(q)
+
+    def step(det):
+        leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+        flash_sparse_attn_func(*leaves, attn_bias=bias, is_causal=True,
+                               deterministic=det).backward(dout)
+
+    step(False)  # warm-up: first-call setup stays out of the profile
+    fused = cuda_kernel_names(lambda: step(False))
+    two_pass = cuda_kernel_names(lambda: step(True))
+    if dim == 128:
+        assert any("dkdvq_kernel_sm90" in n for n in fused), fused
+        assert any("dq_convert_kernel" in n for n in fused), fused
+        assert not any("dq_kernel" in n for n in fused), fused
+    else:
+        assert any("dq_kernel_sm90" in n for n in fused), fused
+        assert not any("dq_convert_kernel" in n for n in fused), fused
+    assert any("dq_kernel_sm90" in n for n in two_pass), two_pass
+    assert not any("dkdvq_kernel_sm90" in n or "dq_convert_kernel" in n for n in two_pass), two_pass
 
 
 def test_bias_only_requires_grad(gen):
