@@ -25,8 +25,8 @@
 // (docs/perf.md, fourteenth session). dq_convert_kernel then scales the sums into dq.
 //
 // Not for: deterministic=True (the sums' order varies), dQ-pass bias-gradient duties, per-row
-// top-k, compacted key masks' count-sized grids, head dim 64 (its dQ column halves would be 32
-// wide, inside one 128-byte swizzle atom); launch_backward keeps the two passes for those.
+// top-k, head dim 64 (its dQ column halves would be 32 wide, inside one 128-byte swizzle atom);
+// launch_backward keeps the two passes for those (fused_backward says where else).
 
 #include "cuda/backward_kernel_sm90.cuh"
 
@@ -129,7 +129,11 @@ __global__ void __launch_bounds__(kThreads) pair_lists_kernel(
   const int m_blocks = p.map.m_blocks, n_blocks = p.map.n_blocks;
   for (int m = int(threadIdx.x); m < m_blocks; m += blockDim.x) flags[m] = 0;
   __syncthreads();
-  for (int w = 0; w < 2 && 2 * pair + w < n_blocks; ++w) {
+  // A compacted key mask's tiles past its count list nothing.
+  const int tiles = p.map.kept_count != nullptr
+                        ? (p.map.kept_count[list] + p.map.block_n - 1) / p.map.block_n
+                        : n_blocks;
+  for (int w = 0; w < 2 && 2 * pair + w < min(tiles, n_blocks); ++w) {
     const int64_t col = int64_t(list) * n_blocks + 2 * pair + w;
     const int n_full = p.map.full_count_t[col], n_partial = p.map.partial_count_t[col];
     for (int i = int(threadIdx.x); i < n_full; i += blockDim.x) {
@@ -174,7 +178,7 @@ struct PairCursor {
   __device__ void load_head() {
     const int64_t at = (int64_t(mb) * p->map.map_heads + h / p->map.head_group) * p->n_pairs + pair;
     const int count = p->pair_count[at];
-    const int log2 = p->dkv_split_log2;
+    const int log2 = dkv_shares(*p, h / p->group, mb).log2;
     const int split = dkv_cta(*p).x & ((1 << log2) - 1);
     idx = (count * split) >> log2;
     end = (count * (split + 1)) >> log2;
@@ -249,10 +253,13 @@ __global__ void __launch_bounds__(Sm90FusedTiles<kHeadDim, Elt>::kThreads, 1)
                                            Tiles::kConsumerThreads>(smem_raw + Tiles::kOffBarriers);
   uint64_t* empty_bar = full_bar + kStages;
 
+  // Pair P = x >> log2 of the shares (DkvShares); past a compacted key mask's count (its tiles'
+  // pairs) nothing is read or written.
   const DkvCta cta = dkv_cta(p);
   const int hk = cta.hk, b = cta.b;
-  const int pair = cta.x >> p.dkv_split_log2;
-  if (pair >= p.n_pairs) return;
+  const DkvShares shares = dkv_shares(p, hk, b);
+  const int pair = cta.x >> shares.log2;
+  if (pair >= (shares.tiles + 1) / 2) return;
   const int key0 = pair * 2 * kBlockN;
 
   if (threadIdx.x < Tiles::kProducerThreads) {
@@ -264,14 +271,18 @@ __global__ void __launch_bounds__(Sm90FusedTiles<kHeadDim, Elt>::kThreads, 1)
     const auto q_dst = GmmaLoadOffsets::make<kHeadDim, kLoaders>(layout_q, false);
     const auto* k_rows = static_cast<const uint16_t*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h;
     const auto* v_rows = static_cast<const uint16_t*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h;
+    // Rows past a compacted list's count are zeros: dQ multiplies both tiles' K by dS, and a zero
+    // dS does not clear a non-finite K (slots past the count hold whatever the buffer held).
+    const int key_limit = p.map.kept_count != nullptr ? min(p.seqlen_k, kept_count_of(p, hk, b))
+                                                      : p.seqlen_k;
 #pragma unroll
     for (int w = 0; w < 2; ++w) {
       load_rows_async<kHeadDim, kBlockN, kLoaders>(
           reinterpret_cast<uint16_t*>(smem_k) + w * Tiles::kTileElems, kv_dst.first, kv_dst.step,
-          k_rows, p.k_stride_s, key0 + w * kBlockN, p.seqlen_k, p.head_dim);
+          k_rows, p.k_stride_s, key0 + w * kBlockN, key_limit, p.head_dim);
       load_rows_async<kHeadDim, kBlockN, kLoaders>(
           reinterpret_cast<uint16_t*>(smem_v) + w * Tiles::kTileElems, kv_dst.first, kv_dst.step,
-          v_rows, p.v_stride_s, key0 + w * kBlockN, p.seqlen_k, p.head_dim);
+          v_rows, p.v_stride_s, key0 + w * kBlockN, key_limit, p.head_dim);
     }
     auto* s_q = reinterpret_cast<uint16_t*>(smem_q);
     auto* s_do = reinterpret_cast<uint16_t*>(smem_do);
@@ -372,8 +383,12 @@ __global__ void __launch_bounds__(Sm90FusedTiles<kHeadDim, Elt>::kThreads, 1)
   clear(tdK);
   clear(tdV);
 
+  // Key rows (seqlen_k for a tile past the count's tiles: not written, not summed; its list is
+  // empty, pair_lists_kernel).
   const int tile_key0 = key0 + wg * kBlockN;
-  const int key_row[2] = {tile_key0 + warp * 16 + g, tile_key0 + warp * 16 + g + 8};
+  const bool tile_in = 2 * pair + wg < shares.tiles;
+  const int key_row[2] = {tile_in ? tile_key0 + warp * 16 + g : p.seqlen_k,
+                          tile_in ? tile_key0 + warp * 16 + g + 8 : p.seqlen_k};
   // Each warpgroup owns its keys' column sums: zeroed for every head, then added to (two fp32
   // additions onto zero: deterministic).
   ColumnSums<true> col;
@@ -465,14 +480,19 @@ __global__ void __launch_bounds__(Sm90FusedTiles<kHeadDim, Elt>::kThreads, 1)
       issue_rs(tdV, tP, tKVrDot, stage);
       issue_rs(tdK, tDs, tKVrQt, stage);
       // dS^T's entry (key row, query pair) is the pair (query, key) of the dS tile. Every read of
-      // the tile (the last half's dQ products) retired before the last barrier below.
+      // the tile (the last half's dQ products) retired before the last barrier below. Key k's 64
+      // queries are its 128-byte row, whose 16-byte chunk c holds queries 8 (c ^ (k % 8)) .. + 7
+      // (gmma_offset's swizzle): here k % 8 = g, so query pair (8 c + 2 t) of key row r is at
+      // ds_row ^ (c << 4) + 1024 r. (As gmma_offset calls, ptxas kept the 16 offsets across the
+      // loop and spilled them.)
+      const uint32_t ds_row = smem_address(ds_tile) + (warp * 16 + g) * 128 + (g << 4) + 4 * t;
 #pragma unroll
       for (int c = 0; c < kCTiles; ++c)
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          *reinterpret_cast<uint32_t*>(
-              ds_tile + gmma_offset(layout_ds, c * 8 + 2 * t, warp * 16 + g + 8 * r)) =
-              ds_regs[2 * c + r];
+          asm volatile("st.shared.b32 [%0], %1;\n" ::"r"((ds_row ^ (c << 4)) + 1024 * r),
+                       "r"(ds_regs[2 * c + r])
+                       : "memory");
         }
     } else {
       // This tile does not list the half's query tile: no products, and its dS is zero.

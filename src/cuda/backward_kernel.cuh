@@ -583,9 +583,12 @@ __device__ inline DkvShares dkv_shares_by_count(const BackwardParams& p, int hk,
   // The host's rule (dkv_split_log2) with the count known, in the host's terms
   // (BackwardParams::dkv_target_tiles): about that many CTAs, at most dkv_max_shares, within the
   // grid's tiles.
+  // The fused pass (dq_accum set) runs pairs of tiles: dkv_target_tiles and dkv_grid_tiles count
+  // pairs there.
+  const int units = p.dq_accum != nullptr ? (tiles + 1) / 2 : tiles;
   int want = p.dkv_max_shares;
-  if (tiles > 0) {
-    want = min(want, min((p.dkv_target_tiles + tiles - 1) / tiles, p.dkv_grid_tiles / tiles));
+  if (units > 0) {
+    want = min(want, min((p.dkv_target_tiles + units - 1) / units, p.dkv_grid_tiles / units));
   }
   return {31 - __clz(max(want, 1)), tiles * p.map.block_n, tiles};
 }

@@ -35,23 +35,38 @@ inline bool use_sm90_dq(const BackwardParams& params) {
 // Whether this call runs the fused backward (dkdvq_kernel_sm90: dK, dV and dQ in one pass over
 // pairs of key tiles, five products per kept entry instead of seven): kernel head dim 128 on the
 // sm90 passes, not deterministic (its dQ sums' order varies), no bias-gradient duty for the dQ
-// pass, not per-row top-k or a compacted key mask (their dK/dV grids follow the key count), a
-// pair list's flags within 48 KB of shared memory (pair_lists_kernel) and dq_accum within 4 GiB.
-// FSA_CUDA_DQ=pass keeps the two passes (A/B measurements on one card).
+// pass, not per-row top-k (its dK/dV groups) or packed sequences (RowEnd::key_last), a pair
+// list's flags within 48 KB of shared memory (pair_lists_kernel) and dq_accum within 4 GiB.
+//
+// By default only for one block map serving every (batch, head), with no mask and no compacted
+// keys (docs/perf.md, fifteenth session). A map that varies by head (a mask, a per-head block
+// selection) can list a key tile for far more query tiles than the average (a block that every
+// query picks), and a 128-key CTA walks such a list at half the rate of two 64-key ones, so that
+// one CTA sets the pass's time (H200, block selection (1, 16384, 32, 8, 128) at 5%: 4.26 ms fused
+// vs 3.60 ms for the two passes). Over a compacted key mask the fused pass runs (its split
+// follows the count, BackwardParams::dkv_by_count) but measured no faster (top 2048 of 16K keys:
+// 4.02 vs 3.97 ms fwd+bwd; the Doge training step's attention at 16K tokens: 6.72 vs 5.76 ms).
+//
+// FSA_CUDA_DQ=pass keeps the two passes, FSA_CUDA_DQ=fused takes the fused pass wherever it can
+// run (A/B measurements on one card, and tests of the fused pass over masks). Read at each call,
+// so that a test can set it.
 template <int kHeadDim>
 bool fused_backward(const BackwardParams& p) {
   if constexpr (kHeadDim != 128) {
     return false;
   } else {
-    static const bool forced_pass = env_is("FSA_CUDA_DQ", "pass");
+    const bool forced_pass = env_is("FSA_CUDA_DQ", "pass");
+    const bool forced_fused = env_is("FSA_CUDA_DQ", "fused");
     const int64_t lists = int64_t(p.map.map_batch) * p.map.map_heads;
     const int64_t accum_bytes =
         int64_t(p.batch) * p.num_heads * ((p.seqlen_q + 63) / 64) * 64 * kHeadDim * 4;
-    return !forced_pass && !p.deterministic && p.map.m_blocks > 0 && p.map.n_blocks > 0 &&
-           dq_bias_duty(p) == DqBiasDuty::kNone && p.row_topk.key == nullptr &&
-           p.map.dkv_slots == nullptr && p.map.kept_count == nullptr &&
-           p.map.m_blocks <= 12000 && lists <= 65535 && accum_bytes <= (int64_t(4) << 30) &&
-           use_sm90_dq(p);
+    const bool key_mask = p.map.kept_count != nullptr && p.row_end.key_last == nullptr;
+    const bool one_map = lists == 1 && p.mask == nullptr && p.map.kept_count == nullptr;
+    return !forced_pass && (one_map || forced_fused) && !p.deterministic &&
+           p.map.m_blocks > 0 && p.map.n_blocks > 0 && dq_bias_duty(p) == DqBiasDuty::kNone &&
+           p.row_topk.key == nullptr && p.map.dkv_slots == nullptr &&
+           (p.map.kept_count == nullptr || key_mask) && p.map.m_blocks <= 12000 &&
+           lists <= 65535 && accum_bytes <= (int64_t(4) << 30) && use_sm90_dq(p);
   }
 }
 
@@ -157,7 +172,9 @@ bool launch_sm90_dkdv(const BackwardParams& p, BackwardParams& kv, StreamBuffer&
     kv.dkv_splits = 1 << kv.dkv_split_log2;
     // A compacted key mask splits by its lists' counts on the device (BackwardParams::dkv_by_count)
     // when one share's rows over the whole grid fit the workspace cap.
-    const int64_t grid_rows = (int64_t(p.map.n_blocks) * p.map.block_n) << kv.dkv_split_log2;
+    // (The fused pass's grid runs pairs of tiles, 2 n_pairs tiles' rows.)
+    const int64_t grid_tiles = fused ? 2 * int64_t(kv.n_pairs) : int64_t(p.map.n_blocks);
+    const int64_t grid_rows = (grid_tiles * p.map.block_n) << kv.dkv_split_log2;
     kv.dkv_by_count = p.map.kept_count != nullptr && p.row_end.key_last == nullptr &&
                       2 * int64_t(p.batch) * grid_rows * p.num_kv_heads * kHeadDim * 4 <=
                           (int64_t(1) << 30);
@@ -165,7 +182,7 @@ bool launch_sm90_dkdv(const BackwardParams& p, BackwardParams& kv, StreamBuffer&
     const int64_t lists = int64_t(p.num_kv_heads) * p.batch;
     kv.dkv_target_tiles = int((target + lists - 1) / lists);
     kv.dkv_max_shares = dkv_max_shares(p);
-    kv.dkv_grid_tiles = int(grid_rows / p.map.block_n);
+    kv.dkv_grid_tiles = int(grid_rows / p.map.block_n / (fused ? 2 : 1));  // CTAs per list
     // Per-row top-k's dK/dV groups measured slower tile-major (3.29 -> 3.34 ms at (1, 16384, 32,
     // 8, 128) window 2048): their work does not fall with the group's index.
     const int64_t grid_x = (fused ? int64_t(kv.n_pairs) : int64_t(p.map.n_blocks)) * kv.dkv_splits;

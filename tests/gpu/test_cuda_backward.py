@@ -296,13 +296,16 @@ def tile_states_mask(B, H, Sq, Sk, gen, block_m=128, block_n=64):
 
 @pytest.mark.parametrize("dim", [64, 128])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fused_backward_and_two_passes_against_float64(dim, dtype, gen):
-    """At head dim 128 on Hopper the default backward is the fused pass (dK, dV and dQ over pairs
-    of key tiles, dQ summed by bulk reductions); deterministic=True, and head dim 64, run the dQ
-    and dK/dV passes. Both against float64: GQA, causal, ragged Sq / Sk, a key mask with empty
-    rows and a per-key bias with its gradient; a full 16-bit bias without a gradient (staged in
-    shared memory); a mask whose key tiles list different query tiles, full or partial, side by
-    side; one kv head, whose key tiles' query work is split into shares."""
+@pytest.mark.parametrize("mode", ["fused", "pass"])
+def test_fused_backward_and_two_passes_against_float64(dim, dtype, mode, gen, monkeypatch):
+    """At head dim 128 on Hopper the fused pass (dK, dV and dQ over pairs of key tiles, dQ summed
+    by bulk reductions) runs by default without a mask, and wherever it can under
+    FSA_CUDA_DQ=fused; FSA_CUDA_DQ=pass, deterministic=True and head dim 64 run the dQ and dK/dV
+    passes. All against float64: GQA, causal, ragged Sq / Sk, a key mask with empty rows and a
+    per-key bias with its gradient; a full 16-bit bias without a gradient (staged in shared
+    memory); a mask whose key tiles list different query tiles, full or partial, side by side;
+    one kv head, whose key tiles' query work is split into shares."""
+    monkeypatch.setenv("FSA_CUDA_DQ", mode)
     q, k, v = qkv(2, 200, 336, 8, 2, dim, dtype, gen)
     key_mask = torch.rand(2, 2, 1, 336, device="cuda", generator=gen) < 0.6
     key_mask[0, 1, 0, :150] = False  # rows that keep nothing under causality
@@ -330,21 +333,32 @@ def cuda_kernel_names(fn):
                     reason="the fused backward is an sm_90a kernel")
 @pytest.mark.parametrize("dim", [64, 128])
 @pytest.mark.parametrize("bias_shape", [None, (1, 2, 1, 1024)])
-def test_fused_backward_is_the_default_at_head_dim_128(dim, bias_shape, gen):
-    """At head dim 128 no dQ pass runs by default (the fused pass and dq_accum's conversion do),
-    and only the two passes under deterministic=True; at 64, the two passes always."""
+def test_fused_backward_is_the_default_at_head_dim_128(dim, bias_shape, gen, monkeypatch):
+    """At head dim 128 without a mask no dQ pass runs by default (the fused pass and dq_accum's
+    conversion do); the two passes run under deterministic=True, with a mask (a key mask over
+    compacted keys, or one with a query dim), and at head dim 64."""
+    monkeypatch.delenv("FSA_CUDA_DQ", raising=False)
     q, k, v = qkv(1, 1024, 1024, 4, 2, dim, torch.bfloat16, gen)
     bias = None if bias_shape is None else randn(*bias_shape, dtype=torch.bfloat16, gen=gen)
+    key_mask = torch.rand(1, 2, 1, 1024, device="cuda", generator=gen) < 0.5
+    element_mask = torch.rand(1, 2, 1024, 1024, device="cuda", generator=gen) < 0.5
     dout = torch.randn_like(q)
 
-    def step(det):
+    def step(det, mask=None):
         leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
-        flash_sparse_attn_func(*leaves, attn_bias=bias, is_causal=True,
+        flash_sparse_attn_func(*leaves, attn_mask=mask, attn_bias=bias, is_causal=True,
                                deterministic=det).backward(dout)
 
     step(False)  # warm-up: first-call setup stays out of the profile
+    step(False, key_mask)
+    step(False, element_mask)
     fused = cuda_kernel_names(lambda: step(False))
     two_pass = cuda_kernel_names(lambda: step(True))
+    keys = cuda_kernel_names(lambda: step(False, key_mask))
+    masked = cuda_kernel_names(lambda: step(False, element_mask))
+    for names in (masked, keys):
+        assert any("dq_kernel_sm90" in n for n in names), names
+        assert not any("dkdvq_kernel_sm90" in n for n in names), names
     if dim == 128:
         assert any("dkdvq_kernel_sm90" in n for n in fused), fused
         assert any("dq_convert_kernel" in n for n in fused), fused
