@@ -442,41 +442,14 @@ __global__ void __launch_bounds__(Sm90FusedTiles<kHeadDim, Elt>::kThreads, 1)
         bias_pass<Elt>(p, b, h, s, ix);
       }
       if (check) drop_pass<Elt, false>(p, b, h, s, ix);
-      const float* lse = s_lse + stage * kHalf;
-      const float* rdot = s_rdot + stage * kHalf;
-#pragma unroll
-      for (int c = 0; c < kCTiles; ++c)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float lse2 = lse[c * 8 + 2 * t + (e & 1)] * kLog2e;
-          const bool keep = s[c][e] != -INFINITY && lse2 != -INFINITY;
-          s[c][e] = keep ? fast_exp2(s[c][e] - lse2) : 0.0f;
-        }
+      probabilities_t(s, s_lse + stage * kHalf, t);
       warpgroup_wait<0>();  // dP^T
       warpgroup_fence_operand(tSrDp);
-#pragma unroll
-      for (int c = 0; c < kCTiles; ++c) {
-        p_regs[2 * c] = Elt::pack(s[c][0], s[c][1]);
-        p_regs[2 * c + 1] = Elt::pack(s[c][2], s[c][3]);
-      }
+      pack_pairs<Elt>(p_regs, s);
       auto& ds = *reinterpret_cast<float(*)[kCTiles][4]>(raw_pointer_cast(tSrDp.data()));
-#pragma unroll
-      for (int c = 0; c < kCTiles; ++c)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          ds[c][e] = s[c][e] != 0.0f ? s[c][e] * (ds[c][e] - rdot[c * 8 + 2 * t + (e & 1)]) : 0.0f;
-        }
-      if (p.bias_grad == BiasGrad::kColumns) {
-#pragma unroll
-        for (int c = 0; c < kCTiles; ++c)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) col.sum[e / 2] += ds[c][e];
-      }
-#pragma unroll
-      for (int c = 0; c < kCTiles; ++c) {
-        ds_regs[2 * c] = Elt::pack(ds[c][0], ds[c][1]);
-        ds_regs[2 * c + 1] = Elt::pack(ds[c][2], ds[c][3]);
-      }
+      ds_t(ds, s, s_rdot + stage * kHalf, t);
+      if (p.bias_grad == BiasGrad::kColumns) col.add(ds);
+      pack_pairs<Elt>(ds_regs, ds);
       issue_rs(tdV, tP, tKVrDot, stage);
       issue_rs(tdK, tDs, tKVrQt, stage);
       // dS^T's entry (key row, query pair) is the pair (query, key) of the dS tile. Every read of

@@ -710,6 +710,14 @@ struct ColumnSums {
     }
     head = -1;
   }
+  // A half's dS^T entries (rows: the thread's two key rows, s[c][e] in row e / 2).
+  template <int kC>
+  __device__ void add(const float (&ds)[kC][4]) {
+#pragma unroll
+    for (int c = 0; c < kC; ++c)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) sum[e / 2] += ds[c][e];
+  }
   template <bool kAdd = false>
   __device__ void switch_to(const BackwardParams& p, Rows at, int h) {
     if (h != head) {

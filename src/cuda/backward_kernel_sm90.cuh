@@ -163,6 +163,44 @@ __device__ __forceinline__ void write_dkdv_rows(const BackwardParams& p, const D
   }
 }
 
+// The dK/dV passes' element steps on x^T and dP^T (rows: keys; column 8 c + 2 t + (e & 1) of
+// the thread's entry s[c][e]: a query of the half, whose raw LSE and rowdot are lse[] and rdot[]):
+//   probabilities_t: P^T = exp2(x^T - LSE log2(e)), exact zeros for dropped entries and empty rows;
+//   ds_t: dS^T = P^T (dP^T - rowdot) (dX without softcap), 0 where P = 0 even when dP is not
+//     finite (NaN / Inf stored in V at a dropped key; as a branch on partial tiles only, ptxas
+//     spilled in both passes);
+//   pack_pairs: the 16-bit pairs of a 64-column C fragment, which are, value for value, the A
+//     fragment of a 64-row RS wgmma over those columns.
+template <int kC>
+__device__ __forceinline__ void probabilities_t(float (&s)[kC][4], const float* lse, int t) {
+#pragma unroll
+  for (int c = 0; c < kC; ++c)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float lse2 = lse[c * 8 + 2 * t + (e & 1)] * kLog2e;
+      const bool keep = s[c][e] != -INFINITY && lse2 != -INFINITY;
+      s[c][e] = keep ? fast_exp2(s[c][e] - lse2) : 0.0f;
+    }
+}
+template <int kC>
+__device__ __forceinline__ void ds_t(float (&ds)[kC][4], const float (&pt)[kC][4],
+                                     const float* rdot, int t) {
+#pragma unroll
+  for (int c = 0; c < kC; ++c)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      ds[c][e] = pt[c][e] != 0.0f ? pt[c][e] * (ds[c][e] - rdot[c * 8 + 2 * t + (e & 1)]) : 0.0f;
+    }
+}
+template <class Elt, int kC>
+__device__ __forceinline__ void pack_pairs(uint32_t* regs, const float (&x)[kC][4]) {
+#pragma unroll
+  for (int c = 0; c < kC; ++c) {
+    regs[2 * c] = Elt::pack(x[c][0], x[c][1]);
+    regs[2 * c + 1] = Elt::pack(x[c][2], x[c][3]);
+  }
+}
+
 // kRowTopK == (p.row_topk.key != null), as in dq_kernel (backward_kernel.cuh).
 template <int kHeadDim, class Elt, bool kRowTopK>
 __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
@@ -381,45 +419,15 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
       bias_pass<Elt>(p, b, h, s, ix);
     }
     if (check) drop_pass<Elt, kRowTopK>(p, b, h, s, ix);
-    const float* lse = s_lse + stage * kHalf;
-    const float* rdot = s_rdot + stage * kHalf;
-    // P^T (exact zeros for dropped entries and empty rows), then dV += P^T dO.
-#pragma unroll
-    for (int c = 0; c < kCTiles; ++c)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float lse2 = lse[c * 8 + 2 * t + (e & 1)] * kLog2e;
-        const bool keep = s[c][e] != -INFINITY && lse2 != -INFINITY;
-        s[c][e] = keep ? fast_exp2(s[c][e] - lse2) : 0.0f;
-      }
+    // P^T, then (dP^T retired) dS^T, each packed as the A operand of dV += P^T dO and dK += dS^T Q.
+    probabilities_t(s, s_lse + stage * kHalf, t);
     warpgroup_wait<0>();  // dP^T
     warpgroup_fence_operand(tSrDp);
-#pragma unroll
-    for (int c = 0; c < kCTiles; ++c) {
-      p_regs[2 * c] = Elt::pack(s[c][0], s[c][1]);
-      p_regs[2 * c + 1] = Elt::pack(s[c][2], s[c][3]);
-    }
-    // dS^T = P^T (dP^T - rowdot); dX = dS without softcap. Then dK += dS^T Q.
+    pack_pairs<Elt>(p_regs, s);
     auto& ds = *reinterpret_cast<float(*)[kCTiles][4]>(raw_pointer_cast(tSrDp.data()));
-    // A dropped entry (P = 0) gives 0 even when its dP is not finite (NaN / Inf stored in V at a
-    // dropped key). As a branch on partial tiles only, ptxas spilled in both passes.
-#pragma unroll
-    for (int c = 0; c < kCTiles; ++c)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        ds[c][e] = s[c][e] != 0.0f ? s[c][e] * (ds[c][e] - rdot[c * 8 + 2 * t + (e & 1)]) : 0.0f;
-      }
-    if (p.bias_grad == BiasGrad::kColumns) {
-#pragma unroll
-      for (int c = 0; c < kCTiles; ++c)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) col.sum[e / 2] += ds[c][e];
-    }
-#pragma unroll
-    for (int c = 0; c < kCTiles; ++c) {
-      ds_regs[2 * c] = Elt::pack(ds[c][0], ds[c][1]);
-      ds_regs[2 * c + 1] = Elt::pack(ds[c][2], ds[c][3]);
-    }
+    ds_t(ds, s, s_rdot + stage * kHalf, t);
+    if (p.bias_grad == BiasGrad::kColumns) col.add(ds);
+    pack_pairs<Elt>(ds_regs, ds);
     issue_rs(tdV, tP, tKVrDot, stage);
     issue_rs(tdK, tDs, tKVrQt, stage);
   }
