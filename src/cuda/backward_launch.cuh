@@ -35,17 +35,19 @@ inline bool use_sm90_dq(const BackwardParams& params) {
 // Whether this call runs the fused backward (dkdvq_kernel_sm90: dK, dV and dQ in one pass over
 // pairs of key tiles, five products per kept entry instead of seven): kernel head dim 128 on the
 // sm90 passes, not deterministic (its dQ sums' order varies), no bias-gradient duty for the dQ
-// pass, not per-row top-k (its dK/dV groups) or packed sequences (RowEnd::key_last), a pair
-// list's flags within 48 KB of shared memory (pair_lists_kernel) and dq_accum within 4 GiB.
+// pass, not per-row top-k (its gathered tiles and dK/dV groups), a pair list's flags within 48 KB
+// of shared memory (pair_lists_kernel) and dq_accum within 4 GiB.
 //
-// By default only for one block map serving every (batch, head), with no mask and no compacted
-// keys (docs/perf.md, fifteenth session). A map that varies by head (a mask, a per-head block
-// selection) can list a key tile for far more query tiles than the average (a block that every
-// query picks), and a 128-key CTA walks such a list at half the rate of two 64-key ones, so that
-// one CTA sets the pass's time (H200, block selection (1, 16384, 32, 8, 128) at 5%: 4.26 ms fused
-// vs 3.60 ms for the two passes). Over a compacted key mask the fused pass runs (its split
-// follows the count, BackwardParams::dkv_by_count) but measured no faster (top 2048 of 16K keys:
-// 4.02 vs 3.97 ms fwd+bwd; the Doge training step's attention at 16K tokens: 6.72 vs 5.76 ms).
+// By default without a mask: one block map serving every (batch, head), block selections (a map
+// per head, their pairs started longest first: BackwardParams::pair_order), and packed sequences
+// without a key mask (compacted slots with RowEnd::key_last, walked on one map). H200 (docs/perf.md, fifteenth and
+// sixteenth sessions), fwd+bwd: block selections (1, 16384, 32, 8, 128) at 10% / 20% 5.02 / 8.34
+// ms against 6.20 / 10.21 for the two passes (at 5%, 4.36 vs 4.27); the varlen bench 34.2 vs
+// 42.8 ms. In index order the block selections had lost (4.88 / 6.16 / 9.32 ms): a key block that
+// every query picks lists far more query tiles than the rest, and its CTA, started late, set the
+// pass's time. Compacted key masks keep the two passes (measured no faster fused: top 2048 of 16K
+// keys 4.02 vs 3.97 ms; the Doge training step's attention at 16K tokens 6.72 vs 5.76 ms), and so
+// do masks with a query dim and packed sequences with a key mask (not measured fused).
 //
 // FSA_CUDA_DQ=pass keeps the two passes, FSA_CUDA_DQ=fused takes the fused pass wherever it can
 // run (A/B measurements on one card, and tests of the fused pass over masks). Read at each call,
@@ -61,11 +63,16 @@ bool fused_backward(const BackwardParams& p) {
     const int64_t accum_bytes =
         int64_t(p.batch) * p.num_heads * ((p.seqlen_q + 63) / 64) * 64 * kHeadDim * 4;
     const bool key_mask = p.map.kept_count != nullptr && p.row_end.key_last == nullptr;
-    const bool one_map = lists == 1 && p.mask == nullptr && p.map.kept_count == nullptr;
-    return !forced_pass && (one_map || forced_fused) && !p.deterministic &&
+    // Packed sequences (PlanOptions::packed): consecutive slots walked on the map, each slot's
+    // rows an interval (RowEnd::key_first / key_last) that drop_pass reads.
+    const bool packed = p.map.kept_count != nullptr && p.row_end.key_last != nullptr &&
+                        p.map.gather_slots == nullptr;
+    const bool by_default =
+        p.mask == nullptr && (p.map.kept_count == nullptr || (packed && lists == 1));
+    return !forced_pass && (by_default || forced_fused) && !p.deterministic &&
            p.map.m_blocks > 0 && p.map.n_blocks > 0 && dq_bias_duty(p) == DqBiasDuty::kNone &&
            p.row_topk.key == nullptr && p.map.dkv_slots == nullptr &&
-           (p.map.kept_count == nullptr || key_mask) && p.map.m_blocks <= 12000 &&
+           (p.map.kept_count == nullptr || key_mask || packed) && p.map.m_blocks <= 12000 &&
            lists <= 65535 && accum_bytes <= (int64_t(4) << 30) && use_sm90_dq(p);
   }
 }
@@ -115,6 +122,13 @@ inline int dkv_split_log2(const BackwardParams& p, int kernel_dim, int64_t targe
 // BackwardParams::dkv_tile_major, docs/perf.md).
 inline bool dkv_tile_major_enabled() {
   static const bool enabled = !env_is("FSA_CUDA_DKV_ORDER", "lists");
+  return enabled;
+}
+
+// FSA_CUDA_PAIR_ORDER=index keeps the fused pass's pairs in index order where it would sort them
+// (BackwardParams::pair_order; A/B measurements, docs/perf.md).
+inline bool pair_order_enabled() {
+  static const bool enabled = !env_is("FSA_CUDA_PAIR_ORDER", "index");
   return enabled;
 }
 
@@ -184,9 +198,16 @@ bool launch_sm90_dkdv(const BackwardParams& p, BackwardParams& kv, StreamBuffer&
     kv.dkv_max_shares = dkv_max_shares(p);
     kv.dkv_grid_tiles = int(grid_rows / p.map.block_n / (fused ? 2 : 1));  // CTAs per list
     // Per-row top-k's dK/dV groups measured slower tile-major (3.29 -> 3.34 ms at (1, 16384, 32,
-    // 8, 128) window 2048): their work does not fall with the group's index.
+    // 8, 128) window 2048): their work does not fall with the group's index. The fused pass over
+    // packed sequences runs tile-major too (each document's first pairs list the most; H200, the
+    // varlen bench: 35.1 -> 34.2 ms fwd+bwd), and so does it over ordered pairs (every kv head's
+    // longest pair first); over one dense map it runs list after list, whose concurrent CTAs then
+    // share a head's Q and dO in L2 (tile-major: 12.95 -> 13.52 ms causal bwd at (2, 16384, 16,
+    // 16, 128); docs/perf.md, sixteenth session).
     const int64_t grid_x = (fused ? int64_t(kv.n_pairs) : int64_t(p.map.n_blocks)) * kv.dkv_splits;
-    kv.dkv_tile_major = kv.dkv_by_count && grid_x <= 65535 && dkv_tile_major_enabled();
+    kv.dkv_tile_major =
+        (kv.dkv_by_count || (fused && (p.map.kept_count != nullptr || kv.pair_order != nullptr))) &&
+        grid_x <= 65535 && dkv_tile_major_enabled();
     if (kv.dkv_splits > 1 || kv.dkv_by_count) {
       const size_t per = size_t(p.batch) * kv.dkv_rows * p.num_kv_heads * kHeadDim;
       const size_t cols = p.bias_grad == BiasGrad::kColumns
@@ -319,17 +340,29 @@ bool launch_backward(const BackwardParams& p, cudaStream_t stream) {
       // The fused pass's work lists (pair_lists_kernel) and its zeroed dQ sums.
       const int64_t lists = int64_t(p.map.map_batch) * p.map.map_heads;
       kv.n_pairs = (p.map.n_blocks + 1) / 2;
+      // With several lists (a map per head: block selections, masks) the pairs start longest
+      // first (pair_order_kernel); one list keeps index order, whose neighbouring CTAs read the
+      // same queries (dense causal: its longest pairs come first anyway; packed sequences: the
+      // sorted order measured slower, 34.2 -> 36.7 ms on the varlen bench; docs/perf.md).
       const int64_t entries = lists * kv.n_pairs;
-      FSA_CUDA_CHECK(scratch_malloc(&pair_lists.ptr,
-                                    size_t(entries) * (p.map.m_blocks + 1) * sizeof(int32_t),
-                                    stream));
+      const bool ordered = lists > 1 && pair_order_enabled();
+      const int64_t orders = ordered ? int64_t(p.map.map_batch) * p.num_kv_heads * kv.n_pairs : 0;
+      FSA_CUDA_CHECK(scratch_malloc(
+          &pair_lists.ptr, size_t(entries * (p.map.m_blocks + 1) + orders) * sizeof(int32_t),
+          stream));
       auto* list = static_cast<int32_t*>(pair_lists.ptr);
       auto* count = list + entries * p.map.m_blocks;
       kv.pair_list = list, kv.pair_count = count;
+      kv.pair_order = ordered ? count + entries : nullptr;
       pair_lists_kernel<256><<<dim3(unsigned(kv.n_pairs), unsigned(lists)), 256,
                                size_t(p.map.m_blocks) * sizeof(int32_t), stream>>>(kv, list,
                                                                                    count);
       FSA_CUDA_CHECK(cudaGetLastError());
+      if (ordered) {
+        pair_order_kernel<1024><<<dim3(unsigned(p.num_kv_heads), unsigned(p.map.map_batch)),
+                                  1024, 0, stream>>>(kv, count + entries);
+        FSA_CUDA_CHECK(cudaGetLastError());
+      }
       const size_t accum = size_t(p.batch) * p.num_heads * ((p.seqlen_q + 63) / 64) * 64 * kHeadDim;
       FSA_CUDA_CHECK(scratch_malloc(&dq_accum.ptr, accum * sizeof(float), stream));
       FSA_CUDA_CHECK(cudaMemsetAsync(dq_accum.ptr, 0, accum * sizeof(float), stream));

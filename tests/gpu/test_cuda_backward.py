@@ -335,24 +335,30 @@ def cuda_kernel_names(fn):
 @pytest.mark.parametrize("bias_shape", [None, (1, 2, 1, 1024)])
 def test_fused_backward_is_the_default_at_head_dim_128(dim, bias_shape, gen, monkeypatch):
     """At head dim 128 without a mask no dQ pass runs by default (the fused pass and dq_accum's
-    conversion do); the two passes run under deterministic=True, with a mask (a key mask over
-    compacted keys, or one with a query dim), and at head dim 64."""
+    conversion do), over one block map in index order and over a per-kv-head block selection with
+    its pairs sorted longest first; the two passes run under deterministic=True, with a mask (a
+    key mask over compacted keys, or one with a query dim), and at head dim 64."""
     monkeypatch.delenv("FSA_CUDA_DQ", raising=False)
     q, k, v = qkv(1, 1024, 1024, 4, 2, dim, torch.bfloat16, gen)
     bias = None if bias_shape is None else randn(*bias_shape, dtype=torch.bfloat16, gen=gen)
     key_mask = torch.rand(1, 2, 1, 1024, device="cuda", generator=gen) < 0.5
     element_mask = torch.rand(1, 2, 1024, 1024, device="cuda", generator=gen) < 0.5
+    blocks = torch.rand(1, 2, 8, 8, device="cuda", generator=gen) < 0.4
+    blocks |= torch.eye(8, device="cuda", dtype=torch.bool)
     dout = torch.randn_like(q)
 
-    def step(det, mask=None):
+    def step(det, mask=None, selection=None):
         leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+        how = {} if selection is None else {"block_mask": selection, "block_size": 128}
         flash_sparse_attn_func(*leaves, attn_mask=mask, attn_bias=bias, is_causal=True,
-                               deterministic=det).backward(dout)
+                               deterministic=det, **how).backward(dout)
 
     step(False)  # warm-up: first-call setup stays out of the profile
     step(False, key_mask)
     step(False, element_mask)
+    step(False, selection=blocks)
     fused = cuda_kernel_names(lambda: step(False))
+    selected = cuda_kernel_names(lambda: step(False, selection=blocks))
     two_pass = cuda_kernel_names(lambda: step(True))
     keys = cuda_kernel_names(lambda: step(False, key_mask))
     masked = cuda_kernel_names(lambda: step(False, element_mask))
@@ -360,12 +366,16 @@ def test_fused_backward_is_the_default_at_head_dim_128(dim, bias_shape, gen, mon
         assert any("dq_kernel_sm90" in n for n in names), names
         assert not any("dkdvq_kernel_sm90" in n for n in names), names
     if dim == 128:
-        assert any("dkdvq_kernel_sm90" in n for n in fused), fused
-        assert any("dq_convert_kernel" in n for n in fused), fused
-        assert not any("dq_kernel" in n for n in fused), fused
+        for names in (fused, selected):
+            assert any("dkdvq_kernel_sm90" in n for n in names), names
+            assert any("dq_convert_kernel" in n for n in names), names
+            assert not any("dq_kernel" in n for n in names), names
+        assert not any("pair_order_kernel" in n for n in fused), fused
+        assert any("pair_order_kernel" in n for n in selected), selected
     else:
-        assert any("dq_kernel_sm90" in n for n in fused), fused
-        assert not any("dq_convert_kernel" in n for n in fused), fused
+        for names in (fused, selected):
+            assert any("dq_kernel_sm90" in n for n in names), names
+            assert not any("dq_convert_kernel" in n for n in names), names
     assert any("dq_kernel_sm90" in n for n in two_pass), two_pass
     assert not any("dkdvq_kernel_sm90" in n or "dq_convert_kernel" in n for n in two_pass), two_pass
 

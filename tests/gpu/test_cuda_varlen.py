@@ -51,10 +51,15 @@ def packed_mask(cu_q, cu_k, Hk, causal, key_mask=None):
     ([300, 0, 1, 127, 128, 129, 700], None),      # ragged, one empty, one of length 1
     ([40, 0, 90, 3, 200], [64, 17, 90, 0, 260]),  # keys without queries, queries without keys
 ])
-def test_packed_against_float64(dtype, causal, lens_q, lens_k, gen):
-    """One packed call (PlanOptions::packed) with a key mask and a per-key bias: output, LSE and
-    every gradient against float64 with the equivalent mask over the packed sequence (within twice
-    the same-precision naive error), exact zeros for empty rows and unseen keys."""
+@pytest.mark.parametrize("masked", [True, False])
+@pytest.mark.parametrize("mode", ["fused", "pass"])
+def test_packed_against_float64(dtype, causal, lens_q, lens_k, masked, mode, gen, monkeypatch):
+    """One packed call (PlanOptions::packed) with or without a key mask and with a per-key bias:
+    output, LSE and every gradient against float64 with the equivalent mask over the packed
+    sequence (within twice the same-precision naive error), exact zeros for empty rows and unseen
+    keys. The backward runs the fused pass (FSA_CUDA_DQ=fused; at head dim 128 on Hopper) and the
+    two passes."""
+    monkeypatch.setenv("FSA_CUDA_DQ", mode)
     lens_k = lens_k or lens_q
     H, Hk, D = 8, 2, 128
     cu_q = [0] + torch.tensor(lens_q).cumsum(0).tolist()
@@ -63,7 +68,7 @@ def test_packed_against_float64(dtype, causal, lens_q, lens_k, gen):
     q = torch.randn(1, tq, H, D, device="cuda", generator=gen).to(dtype)
     k, v = (torch.randn(1, tk, Hk, D, device="cuda", generator=gen).to(dtype) for _ in range(2))
     bias = torch.randn(1, Hk, 1, tk, device="cuda", generator=gen).to(dtype)
-    key_mask = torch.rand(Hk, tk, device="cuda", generator=gen) < 0.8
+    key_mask = torch.rand(Hk, tk, device="cuda", generator=gen) < 0.8 if masked else None
     mask = packed_mask(cu_q, cu_k, Hk, causal, key_mask)
     # Offsets on the device: int64, as transformers passes them.
     dq_, dk_ = (torch.tensor(c, device="cuda") for c in (cu_q, cu_k))
@@ -73,7 +78,7 @@ def test_packed_against_float64(dtype, causal, lens_q, lens_k, gen):
                                             attn_bias=b_[0, :, 0], is_causal=causal)
         return out[None]
 
-    where = f"packed {lens_q}/{lens_k} causal={causal}"
+    where = f"packed {lens_q}/{lens_k} causal={causal} masked={masked} {mode}"
     out, lse, _ = flash_sparse_attn_varlen_func(q[0], k[0], v[0], dq_, dk_, attn_mask=key_mask,
                                                 attn_bias=bias[0, :, 0], is_causal=causal,
                                                 return_attn_probs=True)
@@ -88,6 +93,42 @@ def test_packed_against_float64(dtype, causal, lens_q, lens_k, gen):
     finite = ~empty
     assert (lse[finite].double() - lse64[0][finite]).abs().max().item() <= 1e-2, where
     check_backward(q, k, v, mask, bias, causal=False, label=where, ours_call=ours)
+
+
+@pytest.mark.skipif(torch.cuda.get_device_capability() != (9, 0),
+                    reason="the fused backward is an sm_90a kernel")
+def test_packed_backward_takes_the_fused_pass(gen, monkeypatch):
+    """Packed sequences without a mask take the fused backward by default at head dim 128 (no dQ
+    pass; one list, its pairs in index order), and the two passes with a key mask (one list per kv
+    head) or deterministic=True."""
+    from test_cuda_backward import cuda_kernel_names
+
+    monkeypatch.delenv("FSA_CUDA_DQ", raising=False)
+    lens = [700, 0, 129, 1500, 64]
+    cu = [0] + torch.tensor(lens).cumsum(0).tolist()
+    H, Hk, D = 8, 2, 128
+    q = torch.randn(cu[-1], H, D, device="cuda", generator=gen).to(torch.bfloat16)
+    k, v = (torch.randn(cu[-1], Hk, D, device="cuda", generator=gen).to(torch.bfloat16)
+            for _ in range(2))
+    bias = torch.randn(Hk, cu[-1], device="cuda", generator=gen).to(torch.bfloat16)
+    key_mask = torch.rand(Hk, cu[-1], device="cuda", generator=gen) < 0.8
+    offsets = torch.tensor(cu, device="cuda")
+
+    def step(mask=None, det=False):
+        leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v, bias)]
+        out = flash_sparse_attn_varlen_func(*leaves[:3], offsets, offsets, attn_mask=mask,
+                                            attn_bias=leaves[3], is_causal=True,
+                                            deterministic=det)
+        out.backward(torch.ones_like(out))
+
+    step(), step(key_mask), step(det=True)  # warm-up: first-call setup stays out of the profile
+    fused = cuda_kernel_names(step)
+    assert any("dkdvq_kernel_sm90" in n for n in fused), fused
+    assert not any("pair_order_kernel" in n for n in fused), fused  # one list: index order
+    assert not any("dq_kernel" in n for n in fused), fused
+    for names in (cuda_kernel_names(lambda: step(key_mask)), cuda_kernel_names(lambda: step(det=True))):
+        assert any("dq_kernel_sm90" in n for n in names), names
+        assert not any("dkdvq_kernel_sm90" in n for n in names), names
 
 
 @pytest.mark.parametrize("causal", [False, True])
