@@ -39,15 +39,16 @@ inline bool use_sm90_dq(const BackwardParams& params) {
 // of shared memory (pair_lists_kernel) and dq_accum within 4 GiB.
 //
 // By default without a mask: one block map serving every (batch, head), block selections (a map
-// per head, their pairs started longest first: BackwardParams::pair_order), and packed sequences
-// without a key mask (compacted slots with RowEnd::key_last, walked on one map). H200 (docs/perf.md, fifteenth and
-// sixteenth sessions), fwd+bwd: block selections (1, 16384, 32, 8, 128) at 10% / 20% 5.02 / 8.34
-// ms against 6.20 / 10.21 for the two passes (at 5%, 4.36 vs 4.27); the varlen bench 34.2 vs
-// 42.8 ms. In index order the block selections had lost (4.88 / 6.16 / 9.32 ms): a key block that
-// every query picks lists far more query tiles than the rest, and its CTA, started late, set the
-// pass's time. Compacted key masks keep the two passes (measured no faster fused: top 2048 of 16K
-// keys 4.02 vs 3.97 ms; the Doge training step's attention at 16K tokens 6.72 vs 5.76 ms), and so
-// do masks with a query dim and packed sequences with a key mask (not measured fused).
+// per head: their pairs start longest first, BackwardParams::pair_order, in two shares at least),
+// and packed sequences without a key mask (compacted slots with RowEnd::key_last, walked on one
+// map). H200 (docs/perf.md, fifteenth and sixteenth sessions), fwd+bwd: block selections
+// (1, 16384, 32, 8, 128) at 5 / 10 / 20% 3.25 / 5.04 / 8.73 ms against 4.28 / 6.18 / 10.15 for
+// the two passes; the varlen bench 33.7 vs 42.7 ms. In index order the block selections had lost
+// (4.88 / 6.16 / 9.32 ms): a key block that every query picks lists far more query tiles than
+// the rest, and its CTA, started late, set the pass's time. Compacted key masks keep the two
+// passes (measured no faster fused: top 2048 of 16K keys 4.02 vs 3.97 ms; the Doge training
+// step's attention at 16K tokens 6.72 vs 5.76 ms), and so do masks with a query dim and packed
+// sequences with a key mask (not measured fused).
 //
 // FSA_CUDA_DQ=pass keeps the two passes, FSA_CUDA_DQ=fused takes the fused pass wherever it can
 // run (A/B measurements on one card, and tests of the fused pass over masks). Read at each call,
@@ -85,9 +86,10 @@ inline int dkv_max_shares(const BackwardParams& p) {
 // log2 of the shares of a key tile's query work in the sm90 dK/dV pass
 // (BackwardParams::dkv_splits): about `target` CTAs (two per SM) when the grid's key tiles alone
 // (`key_tiles` per kv head and batch; pairs of them in the fused pass) are fewer, at most
-// dkv_max_shares, the fp32 shares within 1 GiB.
+// dkv_max_shares, the fp32 shares within 1 GiB; at least `min_shares` (the fused pass over ordered
+// pairs, launch_sm90_dkdv) within the same limits.
 inline int dkv_split_log2(const BackwardParams& p, int kernel_dim, int64_t target,
-                          int64_t key_tiles) {
+                          int64_t key_tiles, int64_t min_shares = 1) {
   // FSA_CUDA_DKV_SPLIT_LOG2=k forces 2^k shares (0..3), for A/B measurements of the rule below.
   if (const char* env = std::getenv("FSA_CUDA_DKV_SPLIT_LOG2")) {
     return std::min(3, std::max(0, std::atoi(env)));
@@ -104,12 +106,12 @@ inline int dkv_split_log2(const BackwardParams& p, int kernel_dim, int64_t targe
   // four shares; four also measured best at (1, 16384, 8, 2, 128) window 2048, 68, with the
   // previous groups).
   const bool groups = p.map.dkv_slots != nullptr;
-  if (ctas >= target && !groups) return 0;
+  if (ctas >= target && !groups && min_shares <= 1) return 0;
   const int64_t lists = int64_t(p.num_kv_heads) * p.batch;
   const int64_t groups_at_least = lists * (p.map.gather_stride / std::max(p.map.block_n, 1));
   const int64_t group_shares = 2 * groups_at_least >= target ? 2 : 4;  // target: two CTAs per SM
-  const int64_t want =
-      std::min<int64_t>(groups ? group_shares : (target + ctas - 1) / ctas, dkv_max_shares(p));
+  const int64_t want = std::min<int64_t>(
+      std::max(groups ? group_shares : (target + ctas - 1) / ctas, min_shares), dkv_max_shares(p));
   const int64_t share_bytes = 2 * int64_t(p.batch) * p.seqlen_k * p.num_kv_heads * kernel_dim * 4;
   int log2 = 0;  // the largest power of two <= want within the memory cap
   while ((int64_t(2) << log2) <= want && (int64_t(2) << log2) * share_bytes <= (int64_t(1) << 30)) {
@@ -181,8 +183,17 @@ bool launch_sm90_dkdv(const BackwardParams& p, BackwardParams& kv, StreamBuffer&
     // The fused pass (kv.dq_accum set) runs pairs of key tiles (its CTA count for the split rule).
     const bool fused = kv.dq_accum != nullptr;
     const int64_t target = 2 * int64_t(multiprocessor_count());
+    // Ordered pairs (a map per head, BackwardParams::pair_order) run in two shares at least: the
+    // longest pair starts first, but a key block that every query picks can still list several
+    // times an SM's share of the work. H200, block selections (1, 16384, 32, 8, 128), fwd+bwd ms
+    // at 5 / 10 / 20% for one / two / four / eight shares: 4.43 / 5.02 / 8.24, 3.25 / 5.04 / 8.73,
+    // 3.41 / 5.25 / 8.94, 3.87 / 5.72 / 9.64 (docs/perf.md, sixteenth session): more shares write
+    // and sum more fp32 partial rows.
+    constexpr int64_t kOrderedShares = 2;
+    const bool ordered = fused && kv.pair_order != nullptr && p.map.kept_count == nullptr;
     kv.dkv_split_log2 =
-        dkv_split_log2(p, kHeadDim, target, fused ? kv.n_pairs : int64_t(p.map.n_blocks));
+        dkv_split_log2(p, kHeadDim, target, fused ? kv.n_pairs : int64_t(p.map.n_blocks),
+                       ordered ? kOrderedShares : 1);
     kv.dkv_splits = 1 << kv.dkv_split_log2;
     // A compacted key mask splits by its lists' counts on the device (BackwardParams::dkv_by_count)
     // when one share's rows over the whole grid fit the workspace cap.

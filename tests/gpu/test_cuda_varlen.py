@@ -126,7 +126,8 @@ def test_packed_backward_takes_the_fused_pass(gen, monkeypatch):
     assert any("dkdvq_kernel_sm90" in n for n in fused), fused
     assert not any("pair_order_kernel" in n for n in fused), fused  # one list: index order
     assert not any("dq_kernel" in n for n in fused), fused
-    for names in (cuda_kernel_names(lambda: step(key_mask)), cuda_kernel_names(lambda: step(det=True))):
+    for call in (lambda: step(key_mask), lambda: step(det=True)):
+        names = cuda_kernel_names(call)
         assert any("dq_kernel_sm90" in n for n in names), names
         assert not any("dkdvq_kernel_sm90" in n for n in names), names
 
