@@ -38,17 +38,17 @@ inline bool use_sm90_dq(const BackwardParams& params) {
 // pass, not per-row top-k (its gathered tiles and dK/dV groups), a pair list's flags within 48 KB
 // of shared memory (pair_lists_kernel) and dq_accum within 4 GiB.
 //
-// By default without a mask: one block map serving every (batch, head), block selections (a map
-// per head: their pairs start longest first, BackwardParams::pair_order, in two shares at least),
-// and packed sequences without a key mask (compacted slots with RowEnd::key_last, walked on one
-// map). H200 (docs/perf.md, fifteenth and sixteenth sessions), fwd+bwd: block selections
-// (1, 16384, 32, 8, 128) at 5 / 10 / 20% 3.25 / 5.04 / 8.73 ms against 4.28 / 6.18 / 10.15 for
-// the two passes; the varlen bench 33.7 vs 42.7 ms. In index order the block selections had lost
-// (4.88 / 6.16 / 9.32 ms): a key block that every query picks lists far more query tiles than
-// the rest, and its CTA, started late, set the pass's time. Compacted key masks keep the two
-// passes (measured no faster fused: top 2048 of 16K keys 4.02 vs 3.97 ms; the Doge training
-// step's attention at 16K tokens 6.72 vs 5.76 ms), and so do masks with a query dim and packed
-// sequences with a key mask (not measured fused).
+// By default for one list without a mask: one block map serving every (batch, head), and packed
+// sequences without a key mask (compacted slots with RowEnd::key_last, walked on one map; H200,
+// the varlen bench: 33.7 vs 42.7 ms fwd+bwd; docs/perf.md, sixteenth session). Block selections
+// (a map per head) keep the two passes by default although the fused pass is faster there (pairs
+// started longest first, BackwardParams::pair_order, in two shares at least: (1, 16384, 32, 8,
+// 128) at 5 / 10 / 20% 3.25 / 5.04 / 8.73 ms fwd+bwd against 4.28 / 6.18 / 10.15): its scratch,
+// the fp32 dq_accum (twice q's bytes) and the shares' fp32 dK / dV rows, breaks issue #5's bar
+// for the trainable-mask backward (under 10% of q + k + v beyond the gradients), which the two
+// passes meet (their scratch there is rowdot and the column sums). Compacted key masks keep the two passes too (measured no faster fused: top 2048 of
+// 16K keys 4.02 vs 3.97 ms; the Doge training step's attention at 16K tokens 6.72 vs 5.76 ms),
+// and so do masks with a query dim and packed sequences with a key mask (not measured fused).
 //
 // FSA_CUDA_DQ=pass keeps the two passes, FSA_CUDA_DQ=fused takes the fused pass wherever it can
 // run (A/B measurements on one card, and tests of the fused pass over masks). Read at each call,
@@ -69,7 +69,7 @@ bool fused_backward(const BackwardParams& p) {
     const bool packed = p.map.kept_count != nullptr && p.row_end.key_last != nullptr &&
                         p.map.gather_slots == nullptr;
     const bool by_default =
-        p.mask == nullptr && (p.map.kept_count == nullptr || (packed && lists == 1));
+        lists == 1 && p.mask == nullptr && (p.map.kept_count == nullptr || packed);
     return !forced_pass && (by_default || forced_fused) && !p.deterministic &&
            p.map.m_blocks > 0 && p.map.n_blocks > 0 && dq_bias_duty(p) == DqBiasDuty::kNone &&
            p.row_topk.key == nullptr && p.map.dkv_slots == nullptr &&

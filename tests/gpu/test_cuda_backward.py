@@ -334,10 +334,11 @@ def cuda_kernel_names(fn):
 @pytest.mark.parametrize("dim", [64, 128])
 @pytest.mark.parametrize("bias_shape", [None, (1, 2, 1, 1024)])
 def test_fused_backward_is_the_default_at_head_dim_128(dim, bias_shape, gen, monkeypatch):
-    """At head dim 128 without a mask no dQ pass runs by default (the fused pass and dq_accum's
-    conversion do), over one block map in index order and over a per-kv-head block selection with
-    its pairs sorted longest first; the two passes run under deterministic=True, with a mask (a
-    key mask over compacted keys, or one with a query dim), and at head dim 64."""
+    """At head dim 128 over one block map without a mask no dQ pass runs by default (the fused
+    pass, its pairs in index order, and dq_accum's conversion do); the two passes run under
+    deterministic=True, with a mask (a key mask over compacted keys, or one with a query dim), over
+    a per-kv-head block selection (issue #5's scratch bar) and at head dim 64. FSA_CUDA_DQ=fused
+    runs the block selection fused with its pairs sorted longest first."""
     monkeypatch.delenv("FSA_CUDA_DQ", raising=False)
     q, k, v = qkv(1, 1024, 1024, 4, 2, dim, torch.bfloat16, gen)
     bias = None if bias_shape is None else randn(*bias_shape, dtype=torch.bfloat16, gen=gen)
@@ -358,22 +359,24 @@ def test_fused_backward_is_the_default_at_head_dim_128(dim, bias_shape, gen, mon
     step(False, element_mask)
     step(False, selection=blocks)
     fused = cuda_kernel_names(lambda: step(False))
-    selected = cuda_kernel_names(lambda: step(False, selection=blocks))
     two_pass = cuda_kernel_names(lambda: step(True))
     keys = cuda_kernel_names(lambda: step(False, key_mask))
     masked = cuda_kernel_names(lambda: step(False, element_mask))
-    for names in (masked, keys):
+    selected = cuda_kernel_names(lambda: step(False, selection=blocks))
+    monkeypatch.setenv("FSA_CUDA_DQ", "fused")
+    selected_fused = cuda_kernel_names(lambda: step(False, selection=blocks))
+    for names in (masked, keys, selected):
         assert any("dq_kernel_sm90" in n for n in names), names
         assert not any("dkdvq_kernel_sm90" in n for n in names), names
     if dim == 128:
-        for names in (fused, selected):
+        for names in (fused, selected_fused):
             assert any("dkdvq_kernel_sm90" in n for n in names), names
             assert any("dq_convert_kernel" in n for n in names), names
             assert not any("dq_kernel" in n for n in names), names
         assert not any("pair_order_kernel" in n for n in fused), fused
-        assert any("pair_order_kernel" in n for n in selected), selected
+        assert any("pair_order_kernel" in n for n in selected_fused), selected_fused
     else:
-        for names in (fused, selected):
+        for names in (fused, selected_fused):
             assert any("dq_kernel_sm90" in n for n in names), names
             assert not any("dq_convert_kernel" in n for n in names), names
     assert any("dq_kernel_sm90" in n for n in two_pass), two_pass
