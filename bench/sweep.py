@@ -51,9 +51,11 @@ and ratios; --impls does not apply to them, --filter matches their workload keys
   decode_bars  issue #15's decode bars: one query per head over 32K and 512K keys, a key mask
              keeping 1/8 of the 128-key blocks, batches 1, 8 and 64; ours one call between the
              events and 8 back to back, ours over a paged cache (pages of 64; must equal the
-             contiguous call bitwise), the kernels' time alone of the contiguous and the paged
-             call (torch profiler, CUDA only), SDPA flash over all keys, FlexAttention at batch
-             1, and the device's copy bandwidth (2 GiB, read + write), measured once per run.
+             contiguous call bitwise) one call and 8 back to back, one CUDA graph replay of the
+             kvcache entry point contiguous and paged (CUDA only), the kernels' time alone of the
+             contiguous and the paged call (torch profiler, CUDA only), SDPA flash over all
+             keys, FlexAttention at batch 1, and the device's copy bandwidth (2 GiB, read +
+             write), measured once per run.
 The topk group's reference kernel is never committed: scripts/fetch_reference.sh puts it into
 .peers/ (carry .peers to the GPU machine, which has no network); without it, or off CUDA, its rows
 say "unavailable".
@@ -87,7 +89,8 @@ whole). Its format, "fsa-sweep/1" (read by bench/report.py):
              "density_independent" (masked SDPA rows of the trainable group),
              workload groups only:
              "extra": {copy_share (GB/s of kept K+V over the device copy's), gbps_copy,
-                       paged_ratio (paged / one call), paged_kernel_ratio (paged / contiguous,
+                       paged_ratio (paged / one call; paged back to back / back to
+                       back; paged graph replay / contiguous replay), paged_kernel_ratio (paged / contiguous,
                        kernels only), lengths_speedup (lengths as a mask / cache_seqlens),
                        graph_speedup (cache_seqlens eager / CUDA graph replay), ours_ratio
                        (ours / SDPA over all keys)},
@@ -1209,7 +1212,9 @@ def decode_bars_workload(w):
     the 128-key blocks (64 x 512K keys do not fit the card). Rows: the device copy (measured once
     per run, repeated in each workload), ours one call between the events and 8 back to back
     (host hidden), ours over a paged cache (pages of `page` keys in shuffled order, same kept
-    bytes; must equal the contiguous call bitwise), the kernels' time alone of the contiguous
+    bytes; must equal the contiguous call bitwise) one call and 8 back to back, one CUDA graph
+    replay of flash_sparse_attn_with_kvcache contiguous and paged (the host's share gone, as in a
+    serving loop; each must equal the contiguous call bitwise), the kernels' time alone of the contiguous
     and the paged call, SDPA flash over all keys, and FlexAttention at batch 1. GB/s over the
     kept K + V bytes, and their share of the copy's (copy_share; a decode only reads, so it can
     pass 1)."""
@@ -1265,6 +1270,38 @@ def decode_bars_workload(w):
                         check=bitwise, note="kept K+V bytes", bytes_moved=kept_bytes)
         if msp is not None and ms1 is not None:
             w.extra("paged", paged_ratio=msp / ms1)
+        # A decode loop over the pages (host running ahead), against the contiguous loop.
+        mspn = w.measure("paged_back_to_back", f"flash_sparse_attn, paged (page {page}), 8 calls "
+                         "back to back", "fwd", paged, timing=w.back_to_back,
+                         note="per call; kept K+V bytes", bytes_moved=kept_bytes)
+        if mspn is not None and msn is not None:
+            w.extra("paged_back_to_back", paged_ratio=mspn / msn)
+        # One step replayed from a CUDA graph (the host's share gone, as in a serving loop), the
+        # same entry point contiguous and paged: one replay between the events.
+        contiguous = lambda: flash_sparse_attn_with_kvcache(  # noqa: E731
+            q, k, v, attn_mask=mask, is_causal=True)
+        ms_graph = {}
+        for impl, what, fn in (("graph_contiguous", "contiguous", contiguous),
+                               ("graph_paged", f"paged (page {page})", paged)):
+            label = f"flash_sparse_attn_with_kvcache, {what}, CUDA graph replay"
+            try:
+                graph, captured = cuda_graph(fn, w.timer.cuda)
+            except Exception as e:  # noqa: BLE001
+                w.failed(impl, ["fwd"], *classify(e), label=label)
+                continue
+
+            def replay_bitwise(graph=graph, captured=captured):
+                graph.replay()
+                if torch.equal(captured, ours):
+                    return "bitwise equal to the eager contiguous call"
+                return "WRONG: differs from the eager contiguous call"
+
+            ms_graph[impl] = w.measure(impl, label, "fwd", graph.replay, check=replay_bitwise,
+                                       note="one replay; kept K+V bytes", bytes_moved=kept_bytes)
+            copy_share(impl, ms_graph[impl])
+            del graph
+        if ms_graph.get("graph_contiguous") and ms_graph.get("graph_paged"):
+            w.extra("graph_paged", paged_ratio=ms_graph["graph_paged"] / ms_graph["graph_contiguous"])
         # The device's share alone (host time excluded), contiguous and paged.
         kc = w.measure("kernels", "flash_sparse_attn, kernels only (profiler)", "fwd", run,
                        timing=w.kernels_only, note="kept K+V bytes", bytes_moved=kept_bytes)
