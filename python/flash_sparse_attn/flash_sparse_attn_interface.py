@@ -126,6 +126,21 @@ def _offsets(cu_seqlens, device):
     return cu_seqlens.to(device=device, dtype=torch.int32, non_blocking=True).contiguous()
 
 
+class _PagedKeyAxis:
+    """The (B, Sk, Hk, D) key axis a paged cache presents, standing in for k where a plan is
+    made: its shape keys the plan cache, and the view make_plan reads (shapes only) is made on a
+    cache miss alone (an expand costs a decode step several microseconds of host time)."""
+
+    __slots__ = ("shape", "_pages")
+
+    def __init__(self, pages, batch, seqlen_k):
+        self._pages = pages
+        self.shape = (batch, seqlen_k) + tuple(pages.shape[2:])
+
+    def view(self):
+        return self._pages[:1, :1].expand(self.shape)
+
+
 def _make_plan(q, k, attn_mask, is_causal, block_mask, block_m, block_n, attn_bias=None,
                row_topk=0, max_kept=0, intervals=False, compacted_only=False, packed=None,
                compact_keys="auto"):
@@ -141,6 +156,8 @@ def _make_plan(q, k, attn_mask, is_causal, block_mask, block_m, block_n, attn_bi
     compacted CUDA plan need not map the full key axis. packed: (cu_seqlens_q, cu_seqlens_k) of
     packed sequences (q and k are (1, total, heads, D)). compact_keys: make_plan's ('never' for
     calls with cache lengths, which run the map of the full key axis)."""
+    if isinstance(k, _PagedKeyAxis):
+        k = k.view()
     if packed is not None:
         return _C.make_plan(
             _dl(q), _dl(k), _dl(attn_mask), is_causal, stream=_stream(q),

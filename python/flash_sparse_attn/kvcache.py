@@ -28,7 +28,8 @@ from typing import Optional
 import torch
 
 from . import _C
-from .flash_sparse_attn_interface import _dl, _new_outputs, _plan_for_call, _stream
+from .flash_sparse_attn_interface import (_dl, _new_outputs, _PagedKeyAxis, _plan_for_call,
+                                          _stream)
 
 __all__ = ["flash_sparse_attn_with_kvcache"]
 
@@ -71,7 +72,7 @@ def flash_sparse_attn_with_kvcache(
         page_table = page_table.contiguous()
         seqlen_k = page_table.shape[1] * k_cache.shape[1]
         # make_plan reads shapes only: the key axis the pages present, (B, Sk, Hk, D).
-        key_axis = k_cache[:1, :1].expand(batch, seqlen_k, *k_cache.shape[2:])
+        key_axis = _PagedKeyAxis(k_cache, batch, seqlen_k)
     else:
         seqlen_k = k_cache.shape[1]
         key_axis = k_cache
