@@ -854,6 +854,22 @@ struct BlockList {
   __device__ int at(int it) const { return it < n_full ? full[it] : partial[it - n_full]; }
 };
 
+// Programmatic dependent launch (sm_90): a forward lets the combine that follows it (launched with
+// the programmatic-serialization attribute, launch_combine) be scheduled as soon as every forward
+// CTA has started, and the combine waits until the whole forward grid has finished and its writes
+// are visible. The launch of the combine so overlaps the forward's tail instead of following it.
+// Both are no-ops below sm_90 and in a kernel launched without the attribute.
+__device__ __forceinline__ void allow_dependent_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wait_for_prerequisite_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 // kStages: K / V tiles in flight (ForwardTiles); the loop keeps kStages - 1 tiles loading while
 // it computes one. kSplitKeys (decode, forward_split_keys): the warps share the tile's 16 rows
 // and each takes a quarter of every key tile with its own online softmax; the warps' states are
@@ -879,6 +895,7 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim, kStages, kSplitKeys>::k
   auto* s_poison = reinterpret_cast<uint32_t*>(smem_raw + Tiles::kPoisonOffset);
   if (threadIdx.x == 0) *s_nonfinite = 0;  // ordered before use by the loop's first barrier
   bool poisoned = false;                   // s_poison holds marks (cleared at the first)
+  allow_dependent_launch();
 
   const int split = int(blockIdx.x) % p.num_splits;
   const int m = p.map.m_blocks - 1 - int(blockIdx.x) / p.num_splits;  // long causal rows first
@@ -1159,6 +1176,7 @@ constexpr int kCombineThreads = 256;
 template <int kHeadDim, class Elt>
 __global__ void __launch_bounds__(kCombineThreads) combine_kernel(
     const __grid_constant__ ForwardParams p) {
+  wait_for_prerequisite_grid();  // the forward's partial outputs (a no-op without the attribute)
   constexpr int kGroupThreads = kHeadDim / 4;
   constexpr int kGroups = kCombineThreads / kGroupThreads;
   __shared__ float4 s_acc[kGroups][kGroupThreads];

@@ -397,6 +397,7 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
   // (q_full) once the consumers hold the previous Q in registers (q_empty), then its K/V tiles;
   // the stage ring runs on across tiles, so the next tile's Q and first K/V tiles land while the
   // consumers finish the current one and write it out.
+  allow_dependent_launch();  // a split call's combine (forward_kernel.cuh)
   const ForwardTileOrder order(p);
   uint64_t* tile_full = reinterpret_cast<uint64_t*>(smem_raw + Tiles::kTileOffset);
   uint64_t* q_full = tile_full + 1;

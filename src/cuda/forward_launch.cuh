@@ -33,12 +33,23 @@ inline bool persistent_forward_enabled() {
   return enabled;
 }
 
+// The combine follows its forward with programmatic dependent launch where the device runs this
+// build's sm_90 images (whose combine waits on the forward grid: wait_for_prerequisite_grid), so
+// its launch overlaps the forward's tail; elsewhere it is an ordinary launch.
 template <int kHeadDim, class Elt>
 void launch_combine(const ForwardParams& params, cudaStream_t stream) {
   // Splits only where the forward's grid is under two waves, so rows fit a grid dimension.
   const int64_t rows = int64_t(params.batch) * params.num_heads * params.seqlen_q;
-  combine_kernel<kHeadDim, Elt><<<unsigned(rows), kCombineThreads, 0, stream>>>(params);
-  FSA_CUDA_CHECK(cudaGetLastError());
+  cudaLaunchAttribute overlap{};
+  overlap.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  overlap.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(unsigned(rows));
+  config.blockDim = dim3(kCombineThreads);
+  config.stream = stream;
+  config.attrs = &overlap;
+  config.numAttrs = hopper_kernels_available() ? 1 : 0;
+  FSA_CUDA_CHECK(cudaLaunchKernelEx(&config, &combine_kernel<kHeadDim, Elt>, params));
 }
 
 template <int kHeadDim, class Elt, int kStages, bool kSplitKeys>
