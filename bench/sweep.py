@@ -1136,7 +1136,9 @@ def agree_grads(grads, ours, nan_allowed=None):
 def kernel_ms(fn, reps, timer):
     """Mean GPU time per call of fn's CUDA kernels, in ms (torch profiler over `reps` calls, the
     L2 flushed before each and the flush's own kernel excluded): what a call costs the device,
-    without the host time that a one-call event time includes. CUDA only."""
+    without the host time that a one-call event time includes. The time is the union of the
+    kernels' intervals, so kernels that overlap (a split call's combine, launched early by
+    programmatic dependent launch and waiting on the forward) count once. CUDA only."""
     if not timer.cuda:
         raise Unavailable("kernels-only time needs CUDA (torch profiler, CUDA activity)")
     from torch.profiler import ProfilerActivity, profile
@@ -1149,14 +1151,19 @@ def kernel_ms(fn, reps, timer):
                 timer.flush_buf.zero_()
             fn()
         torch.cuda.synchronize()
-    total_us = 0.0
+    spans = []
     for e in prof.events():
         if e.device_type.name != "CUDA":
             continue
         name = e.name.lower()
         if "fill" in name or "zero" in name:  # the flush
             continue
-        total_us += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+        spans.append((e.time_range.start, e.time_range.end))
+    total_us, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):  # the length of the intervals' union
+        if end > reach:
+            total_us += end - max(start, reach)
+            reach = end
     return total_us / reps * 1e-3
 
 

@@ -35,7 +35,13 @@ inline bool persistent_forward_enabled() {
 
 // The combine follows its forward with programmatic dependent launch where the device runs this
 // build's sm_90 images (whose combine waits on the forward grid: wait_for_prerequisite_grid), so
-// its launch overlaps the forward's tail; elsewhere it is an ordinary launch.
+// its launch overlaps the forward's tail; elsewhere, or with FSA_CUDA_PDL=0 (A/B measurements,
+// docs/perf.md), it is an ordinary launch.
+inline bool dependent_launch_enabled() {
+  static const bool enabled = !env_is("FSA_CUDA_PDL", "0");
+  return enabled && hopper_kernels_available();
+}
+
 template <int kHeadDim, class Elt>
 void launch_combine(const ForwardParams& params, cudaStream_t stream) {
   // Splits only where the forward's grid is under two waves, so rows fit a grid dimension.
@@ -48,7 +54,7 @@ void launch_combine(const ForwardParams& params, cudaStream_t stream) {
   config.blockDim = dim3(kCombineThreads);
   config.stream = stream;
   config.attrs = &overlap;
-  config.numAttrs = hopper_kernels_available() ? 1 : 0;
+  config.numAttrs = dependent_launch_enabled() ? 1 : 0;
   FSA_CUDA_CHECK(cudaLaunchKernelEx(&config, &combine_kernel<kHeadDim, Elt>, params));
 }
 
