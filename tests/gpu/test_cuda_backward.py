@@ -10,7 +10,8 @@ import math
 import pytest
 import torch
 
-from flash_sparse_attn import _C, flash_sparse_attn_func
+from flash_sparse_attn import (_C, cuda_memory_reserved, flash_sparse_attn_func,
+                               release_cuda_memory)
 from flash_sparse_attn.utils.mask import create_mask
 
 from test_cuda_forward import SEED, attention, qkv, randn
@@ -412,9 +413,10 @@ def test_block_selection_gqa_bias_grad(dtype, D, gen):
 def test_trainable_backward_peak_memory(gen):
     """Issue #5: the backward of the trainable-mask path allocates, beyond the gradients it
     returns, less than 10% of the bytes of q + k + v (no (B, H, Sq, Sk) temporary, no fp32 copies
-    of q/k/v-sized tensors). Measured with the caching allocator's peak around the backward alone;
-    what is legitimately new is exactly dq, dk, dv and dbias (each rounded up to the allocator's
-    512-byte granularity)."""
+    of q/k/v-sized tensors). Measured with the caching allocator's peak around the backward alone,
+    plus what the library's own pool (docs/numerics.md, "Scratch memory"), which torch does not
+    see, grew by across it after giving back what it held unused; what is legitimately new is
+    exactly dq, dk, dv and dbias (each rounded up to the allocator's 512-byte granularity)."""
     B, S, H, Hk, D, block, top = 1, 4096, 32, 8, 128, 128, 8
     q, k, v = qkv(B, S, S, H, Hk, D, torch.bfloat16, gen)
     bias = randn(B, Hk, 1, S, dtype=torch.bfloat16, gen=gen)
@@ -432,11 +434,14 @@ def test_trainable_backward_peak_memory(gen):
     out = flash_sparse_attn_func(*leaves[:3], attn_bias=leaves[3], is_causal=True,
                                  block_mask=sel, block_size=block)
     torch.cuda.synchronize()
+    release_cuda_memory()
+    pool_before = cuda_memory_reserved()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     out.backward(dout)
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
+    pool = cuda_memory_reserved() - pool_before
 
     def alloc_bytes(t):
         return -(-t.numel() * t.element_size() // 512) * 512
@@ -444,7 +449,8 @@ def test_trainable_backward_peak_memory(gen):
     grads = sum(alloc_bytes(t.grad) for t in leaves)
     assert all(t.grad is not None for t in leaves)
     qkv_bytes = sum(t.numel() * t.element_size() for t in (q, k, v))
-    scratch = peak - grads
+    scratch = peak - grads + pool
     assert scratch < 0.1 * qkv_bytes, (
         f"backward scratch {scratch / 2**20:.2f} MiB (peak {peak / 2**20:.2f} MiB minus grads "
-        f"{grads / 2**20:.2f} MiB) >= 10% of q+k+v = {0.1 * qkv_bytes / 2**20:.2f} MiB")
+        f"{grads / 2**20:.2f} MiB, plus the library pool's growth {pool / 2**20:.2f} MiB) >= 10% "
+        f"of q+k+v = {0.1 * qkv_bytes / 2**20:.2f} MiB")
