@@ -90,9 +90,9 @@ whole). Its format, "fsa-sweep/1" (read by bench/report.py):
              workload groups only:
              "extra": {copy_share (GB/s of kept K+V over the device copy's), gbps_copy,
                        paged_ratio (paged / one call; paged back to back / back to
-                       back; paged graph replay / contiguous replay), paged_kernel_ratio (paged / contiguous,
-                       kernels only), lengths_speedup (lengths as a mask / cache_seqlens),
-                       graph_speedup (cache_seqlens eager / CUDA graph replay), ours_ratio
+                       back; paged graph replay / contiguous replay), paged_kernel_ratio
+                       (paged / contiguous, kernels only), lengths_speedup (lengths as a
+                       mask / cache_seqlens), graph_speedup (cache_seqlens eager / CUDA graph replay), ours_ratio
                        (ours / SDPA over all keys)},
              "ratio" and "bars": [{"issue", "op", "bar", "met"}] (the ratio rows, impl
              "ratio:..."); fail "check": a call timed although its check failed (a paged call
@@ -1221,10 +1221,10 @@ def decode_bars_workload(w):
     (host hidden), ours over a paged cache (pages of `page` keys in shuffled order, same kept
     bytes; must equal the contiguous call bitwise) one call and 8 back to back, one CUDA graph
     replay of flash_sparse_attn_with_kvcache contiguous and paged (the host's share gone, as in a
-    serving loop; each must equal the contiguous call bitwise), the kernels' time alone of the contiguous
-    and the paged call, SDPA flash over all keys, and FlexAttention at batch 1. GB/s over the
-    kept K + V bytes, and their share of the copy's (copy_share; a decode only reads, so it can
-    pass 1)."""
+    serving loop; each must equal the contiguous call bitwise), the kernels' time alone of the
+    contiguous and the paged call, SDPA flash over all keys, and FlexAttention at batch 1. GB/s
+    over the kept K + V bytes, and their share of the copy's (copy_share; a decode only reads, so
+    it can pass 1)."""
     from torch.nn.attention import SDPBackend
     from flash_sparse_attn import flash_sparse_attn_with_kvcache
     s = w.spec
@@ -1308,7 +1308,8 @@ def decode_bars_workload(w):
             copy_share(impl, ms_graph[impl])
             del graph
         if ms_graph.get("graph_contiguous") and ms_graph.get("graph_paged"):
-            w.extra("graph_paged", paged_ratio=ms_graph["graph_paged"] / ms_graph["graph_contiguous"])
+            w.extra("graph_paged",
+                    paged_ratio=ms_graph["graph_paged"] / ms_graph["graph_contiguous"])
         # The device's share alone (host time excluded), contiguous and paged.
         kc = w.measure("kernels", "flash_sparse_attn, kernels only (profiler)", "fwd", run,
                        timing=w.kernels_only, note="kept K+V bytes", bytes_moved=kept_bytes)
