@@ -46,9 +46,10 @@ inline bool use_sm90_dq(const BackwardParams& params) {
 // 128) at 5 / 10 / 20% 3.25 / 5.04 / 8.73 ms fwd+bwd against 4.28 / 6.18 / 10.15): its scratch,
 // the fp32 dq_accum (twice q's bytes) and the shares' fp32 dK / dV rows, breaks issue #5's bar
 // for the trainable-mask backward (under 10% of q + k + v beyond the gradients), which the two
-// passes meet (their scratch there is rowdot and the column sums). Compacted key masks keep the two passes too (measured no faster fused: top 2048 of
-// 16K keys 4.02 vs 3.97 ms; the Doge training step's attention at 16K tokens 6.72 vs 5.76 ms),
-// and so do masks with a query dim and packed sequences with a key mask (not measured fused).
+// passes meet (their scratch there is rowdot and the column sums). Compacted key masks keep the
+// two passes too (measured no faster fused: top 2048 of 16K keys 4.02 vs 3.97 ms; the Doge
+// training step's attention at 16K tokens 6.72 vs 5.76 ms), and so do masks with a query dim and
+// packed sequences with a key mask (not measured fused).
 //
 // FSA_CUDA_DQ=pass keeps the two passes, FSA_CUDA_DQ=fused takes the fused pass wherever it can
 // run (A/B measurements on one card, and tests of the fused pass over masks). Read at each call,

@@ -255,7 +255,7 @@ struct BackwardParams {
   // (dkv_by_count), where a tile's query work falls with its index in every list (its keys come
   // later) and the lists are few: head after head left the last heads' longest tiles for the end
   // of the pass (H200, (1, 16384, 32, 8, 128) top 2048: 1.90 -> 1.67 ms). Also for the fused
-  // pass over packed sequences (launch_sm90_dkdv).
+  // pass over packed sequences and over ordered pairs (pair_order; launch_sm90_dkdv).
   bool dkv_tile_major;
   // Compacted calls (cuda/compact.cu) whose dK/dV pass splits every list (dkv_splits > 1, not
   // dkv_by_count): dkv_reduce_kernel sums the shares straight into the caller's key axis, zeros
