@@ -423,6 +423,7 @@ void forward(const ForwardProblem& p, const Plan& plan, void* stream_ptr) {
   fp.num_splits = choose_splits(int64_t(map->params.m_blocks) * heads * p.batch,
                                 map->params.n_blocks,
                                 int64_t(layout.ctas_per_sm(kdim)) * multiprocessor_count());
+  fp.kv_evict_first = layout.split_keys && kv_evict_first_enabled();
   StreamBuffer workspace(stream);  // split-KV partial outputs, released after the combine
   if (fp.num_splits > 1) {
     const int64_t rows = p.batch * p.num_heads * p.seqlen_q;

@@ -83,13 +83,43 @@ struct SmemTile {
   }
 };
 
+// L2 eviction policies (createpolicy, sm_80+) for hinted cp.async: a decode's K / V are read once
+// (GQA-packed rows of a kv head in one CTA), so they leave L2 first (evict_first) and do not push
+// out what the next kernels reuse; the lines a decode evicts are then mostly its own, never written
+// back. evict_normal is the unhinted behaviour (FSA_CUDA_KV_EVICT_FIRST=0, A/B measurements).
+__device__ __forceinline__ uint64_t l2_policy(bool evict_first) {
+  uint64_t policy;
+  if (evict_first) {
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  } else {
+    asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;\n" : "=l"(policy));
+  }
+  return policy;
+}
+
+// One 16-byte cp.async (zero-filled when !valid), with an L2 policy when kHinted.
+template <bool kHinted>
+__device__ __forceinline__ void cp_async_16(uint16_t* smem, const uint16_t* gmem, bool valid,
+                                            uint64_t policy) {
+  if constexpr (kHinted) {
+    const uint32_t dst = cute::cast_smem_ptr_to_uint(smem);
+    asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(dst),
+                 "l"(gmem), "r"(valid ? 16 : 0), "l"(policy));
+  } else {
+    cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
+        *reinterpret_cast<const cute::uint128_t*>(gmem), *reinterpret_cast<cute::uint128_t*>(smem),
+        valid);
+  }
+}
+
 // Asynchronously copies rows [row_begin, row_begin + kRows) of a (S, D) slice with row stride
 // `row_stride` into a swizzled tile; rows past `row_limit` and columns past `head_dim` are zero.
 // Thread t always copies chunk t % kChunks of rows t / kChunks + k * kRowsPerPass, so its column,
 // its source step and (kRowsPerPass a multiple of 8) its swizzle term are loop-invariant.
-template <int kHeadDim, int kRows, int kThreads>
+// kHinted: through L2 `policy` (l2_policy).
+template <int kHeadDim, int kRows, int kThreads, bool kHinted = false>
 __device__ void load_tile_async(uint16_t* smem, const uint16_t* gmem, int64_t row_stride,
-                                int row_begin, int row_limit, int head_dim) {
+                                int row_begin, int row_limit, int head_dim, uint64_t policy = 0) {
   constexpr int kChunks = kHeadDim / 8;
   static_assert(kThreads % kChunks == 0, "threads must cover whole rows");
   constexpr int kRowsPerPass = kThreads / kChunks;
@@ -102,20 +132,19 @@ __device__ void load_tile_async(uint16_t* smem, const uint16_t* gmem, int64_t ro
   for (int k = 0; k < kRows / kRowsPerPass; ++k) {
     const int r = r0 + k * kRowsPerPass;
     const bool valid = col_ok && row_begin + r < row_limit;
-    cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
-        *reinterpret_cast<const cute::uint128_t*>(valid ? src : gmem),
-        *reinterpret_cast<cute::uint128_t*>(smem + SmemTile<kHeadDim>::offset(r, c)), valid);
+    cp_async_16<kHinted>(smem + SmemTile<kHeadDim>::offset(r, c), valid ? src : gmem, valid,
+                         policy);
     src += src_step;
   }
 }
 
 // As load_tile_async, for K and V tiles of a paged cache (PagedRows): tile row r is at k_off[r]
 // and v_off[r] elements from the kv head's origins k_head and v_head (the forward's ring).
-template <int kHeadDim, int kRows, int kThreads>
+template <int kHeadDim, int kRows, int kThreads, bool kHinted = false>
 __device__ void load_paged_tiles_async(uint16_t* s_k, uint16_t* s_v, const uint16_t* k_head,
                                        const uint16_t* v_head, const int64_t* k_off,
                                        const int64_t* v_off, int row_begin, int row_limit,
-                                       int head_dim) {
+                                       int head_dim, uint64_t policy = 0) {
   constexpr int kChunks = kHeadDim / 8;
   constexpr int kRowsPerPass = kThreads / kChunks;
   static_assert(kRows % kRowsPerPass == 0, "passes must cover the tile");
@@ -128,12 +157,8 @@ __device__ void load_paged_tiles_async(uint16_t* s_k, uint16_t* s_v, const uint1
     const uint16_t* ks = k_head + (valid ? k_off[r] + c * 8 : 0);
     const uint16_t* vs = v_head + (valid ? v_off[r] + c * 8 : 0);
     const int at = SmemTile<kHeadDim>::offset(r, c);
-    cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
-        *reinterpret_cast<const cute::uint128_t*>(ks),
-        *reinterpret_cast<cute::uint128_t*>(s_k + at), valid);
-    cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
-        *reinterpret_cast<const cute::uint128_t*>(vs),
-        *reinterpret_cast<cute::uint128_t*>(s_v + at), valid);
+    cp_async_16<kHinted>(s_k + at, ks, valid, policy);
+    cp_async_16<kHinted>(s_v + at, vs, valid, policy);
   }
 }
 
@@ -915,6 +940,21 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim, kStages, kSplitKeys>::k
     keys_lo = max(visible_end(p, b, 0, min(i0, p.seqlen_q - 1)) - shift, 0);
     keys_hi = max(visible_end(p, b, 0, min(i1, p.seqlen_q - 1)) - shift, 0);
   }
+  // Q rows (through the row map), zero past the last row and past head_dim; issued before the
+  // plan's reads (and a paged table's), which the first K / V loads wait on.
+  {
+    const auto* q = static_cast<const uint16_t*>(p.q) + b * p.q_stride_b;
+    for (int idx = threadIdx.x; idx < kBlockM * kChunks; idx += kThreads) {
+      const int r = idx / kChunks, c = idx % kChunks;
+      int i, head;
+      wr.rows.at(r, i, head);
+      const bool valid = wr.rows.row0 + r < wr.flat_rows && c * 8 < p.head_dim;
+      const uint16_t* src = q + (valid ? int64_t(i) * p.q_stride_s + head * p.q_stride_h + c * 8 : 0);
+      cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
+          *reinterpret_cast<const cute::uint128_t*>(src),
+          *reinterpret_cast<cute::uint128_t*>(s_q + Smem::offset(r, c)), valid);
+    }
+  }
   const BlockList list(p, b, (p.pack_gqa ? h * p.group : h) / p.map.head_group, m, split,
                        keys_hi);
 
@@ -968,32 +1008,20 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim, kStages, kSplitKeys>::k
     __syncthreads();
   }
 
-  // Q rows (through the row map), zero past the last row and past head_dim.
-  {
-    const auto* q = static_cast<const uint16_t*>(p.q) + b * p.q_stride_b;
-    for (int idx = threadIdx.x; idx < kBlockM * kChunks; idx += kThreads) {
-      const int r = idx / kChunks, c = idx % kChunks;
-      int i, head;
-      wr.rows.at(r, i, head);
-      const bool valid = wr.rows.row0 + r < wr.flat_rows && c * 8 < p.head_dim;
-      const uint16_t* src = q + (valid ? int64_t(i) * p.q_stride_s + head * p.q_stride_h + c * 8 : 0);
-      cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
-          *reinterpret_cast<const cute::uint128_t*>(src),
-          *reinterpret_cast<cute::uint128_t*>(s_q + Smem::offset(r, c)), valid);
-    }
-  }
-  // Tile n_block of K and V into a stage (through the ring's offsets when paged).
+  // Tile n_block of K and V into a stage (through the ring's offsets when paged); a decode's
+  // (kSplitKeys) through L2 policy kv_policy (l2_policy, ForwardParams::kv_evict_first).
+  const uint64_t kv_policy = kSplitKeys ? l2_policy(p.kv_evict_first) : 0;
   auto load_stage = [&](int stage, int n_block) {
     uint16_t *sk = s_k + stage * Tiles::kSmemKV, *sv = s_v + stage * Tiles::kSmemKV;
     if (paged) {
-      load_paged_tiles_async<kHeadDim, kBlockN, kThreads>(
+      load_paged_tiles_async<kHeadDim, kBlockN, kThreads, kSplitKeys>(
           sk, sv, k_head, v_head, s_koff + stage * kBlockN, s_voff + stage * kBlockN,
-          n_block * kBlockN, p.seqlen_k, p.head_dim);
+          n_block * kBlockN, p.seqlen_k, p.head_dim, kv_policy);
     } else {
-      load_tile_async<kHeadDim, kBlockN, kThreads>(sk, k, p.k_stride_s, n_block * kBlockN,
-                                                   p.seqlen_k, p.head_dim);
-      load_tile_async<kHeadDim, kBlockN, kThreads>(sv, v, p.v_stride_s, n_block * kBlockN,
-                                                   p.seqlen_k, p.head_dim);
+      load_tile_async<kHeadDim, kBlockN, kThreads, kSplitKeys>(
+          sk, k, p.k_stride_s, n_block * kBlockN, p.seqlen_k, p.head_dim, kv_policy);
+      load_tile_async<kHeadDim, kBlockN, kThreads, kSplitKeys>(
+          sv, v, p.v_stride_s, n_block * kBlockN, p.seqlen_k, p.head_dim, kv_policy);
     }
   };
   // The first kStages - 1 tiles, one commit group each (empty past the list's end, so that the
@@ -1185,6 +1213,19 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(
   const int64_t row = blockIdx.x;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int splits = p.num_splits;
+  const int group = threadIdx.x / kGroupThreads, col = threadIdx.x % kGroupThreads * 4;
+  // This thread's first kEarly partial outputs are loaded before the LSEs are reduced (their
+  // weights need the reduction; the loads do not), so the two reads overlap.
+  constexpr int kEarly = 4;
+  auto o_at = [&](int s) {
+    return reinterpret_cast<const float4*>(p.o_partial + (s * rows + row) * kHeadDim + col);
+  };
+  float4 early[kEarly];
+#pragma unroll
+  for (int e = 0; e < kEarly; ++e) {
+    const int s = group + e * kGroups;
+    early[e] = s < splits ? *o_at(s) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  }
   float lse_max = -INFINITY;
   for (int s = lane; s < splits; s += 32) lse_max = fmaxf(lse_max, p.lse_partial[s * rows + row]);
 #pragma unroll
@@ -1200,14 +1241,20 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(
   }
 #pragma unroll
   for (int w = 16; w > 0; w /= 2) total += __shfl_xor_sync(0xffffffffu, total, w);
-  const int group = threadIdx.x / kGroupThreads, col = threadIdx.x % kGroupThreads * 4;
   float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
   if (lse_max != -INFINITY) {
-    for (int s = group; s < splits; s += kGroups) {
+    for (int e = 0, s = group; s < splits; ++e, s += kGroups) {
       const float w = exp2f((p.lse_partial[s * rows + row] - lse_max) * kLog2e);
       if (w == 0.0f) continue;  // a split that weighs 0 adds nothing, even a non-finite output
-      const float4 x =
-          *reinterpret_cast<const float4*>(p.o_partial + (s * rows + row) * kHeadDim + col);
+      float4 x;
+      if (e < kEarly) {
+#pragma unroll
+        for (int i = 0; i < kEarly; ++i) {  // registers, not a local-memory array: unrolled picks
+          if (i == e) x = early[i];
+        }
+      } else {
+        x = *o_at(s);
+      }
       acc.x += w * x.x, acc.y += w * x.y, acc.z += w * x.z, acc.w += w * x.w;
     }
   }

@@ -29,6 +29,13 @@ inline Sm80Layout sm80_layout(bool pack_gqa, int flat_rows, int head_dim) {
   return {true, deep ? kDeepDecodeStages : kDecodeStages};
 }
 
+// Whether a decode's K / V loads leave L2 first (ForwardParams::kv_evict_first);
+// FSA_CUDA_KV_EVICT_FIRST=0 loads them unhinted (A/B measurements, docs/perf.md).
+inline bool kv_evict_first_enabled() {
+  static const bool enabled = !env_is("FSA_CUDA_KV_EVICT_FIRST", "0");
+  return enabled;
+}
+
 template <int kHeadDim, class Elt>
 void launch_forward(const ForwardParams& params, cudaStream_t stream);
 

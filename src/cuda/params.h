@@ -129,6 +129,9 @@ struct ForwardParams {
   // Persistent sm90 forward: the tile counter (zero at launch) its CTAs take the next tile from;
   // null: one CTA per tile (forward_launch.cuh).
   int* tile_counter;
+  // Decode (the sm80 split-key layout): K / V are read once, with L2 evict_first (l2_policy,
+  // forward_kernel.cuh); false: unhinted, as every other layout loads.
+  bool kv_evict_first;
 
   BlockMapParams map;
   // A cache's per-sequence key lengths (ForwardArgs::cache_seqlens), clamped into [0, Sk] where
