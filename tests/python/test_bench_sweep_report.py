@@ -124,9 +124,11 @@ def test_smoke_workload_groups(workload_run):
         assert one["fail"] == {} and one["max_diff_vs_fp64"] <= 2e-2 and one["bytes_moved"] > 0
         assert set(one["extra"]) == {"copy_share", "gbps_copy"}
         assert row(w, "back_to_back")["fwd_ms"] > 0
-        paged = row(w, "paged")
-        assert paged["fail"] == {} and "bitwise equal to contiguous" in paged["notes"]
-        assert paged["extra"]["paged_ratio"] > 0
+        for impl in ("kvcache_one_call", "paged"):
+            assert row(w, impl)["fail"] == {}
+            assert "bitwise equal to flash_sparse_attn_func" in row(w, impl)["notes"]
+        assert row(w, "paged")["extra"]["paged_ratio"] > 0
+        assert row(w, "paged_back_to_back")["extra"]["paged_ratio"] > 0
         for impl in ("kernels", "paged_kernels"):
             assert row(w, impl)["fail"] == {"fwd": "unavailable"}
             assert "needs CUDA" in row(w, impl)["notes"][0]
@@ -333,7 +335,8 @@ def test_report_renders_workload_groups(report, workload_run, capsys):
     for g in ("bias", "topk", "varlen", "kvcache", "decode_bars", "dense256"):
         assert f"### {report.GROUP_TITLES[g]}" in out, g
     assert "decode fwd (1,1,2048,4,2,64) 1/8 blocks (`decode_bars/B1/Sk2048`):" in out
-    assert "| flash_sparse_attn, paged (page 64) | " in out and "bitwise equal to contiguous" in out
+    assert "| flash_sparse_attn_with_kvcache, paged (page 64) | " in out
+    assert "bitwise equal to flash_sparse_attn_func" in out
     assert "| flash_sparse_attn, kernels only (profiler) | unavail. |" in out
     assert "max\\|diff\\|" in out                          # pipes in notes escaped
     assert "| ratio fwd+bwd: varlen / per document |" in out and "[#15 <= 1.15:" in out
