@@ -75,10 +75,13 @@ def _resolve_block_size(block_size) -> Tuple[Optional[int], Optional[int]]:
 def _new_outputs(query: _Tensor, need_lse: bool):
     # empty_like / new_empty: about half the host time of torch.empty(shape, dtype=, device=)
     # (5.8 against 11 us on the H200 host), which a decode step pays per layer.
-    batch, seqlen_q, num_heads, _ = query.shape
-    out = torch.empty_like(query, memory_format=torch.contiguous_format)
+    if query.is_contiguous():
+        out = torch.empty_like(query)
+    else:
+        out = torch.empty_like(query, memory_format=torch.contiguous_format)
     lse = None
     if need_lse:
+        batch, seqlen_q, num_heads, _ = query.shape
         lse = query.new_empty((batch, num_heads, seqlen_q), dtype=torch.float32)
     return out, lse
 
@@ -195,6 +198,7 @@ class _PlanCache:
     def __init__(self, capacity: int = 32):
         self._entries = collections.OrderedDict()
         self._capacity = capacity
+        self._recent = None  # the entry last inserted or moved to the end
         # Reentrant: a weak reference's callback may run in a garbage collection that this thread
         # started while holding the lock.
         self._lock = threading.RLock()
@@ -203,34 +207,47 @@ class _PlanCache:
     def _tensor_key(t):
         if t is None:
             return None
-        return (id(t), t._version, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+        return (id(t), t._version, t.data_ptr(), t.shape, t.stride(), t.dtype)
 
     def get(self, q, k, attn_mask, is_causal, block_mask, block_m, block_n, attn_bias=None,
-            row_topk=0, max_kept=0, packed=None, compact_keys="auto"):
-        stream = _stream(q)
+            row_topk=0, max_kept=0, packed=None, compact_keys="auto", stream=None):
+        # A decode step pays this lookup per layer, so a hit stays cheap: no helper calls for
+        # absent tensors, weak references checked for the present ones only (torch.Size hashes as
+        # the tuple it is). `stream`: the caller's _stream(q), when it has it.
+        if stream is None:
+            stream = _stream(q)
         topk_bias = attn_bias if row_topk else None
         cu_q, cu_k = packed if packed is not None else (None, None)
         intervals = packed is None and compact_keys != "never" and _interval_candidate(
             q, attn_mask, block_mask, attn_bias, row_topk, max_kept)
-        compacted_only = compact_keys != "never" and _query_invariant(attn_bias)
-        key = (tuple(q.shape), tuple(k.shape), q.device, stream, is_causal, block_m, block_n,
-               self._tensor_key(attn_mask), self._tensor_key(block_mask), row_topk, max_kept,
-               self._tensor_key(topk_bias), intervals, compacted_only, self._tensor_key(cu_q),
-               self._tensor_key(cu_k), compact_keys)
+        compacted_only = compact_keys != "never" and (
+            attn_bias is None or attn_bias.dim() != 4 or attn_bias.shape[2] == 1)  # query-invariant
+        tk = self._tensor_key
+        key = (q.shape, k.shape, q.device, stream, is_causal, block_m, block_n,
+               None if attn_mask is None else tk(attn_mask),
+               None if block_mask is None else tk(block_mask), row_topk, max_kept,
+               None if topk_bias is None else tk(topk_bias), intervals, compacted_only,
+               None if cu_q is None else tk(cu_q), None if cu_k is None else tk(cu_k),
+               compact_keys)
         tensors = (attn_mask, block_mask, topk_bias, cu_q, cu_k)
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
                 plan, refs = entry
-                if all(t is None or ref() is t for ref, t in zip(refs, tensors)):
-                    self._entries.move_to_end(key)
+                for ref, t in zip(refs, tensors):
+                    if t is not None and ref() is not t:
+                        break
+                else:
+                    if entry is not self._recent:  # least recently used goes first
+                        self._entries.move_to_end(key)
+                        self._recent = entry
                     return plan
         plan = _make_plan(q, k, attn_mask, is_causal, block_mask, block_m, block_n, attn_bias,
                           row_topk, max_kept, intervals, compacted_only, packed, compact_keys)
         drop = self._drop_callback(key)
         refs = tuple(None if t is None else weakref.ref(t, drop) for t in tensors)
         with self._lock:
-            self._entries[key] = (plan, refs)
+            self._entries[key] = self._recent = (plan, refs)
             while len(self._entries) > self._capacity:
                 self._entries.popitem(last=False)
         return plan
@@ -242,12 +259,14 @@ class _PlanCache:
             self_ = cache()
             if self_ is not None:
                 with self_._lock:
-                    self_._entries.pop(key, None)
+                    if self_._entries.pop(key, None) is self_._recent:
+                        self_._recent = None  # nor is its plan kept alive here
         return drop
 
     def clear(self):
         with self._lock:
             self._entries.clear()
+            self._recent = None
 
 
 _plan_cache = _PlanCache()
@@ -259,13 +278,14 @@ def clear_plan_cache() -> None:
 
 
 def _plan_for_call(q, k, attn_mask, is_causal, block_mask, block_m, block_n, attn_bias=None,
-                   row_topk=0, max_kept=0, compact_keys="auto"):
+                   row_topk=0, max_kept=0, compact_keys="auto", stream=None):
     """The plan of an eager call: cached where planning costs something (any CUDA call: small
     planning kernels; a CPU call with a mask, block selection or per-row top-k: one read of it).
     A mask-free CPU call returns None and the core plans inline (cheaper than the cache lookup)."""
     if q.is_cuda or attn_mask is not None or block_mask is not None or row_topk:
         return _plan_cache.get(q, k, attn_mask, is_causal, block_mask, block_m, block_n,
-                               attn_bias, row_topk, max_kept, compact_keys=compact_keys)
+                               attn_bias, row_topk, max_kept, compact_keys=compact_keys,
+                               stream=stream)
     return None
 
 
@@ -627,7 +647,9 @@ def flash_sparse_attn_func(
         if block_m is None:
             block_m = block_n = 128
 
-    query, key, value = (_last_dim_contiguous(t) for t in (query, key, value))
+    query = _last_dim_contiguous(query)
+    key = _last_dim_contiguous(key)
+    value = _last_dim_contiguous(value)
 
     if torch.compiler.is_compiling():
         out, lse, _ = torch.ops.flash_sparse_attn.fwd(
@@ -644,12 +666,13 @@ def flash_sparse_attn_func(
         )
     else:
         # Inference: straight into the core, no autograd bookkeeping, lse only when asked for.
+        stream = _stream(query)
         plan = _plan_for_call(query, key, attn_mask, is_causal, block_mask, block_m, block_n,
-                              attn_bias, row_topk, max_kept)
+                              attn_bias, row_topk, max_kept, stream=stream)
         out, lse = _new_outputs(query, need_lse=return_lse)
         _C.forward(
             _dl(query), _dl(key), _dl(value), _dl(attn_mask), _dl(attn_bias),
-            _dl(out), _dl(lse), softmax_scale, is_causal, softcap, plan, _stream(query),
+            _dl(out), _dl(lse), softmax_scale, is_causal, softcap, plan, stream,
         )
     if return_lse:
         return out, lse, None

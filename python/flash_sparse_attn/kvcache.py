@@ -90,10 +90,11 @@ def flash_sparse_attn_with_kvcache(
         seqlens = seqlens.to(device=q.device, dtype=torch.int32).contiguous()
     # The plan sees shapes, the mask and causality only (the lengths are the kernels'), so a decode
     # loop reuses it while the mask stays; calls with lengths keep the map of the full key axis.
+    stream = _stream(q)
     plan = _plan_for_call(q, key_axis, attn_mask, bool(is_causal), None, None, None, attn_bias,
-                          compact_keys="auto" if seqlens is None else "never")
+                          compact_keys="auto" if seqlens is None else "never", stream=stream)
     out, lse = _new_outputs(q, return_softmax_lse)
     _C.forward(_dl(q), _dl(k_cache), _dl(v_cache), _dl(attn_mask), _dl(attn_bias), _dl(out),
                _dl(lse), softmax_scale, bool(is_causal), float(softcap) if softcap else 0.0, plan,
-               _stream(q), page_table=_dl(page_table), cache_seqlens=_dl(seqlens))
+               stream, page_table=_dl(page_table), cache_seqlens=_dl(seqlens))
     return (out, lse) if return_softmax_lse else out

@@ -230,3 +230,23 @@ def test_plan_cache_drops_a_plan_when_its_mask_is_freed():
     assert len(iface._plan_cache._entries) == 1  # kept's plan stays
     flash_sparse_attn_func(q, k, v, attn_mask=kept)
     assert len(iface._plan_cache._entries) == 1
+    del kept  # the most recently used entry's tensor: nothing of it stays in the cache
+    gc.collect()
+    assert len(iface._plan_cache._entries) == 0
+    assert iface._plan_cache._recent is None
+
+
+def test_plan_cache_evicts_the_least_recently_used_plan():
+    q, k, v, _, _ = _inputs(torch.float32, (1, 1, 1, 1), with_mask=False)
+    q, k, v = (t.detach() for t in (q, k, v))
+    cache = iface._PlanCache(capacity=2)
+    a, b, c = (torch.rand(B, 1, SQ, SK) < 0.5 for _ in range(3))
+    plan_a = cache.get(q, k, a, False, None, None, None)
+    cache.get(q, k, b, False, None, None, None)
+    assert cache.get(q, k, a, False, None, None, None) is plan_a  # a hit: a is now the newest
+    assert cache.get(q, k, a, False, None, None, None) is plan_a  # (already the newest)
+    cache.get(q, k, c, False, None, None, None)  # over capacity: b, the least recent, goes
+    assert cache.get(q, k, a, False, None, None, None) is plan_a
+    assert len(cache._entries) == 2
+    keys = [key for key in cache._entries]
+    assert keys[0][7][0] == id(c) and keys[1][7][0] == id(a)
