@@ -7,6 +7,7 @@
 #include "cuda/forward_kernel.cuh"
 #include "cuda/forward_kernel_sm90.cuh"
 #include "cuda/forward_launch.h"
+#include "cuda/launch.h"
 #include "cuda/memory_pool.h"
 #include "cuda/stream_buffer.h"
 
@@ -62,9 +63,7 @@ template <int kHeadDim, class Elt, int kStages, bool kSplitKeys>
 void launch_sm80_forward(const ForwardParams& params, dim3 grid, cudaStream_t stream) {
   using Tiles = ForwardTiles<kHeadDim, kStages, kSplitKeys>;
   auto* kernel = &forward_kernel<kHeadDim, Elt, kStages, kSplitKeys>;
-  // Above 48 KiB of dynamic shared memory a kernel must opt in (per device; cheap to repeat).
-  FSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      Tiles::kSmemBytes));
+  allow_dynamic_smem(reinterpret_cast<const void*>(kernel), Tiles::kSmemBytes);
   kernel<<<grid, Tiles::kThreads, Tiles::kSmemBytes, stream>>>(params);
 }
 
@@ -84,8 +83,7 @@ void launch_forward(const ForwardParams& params, cudaStream_t stream) {
                      : gathered         ? &forward_kernel_sm90<kHeadDim, Elt, false, true>
                                         : &forward_kernel_sm90<kHeadDim, Elt, false>;
       const int smem = Tiles::smem_bytes(params.bias_staged, gathered);
-      FSA_CUDA_CHECK(
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+      allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
       // Persistent: one CTA per SM (the kernel's occupancy) takes tiles from a counter, so a
       // tile's Q and first K/V tiles load while the previous tile finishes and is written out.
       const int64_t tiles = int64_t(grid.x) * grid.y * grid.z;
