@@ -422,12 +422,17 @@ NB_MODULE(_C, m) {
   m.def(
       "_time_forward",
       [](const InArray& query, const InArray& key, const InArray& value, const OutArray& out,
-         int64_t iterations) {
+         int64_t iterations, const std::optional<InArray>& attn_mask, const fsa::Plan* plan,
+         bool is_causal, uintptr_t stream) {
         fsa::ForwardArgs a;
         a.query = to_view(query, "query");
         a.key = to_view(key, "key");
         a.value = to_view(value, "value");
+        a.attn_mask = to_view(attn_mask, "attn_mask");
         a.out = to_view(out, "out");
+        a.options = attention_options(std::nullopt, is_causal, 0.0, false);
+        a.plan = plan;
+        a.stream = to_stream(stream);
         nb::gil_scoped_release release;
         fsa::forward(a);  // warm-up
         const auto start = std::chrono::steady_clock::now();
@@ -436,7 +441,10 @@ NB_MODULE(_C, m) {
         return elapsed.count() / double(std::max<int64_t>(iterations, 1));
       },
       nb::arg("query"), nb::arg("key"), nb::arg("value"), nb::arg("out"), nb::arg("iterations"),
-      "Seconds per fsa::forward call (no mask, no bias), timed in C++.");
+      nb::arg("attn_mask").none() = nb::none(), nb::arg("plan").none() = nb::none(),
+      nb::arg("is_causal") = false, nb::arg("stream") = 0,
+      "Seconds per fsa::forward call, timed in C++ (no bias; CUDA calls are queued on `stream`, "
+      "not waited for: on CUDA this is the host's time per call).");
 
   m.def("set_num_threads", &fsa::set_num_threads, nb::arg("num_threads"),
         "CPU worker threads; 0 = default (FSA_NUM_THREADS or the hardware concurrency).");
