@@ -51,7 +51,7 @@ GROUP_TITLES = {
               "document mask (issue #15)",
     "kvcache": "Decode steps over caches with per-sequence lengths (issue #15)",
     "decode_bars": "Decode bars: one call, 8 back to back, paged, kernels alone, against the "
-                   "device copy (issue #15)",
+                   "device copy; host time per call (issue #15)",
 }
 IMPL_ORDER = ["ours", "sdpa_flash", "sdpa_cudnn", "sdpa_eff_mask", "sdpa_cudnn_mask",
               "sdpa_math_mask", "sdpa_flash_dense", "flex"]

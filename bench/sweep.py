@@ -964,6 +964,10 @@ class WorkloadRun:
         """median() of 8 calls back to back per rep: a decode loop whose host runs ahead."""
         return self.median(fn, calls=8)
 
+    def host_only(self, fn):
+        """(median ms of host time per call, reps): see host_ms."""
+        return host_ms(fn, self.reps, self.timer), self.reps
+
     def kernels_only(self, fn):
         """(mean ms of fn's CUDA kernels per call, reps): see kernel_ms."""
         return kernel_ms(fn, self.reps, self.timer), self.reps
@@ -1133,6 +1137,24 @@ def agree_grads(grads, ours, nan_allowed=None):
     return "; ".join(notes)
 
 
+def host_ms(fn, reps, timer, calls=20):
+    """Median host time per call of fn, in ms: perf_counter over `calls` calls per rep (nothing
+    waits for the device until the rep ends), `reps` reps. What a call costs the host: a one-call
+    event time includes it where it outlasts the L2 flush queued before the call, and a loop of
+    eager calls runs no faster."""
+    for _ in range(3):
+        fn()
+    timer.sync()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - start) * 1e3 / calls)
+        timer.sync()
+    return statistics.median(times)
+
+
 def kernel_ms(fn, reps, timer):
     """Mean GPU time per call of fn's CUDA kernels, in ms (torch profiler over `reps` calls, the
     L2 flushed before each and the flush's own kernel excluded): what a call costs the device,
@@ -1224,7 +1246,8 @@ def decode_bars_workload(w):
     the same entry point, whose host path differs by the table only), one CUDA graph
     replay of flash_sparse_attn_with_kvcache contiguous and paged (the host's share gone, as in a
     serving loop; each must equal the contiguous call bitwise), the kernels' time alone of the
-    contiguous and the paged call, SDPA flash over all keys, and FlexAttention at batch 1. GB/s
+    contiguous and the paged call, SDPA flash over all keys, the host time per eager call of ours
+    and of SDPA (host_ms), and FlexAttention at batch 1. GB/s
     over the kept K + V bytes, and their share of the copy's (copy_share; a decode only reads, so
     it can pass 1)."""
     from torch.nn.attention import SDPBackend
@@ -1337,6 +1360,14 @@ def decode_bars_workload(w):
                             note="all K+V bytes", bytes_moved=all_bytes)
         if ms1 is not None and ms_sdpa is not None:
             w.extra("sdpa_flash_dense", ours_ratio=ms1 / ms_sdpa)
+        # The host's share of an eager call, ours and SDPA's (perf_counter, device kept busy).
+        hs = w.measure("host", "flash_sparse_attn, host time per call", "fwd", run,
+                       timing=w.host_only, note="perf_counter over 20 calls")
+        hs_sdpa = w.measure("sdpa_host", "SDPA flash, host time per call", "fwd",
+                            lambda: _sdpa(q, k, v, SDPBackend.FLASH_ATTENTION),
+                            timing=w.host_only, note="perf_counter over 20 calls")
+        if hs is not None and hs_sdpa is not None:
+            w.extra("host", host_ratio=hs / hs_sdpa)
         if B != 1:
             return
         label = "FlexAttention (BlockMask)"

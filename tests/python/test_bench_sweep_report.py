@@ -133,6 +133,8 @@ def test_smoke_workload_groups(workload_run):
             assert row(w, impl)["fail"] == {"fwd": "unavailable"}
             assert "needs CUDA" in row(w, impl)["notes"][0]
         assert row(w, "sdpa_flash_dense")["extra"]["ours_ratio"] > 0
+        assert row(w, "host")["fwd_ms"] > 0 and row(w, "sdpa_host")["fwd_ms"] > 0
+        assert row(w, "host")["extra"]["host_ratio"] > 0
         assert (f"{w}|flex" in rows) == (b == 1)
     # kvcache: the lengths as a mask agree with cache_seqlens
     w = "kvcache/B2/Sk2048/len512-1536"
