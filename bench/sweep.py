@@ -1365,7 +1365,7 @@ def decode_bars_workload(w):
                             note="all K+V bytes", bytes_moved=all_bytes)
         if ms1 is not None and ms_sdpa is not None:
             w.extra("sdpa_flash_dense", ours_ratio=ms1 / ms_sdpa)
-        # The host's share of an eager call, ours and SDPA's (perf_counter, device kept busy).
+        # The host's share of an eager call, ours and SDPA's (host_ms).
         hs = w.measure("host", "flash_sparse_attn, host time per call", "fwd", run,
                        timing=w.host_only, note="perf_counter over 20 calls")
         # The backend is selected once, outside the timed calls: entering sdpa_kernel costs more
