@@ -249,7 +249,8 @@ class _PlanCache:
         with self._lock:
             self._entries[key] = self._recent = (plan, refs)
             while len(self._entries) > self._capacity:
-                self._entries.popitem(last=False)
+                if self._entries.popitem(last=False)[1] is self._recent:  # (capacity 0)
+                    self._recent = None
         return plan
 
     def _drop_callback(self, key):
