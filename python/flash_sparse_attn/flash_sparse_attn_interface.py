@@ -220,8 +220,7 @@ class _PlanCache:
         cu_q, cu_k = packed if packed is not None else (None, None)
         intervals = packed is None and compact_keys != "never" and _interval_candidate(
             q, attn_mask, block_mask, attn_bias, row_topk, max_kept)
-        compacted_only = compact_keys != "never" and (
-            attn_bias is None or attn_bias.dim() != 4 or attn_bias.shape[2] == 1)  # query-invariant
+        compacted_only = compact_keys != "never" and _query_invariant(attn_bias)
         tk = self._tensor_key
         key = (q.shape, k.shape, q.device, stream, is_causal, block_m, block_n,
                None if attn_mask is None else tk(attn_mask),
