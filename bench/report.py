@@ -541,7 +541,9 @@ def perf_section(paths, runs, rows, plots, plots_rel):
     lines.append("")
     runs_table(runs, lines)
     lines.append(
-        "How to read it: medians in ms (CUDA events after warmup, L2 flushed before every rep), "
+        "How to read it: medians in ms (CUDA events after warmup, L2 flushed before every rep: "
+        "a 256 MiB buffer zeroed, then read, so that no write-back of the flush lands in the timed "
+        "call; runs before 2026-12-03, and commands with `--flush zero`, only zeroed it), "
         "bf16; in parentheses TFLOP/s over the entries the mask keeps (backward counted as 2.5x "
         "and forward+backward as 3.5x the forward's flops), for decode GB/s of kept K+V. The "
         "backward is timed alone through a retained graph (`*`: derived as fwd+bwd - fwd where "

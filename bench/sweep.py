@@ -64,8 +64,11 @@ For each (workload, implementation) entry of the first five groups: the output i
 against ours (ours against float64 on sampled rows) before anything is timed; then forward,
 backward (alone, through a retained graph), forward+backward, and peak memory beyond what existed
 before the call. The workload groups check what their description says, ours against float64
-first, before timing. Times are CUDA-event medians after warmup, with L2 flushed (a 256 MiB buffer
-zeroed outside the timed region) before every rep. A peer that errors, runs out of memory, or does
+first, before timing. Times are CUDA-event medians after warmup, with L2 flushed before every rep,
+outside the timed region: a 256 MiB buffer zeroed, then read (--flush clean, the default). Zeroing
+alone (--flush zero, what runs before 2026-12-03 did) leaves L2 full of dirty lines whose
+write-back then lands in the timed call: 6 us of a 77 us decode forward on an H200 (docs/perf.md,
+twentieth session); the read writes them back before the timer starts and leaves clean lines. A peer that errors, runs out of memory, or does
 not support a case is a row saying so, never dropped. Flex compile time (the first call) is
 recorded apart from the medians.
 
@@ -75,7 +78,7 @@ entries already in that file. A workload of the workload groups is written when 
 whole). Its format, "fsa-sweep/1" (read by bench/report.py):
   {"format": "fsa-sweep/1",
    "meta": {device, torch, cuda, triton, flash_sparse_attn, git, python, date, command, dtype,
-            reps, warmup, flush_mb, quick, smoke, "runs": [the same, one per invocation]},
+            reps, warmup, flush_mb, flush, quick, smoke, "runs": [the same, one per invocation]},
    "rows": [{"key": "<workload>|<impl>", "workload", "group", "spec": {shape, causal, target
              density, ...; workload groups: "title", the workload in words}, "impl", "label",
              "density" (kept fraction of Sq x Sk), "flops" (forward, kept entries), "bytes_moved"
@@ -649,12 +652,26 @@ def make_impl(name, p):
 
 
 class Timer:
-    def __init__(self, device, flush_mb):
+    def __init__(self, device, flush_mb, flush_mode="clean"):
         self.cuda = device.startswith("cuda")
         self.flush_buf = (torch.empty(flush_mb << 20, dtype=torch.uint8, device=device)
                           if self.cuda and flush_mb > 0 else None)
+        self.flush_mode = flush_mode
+        if self.flush_buf is not None:
+            self._flush_words = self.flush_buf.view(torch.int64)
+            self._flush_sink = torch.empty((), dtype=torch.int64, device=device)
         if self.cuda:
             self.ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+
+    def flush(self):
+        """Evicts what L2 holds (queued on the current stream; nothing with flush_mb 0): the
+        buffer zeroed, then (mode "clean") read, so that the zeroing's dirty lines are written back
+        before the timed call rather than during it, and L2 holds clean lines of the buffer only."""
+        if self.flush_buf is None:
+            return
+        self.flush_buf.zero_()
+        if self.flush_mode == "clean":
+            torch.sum(self._flush_words, dim=0, out=self._flush_sink)
 
     def sync(self):
         if self.cuda:
@@ -687,8 +704,7 @@ class Timer:
         for _ in range(reps):
             if setup:
                 setup()
-            if self.flush_buf is not None:
-                self.flush_buf.zero_()
+            self.flush()
             if self.cuda:
                 self.ev[0].record()
                 for _ in range(calls):
@@ -1162,30 +1178,30 @@ def host_ms(fn, reps, timer, calls=20):
 
 def kernel_ms(fn, reps, timer):
     """Mean GPU time per call of fn's CUDA kernels, in ms (torch profiler over `reps` calls, the
-    L2 flushed before each and the flush's own kernel excluded): what a call costs the device,
+    L2 flushed before each and the flush's own kernels excluded): what a call costs the device,
     without the host time that a one-call event time includes. The time is the union of the
     kernels' intervals, so kernels that overlap (a split call's combine, launched early by
     programmatic dependent launch and waiting on the forward) count once. CUDA only."""
     if not timer.cuda:
         raise Unavailable("kernels-only time needs CUDA (torch profiler, CUDA activity)")
     from torch.profiler import ProfilerActivity, profile
+
+    def kernels(prof):
+        return [e for e in prof.events() if e.device_type.name == "CUDA"]
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:  # the flush's kernels, by name
+        timer.flush()
+        torch.cuda.synchronize()
+    flush_names = {e.name for e in kernels(prof)}
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
-            if timer.flush_buf is not None:
-                timer.flush_buf.zero_()
+            timer.flush()
             fn()
         torch.cuda.synchronize()
-    spans = []
-    for e in prof.events():
-        if e.device_type.name != "CUDA":
-            continue
-        name = e.name.lower()
-        if "fill" in name or "zero" in name:  # the flush
-            continue
-        spans.append((e.time_range.start, e.time_range.end))
+    spans = [(e.time_range.start, e.time_range.end) for e in kernels(prof)
+             if e.name not in flush_names]
     total_us, reach = 0.0, float("-inf")
     for start, end in sorted(spans):  # the length of the intervals' union
         if end > reach:
@@ -2210,6 +2226,10 @@ def parse_args(argv):
     ap.add_argument("--reps", type=int, default=None, help="timed reps (default 10; smoke 2)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--flush-mb", type=int, default=256, help="L2 flush buffer; 0 disables")
+    ap.add_argument("--flush", choices=("clean", "zero"), default="clean",
+                    help="how the flush evicts: zero the buffer then read it (clean, default), "
+                         "or only zero it (runs before 2026-12-03; its write-back lands in the "
+                         "timed call)")
     ap.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     ap.add_argument("--dtype", default="bf16", help="bf16 or fp16")
     ap.add_argument("--list", action="store_true", help="print the entries and exit")
@@ -2300,6 +2320,7 @@ def main(argv=None):
         "reps": args.reps,
         "warmup": args.warmup,
         "flush_mb": args.flush_mb,
+        "flush": args.flush,
         "quick": args.quick,
         "smoke": args.smoke,
     }
@@ -2319,7 +2340,7 @@ def main(argv=None):
           f"flash_sparse_attn {flash_sparse_attn.__version__} ({run['git']}), {run['date']}; "
           f"{total} entries to run ({len(entries)} workloads selected)", flush=True)
     results.save()
-    timer = Timer(args.device, args.flush_mb)
+    timer = Timer(args.device, args.flush_mb, args.flush)
     progress = Progress(total)
     for spec, wkey, impls in todo:
         if impls is None:
