@@ -424,6 +424,7 @@ void forward(const ForwardProblem& p, const Plan& plan, void* stream_ptr) {
                                 map->params.n_blocks,
                                 int64_t(layout.ctas_per_sm(kdim)) * multiprocessor_count());
   fp.kv_evict_first = layout.split_keys && kv_evict_first_enabled();
+  fp.touch_table = layout.split_keys && fp.paged.table != nullptr && touch_table_enabled();
   StreamBuffer workspace(stream);  // split-KV partial outputs, released after the combine
   if (fp.num_splits > 1) {
     const int64_t rows = p.batch * p.num_heads * p.seqlen_q;

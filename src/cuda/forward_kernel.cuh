@@ -97,6 +97,11 @@ __device__ __forceinline__ uint64_t l2_policy(bool evict_first) {
   return policy;
 }
 
+// Brings the line at `gmem` into L2, and its address translation into the TLBs, without waiting.
+__device__ __forceinline__ void prefetch_l2(const void* gmem) {
+  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(gmem));
+}
+
 // One 16-byte cp.async (zero-filled when !valid), with an L2 policy when kHinted.
 template <bool kHinted>
 __device__ __forceinline__ void cp_async_16(uint16_t* smem, const uint16_t* gmem, bool valid,
@@ -1003,6 +1008,12 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim, kStages, kSplitKeys>::k
         const int n_block = list.at(list.begin + kStages);
         page_pending = page_of(n_block);
         in_page_pending = in_page_of(n_block);
+      }
+    } else if (kSplitKeys && p.touch_table) {
+      // The other threads touch the table entries of the later tiles (ForwardParams::touch_table).
+      for (int t = kStages + 1 + int(threadIdx.x) - kBlockN; t < listed; t += kThreads - kBlockN) {
+        prefetch_l2(p.paged.table + b * p.paged.max_pages +
+                    list.at(list.begin + t) * kBlockN / p.paged.page_size);
       }
     }
     __syncthreads();

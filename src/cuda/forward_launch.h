@@ -36,6 +36,13 @@ inline bool kv_evict_first_enabled() {
   return enabled;
 }
 
+// Whether a paged decode's CTAs touch their table entries at their start
+// (ForwardParams::touch_table); FSA_CUDA_TOUCH_TABLE=0 leaves them untouched (A/B measurements).
+inline bool touch_table_enabled() {
+  static const bool enabled = !env_is("FSA_CUDA_TOUCH_TABLE", "0");
+  return enabled;
+}
+
 template <int kHeadDim, class Elt>
 void launch_forward(const ForwardParams& params, cudaStream_t stream);
 

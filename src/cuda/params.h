@@ -132,6 +132,10 @@ struct ForwardParams {
   // Decode (the sm80 split-key layout): K / V are read once, with L2 evict_first (l2_policy,
   // forward_kernel.cuh); false: unhinted, as every other layout loads.
   bool kv_evict_first;
+  // A paged decode: the CTA touches the page table entries of its later tiles at its start (the
+  // ring reads each one iteration ahead, which a cold entry outlasted); false: it does not
+  // (FSA_CUDA_TOUCH_TABLE=0, A/B measurements).
+  bool touch_table;
 
   BlockMapParams map;
   // A cache's per-sequence key lengths (ForwardArgs::cache_seqlens), clamped into [0, Sk] where
