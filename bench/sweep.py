@@ -68,9 +68,9 @@ first, before timing. Times are CUDA-event medians after warmup, with L2 flushed
 outside the timed region: a 256 MiB buffer zeroed, then read (--flush clean, the default). Zeroing
 alone (--flush zero, what runs before 2026-12-03 did) leaves L2 full of dirty lines whose
 write-back then lands in the timed call: 6 us of a 77 us decode forward on an H200 (docs/perf.md,
-twentieth session); the read writes them back before the timer starts and leaves clean lines. A peer that errors, runs out of memory, or does
-not support a case is a row saying so, never dropped. Flex compile time (the first call) is
-recorded apart from the medians.
+twentieth session); the read writes them back before the timer starts and leaves clean lines.
+A peer that errors, runs out of memory, or does not support a case is a row saying so, never
+dropped. Flex compile time (the first call) is recorded apart from the medians.
 
 Results go to --json after every entry (an interrupted run keeps what it finished); --resume skips
 entries already in that file. A workload of the workload groups is written when it is done, and
