@@ -50,6 +50,7 @@ def test_smoke_sweep_rows_and_resume(sweep, tmp_path):
     for k in ("device", "torch", "flash_sparse_attn", "date", "command"):
         assert meta[k], k
     assert "--smoke" in meta["command"]
+    assert meta["flush"] == "clean"  # the default: the flush's buffer zeroed, then read
     rows = {r["key"]: r for r in data["rows"]}
     assert set(rows) == {"dense/causal/D64/S256|ours", "dense/causal/D64/S256|sdpa_cudnn",
                          "decode/Sk1024/keep1of2|ours", "decode/Sk1024/keep1of2|sdpa_flash_dense"}
@@ -68,6 +69,19 @@ def test_smoke_sweep_rows_and_resume(sweep, tmp_path):
     again = json.loads(out.read_text())
     assert [r["key"] for r in again["rows"]] == [r["key"] for r in data["rows"]]
     assert len(again["meta"]["runs"]) == 2
+
+
+@pytest.mark.parametrize("mode", ["clean", "zero"])
+def test_timer_flush_zeroes_then_reads_its_buffer(sweep, mode):
+    timer = sweep.Timer("cpu", 0, mode)
+    timer.flush()  # no buffer (CPU, or --flush-mb 0): nothing to do
+    # The buffer a CUDA run allocates, here on the CPU: a read after the zeroing sums zeros.
+    timer.flush_buf = torch.full((1 << 12,), 7, dtype=torch.uint8)
+    timer._flush_words = timer.flush_buf.view(torch.int64)
+    timer._flush_sink = torch.full((), -1, dtype=torch.int64)
+    timer.flush()
+    assert int(timer.flush_buf.max()) == 0
+    assert int(timer._flush_sink) == (0 if mode == "clean" else -1)
 
 
 def test_smoke_sweep_masked_workloads(sweep, tmp_path):
