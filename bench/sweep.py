@@ -658,7 +658,6 @@ class Timer:
                           if self.cuda and flush_mb > 0 else None)
         self.flush_mode = flush_mode
         if self.flush_buf is not None:
-            self._flush_words = self.flush_buf.view(torch.int64)
             self._flush_sink = torch.empty((), dtype=torch.int64, device=device)
         if self.cuda:
             self.ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
@@ -671,7 +670,7 @@ class Timer:
             return
         self.flush_buf.zero_()
         if self.flush_mode == "clean":
-            torch.sum(self._flush_words, dim=0, out=self._flush_sink)
+            torch.sum(self.flush_buf.view(torch.int64), dim=0, out=self._flush_sink)
 
     def sync(self):
         if self.cuda:

@@ -77,7 +77,6 @@ def test_timer_flush_zeroes_then_reads_its_buffer(sweep, mode):
     timer.flush()  # no buffer (CPU, or --flush-mb 0): nothing to do
     # The buffer a CUDA run allocates, here on the CPU: a read after the zeroing sums zeros.
     timer.flush_buf = torch.full((1 << 12,), 7, dtype=torch.uint8)
-    timer._flush_words = timer.flush_buf.view(torch.int64)
     timer._flush_sink = torch.full((), -1, dtype=torch.int64)
     timer.flush()
     assert int(timer.flush_buf.max()) == 0
