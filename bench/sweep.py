@@ -19,6 +19,9 @@ Workload groups (--only; the first four are the default):
              128-key blocks (forward only: inference)
   dense256   issue #14's bar shape: dense causal (1, 16384, 16, 16, 256), measured as the dense
              group measures
+  selection_bars
+             issue #14's block-selection bars: the trainable group's workload at the issue's
+             densities, 6.4%, 12% and 22% at S = 16K and 6.2% at S = 32K (ours and Flex)
 The workload groups below measure a workload whole (their implementations share inputs, checks
 and ratios; --impls does not apply to them, --filter matches their workload keys):
   bias       forward + backward with a full (S, S) bias requiring grad, broadcast over batch
@@ -144,7 +147,7 @@ FORMAT = "fsa-sweep/1"
 GROUPS = ("dense", "trainable", "reference", "decode")      # the default --only
 # Groups measured a workload at a time (see the module docstring), each by its *_workload function.
 WORKLOAD_GROUPS = ("bias", "topk", "varlen", "kvcache", "decode_bars")
-ALL_GROUPS = GROUPS + ("dense256",) + WORKLOAD_GROUPS
+ALL_GROUPS = GROUPS + ("dense256", "selection_bars") + WORKLOAD_GROUPS
 DENSE_GROUPS = ("dense", "dense256")
 BLOCK = 128
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -197,6 +200,17 @@ def trainable_specs(quick, smoke):
                  **shape) for S in seqs for d in dens]
 
 
+def selection_bars_specs(quick, smoke):
+    """Issue #14's block-selection workloads: trainable specs at the issue's densities."""
+    if smoke:
+        cases, shape = ((512, 0.22),), dict(B=1, H=4, Hk=2, D=64)
+    else:
+        cases = ((16384, 0.064), (16384, 0.12), (16384, 0.22), (32768, 0.062))
+        shape = dict(B=1, H=32, Hk=8, D=128)
+    return [dict(group="trainable", S=S, target=d, causal=True, with_mask_peers=False, **shape)
+            for S, d in cases]
+
+
 def reference_specs(quick, smoke):
     if smoke:
         return [dict(group="reference", S=S, window=64, causal=True, B=1, H=2, Hk=1, D=64)
@@ -235,7 +249,7 @@ def workload_key(spec):
     if g == "dense256":
         return f"dense256/causal/B{spec['B']}/S{spec['S']}"
     if g == "trainable":
-        return f"trainable/S{spec['S']}/d{round(spec['target'] * 100)}"
+        return f"trainable/S{spec['S']}/d{round(spec['target'] * 100, 1):g}"
     if g == "reference":
         return f"reference/S{spec['S']}/w{spec['window']}"
     if g == "decode":
@@ -247,6 +261,7 @@ def enumerate_entries(groups, quick, smoke, device, impl_filter, key_filter, top
     """[(spec, workload key, implementation ids)] in run order. A workload of a workload group has
     None for its implementations (it runs whole) and is kept when key_filter matches its key."""
     makers = {"dense": dense_specs, "dense256": dense256_specs, "trainable": trainable_specs,
+              "selection_bars": selection_bars_specs,
               "reference": reference_specs, "decode": decode_specs, "bias": bias_specs,
               "topk": functools.partial(topk_specs, cases=topk_cases or tuple(TOPK_CASES)),
               "varlen": varlen_specs, "kvcache": kvcache_specs, "decode_bars": decode_bars_specs}

@@ -247,6 +247,17 @@ def test_entries_cover_the_issue(sweep):
     assert "decode/Sk524288/keep1of8|ours" in keys and "decode/Sk4096/keep1of8|flex" in keys
 
 
+def test_selection_bars_are_the_issue_densities(sweep):
+    # Issue #14's block-selection bars: 6.4 / 12 / 22% at S = 16K and 6.2% at S = 32K, ours and
+    # Flex, run as trainable workloads (their rows sit in the trainable tables).
+    entries = sweep.enumerate_entries(["selection_bars"], False, False, "cuda", None, None)
+    assert [(w, impls) for _, w, impls in entries] == [
+        (f"trainable/S{S}/d{d}", ["ours", "flex"])
+        for S, d in ((16384, "6.4"), (16384, "12"), (16384, "22"), (32768, "6.2"))]
+    assert all(s["group"] == "trainable" and s["D"] == 128 and s["Hk"] == 8 for s, _, _ in entries)
+    assert "selection_bars" in sweep.ALL_GROUPS and "selection_bars" not in sweep.GROUPS
+
+
 def test_workload_entries_are_the_bars(sweep):
     entries = sweep.enumerate_entries(sweep.ALL_GROUPS, False, False, "cuda", None, None)
     whole = [w for _, w, impls in entries if impls is None]
