@@ -186,29 +186,30 @@ def dense256_specs(quick, smoke):
     return [dict(group="dense256", causal=True, B=1, S=16384, H=16, Hk=16, D=256)]
 
 
+def trainable_shape(smoke):
+    """(B, H, Hk, D) of the trainable workloads: the trainable and selection_bars groups'."""
+    return dict(B=1, H=4, Hk=2, D=64) if smoke else dict(B=1, H=32, Hk=8, D=128)
+
+
 def trainable_specs(quick, smoke):
     if smoke:
-        seqs, dens, shape = (512,), (0.2, 0.5), dict(B=1, H=4, Hk=2, D=64)
+        seqs, dens = (512,), (0.2, 0.5)
     else:
         seqs = (4096, 16384) if quick else (4096, 16384, 65536)
         dens = (0.05, 0.1, 0.3) if quick else (0.05, 0.1, 0.2, 0.3, 0.5)
-        shape = dict(B=1, H=32, Hk=8, D=128)
     # The masked-SDPA peers cost the same at every density (they compute every entry): they are
     # run once per S, on the workload of this density, and marked density_independent.
     mask_density = 0.2 if smoke else 0.1
     return [dict(group="trainable", S=S, target=d, causal=True, with_mask_peers=(d == mask_density),
-                 **shape) for S in seqs for d in dens]
+                 **trainable_shape(smoke)) for S in seqs for d in dens]
 
 
 def selection_bars_specs(quick, smoke):
     """Issue #14's block-selection workloads: trainable specs at the issue's densities."""
-    if smoke:
-        cases, shape = ((512, 0.22),), dict(B=1, H=4, Hk=2, D=64)
-    else:
-        cases = ((16384, 0.064), (16384, 0.12), (16384, 0.22), (32768, 0.062))
-        shape = dict(B=1, H=32, Hk=8, D=128)
-    return [dict(group="trainable", S=S, target=d, causal=True, with_mask_peers=False, **shape)
-            for S, d in cases]
+    cases = (((512, 0.22),) if smoke else
+             ((16384, 0.064), (16384, 0.12), (16384, 0.22), (32768, 0.062)))
+    return [dict(group="trainable", S=S, target=d, causal=True, with_mask_peers=False,
+                 **trainable_shape(smoke)) for S, d in cases]
 
 
 def reference_specs(quick, smoke):
