@@ -2,8 +2,8 @@
 # assumed to be installed beyond what scripts/install_system_deps.sh provides.
 BUILD ?= build
 JOBS ?= 2
-# Extra CMake flags, e.g. CMAKE_FLAGS="-DFSA_CUDA_HEAD_DIMS=128 -DFSA_CUDA_DTYPES=bf16" (CI uses a
-# reduced CUDA instantiation set this way).
+# Extra CMake flags, e.g. CMAKE_FLAGS="-DFSA_CUDA_HEAD_DIMS=128 -DFSA_CUDA_DTYPES=bf16" or
+# "-DFSA_CUDA_INSTANCES='64_fp16;128_bf16'" (CI uses a reduced CUDA instantiation set this way).
 CMAKE_FLAGS ?=
 
 .PHONY: all build demo test test-cpp test-python bench deps clean

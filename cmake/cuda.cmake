@@ -4,6 +4,9 @@
 option(FSA_ENABLE_CUDA "Build the CUDA backend when nvcc is found" ON)
 set(FSA_CUDA_HEAD_DIMS "64;128;256" CACHE STRING "Kernel head-dim widths to instantiate")
 set(FSA_CUDA_DTYPES "bf16;fp16" CACHE STRING "Kernel dtypes to instantiate")
+set(FSA_CUDA_INSTANCES "" CACHE STRING
+    "Kernel (head dim, dtype) pairs to instantiate, as <hdim>_<dtype> (e.g. '64_fp16;128_bf16'); \
+empty: every pair of FSA_CUDA_HEAD_DIMS and FSA_CUDA_DTYPES")
 set(FSA_CUDA_ARCHS "80;90a" CACHE STRING "CUDA architectures (sm_80 mma.sync path runs on Hopper too)")
 set(FSA_CUTLASS_INCLUDE_DIR "" CACHE PATH
     "CuTe/CUTLASS include dir (default: .deps/cutlass/include from scripts/fetch_cutlass.sh)")
@@ -51,21 +54,33 @@ set(fsa_cuda_sources
   ${PROJECT_SOURCE_DIR}/src/cuda/memory_pool.cu
   ${PROJECT_SOURCE_DIR}/src/cuda/plan_graph.cu
 )
-foreach(hdim ${FSA_CUDA_HEAD_DIMS})
-  foreach(dtype ${FSA_CUDA_DTYPES})
-    set(gen ${PROJECT_SOURCE_DIR}/src/cuda/generated/forward_hdim${hdim}_${dtype}.cu)
-    if(NOT EXISTS ${gen})
-      message(FATAL_ERROR "${gen} does not exist: run scripts/generate_kernels.py, or fix "
-                          "FSA_CUDA_HEAD_DIMS / FSA_CUDA_DTYPES")
-    endif()
-    list(APPEND fsa_cuda_sources ${gen})
-    target_compile_definitions(fsa PRIVATE FSA_CUDA_BUILT_${hdim}_${dtype}=1)
-    set(gen_bwd ${PROJECT_SOURCE_DIR}/src/cuda/generated/backward_hdim${hdim}_${dtype}.cu)
-    if(EXISTS ${gen_bwd})
-      list(APPEND fsa_cuda_sources ${gen_bwd})
-      target_compile_definitions(fsa PRIVATE FSA_CUDA_BWD_BUILT_${hdim}_${dtype}=1)
-    endif()
+# The instantiated (head dim, dtype) pairs: FSA_CUDA_INSTANCES, or the product of the two lists.
+# (CI compiles one dtype per head dim: both dtypes' code, half the kernel sources.)
+set(fsa_cuda_instances ${FSA_CUDA_INSTANCES})
+if(NOT fsa_cuda_instances)
+  foreach(hdim ${FSA_CUDA_HEAD_DIMS})
+    foreach(dtype ${FSA_CUDA_DTYPES})
+      list(APPEND fsa_cuda_instances ${hdim}_${dtype})
+    endforeach()
   endforeach()
+endif()
+foreach(instance ${fsa_cuda_instances})
+  if(NOT instance MATCHES "^(64|128|256)_(bf16|fp16)$")
+    message(FATAL_ERROR "FSA_CUDA_INSTANCES: '${instance}' is not <hdim>_<dtype> with hdim 64, "
+                        "128 or 256 and dtype bf16 or fp16")
+  endif()
+  set(gen ${PROJECT_SOURCE_DIR}/src/cuda/generated/forward_hdim${instance}.cu)
+  if(NOT EXISTS ${gen})
+    message(FATAL_ERROR "${gen} does not exist: run scripts/generate_kernels.py, or fix "
+                        "FSA_CUDA_HEAD_DIMS / FSA_CUDA_DTYPES / FSA_CUDA_INSTANCES")
+  endif()
+  list(APPEND fsa_cuda_sources ${gen})
+  target_compile_definitions(fsa PRIVATE FSA_CUDA_BUILT_${instance}=1)
+  set(gen_bwd ${PROJECT_SOURCE_DIR}/src/cuda/generated/backward_hdim${instance}.cu)
+  if(EXISTS ${gen_bwd})
+    list(APPEND fsa_cuda_sources ${gen_bwd})
+    target_compile_definitions(fsa PRIVATE FSA_CUDA_BWD_BUILT_${instance}=1)
+  endif()
 endforeach()
 
 target_sources(fsa PRIVATE ${fsa_cuda_sources})
@@ -84,4 +99,4 @@ target_link_libraries(fsa PUBLIC CUDA::cudart_static)
 target_compile_options(fsa PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:--expt-relaxed-constexpr -lineinfo
                        -Xptxas=--warn-on-spills>)
 message(STATUS "flash-sparse-attn: CUDA backend ON (${CMAKE_CUDA_COMPILER}; archs ${FSA_CUDA_ARCHS}; "
-               "head dims ${FSA_CUDA_HEAD_DIMS}; dtypes ${FSA_CUDA_DTYPES})")
+               "instances ${fsa_cuda_instances})")

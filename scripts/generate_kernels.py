@@ -2,7 +2,7 @@
 """Writes the CUDA kernel instantiation files (one per head dim x dtype) into src/cuda/generated/.
 
 Never edit the generated files by hand; CMake picks the subset named by FSA_CUDA_HEAD_DIMS and
-FSA_CUDA_DTYPES.
+FSA_CUDA_DTYPES, or by FSA_CUDA_INSTANCES (<hdim>_<dtype> pairs).
 """
 import pathlib
 
