@@ -477,14 +477,13 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
 //   dP = dO V^T     SS wgmma
 //   element passes -> dS (= dX without softcap), dbias duties
 //   dQ += dS K      RS wgmma: dS from registers, K read as the MN-major (head dim x keys) operand
-//                   of the same K stage (the layout view the dK/dV pass uses for Q and dO)
+//                   of the same K stage (the layout view the dK/dV pass uses for Q and dO),
+//                   issued after the next tile's x and dP
 //
-// Known: at D = 64 ptxas reports C7515 (serialized wgmma) for every instantiation, the gathered
-// one included, which runs neither bias_pass nor drop_pass (an earlier bisection had pointed at
-// those two); a first product that always accumulates (no runtime ScaleOut) left it too. The SASS
-// zeroes dQ's accumulator registers before the loop (CS2R) and packs dS into registers of dP's
-// accumulator. Not resolved. Even so, H100 (2,16384,16,16,64) causal bwd: 10.99 ms vs 13.89 ms
-// with the sm80 dQ pass.
+// Issued before them (as until the twenty-second session), ptxas gave the packed dS the registers
+// of dP's accumulator at D = 64 and serialized every wgmma of the kernel (C7515, every
+// instantiation): dP_{j+1} would overwrite what dQ_j was still reading. Issued after them, dS_j
+// is live while dP_{j+1}'s accumulator is defined, so the two cannot share registers.
 template <int kHeadDim_, class Elt>
 struct Sm90DqTiles {
   static constexpr int kHeadDim = kHeadDim_;
@@ -768,9 +767,25 @@ __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
     warpgroup_commit_batch();
   };
 
-  // Per tile j: issue x_j and dP_j behind dQ_{j-1} (still in flight), wait for dQ_{j-1} and x_j,
-  // release stage j - 1, run the element passes of x_j while dP_j is computed, then dS_j (written
-  // into the A operand only once nothing is in flight), and issue dQ += dS_j K_j.
+  // dQ += dS K from the packed dS and a K stage, one commit group (an empty group when there is
+  // no tile yet: the waits below count groups).
+  auto issue_dq = [&](int stage, bool any) {
+    warpgroup_fence_operand(tDq);
+    warpgroup_arrive();
+    if (any) {
+#pragma unroll
+      for (int kb = 0; kb < size<2>(tDs); ++kb) {
+        gemm(mma_dq, tDs(_, _, kb), tDqrKt(_, _, kb, stage), tDq);
+        mma_dq.accumulate_ = GMMA::ScaleOut::One;
+      }
+    }
+    warpgroup_commit_batch();
+  };
+
+  // Per tile j: issue x_j, dP_j and then dQ += dS_{j-1} K_{j-1} (so dS_{j-1}'s registers stay
+  // live while dP_j's accumulator is defined: issued first, ptxas gave the packed dS registers
+  // of dP's accumulator and serialized every wgmma at D = 64, C7515); wait for x_j and run its
+  // element passes under dP_j and dQ_{j-1}; wait for both, release stage j - 1, then pack dS_j.
   const bool release_lane = lane == 0;
   for (int j = 0; j < total; ++j) {
     const int stage = j % kStages;
@@ -781,9 +796,9 @@ __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
     fence_async_shared();  // the producer's cp.async writes, before wgmma reads them
     issue_ss(tSrS, tSrQ, tSrK, stage);
     issue_ss(tSrDp, tSrDo, tSrV, stage);
-    warpgroup_wait<1>();  // dQ_{j-1} and x_j
+    issue_dq((j + kStages - 1) % kStages, j > 0);
+    warpgroup_wait<2>();  // x_j
     warpgroup_fence_operand(tSrS);
-    if (j > 0 && release_lane) mbarrier_arrive(&empty_bar[(j + kStages - 1) % kStages]);
 
     // The element passes work in place on the accumulators (flat index 4 c + e = s[c][e]).
     auto& s = *reinterpret_cast<float(*)[kNTiles][4]>(raw_pointer_cast(tSrS.data()));
@@ -833,8 +848,10 @@ __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
         const bool keep = s[c][e] != -INFINITY && l2 != -INFINITY;
         s[c][e] = keep ? fast_exp2(s[c][e] - l2) : 0.0f;
       }
-    warpgroup_wait<0>();  // dP_j
+    warpgroup_wait<0>();  // dP_j and dQ_{j-1}: stage j - 1 and the packed dS are free
     warpgroup_fence_operand(tSrDp);
+    warpgroup_fence_operand(tDq);
+    if (j > 0 && release_lane) mbarrier_arrive(&empty_bar[(j + kStages - 1) % kStages]);
     // dS = P (dP - rowdot); dX = dS without softcap.
     auto& ds = *reinterpret_cast<float(*)[kNTiles][4]>(raw_pointer_cast(tSrDp.data()));
     // A dropped entry (P = 0) gives 0 even when its dP is not finite (NaN / Inf stored in V at a
@@ -860,16 +877,8 @@ __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
           store_dbias_pair16(p, b, h, i_row[r], n * kBlockN + c * 8 + 2 * t, ds_regs[2 * c + r]);
         }
     }
-    warpgroup_fence_operand(tDq);
-    warpgroup_arrive();
-#pragma unroll
-    for (int kb = 0; kb < size<2>(tDs); ++kb) {
-      gemm(mma_dq, tDs(_, _, kb), tDqrKt(_, _, kb, stage), tDq);
-      mma_dq.accumulate_ = GMMA::ScaleOut::One;
-    }
-    warpgroup_commit_batch();
-
   }
+  if (total > 0) issue_dq((total - 1) % kStages, true);
   warpgroup_wait<0>();
   warpgroup_fence_operand(tDq);
   if (total == 0) clear(tDq);
