@@ -639,6 +639,11 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
     const List list(p, b, h / p.map.head_group, m, split);
     const int tiles = list.end - list.begin;
     const WarpRows wr(p, m, kBlockM, h, b, warp * 16);
+    // Whether the tile's whole key tiles need no element work before the softmax (no softcap,
+    // no bias, the scale folded into its exp2): decided once here, so that such a key tile skips
+    // the logits' chain of parameter checks (a constant load and a branch each; docs/perf.md,
+    // twenty-first session).
+    const bool plain = p.softcap_in == 0.0f && !wr.prescaled && p.bias == nullptr;
     const uint8_t* bias_row = staged_bias_row(m, h, b);
     const float* gathered_bias = gathered_bias_row(m, h, b);
 
@@ -707,14 +712,17 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
       for (int c = 0; c < kNTiles; ++c)
 #pragma unroll
         for (int e = 0; e < 4; ++e) s[0][c][e] = tSrS(4 * c + e);
-      if constexpr (kGathered) {
+      const bool partial = list.begin + j >= list.n_full;
+      if (plain && !partial && (kGathered || (n + 1) * kBlockN <= p.seqlen_k)) {
+        // A whole tile of plain scores: nothing to add or drop (the scale is in the exp2).
+      } else if constexpr (kGathered) {
         wr.logits<1, kNTiles, Elt>(
-            s, 0, list.begin + j >= list.n_full,
+            s, 0, partial,
             gathered_bias != nullptr ? s_bias + stage * Tiles::kBiasStageBytes : nullptr, nullptr,
             s_key_last + stage * kBlockN, row_end, s_slot + stage * kBlockN);
       } else {
         wr.logits<1, kNTiles, Elt>(
-            s, n * kBlockN, list.begin + j >= list.n_full,
+            s, n * kBlockN, partial,
             bias_staged(bias_row, n) ? s_bias + stage * Tiles::kBiasStageBytes : nullptr,
             kStagedBias ? s_staged_bias + stage * Tiles::kStagedBiasStageElems : nullptr);
       }
