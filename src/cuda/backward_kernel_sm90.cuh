@@ -553,12 +553,14 @@ struct Sm90DqTiles {
   }
 };
 
-// The dQ pass's bias-gradient duty, a template parameter of dq_kernel_sm90. Any use of the fp32
-// dS after it is packed for dQ += dS K (even behind a runtime branch never taken) makes ptxas
-// serialize every wgmma of the kernel (C7515), so each duty is its own instantiation:
+// The dQ pass's bias-gradient duty, a template parameter of dq_kernel_sm90. With dQ += dS K issued
+// right after the pack, any use of the fp32 dS after it (even behind a runtime branch never
+// taken) made ptxas serialize every wgmma of the kernel (C7515), so each duty is its own
+// instantiation:
 //   kNone:   no bias gradient with a query dim (the common path);
 //   kPacked: kFull with a 16-bit dbias, stored from the packed dS (the same rounding): no C7515;
-//   kFp32:   kFull with an fp32 dbias, kFullSummed and kRows, which need dS in fp32 (C7515).
+//   kFp32:   kFull with an fp32 dbias, kFullSummed and kRows, which need dS in fp32 (C7515
+//            until dQ += dS K moved after the next tile's products; none since).
 enum class DqBiasDuty { kNone, kPacked, kFp32 };
 
 inline DqBiasDuty dq_bias_duty(const BackwardParams& p) {
