@@ -784,13 +784,12 @@ __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
     warpgroup_commit_batch();
   };
 
-  // Per tile j: issue x_j, dP_j and then dQ += dS_{j-1} K_{j-1} (so dS_{j-1}'s registers stay
-  // live while dP_j's accumulator is defined: issued first, ptxas gave the packed dS registers
-  // of dP's accumulator and serialized every wgmma at D = 64, C7515); wait for x_j and run its
-  // element passes under dP_j and dQ_{j-1}; wait for both, release stage j - 1, then pack dS_j.
+  // Per tile j: issue x_j, dP_j and then dQ += dS_{j-1} K_{j-1} (why in this order: above the
+  // tiles); wait for x_j and run its element passes under dP_j and dQ_{j-1}; wait for both,
+  // release stage j - 1, then pack dS_j.
   const bool release_lane = lane == 0;
   for (int j = 0; j < total; ++j) {
-    const int stage = j % kStages;
+    const int stage = j % kStages, prev_stage = (j + kStages - 1) % kStages;
     const int n = block_at(j);
     const bool check = j >= n_full || (!kGathered && (n + 1) * kBlockN > p.seqlen_k) ||
                        row0 + kBlockM > p.seqlen_q;
@@ -798,7 +797,7 @@ __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
     fence_async_shared();  // the producer's cp.async writes, before wgmma reads them
     issue_ss(tSrS, tSrQ, tSrK, stage);
     issue_ss(tSrDp, tSrDo, tSrV, stage);
-    issue_dq((j + kStages - 1) % kStages, j > 0);
+    issue_dq(prev_stage, j > 0);
     warpgroup_wait<2>();  // x_j
     warpgroup_fence_operand(tSrS);
 
@@ -853,7 +852,7 @@ __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
     warpgroup_wait<0>();  // dP_j and dQ_{j-1}: stage j - 1 and the packed dS are free
     warpgroup_fence_operand(tSrDp);
     warpgroup_fence_operand(tDq);
-    if (j > 0 && release_lane) mbarrier_arrive(&empty_bar[(j + kStages - 1) % kStages]);
+    if (j > 0 && release_lane) mbarrier_arrive(&empty_bar[prev_stage]);
     // dS = P (dP - rowdot); dX = dS without softcap.
     auto& ds = *reinterpret_cast<float(*)[kNTiles][4]>(raw_pointer_cast(tSrDp.data()));
     // A dropped entry (P = 0) gives 0 even when its dP is not finite (NaN / Inf stored in V at a
