@@ -1,6 +1,7 @@
 #pragma once
 // Hopper fused backward: one pass computes dK, dV and dQ (five products per kept entry, where the
-// dK/dV pass and the dQ pass of backward_kernel_sm90.cuh run seven), for kernel head dim 128.
+// dK/dV pass and the dQ pass of backward_kernel_sm90.cuh run seven), for kernel head dims 64 and
+// 128.
 //
 // CTA (pair P of the plan's 64-key tiles, kv head hk, batch b) = one producer warpgroup + two
 // consumer warpgroups; consumer w owns key tile 2P + w (16 key rows per warp, as the dK/dV pass).
@@ -16,38 +17,49 @@
 //   dV  += P^T dO     RS wgmma
 //   dK  += dS^T Q     RS wgmma
 //   dS^T -> shared memory; both warpgroups meet (named barrier)
-//   dQ_w = dS K[:, 64 w .. 64 w + 63]   SS wgmma over both tiles' dS (K = 128 keys)
-//   dQ_w -> shared memory (fp32, in fragment order); both meet again; one thread adds the
-//           64 x 128 tile into BackwardParams::dq_accum with one bulk reduction (TMA unit).
+//   D = 128: dQ_w = dS K[:, 64 w .. 64 w + 63]   SS wgmma over both tiles' dS (K = 128 keys)
+//            dQ_w -> shared memory (fp32, in fragment order); both meet again; one thread adds
+//            the 64 x 128 tile into BackwardParams::dq_accum with one bulk reduction (TMA unit).
+//   D = 64:  dQ_w = dS_w K_w   SS wgmma over the warpgroup's own tile (K = 64 keys, all 64
+//            columns: a 32-column half would sit inside one 128-byte swizzle atom of K); the
+//            second warpgroup stores its partial dQ, both meet, the first adds it to its own
+//            into the 64 x 64 tile, and one thread adds that tile into dq_accum.
 //
 // A 128-key CTA halves the reductions per entry against a 64-key one: at 64 keys, 4 bytes per
 // (query, column) per key tile bound the pass at about 1.5 TB/s of fp32 sums into L2 on H200
 // (docs/perf.md, fourteenth session). dq_convert_kernel then scales the sums into dq.
 //
 // Not for: deterministic=True (the sums' order varies), dQ-pass bias-gradient duties, per-row
-// top-k, head dim 64 (its dQ column halves would be 32 wide, inside one 128-byte swizzle atom);
-// launch_backward keeps the two passes for those (fused_backward says where else).
+// top-k; launch_backward keeps the two passes for those (fused_backward says where else).
 
 #include "cuda/backward_kernel_sm90.cuh"
 
 namespace fsa::detail::cuda {
 
+// The kernel head dims with a fused backward.
+constexpr bool has_fused_backward(int head_dim) { return head_dim == 64 || head_dim == 128; }
+
 template <int kHeadDim_, class Elt>
 struct Sm90FusedTiles {
   static constexpr int kHeadDim = kHeadDim_;
-  static_assert(kHeadDim == 128, "the fused backward covers head dim 128");
+  static_assert(has_fused_backward(kHeadDim), "the fused backward covers head dims 64 and 128");
   static constexpr int kBlockM = forward_block_m(kHeadDim);  // the plan's query tile
   static constexpr int kBlockN = forward_block_n(kHeadDim);  // the plan's key tile: two per CTA
   static_assert(kBlockN == 64, "one consumer warpgroup owns one of the plan's key tiles");
   static constexpr int kHalf = 64;  // queries per step
   static constexpr int kHalves = kBlockM / kHalf;
-  static constexpr int kDqCols = kHeadDim / 2;  // dQ columns per warpgroup
-  static_assert(kDqCols == 64, "a warpgroup's dQ columns are one 128-byte swizzle atom of K");
+  // dQ: at D = 128 warpgroup w computes columns 64 w .. 64 w + 63 over both key tiles; at D = 64
+  // (kSplitKeys) every column over its own key tile, the two partial sums added in shared memory.
+  static constexpr bool kSplitKeys = kHeadDim == 64;
+  static constexpr int kDqCols = 64;  // dQ columns per warpgroup
+  static_assert(kDqCols == (kSplitKeys ? kHeadDim : kHeadDim / 2),
+                "a warpgroup's dQ columns are one 128-byte swizzle atom of K");
   static constexpr int kProducerThreads = 128;
   static constexpr int kConsumerThreads = 256;
   static constexpr int kThreads = kProducerThreads + kConsumerThreads;
-  // A consumer holds dK and dV (2 x 64 fp32), x^T and dP^T (2 x 32), P^T and dS^T (2 x 16) and,
-  // once x^T and dP^T are dead, dQ (32): the dK/dV pass's split, 128 * 24 + 256 * 240 = 64512.
+  // A consumer holds dK and dV (2 x 64 fp32 at D = 128), x^T and dP^T (2 x 32), P^T and dS^T
+  // (2 x 16) and, once x^T and dP^T are dead, dQ (32): the dK/dV pass's split, 128 * 24 + 256 *
+  // 240 = 64512.
   static constexpr int kProducerRegisters = 24;
   static constexpr int kConsumerRegisters = 240;
   static constexpr int kStages = 2;  // both consumers read every stage
@@ -61,7 +73,8 @@ struct Sm90FusedTiles {
   static constexpr int kTileElems = kBlockN * kHeadDim;
   // 64 columns of a K tile as the (N = head dim, K = keys) MN-major B operand of dQ: column block
   // c of tile w starts at w * kTileElems + c * 64 * kBlockN (the K-major tile stores its 64-column
-  // atoms one after the other), and inside it key k, column d is at k * 64 + d, as here.
+  // atoms one after the other; at D = 64 the tile is one block), and inside it key k, column d is
+  // at k * 64 + d, as here.
   using SmemLayoutKt = decltype(cute::tile_to_shape(
       cute::GMMA::Layout_MN_SW128_Atom<T>{},
       cute::Shape<cute::Int<kDqCols>, cute::Int<kBlockN>>{}, cute::Step<cute::_2, cute::_1>{}));
@@ -94,16 +107,19 @@ struct Sm90FusedTiles {
   static_assert(int(cute::cosize_v<SmemLayoutKV>) == kTileElems, "dense key tiles");
   static_assert(int(cute::cosize_v<SmemLayoutDs>) == kDsElems, "dense dS tiles");
 
-  // Shared memory (bytes): K and V (2 tiles each), the Q / dO stages, dS (2 tiles), dQ (fp32,
-  // 64 x head dim), per stage LSE and rowdot, the barriers; then a staged bias's stages.
+  // Shared memory (bytes): K and V (2 tiles each), the Q / dO stages, dS (2 tiles), dQ (fp32, 64 x
+  // 128: the reduced 64 x head dim tile, and at D = 64 the second warpgroup's partial after it),
+  // per stage LSE and rowdot, the barriers; then a staged bias's stages.
   static constexpr int kStageElems = kHalf * kHeadDim;
   static constexpr int kOffV = 2 * kTileElems * 2;
   static constexpr int kOffQ = 2 * kOffV;
   static constexpr int kOffDo = kOffQ + kStages * kStageElems * 2;
   static constexpr int kOffDs = kOffDo + kStages * kStageElems * 2;
   static constexpr int kOffDq = kOffDs + 2 * kDsElems * 2;
-  static constexpr int kDqTileFloats = kHalf * kHeadDim;
-  static constexpr int kOffStats = kOffDq + kDqTileFloats * 4;
+  static constexpr int kDqTileFloats = kHalf * kHeadDim;  // one bulk reduction
+  static constexpr int kDqSmemFloats = kHalf * 128;
+  static_assert(kDqSmemFloats >= (kSplitKeys ? 2 : 1) * kDqTileFloats, "dQ's tiles fit");
+  static constexpr int kOffStats = kOffDq + kDqSmemFloats * 4;
   static constexpr int kOffBarriers = kOffStats + kStages * 2 * kHalf * 4;
   static constexpr int kSmemBytes = kOffBarriers + 2 * kStages * 8;
   static constexpr int kOffBias = (kSmemBytes + 127) / 128 * 128;
@@ -396,6 +412,9 @@ __global__ void __launch_bounds__(Sm90FusedTiles<kHeadDim, Elt>::kThreads, 1)
   auto consumers_sync = [] {  // both consumer warpgroups (named barrier 1)
     asm volatile("bar.sync 1, %0;\n" ::"n"(Tiles::kConsumerThreads) : "memory");
   };
+  auto first_sync = [] {  // the first consumer warpgroup (named barrier 2)
+    asm volatile("bar.sync 2, 128;\n" ::: "memory");
+  };
   // The thread that issues the bulk reductions of dQ.
   const bool reducer = wg == 0 && ct == 0;
 
@@ -420,15 +439,20 @@ __global__ void __launch_bounds__(Sm90FusedTiles<kHeadDim, Elt>::kThreads, 1)
   Tensor tSrDo = thr_s.partition_fragment_B(sDo);      // (MMA, 1, MMA_K, stage)
   Tensor tKVrQt = thr_kv.partition_fragment_B(sQt);    // (MMA, MMA_N, MMA_K, stage)
   Tensor tKVrDot = thr_kv.partition_fragment_B(sDot);  // (MMA, MMA_N, MMA_K, stage)
-  // dQ's operands: dS of key tile u (A) and this warpgroup's 64 columns of K tile u (B).
+  // dQ's operands: dS of key tile u (A) and this warpgroup's 64 columns of K tile u (B), u = 0, 1;
+  // at D = 64 (kSplitKeys) only u = wg, whose K tile is its 64 columns.
   const typename Tiles::SmemLayoutDs layout_ds;
-  Tensor tDqrDs0 = thr_dq.partition_fragment_A(make_tensor(make_smem_ptr(smem_ds), layout_ds));
+  const int u0 = Tiles::kSplitKeys ? wg : 0;
+  const int k_cols = Tiles::kSplitKeys ? 0 : wg * Tiles::kDqCols * kBlockN;
+  Tensor tDqrDs0 = thr_dq.partition_fragment_A(
+      make_tensor(make_smem_ptr(smem_ds + u0 * Tiles::kDsElems), layout_ds));
   Tensor tDqrDs1 = thr_dq.partition_fragment_A(
       make_tensor(make_smem_ptr(smem_ds + Tiles::kDsElems), layout_ds));
-  Tensor tDqrK0 = thr_dq.partition_fragment_B(make_tensor(
-      make_smem_ptr(smem_k + wg * Tiles::kDqCols * kBlockN), typename Tiles::SmemLayoutKt{}));
+  Tensor tDqrK0 = thr_dq.partition_fragment_B(
+      make_tensor(make_smem_ptr(smem_k + u0 * Tiles::kTileElems + k_cols),
+                  typename Tiles::SmemLayoutKt{}));
   Tensor tDqrK1 = thr_dq.partition_fragment_B(
-      make_tensor(make_smem_ptr(smem_k + Tiles::kTileElems + wg * Tiles::kDqCols * kBlockN),
+      make_tensor(make_smem_ptr(smem_k + Tiles::kTileElems + k_cols),
                   typename Tiles::SmemLayoutKt{}));
   Tensor tSrS = partition_fragment_C(mma_s, Shape<Int<kBlockN>, Int<kHalf>>{});   // x^T
   Tensor tSrDp = partition_fragment_C(mma_s, Shape<Int<kBlockN>, Int<kHalf>>{});  // dP^T
@@ -547,22 +571,50 @@ __global__ void __launch_bounds__(Sm90FusedTiles<kHeadDim, Elt>::kThreads, 1)
       gemm(mma_dq, tDqrDs0(_, _, kb), tDqrK0(_, _, kb), tDq);
       mma_dq.accumulate_ = GMMA::ScaleOut::One;
     }
+    if constexpr (!Tiles::kSplitKeys) {
 #pragma unroll
-    for (int kb = 0; kb < size<2>(tDqrDs1); ++kb) {
-      gemm(mma_dq, tDqrDs1(_, _, kb), tDqrK1(_, _, kb), tDq);
+      for (int kb = 0; kb < size<2>(tDqrDs1); ++kb) {
+        gemm(mma_dq, tDqrDs1(_, _, kb), tDqrK1(_, _, kb), tDq);
+      }
     }
     warpgroup_commit_batch();
     warpgroup_wait<0>();  // dV, dK and dQ: the stage and both dS tiles are free
     warpgroup_fence_operand(tDq);
     if (release_lane) mbarrier_arrive(&empty_bar[stage]);
-    float* dq_tile = smem_dq + wg * (kHalf * Tiles::kDqCols);
+    if constexpr (Tiles::kSplitKeys) {
+      // The second warpgroup's partial dQ after the tile; the first adds it to its own into the
+      // tile (the same thread-major order: thread ct's value 4 d + e at 512 d + 4 ct + e). The
+      // partial is free again: the first read it before this half's last barrier.
+      auto* partial = reinterpret_cast<float4*>(smem_dq + Tiles::kDqTileFloats);
+      if (wg == 1) {
 #pragma unroll
-    for (int d = 0; d < Tiles::kDqCols / 8; ++d) {
-      reinterpret_cast<float4*>(dq_tile)[d * 128 + ct] =
-          make_float4(tDq(4 * d), tDq(4 * d + 1), tDq(4 * d + 2), tDq(4 * d + 3));
+        for (int d = 0; d < Tiles::kDqCols / 8; ++d) {
+          partial[d * 128 + ct] =
+              make_float4(tDq(4 * d), tDq(4 * d + 1), tDq(4 * d + 2), tDq(4 * d + 3));
+        }
+      }
+      consumers_sync();  // the partial written
+      if (wg == 0) {
+#pragma unroll
+        for (int d = 0; d < Tiles::kDqCols / 8; ++d) {
+          const float4 o = partial[d * 128 + ct];
+          reinterpret_cast<float4*>(smem_dq)[d * 128 + ct] =
+              make_float4(tDq(4 * d) + o.x, tDq(4 * d + 1) + o.y, tDq(4 * d + 2) + o.z,
+                          tDq(4 * d + 3) + o.w);
+        }
+        fence_async_shared();
+        first_sync();  // the tile written
+      }
+    } else {
+      float* dq_tile = smem_dq + wg * (kHalf * Tiles::kDqCols);
+#pragma unroll
+      for (int d = 0; d < Tiles::kDqCols / 8; ++d) {
+        reinterpret_cast<float4*>(dq_tile)[d * 128 + ct] =
+            make_float4(tDq(4 * d), tDq(4 * d + 1), tDq(4 * d + 2), tDq(4 * d + 3));
+      }
+      fence_async_shared();
+      consumers_sync();  // the dQ tile written
     }
-    fence_async_shared();
-    consumers_sync();  // the dQ tile written
     if (reducer) {
       const int64_t tile = (int64_t(b) * p.num_heads + h) * ((p.seqlen_q + kHalf - 1) / kHalf) +
                            q0 / kHalf;
@@ -585,12 +637,12 @@ __global__ void __launch_bounds__(Sm90FusedTiles<kHeadDim, Elt>::kThreads, 1)
 //
 // dq_accum's order inside a (b, h, 64-query) tile is the one the pass's warpgroups hold it in, so
 // that their shared-memory stores (float4, thread-major) and the bulk reduction need no
-// reordering: warpgroup w holds columns 64 w .. 64 w + 63, and its thread ct = 32 warp + 4 g + t
-// holds rows 16 warp + g + 8 r, columns 64 w + 8 d + 2 t + e as its value 4 d + 2 r + e, at
-// 4096 w + 512 d + 4 ct + 2 r + e.
+// reordering: warpgroup w holds columns 64 w .. 64 w + 63 (at D = 64 the first holds the sum of
+// both, w = 0), and its thread ct = 32 warp + 4 g + t holds rows 16 warp + g + 8 r, columns 64 w +
+// 8 d + 2 t + e as its value 4 d + 2 r + e, at 4096 w + 512 d + 4 ct + 2 r + e.
 template <class Elt, int kHeadDim>
 __global__ void __launch_bounds__(256) dq_convert_kernel(const __grid_constant__ BackwardParams p) {
-  static_assert(kHeadDim == 128, "two warpgroups of 64 dQ columns");
+  static_assert(has_fused_backward(kHeadDim), "warpgroups of 64 dQ columns");
   constexpr int kTilePairs = 64 * kHeadDim / 2;
   const int64_t index = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t tile = index / kTilePairs;  // (b H + h) tiles + m64
