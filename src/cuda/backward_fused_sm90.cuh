@@ -1,6 +1,7 @@
 #pragma once
 // Hopper fused backward: one pass computes dK, dV and dQ (five products per kept entry, where the
-// dK/dV pass and the dQ pass of backward_kernel_sm90.cuh run seven), for kernel head dim 128.
+// dK/dV pass and the dQ pass of backward_kernel_sm90.cuh run seven), for kernel head dims 64 and
+// 128.
 //
 // CTA (pair P of the plan's 64-key tiles, kv head hk, batch b) = one producer warpgroup + two
 // consumer warpgroups; consumer w owns key tile 2P + w (16 key rows per warp, as the dK/dV pass).
@@ -16,38 +17,53 @@
 //   dV  += P^T dO     RS wgmma
 //   dK  += dS^T Q     RS wgmma
 //   dS^T -> shared memory; both warpgroups meet (named barrier)
-//   dQ_w = dS K[:, 64 w .. 64 w + 63]   SS wgmma over both tiles' dS (K = 128 keys)
-//   dQ_w -> shared memory (fp32, in fragment order); both meet again; one thread adds the
-//           64 x 128 tile into BackwardParams::dq_accum with one bulk reduction (TMA unit).
+//   D = 128: dQ_w = dS K[:, 64 w .. 64 w + 63]   SS wgmma over both tiles' dS (K = 128 keys)
+//            dQ_w -> shared memory (fp32, in fragment order); both meet again; one thread adds
+//            the 64 x 128 tile into BackwardParams::dq_accum with one bulk reduction (TMA unit).
+//   D = 64:  warpgroup j % 2 alone, for half j: dQ = dS K   SS wgmma over both tiles (all 64
+//            columns: a 32-column half would sit inside one 128-byte swizzle atom of K), into
+//            its own 64 x 64 tile of shared memory, which one of its threads adds into dq_accum;
+//            the other warpgroup goes on to half j + 1 (dS is double-buffered by half).
 //
 // A 128-key CTA halves the reductions per entry against a 64-key one: at 64 keys, 4 bytes per
 // (query, column) per key tile bound the pass at about 1.5 TB/s of fp32 sums into L2 on H200
 // (docs/perf.md, fourteenth session). dq_convert_kernel then scales the sums into dq.
 //
 // Not for: deterministic=True (the sums' order varies), dQ-pass bias-gradient duties, per-row
-// top-k, head dim 64 (its dQ column halves would be 32 wide, inside one 128-byte swizzle atom);
-// launch_backward keeps the two passes for those (fused_backward says where else).
+// top-k; launch_backward keeps the two passes for those (fused_backward says where else).
 
 #include "cuda/backward_kernel_sm90.cuh"
 
 namespace fsa::detail::cuda {
 
+// The kernel head dims with a fused backward.
+constexpr bool has_fused_backward(int head_dim) { return head_dim == 64 || head_dim == 128; }
+
 template <int kHeadDim_, class Elt>
 struct Sm90FusedTiles {
   static constexpr int kHeadDim = kHeadDim_;
-  static_assert(kHeadDim == 128, "the fused backward covers head dim 128");
+  static_assert(has_fused_backward(kHeadDim), "the fused backward covers head dims 64 and 128");
   static constexpr int kBlockM = forward_block_m(kHeadDim);  // the plan's query tile
   static constexpr int kBlockN = forward_block_n(kHeadDim);  // the plan's key tile: two per CTA
   static_assert(kBlockN == 64, "one consumer warpgroup owns one of the plan's key tiles");
   static constexpr int kHalf = 64;  // queries per step
   static constexpr int kHalves = kBlockM / kHalf;
-  static constexpr int kDqCols = kHeadDim / 2;  // dQ columns per warpgroup
-  static_assert(kDqCols == 64, "a warpgroup's dQ columns are one 128-byte swizzle atom of K");
+  // dQ: at D = 128 warpgroup w computes columns 64 w .. 64 w + 63 over both key tiles; at D = 64
+  // (kAlternate) warpgroup j % 2 computes all of half j's dQ over both key tiles (a 32-column half
+  // would sit inside one 128-byte swizzle atom of K), and reduces it from its own tile of smem_dq,
+  // while the other goes on to half j + 1. dS is then double-buffered (by half): the dQ products
+  // of half j read it after the other warpgroup passed the barrier of half j.
+  static constexpr bool kAlternate = kHeadDim == 64;
+  static constexpr int kDqCols = 64;  // dQ columns per warpgroup
+  static_assert(kDqCols == (kAlternate ? kHeadDim : kHeadDim / 2),
+                "a warpgroup's dQ columns are one 128-byte swizzle atom of K");
+  static constexpr int kDsBuffers = kAlternate ? 2 : 1;  // of two tiles each
   static constexpr int kProducerThreads = 128;
   static constexpr int kConsumerThreads = 256;
   static constexpr int kThreads = kProducerThreads + kConsumerThreads;
-  // A consumer holds dK and dV (2 x 64 fp32), x^T and dP^T (2 x 32), P^T and dS^T (2 x 16) and,
-  // once x^T and dP^T are dead, dQ (32): the dK/dV pass's split, 128 * 24 + 256 * 240 = 64512.
+  // A consumer holds dK and dV (2 x 64 fp32 at D = 128), x^T and dP^T (2 x 32), P^T and dS^T
+  // (2 x 16) and, once x^T and dP^T are dead, dQ (32): the dK/dV pass's split, 128 * 24 + 256 *
+  // 240 = 64512.
   static constexpr int kProducerRegisters = 24;
   static constexpr int kConsumerRegisters = 240;
   static constexpr int kStages = 2;  // both consumers read every stage
@@ -61,7 +77,8 @@ struct Sm90FusedTiles {
   static constexpr int kTileElems = kBlockN * kHeadDim;
   // 64 columns of a K tile as the (N = head dim, K = keys) MN-major B operand of dQ: column block
   // c of tile w starts at w * kTileElems + c * 64 * kBlockN (the K-major tile stores its 64-column
-  // atoms one after the other), and inside it key k, column d is at k * 64 + d, as here.
+  // atoms one after the other; at D = 64 the tile is one block), and inside it key k, column d is
+  // at k * 64 + d, as here.
   using SmemLayoutKt = decltype(cute::tile_to_shape(
       cute::GMMA::Layout_MN_SW128_Atom<T>{},
       cute::Shape<cute::Int<kDqCols>, cute::Int<kBlockN>>{}, cute::Step<cute::_2, cute::_1>{}));
@@ -75,10 +92,10 @@ struct Sm90FusedTiles {
       cute::Step<cute::_2, cute::_1, cute::_3>{}));
   // A warpgroup's dS (64 queries x its 64 keys), the MN-major A operand of dQ (queries
   // contiguous: a thread's two adjacent queries of one key are one 32-bit store of its dS^T
-  // fragment). Tile w at w * kDsElems.
+  // fragment). Tile w of buffer u at (2 u + w) * kDsElems.
   using SmemLayoutDs = decltype(cute::tile_to_shape(
       cute::GMMA::Layout_MN_SW128_Atom<T>{},
-      cute::Shape<cute::Int<kHalf>, cute::Int<kBlockN>>{}));
+      cute::Shape<cute::Int<kHalf>, cute::Int<kBlockN>, cute::Int<2 * kDsBuffers>>{}));
   static constexpr int kDsElems = kHalf * kBlockN;
   using TiledMmaS = decltype(cute::make_tiled_mma(
       cute::GMMA::ss_op_selector<T, T, float,
@@ -92,18 +109,21 @@ struct Sm90FusedTiles {
                                  cute::Shape<cute::_64, cute::Int<kDqCols>, cute::Int<kBlockN>>,
                                  cute::GMMA::Major::MN, cute::GMMA::Major::MN>()));
   static_assert(int(cute::cosize_v<SmemLayoutKV>) == kTileElems, "dense key tiles");
-  static_assert(int(cute::cosize_v<SmemLayoutDs>) == kDsElems, "dense dS tiles");
+  static_assert(int(cute::cosize_v<SmemLayoutDs>) == 2 * kDsBuffers * kDsElems, "dense dS tiles");
 
-  // Shared memory (bytes): K and V (2 tiles each), the Q / dO stages, dS (2 tiles), dQ (fp32,
-  // 64 x head dim), per stage LSE and rowdot, the barriers; then a staged bias's stages.
+  // Shared memory (bytes): K and V (2 tiles each), the Q / dO stages, dS (2 tiles per buffer), dQ
+  // (fp32, 64 x 128: at D = 128 the one 64 x 128 tile, at D = 64 one 64 x 64 tile per warpgroup),
+  // per stage LSE and rowdot, the barriers; then a staged bias's stages.
   static constexpr int kStageElems = kHalf * kHeadDim;
   static constexpr int kOffV = 2 * kTileElems * 2;
   static constexpr int kOffQ = 2 * kOffV;
   static constexpr int kOffDo = kOffQ + kStages * kStageElems * 2;
   static constexpr int kOffDs = kOffDo + kStages * kStageElems * 2;
-  static constexpr int kOffDq = kOffDs + 2 * kDsElems * 2;
-  static constexpr int kDqTileFloats = kHalf * kHeadDim;
-  static constexpr int kOffStats = kOffDq + kDqTileFloats * 4;
+  static constexpr int kOffDq = kOffDs + kDsBuffers * 2 * kDsElems * 2;
+  static constexpr int kDqTileFloats = kHalf * kHeadDim;  // one bulk reduction
+  static constexpr int kDqSmemFloats = kHalf * 128;
+  static_assert(kDqSmemFloats >= (kAlternate ? 2 : 1) * kDqTileFloats, "dQ's tiles fit");
+  static constexpr int kOffStats = kOffDq + kDqSmemFloats * 4;
   static constexpr int kOffBarriers = kOffStats + kStages * 2 * kHalf * 4;
   static constexpr int kSmemBytes = kOffBarriers + 2 * kStages * 8;
   static constexpr int kOffBias = (kSmemBytes + 127) / 128 * 128;
@@ -396,8 +416,13 @@ __global__ void __launch_bounds__(Sm90FusedTiles<kHeadDim, Elt>::kThreads, 1)
   auto consumers_sync = [] {  // both consumer warpgroups (named barrier 1)
     asm volatile("bar.sync 1, %0;\n" ::"n"(Tiles::kConsumerThreads) : "memory");
   };
-  // The thread that issues the bulk reductions of dQ.
-  const bool reducer = wg == 0 && ct == 0;
+  auto own_sync = [wg] {  // this consumer warpgroup (named barrier 2 + wg)
+    asm volatile("bar.sync %0, 128;\n" ::"r"(2 + wg) : "memory");
+  };
+  // The thread that issues the bulk reductions of dQ: one per warpgroup at D = 64, where each
+  // reduces the halves it computes from its own tile of smem_dq.
+  const bool reducer = (Tiles::kAlternate || wg == 0) && ct == 0;
+  float* dq_tile = smem_dq + wg * (kHalf * Tiles::kDqCols);
 
   Tensor sK = make_tensor(make_smem_ptr(smem_k + wg * Tiles::kTileElems),
                           typename Tiles::SmemLayoutKV{});
@@ -420,15 +445,15 @@ __global__ void __launch_bounds__(Sm90FusedTiles<kHeadDim, Elt>::kThreads, 1)
   Tensor tSrDo = thr_s.partition_fragment_B(sDo);      // (MMA, 1, MMA_K, stage)
   Tensor tKVrQt = thr_kv.partition_fragment_B(sQt);    // (MMA, MMA_N, MMA_K, stage)
   Tensor tKVrDot = thr_kv.partition_fragment_B(sDot);  // (MMA, MMA_N, MMA_K, stage)
-  // dQ's operands: dS of key tile u (A) and this warpgroup's 64 columns of K tile u (B).
-  const typename Tiles::SmemLayoutDs layout_ds;
-  Tensor tDqrDs0 = thr_dq.partition_fragment_A(make_tensor(make_smem_ptr(smem_ds), layout_ds));
-  Tensor tDqrDs1 = thr_dq.partition_fragment_A(
-      make_tensor(make_smem_ptr(smem_ds + Tiles::kDsElems), layout_ds));
-  Tensor tDqrK0 = thr_dq.partition_fragment_B(make_tensor(
-      make_smem_ptr(smem_k + wg * Tiles::kDqCols * kBlockN), typename Tiles::SmemLayoutKt{}));
+  // dQ's operands: dS of key tile u (A: tile 2 buffer + u) and this warpgroup's 64 columns of K
+  // tile u (B), u = 0, 1 (at D = 64 every column: K tile u itself).
+  Tensor tDqrDs = thr_dq.partition_fragment_A(
+      make_tensor(make_smem_ptr(smem_ds), typename Tiles::SmemLayoutDs{}));  // (.., tile)
+  const int k_cols = Tiles::kAlternate ? 0 : wg * Tiles::kDqCols * kBlockN;
+  Tensor tDqrK0 = thr_dq.partition_fragment_B(
+      make_tensor(make_smem_ptr(smem_k + k_cols), typename Tiles::SmemLayoutKt{}));
   Tensor tDqrK1 = thr_dq.partition_fragment_B(
-      make_tensor(make_smem_ptr(smem_k + Tiles::kTileElems + wg * Tiles::kDqCols * kBlockN),
+      make_tensor(make_smem_ptr(smem_k + Tiles::kTileElems + k_cols),
                   typename Tiles::SmemLayoutKt{}));
   Tensor tSrS = partition_fragment_C(mma_s, Shape<Int<kBlockN>, Int<kHalf>>{});   // x^T
   Tensor tSrDp = partition_fragment_C(mma_s, Shape<Int<kBlockN>, Int<kHalf>>{});  // dP^T
@@ -476,11 +501,15 @@ __global__ void __launch_bounds__(Sm90FusedTiles<kHeadDim, Elt>::kThreads, 1)
     warpgroup_commit_batch();
   };
 
-  T* ds_tile = smem_ds + wg * Tiles::kDsElems;
   const bool release_lane = lane == 0;
   PairCursor<Tiles::kHalves> cur(p, pair, hk, b);
   for (int j = 0; !cur.done(); ++j, cur.advance()) {
     const int stage = j % kStages, h = cur.h;
+    // Half j's dS buffer, and whether this warpgroup computes its dQ (both: at D = 128 each its
+    // own columns).
+    const int buffer = Tiles::kAlternate ? j & 1 : 0;
+    const bool computes_dq = !Tiles::kAlternate || (j & 1) == wg;
+    T* ds_tile = smem_ds + (2 * buffer + wg) * Tiles::kDsElems;
     const int entry = cur.entry();
     const bool active = (entry >> (2 * wg)) & 1;
     const int q0 = (entry >> 4) * kBlockM + cur.half * kHalf;
@@ -515,7 +544,9 @@ __global__ void __launch_bounds__(Sm90FusedTiles<kHeadDim, Elt>::kThreads, 1)
       issue_rs(tdV, tP, tKVrDot, stage);
       issue_rs(tdK, tDs, tKVrQt, stage);
       // dS^T's entry (key row, query pair) is the pair (query, key) of the dS tile. Every read of
-      // the tile (the last half's dQ products) retired before the last barrier below. Key k's 64
+      // the tile (the dQ products of the last half that used this buffer) retired before a
+      // warpgroup that issued them passed the barrier after them (D = 128: the last barrier below;
+      // D = 64: the next half's first barrier). Key k's 64
       // queries are its 128-byte row, whose 16-byte chunk c holds queries 8 (c ^ (k % 8)) .. + 7
       // (gmma_offset's swizzle): here k % 8 = g, so query pair (8 c + 2 t) of key row r is at
       // ds_row ^ (c << 4) + 1024 r. (As gmma_offset calls, ptxas kept the 16 offsets across the
@@ -537,37 +568,48 @@ __global__ void __launch_bounds__(Sm90FusedTiles<kHeadDim, Elt>::kThreads, 1)
       }
     }
     fence_async_shared();
-    if (reducer) bulk_wait_all<true>();  // the last half's dQ tile was read out
+    // The last dQ tile this thread reduced from its warpgroup's smem_dq was read out.
+    if (reducer && computes_dq) bulk_wait_all<true>();
     consumers_sync();  // both dS tiles written; the dQ tile free
-    warpgroup_fence_operand(tDq);
-    warpgroup_arrive();
-    mma_dq.accumulate_ = GMMA::ScaleOut::Zero;
+    if (computes_dq) {
+      warpgroup_fence_operand(tDq);
+      warpgroup_arrive();
+      mma_dq.accumulate_ = GMMA::ScaleOut::Zero;
 #pragma unroll
-    for (int kb = 0; kb < size<2>(tDqrDs0); ++kb) {
-      gemm(mma_dq, tDqrDs0(_, _, kb), tDqrK0(_, _, kb), tDq);
-      mma_dq.accumulate_ = GMMA::ScaleOut::One;
-    }
+      for (int u = 0; u < 2; ++u)
 #pragma unroll
-    for (int kb = 0; kb < size<2>(tDqrDs1); ++kb) {
-      gemm(mma_dq, tDqrDs1(_, _, kb), tDqrK1(_, _, kb), tDq);
+        for (int kb = 0; kb < size<2>(tDqrDs); ++kb) {
+          gemm(mma_dq, tDqrDs(_, _, kb, 2 * buffer + u), (u == 0 ? tDqrK0 : tDqrK1)(_, _, kb),
+               tDq);
+          mma_dq.accumulate_ = GMMA::ScaleOut::One;
+        }
+      warpgroup_commit_batch();
+      warpgroup_wait<0>();  // dV, dK and dQ: the stage and both dS tiles are free
+      warpgroup_fence_operand(tDq);
+    } else {
+      warpgroup_wait<0>();  // dV and dK: the stage is free
     }
-    warpgroup_commit_batch();
-    warpgroup_wait<0>();  // dV, dK and dQ: the stage and both dS tiles are free
-    warpgroup_fence_operand(tDq);
     if (release_lane) mbarrier_arrive(&empty_bar[stage]);
-    float* dq_tile = smem_dq + wg * (kHalf * Tiles::kDqCols);
+    if (computes_dq) {
+      // Thread ct's value 4 d + e at 512 d + 4 ct + e of its warpgroup's tile (dq_convert_kernel
+      // reads this order).
 #pragma unroll
-    for (int d = 0; d < Tiles::kDqCols / 8; ++d) {
-      reinterpret_cast<float4*>(dq_tile)[d * 128 + ct] =
-          make_float4(tDq(4 * d), tDq(4 * d + 1), tDq(4 * d + 2), tDq(4 * d + 3));
-    }
-    fence_async_shared();
-    consumers_sync();  // the dQ tile written
-    if (reducer) {
-      const int64_t tile = (int64_t(b) * p.num_heads + h) * ((p.seqlen_q + kHalf - 1) / kHalf) +
-                           q0 / kHalf;
-      bulk_reduce_add_f32(p.dq_accum + tile * Tiles::kDqTileFloats, smem_dq,
-                          Tiles::kDqTileFloats * 4);
+      for (int d = 0; d < Tiles::kDqCols / 8; ++d) {
+        reinterpret_cast<float4*>(dq_tile)[d * 128 + ct] =
+            make_float4(tDq(4 * d), tDq(4 * d + 1), tDq(4 * d + 2), tDq(4 * d + 3));
+      }
+      fence_async_shared();
+      if constexpr (Tiles::kAlternate) {
+        own_sync();  // the warpgroup's dQ tile written
+      } else {
+        consumers_sync();  // both warpgroups' columns written
+      }
+      if (reducer) {
+        const int64_t tile =
+            (int64_t(b) * p.num_heads + h) * ((p.seqlen_q + kHalf - 1) / kHalf) + q0 / kHalf;
+        bulk_reduce_add_f32(p.dq_accum + tile * Tiles::kDqTileFloats,
+                            Tiles::kAlternate ? dq_tile : smem_dq, Tiles::kDqTileFloats * 4);
+      }
     }
   }
   if (reducer) bulk_wait_all<false>();
@@ -585,12 +627,12 @@ __global__ void __launch_bounds__(Sm90FusedTiles<kHeadDim, Elt>::kThreads, 1)
 //
 // dq_accum's order inside a (b, h, 64-query) tile is the one the pass's warpgroups hold it in, so
 // that their shared-memory stores (float4, thread-major) and the bulk reduction need no
-// reordering: warpgroup w holds columns 64 w .. 64 w + 63, and its thread ct = 32 warp + 4 g + t
-// holds rows 16 warp + g + 8 r, columns 64 w + 8 d + 2 t + e as its value 4 d + 2 r + e, at
-// 4096 w + 512 d + 4 ct + 2 r + e.
+// reordering: warpgroup w holds columns 64 w .. 64 w + 63 (at D = 64 one warpgroup holds all of
+// them, w = 0), and its thread ct = 32 warp + 4 g + t holds rows 16 warp + g + 8 r, columns 64 w +
+// 8 d + 2 t + e as its value 4 d + 2 r + e, at 4096 w + 512 d + 4 ct + 2 r + e.
 template <class Elt, int kHeadDim>
 __global__ void __launch_bounds__(256) dq_convert_kernel(const __grid_constant__ BackwardParams p) {
-  static_assert(kHeadDim == 128, "two warpgroups of 64 dQ columns");
+  static_assert(has_fused_backward(kHeadDim), "warpgroups of 64 dQ columns");
   constexpr int kTilePairs = 64 * kHeadDim / 2;
   const int64_t index = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t tile = index / kTilePairs;  // (b H + h) tiles + m64

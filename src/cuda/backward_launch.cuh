@@ -33,8 +33,8 @@ inline bool use_sm90_dq(const BackwardParams& params) {
 }
 
 // Whether this call runs the fused backward (dkdvq_kernel_sm90: dK, dV and dQ in one pass over
-// pairs of key tiles, five products per kept entry instead of seven): kernel head dim 128 on the
-// sm90 passes, not deterministic (its dQ sums' order varies), no bias-gradient duty for the dQ
+// pairs of key tiles, five products per kept entry instead of seven): kernel head dims 64 and 128
+// on the sm90 passes, not deterministic (its dQ sums' order varies), no bias-gradient duty for the dQ
 // pass, not per-row top-k (its gathered tiles and dK/dV groups), a pair list's flags within 48 KB
 // of shared memory (pair_lists_kernel) and dq_accum within 4 GiB.
 //
@@ -56,7 +56,7 @@ inline bool use_sm90_dq(const BackwardParams& params) {
 // so that a test can set it.
 template <int kHeadDim>
 bool fused_backward(const BackwardParams& p) {
-  if constexpr (kHeadDim != 128) {
+  if constexpr (!has_fused_backward(kHeadDim)) {
     return false;
   } else {
     const bool forced_pass = env_is("FSA_CUDA_DQ", "pass");
@@ -244,7 +244,7 @@ bool launch_sm90_dkdv(const BackwardParams& p, BackwardParams& kv, StreamBuffer&
     // it uses.
     int threads = Sm90Tiles::kThreads, smem_limit = Sm90Tiles::smem_bytes(true);
     int smem = Sm90Tiles::smem_bytes(p.bias_staged);
-    if constexpr (kHeadDim == 128) {
+    if constexpr (has_fused_backward(kHeadDim)) {
       if (fused) {
         using Fused = Sm90FusedTiles<kHeadDim, Elt>;
         dkdv = &dkdvq_kernel_sm90<kHeadDim, Elt>;
@@ -347,7 +347,7 @@ bool launch_backward(const BackwardParams& p, cudaStream_t stream) {
   BackwardParams kv = p;
   kv.scatter = KeyScatter{};  // set below where the reduction takes it
   StreamBuffer dkv_workspace(stream), pair_lists(stream), dq_accum(stream);
-  if constexpr (kHeadDim == 128) {
+  if constexpr (has_fused_backward(kHeadDim)) {
     if (fused) {
       // The fused pass's work lists (pair_lists_kernel) and its zeroed dQ sums.
       const int64_t lists = int64_t(p.map.map_batch) * p.map.map_heads;
@@ -390,7 +390,7 @@ bool launch_backward(const BackwardParams& p, cudaStream_t stream) {
            Tiles::kSmemDkv, stream>>>(p);
     FSA_CUDA_CHECK(cudaGetLastError());
   }
-  if constexpr (kHeadDim == 128) {
+  if constexpr (has_fused_backward(kHeadDim)) {
     if (fused) {
       const int64_t pairs = int64_t(p.batch) * p.num_heads * ((p.seqlen_q + 63) / 64) * 64 *
                             (kHeadDim / 2);

@@ -299,10 +299,9 @@ def tile_states_mask(B, H, Sq, Sk, gen, block_m=128, block_n=64):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode", ["fused", "pass"])
 def test_fused_backward_and_two_passes_against_float64(dim, dtype, mode, gen, monkeypatch):
-    """At head dim 128 on Hopper the fused pass (dK, dV and dQ over pairs of key tiles, dQ summed
-    by bulk reductions) runs by default without a mask, and wherever it can under
-    FSA_CUDA_DQ=fused; FSA_CUDA_DQ=pass, deterministic=True and head dim 64 run the dQ and dK/dV
-    passes. All against float64: GQA, causal, ragged Sq / Sk, a key mask with empty rows and a
+    """At head dims 64 and 128 on Hopper the fused pass (dK, dV and dQ over pairs of key tiles, dQ
+    summed by bulk reductions) runs by default without a mask, and wherever it can under
+    FSA_CUDA_DQ=fused; FSA_CUDA_DQ=pass and deterministic=True run the dQ and dK/dV passes. All against float64: GQA, causal, ragged Sq / Sk, a key mask with empty rows and a
     per-key bias with its gradient; a full 16-bit bias without a gradient (staged in shared
     memory); a mask whose key tiles list different query tiles, full or partial, side by side;
     one kv head, whose key tiles' query work is split into shares."""
@@ -334,12 +333,12 @@ def cuda_kernel_names(fn):
                     reason="the fused backward is an sm_90a kernel")
 @pytest.mark.parametrize("dim", [64, 128])
 @pytest.mark.parametrize("bias_shape", [None, (1, 2, 1, 1024)])
-def test_fused_backward_is_the_default_at_head_dim_128(dim, bias_shape, gen, monkeypatch):
-    """At head dim 128 over one block map without a mask no dQ pass runs by default (the fused
-    pass, its pairs in index order, and dq_accum's conversion do); the two passes run under
-    deterministic=True, with a mask (a key mask over compacted keys, or one with a query dim), over
-    a per-kv-head block selection (issue #5's scratch bar) and at head dim 64. FSA_CUDA_DQ=fused
-    runs the block selection fused with its pairs sorted longest first."""
+def test_fused_backward_is_the_default_at_head_dims_64_and_128(dim, bias_shape, gen, monkeypatch):
+    """At head dims 64 and 128 over one block map without a mask no dQ pass runs by default (the
+    fused pass, its pairs in index order, and dq_accum's conversion do); the two passes run under
+    deterministic=True, with a mask (a key mask over compacted keys, or one with a query dim) and
+    over a per-kv-head block selection (issue #5's scratch bar). FSA_CUDA_DQ=fused runs the block
+    selection fused with its pairs sorted longest first."""
     monkeypatch.delenv("FSA_CUDA_DQ", raising=False)
     q, k, v = qkv(1, 1024, 1024, 4, 2, dim, torch.bfloat16, gen)
     bias = None if bias_shape is None else randn(*bias_shape, dtype=torch.bfloat16, gen=gen)
@@ -369,17 +368,12 @@ def test_fused_backward_is_the_default_at_head_dim_128(dim, bias_shape, gen, mon
     for names in (masked, keys, selected):
         assert any("dq_kernel_sm90" in n for n in names), names
         assert not any("dkdvq_kernel_sm90" in n for n in names), names
-    if dim == 128:
-        for names in (fused, selected_fused):
-            assert any("dkdvq_kernel_sm90" in n for n in names), names
-            assert any("dq_convert_kernel" in n for n in names), names
-            assert not any("dq_kernel" in n for n in names), names
-        assert not any("pair_order_kernel" in n for n in fused), fused
-        assert any("pair_order_kernel" in n for n in selected_fused), selected_fused
-    else:
-        for names in (fused, selected_fused):
-            assert any("dq_kernel_sm90" in n for n in names), names
-            assert not any("dq_convert_kernel" in n for n in names), names
+    for names in (fused, selected_fused):
+        assert any("dkdvq_kernel_sm90" in n for n in names), names
+        assert any("dq_convert_kernel" in n for n in names), names
+        assert not any("dq_kernel" in n for n in names), names
+    assert not any("pair_order_kernel" in n for n in fused), fused
+    assert any("pair_order_kernel" in n for n in selected_fused), selected_fused
     assert any("dq_kernel_sm90" in n for n in two_pass), two_pass
     assert not any("dkdvq_kernel_sm90" in n or "dq_convert_kernel" in n for n in two_pass), two_pass
 

@@ -53,15 +53,16 @@ def packed_mask(cu_q, cu_k, Hk, causal, key_mask=None):
 ])
 @pytest.mark.parametrize("masked", [True, False])
 @pytest.mark.parametrize("mode", ["fused", "pass"])
-def test_packed_against_float64(dtype, causal, lens_q, lens_k, masked, mode, gen, monkeypatch):
+@pytest.mark.parametrize("D", [64, 128])
+def test_packed_against_float64(dtype, causal, lens_q, lens_k, masked, mode, D, gen, monkeypatch):
     """One packed call (PlanOptions::packed) with or without a key mask and with a per-key bias:
     output, LSE and every gradient against float64 with the equivalent mask over the packed
     sequence (within twice the same-precision naive error), exact zeros for empty rows and unseen
-    keys. The backward runs the fused pass (FSA_CUDA_DQ=fused; at head dim 128 on Hopper) and the
-    two passes."""
+    keys. The backward runs the fused pass (FSA_CUDA_DQ=fused; at head dims 64 and 128 on Hopper)
+    and the two passes."""
     monkeypatch.setenv("FSA_CUDA_DQ", mode)
     lens_k = lens_k or lens_q
-    H, Hk, D = 8, 2, 128
+    H, Hk = 8, 2
     cu_q = [0] + torch.tensor(lens_q).cumsum(0).tolist()
     cu_k = [0] + torch.tensor(lens_k).cumsum(0).tolist()
     tq, tk = cu_q[-1], cu_k[-1]
@@ -78,7 +79,7 @@ def test_packed_against_float64(dtype, causal, lens_q, lens_k, masked, mode, gen
                                             attn_bias=b_[0, :, 0], is_causal=causal)
         return out[None]
 
-    where = f"packed {lens_q}/{lens_k} causal={causal} masked={masked} {mode}"
+    where = f"packed {lens_q}/{lens_k} causal={causal} masked={masked} {mode} D={D}"
     out, lse, _ = flash_sparse_attn_varlen_func(q[0], k[0], v[0], dq_, dk_, attn_mask=key_mask,
                                                 attn_bias=bias[0, :, 0], is_causal=causal,
                                                 return_attn_probs=True)
