@@ -34,9 +34,9 @@ inline bool use_sm90_dq(const BackwardParams& params) {
 
 // Whether this call runs the fused backward (dkdvq_kernel_sm90: dK, dV and dQ in one pass over
 // pairs of key tiles, five products per kept entry instead of seven): kernel head dims 64 and 128
-// on the sm90 passes, not deterministic (its dQ sums' order varies), no bias-gradient duty for the dQ
-// pass, not per-row top-k (its gathered tiles and dK/dV groups), a pair list's flags within 48 KB
-// of shared memory (pair_lists_kernel) and dq_accum within 4 GiB.
+// on the sm90 passes, not deterministic (its dQ sums' order varies), no bias-gradient duty for the
+// dQ pass, not per-row top-k (its gathered tiles and dK/dV groups), a pair list's flags within
+// 48 KB of shared memory (pair_lists_kernel) and dq_accum within 4 GiB.
 //
 // By default for one list without a mask: one block map serving every (batch, head), and packed
 // sequences without a key mask (compacted slots with RowEnd::key_last, walked on one map; H200,
