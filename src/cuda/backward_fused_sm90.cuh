@@ -51,8 +51,8 @@ struct Sm90FusedTiles {
   // dQ: at D = 128 warpgroup w computes columns 64 w .. 64 w + 63 over both key tiles; at D = 64
   // (kAlternate) warpgroup j % 2 computes all of half j's dQ over both key tiles (a 32-column half
   // would sit inside one 128-byte swizzle atom of K), and reduces it from its own tile of smem_dq,
-  // while the other goes on to half j + 1. dS is then double-buffered (by half): the dQ products
-  // of half j read it after the other warpgroup passed the barrier of half j.
+  // while the other goes on to half j + 1. dS is then double-buffered by half: a warpgroup may
+  // write half j + 1's dS while the other's products of half j still read that half's.
   static constexpr bool kAlternate = kHeadDim == 64;
   static constexpr int kDqCols = 64;  // dQ columns per warpgroup
   static_assert(kDqCols == (kAlternate ? kHeadDim : kHeadDim / 2),
