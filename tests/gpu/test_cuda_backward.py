@@ -302,9 +302,10 @@ def test_fused_backward_and_two_passes_against_float64(dim, dtype, mode, gen, mo
     """At head dims 64 and 128 on Hopper the fused pass (dK, dV and dQ over pairs of key tiles, dQ
     summed by bulk reductions) runs by default without a mask, and wherever it can under
     FSA_CUDA_DQ=fused; FSA_CUDA_DQ=pass and deterministic=True run the dQ and dK/dV passes. All
-    against float64: GQA, causal, ragged Sq / Sk, a key mask with empty rows and a per-key bias with its gradient; a full 16-bit bias without a gradient (staged in shared
-    memory); a mask whose key tiles list different query tiles, full or partial, side by side;
-    one kv head, whose key tiles' query work is split into shares."""
+    against float64: GQA, causal, ragged Sq / Sk, a key mask with empty rows and a per-key bias
+    with its gradient; a full 16-bit bias without a gradient (staged in shared memory); a mask
+    whose key tiles list different query tiles, full or partial, side by side; one kv head, whose
+    key tiles' query work is split into shares."""
     monkeypatch.setenv("FSA_CUDA_DQ", mode)
     q, k, v = qkv(2, 200, 336, 8, 2, dim, dtype, gen)
     key_mask = torch.rand(2, 2, 1, 336, device="cuda", generator=gen) < 0.6
