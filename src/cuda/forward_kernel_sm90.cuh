@@ -7,13 +7,14 @@
 // Q and first K/V tiles load while the consumers finish the previous one and write it out. A
 // producer warpgroup (few registers after setmaxnreg) copies the tile's Q, then each key tile's K
 // and V, and a query-invariant bias's slice or a 16-bit bias's (128 x 64) tile, into one of four
-// shared-memory stages with cp.async and arrives on the stage's "full" mbarrier when the copies
-// land. Two consumer warpgroups own 64 query rows each and never wait
-// for each other: per tile, S = Q K^T with Q in registers (wgmma RS), the logits and online
-// softmax in registers (the WarpRows / softmax_step code of the sm80 kernel: a wgmma accumulator
-// is laid out per warp exactly like an mma.sync C fragment), then O += P V with P from registers
-// and V read from shared memory as an MN-major operand; each consumer overlaps the softmax of
-// tile j with its P_{j-1} V_{j-1} and releases a stage on its "empty" mbarrier.
+// shared-memory stages with cp.async (whole K/V tiles by TMA at D = 128 where the call has tensor
+// maps: KvTensorMaps, sm90_forward_tma_kv) and arrives on the stage's "full" mbarrier when the
+// copies land. Two consumer warpgroups own 64 query rows each and never wait for each other: per
+// tile, S = Q K^T with Q in registers (wgmma RS), the logits and online softmax in registers (the
+// WarpRows / softmax_step code of the sm80 kernel: a wgmma accumulator is laid out per warp
+// exactly like an mma.sync C fragment), then O += P V with P from registers and V read from
+// shared memory as an MN-major operand; each consumer overlaps the softmax of tile j with its
+// P_{j-1} V_{j-1} and releases a stage on its "empty" mbarrier.
 //
 // Per-row top-k over compacted keys walks gathered tiles instead (kGathered): the producer copies
 // each tile's K/V rows, bias values and last rows by slot (BlockMapParams::gather_slots).
@@ -27,6 +28,7 @@
 #include <cute/tensor.hpp>
 
 #include "cuda/forward_kernel.cuh"
+#include "cuda/tma.h"
 
 namespace fsa::detail::cuda {
 
@@ -40,6 +42,12 @@ template <>
 struct CuteElement<Fp16> {
   using type = cute::half_t;
 };
+
+// Whether the sm90 forward at kernel head dim kHeadDim loads whole K/V tiles by TMA (KvTensorMaps).
+// At D = 128 TMA is 3-5% faster than cp.async; at D = 64 (one 64 x 64 box each for K and V per
+// tile) it measured 5-9% slower on H200, so that head dim keeps cp.async (docs/perf.md, twenty-
+// fourth session).
+constexpr bool sm90_forward_tma_kv(int kHeadDim) { return kHeadDim >= 128; }
 
 template <int kHeadDim_, class Elt>
 struct Sm90ForwardTiles {
@@ -63,6 +71,7 @@ struct Sm90ForwardTiles {
   static constexpr int kGatheredProducerRegisters = 56;
   static constexpr int kGatheredConsumerRegisters = 224;
   static constexpr int kStages = 4;  // see the pipeline in forward_kernel_sm90
+  static constexpr bool kTmaKv = sm90_forward_tma_kv(kHeadDim);
 
   using T = typename CuteElement<Elt>::type;
   using SmemLayoutQ = decltype(cute::tile_to_shape(
@@ -70,10 +79,13 @@ struct Sm90ForwardTiles {
   using SmemLayoutK = decltype(cute::tile_to_shape(
       cute::GMMA::Layout_K_SW128_Atom<T>{},
       cute::Shape<cute::Int<kBlockN>, cute::Int<kHeadDim>, cute::Int<kStages>>{}));
-  // V as the B operand of P . V: (N = head dim, K = keys), head dim contiguous (MN-major).
+  // V as the B operand of P . V: (N = head dim, K = keys), head dim contiguous (MN-major). Its
+  // 64-column blocks of the head dim one after the other (keys first inside each), as K's, so that
+  // one (64 x 64) TMA box fills one block of either.
   using SmemLayoutVt = decltype(cute::tile_to_shape(
       cute::GMMA::Layout_MN_SW128_Atom<T>{},
-      cute::Shape<cute::Int<kHeadDim>, cute::Int<kBlockN>, cute::Int<kStages>>{}));
+      cute::Shape<cute::Int<kHeadDim>, cute::Int<kBlockN>, cute::Int<kStages>>{},
+      cute::Step<cute::_2, cute::_1, cute::_3>{}));
   // Q is the register operand of S = Q K^T: with 64-key tiles, reading it from shared memory for
   // every product would cost as much shared-memory bandwidth as the K tile itself.
   using TiledMmaS = decltype(cute::make_tiled_mma(
@@ -369,7 +381,8 @@ __device__ __forceinline__ void load_gathered_rows_async(uint16_t* smem_k, GmmaL
 // their forward (H200, same run).
 template <int kHeadDim, class Elt, bool kStagedBias, bool kGathered = false>
 __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
-    forward_kernel_sm90(const __grid_constant__ ForwardParams p) {
+    forward_kernel_sm90(const __grid_constant__ ForwardParams p,
+                        const __grid_constant__ KvTensorMaps tma) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace cute;
   using Tiles = Sm90ForwardTiles<kHeadDim, Elt>;
@@ -532,15 +545,33 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
                   (h / p.bias_head_group) * p.bias_stride[1] + n_block * kBlockN,
               p.bias_stride[2], m * kBlockM, p.seqlen_q, p.seqlen_k - n_block * kBlockN);
         }
+        // A tile that needs no V check comes by TMA where the call has tensor maps (one thread
+        // issues its 64 x 64 boxes; rows past the keys and columns past the head dim are zeros,
+        // as cp.async's zero fill gives); a partial tile that checks V is copied with cp.async,
+        // whose completion the producer waits for before scanning it.
+        const bool fast = list.begin + j < list.n_full || !check_v;
         if constexpr (!kGathered) {
-          load_rows_async<kHeadDim, kBlockN, kLoaders>(s_k + stage * kStageElems, k_dst.first,
-                                                       k_dst.step, k, p.k_stride_s,
-                                                       n_block * kBlockN, p.seqlen_k, p.head_dim);
-          load_rows_async<kHeadDim, kBlockN, kLoaders>(s_v + stage * kStageElems, v_dst.first,
-                                                       v_dst.step, v, p.v_stride_s,
-                                                       n_block * kBlockN, p.seqlen_k, p.head_dim);
+          if (Tiles::kTmaKv && fast && tma.enabled) {
+            if (threadIdx.x == 0) {
+              mbarrier_expect_tx(&full_bar[stage], 2 * kStageElems * 2);
+#pragma unroll
+              for (int c = 0; c < kHeadDim / 64; ++c) {
+                tma_load_4d(smem_k + stage * kStageElems + c * kBlockN * 64, tma.k, 64 * c,
+                            n_block * kBlockN, hk, b, &full_bar[stage]);
+                tma_load_4d(smem_v + stage * kStageElems + c * kBlockN * 64, tma.v, 64 * c,
+                            n_block * kBlockN, hk, b, &full_bar[stage]);
+              }
+            }
+          } else {
+            load_rows_async<kHeadDim, kBlockN, kLoaders>(s_k + stage * kStageElems, k_dst.first,
+                                                         k_dst.step, k, p.k_stride_s,
+                                                         n_block * kBlockN, p.seqlen_k, p.head_dim);
+            load_rows_async<kHeadDim, kBlockN, kLoaders>(s_v + stage * kStageElems, v_dst.first,
+                                                         v_dst.step, v, p.v_stride_s,
+                                                         n_block * kBlockN, p.seqlen_k, p.head_dim);
+          }
         }
-        if (list.begin + j < list.n_full || !check_v) {
+        if (fast) {
           mbarrier_arrive_on_copies(&full_bar[stage]);
           continue;
         }

@@ -10,6 +10,7 @@
 #include "cuda/launch.h"
 #include "cuda/memory_pool.h"
 #include "cuda/stream_buffer.h"
+#include "cuda/tma.h"
 
 namespace fsa::detail::cuda {
 
@@ -41,6 +42,29 @@ inline bool persistent_forward_enabled() {
 inline bool dependent_launch_enabled() {
   static const bool enabled = !env_is("FSA_CUDA_PDL", "0");
   return enabled && hopper_kernels_available();
+}
+
+// Whether the sm90 forward loads K and V by TMA where it can (forward_tensor_maps);
+// FSA_CUDA_TMA=0 keeps cp.async (A/B measurements, docs/perf.md).
+inline bool tma_forward_enabled() {
+  static const bool enabled = !env_is("FSA_CUDA_TMA", "0");
+  return enabled;
+}
+
+// The sm90 forward's K and V tensor maps, or none (enabled false: cp.async) at head dims that keep
+// cp.async (sm90_forward_tma_kv), for gathered tiles (rows by slot), under FSA_CUDA_TMA=0, and
+// where TMA cannot address the tensors (encode_kv_map).
+template <int kHeadDim>
+KvTensorMaps forward_tensor_maps(const ForwardParams& p, bool gathered) {
+  KvTensorMaps maps{};
+  if constexpr (sm90_forward_tma_kv(kHeadDim)) {
+    maps.enabled = !gathered && tma_forward_enabled() &&
+                   encode_kv_map(maps.k, p.k, p.head_dim, p.seqlen_k, p.num_kv_heads, p.batch,
+                                 p.k_stride_s, p.k_stride_h, p.k_stride_b) &&
+                   encode_kv_map(maps.v, p.v, p.head_dim, p.seqlen_k, p.num_kv_heads, p.batch,
+                                 p.v_stride_s, p.v_stride_h, p.v_stride_b);
+  }
+  return maps;
 }
 
 template <int kHeadDim, class Elt>
@@ -97,7 +121,8 @@ void launch_forward(const ForwardParams& params, cudaStream_t stream) {
         fp.tile_counter = static_cast<int*>(counter.ptr);
         launch_grid = dim3(unsigned(sms));
       }
-      kernel<<<launch_grid, Tiles::kThreads, smem, stream>>>(fp);
+      kernel<<<launch_grid, Tiles::kThreads, smem, stream>>>(
+          fp, forward_tensor_maps<kHeadDim>(params, gathered));
       launched = true;
     }
   }
