@@ -718,7 +718,12 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
       const int stage = (it + j) % kStages;
       const int n_after = j + 2 < tiles ? list.at(list.begin + j + 2) : 0;
       mbarrier_wait(&full_bar[stage], ((it + j) / kStages) & 1);
-      fence_async_shared();  // the producer's cp.async writes, before wgmma reads them
+      // The producer's cp.async writes (the generic proxy), before wgmma reads them. A tile that
+      // came by TMA was written by the async proxy and completed on the mbarrier: no fence (1.6%
+      // of the dense D = 128 forward without a mask, docs/perf.md).
+      const bool by_tma = Tiles::kTmaKv && tma.enabled && !kGathered &&
+                          (list.begin + j < list.n_full || !check_v);
+      if (!by_tma) fence_async_shared();
 
       warpgroup_fence_operand(tSrS);
       warpgroup_arrive();
