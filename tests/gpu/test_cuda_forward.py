@@ -9,6 +9,8 @@ rows.
 
 import math
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -268,3 +270,35 @@ def test_poisoned_strided_inputs_transposed_layout(gen):
     k = randn(2, 2, 400, 64, dtype=torch.bfloat16, gen=gen).transpose(1, 2)
     v = randn(2, 2, 400, 64, dtype=torch.bfloat16, gen=gen).transpose(1, 2)
     check(q, k, v, causal=True, label="strided")
+
+
+
+TMA_FALLBACK = """
+import sys, torch, flash_sparse_attn
+g = torch.Generator(device="cuda").manual_seed({seed})
+q = torch.randn(1, 384, 4, 128, generator=g, device="cuda").to(torch.bfloat16)
+k1, v1 = (torch.randn(1, 384, 1, 128, generator=g, device="cuda").to(torch.bfloat16)
+          for _ in range(2))
+k, v = k1.expand(1, 384, 2, 128), v1.expand(1, 384, 2, 128)  # kv-head stride 0
+dense = flash_sparse_attn.flash_sparse_attn_func(q, k.contiguous(), v.contiguous(), is_causal=True)
+torch.cuda.synchronize()
+print("<expanded>", file=sys.stderr, flush=True)
+outs = [flash_sparse_attn.flash_sparse_attn_func(q, k, v, is_causal=True) for _ in range(3)]
+torch.cuda.synchronize()
+print("equal" if all(torch.equal(o, dense) for o in outs) else "differ", flush=True)
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="the Hopper forward's TMA path")
+def test_tma_fallback_is_logged_once_and_exact():
+    # K and V expanded over kv heads (stride 0): no tensor map describes them, so the Hopper forward
+    # at head dim 128 copies them with cp.async. That must give the contiguous call's bits, and the
+    # slower path must be named on stderr once, not for each call and not for a contiguous call.
+    run = subprocess.run([sys.executable, "-c", TMA_FALLBACK.format(seed=SEED)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["equal"], run.stdout + run.stderr
+    before, marker, after = run.stderr.partition("<expanded>")
+    assert marker and "TMA cannot address" not in before, run.stderr
+    assert after.count("TMA cannot address") == 1, run.stderr
