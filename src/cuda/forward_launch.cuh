@@ -71,8 +71,9 @@ KvTensorMaps forward_tensor_maps(const ForwardParams& p, bool gathered) {
     if (!maps.enabled && !logged.exchange(true)) {
       std::fprintf(stderr,
                    "flash_sparse_attn: TMA cannot address this call's key or value (a stride of "
-                   "0, as torch.expand gives, or the driver refused the tensor map); the Hopper forward copies them with cp.async instead, a few percent "
-                   "slower at head dim %d. Logged once per process.\n",
+                   "0, as torch.expand gives, or the driver refused the tensor map); the Hopper "
+                   "forward copies them with cp.async instead, a few percent slower at head dim "
+                   "%d. Logged once per process.\n",
                    kHeadDim);
     }
   }

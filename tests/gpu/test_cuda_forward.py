@@ -272,7 +272,6 @@ def test_poisoned_strided_inputs_transposed_layout(gen):
     check(q, k, v, causal=True, label="strided")
 
 
-
 TMA_FALLBACK = """
 import sys, torch, flash_sparse_attn
 g = torch.Generator(device="cuda").manual_seed({seed})
