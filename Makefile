@@ -21,8 +21,18 @@ build: deps
 demo: build
 	$(BUILD)/fsa_demo
 
-# Builds everything and runs every test: the C++ suite, then the Python package's tests.
-test: test-cpp test-python
+# Builds everything and runs every test: the C++ suite, then the Python package's tests. The
+# Python dependencies (a download of a few GB on a fresh clone) install in the background while the
+# C++ side builds and runs; their log is $(BUILD)/python-deps.log.
+test:
+	@mkdir -p $(BUILD)
+	@echo "python dependencies: installing in the background (log: $(BUILD)/python-deps.log)"
+	@bash scripts/python_env.sh --deps-only > $(BUILD)/python-deps.log 2>&1 & deps=$$!; \
+	  $(MAKE) --no-print-directory test-cpp; cpp=$$?; \
+	  wait $$deps; py=$$?; \
+	  if [ $$py -ne 0 ]; then cat $(BUILD)/python-deps.log; exit $$py; fi; \
+	  if [ $$cpp -ne 0 ]; then exit $$cpp; fi; \
+	  $(MAKE) --no-print-directory test-python
 
 test-cpp: build
 	ctest --test-dir $(BUILD) --output-on-failure -j $(JOBS)

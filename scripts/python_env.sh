@@ -15,7 +15,12 @@
 #                      (nvidia-smi lists one): CI machines have nvcc but no GPU, and compiling the
 #                      kernels there would cost minutes for code no test can run.
 #   CMAKE_BUILD_PARALLEL_LEVEL  build jobs (default 2)
+#
+# --deps-only: step 1 alone (the virtualenv and its pinned dependencies, mostly a download), so
+# that `make test` can run it while the C++ side builds.
 set -euo pipefail
+deps_only=0
+[[ "${1:-}" == "--deps-only" ]] && deps_only=1
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${FSA_VENV:-$root/.venv}"
@@ -60,6 +65,10 @@ if [[ ! -x "$venv/bin/python" || ! -f "$deps_stamp" || "$(cat "$deps_stamp")" !=
   fi
   "$venv/bin/python" -m pip install --disable-pip-version-check -q "${requirements[@]}"
   echo "$deps_hash" >"$deps_stamp"
+fi
+if [[ $deps_only == 1 ]]; then
+  echo "python_env: dependencies in $venv are up to date"
+  exit 0
 fi
 
 # ---- 2. the package, rebuilt when any input of the build changed -------------------------------
