@@ -63,7 +63,10 @@ if [[ ! -x "$venv/bin/python" || ! -f "$deps_stamp" || "$(cat "$deps_stamp")" !=
   if [[ ! -x "$venv/bin/python" ]]; then
     "$python" -m venv "$venv"
   fi
-  "$venv/bin/python" -m pip install --disable-pip-version-check -q "${requirements[@]}"
+  # --no-compile: no .pyc for the thousands of modules torch and transformers ship (CPU time on a
+  # fresh clone); Python compiles the few it imports.
+  "$venv/bin/python" -m pip install --disable-pip-version-check -q --no-compile \
+    "${requirements[@]}"
   echo "$deps_hash" >"$deps_stamp"
 fi
 if [[ $deps_only == 1 ]]; then
