@@ -420,7 +420,9 @@ void forward(const ForwardProblem& p, const Plan& plan, void* stream_ptr) {
   // (Slots as the sm80 kernel's layout for this call has them; the sm90 kernel's grid is sized
   // the same way.)
   const Sm80Layout layout = sm80_layout(fp.pack_gqa, fp.seqlen_q * fp.group, kdim);
-  fp.num_splits = choose_splits(int64_t(map->params.m_blocks) * heads * p.batch,
+  const int plan_rows = forward_plan_rows_per_cta(fp, kdim);
+  fp.num_splits = choose_splits((int64_t(map->params.m_blocks) + plan_rows - 1) / plan_rows *
+                                    heads * p.batch,
                                 map->params.n_blocks,
                                 int64_t(layout.ctas_per_sm(kdim)) * multiprocessor_count());
   fp.kv_evict_first = layout.split_keys && kv_evict_first_enabled();

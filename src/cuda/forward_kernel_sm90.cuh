@@ -1,23 +1,30 @@
 #pragma once
 // Hopper forward kernel: warpgroup MMA (wgmma, sm_90a) over the same block lists as the sm80
-// kernel, for kernel head dims 64 and 128.
+// kernel, for kernel head dims 64, 128 and 256.
 //
 // A CTA runs (128-row query block, head, batch) tiles with three warpgroups: one tile per CTA, or
 // persistent, one CTA per SM taking the next tile from a counter (ForwardTileOrder), so a tile's
 // Q and first K/V tiles load while the consumers finish the previous one and write it out. A
 // producer warpgroup (few registers after setmaxnreg) copies the tile's Q, then each key tile's K
-// and V, and a query-invariant bias's slice or a 16-bit bias's (128 x 64) tile, into one of four
-// shared-memory stages with cp.async (whole K/V tiles by TMA at D = 128 where the call has tensor
+// and V, and a query-invariant bias's slice or a 16-bit bias's (128 x 64) tile, into one of the
+// shared-memory stages with cp.async (whole K/V tiles by TMA at D >= 128 where the call has tensor
 // maps: KvTensorMaps, sm90_forward_tma_kv) and arrives on the stage's "full" mbarrier when the
 // copies land. Two consumer warpgroups own 64 query rows each and never wait for each other: per
-// tile, S = Q K^T with Q in registers (wgmma RS), the logits and online softmax in registers (the
-// WarpRows / softmax_step code of the sm80 kernel: a wgmma accumulator is laid out per warp
-// exactly like an mma.sync C fragment), then O += P V with P from registers and V read from
-// shared memory as an MN-major operand; each consumer overlaps the softmax of tile j with its
-// P_{j-1} V_{j-1} and releases a stage on its "empty" mbarrier.
+// tile, S = Q K^T with Q in registers (wgmma RS; from shared memory at D = 256, whose O alone
+// takes 128 registers per thread), the logits and online softmax in registers (the WarpRows /
+// softmax_step code of the sm80 kernel: a wgmma accumulator is laid out per warp exactly like an
+// mma.sync C fragment), then O += P V with P from registers and V read from shared memory as an
+// MN-major operand; each consumer overlaps the softmax of tile j with its P_{j-1} V_{j-1} and
+// releases a stage on its "empty" mbarrier.
 //
-// Per-row top-k over compacted keys walks gathered tiles instead (kGathered): the producer copies
-// each tile's K/V rows, bias values and last rows by slot (BlockMapParams::gather_slots).
+// At D = 256 the plan's query tiles are 64 rows (forward_block_m: the sm80 kernels' and the
+// backward's), and a CTA of 128 rows runs two of them, one per consumer warpgroup, over the union
+// of their key lists (PairedWalk): both warpgroups share each K/V tile that both lists hold, so a
+// tile read from L2 feeds 128 rows, not 64.
+//
+// Per-row top-k over compacted keys walks gathered tiles instead (kGathered, D <= 128): the
+// producer copies each tile's K/V rows, bias values and last rows by slot
+// (BlockMapParams::gather_slots).
 //
 // Shared-memory tiles use the canonical 128-byte-swizzled GMMA layouts of CuTe; the cp.async
 // destinations are computed from the same layout objects (gmma_offset), so loads and descriptors
@@ -46,19 +53,27 @@ struct CuteElement<Fp16> {
 // Whether the sm90 forward at kernel head dim kHeadDim loads whole K/V tiles by TMA (KvTensorMaps).
 // At D = 128 TMA is 3-5% faster than cp.async; at D = 64 (one 64 x 64 box each for K and V per
 // tile) it measured 5-9% slower on H200, so that head dim keeps cp.async (docs/perf.md, twenty-
-// fourth session).
+// fourth session). D = 256 loads four boxes each.
 constexpr bool sm90_forward_tma_kv(int kHeadDim) { return kHeadDim >= 128; }
 
 template <int kHeadDim_, class Elt>
 struct Sm90ForwardTiles {
   static constexpr int kHeadDim = kHeadDim_;
-  static_assert(kHeadDim == 64 || kHeadDim == 128, "the sm90 forward covers head dims 64 and 128");
-  // The plan's tiles: the same block map serves this kernel, the sm80 one and the backward.
+  static_assert(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256,
+                "the sm90 forward covers head dims 64, 128 and 256");
+  // The CTA's query rows, and the plan's tiles: the same block map serves this kernel, the sm80
+  // one and the backward. At D = 256 the plan's query tiles are 64 rows, and a CTA runs two
+  // (kPlanRows), one per consumer warpgroup (PairedWalk).
   static constexpr int kBlockM = 128;
   static constexpr int kBlockN = 64;
-  static_assert(kBlockM == forward_block_m(kHeadDim) && kBlockN == forward_block_n(kHeadDim),
+  static constexpr int kPlanRows = kBlockM / forward_block_m(kHeadDim);
+  static_assert(kBlockM % forward_block_m(kHeadDim) == 0 && kBlockN == forward_block_n(kHeadDim),
                 "the sm90 kernel walks the plan's tiles");
   static constexpr int kWarpGroups = kBlockM / 64;  // consumers: 64 rows each
+  static_assert(kPlanRows == 1 || kPlanRows == kWarpGroups, "a plan tile per consumer");
+  // Q is the register operand of S = Q K^T at D <= 128; at D = 256 O takes 128 registers per
+  // thread and S 32 more, and Q (64 more) is read from shared memory.
+  static constexpr bool kQInRegisters = kHeadDim <= 128;
   static constexpr int kProducerThreads = 128;      // one warpgroup issues every K/V load
   static constexpr int kConsumerThreads = kWarpGroups * 128;
   static constexpr int kThreads = kProducerThreads + kConsumerThreads;
@@ -70,7 +85,8 @@ struct Sm90ForwardTiles {
   // spilled 58 bytes there). 128 * 56 + 256 * 224 = 64512.
   static constexpr int kGatheredProducerRegisters = 56;
   static constexpr int kGatheredConsumerRegisters = 224;
-  static constexpr int kStages = 4;  // see the pipeline in forward_kernel_sm90
+  // See the pipeline in forward_kernel_sm90. At D = 256 a stage is 64 KB: two, after Q's 64 KB.
+  static constexpr int kStages = kHeadDim <= 128 ? 4 : 2;
   static constexpr bool kTmaKv = sm90_forward_tma_kv(kHeadDim);
 
   using T = typename CuteElement<Elt>::type;
@@ -86,11 +102,14 @@ struct Sm90ForwardTiles {
       cute::GMMA::Layout_MN_SW128_Atom<T>{},
       cute::Shape<cute::Int<kHeadDim>, cute::Int<kBlockN>, cute::Int<kStages>>{},
       cute::Step<cute::_2, cute::_1, cute::_3>{}));
-  // Q is the register operand of S = Q K^T: with 64-key tiles, reading it from shared memory for
-  // every product would cost as much shared-memory bandwidth as the K tile itself.
+  // Q is the register operand of S = Q K^T where it fits (kQInRegisters): with 64-key tiles,
+  // reading it from shared memory for every product costs as much shared-memory bandwidth as the
+  // K tile itself.
+  using ShapeS = cute::Shape<cute::_64, cute::Int<kBlockN>, cute::Int<kHeadDim>>;
   using TiledMmaS = decltype(cute::make_tiled_mma(
-      cute::GMMA::rs_op_selector<T, T, float,
-                                 cute::Shape<cute::_64, cute::Int<kBlockN>, cute::Int<kHeadDim>>>(),
+      std::conditional_t<kQInRegisters,
+                         decltype(cute::GMMA::rs_op_selector<T, T, float, ShapeS>()),
+                         decltype(cute::GMMA::ss_op_selector<T, T, float, ShapeS>())>{},
       cute::Layout<cute::Shape<cute::Int<kWarpGroups>, cute::_1, cute::_1>>{}));
   using TiledMmaO = decltype(cute::make_tiled_mma(
       cute::GMMA::rs_op_selector<T, T, float,
@@ -110,7 +129,11 @@ struct Sm90ForwardTiles {
   // The tile schedule's handshake (forward_kernel_sm90): the barriers tile_full, q_full and
   // q_empty, then the published tile and the producer's two fetch slots (int32 each).
   static constexpr int kTileOffset = kNonfiniteOffset + kStages * 8;
-  static constexpr int kSmemBytes = kTileOffset + 3 * 8 + 3 * 4;
+  // Two plan tiles per CTA (kPlanRows == 2): per stage the producer's step record (PairedWalk):
+  // the key tile and what it is to each consumer.
+  static constexpr int kStepOffset = kTileOffset + 3 * 8 + 4 * 4;
+  static constexpr int kSmemBytes =
+      kPlanRows == 1 ? kTileOffset + 3 * 8 + 3 * 4 : kStepOffset + kStages * 8;
   static_assert(kBlockN <= 64, "one bit per key of a tile");
   // A staged bias (Params::bias_staged) lives after the barriers, so that launches without one
   // keep their shared memory (and the L1 that the rest of the carveout leaves) as it was. Per
@@ -191,28 +214,39 @@ __device__ inline uint64_t* init_stage_barriers(uint8_t* bar) {
   return full;
 }
 
+// 16-byte chunks per row that one pass of the producer's copies covers (GmmaLoadOffsets): the
+// head dim, or 128 columns of it at D = 256, whose rows are copied as two such halves. (Wider
+// passes would step 4 rows, which the swizzle's row bits do not leave constant.)
+constexpr int gmma_load_chunks(int head_dim) { return (head_dim < 128 ? head_dim : 128) / 8; }
+constexpr int gmma_load_halves(int head_dim) { return head_dim > 128 ? head_dim / 128 : 1; }
+
 // Copies key rows [row_begin, row_begin + kRows) of a (S, D) slice with row stride `row_stride`
 // into a swizzled tile: rows past row_limit and columns past head_dim are zero. Thread t copies
-// 16-byte chunk column t % kChunks of rows t / kChunks + k * kRowsPerPass; its destination offsets
-// are `first` + k * `step` elements (see GmmaLoadOffsets).
+// 16-byte chunk column t % kChunks (of each 128-column half at D = 256) of rows t / kChunks + k *
+// kRowsPerPass; its destination offsets are `first` + k * `step` (+ h * `half`) elements (see
+// GmmaLoadOffsets).
 template <int kHeadDim, int kRows, int kThreads>
 __device__ __forceinline__ void load_rows_async(uint16_t* smem, int first, int step,
                                                 const uint16_t* gmem, int64_t row_stride,
-                                                int row_begin, int row_limit, int head_dim) {
-  constexpr int kChunks = kHeadDim / 8;
+                                                int row_begin, int row_limit, int head_dim,
+                                                int half = 0) {
+  constexpr int kChunks = gmma_load_chunks(kHeadDim), kHalves = gmma_load_halves(kHeadDim);
   static_assert(kThreads % kChunks == 0, "threads must cover whole rows");
   constexpr int kRowsPerPass = kThreads / kChunks;
   static_assert(kRows % kRowsPerPass == 0, "passes must cover the tile");
   const int c = threadIdx.x % kChunks, r0 = threadIdx.x / kChunks;
-  const bool col_ok = c * 8 < head_dim;
   const uint16_t* src = gmem + int64_t(row_begin + r0) * row_stride + c * 8;
   const int64_t src_step = int64_t(kRowsPerPass) * row_stride;
 #pragma unroll
   for (int k = 0; k < kRows / kRowsPerPass; ++k) {
-    const bool valid = col_ok && row_begin + r0 + k * kRowsPerPass < row_limit;
-    cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
-        *reinterpret_cast<const cute::uint128_t*>(valid ? src : gmem),
-        *reinterpret_cast<cute::uint128_t*>(smem + first + k * step), valid);
+    const bool row_ok = row_begin + r0 + k * kRowsPerPass < row_limit;
+#pragma unroll
+    for (int hh = 0; hh < kHalves; ++hh) {
+      const bool valid = row_ok && c * 8 + 128 * hh < head_dim;
+      cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
+          *reinterpret_cast<const cute::uint128_t*>(valid ? src + 128 * hh : gmem),
+          *reinterpret_cast<cute::uint128_t*>(smem + first + k * step + hh * half), valid);
+    }
     src += src_step;
   }
 }
@@ -243,24 +277,26 @@ __device__ __forceinline__ void load_bias_tile_async(uint16_t* smem, const uint1
 }
 
 // A thread's cp.async destinations in a GMMA tile, computed once: the offset of its first row
-// (row t / kChunks, column 8 (t % kChunks)) and the step per pass of kRowsPerPass rows. A pass
-// moves by a multiple of 512 elements in these layouts (8 or 16 rows of 64 elements, or 8 or 16
-// MN-major columns of the head dim), above the swizzle's source bits 6-8, so the step is constant.
+// (row t / kChunks, column 8 (t % kChunks)), the step per pass of kRowsPerPass rows and, at D =
+// 256, the step to the second 128-column half. A pass moves by a multiple of 512 elements in
+// these layouts (8 or 16 rows of 64 elements, or 8 or 16 MN-major columns of the head dim), and a
+// half by whole 64-column blocks, above the swizzle's source bits 6-8, so the steps are constant.
 struct GmmaLoadOffsets {
-  int first, step;
+  int first, step, half;
   template <int kHeadDim, int kThreads, class GmmaLayout>
   __device__ static GmmaLoadOffsets make(const GmmaLayout& layout, bool mn_major) {
-    constexpr int kChunks = kHeadDim / 8, kRowsPerPass = kThreads / kChunks;
+    constexpr int kChunks = gmma_load_chunks(kHeadDim), kRowsPerPass = kThreads / kChunks;
     const int c = threadIdx.x % kChunks, r0 = threadIdx.x / kChunks;
-    auto at = [&](int r) {
+    auto at = [&](int r, int col) {
       if constexpr (decltype(cute::rank(layout))::value == 2) {  // one tile, no stage mode
-        return mn_major ? gmma_offset(layout, c * 8, r) : gmma_offset(layout, r, c * 8);
+        return mn_major ? gmma_offset(layout, col, r) : gmma_offset(layout, r, col);
       } else {
-        return mn_major ? gmma_offset(layout, c * 8, r, 0) : gmma_offset(layout, r, c * 8, 0);
+        return mn_major ? gmma_offset(layout, col, r, 0) : gmma_offset(layout, r, col, 0);
       }
     };
-    const int first = at(r0);
-    return {first, at(r0 + kRowsPerPass) - first};
+    const int first = at(r0, c * 8);
+    const int half = gmma_load_halves(kHeadDim) > 1 ? at(r0, c * 8 + 128) - first : 0;
+    return {first, at(r0 + kRowsPerPass, c * 8) - first, half};
   }
 };
 
@@ -279,15 +315,96 @@ struct GatheredList {
   __device__ int at(int it) const { return it; }
 };
 
+// D = 256 (Sm90ForwardTiles::kPlanRows == 2): the CTA's query block m is the plan's tiles 2m and
+// 2m + 1, one per consumer warpgroup. The producer walks the union of their four lists (each
+// tile's full and partial key tiles, each ascending) in ascending key tiles, and publishes each
+// step for the consumers in its stage (kStepOffset): the key tile and what it is to each plan
+// tile, kStepFull or kStepPartial (two bits per tile, 0: not listed), kStepLast on a tile's last
+// step. A tile without any step still publishes one (key tile -1, kStepLast), so the consumers
+// always see where it ends. Split-KV: split s takes the key tiles of its share of [0, n_blocks).
+constexpr int kStepFull = 1, kStepPartial = 2, kStepLast = 1 << 4;
+constexpr int kStepPartialAny = kStepPartial | (kStepPartial << 2);
+struct PairedWalk {
+  const int32_t* full;     // plan tile 2m's full list; its partial list is `partial`, and
+  const int32_t* partial;  // tile 2m + 1's lists follow each at a stride of n_blocks (map_row)
+  int stride;
+  int at[4], end[4];  // the four lists' cursors and lengths: full 2m, partial 2m, then 2m + 1
+  int hi;             // key tiles from hi on belong to the next split
+  __device__ PairedWalk(const ForwardParams& p, int b, int h_map, int m, int split) {
+    const int64_t row = map_row(p, b, h_map, 2 * m);
+    stride = p.map.n_blocks;
+    full = p.map.full_index + row * stride;
+    partial = p.map.partial_index + row * stride;
+    const bool second = 2 * m + 1 < p.map.m_blocks;
+    end[0] = p.map.full_count[row];
+    end[1] = p.map.partial_count[row];
+    end[2] = second ? p.map.full_count[row + 1] : 0;
+    end[3] = second ? p.map.partial_count[row + 1] : 0;
+    int lo;
+    split_range(p.map.n_blocks, p.num_splits, split, lo, hi);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      at[q] = 0;
+      if (lo > 0) {  // the first entry >= lo (each list ascends)
+        const int32_t* list = entry(q, 0);
+        int first = 0, count = end[q];
+        while (count > 0) {
+          const int half = count / 2;
+          if (list[first + half] < lo) {
+            first += half + 1;
+            count -= half + 1;
+          } else {
+            count = half;
+          }
+        }
+        at[q] = first;
+      }
+    }
+  }
+  __device__ const int32_t* entry(int q, int i) const {
+    return (q % 2 == 0 ? full : partial) + (q / 2) * stride + i;
+  }
+  // The next step's key tile and status bits; false when the walk is done.
+  __device__ bool next(int& n, int& status) {
+    int head[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) head[q] = at[q] < end[q] ? *entry(q, at[q]) : INT_MAX;
+    n = min(min(head[0], head[1]), min(head[2], head[3]));
+    if (n >= hi) return false;
+    status = 0;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      if (head[q] == n) {
+        status |= (q % 2 == 0 ? kStepFull : kStepPartial) << (2 * (q / 2));
+        ++at[q];
+      }
+    }
+    return true;
+  }
+};
+
+// BlockList's interface over no list: the paired kernel's, whose steps PairedWalk gives instead.
+struct NoList {
+  static constexpr int begin = 0, end = 0, n_full = 0;
+  __device__ NoList(const ForwardParams&, int, int, int, int) {}
+  __device__ int at(int) const { return 0; }
+};
+
 // The forward's tiles (query block m, split, head h, batch b), numbered in the order of the
 // non-persistent grid (blockIdx x: the query block, longest causal rows first, and the split;
 // then y: the head; z: the batch), so both launches walk them alike. Persistent launches
 // (p.tile_counter) start CTA c on tile c and hand out the rest in order through the counter.
+// A CTA's query block m is plan tiles [m kPlanRows, (m + 1) kPlanRows) (Sm90ForwardTiles::
+// kPlanRows).
+template <int kPlanRows>
 struct ForwardTileOrder {
   int x_tiles, heads, total;
   const ForwardParams& p;
+  __device__ static int m_blocks(const ForwardParams& params) {
+    return (params.map.m_blocks + kPlanRows - 1) / kPlanRows;
+  }
   __device__ explicit ForwardTileOrder(const ForwardParams& params)
-      : x_tiles(params.map.m_blocks * params.num_splits),
+      : x_tiles(m_blocks(params) * params.num_splits),
         heads(params.pack_gqa ? params.num_kv_heads : params.num_heads),
         total(x_tiles * heads * params.batch),
         p(params) {}
@@ -301,7 +418,7 @@ struct ForwardTileOrder {
   __device__ void decode(int tile, int& m, int& split, int& h, int& b) const {
     const int x = tile % x_tiles, rest = tile / x_tiles;
     split = x % p.num_splits;
-    m = p.map.m_blocks - 1 - x / p.num_splits;
+    m = m_blocks(p) - 1 - x / p.num_splits;
     h = rest % heads;
     b = rest / heads;
   }
@@ -343,6 +460,7 @@ __device__ __forceinline__ void load_gathered_rows_async(uint16_t* smem_k, GmmaL
                                                          const uint16_t* k, int64_t k_stride,
                                                          const uint16_t* v, int64_t v_stride,
                                                          const int32_t* slots, int head_dim) {
+  static_assert(kHeadDim <= 128, "one pass covers a row (GmmaLoadOffsets without halves)");
   constexpr int kChunks = kHeadDim / 8;
   constexpr int kRowsPerPass = kThreads / kChunks, kPasses = kRows / kRowsPerPass;
   static_assert(kThreads % kChunks == 0 && kRows % kRowsPerPass == 0, "whole passes");
@@ -395,6 +513,8 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
   // Dynamic shared memory starts 1024-byte aligned (no static shared memory here), as the 128-byte
   // swizzle of the GMMA layouts requires.
   extern __shared__ __align__(128) uint8_t smem_raw[];
+  constexpr bool kPaired = Tiles::kPlanRows == 2;  // two plan tiles per CTA (PairedWalk)
+  static_assert(!(kPaired && kGathered), "gathered tiles are one plan tile's");
   T* smem_q = reinterpret_cast<T*>(smem_raw);
   T* smem_k = smem_q + Tiles::kSmemQ;
   T* smem_v = smem_k + Tiles::kSmemK;
@@ -407,11 +527,12 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
   // Tiles (query block, split, head, batch) come from the launch's schedule: one per CTA of a
   // full grid, or, persistent (ForwardParams::tile_counter), one CTA per SM walking tiles until
   // none is left. Per tile the producer publishes its number in s_tile (tile_full), copies its Q
-  // (q_full) once the consumers hold the previous Q in registers (q_empty), then its K/V tiles;
+  // (q_full) once the consumers hold the previous Q in registers (q_empty; at D = 256, where Q
+  // stays in shared memory, once they computed the previous tile's last S), then its K/V tiles;
   // the stage ring runs on across tiles, so the next tile's Q and first K/V tiles land while the
   // consumers finish the current one and write it out.
   allow_dependent_launch();  // a split call's combine (forward_kernel.cuh)
-  const ForwardTileOrder order(p);
+  const ForwardTileOrder<Tiles::kPlanRows> order(p);
   uint64_t* tile_full = reinterpret_cast<uint64_t*>(smem_raw + Tiles::kTileOffset);
   uint64_t* q_full = tile_full + 1;
   uint64_t* q_empty = tile_full + 2;
@@ -421,13 +542,18 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
     mbarrier_init(q_full, Tiles::kProducerThreads);
     mbarrier_init(q_empty, Tiles::kConsumerThreads / 32);
   }
+  // Paired tiles: producer thread 0 arrives once more on a stage's "full", after it wrote the
+  // stage's step record (a release, which its arrival on its copies is not).
   uint64_t* full_bar =
-      init_stage_barriers<kStages, Tiles::kProducerThreads, Tiles::kConsumerThreads>(
-          smem_raw + Tiles::kBarrierOffset);
+      init_stage_barriers<kStages, Tiles::kProducerThreads + (kPaired ? 1 : 0),
+                          Tiles::kConsumerThreads>(smem_raw + Tiles::kBarrierOffset);
   uint64_t* empty_bar = full_bar + kStages;
   auto* s_nonfinite = reinterpret_cast<unsigned long long*>(smem_raw + Tiles::kNonfiniteOffset);
+  auto* s_step = reinterpret_cast<int2*>(smem_raw + Tiles::kStepOffset);  // kPaired only
 
-  using List = std::conditional_t<kGathered, GatheredList, BlockList>;
+  // Paired tiles walk PairedWalk's steps (the producer) and records (the consumers) instead.
+  using List = std::conditional_t<kPaired, NoList,
+                                  std::conditional_t<kGathered, GatheredList, BlockList>>;
   constexpr int kStageElems = kBlockN * kHeadDim;  // a stage is the outermost mode of both layouts
   static_assert(Tiles::kSmemK == kStages * kStageElems && Tiles::kSmemV == kStages * kStageElems,
                 "stages are contiguous tiles");
@@ -502,7 +628,7 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
       load_rows_async<kHeadDim, kBlockM, kLoaders>(
           s_q, q_dst.first, q_dst.step,
           static_cast<const uint16_t*>(p.q) + b * p.q_stride_b + h * p.q_stride_h, p.q_stride_s,
-          m * kBlockM, p.seqlen_q, p.head_dim);
+          m * kBlockM, p.seqlen_q, p.head_dim, q_dst.half);
       mbarrier_arrive_on_copies(q_full);
 
       const int hk = h / p.group;
@@ -514,12 +640,38 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
       const auto* k = static_cast<const uint16_t*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h;
       const auto* v = static_cast<const uint16_t*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h;
       int n_next = tiles > 0 ? list.at(list.begin) : 0;
+      // Paired tiles: the walk runs a step ahead, so that each step knows whether it is the last.
+      std::conditional_t<kPaired, PairedWalk, NoList> walk(p, b, h / p.map.head_group, m, split);
+      int walk_status = 0;
+      bool walk_more = false, done = false;
+      if constexpr (kPaired) walk_more = walk.next(n_next, walk_status);
 #pragma unroll 1
-      for (int j = 0; j < tiles; ++j, ++it) {
+      for (int j = 0; kPaired ? !done : j < tiles; ++j, ++it) {
         const int stage = it % kStages;
-        const int n_block = n_next;
-        n_next = j + 1 < tiles ? list.at(list.begin + j + 1) : 0;
+        int n_block = n_next, status = 0;
+        if constexpr (kPaired) {
+          status = walk_status;
+          if (!walk_more) {  // a tile without steps: one empty step
+            n_block = -1;
+            status = kStepLast;
+          } else if (!(walk_more = walk.next(n_next, walk_status))) {
+            status |= kStepLast;
+          }
+          done = status & kStepLast;
+        } else {
+          n_next = j + 1 < tiles ? list.at(list.begin + j + 1) : 0;
+        }
         if (it >= kStages) mbarrier_wait(&empty_bar[stage], (it / kStages - 1) & 1);
+        if constexpr (kPaired) {
+          if (threadIdx.x == 0) {
+            s_step[stage] = make_int2(n_block, status);
+            mbarrier_arrive(&full_bar[stage]);
+          }
+          if (n_block < 0) {
+            mbarrier_arrive(&full_bar[stage]);
+            continue;
+          }
+        }
         if (bias_staged(bias_row, n_block) && int(threadIdx.x) < kBlockN * bias_bytes / 16) {
           SM80_CP_ASYNC_CACHEGLOBAL<uint128_t>::copy(
               *reinterpret_cast<const uint128_t*>(bias_row +
@@ -551,7 +703,8 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
         // whose completion the producer waits for before scanning it. The consumers derive the
         // same choice before their fence: the two conditions must stay alike. (One shared lambda
         // for both changed ptxas's spills, 184 -> 194 bytes at D = 128, unmeasured on a card.)
-        const bool fast = list.begin + j < list.n_full || !check_v;
+        const bool fast = (kPaired ? !(status & kStepPartialAny) : list.begin + j < list.n_full) ||
+                          !check_v;
         if constexpr (!kGathered) {
           if (Tiles::kTmaKv && fast && tma.enabled) {
             if (threadIdx.x == 0) {
@@ -565,12 +718,12 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
               }
             }
           } else {
-            load_rows_async<kHeadDim, kBlockN, kLoaders>(s_k + stage * kStageElems, k_dst.first,
-                                                         k_dst.step, k, p.k_stride_s,
-                                                         n_block * kBlockN, p.seqlen_k, p.head_dim);
-            load_rows_async<kHeadDim, kBlockN, kLoaders>(s_v + stage * kStageElems, v_dst.first,
-                                                         v_dst.step, v, p.v_stride_s,
-                                                         n_block * kBlockN, p.seqlen_k, p.head_dim);
+            load_rows_async<kHeadDim, kBlockN, kLoaders>(
+                s_k + stage * kStageElems, k_dst.first, k_dst.step, k, p.k_stride_s,
+                n_block * kBlockN, p.seqlen_k, p.head_dim, k_dst.half);
+            load_rows_async<kHeadDim, kBlockN, kLoaders>(
+                s_v + stage * kStageElems, v_dst.first, v_dst.step, v, p.v_stride_s,
+                n_block * kBlockN, p.seqlen_k, p.head_dim, v_dst.half);
           }
         }
         if (fast) {
@@ -580,8 +733,9 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
         // A partial tile: its V rows holding NaN / Inf are marked in s_nonfinite[stage] and
         // zeroed before the consumers see the stage (add_nonfinite_keys). The producer waits for
         // its own copies here, on partial tiles only. Each thread scans the chunks it copied:
-        // rows threadIdx.x / kChunks + k * kRowsPerPass.
-        constexpr int kChunks = kHeadDim / 8, kRowsPerPass = kLoaders / kChunks;
+        // rows threadIdx.x / kChunks + k * kRowsPerPass (both halves at D = 256).
+        constexpr int kChunks = gmma_load_chunks(kHeadDim), kRowsPerPass = kLoaders / kChunks;
+        constexpr int kHalves = gmma_load_halves(kHeadDim);
         if (threadIdx.x == 0) s_nonfinite[stage] = 0;
         cp_async_fence();
         cp_async_wait<0>();
@@ -590,9 +744,13 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
         uint64_t mine = 0;
 #pragma unroll 1
         for (int k = 0; k < kBlockN / kRowsPerPass; ++k) {
-          const uint4 x = *reinterpret_cast<const uint4*>(sv + v_dst.first + k * v_dst.step);
-          if (chunk_nonfinite<Elt>(x)) {
-            mine |= 1ull << (int(threadIdx.x) / kChunks + k * kRowsPerPass);
+#pragma unroll
+          for (int hh = 0; hh < kHalves; ++hh) {
+            const uint4 x = *reinterpret_cast<const uint4*>(sv + v_dst.first + k * v_dst.step +
+                                                            hh * v_dst.half);
+            if (chunk_nonfinite<Elt>(x)) {
+              mine |= 1ull << (int(threadIdx.x) / kChunks + k * kRowsPerPass);
+            }
           }
         }
         if (mine) atomicOr(&s_nonfinite[stage], static_cast<unsigned long long>(mine));
@@ -602,8 +760,11 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
 #pragma unroll 1
           for (int k = 0; k < kBlockN / kRowsPerPass; ++k) {
             if ((nonfinite >> (int(threadIdx.x) / kChunks + k * kRowsPerPass)) & 1) {
-              *reinterpret_cast<uint4*>(sv + v_dst.first + k * v_dst.step) =
-                  make_uint4(0, 0, 0, 0);
+#pragma unroll
+              for (int hh = 0; hh < kHalves; ++hh) {
+                *reinterpret_cast<uint4*>(sv + v_dst.first + k * v_dst.step + hh * v_dst.half) =
+                    make_uint4(0, 0, 0, 0);
+              }
             }
           }
           fence_async_shared();  // the zeros, before the consumers' wgmma reads them
@@ -633,8 +794,16 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
   auto thr_o = mma_o.get_thread_slice(ct);
   // Q (the thread's A fragments of S = Q K^T) in registers. An RS A fragment of k-block kb holds,
   // in register order (v0, v1, v2), row 16 warp + g + 8 v1 and column 16 kb + 8 v2 + 2 t + v0:
-  // the mma.sync A layout, so each (v1, v2) pair of values is one 32-bit shared-memory read.
-  Tensor tSrQ = make_tensor<T>(Layout<Shape<Shape<_2, _2, _2>, _1, Int<kHeadDim / 16>>>{});
+  // the mma.sync A layout, so each (v1, v2) pair of values is one 32-bit shared-memory read. At
+  // D = 256 the fragments are descriptors of Q in shared memory.
+  auto tSrQ = [&] {
+    if constexpr (Tiles::kQInRegisters) {
+      return make_tensor<T>(Layout<Shape<Shape<_2, _2, _2>, _1, Int<kHeadDim / 16>>>{});
+    } else {
+      return thr_s.partition_fragment_A(
+          make_tensor(make_smem_ptr(smem_q), typename Tiles::SmemLayoutQ{}));
+    }
+  }();
   Tensor tSrK = thr_s.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_K, stage)
   Tensor tOrV = thr_o.partition_fragment_B(sVt);  // (MMA, MMA_N, MMA_K, stage)
   Tensor tSrS = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
@@ -680,9 +849,12 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
     const uint8_t* bias_row = staged_bias_row(m, h, b);
     const float* gathered_bias = gathered_bias_row(m, h, b);
 
-    // Q into registers; then the producer may copy the next tile's Q over it.
+    // Q into registers; then the producer may copy the next tile's Q over it. At D = 256 the
+    // products read it from shared memory until the tile's last S.
     mbarrier_wait(q_full, t & 1);
-    {
+    if constexpr (!Tiles::kQInRegisters) {
+      fence_async_shared();  // the producer's cp.async writes, before wgmma reads them
+    } else {
       const int row = warp * 16 + wr.g;
       auto* q_regs = reinterpret_cast<uint32_t*>(raw_pointer_cast(tSrQ.data()));
 #pragma unroll
@@ -695,9 +867,9 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
             q_regs[4 * kb + 2 * v2 + v1] =
                 *reinterpret_cast<const uint32_t*>(s_q + gmma_offset(layout_q, row + 8 * v1, col));
           }
+      __syncwarp();
+      if (release_lane) mbarrier_arrive(q_empty);
     }
-    __syncwarp();
-    if (release_lane) mbarrier_arrive(q_empty);
 
     float row_max[1][2] = {{-INFINITY, -INFINITY}}, row_sum[1][2] = {{0.0f, 0.0f}};
     // The thread's two rows' visible ends (compacted row bounds: a load each), the same every
@@ -715,17 +887,52 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
 
     int n = tiles > 0 ? list.at(list.begin) : 0;
     int n_next = tiles > 1 ? list.at(list.begin + 1) : 0;
+    // Paired tiles: this warpgroup's plan tile (its step bits), its key tiles so far (the loop's
+    // j counts the CTA's steps, some of which are the other plan tile's alone) and the stage of
+    // the P V still to issue; the steps of the CTA's tile.
+    [[maybe_unused]] const int plan_shift = 2 * (warp / 4);
+    [[maybe_unused]] bool pending = false;
+    [[maybe_unused]] int pending_stage = 0;
+    int steps = tiles;
 #pragma unroll 1
-    for (int j = 0; j < tiles; ++j) {
+    for (int j = 0; kPaired || j < tiles; ++j) {
       const int stage = (it + j) % kStages;
       const int n_after = j + 2 < tiles ? list.at(list.begin + j + 2) : 0;
       mbarrier_wait(&full_bar[stage], ((it + j) / kStages) & 1);
+      // Paired tiles: whether the key tile is partial to this warpgroup's rows, and to any of
+      // the CTA's (the stage's step record).
+      [[maybe_unused]] bool partial_mine = false, partial_any = false, last = false;
+      if constexpr (kPaired) {
+        const int2 record = s_step[stage];
+        n = record.x;
+        const int mine = (record.y >> plan_shift) & 3;
+        partial_mine = mine == kStepPartial;
+        partial_any = record.y & kStepPartialAny;
+        last = record.y & kStepLast;
+        if (mine == 0) {
+          // Not this plan tile's: the P V still pending goes first (its stage must be released
+          // before the producer can fill the next one), then the stage goes back unread.
+          if (pending) {
+            issue_pv(pending_stage);
+            warpgroup_wait<0>();
+            warpgroup_fence_operand(tOrO);
+            if (release_lane) mbarrier_arrive(&empty_bar[pending_stage]);
+            pending = false;
+          }
+          if (release_lane) mbarrier_arrive(&empty_bar[stage]);
+          if (last) {
+            steps = j + 1;
+            break;
+          }
+          continue;
+        }
+      }
       // The producer's cp.async writes (the generic proxy), before wgmma reads them. A tile that
       // came by TMA was written by the async proxy and completed on the mbarrier: no fence (1.6%
       // of the dense D = 128 forward without a mask, docs/perf.md). The producer's `fast` and
       // TMA test, restated: a tile cp.async wrote must be fenced.
       const bool by_tma = Tiles::kTmaKv && tma.enabled && !kGathered &&
-                          (list.begin + j < list.n_full || !check_v);
+                          ((kPaired ? !partial_any : list.begin + j < list.n_full) || !check_v);
       if (!by_tma) fence_async_shared();
 
       warpgroup_fence_operand(tSrS);
@@ -737,10 +944,13 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
         mma_s.accumulate_ = GMMA::ScaleOut::One;
       }
       warpgroup_commit_batch();
-      const int prev_stage = (it + j + kStages - 1) % kStages;
-      if (j > 0) {
+      const int prev_stage = kPaired ? pending_stage : (it + j + kStages - 1) % kStages;
+      const bool has_prev = kPaired ? pending : j > 0;
+      if (has_prev) {
         issue_pv(prev_stage);
-        warpgroup_wait<1>();  // S_j (groups retire in order)
+        // S_j (groups retire in order). At D = 256, P_{j-1} V_{j-1} too: its registers (P) are
+        // then free for the softmax, which without them spilled.
+        warpgroup_wait<Tiles::kQInRegisters ? 1 : 0>();
       } else {
         warpgroup_wait<0>();
       }
@@ -751,7 +961,7 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
       for (int c = 0; c < kNTiles; ++c)
 #pragma unroll
         for (int e = 0; e < 4; ++e) s[0][c][e] = tSrS(4 * c + e);
-      const bool partial = list.begin + j >= list.n_full;
+      const bool partial = kPaired ? partial_mine : list.begin + j >= list.n_full;
       if (plain && !partial && (kGathered || (n + 1) * kBlockN <= p.seqlen_k)) {
         // A whole tile of plain scores: nothing to add or drop (the scale is in the exp2).
       } else if constexpr (kGathered) {
@@ -770,7 +980,7 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
 
       warpgroup_wait<0>();  // P_{j-1} V_{j-1}: tOrP, tOrO and stage j - 1 are free again
       warpgroup_fence_operand(tOrO);
-      if (j > 0 && release_lane) mbarrier_arrive(&empty_bar[prev_stage]);
+      if (has_prev && release_lane) mbarrier_arrive(&empty_bar[prev_stage]);
       auto* p_regs = reinterpret_cast<uint32_t*>(raw_pointer_cast(tOrP.data()));
 #pragma unroll
       for (int c = 0; c < kNTiles; ++c) {
@@ -778,7 +988,9 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
         p_regs[2 * c + 1] = Elt::pack(s[0][c][2], s[0][c][3]);
       }
       rescale_rows<1, kDTiles>(o_at, correction);
-      if (check_v && list.begin + j >= list.n_full) {
+      // A partial tile's non-finite V keys, zeroed in the stage: at D = 256 also where the tile is
+      // whole to these rows but partial to the other plan tile's.
+      if (check_v && (kPaired ? partial_any : list.begin + j >= list.n_full)) {
         const uint64_t nonfinite = s_nonfinite[stage];
         if (nonfinite != 0) {
           const auto* v_head =
@@ -796,15 +1008,25 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
       }
       n = n_next;
       n_next = n_after;
+      if constexpr (kPaired) {
+        pending = true;
+        pending_stage = stage;
+        if (last) {
+          steps = j + 1;
+          break;
+        }
+      }
     }
-    if (tiles > 0) {  // the last tile's P V, then its stage goes back to the producer
-      const int last_stage = (it + tiles - 1) % kStages;
+    if (kPaired ? pending : tiles > 0) {  // the last tile's P V, then its stage goes back
+      const int last_stage = kPaired ? pending_stage : (it + tiles - 1) % kStages;
       issue_pv(last_stage);
       warpgroup_wait<0>();
       warpgroup_fence_operand(tOrO);
       if (release_lane) mbarrier_arrive(&empty_bar[last_stage]);
     }
-    it += tiles;
+    // Q in shared memory: every S of the tile has been waited for.
+    if (!Tiles::kQInRegisters && release_lane) mbarrier_arrive(q_empty);
+    it += steps;
     float o[1][kDTiles][4];
 #pragma unroll
     for (int d = 0; d < kDTiles; ++d)

@@ -16,20 +16,6 @@
 
 namespace fsa::detail::cuda {
 
-// The Hopper kernel serves prefill on sm_90 devices (the sm_90a image of this build). Decode-style
-// GQA packing stays on the sm80 kernel (its split-key layout, tiles.h, keeps several K / V tiles
-// loading per CTA, which a memory-bound pass needs more than wgmma), and so does a paged cache:
-// only the sm80 kernel loads rows through a page table. FSA_CUDA_FORWARD=sm80 forces the sm80
-// kernel (for A/B measurements on one card).
-inline bool use_sm90_forward(const ForwardParams& params) {
-  static const bool forced_sm80 = env_is("FSA_CUDA_FORWARD", "sm80");
-  if (forced_sm80 || params.pack_gqa || params.paged.table != nullptr ||
-      params.cache_seqlens != nullptr) {
-    return false;
-  }
-  return hopper_kernels_available();
-}
-
 // Whether the sm90 forward runs persistent (one CTA per SM walking tiles); FSA_CUDA_PERSISTENT=0
 // launches one CTA per tile instead (A/B measurements, docs/perf.md).
 inline bool persistent_forward_enabled() {
@@ -109,25 +95,33 @@ void launch_forward(const ForwardParams& params, cudaStream_t stream) {
   const int heads = params.pack_gqa ? params.num_kv_heads : params.num_heads;
   const dim3 grid(params.map.m_blocks * params.num_splits, heads, params.batch);
   bool launched = false;
-  if constexpr (kHeadDim <= 128) {
+  {
     // Per-row top-k over compacted keys runs on the gathered lists its device plan has
     // (BlockMapParams::gather_slots); packed sequences, whose slots are consecutive, walk the map
     // over the slot axis and read RowEnd::key_last in their partial tiles.
     const bool gathered = params.map.gather_slots != nullptr;
-    if (use_sm90_forward(params)) {
+    if (use_sm90_forward(params, kHeadDim)) {
       using Tiles = Sm90ForwardTiles<kHeadDim, Elt>;
-      auto* kernel = params.bias_staged ? &forward_kernel_sm90<kHeadDim, Elt, true>
-                     : gathered         ? &forward_kernel_sm90<kHeadDim, Elt, false, true>
-                                        : &forward_kernel_sm90<kHeadDim, Elt, false>;
+      auto* kernel = &forward_kernel_sm90<kHeadDim, Elt, false>;
+      if (params.bias_staged) kernel = &forward_kernel_sm90<kHeadDim, Elt, true>;
+      if constexpr (Tiles::kPlanRows == 1) {
+        if (gathered) kernel = &forward_kernel_sm90<kHeadDim, Elt, false, true>;
+      }
       const int smem = Tiles::smem_bytes(params.bias_staged, gathered);
       allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
+      // A CTA's query block is Tiles::kPlanRows of the plan's (two at D = 256).
+      static_assert(Tiles::kPlanRows == (kHeadDim > 128 ? 2 : 1), "forward_plan_rows_per_cta");
+      const dim3 sm90_grid(
+          unsigned((params.map.m_blocks + Tiles::kPlanRows - 1) / Tiles::kPlanRows *
+                   params.num_splits),
+          unsigned(heads), unsigned(params.batch));
       // Persistent: one CTA per SM (the kernel's occupancy) takes tiles from a counter, so a
       // tile's Q and first K/V tiles load while the previous tile finishes and is written out.
-      const int64_t tiles = int64_t(grid.x) * grid.y * grid.z;
+      const int64_t tiles = int64_t(sm90_grid.x) * sm90_grid.y * sm90_grid.z;
       const int64_t sms = multiprocessor_count();
       StreamBuffer counter(stream);
       ForwardParams fp = params;
-      dim3 launch_grid = grid;
+      dim3 launch_grid = sm90_grid;
       if (persistent_forward_enabled() && tiles > sms && tiles < (int64_t(1) << 30)) {
         FSA_CUDA_CHECK(scratch_malloc(&counter.ptr, sizeof(int), stream));
         FSA_CUDA_CHECK(cudaMemsetAsync(counter.ptr, 0, sizeof(int), stream));

@@ -43,6 +43,28 @@ inline bool touch_table_enabled() {
   return enabled;
 }
 
+// The Hopper kernel serves prefill on sm_90 devices (the sm_90a image of this build). Decode-style
+// GQA packing stays on the sm80 kernel (its split-key layout, tiles.h, keeps several K / V tiles
+// loading per CTA, which a memory-bound pass needs more than wgmma), and so does a paged cache:
+// only the sm80 kernel loads rows through a page table. At D = 256 per-row top-k over compacted
+// keys (gathered tiles, one plan tile's each) stays there too. FSA_CUDA_FORWARD=sm80 forces the
+// sm80 kernel (for A/B measurements on one card).
+inline bool use_sm90_forward(const ForwardParams& params, int kernel_head_dim) {
+  static const bool forced_sm80 = env_is("FSA_CUDA_FORWARD", "sm80");
+  if (forced_sm80 || params.pack_gqa || params.paged.table != nullptr ||
+      params.cache_seqlens != nullptr ||
+      (kernel_head_dim > 128 && params.map.gather_slots != nullptr)) {
+    return false;
+  }
+  return hopper_kernels_available();
+}
+
+// The plan's query tiles per CTA of the forward that serves a call: two for the sm90 kernel at
+// D = 256 (Sm90ForwardTiles::kPlanRows), else one. Split-KV sizes its grid by it.
+inline int forward_plan_rows_per_cta(const ForwardParams& params, int kernel_head_dim) {
+  return kernel_head_dim > 128 && use_sm90_forward(params, kernel_head_dim) ? 2 : 1;
+}
+
 template <int kHeadDim, class Elt>
 void launch_forward(const ForwardParams& params, cudaStream_t stream);
 
