@@ -130,10 +130,12 @@ struct Sm90ForwardTiles {
   // q_empty, then the published tile and the producer's two fetch slots (int32 each).
   static constexpr int kTileOffset = kNonfiniteOffset + kStages * 8;
   // Two plan tiles per CTA (kPlanRows == 2): per stage the producer's step record (PairedWalk):
-  // the key tile and what it is to each consumer.
+  // the key tile and what it is to each consumer; then the V side's own "full" and "empty"
+  // barriers (the stage barriers above then serve K, its bias and the record alone).
   static constexpr int kStepOffset = kTileOffset + 3 * 8 + 4 * 4;
+  static constexpr int kVBarrierOffset = kStepOffset + kStages * 8;
   static constexpr int kSmemBytes =
-      kPlanRows == 1 ? kTileOffset + 3 * 8 + 3 * 4 : kStepOffset + kStages * 8;
+      kPlanRows == 1 ? kTileOffset + 3 * 8 + 3 * 4 : kVBarrierOffset + 2 * kStages * 8;
   static_assert(kBlockN <= 64, "one bit per key of a tile");
   // A staged bias (Params::bias_staged) lives after the barriers, so that launches without one
   // keep their shared memory (and the L1 that the rest of the carveout leaves) as it was. Per
@@ -541,6 +543,13 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
     mbarrier_init(tile_full, 1);
     mbarrier_init(q_full, Tiles::kProducerThreads);
     mbarrier_init(q_empty, Tiles::kConsumerThreads / 32);
+    if constexpr (Tiles::kPlanRows == 2) {
+      auto* v_bar = reinterpret_cast<uint64_t*>(smem_raw + Tiles::kVBarrierOffset);
+      for (int st = 0; st < kStages; ++st) {
+        mbarrier_init(&v_bar[st], Tiles::kProducerThreads);
+        mbarrier_init(&v_bar[kStages + st], Tiles::kConsumerThreads / 32);
+      }
+    }
   }
   // Paired tiles: producer thread 0 arrives once more on a stage's "full", after it wrote the
   // stage's step record (a release, which its arrival on its copies is not).
@@ -550,6 +559,12 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
   uint64_t* empty_bar = full_bar + kStages;
   auto* s_nonfinite = reinterpret_cast<unsigned long long*>(smem_raw + Tiles::kNonfiniteOffset);
   auto* s_step = reinterpret_cast<int2*>(smem_raw + Tiles::kStepOffset);  // kPaired only
+  // Paired tiles: K and V have their own rings of barriers over the same stages. A stage's K is
+  // released once both consumers computed its S, its V once their P V is done, so the producer
+  // fills the next K while the consumers still read V: with two 64 KB stages, one pair of
+  // barriers held each stage for about two key tiles and left the producer one tile ahead.
+  uint64_t* full_v = reinterpret_cast<uint64_t*>(smem_raw + Tiles::kVBarrierOffset);
+  uint64_t* empty_v = full_v + kStages;
 
   // Paired tiles walk PairedWalk's steps (the producer) and records (the consumers) instead.
   using List = std::conditional_t<kPaired, NoList,
@@ -667,8 +682,10 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
             s_step[stage] = make_int2(n_block, status);
             mbarrier_arrive(&full_bar[stage]);
           }
-          if (n_block < 0) {
+          if (n_block < 0) {  // both rings take the step, without data
             mbarrier_arrive(&full_bar[stage]);
+            if (it >= kStages) mbarrier_wait(&empty_v[stage], (it / kStages - 1) & 1);
+            mbarrier_arrive(&full_v[stage]);
             continue;
           }
         }
@@ -708,26 +725,52 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
         if constexpr (!kGathered) {
           if (Tiles::kTmaKv && fast && tma.enabled) {
             if (threadIdx.x == 0) {
-              mbarrier_expect_tx(&full_bar[stage], 2 * kStageElems * 2);
+              mbarrier_expect_tx(&full_bar[stage], (kPaired ? 1 : 2) * kStageElems * 2);
 #pragma unroll
               for (int c = 0; c < kHeadDim / 64; ++c) {
                 tma_load_4d(smem_k + stage * kStageElems + c * kBlockN * 64, tma.k, 64 * c,
                             n_block * kBlockN, hk, b, &full_bar[stage]);
-                tma_load_4d(smem_v + stage * kStageElems + c * kBlockN * 64, tma.v, 64 * c,
-                            n_block * kBlockN, hk, b, &full_bar[stage]);
+                if constexpr (!kPaired) {
+                  tma_load_4d(smem_v + stage * kStageElems + c * kBlockN * 64, tma.v, 64 * c,
+                              n_block * kBlockN, hk, b, &full_bar[stage]);
+                }
               }
             }
           } else {
             load_rows_async<kHeadDim, kBlockN, kLoaders>(
                 s_k + stage * kStageElems, k_dst.first, k_dst.step, k, p.k_stride_s,
                 n_block * kBlockN, p.seqlen_k, p.head_dim, k_dst.half);
+            if constexpr (!kPaired) {
+              load_rows_async<kHeadDim, kBlockN, kLoaders>(
+                  s_v + stage * kStageElems, v_dst.first, v_dst.step, v, p.v_stride_s,
+                  n_block * kBlockN, p.seqlen_k, p.head_dim, v_dst.half);
+            }
+          }
+        }
+        // Paired tiles: K (and the bias) complete on the K ring; V, once its slot is free, on
+        // the V ring.
+        uint64_t* v_full = &full_bar[stage];
+        if constexpr (kPaired) {
+          mbarrier_arrive_on_copies(&full_bar[stage]);
+          v_full = &full_v[stage];
+          if (it >= kStages) mbarrier_wait(&empty_v[stage], (it / kStages - 1) & 1);
+          if (Tiles::kTmaKv && fast && tma.enabled) {
+            if (threadIdx.x == 0) {
+              mbarrier_expect_tx(v_full, kStageElems * 2);
+#pragma unroll
+              for (int c = 0; c < kHeadDim / 64; ++c) {
+                tma_load_4d(smem_v + stage * kStageElems + c * kBlockN * 64, tma.v, 64 * c,
+                            n_block * kBlockN, hk, b, v_full);
+              }
+            }
+          } else {
             load_rows_async<kHeadDim, kBlockN, kLoaders>(
                 s_v + stage * kStageElems, v_dst.first, v_dst.step, v, p.v_stride_s,
                 n_block * kBlockN, p.seqlen_k, p.head_dim, v_dst.half);
           }
         }
         if (fast) {
-          mbarrier_arrive_on_copies(&full_bar[stage]);
+          mbarrier_arrive_on_copies(v_full);
           continue;
         }
         // A partial tile: its V rows holding NaN / Inf are marked in s_nonfinite[stage] and
@@ -769,7 +812,7 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
           }
           fence_async_shared();  // the zeros, before the consumers' wgmma reads them
         }
-        mbarrier_arrive(&full_bar[stage]);
+        mbarrier_arrive(v_full);
       }
       // The next tile, fetched by one thread for the warpgroup (two slots: a slot is written
       // again only after every producer thread passed the barrier that follows its read).
@@ -891,8 +934,9 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
     // j counts the CTA's steps, some of which are the other plan tile's alone) and the stage of
     // the P V still to issue; the steps of the CTA's tile.
     [[maybe_unused]] const int plan_shift = 2 * (warp / 4);
-    [[maybe_unused]] bool pending = false;
+    [[maybe_unused]] bool pending = false, pending_fence = false;
     [[maybe_unused]] int pending_stage = 0;
+    [[maybe_unused]] uint32_t pending_parity = 0;
     int steps = tiles;
 #pragma unroll 1
     for (int j = 0; kPaired || j < tiles; ++j) {
@@ -909,23 +953,34 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
         partial_mine = mine == kStepPartial;
         partial_any = record.y & kStepPartialAny;
         last = record.y & kStepLast;
+        // The pending P V's V (it is issued below, after this tile's S).
+        if (pending) mbarrier_wait(&full_v[pending_stage], pending_parity);
         if (mine == 0) {
-          // Not this plan tile's: the P V still pending goes first (its stage must be released
-          // before the producer can fill the next one), then the stage goes back unread.
+          // Not this plan tile's: the P V still pending goes first (its V slot must be released
+          // before the producer can fill the next one), then the stage goes back unread, on
+          // both rings (V once it landed: an arrival must not count towards the slot's
+          // previous use).
           if (pending) {
+            if (pending_fence) fence_async_shared();
             issue_pv(pending_stage);
             warpgroup_wait<0>();
             warpgroup_fence_operand(tOrO);
-            if (release_lane) mbarrier_arrive(&empty_bar[pending_stage]);
+            if (release_lane) mbarrier_arrive(&empty_v[pending_stage]);
             pending = false;
           }
-          if (release_lane) mbarrier_arrive(&empty_bar[stage]);
+          mbarrier_wait(&full_v[stage], ((it + j) / kStages) & 1);
+          if (release_lane) {
+            mbarrier_arrive(&empty_bar[stage]);
+            mbarrier_arrive(&empty_v[stage]);
+          }
           if (last) {
             steps = j + 1;
             break;
           }
           continue;
         }
+        // A partial tile's non-finite V keys are read after the softmax (s_nonfinite).
+        if (check_v && partial_any) mbarrier_wait(&full_v[stage], ((it + j) / kStages) & 1);
       }
       // The producer's cp.async writes (the generic proxy), before wgmma reads them. A tile that
       // came by TMA was written by the async proxy and completed on the mbarrier: no fence (1.6%
@@ -933,7 +988,7 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
       // TMA test, restated: a tile cp.async wrote must be fenced.
       const bool by_tma = Tiles::kTmaKv && tma.enabled && !kGathered &&
                           ((kPaired ? !partial_any : list.begin + j < list.n_full) || !check_v);
-      if (!by_tma) fence_async_shared();
+      if (!by_tma || (kPaired && pending_fence)) fence_async_shared();
 
       warpgroup_fence_operand(tSrS);
       warpgroup_arrive();
@@ -955,6 +1010,10 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
         warpgroup_wait<0>();
       }
       warpgroup_fence_operand(tSrS);
+      // Paired tiles: P_{j-1} V_{j-1} is done, and V_{j-1}'s slot goes back.
+      if constexpr (kPaired) {
+        if (has_prev && release_lane) mbarrier_arrive(&empty_v[prev_stage]);
+      }
 
       float s[1][kNTiles][4];
 #pragma unroll
@@ -975,12 +1034,17 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
             bias_staged(bias_row, n) ? s_bias + stage * Tiles::kBiasStageBytes : nullptr,
             kStagedBias ? s_staged_bias + stage * Tiles::kStagedBiasStageElems : nullptr);
       }
+      // Paired tiles: K_j's slot (with the tile's bias) goes back once the warp's logits read it.
+      if constexpr (kPaired) {
+        __syncwarp();
+        if (release_lane) mbarrier_arrive(&empty_bar[stage]);
+      }
       float correction[1][2];
       softmax_step(s, wr.exp_scale, row_max, row_sum, correction);
 
       warpgroup_wait<0>();  // P_{j-1} V_{j-1}: tOrP, tOrO and stage j - 1 are free again
       warpgroup_fence_operand(tOrO);
-      if (has_prev && release_lane) mbarrier_arrive(&empty_bar[prev_stage]);
+      if (!kPaired && has_prev && release_lane) mbarrier_arrive(&empty_bar[prev_stage]);
       auto* p_regs = reinterpret_cast<uint32_t*>(raw_pointer_cast(tOrP.data()));
 #pragma unroll
       for (int c = 0; c < kNTiles; ++c) {
@@ -1011,6 +1075,8 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
       if constexpr (kPaired) {
         pending = true;
         pending_stage = stage;
+        pending_parity = ((it + j) / kStages) & 1;
+        pending_fence = !by_tma;
         if (last) {
           steps = j + 1;
           break;
@@ -1019,10 +1085,14 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
     }
     if (kPaired ? pending : tiles > 0) {  // the last tile's P V, then its stage goes back
       const int last_stage = kPaired ? pending_stage : (it + tiles - 1) % kStages;
+      if constexpr (kPaired) {
+        mbarrier_wait(&full_v[last_stage], pending_parity);
+        if (pending_fence) fence_async_shared();
+      }
       issue_pv(last_stage);
       warpgroup_wait<0>();
       warpgroup_fence_operand(tOrO);
-      if (release_lane) mbarrier_arrive(&empty_bar[last_stage]);
+      if (release_lane) mbarrier_arrive(kPaired ? &empty_v[last_stage] : &empty_bar[last_stage]);
     }
     // Q in shared memory: every S of the tile has been waited for.
     if (!Tiles::kQInRegisters && release_lane) mbarrier_arrive(q_empty);
