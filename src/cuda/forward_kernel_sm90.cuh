@@ -720,8 +720,12 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
         // whose completion the producer waits for before scanning it. The consumers derive the
         // same choice before their fence: the two conditions must stay alike. (One shared lambda
         // for both changed ptxas's spills, 184 -> 194 bytes at D = 128, unmeasured on a card.)
-        const bool fast = (kPaired ? !(status & kStepPartialAny) : list.begin + j < list.n_full) ||
-                          !check_v;
+        bool fast;
+        if constexpr (kPaired) {
+          fast = !(status & kStepPartialAny) || !check_v;
+        } else {
+          fast = list.begin + j < list.n_full || !check_v;
+        }
         if constexpr (!kGathered) {
           if (Tiles::kTmaKv && fast && tma.enabled) {
             if (threadIdx.x == 0) {
@@ -986,8 +990,13 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
       // came by TMA was written by the async proxy and completed on the mbarrier: no fence (1.6%
       // of the dense D = 128 forward without a mask, docs/perf.md). The producer's `fast` and
       // TMA test, restated: a tile cp.async wrote must be fenced.
-      const bool by_tma = Tiles::kTmaKv && tma.enabled && !kGathered &&
-                          ((kPaired ? !partial_any : list.begin + j < list.n_full) || !check_v);
+      bool by_tma;
+      if constexpr (kPaired) {
+        by_tma = Tiles::kTmaKv && tma.enabled && (!partial_any || !check_v);
+      } else {
+        by_tma = Tiles::kTmaKv && tma.enabled && !kGathered &&
+                 (list.begin + j < list.n_full || !check_v);
+      }
       if (!by_tma || (kPaired && pending_fence)) fence_async_shared();
 
       warpgroup_fence_operand(tSrS);
@@ -1001,7 +1010,7 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
       warpgroup_commit_batch();
       const int prev_stage = kPaired ? pending_stage : (it + j + kStages - 1) % kStages;
       const bool has_prev = kPaired ? pending : j > 0;
-      if (has_prev) {
+      if (kPaired ? pending : j > 0) {
         issue_pv(prev_stage);
         // S_j (groups retire in order). At D = 256, P_{j-1} V_{j-1} too: its registers (P) are
         // then free for the softmax, which without them spilled.
@@ -1054,7 +1063,13 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
       rescale_rows<1, kDTiles>(o_at, correction);
       // A partial tile's non-finite V keys, zeroed in the stage: at D = 256 also where the tile is
       // whole to these rows but partial to the other plan tile's.
-      if (check_v && (kPaired ? partial_any : list.begin + j >= list.n_full)) {
+      bool check_tile;
+      if constexpr (kPaired) {
+        check_tile = check_v && partial_any;
+      } else {
+        check_tile = check_v && list.begin + j >= list.n_full;
+      }
+      if (check_tile) {
         const uint64_t nonfinite = s_nonfinite[stage];
         if (nonfinite != 0) {
           const auto* v_head =
