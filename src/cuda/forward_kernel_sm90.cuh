@@ -934,9 +934,9 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
 
     int n = tiles > 0 ? list.at(list.begin) : 0;
     int n_next = tiles > 1 ? list.at(list.begin + 1) : 0;
-    // Paired tiles: this warpgroup's plan tile (its step bits), its key tiles so far (the loop's
-    // j counts the CTA's steps, some of which are the other plan tile's alone) and the stage of
-    // the P V still to issue; the steps of the CTA's tile.
+    // Paired tiles (the loop's j counts the CTA's steps, some of which are the other plan tile's
+    // alone): this warpgroup's step bits, the P V still to issue (its stage, the phase its V
+    // completes in, whether cp.async wrote that V), and the steps the tile took.
     [[maybe_unused]] const int plan_shift = 2 * (warp / 4);
     [[maybe_unused]] bool pending = false, pending_fence = false;
     [[maybe_unused]] int pending_stage = 0;
@@ -973,6 +973,7 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
             pending = false;
           }
           mbarrier_wait(&full_v[stage], ((it + j) / kStages) & 1);
+          __syncwarp();  // every lane has read the step record
           if (release_lane) {
             mbarrier_arrive(&empty_bar[stage]);
             mbarrier_arrive(&empty_v[stage]);
