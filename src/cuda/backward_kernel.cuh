@@ -410,10 +410,13 @@ __device__ __forceinline__ void dq_pass_dbias(const BackwardParams& p, int b, in
 
 // The dQ pass's epilogue for a warp's two fragment rows: dQ (accumulated unscaled, read through
 // dq_at(d, e) in the C layout) times the softmax scale, and for kRows the quad-reduced row sums.
+// The fragment covers columns col0 .. col0 + 8 kDTiles - 1; write_rows = false leaves the row
+// sums to another warpgroup (the D = 256 pass, whose two warpgroups split the head dim).
 template <class Elt, int kDTiles, class DqAt>
 __device__ __forceinline__ void dq_pass_write(const BackwardParams& p, int b, int h,
                                               const int (&i_row)[2], int t,
-                                              const float (&row_grad)[2], const DqAt& dq_at) {
+                                              const float (&row_grad)[2], const DqAt& dq_at,
+                                              int col0 = 0, bool write_rows = true) {
   auto* dq_out = static_cast<typename Elt::Storage*>(p.dq) + b * p.dq_stride_b + h * p.dq_stride_h;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -422,13 +425,13 @@ __device__ __forceinline__ void dq_pass_write(const BackwardParams& p, int b, in
     rg += __shfl_xor_sync(0xffffffffu, rg, 2);
     const int i = i_row[r];
     if (i >= p.seqlen_q) continue;
-    if (p.bias_grad == BiasGrad::kRows && t == 0) {
+    if (p.bias_grad == BiasGrad::kRows && t == 0 && write_rows) {
       p.row_accum[(int64_t(b) * p.num_heads + h) * p.seqlen_q + i] = rg;
     }
     auto* row = dq_out + int64_t(i) * p.dq_stride_s;
 #pragma unroll
     for (int d = 0; d < kDTiles; ++d) {
-      const int c = d * 8 + 2 * t;
+      const int c = col0 + d * 8 + 2 * t;
       const uint32_t packed = Elt::pack(dq_at(d, 2 * r) * p.scale, dq_at(d, 2 * r + 1) * p.scale);
       if (c + 1 < p.head_dim && (reinterpret_cast<uintptr_t>(row + c) & 3) == 0) {
         *reinterpret_cast<uint32_t*>(row + c) = packed;  // both values in one store

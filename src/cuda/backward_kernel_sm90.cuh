@@ -111,12 +111,13 @@ __device__ __forceinline__ const int32_t* dkv_group_slots(const BackwardParams& 
 // A consumer thread's dK (scaled) and dV rows at the end of a dK/dV pass: its two key rows
 // (key_row, seqlen_k and past: none) of the 64-row C fragments tdK and tdV (values 4 d + 2 r + e:
 // row r, columns 8 d + 2 t + e). Into the share's fp32 rows when the key tile's query work is
-// split (DkvShares; dkv_reduce_kernel sums them), else into dk and dv.
-template <class Elt, int kDTiles, class Acc>
+// split (DkvShares; dkv_reduce_kernel sums them), else into dk and dv. The fragments cover
+// columns col0 .. col0 + 8 kDTiles - 1 of rows kHeadDim wide (the D = 256 pass: 128 columns per
+// consumer warpgroup).
+template <class Elt, int kDTiles, int kHeadDim = kDTiles * 8, class Acc>
 __device__ __forceinline__ void write_dkdv_rows(const BackwardParams& p, const DkvCta& cta, int hk,
                                                 int b, const int (&key_row)[2], int t,
-                                                const Acc& tdK, const Acc& tdV) {
-  constexpr int kHeadDim = kDTiles * 8;
+                                                const Acc& tdK, const Acc& tdV, int col0 = 0) {
   const DkvShares shares = dkv_shares(p, hk, b);
   if (shares.log2 > 0) {  // this share's dK (scaled) and dV in fp32, summed by dkv_reduce_kernel
     const int64_t per = int64_t(p.batch) * p.dkv_rows * p.num_kv_heads * kHeadDim;
@@ -130,7 +131,7 @@ __device__ __forceinline__ void write_dkdv_rows(const BackwardParams& p, const D
       float* vrow = krow + per;
 #pragma unroll
       for (int d = 0; d < kDTiles; ++d) {
-        const int c = d * 8 + 2 * t;
+        const int c = col0 + d * 8 + 2 * t;
         *reinterpret_cast<float2*>(krow + c) =
             make_float2(tdK(4 * d + 2 * r) * p.scale, tdK(4 * d + 2 * r + 1) * p.scale);
         *reinterpret_cast<float2*>(vrow + c) = make_float2(tdV(4 * d + 2 * r), tdV(4 * d + 2 * r + 1));
@@ -148,7 +149,7 @@ __device__ __forceinline__ void write_dkdv_rows(const BackwardParams& p, const D
     auto* vrow = dv_out + int64_t(key) * p.dv_stride_s;
 #pragma unroll
     for (int d = 0; d < kDTiles; ++d) {
-      const int c = d * 8 + 2 * t;
+      const int c = col0 + d * 8 + 2 * t;
       const uint32_t kp = Elt::pack(tdK(4 * d + 2 * r) * p.scale, tdK(4 * d + 2 * r + 1) * p.scale);
       const uint32_t vp = Elt::pack(tdV(4 * d + 2 * r), tdV(4 * d + 2 * r + 1));
       if (c < p.head_dim) {

@@ -2,6 +2,8 @@
 // Definition of launch_backward, included only by the generated instantiation files.
 
 #include <algorithm>
+#include <atomic>
+#include <cstdio>
 #include <cstdlib>
 #include <type_traits>
 
@@ -9,6 +11,7 @@
 #include "cuda/backward_kernel.cuh"
 #include "cuda/backward_kernel_sm90.cuh"
 #include "cuda/backward_launch.h"
+#include "cuda/backward_wide_sm90.cuh"
 #include "cuda/check.h"
 #include "cuda/device_arch.h"
 #include "cuda/memory_pool.h"
@@ -138,11 +141,33 @@ inline bool pair_order_enabled() {
 using BackwardKernel = void (*)(BackwardParams);
 
 // The sm90 dQ kernel for this call with its threads and shared memory, or null: the sm80 pass
-// (D = 256, softcap, or the sm80 kernels forced).
+// (softcap, the sm80 kernels forced, or per-row top-k over compacted keys at D = 256).
 template <int kHeadDim, class Elt>
 BackwardKernel sm90_dq_kernel(const BackwardParams& p, int& threads, int& smem) {
   if constexpr (kHeadDim > 128) {
-    return nullptr;
+    if (!use_sm90_dq(p)) return nullptr;
+    // The D = 256 pass does not gather K and V by slot, as the D = 256 forward: those calls run
+    // the sm80 pass, which says so once per process.
+    static std::atomic<bool> logged{false};
+    if (p.map.gather_slots != nullptr) {
+      if (!logged.exchange(true)) {
+        std::fprintf(stderr,
+                     "flash_sparse_attn: per-row top-k over compacted keys at head dim %d runs "
+                     "the sm80 dQ pass (the Hopper one does not gather keys by slot there). "
+                     "Logged once per process.\n",
+                     kHeadDim);
+      }
+      return nullptr;
+    }
+    using Wide = Sm90DqWideTiles<Elt>;
+    using Duty = DqBiasDuty;
+    threads = Wide::kThreads, smem = Wide::smem_bytes(p.bias_staged);
+    if (p.row_topk.key != nullptr) return &dq_kernel_sm90_wide<Elt, Duty::kNone, true>;
+    switch (dq_bias_duty(p)) {
+      case Duty::kPacked: return &dq_kernel_sm90_wide<Elt, Duty::kPacked, false>;
+      case Duty::kFp32: return &dq_kernel_sm90_wide<Elt, Duty::kFp32, false>;
+      default: return &dq_kernel_sm90_wide<Elt, Duty::kNone, false>;
+    }
   } else {
     if (!use_sm90_dq(p)) return nullptr;
     const bool row_topk = p.row_topk.key != nullptr;
@@ -170,108 +195,128 @@ BackwardKernel sm90_dq_kernel(const BackwardParams& p, int& threads, int& smem) 
 }
 
 // The sm90 dK/dV pass and, when it splits, its reduction, with `kv` (p's copy for the pass and
-// the bias reduction after it) set up for them; false when the call takes the sm80 pass (D = 256,
-// softcap, or the sm80 kernels forced), with nothing launched.
+// the bias reduction after it) set up for them; false when the call takes the sm80 pass (softcap,
+// the sm80 kernels forced, or per-row top-k's dK/dV groups at D = 256), with nothing launched.
 template <int kHeadDim, class Elt>
 bool launch_sm90_dkdv(const BackwardParams& p, BackwardParams& kv, StreamBuffer& dkv_workspace,
                       cudaStream_t stream) {
+  if (!use_sm90_backward(p)) return false;
   if constexpr (kHeadDim > 128) {
-    return false;
-  } else {
-    if (!use_sm90_backward(p)) return false;
-    const bool row_topk = p.row_topk.key != nullptr;
-    using Sm90Tiles = Sm90DkvTiles<kHeadDim, Elt>;
-    // The fused pass (kv.dq_accum set) runs pairs of key tiles (its CTA count for the split rule).
-    const bool fused = kv.dq_accum != nullptr;
-    const int64_t target = 2 * int64_t(multiprocessor_count());
-    // Ordered pairs (a map per head, BackwardParams::pair_order) run in two shares at least: the
-    // longest pair starts first, but a key block that every query picks can still list several
-    // times an SM's share of the work. H200, block selections (1, 16384, 32, 8, 128), fwd+bwd ms
-    // at 5 / 10 / 20% for one / two / four / eight shares: 4.43 / 5.02 / 8.24, 3.25 / 5.04 / 8.73,
-    // 3.41 / 5.25 / 8.94, 3.87 / 5.72 / 9.64 (docs/perf.md, sixteenth session): more shares write
-    // and sum more fp32 partial rows.
-    constexpr int64_t kOrderedShares = 2;
-    const bool ordered = fused && kv.pair_order != nullptr && p.map.kept_count == nullptr;
-    kv.dkv_split_log2 =
-        dkv_split_log2(p, kHeadDim, target, fused ? kv.n_pairs : int64_t(p.map.n_blocks),
-                       ordered ? kOrderedShares : 1);
-    kv.dkv_splits = 1 << kv.dkv_split_log2;
-    // A compacted key mask splits by its lists' counts on the device (BackwardParams::dkv_by_count)
-    // when one share's rows over the whole grid fit the workspace cap.
-    // (The fused pass's grid runs pairs of tiles, 2 n_pairs tiles' rows.)
-    const int64_t grid_tiles = fused ? 2 * int64_t(kv.n_pairs) : int64_t(p.map.n_blocks);
-    const int64_t grid_rows = (grid_tiles * p.map.block_n) << kv.dkv_split_log2;
-    kv.dkv_by_count = p.map.kept_count != nullptr && p.row_end.key_last == nullptr &&
-                      2 * int64_t(p.batch) * grid_rows * p.num_kv_heads * kHeadDim * 4 <=
-                          (int64_t(1) << 30);
-    kv.dkv_rows = int(kv.dkv_by_count ? grid_rows : int64_t(p.seqlen_k) << kv.dkv_split_log2);
-    const int64_t lists = int64_t(p.num_kv_heads) * p.batch;
-    kv.dkv_target_tiles = int((target + lists - 1) / lists);
-    kv.dkv_max_shares = dkv_max_shares(p);
-    kv.dkv_grid_tiles = int(grid_rows / p.map.block_n / (fused ? 2 : 1));  // CTAs per list
-    // Per-row top-k's dK/dV groups measured slower tile-major (3.29 -> 3.34 ms at (1, 16384, 32,
-    // 8, 128) window 2048): their work does not fall with the group's index. The fused pass over
-    // packed sequences runs tile-major too (each document's first pairs list the most; H200, the
-    // varlen bench: 35.1 -> 34.2 ms fwd+bwd), and so does it over ordered pairs (every kv head's
-    // longest pair first); over one dense map it runs list after list, whose concurrent CTAs then
-    // share a head's Q and dO in L2 (tile-major: 12.95 -> 13.52 ms causal bwd at (2, 16384, 16,
-    // 16, 128); docs/perf.md, sixteenth session).
-    const int64_t grid_x = (fused ? int64_t(kv.n_pairs) : int64_t(p.map.n_blocks)) * kv.dkv_splits;
-    kv.dkv_tile_major =
-        (kv.dkv_by_count || (fused && (p.map.kept_count != nullptr || kv.pair_order != nullptr))) &&
-        grid_x <= 65535 && dkv_tile_major_enabled();
-    if (kv.dkv_splits > 1 || kv.dkv_by_count) {
-      const size_t per = size_t(p.batch) * kv.dkv_rows * p.num_kv_heads * kHeadDim;
-      const size_t cols = p.bias_grad == BiasGrad::kColumns
-                              ? size_t(p.batch) * p.num_heads * kv.dkv_rows
-                              : 0;
-      FSA_CUDA_CHECK(scratch_malloc(&dkv_workspace.ptr, (2 * per + cols) * sizeof(float), stream));
-      kv.dkv_partial = static_cast<float*>(dkv_workspace.ptr);
-      if (cols > 0) kv.col_accum = kv.dkv_partial + 2 * per;
-    }
-    if (kv.map.dkv_slots != nullptr) {
-      // Per-row top-k over compacted keys: CTA n runs the slots of group n (gathered by slot) over
-      // the group's own query-tile lists (BlockMapParams::dkv_slots).
-      kv.map.full_index_t = kv.map.dkv_full_index_t;
-      kv.map.full_count_t = kv.map.dkv_full_count_t;
-      kv.map.partial_index_t = kv.map.dkv_partial_index_t;
-      kv.map.partial_count_t = kv.map.dkv_partial_count_t;
-    }
-    BackwardKernel dkdv = row_topk ? &dkdv_kernel_sm90<kHeadDim, Elt, true>
-                                   : &dkdv_kernel_sm90<kHeadDim, Elt, false>;
-    // One instantiation for both: the opt-in limit is the larger size (a fixed value, so that host
-    // threads launching it concurrently never lower it under each other), a launch asks for what
-    // it uses.
-    int threads = Sm90Tiles::kThreads, smem_limit = Sm90Tiles::smem_bytes(true);
-    int smem = Sm90Tiles::smem_bytes(p.bias_staged);
-    if constexpr (has_fused_backward(kHeadDim)) {
-      if (fused) {
-        using Fused = Sm90FusedTiles<kHeadDim, Elt>;
-        dkdv = &dkdvq_kernel_sm90<kHeadDim, Elt>;
-        threads = Fused::kThreads, smem_limit = Fused::smem_bytes(true);
-        smem = Fused::smem_bytes(p.bias_staged);
+    // The D = 256 pass does not gather K and V by slot (per-row top-k over compacted keys, as
+    // the D = 256 forward): such calls run the sm80 pass, which says so once per process.
+    static std::atomic<bool> logged{false};
+    if (p.map.dkv_slots != nullptr) {
+      if (!logged.exchange(true)) {
+        std::fprintf(stderr,
+                     "flash_sparse_attn: per-row top-k over compacted keys at head dim %d "
+                     "runs the sm80 dK/dV pass (the Hopper one does not gather keys by slot "
+                     "there). Logged once per process.\n",
+                     kHeadDim);
       }
+      return false;
     }
-    FSA_CUDA_CHECK(
-        cudaFuncSetAttribute(dkdv, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_limit));
-    const dim3 dkdv_grid =
-        kv.dkv_tile_major ? dim3(unsigned(p.num_kv_heads), unsigned(grid_x), unsigned(p.batch))
-                          : dim3(unsigned(grid_x), unsigned(p.num_kv_heads), unsigned(p.batch));
-    dkdv<<<dkdv_grid, threads, smem, stream>>>(kv);
-    FSA_CUDA_CHECK(cudaGetLastError());
-    if (kv.dkv_splits > 1 || kv.dkv_by_count) {
-      // Every list split: the reduction can write the caller's key axis (BackwardParams::scatter).
-      if (p.scatter.slot != nullptr && kv.dkv_splits > 1 && !kv.dkv_by_count) {
-        kv.scatter = p.scatter;
-      }
-      const int64_t keys = kv.scatter.slot != nullptr ? kv.scatter.keys : p.seqlen_k;
-      const dim3 grid(unsigned((keys * (kHeadDim / 4) + 255) / 256), unsigned(p.num_kv_heads),
-                      unsigned(p.batch));
-      dkv_reduce_kernel<Elt, kHeadDim><<<grid, 256, 0, stream>>>(kv);
-      FSA_CUDA_CHECK(cudaGetLastError());
-    }
-    return true;
   }
+  const bool row_topk = p.row_topk.key != nullptr;
+  // The fused pass (kv.dq_accum set) runs pairs of key tiles (its CTA count for the split rule).
+  const bool fused = kv.dq_accum != nullptr;
+  const int64_t target = 2 * int64_t(multiprocessor_count());
+  // Ordered pairs (a map per head, BackwardParams::pair_order) run in two shares at least: the
+  // longest pair starts first, but a key block that every query picks can still list several
+  // times an SM's share of the work. H200, block selections (1, 16384, 32, 8, 128), fwd+bwd ms
+  // at 5 / 10 / 20% for one / two / four / eight shares: 4.43 / 5.02 / 8.24, 3.25 / 5.04 / 8.73,
+  // 3.41 / 5.25 / 8.94, 3.87 / 5.72 / 9.64 (docs/perf.md, sixteenth session): more shares write
+  // and sum more fp32 partial rows.
+  constexpr int64_t kOrderedShares = 2;
+  const bool ordered = fused && kv.pair_order != nullptr && p.map.kept_count == nullptr;
+  kv.dkv_split_log2 =
+      dkv_split_log2(p, kHeadDim, target, fused ? kv.n_pairs : int64_t(p.map.n_blocks),
+                     ordered ? kOrderedShares : 1);
+  kv.dkv_splits = 1 << kv.dkv_split_log2;
+  // A compacted key mask splits by its lists' counts on the device (BackwardParams::dkv_by_count)
+  // when one share's rows over the whole grid fit the workspace cap.
+  // (The fused pass's grid runs pairs of tiles, 2 n_pairs tiles' rows.)
+  const int64_t grid_tiles = fused ? 2 * int64_t(kv.n_pairs) : int64_t(p.map.n_blocks);
+  const int64_t grid_rows = (grid_tiles * p.map.block_n) << kv.dkv_split_log2;
+  kv.dkv_by_count = p.map.kept_count != nullptr && p.row_end.key_last == nullptr &&
+                    2 * int64_t(p.batch) * grid_rows * p.num_kv_heads * kHeadDim * 4 <=
+                        (int64_t(1) << 30);
+  kv.dkv_rows = int(kv.dkv_by_count ? grid_rows : int64_t(p.seqlen_k) << kv.dkv_split_log2);
+  const int64_t lists = int64_t(p.num_kv_heads) * p.batch;
+  kv.dkv_target_tiles = int((target + lists - 1) / lists);
+  kv.dkv_max_shares = dkv_max_shares(p);
+  kv.dkv_grid_tiles = int(grid_rows / p.map.block_n / (fused ? 2 : 1));  // CTAs per list
+  // Per-row top-k's dK/dV groups measured slower tile-major (3.29 -> 3.34 ms at (1, 16384, 32,
+  // 8, 128) window 2048): their work does not fall with the group's index. The fused pass over
+  // packed sequences runs tile-major too (each document's first pairs list the most; H200, the
+  // varlen bench: 35.1 -> 34.2 ms fwd+bwd), and so does it over ordered pairs (every kv head's
+  // longest pair first); over one dense map it runs list after list, whose concurrent CTAs then
+  // share a head's Q and dO in L2 (tile-major: 12.95 -> 13.52 ms causal bwd at (2, 16384, 16,
+  // 16, 128); docs/perf.md, sixteenth session).
+  const int64_t grid_x = (fused ? int64_t(kv.n_pairs) : int64_t(p.map.n_blocks)) * kv.dkv_splits;
+  kv.dkv_tile_major =
+      (kv.dkv_by_count || (fused && (p.map.kept_count != nullptr || kv.pair_order != nullptr))) &&
+      grid_x <= 65535 && dkv_tile_major_enabled();
+  if (kv.dkv_splits > 1 || kv.dkv_by_count) {
+    const size_t per = size_t(p.batch) * kv.dkv_rows * p.num_kv_heads * kHeadDim;
+    const size_t cols = p.bias_grad == BiasGrad::kColumns
+                            ? size_t(p.batch) * p.num_heads * kv.dkv_rows
+                            : 0;
+    FSA_CUDA_CHECK(scratch_malloc(&dkv_workspace.ptr, (2 * per + cols) * sizeof(float), stream));
+    kv.dkv_partial = static_cast<float*>(dkv_workspace.ptr);
+    if (cols > 0) kv.col_accum = kv.dkv_partial + 2 * per;
+  }
+  if (kv.map.dkv_slots != nullptr) {
+    // Per-row top-k over compacted keys: CTA n runs the slots of group n (gathered by slot) over
+    // the group's own query-tile lists (BlockMapParams::dkv_slots).
+    kv.map.full_index_t = kv.map.dkv_full_index_t;
+    kv.map.full_count_t = kv.map.dkv_full_count_t;
+    kv.map.partial_index_t = kv.map.dkv_partial_index_t;
+    kv.map.partial_count_t = kv.map.dkv_partial_count_t;
+  }
+  // One instantiation for both: the opt-in limit is the larger size (a fixed value, so that host
+  // threads launching it concurrently never lower it under each other), a launch asks for what
+  // it uses.
+  BackwardKernel dkdv = nullptr;
+  int threads = 0, smem_limit = 0, smem = 0;
+  if constexpr (kHeadDim > 128) {
+    using Wide = Sm90DkvWideTiles<Elt>;
+    dkdv = row_topk ? &dkdv_kernel_sm90_wide<Elt, true> : &dkdv_kernel_sm90_wide<Elt, false>;
+    threads = Wide::kThreads, smem_limit = Wide::smem_bytes(true);
+    smem = Wide::smem_bytes(p.bias_staged);
+  } else {
+    using Sm90Tiles = Sm90DkvTiles<kHeadDim, Elt>;
+    dkdv = row_topk ? &dkdv_kernel_sm90<kHeadDim, Elt, true>
+                    : &dkdv_kernel_sm90<kHeadDim, Elt, false>;
+    threads = Sm90Tiles::kThreads, smem_limit = Sm90Tiles::smem_bytes(true);
+    smem = Sm90Tiles::smem_bytes(p.bias_staged);
+  }
+  if constexpr (has_fused_backward(kHeadDim)) {
+    if (fused) {
+      using Fused = Sm90FusedTiles<kHeadDim, Elt>;
+      dkdv = &dkdvq_kernel_sm90<kHeadDim, Elt>;
+      threads = Fused::kThreads, smem_limit = Fused::smem_bytes(true);
+      smem = Fused::smem_bytes(p.bias_staged);
+    }
+  }
+  FSA_CUDA_CHECK(
+      cudaFuncSetAttribute(dkdv, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_limit));
+  const dim3 dkdv_grid =
+      kv.dkv_tile_major ? dim3(unsigned(p.num_kv_heads), unsigned(grid_x), unsigned(p.batch))
+                        : dim3(unsigned(grid_x), unsigned(p.num_kv_heads), unsigned(p.batch));
+  dkdv<<<dkdv_grid, threads, smem, stream>>>(kv);
+  FSA_CUDA_CHECK(cudaGetLastError());
+  if (kv.dkv_splits > 1 || kv.dkv_by_count) {
+    // Every list split: the reduction can write the caller's key axis (BackwardParams::scatter).
+    if (p.scatter.slot != nullptr && kv.dkv_splits > 1 && !kv.dkv_by_count) {
+      kv.scatter = p.scatter;
+    }
+    const int64_t keys = kv.scatter.slot != nullptr ? kv.scatter.keys : p.seqlen_k;
+    const dim3 grid(unsigned((keys * (kHeadDim / 4) + 255) / 256), unsigned(p.num_kv_heads),
+                    unsigned(p.batch));
+    dkv_reduce_kernel<Elt, kHeadDim><<<grid, 256, 0, stream>>>(kv);
+    FSA_CUDA_CHECK(cudaGetLastError());
+  }
+  return true;
 }
 
 template <int kHeadDim, class Elt>

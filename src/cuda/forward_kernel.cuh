@@ -282,21 +282,25 @@ __device__ inline void ldmatrix_x4_trans(uint32_t (&r)[4], const uint16_t* p) {
 // fragment rows are tile rows warp_row0 .. warp_row0 + 15 and its columns the tile's 64 keys (S
 // in the forward and the dQ pass). kKeyRows = true: the fragment rows are keys warp_row0 ..
 // warp_row0 + 15 and its columns the tile's 64 query rows (S^T in the dK/dV pass), read
-// transposed.
-template <class Elt, bool kKeyRows>
-__device__ __forceinline__ void add_staged_bias(float (&s)[8][4], const uint16_t* tile,
-                                                int warp_row0, float factor) {
+// transposed. A fragment of kC < 8 column tiles covers the tile's columns col0 .. col0 + 8 kC - 1
+// (col0 a multiple of 16; kKeyRows: the D = 256 dK/dV pass, whose warpgroups take 32 queries
+// each).
+template <class Elt, bool kKeyRows, int kC>
+__device__ __forceinline__ void add_staged_bias(float (&s)[kC][4], const uint16_t* tile,
+                                                int warp_row0, float factor, int col0 = 0) {
+  static_assert(kC % 2 == 0 && kC <= 8, "16-column ldmatrix blocks of a 64-column tile");
   const int lane = threadIdx.x % 32, sel_a = (lane / 8) & 1, sel_b = lane / 16;
 #pragma unroll
-  for (int q = 0; q < 4; ++q) {
+  for (int q = 0; q < kC / 2; ++q) {
     // Matrix k of the x4 lands in register k: (fragment rows +0 | +8) x (columns 16 q | 16 q + 8)
     // in the order (0, 0), (+8, 0), (0, +8), (+8, +8); lanes 8 k .. 8 k + 7 address its rows.
     uint32_t r[4];
     if constexpr (!kKeyRows) {
-      ldmatrix_x4(r, tile + SmemTile<64>::offset(warp_row0 + lane % 8 + 8 * sel_a, 2 * q + sel_b));
+      ldmatrix_x4(r, tile + SmemTile<64>::offset(warp_row0 + lane % 8 + 8 * sel_a,
+                                                 col0 / 8 + 2 * q + sel_b));
     } else {
-      ldmatrix_x4_trans(
-          r, tile + SmemTile<64>::offset(16 * q + lane % 8 + 8 * sel_b, warp_row0 / 8 + sel_a));
+      ldmatrix_x4_trans(r, tile + SmemTile<64>::offset(col0 + 16 * q + lane % 8 + 8 * sel_b,
+                                                       warp_row0 / 8 + sel_a));
     }
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
