@@ -112,12 +112,14 @@ __device__ __forceinline__ const int32_t* dkv_group_slots(const BackwardParams& 
 // (key_row, seqlen_k and past: none) of the 64-row C fragments tdK and tdV (values 4 d + 2 r + e:
 // row r, columns 8 d + 2 t + e). Into the share's fp32 rows when the key tile's query work is
 // split (DkvShares; dkv_reduce_kernel sums them), else into dk and dv. The fragments cover
-// columns col0 .. col0 + 8 kDTiles - 1 of rows kHeadDim wide (the D = 256 pass: 128 columns per
-// consumer warpgroup).
+// columns col0 .. col0 + 8 kDTiles - 1 of rows kHeadDim wide (the D = 256 split pass: 128
+// columns per consumer warpgroup); write_k / write_v = false leaves that gradient to another
+// warpgroup (the D = 256 pass in roles).
 template <class Elt, int kDTiles, int kHeadDim = kDTiles * 8, class Acc>
 __device__ __forceinline__ void write_dkdv_rows(const BackwardParams& p, const DkvCta& cta, int hk,
                                                 int b, const int (&key_row)[2], int t,
-                                                const Acc& tdK, const Acc& tdV, int col0 = 0) {
+                                                const Acc& tdK, const Acc& tdV, int col0 = 0,
+                                                bool write_k = true, bool write_v = true) {
   const DkvShares shares = dkv_shares(p, hk, b);
   if (shares.log2 > 0) {  // this share's dK (scaled) and dV in fp32, summed by dkv_reduce_kernel
     const int64_t per = int64_t(p.batch) * p.dkv_rows * p.num_kv_heads * kHeadDim;
@@ -132,9 +134,14 @@ __device__ __forceinline__ void write_dkdv_rows(const BackwardParams& p, const D
 #pragma unroll
       for (int d = 0; d < kDTiles; ++d) {
         const int c = col0 + d * 8 + 2 * t;
-        *reinterpret_cast<float2*>(krow + c) =
-            make_float2(tdK(4 * d + 2 * r) * p.scale, tdK(4 * d + 2 * r + 1) * p.scale);
-        *reinterpret_cast<float2*>(vrow + c) = make_float2(tdV(4 * d + 2 * r), tdV(4 * d + 2 * r + 1));
+        if (write_k) {
+          *reinterpret_cast<float2*>(krow + c) =
+              make_float2(tdK(4 * d + 2 * r) * p.scale, tdK(4 * d + 2 * r + 1) * p.scale);
+        }
+        if (write_v) {
+          *reinterpret_cast<float2*>(vrow + c) =
+              make_float2(tdV(4 * d + 2 * r), tdV(4 * d + 2 * r + 1));
+        }
       }
     }
     return;
@@ -153,12 +160,12 @@ __device__ __forceinline__ void write_dkdv_rows(const BackwardParams& p, const D
       const uint32_t kp = Elt::pack(tdK(4 * d + 2 * r) * p.scale, tdK(4 * d + 2 * r + 1) * p.scale);
       const uint32_t vp = Elt::pack(tdV(4 * d + 2 * r), tdV(4 * d + 2 * r + 1));
       if (c < p.head_dim) {
-        *reinterpret_cast<uint16_t*>(krow + c) = uint16_t(kp & 0xffffu);
-        *reinterpret_cast<uint16_t*>(vrow + c) = uint16_t(vp & 0xffffu);
+        if (write_k) *reinterpret_cast<uint16_t*>(krow + c) = uint16_t(kp & 0xffffu);
+        if (write_v) *reinterpret_cast<uint16_t*>(vrow + c) = uint16_t(vp & 0xffffu);
       }
       if (c + 1 < p.head_dim) {
-        *reinterpret_cast<uint16_t*>(krow + c + 1) = uint16_t(kp >> 16);
-        *reinterpret_cast<uint16_t*>(vrow + c + 1) = uint16_t(vp >> 16);
+        if (write_k) *reinterpret_cast<uint16_t*>(krow + c + 1) = uint16_t(kp >> 16);
+        if (write_v) *reinterpret_cast<uint16_t*>(vrow + c + 1) = uint16_t(vp >> 16);
       }
     }
   }

@@ -279,10 +279,12 @@ bool launch_sm90_dkdv(const BackwardParams& p, BackwardParams& kv, StreamBuffer&
   BackwardKernel dkdv = nullptr;
   int threads = 0, smem_limit = 0, smem = 0;
   if constexpr (kHeadDim > 128) {
+    // No room for a staged bias at D = 256: the element pass reads such a bias from global
+    // memory.
     using Wide = Sm90DkvWideTiles<Elt>;
+    kv.bias_staged = false;
     dkdv = row_topk ? &dkdv_kernel_sm90_wide<Elt, true> : &dkdv_kernel_sm90_wide<Elt, false>;
-    threads = Wide::kThreads, smem_limit = Wide::smem_bytes(true);
-    smem = Wide::smem_bytes(p.bias_staged);
+    threads = Wide::kThreads, smem_limit = smem = Wide::kSmemBytes;
   } else {
     using Sm90Tiles = Sm90DkvTiles<kHeadDim, Elt>;
     dkdv = row_topk ? &dkdv_kernel_sm90<kHeadDim, Elt, true>

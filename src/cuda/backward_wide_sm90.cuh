@@ -1,116 +1,100 @@
 #pragma once
-// Hopper backward passes at kernel head dim 256: the dK/dV pass (dkdv_kernel_sm90_wide), then
-// the dQ pass below (dq_kernel_sm90_wide).
+// Hopper backward passes at kernel head dim 256: the dK/dV pass (dkdv_kernel_sm90_wide), then the
+// dQ pass (dq_kernel_sm90_wide). The block lists, work order, shares, element passes and dbias
+// duties are those of dkdv_kernel_sm90 and dq_kernel_sm90 (backward_kernel_sm90.cuh); what
+// differs is how the two consumer warpgroups share a step, because at D = 256 the accumulators of
+// a whole 64-row tile (dK and dV, or dQ) take 128 fp32 registers per thread each.
 //
-// dK/dV pass: the block lists, work order, shares and element passes of dkdv_kernel_sm90
-// (backward_kernel_sm90.cuh), with the work of a step split differently between the two consumer
-// warpgroups.
-//
-// At D = 128 each consumer warpgroup holds dK and dV of the whole 64-key tile (2 x 64 fp32 per
-// thread) and the two take alternate query steps. At D = 256 those accumulators alone would take
-// 256 registers per thread, so here consumer warpgroup w holds dK and dV columns 128 w .. 128 w +
-// 127 (2 x 64 fp32), and both work on every step. Per 64-query step (the plan's query tile at
-// D = 256, one per stage):
-//
-//   x^T  = K Q_w^T    SS wgmma, 64 keys x the warpgroup's 32 queries (32 w ..), K = head dim
-//   dP^T = V dO_w^T   SS wgmma, likewise
-//   element passes -> P^T, dS^T of those 32 queries (column sums of dS for BiasGrad::kColumns)
-//   P^T, dS^T -> shared memory (16-bit, (64 keys x 64 queries) K-major); both warpgroups meet
-//   dV[:, 128 w ..] += P^T dO[:, 128 w ..]   SS wgmma over all 64 queries
-//   dK[:, 128 w ..] += dS^T Q[:, 128 w ..]   SS wgmma over all 64 queries
-//
-// A step's products are issued before the next step's x^T and dP^T and retire under them, so the
-// element passes of step j + 1 run while the tensor cores still work on step j. The shared P^T
-// and dS^T tiles are single: a warpgroup writes step j + 1's once both have retired step j's
-// products (a named barrier), and both meet again before reading them.
-//
-// A Q / dO stage is stored as two (32 queries x head dim) K-major tiles, one per warpgroup's x^T /
-// dP^T (the B operand of 32 rows), and the same bytes are read as the (N = 128 columns, K =
-// queries) MN-major B operand of dK / dV (the view the D = 128 pass uses, with the head dim in
-// halves of 128 as a mode of its own).
-//
-// Shared memory: K and V 64 KB, two stages of Q and dO 128 KB, P^T and dS^T 16 KB, the stages'
-// statistics 1 KB; a staged 16-bit bias adds 2 x 8 KB (225 KB in all).
-//
-// Not here: per-row top-k's dK/dV groups (BlockMapParams::dkv_slots, gathered K / V rows) and
-// softcap; those calls run the sm80 pass (launch_sm90_dkdv).
+// Not here: per-row top-k over compacted keys (gathered K / V rows: the dK/dV pass's groups and
+// the dQ pass's gathered tiles) and softcap; those calls run the sm80 passes (launch_sm90_dkdv,
+// sm90_dq_kernel).
 
 #include "cuda/backward_kernel_sm90.cuh"
 
 namespace fsa::detail::cuda {
 
+// ------------------------------------------------------------------------------------------------
+// dK/dV pass (dkdv_kernel_sm90_wide): CTA (64-key tile n, kv head hk, batch b) = one producer
+// warpgroup + two consumer warpgroups in two roles. Warpgroup 1 holds dV (64 keys x 256 columns,
+// 128 fp32 per thread) and warpgroup 0 holds dK; per 64-query step (the plan's query tile at
+// D = 256; stage s):
+//
+//   warpgroup 1:  x^T  = K Q^T      SS wgmma (64 keys x 64 queries, K = head dim)
+//                 element passes -> P^T (fp32) into shared memory for warpgroup 0
+//                 dV  += P^T dO     RS wgmma (P^T from registers, N = 256)
+//   warpgroup 0:  dP^T = V dO^T     SS wgmma
+//                 P^T from shared memory -> dS^T (column sums for BiasGrad::kColumns)
+//                 dK  += dS^T Q     RS wgmma
+//
+// Both warpgroups on every product instead (each computing x^T and dP^T for 32 of the step's
+// queries, then dK and dV for 128 of the columns, with P^T and dS^T passed through shared memory
+// in 16 bits: 03157c5) read about 370 KB of shared memory per step against 290 here (x^T and
+// dP^T at N = 64; dV and dK with their A operands in registers), and measured 8.8 against
+// 8.1 ms for the pass at (1, 16384, 16, 16, 256) causal on H200 (docs/perf.md). The warpgroups
+// meet only where P^T passes: two fp32 buffers (by step parity) with named barriers "full"
+// (warpgroup 1 wrote it) and "empty" (warpgroup 0 read it), so warpgroup 1 may run a step ahead.
+// The P^T values pass in fragment order (thread ct of one warpgroup to thread ct of the other:
+// x^T and dP^T have the same C layout), so dS^T is computed from the fp32 P^T as in the other
+// passes.
+//
+// Shared memory: K and V 64 KB, two stages of Q and dO 128 KB, two fp32 P^T tiles 32 KB and the
+// stages' statistics: 225 KB, no room for a staged bias (launch_sm90_dkdv clears bias_staged:
+// the element pass reads such a bias from global memory).
 template <class Elt>
 struct Sm90DkvWideTiles {
   static constexpr int kHeadDim = 256;
   static constexpr int kBlockM = forward_block_m(kHeadDim);  // the plan's query tile
   static constexpr int kBlockN = forward_block_n(kHeadDim);  // the plan's key tile
   static_assert(kBlockM == 64 && kBlockN == 64, "one 64-query step per query tile, 64 keys");
-  static constexpr int kHalf = 64;     // queries per step (DkvWorkCursor's half: the whole tile)
+  static constexpr int kHalf = 64;  // queries per step (DkvWorkCursor's half: the whole tile)
   static constexpr int kHalves = kBlockM / kHalf;
-  static constexpr int kQuarter = 32;  // queries per consumer warpgroup in x^T and dP^T
-  static constexpr int kCols = 128;    // dK / dV columns per consumer warpgroup
   static constexpr int kProducerThreads = 128;
-  static constexpr int kConsumerWarpGroups = 2;
-  static constexpr int kConsumerThreads = kConsumerWarpGroups * 128;
+  static constexpr int kConsumerThreads = 256;
   static constexpr int kThreads = kProducerThreads + kConsumerThreads;
-  static_assert(kConsumerWarpGroups * kQuarter == kHalf && kConsumerWarpGroups * kCols == kHeadDim,
-                "the warpgroups split a step's queries and the head dim");
-  // A consumer holds dK and dV (2 x 64 fp32), x^T and dP^T (2 x 16); the producer copies
-  // 256-column rows in two 128-column halves (at 40 registers it spilled 4 bytes under per-row
-  // top-k). 128 * 56 + 256 * 224 = 64512, the launch allotment of 168 per thread at 384 threads.
+  // A consumer holds dK or dV (128 fp32), x^T or dP^T (32) and the packed A operand (16).
+  // 128 * 56 + 256 * 224 = 64512 (spills: 24 bytes at 40 / 232, 4 at 56 / 224, 52 at 72 / 216).
   static constexpr int kProducerRegisters = 56;
   static constexpr int kConsumerRegisters = 224;
   static constexpr int kStages = 2;
+  static constexpr int kPBuffers = 2;
 
   using T = typename CuteElement<Elt>::type;
   // K and V tiles (keys x head dim), K-major: the A operands of x^T and dP^T.
   using SmemLayoutKV = decltype(cute::tile_to_shape(
       cute::GMMA::Layout_K_SW128_Atom<T>{},
       cute::Shape<cute::Int<kBlockN>, cute::Int<kHeadDim>, cute::_1>{}));
-  // Q / dO: sub-tile 2 s + w holds queries 32 w .. 32 w + 31 of stage s (queries x head dim),
-  // K-major: the B operand of warpgroup w's x^T and dP^T ...
+  // Q / dO stages (queries x head dim), K-major: the B operands of x^T and dP^T ...
   using SmemLayoutQ = decltype(cute::tile_to_shape(
       cute::GMMA::Layout_K_SW128_Atom<T>{},
-      cute::Shape<cute::Int<kQuarter>, cute::Int<kHeadDim>, cute::Int<2 * kStages>>{}));
-  // ... and the same bytes as (N = 128 columns, K = 32 queries, column half, sub-tile), MN-major:
-  // the B operand of dK / dV. (Both put the 64-column blocks after the 32 rows, the halves after
-  // them, then the sub-tiles.)
+      cute::Shape<cute::Int<kHalf>, cute::Int<kHeadDim>, cute::Int<kStages>>{}));
+  // ... and the same bytes as the (N = head dim, K = queries) MN-major B operand of dK and dV.
   using SmemLayoutQt = decltype(cute::tile_to_shape(
       cute::GMMA::Layout_MN_SW128_Atom<T>{},
-      cute::Shape<cute::Int<kCols>, cute::Int<kQuarter>, cute::_2, cute::Int<2 * kStages>>{},
-      cute::Step<cute::_2, cute::_1, cute::_3, cute::_4>{}));
-  // P^T and dS^T of a step (keys x queries), K-major: the A operands of dV and dK.
-  using SmemLayoutP = decltype(cute::tile_to_shape(
-      cute::GMMA::Layout_K_SW128_Atom<T>{}, cute::Shape<cute::Int<kBlockN>, cute::Int<kHalf>>{}));
-  using ShapeS = cute::Shape<cute::_64, cute::Int<kQuarter>, cute::Int<kHeadDim>>;
-  using TiledMmaS =
-      decltype(cute::make_tiled_mma(cute::GMMA::ss_op_selector<T, T, float, ShapeS>()));
-  using TiledMmaKV = decltype(cute::make_tiled_mma(
+      cute::Shape<cute::Int<kHeadDim>, cute::Int<kHalf>, cute::Int<kStages>>{},
+      cute::Step<cute::_2, cute::_1, cute::_3>{}));
+  using TiledMmaS = decltype(cute::make_tiled_mma(
       cute::GMMA::ss_op_selector<T, T, float,
-                                 cute::Shape<cute::_64, cute::Int<kCols>, cute::Int<kHalf>>,
+                                 cute::Shape<cute::_64, cute::Int<kHalf>, cute::Int<kHeadDim>>>()));
+  using TiledMmaKV = decltype(cute::make_tiled_mma(
+      cute::GMMA::rs_op_selector<T, T, float,
+                                 cute::Shape<cute::_64, cute::Int<kHeadDim>, cute::Int<kHalf>>,
                                  cute::GMMA::Major::K, cute::GMMA::Major::MN>()));
 
   static constexpr int kSmemKV = int(cute::cosize_v<SmemLayoutKV>);  // elements, each of K and V
   static constexpr int kSmemQ = int(cute::cosize_v<SmemLayoutQ>);    // elements, each of Q and dO
-  static constexpr int kSmemP = int(cute::cosize_v<SmemLayoutP>);    // elements, each of P^T, dS^T
   static_assert(kSmemQ == kStages * kHalf * kHeadDim && kSmemQ == int(cute::cosize_v<SmemLayoutQt>),
                 "stages are contiguous tiles, viewed two ways");
-  static constexpr int kSubTileElems = kQuarter * kHeadDim;
-  // Per stage, the step's raw LSE and rowdot (fp32, 64 each), after the tiles.
-  static constexpr int kStatsOffset = (2 * kSmemKV + 2 * kSmemQ + 2 * kSmemP) * 2;
+  // P^T buffers: 64 x 64 fp32 each, in fragment order (value i of thread ct at i * 128 + ct).
+  static constexpr int kPOffset = (2 * kSmemKV + 2 * kSmemQ) * 2;
+  static constexpr int kPFloats = kBlockN * kHalf;
+  // Per stage, the step's raw LSE and rowdot (fp32, 64 each).
+  static constexpr int kStatsOffset = kPOffset + kPBuffers * kPFloats * 4;
   static constexpr int kBarrierOffset = kStatsOffset + kStages * 2 * kHalf * 4;
   static constexpr int kSmemBytes = kBarrierOffset + 2 * kStages * 8;
-  // A staged bias (Params::bias_staged) after the barriers, as in Sm90DkvTiles: per stage its
-  // (64 queries x 64 keys) tile, SmemTile<64>.
-  static constexpr int kBiasOffset = (kSmemBytes + 127) / 128 * 128;
-  static constexpr int kBiasStageElems = kHalf * kBlockN;
-  static constexpr int smem_bytes(bool staged_bias) {
-    return staged_bias ? kBiasOffset + kStages * kBiasStageElems * 2 : kSmemBytes;
-  }
-  static_assert(smem_bytes(true) <= 227 * 1024, "fits an SM's opt-in shared memory");
+  static_assert(kSmemBytes <= 227 * 1024, "fits an SM's opt-in shared memory");
 };
 
-// kRowTopK == (p.row_topk.key != null), as in dkdv_kernel_sm90.
+// kRowTopK == (p.row_topk.key != null), as in dkdv_kernel_sm90. Never with a staged bias.
 template <class Elt, bool kRowTopK>
 __global__ void __launch_bounds__(Sm90DkvWideTiles<Elt>::kThreads, 1)
     dkdv_kernel_sm90_wide(const __grid_constant__ BackwardParams p) {
@@ -119,22 +103,18 @@ __global__ void __launch_bounds__(Sm90DkvWideTiles<Elt>::kThreads, 1)
   using Tiles = Sm90DkvWideTiles<Elt>;
   using T = typename Tiles::T;
   constexpr int kHeadDim = Tiles::kHeadDim, kBlockM = Tiles::kBlockM, kBlockN = Tiles::kBlockN;
-  constexpr int kHalf = Tiles::kHalf, kQuarter = Tiles::kQuarter, kStages = Tiles::kStages;
-  constexpr int kCTiles = kQuarter / 8, kDTiles = Tiles::kCols / 8;
+  constexpr int kHalf = Tiles::kHalf, kStages = Tiles::kStages;
+  constexpr int kCTiles = kHalf / 8, kDTiles = kHeadDim / 8;
   constexpr int kStageElems = kHalf * kHeadDim;
 
-  // Dynamic shared memory starts 1024-byte aligned (no static shared memory); every tile below is
-  // a multiple of 1024 bytes.
   extern __shared__ __align__(128) uint8_t smem_raw[];
   T* smem_k = reinterpret_cast<T*>(smem_raw);
   T* smem_v = smem_k + Tiles::kSmemKV;
   T* smem_q = smem_v + Tiles::kSmemKV;
   T* smem_do = smem_q + Tiles::kSmemQ;
-  T* smem_p = smem_do + Tiles::kSmemQ;
-  T* smem_ds = smem_p + Tiles::kSmemP;
+  float* s_p = reinterpret_cast<float*>(smem_raw + Tiles::kPOffset);
   float* s_lse = reinterpret_cast<float*>(smem_raw + Tiles::kStatsOffset);  // (kStages, kHalf)
   float* s_rdot = s_lse + kStages * kHalf;                                 // (kStages, kHalf)
-  auto* s_bias = reinterpret_cast<uint16_t*>(smem_raw + Tiles::kBiasOffset);
   // Both consumer warpgroups read every stage: its "empty" waits for their eight warps.
   uint64_t* full_bar =
       init_stage_barriers<kStages, Tiles::kProducerThreads, Tiles::kConsumerThreads>(
@@ -153,8 +133,6 @@ __global__ void __launch_bounds__(Sm90DkvWideTiles<Elt>::kThreads, 1)
   const int key0 = n * kBlockN;
 
   if (threadIdx.x < Tiles::kProducerThreads) {
-    // Producer: K and V first (their copies complete before stage 0's arrival), then step j into
-    // stage j % kStages once both consumers released what used it before.
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Tiles::kProducerRegisters));
     constexpr int kLoaders = Tiles::kProducerThreads;
     const typename Tiles::SmemLayoutKV layout_kv;
@@ -178,21 +156,14 @@ __global__ void __launch_bounds__(Sm90DkvWideTiles<Elt>::kThreads, 1)
       const int stage = j % kStages, h = cur.h;
       const int q0 = cur.m() * kBlockM;
       if (j >= kStages) mbarrier_wait(&empty_bar[stage], (j / kStages - 1) & 1);
-      const auto* q_rows =
-          static_cast<const uint16_t*>(p.q) + b * p.q_stride_b + h * p.q_stride_h;
-      const auto* do_rows =
-          static_cast<const uint16_t*>(p.dout) + b * p.do_stride_b + h * p.do_stride_h;
-#pragma unroll 1
-      for (int w = 0; w < Tiles::kConsumerWarpGroups; ++w) {  // the two 32-query sub-tiles
-        const int at = stage * kStageElems + w * Tiles::kSubTileElems;
-        load_rows_async<kHeadDim, kQuarter, kLoaders>(s_q + at, q_dst.first, q_dst.step, q_rows,
-                                                      p.q_stride_s, q0 + w * kQuarter, p.seqlen_q,
-                                                      p.head_dim, q_dst.half);
-        load_rows_async<kHeadDim, kQuarter, kLoaders>(s_do + at, q_dst.first, q_dst.step, do_rows,
-                                                      p.do_stride_s, q0 + w * kQuarter, p.seqlen_q,
-                                                      p.head_dim, q_dst.half);
-      }
-      // Raw statistics, zero past Sq (those queries are dropped by the consumers' drop pass).
+      load_rows_async<kHeadDim, kHalf, kLoaders>(
+          s_q + stage * kStageElems, q_dst.first, q_dst.step,
+          static_cast<const uint16_t*>(p.q) + b * p.q_stride_b + h * p.q_stride_h, p.q_stride_s,
+          q0, p.seqlen_q, p.head_dim, q_dst.half);
+      load_rows_async<kHeadDim, kHalf, kLoaders>(
+          s_do + stage * kStageElems, q_dst.first, q_dst.step,
+          static_cast<const uint16_t*>(p.dout) + b * p.do_stride_b + h * p.do_stride_h,
+          p.do_stride_s, q0, p.seqlen_q, p.head_dim, q_dst.half);
       const int i = q0 + c;
       const bool valid = i < p.seqlen_q;
       const float* src = loads_lse ? p.lse + b * p.lse_stride_b + h * p.lse_stride_h +
@@ -202,13 +173,6 @@ __global__ void __launch_bounds__(Sm90DkvWideTiles<Elt>::kThreads, 1)
       SM80_CP_ASYNC_CACHEALWAYS_ZFILL<uint32_t>::copy(
           *reinterpret_cast<const uint32_t*>(src),
           *reinterpret_cast<uint32_t*>((loads_lse ? s_lse : s_rdot) + stage * kHalf + c), valid);
-      if (p.bias_staged) {  // rows = the step's queries, columns = this CTA's keys
-        load_bias_tile_async<kHalf, kLoaders>(
-            s_bias + stage * Tiles::kBiasStageElems,
-            static_cast<const uint16_t*>(p.bias) + b * p.bias_stride[0] +
-                (h / p.bias_head_group) * p.bias_stride[1] + key0,
-            p.bias_stride[2], q0, p.seqlen_q, p.seqlen_k - key0);
-      }
       mbarrier_arrive_on_copies(&full_bar[stage]);
     }
     cp_async_wait<0>();
@@ -216,16 +180,16 @@ __global__ void __launch_bounds__(Sm90DkvWideTiles<Elt>::kThreads, 1)
   }
 
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Tiles::kConsumerRegisters));
-  // Consumer warpgroup wg, thread ct within it; its queries of a step start at qw.
   const int wg = (int(threadIdx.x) - Tiles::kProducerThreads) / 128;
   const int ct = int(threadIdx.x) % 128;
   const int warp = ct / 32, lane = ct % 32, g = lane / 4, t = lane % 4;
-  const int qw = wg * kQuarter;
-  // Both consumer warpgroups: named barrier 1 (setup), 2 (the shared P^T / dS^T tiles are free),
-  // 3 (both warpgroups wrote theirs).
-  auto consumers_sync = [](auto id) {
-    asm volatile("bar.sync %0, %1;\n" ::"n"(decltype(id)::value), "n"(Tiles::kConsumerThreads)
-                 : "memory");
+  // P^T buffer q: named barrier 1 + q "full" (warpgroup 1 arrives, 0 waits), 3 + q "empty"
+  // (warpgroup 0 arrives, 1 waits).
+  auto bar_sync = [](int id) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "n"(Tiles::kConsumerThreads) : "memory");
+  };
+  auto bar_arrive = [](int id) {
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "n"(Tiles::kConsumerThreads) : "memory");
   };
 
   Tensor sK = make_tensor(make_smem_ptr(smem_k), typename Tiles::SmemLayoutKV{});
@@ -234,157 +198,133 @@ __global__ void __launch_bounds__(Sm90DkvWideTiles<Elt>::kThreads, 1)
   Tensor sDo = make_tensor(make_smem_ptr(smem_do), typename Tiles::SmemLayoutQ{});
   Tensor sQt = make_tensor(make_smem_ptr(smem_q), typename Tiles::SmemLayoutQt{});
   Tensor sDot = make_tensor(make_smem_ptr(smem_do), typename Tiles::SmemLayoutQt{});
-  Tensor sP = make_tensor(make_smem_ptr(smem_p), typename Tiles::SmemLayoutP{});
-  Tensor sDs = make_tensor(make_smem_ptr(smem_ds), typename Tiles::SmemLayoutP{});
 
   typename Tiles::TiledMmaS mma_s;
   typename Tiles::TiledMmaKV mma_kv;
   auto thr_s = mma_s.get_thread_slice(ct);
   auto thr_kv = mma_kv.get_thread_slice(ct);
-  Tensor tSrK = thr_s.partition_fragment_A(sK);        // (MMA, 1, MMA_K, 1)
-  Tensor tSrV = thr_s.partition_fragment_A(sV);        // (MMA, 1, MMA_K, 1)
-  Tensor tSrQ = thr_s.partition_fragment_B(sQ);        // (MMA, 1, MMA_K, sub-tile)
-  Tensor tSrDo = thr_s.partition_fragment_B(sDo);      // (MMA, 1, MMA_K, sub-tile)
-  Tensor tKVrP = thr_kv.partition_fragment_A(sP);      // (MMA, 1, MMA_K)
-  Tensor tKVrDs = thr_kv.partition_fragment_A(sDs);    // (MMA, 1, MMA_K)
-  Tensor tKVrQt = thr_kv.partition_fragment_B(sQt);    // (MMA, 1, MMA_K, half, sub-tile)
-  Tensor tKVrDot = thr_kv.partition_fragment_B(sDot);  // (MMA, 1, MMA_K, half, sub-tile)
-  Tensor tSrS = partition_fragment_C(mma_s, Shape<Int<kBlockN>, Int<kQuarter>>{});   // x^T
-  Tensor tSrDp = partition_fragment_C(mma_s, Shape<Int<kBlockN>, Int<kQuarter>>{});  // dP^T
-  Tensor tdK = partition_fragment_C(mma_kv, Shape<Int<kBlockN>, Int<Tiles::kCols>>{});
-  Tensor tdV = partition_fragment_C(mma_kv, Shape<Int<kBlockN>, Int<Tiles::kCols>>{});
+  // Warpgroup 1: x^T = K Q^T, dV += P^T dO; warpgroup 0: dP^T = V dO^T, dK += dS^T Q.
+  Tensor tSrA = thr_s.partition_fragment_A(wg == 1 ? sK : sV);      // (MMA, 1, MMA_K, 1)
+  Tensor tSrB = thr_s.partition_fragment_B(wg == 1 ? sQ : sDo);     // (MMA, 1, MMA_K, stage)
+  Tensor tKVrB = thr_kv.partition_fragment_B(wg == 1 ? sDot : sQt);  // (MMA, 1, MMA_K, stage)
+  Tensor tSrS = partition_fragment_C(mma_s, Shape<Int<kBlockN>, Int<kHalf>>{});  // x^T or dP^T
+  Tensor tAcc = partition_fragment_C(mma_kv, Shape<Int<kBlockN>, Int<kHeadDim>>{});  // dV or dK
   static_assert(decltype(size(tSrS))::value == kCTiles * 4, "one 16-row C fragment per warp");
-  static_assert(decltype(size(tdK))::value == kDTiles * 4, "one 16-row C fragment per warp");
-  static_assert(decltype(size<2>(tKVrP))::value == 2 * decltype(size<2>(tKVrQt))::value,
-                "a sub-tile holds half of a step's k-blocks");
-  clear(tdK);
-  clear(tdV);
+  static_assert(decltype(size(tAcc))::value == kDTiles * 4, "one 16-row C fragment per warp");
+  // P^T or dS^T as the RS A operand (see dkdv_kernel_sm90).
+  Tensor tA = make_tensor<T>(Layout<Shape<Shape<_2, _2, _2>, _1, Int<kHalf / 16>>>{});
+  auto* a_regs = reinterpret_cast<uint32_t*>(raw_pointer_cast(tA.data()));
+  clear(tAcc);
 
-  // The thread's two key rows, 8 apart.
   const int key_row[2] = {key0 + warp * 16 + g, key0 + warp * 16 + g + 8};
-  // Both warpgroups sum columns of the same keys: the first zeroes every head's sums, then each
-  // adds its own (two fp32 additions onto zero, which commute exactly: deterministic).
+  // Warpgroup 0 alone sums columns of dS: every head's sums zeroed first, then stored.
   ColumnSums<true> col;
   const ColumnSums<true>::Rows col_rows{b, t, {key_row[0], key_row[1]}};
   if (wg == 0) col.zero_heads(p, col_rows, hk);
-  consumers_sync(Int<1>{});
 
-  auto issue_s = [&](auto& acc, const auto& a, const auto& bop, int sub) {
-    warpgroup_fence_operand(acc);
+  auto issue_s = [&](int stage) {
+    warpgroup_fence_operand(tSrS);
     warpgroup_arrive();
     mma_s.accumulate_ = GMMA::ScaleOut::Zero;
 #pragma unroll
-    for (int kb = 0; kb < size<2>(a); ++kb) {
-      gemm(mma_s, a(_, _, kb, 0), bop(_, _, kb, sub), acc);
+    for (int kb = 0; kb < size<2>(tSrA); ++kb) {
+      gemm(mma_s, tSrA(_, _, kb, 0), tSrB(_, _, kb, stage), tSrS);
       mma_s.accumulate_ = GMMA::ScaleOut::One;
     }
     warpgroup_commit_batch();
   };
-  // dV or dK += A^T-tile x (the stage's rows, this warpgroup's 128 columns): k-blocks 0, 1 in the
-  // stage's first sub-tile, 2, 3 in its second.
-  constexpr int kSubKBlocks = decltype(size<2>(tKVrQt))::value;
-  auto issue_kv = [&](auto& acc, const auto& a, const auto& bop, int stage) {
-    warpgroup_fence_operand(acc);
+  auto issue_kv = [&](int stage) {
+    warpgroup_fence_operand(tAcc);
     warpgroup_arrive();
 #pragma unroll
-    for (int kb = 0; kb < size<2>(a); ++kb) {
-      gemm(mma_kv, a(_, _, kb), bop(_, _, kb % kSubKBlocks, wg, 2 * stage + kb / kSubKBlocks), acc);
+    for (int kb = 0; kb < size<2>(tA); ++kb) {
+      gemm(mma_kv, tA(_, _, kb), tKVrB(_, _, kb, stage), tAcc);
     }
     warpgroup_commit_batch();
   };
-  // Writes a warpgroup's 64 x 32 block of P^T or dS^T (C fragment x, columns qw ..) as 16-bit
-  // pairs into its tile.
-  const typename Tiles::SmemLayoutP layout_p;
-  auto store_t = [&](T* tile, const float (&x)[kCTiles][4]) {
-    auto* out = reinterpret_cast<uint16_t*>(tile);
-#pragma unroll
-    for (int c = 0; c < kCTiles; ++c)
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int off = gmma_offset(layout_p, warp * 16 + g + 8 * r, qw + 8 * c + 2 * t);
-        *reinterpret_cast<uint32_t*>(out + off) = Elt::pack(x[c][2 * r], x[c][2 * r + 1]);
-      }
-  };
 
-  // Per step j: x^T and dP^T issued while step j - 1's dV and dK are still in flight; the
-  // element passes of x^T (up to P^T) while dP^T is computed, then dS^T; once both warpgroups
-  // retired step j - 1's products, P^T and dS^T into shared memory; once both wrote them, dV and
-  // dK of step j.
+  // Per step j: this warpgroup's S product (its previous RS product retires with it: stage j - 1
+  // goes back), then its element passes and the P^T handoff, then its RS product.
   const bool release_lane = lane == 0;
+  auto& s = *reinterpret_cast<float(*)[kCTiles][4]>(raw_pointer_cast(tSrS.data()));
   DkvWorkCursor<Tiles::kHalves, true> cur(p, n, hk, b);
-  int prev_stage = -1;  // the previous step's stage, released once its products retire
-  for (int j = 0; !cur.done(); ++j, cur.advance()) {
-    const int stage = j % kStages, h = cur.h;
+  int j = 0;
+  for (; !cur.done(); ++j, cur.advance()) {
+    const int stage = j % kStages, h = cur.h, buffer = j % Tiles::kPBuffers;
     const int q0 = cur.m() * kBlockM;
-    const bool check = cur.partial() || key0 + kBlockN > p.seqlen_k || q0 + kHalf > p.seqlen_q;
-    col.switch_to<true>(p, col_rows, h);
+    float* p_tile = s_p + buffer * Tiles::kPFloats;
     mbarrier_wait(&full_bar[stage], (j / kStages) & 1);
     fence_async_shared();  // the producer's cp.async writes, before wgmma reads them
-    issue_s(tSrS, tSrK, tSrQ, 2 * stage + wg);
-    issue_s(tSrDp, tSrV, tSrDo, 2 * stage + wg);
-    warpgroup_wait<1>();  // step j - 1's dV and dK, and x^T
+    issue_s(stage);
+    warpgroup_wait<0>();
     warpgroup_fence_operand(tSrS);
-    if (prev_stage >= 0 && release_lane) mbarrier_arrive(&empty_bar[prev_stage]);
-    prev_stage = stage;
-
-    // The element passes work in place on the accumulators (flat index 4 c + e = s[c][e]).
-    auto& s = *reinterpret_cast<float(*)[kCTiles][4]>(raw_pointer_cast(tSrS.data()));
-    const DkvIndex ix{{key_row[0], key_row[1]}, q0 + qw, t};
-    scale_pass(s, p.scale_log2);
-    if (p.bias_staged) {
-      // Entry (key row, query column) is element (query, key) of the staged tile.
-      add_staged_bias<Elt, true>(s, s_bias + stage * Tiles::kBiasStageElems, warp * 16, kLog2e,
-                                 qw);
-    } else if (p.bias) {
-      bias_pass<Elt>(p, b, h, s, ix);
+    warpgroup_fence_operand(tAcc);
+    if (j > 0 && release_lane) mbarrier_arrive(&empty_bar[(j - 1) % kStages]);
+    if (wg == 1) {
+      const bool check =
+          cur.partial() || key0 + kBlockN > p.seqlen_k || q0 + kHalf > p.seqlen_q;
+      const DkvIndex ix{{key_row[0], key_row[1]}, q0, t};
+      scale_pass(s, p.scale_log2);
+      if (p.bias) bias_pass<Elt>(p, b, h, s, ix);
+      if (check) drop_pass<Elt, kRowTopK>(p, b, h, s, ix);
+      probabilities_t(s, s_lse + stage * kHalf, t);
+      if (j >= Tiles::kPBuffers) bar_sync(3 + buffer);  // warpgroup 0 read step j - 2's
+#pragma unroll
+      for (int c = 0; c < kCTiles; ++c)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) p_tile[(4 * c + e) * 128 + ct] = s[c][e];
+      bar_arrive(1 + buffer);
+    } else {
+      col.switch_to(p, col_rows, h);
+      float pt[kCTiles][4];
+      bar_sync(1 + buffer);  // warpgroup 1 wrote step j's
+#pragma unroll
+      for (int c = 0; c < kCTiles; ++c)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) pt[c][e] = p_tile[(4 * c + e) * 128 + ct];
+      bar_arrive(3 + buffer);
+      ds_t(s, pt, s_rdot + stage * kHalf, t);
+      if (p.bias_grad == BiasGrad::kColumns) col.add(s);
     }
-    if (check) drop_pass<Elt, kRowTopK>(p, b, h, s, ix);
-    probabilities_t(s, s_lse + stage * kHalf + qw, t);
-    warpgroup_wait<0>();  // dP^T
-    warpgroup_fence_operand(tSrDp);
-    auto& ds = *reinterpret_cast<float(*)[kCTiles][4]>(raw_pointer_cast(tSrDp.data()));
-    ds_t(ds, s, s_rdot + stage * kHalf + qw, t);
-    if (p.bias_grad == BiasGrad::kColumns) col.add(ds);
-    consumers_sync(Int<2>{});  // both warpgroups' step j - 1 products retired
-    store_t(smem_p, s);
-    store_t(smem_ds, ds);
-    fence_async_shared();  // the st.shared above, before the other warpgroup's wgmma reads them
-    consumers_sync(Int<3>{});
-    issue_kv(tdV, tKVrP, tKVrDot, stage);
-    issue_kv(tdK, tKVrDs, tKVrQt, stage);
+    pack_pairs<Elt>(a_regs, s);
+    issue_kv(stage);
   }
   warpgroup_wait<0>();
-  warpgroup_fence_operand(tdK);
-  warpgroup_fence_operand(tdV);
-  col.flush<true>(p, col_rows);
-  write_dkdv_rows<Elt, kDTiles, kHeadDim>(p, cta, hk, b, key_row, t, tdK, tdV, wg * Tiles::kCols);
+  warpgroup_fence_operand(tAcc);
+  // Warpgroup 1 waits for warpgroup 0's reads of the last two P^T buffers (their "empty"
+  // arrivals), so that no named barrier is left half-arrived.
+  if (wg == 1) {
+    for (int k = j > Tiles::kPBuffers ? j - Tiles::kPBuffers : 0; k < j; ++k) {
+      bar_sync(3 + k % Tiles::kPBuffers);
+    }
+  } else {
+    col.flush(p, col_rows);
+  }
+  write_dkdv_rows<Elt, kDTiles>(p, cta, hk, b, key_row, t, tAcc, tAcc, 0, wg == 0, wg == 1);
 #else
   __trap();  // launched only on sm_90 devices, where the sm_90a image exists
 #endif
 }
 
 // ------------------------------------------------------------------------------------------------
-// Hopper dQ pass at kernel head dim 256 (dq_kernel_sm90_wide): the block lists, element passes
-// and dbias duties of dq_kernel_sm90, split between the consumer warpgroups as the dK/dV pass
-// above splits its work. CTA (64-query tile m, head h, batch b) = one producer warpgroup + two
-// consumer warpgroups; consumer w holds dQ columns 128 w .. 128 w + 127 (64 fp32). The producer
-// copies the tile's Q and dO once (they complete with the first stage), then streams the list's
-// 64-key K and V tiles (and a staged 16-bit bias's 64 x 64 tile) through kStages stages. Per key
-// tile:
+// dQ pass (dq_kernel_sm90_wide): CTA (64-query tile m, head h, batch b) = one producer warpgroup
+// + two consumer warpgroups; consumer w holds dQ columns 128 w .. 128 w + 127 (64 fp32). The
+// producer copies the tile's Q and dO once (they complete with the first stage), then streams the
+// list's 64-key K and V tiles (and a staged 16-bit bias's 64 x 64 tile) through kStages stages.
+// Per key tile:
 //
-//   x  = Q K_w^T     SS wgmma, 64 queries x the warpgroup's 32 keys (32 w ..), K = head dim
+//   x  = Q K_w^T     RS wgmma (Q from registers), 64 queries x the warpgroup's 32 keys (32 w ..)
 //   dP = dO V_w^T    SS wgmma
 //   element passes -> dS of those 32 keys, dbias duties (per entry: the warpgroup's keys)
 //   dS -> shared memory (16-bit, (64 queries x 64 keys) K-major); both warpgroups meet
 //   dQ[:, 128 w ..] += dS K[:, 128 w ..]   SS wgmma over all 64 keys, K read as the MN-major
 //                                          (columns x keys) view of its stage
 //
-// issued before the next tile's x and dP, as in the dK/dV pass. kRows sums each row's dS over
-// both warpgroups' keys: the second hands its partial sums to the first through shared memory at
-// the end (a fixed order: deterministic).
-//
-// Not here: per-row top-k over compacted keys (gathered tiles) and softcap, which run the sm80
-// pass (sm90_dq_kernel).
+// A tile's dQ product is issued before the next tile's x and dP and retires under them. The dS
+// tile is single: a warpgroup writes tile j + 1's once both retired tile j's dQ (a named
+// barrier), and both meet again before reading it. kRows sums each row's dS over both
+// warpgroups' keys: the second hands its partial sums to the first through shared memory at the
+// end (a fixed order: deterministic).
 template <class Elt>
 struct Sm90DqWideTiles {
   static constexpr int kHeadDim = 256;
@@ -409,14 +349,33 @@ struct Sm90DqWideTiles {
       cute::GMMA::Layout_K_SW128_Atom<T>{},
       cute::Shape<cute::Int<kBlockM>, cute::Int<kHeadDim>, cute::_1>{}));
   // K / V: sub-tile 2 s + w holds keys 32 w .. 32 w + 31 of stage s (keys x head dim), K-major:
-  // the B operand of warpgroup w's x and dP; K's bytes also as the (N = 128 columns, K = 32 keys,
-  // column half, sub-tile) MN-major B operand of dQ (see Sm90DkvWideTiles::SmemLayoutQt).
-  using SmemLayoutK = typename Sm90DkvWideTiles<Elt>::SmemLayoutQ;
-  using SmemLayoutKt = typename Sm90DkvWideTiles<Elt>::SmemLayoutQt;
+  // the B operand of warpgroup w's x and dP ...
+  using SmemLayoutK = decltype(cute::tile_to_shape(
+      cute::GMMA::Layout_K_SW128_Atom<T>{},
+      cute::Shape<cute::Int<kQuarter>, cute::Int<kHeadDim>, cute::Int<2 * kStages>>{}));
+  // ... and K's bytes as (N = 128 columns, K = 32 keys, column half, sub-tile), MN-major: the B
+  // operand of dQ. Both put the 64-column blocks after the 32 rows, the halves after them, then
+  // the sub-tiles (checked on the host with CuTe: the same offset for every element).
+  using SmemLayoutKt = decltype(cute::tile_to_shape(
+      cute::GMMA::Layout_MN_SW128_Atom<T>{},
+      cute::Shape<cute::Int<kCols>, cute::Int<kQuarter>, cute::_2, cute::Int<2 * kStages>>{},
+      cute::Step<cute::_2, cute::_1, cute::_3, cute::_4>{}));
   // dS of a key tile (queries x keys), K-major: the A operand of dQ.
-  using SmemLayoutDs = typename Sm90DkvWideTiles<Elt>::SmemLayoutP;
-  using TiledMmaS = typename Sm90DkvWideTiles<Elt>::TiledMmaS;
-  using TiledMmaDq = typename Sm90DkvWideTiles<Elt>::TiledMmaKV;
+  using SmemLayoutDs = decltype(cute::tile_to_shape(
+      cute::GMMA::Layout_K_SW128_Atom<T>{}, cute::Shape<cute::Int<kBlockM>, cute::Int<kBlockN>>{}));
+  // x = Q K_w^T with Q from registers (loaded once per CTA: 64 per thread), dP = dO V_w^T with
+  // both from shared memory. With both SS, the two products read 96 KB of shared memory per
+  // warpgroup and key tile, more than the tensor cores' time for them at 128 B per cycle (Q in
+  // registers: the pass 7.84 -> 7.45 ms at (1, 16384, 16, 16, 256) causal on H200).
+  using ShapeS = cute::Shape<cute::_64, cute::Int<kQuarter>, cute::Int<kHeadDim>>;
+  using TiledMmaX =
+      decltype(cute::make_tiled_mma(cute::GMMA::rs_op_selector<T, T, float, ShapeS>()));
+  using TiledMmaS =
+      decltype(cute::make_tiled_mma(cute::GMMA::ss_op_selector<T, T, float, ShapeS>()));
+  using TiledMmaDq = decltype(cute::make_tiled_mma(
+      cute::GMMA::ss_op_selector<T, T, float,
+                                 cute::Shape<cute::_64, cute::Int<kCols>, cute::Int<kBlockN>>,
+                                 cute::GMMA::Major::K, cute::GMMA::Major::MN>()));
 
   static constexpr int kSmemQ = int(cute::cosize_v<SmemLayoutQ>);   // elements, each of Q and dO
   static constexpr int kSmemK = int(cute::cosize_v<SmemLayoutK>);   // elements, each of K and V
@@ -545,13 +504,15 @@ __global__ void __launch_bounds__(Sm90DqWideTiles<Elt>::kThreads, 1)
   Tensor sKt = make_tensor(make_smem_ptr(smem_k), typename Tiles::SmemLayoutKt{});
   Tensor sDs = make_tensor(make_smem_ptr(smem_ds), typename Tiles::SmemLayoutDs{});
 
+  typename Tiles::TiledMmaX mma_x;
   typename Tiles::TiledMmaS mma_s;
   typename Tiles::TiledMmaDq mma_dq;
+  auto thr_x = mma_x.get_thread_slice(ct);
   auto thr_s = mma_s.get_thread_slice(ct);
   auto thr_dq = mma_dq.get_thread_slice(ct);
-  Tensor tSrQ = thr_s.partition_fragment_A(sQ);      // (MMA, 1, MMA_K, 1)
+  Tensor tXrQ = thr_x.partition_fragment_A(sQ);      // registers (MMA, 1, MMA_K, 1)
+  Tensor tXrK = thr_x.partition_fragment_B(sK);      // (MMA, 1, MMA_K, sub-tile)
   Tensor tSrDo = thr_s.partition_fragment_A(sDo);    // (MMA, 1, MMA_K, 1)
-  Tensor tSrK = thr_s.partition_fragment_B(sK);      // (MMA, 1, MMA_K, sub-tile)
   Tensor tSrV = thr_s.partition_fragment_B(sV);      // (MMA, 1, MMA_K, sub-tile)
   Tensor tDqrDs = thr_dq.partition_fragment_A(sDs);  // (MMA, 1, MMA_K)
   Tensor tDqrKt = thr_dq.partition_fragment_B(sKt);  // (MMA, 1, MMA_K, half, sub-tile)
@@ -578,17 +539,34 @@ __global__ void __launch_bounds__(Sm90DqWideTiles<Elt>::kThreads, 1)
     rdot[r] = valid ? p.rowdot[(int64_t(b) * p.num_heads + h) * p.seqlen_q + i] : 0.0f;
   }
 
-  auto issue_s = [&](auto& acc, const auto& a, const auto& bop, int sub) {
+  auto issue_s = [&](auto& mma, auto& acc, const auto& a, const auto& bop, int sub) {
     warpgroup_fence_operand(acc);
     warpgroup_arrive();
-    mma_s.accumulate_ = GMMA::ScaleOut::Zero;
+    mma.accumulate_ = GMMA::ScaleOut::Zero;
 #pragma unroll
     for (int kb = 0; kb < size<2>(a); ++kb) {
-      gemm(mma_s, a(_, _, kb, 0), bop(_, _, kb, sub), acc);
-      mma_s.accumulate_ = GMMA::ScaleOut::One;
+      gemm(mma, a(_, _, kb, 0), bop(_, _, kb, sub), acc);
+      mma.accumulate_ = GMMA::ScaleOut::One;
     }
     warpgroup_commit_batch();
   };
+  // Q into registers once it has landed (with the first stage): the A fragment of k-block kb holds
+  // rows (g, g + 8) x columns 16 kb + (2 t, 2 t + 8) (+ 1), as in forward_kernel_sm90.
+  if (total > 0) {
+    mbarrier_wait(&full_bar[0], 0);
+    const typename Tiles::SmemLayoutQ layout_q;
+    const auto* s_q = reinterpret_cast<const uint16_t*>(smem_q);
+    auto* q_regs = reinterpret_cast<uint32_t*>(raw_pointer_cast(tXrQ.data()));
+#pragma unroll
+    for (int kb = 0; kb < kHeadDim / 16; ++kb)
+#pragma unroll
+      for (int v2 = 0; v2 < 2; ++v2)
+#pragma unroll
+        for (int v1 = 0; v1 < 2; ++v1) {
+          q_regs[4 * kb + 2 * v2 + v1] = *reinterpret_cast<const uint32_t*>(
+              s_q + gmma_offset(layout_q, warp * 16 + g + 8 * v1, 16 * kb + 8 * v2 + 2 * t, 0));
+        }
+  }
   // dQ += dS x (the stage's keys, this warpgroup's 128 columns): k-blocks 0, 1 in the stage's
   // first sub-tile, 2, 3 in its second.
   auto issue_dq = [&](int stage) {
@@ -613,8 +591,8 @@ __global__ void __launch_bounds__(Sm90DqWideTiles<Elt>::kThreads, 1)
     const bool check = j >= n_full || (n + 1) * kBlockN > p.seqlen_k || row0 + kBlockM > p.seqlen_q;
     mbarrier_wait(&full_bar[stage], (j / kStages) & 1);
     fence_async_shared();  // the producer's cp.async writes, before wgmma reads them
-    issue_s(tSrS, tSrQ, tSrK, 2 * stage + wg);
-    issue_s(tSrDp, tSrDo, tSrV, 2 * stage + wg);
+    issue_s(mma_x, tSrS, tXrQ, tXrK, 2 * stage + wg);
+    issue_s(mma_s, tSrDp, tSrDo, tSrV, 2 * stage + wg);
     warpgroup_wait<1>();  // dQ_{j-1} and x_j
     warpgroup_fence_operand(tSrS);
     if (j > 0 && release_lane) mbarrier_arrive(&empty_bar[prev_stage]);

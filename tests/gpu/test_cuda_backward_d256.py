@@ -1,15 +1,17 @@
-"""Head dim 256 backward on Hopper (src/cuda/backward_wide_sm90.cuh): in both passes the two
-consumer warpgroups split each step's products (32 queries, or 32 keys, each for x and dP) and
-the head dim (128 columns each of dK / dV, or of dQ), and exchange P^T / dS^T or dS through
-shared memory. Every gradient against float64 autograd by SPEC's rule (tests/gpu/
-test_cuda_backward.py's `check_backward`: no NaN, exact zeros where no kept entry reaches).
+"""Head dim 256 backward on Hopper (src/cuda/backward_wide_sm90.cuh). The dK/dV pass runs its
+consumer warpgroups in roles: one computes x^T, P^T and dV, hands the fp32 P^T to the other
+through shared memory, which computes dP^T, dS^T and dK. The dQ pass splits each key tile (32
+keys each for x and dP) and the head dim (128 columns of dQ each), passing dS through shared
+memory. Every gradient against float64 autograd by SPEC's rule (tests/gpu/test_cuda_backward.py's
+`check_backward`: no NaN, exact zeros where no kept entry reaches).
 
-The cases aim at what the passes decide: full and partial key tiles of the lists, ragged query and
-key tiles, D = 200 padded to 256 (columns past the head dim), a 16-bit bias staged in shared
-memory (a key dim that is a multiple of 8) beside one read from global memory, every bias shape's
-gradient (the dK/dV pass's column sums both warpgroups add; the dQ pass's per-entry stores, sums
-over a batch or heads, and row sums both warpgroups add), the key tile's query work in 1 to 8
-shares (fp32 partial rows summed by the reduction) and unsplit, many query heads per kv head,
+The cases aim at what the passes decide: full and partial tiles of the lists, ragged query and
+key tiles, D = 200 padded to 256 (columns past the head dim), a 16-bit bias with a query dim
+(staged in shared memory by the dQ pass when the key dim is a multiple of 8, read from global
+memory by the dK/dV pass) beside an fp32 one, every bias shape's gradient (the dK/dV pass's
+column sums; the dQ pass's per-entry stores, sums over a batch or heads, and row sums both
+warpgroups add), the key tile's query work in 1 to 8 shares (fp32 partial rows summed by the
+reduction) and unsplit, many query heads per kv head (the P^T buffers' parity across heads),
 deterministic mode, and per-row top-k over compacted keys (the sm80 passes). On devices without
 the sm90 kernels the same cases run the sm80 passes.
 """
