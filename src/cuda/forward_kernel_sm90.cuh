@@ -344,22 +344,15 @@ struct PairedWalk {
     end[3] = second ? p.map.partial_count[row + 1] : 0;
     int lo;
     split_range(p.map.n_blocks, p.num_splits, split, lo, hi);
+    // Each list's first entry >= lo (the lists ascend), a plan tile's two lists at a time. The
+    // whole warp runs this (every producer thread builds its own walk).
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      at[q] = 0;
-      if (lo > 0) {  // the first entry >= lo (each list ascends)
-        const int32_t* list = entry(q, 0);
-        int first = 0, count = end[q];
-        while (count > 0) {
-          const int half = count / 2;
-          if (list[first + half] < lo) {
-            first += half + 1;
-            count -= half + 1;
-          } else {
-            count = half;
-          }
-        }
-        at[q] = first;
+    for (int q = 0; q < 4; ++q) at[q] = 0;
+    if (lo > 0) {
+#pragma unroll
+      for (int t = 0; t < 2; ++t) {
+        warp_count_below(entry(2 * t, 0), end[2 * t], entry(2 * t + 1, 0), end[2 * t + 1], lo,
+                         at[2 * t], at[2 * t + 1]);
       }
     }
   }
@@ -543,7 +536,7 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
     mbarrier_init(tile_full, 1);
     mbarrier_init(q_full, Tiles::kProducerThreads);
     mbarrier_init(q_empty, Tiles::kConsumerThreads / 32);
-    if constexpr (Tiles::kPlanRows == 2) {
+    if constexpr (kPaired) {
       auto* v_bar = reinterpret_cast<uint64_t*>(smem_raw + Tiles::kVBarrierOffset);
       for (int st = 0; st < kStages; ++st) {
         mbarrier_init(&v_bar[st], Tiles::kProducerThreads);
