@@ -368,8 +368,6 @@ __global__ void __launch_bounds__(Sm90FusedTiles<kHeadDim, Elt>::kThreads, 1)
     }
     auto* s_q = reinterpret_cast<uint16_t*>(smem_q);
     auto* s_do = reinterpret_cast<uint16_t*>(smem_do);
-    const int c = int(threadIdx.x) % kHalf;  // threads 0-63: LSE, 64-127: rowdot
-    const bool loads_lse = int(threadIdx.x) < kHalf;
     PairCursor<Tiles::kHalves> cur(p, pair, hk, b);
     for (int j = 0; !cur.done(); ++j, cur.advance()) {
       const int stage = j % kStages, h = cur.h;
@@ -383,15 +381,7 @@ __global__ void __launch_bounds__(Sm90FusedTiles<kHeadDim, Elt>::kThreads, 1)
           s_do + stage * kStageElems, q_dst.first, q_dst.step,
           static_cast<const uint16_t*>(p.dout) + b * p.do_stride_b + h * p.do_stride_h,
           p.do_stride_s, q0, p.seqlen_q, p.head_dim);
-      const int i = q0 + c;
-      const bool valid = i < p.seqlen_q;
-      const float* src = loads_lse ? p.lse + b * p.lse_stride_b + h * p.lse_stride_h +
-                                         int64_t(valid ? i : 0) * p.lse_stride_s
-                                   : p.rowdot + (int64_t(b) * p.num_heads + h) * p.seqlen_q +
-                                         (valid ? i : 0);
-      SM80_CP_ASYNC_CACHEALWAYS_ZFILL<uint32_t>::copy(
-          *reinterpret_cast<const uint32_t*>(src),
-          *reinterpret_cast<uint32_t*>((loads_lse ? s_lse : s_rdot) + stage * kHalf + c), valid);
+      load_step_stats_async(p, b, h, q0, s_lse + stage * kHalf, s_rdot + stage * kHalf);
       if (p.bias_staged) {  // rows = the half's queries, columns = each tile's keys
 #pragma unroll 1
         for (int w = 0; w < 2; ++w) {

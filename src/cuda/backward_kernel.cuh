@@ -316,6 +316,22 @@ struct DkvIndex {
   __device__ int key(int, int e) const { return row[e / 2]; }
 };
 
+// A dQ warp's two fragment rows row0, row0 + 8: their queries, log2-domain LSE (-inf past Sq:
+// nothing of such a row is kept) and rowdot (0 past Sq).
+__device__ __forceinline__ void dq_row_stats(const BackwardParams& p, int b, int h, int row0,
+                                             int (&i_row)[2], float (&lse2)[2], float (&rdot)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    i_row[r] = row0 + 8 * r;
+    const bool valid = i_row[r] < p.seqlen_q;
+    const int i = min(i_row[r], p.seqlen_q - 1);
+    lse2[r] = valid ? p.lse[b * p.lse_stride_b + h * p.lse_stride_h + int64_t(i) * p.lse_stride_s] *
+                          kLog2e
+                    : -INFINITY;
+    rdot[r] = valid ? p.rowdot[(int64_t(b) * p.num_heads + h) * p.seqlen_q + i] : 0.0f;
+  }
+}
+
 // The (batch, head) of a dQ CTA: grid (m, H, B) with dq_head_step 1, or an ordered kFullSummed
 // launch (see BackwardParams::ordered_dbias). Multiply-adds of launch constants, so that the
 // compiler can rematerialize them instead of keeping them live.
@@ -493,16 +509,7 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kDqWarps * 32)
 
   int i_row[2];
   float lse2[2], rdot[2], row_grad[2] = {0.0f, 0.0f};
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    i_row[r] = row0 + warp * 16 + g + 8 * r;
-    const bool valid = i_row[r] < p.seqlen_q;
-    const int i = min(i_row[r], p.seqlen_q - 1);
-    lse2[r] = valid ? p.lse[b * p.lse_stride_b + h * p.lse_stride_h + int64_t(i) * p.lse_stride_s] *
-                          kLog2e
-                    : -INFINITY;
-    rdot[r] = valid ? p.rowdot[(int64_t(b) * p.num_heads + h) * p.seqlen_q + i] : 0.0f;
-  }
+  dq_row_stats(p, b, h, row0 + warp * 16 + g, i_row, lse2, rdot);
   float dq_rt[1][kDTiles][4];
   auto& dq = dq_rt[0];
 #pragma unroll

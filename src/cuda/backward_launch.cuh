@@ -28,6 +28,18 @@ inline bool use_sm90_backward(const BackwardParams& params) {
   return hopper_kernels_available();
 }
 
+// Per-row top-k over compacted keys (K / V gathered by slot) runs the sm80 `pass` at head dims
+// whose Hopper pass does not gather (D = 256): a choice of ours, so the first such call of each
+// pass says so on stderr (`logged`: once per process, as a training loop repeats the call).
+inline void log_gathered_on_sm80(std::atomic<bool>& logged, const char* pass, int head_dim) {
+  if (logged.exchange(true)) return;
+  std::fprintf(stderr,
+               "flash_sparse_attn: per-row top-k over compacted keys at head dim %d runs the sm80 "
+               "%s pass (the Hopper one does not gather keys by slot there). Logged once per "
+               "process.\n",
+               head_dim, pass);
+}
+
 // The Hopper dQ kernel: same rule as the dK/dV one; FSA_CUDA_DQ_SM90=0 keeps the sm80 dQ pass
 // beside the sm90 dK/dV pass (A/B measurements of the dQ pass alone).
 inline bool use_sm90_dq(const BackwardParams& params) {
@@ -146,17 +158,10 @@ template <int kHeadDim, class Elt>
 BackwardKernel sm90_dq_kernel(const BackwardParams& p, int& threads, int& smem) {
   if constexpr (kHeadDim > 128) {
     if (!use_sm90_dq(p)) return nullptr;
-    // The D = 256 pass does not gather K and V by slot, as the D = 256 forward: those calls run
-    // the sm80 pass, which says so once per process.
+    // The D = 256 pass does not gather K and V by slot, as the D = 256 forward.
     static std::atomic<bool> logged{false};
     if (p.map.gather_slots != nullptr) {
-      if (!logged.exchange(true)) {
-        std::fprintf(stderr,
-                     "flash_sparse_attn: per-row top-k over compacted keys at head dim %d runs "
-                     "the sm80 dQ pass (the Hopper one does not gather keys by slot there). "
-                     "Logged once per process.\n",
-                     kHeadDim);
-      }
+      log_gathered_on_sm80(logged, "dQ", kHeadDim);
       return nullptr;
     }
     using Wide = Sm90DqWideTiles<Elt>;
@@ -202,17 +207,10 @@ bool launch_sm90_dkdv(const BackwardParams& p, BackwardParams& kv, StreamBuffer&
                       cudaStream_t stream) {
   if (!use_sm90_backward(p)) return false;
   if constexpr (kHeadDim > 128) {
-    // The D = 256 pass does not gather K and V by slot (per-row top-k over compacted keys, as
-    // the D = 256 forward): such calls run the sm80 pass, which says so once per process.
+    // The D = 256 pass does not gather K and V by slot (per-row top-k's dK/dV groups).
     static std::atomic<bool> logged{false};
     if (p.map.dkv_slots != nullptr) {
-      if (!logged.exchange(true)) {
-        std::fprintf(stderr,
-                     "flash_sparse_attn: per-row top-k over compacted keys at head dim %d "
-                     "runs the sm80 dK/dV pass (the Hopper one does not gather keys by slot "
-                     "there). Logged once per process.\n",
-                     kHeadDim);
-      }
+      log_gathered_on_sm80(logged, "dK/dV", kHeadDim);
       return false;
     }
   }

@@ -149,8 +149,6 @@ __global__ void __launch_bounds__(Sm90DkvWideTiles<Elt>::kThreads, 1)
                                                  p.seqlen_k, p.head_dim, kv_dst.half);
     auto* s_q = reinterpret_cast<uint16_t*>(smem_q);
     auto* s_do = reinterpret_cast<uint16_t*>(smem_do);
-    const int c = int(threadIdx.x) % kHalf;  // threads 0-63: LSE, 64-127: rowdot
-    const bool loads_lse = int(threadIdx.x) < kHalf;
     DkvWorkCursor<Tiles::kHalves, true> cur(p, n, hk, b);
     for (int j = 0; !cur.done(); ++j, cur.advance()) {
       const int stage = j % kStages, h = cur.h;
@@ -164,15 +162,7 @@ __global__ void __launch_bounds__(Sm90DkvWideTiles<Elt>::kThreads, 1)
           s_do + stage * kStageElems, q_dst.first, q_dst.step,
           static_cast<const uint16_t*>(p.dout) + b * p.do_stride_b + h * p.do_stride_h,
           p.do_stride_s, q0, p.seqlen_q, p.head_dim, q_dst.half);
-      const int i = q0 + c;
-      const bool valid = i < p.seqlen_q;
-      const float* src = loads_lse ? p.lse + b * p.lse_stride_b + h * p.lse_stride_h +
-                                         int64_t(valid ? i : 0) * p.lse_stride_s
-                                   : p.rowdot + (int64_t(b) * p.num_heads + h) * p.seqlen_q +
-                                         (valid ? i : 0);
-      SM80_CP_ASYNC_CACHEALWAYS_ZFILL<uint32_t>::copy(
-          *reinterpret_cast<const uint32_t*>(src),
-          *reinterpret_cast<uint32_t*>((loads_lse ? s_lse : s_rdot) + stage * kHalf + c), valid);
+      load_step_stats_async(p, b, h, q0, s_lse + stage * kHalf, s_rdot + stage * kHalf);
       mbarrier_arrive_on_copies(&full_bar[stage]);
     }
     cp_async_wait<0>();
@@ -528,16 +518,7 @@ __global__ void __launch_bounds__(Sm90DqWideTiles<Elt>::kThreads, 1)
 
   int i_row[2];
   float lse2[2], rdot[2], row_grad[2] = {0.0f, 0.0f};
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    i_row[r] = row0 + warp * 16 + g + 8 * r;
-    const bool valid = i_row[r] < p.seqlen_q;
-    const int i = min(i_row[r], p.seqlen_q - 1);
-    lse2[r] = valid ? p.lse[b * p.lse_stride_b + h * p.lse_stride_h + int64_t(i) * p.lse_stride_s] *
-                          kLog2e
-                    : -INFINITY;
-    rdot[r] = valid ? p.rowdot[(int64_t(b) * p.num_heads + h) * p.seqlen_q + i] : 0.0f;
-  }
+  dq_row_stats(p, b, h, row0 + warp * 16 + g, i_row, lse2, rdot);
 
   auto issue_s = [&](auto& mma, auto& acc, const auto& a, const auto& bop, int sub) {
     warpgroup_fence_operand(acc);
