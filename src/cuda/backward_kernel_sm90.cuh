@@ -1,7 +1,8 @@
 #pragma once
 // Hopper backward passes (dkdv_kernel_sm90, then dq_kernel_sm90 below). dK/dV pass: warpgroup
 // MMA (wgmma, sm_90a) over the same transposed block lists, work order and element passes as
-// dkdv_kernel (backward_kernel.cuh), for kernel head dims 64 and 128.
+// dkdv_kernel (backward_kernel.cuh), for kernel head dims 64 and 128 (head dim 256:
+// backward_wide_sm90.cuh).
 //
 // CTA (64-key tile n, kv head hk, batch b) = one producer warpgroup + two consumer warpgroups
 // (per-row top-k over compacted keys: group n of the plan's dK/dV groups of slots, gathered by
