@@ -154,8 +154,11 @@ using BackwardKernel = void (*)(BackwardParams);
 
 // The sm90 dQ kernel for this call with its threads and shared memory, or null: the sm80 pass
 // (softcap, the sm80 kernels forced, or per-row top-k over compacted keys at D = 256).
+// `smem_limit`: the kernel's opt-in shared-memory limit, a fixed value per kernel (the D = 256
+// pass serves staged and unstaged biases in one instantiation: host threads launching it
+// concurrently must never lower the limit under each other), at least `smem`.
 template <int kHeadDim, class Elt>
-BackwardKernel sm90_dq_kernel(const BackwardParams& p, int& threads, int& smem) {
+BackwardKernel sm90_dq_kernel(const BackwardParams& p, int& threads, int& smem, int& smem_limit) {
   if constexpr (kHeadDim > 128) {
     if (!use_sm90_dq(p)) return nullptr;
     // The D = 256 pass does not gather K and V by slot, as the D = 256 forward.
@@ -167,6 +170,7 @@ BackwardKernel sm90_dq_kernel(const BackwardParams& p, int& threads, int& smem) 
     using Wide = Sm90DqWideTiles<Elt>;
     using Duty = DqBiasDuty;
     threads = Wide::kThreads, smem = Wide::smem_bytes(p.bias_staged);
+    smem_limit = Wide::smem_bytes(true);
     if (p.row_topk.key != nullptr) return &dq_kernel_sm90_wide<Elt, Duty::kNone, true>;
     switch (dq_bias_duty(p)) {
       case Duty::kPacked: return &dq_kernel_sm90_wide<Elt, Duty::kPacked, false>;
@@ -195,6 +199,7 @@ BackwardKernel sm90_dq_kernel(const BackwardParams& p, int& threads, int& smem) 
         : p.bias_staged ? pick(std::true_type{})
                         : pick(std::false_type{});
     threads = Sm90Tiles::kThreads, smem = Sm90Tiles::smem_bytes(p.bias_staged, gathered);
+    smem_limit = smem;  // one size per instantiation
     return dq;
   }
 }
@@ -362,13 +367,14 @@ bool launch_backward(const BackwardParams& p, cudaStream_t stream) {
   }
   const bool fused = fused_backward<kHeadDim>(p);
   if (p.map.m_blocks > 0 && !fused) {
-    int threads = 0, smem = 0;
-    BackwardKernel dq = sm90_dq_kernel<kHeadDim, Elt>(p, threads, smem);
+    int threads = 0, smem = 0, smem_limit = 0;
+    BackwardKernel dq = sm90_dq_kernel<kHeadDim, Elt>(p, threads, smem, smem_limit);
     if (dq == nullptr) {
       dq = row_topk ? &dq_kernel<kHeadDim, Elt, true> : &dq_kernel<kHeadDim, Elt, false>;
-      threads = Tiles::kDqWarps * 32, smem = Tiles::kSmemDq;
+      threads = Tiles::kDqWarps * 32, smem = smem_limit = Tiles::kSmemDq;
     }
-    FSA_CUDA_CHECK(cudaFuncSetAttribute(dq, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    FSA_CUDA_CHECK(
+        cudaFuncSetAttribute(dq, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_limit));
     if (!p.ordered_dbias) {
       dq<<<dim3(p.map.m_blocks, p.num_heads, p.batch), threads, smem, stream>>>(p);
       FSA_CUDA_CHECK(cudaGetLastError());
