@@ -342,6 +342,22 @@ __device__ __forceinline__ DqHead dq_cta_head(const BackwardParams& p) {
   return {int(blockIdx.z) + p.dq_batch0, int(blockIdx.y) * p.dq_head_step + p.dq_head0};
 }
 
+// A dQ CTA's key tiles: the block map's full then partial list of query tile m of head h, batch b.
+struct DqTileList {
+  int n_full, total;
+  const int32_t *full, *partial;
+  __device__ DqTileList(const BackwardParams& p, int b, int h, int m) {
+    const int64_t row =
+        (int64_t(p.map.map_batch == 1 ? 0 : b) * p.map.map_heads + h / p.map.head_group) *
+            p.map.m_blocks + m;
+    n_full = p.map.full_count[row];
+    total = n_full + p.map.partial_count[row];
+    full = p.map.full_index + row * p.map.n_blocks;
+    partial = p.map.partial_index + row * p.map.n_blocks;
+  }
+  __device__ int at(int it) const { return it < n_full ? full[it] : partial[it - n_full]; }
+};
+
 // Stores a packed pair of 16-bit dS values (keys c, c + 1; c even) of row i into a kFull dbias:
 // one 32-bit store where the pair is whole and aligned (dbias_pairs), else key by key.
 __device__ __forceinline__ void store_dbias_pair16(const BackwardParams& p, int b, int h, int i,
@@ -481,14 +497,8 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kDqWarps * 32)
   const int b = head.b, h = head.h, hk = h / p.group;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int row0 = m * kBlockM;
-  const int64_t list_row =
-      (int64_t(p.map.map_batch == 1 ? 0 : b) * p.map.map_heads + h / p.map.head_group) *
-          p.map.m_blocks + m;
-  const int n_full = p.map.full_count[list_row];
-  const int total = n_full + p.map.partial_count[list_row];
-  const int32_t* full_list = p.map.full_index + list_row * p.map.n_blocks;
-  const int32_t* partial_list = p.map.partial_index + list_row * p.map.n_blocks;
-  auto block_at = [&](int it) { return it < n_full ? full_list[it] : partial_list[it - n_full]; };
+  const DqTileList list(p, b, h, m);
+  const int n_full = list.n_full, total = list.total;
 
   const auto* k = static_cast<const uint16_t*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h;
   const auto* v = static_cast<const uint16_t*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h;
@@ -499,7 +509,7 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kDqWarps * 32)
       s_do, static_cast<const uint16_t*>(p.dout) + b * p.do_stride_b + h * p.do_stride_h,
       p.do_stride_s, row0, p.seqlen_q, p.head_dim);
   if (total > 0) {
-    const int n0 = block_at(0);
+    const int n0 = list.at(0);
     load_tile_async<kHeadDim, kBlockN, kThreads>(s_k, k, p.k_stride_s, n0 * kBlockN, p.seqlen_k,
                                                  p.head_dim);
     load_tile_async<kHeadDim, kBlockN, kThreads>(s_v, v, p.v_stride_s, n0 * kBlockN, p.seqlen_k,
@@ -516,9 +526,9 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kDqWarps * 32)
   for (int d = 0; d < kDTiles; ++d) dq[d][0] = dq[d][1] = dq[d][2] = dq[d][3] = 0.0f;
 
   for (int it = 0; it < total; ++it) {
-    const int n = block_at(it), stage = it & 1;
+    const int n = list.at(it), stage = it & 1;
     if (it + 1 < total) {
-      const int nn = block_at(it + 1);
+      const int nn = list.at(it + 1);
       load_tile_async<kHeadDim, kBlockN, kThreads>(s_k + (stage ^ 1) * kBlockN * kHeadDim, k,
                                                    p.k_stride_s, nn * kBlockN, p.seqlen_k, p.head_dim);
       load_tile_async<kHeadDim, kBlockN, kThreads>(s_v + (stage ^ 1) * kBlockN * kHeadDim, v,

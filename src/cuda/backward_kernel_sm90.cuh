@@ -31,6 +31,40 @@
 
 namespace fsa::detail::cuda {
 
+// The shared-memory tiles and products of a dK/dV pass whose CTA holds kKeys keys and streams
+// kQueries-query steps through kStages stages:
+//   SmemLayoutKV  K and V (keys x head dim), K-major: the A operands of x^T = K Q^T, dP^T = V dO^T;
+//   SmemLayoutQ   Q / dO per stage (queries x head dim), K-major: those products' B operands ...
+//   SmemLayoutQt  ... and the same bytes as the (N = head dim, K = queries) MN-major B operand of
+//                 dV += P^T dO and dK += dS^T Q (checked on the host with CuTe: &k_major(q, d) ==
+//                 &mn_major(d, q) for every element);
+//   TiledMmaS     SS, 64 keys x kQueries, K = head dim;  TiledMmaKV  RS, 64 keys x head dim.
+template <class T, int kKeys, int kQueries, int kHeadDim, int kStages>
+struct DkvGmmaTiles {
+  using SmemLayoutKV = decltype(cute::tile_to_shape(
+      cute::GMMA::Layout_K_SW128_Atom<T>{},
+      cute::Shape<cute::Int<kKeys>, cute::Int<kHeadDim>, cute::_1>{}));
+  using SmemLayoutQ = decltype(cute::tile_to_shape(
+      cute::GMMA::Layout_K_SW128_Atom<T>{},
+      cute::Shape<cute::Int<kQueries>, cute::Int<kHeadDim>, cute::Int<kStages>>{}));
+  using SmemLayoutQt = decltype(cute::tile_to_shape(
+      cute::GMMA::Layout_MN_SW128_Atom<T>{},
+      cute::Shape<cute::Int<kHeadDim>, cute::Int<kQueries>, cute::Int<kStages>>{},
+      cute::Step<cute::_2, cute::_1, cute::_3>{}));
+  using TiledMmaS = decltype(cute::make_tiled_mma(cute::GMMA::ss_op_selector<
+                             T, T, float,
+                             cute::Shape<cute::_64, cute::Int<kQueries>, cute::Int<kHeadDim>>>()));
+  using TiledMmaKV = decltype(cute::make_tiled_mma(
+      cute::GMMA::rs_op_selector<T, T, float,
+                                 cute::Shape<cute::_64, cute::Int<kHeadDim>, cute::Int<kQueries>>,
+                                 cute::GMMA::Major::K, cute::GMMA::Major::MN>()));
+  static constexpr int kSmemKV = int(cute::cosize_v<SmemLayoutKV>);  // elements, each of K and V
+  static constexpr int kSmemQ = int(cute::cosize_v<SmemLayoutQ>);    // elements, each of Q and dO
+  static_assert(kSmemQ == kStages * kQueries * kHeadDim &&
+                    kSmemQ == int(cute::cosize_v<SmemLayoutQt>),
+                "stages are contiguous tiles, viewed two ways");
+};
+
 template <int kHeadDim_, class Elt>
 struct Sm90DkvTiles {
   static constexpr int kHeadDim = kHeadDim_;
@@ -62,30 +96,13 @@ struct Sm90DkvTiles {
                 "the dK / dV exchange fits in the stages");
 
   using T = typename CuteElement<Elt>::type;
-  // K and V tiles (keys x head dim), K-major: the A operands of the two SS products.
-  using SmemLayoutKV = decltype(cute::tile_to_shape(
-      cute::GMMA::Layout_K_SW128_Atom<T>{},
-      cute::Shape<cute::Int<kBlockN>, cute::Int<kHeadDim>, cute::_1>{}));
-  // Q / dO halves (queries x head dim, per stage), K-major: the B operands of the SS products ...
-  using SmemLayoutQ = decltype(cute::tile_to_shape(
-      cute::GMMA::Layout_K_SW128_Atom<T>{},
-      cute::Shape<cute::Int<kHalf>, cute::Int<kHeadDim>, cute::Int<kStages>>{}));
-  // ... and the same bytes as the (N = head dim, K = queries) MN-major B operand of the RS ones.
-  using SmemLayoutQt = decltype(cute::tile_to_shape(
-      cute::GMMA::Layout_MN_SW128_Atom<T>{},
-      cute::Shape<cute::Int<kHeadDim>, cute::Int<kHalf>, cute::Int<kStages>>{},
-      cute::Step<cute::_2, cute::_1, cute::_3>{}));
-  using TiledMmaS = decltype(cute::make_tiled_mma(
-      cute::GMMA::ss_op_selector<T, T, float,
-                                 cute::Shape<cute::_64, cute::Int<kHalf>, cute::Int<kHeadDim>>>()));
-  using TiledMmaKV = decltype(cute::make_tiled_mma(
-      cute::GMMA::rs_op_selector<T, T, float,
-                                 cute::Shape<cute::_64, cute::Int<kHeadDim>, cute::Int<kHalf>>,
-                                 cute::GMMA::Major::K, cute::GMMA::Major::MN>()));
-
-  static constexpr int kSmemKV = int(cute::cosize_v<SmemLayoutKV>);  // elements, each of K and V
-  static constexpr int kSmemQ = int(cute::cosize_v<SmemLayoutQ>);    // elements, each of Q and dO
-  static_assert(kSmemQ == kStages * kHalf * kHeadDim, "stages are contiguous tiles");
+  using Gmma = DkvGmmaTiles<T, kBlockN, kHalf, kHeadDim, kStages>;
+  using SmemLayoutKV = typename Gmma::SmemLayoutKV;
+  using SmemLayoutQ = typename Gmma::SmemLayoutQ;
+  using SmemLayoutQt = typename Gmma::SmemLayoutQt;
+  using TiledMmaS = typename Gmma::TiledMmaS;
+  using TiledMmaKV = typename Gmma::TiledMmaKV;
+  static constexpr int kSmemKV = Gmma::kSmemKV, kSmemQ = Gmma::kSmemQ;
   // Per stage, the half's raw LSE and rowdot (fp32, 64 each), after the tiles.
   static constexpr int kStatsOffset = (2 * kSmemKV + 2 * kSmemQ) * 2;
   static constexpr int kBarrierOffset = kStatsOffset + kStages * 2 * kHalf * 4;

@@ -59,31 +59,15 @@ struct Sm90DkvWideTiles {
   static constexpr int kPBuffers = 2;
 
   using T = typename CuteElement<Elt>::type;
-  // K and V tiles (keys x head dim), K-major: the A operands of x^T and dP^T.
-  using SmemLayoutKV = decltype(cute::tile_to_shape(
-      cute::GMMA::Layout_K_SW128_Atom<T>{},
-      cute::Shape<cute::Int<kBlockN>, cute::Int<kHeadDim>, cute::_1>{}));
-  // Q / dO stages (queries x head dim), K-major: the B operands of x^T and dP^T ...
-  using SmemLayoutQ = decltype(cute::tile_to_shape(
-      cute::GMMA::Layout_K_SW128_Atom<T>{},
-      cute::Shape<cute::Int<kHalf>, cute::Int<kHeadDim>, cute::Int<kStages>>{}));
-  // ... and the same bytes as the (N = head dim, K = queries) MN-major B operand of dK and dV.
-  using SmemLayoutQt = decltype(cute::tile_to_shape(
-      cute::GMMA::Layout_MN_SW128_Atom<T>{},
-      cute::Shape<cute::Int<kHeadDim>, cute::Int<kHalf>, cute::Int<kStages>>{},
-      cute::Step<cute::_2, cute::_1, cute::_3>{}));
-  using TiledMmaS = decltype(cute::make_tiled_mma(
-      cute::GMMA::ss_op_selector<T, T, float,
-                                 cute::Shape<cute::_64, cute::Int<kHalf>, cute::Int<kHeadDim>>>()));
-  using TiledMmaKV = decltype(cute::make_tiled_mma(
-      cute::GMMA::rs_op_selector<T, T, float,
-                                 cute::Shape<cute::_64, cute::Int<kHeadDim>, cute::Int<kHalf>>,
-                                 cute::GMMA::Major::K, cute::GMMA::Major::MN>()));
-
-  static constexpr int kSmemKV = int(cute::cosize_v<SmemLayoutKV>);  // elements, each of K and V
-  static constexpr int kSmemQ = int(cute::cosize_v<SmemLayoutQ>);    // elements, each of Q and dO
-  static_assert(kSmemQ == kStages * kHalf * kHeadDim && kSmemQ == int(cute::cosize_v<SmemLayoutQt>),
-                "stages are contiguous tiles, viewed two ways");
+  // K / V, Q / dO stages (and Q / dO as the MN-major B operand of dK / dV), the SS product x^T or
+  // dP^T (N = 64) and the RS product dV or dK (N = 256).
+  using Gmma = DkvGmmaTiles<T, kBlockN, kHalf, kHeadDim, kStages>;
+  using SmemLayoutKV = typename Gmma::SmemLayoutKV;
+  using SmemLayoutQ = typename Gmma::SmemLayoutQ;
+  using SmemLayoutQt = typename Gmma::SmemLayoutQt;
+  using TiledMmaS = typename Gmma::TiledMmaS;
+  using TiledMmaKV = typename Gmma::TiledMmaKV;
+  static constexpr int kSmemKV = Gmma::kSmemKV, kSmemQ = Gmma::kSmemQ;
   // P^T buffers: 64 x 64 fp32 each, in fragment order (value i of thread ct at i * 128 + ct).
   static constexpr int kPOffset = (2 * kSmemKV + 2 * kSmemQ) * 2;
   static constexpr int kPFloats = kBlockN * kHalf;
@@ -417,14 +401,8 @@ __global__ void __launch_bounds__(Sm90DqWideTiles<Elt>::kThreads, 1)
   const DqHead head = dq_cta_head(p);
   const int b = head.b, h = head.h, hk = h / p.group;
   const int row0 = m * kBlockM;
-  const int64_t list_row =
-      (int64_t(p.map.map_batch == 1 ? 0 : b) * p.map.map_heads + h / p.map.head_group) *
-          p.map.m_blocks + m;
-  const int n_full = p.map.full_count[list_row];
-  const int total = n_full + p.map.partial_count[list_row];
-  const int32_t* full_list = p.map.full_index + list_row * p.map.n_blocks;
-  const int32_t* partial_list = p.map.partial_index + list_row * p.map.n_blocks;
-  auto block_at = [&](int it) { return it < n_full ? full_list[it] : partial_list[it - n_full]; };
+  const DqTileList list(p, b, h, m);
+  const int n_full = list.n_full, total = list.total;
 
   if (threadIdx.x < Tiles::kProducerThreads) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Tiles::kProducerRegisters));
@@ -449,7 +427,7 @@ __global__ void __launch_bounds__(Sm90DqWideTiles<Elt>::kThreads, 1)
     }
     for (int j = 0; j < total; ++j) {
       const int stage = j % kStages;
-      const int n = block_at(j);
+      const int n = list.at(j);
       if (j >= kStages) mbarrier_wait(&empty_bar[stage], (j / kStages - 1) & 1);
 #pragma unroll 1
       for (int w = 0; w < Tiles::kConsumerWarpGroups; ++w) {  // the two 32-key sub-tiles
@@ -568,7 +546,7 @@ __global__ void __launch_bounds__(Sm90DqWideTiles<Elt>::kThreads, 1)
   const bool release_lane = lane == 0;
   for (int j = 0; j < total; ++j) {
     const int stage = j % kStages, prev_stage = (j + kStages - 1) % kStages;
-    const int n = block_at(j);
+    const int n = list.at(j);
     const bool check = j >= n_full || (n + 1) * kBlockN > p.seqlen_k || row0 + kBlockM > p.seqlen_q;
     mbarrier_wait(&full_bar[stage], (j / kStages) & 1);
     fence_async_shared();  // the producer's cp.async writes, before wgmma reads them
