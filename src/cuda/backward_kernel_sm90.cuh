@@ -208,6 +208,9 @@ __device__ __forceinline__ void probabilities_t(float (&s)[kC][4], const float* 
       s[c][e] = keep ? fast_exp2(s[c][e] - lse2) : 0.0f;
     }
 }
+__device__ __forceinline__ float ds_entry(float pt, float dpt, const float& rdot) {
+  return pt != 0.0f ? pt * (dpt - rdot) : 0.0f;
+}
 template <int kC>
 __device__ __forceinline__ void ds_t(float (&ds)[kC][4], const float (&pt)[kC][4],
                                      const float* rdot, int t) {
@@ -215,7 +218,19 @@ __device__ __forceinline__ void ds_t(float (&ds)[kC][4], const float (&pt)[kC][4
   for (int c = 0; c < kC; ++c)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      ds[c][e] = pt[c][e] != 0.0f ? pt[c][e] * (ds[c][e] - rdot[c * 8 + 2 * t + (e & 1)]) : 0.0f;
+      ds[c][e] = ds_entry(pt[c][e], ds[c][e], rdot[c * 8 + 2 * t + (e & 1)]);
+    }
+}
+// ds_t with P^T read from shared memory as it goes: fp32 in fragment order (value 4 c + e of
+// warpgroup thread ct at pt[(4 c + e) * 128 + ct]), so that no register array holds it.
+template <int kC>
+__device__ __forceinline__ void ds_t_shared(float (&ds)[kC][4], const float* pt, int ct,
+                                            const float* rdot, int t) {
+#pragma unroll
+  for (int c = 0; c < kC; ++c)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      ds[c][e] = ds_entry(pt[(4 * c + e) * 128 + ct], ds[c][e], rdot[c * 8 + 2 * t + (e & 1)]);
     }
 }
 template <class Elt, int kC>

@@ -40,6 +40,13 @@ namespace fsa::detail::cuda {
 // Shared memory: K and V 64 KB, two stages of Q and dO 128 KB, two fp32 P^T tiles 32 KB and the
 // stages' statistics: 225 KB, no room for a staged bias (launch_sm90_dkdv clears bias_staged:
 // the element pass reads such a bias from global memory).
+//
+// With two stages of 64 KB, the pass waits on its copies: the producer refills stage j - 1 once
+// both warpgroups' RS products of step j - 1 retired, and step j + 1 needs it. So a warpgroup
+// gives the stage back as soon as its RS product retires, before waiting for the next S
+// product. On H200 at (1, 16384, 16, 16, 256) causal (docs/perf.md): 8.02 -> 7.80 ms; running
+// the RS product under the next step's element passes instead (the release after them) took
+// 10.55 ms.
 template <class Elt>
 struct Sm90DkvWideTiles {
   static constexpr int kHeadDim = 256;
@@ -230,10 +237,13 @@ __global__ void __launch_bounds__(Sm90DkvWideTiles<Elt>::kThreads, 1)
     mbarrier_wait(&full_bar[stage], (j / kStages) & 1);
     fence_async_shared();  // the producer's cp.async writes, before wgmma reads them
     issue_s(stage);
+    if (j > 0) {
+      warpgroup_wait<1>();  // step j - 1's RS product: its stage goes back
+      if (release_lane) mbarrier_arrive(&empty_bar[(j - 1) % kStages]);
+    }
     warpgroup_wait<0>();
     warpgroup_fence_operand(tSrS);
     warpgroup_fence_operand(tAcc);
-    if (j > 0 && release_lane) mbarrier_arrive(&empty_bar[(j - 1) % kStages]);
     if (wg == 1) {
       const bool check =
           cur.partial() || key0 + kBlockN > p.seqlen_k || q0 + kHalf > p.seqlen_q;
@@ -250,14 +260,9 @@ __global__ void __launch_bounds__(Sm90DkvWideTiles<Elt>::kThreads, 1)
       bar_arrive(1 + buffer);
     } else {
       col.switch_to(p, col_rows, h);
-      float pt[kCTiles][4];
       bar_sync(1 + buffer);  // warpgroup 1 wrote step j's
-#pragma unroll
-      for (int c = 0; c < kCTiles; ++c)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) pt[c][e] = p_tile[(4 * c + e) * 128 + ct];
+      ds_t_shared(s, p_tile, ct, s_rdot + stage * kHalf, t);
       bar_arrive(3 + buffer);
-      ds_t(s, pt, s_rdot + stage * kHalf, t);
       if (p.bias_grad == BiasGrad::kColumns) col.add(s);
     }
     pack_pairs<Elt>(a_regs, s);
