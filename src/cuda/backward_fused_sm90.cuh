@@ -307,7 +307,8 @@ __device__ __forceinline__ void bulk_wait_all() {
 
 template <int kHeadDim, class Elt>
 __global__ void __launch_bounds__(Sm90FusedTiles<kHeadDim, Elt>::kThreads, 1)
-    dkdvq_kernel_sm90(const __grid_constant__ BackwardParams p) {
+    dkdvq_kernel_sm90(const __grid_constant__ BackwardParams p,
+                      const __grid_constant__ QdoTensorMaps tma) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace cute;
   using Tiles = Sm90FusedTiles<kHeadDim, Elt>;
@@ -373,14 +374,9 @@ __global__ void __launch_bounds__(Sm90FusedTiles<kHeadDim, Elt>::kThreads, 1)
       const int stage = j % kStages, h = cur.h;
       const int q0 = (cur.entry() >> 4) * kBlockM + cur.half * kHalf;
       if (j >= kStages) mbarrier_wait(&empty_bar[stage], (j / kStages - 1) & 1);
-      load_rows_async<kHeadDim, kHalf, kLoaders>(
-          s_q + stage * kStageElems, q_dst.first, q_dst.step,
-          static_cast<const uint16_t*>(p.q) + b * p.q_stride_b + h * p.q_stride_h, p.q_stride_s,
-          q0, p.seqlen_q, p.head_dim);
-      load_rows_async<kHeadDim, kHalf, kLoaders>(
-          s_do + stage * kStageElems, q_dst.first, q_dst.step,
-          static_cast<const uint16_t*>(p.dout) + b * p.do_stride_b + h * p.do_stride_h,
-          p.do_stride_s, q0, p.seqlen_q, p.head_dim);
+      load_step_rows_async<kHeadDim, kLoaders>(p, tma, s_q + stage * kStageElems,
+                                               s_do + stage * kStageElems, q_dst, b, h, q0,
+                                               &full_bar[stage]);
       load_step_stats_async(p, b, h, q0, s_lse + stage * kHalf, s_rdot + stage * kHalf);
       if (p.bias_staged) {  // rows = the half's queries, columns = each tile's keys
 #pragma unroll 1
@@ -504,7 +500,9 @@ __global__ void __launch_bounds__(Sm90FusedTiles<kHeadDim, Elt>::kThreads, 1)
     const bool active = (entry >> (2 * wg)) & 1;
     const int q0 = (entry >> 4) * kBlockM + cur.half * kHalf;
     mbarrier_wait(&full_bar[stage], (j / kStages) & 1);
-    fence_async_shared();  // the producer's cp.async writes, before wgmma reads them
+    // What cp.async wrote, before wgmma reads it: K and V (complete with stage 0), and Q and dO
+    // without tensor maps (by TMA they need no fence).
+    if (j == 0 || !tma.enabled) fence_async_shared();
     if (active) {
       const bool check = ((entry >> (2 * wg + 1)) & 1) || tile_key0 + kBlockN > p.seqlen_k ||
                          q0 + kHalf > p.seqlen_q;

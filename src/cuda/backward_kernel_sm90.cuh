@@ -260,11 +260,44 @@ __device__ __forceinline__ void load_step_stats_async(const BackwardParams& p, i
       *reinterpret_cast<uint32_t*>((loads_lse ? s_lse : s_rdot) + c), valid);
 }
 
+// A dK/dV producer's copy of one step's Q and dO rows q0 .. q0 + 63 of head h into their stage
+// tiles (K-major, 128-byte swizzle: 8 KB blocks of 64 x 64). By TMA where the call has tensor
+// maps (thread 0 issues the boxes, whose bytes complete on `full`), else by cp.async (q_dst: the
+// stage layout's GmmaLoadOffsets); either way rows past Sq and columns past the head dim are
+// zeros.
+template <int kHeadDim, int kLoaders>
+__device__ __forceinline__ void load_step_rows_async(const BackwardParams& p,
+                                                     const QdoTensorMaps& tma, uint16_t* s_q,
+                                                     uint16_t* s_do, const GmmaLoadOffsets& q_dst,
+                                                     int b, int h, int q0, uint64_t* full) {
+  constexpr int kRows = 64;
+  if (tma.enabled) {
+    if (threadIdx.x == 0) {
+      mbarrier_expect_tx(full, 2 * kRows * kHeadDim * 2);
+#pragma unroll
+      for (int c = 0; c < kHeadDim / 64; ++c) {
+        tma_load_4d(s_q + c * kRows * 64, tma.q, 64 * c, q0, h, b, full);
+        tma_load_4d(s_do + c * kRows * 64, tma.dout, 64 * c, q0, h, b, full);
+      }
+    }
+    return;
+  }
+  load_rows_async<kHeadDim, kRows, kLoaders>(
+      s_q, q_dst.first, q_dst.step,
+      static_cast<const uint16_t*>(p.q) + b * p.q_stride_b + h * p.q_stride_h, p.q_stride_s, q0,
+      p.seqlen_q, p.head_dim, q_dst.half);
+  load_rows_async<kHeadDim, kRows, kLoaders>(
+      s_do, q_dst.first, q_dst.step,
+      static_cast<const uint16_t*>(p.dout) + b * p.do_stride_b + h * p.do_stride_h,
+      p.do_stride_s, q0, p.seqlen_q, p.head_dim, q_dst.half);
+}
+
 // kRowTopK == (p.row_topk.key != null), as in dq_kernel (backward_kernel.cuh).
 template <int kHeadDim, class Elt, bool kRowTopK>
 __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
                                   Sm90DkvTiles<kHeadDim, Elt>::kCtasPerSm)
-    dkdv_kernel_sm90(const __grid_constant__ BackwardParams p) {
+    dkdv_kernel_sm90(const __grid_constant__ BackwardParams p,
+                     const __grid_constant__ QdoTensorMaps tma) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace cute;
   using Tiles = Sm90DkvTiles<kHeadDim, Elt>;
@@ -332,14 +365,9 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
       const int stage = j % kStages, h = cur.h;
       const int q0 = cur.m() * kBlockM + cur.half * kHalf;
       if (j >= kStages) mbarrier_wait(&empty_bar[stage], (j / kStages - 1) & 1);
-      load_rows_async<kHeadDim, kHalf, kLoaders>(
-          s_q + stage * kStageElems, q_dst.first, q_dst.step,
-          static_cast<const uint16_t*>(p.q) + b * p.q_stride_b + h * p.q_stride_h, p.q_stride_s,
-          q0, p.seqlen_q, p.head_dim);
-      load_rows_async<kHeadDim, kHalf, kLoaders>(
-          s_do + stage * kStageElems, q_dst.first, q_dst.step,
-          static_cast<const uint16_t*>(p.dout) + b * p.do_stride_b + h * p.do_stride_h,
-          p.do_stride_s, q0, p.seqlen_q, p.head_dim);
+      load_step_rows_async<kHeadDim, kLoaders>(p, tma, s_q + stage * kStageElems,
+                                               s_do + stage * kStageElems, q_dst, b, h, q0,
+                                               &full_bar[stage]);
       load_step_stats_async(p, b, h, q0, s_lse + stage * kHalf, s_rdot + stage * kHalf);
       if (p.bias_staged) {  // rows = the half's queries, columns = this CTA's keys
         load_bias_tile_async<kHalf, kLoaders>(
@@ -445,7 +473,9 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
     const bool check = cur.partial() || key0 + kBlockN > p.seqlen_k || q0 + kHalf > p.seqlen_q;
     col.switch_to<true>(p, col_rows, h);
     mbarrier_wait(&full_bar[stage], (j / kStages) & 1);
-    fence_async_shared();  // the producer's cp.async writes, before wgmma reads them
+    // What cp.async wrote, before wgmma reads it: K and V (complete with stage 0, before this
+    // warpgroup's first half), and Q and dO without tensor maps (by TMA they need no fence).
+    if (j < Tiles::kConsumerWarpGroups || !tma.enabled) fence_async_shared();
     // The previous half's dV and dK products retire before x^T and dP^T are issued: with them in
     // flight too, ptxas ran out of registers and serialized every wgmma (C7512).
     warpgroup_wait<0>();

@@ -16,6 +16,7 @@
 #include "cuda/device_arch.h"
 #include "cuda/memory_pool.h"
 #include "cuda/stream_buffer.h"
+#include "cuda/tma.h"
 
 namespace fsa::detail::cuda {
 
@@ -38,6 +39,28 @@ inline void log_gathered_on_sm80(std::atomic<bool>& logged, const char* pass, in
                "%s pass (the Hopper one does not gather keys by slot there). Logged once per "
                "process.\n",
                head_dim, pass);
+}
+
+// The sm90 dK/dV passes' Q and dO tensor maps, or none (enabled false: cp.async) under
+// FSA_CUDA_TMA=0 and where TMA cannot address the tensors (encode_rows_map). The last is the
+// user's layout, not a choice of ours, so the first such call says so on stderr (once per
+// process).
+inline QdoTensorMaps backward_tensor_maps(const BackwardParams& p) {
+  QdoTensorMaps maps{};
+  if (!tma_enabled()) return maps;
+  maps.enabled = encode_rows_map(maps.q, p.q, p.head_dim, p.seqlen_q, p.num_heads, p.batch,
+                                 p.q_stride_s, p.q_stride_h, p.q_stride_b) &&
+                 encode_rows_map(maps.dout, p.dout, p.head_dim, p.seqlen_q, p.num_heads, p.batch,
+                                 p.do_stride_s, p.do_stride_h, p.do_stride_b);
+  static std::atomic<bool> logged{false};
+  if (!maps.enabled && !logged.exchange(true)) {
+    std::fprintf(stderr,
+                 "flash_sparse_attn: TMA cannot address this call's query or output gradient (a "
+                 "stride of 0, as torch.expand gives, or the driver refused the tensor map); the "
+                 "Hopper dK/dV pass copies them with cp.async instead. Logged once per "
+                 "process.\n");
+  }
+  return maps;
 }
 
 // The Hopper dQ kernel: same rule as the dK/dV one; FSA_CUDA_DQ_SM90=0 keeps the sm80 dQ pass
@@ -279,7 +302,8 @@ bool launch_sm90_dkdv(const BackwardParams& p, BackwardParams& kv, StreamBuffer&
   // One instantiation for both: the opt-in limit is the larger size (a fixed value, so that host
   // threads launching it concurrently never lower it under each other), a launch asks for what
   // it uses.
-  BackwardKernel dkdv = nullptr;
+  using DkvKernel = void (*)(BackwardParams, QdoTensorMaps);
+  DkvKernel dkdv = nullptr;
   int threads = 0, smem_limit = 0, smem = 0;
   if constexpr (kHeadDim > 128) {
     // No room for a staged bias at D = 256: the element pass reads such a bias from global
@@ -308,7 +332,7 @@ bool launch_sm90_dkdv(const BackwardParams& p, BackwardParams& kv, StreamBuffer&
   const dim3 dkdv_grid =
       kv.dkv_tile_major ? dim3(unsigned(p.num_kv_heads), unsigned(grid_x), unsigned(p.batch))
                         : dim3(unsigned(grid_x), unsigned(p.num_kv_heads), unsigned(p.batch));
-  dkdv<<<dkdv_grid, threads, smem, stream>>>(kv);
+  dkdv<<<dkdv_grid, threads, smem, stream>>>(kv, backward_tensor_maps(kv));
   FSA_CUDA_CHECK(cudaGetLastError());
   if (kv.dkv_splits > 1 || kv.dkv_by_count) {
     // Every list split: the reduction can write the caller's key axis (BackwardParams::scatter).

@@ -42,11 +42,12 @@ namespace fsa::detail::cuda {
 // the element pass reads such a bias from global memory).
 //
 // With two stages of 64 KB, the pass waits on its copies: the producer refills stage j - 1 once
-// both warpgroups' RS products of step j - 1 retired, and step j + 1 needs it. So a warpgroup
-// gives the stage back as soon as its RS product retires, before waiting for the next S
-// product. On H200 at (1, 16384, 16, 16, 256) causal (docs/perf.md): 8.02 -> 7.80 ms; running
-// the RS product under the next step's element passes instead (the release after them) took
-// 10.55 ms.
+// both warpgroups' RS products of step j - 1 retired, and step j + 1 needs it. So the producer
+// copies Q and dO by TMA (one thread, (64 x 64) boxes; QdoTensorMaps, else cp.async), and a
+// warpgroup gives the stage back as soon as its RS product retires, before waiting for the next
+// S product. On H200 at (1, 16384, 16, 16, 256) causal (docs/perf.md): the early release 8.02 ->
+// 7.80 ms, TMA 7.88 -> 7.35 ms; running the RS product under the next step's element passes
+// instead (the release after them) took 10.55 ms.
 template <class Elt>
 struct Sm90DkvWideTiles {
   static constexpr int kHeadDim = 256;
@@ -88,7 +89,8 @@ struct Sm90DkvWideTiles {
 // kRowTopK == (p.row_topk.key != null), as in dkdv_kernel_sm90. Never with a staged bias.
 template <class Elt, bool kRowTopK>
 __global__ void __launch_bounds__(Sm90DkvWideTiles<Elt>::kThreads, 1)
-    dkdv_kernel_sm90_wide(const __grid_constant__ BackwardParams p) {
+    dkdv_kernel_sm90_wide(const __grid_constant__ BackwardParams p,
+                          const __grid_constant__ QdoTensorMaps tma) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace cute;
   using Tiles = Sm90DkvWideTiles<Elt>;
@@ -145,14 +147,9 @@ __global__ void __launch_bounds__(Sm90DkvWideTiles<Elt>::kThreads, 1)
       const int stage = j % kStages, h = cur.h;
       const int q0 = cur.m() * kBlockM;
       if (j >= kStages) mbarrier_wait(&empty_bar[stage], (j / kStages - 1) & 1);
-      load_rows_async<kHeadDim, kHalf, kLoaders>(
-          s_q + stage * kStageElems, q_dst.first, q_dst.step,
-          static_cast<const uint16_t*>(p.q) + b * p.q_stride_b + h * p.q_stride_h, p.q_stride_s,
-          q0, p.seqlen_q, p.head_dim, q_dst.half);
-      load_rows_async<kHeadDim, kHalf, kLoaders>(
-          s_do + stage * kStageElems, q_dst.first, q_dst.step,
-          static_cast<const uint16_t*>(p.dout) + b * p.do_stride_b + h * p.do_stride_h,
-          p.do_stride_s, q0, p.seqlen_q, p.head_dim, q_dst.half);
+      load_step_rows_async<kHeadDim, kLoaders>(p, tma, s_q + stage * kStageElems,
+                                               s_do + stage * kStageElems, q_dst, b, h, q0,
+                                               &full_bar[stage]);
       load_step_stats_async(p, b, h, q0, s_lse + stage * kHalf, s_rdot + stage * kHalf);
       mbarrier_arrive_on_copies(&full_bar[stage]);
     }
@@ -235,7 +232,10 @@ __global__ void __launch_bounds__(Sm90DkvWideTiles<Elt>::kThreads, 1)
     const int q0 = cur.m() * kBlockM;
     float* p_tile = s_p + buffer * Tiles::kPFloats;
     mbarrier_wait(&full_bar[stage], (j / kStages) & 1);
-    fence_async_shared();  // the producer's cp.async writes, before wgmma reads them
+    // What cp.async wrote must be fenced before wgmma reads it: K and V (complete with stage
+    // 0), and Q and dO without tensor maps. By TMA (the async proxy, complete on the mbarrier)
+    // they need no fence.
+    if (j == 0 || !tma.enabled) fence_async_shared();
     issue_s(stage);
     if (j > 0) {
       warpgroup_wait<1>();  // step j - 1's RS product: its stage goes back

@@ -39,4 +39,11 @@ inline bool env_is(const char* name, const char* value) {
   return env != nullptr && std::strcmp(env, value) == 0;
 }
 
+// Whether the sm90 kernels load tiles by TMA where they can (the forward's K and V, the dK/dV
+// passes' Q and dO); FSA_CUDA_TMA=0 keeps cp.async (A/B measurements, docs/perf.md).
+inline bool tma_enabled() {
+  static const bool enabled = !env_is("FSA_CUDA_TMA", "0");
+  return enabled;
+}
+
 }  // namespace fsa::detail::cuda

@@ -32,26 +32,20 @@ inline bool dependent_launch_enabled() {
   return enabled && hopper_kernels_available();
 }
 
-// Whether the sm90 forward loads K and V by TMA where it can (forward_tensor_maps);
-// FSA_CUDA_TMA=0 keeps cp.async (A/B measurements, docs/perf.md).
-inline bool tma_forward_enabled() {
-  static const bool enabled = !env_is("FSA_CUDA_TMA", "0");
-  return enabled;
-}
 
 // The sm90 forward's K and V tensor maps, or none (enabled false: cp.async) at head dims that keep
 // cp.async (sm90_forward_tma_kv), for gathered tiles (rows by slot), under FSA_CUDA_TMA=0, and
-// where TMA cannot address the tensors (encode_kv_map). The last is the user's layout, not a
+// where TMA cannot address the tensors (encode_rows_map). The last is the user's layout, not a
 // choice of ours, so the first such call says so on stderr (once per process: a training loop
 // repeats the same call).
 template <int kHeadDim>
 KvTensorMaps forward_tensor_maps(const ForwardParams& p, bool gathered) {
   KvTensorMaps maps{};
   if constexpr (sm90_forward_tma_kv(kHeadDim)) {
-    if (gathered || !tma_forward_enabled()) return maps;
-    maps.enabled = encode_kv_map(maps.k, p.k, p.head_dim, p.seqlen_k, p.num_kv_heads, p.batch,
+    if (gathered || !tma_enabled()) return maps;
+    maps.enabled = encode_rows_map(maps.k, p.k, p.head_dim, p.seqlen_k, p.num_kv_heads, p.batch,
                                  p.k_stride_s, p.k_stride_h, p.k_stride_b) &&
-                   encode_kv_map(maps.v, p.v, p.head_dim, p.seqlen_k, p.num_kv_heads, p.batch,
+                   encode_rows_map(maps.v, p.v, p.head_dim, p.seqlen_k, p.num_kv_heads, p.batch,
                                  p.v_stride_s, p.v_stride_h, p.v_stride_b);
     static std::atomic<bool> logged{false};
     if (!maps.enabled && !logged.exchange(true)) {

@@ -26,6 +26,13 @@ struct KvTensorMaps {
   bool enabled;
 };
 
+// The same for the backward's Q and dO (head dim, queries, heads, batch), which the sm90 dK/dV
+// passes stream (load_step_rows_async).
+struct QdoTensorMaps {
+  TensorMap q, dout;
+  bool enabled;
+};
+
 #if defined(__CUDACC__)
 // Waits for `bytes` more to land on `bar` in its current phase (the TMA copies' complete_tx).
 __device__ __forceinline__ void mbarrier_expect_tx(uint64_t* bar, uint32_t bytes) {
@@ -49,11 +56,11 @@ __device__ __forceinline__ void tma_load_4d(void* smem, const TensorMap& map, in
 }
 #endif
 
-// Encodes a (head_dim, keys, heads, batch) tensor of 16-bit elements at `base` with the given
+// Encodes a (head_dim, rows, heads, batch) tensor of 16-bit elements at `base` with the given
 // element strides into `map`, boxes of 64 x 64. False where TMA cannot address it (a base not
 // 16-byte aligned, a stride not a multiple of 8 elements) or the driver refuses it.
-inline bool encode_kv_map(TensorMap& map, const void* base, int head_dim, int keys, int heads,
-                          int batch, int64_t stride_s, int64_t stride_h, int64_t stride_b) {
+inline bool encode_rows_map(TensorMap& map, const void* base, int head_dim, int rows, int heads,
+                            int batch, int64_t stride_s, int64_t stride_h, int64_t stride_b) {
   // cuTensorMapEncodeTiled's type (cudaTypedefs.h's PFN typedef, which CUTLASS includes inside its
   // namespace).
   using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
@@ -74,12 +81,12 @@ inline bool encode_kv_map(TensorMap& map, const void* base, int head_dim, int ke
   if (encode == nullptr || reinterpret_cast<uintptr_t>(base) % 16 != 0) return false;
   // A dim of one element may carry any stride: give it its predecessor's extent, which TMA accepts.
   const int64_t s1 = stride_s;
-  const int64_t s2 = heads > 1 ? stride_h : s1 * keys;
+  const int64_t s2 = heads > 1 ? stride_h : s1 * rows;
   const int64_t s3 = batch > 1 ? stride_b : s2 * heads;
   for (int64_t s : {s1, s2, s3}) {
     if (s <= 0 || s % 8 != 0 || s >= (int64_t(1) << 39)) return false;
   }
-  const cuuint64_t dims[4] = {cuuint64_t(head_dim), cuuint64_t(keys), cuuint64_t(heads),
+  const cuuint64_t dims[4] = {cuuint64_t(head_dim), cuuint64_t(rows), cuuint64_t(heads),
                               cuuint64_t(batch)};
   const cuuint64_t strides[3] = {cuuint64_t(s1) * 2, cuuint64_t(s2) * 2, cuuint64_t(s3) * 2};
   const cuuint32_t box[4] = {64, 64, 1, 1};

@@ -12,9 +12,13 @@ memory by the dK/dV pass) beside an fp32 one, every bias shape's gradient (the d
 column sums; the dQ pass's per-entry stores, sums over a batch or heads, and row sums both
 warpgroups add), the key tile's query work in 1 to 8 shares (fp32 partial rows summed by the
 reduction) and unsplit, many query heads per kv head (the P^T buffers' parity across heads),
-deterministic mode, and per-row top-k over compacted keys (the sm80 passes). On devices without
-the sm90 kernels the same cases run the sm80 passes.
+deterministic mode, per-row top-k over compacted keys (the sm80 passes), and Q / dO that no TMA
+tensor map describes (the dK/dV pass copies them with cp.async). On devices without the sm90
+kernels the same cases run the sm80 passes.
 """
+
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -24,7 +28,7 @@ from flash_sparse_attn import flash_sparse_attn_func
 from flash_sparse_attn.utils.mask import create_mask
 
 from test_cuda_backward import check_backward, gen  # noqa: F401 (gen: fixture)
-from test_cuda_forward import DTYPES, qkv, randn
+from test_cuda_forward import DTYPES, SEED, qkv, randn
 from test_cuda_forward_d256 import block_mask
 
 
@@ -132,3 +136,41 @@ def test_row_topk_over_compacted_keys(dtype, gen):
     mask = create_mask(bias, causal, B, S, S, window, torch.finfo(dtype).min)
     check_backward(q, k, v, mask=mask, bias=bias, causal=True, label="D256 bwd row top-k",
                    ours_how={"topk": window, "topk_causal": True})
+
+
+TMA_FALLBACK = """
+import sys, torch, flash_sparse_attn
+g = torch.Generator(device="cuda").manual_seed({seed})
+q1 = torch.randn(1, 400, 1, 256, generator=g, device="cuda").to(torch.bfloat16)
+k, v = (torch.randn(1, 400, 2, 256, generator=g, device="cuda").to(torch.bfloat16)
+        for _ in range(2))
+dout = torch.randn(1, 400, 4, 256, generator=g, device="cuda").to(torch.bfloat16)
+def grads(expanded):
+    leaves = [x.detach().clone().requires_grad_(True) for x in (q1, k, v)]
+    q = leaves[0].expand(1, 400, 4, 256)  # query-head stride 0
+    q = q if expanded else q.contiguous()
+    flash_sparse_attn.flash_sparse_attn_func(q, leaves[1], leaves[2], is_causal=True).backward(dout)
+    return [x.grad for x in leaves]
+dense = grads(False)
+torch.cuda.synchronize()
+print("<expanded>", file=sys.stderr, flush=True)
+runs = [grads(True) for _ in range(3)]
+torch.cuda.synchronize()
+same = all(torch.equal(a, b) for run in runs for a, b in zip(run, dense))
+print("equal" if same else "differ", flush=True)
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="the Hopper dK/dV pass's TMA path")
+def test_tma_fallback_is_logged_once_and_exact():
+    # Q expanded over heads (stride 0): no tensor map describes it, so the D = 256 dK/dV pass copies
+    # Q and dO with cp.async. That must give the contiguous call's bits, and the slower path must
+    # be named on stderr once, not for each call and not for a contiguous call.
+    run = subprocess.run([sys.executable, "-c", TMA_FALLBACK.format(seed=SEED)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["equal"], run.stdout + run.stderr
+    before, marker, after = run.stderr.partition("<expanded>")
+    assert marker and "TMA cannot address" not in before, run.stderr
+    assert after.count("query or output gradient") == 1, run.stderr
