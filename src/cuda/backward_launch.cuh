@@ -42,9 +42,7 @@ inline void log_gathered_on_sm80(std::atomic<bool>& logged, const char* pass, in
 }
 
 // The sm90 dK/dV passes' Q and dO tensor maps, or none (enabled false: cp.async) under
-// FSA_CUDA_TMA=0 and where TMA cannot address the tensors (encode_rows_map). The last is the
-// user's layout, not a choice of ours, so the first such call says so on stderr (once per
-// process).
+// FSA_CUDA_TMA=0 and where TMA cannot address the tensors (encode_rows_map; log_tma_fallback).
 inline QdoTensorMaps backward_tensor_maps(const BackwardParams& p) {
   QdoTensorMaps maps{};
   if (!tma_enabled()) return maps;
@@ -53,13 +51,7 @@ inline QdoTensorMaps backward_tensor_maps(const BackwardParams& p) {
                  encode_rows_map(maps.dout, p.dout, p.head_dim, p.seqlen_q, p.num_heads, p.batch,
                                  p.do_stride_s, p.do_stride_h, p.do_stride_b);
   static std::atomic<bool> logged{false};
-  if (!maps.enabled && !logged.exchange(true)) {
-    std::fprintf(stderr,
-                 "flash_sparse_attn: TMA cannot address this call's query or output gradient (a "
-                 "stride of 0, as torch.expand gives, or the driver refused the tensor map); the "
-                 "Hopper dK/dV pass copies them with cp.async instead. Logged once per "
-                 "process.\n");
-  }
+  if (!maps.enabled) log_tma_fallback(logged, "query or output gradient", "the Hopper dK/dV pass");
   return maps;
 }
 

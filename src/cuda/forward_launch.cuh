@@ -35,27 +35,18 @@ inline bool dependent_launch_enabled() {
 
 // The sm90 forward's K and V tensor maps, or none (enabled false: cp.async) at head dims that keep
 // cp.async (sm90_forward_tma_kv), for gathered tiles (rows by slot), under FSA_CUDA_TMA=0, and
-// where TMA cannot address the tensors (encode_rows_map). The last is the user's layout, not a
-// choice of ours, so the first such call says so on stderr (once per process: a training loop
-// repeats the same call).
+// where TMA cannot address the tensors (encode_rows_map; log_tma_fallback).
 template <int kHeadDim>
 KvTensorMaps forward_tensor_maps(const ForwardParams& p, bool gathered) {
   KvTensorMaps maps{};
   if constexpr (sm90_forward_tma_kv(kHeadDim)) {
     if (gathered || !tma_enabled()) return maps;
     maps.enabled = encode_rows_map(maps.k, p.k, p.head_dim, p.seqlen_k, p.num_kv_heads, p.batch,
-                                 p.k_stride_s, p.k_stride_h, p.k_stride_b) &&
+                                   p.k_stride_s, p.k_stride_h, p.k_stride_b) &&
                    encode_rows_map(maps.v, p.v, p.head_dim, p.seqlen_k, p.num_kv_heads, p.batch,
-                                 p.v_stride_s, p.v_stride_h, p.v_stride_b);
+                                   p.v_stride_s, p.v_stride_h, p.v_stride_b);
     static std::atomic<bool> logged{false};
-    if (!maps.enabled && !logged.exchange(true)) {
-      std::fprintf(stderr,
-                   "flash_sparse_attn: TMA cannot address this call's key or value (a stride of "
-                   "0, as torch.expand gives, or the driver refused the tensor map); the Hopper "
-                   "forward copies them with cp.async instead, a few percent slower at head dim "
-                   "%d. Logged once per process.\n",
-                   kHeadDim);
-    }
+    if (!maps.enabled) log_tma_fallback(logged, "key or value", "the Hopper forward");
   }
   return maps;
 }

@@ -6,7 +6,9 @@
 #include <cuda.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
+#include <cstdio>
 
 namespace fsa::detail::cuda {
 
@@ -96,6 +98,18 @@ inline bool encode_rows_map(TensorMap& map, const void* base, int head_dim, int 
                 CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// Where TMA cannot address a call's tensors (encode_rows_map false: the caller's layout, not a
+// choice of ours), the first such call says so on stderr, once per process (`logged`: a training
+// loop repeats the same call): `tensors` are copied with cp.async by `kernel`.
+inline void log_tma_fallback(std::atomic<bool>& logged, const char* tensors, const char* kernel) {
+  if (logged.exchange(true)) return;
+  std::fprintf(stderr,
+               "flash_sparse_attn: TMA cannot address this call's %s (a stride of 0, as "
+               "torch.expand gives, or the driver refused the tensor map); %s copies them with "
+               "cp.async instead, a few percent slower. Logged once per process.\n",
+               tensors, kernel);
 }
 
 }  // namespace fsa::detail::cuda

@@ -288,16 +288,25 @@ print("equal" if all(torch.equal(o, dense) for o in outs) else "differ", flush=T
 """
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
-                    reason="the Hopper forward's TMA path")
-def test_tma_fallback_is_logged_once_and_exact():
-    # K and V expanded over kv heads (stride 0): no tensor map describes them, so the Hopper forward
-    # at head dim 128 copies them with cp.async. That must give the contiguous call's bits, and the
-    # slower path must be named on stderr once, not for each call and not for a contiguous call.
-    run = subprocess.run([sys.executable, "-c", TMA_FALLBACK.format(seed=SEED)],
+def check_tma_fallback(script, names):
+    # `script` (a fresh process: the message is logged once per process) runs a contiguous call,
+    # prints <expanded> on stderr, runs the call whose stride-0 tensors no tensor map describes
+    # three times, and prints whether their results equal the contiguous call's. They must, and
+    # the cp.async path must be named on stderr (`names`: the tensors) once after the marker and
+    # never before it.
+    run = subprocess.run([sys.executable, "-c", script.format(seed=SEED)],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["equal"], run.stdout + run.stderr
     before, marker, after = run.stderr.partition("<expanded>")
     assert marker and "TMA cannot address" not in before, run.stderr
     assert after.count("TMA cannot address") == 1, run.stderr
+    assert after.count(f"TMA cannot address this call's {names}") == 1, run.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="the Hopper forward's TMA path")
+def test_tma_fallback_is_logged_once_and_exact():
+    # K and V expanded over kv heads (stride 0): the Hopper forward at head dim 128 copies them
+    # with cp.async.
+    check_tma_fallback(TMA_FALLBACK, "key or value")
