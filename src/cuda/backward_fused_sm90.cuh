@@ -186,64 +186,6 @@ __global__ void __launch_bounds__(kThreads) pair_lists_kernel(
   if (threadIdx.x == 0) pair_count[at] = base;
 }
 
-// The fused pass's CTA order (BackwardParams::pair_order): CTA (map batch mb, kv head hk) sorts
-// the pairs by their work, the entries of the G query heads' lists, longest first, and puts the
-// pairs past a compacted key mask's count (whose CTAs exit) after every other. A counting sort
-// over kBins buckets of the work (shifted until the longest fits), so pairs of nearly equal work
-// may come in either order; the order changes only when CTAs start, not what they compute.
-template <int kThreads>
-__global__ void __launch_bounds__(kThreads)
-    pair_order_kernel(const __grid_constant__ BackwardParams p, int32_t* pair_order) {
-  constexpr int kBins = 2048;  // and one more after them: the pairs past the count
-  __shared__ int32_t bins[kBins + 1];
-  __shared__ int32_t longest;
-  const int hk = int(blockIdx.x), mb = int(blockIdx.y), n = p.n_pairs;
-  const int pairs_in =
-      p.map.kept_count != nullptr
-          ? (kept_count_of(p, hk, mb) + 2 * p.map.block_n - 1) / (2 * p.map.block_n)
-          : n;
-  auto work = [&](int pair) {
-    int w = 0;
-    for (int h = hk * p.group; h < (hk + 1) * p.group; ++h) {
-      w += p.pair_count[(int64_t(mb) * p.map.map_heads + h / p.map.head_group) * n + pair];
-    }
-    return w;
-  };
-  for (int i = int(threadIdx.x); i <= kBins; i += kThreads) bins[i] = 0;
-  if (threadIdx.x == 0) longest = 0;
-  __syncthreads();
-  for (int pair = int(threadIdx.x); pair < n; pair += kThreads) atomicMax(&longest, work(pair));
-  __syncthreads();
-  int shift = 0;
-  while ((longest >> shift) >= kBins) ++shift;
-  auto bin = [&](int pair) { return pair < pairs_in ? kBins - 1 - (work(pair) >> shift) : kBins; };
-  for (int pair = int(threadIdx.x); pair < n; pair += kThreads) atomicAdd(&bins[bin(pair)], 1);
-  __syncthreads();
-  if (threadIdx.x < 32) {  // exclusive scan of the buckets: one warp, kPer per lane
-    constexpr int kPer = kBins / 32;
-    const int lane = int(threadIdx.x);
-    int sum = 0;
-    for (int i = 0; i < kPer; ++i) sum += bins[lane * kPer + i];
-    int before = sum;
-    for (int d = 1; d < 32; d *= 2) {
-      const int up = __shfl_up_sync(0xffffffffu, before, d);
-      if (lane >= d) before += up;
-    }
-    before -= sum;
-    for (int i = 0; i < kPer; ++i) {
-      const int c = bins[lane * kPer + i];
-      bins[lane * kPer + i] = before;
-      before += c;
-    }
-    if (lane == 31) bins[kBins] = before;  // the pairs past the count come last
-  }
-  __syncthreads();
-  int32_t* out = pair_order + (int64_t(mb) * p.num_kv_heads + hk) * n;
-  for (int pair = int(threadIdx.x); pair < n; pair += kThreads) {
-    out[atomicAdd(&bins[bin(pair)], 1)] = pair;
-  }
-}
-
 // The fused pass's work: over the G query heads of kv head hk, this CTA's share of each head's
 // pair list (as DkvWorkCursor shares a key tile's list), in kHalves halves per query tile.
 template <int kHalves>
@@ -332,16 +274,14 @@ __global__ void __launch_bounds__(Sm90FusedTiles<kHeadDim, Elt>::kThreads, 1)
                                            Tiles::kConsumerThreads>(smem_raw + Tiles::kOffBarriers);
   uint64_t* empty_bar = full_bar + kStages;
 
-  // Pair P = pair_order[x >> log2 of the shares (DkvShares)] (x >> log2 itself without an
+  // Pair P = dkv_order[x >> log2 of the shares (DkvShares)] (x >> log2 itself without an
   // order); past a compacted key mask's count (its tiles' pairs) nothing is read or written.
   const DkvCta cta = dkv_cta(p);
   const int hk = cta.hk, b = cta.b;
   const DkvShares shares = dkv_shares(p, hk, b);
-  const int rank = cta.x >> shares.log2, mb = p.map.map_batch == 1 ? 0 : b;
+  const int rank = cta.x >> shares.log2;
   if (rank >= p.n_pairs) return;
-  const int pair = p.pair_order != nullptr
-                       ? p.pair_order[(int64_t(mb) * p.num_kv_heads + hk) * p.n_pairs + rank]
-                       : rank;
+  const int pair = dkv_unit(p, hk, b, rank, p.n_pairs);
   if (pair >= (shares.tiles + 1) / 2) return;
   const int key0 = pair * 2 * kBlockN;
 

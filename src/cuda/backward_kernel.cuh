@@ -626,6 +626,78 @@ __device__ inline DkvShares dkv_shares(const BackwardParams& p, int hk, int b) {
   return dkv_shares_by_count(p, hk, b);
 }
 
+// The unit (a key tile; a pair of them in the fused pass) that the sm90 dK/dV CTA of rank `rank`
+// in the list of kv head hk and batch b runs: the rank-th of BackwardParams::dkv_order, or the
+// rank itself without an order. `units`: the list's length (n_blocks; n_pairs fused).
+__device__ __forceinline__ int dkv_unit(const BackwardParams& p, int hk, int b, int rank,
+                                        int units) {
+  if (p.dkv_order == nullptr) return rank;
+  const int mb = p.map.map_batch == 1 ? 0 : b;
+  return p.dkv_order[(int64_t(mb) * p.num_kv_heads + hk) * units + rank];
+}
+
+// The sm90 dK/dV pass's CTA order (BackwardParams::dkv_order): CTA (map batch mb, kv head hk)
+// sorts its units by their work, the entries of the G query heads' lists, longest first, and puts
+// the units past a compacted key mask's count (whose CTAs exit) after every other. kPairs: the
+// units are the fused pass's pairs of key tiles (work: BackwardParams::pair_count), else key tiles
+// (work: the transposed lists' counts). A counting sort over kBins buckets of the work (shifted
+// until the longest fits), so units of nearly equal work may come in either order; the order
+// changes only when CTAs start, not what they compute.
+template <int kThreads, bool kPairs>
+__global__ void __launch_bounds__(kThreads)
+    dkv_order_kernel(const __grid_constant__ BackwardParams p, int32_t* order) {
+  constexpr int kBins = 2048;  // and one more after them: the units past the count
+  __shared__ int32_t bins[kBins + 1];
+  __shared__ int32_t longest;
+  const int hk = int(blockIdx.x), mb = int(blockIdx.y);
+  const int n = kPairs ? p.n_pairs : p.map.n_blocks;
+  const int keys_per_unit = (kPairs ? 2 : 1) * p.map.block_n;
+  const int units_in = p.map.kept_count != nullptr
+                           ? (kept_count_of(p, hk, mb) + keys_per_unit - 1) / keys_per_unit
+                           : n;
+  auto work = [&](int unit) {
+    int w = 0;
+    for (int h = hk * p.group; h < (hk + 1) * p.group; ++h) {
+      const int64_t at = (int64_t(mb) * p.map.map_heads + h / p.map.head_group) * n + unit;
+      w += kPairs ? p.pair_count[at] : p.map.full_count_t[at] + p.map.partial_count_t[at];
+    }
+    return w;
+  };
+  for (int i = int(threadIdx.x); i <= kBins; i += kThreads) bins[i] = 0;
+  if (threadIdx.x == 0) longest = 0;
+  __syncthreads();
+  for (int unit = int(threadIdx.x); unit < n; unit += kThreads) atomicMax(&longest, work(unit));
+  __syncthreads();
+  int shift = 0;
+  while ((longest >> shift) >= kBins) ++shift;
+  auto bin = [&](int unit) { return unit < units_in ? kBins - 1 - (work(unit) >> shift) : kBins; };
+  for (int unit = int(threadIdx.x); unit < n; unit += kThreads) atomicAdd(&bins[bin(unit)], 1);
+  __syncthreads();
+  if (threadIdx.x < 32) {  // exclusive scan of the buckets: one warp, kPer per lane
+    constexpr int kPer = kBins / 32;
+    const int lane = int(threadIdx.x);
+    int sum = 0;
+    for (int i = 0; i < kPer; ++i) sum += bins[lane * kPer + i];
+    int before = sum;
+    for (int d = 1; d < 32; d *= 2) {
+      const int up = __shfl_up_sync(0xffffffffu, before, d);
+      if (lane >= d) before += up;
+    }
+    before -= sum;
+    for (int i = 0; i < kPer; ++i) {
+      const int c = bins[lane * kPer + i];
+      bins[lane * kPer + i] = before;
+      before += c;
+    }
+    if (lane == 31) bins[kBins] = before;  // the units past the count come last
+  }
+  __syncthreads();
+  int32_t* out = order + (int64_t(mb) * p.num_kv_heads + hk) * n;
+  for (int unit = int(threadIdx.x); unit < n; unit += kThreads) {
+    out[atomicAdd(&bins[bin(unit)], 1)] = unit;
+  }
+}
+
 // The dK/dV pass's work list: over the G query heads of kv head hk, each head's transposed full
 // then partial list of query tiles, each tile in kHalves halves. (In the sm90 kernel the producer
 // and the consumer each walk their own copy.) kShares: the pass may split (DkvShares); the sm80

@@ -322,15 +322,15 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
       smem_raw + Tiles::kBarrierOffset);
   uint64_t* empty_bar = full_bar + kStages;
 
-  // Key tile n; cta.x % 2^log2 is this CTA's share of its query work (DkvShares,
-  // DkvWorkCursor). Past the tiles that hold work (a compacted key mask's count) nothing is read
-  // or written.
+  // Key tile n: the one of rank cta.x >> log2 in its list's order (dkv_unit); cta.x % 2^log2 is
+  // this CTA's share of its query work (DkvShares, DkvWorkCursor). Past the tiles that hold work
+  // (a compacted key mask's count) nothing is read or written.
   const DkvCta cta = dkv_cta(p);
   const int hk = cta.hk, b = cta.b;
   const int n = [&] {
     const DkvShares shares = dkv_shares(p, hk, b);
-    const int tile = cta.x >> shares.log2;
-    return tile < shares.tiles ? tile : -1;
+    const int rank = cta.x >> shares.log2;
+    return rank < shares.tiles ? dkv_unit(p, hk, b, rank, p.map.n_blocks) : -1;
   }();
   if (n < 0) return;
   const int key0 = n * kBlockN;

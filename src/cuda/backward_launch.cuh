@@ -72,7 +72,7 @@ inline bool use_sm90_dq(const BackwardParams& params) {
 // sequences without a key mask (compacted slots with RowEnd::key_last, walked on one map; H200,
 // the varlen bench: 33.7 vs 42.7 ms fwd+bwd; docs/perf.md, sixteenth session). Block selections
 // (a map per head) keep the two passes by default although the fused pass is faster there (pairs
-// started longest first, BackwardParams::pair_order, in two shares at least: (1, 16384, 32, 8,
+// started longest first, BackwardParams::dkv_order, in two shares at least: (1, 16384, 32, 8,
 // 128) at 5 / 10 / 20% 3.25 / 5.04 / 8.73 ms fwd+bwd against 4.28 / 6.18 / 10.15): its scratch,
 // the fp32 dq_accum (twice q's bytes) and the shares' fp32 dK / dV rows, breaks issue #5's bar
 // for the trainable-mask backward (under 10% of q + k + v beyond the gradients), which the two
@@ -158,9 +158,9 @@ inline bool dkv_tile_major_enabled() {
   return enabled;
 }
 
-// FSA_CUDA_PAIR_ORDER=index keeps the fused pass's pairs in index order where it would sort them
-// (BackwardParams::pair_order; A/B measurements, docs/perf.md).
-inline bool pair_order_enabled() {
+// FSA_CUDA_PAIR_ORDER=index keeps the dK/dV pass's units (key tiles; pairs of them fused) in index
+// order where it would sort them (BackwardParams::dkv_order; A/B measurements, docs/perf.md).
+inline bool dkv_order_enabled() {
   static const bool enabled = !env_is("FSA_CUDA_PAIR_ORDER", "index");
   return enabled;
 }
@@ -238,14 +238,14 @@ bool launch_sm90_dkdv(const BackwardParams& p, BackwardParams& kv, StreamBuffer&
   // The fused pass (kv.dq_accum set) runs pairs of key tiles (its CTA count for the split rule).
   const bool fused = kv.dq_accum != nullptr;
   const int64_t target = 2 * int64_t(multiprocessor_count());
-  // Ordered pairs (a map per head, BackwardParams::pair_order) run in two shares at least: the
+  // Ordered pairs (a map per head, BackwardParams::dkv_order) run in two shares at least: the
   // longest pair starts first, but a key block that every query picks can still list several
   // times an SM's share of the work. H200, block selections (1, 16384, 32, 8, 128), fwd+bwd ms
   // at 5 / 10 / 20% for one / two / four / eight shares: 4.43 / 5.02 / 8.24, 3.25 / 5.04 / 8.73,
   // 3.41 / 5.25 / 8.94, 3.87 / 5.72 / 9.64 (docs/perf.md, sixteenth session): more shares write
   // and sum more fp32 partial rows.
   constexpr int64_t kOrderedShares = 2;
-  const bool ordered = fused && kv.pair_order != nullptr && p.map.kept_count == nullptr;
+  const bool ordered = fused && kv.dkv_order != nullptr && p.map.kept_count == nullptr;
   kv.dkv_split_log2 =
       dkv_split_log2(p, kHeadDim, target, fused ? kv.n_pairs : int64_t(p.map.n_blocks),
                      ordered ? kOrderedShares : 1);
@@ -271,9 +271,26 @@ bool launch_sm90_dkdv(const BackwardParams& p, BackwardParams& kv, StreamBuffer&
   // share a head's Q and dO in L2 (tile-major: 12.95 -> 13.52 ms causal bwd at (2, 16384, 16,
   // 16, 128); docs/perf.md, sixteenth session).
   const int64_t grid_x = (fused ? int64_t(kv.n_pairs) : int64_t(p.map.n_blocks)) * kv.dkv_splits;
-  kv.dkv_tile_major =
-      (kv.dkv_by_count || (fused && (p.map.kept_count != nullptr || kv.pair_order != nullptr))) &&
-      grid_x <= 65535 && dkv_tile_major_enabled();
+  // With several lists (a map per head: block selections, masks) the key tiles start longest
+  // first (dkv_order_kernel), as the fused pass's pairs do (launch_backward): a block selection's
+  // key block that every query block picks lists several times an SM's share of the pass, and in
+  // index order the last heads' such tiles started at its end (H200, (1, 16384, 32, 8, 128) at
+  // 6.4%: docs/perf.md, twenty-ninth session). Per-row top-k's dK/dV groups keep index order.
+  StreamBuffer tile_order(stream);
+  const int64_t map_lists = int64_t(p.map.map_batch) * p.map.map_heads;
+  if (!fused && map_lists > 1 && p.map.dkv_slots == nullptr && dkv_order_enabled()) {
+    FSA_CUDA_CHECK(scratch_malloc(
+        &tile_order.ptr,
+        size_t(p.map.map_batch) * p.num_kv_heads * p.map.n_blocks * sizeof(int32_t), stream));
+    auto* order = static_cast<int32_t*>(tile_order.ptr);
+    dkv_order_kernel<1024, false><<<dim3(unsigned(p.num_kv_heads), unsigned(p.map.map_batch)),
+                                    1024, 0, stream>>>(kv, order);
+    FSA_CUDA_CHECK(cudaGetLastError());
+    kv.dkv_order = order;
+  }
+  kv.dkv_tile_major = (kv.dkv_by_count || kv.dkv_order != nullptr ||
+                       (fused && p.map.kept_count != nullptr)) &&
+                      grid_x <= 65535 && dkv_tile_major_enabled();
   if (kv.dkv_splits > 1 || kv.dkv_by_count) {
     const size_t per = size_t(p.batch) * kv.dkv_rows * p.num_kv_heads * kHeadDim;
     const size_t cols = p.bias_grad == BiasGrad::kColumns
@@ -420,11 +437,11 @@ bool launch_backward(const BackwardParams& p, cudaStream_t stream) {
       const int64_t lists = int64_t(p.map.map_batch) * p.map.map_heads;
       kv.n_pairs = (p.map.n_blocks + 1) / 2;
       // With several lists (a map per head: block selections, masks) the pairs start longest
-      // first (pair_order_kernel); one list keeps index order, whose neighbouring CTAs read the
+      // first (dkv_order_kernel); one list keeps index order, whose neighbouring CTAs read the
       // same queries (dense causal: its longest pairs come first anyway; packed sequences: the
       // sorted order measured slower, 34.2 -> 36.7 ms on the varlen bench; docs/perf.md).
       const int64_t entries = lists * kv.n_pairs;
-      const bool ordered = lists > 1 && pair_order_enabled();
+      const bool ordered = lists > 1 && dkv_order_enabled();
       const int64_t orders = ordered ? int64_t(p.map.map_batch) * p.num_kv_heads * kv.n_pairs : 0;
       FSA_CUDA_CHECK(scratch_malloc(
           &pair_lists.ptr, size_t(entries * (p.map.m_blocks + 1) + orders) * sizeof(int32_t),
@@ -432,14 +449,14 @@ bool launch_backward(const BackwardParams& p, cudaStream_t stream) {
       auto* list = static_cast<int32_t*>(pair_lists.ptr);
       auto* count = list + entries * p.map.m_blocks;
       kv.pair_list = list, kv.pair_count = count;
-      kv.pair_order = ordered ? count + entries : nullptr;
+      kv.dkv_order = ordered ? count + entries : nullptr;
       pair_lists_kernel<256><<<dim3(unsigned(kv.n_pairs), unsigned(lists)), 256,
                                size_t(p.map.m_blocks) * sizeof(int32_t), stream>>>(kv, list,
                                                                                    count);
       FSA_CUDA_CHECK(cudaGetLastError());
       if (ordered) {
-        pair_order_kernel<1024><<<dim3(unsigned(p.num_kv_heads), unsigned(p.map.map_batch)),
-                                  1024, 0, stream>>>(kv, count + entries);
+        dkv_order_kernel<1024, true><<<dim3(unsigned(p.num_kv_heads), unsigned(p.map.map_batch)),
+                                       1024, 0, stream>>>(kv, count + entries);
         FSA_CUDA_CHECK(cudaGetLastError());
       }
       const size_t accum = size_t(p.batch) * p.num_heads * ((p.seqlen_q + 63) / 64) * 64 * kHeadDim;

@@ -119,8 +119,8 @@ __global__ void __launch_bounds__(Sm90DkvWideTiles<Elt>::kThreads, 1)
   const int hk = cta.hk, b = cta.b;
   const int n = [&] {
     const DkvShares shares = dkv_shares(p, hk, b);
-    const int tile = cta.x >> shares.log2;
-    return tile < shares.tiles ? tile : -1;
+    const int rank = cta.x >> shares.log2;
+    return rank < shares.tiles ? dkv_unit(p, hk, b, rank, p.map.n_blocks) : -1;
   }();
   if (n < 0) return;
   const int key0 = n * kBlockN;

@@ -262,7 +262,7 @@ struct BackwardParams {
   // (dkv_by_count), where a tile's query work falls with its index in every list (its keys come
   // later) and the lists are few: head after head left the last heads' longest tiles for the end
   // of the pass (H200, (1, 16384, 32, 8, 128) top 2048: 1.90 -> 1.67 ms). Also for the fused
-  // pass over packed sequences and over ordered pairs (pair_order; launch_sm90_dkdv).
+  // pass over packed sequences, and for ordered units (dkv_order; launch_sm90_dkdv).
   bool dkv_tile_major;
   // Compacted calls (cuda/compact.cu) whose dK/dV pass splits every list (dkv_splits > 1, not
   // dkv_by_count): dkv_reduce_kernel sums the shares straight into the caller's key axis, zeros
@@ -284,11 +284,13 @@ struct BackwardParams {
   // deterministic); dq_convert_kernel then scales them into dq. Null: the dQ pass writes dq.
   const int32_t* pair_list;
   const int32_t* pair_count;
-  // The order the fused pass's CTAs take pairs in (pair_order_kernel), or null: index order. Per
-  // (map batch, kv head), n_pairs pair indices, longest work first, so that a pair whose list is
-  // far longer than the rest (a key block that every query of a block selection picks) starts in
-  // the first wave rather than setting the pass's time at its tail.
-  const int32_t* pair_order;
+  // The order the sm90 dK/dV pass's CTAs take their units in (dkv_order_kernel, dkv_unit), or
+  // null: index order. Per (map batch, kv head), the indices of its units (key tiles, n_blocks of
+  // them; pairs, n_pairs, in the fused pass), longest work first, so that a unit whose list is far
+  // longer than the rest (a key block that every query of a block selection picks) starts in the
+  // first wave rather than setting the pass's time at its tail. The grid then runs tile-major
+  // (dkv_tile_major): every kv head's longest unit before any head's second.
+  const int32_t* dkv_order;
   int n_pairs;
   float* dq_accum;
 };
