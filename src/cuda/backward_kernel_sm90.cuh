@@ -622,7 +622,9 @@ struct Sm90DqTiles {
   static constexpr int kBiasOffset = (kSmemBytes + 127) / 128 * 128;
   static constexpr int kBiasSlotElems = kBlockM * kBlockN;
   // Gathered tiles (BlockMapParams::gather_slots; never with a staged bias, so the same region):
-  // per stage the tile's slots, their last rows (RowEnd::key_last) and their fp32 bias values.
+  // per stage the tile's slots, their last rows (RowEnd::key_last) and their fp32 bias values. A
+  // query-invariant bias of other calls travels with its K/V tile into the same bias values
+  // (dq_kernel_sm90: its 64 values, fp32 or 16-bit), and such calls reserve the region too.
   static constexpr int kGatherStageBytes = 3 * kBlockN * 4;
   static constexpr int smem_bytes(bool staged_bias, bool gathered = false) {
     return staged_bias ? kBiasOffset + kBiasSlots * kBiasSlotElems * 2
@@ -630,6 +632,26 @@ struct Sm90DqTiles {
                        : kSmemBytes;
   }
 };
+
+// Adds a key tile's query-invariant bias, staged per column in shared memory (fp32, or the 16-bit
+// element type), in log2 units to the thread's x fragment (column 8 c + 2 t + (e & 1)).
+template <class Elt, int kNTiles>
+__device__ __forceinline__ void add_column_bias(float (&s)[kNTiles][4], const void* cols,
+                                                bool fp32, int t) {
+#pragma unroll
+  for (int c = 0; c < kNTiles; ++c) {
+    const int col = c * 8 + 2 * t;
+    const float2 v =
+        fp32 ? *reinterpret_cast<const float2*>(static_cast<const float*>(cols) + col)
+             : Elt::unpack(*reinterpret_cast<const uint32_t*>(static_cast<const uint16_t*>(cols) +
+                                                             col));
+    const float v0 = v.x * kLog2e, v1 = v.y * kLog2e;  // as bias_pass computes them
+    s[c][0] += v0;
+    s[c][1] += v1;
+    s[c][2] += v0;
+    s[c][3] += v1;
+  }
+}
 
 // The dQ pass's bias-gradient duty, a template parameter of dq_kernel_sm90. With dQ += dS K issued
 // right after the pack, any use of the fp32 dS after it (even behind a runtime branch never
@@ -713,6 +735,28 @@ __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
   auto gathered_cols = [&](int stage, int what) {
     return s_gather + stage * Tiles::kGatherStageBytes + what * kBlockN * 4;
   };
+  // A query-invariant bias (..., 1, Sk) with a contiguous, 16-byte aligned key dim travels with
+  // each whole K/V tile into the stage's bias values (gathered_cols(stage, 2)), so that the
+  // element passes never wait on a global load: read per element from global memory, it made the
+  // pass a third slower (H200, (1, 16384, 32, 8, 128) block selections; docs/perf.md, twenty-ninth
+  // session). The ragged last tile and other biases are read by bias_pass. Producer and consumers
+  // derive the same answer; the host reserves the region for every call with such a bias
+  // (sm90_dq_kernel).
+  const int bias_bytes = p.bias_is_fp32 ? 4 : 2;
+  const uint8_t* bias_row = [&]() -> const uint8_t* {
+    // (A dQ-pass bias duty comes with a query dim.)
+    if (kGathered || kStagedBias || kDuty != DqBiasDuty::kNone || p.bias == nullptr ||
+        p.bias_stride[2] != 0 || p.bias_stride[3] != 1) {
+      return nullptr;
+    }
+    const uint8_t* row = static_cast<const uint8_t*>(p.bias) +
+                         (b * p.bias_stride[0] + (h / p.bias_head_group) * p.bias_stride[1]) *
+                             bias_bytes;
+    return reinterpret_cast<uintptr_t>(row) % 16 == 0 ? row : nullptr;
+  }();
+  auto bias_with_tile = [&](int n) {
+    return bias_row != nullptr && (n + 1) * kBlockN <= p.seqlen_k;
+  };
 
   if (threadIdx.x < Tiles::kProducerThreads) {
     // Producer: Q and dO with the first tile (stage 0's arrival covers them), then tile j into
@@ -766,6 +810,12 @@ __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
         load_rows_async<kHeadDim, kBlockN, kLoaders>(s_v + stage * kStageElems, k_dst.first,
                                                      k_dst.step, v, p.v_stride_s, n * kBlockN,
                                                      p.seqlen_k, p.head_dim);
+        if (bias_with_tile(n) && int(threadIdx.x) < kBlockN * bias_bytes / 16) {
+          SM80_CP_ASYNC_CACHEGLOBAL<uint128_t>::copy(
+              *reinterpret_cast<const uint128_t*>(bias_row + int64_t(n) * kBlockN * bias_bytes +
+                                                  threadIdx.x * 16),
+              *reinterpret_cast<uint128_t*>(gathered_cols(stage, 2) + threadIdx.x * 16));
+        }
       }
       if constexpr (kStagedBias) {  // into slot j % 2 once both consumers read tile j - 2's
         const int slot = j % Tiles::kBiasSlots;
@@ -879,16 +929,7 @@ __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
       const auto* slots = reinterpret_cast<const int32_t*>(gathered_cols(stage, 0));
       const auto* last = reinterpret_cast<const int32_t*>(gathered_cols(stage, 1));
       const auto* bias = reinterpret_cast<const float*>(gathered_cols(stage, 2));
-      if (p.bias != nullptr) {
-#pragma unroll
-        for (int c = 0; c < kNTiles; ++c) {
-          const float2 v = *reinterpret_cast<const float2*>(bias + c * 8 + 2 * t);
-          s[c][0] += v.x * kLog2e;
-          s[c][1] += v.y * kLog2e;
-          s[c][2] += v.x * kLog2e;
-          s[c][3] += v.y * kLog2e;
-        }
-      }
+      if (p.bias != nullptr) add_column_bias<Elt>(s, bias, true, t);
       if (check) {
 #pragma unroll
         for (int c = 0; c < kNTiles; ++c)
@@ -905,6 +946,8 @@ __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
       add_staged_bias<Elt, false>(s, s_bias + slot * Tiles::kBiasSlotElems, warp * 16, kLog2e);
       __syncwarp();
       if (release_lane) mbarrier_arrive(&bias_empty[slot]);
+    } else if (bias_with_tile(n)) {
+      add_column_bias<Elt>(s, gathered_cols(stage, 2), p.bias_is_fp32, t);
     } else if (p.bias) {
       bias_pass<Elt, kDuty == DqBiasDuty::kNone>(p, b, h, s, ix);
     }

@@ -213,8 +213,13 @@ BackwardKernel sm90_dq_kernel(const BackwardParams& p, int& threads, int& smem, 
         : row_topk      ? &dq_kernel_sm90<kHeadDim, Elt, DqBiasDuty::kNone, false, true>
         : p.bias_staged ? pick(std::true_type{})
                         : pick(std::false_type{});
-    threads = Sm90Tiles::kThreads, smem = Sm90Tiles::smem_bytes(p.bias_staged, gathered);
-    smem_limit = smem;  // one size per instantiation
+    // A query-invariant bias travels with the K/V tiles in the gathered tiles' region (the
+    // kernel stages it where its key dim is contiguous and aligned); the instantiations it shares
+    // with calls without one take that region's size as their fixed limit.
+    const bool column_bias = p.bias != nullptr && p.bias_stride[2] == 0 && !p.bias_staged;
+    threads = Sm90Tiles::kThreads;
+    smem = Sm90Tiles::smem_bytes(p.bias_staged, gathered || column_bias);
+    smem_limit = Sm90Tiles::smem_bytes(p.bias_staged, !p.bias_staged);
     return dq;
   }
 }

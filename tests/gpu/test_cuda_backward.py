@@ -410,6 +410,28 @@ def test_block_selection_gqa_bias_grad(dtype, D, gen):
                    selection=(sel, block))
 
 
+@pytest.mark.parametrize("layout", ["fp32", "unaligned"])
+def test_key_bias_staged_and_read_from_global(layout, gen):
+    """A per-key bias (B, Hk, 1, S) travels with the dQ pass's K/V tiles where its key dim is
+    contiguous and 16-byte aligned (fp32 here; 16-bit in the cases above), and is read from global
+    memory where its rows start off that alignment (a view one element in). Both against float64,
+    with S = 1000 ending in a ragged key tile, which reads global memory either way."""
+    B, S, H, Hk, D = 1, 1000, 4, 2, 128
+    q, k, v = qkv(B, S, S, H, Hk, D, torch.bfloat16, gen)
+    if layout == "fp32":
+        bias = randn(B, Hk, 1, S, dtype=torch.float32, gen=gen)
+        check_backward(q, k, v, bias=bias, causal=True, label="fp32 key bias")
+        return
+
+    def shifted(q_, k_, v_, b_):
+        view = torch.cat([b_[..., :1], b_], -1)[..., 1:]  # the same values, rows 2 bytes in
+        assert view.data_ptr() % 16 != 0
+        return flash_sparse_attn_func(q_, k_, v_, attn_bias=view, is_causal=True)
+
+    bias = randn(B, Hk, 1, S, dtype=torch.bfloat16, gen=gen)
+    check_backward(q, k, v, bias=bias, causal=True, label="unaligned key bias", ours_call=shifted)
+
+
 def test_trainable_backward_peak_memory(gen):
     """Issue #5: the backward of the trainable-mask path allocates, beyond the gradients it
     returns, less than 10% of the bytes of q + k + v (no (B, H, Sq, Sk) temporary, no fp32 copies
