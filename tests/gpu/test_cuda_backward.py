@@ -339,7 +339,7 @@ def test_fused_backward_is_the_default_at_head_dims_64_and_128(dim, bias_shape, 
     fused pass, its pairs in index order, and dq_accum's conversion do); the two passes run under
     deterministic=True, with a mask (a key mask over compacted keys, or one with a query dim) and
     over a per-kv-head block selection (issue #5's scratch bar), their key tiles sorted longest
-    first over a map per head. FSA_CUDA_DQ=fused runs the block selection fused with its pairs
+    first over a map per head that is not compacted. FSA_CUDA_DQ=fused runs the block selection fused with its pairs
     sorted longest first."""
     monkeypatch.delenv("FSA_CUDA_DQ", raising=False)
     q, k, v = qkv(1, 1024, 1024, 4, 2, dim, torch.bfloat16, gen)
@@ -374,11 +374,12 @@ def test_fused_backward_is_the_default_at_head_dims_64_and_128(dim, bias_shape, 
         assert any("dkdvq_kernel_sm90" in n for n in names), names
         assert any("dq_convert_kernel" in n for n in names), names
         assert not any("dq_kernel" in n for n in names), names
-    # Units sorted longest first over a map per head only: key tiles in the two passes, pairs
-    # fused; one list keeps index order.
-    assert not any("dkv_order_kernel" in n for n in fused + two_pass), (fused, two_pass)
+    # Units sorted longest first over a map per head: key tiles in the two passes, pairs fused;
+    # one list and compacted keys keep index order.
+    for names in (fused, two_pass, keys):
+        assert not any("dkv_order_kernel" in n for n in names), names
     assert any("dkv_order_kernel<1024, true>" in n for n in selected_fused), selected_fused
-    for names in (masked, keys, selected):
+    for names in (masked, selected):
         assert any("dkv_order_kernel<1024, false>" in n for n in names), names
     assert any("dq_kernel_sm90" in n for n in two_pass), two_pass
     assert not any("dkdvq_kernel_sm90" in n or "dq_convert_kernel" in n for n in two_pass), two_pass
