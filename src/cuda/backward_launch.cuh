@@ -285,7 +285,8 @@ bool launch_sm90_dkdv(const BackwardParams& p, BackwardParams& kv, StreamBuffer&
   // Doge top-2048 workflow), and per-row top-k's dK/dV groups have their own order.
   StreamBuffer tile_order(stream);
   const int64_t map_lists = int64_t(p.map.map_batch) * p.map.map_heads;
-  if (!fused && map_lists > 1 && p.map.kept_count == nullptr && dkv_order_enabled()) {
+  if (!fused && map_lists > 1 && p.map.kept_count == nullptr && p.map.dkv_slots == nullptr &&
+      dkv_order_enabled()) {
     FSA_CUDA_CHECK(scratch_malloc(
         &tile_order.ptr,
         size_t(p.map.map_batch) * p.num_kv_heads * p.map.n_blocks * sizeof(int32_t), stream));
