@@ -810,11 +810,8 @@ __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
         load_rows_async<kHeadDim, kBlockN, kLoaders>(s_v + stage * kStageElems, k_dst.first,
                                                      k_dst.step, v, p.v_stride_s, n * kBlockN,
                                                      p.seqlen_k, p.head_dim);
-        if (bias_with_tile(n) && int(threadIdx.x) < kBlockN * bias_bytes / 16) {
-          SM80_CP_ASYNC_CACHEGLOBAL<uint128_t>::copy(
-              *reinterpret_cast<const uint128_t*>(bias_row + int64_t(n) * kBlockN * bias_bytes +
-                                                  threadIdx.x * 16),
-              *reinterpret_cast<uint128_t*>(gathered_cols(stage, 2) + threadIdx.x * 16));
+        if (bias_with_tile(n)) {
+          copy_key_bias_async<kBlockN>(bias_row, n, bias_bytes, gathered_cols(stage, 2));
         }
       }
       if constexpr (kStagedBias) {  // into slot j % 2 once both consumers read tile j - 2's

@@ -419,6 +419,21 @@ struct ForwardTileOrder {
   }
 };
 
+// A producer's share of key tile n_block's slice of a query-invariant bias row (`bytes` per value;
+// the row 16-byte aligned, the tile whole) into `dst`: one 16-byte cp.async for each thread below
+// kBlockN * bytes / 16.
+template <int kBlockN>
+__device__ __forceinline__ void copy_key_bias_async(const uint8_t* row, int n_block, int bytes,
+                                                    uint8_t* dst) {
+  if (int(threadIdx.x) < kBlockN * bytes / 16) {
+    using cute::uint128_t;
+    cute::SM80_CP_ASYNC_CACHEGLOBAL<uint128_t>::copy(
+        *reinterpret_cast<const uint128_t*>(row + int64_t(n_block) * kBlockN * bytes +
+                                            threadIdx.x * 16),
+        *reinterpret_cast<uint128_t*>(dst + threadIdx.x * 16));
+  }
+}
+
 // Gathered tiles: a producer's share (two threads per column, kLoaders == 2 kBlockN) of a tile's
 // per-column data: the slot (copied from the list `tile_slots`), its last row and its fp32 bias
 // value (no bias: `bias` null), zero for the padding slot -1.
@@ -682,13 +697,9 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
             continue;
           }
         }
-        if (bias_staged(bias_row, n_block) && int(threadIdx.x) < kBlockN * bias_bytes / 16) {
-          SM80_CP_ASYNC_CACHEGLOBAL<uint128_t>::copy(
-              *reinterpret_cast<const uint128_t*>(bias_row +
-                                                  int64_t(n_block) * kBlockN * bias_bytes +
-                                                  threadIdx.x * 16),
-              *reinterpret_cast<uint128_t*>(s_bias + stage * Tiles::kBiasStageBytes +
-                                            threadIdx.x * 16));
+        if (bias_staged(bias_row, n_block)) {
+          copy_key_bias_async<kBlockN>(bias_row, n_block, bias_bytes,
+                                       s_bias + stage * Tiles::kBiasStageBytes);
         }
         if constexpr (kGathered) {
           static_assert(kLoaders == 2 * kBlockN, "two producer threads per column");
