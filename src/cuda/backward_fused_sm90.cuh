@@ -429,6 +429,7 @@ __global__ void __launch_bounds__(Sm90FusedTiles<kHeadDim, Elt>::kThreads, 1)
 
   const bool release_lane = lane == 0;
   PairCursor<Tiles::kHalves> cur(p, pair, hk, b);
+  const bool by_key_row = KeyRowBias::applies(p);
   for (int j = 0; !cur.done(); ++j, cur.advance()) {
     const int stage = j % kStages, h = cur.h;
     // Half j's dS buffer, and whether this warpgroup computes its dQ (both: at D = 128 each its
@@ -453,12 +454,17 @@ __global__ void __launch_bounds__(Sm90FusedTiles<kHeadDim, Elt>::kThreads, 1)
       warpgroup_fence_operand(tSrS);
       auto& s = *reinterpret_cast<float(*)[kCTiles][4]>(raw_pointer_cast(tSrS.data()));
       const DkvIndex ix{{key_row[0], key_row[1]}, q0, t};
-      scale_pass(s, p.scale_log2);
-      if (p.bias_staged) {
-        add_staged_bias<Elt, true>(
-            s, s_bias + stage * Tiles::kBiasStageElems + wg * kHalf * kBlockN, warp * 16, kLog2e);
-      } else if (p.bias) {
-        bias_pass<Elt>(p, b, h, s, ix);
+      if (by_key_row) {
+        KeyRowBias::scale_add<Elt>(p, b, h, key_row, s);
+      } else {
+        scale_pass(s, p.scale_log2);
+        if (p.bias_staged) {
+          add_staged_bias<Elt, true>(s,
+                                     s_bias + stage * Tiles::kBiasStageElems + wg * kHalf * kBlockN,
+                                     warp * 16, kLog2e);
+        } else if (p.bias) {
+          bias_pass<Elt>(p, b, h, s, ix);
+        }
       }
       if (check) drop_pass<Elt, false>(p, b, h, s, ix);
       probabilities_t(s, s_lse + stage * kHalf, t);

@@ -465,6 +465,7 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
   // half j + 1's stage and the issue of its x^T and dP^T.
   const bool release_lane = lane == 0;
   DkvWorkCursor<Tiles::kHalves, true> cur(p, n, hk, b);
+  const bool by_key_row = KeyRowBias::applies(p);
   int prev_stage = -1;  // this warpgroup's previous stage, released once its products retire
   for (int j = 0; !cur.done(); ++j, cur.advance()) {
     if (j % Tiles::kConsumerWarpGroups != wg) continue;
@@ -489,12 +490,16 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
     // The element passes work in place on the accumulators (flat index 4 c + e = s[c][e]).
     auto& s = *reinterpret_cast<float(*)[kCTiles][4]>(raw_pointer_cast(tSrS.data()));
     const DkvIndex ix{{key_row[0], key_row[1]}, q0, t};
-    scale_pass(s, p.scale_log2);
-    if (p.bias_staged) {
-      // Entry (key row, query column) is element (query, key) of the staged tile.
-      add_staged_bias<Elt, true>(s, s_bias + stage * Tiles::kBiasStageElems, warp * 16, kLog2e);
-    } else if (p.bias) {
-      bias_pass<Elt>(p, b, h, s, ix);
+    if (by_key_row) {
+      KeyRowBias::scale_add<Elt>(p, b, h, key_row, s);
+    } else {
+      scale_pass(s, p.scale_log2);
+      if (p.bias_staged) {
+        // Entry (key row, query column) is element (query, key) of the staged tile.
+        add_staged_bias<Elt, true>(s, s_bias + stage * Tiles::kBiasStageElems, warp * 16, kLog2e);
+      } else if (p.bias) {
+        bias_pass<Elt>(p, b, h, s, ix);
+      }
     }
     if (check) drop_pass<Elt, kRowTopK>(p, b, h, s, ix);
     // P^T, then (dP^T retired) dS^T, each packed as the A operand of dV += P^T dO and dK += dS^T Q.
@@ -632,26 +637,6 @@ struct Sm90DqTiles {
                        : kSmemBytes;
   }
 };
-
-// Adds a key tile's query-invariant bias, staged per column in shared memory (fp32, or the 16-bit
-// element type), in log2 units to the thread's x fragment (column 8 c + 2 t + (e & 1)).
-template <class Elt, int kNTiles>
-__device__ __forceinline__ void add_column_bias(float (&s)[kNTiles][4], const void* cols,
-                                                bool fp32, int t) {
-#pragma unroll
-  for (int c = 0; c < kNTiles; ++c) {
-    const int col = c * 8 + 2 * t;
-    const float2 v =
-        fp32 ? *reinterpret_cast<const float2*>(static_cast<const float*>(cols) + col)
-             : Elt::unpack(*reinterpret_cast<const uint32_t*>(static_cast<const uint16_t*>(cols) +
-                                                             col));
-    const float v0 = v.x * kLog2e, v1 = v.y * kLog2e;  // as bias_pass computes them
-    s[c][0] += v0;
-    s[c][1] += v1;
-    s[c][2] += v0;
-    s[c][3] += v1;
-  }
-}
 
 // The dQ pass's bias-gradient duty, a template parameter of dq_kernel_sm90. With dQ += dS K issued
 // right after the pack, any use of the fp32 dS after it (even behind a runtime branch never
@@ -926,7 +911,7 @@ __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
       const auto* slots = reinterpret_cast<const int32_t*>(gathered_cols(stage, 0));
       const auto* last = reinterpret_cast<const int32_t*>(gathered_cols(stage, 1));
       const auto* bias = reinterpret_cast<const float*>(gathered_cols(stage, 2));
-      if (p.bias != nullptr) add_column_bias<Elt>(s, bias, true, t);
+      if (p.bias != nullptr) add_column_bias<Elt>(s, bias, true, t, kLog2e);
       if (check) {
 #pragma unroll
         for (int c = 0; c < kNTiles; ++c)
@@ -944,7 +929,7 @@ __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
       __syncwarp();
       if (release_lane) mbarrier_arrive(&bias_empty[slot]);
     } else if (bias_with_tile(n)) {
-      add_column_bias<Elt>(s, gathered_cols(stage, 2), p.bias_is_fp32, t);
+      add_column_bias<Elt>(s, gathered_cols(stage, 2), p.bias_is_fp32, t, kLog2e);
     } else if (p.bias) {
       bias_pass<Elt, kDuty == DqBiasDuty::kNone>(p, b, h, s, ix);
     }

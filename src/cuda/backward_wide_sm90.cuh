@@ -226,6 +226,7 @@ __global__ void __launch_bounds__(Sm90DkvWideTiles<Elt>::kThreads, 1)
   const bool release_lane = lane == 0;
   auto& s = *reinterpret_cast<float(*)[kCTiles][4]>(raw_pointer_cast(tSrS.data()));
   DkvWorkCursor<Tiles::kHalves, true> cur(p, n, hk, b);
+  const bool by_key_row = KeyRowBias::applies(p);
   int j = 0;
   for (; !cur.done(); ++j, cur.advance()) {
     const int stage = j % kStages, h = cur.h, buffer = j % Tiles::kPBuffers;
@@ -248,8 +249,12 @@ __global__ void __launch_bounds__(Sm90DkvWideTiles<Elt>::kThreads, 1)
       const bool check =
           cur.partial() || key0 + kBlockN > p.seqlen_k || q0 + kHalf > p.seqlen_q;
       const DkvIndex ix{{key_row[0], key_row[1]}, q0, t};
-      scale_pass(s, p.scale_log2);
-      if (p.bias) bias_pass<Elt>(p, b, h, s, ix);
+      if (by_key_row) {
+        KeyRowBias::scale_add<Elt>(p, b, h, key_row, s);
+      } else {
+        scale_pass(s, p.scale_log2);
+        if (p.bias) bias_pass<Elt>(p, b, h, s, ix);
+      }
       if (check) drop_pass<Elt, kRowTopK>(p, b, h, s, ix);
       probabilities_t(s, s_lse + stage * kHalf, t);
       if (j >= Tiles::kPBuffers) bar_sync(3 + buffer);  // warpgroup 0 read step j - 2's

@@ -311,6 +311,28 @@ __device__ __forceinline__ void add_staged_bias(float (&s)[kC][4], const uint16_
   }
 }
 
+// A query-invariant bias staged with its key tile (one value per column; fp32 or the 16-bit element
+// type, `fp32`) added to a 16-row fragment s (element (j, e) is column 8 j + 2 t + (e & 1)) as one
+// fma per element, value * factor + score; 16-bit values are read as pairs, one 32-bit load per
+// two columns. (The forward took two 16-bit loads, a multiply per value and an add per element:
+// 3.5-5.5% of its time with a per-key bias, docs/perf.md, thirtieth session.)
+template <class Elt, int kNTiles>
+__device__ __forceinline__ void add_column_bias(float (&s)[kNTiles][4], const void* tile,
+                                                bool fp32, int t, float factor) {
+#pragma unroll
+  for (int j = 0; j < kNTiles; ++j) {
+    const int c = j * 8 + 2 * t;
+    const float2 v =
+        fp32 ? *reinterpret_cast<const float2*>(static_cast<const float*>(tile) + c)
+             : Elt::unpack(
+                   *reinterpret_cast<const uint32_t*>(static_cast<const uint16_t*>(tile) + c));
+    s[j][0] = fmaf(v.x, factor, s[j][0]);
+    s[j][1] = fmaf(v.y, factor, s[j][1]);
+    s[j][2] = fmaf(v.x, factor, s[j][2]);
+    s[j][3] = fmaf(v.y, factor, s[j][3]);
+  }
+}
+
 // Swizzled addresses of the ldmatrix operands, mostly precomputed. Every ldmatrix below reads 8
 // consecutive rows r0 .. r0 + 7 (r0 a multiple of 8) at logical chunk 2 kk + c, where c in {0, 1}
 // depends on the lane. With row & 7 = lane % 8 the physical chunk is (2 kk + c) ^ (lane % 8) =
@@ -545,7 +567,12 @@ struct WarpRows {
 #pragma unroll
           for (int e = 0; e < 4; ++e) s[rt][j][e] *= p.scale_log2;
     }
-    if (bias_rows_shared) {
+    if (bias_rows_shared && bias_tile != nullptr && p.row_topk.key == nullptr) {
+#pragma unroll
+      for (int rt = 0; rt < kRT; ++rt) {
+        add_column_bias<Elt>(s[rt], bias_tile, p.bias_is_fp32, t, bias_factor);
+      }
+    } else if (bias_rows_shared) {
       // A query-invariant bias (..., 1, Sk|1): one value per column, shared by every row. A
       // contiguous key dim on a whole tile is read straight through a pointer; anything else
       // (strides, the ragged last tile) through the general clamped offset.
