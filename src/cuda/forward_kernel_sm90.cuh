@@ -899,6 +899,11 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
     const bool plain = p.softcap_in == 0.0f && !wr.prescaled && p.bias == nullptr;
     const uint8_t* bias_row = staged_bias_row(m, h, b);
     const float* gathered_bias = gathered_bias_row(m, h, b);
+    // Whether a whole key tile's only element work is its staged query-invariant bias (no
+    // softcap, no prescaled scores, no per-row top-k): then add_column_bias alone, without
+    // logits' checks.
+    const bool column_bias = !wr.prescaled && p.row_topk.key == nullptr &&
+                             (kGathered ? gathered_bias != nullptr : bias_row != nullptr);
 
     // Q into registers; then the producer may copy the next tile's Q over it. At D = 256 the
     // products read it from shared memory until the tile's last S.
@@ -1037,6 +1042,9 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
       const bool partial = kPaired ? partial_mine : list.begin + j >= list.n_full;
       if (plain && !partial && (kGathered || (n + 1) * kBlockN <= p.seqlen_k)) {
         // A whole tile of plain scores: nothing to add or drop (the scale is in the exp2).
+      } else if (column_bias && !partial && (kGathered || bias_staged(bias_row, n))) {
+        add_column_bias<Elt>(s[0], s_bias + stage * Tiles::kBiasStageBytes, p.bias_is_fp32, wr.t,
+                             wr.bias_factor);
       } else if constexpr (kGathered) {
         wr.logits<1, kNTiles, Elt>(
             s, 0, partial,
