@@ -181,6 +181,34 @@ __device__ __forceinline__ bool chunk_nonfinite(uint4 x) {
           __vcmpeq2(x.w & m, m)) != 0;
 }
 
+// The sm90 forward's V check ahead of it (launch_forward): sets *flag (zeroed before) when a V
+// value the forward may read is NaN / Inf, so that its partial tiles skip the scan when none is
+// (ForwardParams::v_nonfinite). Grid (kv head rows' 16-byte chunks / kVScanChunks, kv heads,
+// batch); each thread reads kVScanChunks / kVScanThreads chunks, all its loads in flight at once.
+constexpr int kVScanThreads = 256;
+constexpr int kVScanChunks = 4 * kVScanThreads;
+template <class Elt>
+__global__ void __launch_bounds__(kVScanThreads)
+    v_nonfinite_kernel(const __grid_constant__ ForwardParams p, int32_t* flag) {
+  constexpr int kLoads = kVScanChunks / kVScanThreads;
+  const int chunks = (p.head_dim + 7) / 8;  // rows are 16-byte chunks (kernel_rows)
+  const int64_t head_chunks = int64_t(p.seqlen_k) * chunks;
+  const auto* v = static_cast<const uint16_t*>(p.v) + blockIdx.z * p.v_stride_b +
+                  blockIdx.y * p.v_stride_h;
+  uint4 x[kLoads];
+#pragma unroll
+  for (int u = 0; u < kLoads; ++u) {
+    const int64_t at = int64_t(blockIdx.x) * kVScanChunks + u * kVScanThreads + threadIdx.x;
+    x[u] = at < head_chunks ? *reinterpret_cast<const uint4*>(v + at / chunks * p.v_stride_s +
+                                                             at % chunks * 8)
+                            : make_uint4(0, 0, 0, 0);
+  }
+  bool bad = false;
+#pragma unroll
+  for (int u = 0; u < kLoads; ++u) bad |= chunk_nonfinite<Elt>(x[u]);
+  if (__syncthreads_or(bad) && threadIdx.x == 0) atomicOr(flag, 1);
+}
+
 // o += P(:, j) V(j, :) for every key j (tile column) of `keys`, from the tile's P (the C fragments
 // of a warp's 16 kRT rows, after the softmax step) and the tile's first key row `v_rows` in global
 // memory (or, with `slots`, a gathered tile: column j is row slots[j] of v_rows); only entries

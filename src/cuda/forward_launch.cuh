@@ -51,6 +51,21 @@ KvTensorMaps forward_tensor_maps(const ForwardParams& p, bool gathered) {
   return maps;
 }
 
+// Whether the sm90 forward checks V for NaN / Inf once ahead of a persistent launch
+// (v_nonfinite_kernel), so that its partial tiles skip the scan when V has none;
+// FSA_CUDA_V_CHECK=tiles scans every partial tile instead (A/B measurements, docs/perf.md).
+inline bool v_check_ahead_enabled() {
+  static const bool enabled = !env_is("FSA_CUDA_V_CHECK", "tiles");
+  return enabled;
+}
+
+// Whether a call's map may list partial tiles: only causality, a mask, per-row bounds or top-k,
+// and a ragged last key tile drop entries inside a tile (a block selection drops whole tiles).
+inline bool may_have_partial_tiles(const ForwardParams& p) {
+  return p.is_causal || p.mask != nullptr || p.row_topk.key != nullptr ||
+         p.row_end.data != nullptr || p.seqlen_k % p.map.block_n != 0;
+}
+
 template <int kHeadDim, class Elt>
 void launch_combine(const ForwardParams& params, cudaStream_t stream) {
   // Splits only where the forward's grid is under two waves, so rows fit a grid dimension.
@@ -104,14 +119,29 @@ void launch_forward(const ForwardParams& params, cudaStream_t stream) {
       // tile's Q and first K/V tiles load while the previous tile finishes and is written out.
       const int64_t tiles = int64_t(sm90_grid.x) * sm90_grid.y * sm90_grid.z;
       const int64_t sms = multiprocessor_count();
-      StreamBuffer counter(stream);
+      StreamBuffer counter(stream);  // the tile counter, then the V check's flag
       ForwardParams fp = params;
       dim3 launch_grid = sm90_grid;
       if (persistent_forward_enabled() && tiles > sms && tiles < (int64_t(1) << 30)) {
-        FSA_CUDA_CHECK(scratch_malloc(&counter.ptr, sizeof(int), stream));
-        FSA_CUDA_CHECK(cudaMemsetAsync(counter.ptr, 0, sizeof(int), stream));
+        FSA_CUDA_CHECK(scratch_malloc(&counter.ptr, 2 * sizeof(int), stream));
+        FSA_CUDA_CHECK(cudaMemsetAsync(counter.ptr, 0, 2 * sizeof(int), stream));
         fp.tile_counter = static_cast<int*>(counter.ptr);
         launch_grid = dim3(unsigned(sms));
+        // A partial tile's V scan makes the producer wait for the tile's copies, and each tile's
+        // last key tiles are its partial ones, just before the next tile's first loads: one read
+        // of V ahead costs less (docs/perf.md, thirty-first session). Calls over compacted keys
+        // have their gather's flag already.
+        if (fp.v_nonfinite == nullptr && v_check_ahead_enabled() && may_have_partial_tiles(fp)) {
+          int32_t* flag = fp.tile_counter + 1;
+          fp.v_nonfinite = flag;
+          const int64_t head_chunks = int64_t(fp.seqlen_k) * ((fp.head_dim + 7) / 8);
+          const dim3 scan_grid(unsigned((head_chunks + kVScanChunks - 1) / kVScanChunks),
+                               unsigned(fp.num_kv_heads), unsigned(fp.batch));
+          if (scan_grid.x > 0) {
+            v_nonfinite_kernel<Elt><<<scan_grid, kVScanThreads, 0, stream>>>(fp, flag);
+            FSA_CUDA_CHECK(cudaGetLastError());
+          }
+        }
       }
       kernel<<<launch_grid, Tiles::kThreads, smem, stream>>>(
           fp, forward_tensor_maps<kHeadDim>(params, gathered));

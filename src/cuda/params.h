@@ -114,7 +114,8 @@ struct ForwardParams {
   bool is_causal;
   RowEnd row_end;        // compacted keys: each row's visible key slots (core/row_end.h), or null
   RowTopK row_topk;      // per-row top-k thresholds (core/row_topk.h), or key null
-  // Problem::v_nonfinite: 0 when no V value is non-finite (partial tiles skip their V check).
+  // 0 when no V value is non-finite (partial tiles skip their V check): Problem::v_nonfinite (a
+  // compacted call's gather), or the sm90 launch's own V check (v_nonfinite_kernel); or null.
   const int32_t* v_nonfinite;
 
   // GQA packing: the CTA's rows are (query, head-in-group) pairs of one kv head, row r holding

@@ -110,6 +110,23 @@ def test_causal_diagonal(dtype, D, gen):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_causal_v_checked_ahead(dtype, D, gen):
+    # More query tiles than SMs: the persistent Hopper forward checks V once before it runs and
+    # its partial tiles skip their scan when V holds no NaN / Inf. Here V holds some (the first
+    # key, a middle one, the ragged last tile's last key), read through a strided view (every
+    # other kv head of a wider tensor): the check must find them there, or they reach the rows
+    # that causality hides them from.
+    B, S, H, Hk = 1, 2000, 16, 4
+    tiles = H * math.ceil(S / 128)
+    assert tiles > torch.cuda.get_device_properties(0).multi_processor_count
+    q, k, _ = qkv(B, S, S, H, Hk, D, dtype, gen)
+    wide = randn(B, S, 2 * Hk, D, dtype=dtype, gen=gen)
+    wide[:, :, 1::2] = poison(wide[:, :, 1::2].contiguous(), [0, 1000, S - 1], gen)
+    check(q, k, wide[:, :, 1::2], None, True, "causal, V checked ahead")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("Sq", [1, 3, 96])
 def test_key_mask_block_map_and_decode(dtype, Sq, gen):
     # Under 128 query rows a key mask runs on the block map (no compaction); Sq = 1 is decode.
