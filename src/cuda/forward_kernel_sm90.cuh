@@ -507,11 +507,9 @@ __device__ __forceinline__ void load_gathered_rows_async(uint16_t* smem_k, GmmaL
 // null), per-row top-k over compacted keys through each query tile's gathered slots, is one for
 // the same reason: in the common one the slots' last rows alone cost block selections 4-7% of
 // their forward (H200, same run).
-template <int kHeadDim, class Elt, bool kStagedBias, bool kGathered = false>
-__global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
-    forward_kernel_sm90(const __grid_constant__ ForwardParams p,
-                        const __grid_constant__ KvTensorMaps tma) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// kCheckV: see forward_kernel_sm90 below.
+template <int kHeadDim, class Elt, bool kStagedBias, bool kGathered, bool kCheckV>
+__device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const KvTensorMaps& tma) {
   using namespace cute;
   using Tiles = Sm90ForwardTiles<kHeadDim, Elt>;
   using T = typename Tiles::T;
@@ -616,9 +614,7 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
     if (!kGathered || p.bias == nullptr) return nullptr;
     return static_cast<const float*>(p.bias) + bias_row_offset(WarpRows(p, m, kBlockM, h, b, 0), b);
   };
-  // Partial tiles check their V tile for NaN / Inf unless the call knows V has none (a compacted
-  // call's gather says so: ForwardParams::v_nonfinite). Producer and consumers read the same flag.
-  const bool check_v = p.v_nonfinite == nullptr || *p.v_nonfinite != 0;
+  constexpr bool check_v = kCheckV;
 
   if (threadIdx.x < Tiles::kProducerThreads) {
     // Producer warpgroup: K/V tile `it` (counted over the CTA's tiles) into stage it % kStages
@@ -1132,6 +1128,22 @@ __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
       for (int e = 0; e < 4; ++e) o[0][d][e] = tOrO(4 * d + e);
     wr.write<kHeadDim, 1, Elt>(o, row_max, row_sum, split);
   }
+}
+
+// kCheckV: whether partial tiles check their V tile for NaN / Inf. They must unless the call knows
+// V has none (ForwardParams::v_nonfinite: the V check ahead of a persistent launch, or a compacted
+// call's gather, both on the device). Such a call launches both instantiations (launch_forward),
+// and each returns at once unless the flag calls for it: compiled without the check, the walk is
+// 4-6% faster on block selections (1-4% on dense GQA) even where no tile would run it (H200,
+// docs/perf.md, thirty-first session); one kernel holding both walks behind a runtime branch got
+// about half of that.
+template <int kHeadDim, class Elt, bool kStagedBias, bool kGathered = false, bool kCheckV = true>
+__global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
+    forward_kernel_sm90(const __grid_constant__ ForwardParams p,
+                        const __grid_constant__ KvTensorMaps tma) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  if ((p.v_nonfinite == nullptr || *p.v_nonfinite != 0) != kCheckV) return;
+  forward_sm90_cta<kHeadDim, Elt, kStagedBias, kGathered, kCheckV>(p, tma);
 #else
   __trap();  // launched only on sm_90 devices, where the sm_90a image exists
 #endif

@@ -3,6 +3,7 @@
 
 #include <atomic>
 #include <cstdio>
+#include <type_traits>
 
 #include "cuda/check.h"
 #include "cuda/device_arch.h"
@@ -102,13 +103,17 @@ void launch_forward(const ForwardParams& params, cudaStream_t stream) {
     const bool gathered = params.map.gather_slots != nullptr;
     if (use_sm90_forward(params, kHeadDim)) {
       using Tiles = Sm90ForwardTiles<kHeadDim, Elt>;
-      auto* kernel = &forward_kernel_sm90<kHeadDim, Elt, false>;
-      if (params.bias_staged) kernel = &forward_kernel_sm90<kHeadDim, Elt, true>;
-      if constexpr (Tiles::kPlanRows == 1) {
-        if (gathered) kernel = &forward_kernel_sm90<kHeadDim, Elt, false, true>;
-      }
+      // The instantiation for the call, with or without the partial tiles' V check (kCheckV).
+      auto sm90_kernel = [&](auto check_v) {
+        constexpr bool kCheckV = decltype(check_v)::value;
+        auto* kernel = &forward_kernel_sm90<kHeadDim, Elt, false, false, kCheckV>;
+        if (params.bias_staged) kernel = &forward_kernel_sm90<kHeadDim, Elt, true, false, kCheckV>;
+        if constexpr (Tiles::kPlanRows == 1) {
+          if (gathered) kernel = &forward_kernel_sm90<kHeadDim, Elt, false, true, kCheckV>;
+        }
+        return kernel;
+      };
       const int smem = Tiles::smem_bytes(params.bias_staged, gathered);
-      allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
       // A CTA's query block is Tiles::kPlanRows of the plan's (two at D = 256).
       static_assert(Tiles::kPlanRows == (kHeadDim > 128 ? 2 : 1), "forward_plan_rows_per_cta");
       const dim3 sm90_grid(
@@ -127,10 +132,11 @@ void launch_forward(const ForwardParams& params, cudaStream_t stream) {
         FSA_CUDA_CHECK(cudaMemsetAsync(counter.ptr, 0, 2 * sizeof(int), stream));
         fp.tile_counter = static_cast<int*>(counter.ptr);
         launch_grid = dim3(unsigned(sms));
-        // A partial tile's V scan makes the producer wait for the tile's copies, and each tile's
-        // last key tiles are its partial ones, just before the next tile's first loads: one read
-        // of V ahead costs less (docs/perf.md, thirty-first session). Calls over compacted keys
-        // have their gather's flag already.
+        // A partial tile's V scan makes the producer wait for the tile's copies (each tile's
+        // last key tiles, just before the next tile's first loads), and the walk compiled with
+        // the scan is slower even where none runs: with V read once ahead, the call runs the
+        // walk without it unless V holds a NaN / Inf (docs/perf.md, thirty-first session).
+        // Calls over compacted keys have their gather's flag already.
         if (fp.v_nonfinite == nullptr && v_check_ahead_enabled() && may_have_partial_tiles(fp)) {
           int32_t* flag = fp.tile_counter + 1;
           fp.v_nonfinite = flag;
@@ -143,8 +149,17 @@ void launch_forward(const ForwardParams& params, cudaStream_t stream) {
           }
         }
       }
-      kernel<<<launch_grid, Tiles::kThreads, smem, stream>>>(
-          fp, forward_tensor_maps<kHeadDim>(params, gathered));
+      // A call whose V is flagged on the device (fp.v_nonfinite) launches the walk without the
+      // V check, then the one with it: each returns at once unless the flag calls for it.
+      const KvTensorMaps maps = forward_tensor_maps<kHeadDim>(params, gathered);
+      if (fp.v_nonfinite != nullptr) {
+        auto* fast = sm90_kernel(std::false_type{});
+        allow_dynamic_smem(reinterpret_cast<const void*>(fast), smem);
+        fast<<<launch_grid, Tiles::kThreads, smem, stream>>>(fp, maps);
+      }
+      auto* kernel = sm90_kernel(std::true_type{});
+      allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
+      kernel<<<launch_grid, Tiles::kThreads, smem, stream>>>(fp, maps);
       launched = true;
     }
   }
