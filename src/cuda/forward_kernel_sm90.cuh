@@ -500,6 +500,19 @@ __device__ __forceinline__ void load_gathered_rows_async(uint16_t* smem_k, GmmaL
   }
 }
 
+// The lean walk's drops on a partial tile (forward_kernel_sm90's kLean): key columns col0 + c at
+// or past the end of a fragment row, ends[r] for the thread's rows g and g + 8, get -inf.
+template <int kNTiles>
+__device__ __forceinline__ void drop_keys_from(float (&s)[kNTiles][4], int col0,
+                                               const int (&ends)[2], int t) {
+#pragma unroll
+  for (int j = 0; j < kNTiles; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      if (col0 + j * 8 + 2 * t + (e & 1) >= ends[e / 2]) s[j][e] = -INFINITY;
+    }
+}
+
 // kStagedBias == p.bias_staged. A separate instantiation: with the staged path behind runtime
 // branches in the producer and consumer loops the dense forward measured 4.55-4.60 ms against
 // 4.14-4.22 ms before it (H100, same runs; docs/perf.md); this way the common instantiation
@@ -507,8 +520,8 @@ __device__ __forceinline__ void load_gathered_rows_async(uint16_t* smem_k, GmmaL
 // null), per-row top-k over compacted keys through each query tile's gathered slots, is one for
 // the same reason: in the common one the slots' last rows alone cost block selections 4-7% of
 // their forward (H200, same run).
-// kCheckV: see forward_kernel_sm90 below.
-template <int kHeadDim, class Elt, bool kStagedBias, bool kGathered, bool kCheckV>
+// kCheckV and kLean: see forward_kernel_sm90 below.
+template <int kHeadDim, class Elt, bool kStagedBias, bool kGathered, bool kCheckV, bool kLean>
 __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const KvTensorMaps& tma) {
   using namespace cute;
   using Tiles = Sm90ForwardTiles<kHeadDim, Elt>;
@@ -615,6 +628,8 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
     return static_cast<const float*>(p.bias) + bias_row_offset(WarpRows(p, m, kBlockM, h, b, 0), b);
   };
   constexpr bool check_v = kCheckV;
+  static_assert(!kLean || (!kStagedBias && !kGathered && !kCheckV),
+                "the lean walk has no staged bias, gathered tiles or V check");
 
   if (threadIdx.x < Tiles::kProducerThreads) {
     // Producer warpgroup: K/V tile `it` (counted over the CTA's tiles) into stage it % kStages
@@ -924,10 +939,10 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
     }
 
     float row_max[1][2] = {{-INFINITY, -INFINITY}}, row_sum[1][2] = {{0.0f, 0.0f}};
-    // The thread's two rows' visible ends (compacted row bounds: a load each), the same every
-    // tile.
+    // The thread's two rows' visible ends (compacted row bounds: a load each; the lean walk's
+    // causal bounds), the same every tile.
     int row_end[1][2] = {{0, 0}};
-    if constexpr (kGathered) {
+    if constexpr (kGathered || kLean) {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         int i, head;
@@ -1036,7 +1051,15 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
 #pragma unroll
         for (int e = 0; e < 4; ++e) s[0][c][e] = tSrS(4 * c + e);
       const bool partial = kPaired ? partial_mine : list.begin + j >= list.n_full;
-      if (plain && !partial && (kGathered || (n + 1) * kBlockN <= p.seqlen_k)) {
+      if constexpr (kLean) {
+        // Every key tile whole, the bias (if any) staged with it: its values, then a partial
+        // tile's causal bound.
+        if (bias_row != nullptr) {
+          add_column_bias<Elt>(s[0], s_bias + stage * Tiles::kBiasStageBytes, p.bias_is_fp32,
+                               wr.t, wr.bias_factor);
+        }
+        if (partial) drop_keys_from<kNTiles>(s[0], n * kBlockN, row_end[0], wr.t);
+      } else if (plain && !partial && (kGathered || (n + 1) * kBlockN <= p.seqlen_k)) {
         // A whole tile of plain scores: nothing to add or drop (the scale is in the exp2).
       } else if (column_bias && !partial && (kGathered || bias_staged(bias_row, n))) {
         add_column_bias<Elt>(s[0], s_bias + stage * Tiles::kBiasStageBytes, p.bias_is_fp32, wr.t,
@@ -1137,13 +1160,22 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
 // 4-6% faster on block selections (1-4% on dense GQA) even where no tile would run it (H200,
 // docs/perf.md, thirty-first session); one kernel holding both walks behind a runtime branch got
 // about half of that.
-template <int kHeadDim, class Elt, bool kStagedBias, bool kGathered = false, bool kCheckV = true>
+//
+// kLean: a walk for calls whose partial tiles drop keys by causality alone and whose every key
+// tile is whole, with no bias or a query-invariant one staged with its tile (lean_forward_call,
+// which the host decides from the call's features): their logits are the staged bias's fma and
+// one compare per element on partial tiles, not WarpRows::logits, whose general paths (mask,
+// softcap, per-row top-k, bias reads through strides) more than doubled the walk's code and,
+// compiled in though never run, cost block selections 3-11% of their forward (H200,
+// docs/perf.md, thirty-first and thirty-second sessions). Without the V check only.
+template <int kHeadDim, class Elt, bool kStagedBias, bool kGathered = false, bool kCheckV = true,
+          bool kLean = false>
 __global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
     forward_kernel_sm90(const __grid_constant__ ForwardParams p,
                         const __grid_constant__ KvTensorMaps tma) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   if ((p.v_nonfinite == nullptr || *p.v_nonfinite != 0) != kCheckV) return;
-  forward_sm90_cta<kHeadDim, Elt, kStagedBias, kGathered, kCheckV>(p, tma);
+  forward_sm90_cta<kHeadDim, Elt, kStagedBias, kGathered, kCheckV, kLean>(p, tma);
 #else
   __trap();  // launched only on sm_90 devices, where the sm_90a image exists
 #endif

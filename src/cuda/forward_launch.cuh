@@ -67,6 +67,27 @@ inline bool may_have_partial_tiles(const ForwardParams& p) {
          p.row_end.data != nullptr || p.seqlen_k % p.map.block_n != 0;
 }
 
+// Whether a call's logits need nothing but the lean walk's (forward_kernel_sm90's kLean): no mask,
+// per-row top-k or row bounds (causality alone drops keys), no gathered or staged tiles, no
+// softcap, a scale that stays outside the logits, every key tile whole, and no bias or a
+// query-invariant one whose rows the producer stages with their key tiles: keys contiguous and
+// each (batch, head) row 16-byte aligned (the kernel's staged_bias_row, restated on the host).
+inline bool lean_forward_call(const ForwardParams& p) {
+  if (p.mask != nullptr || p.row_topk.key != nullptr || p.row_end.data != nullptr ||
+      p.row_end.key_last != nullptr || p.map.gather_slots != nullptr || p.bias_staged ||
+      p.softcap_in != 0.0f || !(p.scale_log2 >= 1e-20f) || p.seqlen_k % p.map.block_n != 0 ||
+      p.pack_gqa) {
+    return false;
+  }
+  if (p.bias == nullptr) return true;
+  const int64_t bytes = p.bias_is_fp32 ? 4 : 2;
+  const int bias_heads = (p.num_heads + p.bias_head_group - 1) / p.bias_head_group;
+  return p.bias_stride[2] == 0 && p.bias_stride[3] == 1 &&
+         reinterpret_cast<uintptr_t>(p.bias) % 16 == 0 &&
+         (p.batch == 1 || p.bias_stride[0] * bytes % 16 == 0) &&
+         (bias_heads == 1 || p.bias_stride[1] * bytes % 16 == 0);
+}
+
 template <int kHeadDim, class Elt>
 void launch_combine(const ForwardParams& params, cudaStream_t stream) {
   // Splits only where the forward's grid is under two waves, so rows fit a grid dimension.
@@ -104,9 +125,15 @@ void launch_forward(const ForwardParams& params, cudaStream_t stream) {
     if (use_sm90_forward(params, kHeadDim)) {
       using Tiles = Sm90ForwardTiles<kHeadDim, Elt>;
       // The instantiation for the call, with or without the partial tiles' V check (kCheckV).
+      // Without the check, calls whose logits allow it run the lean walk (lean_forward_call).
       auto sm90_kernel = [&](auto check_v) {
         constexpr bool kCheckV = decltype(check_v)::value;
         auto* kernel = &forward_kernel_sm90<kHeadDim, Elt, false, false, kCheckV>;
+        if constexpr (!kCheckV) {
+          if (lean_forward_call(params)) {
+            kernel = &forward_kernel_sm90<kHeadDim, Elt, false, false, false, true>;
+          }
+        }
         if (params.bias_staged) kernel = &forward_kernel_sm90<kHeadDim, Elt, true, false, kCheckV>;
         if constexpr (Tiles::kPlanRows == 1) {
           if (gathered) kernel = &forward_kernel_sm90<kHeadDim, Elt, false, true, kCheckV>;
@@ -136,8 +163,11 @@ void launch_forward(const ForwardParams& params, cudaStream_t stream) {
         // last key tiles, just before the next tile's first loads), and the walk compiled with
         // the scan is slower even where none runs: with V read once ahead, the call runs the
         // walk without it unless V holds a NaN / Inf (docs/perf.md, thirty-first session).
-        // Calls over compacted keys have their gather's flag already.
-        if (fp.v_nonfinite == nullptr && v_check_ahead_enabled() && may_have_partial_tiles(fp)) {
+        // Calls over compacted keys have their gather's flag already; a call without partial
+        // tiles has no V to check, and its flag stays the zero the memset wrote.
+        if (fp.v_nonfinite == nullptr && !may_have_partial_tiles(fp)) {
+          fp.v_nonfinite = fp.tile_counter + 1;
+        } else if (fp.v_nonfinite == nullptr && v_check_ahead_enabled()) {
           int32_t* flag = fp.tile_counter + 1;
           fp.v_nonfinite = flag;
           const int64_t head_chunks = int64_t(fp.seqlen_k) * ((fp.head_dim + 7) / 8);

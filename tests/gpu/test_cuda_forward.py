@@ -150,6 +150,54 @@ def test_case4_bias_query_dim_1_gqa4(dtype, gen):
     check(q, k, v, bias=bias, causal=True, label="case 4")
 
 
+def kernel_names(fn):
+    """The CUDA kernels `fn` launches (demangled, with their template arguments)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.key for e in prof.key_averages()]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_lean_walk_causal_per_key_bias(dtype, D, gen):
+    """The Hopper forward's lean walk (forward_kernel_sm90's kLean: persistent launches whose
+    entries drop by causality alone, every key tile whole, no bias or a per-key one staged with
+    its tile) against float64: Sq < Sk, and Sq > Sk whose first rows see no key (exact empty
+    rows); no bias, a per-kv-head 16-bit bias, a per-head fp32 bias broadcast over the batch, and
+    non-causal (no partial tile). On sm_90 the profile shows that these calls ran the lean
+    instantiation and that a bias row off 16-byte alignment, a mask, softcap or a ragged last key
+    tile did not (they take the general walk, checked against float64 too)."""
+    B, H, Hk = 2, 8, 2
+    sm90 = torch.cuda.get_device_capability() == (9, 0)
+    lean = "false, false, false, true>"
+
+    def run(label, expect_lean, *args, **kwargs):
+        names = kernel_names(lambda: check(*args, label=f"{label} D={D}", **kwargs))
+        if sm90:
+            ran = any(f"forward_kernel_sm90<{D}," in n and lean in n for n in names)
+            assert ran == expect_lean, (label, names)
+
+    # More CTA tiles than SMs (12 or 16 query blocks x 8 heads x 2): a persistent launch.
+    for Sq, Sk in [(1536, 2048), (2048, 1024)]:
+        q, k, v = qkv(B, Sq, Sk, H, Hk, D, dtype, gen)
+        key_bias = randn(B, Hk, 1, Sk, dtype=dtype, gen=gen)
+        run(f"no bias {Sq}x{Sk}", True, q, k, v, causal=True)
+        run(f"kv-head bias {Sq}x{Sk}", True, q, k, v, bias=key_bias, causal=True)
+        run(f"fp32 head bias {Sq}x{Sk}", True, q, k, v,
+            bias=randn(1, H, 1, Sk, dtype=torch.float32, gen=gen), causal=True)
+        run(f"non-causal {Sq}x{Sk}", True, q, k, v, bias=key_bias, causal=False)
+        shifted = torch.cat([key_bias[..., :1], key_bias], -1)[..., 1:]  # rows 2 bytes in
+        assert shifted.data_ptr() % 16 != 0
+        run(f"unaligned bias {Sq}x{Sk}", False, q, k, v, bias=shifted, causal=True)
+        mask = torch.rand(B, Hk, Sq, Sk, device="cuda", generator=gen) < 0.7
+        run(f"mask {Sq}x{Sk}", False, q, k, v, mask=mask, bias=key_bias, causal=True)
+        run(f"softcap {Sq}x{Sk}", False, q, k, v, bias=key_bias, causal=True, softcap=20.0)
+    q, k, v = qkv(B, 1536, 2000, H, Hk, D, dtype, gen)
+    run("ragged keys", False, q, k, v, bias=randn(B, Hk, 1, 2000, dtype=dtype, gen=gen),
+        causal=True)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_case5_decode_gqa_mask_bias(dtype, gen):
     q, k, v = qkv(3, 1, 1025, 32, 4, 128, dtype, gen)
