@@ -208,7 +208,7 @@ __device__ inline void bias_pass(const BackwardParams& p, int b, int head, float
 // an add. Rows past seqlen_k read the last key's value, as bias_pass does. (Read before the stage
 // is waited for, the two values made the passes spill in their loops: 2-4% slower.)
 struct KeyRowBias {
-  __device__ static bool applies(const BackwardParams& p) {
+  __host__ __device__ static bool applies(const BackwardParams& p) {
     return p.bias != nullptr && !p.bias_staged && p.bias_stride[2] == 0;
   }
   template <class Elt, int kN>
@@ -228,6 +228,30 @@ struct KeyRowBias {
       for (int e = 0; e < 4; ++e) s[j][e] = fmaf(s[j][e], p.scale_log2, v[e / 2]);
   }
 };
+
+// Where the rows are keys: s = -inf outside key row r's interval of queries [lo[r], hi[r]]. One
+// compare pair per entry and no branch.
+template <int kN, class Index>
+__device__ __forceinline__ void keep_query_interval(float (&s)[kN][4], const int (&lo)[2],
+                                                    const int (&hi)[2], const Index& ix) {
+  static_assert(Index::kRowsAreKeys, "rows are keys");
+#pragma unroll
+  for (int j = 0; j < kN; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int i = ix.query(j, e);
+      s[j][e] = lo[e / 2] <= i && i <= hi[e / 2] ? s[j][e] : -INFINITY;
+    }
+}
+
+// The queries that key row `key` keeps where causality alone drops entries (the lean dK/dV pass):
+// [lo, hi] = [k - (Sk - Sq), Sq - 1] clamped at 0 (visible_end's bottom-right bound, solved for the
+// query), [0, Sq - 1] without causality, none for a row past the keys.
+template <class Params>
+__device__ __forceinline__ void causal_query_interval(const Params& p, int key, int& lo, int& hi) {
+  lo = key >= p.seqlen_k ? INT_MAX : p.is_causal ? max(key - (p.seqlen_k - p.seqlen_q), 0) : 0;
+  hi = p.seqlen_q - 1;
+}
 
 // s = -inf where the entry is out of range, causally invisible, masked out or (kRowTopK ==
 // p.row_topk.key != null) below its row's top-k threshold. Under per-row top-k the planner lists
@@ -272,13 +296,7 @@ __device__ inline void drop_pass(const BackwardParams& p, int b, int head, float
         lo[r] = ix.row[r] < p.seqlen_k ? key_rows[r][0] : INT_MAX;
         hi[r] = min(key_rows[r][1], p.seqlen_q - 1);
       }
-#pragma unroll
-      for (int j = 0; j < kN; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int i = ix.query(j, e);
-          s[j][e] = lo[e / 2] <= i && i <= hi[e / 2] ? s[j][e] : -INFINITY;
-        }
+      keep_query_interval(s, lo, hi, ix);
       return;
     }
   }

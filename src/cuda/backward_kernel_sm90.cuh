@@ -292,14 +292,20 @@ __device__ __forceinline__ void load_step_rows_async(const BackwardParams& p,
       p.do_stride_s, q0, p.seqlen_q, p.head_dim, q_dst.half);
 }
 
-// kRowTopK == (p.row_topk.key != null), as in dq_kernel (backward_kernel.cuh).
-template <int kHeadDim, class Elt, bool kRowTopK>
+// kRowTopK == (p.row_topk.key != null), as in dq_kernel (backward_kernel.cuh). kLean: the pass
+// for calls whose entries drop by causality alone, without a bias or with a query-invariant one
+// that is not staged, over the key tiles themselves (lean_dkdv_call, the host's choice): its
+// element passes are one fma or multiply per entry and, on partial tiles, one compare pair
+// (causal_query_interval), where the general passes (mask, row bounds, staged or general bias,
+// gathered slots) more than doubled the kernel's code (docs/perf.md, thirty-second session).
+template <int kHeadDim, class Elt, bool kRowTopK, bool kLean = false>
 __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
                                   Sm90DkvTiles<kHeadDim, Elt>::kCtasPerSm)
     dkdv_kernel_sm90(const __grid_constant__ BackwardParams p,
                      const __grid_constant__ QdoTensorMaps tma) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace cute;
+  static_assert(!(kLean && kRowTopK), "the lean pass has no per-row top-k");
   using Tiles = Sm90DkvTiles<kHeadDim, Elt>;
   using T = typename Tiles::T;
   constexpr int kBlockM = Tiles::kBlockM, kBlockN = Tiles::kBlockN, kHalf = Tiles::kHalf;
@@ -346,7 +352,7 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
     const auto q_dst = GmmaLoadOffsets::make<kHeadDim, kLoaders>(layout_q, false);
     const auto* k_rows = static_cast<const uint16_t*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h;
     const auto* v_rows = static_cast<const uint16_t*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h;
-    if (const int32_t* group = dkv_group_slots(p, n, hk, b)) {
+    if (const int32_t* group = kLean ? nullptr : dkv_group_slots(p, n, hk, b)) {
       load_gathered_rows_async<kHeadDim, kBlockN, kLoaders>(
           reinterpret_cast<uint16_t*>(smem_k), kv_dst, reinterpret_cast<uint16_t*>(smem_v), kv_dst,
           k_rows, p.k_stride_s, v_rows, p.v_stride_s, group, p.head_dim);
@@ -369,7 +375,7 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
                                                s_do + stage * kStageElems, q_dst, b, h, q0,
                                                &full_bar[stage]);
       load_step_stats_async(p, b, h, q0, s_lse + stage * kHalf, s_rdot + stage * kHalf);
-      if (p.bias_staged) {  // rows = the half's queries, columns = this CTA's keys
+      if (!kLean && p.bias_staged) {  // rows = the half's queries, columns = this CTA's keys
         load_bias_tile_async<kHalf, kLoaders>(
             s_bias + stage * Tiles::kBiasStageElems,
             static_cast<const uint16_t*>(p.bias) + b * p.bias_stride[0] +
@@ -426,7 +432,7 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
   // The thread's two key rows: of the key tile, or the group's slots (seqlen_k past the list's
   // count: such a row is dropped, and neither stored nor summed).
   int key_row[2] = {key0 + warp * 16 + g, key0 + warp * 16 + g + 8};
-  if (const int32_t* group = dkv_group_slots(p, n, hk, b)) {
+  if (const int32_t* group = kLean ? nullptr : dkv_group_slots(p, n, hk, b)) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int slot = group[warp * 16 + g + 8 * r];
@@ -466,6 +472,12 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
   const bool release_lane = lane == 0;
   DkvWorkCursor<Tiles::kHalves, true> cur(p, n, hk, b);
   const bool by_key_row = KeyRowBias::applies(p);
+  // The lean pass's queries kept by each key row (the same over every head and query tile).
+  int keep_lo[2] = {0, 0}, keep_hi[2] = {0, 0};
+  if constexpr (kLean) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) causal_query_interval(p, key_row[r], keep_lo[r], keep_hi[r]);
+  }
   int prev_stage = -1;  // this warpgroup's previous stage, released once its products retire
   for (int j = 0; !cur.done(); ++j, cur.advance()) {
     if (j % Tiles::kConsumerWarpGroups != wg) continue;
@@ -490,7 +502,14 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
     // The element passes work in place on the accumulators (flat index 4 c + e = s[c][e]).
     auto& s = *reinterpret_cast<float(*)[kCTiles][4]>(raw_pointer_cast(tSrS.data()));
     const DkvIndex ix{{key_row[0], key_row[1]}, q0, t};
-    if (by_key_row) {
+    if constexpr (kLean) {
+      if (by_key_row) {
+        KeyRowBias::scale_add<Elt>(p, b, h, key_row, s);
+      } else {
+        scale_pass(s, p.scale_log2);
+      }
+      if (check) keep_query_interval(s, keep_lo, keep_hi, ix);
+    } else if (by_key_row) {
       KeyRowBias::scale_add<Elt>(p, b, h, key_row, s);
     } else {
       scale_pass(s, p.scale_log2);
@@ -501,7 +520,7 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
         bias_pass<Elt>(p, b, h, s, ix);
       }
     }
-    if (check) drop_pass<Elt, kRowTopK>(p, b, h, s, ix);
+    if (!kLean && check) drop_pass<Elt, kRowTopK>(p, b, h, s, ix);
     // P^T, then (dP^T retired) dS^T, each packed as the A operand of dV += P^T dO and dK += dS^T Q.
     probabilities_t(s, s_lse + stage * kHalf, t);
     warpgroup_wait<0>();  // dP^T

@@ -224,6 +224,15 @@ BackwardKernel sm90_dq_kernel(const BackwardParams& p, int& threads, int& smem, 
   }
 }
 
+// Whether the sm90 dK/dV pass's lean instantiation (dkdv_kernel_sm90's kLean) serves a call:
+// causality alone drops entries (no mask, row bounds, per-row top-k or gathered slots), and the
+// bias, if any, is query-invariant and not staged (KeyRowBias).
+inline bool lean_dkdv_call(const BackwardParams& p) {
+  return p.mask == nullptr && p.row_topk.key == nullptr && p.row_end.data == nullptr &&
+         p.row_end.key_last == nullptr && p.map.dkv_slots == nullptr && !p.bias_staged &&
+         p.softcap_in == 0.0f && (p.bias == nullptr || KeyRowBias::applies(p));
+}
+
 // The sm90 dK/dV pass and, when it splits, its reduction, with `kv` (p's copy for the pass and
 // the bias reduction after it) set up for them; false when the call takes the sm80 pass (softcap,
 // the sm80 kernels forced, or per-row top-k's dK/dV groups at D = 256), with nothing launched.
@@ -331,8 +340,9 @@ bool launch_sm90_dkdv(const BackwardParams& p, BackwardParams& kv, StreamBuffer&
     threads = Wide::kThreads, smem_limit = smem = Wide::kSmemBytes;
   } else {
     using Sm90Tiles = Sm90DkvTiles<kHeadDim, Elt>;
-    dkdv = row_topk ? &dkdv_kernel_sm90<kHeadDim, Elt, true>
-                    : &dkdv_kernel_sm90<kHeadDim, Elt, false>;
+    dkdv = row_topk          ? &dkdv_kernel_sm90<kHeadDim, Elt, true>
+           : lean_dkdv_call(kv) ? &dkdv_kernel_sm90<kHeadDim, Elt, false, true>
+                                : &dkdv_kernel_sm90<kHeadDim, Elt, false>;
     threads = Sm90Tiles::kThreads, smem_limit = Sm90Tiles::smem_bytes(true);
     smem = Sm90Tiles::smem_bytes(p.bias_staged);
   }
