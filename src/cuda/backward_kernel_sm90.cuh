@@ -682,13 +682,19 @@ inline DqBiasDuty dq_bias_duty(const BackwardParams& p) {
 // kRowTopK == (p.row_topk.key != null), as in dq_kernel: per-row top-k needs a query-invariant
 // bias, so it never meets kStagedBias or a dbias with a query dim. kGathered == (p.map.gather_slots
 // != null): per-row top-k over compacted keys, each query tile's slots gathered into its K/V
-// tiles (as in forward_kernel_sm90), with a query-invariant bias too.
+// tiles (as in forward_kernel_sm90), with a query-invariant bias too. kLean: calls whose entries
+// drop by causality alone, with no bias or a query-invariant one that travels with every key
+// tile (lean_dq_call, the host's choice): the staged values' fma and, on partial tiles, one
+// compare per entry against the row's visible end, as the forward's lean walk (docs/perf.md,
+// thirty-second session).
 template <int kHeadDim, class Elt, DqBiasDuty kDuty, bool kStagedBias, bool kRowTopK,
-          bool kGathered = false>
+          bool kGathered = false, bool kLean = false>
 __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
     dq_kernel_sm90(const __grid_constant__ BackwardParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace cute;
+  static_assert(!kLean || (kDuty == DqBiasDuty::kNone && !kStagedBias && !kRowTopK && !kGathered),
+                "the lean pass has no dbias duty, staged bias, per-row top-k or gathered tiles");
   using Tiles = Sm90DqTiles<kHeadDim, Elt>;
   using T = typename Tiles::T;
   constexpr int kBlockM = Tiles::kBlockM, kBlockN = Tiles::kBlockN;
@@ -871,8 +877,8 @@ __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
   int i_row[2];
   float lse2[2], rdot[2], row_grad[2] = {0.0f, 0.0f};
   dq_row_stats(p, b, h, row0 + warp * 16 + g, i_row, lse2, rdot);
-  int row_end[2] = {0, 0};  // gathered tiles: the rows' visible slots, once
-  if constexpr (kGathered) {
+  int row_end[2] = {0, 0};  // gathered tiles and the lean pass: the rows' visible ends, once
+  if constexpr (kGathered || kLean) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) row_end[r] = visible_end(p, b, h, min(i_row[r], p.seqlen_q - 1));
   }
@@ -925,7 +931,12 @@ __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
     auto& s = *reinterpret_cast<float(*)[kNTiles][4]>(raw_pointer_cast(tSrS.data()));
     const DqIndex ix{{i_row[0], i_row[1]}, n * kBlockN, t};
     scale_pass(s, p.scale_log2);
-    if constexpr (kGathered) {
+    if constexpr (kLean) {
+      if (bias_row != nullptr) {
+        add_column_bias<Elt>(s, gathered_cols(stage, 2), p.bias_is_fp32, t, kLog2e);
+      }
+      if (check) drop_keys_from<kNTiles>(s, n * kBlockN, row_end, t);
+    } else if constexpr (kGathered) {
       // Column c of the tile is slot slots[c] (-1: padding, above every end as unsigned).
       const auto* slots = reinterpret_cast<const int32_t*>(gathered_cols(stage, 0));
       const auto* last = reinterpret_cast<const int32_t*>(gathered_cols(stage, 1));
@@ -952,7 +963,7 @@ __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
     } else if (p.bias) {
       bias_pass<Elt, kDuty == DqBiasDuty::kNone>(p, b, h, s, ix);
     }
-    if (!kGathered && check) drop_pass<Elt, kRowTopK>(p, b, h, s, ix);
+    if (!kGathered && !kLean && check) drop_pass<Elt, kRowTopK>(p, b, h, s, ix);
     // P (exact zeros for dropped entries and empty rows).
 #pragma unroll
     for (int c = 0; c < kNTiles; ++c)

@@ -167,6 +167,25 @@ inline bool dkv_order_enabled() {
 
 using BackwardKernel = void (*)(BackwardParams);
 
+// Whether the sm90 dQ pass's lean instantiation (dq_kernel_sm90's kLean) serves a call:
+// causality alone drops entries, no bias gradient with a query dim, and no bias or a
+// query-invariant one that travels with every key tile (rows aligned, every key tile whole).
+inline bool lean_dq_call(const BackwardParams& p) {
+  return p.mask == nullptr && p.row_topk.key == nullptr && p.row_end.data == nullptr &&
+         p.row_end.key_last == nullptr && p.map.gather_slots == nullptr && !p.bias_staged &&
+         p.softcap_in == 0.0f && dq_bias_duty(p) == DqBiasDuty::kNone &&
+         (p.bias == nullptr || (key_bias_rows_aligned(p) && p.seqlen_k % p.map.block_n == 0));
+}
+
+// Whether the sm90 dK/dV pass's lean instantiation (dkdv_kernel_sm90's kLean) serves a call:
+// causality alone drops entries (no mask, row bounds, per-row top-k or gathered slots), and the
+// bias, if any, is query-invariant and not staged (KeyRowBias).
+inline bool lean_dkdv_call(const BackwardParams& p) {
+  return p.mask == nullptr && p.row_topk.key == nullptr && p.row_end.data == nullptr &&
+         p.row_end.key_last == nullptr && p.map.dkv_slots == nullptr && !p.bias_staged &&
+         p.softcap_in == 0.0f && (p.bias == nullptr || KeyRowBias::applies(p));
+}
+
 // The sm90 dQ kernel for this call with its threads and shared memory, or null: the sm80 pass
 // (softcap, the sm80 kernels forced, or per-row top-k over compacted keys at D = 256).
 // `smem_limit`: the kernel's opt-in shared-memory limit, a fixed value per kernel (the D = 256
@@ -212,7 +231,9 @@ BackwardKernel sm90_dq_kernel(const BackwardParams& p, int& threads, int& smem, 
         gathered        ? &dq_kernel_sm90<kHeadDim, Elt, DqBiasDuty::kNone, false, false, true>
         : row_topk      ? &dq_kernel_sm90<kHeadDim, Elt, DqBiasDuty::kNone, false, true>
         : p.bias_staged ? pick(std::true_type{})
-                        : pick(std::false_type{});
+        : lean_dq_call(p)
+            ? &dq_kernel_sm90<kHeadDim, Elt, DqBiasDuty::kNone, false, false, false, true>
+            : pick(std::false_type{});
     // A query-invariant bias travels with the K/V tiles in the gathered tiles' region (the
     // kernel stages it where its key dim is contiguous and aligned); the instantiations it shares
     // with calls without one take that region's size as their fixed limit.
@@ -222,15 +243,6 @@ BackwardKernel sm90_dq_kernel(const BackwardParams& p, int& threads, int& smem, 
     smem_limit = Sm90Tiles::smem_bytes(p.bias_staged, !p.bias_staged);
     return dq;
   }
-}
-
-// Whether the sm90 dK/dV pass's lean instantiation (dkdv_kernel_sm90's kLean) serves a call:
-// causality alone drops entries (no mask, row bounds, per-row top-k or gathered slots), and the
-// bias, if any, is query-invariant and not staged (KeyRowBias).
-inline bool lean_dkdv_call(const BackwardParams& p) {
-  return p.mask == nullptr && p.row_topk.key == nullptr && p.row_end.data == nullptr &&
-         p.row_end.key_last == nullptr && p.map.dkv_slots == nullptr && !p.bias_staged &&
-         p.softcap_in == 0.0f && (p.bias == nullptr || KeyRowBias::applies(p));
 }
 
 // The sm90 dK/dV pass and, when it splits, its reduction, with `kv` (p's copy for the pass and

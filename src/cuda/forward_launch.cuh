@@ -79,13 +79,7 @@ inline bool lean_forward_call(const ForwardParams& p) {
       p.pack_gqa) {
     return false;
   }
-  if (p.bias == nullptr) return true;
-  const int64_t bytes = p.bias_is_fp32 ? 4 : 2;
-  const int bias_heads = (p.num_heads + p.bias_head_group - 1) / p.bias_head_group;
-  return p.bias_stride[2] == 0 && p.bias_stride[3] == 1 &&
-         reinterpret_cast<uintptr_t>(p.bias) % 16 == 0 &&
-         (p.batch == 1 || p.bias_stride[0] * bytes % 16 == 0) &&
-         (bias_heads == 1 || p.bias_stride[1] * bytes % 16 == 0);
+  return p.bias == nullptr || key_bias_rows_aligned(p);
 }
 
 template <int kHeadDim, class Elt>

@@ -319,4 +319,18 @@ struct PlanParams {
   BlockMapParams map;        // output lists (const-cast in the kernel)
 };
 
+// Whether every (batch, head) row of a query-invariant bias (..., 1, Sk) can travel with its key
+// tiles into shared memory (the sm90 forward and dQ pass copy such rows with 16-byte cp.async):
+// keys contiguous and each row 16-byte aligned. The host's restatement of the kernels' per-row
+// test, for choosing instantiations that assume it (ForwardParams or BackwardParams).
+template <class Params>
+inline bool key_bias_rows_aligned(const Params& p) {
+  const int64_t bytes = p.bias_is_fp32 ? 4 : 2;
+  const int bias_heads = (p.num_heads + p.bias_head_group - 1) / p.bias_head_group;
+  return p.bias != nullptr && p.bias_stride[2] == 0 && p.bias_stride[3] == 1 &&
+         reinterpret_cast<uintptr_t>(p.bias) % 16 == 0 &&
+         (p.batch == 1 || p.bias_stride[0] * bytes % 16 == 0) &&
+         (bias_heads == 1 || p.bias_stride[1] * bytes % 16 == 0);
+}
+
 }  // namespace fsa::detail::cuda

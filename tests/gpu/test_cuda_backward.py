@@ -413,12 +413,13 @@ def test_block_selection_gqa_bias_grad(dtype, D, gen):
 
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("Sq, Sk", [(768, 1000), (1000, 704)])
-def test_lean_dkdv_pass_causal_key_bias(D, Sq, Sk, gen):
-    """The Hopper dK/dV pass's lean instantiation (dkdv_kernel_sm90's kLean: causality alone drops
-    entries, the bias query-invariant) against float64, over a per-kv-head block selection (the
-    two passes) and deterministic=True: Sq < Sk with a ragged last key tile (its key rows past Sk
-    dropped), and Sq > Sk, whose first rows see no key. On sm_90 the profile shows the lean pass
-    ran, and that a mask with a query dim took the general one."""
+def test_lean_backward_passes_causal_key_bias(D, Sq, Sk, gen):
+    """The Hopper passes' lean instantiations (dkdv_kernel_sm90's and dq_kernel_sm90's kLean:
+    causality alone drops entries, the bias query-invariant) against float64, over a per-kv-head
+    block selection (the two passes) and deterministic=True: Sq < Sk with a ragged last key tile
+    (its key rows past Sk dropped), and Sq > Sk, whose first rows see no key. On sm_90 the profile
+    shows which ran: the lean dK/dV pass in both, the lean dQ pass where every key tile is whole
+    (the staged bias needs it), neither with a mask that has a query dim."""
     B, H, Hk, block = 1, 8, 2, 128
     q, k, v = qkv(B, Sq, Sk, H, Hk, D, torch.bfloat16, gen)
     bias = randn(B, Hk, 1, Sk, dtype=torch.bfloat16, gen=gen)
@@ -427,14 +428,17 @@ def test_lean_dkdv_pass_causal_key_bias(D, Sq, Sk, gen):
     sel[..., -1] = True  # the ragged last key tile and the causal band's last blocks
     mask = sel.repeat_interleave(block, 2).repeat_interleave(block, 3)[..., :Sq, :Sk]
     sm90 = torch.cuda.get_device_capability() == (9, 0)
-    lean = f"dkdv_kernel_sm90<{D}, fsa::detail::cuda::Bf16, false, true>"
+    lean_dkdv = f"dkdv_kernel_sm90<{D}, fsa::detail::cuda::Bf16, false, true>"
     for how in ("selection", "deterministic", "mask"):
         kwargs = ({"mask": mask, "selection": (sel, block)} if how == "selection" else
                   {"deterministic": True} if how == "deterministic" else {"mask": mask})
         names = cuda_kernel_names(lambda: check_backward(
-            q, k, v, bias=bias, causal=True, label=f"lean dK/dV {how} D={D}", **kwargs))
-        if sm90:
-            assert any(lean in n for n in names) == (how != "mask"), (how, names)
+            q, k, v, bias=bias, causal=True, label=f"lean passes {how} D={D}", **kwargs))
+        if sm90 and names:  # (no profile under compute-sanitizer: CUPTI is taken)
+            lean_dq = any(f"dq_kernel_sm90<{D}," in n and "false, false, false, true>" in n
+                          for n in names)
+            assert any(lean_dkdv in n for n in names) == (how != "mask"), (how, names)
+            assert lean_dq == (how != "mask" and Sk % 64 == 0), (how, names)
 
 
 @pytest.mark.parametrize("layout", ["fp32", "unaligned"])

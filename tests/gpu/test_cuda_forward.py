@@ -174,7 +174,7 @@ def test_lean_walk_causal_per_key_bias(dtype, D, gen):
 
     def run(label, expect_lean, *args, **kwargs):
         names = kernel_names(lambda: check(*args, label=f"{label} D={D}", **kwargs))
-        if sm90:
+        if sm90 and names:  # (no profile under compute-sanitizer: CUPTI is taken)
             ran = any(f"forward_kernel_sm90<{D}," in n and lean in n for n in names)
             assert ran == expect_lean, (label, names)
 
