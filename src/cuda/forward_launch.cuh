@@ -67,6 +67,11 @@ inline bool may_have_partial_tiles(const ForwardParams& p) {
          p.row_end.data != nullptr || p.seqlen_k % p.map.block_n != 0;
 }
 
+// Whether the sm90 forward has a lean walk at kernel head dim kHeadDim: at D = 64 it measured 3-4%
+// slower than the general walk on dense calls (H200, docs/perf.md, thirty-second session), which
+// keeps that head dim on the general walks as before (with the V check where no flag is set).
+constexpr bool sm90_forward_lean(int kHeadDim) { return kHeadDim >= 128; }
+
 // Whether a call's logits need nothing but the lean walk's (forward_kernel_sm90's kLean): no mask,
 // per-row top-k or row bounds (causality alone drops keys), no gathered or staged tiles, no
 // softcap, a scale that stays outside the logits, every key tile whole, and no bias or a
@@ -123,7 +128,7 @@ void launch_forward(const ForwardParams& params, cudaStream_t stream) {
       auto sm90_kernel = [&](auto check_v) {
         constexpr bool kCheckV = decltype(check_v)::value;
         auto* kernel = &forward_kernel_sm90<kHeadDim, Elt, false, false, kCheckV>;
-        if constexpr (!kCheckV) {
+        if constexpr (!kCheckV && sm90_forward_lean(kHeadDim)) {
           if (lean_forward_call(params)) {
             kernel = &forward_kernel_sm90<kHeadDim, Elt, false, false, false, true>;
           }
@@ -158,9 +163,10 @@ void launch_forward(const ForwardParams& params, cudaStream_t stream) {
         // the scan is slower even where none runs: with V read once ahead, the call runs the
         // walk without it unless V holds a NaN / Inf (docs/perf.md, thirty-first session).
         // Calls over compacted keys have their gather's flag already; a call without partial
-        // tiles has no V to check, and its flag stays the zero the memset wrote.
+        // tiles has no V to check, and its flag stays the zero the memset wrote (where the head
+        // dim has a lean walk: at D = 64 such calls keep the walk they ran before).
         if (fp.v_nonfinite == nullptr && !may_have_partial_tiles(fp)) {
-          fp.v_nonfinite = fp.tile_counter + 1;
+          if constexpr (sm90_forward_lean(kHeadDim)) fp.v_nonfinite = fp.tile_counter + 1;
         } else if (fp.v_nonfinite == nullptr && v_check_ahead_enabled()) {
           int32_t* flag = fp.tile_counter + 1;
           fp.v_nonfinite = flag;
