@@ -167,6 +167,12 @@ inline bool dkv_order_enabled() {
 
 using BackwardKernel = void (*)(BackwardParams);
 
+// Whether the sm90 passes have lean instantiations at kernel head dim kHeadDim (the D = 256
+// passes are others): measured at D = 128 only. At D = 64 the forward's lean walk measured
+// slower than the general one (docs/perf.md, thirty-second session), so that head dim keeps the
+// general passes until the lean ones are measured there.
+constexpr bool sm90_backward_lean(int kHeadDim) { return kHeadDim == 128; }
+
 // Whether the sm90 dQ pass's lean instantiation (dq_kernel_sm90's kLean) serves a call:
 // causality alone drops entries, no bias gradient with a query dim, and no bias or a
 // query-invariant one that travels with every key tile (rows aligned, every key tile whole).
@@ -227,13 +233,16 @@ BackwardKernel sm90_dq_kernel(const BackwardParams& p, int& threads, int& smem, 
     // Per-row top-k comes with a query-invariant bias: never staged, no dQ-pass dbias duty;
     // over compacted keys it runs on the plan's gathered tiles.
     const bool gathered = p.map.gather_slots != nullptr;
-    const BackwardKernel dq =
+    BackwardKernel dq =
         gathered        ? &dq_kernel_sm90<kHeadDim, Elt, DqBiasDuty::kNone, false, false, true>
         : row_topk      ? &dq_kernel_sm90<kHeadDim, Elt, DqBiasDuty::kNone, false, true>
         : p.bias_staged ? pick(std::true_type{})
-        : lean_dq_call(p)
-            ? &dq_kernel_sm90<kHeadDim, Elt, DqBiasDuty::kNone, false, false, false, true>
-            : pick(std::false_type{});
+                        : pick(std::false_type{});
+    if constexpr (sm90_backward_lean(kHeadDim)) {
+      if (lean_dq_call(p)) {  // (never gathered, per-row top-k or staged)
+        dq = &dq_kernel_sm90<kHeadDim, Elt, DqBiasDuty::kNone, false, false, false, true>;
+      }
+    }
     // A query-invariant bias travels with the K/V tiles in the gathered tiles' region (the
     // kernel stages it where its key dim is contiguous and aligned); the instantiations it shares
     // with calls without one take that region's size as their fixed limit.
@@ -352,9 +361,11 @@ bool launch_sm90_dkdv(const BackwardParams& p, BackwardParams& kv, StreamBuffer&
     threads = Wide::kThreads, smem_limit = smem = Wide::kSmemBytes;
   } else {
     using Sm90Tiles = Sm90DkvTiles<kHeadDim, Elt>;
-    dkdv = row_topk          ? &dkdv_kernel_sm90<kHeadDim, Elt, true>
-           : lean_dkdv_call(kv) ? &dkdv_kernel_sm90<kHeadDim, Elt, false, true>
-                                : &dkdv_kernel_sm90<kHeadDim, Elt, false>;
+    dkdv = row_topk ? &dkdv_kernel_sm90<kHeadDim, Elt, true>
+                    : &dkdv_kernel_sm90<kHeadDim, Elt, false>;
+    if constexpr (sm90_backward_lean(kHeadDim)) {
+      if (lean_dkdv_call(kv)) dkdv = &dkdv_kernel_sm90<kHeadDim, Elt, false, true>;
+    }
     threads = Sm90Tiles::kThreads, smem_limit = Sm90Tiles::smem_bytes(true);
     smem = Sm90Tiles::smem_bytes(p.bias_staged);
   }
