@@ -15,6 +15,7 @@ from flash_sparse_attn import (_C, cuda_memory_reserved, flash_sparse_attn_func,
 from flash_sparse_attn.utils.mask import create_mask
 
 from test_cuda_forward import SEED, attention, qkv, randn
+from test_cuda_forward import kernel_names as cuda_kernel_names
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or not getattr(_C, "has_cuda", False),
@@ -321,13 +322,6 @@ def test_fused_backward_and_two_passes_against_float64(dim, dtype, mode, gen, mo
                        deterministic=det, label=f"tile states det={det} D={dim}")
         check_backward(q1, k1, v1, bias=randn(1, 1, 1, 1000, dtype=dtype, gen=gen), causal=True,
                        deterministic=det, label=f"one kv head det={det} D={dim}")
-
-
-def cuda_kernel_names(fn):
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return [e.key for e in prof.key_averages()]
 
 
 @pytest.mark.skipif(torch.cuda.get_device_capability() != (9, 0),
