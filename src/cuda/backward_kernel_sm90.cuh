@@ -502,25 +502,27 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
     // The element passes work in place on the accumulators (flat index 4 c + e = s[c][e]).
     auto& s = *reinterpret_cast<float(*)[kCTiles][4]>(raw_pointer_cast(tSrS.data()));
     const DkvIndex ix{{key_row[0], key_row[1]}, q0, t};
-    if constexpr (kLean) {
-      if (by_key_row) {
-        KeyRowBias::scale_add<Elt>(p, b, h, key_row, s);
-      } else {
-        scale_pass(s, p.scale_log2);
-      }
-      if (check) keep_query_interval(s, keep_lo, keep_hi, ix);
-    } else if (by_key_row) {
+    if (by_key_row) {
       KeyRowBias::scale_add<Elt>(p, b, h, key_row, s);
     } else {
       scale_pass(s, p.scale_log2);
-      if (p.bias_staged) {
-        // Entry (key row, query column) is element (query, key) of the staged tile.
-        add_staged_bias<Elt, true>(s, s_bias + stage * Tiles::kBiasStageElems, warp * 16, kLog2e);
-      } else if (p.bias) {
-        bias_pass<Elt>(p, b, h, s, ix);
+      if constexpr (!kLean) {  // (the lean pass's bias, if any, is KeyRowBias's)
+        if (p.bias_staged) {
+          // Entry (key row, query column) is element (query, key) of the staged tile.
+          add_staged_bias<Elt, true>(s, s_bias + stage * Tiles::kBiasStageElems, warp * 16,
+                                     kLog2e);
+        } else if (p.bias) {
+          bias_pass<Elt>(p, b, h, s, ix);
+        }
       }
     }
-    if (!kLean && check) drop_pass<Elt, kRowTopK>(p, b, h, s, ix);
+    if (check) {
+      if constexpr (kLean) {
+        keep_query_interval(s, keep_lo, keep_hi, ix);
+      } else {
+        drop_pass<Elt, kRowTopK>(p, b, h, s, ix);
+      }
+    }
     // P^T, then (dP^T retired) dS^T, each packed as the A operand of dV += P^T dO and dK += dS^T Q.
     probabilities_t(s, s_lse + stage * kHalf, t);
     warpgroup_wait<0>();  // dP^T

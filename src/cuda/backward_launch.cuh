@@ -177,8 +177,7 @@ constexpr bool sm90_backward_lean(int kHeadDim) { return kHeadDim == 128; }
 // causality alone drops entries, no bias gradient with a query dim, and no bias or a
 // query-invariant one that travels with every key tile (rows aligned, every key tile whole).
 inline bool lean_dq_call(const BackwardParams& p) {
-  return p.mask == nullptr && p.row_topk.key == nullptr && p.row_end.data == nullptr &&
-         p.row_end.key_last == nullptr && p.map.gather_slots == nullptr && !p.bias_staged &&
+  return causal_only_drops(p) && p.map.gather_slots == nullptr && !p.bias_staged &&
          p.softcap_in == 0.0f && dq_bias_duty(p) == DqBiasDuty::kNone &&
          (p.bias == nullptr || (key_bias_rows_aligned(p) && p.seqlen_k % p.map.block_n == 0));
 }
@@ -187,8 +186,7 @@ inline bool lean_dq_call(const BackwardParams& p) {
 // causality alone drops entries (no mask, row bounds, per-row top-k or gathered slots), and the
 // bias, if any, is query-invariant and not staged (KeyRowBias).
 inline bool lean_dkdv_call(const BackwardParams& p) {
-  return p.mask == nullptr && p.row_topk.key == nullptr && p.row_end.data == nullptr &&
-         p.row_end.key_last == nullptr && p.map.dkv_slots == nullptr && !p.bias_staged &&
+  return causal_only_drops(p) && p.map.dkv_slots == nullptr && !p.bias_staged &&
          p.softcap_in == 0.0f && (p.bias == nullptr || KeyRowBias::applies(p));
 }
 

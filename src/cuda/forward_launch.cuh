@@ -78,13 +78,9 @@ constexpr bool sm90_forward_lean(int kHeadDim) { return kHeadDim >= 128; }
 // query-invariant one whose rows the producer stages with their key tiles: keys contiguous and
 // each (batch, head) row 16-byte aligned (the kernel's staged_bias_row, restated on the host).
 inline bool lean_forward_call(const ForwardParams& p) {
-  if (p.mask != nullptr || p.row_topk.key != nullptr || p.row_end.data != nullptr ||
-      p.row_end.key_last != nullptr || p.map.gather_slots != nullptr || p.bias_staged ||
-      p.softcap_in != 0.0f || !(p.scale_log2 >= 1e-20f) || p.seqlen_k % p.map.block_n != 0 ||
-      p.pack_gqa) {
-    return false;
-  }
-  return p.bias == nullptr || key_bias_rows_aligned(p);
+  return causal_only_drops(p) && p.map.gather_slots == nullptr && !p.bias_staged &&
+         p.softcap_in == 0.0f && p.scale_log2 >= 1e-20f && p.seqlen_k % p.map.block_n == 0 &&
+         !p.pack_gqa && (p.bias == nullptr || key_bias_rows_aligned(p));
 }
 
 template <int kHeadDim, class Elt>

@@ -319,6 +319,15 @@ struct PlanParams {
   BlockMapParams map;        // output lists (const-cast in the kernel)
 };
 
+// Whether causality (and the key and query ranges) alone drops entries: no mask, per-row top-k or
+// compacted row bounds. The first condition of the sm90 kernels' lean instantiations
+// (lean_forward_call, lean_dq_call, lean_dkdv_call; ForwardParams or BackwardParams).
+template <class Params>
+inline bool causal_only_drops(const Params& p) {
+  return p.mask == nullptr && p.row_topk.key == nullptr && p.row_end.data == nullptr &&
+         p.row_end.key_last == nullptr;
+}
+
 // Whether every (batch, head) row of a query-invariant bias (..., 1, Sk) can travel with its key
 // tiles into shared memory (the sm90 forward and dQ pass copy such rows with 16-byte cp.async):
 // keys contiguous and each row 16-byte aligned. The host's restatement of the kernels' per-row
