@@ -211,21 +211,50 @@ struct KeyRowBias {
   __host__ __device__ static bool applies(const BackwardParams& p) {
     return p.bias != nullptr && !p.bias_staged && p.bias_stride[2] == 0;
   }
-  template <class Elt, int kN>
-  __device__ static void scale_add(const BackwardParams& p, int b, int h,
-                                   const int (&key_row)[2], float (&s)[kN][4]) {
+  // The thread's two values of head h, in log2 units.
+  template <class Elt>
+  __device__ static void values(const BackwardParams& p, int b, int h, const int (&key_row)[2],
+                                float (&v)[2]) {
     const int64_t base = b * p.bias_stride[0] + (h / p.bias_head_group) * p.bias_stride[1];
-    float v[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int64_t off = base + int64_t(min(key_row[r], p.seqlen_k - 1)) * p.bias_stride[3];
       v[r] = (p.bias_is_fp32 ? static_cast<const float*>(p.bias)[off]
                              : Elt::to_float(p.bias, off)) * kLog2e;
     }
+  }
+  template <int kN>
+  __device__ static void apply(const BackwardParams& p, const float (&v)[2], float (&s)[kN][4]) {
 #pragma unroll
     for (int j = 0; j < kN; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[j][e] = fmaf(s[j][e], p.scale_log2, v[e / 2]);
+  }
+  template <class Elt, int kN>
+  __device__ static void scale_add(const BackwardParams& p, int b, int h,
+                                   const int (&key_row)[2], float (&s)[kN][4]) {
+    float v[2];
+    values<Elt>(p, b, h, key_row, v);
+    apply(p, v, s);
+  }
+};
+
+// KeyRowBias with the two values held across steps and read again only when the head changes
+// (the lean dK/dV pass): read for every 64-query step, the read's latency and the division by
+// the bias's head group took 9% of that pass's stall samples on a block selection (docs/perf.md,
+// thirty-third session). The general passes read them per step, as before (their loops
+// already spill; held values were not tried there).
+struct KeyRowBiasHeld {
+  int head = -1;  // the head whose values v holds
+  float v[2];
+  template <class Elt, int kN>
+  __device__ void scale_add(const BackwardParams& p, int b, int h, const int (&key_row)[2],
+                            float (&s)[kN][4]) {
+    if (h != head) {
+      head = h;
+      KeyRowBias::values<Elt>(p, b, h, key_row, v);
+    }
+    KeyRowBias::apply(p, v, s);
   }
 };
 

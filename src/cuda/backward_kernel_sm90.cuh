@@ -472,6 +472,8 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
   const bool release_lane = lane == 0;
   DkvWorkCursor<Tiles::kHalves, true> cur(p, n, hk, b);
   const bool by_key_row = KeyRowBias::applies(p);
+  // The lean pass holds the per-key bias's values across steps (KeyRowBiasHeld).
+  std::conditional_t<kLean, KeyRowBiasHeld, KeyRowBias> key_bias;
   // The lean pass's queries kept by each key row (the same over every head and query tile).
   int keep_lo[2] = {0, 0}, keep_hi[2] = {0, 0};
   if constexpr (kLean) {
@@ -482,8 +484,11 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
   for (int j = 0; !cur.done(); ++j, cur.advance()) {
     if (j % Tiles::kConsumerWarpGroups != wg) continue;
     const int stage = j % kStages, h = cur.h;
-    const int q0 = cur.m() * kBlockM + cur.half * kHalf;
-    const bool check = cur.partial() || key0 + kBlockN > p.seqlen_k || q0 + kHalf > p.seqlen_q;
+    // The list's entry (a global read), used once the products are issued: its latency then
+    // hides under them, where computing q0 here exposed it to every step (docs/perf.md,
+    // thirty-third session).
+    const int m = cur.m();
+    const bool partial = cur.partial();
     col.switch_to<true>(p, col_rows, h);
     mbarrier_wait(&full_bar[stage], (j / kStages) & 1);
     // What cp.async wrote, before wgmma reads it: K and V (complete with stage 0, before this
@@ -496,6 +501,8 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
     prev_stage = stage;
     issue_ss(tSrS, tSrK, tSrQ, stage);
     issue_ss(tSrDp, tSrV, tSrDo, stage);
+    const int q0 = m * kBlockM + cur.half * kHalf;
+    const bool check = partial || key0 + kBlockN > p.seqlen_k || q0 + kHalf > p.seqlen_q;
     warpgroup_wait<1>();  // x^T
     warpgroup_fence_operand(tSrS);
 
@@ -503,7 +510,7 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
     auto& s = *reinterpret_cast<float(*)[kCTiles][4]>(raw_pointer_cast(tSrS.data()));
     const DkvIndex ix{{key_row[0], key_row[1]}, q0, t};
     if (by_key_row) {
-      KeyRowBias::scale_add<Elt>(p, b, h, key_row, s);
+      key_bias.template scale_add<Elt>(p, b, h, key_row, s);
     } else {
       scale_pass(s, p.scale_log2);
       if constexpr (!kLean) {  // (the lean pass's bias, if any, is KeyRowBias's)
