@@ -5,6 +5,7 @@ autograd; the pass rule is SPEC's (max|ours - ref| <= 2 max|naive same-dtype - r
 NaN, exact zeros where no kept entry contributes). The CUDA backward covers head dims up to 256.
 """
 
+import itertools
 import math
 
 import pytest
@@ -414,21 +415,25 @@ def test_lean_backward_passes_causal_key_bias(D, Sq, Sk, gen):
     (its key rows past Sk dropped), and Sq > Sk, whose first rows see no key. On sm_90 the profile
     shows which ran at D = 128: the lean dK/dV pass in both, the lean dQ pass where every key
     tile is whole (the staged bias needs it), neither with a mask that has a query dim; at D = 64
-    neither (sm90_backward_lean), where the general passes are checked on the same calls."""
+    neither (sm90_backward_lean), where the general passes are checked on the same calls. Two
+    biases: 16-bit per kv head, and fp32 per head, whose values the lean dK/dV pass must read again
+    at each of the G heads a CTA walks (KeyRowBiasHeld)."""
     B, H, Hk, block = 1, 8, 2, 128
     q, k, v = qkv(B, Sq, Sk, H, Hk, D, torch.bfloat16, gen)
-    bias = randn(B, Hk, 1, Sk, dtype=torch.bfloat16, gen=gen)
+    biases = (randn(B, Hk, 1, Sk, dtype=torch.bfloat16, gen=gen),
+              randn(B, H, 1, Sk, dtype=torch.float32, gen=gen))
     mb, nb = (Sq + block - 1) // block, (Sk + block - 1) // block
     sel = torch.rand(B, Hk, mb, nb, device="cuda", generator=gen) < 0.5
     sel[..., -1] = True  # the ragged last key tile and the causal band's last blocks
     mask = sel.repeat_interleave(block, 2).repeat_interleave(block, 3)[..., :Sq, :Sk]
     sm90 = torch.cuda.get_device_capability() == (9, 0)
     lean_dkdv = f"dkdv_kernel_sm90<{D}, fsa::detail::cuda::Bf16, false, true>"
-    for how in ("selection", "deterministic", "mask"):
+    for bias, how in itertools.product(biases, ("selection", "deterministic", "mask")):
         kwargs = ({"mask": mask, "selection": (sel, block)} if how == "selection" else
                   {"deterministic": True} if how == "deterministic" else {"mask": mask})
+        label = f"lean passes {how} D={D} bias {tuple(bias.shape)} {bias.dtype}"
         names = cuda_kernel_names(lambda: check_backward(
-            q, k, v, bias=bias, causal=True, label=f"lean passes {how} D={D}", **kwargs))
+            q, k, v, bias=bias, causal=True, label=label, **kwargs))
         if sm90 and names:  # (no profile under compute-sanitizer: CUPTI is taken)
             lean_dq = any(f"dq_kernel_sm90<{D}," in n and "false, false, false, true>" in n
                           for n in names)
