@@ -247,7 +247,12 @@ __device__ __forceinline__ void bulk_wait_all() {
   }
 }
 
-template <int kHeadDim, class Elt>
+// kLean: the pass for calls whose entries causality alone drops, with no bias or a query-invariant
+// one that is not staged (lean_fused_call, the host's choice): the per-key bias's values held per
+// head (KeyRowBiasHeld) and, where a half needs a check, one compare pair per entry against each
+// key row's interval of queries (keep_query_interval), as the lean dK/dV pass; the general
+// element passes (mask, row bounds, staged or general bias) stay out of its code.
+template <int kHeadDim, class Elt, bool kLean = false>
 __global__ void __launch_bounds__(Sm90FusedTiles<kHeadDim, Elt>::kThreads, 1)
     dkdvq_kernel_sm90(const __grid_constant__ BackwardParams p,
                       const __grid_constant__ QdoTensorMaps tma) {
@@ -318,7 +323,7 @@ __global__ void __launch_bounds__(Sm90FusedTiles<kHeadDim, Elt>::kThreads, 1)
                                                s_do + stage * kStageElems, q_dst, b, h, q0,
                                                &full_bar[stage]);
       load_step_stats_async(p, b, h, q0, s_lse + stage * kHalf, s_rdot + stage * kHalf);
-      if (p.bias_staged) {  // rows = the half's queries, columns = each tile's keys
+      if (!kLean && p.bias_staged) {  // rows = the half's queries, columns = each tile's keys
 #pragma unroll 1
         for (int w = 0; w < 2; ++w) {
           const int tile_key0 = key0 + w * kBlockN;
@@ -430,6 +435,13 @@ __global__ void __launch_bounds__(Sm90FusedTiles<kHeadDim, Elt>::kThreads, 1)
   const bool release_lane = lane == 0;
   PairCursor<Tiles::kHalves> cur(p, pair, hk, b);
   const bool by_key_row = KeyRowBias::applies(p);
+  std::conditional_t<kLean, KeyRowBiasHeld, KeyRowBias> key_bias;
+  // The lean pass's queries kept by each key row (the same over every head and query tile).
+  int keep_lo[2] = {0, 0}, keep_hi[2] = {0, 0};
+  if constexpr (kLean) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) causal_query_interval(p, key_row[r], keep_lo[r], keep_hi[r]);
+  }
   for (int j = 0; !cur.done(); ++j, cur.advance()) {
     const int stage = j % kStages, h = cur.h;
     // Half j's dS buffer, and whether this warpgroup computes its dQ (both: at D = 128 each its
@@ -455,18 +467,26 @@ __global__ void __launch_bounds__(Sm90FusedTiles<kHeadDim, Elt>::kThreads, 1)
       auto& s = *reinterpret_cast<float(*)[kCTiles][4]>(raw_pointer_cast(tSrS.data()));
       const DkvIndex ix{{key_row[0], key_row[1]}, q0, t};
       if (by_key_row) {
-        KeyRowBias::scale_add<Elt>(p, b, h, key_row, s);
+        key_bias.template scale_add<Elt>(p, b, h, key_row, s);
       } else {
         scale_pass(s, p.scale_log2);
-        if (p.bias_staged) {
-          add_staged_bias<Elt, true>(s,
-                                     s_bias + stage * Tiles::kBiasStageElems + wg * kHalf * kBlockN,
-                                     warp * 16, kLog2e);
-        } else if (p.bias) {
-          bias_pass<Elt>(p, b, h, s, ix);
+        if constexpr (!kLean) {  // (the lean pass's bias, if any, is KeyRowBias's)
+          if (p.bias_staged) {
+            add_staged_bias<Elt, true>(
+                s, s_bias + stage * Tiles::kBiasStageElems + wg * kHalf * kBlockN, warp * 16,
+                kLog2e);
+          } else if (p.bias) {
+            bias_pass<Elt>(p, b, h, s, ix);
+          }
         }
       }
-      if (check) drop_pass<Elt, false>(p, b, h, s, ix);
+      if (check) {
+        if constexpr (kLean) {
+          keep_query_interval(s, keep_lo, keep_hi, ix);
+        } else {
+          drop_pass<Elt, false>(p, b, h, s, ix);
+        }
+      }
       probabilities_t(s, s_lse + stage * kHalf, t);
       warpgroup_wait<0>();  // dP^T
       warpgroup_fence_operand(tSrDp);

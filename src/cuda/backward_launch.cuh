@@ -190,6 +190,15 @@ inline bool lean_dkdv_call(const BackwardParams& p) {
          p.softcap_in == 0.0f && (p.bias == nullptr || KeyRowBias::applies(p));
 }
 
+// Whether the fused pass's lean instantiation (dkdvq_kernel_sm90's kLean) serves a call: the lean
+// dK/dV pass's calls (lean_dkdv_call) without a compacted key mask (whose slots the general pass
+// bounds by their count). At both of its head dims: dense (2, 16384, 16, 16, D) backward 2-3% /
+// 1% faster causal / full at D = 128, 5% / 0-1% at D = 64 (H200, docs/perf.md, thirty-fourth
+// session).
+inline bool lean_fused_call(const BackwardParams& p) {
+  return lean_dkdv_call(p) && p.map.kept_count == nullptr;
+}
+
 // The sm90 dQ kernel for this call with its threads and shared memory, or null: the sm80 pass
 // (softcap, the sm80 kernels forced, or per-row top-k over compacted keys at D = 256).
 // `smem_limit`: the kernel's opt-in shared-memory limit, a fixed value per kernel (the D = 256
@@ -370,7 +379,8 @@ bool launch_sm90_dkdv(const BackwardParams& p, BackwardParams& kv, StreamBuffer&
   if constexpr (has_fused_backward(kHeadDim)) {
     if (fused) {
       using Fused = Sm90FusedTiles<kHeadDim, Elt>;
-      dkdv = &dkdvq_kernel_sm90<kHeadDim, Elt>;
+      dkdv = lean_fused_call(kv) ? &dkdvq_kernel_sm90<kHeadDim, Elt, true>
+                                 : &dkdvq_kernel_sm90<kHeadDim, Elt>;
       threads = Fused::kThreads, smem_limit = Fused::smem_bytes(true);
       smem = Fused::smem_bytes(p.bias_staged);
     }

@@ -406,6 +406,11 @@ def test_block_selection_gqa_bias_grad(dtype, D, gen):
                    selection=(sel, block))
 
 
+# The kernel head dims with lean sm90 dK/dV and dQ passes (backward_launch.cuh,
+# sm90_backward_lean); the fused pass has its lean instantiation at both of its head dims.
+LEAN_BACKWARD_DIMS = (128,)
+
+
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("Sq, Sk", [(768, 1000), (1000, 704)])
 def test_lean_backward_passes_causal_key_bias(D, Sq, Sk, gen):
@@ -413,11 +418,12 @@ def test_lean_backward_passes_causal_key_bias(D, Sq, Sk, gen):
     causality alone drops entries, the bias query-invariant) against float64, over a per-kv-head
     block selection (the two passes) and deterministic=True: Sq < Sk with a ragged last key tile
     (its key rows past Sk dropped), and Sq > Sk, whose first rows see no key. On sm_90 the profile
-    shows which ran at D = 128: the lean dK/dV pass in both, the lean dQ pass where every key
-    tile is whole (the staged bias needs it), neither with a mask that has a query dim; at D = 64
-    neither (sm90_backward_lean), where the general passes are checked on the same calls. Two
-    biases: 16-bit per kv head, and fp32 per head, whose values the lean dK/dV pass must read again
-    at each of the G heads a CTA walks (KeyRowBiasHeld)."""
+    shows which ran (LEAN_BACKWARD_DIMS): the lean dK/dV pass in both, the lean dQ pass where
+    every key tile is whole (the staged bias needs it), neither with a mask that has a query dim.
+    Without a mask or selection (causal and not), the fused pass runs, lean at D = 64 and 128
+    (dkdvq_kernel_sm90's kLean). Two biases:
+    16-bit per kv head, and fp32 per head, whose values the lean passes must read again at each of
+    the G heads a CTA walks (KeyRowBiasHeld)."""
     B, H, Hk, block = 1, 8, 2, 128
     q, k, v = qkv(B, Sq, Sk, H, Hk, D, torch.bfloat16, gen)
     biases = (randn(B, Hk, 1, Sk, dtype=torch.bfloat16, gen=gen),
@@ -428,18 +434,24 @@ def test_lean_backward_passes_causal_key_bias(D, Sq, Sk, gen):
     mask = sel.repeat_interleave(block, 2).repeat_interleave(block, 3)[..., :Sq, :Sk]
     sm90 = torch.cuda.get_device_capability() == (9, 0)
     lean_dkdv = f"dkdv_kernel_sm90<{D}, fsa::detail::cuda::Bf16, false, true>"
-    for bias, how in itertools.product(biases, ("selection", "deterministic", "mask")):
+    lean_fused = f"dkdvq_kernel_sm90<{D}, fsa::detail::cuda::Bf16, true>"
+    hows = ("selection", "deterministic", "mask", "dense", "dense non-causal")
+    for bias, how in itertools.product(biases, hows):
         kwargs = ({"mask": mask, "selection": (sel, block)} if how == "selection" else
-                  {"deterministic": True} if how == "deterministic" else {"mask": mask})
+                  {"deterministic": True} if how == "deterministic" else
+                  {"mask": mask} if how == "mask" else {})
         label = f"lean passes {how} D={D} bias {tuple(bias.shape)} {bias.dtype}"
         names = cuda_kernel_names(lambda: check_backward(
-            q, k, v, bias=bias, causal=True, label=label, **kwargs))
+            q, k, v, bias=bias, causal=how != "dense non-causal", label=label, **kwargs))
         if sm90 and names:  # (no profile under compute-sanitizer: CUPTI is taken)
             lean_dq = any(f"dq_kernel_sm90<{D}," in n and "false, false, false, true>" in n
                           for n in names)
-            lean = D == 128 and how != "mask"
-            assert any(lean_dkdv in n for n in names) == lean, (how, names)
-            assert lean_dq == (lean and Sk % 64 == 0), (how, names)
+            fused = how.startswith("dense")
+            lean = D in LEAN_BACKWARD_DIMS and how != "mask"
+            assert any(lean_dkdv in n for n in names) == (lean and not fused), (how, names)
+            assert lean_dq == (lean and not fused and Sk % 64 == 0), (how, names)
+            assert any(lean_fused in n for n in names) == fused, (how, names)
+            assert any("dkdvq_kernel_sm90" in n for n in names) == fused, (how, names)
 
 
 @pytest.mark.parametrize("layout", ["fp32", "unaligned"])
