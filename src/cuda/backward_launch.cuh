@@ -193,7 +193,7 @@ inline bool lean_dkdv_call(const BackwardParams& p) {
 // Whether the fused pass's lean instantiation (dkdvq_kernel_sm90's kLean) serves a call: the lean
 // dK/dV pass's calls (lean_dkdv_call) without a compacted key mask (whose slots the general pass
 // bounds by their count). At both of its head dims: dense (2, 16384, 16, 16, D) backward 2-3% /
-// 1% faster causal / full at D = 128, 5% / 0-1% at D = 64 (H200, docs/perf.md, thirty-fourth
+// 0-1% faster causal / full at D = 128, 5% / 0-1% at D = 64 (H200, docs/perf.md, thirty-fourth
 // session).
 inline bool lean_fused_call(const BackwardParams& p) {
   return lean_dkdv_call(p) && p.map.kept_count == nullptr;
