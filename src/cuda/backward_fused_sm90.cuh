@@ -466,27 +466,10 @@ __global__ void __launch_bounds__(Sm90FusedTiles<kHeadDim, Elt>::kThreads, 1)
       warpgroup_fence_operand(tSrS);
       auto& s = *reinterpret_cast<float(*)[kCTiles][4]>(raw_pointer_cast(tSrS.data()));
       const DkvIndex ix{{key_row[0], key_row[1]}, q0, t};
-      if (by_key_row) {
-        key_bias.template scale_add<Elt>(p, b, h, key_row, s);
-      } else {
-        scale_pass(s, p.scale_log2);
-        if constexpr (!kLean) {  // (the lean pass's bias, if any, is KeyRowBias's)
-          if (p.bias_staged) {
-            add_staged_bias<Elt, true>(
-                s, s_bias + stage * Tiles::kBiasStageElems + wg * kHalf * kBlockN, warp * 16,
-                kLog2e);
-          } else if (p.bias) {
-            bias_pass<Elt>(p, b, h, s, ix);
-          }
-        }
-      }
-      if (check) {
-        if constexpr (kLean) {
-          keep_query_interval(s, keep_lo, keep_hi, ix);
-        } else {
-          drop_pass<Elt, false>(p, b, h, s, ix);
-        }
-      }
+      key_row_logits<Elt, kLean, false>(
+          p, b, h, key_row, by_key_row, key_bias,
+          s_bias + stage * Tiles::kBiasStageElems + wg * kHalf * kBlockN, warp * 16, check,
+          keep_lo, keep_hi, ix, s);
       probabilities_t(s, s_lse + stage * kHalf, t);
       warpgroup_wait<0>();  // dP^T
       warpgroup_fence_operand(tSrDp);

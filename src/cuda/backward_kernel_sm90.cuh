@@ -292,6 +292,41 @@ __device__ __forceinline__ void load_step_rows_async(const BackwardParams& p,
       p.do_stride_s, q0, p.seqlen_q, p.head_dim, q_dst.half);
 }
 
+// The element passes of x^T up to its probabilities, the rows being keys (`key_row`, as in ix;
+// the sm90 dK/dV pass and the fused pass): the per-key bias's fma (`key_bias`: KeyRowBias, or
+// KeyRowBiasHeld in the lean passes) where it applies, else the scale and a staged bias
+// (`staged`, the tile's rows from `staged_row0`) or a general one; then, on a step that needs
+// them, the drops: each key row's interval of queries [keep_lo, keep_hi] in the lean passes
+// (kLean), drop_pass otherwise.
+template <class Elt, bool kLean, bool kRowTopK, class KeyBias, int kN>
+__device__ __forceinline__ void key_row_logits(const BackwardParams& p, int b, int h,
+                                               const int (&key_row)[2], bool by_key_row,
+                                               KeyBias& key_bias, const uint16_t* staged,
+                                               int staged_row0, bool check,
+                                               const int (&keep_lo)[2], const int (&keep_hi)[2],
+                                               const DkvIndex& ix, float (&s)[kN][4]) {
+  if (by_key_row) {
+    key_bias.template scale_add<Elt>(p, b, h, key_row, s);
+  } else {
+    scale_pass(s, p.scale_log2);
+    if constexpr (!kLean) {  // (the lean passes' bias, if any, is KeyRowBias's)
+      if (p.bias_staged) {
+        // Entry (key row, query column) is element (query, key) of the staged tile.
+        add_staged_bias<Elt, true>(s, staged, staged_row0, kLog2e);
+      } else if (p.bias) {
+        bias_pass<Elt>(p, b, h, s, ix);
+      }
+    }
+  }
+  if (check) {
+    if constexpr (kLean) {
+      keep_query_interval(s, keep_lo, keep_hi, ix);
+    } else {
+      drop_pass<Elt, kRowTopK>(p, b, h, s, ix);
+    }
+  }
+}
+
 // kRowTopK == (p.row_topk.key != null), as in dq_kernel (backward_kernel.cuh). kLean: the pass
 // for calls whose entries drop by causality alone, without a bias or with a query-invariant one
 // that is not staged, over the key tiles themselves (lean_dkdv_call, the host's choice): its
@@ -509,27 +544,9 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
     // The element passes work in place on the accumulators (flat index 4 c + e = s[c][e]).
     auto& s = *reinterpret_cast<float(*)[kCTiles][4]>(raw_pointer_cast(tSrS.data()));
     const DkvIndex ix{{key_row[0], key_row[1]}, q0, t};
-    if (by_key_row) {
-      key_bias.template scale_add<Elt>(p, b, h, key_row, s);
-    } else {
-      scale_pass(s, p.scale_log2);
-      if constexpr (!kLean) {  // (the lean pass's bias, if any, is KeyRowBias's)
-        if (p.bias_staged) {
-          // Entry (key row, query column) is element (query, key) of the staged tile.
-          add_staged_bias<Elt, true>(s, s_bias + stage * Tiles::kBiasStageElems, warp * 16,
-                                     kLog2e);
-        } else if (p.bias) {
-          bias_pass<Elt>(p, b, h, s, ix);
-        }
-      }
-    }
-    if (check) {
-      if constexpr (kLean) {
-        keep_query_interval(s, keep_lo, keep_hi, ix);
-      } else {
-        drop_pass<Elt, kRowTopK>(p, b, h, s, ix);
-      }
-    }
+    key_row_logits<Elt, kLean, kRowTopK>(p, b, h, key_row, by_key_row, key_bias,
+                                         s_bias + stage * Tiles::kBiasStageElems, warp * 16,
+                                         check, keep_lo, keep_hi, ix, s);
     // P^T, then (dP^T retired) dS^T, each packed as the A operand of dV += P^T dO and dK += dS^T Q.
     probabilities_t(s, s_lse + stage * kHalf, t);
     warpgroup_wait<0>();  // dP^T
