@@ -154,6 +154,9 @@ class Plan {
   int64_t seqlen_k() const { return seqlen_k_; }
   bool is_causal() const { return is_causal_; }
   bool has_mask() const { return has_mask_; }
+  // Whether causality alone (if any) drops entries: no attn_mask, block_mask, top-k or packed
+  // sequences. Every query tile's key tiles are then [0, the last one its last row sees).
+  bool causal_band() const { return causal_band_; }
   Device device() const { return device_; }
 
   // Problem (batch, query head) -> map (batch, head).
@@ -216,7 +219,7 @@ class Plan {
   std::shared_ptr<const detail::KeyCompaction> compaction_;
   std::shared_ptr<const detail::RowThresholds> thresholds_;
   int64_t batch_ = 0, num_heads_ = 0, num_kv_heads_ = 0, seqlen_q_ = 0, seqlen_k_ = 0;
-  bool is_causal_ = false, has_mask_ = false;
+  bool is_causal_ = false, has_mask_ = false, causal_band_ = false;
   Device device_{};
 };
 

@@ -88,6 +88,7 @@ struct PlanAccess {
                    std::shared_ptr<const DeviceBlockMap> device_map);
   // The same plan over another copy of its device map.
   static Plan with_device_map(const Plan& plan, std::shared_ptr<const DeviceBlockMap> device_map);
+  static void set_causal_band(Plan& plan, bool causal_band) { plan.causal_band_ = causal_band; }
 };
 
 // Fills map's lists (full, partial and their transposes) and kept_entries from row bounds: row i

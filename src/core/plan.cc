@@ -304,6 +304,9 @@ Plan make_plan(const TensorView& query, const TensorView& key,
 
   Plan plan = detail::PlanAccess::make(g, is_causal, attn_mask.has_value(), query.device,
                                        nullptr, nullptr);
+  detail::PlanAccess::set_causal_band(plan, !attn_mask && !options.block_mask &&
+                                                options.topk == 0 && !options.topk_bias &&
+                                                !options.packed);
   // Compacted keys: for a key-only mask, its kept keys; for per-row top-k (with a key-only mask
   // or none), every key some row keeps and the last row that keeps it (core/compaction.h).
   const bool wanted = options.compact_keys == CompactKeys::kAlways ||

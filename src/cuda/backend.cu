@@ -410,6 +410,7 @@ void forward(const ForwardProblem& p, const Plan& plan, void* stream_ptr) {
   }
   fp.is_causal = p.is_causal;
   fp.map = map->params;
+  fp.causal_band = plan.causal_band();
 
   // GQA packing when every query of a kv head's G heads fits one row tile and the plan's lists
   // are shared by those heads (map heads 1 or Hk).

@@ -56,18 +56,30 @@ struct CuteElement<Fp16> {
 // fourth session). D = 256 loads four boxes each.
 constexpr bool sm90_forward_tma_kv(int kHeadDim) { return kHeadDim >= 128; }
 
-template <int kHeadDim_, class Elt>
+// The band walk's query rows per CTA (kBandRows, forward_kernel_sm90's kBand): at D = 64, three
+// consumer warpgroups (FlashAttention-3's shape there), over calls whose lists are causality's
+// band alone, which it computes instead of reading the plan's 128-row tiles (BandList). The dense
+// (2, 16384, 16, 16, 64) forward 1.37x / 1.45x faster causal / non-causal than with two
+// warpgroups over 128 rows (H200, docs/perf.md, thirty-fourth session).
+constexpr int kBandRows = 192;
+constexpr bool sm90_forward_band(int kHeadDim) { return kHeadDim == 64; }
+
+template <int kHeadDim_, class Elt, int kRows = 128>
 struct Sm90ForwardTiles {
   static constexpr int kHeadDim = kHeadDim_;
   static_assert(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256,
                 "the sm90 forward covers head dims 64, 128 and 256");
   // The CTA's query rows, and the plan's tiles: the same block map serves this kernel, the sm80
   // one and the backward. At D = 256 the plan's query tiles are 64 rows, and a CTA runs two
-  // (kPlanRows), one per consumer warpgroup (PairedWalk).
-  static constexpr int kBlockM = 128;
+  // (kPlanRows), one per consumer warpgroup (PairedWalk). The band walk's blocks (kBand) are
+  // its own.
+  static constexpr bool kBand = kRows == kBandRows;
+  static_assert(kRows == 128 || (kBand && sm90_forward_band(kHeadDim)), "128 rows, or a band");
+  static constexpr int kBlockM = kRows;
   static constexpr int kBlockN = 64;
-  static constexpr int kPlanRows = kBlockM / forward_block_m(kHeadDim);
-  static_assert(kBlockM % forward_block_m(kHeadDim) == 0 && kBlockN == forward_block_n(kHeadDim),
+  static constexpr int kPlanRows = kBand ? 1 : kBlockM / forward_block_m(kHeadDim);
+  static_assert((kBand || kBlockM % forward_block_m(kHeadDim) == 0) &&
+                    kBlockN == forward_block_n(kHeadDim),
                 "the sm90 kernel walks the plan's tiles");
   static constexpr int kWarpGroups = kBlockM / 64;  // consumers: 64 rows each
   static_assert(kPlanRows == 1 || kPlanRows == kWarpGroups, "a plan tile per consumer");
@@ -78,9 +90,10 @@ struct Sm90ForwardTiles {
   static constexpr int kConsumerThreads = kWarpGroups * 128;
   static constexpr int kThreads = kProducerThreads + kConsumerThreads;
   // Registers per thread after setmaxnreg: the producer needs few, the consumers hold O, S, P and
-  // Q. 128 * 40 + 256 * 232 = 64512 <= 65536.
-  static constexpr int kProducerRegisters = 40;
-  static constexpr int kConsumerRegisters = 232;
+  // Q. 128 * 40 + 256 * 232 = 64512 <= 65536; the band's three consumers, 128 * 32 + 384 * 160 =
+  // 65536.
+  static constexpr int kProducerRegisters = kBand ? 32 : 40;
+  static constexpr int kConsumerRegisters = kBand ? 160 : 232;
   // Gathered tiles: the producer holds each batch of row slots and their addresses (at 40 ptxas
   // spilled 58 bytes there). 128 * 56 + 256 * 224 = 64512.
   static constexpr int kGatheredProducerRegisters = 56;
@@ -385,18 +398,37 @@ struct NoList {
   __device__ int at(int) const { return 0; }
 };
 
+// The band walk's key tiles (forward_kernel_sm90's kBand), BlockList's interface over no list:
+// query block m, rows [m kBandRows, m kBandRows + kBandRows) of which its last row sees keys
+// [0, e), walks key tiles [0, ceil(e / 64)) in order, the first n_full of them whole to every row
+// (the ones its first row sees whole), the rest partial. One split.
+struct BandList {
+  static constexpr int begin = 0;
+  int n_full, end;
+  __device__ BandList(const ForwardParams& p, int b, int, int m, int) {
+    const int first = m * kBandRows, last = min(first + kBandRows, p.seqlen_q) - 1;
+    n_full = visible_end(p, b, 0, first) / 64;
+    end = (visible_end(p, b, 0, last) + 63) / 64;
+  }
+  __device__ int at(int it) const { return it; }
+};
+
 // The forward's tiles (query block m, split, head h, batch b), numbered in the order of the
 // non-persistent grid (blockIdx x: the query block, longest causal rows first, and the split;
 // then y: the head; z: the batch), so both launches walk them alike. Persistent launches
 // (p.tile_counter) start CTA c on tile c and hand out the rest in order through the counter.
 // A CTA's query block m is plan tiles [m kPlanRows, (m + 1) kPlanRows) (Sm90ForwardTiles::
 // kPlanRows).
-template <int kPlanRows>
+template <int kPlanRows, bool kBand = false>
 struct ForwardTileOrder {
   int x_tiles, heads, total;
   const ForwardParams& p;
   __device__ static int m_blocks(const ForwardParams& params) {
-    return (params.map.m_blocks + kPlanRows - 1) / kPlanRows;
+    if constexpr (kBand) {
+      return (params.seqlen_q + kBandRows - 1) / kBandRows;  // the band walk's own blocks
+    } else {
+      return (params.map.m_blocks + kPlanRows - 1) / kPlanRows;
+    }
   }
   __device__ explicit ForwardTileOrder(const ForwardParams& params)
       : x_tiles(m_blocks(params) * params.num_splits),
@@ -521,10 +553,13 @@ __device__ __forceinline__ void drop_keys_from(float (&s)[kNTiles][4], int col0,
 // the same reason: in the common one the slots' last rows alone cost block selections 4-7% of
 // their forward (H200, same run).
 // kCheckV and kLean: see forward_kernel_sm90 below.
-template <int kHeadDim, class Elt, bool kStagedBias, bool kGathered, bool kCheckV, bool kLean>
+// kBand: the band walk (Sm90ForwardTiles' kBand rows per CTA, BandList), lean only.
+template <int kHeadDim, class Elt, bool kStagedBias, bool kGathered, bool kCheckV, bool kLean,
+          bool kBand>
 __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const KvTensorMaps& tma) {
   using namespace cute;
-  using Tiles = Sm90ForwardTiles<kHeadDim, Elt>;
+  using Tiles = Sm90ForwardTiles<kHeadDim, Elt, kBand ? kBandRows : 128>;
+  static_assert(!kBand || kLean, "the band walk is a lean one");
   using T = typename Tiles::T;
   constexpr int kBlockM = Tiles::kBlockM, kBlockN = Tiles::kBlockN;
   constexpr int kStages = Tiles::kStages;
@@ -553,7 +588,7 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
   // the stage ring runs on across tiles, so the next tile's Q and first K/V tiles land while the
   // consumers finish the current one and write it out.
   allow_dependent_launch();  // a split call's combine (forward_kernel.cuh)
-  const ForwardTileOrder<Tiles::kPlanRows> order(p);
+  const ForwardTileOrder<Tiles::kPlanRows, kBand> order(p);
   uint64_t* tile_full = reinterpret_cast<uint64_t*>(smem_raw + Tiles::kTileOffset);
   uint64_t* q_full = tile_full + 1;
   uint64_t* q_empty = tile_full + 2;
@@ -586,8 +621,10 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
   uint64_t* empty_v = full_v + kStages;
 
   // Paired tiles walk PairedWalk's steps (the producer) and records (the consumers) instead.
-  using List = std::conditional_t<kPaired, NoList,
-                                  std::conditional_t<kGathered, GatheredList, BlockList>>;
+  using List = std::conditional_t<
+      kBand, BandList,
+      std::conditional_t<kPaired, NoList,
+                         std::conditional_t<kGathered, GatheredList, BlockList>>>;
   constexpr int kStageElems = kBlockN * kHeadDim;  // a stage is the outermost mode of both layouts
   static_assert(Tiles::kSmemK == kStages * kStageElems && Tiles::kSmemV == kStages * kStageElems,
                 "stages are contiguous tiles");
@@ -1168,14 +1205,18 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
 // softcap, per-row top-k, bias reads through strides) more than doubled the walk's code and,
 // compiled in though never run, cost block selections 3-11% of their forward (H200,
 // docs/perf.md, thirty-first and thirty-second sessions). Without the V check only.
+//
+// kBand: the lean walk over 192-row blocks of causality's band (kBandRows, BandList), three
+// consumer warpgroups; for calls whose plan lists nothing else (band_forward_call).
 template <int kHeadDim, class Elt, bool kStagedBias, bool kGathered = false, bool kCheckV = true,
-          bool kLean = false>
-__global__ void __launch_bounds__(Sm90ForwardTiles<kHeadDim, Elt>::kThreads, 1)
+          bool kLean = false, bool kBand = false>
+__global__ void __launch_bounds__(
+    Sm90ForwardTiles<kHeadDim, Elt, kBand ? kBandRows : 128>::kThreads, 1)
     forward_kernel_sm90(const __grid_constant__ ForwardParams p,
                         const __grid_constant__ KvTensorMaps tma) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   if ((p.v_nonfinite == nullptr || *p.v_nonfinite != 0) != kCheckV) return;
-  forward_sm90_cta<kHeadDim, Elt, kStagedBias, kGathered, kCheckV, kLean>(p, tma);
+  forward_sm90_cta<kHeadDim, Elt, kStagedBias, kGathered, kCheckV, kLean, kBand>(p, tma);
 #else
   __trap();  // launched only on sm_90 devices, where the sm_90a image exists
 #endif

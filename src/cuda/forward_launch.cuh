@@ -83,6 +83,61 @@ inline bool lean_forward_call(const ForwardParams& p) {
          !p.pack_gqa && (p.bias == nullptr || key_bias_rows_aligned(p));
 }
 
+// Whether the sm90 forward walks causality's band in 192-row blocks for a call
+// (forward_kernel_sm90's kBand: three consumer warpgroups): at the head dims that have the band
+// walk (sm90_forward_band), plan lists that are the band alone (ForwardParams::causal_band), a
+// lean call (lean_forward_call), one split, the persistent launch and the V check ahead (the band
+// walk has no V check of its own). FSA_CUDA_FORWARD_BAND=0 keeps the 128-row walks (A/B
+// measurements).
+inline bool band_forward_call(const ForwardParams& p) {
+  static const bool enabled = !env_is("FSA_CUDA_FORWARD_BAND", "0");
+  return enabled && p.causal_band && p.num_splits == 1 && lean_forward_call(p) &&
+         p.v_nonfinite == nullptr && persistent_forward_enabled() && v_check_ahead_enabled();
+}
+
+// The V check ahead (v_nonfinite_kernel): sets *flag where V holds a NaN / Inf. The flag's
+// memory must read zero before it.
+template <class Elt>
+void launch_v_check(const ForwardParams& p, int32_t* flag, cudaStream_t stream) {
+  const int64_t head_chunks = int64_t(p.seqlen_k) * ((p.head_dim + 7) / 8);
+  const dim3 scan_grid(unsigned((head_chunks + kVScanChunks - 1) / kVScanChunks),
+                       unsigned(p.num_kv_heads), unsigned(p.batch));
+  if (scan_grid.x > 0) {
+    v_nonfinite_kernel<Elt><<<scan_grid, kVScanThreads, 0, stream>>>(p, flag);
+    FSA_CUDA_CHECK(cudaGetLastError());
+  }
+}
+
+// The band walk (band_forward_call), its CTAs taking 192-row blocks from a counter (one per SM
+// at most), after the V check ahead where tiles are partial. A call whose V holds a NaN / Inf runs
+// the 128-row general walk with the V check instead: both are launched, each returning at once
+// unless the flag calls for it (as launch_forward's pair), so the two never share the counter.
+template <int kHeadDim, class Elt>
+void launch_band_forward(const ForwardParams& params, cudaStream_t stream) {
+  using Band = Sm90ForwardTiles<kHeadDim, Elt, kBandRows>;
+  using Tiles = Sm90ForwardTiles<kHeadDim, Elt>;
+  const int64_t sms = multiprocessor_count();
+  const int64_t rows_of_blocks = int64_t(params.num_heads) * params.batch;  // never GQA-packed
+  const int64_t band_tiles = (params.seqlen_q + kBandRows - 1) / kBandRows * rows_of_blocks;
+  const int64_t tiles = int64_t(params.map.m_blocks) * rows_of_blocks;
+  StreamBuffer counter(stream);  // the tile counter, then the V check's flag
+  FSA_CUDA_CHECK(scratch_malloc(&counter.ptr, 2 * sizeof(int), stream));
+  FSA_CUDA_CHECK(cudaMemsetAsync(counter.ptr, 0, 2 * sizeof(int), stream));
+  ForwardParams fp = params;
+  fp.tile_counter = static_cast<int*>(counter.ptr);
+  fp.v_nonfinite = fp.tile_counter + 1;
+  if (may_have_partial_tiles(fp)) launch_v_check<Elt>(fp, fp.tile_counter + 1, stream);
+  const KvTensorMaps maps = forward_tensor_maps<kHeadDim>(params, false);
+  auto* band = &forward_kernel_sm90<kHeadDim, Elt, false, false, false, true, true>;
+  const int band_smem = Band::smem_bytes(false);
+  allow_dynamic_smem(reinterpret_cast<const void*>(band), band_smem);
+  band<<<unsigned(std::min(band_tiles, sms)), Band::kThreads, band_smem, stream>>>(fp, maps);
+  auto* checked = &forward_kernel_sm90<kHeadDim, Elt, false, false, true>;
+  const int smem = Tiles::smem_bytes(false);
+  allow_dynamic_smem(reinterpret_cast<const void*>(checked), smem);
+  checked<<<unsigned(std::min(tiles, sms)), Tiles::kThreads, smem, stream>>>(fp, maps);
+}
+
 template <int kHeadDim, class Elt>
 void launch_combine(const ForwardParams& params, cudaStream_t stream) {
   // Splits only where the forward's grid is under two waves, so rows fit a grid dimension.
@@ -118,6 +173,13 @@ void launch_forward(const ForwardParams& params, cudaStream_t stream) {
     // over the slot axis and read RowEnd::key_last in their partial tiles.
     const bool gathered = params.map.gather_slots != nullptr;
     if (use_sm90_forward(params, kHeadDim)) {
+      if constexpr (sm90_forward_band(kHeadDim)) {
+        if (band_forward_call(params)) {
+          launch_band_forward<kHeadDim, Elt>(params, stream);
+          FSA_CUDA_CHECK(cudaGetLastError());
+          return;
+        }
+      }
       using Tiles = Sm90ForwardTiles<kHeadDim, Elt>;
       // The instantiation for the call, with or without the partial tiles' V check (kCheckV).
       // Without the check, calls whose logits allow it run the lean walk (lean_forward_call).
@@ -164,15 +226,8 @@ void launch_forward(const ForwardParams& params, cudaStream_t stream) {
         if (fp.v_nonfinite == nullptr && !may_have_partial_tiles(fp)) {
           if constexpr (sm90_forward_lean(kHeadDim)) fp.v_nonfinite = fp.tile_counter + 1;
         } else if (fp.v_nonfinite == nullptr && v_check_ahead_enabled()) {
-          int32_t* flag = fp.tile_counter + 1;
-          fp.v_nonfinite = flag;
-          const int64_t head_chunks = int64_t(fp.seqlen_k) * ((fp.head_dim + 7) / 8);
-          const dim3 scan_grid(unsigned((head_chunks + kVScanChunks - 1) / kVScanChunks),
-                               unsigned(fp.num_kv_heads), unsigned(fp.batch));
-          if (scan_grid.x > 0) {
-            v_nonfinite_kernel<Elt><<<scan_grid, kVScanThreads, 0, stream>>>(fp, flag);
-            FSA_CUDA_CHECK(cudaGetLastError());
-          }
+          fp.v_nonfinite = fp.tile_counter + 1;
+          launch_v_check<Elt>(fp, fp.tile_counter + 1, stream);
         }
       }
       // A call whose V is flagged on the device (fp.v_nonfinite) launches the walk without the

@@ -166,18 +166,22 @@ def test_lean_walk_causal_per_key_bias(dtype, D, gen):
     its tile) against float64: Sq < Sk, and Sq > Sk whose first rows see no key (exact empty
     rows); no bias, a per-kv-head 16-bit bias, a per-head fp32 bias broadcast over the batch, and
     non-causal (no partial tile). On sm_90 the profile shows that these calls ran the lean
-    instantiation at D = 128 and 256 (D = 64 has none: sm90_forward_lean) and that a bias row off
-    16-byte alignment, a mask, softcap or a ragged last key tile did not (they take the general
-    walk, checked against float64 too)."""
+    instantiation at D = 128 and 256, and at D = 64 the band walk (192-row blocks of its own,
+    three consumer warpgroups: kBand; a ragged last block of queries too), and that a bias row
+    off 16-byte alignment, a mask, softcap or a ragged last key tile did not (they take the
+    general walk, checked against float64 too)."""
     B, H, Hk = 2, 8, 2
     sm90 = torch.cuda.get_device_capability() == (9, 0)
     lean = "false, false, false, true>"
+    band = "false, false, false, true, true>"
 
     def run(label, expect_lean, *args, **kwargs):
         names = kernel_names(lambda: check(*args, label=f"{label} D={D}", **kwargs))
         if sm90 and names:  # (no profile under compute-sanitizer: CUPTI is taken)
             ran = any(f"forward_kernel_sm90<{D}," in n and lean in n for n in names)
+            ran_band = any(f"forward_kernel_sm90<{D}," in n and band in n for n in names)
             assert ran == (expect_lean and D >= 128), (label, names)
+            assert ran_band == (expect_lean and D == 64), (label, names)
 
     # More CTA tiles than SMs (12 or 16 query blocks x 8 heads x 2): a persistent launch.
     for Sq, Sk in [(1536, 2048), (2048, 1024)]:
@@ -196,6 +200,12 @@ def test_lean_walk_causal_per_key_bias(dtype, D, gen):
         run(f"softcap {Sq}x{Sk}", False, q, k, v, bias=key_bias, causal=True, softcap=20.0)
     q, k, v = qkv(B, 1536, 2000, H, Hk, D, dtype, gen)
     run("ragged keys", False, q, k, v, bias=randn(B, Hk, 1, 2000, dtype=dtype, gen=gen),
+        causal=True)
+    # 1960 queries: the band walk's last block of 192 rows holds 40 (its last warps none). (As
+    # many query tiles as above: with fewer the call splits its keys, which the band walk does
+    # not.)
+    q, k, v = qkv(B, 1960, 2048, H, Hk, D, dtype, gen)
+    run("ragged queries", True, q, k, v, bias=randn(B, Hk, 1, 2048, dtype=dtype, gen=gen),
         causal=True)
 
 
