@@ -92,7 +92,8 @@ inline bool lean_forward_call(const ForwardParams& p) {
 inline bool band_forward_call(const ForwardParams& p) {
   static const bool enabled = !env_is("FSA_CUDA_FORWARD_BAND", "0");
   return enabled && p.causal_band && p.num_splits == 1 && lean_forward_call(p) &&
-         p.v_nonfinite == nullptr && persistent_forward_enabled() && v_check_ahead_enabled();
+         p.v_nonfinite == nullptr && persistent_forward_enabled() && v_check_ahead_enabled() &&
+         int64_t(p.map.m_blocks) * p.num_heads * p.batch < (int64_t(1) << 30);  // (int counter)
 }
 
 // The V check ahead (v_nonfinite_kernel): sets *flag where V holds a NaN / Inf. The flag's
