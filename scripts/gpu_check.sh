@@ -89,11 +89,12 @@ if [ $python = 1 ]; then
     status=1
   fi
   if [ $sanitize = 1 ]; then
-    step "compute-sanitizer memcheck (the malformed-input fuzz, the non-finite V tests and per-row top-k over compacted keys on CUDA)"
+    step "compute-sanitizer memcheck (the malformed-input fuzz, the non-finite V tests, per-row top-k over compacted keys, the lean backward passes on CUDA)"
     (cd /tmp && FSA_FUZZ_CALLS=150 compute-sanitizer --tool memcheck --error-exitcode 9 \
         python3 -m pytest -q -p no:cacheprovider "$OLDPWD/tests/gpu/test_cuda_fuzz.py" \
         "$OLDPWD/tests/gpu/test_cuda_nonfinite.py" \
         "$OLDPWD/tests/gpu/test_cuda_compaction.py::test_topk_causal_over_compacted_keys_against_float64" \
+        "$OLDPWD/tests/gpu/test_cuda_backward.py::test_lean_backward_passes_causal_key_bias" \
         > "$OUT/memcheck_fuzz.log" 2>&1)
     rc=$?
     grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck_fuzz.log" | tail -n 3

@@ -187,8 +187,10 @@ __global__ void __launch_bounds__(kThreads) pair_lists_kernel(
 }
 
 // The fused pass's work: over the G query heads of kv head hk, this CTA's share of each head's
-// pair list (as DkvWorkCursor shares a key tile's list), in kHalves halves per query tile.
-template <int kHalves>
+// pair list (as DkvWorkCursor shares a key tile's list), in kHalves halves per query tile. A
+// half whose first query is past seqlen_q (the last query tile's second half when seqlen_q % 128
+// is 1 .. 64) is not a step: it has no query, and dq_accum (64-row tiles) has no tile for it.
+template <int kHalves, int kHalf>
 struct PairCursor {
   const BackwardParams* p;
   int pair, mb, h_end;
@@ -220,7 +222,7 @@ struct PairCursor {
   __device__ bool done() const { return idx >= end; }
   __device__ int entry() const { return list[idx]; }  // m << 4 | flags
   __device__ void advance() {
-    if (++half == kHalves) {
+    if (++half == kHalves || ((entry() >> 4) * kHalves + half) * kHalf >= p->seqlen_q) {
       half = 0;
       ++idx;
       skip_empty_heads();
@@ -314,7 +316,7 @@ __global__ void __launch_bounds__(Sm90FusedTiles<kHeadDim, Elt>::kThreads, 1)
     }
     auto* s_q = reinterpret_cast<uint16_t*>(smem_q);
     auto* s_do = reinterpret_cast<uint16_t*>(smem_do);
-    PairCursor<Tiles::kHalves> cur(p, pair, hk, b);
+    PairCursor<Tiles::kHalves, Tiles::kHalf> cur(p, pair, hk, b);
     for (int j = 0; !cur.done(); ++j, cur.advance()) {
       const int stage = j % kStages, h = cur.h;
       const int q0 = (cur.entry() >> 4) * kBlockM + cur.half * kHalf;
@@ -433,7 +435,7 @@ __global__ void __launch_bounds__(Sm90FusedTiles<kHeadDim, Elt>::kThreads, 1)
   };
 
   const bool release_lane = lane == 0;
-  PairCursor<Tiles::kHalves> cur(p, pair, hk, b);
+  PairCursor<Tiles::kHalves, Tiles::kHalf> cur(p, pair, hk, b);
   const bool by_key_row = KeyRowBias::applies(p);
   std::conditional_t<kLean, KeyRowBiasHeld, KeyRowBias> key_bias;
   // The lean pass's queries kept by each key row (the same over every head and query tile).

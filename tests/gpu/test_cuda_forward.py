@@ -172,7 +172,7 @@ def test_lean_walk_causal_per_key_bias(dtype, D, gen):
     general walk, checked against float64 too)."""
     B, H, Hk = 2, 8, 2
     sm90 = torch.cuda.get_device_capability() == (9, 0)
-    lean = "false, false, false, true>"
+    lean = "false, false, false, true, false>"
     band = "false, false, false, true, true>"
 
     def run(label, expect_lean, *args, **kwargs):
