@@ -415,7 +415,8 @@ struct BandList {
 
 // The forward's tiles (query block m, split, head h, batch b), numbered in the order of the
 // non-persistent grid (blockIdx x: the query block, longest causal rows first, and the split;
-// then y: the head; z: the batch), so both launches walk them alike. Persistent launches
+// then y: the head; z: the batch), so both launches walk them alike (the band walk, always
+// persistent, may put every head's long blocks first: p.long_blocks). Persistent launches
 // (p.tile_counter) start CTA c on tile c and hand out the rest in order through the counter.
 // A CTA's query block m is plan tiles [m kPlanRows, (m + 1) kPlanRows) (Sm90ForwardTiles::
 // kPlanRows).
@@ -442,8 +443,15 @@ struct ForwardTileOrder {
   __device__ int next() const {
     return p.tile_counter != nullptr ? int(gridDim.x) + atomicAdd(p.tile_counter, 1) : total;
   }
+  // Tiles are numbered head by head (each (b, h)'s blocks longest first: CTAs running together
+  // share its K/V in L2). With p.long_blocks, each head's first long_blocks come first, head by
+  // head, then the rest of each head: the last tiles handed out are short ones of every head,
+  // not the longest of the last head, which the others would wait for.
   __device__ void decode(int tile, int& m, int& split, int& h, int& b) const {
-    const int x = tile % x_tiles, rest = tile / x_tiles;
+    const int long_x = p.long_blocks * p.num_splits, long_tiles = long_x * heads * p.batch;
+    const bool early = tile < long_tiles;
+    const int width = early ? long_x : x_tiles - long_x, at = early ? tile : tile - long_tiles;
+    const int x = at % width + (early ? 0 : long_x), rest = at / width;
     split = x % p.num_splits;
     m = m_blocks(p) - 1 - x / p.num_splits;
     h = rest % heads;

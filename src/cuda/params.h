@@ -130,6 +130,10 @@ struct ForwardParams {
   // Persistent sm90 forward: the tile counter (zero at launch) its CTAs take the next tile from;
   // null: one CTA per tile (forward_launch.cuh).
   int* tile_counter;
+  // The persistent band walk (causal): the longest query blocks (the first long_blocks of each
+  // (batch, head)'s order, ForwardTileOrder) of every head come before the others
+  // (band_long_blocks); 0: one order, head by head.
+  int long_blocks;
   // Decode (the sm80 split-key layout): K / V are read once, with L2 evict_first (l2_policy,
   // forward_kernel.cuh); false: unhinted, as every other layout loads.
   bool kv_evict_first;
