@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on the GPU machine (no network there): build the CUDA backend, check it against the CPU
 # backend, run compute-sanitizer memcheck on the checks, run the benchmarks; short table last.
-# Logs go to $OUT (the device tool brings them back). Needs .deps/nvidia_cutlass-*.whl carried.
+# Logs go to $OUT as logs.tar.gz (the device tool brings it back). Needs .deps/nvidia_cutlass-*.whl
+# carried.
 #
 #   scripts/gpu_check.sh [--no-sanitizer] [--no-python] [--peers GROUPS] [--reps N]
 #                        [--sweep "SWEEP ARGS"] [--sweep-resume FILE]
@@ -128,4 +129,9 @@ if [ $python = 1 ]; then
   tail -n 1 "$OUT/pytest_gpu.log"
   if [ -f "$OUT/sweep.log" ]; then grep -vE "^W[0-9]" "$OUT/sweep.log" | tail -n 60; fi
 fi
+# The device tool brings back at most 8 files from $OUT (this script writes up to 10): the logs
+# travel as one archive, sweep.json beside it.
+(cd "$OUT" && tar -czf logs.tar.gz --exclude=logs.tar.gz --exclude=sweep.json -- *.log *.txt \
+   2>/dev/null && find . -maxdepth 1 -type f \( -name "*.log" -o -name "*.txt" \) -delete)
+echo "logs: $OUT/logs.tar.gz"
 exit $status
