@@ -132,14 +132,15 @@ void launch_band_forward(const ForwardParams& params, cudaStream_t stream) {
   using Tiles = Sm90ForwardTiles<kHeadDim, Elt>;
   const int64_t sms = multiprocessor_count();
   const int64_t rows_of_blocks = int64_t(params.num_heads) * params.batch;  // never GQA-packed
-  const int64_t band_tiles = (params.seqlen_q + kBandRows - 1) / kBandRows * rows_of_blocks;
+  const int band_blocks = (params.seqlen_q + kBandRows - 1) / kBandRows;
+  const int64_t band_tiles = band_blocks * rows_of_blocks;
   const int64_t tiles = int64_t(params.map.m_blocks) * rows_of_blocks;
   StreamBuffer counter(stream);  // the tile counter, then the V check's flag
   FSA_CUDA_CHECK(scratch_malloc(&counter.ptr, 2 * sizeof(int), stream));
   FSA_CUDA_CHECK(cudaMemsetAsync(counter.ptr, 0, 2 * sizeof(int), stream));
   ForwardParams fp = params;
   fp.tile_counter = static_cast<int*>(counter.ptr);
-  fp.long_blocks = band_long_blocks(fp, (params.seqlen_q + kBandRows - 1) / kBandRows);
+  fp.long_blocks = band_long_blocks(fp, band_blocks);
   fp.v_nonfinite = fp.tile_counter + 1;
   if (may_have_partial_tiles(fp)) launch_v_check<Elt>(fp, fp.tile_counter + 1, stream);
   const KvTensorMaps maps = forward_tensor_maps<kHeadDim>(params, false);
