@@ -818,6 +818,18 @@ struct WarpRows {
 // max is -inf and we shift by 0 instead, so dropped entries give exp2(-inf) = 0, never
 // exp2(NaN). Max and sum are reduced as trees: a chain of dependent adds would leave the warp
 // waiting on each one.
+// part[j] = op(part[j], part[j + kWidth]) for j < kWidth, then the next level down to one value
+// in part[0]: the levels unrolled at compile time. (A loop over the levels, `for (w = n / 2; w >
+// 0; w /= 2)`, stayed rolled at 16 n-tiles and put the array in local memory.)
+template <int kWidth, int kN, class Op>
+__device__ __forceinline__ void tree_reduce(float (&part)[kN], Op op) {
+  if constexpr (kWidth > 0) {
+#pragma unroll
+    for (int j = 0; j < kWidth; ++j) part[j] = op(part[j], part[j + kWidth]);
+    tree_reduce<kWidth / 2>(part, op);
+  }
+}
+
 template <int kRT, int kNTiles>
 __device__ __forceinline__ void softmax_step(float (&s)[kRT][kNTiles][4], float exp_scale,
                                              float (&row_max)[kRT][2], float (&row_sum)[kRT][2],
@@ -830,10 +842,7 @@ __device__ __forceinline__ void softmax_step(float (&s)[kRT][kNTiles][4], float 
       float part[kNTiles];
 #pragma unroll
       for (int j = 0; j < kNTiles; ++j) part[j] = fmaxf(s[rt][j][2 * r], s[rt][j][2 * r + 1]);
-#pragma unroll
-      for (int w = kNTiles / 2; w > 0; w /= 2)
-#pragma unroll
-        for (int j = 0; j < w; ++j) part[j] = fmaxf(part[j], part[j + w]);
+      tree_reduce<kNTiles / 2>(part, [](float a, float b) { return fmaxf(a, b); });
       float tile_max = part[0];
       tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
       tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
@@ -847,10 +856,7 @@ __device__ __forceinline__ void softmax_step(float (&s)[kRT][kNTiles][4], float 
         s[rt][j][2 * r + 1] = fast_exp2(fmaf(s[rt][j][2 * r + 1], exp_scale, -shift));
         part[j] = s[rt][j][2 * r] + s[rt][j][2 * r + 1];
       }
-#pragma unroll
-      for (int w = kNTiles / 2; w > 0; w /= 2)
-#pragma unroll
-        for (int j = 0; j < w; ++j) part[j] += part[j + w];
+      tree_reduce<kNTiles / 2>(part, [](float a, float b) { return a + b; });
       row_sum[rt][r] = row_sum[rt][r] * correction[rt][r] + part[0];
     }
 }

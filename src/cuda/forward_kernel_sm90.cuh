@@ -56,50 +56,60 @@ struct CuteElement<Fp16> {
 // fourth session). D = 256 loads four boxes each.
 constexpr bool sm90_forward_tma_kv(int kHeadDim) { return kHeadDim >= 128; }
 
-// The band walk's query rows per CTA (kBandRows, forward_kernel_sm90's kBand): at D = 64, three
-// consumer warpgroups (FlashAttention-3's shape there), over calls whose lists are causality's
-// band alone, which it computes instead of reading the plan's 128-row tiles (BandList). The dense
-// (2, 16384, 16, 16, 64) forward 1.37x / 1.45x faster causal / non-causal than with two
-// warpgroups over 128 rows (H200, docs/perf.md, thirty-fourth session).
-constexpr int kBandRows = 192;
-constexpr bool sm90_forward_band(int kHeadDim) { return kHeadDim == 64; }
+// The band walk (forward_kernel_sm90's kBand): over calls whose lists are causality's band alone,
+// which it computes instead of reading the plan's 128-row tiles (BandList), query blocks and key
+// tiles of its own shape. At D = 64, 192 rows and three consumer warpgroups (FlashAttention-3's
+// shape there): the dense (2, 16384, 16, 16, 64) forward 1.37x / 1.45x faster causal / non-causal
+// than with two warpgroups over 128 rows (H200, docs/perf.md, thirty-fourth session). At D = 128,
+// 128 rows and 128-key tiles: one softmax, one set of barrier waits and one O rescale per 128
+// keys, Q read from shared memory by the S product (a 64 x 128 S tile beside O and P leaves no
+// registers for Q's fragments), three stages of 64 KB.
+constexpr bool sm90_forward_band(int kHeadDim) { return kHeadDim <= 128; }
+constexpr int sm90_band_rows(int kHeadDim) { return kHeadDim == 64 ? 192 : 128; }
+constexpr int sm90_band_keys(int kHeadDim) { return kHeadDim == 64 ? 64 : 128; }
 
-template <int kHeadDim_, class Elt, int kRows = 128>
+template <int kHeadDim_, class Elt, bool kBand_ = false>
 struct Sm90ForwardTiles {
   static constexpr int kHeadDim = kHeadDim_;
   static_assert(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256,
                 "the sm90 forward covers head dims 64, 128 and 256");
   // The CTA's query rows, and the plan's tiles: the same block map serves this kernel, the sm80
   // one and the backward. At D = 256 the plan's query tiles are 64 rows, and a CTA runs two
-  // (kPlanRows), one per consumer warpgroup (PairedWalk). The band walk's blocks (kBand) are
-  // its own.
-  static constexpr bool kBand = kRows == kBandRows;
-  static_assert(kRows == 128 || (kBand && sm90_forward_band(kHeadDim)), "128 rows, or a band");
-  static constexpr int kBlockM = kRows;
-  static constexpr int kBlockN = 64;
+  // (kPlanRows), one per consumer warpgroup (PairedWalk). The band walk's blocks and key tiles
+  // (kBand) are its own.
+  static constexpr bool kBand = kBand_;
+  static_assert(!kBand || sm90_forward_band(kHeadDim), "the band walk's head dims");
+  static constexpr int kBlockM = kBand ? sm90_band_rows(kHeadDim) : 128;
+  static constexpr int kBlockN = kBand ? sm90_band_keys(kHeadDim) : 64;
   static constexpr int kPlanRows = kBand ? 1 : kBlockM / forward_block_m(kHeadDim);
-  static_assert((kBand || kBlockM % forward_block_m(kHeadDim) == 0) &&
-                    kBlockN == forward_block_n(kHeadDim),
+  static_assert(kBand || (kBlockM % forward_block_m(kHeadDim) == 0 &&
+                          kBlockN == forward_block_n(kHeadDim)),
                 "the sm90 kernel walks the plan's tiles");
   static constexpr int kWarpGroups = kBlockM / 64;  // consumers: 64 rows each
   static_assert(kPlanRows == 1 || kPlanRows == kWarpGroups, "a plan tile per consumer");
-  // Q is the register operand of S = Q K^T at D <= 128; at D = 256 O takes 128 registers per
-  // thread and S 32 more, and Q (64 more) is read from shared memory.
-  static constexpr bool kQInRegisters = kHeadDim <= 128;
+  // Q is the register operand of S = Q K^T at D <= 128 over 64-key tiles; at D = 256 O takes 128
+  // registers per thread and S 32 more, and at D = 128 over 128-key tiles O and S take 64 each
+  // and P 32: there Q (64 or 32 more) is read from shared memory.
+  static constexpr bool kQInRegisters = kHeadDim <= 64 || (kHeadDim <= 128 && kBlockN == 64);
+  // At D = 256 a consumer waits for P_{j-1} V_{j-1} before tile j's softmax: its registers (P)
+  // are then free for the softmax, which without them spilled.
+  static constexpr bool kSoftmaxAfterPv = kHeadDim > 128;
   static constexpr int kProducerThreads = 128;      // one warpgroup issues every K/V load
   static constexpr int kConsumerThreads = kWarpGroups * 128;
   static constexpr int kThreads = kProducerThreads + kConsumerThreads;
   // Registers per thread after setmaxnreg: the producer needs few, the consumers hold O, S, P and
-  // Q. 128 * 40 + 256 * 232 = 64512 <= 65536; the band's three consumers, 128 * 32 + 384 * 160 =
-  // 65536.
-  static constexpr int kProducerRegisters = kBand ? 32 : 40;
-  static constexpr int kConsumerRegisters = kBand ? 160 : 232;
+  // Q. 128 * 40 + 256 * 232 = 64512 <= 65536; three consumers, 128 * 32 + 384 * 160 = 65536.
+  static constexpr int kProducerRegisters = kWarpGroups == 3 ? 32 : 40;
+  static constexpr int kConsumerRegisters = kWarpGroups == 3 ? 160 : 232;
   // Gathered tiles: the producer holds each batch of row slots and their addresses (at 40 ptxas
   // spilled 58 bytes there). 128 * 56 + 256 * 224 = 64512.
   static constexpr int kGatheredProducerRegisters = 56;
   static constexpr int kGatheredConsumerRegisters = 224;
-  // See the pipeline in forward_kernel_sm90. At D = 256 a stage is 64 KB: two, after Q's 64 KB.
-  static constexpr int kStages = kHeadDim <= 128 ? 4 : 2;
+  // See the pipeline in forward_kernel_sm90. At D = 256 a stage is 64 KB: two, after Q's 64 KB;
+  // over 128-key tiles at D = 128 too, three after Q's 32 KB (a stage goes back once its P V is
+  // done, a tile after its S: with two, the producer would start a tile's copies half a tile
+  // before the consumers need it).
+  static constexpr int kStages = kHeadDim > 128 ? 2 : kBlockN == 128 ? 3 : 4;
   static constexpr bool kTmaKv = sm90_forward_tma_kv(kHeadDim);
 
   using T = typename CuteElement<Elt>::type;
@@ -149,7 +159,7 @@ struct Sm90ForwardTiles {
   static constexpr int kVBarrierOffset = kStepOffset + kStages * 8;
   static constexpr int kSmemBytes =
       kPlanRows == 1 ? kTileOffset + 3 * 8 + 3 * 4 : kVBarrierOffset + 2 * kStages * 8;
-  static_assert(kBlockN <= 64, "one bit per key of a tile");
+  static_assert(kBand || kBlockN <= 64, "one bit per key of a tile (the band walk has no V check)");
   // A staged bias (Params::bias_staged) lives after the barriers, so that launches without one
   // keep their shared memory (and the L1 that the rest of the carveout leaves) as it was. Per
   // stage its (kBlockM x kBlockN) tile, SmemTile<kBlockN>.
@@ -165,6 +175,7 @@ struct Sm90ForwardTiles {
            : gathered  ? kKeyLastOffset + kStages * kBlockN * 4
                        : kSmemBytes;
   }
+  static_assert(kSmemBytes <= 227 * 1024, "a CTA's shared memory on sm_90");
 };
 
 // Element offset of a coordinate in one of the GMMA shared-memory layouts above. CuTe applies their
@@ -399,16 +410,17 @@ struct NoList {
 };
 
 // The band walk's key tiles (forward_kernel_sm90's kBand), BlockList's interface over no list:
-// query block m, rows [m kBandRows, m kBandRows + kBandRows) of which its last row sees keys
-// [0, e), walks key tiles [0, ceil(e / 64)) in order, the first n_full of them whole to every row
+// query block m, rows [m kRows, m kRows + kRows) of which its last row sees keys [0, e), walks key
+// tiles of kKeys keys [0, ceil(e / kKeys)) in order, the first n_full of them whole to every row
 // (the ones its first row sees whole), the rest partial. One split.
+template <int kRows, int kKeys>
 struct BandList {
   static constexpr int begin = 0;
   int n_full, end;
   __device__ BandList(const ForwardParams& p, int b, int, int m, int) {
-    const int first = m * kBandRows, last = min(first + kBandRows, p.seqlen_q) - 1;
-    n_full = visible_end(p, b, 0, first) / 64;
-    end = (visible_end(p, b, 0, last) + 63) / 64;
+    const int first = m * kRows, last = min(first + kRows, p.seqlen_q) - 1;
+    n_full = visible_end(p, b, 0, first) / kKeys;
+    end = (visible_end(p, b, 0, last) + kKeys - 1) / kKeys;
   }
   __device__ int at(int it) const { return it; }
 };
@@ -419,13 +431,13 @@ struct BandList {
 // persistent, may put every head's long blocks first: p.long_blocks). Persistent launches
 // (p.tile_counter) start CTA c on tile c and hand out the rest in order through the counter.
 // A CTA's query block m is plan tiles [m kPlanRows, (m + 1) kPlanRows) (Sm90ForwardTiles::
-// kPlanRows).
-template <int kPlanRows, bool kBand = false>
+// kPlanRows), or, kBandRows > 0, rows [m kBandRows, (m + 1) kBandRows) (the band walk's blocks).
+template <int kPlanRows, int kBandRows = 0>
 struct ForwardTileOrder {
   int x_tiles, heads, total;
   const ForwardParams& p;
   __device__ static int m_blocks(const ForwardParams& params) {
-    if constexpr (kBand) {
+    if constexpr (kBandRows > 0) {
       return (params.seqlen_q + kBandRows - 1) / kBandRows;  // the band walk's own blocks
     } else {
       return (params.map.m_blocks + kPlanRows - 1) / kPlanRows;
@@ -566,7 +578,7 @@ template <int kHeadDim, class Elt, bool kStagedBias, bool kGathered, bool kCheck
           bool kBand>
 __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const KvTensorMaps& tma) {
   using namespace cute;
-  using Tiles = Sm90ForwardTiles<kHeadDim, Elt, kBand ? kBandRows : 128>;
+  using Tiles = Sm90ForwardTiles<kHeadDim, Elt, kBand>;
   static_assert(!kBand || kLean, "the band walk is a lean one");
   using T = typename Tiles::T;
   constexpr int kBlockM = Tiles::kBlockM, kBlockN = Tiles::kBlockN;
@@ -596,7 +608,7 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
   // the stage ring runs on across tiles, so the next tile's Q and first K/V tiles land while the
   // consumers finish the current one and write it out.
   allow_dependent_launch();  // a split call's combine (forward_kernel.cuh)
-  const ForwardTileOrder<Tiles::kPlanRows, kBand> order(p);
+  const ForwardTileOrder<Tiles::kPlanRows, kBand ? kBlockM : 0> order(p);
   uint64_t* tile_full = reinterpret_cast<uint64_t*>(smem_raw + Tiles::kTileOffset);
   uint64_t* q_full = tile_full + 1;
   uint64_t* q_empty = tile_full + 2;
@@ -630,7 +642,7 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
 
   // Paired tiles walk PairedWalk's steps (the producer) and records (the consumers) instead.
   using List = std::conditional_t<
-      kBand, BandList,
+      kBand, BandList<kBlockM, kBlockN>,
       std::conditional_t<kPaired, NoList,
                          std::conditional_t<kGathered, GatheredList, BlockList>>>;
   constexpr int kStageElems = kBlockN * kHeadDim;  // a stage is the outermost mode of both layouts
@@ -790,15 +802,19 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
           if (Tiles::kTmaKv && fast && tma.enabled) {
             if (threadIdx.x == 0) {
               mbarrier_expect_tx(&full_bar[stage], (kPaired ? 1 : 2) * kStageElems * 2);
+              // Box (c, r): columns [64 c, 64 c + 64) of the tile's keys [64 r, 64 r + 64).
 #pragma unroll
-              for (int c = 0; c < kHeadDim / 64; ++c) {
-                tma_load_4d(smem_k + stage * kStageElems + c * kBlockN * 64, tma.k, 64 * c,
-                            n_block * kBlockN, hk, b, &full_bar[stage]);
-                if constexpr (!kPaired) {
-                  tma_load_4d(smem_v + stage * kStageElems + c * kBlockN * 64, tma.v, 64 * c,
-                              n_block * kBlockN, hk, b, &full_bar[stage]);
+              for (int c = 0; c < kHeadDim / 64; ++c)
+#pragma unroll
+                for (int r = 0; r < kBlockN / 64; ++r) {
+                  const int at = stage * kStageElems + c * kBlockN * 64 + r * 64 * 64;
+                  tma_load_4d(smem_k + at, tma.k, 64 * c, n_block * kBlockN + 64 * r, hk, b,
+                              &full_bar[stage]);
+                  if constexpr (!kPaired) {
+                    tma_load_4d(smem_v + at, tma.v, 64 * c, n_block * kBlockN + 64 * r, hk, b,
+                                &full_bar[stage]);
+                  }
                 }
-              }
             }
           } else {
             load_rows_async<kHeadDim, kBlockN, kLoaders>(
@@ -1078,9 +1094,8 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
       const bool has_prev = kPaired ? pending : j > 0;
       if (kPaired ? pending : j > 0) {
         issue_pv(prev_stage);
-        // S_j (groups retire in order). At D = 256, P_{j-1} V_{j-1} too: its registers (P) are
-        // then free for the softmax, which without them spilled.
-        warpgroup_wait<Tiles::kQInRegisters ? 1 : 0>();
+        // S_j (groups retire in order); at D = 256 P_{j-1} V_{j-1} too (kSoftmaxAfterPv).
+        warpgroup_wait<Tiles::kSoftmaxAfterPv ? 0 : 1>();
       } else {
         warpgroup_wait<0>();
       }
@@ -1214,12 +1229,13 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
 // compiled in though never run, cost block selections 3-11% of their forward (H200,
 // docs/perf.md, thirty-first and thirty-second sessions). Without the V check only.
 //
-// kBand: the lean walk over 192-row blocks of causality's band (kBandRows, BandList), three
-// consumer warpgroups; for calls whose plan lists nothing else (band_forward_call).
+// kBand: the lean walk over blocks and key tiles of causality's band of its own shape
+// (sm90_band_rows / sm90_band_keys, BandList); for calls whose plan lists nothing else
+// (band_forward_call).
 template <int kHeadDim, class Elt, bool kStagedBias, bool kGathered = false, bool kCheckV = true,
           bool kLean = false, bool kBand = false>
 __global__ void __launch_bounds__(
-    Sm90ForwardTiles<kHeadDim, Elt, kBand ? kBandRows : 128>::kThreads, 1)
+    Sm90ForwardTiles<kHeadDim, Elt, kBand>::kThreads, 1)
     forward_kernel_sm90(const __grid_constant__ ForwardParams p,
                         const __grid_constant__ KvTensorMaps tma) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)

@@ -96,16 +96,18 @@ inline bool lean_forward_call(const ForwardParams& p) {
          !p.pack_gqa && (p.bias == nullptr || key_bias_rows_aligned(p));
 }
 
-// Whether the sm90 forward walks causality's band in 192-row blocks for a call
-// (forward_kernel_sm90's kBand: three consumer warpgroups): at the head dims that have the band
-// walk (sm90_forward_band), plan lists that are the band alone (ForwardParams::causal_band), a
-// lean call (lean_forward_call), one split, the persistent launch and the V check ahead (the band
-// walk has no V check of its own). FSA_CUDA_FORWARD_BAND=0 keeps the 128-row walks (A/B
-// measurements).
-inline bool band_forward_call(const ForwardParams& p) {
+// Whether the sm90 forward walks causality's band in blocks of its own for a call
+// (forward_kernel_sm90's kBand: 192 rows and three consumer warpgroups at D = 64, 128 rows over
+// 128-key tiles at D = 128): at the head dims that have the band walk (sm90_forward_band), plan
+// lists that are the band alone (ForwardParams::causal_band), a lean call (lean_forward_call)
+// whose keys are whole band tiles (`band_keys`, sm90_band_keys), one split, the persistent launch
+// and the V check ahead (the band walk has no V check of its own). FSA_CUDA_FORWARD_BAND=0 keeps
+// the 128-row walks (A/B measurements).
+inline bool band_forward_call(const ForwardParams& p, int band_keys) {
   static const bool enabled = !env_is("FSA_CUDA_FORWARD_BAND", "0");
   return enabled && p.causal_band && p.num_splits == 1 && lean_forward_call(p) &&
-         p.v_nonfinite == nullptr && persistent_forward_enabled() && v_check_ahead_enabled() &&
+         p.seqlen_k % band_keys == 0 && p.v_nonfinite == nullptr &&
+         persistent_forward_enabled() && v_check_ahead_enabled() &&
          int64_t(p.map.m_blocks) * p.num_heads * p.batch < (int64_t(1) << 30);  // (int counter)
 }
 
@@ -122,17 +124,18 @@ void launch_v_check(const ForwardParams& p, int32_t* flag, cudaStream_t stream) 
   }
 }
 
-// The band walk (band_forward_call), its CTAs taking 192-row blocks from a counter (one per SM
-// at most), after the V check ahead where tiles are partial. A call whose V holds a NaN / Inf runs
-// the 128-row general walk with the V check instead: both are launched, each returning at once
-// unless the flag calls for it (as launch_forward's pair), so the two never share the counter.
+// The band walk (band_forward_call), its CTAs taking the band's query blocks from a counter (one
+// per SM at most), after the V check ahead where tiles are partial. A call whose V holds a NaN /
+// Inf runs the 128-row general walk with the V check instead: both are launched, each returning
+// at once unless the flag calls for it (as launch_forward's pair), so the two never share the
+// counter.
 template <int kHeadDim, class Elt>
 void launch_band_forward(const ForwardParams& params, cudaStream_t stream) {
-  using Band = Sm90ForwardTiles<kHeadDim, Elt, kBandRows>;
+  using Band = Sm90ForwardTiles<kHeadDim, Elt, true>;
   using Tiles = Sm90ForwardTiles<kHeadDim, Elt>;
   const int64_t sms = multiprocessor_count();
   const int64_t rows_of_blocks = int64_t(params.num_heads) * params.batch;  // never GQA-packed
-  const int band_blocks = (params.seqlen_q + kBandRows - 1) / kBandRows;
+  const int band_blocks = (params.seqlen_q + Band::kBlockM - 1) / Band::kBlockM;
   const int64_t band_tiles = band_blocks * rows_of_blocks;
   const int64_t tiles = int64_t(params.map.m_blocks) * rows_of_blocks;
   StreamBuffer counter(stream);  // the tile counter, then the V check's flag
@@ -191,7 +194,7 @@ void launch_forward(const ForwardParams& params, cudaStream_t stream) {
     const bool gathered = params.map.gather_slots != nullptr;
     if (use_sm90_forward(params, kHeadDim)) {
       if constexpr (sm90_forward_band(kHeadDim)) {
-        if (band_forward_call(params)) {
+        if (band_forward_call(params, sm90_band_keys(kHeadDim))) {
           launch_band_forward<kHeadDim, Elt>(params, stream);
           FSA_CUDA_CHECK(cudaGetLastError());
           return;

@@ -141,8 +141,8 @@ struct ForwardParams {
   // ring reads each one iteration ahead, which a cold entry outlasted); false: it does not
   // (FSA_CUDA_TOUCH_TABLE=0, A/B measurements).
   bool touch_table;
-  // The plan's lists are causality's band alone (Plan::causal_band): the sm90 forward at D = 64
-  // may then walk 192-row query blocks of its own (forward_launch.cuh, band_forward_call).
+  // The plan's lists are causality's band alone (Plan::causal_band): the sm90 forward at D <= 128
+  // may then walk query blocks and key tiles of its own (forward_launch.cuh, band_forward_call).
   bool causal_band;
 
   BlockMapParams map;

@@ -165,23 +165,26 @@ def test_lean_walk_causal_per_key_bias(dtype, D, gen):
     entries drop by causality alone, every key tile whole, no bias or a per-key one staged with
     its tile) against float64: Sq < Sk, and Sq > Sk whose first rows see no key (exact empty
     rows); no bias, a per-kv-head 16-bit bias, a per-head fp32 bias broadcast over the batch, and
-    non-causal (no partial tile). On sm_90 the profile shows that these calls ran the lean
-    instantiation at D = 128 and 256, and at D = 64 the band walk (192-row blocks of its own,
-    three consumer warpgroups: kBand; a ragged last block of queries too), and that a bias row
-    off 16-byte alignment, a mask, softcap or a ragged last key tile did not (they take the
-    general walk, checked against float64 too)."""
+    non-causal (no partial tile). On sm_90 the profile shows that these calls ran the band walk
+    (kBand: blocks and key tiles of its own, 192 rows at D = 64, 128-key tiles at D = 128; a
+    ragged last block of queries too) or, at D = 256 and where the keys are no whole number of
+    the band's key tiles, the lean instantiation, and that a bias row off 16-byte alignment, a
+    mask, softcap or a ragged last key tile ran neither (they take the general walk, checked
+    against float64 too)."""
     B, H, Hk = 2, 8, 2
     sm90 = torch.cuda.get_device_capability() == (9, 0)
     lean = "false, false, false, true, false>"
     band = "false, false, false, true, true>"
+    band_keys = {64: 64, 128: 128}.get(D)
 
     def run(label, expect_lean, *args, **kwargs):
         names = kernel_names(lambda: check(*args, label=f"{label} D={D}", **kwargs))
         if sm90 and names:  # (no profile under compute-sanitizer: CUPTI is taken)
             ran = any(f"forward_kernel_sm90<{D}," in n and lean in n for n in names)
             ran_band = any(f"forward_kernel_sm90<{D}," in n and band in n for n in names)
-            assert ran == (expect_lean and D >= 128), (label, names)
-            assert ran_band == (expect_lean and D == 64), (label, names)
+            expect_band = expect_lean and band_keys is not None and args[1].shape[1] % band_keys == 0
+            assert ran == (expect_lean and not expect_band), (label, names)
+            assert ran_band == expect_band, (label, names)
 
     # More CTA tiles than SMs (12 or 16 query blocks x 8 heads x 2): a persistent launch.
     for Sq, Sk in [(1536, 2048), (2048, 1024)]:
@@ -201,9 +204,13 @@ def test_lean_walk_causal_per_key_bias(dtype, D, gen):
     q, k, v = qkv(B, 1536, 2000, H, Hk, D, dtype, gen)
     run("ragged keys", False, q, k, v, bias=randn(B, Hk, 1, 2000, dtype=dtype, gen=gen),
         causal=True)
-    # 1960 queries: the band walk's last block of 192 rows holds 40 (its last warps none). (As
-    # many query tiles as above: with fewer the call splits its keys, which the band walk does
-    # not.)
+    # 1088 keys: whole 64-key tiles, 8.5 of the 128-key band tiles (D = 128 takes the lean walk).
+    q, k, v = qkv(B, 1536, 1088, H, Hk, D, dtype, gen)
+    run("half a band tile", True, q, k, v, bias=randn(B, Hk, 1, 1088, dtype=dtype, gen=gen),
+        causal=True)
+    # 1960 queries: the band walk's last block of 192 rows holds 40 (its last warps none), of 128
+    # rows 40 too. (As many query tiles as above: with fewer the call splits its keys, which the
+    # band walk does not.)
     q, k, v = qkv(B, 1960, 2048, H, Hk, D, dtype, gen)
     run("ragged queries", True, q, k, v, bias=randn(B, Hk, 1, 2048, dtype=dtype, gen=gen),
         causal=True)
