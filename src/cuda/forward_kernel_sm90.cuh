@@ -57,33 +57,40 @@ struct CuteElement<Fp16> {
 constexpr bool sm90_forward_tma_kv(int kHeadDim) { return kHeadDim >= 128; }
 
 // The band walk (forward_kernel_sm90's kBand): over calls whose lists are causality's band alone,
-// which it computes instead of reading the plan's 128-row tiles (BandList), query blocks and key
-// tiles of its own shape. At D = 64, 192 rows and three consumer warpgroups (FlashAttention-3's
-// shape there): the dense (2, 16384, 16, 16, 64) forward 1.37x / 1.45x faster causal / non-causal
-// than with two warpgroups over 128 rows (H200, docs/perf.md, thirty-fourth session). At D = 128,
-// 128 rows and 128-key tiles: one softmax, one set of barrier waits and one O rescale per 128
-// keys, Q read from shared memory by the S product (a 64 x 128 S tile beside O and P leaves no
-// registers for Q's fragments), three stages of 64 KB.
+// which it computes instead of reading the plan's 128-row tiles (BandList), query blocks of its
+// own. At D = 64, 192 rows and three consumer warpgroups (FlashAttention-3's shape there): the
+// dense (2, 16384, 16, 16, 64) forward 1.37x / 1.45x faster causal / non-causal than with two
+// warpgroups over 128 rows (H200, docs/perf.md, thirty-fourth session). At D = 128, 128 rows over
+// 128-key tiles (sm90_forward_wide).
 constexpr bool sm90_forward_band(int kHeadDim) { return kHeadDim <= 128; }
 constexpr int sm90_band_rows(int kHeadDim) { return kHeadDim == 64 ? 192 : 128; }
-constexpr int sm90_band_keys(int kHeadDim) { return kHeadDim == 64 ? 64 : 128; }
 
-template <int kHeadDim_, class Elt, bool kBand_ = false>
+// Whether the lean walks (forward_kernel_sm90's kLean, the band walk among them) step over
+// 128-key tiles at kernel head dim kHeadDim (Sm90ForwardTiles' kWide): one softmax, one set of
+// barrier waits and one O rescale per 128 keys, Q read from shared memory by the S product (a 64
+// x 128 S tile beside O and P leaves no registers for Q's fragments), three stages of 64 KB. Over
+// the plan's 64-key lists a step is two consecutive tiles of one list, or one and the other half
+// dropped (KeyPairWalk).
+constexpr bool sm90_forward_wide(int kHeadDim) { return kHeadDim == 128; }
+
+template <int kHeadDim_, class Elt, bool kBand_ = false, bool kWide_ = false>
 struct Sm90ForwardTiles {
   static constexpr int kHeadDim = kHeadDim_;
   static_assert(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256,
                 "the sm90 forward covers head dims 64, 128 and 256");
   // The CTA's query rows, and the plan's tiles: the same block map serves this kernel, the sm80
   // one and the backward. At D = 256 the plan's query tiles are 64 rows, and a CTA runs two
-  // (kPlanRows), one per consumer warpgroup (PairedWalk). The band walk's blocks and key tiles
-  // (kBand) are its own.
+  // (kPlanRows), one per consumer warpgroup (PairedWalk). The band walk's blocks (kBand) are its
+  // own; 128-key tiles (kWide) are two of the plan's.
   static constexpr bool kBand = kBand_;
+  static constexpr bool kWide = kWide_;
   static_assert(!kBand || sm90_forward_band(kHeadDim), "the band walk's head dims");
+  static_assert(!kWide || sm90_forward_wide(kHeadDim), "the wide walk's head dims");
   static constexpr int kBlockM = kBand ? sm90_band_rows(kHeadDim) : 128;
-  static constexpr int kBlockN = kBand ? sm90_band_keys(kHeadDim) : 64;
+  static constexpr int kBlockN = kWide ? 128 : 64;
   static constexpr int kPlanRows = kBand ? 1 : kBlockM / forward_block_m(kHeadDim);
   static_assert(kBand || (kBlockM % forward_block_m(kHeadDim) == 0 &&
-                          kBlockN == forward_block_n(kHeadDim)),
+                          kBlockN % forward_block_n(kHeadDim) == 0),
                 "the sm90 kernel walks the plan's tiles");
   static constexpr int kWarpGroups = kBlockM / 64;  // consumers: 64 rows each
   static_assert(kPlanRows == 1 || kPlanRows == kWarpGroups, "a plan tile per consumer");
@@ -152,14 +159,16 @@ struct Sm90ForwardTiles {
   // The tile schedule's handshake (forward_kernel_sm90): the barriers tile_full, q_full and
   // q_empty, then the published tile and the producer's two fetch slots (int32 each).
   static constexpr int kTileOffset = kNonfiniteOffset + kStages * 8;
-  // Two plan tiles per CTA (kPlanRows == 2): per stage the producer's step record (PairedWalk):
-  // the key tile and what it is to each consumer; then the V side's own "full" and "empty"
-  // barriers (the stage barriers above then serve K, its bias and the record alone).
+  // Two plan tiles per CTA (kPlanRows == 2) or 128-key steps over the plan's lists (kWide): per
+  // stage the producer's step record (PairedWalk, KeyPairWalk); paired tiles then have the V
+  // side's own "full" and "empty" barriers (the stage barriers above then serve K, its bias and
+  // the record alone).
   static constexpr int kStepOffset = kTileOffset + 3 * 8 + 4 * 4;
   static constexpr int kVBarrierOffset = kStepOffset + kStages * 8;
-  static constexpr int kSmemBytes =
-      kPlanRows == 1 ? kTileOffset + 3 * 8 + 3 * 4 : kVBarrierOffset + 2 * kStages * 8;
-  static_assert(kBand || kBlockN <= 64, "one bit per key of a tile (the band walk has no V check)");
+  static constexpr int kSmemBytes = kPlanRows == 2 ? kVBarrierOffset + 2 * kStages * 8
+                                    : kWide        ? kVBarrierOffset
+                                                   : kTileOffset + 3 * 8 + 3 * 4;
+  static_assert(kBlockN <= 64 || kWide, "one bit per key of a tile (the wide walks have no V check)");
   // A staged bias (Params::bias_staged) lives after the barriers, so that launches without one
   // keep their shared memory (and the L1 that the rest of the carveout leaves) as it was. Per
   // stage its (kBlockM x kBlockN) tile, SmemTile<kBlockN>.
@@ -350,6 +359,9 @@ struct GatheredList {
 // always see where it ends. Split-KV: split s takes the key tiles of its share of [0, n_blocks).
 constexpr int kStepFull = 1, kStepPartial = 2, kStepLast = 1 << 4;
 constexpr int kStepPartialAny = kStepPartial | (kStepPartial << 2);
+// A 128-key step's status (KeyPairWalk): which of its 64-key halves the list holds (bit h), and
+// whether they are partial (causality drops keys inside them); kStepLast as above.
+constexpr int kStepHalves = 3, kStepDrops = 1 << 2;
 struct PairedWalk {
   const int32_t* full;     // plan tile 2m's full list; its partial list is `partial`, and
   const int32_t* partial;  // tile 2m + 1's lists follow each at a stride of n_blocks (map_row)
@@ -398,6 +410,35 @@ struct PairedWalk {
         ++at[q];
       }
     }
+    return true;
+  }
+};
+
+// The wide lean walk's steps over the plan's lists (Sm90ForwardTiles' kWide, not the band): a
+// 128-key step n is 64-key tiles 2n and 2n + 1 where both are consecutive entries of one list (the
+// full tiles, then the partial ones, each ascending), else the one listed, its other half dropped.
+// A split walks its share of the entries (BlockList), so a pair across the split's edge is two
+// steps, one per split.
+struct KeyPairWalk {
+  BlockList list;
+  int i;  // the next entry
+  __device__ KeyPairWalk(const ForwardParams& p, int b, int h_map, int m, int split)
+      : list(p, b, h_map, m, split), i(list.begin) {}
+  // The next step's 128-key tile and status (kStepHalves, kStepDrops); false when done.
+  __device__ bool next(int& n, int& status) {
+    if (i >= list.end) return false;
+    const int a = list.at(i);
+    const bool partial = i >= list.n_full;
+    n = a / 2;
+    if (a % 2 == 0 && i + 1 < list.end && (i + 1 >= list.n_full) == partial &&
+        list.at(i + 1) == a + 1) {
+      status = kStepHalves;
+      i += 2;
+    } else {
+      status = 1 << (a % 2);
+      i += 1;
+    }
+    if (partial) status |= kStepDrops;
     return true;
   }
 };
@@ -472,12 +513,13 @@ struct ForwardTileOrder {
 };
 
 // A producer's share of key tile n_block's slice of a query-invariant bias row (`bytes` per value;
-// the row 16-byte aligned, the tile whole) into `dst`: one 16-byte cp.async for each thread below
-// kBlockN * bytes / 16.
+// the row 16-byte aligned) into `dst`: one 16-byte cp.async for each thread below kBlockN * bytes
+// / 16 whose chunk lies before the row's end, `keys` past the tile's first key (default: the
+// whole tile; else a multiple of 8, the rest of the slice left as it was, for keys the walk drops).
 template <int kBlockN>
 __device__ __forceinline__ void copy_key_bias_async(const uint8_t* row, int n_block, int bytes,
-                                                    uint8_t* dst) {
-  if (int(threadIdx.x) < kBlockN * bytes / 16) {
+                                                    uint8_t* dst, int keys = kBlockN) {
+  if (int(threadIdx.x) < kBlockN * bytes / 16 && int(threadIdx.x) * 16 < keys * bytes) {
     using cute::uint128_t;
     cute::SM80_CP_ASYNC_CACHEGLOBAL<uint128_t>::copy(
         *reinterpret_cast<const uint128_t*>(row + int64_t(n_block) * kBlockN * bytes +
@@ -565,6 +607,18 @@ __device__ __forceinline__ void drop_keys_from(float (&s)[kNTiles][4], int col0,
     }
 }
 
+// A 128-key step's halves the list does not hold (KeyPairWalk; bit h of `halves`: half h is
+// listed): their columns get -inf.
+template <int kNTiles>
+__device__ __forceinline__ void drop_halves(float (&s)[kNTiles][4], int halves) {
+#pragma unroll
+  for (int j = 0; j < kNTiles; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      if (!((halves >> (j / (kNTiles / 2))) & 1)) s[j][e] = -INFINITY;
+    }
+}
+
 // kStagedBias == p.bias_staged. A separate instantiation: with the staged path behind runtime
 // branches in the producer and consumer loops the dense forward measured 4.55-4.60 ms against
 // 4.14-4.22 ms before it (H100, same runs; docs/perf.md); this way the common instantiation
@@ -573,12 +627,16 @@ __device__ __forceinline__ void drop_keys_from(float (&s)[kNTiles][4], int col0,
 // the same reason: in the common one the slots' last rows alone cost block selections 4-7% of
 // their forward (H200, same run).
 // kCheckV and kLean: see forward_kernel_sm90 below.
-// kBand: the band walk (Sm90ForwardTiles' kBand rows per CTA, BandList), lean only.
+// kBand: the band walk (Sm90ForwardTiles' kBand rows per CTA, BandList), lean only. The lean
+// walks step over 128-key tiles where sm90_forward_wide (Sm90ForwardTiles' kWide): the band's
+// computed ones, or pairs of the plan's (KeyPairWalk, whose steps the producer publishes in the
+// stage's record, as PairedWalk's).
 template <int kHeadDim, class Elt, bool kStagedBias, bool kGathered, bool kCheckV, bool kLean,
           bool kBand>
 __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const KvTensorMaps& tma) {
   using namespace cute;
-  using Tiles = Sm90ForwardTiles<kHeadDim, Elt, kBand>;
+  constexpr bool kWide = kLean && sm90_forward_wide(kHeadDim);
+  using Tiles = Sm90ForwardTiles<kHeadDim, Elt, kBand, kWide>;
   static_assert(!kBand || kLean, "the band walk is a lean one");
   using T = typename Tiles::T;
   constexpr int kBlockM = Tiles::kBlockM, kBlockN = Tiles::kBlockN;
@@ -591,6 +649,10 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
   extern __shared__ __align__(128) uint8_t smem_raw[];
   constexpr bool kPaired = Tiles::kPlanRows == 2;  // two plan tiles per CTA (PairedWalk)
   static_assert(!(kPaired && kGathered), "gathered tiles are one plan tile's");
+  // 128-key steps over the plan's lists (KeyPairWalk).
+  constexpr bool kKeyPairs = kWide && !kBand;
+  // The producer publishes each step in its stage's record (s_step), the consumers read it there.
+  constexpr bool kSteps = kPaired || kKeyPairs;
   T* smem_q = reinterpret_cast<T*>(smem_raw);
   T* smem_k = smem_q + Tiles::kSmemQ;
   T* smem_v = smem_k + Tiles::kSmemK;
@@ -628,11 +690,11 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
   // Paired tiles: producer thread 0 arrives once more on a stage's "full", after it wrote the
   // stage's step record (a release, which its arrival on its copies is not).
   uint64_t* full_bar =
-      init_stage_barriers<kStages, Tiles::kProducerThreads + (kPaired ? 1 : 0),
+      init_stage_barriers<kStages, Tiles::kProducerThreads + (kSteps ? 1 : 0),
                           Tiles::kConsumerThreads>(smem_raw + Tiles::kBarrierOffset);
   uint64_t* empty_bar = full_bar + kStages;
   auto* s_nonfinite = reinterpret_cast<unsigned long long*>(smem_raw + Tiles::kNonfiniteOffset);
-  auto* s_step = reinterpret_cast<int2*>(smem_raw + Tiles::kStepOffset);  // kPaired only
+  auto* s_step = reinterpret_cast<int2*>(smem_raw + Tiles::kStepOffset);  // kSteps only
   // Paired tiles: K and V have their own rings of barriers over the same stages. A stage's K is
   // released once both consumers computed its S, its V once their P V is done, so the producer
   // fills the next K while the consumers still read V: with two 64 KB stages, one pair of
@@ -640,10 +702,11 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
   uint64_t* full_v = reinterpret_cast<uint64_t*>(smem_raw + Tiles::kVBarrierOffset);
   uint64_t* empty_v = full_v + kStages;
 
-  // Paired tiles walk PairedWalk's steps (the producer) and records (the consumers) instead.
+  // Paired tiles and key pairs walk their steps (the producer) and records (the consumers)
+  // instead.
   using List = std::conditional_t<
       kBand, BandList<kBlockM, kBlockN>,
-      std::conditional_t<kPaired, NoList,
+      std::conditional_t<kSteps, NoList,
                          std::conditional_t<kGathered, GatheredList, BlockList>>>;
   constexpr int kStageElems = kBlockN * kHeadDim;  // a stage is the outermost mode of both layouts
   static_assert(Tiles::kSmemK == kStages * kStageElems && Tiles::kSmemV == kStages * kStageElems,
@@ -731,16 +794,17 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
       const auto* k = static_cast<const uint16_t*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h;
       const auto* v = static_cast<const uint16_t*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h;
       int n_next = tiles > 0 ? list.at(list.begin) : 0;
-      // Paired tiles: the walk runs a step ahead, so that each step knows whether it is the last.
-      std::conditional_t<kPaired, PairedWalk, NoList> walk(p, b, h / p.map.head_group, m, split);
+      // Steps: the walk runs a step ahead, so that each step knows whether it is the last.
+      std::conditional_t<kPaired, PairedWalk, std::conditional_t<kKeyPairs, KeyPairWalk, NoList>>
+          walk(p, b, h / p.map.head_group, m, split);
       int walk_status = 0;
       bool walk_more = false, done = false;
-      if constexpr (kPaired) walk_more = walk.next(n_next, walk_status);
+      if constexpr (kSteps) walk_more = walk.next(n_next, walk_status);
 #pragma unroll 1
-      for (int j = 0; kPaired ? !done : j < tiles; ++j, ++it) {
+      for (int j = 0; kSteps ? !done : j < tiles; ++j, ++it) {
         const int stage = it % kStages;
         int n_block = n_next, status = 0;
-        if constexpr (kPaired) {
+        if constexpr (kSteps) {
           status = walk_status;
           if (!walk_more) {  // a tile without steps: one empty step
             n_block = -1;
@@ -752,22 +816,30 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
         } else {
           n_next = j + 1 < tiles ? list.at(list.begin + j + 1) : 0;
         }
+        // Key pairs: a step with one half listed copies that half alone, the other zero (cp.async
+        // zero fill; its V must not be stale or unwritten shared memory, which P = 0 would not
+        // cancel if it held a NaN).
+        [[maybe_unused]] const bool both_halves = (status & kStepHalves) == kStepHalves;
         if (it >= kStages) mbarrier_wait(&empty_bar[stage], (it / kStages - 1) & 1);
-        if constexpr (kPaired) {
+        if constexpr (kSteps) {
           if (threadIdx.x == 0) {
             s_step[stage] = make_int2(n_block, status);
             mbarrier_arrive(&full_bar[stage]);
           }
-          if (n_block < 0) {  // both rings take the step, without data
+          if (n_block < 0) {  // the ring (both rings) takes the step, without data
             mbarrier_arrive(&full_bar[stage]);
-            if (it >= kStages) mbarrier_wait(&empty_v[stage], (it / kStages - 1) & 1);
-            mbarrier_arrive(&full_v[stage]);
+            if constexpr (kPaired) {
+              if (it >= kStages) mbarrier_wait(&empty_v[stage], (it / kStages - 1) & 1);
+              mbarrier_arrive(&full_v[stage]);
+            }
             continue;
           }
         }
-        if (bias_staged(bias_row, n_block)) {
+        // The lean walks' tiles are whole but for a 128-key step's second half at the keys' end.
+        if (kLean ? bias_row != nullptr : bias_staged(bias_row, n_block)) {
           copy_key_bias_async<kBlockN>(bias_row, n_block, bias_bytes,
-                                       s_bias + stage * Tiles::kBiasStageBytes);
+                                       s_bias + stage * Tiles::kBiasStageBytes,
+                                       p.seqlen_k - n_block * kBlockN);
         }
         if constexpr (kGathered) {
           static_assert(kLoaders == 2 * kBlockN, "two producer threads per column");
@@ -799,7 +871,7 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
           fast = list.begin + j < list.n_full || !check_v;
         }
         if constexpr (!kGathered) {
-          if (Tiles::kTmaKv && fast && tma.enabled) {
+          if (Tiles::kTmaKv && fast && tma.enabled && (!kKeyPairs || both_halves)) {
             if (threadIdx.x == 0) {
               mbarrier_expect_tx(&full_bar[stage], (kPaired ? 1 : 2) * kStageElems * 2);
               // Box (c, r): columns [64 c, 64 c + 64) of the tile's keys [64 r, 64 r + 64).
@@ -815,6 +887,19 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
                                 &full_bar[stage]);
                   }
                 }
+            }
+          } else if constexpr (kKeyPairs) {
+            // Half r: rows [64 r, 64 r + 64) of every 64-column block, 64 x 64 elements in.
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+              const int limit = (status >> r) & 1 ? p.seqlen_k : 0;
+              const int at = stage * kStageElems + r * 64 * 64;
+              load_rows_async<kHeadDim, 64, kLoaders>(s_k + at, k_dst.first, k_dst.step, k,
+                                                      p.k_stride_s, n_block * kBlockN + 64 * r,
+                                                      limit, p.head_dim, k_dst.half);
+              load_rows_async<kHeadDim, 64, kLoaders>(s_v + at, v_dst.first, v_dst.step, v,
+                                                      p.v_stride_s, n_block * kBlockN + 64 * r,
+                                                      limit, p.head_dim, v_dst.half);
             }
           } else {
             load_rows_async<kHeadDim, kBlockN, kLoaders>(
@@ -1023,8 +1108,12 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
     [[maybe_unused]] int pending_stage = 0;
     [[maybe_unused]] uint32_t pending_parity = 0;
     int steps = tiles;
+    // Key pairs: the step's status (kStepHalves, kStepDrops), and whether the tile had a step
+    // with keys (a tile without publishes one empty step).
+    [[maybe_unused]] int pair_status = 0;
+    [[maybe_unused]] bool walked = false;
 #pragma unroll 1
-    for (int j = 0; kPaired || j < tiles; ++j) {
+    for (int j = 0; kSteps || j < tiles; ++j) {
       const int stage = (it + j) % kStages;
       const int n_after = j + 2 < tiles ? list.at(list.begin + j + 2) : 0;
       mbarrier_wait(&full_bar[stage], ((it + j) / kStages) & 1);
@@ -1067,6 +1156,18 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
         }
         // A partial tile's non-finite V keys are read after the softmax (s_nonfinite).
         if (check_v && partial_any) mbarrier_wait(&full_v[stage], ((it + j) / kStages) & 1);
+      } else if constexpr (kKeyPairs) {
+        const int2 record = s_step[stage];
+        n = record.x;
+        pair_status = record.y;
+        last = record.y & kStepLast;
+        if (n < 0) {  // a tile without keys: its one step goes back unread
+          __syncwarp();  // every lane has read the record
+          if (release_lane) mbarrier_arrive(&empty_bar[stage]);
+          steps = j + 1;
+          break;
+        }
+        walked = true;
       }
       // The producer's cp.async writes (the generic proxy), before wgmma reads them. A tile that
       // came by TMA was written by the async proxy and completed on the mbarrier: no fence (1.6%
@@ -1075,6 +1176,8 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
       bool by_tma;
       if constexpr (kPaired) {
         by_tma = Tiles::kTmaKv && tma.enabled && (!partial_any || !check_v);
+      } else if constexpr (kKeyPairs) {  // a step of one half came by cp.async
+        by_tma = Tiles::kTmaKv && tma.enabled && (pair_status & kStepHalves) == kStepHalves;
       } else {
         by_tma = Tiles::kTmaKv && tma.enabled && !kGathered &&
                  (list.begin + j < list.n_full || !check_v);
@@ -1110,7 +1213,9 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
       for (int c = 0; c < kNTiles; ++c)
 #pragma unroll
         for (int e = 0; e < 4; ++e) s[0][c][e] = tSrS(4 * c + e);
-      const bool partial = kPaired ? partial_mine : list.begin + j >= list.n_full;
+      const bool partial = kPaired      ? partial_mine
+                           : kKeyPairs ? (pair_status & kStepDrops) != 0
+                                       : list.begin + j >= list.n_full;
       if constexpr (kLean) {
         // Every key tile whole, the bias (if any) staged with it: its values, then a partial
         // tile's causal bound.
@@ -1119,6 +1224,11 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
                                wr.t, wr.bias_factor);
         }
         if (partial) drop_keys_from<kNTiles>(s[0], n * kBlockN, row_end[0], wr.t);
+        if constexpr (kKeyPairs) {
+          if ((pair_status & kStepHalves) != kStepHalves) {
+            drop_halves<kNTiles>(s[0], pair_status & kStepHalves);
+          }
+        }
       } else if (plain && !partial && (kGathered || (n + 1) * kBlockN <= p.seqlen_k)) {
         // A whole tile of plain scores: nothing to add or drop (the scale is in the exp2).
       } else if (column_bias && !partial && (kGathered || bias_staged(bias_row, n))) {
@@ -1179,6 +1289,12 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
       }
       n = n_next;
       n_next = n_after;
+      if constexpr (kKeyPairs) {
+        if (last) {
+          steps = j + 1;
+          break;
+        }
+      }
       if constexpr (kPaired) {
         pending = true;
         pending_stage = stage;
@@ -1190,8 +1306,9 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
         }
       }
     }
-    if (kPaired ? pending : tiles > 0) {  // the last tile's P V, then its stage goes back
-      const int last_stage = kPaired ? pending_stage : (it + tiles - 1) % kStages;
+    // The last tile's P V, then its stage goes back.
+    if (kPaired ? pending : kKeyPairs ? walked : tiles > 0) {
+      const int last_stage = kPaired ? pending_stage : (it + steps - 1) % kStages;
       if constexpr (kPaired) {
         mbarrier_wait(&full_v[last_stage], pending_parity);
         if (pending_fence) fence_async_shared();
@@ -1235,7 +1352,7 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
 template <int kHeadDim, class Elt, bool kStagedBias, bool kGathered = false, bool kCheckV = true,
           bool kLean = false, bool kBand = false>
 __global__ void __launch_bounds__(
-    Sm90ForwardTiles<kHeadDim, Elt, kBand>::kThreads, 1)
+    Sm90ForwardTiles<kHeadDim, Elt, kBand, kLean && sm90_forward_wide(kHeadDim)>::kThreads, 1)
     forward_kernel_sm90(const __grid_constant__ ForwardParams p,
                         const __grid_constant__ KvTensorMaps tma) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)

@@ -100,9 +100,9 @@ inline bool lean_forward_call(const ForwardParams& p) {
 // (forward_kernel_sm90's kBand: 192 rows and three consumer warpgroups at D = 64, 128 rows over
 // 128-key tiles at D = 128): at the head dims that have the band walk (sm90_forward_band), plan
 // lists that are the band alone (ForwardParams::causal_band), a lean call (lean_forward_call)
-// whose keys are whole band tiles (`band_keys`, sm90_band_keys), one split, the persistent launch
-// and the V check ahead (the band walk has no V check of its own). FSA_CUDA_FORWARD_BAND=0 keeps
-// the 128-row walks (A/B measurements).
+// whose keys are whole band tiles of `band_keys`, one split, the persistent launch and the V
+// check ahead (the band walk has no V check of its own). FSA_CUDA_FORWARD_BAND=0 keeps the
+// plan's walks (A/B measurements).
 inline bool band_forward_call(const ForwardParams& p, int band_keys) {
   static const bool enabled = !env_is("FSA_CUDA_FORWARD_BAND", "0");
   return enabled && p.causal_band && p.num_splits == 1 && lean_forward_call(p) &&
@@ -131,7 +131,7 @@ void launch_v_check(const ForwardParams& p, int32_t* flag, cudaStream_t stream) 
 // counter.
 template <int kHeadDim, class Elt>
 void launch_band_forward(const ForwardParams& params, cudaStream_t stream) {
-  using Band = Sm90ForwardTiles<kHeadDim, Elt, true>;
+  using Band = Sm90ForwardTiles<kHeadDim, Elt, true, sm90_forward_wide(kHeadDim)>;
   using Tiles = Sm90ForwardTiles<kHeadDim, Elt>;
   const int64_t sms = multiprocessor_count();
   const int64_t rows_of_blocks = int64_t(params.num_heads) * params.batch;  // never GQA-packed
@@ -194,7 +194,8 @@ void launch_forward(const ForwardParams& params, cudaStream_t stream) {
     const bool gathered = params.map.gather_slots != nullptr;
     if (use_sm90_forward(params, kHeadDim)) {
       if constexpr (sm90_forward_band(kHeadDim)) {
-        if (band_forward_call(params, sm90_band_keys(kHeadDim))) {
+        using Band = Sm90ForwardTiles<kHeadDim, Elt, true, sm90_forward_wide(kHeadDim)>;
+        if (band_forward_call(params, Band::kBlockN)) {
           launch_band_forward<kHeadDim, Elt>(params, stream);
           FSA_CUDA_CHECK(cudaGetLastError());
           return;
@@ -218,6 +219,9 @@ void launch_forward(const ForwardParams& params, cudaStream_t stream) {
         return kernel;
       };
       const int smem = Tiles::smem_bytes(params.bias_staged, gathered);
+      // The lean walk's shared memory: 128-key steps where sm90_forward_wide.
+      using LeanTiles = Sm90ForwardTiles<kHeadDim, Elt, false, sm90_forward_wide(kHeadDim)>;
+      const bool lean = sm90_forward_lean(kHeadDim) && lean_forward_call(params);
       // A CTA's query block is Tiles::kPlanRows of the plan's (two at D = 256).
       static_assert(Tiles::kPlanRows == (kHeadDim > 128 ? 2 : 1), "forward_plan_rows_per_cta");
       const dim3 sm90_grid(
@@ -255,8 +259,9 @@ void launch_forward(const ForwardParams& params, cudaStream_t stream) {
       const KvTensorMaps maps = forward_tensor_maps<kHeadDim>(params, gathered);
       if (fp.v_nonfinite != nullptr) {
         auto* fast = sm90_kernel(std::false_type{});
-        allow_dynamic_smem(reinterpret_cast<const void*>(fast), smem);
-        fast<<<launch_grid, Tiles::kThreads, smem, stream>>>(fp, maps);
+        const int fast_smem = lean ? LeanTiles::smem_bytes(false) : smem;
+        allow_dynamic_smem(reinterpret_cast<const void*>(fast), fast_smem);
+        fast<<<launch_grid, Tiles::kThreads, fast_smem, stream>>>(fp, maps);
       }
       auto* kernel = sm90_kernel(std::true_type{});
       allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);

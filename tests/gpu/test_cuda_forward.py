@@ -217,6 +217,43 @@ def test_lean_walk_causal_per_key_bias(dtype, D, gen):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_lean_walk_key_pairs(dtype, gen):
+    """The lean walk's 128-key steps over the plan's 64-key lists at D = 128 (KeyPairWalk): a
+    causal block selection of 64-key blocks keeps pairs and lone halves (the other half dropped,
+    and its K/V zero-filled), in the full and in the partial (causal) lists; 1088 keys end in a
+    lone half; a per-key bias staged with each step (its slice cut at the keys' end); query blocks
+    that select nothing (exact empty rows). Against float64 through the public API; on sm_90 the
+    profile shows that the lean instantiation ran."""
+    B, H, Hk, D, block = 2, 8, 2, 128, (128, 64)  # the plan's tiles at D = 128
+    Sq, Sk = 1536, 1088
+    q, k, v = qkv(B, Sq, Sk, H, Hk, D, dtype, gen)
+    bias = randn(B, Hk, 1, Sk, dtype=dtype, gen=gen)
+    sel = torch.rand(B, Hk, Sq // block[0], Sk // block[1], device="cuda", generator=gen) < 0.5
+    sel[0, 1, 5:7] = False  # two query tiles with no key
+    mask = sel.repeat_interleave(block[0], 2).repeat_interleave(block[1], 3)
+    scale = 1.0 / math.sqrt(D)
+
+    def ours():
+        return flash_sparse_attn.flash_sparse_attn_func(
+            q, k, v, attn_bias=bias, is_causal=True, block_mask=sel, block_size=block)
+
+    names = kernel_names(ours)
+    out = ours()
+    ref, ref_lse = attention(q, k, v, mask, bias, scale, True, 0.0, torch.float64)
+    naive, _ = attention(q, k, v, mask, bias, scale, True, 0.0, dtype)
+    where = f"key pairs seed={SEED} dtype={dtype}"
+    assert not out.isnan().any(), where
+    empty = (ref_lse == -math.inf).transpose(1, 2)  # (B, Sq, H)
+    assert empty.any() and (out[empty] == 0).all(), where
+    err = (out.double() - ref).abs().max().item()
+    naive_err = (naive.double() - ref).abs().max().item()
+    assert err <= 2 * naive_err + ATOL, f"out error {err:.3e} > 2 x naive {naive_err:.3e}: {where}"
+    if torch.cuda.get_device_capability() == (9, 0) and names:
+        lean = "false, false, false, true, false>"
+        assert any("forward_kernel_sm90<128," in n and lean in n for n in names), names
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_case5_decode_gqa_mask_bias(dtype, gen):
     q, k, v = qkv(3, 1, 1025, 32, 4, 128, dtype, gen)
     mask = torch.rand(3, 4, 1, 1025, device="cuda", generator=gen) < 0.5
