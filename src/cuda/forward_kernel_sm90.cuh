@@ -653,6 +653,10 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
   constexpr bool kKeyPairs = kWide && !kBand;
   // The producer publishes each step in its stage's record (s_step), the consumers read it there.
   constexpr bool kSteps = kPaired || kKeyPairs;
+  // Q read from shared memory by one plan tile's walk: the consumers give it back at the tile's
+  // last S, not after its last P V (paired tiles give it back at the end, as they learn which S
+  // is their last only from the step after it).
+  constexpr bool kEarlyQ = !Tiles::kQInRegisters && !kPaired;
   T* smem_q = reinterpret_cast<T*>(smem_raw);
   T* smem_k = smem_q + Tiles::kSmemQ;
   T* smem_v = smem_k + Tiles::kSmemK;
@@ -1203,6 +1207,11 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
         warpgroup_wait<0>();
       }
       warpgroup_fence_operand(tSrS);
+      // Q in shared memory over one plan tile (kEarlyQ): after the tile's last S the producer may
+      // copy the next tile's Q while this one's softmax, P V and write-out run.
+      if constexpr (kEarlyQ) {
+        if ((kKeyPairs ? last : j + 1 == tiles) && release_lane) mbarrier_arrive(q_empty);
+      }
       // Paired tiles: P_{j-1} V_{j-1} is done, and V_{j-1}'s slot goes back.
       if constexpr (kPaired) {
         if (has_prev && release_lane) mbarrier_arrive(&empty_v[prev_stage]);
@@ -1318,8 +1327,12 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
       warpgroup_fence_operand(tOrO);
       if (release_lane) mbarrier_arrive(kPaired ? &empty_v[last_stage] : &empty_bar[last_stage]);
     }
-    // Q in shared memory: every S of the tile has been waited for.
-    if (!Tiles::kQInRegisters && release_lane) mbarrier_arrive(q_empty);
+    // Q in shared memory: every S of the tile has been waited for (kEarlyQ: released at the last
+    // one, unless the tile had none).
+    if (!Tiles::kQInRegisters && release_lane &&
+        (!kEarlyQ || !(kKeyPairs ? walked : tiles > 0))) {
+      mbarrier_arrive(q_empty);
+    }
     it += steps;
     float o[1][kDTiles][4];
 #pragma unroll
