@@ -11,7 +11,8 @@
 // maps: KvTensorMaps, sm90_forward_tma_kv) and arrives on the stage's "full" mbarrier when the
 // copies land. Two consumer warpgroups own 64 query rows each and never wait for each other: per
 // tile, S = Q K^T with Q in registers (wgmma RS; from shared memory at D = 256, whose O alone
-// takes 128 registers per thread), the logits and online softmax in registers (the WarpRows /
+// takes 128 registers per thread, and over the lean walks' 128-key tiles at D = 128,
+// sm90_forward_wide), the logits and online softmax in registers (the WarpRows /
 // softmax_step code of the sm80 kernel: a wgmma accumulator is laid out per warp exactly like an
 // mma.sync C fragment), then O += P V with P from registers and V read from shared memory as an
 // MN-major operand; each consumer overlaps the softmax of tile j with its P_{j-1} V_{j-1} and
