@@ -1360,8 +1360,8 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
 // compiled in though never run, cost block selections 3-11% of their forward (H200,
 // docs/perf.md, thirty-first and thirty-second sessions). Without the V check only.
 //
-// kBand: the lean walk over blocks and key tiles of causality's band of its own shape
-// (sm90_band_rows / sm90_band_keys, BandList); for calls whose plan lists nothing else
+// kBand: the lean walk over query blocks of causality's band of its own shape (sm90_band_rows;
+// 128-key tiles where sm90_forward_wide; BandList); for calls whose plan lists nothing else
 // (band_forward_call).
 template <int kHeadDim, class Elt, bool kStagedBias, bool kGathered = false, bool kCheckV = true,
           bool kLean = false, bool kBand = false>
