@@ -169,7 +169,8 @@ struct Sm90ForwardTiles {
   static constexpr int kSmemBytes = kPlanRows == 2 ? kVBarrierOffset + 2 * kStages * 8
                                     : kWide        ? kVBarrierOffset
                                                    : kTileOffset + 3 * 8 + 3 * 4;
-  static_assert(kBlockN <= 64 || kWide, "one bit per key of a tile (the wide walks have no V check)");
+  static_assert(kBlockN <= 64 || kWide,
+                "one bit per key of a tile (the wide walks have no V check)");
   // A staged bias (Params::bias_staged) lives after the barriers, so that launches without one
   // keep their shared memory (and the L1 that the rest of the carveout leaves) as it was. Per
   // stage its (kBlockM x kBlockN) tile, SmemTile<kBlockN>.
@@ -187,6 +188,11 @@ struct Sm90ForwardTiles {
   }
   static_assert(kSmemBytes <= 227 * 1024, "a CTA's shared memory on sm_90");
 };
+
+// The tiles of forward_kernel_sm90's walk (kLean, kBand): the lean walks step over 128-key tiles
+// where sm90_forward_wide. The kernel, its launch bounds and its launches name them alike.
+template <int kHeadDim, class Elt, bool kLean, bool kBand>
+using Sm90WalkTiles = Sm90ForwardTiles<kHeadDim, Elt, kBand, kLean && sm90_forward_wide(kHeadDim)>;
 
 // Element offset of a coordinate in one of the GMMA shared-memory layouts above. CuTe applies their
 // 128-byte swizzle (Swizzle<3, 4, 3>) to byte addresses when a tensor is built on a pointer; on
@@ -636,8 +642,8 @@ template <int kHeadDim, class Elt, bool kStagedBias, bool kGathered, bool kCheck
           bool kBand>
 __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const KvTensorMaps& tma) {
   using namespace cute;
-  constexpr bool kWide = kLean && sm90_forward_wide(kHeadDim);
-  using Tiles = Sm90ForwardTiles<kHeadDim, Elt, kBand, kWide>;
+  using Tiles = Sm90WalkTiles<kHeadDim, Elt, kLean, kBand>;
+  constexpr bool kWide = Tiles::kWide;
   static_assert(!kBand || kLean, "the band walk is a lean one");
   using T = typename Tiles::T;
   constexpr int kBlockM = Tiles::kBlockM, kBlockN = Tiles::kBlockN;
@@ -1366,7 +1372,7 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
 template <int kHeadDim, class Elt, bool kStagedBias, bool kGathered = false, bool kCheckV = true,
           bool kLean = false, bool kBand = false>
 __global__ void __launch_bounds__(
-    Sm90ForwardTiles<kHeadDim, Elt, kBand, kLean && sm90_forward_wide(kHeadDim)>::kThreads, 1)
+    Sm90WalkTiles<kHeadDim, Elt, kLean, kBand>::kThreads, 1)
     forward_kernel_sm90(const __grid_constant__ ForwardParams p,
                         const __grid_constant__ KvTensorMaps tma) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)

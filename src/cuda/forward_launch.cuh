@@ -131,7 +131,7 @@ void launch_v_check(const ForwardParams& p, int32_t* flag, cudaStream_t stream) 
 // counter.
 template <int kHeadDim, class Elt>
 void launch_band_forward(const ForwardParams& params, cudaStream_t stream) {
-  using Band = Sm90ForwardTiles<kHeadDim, Elt, true, sm90_forward_wide(kHeadDim)>;
+  using Band = Sm90WalkTiles<kHeadDim, Elt, true, true>;
   using Tiles = Sm90ForwardTiles<kHeadDim, Elt>;
   const int64_t sms = multiprocessor_count();
   const int64_t rows_of_blocks = int64_t(params.num_heads) * params.batch;  // never GQA-packed
@@ -194,21 +194,21 @@ void launch_forward(const ForwardParams& params, cudaStream_t stream) {
     const bool gathered = params.map.gather_slots != nullptr;
     if (use_sm90_forward(params, kHeadDim)) {
       if constexpr (sm90_forward_band(kHeadDim)) {
-        using Band = Sm90ForwardTiles<kHeadDim, Elt, true, sm90_forward_wide(kHeadDim)>;
-        if (band_forward_call(params, Band::kBlockN)) {
+        if (band_forward_call(params, Sm90WalkTiles<kHeadDim, Elt, true, true>::kBlockN)) {
           launch_band_forward<kHeadDim, Elt>(params, stream);
           FSA_CUDA_CHECK(cudaGetLastError());
           return;
         }
       }
       using Tiles = Sm90ForwardTiles<kHeadDim, Elt>;
+      const bool lean = sm90_forward_lean(kHeadDim) && lean_forward_call(params);
       // The instantiation for the call, with or without the partial tiles' V check (kCheckV).
       // Without the check, calls whose logits allow it run the lean walk (lean_forward_call).
       auto sm90_kernel = [&](auto check_v) {
         constexpr bool kCheckV = decltype(check_v)::value;
         auto* kernel = &forward_kernel_sm90<kHeadDim, Elt, false, false, kCheckV>;
         if constexpr (!kCheckV && sm90_forward_lean(kHeadDim)) {
-          if (lean_forward_call(params)) {
+          if (lean) {
             kernel = &forward_kernel_sm90<kHeadDim, Elt, false, false, false, true>;
           }
         }
@@ -220,8 +220,7 @@ void launch_forward(const ForwardParams& params, cudaStream_t stream) {
       };
       const int smem = Tiles::smem_bytes(params.bias_staged, gathered);
       // The lean walk's shared memory: 128-key steps where sm90_forward_wide.
-      using LeanTiles = Sm90ForwardTiles<kHeadDim, Elt, false, sm90_forward_wide(kHeadDim)>;
-      const bool lean = sm90_forward_lean(kHeadDim) && lean_forward_call(params);
+      using LeanTiles = Sm90WalkTiles<kHeadDim, Elt, true, false>;
       // A CTA's query block is Tiles::kPlanRows of the plan's (two at D = 256).
       static_assert(Tiles::kPlanRows == (kHeadDim > 128 ? 2 : 1), "forward_plan_rows_per_cta");
       const dim3 sm90_grid(
