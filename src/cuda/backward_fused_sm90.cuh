@@ -13,7 +13,8 @@
 //   x^T  = K_w Q^T    SS wgmma (64 keys x 64 queries, K = head dim)
 //   dP^T = V_w dO^T   SS wgmma
 //   element passes -> P^T, dS^T (as the dK/dV pass; a warpgroup whose tile does not list the
-//                     half's query tile skips them and its products, and its dS is zero)
+//                     half's query tile skips them and its products, and its dS is zero; under
+//                     softcap "dS" below is dX = dS (1 - t^2), and the column sums take dS)
 //   dV  += P^T dO     RS wgmma
 //   dK  += dS^T Q     RS wgmma
 //   dS^T -> shared memory; both warpgroups meet (named barrier)
@@ -253,8 +254,10 @@ __device__ __forceinline__ void bulk_wait_all() {
 // one that is not staged (lean_fused_call, the host's choice): the per-key bias's values held per
 // head (KeyRowBiasHeld) and, where a half needs a check, one compare pair per entry against each
 // key row's interval of queries (keep_query_interval), as the lean dK/dV pass; the general
-// element passes (mask, row bounds, staged or general bias) stay out of its code.
-template <int kHeadDim, class Elt, bool kLean = false>
+// element passes (mask, row bounds, staged or general bias) stay out of its code. kSoftcap ==
+// (p.softcap_in != 0): the cap and dX = dS (1 - t^2) for dK and the dS tile of dQ (softcap_pass,
+// apply_slope), never lean.
+template <int kHeadDim, class Elt, bool kLean = false, bool kSoftcap = false>
 __global__ void __launch_bounds__(Sm90FusedTiles<kHeadDim, Elt>::kThreads, 1)
     dkdvq_kernel_sm90(const __grid_constant__ BackwardParams p,
                       const __grid_constant__ QdoTensorMaps tma) {
@@ -468,17 +471,19 @@ __global__ void __launch_bounds__(Sm90FusedTiles<kHeadDim, Elt>::kThreads, 1)
       warpgroup_fence_operand(tSrS);
       auto& s = *reinterpret_cast<float(*)[kCTiles][4]>(raw_pointer_cast(tSrS.data()));
       const DkvIndex ix{{key_row[0], key_row[1]}, q0, t};
-      key_row_logits<Elt, kLean, false>(
+      uint32_t slope[kSoftcap ? 2 * kCTiles : 1];
+      key_row_logits<Elt, kLean, false, kSoftcap>(
           p, b, h, key_row, by_key_row, key_bias,
           s_bias + stage * Tiles::kBiasStageElems + wg * kHalf * kBlockN, warp * 16, check,
-          keep_lo, keep_hi, ix, s);
+          keep_lo, keep_hi, ix, s, slope);
       probabilities_t(s, s_lse + stage * kHalf, t);
       warpgroup_wait<0>();  // dP^T
       warpgroup_fence_operand(tSrDp);
       pack_pairs<Elt>(p_regs, s);
       auto& ds = *reinterpret_cast<float(*)[kCTiles][4]>(raw_pointer_cast(tSrDp.data()));
       ds_t(ds, s, s_rdot + stage * kHalf, t);
-      if (p.bias_grad == BiasGrad::kColumns) col.add(ds);
+      if (p.bias_grad == BiasGrad::kColumns) col.add(ds);  // dbias takes dS, dK and dQ dX
+      if constexpr (kSoftcap) apply_slope(ds, slope);
       pack_pairs<Elt>(ds_regs, ds);
       issue_rs(tdV, tP, tKVrDot, stage);
       issue_rs(tdK, tDs, tKVrQt, stage);

@@ -223,19 +223,22 @@ struct KeyRowBias {
                              : Elt::to_float(p.bias, off)) * kLog2e;
     }
   }
-  template <int kN>
+  // kScale = false: s is already in log2 units (softcap's logits, softcap_pass), v is added.
+  template <bool kScale, int kN>
   __device__ static void apply(const BackwardParams& p, const float (&v)[2], float (&s)[kN][4]) {
 #pragma unroll
     for (int j = 0; j < kN; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) s[j][e] = fmaf(s[j][e], p.scale_log2, v[e / 2]);
+      for (int e = 0; e < 4; ++e) {
+        s[j][e] = kScale ? fmaf(s[j][e], p.scale_log2, v[e / 2]) : s[j][e] + v[e / 2];
+      }
   }
-  template <class Elt, int kN>
+  template <class Elt, bool kScale = true, int kN>
   __device__ static void scale_add(const BackwardParams& p, int b, int h,
                                    const int (&key_row)[2], float (&s)[kN][4]) {
     float v[2];
     values<Elt>(p, b, h, key_row, v);
-    apply(p, v, s);
+    apply<kScale>(p, v, s);
   }
 };
 
@@ -247,14 +250,14 @@ struct KeyRowBias {
 struct KeyRowBiasHeld {
   int head = -1;  // the head whose values v holds
   float v[2];
-  template <class Elt, int kN>
+  template <class Elt, bool kScale = true, int kN>
   __device__ void scale_add(const BackwardParams& p, int b, int h, const int (&key_row)[2],
                             float (&s)[kN][4]) {
     if (h != head) {
       head = h;
       KeyRowBias::values<Elt>(p, b, h, key_row, v);
     }
-    KeyRowBias::apply(p, v, s);
+    KeyRowBias::apply<kScale>(p, v, s);
   }
 };
 

@@ -17,9 +17,10 @@
 //
 //   x^T  = K Q^T    SS wgmma (64 keys x 64 queries, K = head dim)
 //   dP^T = V dO^T   SS wgmma
-//   element passes -> P^T, dS^T (column sums of dS for BiasGrad::kColumns)
+//   element passes -> P^T, dS^T (column sums of dS for BiasGrad::kColumns), dX^T (= dS^T
+//                     without softcap, dS^T (1 - t^2) with it: kSoftcap, softcap_pass)
 //   dV  += P^T dO   RS wgmma: P^T from registers, dO as the MN-major (head dim x queries) operand
-//   dK  += dS^T Q   RS wgmma, Q likewise
+//   dK  += dX^T Q   RS wgmma, Q likewise
 //
 // A Q / dO stage is stored once, K-major (queries x head dim) with the 128-byte swizzle; the
 // MN-major operand view (head dim x queries) built from the MN atom tiled queries-first addresses
@@ -242,6 +243,42 @@ __device__ __forceinline__ void pack_pairs(uint32_t* regs, const float (&x)[kC][
   }
 }
 
+// Softcap (Params::softcap_in != 0; the passes' kSoftcap instantiations): the logits' scale step
+// becomes the cap, s = c tanh(scale x / c) log2(e) (a bias is added after it, SPEC's order), and
+// the slope 1 - t^2 of dX = dS (1 - t^2) is kept per entry as fp16 pairs laid out as pack_pairs'
+// (slope[2 c + r]: entries (c, 2 r) and (c, 2 r + 1)). The slope lies in [0, 1], where fp16 keeps
+// 11 bits, more than the 16-bit dX it scales. tanhf, as the forward's: its LSE came from the same
+// logits.
+template <int kC>
+__device__ __forceinline__ void softcap_pass(float (&s)[kC][4], uint32_t* slope, float in,
+                                             float out) {
+#pragma unroll
+  for (int c = 0; c < kC; ++c)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float t0 = tanhf(s[c][2 * r] * in), t1 = tanhf(s[c][2 * r + 1] * in);
+      s[c][2 * r] = t0 * out;
+      s[c][2 * r + 1] = t1 * out;
+      slope[2 * c + r] = Fp16::pack(1.0f - t0 * t0, 1.0f - t1 * t1);
+    }
+}
+// dX = dS (1 - t^2) in place, from softcap_pass's slopes; 0 where dS is (a dropped entry whose
+// raw product was not finite has a NaN slope).
+__device__ __forceinline__ float slope_entry(float ds, float slope) {
+  return ds != 0.0f ? ds * slope : 0.0f;
+}
+template <int kC>
+__device__ __forceinline__ void apply_slope(float (&ds)[kC][4], const uint32_t* slope) {
+#pragma unroll
+  for (int c = 0; c < kC; ++c)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float2 f = Fp16::unpack(slope[2 * c + r]);
+      ds[c][2 * r] = slope_entry(ds[c][2 * r], f.x);
+      ds[c][2 * r + 1] = slope_entry(ds[c][2 * r + 1], f.y);
+    }
+}
+
 // A dK/dV producer thread's share of a 64-query step's raw statistics (cp.async): threads 0-63
 // copy the LSE, threads 64-127 the rowdot of query q0 + threadIdx.x % 64 into the stage's s_lse /
 // s_rdot, zero past Sq (those queries are dropped by the consumers' drop pass).
@@ -297,18 +334,22 @@ __device__ __forceinline__ void load_step_rows_async(const BackwardParams& p,
 // KeyRowBiasHeld in the lean passes) where it applies, else the scale and a staged bias
 // (`staged`, the tile's rows from `staged_row0`) or a general one; then, on a step that needs
 // them, the drops: each key row's interval of queries [keep_lo, keep_hi] in the lean passes
-// (kLean), drop_pass otherwise.
-template <class Elt, bool kLean, bool kRowTopK, class KeyBias, int kN>
+// (kLean), drop_pass otherwise. kSoftcap: the cap in place of the scale (softcap_pass, its slopes
+// into `slope`), the bias added after it.
+template <class Elt, bool kLean, bool kRowTopK, bool kSoftcap = false, class KeyBias, int kN>
 __device__ __forceinline__ void key_row_logits(const BackwardParams& p, int b, int h,
                                                const int (&key_row)[2], bool by_key_row,
                                                KeyBias& key_bias, const uint16_t* staged,
                                                int staged_row0, bool check,
                                                const int (&keep_lo)[2], const int (&keep_hi)[2],
-                                               const DkvIndex& ix, float (&s)[kN][4]) {
+                                               const DkvIndex& ix, float (&s)[kN][4],
+                                               uint32_t* slope = nullptr) {
+  static_assert(!(kLean && kSoftcap), "the lean passes have no softcap");
+  if constexpr (kSoftcap) softcap_pass(s, slope, p.softcap_in, p.softcap_out);
   if (by_key_row) {
-    key_bias.template scale_add<Elt>(p, b, h, key_row, s);
+    key_bias.template scale_add<Elt, !kSoftcap>(p, b, h, key_row, s);
   } else {
-    scale_pass(s, p.scale_log2);
+    if constexpr (!kSoftcap) scale_pass(s, p.scale_log2);
     if constexpr (!kLean) {  // (the lean passes' bias, if any, is KeyRowBias's)
       if (p.bias_staged) {
         // Entry (key row, query column) is element (query, key) of the staged tile.
@@ -333,7 +374,9 @@ __device__ __forceinline__ void key_row_logits(const BackwardParams& p, int b, i
 // element passes are one fma or multiply per entry and, on partial tiles, one compare pair
 // (causal_query_interval), where the general passes (mask, row bounds, staged or general bias,
 // gathered slots) more than doubled the kernel's code (docs/perf.md, thirty-second session).
-template <int kHeadDim, class Elt, bool kRowTopK, bool kLean = false>
+// kSoftcap == (p.softcap_in != 0): the cap and dX = dS (1 - t^2) (softcap_pass, apply_slope),
+// never lean.
+template <int kHeadDim, class Elt, bool kRowTopK, bool kLean = false, bool kSoftcap = false>
 __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
                                   Sm90DkvTiles<kHeadDim, Elt>::kCtasPerSm)
     dkdv_kernel_sm90(const __grid_constant__ BackwardParams p,
@@ -341,6 +384,7 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace cute;
   static_assert(!(kLean && kRowTopK), "the lean pass has no per-row top-k");
+  static_assert(!(kLean && kSoftcap), "the lean pass has no softcap");
   using Tiles = Sm90DkvTiles<kHeadDim, Elt>;
   using T = typename Tiles::T;
   constexpr int kBlockM = Tiles::kBlockM, kBlockN = Tiles::kBlockN, kHalf = Tiles::kHalf;
@@ -544,17 +588,20 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
     // The element passes work in place on the accumulators (flat index 4 c + e = s[c][e]).
     auto& s = *reinterpret_cast<float(*)[kCTiles][4]>(raw_pointer_cast(tSrS.data()));
     const DkvIndex ix{{key_row[0], key_row[1]}, q0, t};
-    key_row_logits<Elt, kLean, kRowTopK>(p, b, h, key_row, by_key_row, key_bias,
-                                         s_bias + stage * Tiles::kBiasStageElems, warp * 16,
-                                         check, keep_lo, keep_hi, ix, s);
-    // P^T, then (dP^T retired) dS^T, each packed as the A operand of dV += P^T dO and dK += dS^T Q.
+    uint32_t slope[kSoftcap ? 2 * kCTiles : 1];
+    key_row_logits<Elt, kLean, kRowTopK, kSoftcap>(p, b, h, key_row, by_key_row, key_bias,
+                                                   s_bias + stage * Tiles::kBiasStageElems,
+                                                   warp * 16, check, keep_lo, keep_hi, ix, s,
+                                                   slope);
+    // P^T, then (dP^T retired) dS^T, each packed as the A operand of dV += P^T dO and dK += dX^T Q.
     probabilities_t(s, s_lse + stage * kHalf, t);
     warpgroup_wait<0>();  // dP^T
     warpgroup_fence_operand(tSrDp);
     pack_pairs<Elt>(p_regs, s);
     auto& ds = *reinterpret_cast<float(*)[kCTiles][4]>(raw_pointer_cast(tSrDp.data()));
     ds_t(ds, s, s_rdot + stage * kHalf, t);
-    if (p.bias_grad == BiasGrad::kColumns) col.add(ds);
+    if (p.bias_grad == BiasGrad::kColumns) col.add(ds);  // dbias takes dS, dK dX
+    if constexpr (kSoftcap) apply_slope(ds, slope);
     pack_pairs<Elt>(ds_regs, ds);
     issue_rs(tdV, tP, tKVrDot, stage);
     issue_rs(tdK, tDs, tKVrQt, stage);
@@ -603,8 +650,8 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
 //
 //   x  = Q K^T      SS wgmma (64 queries x 64 keys, K = head dim)
 //   dP = dO V^T     SS wgmma
-//   element passes -> dS (= dX without softcap), dbias duties
-//   dQ += dS K      RS wgmma: dS from registers, K read as the MN-major (head dim x keys) operand
+//   element passes -> dS and its dbias duties, dX (= dS without softcap)
+//   dQ += dX K      RS wgmma: dX from registers, K read as the MN-major (head dim x keys) operand
 //                   of the same K stage (the layout view the dK/dV pass uses for Q and dO),
 //                   issued after the next tile's x and dP
 //
@@ -713,14 +760,18 @@ inline DqBiasDuty dq_bias_duty(const BackwardParams& p) {
 // tile (lean_dq_call, the host's choice): the staged values' fma and, on partial tiles, one
 // compare per entry against the row's visible end, as the forward's lean walk (docs/perf.md,
 // thirty-second session).
+// kSoftcap == (p.softcap_in != 0): the cap and dX = dS (1 - t^2) (softcap_pass, apply_slope;
+// the dbias duties take dS), never lean.
 template <int kHeadDim, class Elt, DqBiasDuty kDuty, bool kStagedBias, bool kRowTopK,
-          bool kGathered = false, bool kLean = false>
+          bool kGathered = false, bool kLean = false, bool kSoftcap = false>
 __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
     dq_kernel_sm90(const __grid_constant__ BackwardParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace cute;
-  static_assert(!kLean || (kDuty == DqBiasDuty::kNone && !kStagedBias && !kRowTopK && !kGathered),
-                "the lean pass has no dbias duty, staged bias, per-row top-k or gathered tiles");
+  static_assert(!kLean || (kDuty == DqBiasDuty::kNone && !kStagedBias && !kRowTopK && !kGathered &&
+                           !kSoftcap),
+                "the lean pass has no dbias duty, staged bias, per-row top-k, gathered tiles or "
+                "softcap");
   using Tiles = Sm90DqTiles<kHeadDim, Elt>;
   using T = typename Tiles::T;
   constexpr int kBlockM = Tiles::kBlockM, kBlockN = Tiles::kBlockN;
@@ -956,7 +1007,12 @@ __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
     // The element passes work in place on the accumulators (flat index 4 c + e = s[c][e]).
     auto& s = *reinterpret_cast<float(*)[kNTiles][4]>(raw_pointer_cast(tSrS.data()));
     const DqIndex ix{{i_row[0], i_row[1]}, n * kBlockN, t};
-    scale_pass(s, p.scale_log2);
+    uint32_t slope[kSoftcap ? 2 * kNTiles : 1];
+    if constexpr (kSoftcap) {
+      softcap_pass(s, slope, p.softcap_in, p.softcap_out);
+    } else {
+      scale_pass(s, p.scale_log2);
+    }
     if constexpr (kLean) {
       if (bias_row != nullptr) {
         add_column_bias<Elt>(s, gathered_cols(stage, 2), p.bias_is_fp32, t, kLog2e);
@@ -1013,12 +1069,28 @@ __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
       for (int e = 0; e < 4; ++e) {
         ds[c][e] = s[c][e] != 0.0f ? s[c][e] * (ds[c][e] - rdot[e / 2]) : 0.0f;
       }
+    if constexpr (kSoftcap) {  // the dbias duties take dS, dQ += dX K the slopes' dX
+      if constexpr (kDuty == DqBiasDuty::kFp32) {
+        dq_pass_dbias<Elt>(p, b, h, i_row, n * kBlockN, t, ds, row_grad);
+      } else if constexpr (kDuty == DqBiasDuty::kPacked) {
+#pragma unroll
+        for (int c = 0; c < kNTiles; ++c)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            store_dbias_pair16(p, b, h, i_row[r], n * kBlockN + c * 8 + 2 * t,
+                               Elt::pack(ds[c][2 * r], ds[c][2 * r + 1]));
+          }
+      }
+      apply_slope(ds, slope);
+    }
 #pragma unroll
     for (int c = 0; c < kNTiles; ++c) {
       ds_regs[2 * c] = Elt::pack(ds[c][0], ds[c][1]);
       ds_regs[2 * c + 1] = Elt::pack(ds[c][2], ds[c][3]);
     }
-    if constexpr (kDuty == DqBiasDuty::kFp32) {
+    if constexpr (kSoftcap) {
+      // (its duties ran above, on dS)
+    } else if constexpr (kDuty == DqBiasDuty::kFp32) {
       dq_pass_dbias<Elt>(p, b, h, i_row, n * kBlockN, t, ds, row_grad);
     } else if constexpr (kDuty == DqBiasDuty::kPacked) {
 #pragma unroll

@@ -20,12 +20,12 @@
 
 namespace fsa::detail::cuda {
 
-// The Hopper dK/dV kernel serves sm_90 devices (the sm_90a image of this build), except under
-// softcap (its extra per-entry terms stay on the sm80 kernel). FSA_CUDA_BACKWARD=sm80 forces the
-// sm80 kernel (for A/B measurements on one card).
-inline bool use_sm90_backward(const BackwardParams& params) {
+// The Hopper dK/dV kernel serves sm_90 devices (the sm_90a image of this build); softcap takes
+// its kSoftcap instantiations. FSA_CUDA_BACKWARD=sm80 forces the sm80 kernel (for A/B measurements
+// on one card).
+inline bool use_sm90_backward(const BackwardParams& /*params*/) {
   static const bool forced_sm80 = env_is("FSA_CUDA_BACKWARD", "sm80");
-  if (forced_sm80 || params.softcap_in != 0.0f) return false;
+  if (forced_sm80) return false;
   return hopper_kernels_available();
 }
 
@@ -200,7 +200,7 @@ inline bool lean_fused_call(const BackwardParams& p) {
 }
 
 // The sm90 dQ kernel for this call with its threads and shared memory, or null: the sm80 pass
-// (softcap, the sm80 kernels forced, or per-row top-k over compacted keys at D = 256).
+// (the sm80 kernels forced, or per-row top-k over compacted keys at D = 256).
 // `smem_limit`: the kernel's opt-in shared-memory limit, a fixed value per kernel (the D = 256
 // pass serves staged and unstaged biases in one instantiation: host threads launching it
 // concurrently must never lower the limit under each other), at least `smem`.
@@ -218,33 +218,51 @@ BackwardKernel sm90_dq_kernel(const BackwardParams& p, int& threads, int& smem, 
     using Duty = DqBiasDuty;
     threads = Wide::kThreads, smem = Wide::smem_bytes(p.bias_staged);
     smem_limit = Wide::smem_bytes(true);
-    if (p.row_topk.key != nullptr) return &dq_kernel_sm90_wide<Elt, Duty::kNone, true>;
-    switch (dq_bias_duty(p)) {
-      case Duty::kPacked: return &dq_kernel_sm90_wide<Elt, Duty::kPacked, false>;
-      case Duty::kFp32: return &dq_kernel_sm90_wide<Elt, Duty::kFp32, false>;
-      default: return &dq_kernel_sm90_wide<Elt, Duty::kNone, false>;
-    }
+    auto pick = [&](auto softcap) -> BackwardKernel {
+      constexpr bool kSoftcap = decltype(softcap)::value;
+      if (p.row_topk.key != nullptr) return &dq_kernel_sm90_wide<Elt, Duty::kNone, true, kSoftcap>;
+      switch (dq_bias_duty(p)) {
+        case Duty::kPacked: return &dq_kernel_sm90_wide<Elt, Duty::kPacked, false, kSoftcap>;
+        case Duty::kFp32: return &dq_kernel_sm90_wide<Elt, Duty::kFp32, false, kSoftcap>;
+        default: return &dq_kernel_sm90_wide<Elt, Duty::kNone, false, kSoftcap>;
+      }
+    };
+    return p.softcap_in != 0.0f ? pick(std::true_type{}) : pick(std::false_type{});
   } else {
     if (!use_sm90_dq(p)) return nullptr;
     const bool row_topk = p.row_topk.key != nullptr;
     using Sm90Tiles = Sm90DqTiles<kHeadDim, Elt>;
-    auto pick = [&](auto staged) -> BackwardKernel {
-      constexpr bool kStaged = decltype(staged)::value;
-      using Duty = DqBiasDuty;
+    // kSoftcap (the cap, dX = dS (1 - t^2)) is an instantiation of each.
+    using Duty = DqBiasDuty;
+    auto pick = [&](auto staged, auto softcap) -> BackwardKernel {
+      constexpr bool kStaged = decltype(staged)::value, kSoftcap = decltype(softcap)::value;
       switch (dq_bias_duty(p)) {
-        case Duty::kPacked: return &dq_kernel_sm90<kHeadDim, Elt, Duty::kPacked, kStaged, false>;
-        case Duty::kFp32: return &dq_kernel_sm90<kHeadDim, Elt, Duty::kFp32, kStaged, false>;
-        default: return &dq_kernel_sm90<kHeadDim, Elt, Duty::kNone, kStaged, false>;
+        case Duty::kPacked:
+          return &dq_kernel_sm90<kHeadDim, Elt, Duty::kPacked, kStaged, false, false, false,
+                                 kSoftcap>;
+        case Duty::kFp32:
+          return &dq_kernel_sm90<kHeadDim, Elt, Duty::kFp32, kStaged, false, false, false,
+                                 kSoftcap>;
+        default:
+          return &dq_kernel_sm90<kHeadDim, Elt, Duty::kNone, kStaged, false, false, false,
+                                 kSoftcap>;
       }
     };
     // Per-row top-k comes with a query-invariant bias: never staged, no dQ-pass dbias duty;
     // over compacted keys it runs on the plan's gathered tiles.
+    auto pick_walk = [&](auto softcap) -> BackwardKernel {
+      constexpr bool kSoftcap = decltype(softcap)::value;
+      if (p.map.gather_slots != nullptr) {
+        return &dq_kernel_sm90<kHeadDim, Elt, Duty::kNone, false, false, true, false, kSoftcap>;
+      }
+      if (row_topk) {
+        return &dq_kernel_sm90<kHeadDim, Elt, Duty::kNone, false, true, false, false, kSoftcap>;
+      }
+      return p.bias_staged ? pick(std::true_type{}, softcap) : pick(std::false_type{}, softcap);
+    };
     const bool gathered = p.map.gather_slots != nullptr;
     BackwardKernel dq =
-        gathered        ? &dq_kernel_sm90<kHeadDim, Elt, DqBiasDuty::kNone, false, false, true>
-        : row_topk      ? &dq_kernel_sm90<kHeadDim, Elt, DqBiasDuty::kNone, false, true>
-        : p.bias_staged ? pick(std::true_type{})
-                        : pick(std::false_type{});
+        p.softcap_in != 0.0f ? pick_walk(std::true_type{}) : pick_walk(std::false_type{});
     if constexpr (sm90_backward_lean(kHeadDim)) {
       if (lean_dq_call(p)) {  // (never gathered, per-row top-k or staged)
         dq = &dq_kernel_sm90<kHeadDim, Elt, DqBiasDuty::kNone, false, false, false, true>;
@@ -262,8 +280,8 @@ BackwardKernel sm90_dq_kernel(const BackwardParams& p, int& threads, int& smem, 
 }
 
 // The sm90 dK/dV pass and, when it splits, its reduction, with `kv` (p's copy for the pass and
-// the bias reduction after it) set up for them; false when the call takes the sm80 pass (softcap,
-// the sm80 kernels forced, or per-row top-k's dK/dV groups at D = 256), with nothing launched.
+// the bias reduction after it) set up for them; false when the call takes the sm80 pass (the
+// sm80 kernels forced, or per-row top-k's dK/dV groups at D = 256), with nothing launched.
 template <int kHeadDim, class Elt>
 bool launch_sm90_dkdv(const BackwardParams& p, BackwardParams& kv, StreamBuffer& dkv_workspace,
                       cudaStream_t stream) {
@@ -364,12 +382,22 @@ bool launch_sm90_dkdv(const BackwardParams& p, BackwardParams& kv, StreamBuffer&
     // memory.
     using Wide = Sm90DkvWideTiles<Elt>;
     kv.bias_staged = false;
-    dkdv = row_topk ? &dkdv_kernel_sm90_wide<Elt, true> : &dkdv_kernel_sm90_wide<Elt, false>;
+    if (p.softcap_in != 0.0f) {
+      dkdv = row_topk ? &dkdv_kernel_sm90_wide<Elt, true, true>
+                      : &dkdv_kernel_sm90_wide<Elt, false, true>;
+    } else {
+      dkdv = row_topk ? &dkdv_kernel_sm90_wide<Elt, true> : &dkdv_kernel_sm90_wide<Elt, false>;
+    }
     threads = Wide::kThreads, smem_limit = smem = Wide::kSmemBytes;
   } else {
     using Sm90Tiles = Sm90DkvTiles<kHeadDim, Elt>;
-    dkdv = row_topk ? &dkdv_kernel_sm90<kHeadDim, Elt, true>
-                    : &dkdv_kernel_sm90<kHeadDim, Elt, false>;
+    if (p.softcap_in != 0.0f) {
+      dkdv = row_topk ? &dkdv_kernel_sm90<kHeadDim, Elt, true, false, true>
+                      : &dkdv_kernel_sm90<kHeadDim, Elt, false, false, true>;
+    } else {
+      dkdv = row_topk ? &dkdv_kernel_sm90<kHeadDim, Elt, true>
+                      : &dkdv_kernel_sm90<kHeadDim, Elt, false>;
+    }
     if constexpr (sm90_backward_lean(kHeadDim)) {
       if (lean_dkdv_call(kv)) dkdv = &dkdv_kernel_sm90<kHeadDim, Elt, false, true>;
     }
@@ -379,8 +407,9 @@ bool launch_sm90_dkdv(const BackwardParams& p, BackwardParams& kv, StreamBuffer&
   if constexpr (has_fused_backward(kHeadDim)) {
     if (fused) {
       using Fused = Sm90FusedTiles<kHeadDim, Elt>;
-      dkdv = lean_fused_call(kv) ? &dkdvq_kernel_sm90<kHeadDim, Elt, true>
-                                 : &dkdvq_kernel_sm90<kHeadDim, Elt>;
+      dkdv = lean_fused_call(kv)      ? &dkdvq_kernel_sm90<kHeadDim, Elt, true>
+             : p.softcap_in != 0.0f ? &dkdvq_kernel_sm90<kHeadDim, Elt, false, true>
+                                    : &dkdvq_kernel_sm90<kHeadDim, Elt>;
       threads = Fused::kThreads, smem_limit = Fused::smem_bytes(true);
       smem = Fused::smem_bytes(p.bias_staged);
     }

@@ -6,7 +6,7 @@
 // a whole 64-row tile (dK and dV, or dQ) take 128 fp32 registers per thread each.
 //
 // Not here: per-row top-k over compacted keys (gathered K / V rows: the dK/dV pass's groups and
-// the dQ pass's gathered tiles) and softcap; those calls run the sm80 passes (launch_sm90_dkdv,
+// the dQ pass's gathered tiles); those calls run the sm80 passes (launch_sm90_dkdv,
 // sm90_dq_kernel).
 
 #include "cuda/backward_kernel_sm90.cuh"
@@ -87,7 +87,11 @@ struct Sm90DkvWideTiles {
 };
 
 // kRowTopK == (p.row_topk.key != null), as in dkdv_kernel_sm90. Never with a staged bias.
-template <class Elt, bool kRowTopK>
+// kSoftcap == (p.softcap_in != 0): warpgroup 1 caps the logits (softcap_pass) and hands over each
+// entry's P^T and slope 1 - t^2 as one fp16 pair in the P^T buffer's 32 bits (no room for a
+// second buffer; P in [0, 1] keeps 11 bits), warpgroup 0 takes dS^T for the column sums and dX^T
+// = dS^T (1 - t^2) for dK.
+template <class Elt, bool kRowTopK, bool kSoftcap = false>
 __global__ void __launch_bounds__(Sm90DkvWideTiles<Elt>::kThreads, 1)
     dkdv_kernel_sm90_wide(const __grid_constant__ BackwardParams p,
                           const __grid_constant__ QdoTensorMaps tma) {
@@ -249,10 +253,12 @@ __global__ void __launch_bounds__(Sm90DkvWideTiles<Elt>::kThreads, 1)
       const bool check =
           cur.partial() || key0 + kBlockN > p.seqlen_k || q0 + kHalf > p.seqlen_q;
       const DkvIndex ix{{key_row[0], key_row[1]}, q0, t};
+      uint32_t slope[kSoftcap ? 2 * kCTiles : 1];
+      if constexpr (kSoftcap) softcap_pass(s, slope, p.softcap_in, p.softcap_out);
       if (by_key_row) {
-        KeyRowBias::scale_add<Elt>(p, b, h, key_row, s);
+        KeyRowBias::scale_add<Elt, !kSoftcap>(p, b, h, key_row, s);
       } else {
-        scale_pass(s, p.scale_log2);
+        if constexpr (!kSoftcap) scale_pass(s, p.scale_log2);
         if (p.bias) bias_pass<Elt>(p, b, h, s, ix);
       }
       if (check) drop_pass<Elt, kRowTopK>(p, b, h, s, ix);
@@ -261,14 +267,43 @@ __global__ void __launch_bounds__(Sm90DkvWideTiles<Elt>::kThreads, 1)
 #pragma unroll
       for (int c = 0; c < kCTiles; ++c)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) p_tile[(4 * c + e) * 128 + ct] = s[c][e];
+        for (int e = 0; e < 4; ++e) {
+          if constexpr (kSoftcap) {
+            const float2 f = Fp16::unpack(slope[2 * c + e / 2]);
+            reinterpret_cast<uint32_t*>(p_tile)[(4 * c + e) * 128 + ct] =
+                Fp16::pack(s[c][e], e % 2 == 0 ? f.x : f.y);
+          } else {
+            p_tile[(4 * c + e) * 128 + ct] = s[c][e];
+          }
+        }
       bar_arrive(1 + buffer);
     } else {
       col.switch_to(p, col_rows, h);
       bar_sync(1 + buffer);  // warpgroup 1 wrote step j's
-      ds_t_shared(s, p_tile, ct, s_rdot + stage * kHalf, t);
-      bar_arrive(3 + buffer);
-      if (p.bias_grad == BiasGrad::kColumns) col.add(s);
+      if constexpr (kSoftcap) {
+        // dS^T from the fp16 P^T, its column sums, then dX^T with the slopes beside it.
+        const auto* pairs = reinterpret_cast<const uint32_t*>(p_tile);
+        const float* rdot = s_rdot + stage * kHalf;
+#pragma unroll
+        for (int c = 0; c < kCTiles; ++c)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            s[c][e] = ds_entry(Fp16::unpack(pairs[(4 * c + e) * 128 + ct]).x, s[c][e],
+                               rdot[c * 8 + 2 * t + (e & 1)]);
+          }
+        if (p.bias_grad == BiasGrad::kColumns) col.add(s);
+#pragma unroll
+        for (int c = 0; c < kCTiles; ++c)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            s[c][e] = slope_entry(s[c][e], Fp16::unpack(pairs[(4 * c + e) * 128 + ct]).y);
+          }
+        bar_arrive(3 + buffer);
+      } else {
+        ds_t_shared(s, p_tile, ct, s_rdot + stage * kHalf, t);
+        bar_arrive(3 + buffer);
+        if (p.bias_grad == BiasGrad::kColumns) col.add(s);
+      }
     }
     pack_pairs<Elt>(a_regs, s);
     issue_kv(stage);
@@ -380,9 +415,9 @@ struct Sm90DqWideTiles {
   static_assert(smem_bytes(true) <= 227 * 1024, "fits an SM's opt-in shared memory");
 };
 
-// kDuty == dq_bias_duty(p), kRowTopK == (p.row_topk.key != null), as in dq_kernel_sm90; the
-// staged bias is a runtime branch here (no spills either way).
-template <class Elt, DqBiasDuty kDuty, bool kRowTopK>
+// kDuty == dq_bias_duty(p), kRowTopK == (p.row_topk.key != null), kSoftcap == (p.softcap_in !=
+// 0), as in dq_kernel_sm90; the staged bias is a runtime branch here (no spills either way).
+template <class Elt, DqBiasDuty kDuty, bool kRowTopK, bool kSoftcap = false>
 __global__ void __launch_bounds__(Sm90DqWideTiles<Elt>::kThreads, 1)
     dq_kernel_sm90_wide(const __grid_constant__ BackwardParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -568,7 +603,12 @@ __global__ void __launch_bounds__(Sm90DqWideTiles<Elt>::kThreads, 1)
 
     auto& s = *reinterpret_cast<float(*)[kNTiles][4]>(raw_pointer_cast(tSrS.data()));
     const DqIndex ix{{i_row[0], i_row[1]}, n * kBlockN + kw, t};
-    scale_pass(s, p.scale_log2);
+    uint32_t slope[kSoftcap ? 2 * kNTiles : 1];
+    if constexpr (kSoftcap) {
+      softcap_pass(s, slope, p.softcap_in, p.softcap_out);
+    } else {
+      scale_pass(s, p.scale_log2);
+    }
     if (p.bias_staged) {
       add_staged_bias<Elt, false>(s, s_bias + stage * Tiles::kBiasStageElems, warp * 16, kLog2e,
                                   kw);
@@ -596,12 +636,28 @@ __global__ void __launch_bounds__(Sm90DqWideTiles<Elt>::kThreads, 1)
       for (int e = 0; e < 4; ++e) {
         ds[c][e] = s[c][e] != 0.0f ? s[c][e] * (ds[c][e] - rdot[e / 2]) : 0.0f;
       }
+    if constexpr (kSoftcap) {  // the dbias duties take dS, dQ += dX K the slopes' dX
+      if constexpr (kDuty == DqBiasDuty::kFp32) {
+        dq_pass_dbias<Elt>(p, b, h, i_row, n * kBlockN + kw, t, ds, row_grad);
+      } else if constexpr (kDuty == DqBiasDuty::kPacked) {
+#pragma unroll
+        for (int c = 0; c < kNTiles; ++c)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            store_dbias_pair16(p, b, h, i_row[r], n * kBlockN + kw + c * 8 + 2 * t,
+                               Elt::pack(ds[c][2 * r], ds[c][2 * r + 1]));
+          }
+      }
+      apply_slope(ds, slope);
+    }
     uint32_t ds_pairs[kNTiles][2];
 #pragma unroll
     for (int c = 0; c < kNTiles; ++c)
 #pragma unroll
       for (int r = 0; r < 2; ++r) ds_pairs[c][r] = Elt::pack(ds[c][2 * r], ds[c][2 * r + 1]);
-    if constexpr (kDuty == DqBiasDuty::kFp32) {
+    if constexpr (kSoftcap) {
+      // (its duties ran above, on dS)
+    } else if constexpr (kDuty == DqBiasDuty::kFp32) {
       dq_pass_dbias<Elt>(p, b, h, i_row, n * kBlockN + kw, t, ds, row_grad);
     } else if constexpr (kDuty == DqBiasDuty::kPacked) {
 #pragma unroll

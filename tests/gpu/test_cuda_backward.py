@@ -254,6 +254,73 @@ def test_case12_softcap(softcap, gen):
                    softcap=softcap, causal=True, label="case 12")
 
 
+# The Hopper backward passes' kernels (each has kSoftcap as its last template argument, with
+# this many arguments in all), and the sm80 passes.
+SM90_BACKWARD_ARGS = {"dkdv_kernel_sm90": 5, "dq_kernel_sm90": 8, "dkdvq_kernel_sm90": 4,
+                      "dkdv_kernel_sm90_wide": 3, "dq_kernel_sm90_wide": 4}
+
+
+def backward_kernels(names):
+    """{kernel: [template argument lists]} of the backward passes among profiled `names`."""
+    found = {}
+    for n in names:
+        for kernel in list(SM90_BACKWARD_ARGS) + ["dkdv_kernel", "dq_kernel"]:
+            start = n.find(f"{kernel}<")
+            if start >= 0 and (start == 0 or not (n[start - 1].isalnum() or n[start - 1] == "_")):
+                args = n[start + len(kernel) + 1:n.index(">(", start)]
+                found.setdefault(kernel, []).append(args.split(", "))
+    return found
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_softcap_on_hopper_passes(dtype, D, gen):
+    """Softcap's backward on the Hopper passes (their kSoftcap instantiations: the cap in place of
+    the scale, dX = dS (1 - t^2) for dK and dQ, dS for the bias gradient) against float64: a
+    per-key bias (its gradient by column sums; the fused pass at D <= 128, and the two passes
+    under deterministic), full 16-bit and fp32 biases (the dQ pass's packed and fp32 duties), a
+    (.., Sq, 1) bias (row sums), a mask, and per-row top-k over compacted keys (gathered tiles,
+    D <= 128). Ragged tiles (Sq 333, Sk 517), GQA, causal and not. On sm_90 the profile shows
+    that only the Hopper passes ran, each as its softcap instantiation."""
+    B, Sq, Sk, H, Hk = 1, 333, 517, 4, 2
+    q, k, v = qkv(B, Sq, Sk, H, Hk, D, dtype, gen)
+    sm90 = torch.cuda.get_device_capability() == (9, 0)
+    key_bias = randn(B, Hk, 1, Sk, dtype=dtype, gen=gen)
+    mask = torch.rand(B, Hk, Sq, Sk, device="cuda", generator=gen) < 0.6
+    mask[:, :, 5] = False  # a row that keeps nothing
+    cases = [
+        ("per-key bias", dict(bias=key_bias, causal=True, softcap=5.0)),
+        ("per-key bias deterministic", dict(bias=key_bias, causal=True, softcap=5.0,
+                                            deterministic=True)),
+        ("full 16-bit bias", dict(bias=randn(B, H, Sq, Sk, dtype=dtype, gen=gen), softcap=30.0)),
+        ("full fp32 bias", dict(bias=randn(B, Hk, Sq, Sk, dtype=torch.float32, gen=gen),
+                                causal=True, softcap=5.0)),
+        ("row bias", dict(bias=randn(B, H, Sq, 1, dtype=dtype, gen=gen), softcap=5.0)),
+        ("mask", dict(mask=mask, bias=key_bias, causal=True, softcap=5.0)),
+    ]
+    if D <= 128:
+        S, window = 640, 96
+        qt, kt, vt = qkv(B, S, S, H, Hk, D, dtype, gen)
+        bias_t = randn(B, Hk, 1, S, dtype=dtype, gen=gen)
+        causal_t = torch.ones(S, S, dtype=torch.bool, device="cuda").tril()[None, None]
+        topk_mask = create_mask(bias_t, causal_t, B, S, S, window, torch.finfo(dtype).min)
+        cases.append(("per-row top-k", dict(args=(qt, kt, vt), mask=topk_mask, bias=bias_t,
+                                            causal=True, softcap=5.0,
+                                            ours_how={"topk": window, "topk_causal": True})))
+    for label, kwargs in cases:
+        args = kwargs.pop("args", (q, k, v))
+        names = cuda_kernel_names(lambda: check_backward(
+            *args, label=f"softcap {label} D={D}", **kwargs))
+        if sm90 and names:  # (no profile under compute-sanitizer: CUPTI is taken)
+            ran = backward_kernels(names)
+            assert "dkdv_kernel" not in ran and "dq_kernel" not in ran, (label, names)
+            assert ran, (label, names)
+            for kernel, arg_lists in ran.items():
+                for a in arg_lists:
+                    assert len(a) == SM90_BACKWARD_ARGS[kernel] and a[-1] == "true", \
+                        (label, kernel, a)
+
+
 # Bias shapes whose gradient sums over (batch, head): a per-key bias (column sums), and full
 # (Sq, Sk) biases broadcast over batch and/or heads (summed across (b, h) CTAs of the dQ pass).
 DET_BIAS_SHAPES = [(1, 1, 1, 4096), (1, 1, 4096, 4096), (2, 1, 4096, 4096), (1, 2, 4096, 4096)]
@@ -435,8 +502,9 @@ def test_lean_backward_passes_causal_key_bias(D, Sq, Sk, gen):
     sel[..., -1] = True  # the ragged last key tile and the causal band's last blocks
     mask = sel.repeat_interleave(block, 2).repeat_interleave(block, 3)[..., :Sq, :Sk]
     sm90 = torch.cuda.get_device_capability() == (9, 0)
-    lean_dkdv = f"dkdv_kernel_sm90<{D}, fsa::detail::cuda::Bf16, false, true>"
-    lean_fused = f"dkdvq_kernel_sm90<{D}, fsa::detail::cuda::Bf16, true>"
+    # (the last template argument, kSoftcap, false)
+    lean_dkdv = f"dkdv_kernel_sm90<{D}, fsa::detail::cuda::Bf16, false, true, false>"
+    lean_fused = f"dkdvq_kernel_sm90<{D}, fsa::detail::cuda::Bf16, true, false>"
     hows = ("selection", "deterministic", "mask", "dense", "dense non-causal")
     for bias, how in itertools.product(biases, hows):
         kwargs = ({"mask": mask, "selection": (sel, block)} if how == "selection" else
@@ -446,7 +514,7 @@ def test_lean_backward_passes_causal_key_bias(D, Sq, Sk, gen):
         names = cuda_kernel_names(lambda: check_backward(
             q, k, v, bias=bias, causal=how != "dense non-causal", label=label, **kwargs))
         if sm90 and names:  # (no profile under compute-sanitizer: CUPTI is taken)
-            lean_dq = any(f"dq_kernel_sm90<{D}," in n and "false, false, false, true>" in n
+            lean_dq = any(f"dq_kernel_sm90<{D}," in n and "false, false, false, true, false>" in n
                           for n in names)
             fused = how.startswith("dense")
             lean = D in LEAN_BACKWARD_DIMS and how != "mask"
