@@ -749,6 +749,26 @@ inline DqBiasDuty dq_bias_duty(const BackwardParams& p) {
   }
 }
 
+// The dQ pass's bias-gradient duty (kDuty, dq_bias_duty) on a tile's dS, fragment element (c, e)
+// at row i_row[e / 2] and key col0 + 8 c + 2 t + (e & 1): kFp32 by dq_pass_dbias, kPacked by
+// 16-bit stores of the pairs `pair(c, r)` returns (entries (c, 2 r) and (c, 2 r + 1) packed).
+template <class Elt, DqBiasDuty kDuty, int kNTiles, class Pair>
+__device__ __forceinline__ void dq_pass_duty(const BackwardParams& p, int b, int h,
+                                             const int (&i_row)[2], int col0, int t,
+                                             const float (&ds)[kNTiles][4],
+                                             float (&row_grad)[2], const Pair& pair) {
+  if constexpr (kDuty == DqBiasDuty::kFp32) {
+    dq_pass_dbias<Elt>(p, b, h, i_row, col0, t, ds, row_grad);
+  } else if constexpr (kDuty == DqBiasDuty::kPacked) {
+#pragma unroll
+    for (int c = 0; c < kNTiles; ++c)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        store_dbias_pair16(p, b, h, i_row[r], col0 + c * 8 + 2 * t, pair(c, r));
+      }
+  }
+}
+
 // kDuty == dq_bias_duty(p). kStagedBias == p.bias_staged, also an instantiation: as a runtime
 // branch the staged path made ptxas spill (20 bytes) in the common instantiation and the dense dQ
 // pass slower (0.455 vs 0.436 ms at (2, 4096, 16, 16, 128) causal on H100).
@@ -1069,18 +1089,12 @@ __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
       for (int e = 0; e < 4; ++e) {
         ds[c][e] = s[c][e] != 0.0f ? s[c][e] * (ds[c][e] - rdot[e / 2]) : 0.0f;
       }
-    if constexpr (kSoftcap) {  // the dbias duties take dS, dQ += dX K the slopes' dX
-      if constexpr (kDuty == DqBiasDuty::kFp32) {
-        dq_pass_dbias<Elt>(p, b, h, i_row, n * kBlockN, t, ds, row_grad);
-      } else if constexpr (kDuty == DqBiasDuty::kPacked) {
-#pragma unroll
-        for (int c = 0; c < kNTiles; ++c)
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            store_dbias_pair16(p, b, h, i_row[r], n * kBlockN + c * 8 + 2 * t,
-                               Elt::pack(ds[c][2 * r], ds[c][2 * r + 1]));
-          }
-      }
+    // The dbias duty takes dS; dQ += dX K the packed dX (under softcap the slopes' product: the
+    // duty runs before it, else from the packed dS, the same rounding).
+    if constexpr (kSoftcap) {
+      dq_pass_duty<Elt, kDuty>(p, b, h, i_row, n * kBlockN, t, ds, row_grad, [&](int c, int r) {
+        return Elt::pack(ds[c][2 * r], ds[c][2 * r + 1]);
+      });
       apply_slope(ds, slope);
     }
 #pragma unroll
@@ -1088,17 +1102,9 @@ __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
       ds_regs[2 * c] = Elt::pack(ds[c][0], ds[c][1]);
       ds_regs[2 * c + 1] = Elt::pack(ds[c][2], ds[c][3]);
     }
-    if constexpr (kSoftcap) {
-      // (its duties ran above, on dS)
-    } else if constexpr (kDuty == DqBiasDuty::kFp32) {
-      dq_pass_dbias<Elt>(p, b, h, i_row, n * kBlockN, t, ds, row_grad);
-    } else if constexpr (kDuty == DqBiasDuty::kPacked) {
-#pragma unroll
-      for (int c = 0; c < kNTiles; ++c)
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          store_dbias_pair16(p, b, h, i_row[r], n * kBlockN + c * 8 + 2 * t, ds_regs[2 * c + r]);
-        }
+    if constexpr (!kSoftcap) {
+      dq_pass_duty<Elt, kDuty>(p, b, h, i_row, n * kBlockN, t, ds, row_grad,
+                               [&](int c, int r) { return ds_regs[2 * c + r]; });
     }
   }
   if (total > 0) issue_dq((total - 1) % kStages, true);

@@ -636,18 +636,12 @@ __global__ void __launch_bounds__(Sm90DqWideTiles<Elt>::kThreads, 1)
       for (int e = 0; e < 4; ++e) {
         ds[c][e] = s[c][e] != 0.0f ? s[c][e] * (ds[c][e] - rdot[e / 2]) : 0.0f;
       }
-    if constexpr (kSoftcap) {  // the dbias duties take dS, dQ += dX K the slopes' dX
-      if constexpr (kDuty == DqBiasDuty::kFp32) {
-        dq_pass_dbias<Elt>(p, b, h, i_row, n * kBlockN + kw, t, ds, row_grad);
-      } else if constexpr (kDuty == DqBiasDuty::kPacked) {
-#pragma unroll
-        for (int c = 0; c < kNTiles; ++c)
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            store_dbias_pair16(p, b, h, i_row[r], n * kBlockN + kw + c * 8 + 2 * t,
-                               Elt::pack(ds[c][2 * r], ds[c][2 * r + 1]));
-          }
-      }
+    // The dbias duty takes dS, dQ += dX K the packed dX (as in dq_kernel_sm90).
+    if constexpr (kSoftcap) {
+      dq_pass_duty<Elt, kDuty>(p, b, h, i_row, n * kBlockN + kw, t, ds, row_grad,
+                               [&](int c, int r) {
+                                 return Elt::pack(ds[c][2 * r], ds[c][2 * r + 1]);
+                               });
       apply_slope(ds, slope);
     }
     uint32_t ds_pairs[kNTiles][2];
@@ -655,17 +649,9 @@ __global__ void __launch_bounds__(Sm90DqWideTiles<Elt>::kThreads, 1)
     for (int c = 0; c < kNTiles; ++c)
 #pragma unroll
       for (int r = 0; r < 2; ++r) ds_pairs[c][r] = Elt::pack(ds[c][2 * r], ds[c][2 * r + 1]);
-    if constexpr (kSoftcap) {
-      // (its duties ran above, on dS)
-    } else if constexpr (kDuty == DqBiasDuty::kFp32) {
-      dq_pass_dbias<Elt>(p, b, h, i_row, n * kBlockN + kw, t, ds, row_grad);
-    } else if constexpr (kDuty == DqBiasDuty::kPacked) {
-#pragma unroll
-      for (int c = 0; c < kNTiles; ++c)
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          store_dbias_pair16(p, b, h, i_row[r], n * kBlockN + kw + c * 8 + 2 * t, ds_pairs[c][r]);
-        }
+    if constexpr (!kSoftcap) {
+      dq_pass_duty<Elt, kDuty>(p, b, h, i_row, n * kBlockN + kw, t, ds, row_grad,
+                               [&](int c, int r) { return ds_pairs[c][r]; });
     }
     consumers_sync(Int<1>{});  // both warpgroups' dQ_{j-1} retired
     auto* out = reinterpret_cast<uint16_t*>(smem_ds);
