@@ -60,6 +60,11 @@ void release_scratch() {}  // no pools without CUDA
 int64_t scratch_reserved() { return 0; }
 CudaPlanGraphs plan_graphs() { return {}; }
 
+bool forward_built(int64_t, DType) { return false; }
+bool backward_built(int64_t, DType) { return false; }
+void require_built(const ForwardProblem&) { unavailable(); }
+void require_built(const BackwardProblem&) { unavailable(); }
+
 }  // namespace fsa::detail::cuda
 
 #endif  // FSA_WITH_CUDA

@@ -70,10 +70,13 @@ void require_length_map(const Plan& plan, const detail::ForwardProblem& p) {
 
 void forward(const ForwardArgs& args) {
   detail::ForwardProblem p = detail::validate_forward(args);
-  // CUDA tensors: their device current for the call (planning, scratch and launches), whatever
-  // the caller's is.
+  // CUDA tensors: this build's kernels for them, then their device current for the call
+  // (planning, scratch and launches), whatever the caller's is.
   std::optional<detail::cuda::CurrentDevice> device;
-  if (p.device.type == DeviceType::kCUDA) device.emplace(p.device.index);
+  if (p.device.type == DeviceType::kCUDA) {
+    detail::cuda::require_built(p);
+    device.emplace(p.device.index);
+  }
   Plan local;
   if (!args.plan) {
     const TensorView key =
@@ -104,10 +107,13 @@ void forward(const ForwardArgs& args) {
 
 void backward(const BackwardArgs& args) {
   detail::BackwardProblem p = detail::validate_backward(args);
-  // CUDA tensors: their device current for the call (planning, scratch and launches), whatever
-  // the caller's is.
+  // CUDA tensors: this build's kernels for them, then their device current for the call
+  // (planning, scratch and launches), whatever the caller's is.
   std::optional<detail::cuda::CurrentDevice> device;
-  if (p.device.type == DeviceType::kCUDA) device.emplace(p.device.index);
+  if (p.device.type == DeviceType::kCUDA) {
+    detail::cuda::require_built(p);
+    device.emplace(p.device.index);
+  }
   Plan local;
   if (!args.plan) local = plan_for(args.query, args.key, args.attn_mask, p.is_causal, args.stream);
   const Plan& plan = args.plan ? *args.plan : local;

@@ -453,9 +453,8 @@ void forward(const ForwardProblem& p, const Plan& plan, void* stream_ptr) {
     FSA_FORWARD_CASE(256)
 #undef FSA_FORWARD_CASE
   }
-  fail("query", "the CUDA forward for head_dim " + std::to_string(p.head_dim) + " (kernel width " +
-                    std::to_string(kdim) + ") and dtype " + to_string(p.dtype) +
-                    " was not built (see FSA_CUDA_HEAD_DIMS / FSA_CUDA_DTYPES)");
+  require_built(p);  // (dispatch.cc asked before planning: not reached)
+  fail("query", "no CUDA forward for kernel width " + std::to_string(kdim));
 }
 
 void backward(const BackwardProblem& p, const Plan& plan, void* stream_ptr) {
@@ -579,8 +578,46 @@ bool backward(const BackwardProblem& p, const Plan& plan, void* stream_ptr,
     FSA_BACKWARD_CASE(256)
 #undef FSA_BACKWARD_CASE
   }
-  fail("query", "the CUDA backward for head_dim " + std::to_string(p.head_dim) + " and dtype " +
-                    to_string(p.dtype) + " was not built (see FSA_CUDA_HEAD_DIMS / FSA_CUDA_DTYPES)");
+  require_built(p);  // (dispatch.cc asked before planning: not reached)
+  fail("query", "no CUDA backward for kernel width " + std::to_string(kdim));
+}
+
+bool forward_built(int64_t head_dim, DType dtype) {
+  const bool bf16 = dtype == DType::kBFloat16, fp16 = dtype == DType::kFloat16;
+  switch (kernel_head_dim(int(head_dim))) {
+    case 64: return bf16 ? FSA_CUDA_BUILT_64_bf16 : fp16 && FSA_CUDA_BUILT_64_fp16;
+    case 128: return bf16 ? FSA_CUDA_BUILT_128_bf16 : fp16 && FSA_CUDA_BUILT_128_fp16;
+    case 256: return bf16 ? FSA_CUDA_BUILT_256_bf16 : fp16 && FSA_CUDA_BUILT_256_fp16;
+    default: return false;
+  }
+}
+
+bool backward_built(int64_t head_dim, DType dtype) {
+  const bool bf16 = dtype == DType::kBFloat16, fp16 = dtype == DType::kFloat16;
+  switch (kernel_head_dim(int(head_dim))) {
+    case 64: return bf16 ? FSA_CUDA_BWD_BUILT_64_bf16 : fp16 && FSA_CUDA_BWD_BUILT_64_fp16;
+    case 128: return bf16 ? FSA_CUDA_BWD_BUILT_128_bf16 : fp16 && FSA_CUDA_BWD_BUILT_128_fp16;
+    case 256: return bf16 ? FSA_CUDA_BWD_BUILT_256_bf16 : fp16 && FSA_CUDA_BWD_BUILT_256_fp16;
+    default: return false;
+  }
+}
+
+namespace {
+[[noreturn]] void fail_not_built(const char* pass, int64_t head_dim, DType dtype) {
+  fail("query", std::string("the CUDA ") + pass + " for head_dim " + std::to_string(head_dim) +
+                    " (kernel width " + std::to_string(kernel_head_dim(int(head_dim))) +
+                    ") and dtype " + to_string(dtype) +
+                    " was not built (see FSA_CUDA_INSTANCES, or FSA_CUDA_HEAD_DIMS and "
+                    "FSA_CUDA_DTYPES)");
+}
+}  // namespace
+
+void require_built(const ForwardProblem& p) {
+  if (!forward_built(p.head_dim, p.dtype)) fail_not_built("forward", p.head_dim, p.dtype);
+}
+
+void require_built(const BackwardProblem& p) {
+  if (!backward_built(p.head_dim, p.dtype)) fail_not_built("backward", p.head_dim, p.dtype);
 }
 
 }  // namespace fsa::detail::cuda

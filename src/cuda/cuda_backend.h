@@ -92,6 +92,15 @@ DevicePlanStats device_plan_stats(const DeviceBlockMap& map);
 void forward(const ForwardProblem& p, const Plan& plan, void* stream);
 void backward(const BackwardProblem& p, const Plan& plan, void* stream);
 
+// Whether this build has the forward / backward kernels for `head_dim`'s kernel width and `dtype`
+// (FSA_CUDA_INSTANCES), which forward() and backward() above need; false without CUDA.
+bool forward_built(int64_t head_dim, DType dtype);
+bool backward_built(int64_t head_dim, DType dtype);
+// A CUDA call whose kernels are missing from this build fails here, naming the query, before
+// anything is planned (dispatch.cc) or launched.
+void require_built(const ForwardProblem& p);
+void require_built(const BackwardProblem& p);
+
 // The core's guard around a CUDA call: `device` is current while it lives (kernels launch and
 // scratch is taken on the current device), the caller's again after. Without CUDA: nothing.
 class CurrentDevice {

@@ -1,13 +1,18 @@
-// Host-side rules of the CUDA backend that need no device: split-KV's count (cuda/split_kv.h) and a
-// paged cache's addressing (cuda/params.h, PagedRows), checked on every machine.
+// Host-side rules of the CUDA backend that need no device: split-KV's count (cuda/split_kv.h), a
+// paged cache's addressing (cuda/params.h, PagedRows) and the check for a build's kernels
+// (cuda/cuda_backend.h, require_built), checked on every machine.
 
 #include <gtest/gtest.h>
 
 #include <cstdint>
+#include <functional>
+#include <string>
 #include <vector>
 
+#include "cuda/cuda_backend.h"
 #include "cuda/params.h"
 #include "cuda/split_kv.h"
+#include "fsa/error.h"
 
 namespace {
 
@@ -75,6 +80,45 @@ TEST(PagedRows, AddressesThroughTheTableAndClamps) {
   const PagedRows none = paged_rows(SeqOperand{});
   EXPECT_EQ(none.table, nullptr);
   EXPECT_EQ(none.offset(2, 5, 1000, 10), 2 * 1000 + 5 * 10);
+}
+
+// A CUDA call needing kernels this build lacks (FSA_CUDA_INSTANCES; CI builds two of the six) is
+// rejected naming the query, which dispatch.cc asks before planning; the kernels a build has
+// pass. Without CUDA nothing is built and every call is rejected the same way. Head dims map to
+// their kernel width (100 runs the 128-wide kernels), and no kernel takes fp32.
+TEST(CudaInstances, MissingKernelsAreRejectedByName) {
+  using fsa::DType;
+  namespace cuda = fsa::detail::cuda;
+  auto expect = [](bool built, const std::function<void()>& call, const char* what) {
+    if (built) {
+      EXPECT_NO_THROW(call()) << what;
+      return;
+    }
+    try {
+      call();
+      ADD_FAILURE() << what << ": not rejected";
+    } catch (const fsa::Error& e) {
+      EXPECT_EQ(e.argument(), "query") << what;
+      const std::string message = e.what();
+      EXPECT_TRUE(message.find("was not built") != std::string::npos ||
+                  message.find("no CUDA backend") != std::string::npos)
+          << what << ": " << message;
+    }
+  };
+  for (int64_t d : {8, 64, 100, 128, 200, 256}) {
+    for (DType t : {DType::kBFloat16, DType::kFloat16}) {
+      fsa::detail::ForwardProblem f;
+      fsa::detail::BackwardProblem b;
+      f.head_dim = b.head_dim = d;
+      f.dtype = b.dtype = t;
+      const int64_t width = d <= 64 ? 64 : d <= 128 ? 128 : 256;
+      EXPECT_EQ(cuda::forward_built(d, t), cuda::forward_built(width, t));
+      expect(cuda::forward_built(d, t), [&] { cuda::require_built(f); }, "forward");
+      expect(cuda::backward_built(d, t), [&] { cuda::require_built(b); }, "backward");
+    }
+  }
+  EXPECT_FALSE(cuda::forward_built(128, DType::kFloat32));
+  EXPECT_FALSE(cuda::backward_built(128, DType::kFloat32));
 }
 
 }  // namespace
