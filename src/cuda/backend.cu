@@ -582,27 +582,19 @@ bool backward(const BackwardProblem& p, const Plan& plan, void* stream_ptr,
   fail("query", "no CUDA backward for kernel width " + std::to_string(kdim));
 }
 
-bool forward_built(int64_t head_dim, DType dtype) {
-  const bool bf16 = dtype == DType::kBFloat16, fp16 = dtype == DType::kFloat16;
-  switch (kernel_head_dim(int(head_dim))) {
-    case 64: return bf16 ? FSA_CUDA_BUILT_64_bf16 : fp16 && FSA_CUDA_BUILT_64_fp16;
-    case 128: return bf16 ? FSA_CUDA_BUILT_128_bf16 : fp16 && FSA_CUDA_BUILT_128_fp16;
-    case 256: return bf16 ? FSA_CUDA_BUILT_256_bf16 : fp16 && FSA_CUDA_BUILT_256_fp16;
-    default: return false;
-  }
-}
-
-bool backward_built(int64_t head_dim, DType dtype) {
-  const bool bf16 = dtype == DType::kBFloat16, fp16 = dtype == DType::kFloat16;
-  switch (kernel_head_dim(int(head_dim))) {
-    case 64: return bf16 ? FSA_CUDA_BWD_BUILT_64_bf16 : fp16 && FSA_CUDA_BWD_BUILT_64_fp16;
-    case 128: return bf16 ? FSA_CUDA_BWD_BUILT_128_bf16 : fp16 && FSA_CUDA_BWD_BUILT_128_fp16;
-    case 256: return bf16 ? FSA_CUDA_BWD_BUILT_256_bf16 : fp16 && FSA_CUDA_BWD_BUILT_256_fp16;
-    default: return false;
-  }
-}
-
 namespace {
+// Per kernel width (64, 128, 256) and dtype (bf16, fp16): whether this build compiled its kernels.
+constexpr bool kForwardBuilt[3][2] = {{FSA_CUDA_BUILT_64_bf16, FSA_CUDA_BUILT_64_fp16},
+                                      {FSA_CUDA_BUILT_128_bf16, FSA_CUDA_BUILT_128_fp16},
+                                      {FSA_CUDA_BUILT_256_bf16, FSA_CUDA_BUILT_256_fp16}};
+constexpr bool kBackwardBuilt[3][2] = {{FSA_CUDA_BWD_BUILT_64_bf16, FSA_CUDA_BWD_BUILT_64_fp16},
+                                       {FSA_CUDA_BWD_BUILT_128_bf16, FSA_CUDA_BWD_BUILT_128_fp16},
+                                       {FSA_CUDA_BWD_BUILT_256_bf16, FSA_CUDA_BWD_BUILT_256_fp16}};
+bool built_in(const bool (&table)[3][2], int64_t head_dim, DType dtype) {
+  if (dtype != DType::kBFloat16 && dtype != DType::kFloat16) return false;
+  const int width = kernel_head_dim(int(head_dim));
+  return table[width == 64 ? 0 : width == 128 ? 1 : 2][dtype == DType::kFloat16 ? 1 : 0];
+}
 [[noreturn]] void fail_not_built(const char* pass, int64_t head_dim, DType dtype) {
   fail("query", std::string("the CUDA ") + pass + " for head_dim " + std::to_string(head_dim) +
                     " (kernel width " + std::to_string(kernel_head_dim(int(head_dim))) +
@@ -611,6 +603,14 @@ namespace {
                     "FSA_CUDA_DTYPES)");
 }
 }  // namespace
+
+bool forward_built(int64_t head_dim, DType dtype) {
+  return built_in(kForwardBuilt, head_dim, dtype);
+}
+
+bool backward_built(int64_t head_dim, DType dtype) {
+  return built_in(kBackwardBuilt, head_dim, dtype);
+}
 
 void require_built(const ForwardProblem& p) {
   if (!forward_built(p.head_dim, p.dtype)) fail_not_built("forward", p.head_dim, p.dtype);
