@@ -29,18 +29,6 @@ inline bool use_sm90_backward(const BackwardParams& /*params*/) {
   return hopper_kernels_available();
 }
 
-// Per-row top-k over compacted keys (K / V gathered by slot) runs the sm80 `pass` at head dims
-// whose Hopper pass does not gather (D = 256): a choice of ours, so the first such call of each
-// pass says so on stderr (`logged`: once per process, as a training loop repeats the call).
-inline void log_gathered_on_sm80(std::atomic<bool>& logged, const char* pass, int head_dim) {
-  if (logged.exchange(true)) return;
-  std::fprintf(stderr,
-               "flash_sparse_attn: per-row top-k over compacted keys at head dim %d runs the sm80 "
-               "%s pass (the Hopper one does not gather keys by slot there). Logged once per "
-               "process.\n",
-               head_dim, pass);
-}
-
 // The sm90 dK/dV passes' Q and dO tensor maps, or none (enabled false: cp.async) under
 // FSA_CUDA_TMA=0 and where TMA cannot address the tensors (encode_rows_map; log_tma_fallback).
 inline QdoTensorMaps backward_tensor_maps(const BackwardParams& p) {
@@ -211,7 +199,7 @@ BackwardKernel sm90_dq_kernel(const BackwardParams& p, int& threads, int& smem, 
     // The D = 256 pass does not gather K and V by slot, as the D = 256 forward.
     static std::atomic<bool> logged{false};
     if (p.map.gather_slots != nullptr) {
-      log_gathered_on_sm80(logged, "dQ", kHeadDim);
+      log_gathered_on_sm80(logged, "dQ pass", kHeadDim);
       return nullptr;
     }
     using Wide = Sm90DqWideTiles<Elt>;
@@ -290,7 +278,7 @@ bool launch_sm90_dkdv(const BackwardParams& p, BackwardParams& kv, StreamBuffer&
     // The D = 256 pass does not gather K and V by slot (per-row top-k's dK/dV groups).
     static std::atomic<bool> logged{false};
     if (p.map.dkv_slots != nullptr) {
-      log_gathered_on_sm80(logged, "dK/dV", kHeadDim);
+      log_gathered_on_sm80(logged, "dK/dV pass", kHeadDim);
       return false;
     }
   }

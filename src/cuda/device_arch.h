@@ -3,6 +3,8 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 
@@ -44,6 +46,19 @@ inline bool env_is(const char* name, const char* value) {
 inline bool tma_enabled() {
   static const bool enabled = !env_is("FSA_CUDA_TMA", "0");
   return enabled;
+}
+
+// Per-row top-k over compacted keys (K / V gathered by slot) runs the sm80 `kernel` at head dims
+// whose Hopper kernel does not gather (D = 256: the forward and both backward passes): a choice of
+// ours, so the first such call of each kernel says so on stderr (`logged`: once per process, as a
+// training loop repeats the call).
+inline void log_gathered_on_sm80(std::atomic<bool>& logged, const char* kernel, int head_dim) {
+  if (logged.exchange(true)) return;
+  std::fprintf(stderr,
+               "flash_sparse_attn: per-row top-k over compacted keys at head dim %d runs the sm80 "
+               "%s (the Hopper one does not gather keys by slot there). Logged once per "
+               "process.\n",
+               head_dim, kernel);
 }
 
 }  // namespace fsa::detail::cuda

@@ -47,16 +47,21 @@ inline bool touch_table_enabled() {
 // GQA packing stays on the sm80 kernel (its split-key layout, tiles.h, keeps several K / V tiles
 // loading per CTA, which a memory-bound pass needs more than wgmma), and so does a paged cache:
 // only the sm80 kernel loads rows through a page table. At D = 256 per-row top-k over compacted
-// keys (gathered tiles, one plan tile's each) stays there too. FSA_CUDA_FORWARD=sm80 forces the
-// sm80 kernel (for A/B measurements on one card).
+// keys (gathered tiles, one plan tile's each) stays there too, logged once per process (our
+// choice, not the caller's). FSA_CUDA_FORWARD=sm80 forces the sm80 kernel (for A/B measurements
+// on one card).
 inline bool use_sm90_forward(const ForwardParams& params, int kernel_head_dim) {
   static const bool forced_sm80 = env_is("FSA_CUDA_FORWARD", "sm80");
   if (forced_sm80 || params.pack_gqa || params.paged.table != nullptr ||
-      params.cache_seqlens != nullptr ||
-      (kernel_head_dim > 128 && params.map.gather_slots != nullptr)) {
+      params.cache_seqlens != nullptr || !hopper_kernels_available()) {
     return false;
   }
-  return hopper_kernels_available();
+  if (kernel_head_dim > 128 && params.map.gather_slots != nullptr) {
+    static std::atomic<bool> logged{false};
+    log_gathered_on_sm80(logged, "forward", kernel_head_dim);
+    return false;
+  }
+  return true;
 }
 
 // The plan's query tiles per CTA of the forward that serves a call: two for the sm90 kernel at

@@ -9,6 +9,9 @@ without any key, split-KV (key-tile ranges per split) and the persistent schedul
 without the sm90 kernels the same cases run the sm80 kernel.
 """
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -98,3 +101,33 @@ def test_persistent_schedule(dtype, gen):
     # next tile's Q waits for the last S of the one before (Q stays in shared memory at D = 256).
     q, k, v = qkv(2, 2112, 2112, 16, 4, 256, dtype, gen)
     check(q, k, v, causal=True, label="D256 persistent")
+
+
+GATHERED_LOG = """
+import sys, torch, flash_sparse_attn
+g = torch.Generator(device="cuda").manual_seed(0)
+q, k, v = (torch.randn(1, 640, h, 256, generator=g, device="cuda").to(torch.bfloat16)
+           for h in (4, 2, 2))
+bias = torch.randn(1, 2, 1, 640, generator=g, device="cuda").to(torch.bfloat16)
+flash_sparse_attn.flash_sparse_attn_func(q, k, v, attn_bias=bias, is_causal=True)
+torch.cuda.synchronize()
+print("<per-row>", file=sys.stderr, flush=True)
+for _ in range(2):
+    flash_sparse_attn.flash_sparse_attn_func(q, k, v, attn_bias=bias, is_causal=True, topk=96,
+                                             topk_causal=True)
+torch.cuda.synchronize()
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="the Hopper forward's choice of kernel")
+def test_row_topk_on_the_sm80_forward_is_logged_once():
+    # Per-row top-k over compacted keys at D = 256 runs the sm80 forward (the Hopper one does not
+    # gather keys by slot at this head dim): our choice, so stderr says it once per process (a
+    # fresh one here), and never for a call the Hopper forward serves.
+    run = subprocess.run([sys.executable, "-c", GATHERED_LOG], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    before, marker, after = run.stderr.partition("<per-row>")
+    assert marker and "runs the sm80" not in before, run.stderr
+    assert after.count("runs the sm80 forward") == 1, run.stderr
