@@ -346,7 +346,7 @@ __global__ void __launch_bounds__(Sm90FusedTiles<kHeadDim, Elt>::kThreads, 1)
   }
 
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Tiles::kConsumerRegisters));
-  const int wg = (int(threadIdx.x) - Tiles::kProducerThreads) / 128;
+  const int wg = uniform_warpgroup(Tiles::kProducerThreads);
   const int ct = int(threadIdx.x) % 128;
   const int warp = ct / 32, lane = ct % 32, g = lane / 4, t = lane % 4;
   auto consumers_sync = [] {  // both consumer warpgroups (named barrier 1)

@@ -469,7 +469,7 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
 
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Tiles::kConsumerRegisters));
   // Consumer warpgroup wg, thread ct within it.
-  const int wg = (int(threadIdx.x) - Tiles::kProducerThreads) / 128;
+  const int wg = uniform_warpgroup(Tiles::kProducerThreads);
   const int ct = int(threadIdx.x) % 128;
   const int warp = ct / 32, lane = ct % 32, g = lane / 4, t = lane % 4;
   auto consumers_sync = [] {  // both consumer warpgroups (named barrier 1)
@@ -940,7 +940,8 @@ __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
 
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(
       kGathered ? Tiles::kGatheredConsumerRegisters : Tiles::kConsumerRegisters));
-  const int ct = int(threadIdx.x) - Tiles::kProducerThreads;  // 0 .. kConsumerThreads - 1
+  const int wg = uniform_warpgroup(Tiles::kProducerThreads);  // warp-uniform
+  const int ct = wg * 128 + int(threadIdx.x % 128u);  // 0 .. kConsumerThreads - 1
   const int warp = ct / 32, lane = ct % 32, g = lane / 4, t = lane % 4;  // rows 16 warp ..
 
   Tensor sQ = make_tensor(make_smem_ptr(smem_q), typename Tiles::SmemLayoutQ{});
@@ -951,8 +952,10 @@ __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
 
   typename Tiles::TiledMmaS mma_s;
   typename Tiles::TiledMmaDq mma_dq;
-  auto thr_s = mma_s.get_thread_slice(ct);
-  auto thr_dq = mma_dq.get_thread_slice(ct);
+  // The smem operands' descriptors depend on the warpgroup alone: the slices are taken at its
+  // first thread, a warp-uniform index, so that they are computed in uniform registers.
+  auto thr_s = mma_s.get_thread_slice(wg * 128);
+  auto thr_dq = mma_dq.get_thread_slice(wg * 128);
   Tensor tSrQ = thr_s.partition_fragment_A(sQ);    // (MMA, 1, MMA_K, 1): this warpgroup's rows
   Tensor tSrDo = thr_s.partition_fragment_A(sDo);  // (MMA, 1, MMA_K, 1)
   Tensor tSrK = thr_s.partition_fragment_B(sK);    // (MMA, 1, MMA_K, stage)

@@ -162,7 +162,7 @@ __global__ void __launch_bounds__(Sm90DkvWideTiles<Elt>::kThreads, 1)
   }
 
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Tiles::kConsumerRegisters));
-  const int wg = (int(threadIdx.x) - Tiles::kProducerThreads) / 128;
+  const int wg = uniform_warpgroup(Tiles::kProducerThreads);
   const int ct = int(threadIdx.x) % 128;
   const int warp = ct / 32, lane = ct % 32, g = lane / 4, t = lane % 4;
   // P^T buffer q: named barrier 1 + q "full" (warpgroup 1 arrives, 0 waits), 3 + q "empty"
@@ -499,7 +499,7 @@ __global__ void __launch_bounds__(Sm90DqWideTiles<Elt>::kThreads, 1)
   }
 
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Tiles::kConsumerRegisters));
-  const int wg = (int(threadIdx.x) - Tiles::kProducerThreads) / 128;
+  const int wg = uniform_warpgroup(Tiles::kProducerThreads);
   const int ct = int(threadIdx.x) % 128;
   const int warp = ct / 32, lane = ct % 32, g = lane / 4, t = lane % 4;  // rows 16 warp ..
   const int kw = wg * kQuarter;  // this warpgroup's keys of a tile

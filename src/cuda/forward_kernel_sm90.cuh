@@ -205,6 +205,15 @@ __device__ __forceinline__ int gmma_offset(const GmmaLayout& layout, Coord... co
   return linear ^ (((linear >> 6) & 7) << 3);
 }
 
+// The calling consumer thread's warpgroup (0 for the first warpgroup past the producer's
+// `producer_threads`), broadcast from lane 0: the compiler then knows it is the same across the
+// warp, so the wgmma descriptors derived from it (a thread slice's operand offsets, a warpgroup's
+// own tiles) are computed in uniform registers instead of being moved there (R2UR) before each
+// product.
+__device__ __forceinline__ int uniform_warpgroup(int producer_threads) {
+  return __shfl_sync(0xffffffffu, (int(threadIdx.x) - producer_threads) / 128, 0);
+}
+
 // Orders this thread's generic-proxy writes to shared memory (cp.async, st.shared) before later
 // reads of the async proxy (wgmma operands).
 __device__ inline void fence_async_shared() {
@@ -1003,14 +1012,17 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
   // Consumer warpgroups: 64 rows each, no barrier between them.
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(
       kGathered ? Tiles::kGatheredConsumerRegisters : Tiles::kConsumerRegisters));
-  const int ct = int(threadIdx.x) - Tiles::kProducerThreads;  // 0 .. kConsumerThreads - 1
+  const int wg = uniform_warpgroup(Tiles::kProducerThreads);  // warp-uniform
+  const int ct = wg * 128 + int(threadIdx.x % 128u);  // 0 .. kConsumerThreads - 1
   const int warp = ct / 32;  // consumer warp w holds rows 16 w .. 16 w + 15
   auto* s_q = reinterpret_cast<uint16_t*>(smem_q);
 
   typename Tiles::TiledMmaS mma_s;
   typename Tiles::TiledMmaO mma_o;
-  auto thr_s = mma_s.get_thread_slice(ct);
-  auto thr_o = mma_o.get_thread_slice(ct);
+  // The smem operands' descriptors depend on the warpgroup alone: the slices are taken at its
+  // first thread, a warp-uniform index, so that they are computed in uniform registers.
+  auto thr_s = mma_s.get_thread_slice(wg * 128);
+  auto thr_o = mma_o.get_thread_slice(wg * 128);
   // Q (the thread's A fragments of S = Q K^T) in registers. An RS A fragment of k-block kb holds,
   // in register order (v0, v1, v2), row 16 warp + g + 8 v1 and column 16 kb + 8 v2 + 2 t + v0:
   // the mma.sync A layout, so each (v1, v2) pair of values is one 32-bit shared-memory read. At
