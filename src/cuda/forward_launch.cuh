@@ -145,12 +145,16 @@ void launch_band_forward(const ForwardParams& params, cudaStream_t stream) {
   fp.tile_counter = static_cast<int*>(counter.ptr);
   fp.long_blocks = band_long_blocks(fp, band_blocks);
   fp.v_nonfinite = fp.tile_counter + 1;
-  if (may_have_partial_tiles(fp)) launch_v_check<Elt>(fp, fp.tile_counter + 1, stream);
+  const bool checked_v = may_have_partial_tiles(fp);
+  if (checked_v) launch_v_check<Elt>(fp, fp.tile_counter + 1, stream);
   const KvTensorMaps maps = forward_tensor_maps<kHeadDim>(params, false);
   auto* band = &forward_kernel_sm90<kHeadDim, Elt, false, false, false, true, true>;
   const int band_smem = Band::smem_bytes(false);
   allow_dynamic_smem(reinterpret_cast<const void*>(band), band_smem);
   band<<<unsigned(std::min(band_tiles, sms)), Band::kThreads, band_smem, stream>>>(fp, maps);
+  // Without the check the flag stays the zero the memset wrote: the walk with the V check would
+  // return at once, so it is not launched.
+  if (!checked_v) return;
   auto* checked = &forward_kernel_sm90<kHeadDim, Elt, false, false, true>;
   const int smem = Tiles::smem_bytes(false);
   allow_dynamic_smem(reinterpret_cast<const void*>(checked), smem);
@@ -234,6 +238,7 @@ void launch_forward(const ForwardParams& params, cudaStream_t stream) {
       StreamBuffer counter(stream);  // the tile counter, then the V check's flag
       ForwardParams fp = params;
       dim3 launch_grid = sm90_grid;
+      bool flag_may_be_set = true;  // whether a V check ahead or a gather may set the flag
       if (persistent_forward_enabled() && tiles > sms && tiles < (int64_t(1) << 30)) {
         FSA_CUDA_CHECK(scratch_malloc(&counter.ptr, 2 * sizeof(int), stream));
         FSA_CUDA_CHECK(cudaMemsetAsync(counter.ptr, 0, 2 * sizeof(int), stream));
@@ -247,14 +252,19 @@ void launch_forward(const ForwardParams& params, cudaStream_t stream) {
         // tiles has no V to check, and its flag stays the zero the memset wrote (where the head
         // dim has a lean walk: at D = 64 such calls keep the walk they ran before).
         if (fp.v_nonfinite == nullptr && !may_have_partial_tiles(fp)) {
-          if constexpr (sm90_forward_lean(kHeadDim)) fp.v_nonfinite = fp.tile_counter + 1;
+          if constexpr (sm90_forward_lean(kHeadDim)) {
+            fp.v_nonfinite = fp.tile_counter + 1;
+            flag_may_be_set = false;
+          }
         } else if (fp.v_nonfinite == nullptr && v_check_ahead_enabled()) {
           fp.v_nonfinite = fp.tile_counter + 1;
           launch_v_check<Elt>(fp, fp.tile_counter + 1, stream);
         }
       }
       // A call whose V is flagged on the device (fp.v_nonfinite) launches the walk without the
-      // V check, then the one with it: each returns at once unless the flag calls for it.
+      // V check, then the one with it: each returns at once unless the flag calls for it. Where
+      // nothing can set the flag (no partial tiles), the second would always return: it is not
+      // launched.
       const KvTensorMaps maps = forward_tensor_maps<kHeadDim>(params, gathered);
       if (fp.v_nonfinite != nullptr) {
         auto* fast = sm90_kernel(std::false_type{});
@@ -262,9 +272,11 @@ void launch_forward(const ForwardParams& params, cudaStream_t stream) {
         allow_dynamic_smem(reinterpret_cast<const void*>(fast), fast_smem);
         fast<<<launch_grid, Tiles::kThreads, fast_smem, stream>>>(fp, maps);
       }
-      auto* kernel = sm90_kernel(std::true_type{});
-      allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
-      kernel<<<launch_grid, Tiles::kThreads, smem, stream>>>(fp, maps);
+      if (fp.v_nonfinite == nullptr || flag_may_be_set) {
+        auto* kernel = sm90_kernel(std::true_type{});
+        allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
+        kernel<<<launch_grid, Tiles::kThreads, smem, stream>>>(fp, maps);
+      }
       launched = true;
     }
   }
