@@ -100,7 +100,7 @@ __device__ inline void entry_grads(const BackwardParams& p, int b, int head, int
                                    float& prob, float& ds, float& dx) {
   float t = 0.0f, s2;
   if (p.softcap_in != 0.0f) {
-    t = tanhf(x * p.softcap_in);
+    t = softcap_tanh(x * p.softcap_in);
     s2 = t * p.softcap_out;
   } else {
     s2 = x * p.scale_log2;

@@ -247,8 +247,8 @@ __device__ __forceinline__ void pack_pairs(uint32_t* regs, const float (&x)[kC][
 // becomes the cap, s = c tanh(scale x / c) log2(e) (a bias is added after it, SPEC's order), and
 // the slope 1 - t^2 of dX = dS (1 - t^2) is kept per entry as fp16 pairs laid out as pack_pairs'
 // (slope[2 c + r]: entries (c, 2 r) and (c, 2 r + 1)). The slope lies in [0, 1], where fp16 keeps
-// 11 bits, more than the 16-bit dX it scales. tanhf, as the forward's: its LSE came from the same
-// logits.
+// 11 bits, more than the 16-bit dX it scales. softcap_tanh, as the forward's: its LSE came from
+// the same logits.
 template <int kC>
 __device__ __forceinline__ void softcap_pass(float (&s)[kC][4], uint32_t* slope, float in,
                                              float out) {
@@ -256,7 +256,7 @@ __device__ __forceinline__ void softcap_pass(float (&s)[kC][4], uint32_t* slope,
   for (int c = 0; c < kC; ++c)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const float t0 = tanhf(s[c][2 * r] * in), t1 = tanhf(s[c][2 * r + 1] * in);
+      const float t0 = softcap_tanh(s[c][2 * r] * in), t1 = softcap_tanh(s[c][2 * r + 1] * in);
       s[c][2 * r] = t0 * out;
       s[c][2 * r + 1] = t1 * out;
       slope[2 * c + r] = Fp16::pack(1.0f - t0 * t0, 1.0f - t1 * t1);

@@ -295,6 +295,17 @@ __device__ inline float fast_exp2(float x) {
   return y;
 }
 
+// Softcap's tanh (Params::softcap_in != 0) on the special-function unit: one MUFU.TANH where
+// tanhf takes two MUFU and about a dozen FMA-pipe instructions per entry. Its relative error is
+// at most about 2^-11 (PTX ISA, tanh.approx.f32), so a capped logit c t is off by at most
+// c 2^-11 (docs/numerics.md, "Softcap"); tanh(+-inf) = +-1 and NaN stays NaN, as tanhf. Every
+// CUDA kernel caps with it: the backward recomputes the forward's logits, whose LSE it uses.
+__device__ __forceinline__ float softcap_tanh(float x) {
+  float y;
+  asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 __device__ inline void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* p) {
   cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(p), r[0], r[1], r[2],
                                 r[3]);
@@ -580,13 +591,15 @@ struct WarpRows {
                                          const int32_t* slot_tile = nullptr,
                                          int shift = 0) const {
     constexpr int kBlockN = kNTiles * 8;
-    if (p.softcap_in != 0.0f) {  // branch outside the element loop: tanhf costs on every path
+    if (p.softcap_in != 0.0f) {  // branch outside the element loop: the cap costs on every path
 #pragma unroll
       for (int rt = 0; rt < kRT; ++rt)
 #pragma unroll
         for (int j = 0; j < kNTiles; ++j)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) s[rt][j][e] = tanhf(s[rt][j][e] * p.softcap_in) * p.softcap_out;
+          for (int e = 0; e < 4; ++e) {
+            s[rt][j][e] = softcap_tanh(s[rt][j][e] * p.softcap_in) * p.softcap_out;
+          }
     } else if (prescaled) {
 #pragma unroll
       for (int rt = 0; rt < kRT; ++rt)
