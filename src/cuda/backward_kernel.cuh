@@ -285,6 +285,22 @@ __device__ __forceinline__ void causal_query_interval(const Params& p, int key, 
   hi = p.seqlen_q - 1;
 }
 
+// The queries that key rows `key_row` keep under per-row top-k over compacted keys, where the
+// rows are slots (RowEnd::key_first / key_last of head `head`): [key_first, key_last] clamped to
+// the queries, none for a row past the slots.
+__device__ __forceinline__ void slot_query_interval(const BackwardParams& p, int b, int head,
+                                                    const int (&key_row)[2], int (&lo)[2],
+                                                    int (&hi)[2]) {
+  const int32_t* first = p.row_end.key_first_row(b, head);
+  const int32_t* last = p.row_end.key_last_row(b, head);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int k = min(key_row[r], p.seqlen_k - 1);
+    lo[r] = key_row[r] < p.seqlen_k ? first[k] : INT_MAX;
+    hi[r] = min(last[k], p.seqlen_q - 1);
+  }
+}
+
 // s = -inf where the entry is out of range, causally invisible, masked out or (kRowTopK ==
 // p.row_topk.key != null) below its row's top-k threshold. Under per-row top-k the planner lists
 // every tile partial, so this pass sees every entry; it reads the query-invariant bias again (L1:
@@ -323,11 +339,7 @@ __device__ inline void drop_pass(const BackwardParams& p, int b, int head, float
       // One compare pair per entry, no branch: the general loop below branches per entry, which
       // left the dK/dV pass waiting on branch reconvergence and instruction fetch.
       int lo[2], hi[2];
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        lo[r] = ix.row[r] < p.seqlen_k ? key_rows[r][0] : INT_MAX;
-        hi[r] = min(key_rows[r][1], p.seqlen_q - 1);
-      }
+      slot_query_interval(p, b, head, ix.row, lo, hi);
       keep_query_interval(s, lo, hi, ix);
       return;
     }

@@ -376,15 +376,17 @@ __device__ __forceinline__ void key_row_logits(const BackwardParams& p, int b, i
 // gathered slots) more than doubled the kernel's code (docs/perf.md, thirty-second session).
 // kSoftcap == (p.softcap_in != 0): the cap and dX = dS (1 - t^2) (softcap_pass, apply_slope),
 // never lean.
-template <int kHeadDim, class Elt, bool kRowTopK, bool kLean = false, bool kSoftcap = false>
-__global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
-                                  Sm90DkvTiles<kHeadDim, Elt>::kCtasPerSm)
-    dkdv_kernel_sm90(const __grid_constant__ BackwardParams p,
-                     const __grid_constant__ QdoTensorMaps tma) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+//
+// kSlotRows (dkdv_kernel_sm90_slot_rows, with kLean): the lean pass over per-row top-k's dK/dV
+// groups of compacted keys (BlockMapParams::dkv_slots), whose key rows are the group's slots
+// (gathered) and keep the interval of queries [key_first, key_last] of each slot (RowEnd;
+// slot_query_interval), held across the steps of a head.
+template <int kHeadDim, class Elt, bool kRowTopK, bool kLean, bool kSoftcap, bool kSlotRows>
+__device__ __forceinline__ void dkdv_sm90_cta(const BackwardParams& p, const QdoTensorMaps& tma) {
   using namespace cute;
   static_assert(!(kLean && kRowTopK), "the lean pass has no per-row top-k");
   static_assert(!(kLean && kSoftcap), "the lean pass has no softcap");
+  static_assert(!kSlotRows || kLean, "the slot rows' pass is a lean one");
   using Tiles = Sm90DkvTiles<kHeadDim, Elt>;
   using T = typename Tiles::T;
   constexpr int kBlockM = Tiles::kBlockM, kBlockN = Tiles::kBlockN, kHalf = Tiles::kHalf;
@@ -431,7 +433,7 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
     const auto q_dst = GmmaLoadOffsets::make<kHeadDim, kLoaders>(layout_q, false);
     const auto* k_rows = static_cast<const uint16_t*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h;
     const auto* v_rows = static_cast<const uint16_t*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h;
-    if (const int32_t* group = kLean ? nullptr : dkv_group_slots(p, n, hk, b)) {
+    if (const int32_t* group = kLean && !kSlotRows ? nullptr : dkv_group_slots(p, n, hk, b)) {
       load_gathered_rows_async<kHeadDim, kBlockN, kLoaders>(
           reinterpret_cast<uint16_t*>(smem_k), kv_dst, reinterpret_cast<uint16_t*>(smem_v), kv_dst,
           k_rows, p.k_stride_s, v_rows, p.v_stride_s, group, p.head_dim);
@@ -511,7 +513,7 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
   // The thread's two key rows: of the key tile, or the group's slots (seqlen_k past the list's
   // count: such a row is dropped, and neither stored nor summed).
   int key_row[2] = {key0 + warp * 16 + g, key0 + warp * 16 + g + 8};
-  if (const int32_t* group = kLean ? nullptr : dkv_group_slots(p, n, hk, b)) {
+  if (const int32_t* group = kLean && !kSlotRows ? nullptr : dkv_group_slots(p, n, hk, b)) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int slot = group[warp * 16 + g + 8 * r];
@@ -553,16 +555,24 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
   const bool by_key_row = KeyRowBias::applies(p);
   // The lean pass holds the per-key bias's values across steps (KeyRowBiasHeld).
   std::conditional_t<kLean, KeyRowBiasHeld, KeyRowBias> key_bias;
-  // The lean pass's queries kept by each key row (the same over every head and query tile).
+  // The lean pass's queries kept by each key row (the same over every query tile; over every
+  // head too but for the slot rows' intervals, which are read again when the head changes).
   int keep_lo[2] = {0, 0}, keep_hi[2] = {0, 0};
-  if constexpr (kLean) {
+  if constexpr (kLean && !kSlotRows) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) causal_query_interval(p, key_row[r], keep_lo[r], keep_hi[r]);
   }
+  [[maybe_unused]] int interval_head = -1;  // the head whose slot intervals keep_lo / hi hold
   int prev_stage = -1;  // this warpgroup's previous stage, released once its products retire
   for (int j = 0; !cur.done(); ++j, cur.advance()) {
     if (j % Tiles::kConsumerWarpGroups != wg) continue;
     const int stage = j % kStages, h = cur.h;
+    if constexpr (kSlotRows) {
+      if (h != interval_head) {
+        interval_head = h;
+        slot_query_interval(p, b, h, key_row, keep_lo, keep_hi);
+      }
+    }
     // The list's entry (a global read), used once the products are issued: its latency then
     // hides under them, where computing q0 here exposed it to every step (docs/perf.md,
     // thirty-third session).
@@ -632,6 +642,31 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
   }
 
   write_dkdv_rows<Elt, kDTiles>(p, cta, hk, b, key_row, t, tdK, tdV);
+}
+
+template <int kHeadDim, class Elt, bool kRowTopK, bool kLean = false, bool kSoftcap = false>
+__global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
+                                  Sm90DkvTiles<kHeadDim, Elt>::kCtasPerSm)
+    dkdv_kernel_sm90(const __grid_constant__ BackwardParams p,
+                     const __grid_constant__ QdoTensorMaps tma) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  dkdv_sm90_cta<kHeadDim, Elt, kRowTopK, kLean, kSoftcap, false>(p, tma);
+#else
+  __trap();  // launched only on sm_90 devices, where the sm_90a image exists
+#endif
+}
+
+// The lean dK/dV pass over per-row top-k's dK/dV groups (dkdv_sm90_cta's kSlotRows; the host's
+// lean_slot_rows_call): no mask, softcap, staged or general bias, so its element passes are the
+// per-key bias's fma and one compare pair per entry against each slot's interval of queries,
+// where the general pass (which such calls ran before) carries every other duty's code.
+template <int kHeadDim, class Elt>
+__global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
+                                  Sm90DkvTiles<kHeadDim, Elt>::kCtasPerSm)
+    dkdv_kernel_sm90_slot_rows(const __grid_constant__ BackwardParams p,
+                               const __grid_constant__ QdoTensorMaps tma) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  dkdv_sm90_cta<kHeadDim, Elt, false, true, false, true>(p, tma);
 #else
   __trap();  // launched only on sm_90 devices, where the sm_90a image exists
 #endif

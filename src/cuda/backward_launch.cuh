@@ -178,6 +178,18 @@ inline bool lean_dkdv_call(const BackwardParams& p) {
          p.softcap_in == 0.0f && (p.bias == nullptr || KeyRowBias::applies(p));
 }
 
+// Whether the sm90 dK/dV pass's lean instantiation over slot rows (dkdv_kernel_sm90_slot_rows)
+// serves a call: per-row top-k over compacted keys run as dK/dV groups (BlockMapParams::dkv_slots)
+// whose slots' rows are intervals (RowEnd::key_first / key_last), without a mask, softcap or a
+// staged bias, and with no bias or a query-invariant one (KeyRowBias). Such calls ran the general
+// pass, whose element passes carry every other duty (9964 against 6556 SASS instructions at
+// D = 128 bf16).
+inline bool lean_slot_rows_call(const BackwardParams& p) {
+  return p.map.dkv_slots != nullptr && p.row_end.key_last != nullptr &&
+         p.row_end.key_first != nullptr && p.mask == nullptr && p.row_topk.key == nullptr &&
+         !p.bias_staged && p.softcap_in == 0.0f && (p.bias == nullptr || KeyRowBias::applies(p));
+}
+
 // Whether the fused pass's lean instantiation (dkdvq_kernel_sm90's kLean) serves a call: the lean
 // dK/dV pass's calls (lean_dkdv_call) without a compacted key mask (whose slots the general pass
 // bounds by their count). At both of its head dims: dense (2, 16384, 16, 16, D) backward 2-3% /
@@ -388,6 +400,7 @@ bool launch_sm90_dkdv(const BackwardParams& p, BackwardParams& kv, StreamBuffer&
     }
     if constexpr (sm90_backward_lean(kHeadDim)) {
       if (lean_dkdv_call(kv)) dkdv = &dkdv_kernel_sm90<kHeadDim, Elt, false, true>;
+      if (lean_slot_rows_call(kv)) dkdv = &dkdv_kernel_sm90_slot_rows<kHeadDim, Elt>;
     }
     threads = Sm90Tiles::kThreads, smem_limit = Sm90Tiles::smem_bytes(true);
     smem = Sm90Tiles::smem_bytes(p.bias_staged);

@@ -321,6 +321,37 @@ def test_softcap_on_hopper_passes(dtype, D, gen):
                         (label, kernel, a)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,window,how", [
+    ((1, 1000, 1000, 8, 2), 100, {}),                       # Doge: a bias per kv head, GQA 4
+    ((1, 1000, 1000, 8, 2), 100, {"bias_grad": False}),     # no column sums
+    ((1, 1000, 1000, 8, 2), 100, {"deterministic": True}),
+    ((2, 333, 517, 4, 4), 50, {}),                          # Sq < Sk, ragged, two batches
+])
+def test_lean_dkdv_pass_over_row_intervals(dtype, shape, window, how, gen):
+    """Per-row top-k over compacted keys at D = 128 runs its dK/dV groups on the lean pass over
+    slot rows (dkdv_kernel_sm90_slot_rows): each slot keeps the queries of its interval
+    [key_first, key_last], the per-key bias is one fma per entry. Every gradient against float64
+    with create_mask's mask (ties across the causal frontier, a key no row keeps: exact zeros);
+    on sm_90 the profile shows that pass ran and the general dK/dV pass did not."""
+    B, Sq, Sk, H, Hk = shape
+    q, k, v = qkv(B, Sq, Sk, H, Hk, 128, dtype, gen)
+    bias = randn(B, Hk, 1, Sk, dtype=dtype, gen=gen)
+    bias[..., 3:30] = bias[..., 40:67].flip(-1)  # ties, some across the causal frontier
+    bias[..., 100] = torch.finfo(dtype).min      # a fill-valued key: never kept
+    causal = torch.ones(Sq, Sk, dtype=torch.bool, device="cuda").tril(Sk - Sq)[None, None]
+    mask = create_mask(bias, causal, B, Sq, Sk, window, torch.finfo(dtype).min)
+    label = f"slot rows {shape} w={window} {how}"
+    names = cuda_kernel_names(lambda: check_backward(
+        q, k, v, mask=mask, bias=bias, causal=True, label=label,
+        ours_how={"topk": window, "topk_causal": True}, **how))
+    if torch.cuda.get_device_capability() == (9, 0) and names:  # (none under compute-sanitizer)
+        ran = backward_kernels(names)
+        slot_rows = [n for n in names if "dkdv_kernel_sm90_slot_rows<" in n]
+        assert slot_rows, (label, names)
+        assert "dkdv_kernel_sm90" not in ran and "dkdv_kernel" not in ran, (label, names)
+
+
 # Bias shapes whose gradient sums over (batch, head): a per-key bias (column sums), and full
 # (Sq, Sk) biases broadcast over batch and/or heads (summed across (b, h) CTAs of the dQ pass).
 DET_BIAS_SHAPES = [(1, 1, 1, 4096), (1, 1, 4096, 4096), (2, 1, 4096, 4096), (1, 2, 4096, 4096)]
