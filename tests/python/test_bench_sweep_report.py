@@ -394,3 +394,46 @@ def test_report_rejects_bad_input(report, tmp_path, capsys):
     with pytest.raises(SystemExit):
         report.main([str(bad), "--stdout"])
     assert "unknown format" in capsys.readouterr().err
+
+
+def sweep_json(path, rows, device="H200"):
+    path.write_text(json.dumps({"format": "fsa-sweep/1", "meta": {"device": device},
+                                "rows": rows}))
+    return str(path)
+
+
+def test_ab_table_compares_best_runs(tmp_path, capsys):
+    """bench/ab.py (scripts/ab_check.sh's table): each side's best run, its spread, head / base,
+    and head / peer from the head runs; measures a side failed or lacks are left out."""
+    ab = load_module("ab")
+    w = "trainable/S16384/d22"
+
+    def row(impl, fwd, fwdbwd, fail=None):
+        return {"key": f"{w}|{impl}", "workload": w, "impl": impl, "fwd_ms": fwd,
+                "fwdbwd_ms": fwdbwd, "fail": fail or {}}
+
+    base = [sweep_json(tmp_path / "b1.json", [row("ours", 2.0, 8.0)]),
+            sweep_json(tmp_path / "b2.json", [row("ours", 2.2, 8.8)])]
+    head = [sweep_json(tmp_path / "h1.json", [row("ours", 1.5, 9.0, {"fwdbwd_ms": "error"}),
+                                              row("flex", 3.0, 12.0)]),
+            sweep_json(tmp_path / "h2.json", [row("ours", 1.8, 7.0)])]
+    assert ab.main(["--base", *base, "--head", *head]) == 0
+    lines = {tuple(l.split()[:3]): l.split() for l in capsys.readouterr().out.splitlines()}
+    fwd = lines[(w, "ours", "fwd")]
+    assert [float(x) for x in fwd[3:8]] == pytest.approx([2.0, 1.5, 0.75, 0.1, 0.2])
+    assert fwd[8:] == ["flex", "0.500"]
+    fwdbwd = lines[(w, "ours", "fwdbwd")]  # the failed head run is not a time
+    assert [float(x) for x in fwdbwd[3:5]] == pytest.approx([8.0, 7.0])
+    assert fwdbwd[8:] == ["flex", "0.583"]
+    assert (w, "ours", "bwd") not in lines  # measured by neither side
+
+
+def test_ab_rejects_other_files(tmp_path, capsys):
+    ab = load_module("ab")
+    other = tmp_path / "x.json"
+    other.write_text(json.dumps({"format": "something-else", "rows": []}))
+    ok = sweep_json(tmp_path / "ok.json", [])
+    with pytest.raises(SystemExit, match="not an fsa-sweep/1 file"):
+        ab.main(["--base", str(other), "--head", ok])
+    assert ab.main(["--base", ok, "--head", ok]) == 1  # nothing measured by both sides
+    assert "no workload measured by both sides" in capsys.readouterr().err

@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# A/B of two builds in one call on the GPU machine (no network there): the Python package built
+# from a base tree and from the work tree, each into its own directory, then bench/sweep.py run
+# for each in alternation (base, head, base, head, ...: a drift of the card shows as a side's
+# spread, not as a difference between the sides), bench/ab.py's table last. The base tree comes
+# as a tarball made on this machine, where git has the history (the device copy's git metadata
+# may be stale), in a carried ignored folder:
+#
+#   git archive main -o .device/base.tar            # then, on the GPU machine (carry .deps, .device):
+#   scripts/ab_check.sh .device/base.tar [--runs N] [--sweep "SWEEP ARGS"] [--peers IMPLS]
+#                                        [--topk CASES] [--smoke]
+#
+# Default sweep: issue #14's dense D = 128 bars at 16K (causal and full) and its block-selection
+# bars, ours in every run and the peers (--peers, default sdpa_cudnn,flex) in the head runs only;
+# --topk CASES adds bench/sweep.py's topk group with those cases (e.g. row16k: per-row top-k, the
+# dK/dV groups' workload), whose workloads run every implementation in every run. --runs N: runs
+# per side (default 2). Each sweep run is time-boxed (FSA_AB_RUN_S, default 240 s) so that the
+# table still comes back from a call cut short. --smoke: tiny shapes on the CPU backend (no CUDA
+# build), to check this script anywhere. Logs and JSONs go to $OUT as ab.tar.gz, the table to
+# $OUT/ab.txt too.
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 2
+usage="usage: scripts/ab_check.sh BASE.tar [--runs N] [--sweep ARGS] [--peers IMPLS] [--topk CASES] [--smoke]"
+OUT=${OUT:-/tmp/fsa_ab_out}
+mkdir -p "$OUT"
+base_tar=${1:?$usage}
+shift
+[ -f "$base_tar" ] || { echo "no such tarball: $base_tar (git archive BASE -o $base_tar)" >&2; exit 2; }
+runs=2
+sweep="--only dense,selection_bars --filter ^(dense/(causal|full)/D128/S16384|trainable/) --reps 10"
+peers=sdpa_cudnn,flex
+topk=""
+smoke=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --runs) runs=${2:?--runs needs a count}; shift ;;
+    --sweep) sweep=${2:?--sweep needs bench/sweep.py arguments}; shift ;;
+    --peers) peers=${2:?--peers needs implementation ids, e.g. sdpa_cudnn,flex}; shift ;;
+    --topk) topk=${2:?--topk needs topk cases, e.g. row16k}; shift ;;
+    --smoke) smoke=1 ;;
+    *) echo "unknown argument $1; $usage" >&2; exit 2 ;;
+  esac
+  shift
+done
+case "$runs" in ''|*[!0-9]*|0) echo "--runs: expected a positive integer, got $runs" >&2; exit 2 ;; esac
+run_s=${FSA_AB_RUN_S:-240}
+step() { echo "== $1 ($(date +%T))"; }
+
+work=$PWD/build-ab
+rm -rf "$work/base-src" "$work/base-site" "$work/head-site"
+mkdir -p "$work/base-src"
+tar -xf "$base_tar" -C "$work/base-src" || { echo "cannot extract $base_tar" >&2; exit 2; }
+if [ $smoke = 1 ]; then
+  export FSA_ENABLE_CUDA=OFF
+  sweep="--smoke --device cpu --only dense --filter ^dense/causal/D64/"
+  peers=""
+  topk=""
+else
+  export SKBUILD_CMAKE_DEFINE="FSA_CUDA_ARCHS=90a"
+fi
+
+# Each side into its own --target directory (its own build directory, so nothing is shared).
+build() {
+  SKBUILD_BUILD_DIR="$work/$1-build" python3 -m pip install --no-build-isolation --no-deps -q \
+    --target "$work/$1-site" "$2" > "$OUT/pip_$1.log" 2>&1
+}
+step "build base ($base_tar) and head (work tree)"
+build base "$work/base-src" & base_pid=$!
+build head "$PWD" & head_pid=$!
+failed=""
+wait $base_pid || failed+=" base"
+wait $head_pid || failed+=" head"
+if [ -n "$failed" ]; then
+  for side in $failed; do tail -n 30 "$OUT/pip_$side.log"; done
+  echo "BUILD FAILED ($failed )"
+  exit 1
+fi
+
+# One sweep run of a side: its package first on the path; the head's runs add the peers.
+sweep_run() {
+  local side=$1 i=$2 impls=ours
+  [ "$side" = head ] && [ -n "$peers" ] && impls="ours,$peers"
+  # shellcheck disable=SC2086
+  PYTHONPATH="$work/$side-site" PYTHONUNBUFFERED=1 timeout "$run_s" python3 bench/sweep.py \
+    $sweep --impls "$impls" --json "$OUT/${side}_$i.json" > "$OUT/${side}_$i.log" 2>&1
+  if [ -n "$topk" ]; then
+    PYTHONPATH="$work/$side-site" PYTHONUNBUFFERED=1 timeout "$run_s" python3 bench/sweep.py \
+      --only topk --topk-cases "$topk" --json "$OUT/${side}_$i.json" --resume \
+      >> "$OUT/${side}_$i.log" 2>&1
+  fi
+  # The module each run imported, so that a run can never silently measure the other side.
+  PYTHONPATH="$work/$side-site" python3 -c \
+    "import flash_sparse_attn as m; print('$side run $i:', m.__file__)" >> "$OUT/${side}_$i.log"
+}
+for i in $(seq 1 "$runs"); do
+  for side in base head; do
+    step "sweep: $side run $i"
+    sweep_run $side "$i"
+    tail -n 1 "$OUT/${side}_$i.log"
+  done
+done
+
+step "table"
+bases=() heads=()
+for i in $(seq 1 "$runs"); do
+  [ -f "$OUT/base_$i.json" ] && bases+=("$OUT/base_$i.json")
+  [ -f "$OUT/head_$i.json" ] && heads+=("$OUT/head_$i.json")
+done
+status=0
+if [ ${#bases[@]} -gt 0 ] && [ ${#heads[@]} -gt 0 ]; then
+  python3 bench/ab.py --base "${bases[@]}" --head "${heads[@]}" | tee "$OUT/ab.txt" || status=1
+else
+  echo "no sweep results on one side (see the logs)"
+  status=1
+fi
+# The device tool brings back at most 8 files: everything but the table travels as one archive.
+(cd "$OUT" && tar -czf ab.tar.gz --exclude=ab.tar.gz --exclude=ab.txt -- *.log *.json 2>/dev/null \
+   && find . -maxdepth 1 -type f \( -name "*.log" -o -name "*.json" \) -delete)
+echo "logs: $OUT/ab.tar.gz"
+exit $status
