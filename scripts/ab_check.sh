@@ -11,7 +11,7 @@
 #                                        [--topk CASES] [--smoke]
 #
 # Default sweep: issue #14's dense D = 128 bars at 16K (causal and full) and its block-selection
-# bars, ours in every run and the peers (--peers, default sdpa_cudnn,flex) in the head runs only;
+# bars, ours in every run and the peers (--peers, default sdpa_cudnn,flex) in the first head run;
 # --topk CASES adds bench/sweep.py's topk group with those cases (e.g. row16k: per-row top-k, the
 # dK/dV groups' workload), whose workloads run every implementation in every run. --runs N: runs
 # per side (default 2). Each sweep run is time-boxed (FSA_AB_RUN_S, default 240 s) so that the
@@ -76,10 +76,11 @@ if [ -n "$failed" ]; then
   exit 1
 fi
 
-# One sweep run of a side: its package first on the path; the head's runs add the peers.
+# One sweep run of a side: its package first on the path; the head's first run adds the peers
+# (FlexAttention compiles in every process: once is enough for the ratios).
 sweep_run() {
   local side=$1 i=$2 impls=ours
-  [ "$side" = head ] && [ -n "$peers" ] && impls="ours,$peers"
+  [ "$side" = head ] && [ "$i" = 1 ] && [ -n "$peers" ] && impls="ours,$peers"
   # shellcheck disable=SC2086
   PYTHONPATH="$work/$side-site" PYTHONUNBUFFERED=1 timeout "$run_s" python3 bench/sweep.py \
     $sweep --impls "$impls" --json "$OUT/${side}_$i.json" > "$OUT/${side}_$i.log" 2>&1
