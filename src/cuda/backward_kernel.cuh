@@ -338,8 +338,14 @@ __device__ inline void drop_pass(const BackwardParams& p, int b, int head, float
       // Compacted per-row top-k (which has no mask): a key row keeps the queries of its interval.
       // One compare pair per entry, no branch: the general loop below branches per entry, which
       // left the dK/dV pass waiting on branch reconvergence and instruction fetch.
+      // (slot_query_interval's bounds, from the values loaded above: calling it here loaded them
+      // again, 56 more instructions in the D = 256 dK/dV pass.)
       int lo[2], hi[2];
-      slot_query_interval(p, b, head, ix.row, lo, hi);
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        lo[r] = ix.row[r] < p.seqlen_k ? key_rows[r][0] : INT_MAX;
+        hi[r] = min(key_rows[r][1], p.seqlen_q - 1);
+      }
       keep_query_interval(s, lo, hi, ix);
       return;
     }

@@ -162,7 +162,10 @@ __global__ void __launch_bounds__(Sm90DkvWideTiles<Elt>::kThreads, 1)
   }
 
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Tiles::kConsumerRegisters));
-  const int wg = uniform_warpgroup(Tiles::kProducerThreads);
+  // (Not uniform_warpgroup: with the warpgroup's roles then known warp-uniform, ptxas spilled
+  // 56 bytes here and the pass grew 144 instructions, at a D = 256 backward that meets its bar
+  // by 1-4%; compiled 2026-12-05, not measured.)
+  const int wg = (int(threadIdx.x) - Tiles::kProducerThreads) / 128;
   const int ct = int(threadIdx.x) % 128;
   const int warp = ct / 32, lane = ct % 32, g = lane / 4, t = lane % 4;
   // P^T buffer q: named barrier 1 + q "full" (warpgroup 1 arrives, 0 waits), 3 + q "empty"
