@@ -32,12 +32,13 @@ BEGIN_PERF = "<!-- BEGIN GENERATED: bench/report.py -->"
 BEGIN_README = "<!-- BEGIN GENERATED: bench/report.py (headline) -->"
 END = "<!-- END GENERATED -->"
 GROUPS = ("dense", "trainable", "reference", "decode")          # the README headline's
-ENTRY_GROUPS = ("dense", "dense256", "trainable", "reference", "decode")
+ENTRY_GROUPS = ("dense", "dense256", "softcap", "trainable", "reference", "decode")
 WORKLOAD_GROUPS = ("bias", "topk", "varlen", "kvcache", "decode_bars")
-DENSE_GROUPS = ("dense", "dense256")
+DENSE_GROUPS = ("dense", "dense256", "softcap")
 GROUP_TITLES = {
     "dense": "Dense attention (no mask)",
     "dense256": "Dense causal attention at head dim 256 (issue #14's bar shape)",
+    "softcap": "Dense attention with softcap and a per-key bias (B, Hk, 1, S)",
     "trainable": "Trainable mask: bias (B, Hk, 1, S), causal, diagonal + top-k 128-key blocks by "
                  "mean bias",
     "reference": "The reference project's published configuration: (1, S, 2, 1, 64), causal, "
@@ -349,8 +350,9 @@ def mem_cell(row, notes):
 def describe(spec, density):
     g = spec["group"]
     if g in DENSE_GROUPS:
-        return (f"{'causal' if spec['causal'] else 'non-causal'} D={spec['D']} S={fmt_k(spec['S'])} "
-                f"({spec['B']},{spec['S']},{spec['H']},{spec['Hk']},{spec['D']})")
+        cap = f" softcap {spec['softcap']:g}" if spec.get("softcap") else ""
+        return (f"{'causal' if spec['causal'] else 'non-causal'} D={spec['D']} S={fmt_k(spec['S'])}"
+                f"{cap} ({spec['B']},{spec['S']},{spec['H']},{spec['Hk']},{spec['D']})")
     if g == "trainable":
         d = f", density {100 * density:.1f}%" if density is not None else ""
         return f"S={fmt_k(spec['S'])}{d} ({spec['B']},{spec['S']},{spec['H']},{spec['Hk']},{spec['D']})"

@@ -22,6 +22,9 @@ Workload groups (--only; the first four are the default):
   selection_bars
              issue #14's block-selection bars: the trainable group's workload at the issue's
              densities, 6.4%, 12% and 22% at S = 16K and 6.2% at S = 32K (ours and Flex)
+  softcap    dense attention with softcap 30 and a per-key bias (B, Hk, 1, S), causal and not,
+             (2, 16384, 16, 16, 128): ours and Flex (a score_mod capping, then adding the bias;
+             SDPA has no softcap)
 The workload groups below measure a workload whole (their implementations share inputs, checks
 and ratios; --impls does not apply to them, --filter matches their workload keys):
   bias       forward + backward with a full (S, S) bias requiring grad, broadcast over batch
@@ -147,8 +150,9 @@ FORMAT = "fsa-sweep/1"
 GROUPS = ("dense", "trainable", "reference", "decode")      # the default --only
 # Groups measured a workload at a time (see the module docstring), each by its *_workload function.
 WORKLOAD_GROUPS = ("bias", "topk", "varlen", "kvcache", "decode_bars")
-ALL_GROUPS = GROUPS + ("dense256", "selection_bars") + WORKLOAD_GROUPS
-DENSE_GROUPS = ("dense", "dense256")
+ALL_GROUPS = GROUPS + ("dense256", "selection_bars", "softcap") + WORKLOAD_GROUPS
+DENSE_GROUPS = ("dense", "dense256", "softcap")  # every key of the mask kept (causality aside)
+SOFTCAP = 30.0  # the softcap group's cap
 BLOCK = 128
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -184,6 +188,11 @@ def dense256_specs(quick, smoke):
     if smoke:
         return [dict(group="dense256", causal=True, B=1, S=256, H=2, Hk=2, D=256)]
     return [dict(group="dense256", causal=True, B=1, S=16384, H=16, Hk=16, D=256)]
+
+
+def softcap_specs(quick, smoke):
+    shape = dict(B=1, S=256, H=2, Hk=2, D=64) if smoke else dict(B=2, S=16384, H=16, Hk=16, D=128)
+    return [dict(group="softcap", causal=c, softcap=SOFTCAP, **shape) for c in (True, False)]
 
 
 def trainable_shape(smoke):
@@ -233,6 +242,8 @@ def decode_specs(quick, smoke):
 def impls_for(spec, device):
     g = spec["group"]
     cpu_math = ["sdpa_math_mask"] if device == "cpu" else []
+    if g == "softcap":  # (SDPA has no softcap)
+        return ["ours", "flex"]
     if g in DENSE_GROUPS:
         return ["ours", "sdpa_flash", "sdpa_cudnn", "flex"]
     if g == "trainable":
@@ -249,6 +260,9 @@ def workload_key(spec):
         return f"dense/{'causal' if spec['causal'] else 'full'}/D{spec['D']}/S{spec['S']}"
     if g == "dense256":
         return f"dense256/causal/B{spec['B']}/S{spec['S']}"
+    if g == "softcap":
+        return (f"softcap/{'causal' if spec['causal'] else 'full'}/D{spec['D']}/S{spec['S']}"
+                f"/c{spec['softcap']:g}")
     if g == "trainable":
         return f"trainable/S{spec['S']}/d{round(spec['target'] * 100, 1):g}"
     if g == "reference":
@@ -262,7 +276,7 @@ def enumerate_entries(groups, quick, smoke, device, impl_filter, key_filter, top
     """[(spec, workload key, implementation ids)] in run order. A workload of a workload group has
     None for its implementations (it runs whole) and is kept when key_filter matches its key."""
     makers = {"dense": dense_specs, "dense256": dense256_specs, "trainable": trainable_specs,
-              "selection_bars": selection_bars_specs,
+              "selection_bars": selection_bars_specs, "softcap": softcap_specs,
               "reference": reference_specs, "decode": decode_specs, "bias": bias_specs,
               "topk": functools.partial(topk_specs, cases=topk_cases or tuple(TOPK_CASES)),
               "varlen": varlen_specs, "kvcache": kvcache_specs, "decode_bars": decode_bars_specs}
@@ -307,6 +321,7 @@ class Problem:
         self.Sq = 1 if g == "decode" else spec["S"]
         self.Sk = spec["Sk"] if g == "decode" else spec["S"]
         self.causal = spec["causal"]
+        self.softcap = spec.get("softcap", 0.0)  # 0: none
         # Drawn on the device (a 512K-key K on the host would take seconds per tensor).
         gen = torch.Generator(device=device).manual_seed(zlib.crc32(workload_key(spec).encode()))
 
@@ -329,6 +344,9 @@ class Problem:
         nq, nk = -(-self.Sq // BLOCK), -(-self.Sk // BLOCK)
         if g in DENSE_GROUPS:
             kept = self.Sq * (self.Sq + 1) / 2 if self.causal else self.Sq * self.Sk
+            if g == "softcap":
+                self.bias = (-F.softplus(torch.randn(B, Hk, 1, self.Sk, generator=gen,
+                                                     device=device))).to(dtype)
         elif g == "trainable":
             self.bias = (-F.softplus(torch.randn(B, Hk, 1, self.Sk, generator=gen,
                                                  device=device))).to(dtype)
@@ -458,7 +476,7 @@ class Problem:
         if self.sel is not None:
             kw = dict(block_mask=self.sel, block_size=BLOCK)
         return flash_sparse_attn_func(q, k, v, attn_mask=self.mask, attn_bias=bias,
-                                      is_causal=self.causal, **kw)
+                                      is_causal=self.causal, softcap=self.softcap or None, **kw)
 
     def leaves(self):
         ts = [self.q, self.k, self.v] + ([self.bias] if self.bias is not None else [])
@@ -487,14 +505,17 @@ class Problem:
         bias_row = None
         if self.bias is not None:
             bias_row = lambda b, h, i: self.bias[b, h // self.G, 0]  # noqa: E731
-        return fp64_row_error(out, self.q, self.k, self.v, self.keep_row, bias_row)
+        return fp64_row_error(out, self.q, self.k, self.v, self.keep_row, bias_row,
+                              softcap=self.softcap)
 
 
-def fp64_row_error(out, q, k, v, keep_row, bias_row=None, rows=(0, 1, 127, 128, -1)):
+def fp64_row_error(out, q, k, v, keep_row, bias_row=None, rows=(0, 1, 127, 128, -1),
+                   softcap=0.0):
     """Max |out - float64 attention| over the sampled query rows `rows` (modulo Sq) of every
     (batch, head). keep_row(b, h, i) is the (Sk,) bool row of keys query i of head h keeps;
-    bias_row(b, h, i), if given, the (Sk,) bias added to its scores. q (B, Sq, H, D), k / v
-    (B, Sk, Hk, D); a row that keeps no key must be 0."""
+    bias_row(b, h, i), if given, the (Sk,) bias added to its scores (after the cap `softcap`,
+    if not 0: SPEC's c tanh(scale x / c) + bias). q (B, Sq, H, D), k / v (B, Sk, Hk, D); a row
+    that keeps no key must be 0."""
     B, Sq, H, D = q.shape
     G = H // k.shape[2]
     worst = 0.0
@@ -506,6 +527,8 @@ def fp64_row_error(out, q, k, v, keep_row, bias_row=None, rows=(0, 1, 127, 128, 
                 kk = k[b, :, h // G].double()[keep]
                 vv = v[b, :, h // G].double()[keep]
                 s = kk @ q[b, i, h].double() * scale
+                if softcap:
+                    s = softcap * torch.tanh(s / softcap)
                 if bias_row is not None:
                     s = s + bias_row(b, h, i).double()[keep]
                 ref = (torch.softmax(s, 0) @ vv if kk.shape[0]
@@ -646,11 +669,16 @@ def make_impl(name, p):
         bm = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=BLOCK,
                                       mask_mod=mask_mod, seq_lengths=(Sq, p.Sk))
         aux = sum(t.numel() * t.element_size() for t in (kv_num, kv_idx, full_num, full_idx))
-        G = p.G
+        G, cap = p.G, p.softcap
 
         def run(q, k, v, bias):
             score_mod = None
-            if bias is not None:
+            if bias is not None and cap:
+                bk = bias[:, :, 0, :]
+
+                def score_mod(score, b, h, q_idx, kv_idx):  # (score is scaled already)
+                    return cap * torch.tanh(score / cap) + bk[b, h // G, kv_idx].float()
+            elif bias is not None:
                 bk = bias[:, :, 0, :]
 
                 def score_mod(score, b, h, q_idx, kv_idx):

@@ -437,3 +437,22 @@ def test_ab_rejects_other_files(tmp_path, capsys):
         ab.main(["--base", str(other), "--head", ok])
     assert ab.main(["--base", ok, "--head", ok]) == 1  # nothing measured by both sides
     assert "no workload measured by both sides" in capsys.readouterr().err
+
+
+def test_smoke_softcap_group(sweep, tmp_path):
+    """The softcap group: ours with softcap 30 and a per-key bias, checked against float64 with
+    the cap applied (a cap small enough to matter changes the reference, and ours follows it)."""
+    out = tmp_path / "s.json"
+    assert sweep.main(SMOKE + ["--json", str(out), "--only", "softcap", "--impls", "ours"]) == 0
+    rows = {r["key"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"softcap/causal/D64/S256/c30|ours", "softcap/full/D64/S256/c30|ours"}
+    for r in rows.values():
+        assert r["fail"] == {} and r["max_diff_vs_fp64"] <= 3e-2 and r["spec"]["softcap"] == 30
+        assert r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0
+    spec = dict(sweep.softcap_specs(False, True)[0], softcap=0.5)
+    p = sweep.Problem(spec, "cpu", torch.bfloat16)
+    ours = p.ours_out()
+    capped = p.check_ours(ours)
+    uncapped = sweep.fp64_row_error(ours, p.q, p.k, p.v, p.keep_row,
+                                    lambda b, h, i: p.bias[b, h // p.G, 0])
+    assert capped <= 3e-2 and uncapped > 10 * capped, (capped, uncapped)
