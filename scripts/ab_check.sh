@@ -10,8 +10,10 @@
 #   scripts/ab_check.sh .device/base.tar [--runs N] [--sweep "SWEEP ARGS"] [--peers IMPLS]
 #                                        [--topk CASES] [--smoke]
 #
-# Default sweep: issue #14's dense D = 128 bars at 16K (causal and full) and its block-selection
-# bars, ours in every run and the peers (--peers, default sdpa_cudnn,flex) in the first head run;
+# Default sweep: issue #14's dense D = 128 bars at 16K (causal and full), its block-selection
+# bars and the softcap group, ours alone (a few workloads a run, meant to let two runs a side and
+# the builds fit one 10-minute call; not yet timed on a card); --peers IMPLS (e.g. sdpa_cudnn,flex) adds those peers to the
+# first head run (Flex compiles for a minute or more there);
 # --topk CASES adds bench/sweep.py's topk group with those cases (e.g. row16k: per-row top-k, the
 # dK/dV groups' workload), whose workloads run every implementation in every run. --runs N: runs
 # per side (default 2). Each sweep run is time-boxed (FSA_AB_RUN_S, default 240 s) so that the
@@ -27,8 +29,9 @@ base_tar=${1:?$usage}
 shift
 [ -f "$base_tar" ] || { echo "no such tarball: $base_tar (git archive BASE -o $base_tar)" >&2; exit 2; }
 runs=2
-sweep="--only dense,selection_bars --filter ^(dense/(causal|full)/D128/S16384|trainable/) --reps 10"
-peers=sdpa_cudnn,flex
+sweep="--only dense,selection_bars,softcap"
+sweep+=" --filter ^(dense/(causal|full)/D128/S16384|trainable/|softcap/) --reps 10"
+peers=""
 topk=""
 smoke=0
 while [ $# -gt 0 ]; do
