@@ -327,16 +327,19 @@ def test_softcap_on_hopper_passes(dtype, D, gen):
     ((1, 1000, 1000, 8, 2), 100, {"bias_grad": False}),     # no column sums
     ((1, 1000, 1000, 8, 2), 100, {"deterministic": True}),
     ((2, 333, 517, 4, 4), 50, {}),                          # Sq < Sk, ragged, two batches
+    ((1, 700, 700, 4, 1), 60, {"bias_heads": 4}),           # a bias (and lists) per query head
 ])
 def test_lean_dkdv_pass_over_row_intervals(dtype, shape, window, how, gen):
     """Per-row top-k over compacted keys at D = 128 runs its dK/dV groups on the lean pass over
     slot rows (dkdv_kernel_sm90_slot_rows): each slot keeps the queries of its interval
-    [key_first, key_last], the per-key bias is one fma per entry. Every gradient against float64
+    [key_first, key_last], the per-key bias is one fma per entry. A bias per query head under
+    GQA gathers K and V per query head (its own lists). Every gradient against float64
     with create_mask's mask (ties across the causal frontier, a key no row keeps: exact zeros);
     on sm_90 the profile shows that pass ran and the general dK/dV pass did not."""
     B, Sq, Sk, H, Hk = shape
+    how = dict(how)
     q, k, v = qkv(B, Sq, Sk, H, Hk, 128, dtype, gen)
-    bias = randn(B, Hk, 1, Sk, dtype=dtype, gen=gen)
+    bias = randn(B, how.pop("bias_heads", Hk), 1, Sk, dtype=dtype, gen=gen)
     bias[..., 3:30] = bias[..., 40:67].flip(-1)  # ties, some across the causal frontier
     bias[..., 100] = torch.finfo(dtype).min      # a fill-valued key: never kept
     causal = torch.ones(Sq, Sk, dtype=torch.bool, device="cuda").tril(Sk - Sq)[None, None]
