@@ -119,6 +119,6 @@ else
 fi
 # The device tool brings back at most 8 files: everything but the table travels as one archive.
 (cd "$OUT" && tar -czf ab.tar.gz --exclude=ab.tar.gz --exclude=ab.txt -- *.log *.json 2>/dev/null \
-   && find . -maxdepth 1 -type f \( -name "*.log" -o -name "*.json" \) -delete)
+   && find . -maxdepth 1 -type f \( -name "*.log" -o -name "*.json" -o -name "*.tmp" \) -delete)
 echo "logs: $OUT/ab.tar.gz"
 exit $status
