@@ -182,7 +182,7 @@ inline bool lean_dkdv_call(const BackwardParams& p) {
 // serves a call: per-row top-k over compacted keys run as dK/dV groups (BlockMapParams::dkv_slots)
 // whose slots' rows are intervals (RowEnd::key_first / key_last), without a mask, softcap or a
 // staged bias, and with no bias or a query-invariant one (KeyRowBias). Such calls ran the general
-// pass, whose element passes carry every other duty (9964 against 6556 SASS instructions at
+// pass, whose element passes carry every other duty (9968 against 6560 SASS instructions at
 // D = 128 bf16).
 inline bool lean_slot_rows_call(const BackwardParams& p) {
   return p.map.dkv_slots != nullptr && p.row_end.key_last != nullptr &&
