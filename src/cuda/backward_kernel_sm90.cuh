@@ -644,6 +644,7 @@ __device__ __forceinline__ void dkdv_sm90_cta(const BackwardParams& p, const Qdo
   write_dkdv_rows<Elt, kDTiles>(p, cta, hk, b, key_row, t, tdK, tdV);
 }
 
+// The dK/dV pass (dkdv_sm90_cta) for every call but the slot rows' (below).
 template <int kHeadDim, class Elt, bool kRowTopK, bool kLean = false, bool kSoftcap = false>
 __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
                                   Sm90DkvTiles<kHeadDim, Elt>::kCtasPerSm)
