@@ -673,16 +673,12 @@ def make_impl(name, p):
 
         def run(q, k, v, bias):
             score_mod = None
-            if bias is not None and cap:
-                bk = bias[:, :, 0, :]
-
-                def score_mod(score, b, h, q_idx, kv_idx):  # (score is scaled already)
-                    return cap * torch.tanh(score / cap) + bk[b, h // G, kv_idx].float()
-            elif bias is not None:
-                bk = bias[:, :, 0, :]
-
+            bk = bias[:, :, 0, :] if bias is not None else None
+            if bk is not None or cap:
                 def score_mod(score, b, h, q_idx, kv_idx):
-                    return score + bk[b, h // G, kv_idx].float()
+                    if cap:  # (score is scaled already; SPEC caps it before the bias)
+                        score = cap * torch.tanh(score / cap)
+                    return score if bk is None else score + bk[b, h // G, kv_idx].float()
             return fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), score_mod=score_mod,
                       block_mask=bm, enable_gqa=G > 1).transpose(1, 2)
 
