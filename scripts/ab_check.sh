@@ -8,7 +8,7 @@
 #
 #   git archive main -o .device/base.tar            # then, on the GPU machine (carry .deps, .device):
 #   scripts/ab_check.sh .device/base.tar [--runs N] [--sweep "SWEEP ARGS"] [--peers IMPLS]
-#                                        [--topk CASES] [--smoke]
+#                                        [--topk CASES] [--head-flags FLAGS] [--smoke]
 #
 # Default sweep: issue #14's dense D = 128 bars at 16K (causal and full), its block-selection
 # bars and the softcap group, ours alone (a few workloads a run, meant to let two runs a side and
@@ -16,13 +16,16 @@
 # first head run (Flex compiles for a minute or more there);
 # --topk CASES adds bench/sweep.py's topk group with those cases (e.g. row16k: per-row top-k, the
 # dK/dV groups' workload), whose workloads run every implementation in every run. --runs N: runs
-# per side (default 2). Each sweep run is time-boxed (FSA_AB_RUN_S, default 240 s) so that the
+# per side (default 2). --head-flags FLAGS: extra nvcc flags for the head's build alone (CMake's
+# CUDAFLAGS), e.g. "-DFSA_SM90_SOFTMAX_PIN=1" for an experiment compiled in behind a macro, against
+# `git archive HEAD` as the base. Each sweep run is time-boxed (FSA_AB_RUN_S, default 240 s) so that the
 # table still comes back from a call cut short. --smoke: tiny shapes on the CPU backend (no CUDA
 # build), to check this script anywhere. Logs and JSONs go to $OUT as ab.tar.gz, the table to
 # $OUT/ab.txt too.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
-usage="usage: scripts/ab_check.sh BASE.tar [--runs N] [--sweep ARGS] [--peers IMPLS] [--topk CASES] [--smoke]"
+usage="usage: scripts/ab_check.sh BASE.tar [--runs N] [--sweep ARGS] [--peers IMPLS] [--topk CASES]"
+usage+=" [--head-flags FLAGS] [--smoke]"
 OUT=${OUT:-/tmp/fsa_ab_out}
 mkdir -p "$OUT"
 base_tar=${1:?$usage}
@@ -33,6 +36,7 @@ sweep="--only dense,selection_bars,softcap"
 sweep+=" --filter ^(dense/(causal|full)/D128/S16384|trainable/|softcap/) --reps 10"
 peers=""
 topk=""
+head_flags=""
 smoke=0
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -40,6 +44,7 @@ while [ $# -gt 0 ]; do
     --sweep) sweep=${2:?--sweep needs bench/sweep.py arguments}; shift ;;
     --peers) peers=${2:?--peers needs implementation ids, e.g. sdpa_cudnn,flex}; shift ;;
     --topk) topk=${2:?--topk needs topk cases, e.g. row16k}; shift ;;
+    --head-flags) head_flags=${2:?--head-flags needs nvcc flags, e.g. -DFSA_SM90_SOFTMAX_PIN=1}; shift ;;
     --smoke) smoke=1 ;;
     *) echo "unknown argument $1; $usage" >&2; exit 2 ;;
   esac
@@ -62,20 +67,29 @@ else
   export SKBUILD_CMAKE_DEFINE="FSA_CUDA_ARCHS=90a"
 fi
 
-# Each side into its own --target directory (its own build directory, so nothing is shared).
+# Each side into its own --target directory (its own build directory, configured afresh, so
+# nothing is shared and CUDAFLAGS is read).
 build() {
-  SKBUILD_BUILD_DIR="$work/$1-build" python3 -m pip install --no-build-isolation --no-deps -q \
-    --target "$work/$1-site" "$2" > "$OUT/pip_$1.log" 2>&1
+  rm -rf "$work/$1-build"
+  CUDAFLAGS="$3" SKBUILD_BUILD_DIR="$work/$1-build" python3 -m pip install --no-build-isolation \
+    --no-deps -q --target "$work/$1-site" "$2" > "$OUT/pip_$1.log" 2>&1
 }
-step "build base ($base_tar) and head (work tree)"
-build base "$work/base-src" & base_pid=$!
-build head "$PWD" & head_pid=$!
+step "build base ($base_tar) and head (work tree${head_flags:+, CUDAFLAGS=$head_flags})"
+build base "$work/base-src" "${CUDAFLAGS:-}" & base_pid=$!
+build head "$PWD" "${CUDAFLAGS:-}${head_flags:+ $head_flags}" & head_pid=$!
 failed=""
 wait $base_pid || failed+=" base"
 wait $head_pid || failed+=" head"
 if [ -n "$failed" ]; then
   for side in $failed; do tail -n 30 "$OUT/pip_$side.log"; done
   echo "BUILD FAILED ($failed )"
+  exit 1
+fi
+# The head's flags reached its CUDA compiles (CMake reads CUDAFLAGS at a build directory's first
+# configure only).
+if [ -n "$head_flags" ] && [ $smoke = 0 ] &&
+   ! grep -q -F -- "$head_flags" "$work/head-build/CMakeCache.txt"; then
+  echo "--head-flags: '$head_flags' is not in $work/head-build/CMakeCache.txt's CMAKE_CUDA_FLAGS" >&2
   exit 1
 fi
 
