@@ -126,7 +126,9 @@ struct Sm90FusedTiles {
   static_assert(kDqSmemFloats >= (kAlternate ? 2 : 1) * kDqTileFloats, "dQ's tiles fit");
   static constexpr int kOffStats = kOffDq + kDqSmemFloats * 4;
   static constexpr int kOffBarriers = kOffStats + kStages * 2 * kHalf * 4;
-  static constexpr int kSmemBytes = kOffBarriers + 2 * kStages * 8;
+  // The softmax pin experiment's word (pin_probabilities), allocated only when it is built.
+  static constexpr int kOffPin = kOffBarriers + 2 * kStages * 8;
+  static constexpr int kSmemBytes = kOffPin + ((FSA_SM90_SOFTMAX_PIN & 4) ? 8 : 0);
   static constexpr int kOffBias = (kSmemBytes + 127) / 128 * 128;
   static constexpr int kBiasStageElems = 2 * kHalf * kBlockN;  // two SmemTile<64> per stage
   static constexpr int smem_bytes(bool staged_bias) {
@@ -477,6 +479,9 @@ __global__ void __launch_bounds__(Sm90FusedTiles<kHeadDim, Elt>::kThreads, 1)
           s_bias + stage * Tiles::kBiasStageElems + wg * kHalf * kBlockN, warp * 16, check,
           keep_lo, keep_hi, ix, s, slope);
       probabilities_t(s, s_lse + stage * kHalf, t);
+      if constexpr ((FSA_SM90_SOFTMAX_PIN & 4) && kLean) {
+        pin_probabilities<Elt>(s, smem_raw + Tiles::kOffPin, ct == 0 && wg == 0);
+      }
       warpgroup_wait<0>();  // dP^T
       warpgroup_fence_operand(tSrDp);
       pack_pairs<Elt>(p_regs, s);

@@ -107,7 +107,9 @@ struct Sm90DkvTiles {
   // Per stage, the half's raw LSE and rowdot (fp32, 64 each), after the tiles.
   static constexpr int kStatsOffset = (2 * kSmemKV + 2 * kSmemQ) * 2;
   static constexpr int kBarrierOffset = kStatsOffset + kStages * 2 * kHalf * 4;
-  static constexpr int kSmemBytes = kBarrierOffset + 2 * kStages * 8;
+  // The softmax pin experiment's word (pin_probabilities), allocated only when it is built.
+  static constexpr int kPinOffset = kBarrierOffset + 2 * kStages * 8;
+  static constexpr int kSmemBytes = kPinOffset + ((FSA_SM90_SOFTMAX_PIN & 2) ? 8 : 0);
   // A staged bias (Params::bias_staged) lives after the barriers, so that launches without one
   // keep their shared memory (and the L1 that the rest of the carveout leaves) as it was. Per
   // stage its (64 queries x 64 keys) tile, SmemTile<64>.
@@ -233,6 +235,21 @@ __device__ __forceinline__ void ds_t_shared(float (&ds)[kC][4], const float* pt,
     for (int e = 0; e < 4; ++e) {
       ds[c][e] = ds_entry(pt[(4 * c + e) * 128 + ct], ds[c][e], rdot[c * 8 + 2 * t + (e & 1)]);
     }
+}
+// The backward's counterpart of pin_before_wait (bits 2 and 4 of FSA_SM90_SOFTMAX_PIN, an
+// experiment, in the lean passes only: the general ones spilled more with it): P^T's
+// 16-bit pairs folded by XOR into one word and stored before the wait for dP^T, so that every
+// exp2 of the step is issued while dP^T is computed (in the D = 128 bf16 build 12 of the lean
+// dK/dV pass's 32 otherwise follow the wait).
+template <class Elt, int kC>
+__device__ __forceinline__ void pin_probabilities(const float (&pt)[kC][4], const void* word,
+                                                  bool writer) {
+  uint32_t folded = 0;
+#pragma unroll
+  for (int c = 0; c < kC; ++c) {
+    folded ^= Elt::pack(pt[c][0], pt[c][1]) ^ Elt::pack(pt[c][2], pt[c][3]);
+  }
+  pin_before_wait(word, __uint_as_float(folded), writer);
 }
 template <class Elt, int kC>
 __device__ __forceinline__ void pack_pairs(uint32_t* regs, const float (&x)[kC][4]) {
@@ -605,6 +622,9 @@ __device__ __forceinline__ void dkdv_sm90_cta(const BackwardParams& p, const Qdo
                                                    slope);
     // P^T, then (dP^T retired) dS^T, each packed as the A operand of dV += P^T dO and dK += dX^T Q.
     probabilities_t(s, s_lse + stage * kHalf, t);
+    if constexpr ((FSA_SM90_SOFTMAX_PIN & 2) && kLean) {
+      pin_probabilities<Elt>(s, smem_raw + Tiles::kPinOffset, ct == 0 && wg == 0);
+    }
     warpgroup_wait<0>();  // dP^T
     warpgroup_fence_operand(tSrDp);
     pack_pairs<Elt>(p_regs, s);

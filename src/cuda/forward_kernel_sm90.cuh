@@ -38,6 +38,12 @@
 #include "cuda/forward_kernel.cuh"
 #include "cuda/tma.h"
 
+// The softmax pin experiment (pin_before_wait), a bit mask: 1 the forward walks, 2 the lean dK/dV
+// passes, 4 the lean fused pass; set by `scripts/ab_check.sh --head-flags`.
+#ifndef FSA_SM90_SOFTMAX_PIN
+#define FSA_SM90_SOFTMAX_PIN 0
+#endif
+
 namespace fsa::detail::cuda {
 
 template <class Elt>
@@ -166,9 +172,12 @@ struct Sm90ForwardTiles {
   // the record alone).
   static constexpr int kStepOffset = kTileOffset + 3 * 8 + 4 * 4;
   static constexpr int kVBarrierOffset = kStepOffset + kStages * 8;
+  // (The fourth int32 of the tile handshake is padding where a step record follows; the softmax
+  // pin experiment, FSA_SM90_SOFTMAX_PIN, stores into it, so it is allocated everywhere then.)
+  static constexpr int kTileInts = (FSA_SM90_SOFTMAX_PIN & 1) ? 4 : 3;
   static constexpr int kSmemBytes = kPlanRows == 2 ? kVBarrierOffset + 2 * kStages * 8
                                     : kWide        ? kVBarrierOffset
-                                                   : kTileOffset + 3 * 8 + 3 * 4;
+                                                   : kTileOffset + 3 * 8 + kTileInts * 4;
   static_assert(kBlockN <= 64 || kWide,
                 "one bit per key of a tile (the wide walks have no V check)");
   // A staged bias (Params::bias_staged) lives after the barriers, so that launches without one
@@ -212,6 +221,22 @@ __device__ __forceinline__ int gmma_offset(const GmmaLayout& layout, Coord... co
 // product.
 __device__ __forceinline__ int uniform_warpgroup(int producer_threads) {
   return __shfl_sync(0xffffffffu, (int(threadIdx.x) - producer_threads) / 128, 0);
+}
+
+// An experiment awaiting a card's A/B (docs/perf.md, "Remaining gaps"): with bit 1 of
+// FSA_SM90_SOFTMAX_PIN set, a consumer stores its row sums (which depend on every exp2 of the step) into a shared
+// word nobody reads, before the wait for its own previous P V. ptxas keeps a shared store on its
+// side of that wait, so the step's exps are issued under the product instead of after it (in the
+// D = 128 bf16 build all 66 MUFU.EX2 of a band or lean walk step otherwise follow the wait). The
+// store is predicated inside the asm (one writer, no race), so every thread still waits for its
+// operand. Off by default (FSA_SM90_SOFTMAX_PIN is defined at the top of this file): the default
+// build's SASS is unchanged.
+__device__ __forceinline__ void pin_before_wait(const void* word, float value, bool writer) {
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n @p st.shared.f32 [%0], %1;\n}\n" ::"r"(
+          static_cast<uint32_t>(__cvta_generic_to_shared(word))),
+      "f"(value), "r"(int(writer))
+      : "memory");
 }
 
 // Orders this thread's generic-proxy writes to shared memory (cp.async, st.shared) before later
@@ -1280,6 +1305,9 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
       }
       float correction[1][2];
       softmax_step(s, wr.exp_scale, row_max, row_sum, correction);
+      if constexpr ((FSA_SM90_SOFTMAX_PIN & 1) && !Tiles::kSoftmaxAfterPv) {
+        pin_before_wait(&s_tile[3], row_sum[0][0] + row_sum[0][1], ct == 0);
+      }
 
       warpgroup_wait<0>();  // P_{j-1} V_{j-1}: tOrP, tOrO and stage j - 1 are free again
       warpgroup_fence_operand(tOrO);
