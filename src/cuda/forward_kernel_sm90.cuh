@@ -224,13 +224,13 @@ __device__ __forceinline__ int uniform_warpgroup(int producer_threads) {
 }
 
 // An experiment awaiting a card's A/B (docs/perf.md, "Remaining gaps"): with bit 1 of
-// FSA_SM90_SOFTMAX_PIN set, a consumer stores its row sums (which depend on every exp2 of the step) into a shared
-// word nobody reads, before the wait for its own previous P V. ptxas keeps a shared store on its
-// side of that wait, so the step's exps are issued under the product instead of after it (in the
-// D = 128 bf16 build all 66 MUFU.EX2 of a band or lean walk step otherwise follow the wait). The
-// store is predicated inside the asm (one writer, no race), so every thread still waits for its
-// operand. Off by default (FSA_SM90_SOFTMAX_PIN is defined at the top of this file): the default
-// build's SASS is unchanged.
+// FSA_SM90_SOFTMAX_PIN set, a consumer stores its row sums (which depend on every exp2 of the
+// step) into a shared word nobody reads, before the wait for its own previous P V. ptxas keeps a
+// shared store on its side of that wait, so the step's exps are issued under the product instead
+// of after it (in the D = 128 bf16 build all 66 MUFU.EX2 of a band or lean walk step otherwise
+// follow the wait). The store is predicated inside the asm (one writer, no race), so every
+// thread still waits for its operand. Off by default (FSA_SM90_SOFTMAX_PIN is defined at the
+// top of this file): the default build's SASS is unchanged.
 __device__ __forceinline__ void pin_before_wait(const void* word, float value, bool writer) {
   asm volatile(
       "{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n @p st.shared.f32 [%0], %1;\n}\n" ::"r"(
