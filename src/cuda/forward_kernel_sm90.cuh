@@ -673,7 +673,7 @@ __device__ __forceinline__ void drop_halves(float (&s)[kNTiles][4], int halves) 
 // computed ones, or pairs of the plan's (KeyPairWalk, whose steps the producer publishes in the
 // stage's record, as PairedWalk's).
 template <int kHeadDim, class Elt, bool kStagedBias, bool kGathered, bool kCheckV, bool kLean,
-          bool kBand>
+          bool kBand, bool kLeanBias>
 __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const KvTensorMaps& tma) {
   using namespace cute;
   using Tiles = Sm90WalkTiles<kHeadDim, Elt, kLean, kBand>;
@@ -795,6 +795,7 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
   constexpr bool check_v = kCheckV;
   static_assert(!kLean || (!kStagedBias && !kGathered && !kCheckV),
                 "the lean walk has no staged bias, gathered tiles or V check");
+  static_assert(kLean || kLeanBias, "kLeanBias is the lean walks' (one instantiation otherwise)");
 
   if (threadIdx.x < Tiles::kProducerThreads) {
     // Producer warpgroup: K/V tile `it` (counted over the CTA's tiles) into stage it % kStages
@@ -881,7 +882,7 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
           }
         }
         // The lean walks' tiles are whole but for a 128-key step's second half at the keys' end.
-        if (kLean ? bias_row != nullptr : bias_staged(bias_row, n_block)) {
+        if (kLean ? kLeanBias : bias_staged(bias_row, n_block)) {
           copy_key_bias_async<kBlockN>(bias_row, n_block, bias_bytes,
                                        s_bias + stage * Tiles::kBiasStageBytes,
                                        p.seqlen_k - n_block * kBlockN);
@@ -1272,7 +1273,7 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
       if constexpr (kLean) {
         // Every key tile whole, the bias (if any) staged with it: its values, then a partial
         // tile's causal bound.
-        if (bias_row != nullptr) {
+        if constexpr (kLeanBias) {
           add_column_bias<Elt>(s[0], s_bias + stage * Tiles::kBiasStageBytes, p.bias_is_fp32,
                                wr.t, wr.bias_factor);
         }
@@ -1304,7 +1305,8 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
         if (release_lane) mbarrier_arrive(&empty_bar[stage]);
       }
       float correction[1][2];
-      softmax_step(s, wr.exp_scale, row_max, row_sum, correction);
+      // (The lean walks never prescale: their scale, not WarpRows' select of it per step.)
+      softmax_step(s, kLean ? p.scale_log2 : wr.exp_scale, row_max, row_sum, correction);
       if constexpr ((FSA_SM90_SOFTMAX_PIN & 1) && !Tiles::kSoftmaxAfterPv) {
         pin_before_wait(&s_tile[3], row_sum[0][0] + row_sum[0][1], ct == 0);
       }
@@ -1409,15 +1411,21 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
 // kBand: the lean walk over query blocks of causality's band of its own shape (sm90_band_rows;
 // 128-key tiles where sm90_forward_wide; BandList); for calls whose plan lists nothing else
 // (band_forward_call).
+//
+// kLeanBias (the lean walks'): whether the call has a bias, which lean_forward_call allows only
+// query-invariant and with every row aligned, so that each of its tiles is staged and added:
+// one walk adds it to every tile, the other has no bias code. A runtime branch on the tile's
+// bias row in their place cost the dense D = 128 band walk 16 register copies of S per step at
+// the branch's join, and a compare and a branch (SASS, forty-first session).
 template <int kHeadDim, class Elt, bool kStagedBias, bool kGathered = false, bool kCheckV = true,
-          bool kLean = false, bool kBand = false>
+          bool kLean = false, bool kBand = false, bool kLeanBias = true>
 __global__ void __launch_bounds__(
     Sm90WalkTiles<kHeadDim, Elt, kLean, kBand>::kThreads, 1)
     forward_kernel_sm90(const __grid_constant__ ForwardParams p,
                         const __grid_constant__ KvTensorMaps tma) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   if ((p.v_nonfinite == nullptr || *p.v_nonfinite != 0) != kCheckV) return;
-  forward_sm90_cta<kHeadDim, Elt, kStagedBias, kGathered, kCheckV, kLean, kBand>(p, tma);
+  forward_sm90_cta<kHeadDim, Elt, kStagedBias, kGathered, kCheckV, kLean, kBand, kLeanBias>(p, tma);
 #else
   __trap();  // launched only on sm_90 devices, where the sm_90a image exists
 #endif

@@ -111,6 +111,16 @@ inline bool band_forward_call(const ForwardParams& p, int band_keys) {
          int64_t(p.map.m_blocks) * p.num_heads * p.batch < (int64_t(1) << 30);  // (int counter)
 }
 
+// The lean walk (kBand: the band walk) for a lean call: the instantiation with bias code where it
+// has a bias, the one without where it has none (forward_kernel_sm90's kLeanBias).
+template <int kHeadDim, class Elt, bool kBand>
+auto* lean_walk_kernel(const ForwardParams& p) {
+  constexpr auto* with_bias = &forward_kernel_sm90<kHeadDim, Elt, false, false, false, true, kBand>;
+  constexpr auto* without =
+      &forward_kernel_sm90<kHeadDim, Elt, false, false, false, true, kBand, false>;
+  return p.bias != nullptr ? with_bias : without;
+}
+
 // The V check ahead (v_nonfinite_kernel): sets *flag where V holds a NaN / Inf. The flag's
 // memory must read zero before it.
 template <class Elt>
@@ -148,7 +158,7 @@ void launch_band_forward(const ForwardParams& params, cudaStream_t stream) {
   const bool checked_v = may_have_partial_tiles(fp);
   if (checked_v) launch_v_check<Elt>(fp, fp.tile_counter + 1, stream);
   const KvTensorMaps maps = forward_tensor_maps<kHeadDim>(params, false);
-  auto* band = &forward_kernel_sm90<kHeadDim, Elt, false, false, false, true, true>;
+  auto* band = lean_walk_kernel<kHeadDim, Elt, true>(params);
   const int band_smem = Band::smem_bytes(false);
   allow_dynamic_smem(reinterpret_cast<const void*>(band), band_smem);
   band<<<unsigned(std::min(band_tiles, sms)), Band::kThreads, band_smem, stream>>>(fp, maps);
@@ -213,7 +223,7 @@ void launch_forward(const ForwardParams& params, cudaStream_t stream) {
         auto* kernel = &forward_kernel_sm90<kHeadDim, Elt, false, false, kCheckV>;
         if constexpr (!kCheckV && sm90_forward_lean(kHeadDim)) {
           if (lean) {
-            kernel = &forward_kernel_sm90<kHeadDim, Elt, false, false, false, true>;
+            kernel = lean_walk_kernel<kHeadDim, Elt, false>(params);
           }
         }
         if (params.bias_staged) kernel = &forward_kernel_sm90<kHeadDim, Elt, true, false, kCheckV>;

@@ -158,6 +158,15 @@ def kernel_names(fn):
     return [e.key for e in prof.key_averages()]
 
 
+def lean_walk_name(D, dtype, band, bias):
+    """The demangled name of the Hopper forward's lean walk (kLean; kBand the band walk) for a
+    call with or without a bias (kLeanBias: the walk that adds it to every tile, or the one
+    without bias code)."""
+    elt = {torch.bfloat16: "Bf16", torch.float16: "Fp16"}[dtype]
+    args = ["false", "false", "false", "true", str(band).lower(), str(bias).lower()]
+    return f"forward_kernel_sm90<{D}, fsa::detail::cuda::{elt}, {', '.join(args)}>"
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("D", [64, 128, 256])
 def test_lean_walk_causal_per_key_bias(dtype, D, gen):
@@ -168,23 +177,25 @@ def test_lean_walk_causal_per_key_bias(dtype, D, gen):
     non-causal (no partial tile). On sm_90 the profile shows that these calls ran the band walk
     (kBand: blocks and key tiles of its own, 192 rows at D = 64, 128-key tiles at D = 128; a
     ragged last block of queries too) or, at D = 256 and where the keys are no whole number of
-    the band's key tiles, the lean instantiation, and that a bias row off 16-byte alignment, a
-    mask, softcap or a ragged last key tile ran neither (they take the general walk, checked
-    against float64 too)."""
+    the band's key tiles, the lean instantiation, each in its variant with bias code where the
+    call has a bias and without where it has none (kLeanBias), and that a bias row off 16-byte
+    alignment, a mask, softcap or a ragged last key tile ran neither (they take the general
+    walk, checked against float64 too)."""
     B, H, Hk = 2, 8, 2
     sm90 = torch.cuda.get_device_capability() == (9, 0)
-    lean = "false, false, false, true, false>"
-    band = "false, false, false, true, true>"
     band_keys = {64: 64, 128: 128}.get(D)
 
     def run(label, expect_lean, *args, **kwargs):
         names = kernel_names(lambda: check(*args, label=f"{label} D={D}", **kwargs))
         if sm90 and names:  # (no profile under compute-sanitizer: CUPTI is taken)
-            ran = any(f"forward_kernel_sm90<{D}," in n and lean in n for n in names)
-            ran_band = any(f"forward_kernel_sm90<{D}," in n and band in n for n in names)
+            has_bias = kwargs.get("bias") is not None
+            ran = {(band, bias): any(lean_walk_name(D, dtype, band, bias) in n for n in names)
+                   for band in (False, True) for bias in (False, True)}
             expect_band = expect_lean and band_keys is not None and args[1].shape[1] % band_keys == 0
-            assert ran == (expect_lean and not expect_band), (label, names)
-            assert ran_band == expect_band, (label, names)
+            expect = {(False, has_bias): expect_lean and not expect_band,
+                      (True, has_bias): expect_band}
+            for walk, did in ran.items():
+                assert did == expect.get(walk, False), (label, walk, names)
 
     # More CTA tiles than SMs (12 or 16 query blocks x 8 heads x 2): a persistent launch.
     for Sq, Sk in [(1536, 2048), (2048, 1024)]:
@@ -208,6 +219,7 @@ def test_lean_walk_causal_per_key_bias(dtype, D, gen):
     q, k, v = qkv(B, 1536, 1088, H, Hk, D, dtype, gen)
     run("half a band tile", True, q, k, v, bias=randn(B, Hk, 1, 1088, dtype=dtype, gen=gen),
         causal=True)
+    run("half a band tile, no bias", True, q, k, v, causal=True)
     # 1960 queries: the band walk's last block of 192 rows holds 40 (its last warps none), of 128
     # rows 40 too. (As many query tiles as above: with fewer the call splits its keys, which the
     # band walk does not.)
@@ -249,8 +261,8 @@ def test_lean_walk_key_pairs(dtype, gen):
     naive_err = (naive.double() - ref).abs().max().item()
     assert err <= 2 * naive_err + ATOL, f"out error {err:.3e} > 2 x naive {naive_err:.3e}: {where}"
     if torch.cuda.get_device_capability() == (9, 0) and names:
-        lean = "false, false, false, true, false>"
-        assert any("forward_kernel_sm90<128," in n and lean in n for n in names), names
+        lean = lean_walk_name(128, dtype, band=False, bias=True)
+        assert any(lean in n for n in names), names
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
