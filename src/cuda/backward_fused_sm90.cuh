@@ -474,11 +474,11 @@ __global__ void __launch_bounds__(Sm90FusedTiles<kHeadDim, Elt>::kThreads, 1)
       auto& s = *reinterpret_cast<float(*)[kCTiles][4]>(raw_pointer_cast(tSrS.data()));
       const DkvIndex ix{{key_row[0], key_row[1]}, q0, t};
       uint32_t slope[kSoftcap ? 2 * kCTiles : 1];
-      key_row_logits<Elt, kLean, false, kSoftcap>(
+      const float scale_left = key_row_logits<Elt, kLean, false, kSoftcap>(
           p, b, h, key_row, by_key_row, key_bias,
           s_bias + stage * Tiles::kBiasStageElems + wg * kHalf * kBlockN, warp * 16, check,
           keep_lo, keep_hi, ix, s, slope);
-      probabilities_t(s, s_lse + stage * kHalf, t);
+      probabilities_t(s, s_lse + stage * kHalf, t, scale_left);
       if constexpr ((FSA_SM90_SOFTMAX_PIN & 4) && kLean) {
         pin_probabilities<Elt>(s, smem_raw + Tiles::kOffPin, ct == 0 && wg == 0);
       }

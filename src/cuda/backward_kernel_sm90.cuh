@@ -194,35 +194,38 @@ __device__ __forceinline__ void write_dkdv_rows(const BackwardParams& p, const D
 
 // The dK/dV passes' element steps on x^T and dP^T (rows: keys; column 8 c + 2 t + (e & 1) of
 // the thread's entry s[c][e]: a query of the half, whose raw LSE and rowdot are lse[] and rdot[]):
-//   probabilities_t: P^T = exp2(x^T - LSE log2(e)), exact zeros for dropped entries and empty rows;
+//   probabilities_t: P^T = exp2(scale x^T - LSE log2(e)), exact zeros for dropped entries and
+//     empty rows; `scale` is what key_row_logits left to apply (one fma per entry either way);
 //   ds_t: dS^T = P^T (dP^T - rowdot) (dX without softcap), 0 where P = 0 even when dP is not
 //     finite (NaN / Inf stored in V at a dropped key; as a branch on partial tiles only, ptxas
-//     spilled in both passes);
+//     spilled in both passes); each column's rowdot read once, a pair per 64-bit load (taken by
+//     reference, it was read once per entry, under the entry's P != 0);
 //   pack_pairs: the 16-bit pairs of a 64-column C fragment, which are, value for value, the A
 //     fragment of a 64-row RS wgmma over those columns.
 template <int kC>
-__device__ __forceinline__ void probabilities_t(float (&s)[kC][4], const float* lse, int t) {
+__device__ __forceinline__ void probabilities_t(float (&s)[kC][4], const float* lse, int t,
+                                                float scale = 1.0f) {
 #pragma unroll
   for (int c = 0; c < kC; ++c)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const float lse2 = lse[c * 8 + 2 * t + (e & 1)] * kLog2e;
       const bool keep = s[c][e] != -INFINITY && lse2 != -INFINITY;
-      s[c][e] = keep ? fast_exp2(s[c][e] - lse2) : 0.0f;
+      s[c][e] = keep ? fast_exp2(fmaf(s[c][e], scale, -lse2)) : 0.0f;
     }
 }
-__device__ __forceinline__ float ds_entry(float pt, float dpt, const float& rdot) {
+__device__ __forceinline__ float ds_entry(float pt, float dpt, float rdot) {
   return pt != 0.0f ? pt * (dpt - rdot) : 0.0f;
 }
 template <int kC>
 __device__ __forceinline__ void ds_t(float (&ds)[kC][4], const float (&pt)[kC][4],
                                      const float* rdot, int t) {
 #pragma unroll
-  for (int c = 0; c < kC; ++c)
+  for (int c = 0; c < kC; ++c) {
+    const float2 r = *reinterpret_cast<const float2*>(rdot + c * 8 + 2 * t);
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      ds[c][e] = ds_entry(pt[c][e], ds[c][e], rdot[c * 8 + 2 * t + (e & 1)]);
-    }
+    for (int e = 0; e < 4; ++e) ds[c][e] = ds_entry(pt[c][e], ds[c][e], e & 1 ? r.y : r.x);
+  }
 }
 // ds_t with P^T read from shared memory as it goes: fp32 in fragment order (value 4 c + e of
 // warpgroup thread ct at pt[(4 c + e) * 128 + ct]), so that no register array holds it.
@@ -236,7 +239,7 @@ __device__ __forceinline__ void ds_t_shared(float (&ds)[kC][4], const float* pt,
       ds[c][e] = ds_entry(pt[(4 * c + e) * 128 + ct], ds[c][e], rdot[c * 8 + 2 * t + (e & 1)]);
     }
 }
-// The backward's counterpart of pin_before_wait (bits 2 and 4 of FSA_SM90_SOFTMAX_PIN, an
+// The backward's counterpart of pin_before_wait (bits 2, 4 and 8 of FSA_SM90_SOFTMAX_PIN, an
 // experiment, in the lean passes only: the general ones spilled more with it): P^T's
 // 16-bit pairs folded by XOR into one word and stored before the wait for dP^T, so that every
 // exp2 of the step is issued while dP^T is computed (in the D = 128 bf16 build 12 of the lean
@@ -352,28 +355,32 @@ __device__ __forceinline__ void load_step_rows_async(const BackwardParams& p,
 // (`staged`, the tile's rows from `staged_row0`) or a general one; then, on a step that needs
 // them, the drops: each key row's interval of queries [keep_lo, keep_hi] in the lean passes
 // (kLean), drop_pass otherwise. kSoftcap: the cap in place of the scale (softcap_pass, its slopes
-// into `slope`), the bias added after it.
+// into `slope`), the bias added after it. Returns the scale still to apply, which
+// probabilities_t folds into its fma with the LSE: the lean passes' without a per-key bias (a
+// multiply per entry fewer; their drops set -inf, which probabilities_t turns into 0 whatever the
+// scale), else 1.
 template <class Elt, bool kLean, bool kRowTopK, bool kSoftcap = false, class KeyBias, int kN>
-__device__ __forceinline__ void key_row_logits(const BackwardParams& p, int b, int h,
-                                               const int (&key_row)[2], bool by_key_row,
-                                               KeyBias& key_bias, const uint16_t* staged,
-                                               int staged_row0, bool check,
-                                               const int (&keep_lo)[2], const int (&keep_hi)[2],
-                                               const DkvIndex& ix, float (&s)[kN][4],
-                                               uint32_t* slope = nullptr) {
+__device__ __forceinline__ float key_row_logits(const BackwardParams& p, int b, int h,
+                                                const int (&key_row)[2], bool by_key_row,
+                                                KeyBias& key_bias, const uint16_t* staged,
+                                                int staged_row0, bool check,
+                                                const int (&keep_lo)[2], const int (&keep_hi)[2],
+                                                const DkvIndex& ix, float (&s)[kN][4],
+                                                uint32_t* slope = nullptr) {
   static_assert(!(kLean && kSoftcap), "the lean passes have no softcap");
   if constexpr (kSoftcap) softcap_pass(s, slope, p.softcap_in, p.softcap_out);
+  float scale_left = 1.0f;
   if (by_key_row) {
     key_bias.template scale_add<Elt, !kSoftcap>(p, b, h, key_row, s);
+  } else if constexpr (kLean) {  // (the lean passes' bias, if any, is KeyRowBias's)
+    scale_left = p.scale_log2;
   } else {
     if constexpr (!kSoftcap) scale_pass(s, p.scale_log2);
-    if constexpr (!kLean) {  // (the lean passes' bias, if any, is KeyRowBias's)
-      if (p.bias_staged) {
-        // Entry (key row, query column) is element (query, key) of the staged tile.
-        add_staged_bias<Elt, true>(s, staged, staged_row0, kLog2e);
-      } else if (p.bias) {
-        bias_pass<Elt>(p, b, h, s, ix);
-      }
+    if (p.bias_staged) {
+      // Entry (key row, query column) is element (query, key) of the staged tile.
+      add_staged_bias<Elt, true>(s, staged, staged_row0, kLog2e);
+    } else if (p.bias) {
+      bias_pass<Elt>(p, b, h, s, ix);
     }
   }
   if (check) {
@@ -383,6 +390,7 @@ __device__ __forceinline__ void key_row_logits(const BackwardParams& p, int b, i
       drop_pass<Elt, kRowTopK>(p, b, h, s, ix);
     }
   }
+  return scale_left;
 }
 
 // kRowTopK == (p.row_topk.key != null), as in dq_kernel (backward_kernel.cuh). kLean: the pass
@@ -616,12 +624,11 @@ __device__ __forceinline__ void dkdv_sm90_cta(const BackwardParams& p, const Qdo
     auto& s = *reinterpret_cast<float(*)[kCTiles][4]>(raw_pointer_cast(tSrS.data()));
     const DkvIndex ix{{key_row[0], key_row[1]}, q0, t};
     uint32_t slope[kSoftcap ? 2 * kCTiles : 1];
-    key_row_logits<Elt, kLean, kRowTopK, kSoftcap>(p, b, h, key_row, by_key_row, key_bias,
-                                                   s_bias + stage * Tiles::kBiasStageElems,
-                                                   warp * 16, check, keep_lo, keep_hi, ix, s,
-                                                   slope);
+    const float scale_left = key_row_logits<Elt, kLean, kRowTopK, kSoftcap>(
+        p, b, h, key_row, by_key_row, key_bias, s_bias + stage * Tiles::kBiasStageElems,
+        warp * 16, check, keep_lo, keep_hi, ix, s, slope);
     // P^T, then (dP^T retired) dS^T, each packed as the A operand of dV += P^T dO and dK += dX^T Q.
-    probabilities_t(s, s_lse + stage * kHalf, t);
+    probabilities_t(s, s_lse + stage * kHalf, t, scale_left);
     if constexpr ((FSA_SM90_SOFTMAX_PIN & 2) && kLean) {
       pin_probabilities<Elt>(s, smem_raw + Tiles::kPinOffset, ct == 0 && wg == 0);
     }
@@ -766,7 +773,9 @@ struct Sm90DqTiles {
   // Barriers: "full" and "empty" per stage, then "bias empty" per bias slot (below).
   static constexpr int kBiasSlots = 2;
   static constexpr int kBarrierOffset = (2 * kSmemQ + 2 * kSmemK) * 2;
-  static constexpr int kSmemBytes = kBarrierOffset + (2 * kStages + kBiasSlots) * 8;
+  // The softmax pin experiment's word (pin_probabilities), allocated only when it is built.
+  static constexpr int kPinOffset = kBarrierOffset + (2 * kStages + kBiasSlots) * 8;
+  static constexpr int kSmemBytes = kPinOffset + ((FSA_SM90_SOFTMAX_PIN & 8) ? 8 : 0);
   // A staged bias (Params::bias_staged) lives after the barriers, so that launches without one
   // keep their shared memory (and the L1 that the rest of the carveout leaves) as it was. Its
   // (kBlockM x kBlockN) tiles go through a ring of two slots (four would not fit beside the K/V
@@ -1087,15 +1096,22 @@ __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
     auto& s = *reinterpret_cast<float(*)[kNTiles][4]>(raw_pointer_cast(tSrS.data()));
     const DqIndex ix{{i_row[0], i_row[1]}, n * kBlockN, t};
     uint32_t slope[kSoftcap ? 2 * kNTiles : 1];
+    // The scale still to apply, folded into P's fma with the LSE: the lean pass's without a bias
+    // (its drops set -inf, which P turns into 0 whatever the scale), else 1.
+    float scale_left = 1.0f;
     if constexpr (kSoftcap) {
       softcap_pass(s, slope, p.softcap_in, p.softcap_out);
+    } else if constexpr (kLean) {
+      if (bias_row != nullptr) {
+        scale_pass(s, p.scale_log2);
+        add_column_bias<Elt>(s, gathered_cols(stage, 2), p.bias_is_fp32, t, kLog2e);
+      } else {
+        scale_left = p.scale_log2;
+      }
     } else {
       scale_pass(s, p.scale_log2);
     }
     if constexpr (kLean) {
-      if (bias_row != nullptr) {
-        add_column_bias<Elt>(s, gathered_cols(stage, 2), p.bias_is_fp32, t, kLog2e);
-      }
       if (check) drop_keys_from<kNTiles>(s, n * kBlockN, row_end, t);
     } else if constexpr (kGathered) {
       // Column c of the tile is slot slots[c] (-1: padding, above every end as unsigned).
@@ -1132,8 +1148,11 @@ __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
       for (int e = 0; e < 4; ++e) {
         const float l2 = lse2[e / 2];
         const bool keep = s[c][e] != -INFINITY && l2 != -INFINITY;
-        s[c][e] = keep ? fast_exp2(s[c][e] - l2) : 0.0f;
+        s[c][e] = keep ? fast_exp2(fmaf(s[c][e], scale_left, -l2)) : 0.0f;
       }
+    if constexpr ((FSA_SM90_SOFTMAX_PIN & 8) && kLean) {
+      pin_probabilities<Elt>(s, smem_raw + Tiles::kPinOffset, ct == 0);
+    }
     warpgroup_wait<0>();  // dP_j and dQ_{j-1}: stage j - 1 and the packed dS are free
     warpgroup_fence_operand(tSrDp);
     warpgroup_fence_operand(tDq);

@@ -39,7 +39,7 @@
 #include "cuda/tma.h"
 
 // The softmax pin experiment (pin_before_wait), a bit mask: 1 the forward walks, 2 the lean dK/dV
-// passes, 4 the lean fused pass; set by `scripts/ab_check.sh --head-flags`.
+// passes, 4 the lean fused pass, 8 the lean dQ pass; set by `scripts/ab_check.sh --head-flags`.
 #ifndef FSA_SM90_SOFTMAX_PIN
 #define FSA_SM90_SOFTMAX_PIN 0
 #endif

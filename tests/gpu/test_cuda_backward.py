@@ -43,14 +43,16 @@ def grads_of(fn, inputs, dout):
 
 def check_backward(q, k, v, mask=None, bias=None, causal=False, softcap=0.0, label="",
                    selection=None, deterministic=False, ours_how=None, ours_call=None,
-                   bias_grad=True):
+                   bias_grad=True, scale=None):
     """`selection` = (block_mask, block_size): ours runs with that block selection instead of
     `mask`, which must then be the selection expanded to entries (the reference's mask).
     `ours_how`: keyword arguments that select the same entries for ours instead of `mask` (e.g.
     topk=w, topk_causal=True). `ours_call(q, k, v, bias)`: ours as another call that keeps the
     entries of `mask` and `causal` (e.g. packed sequences), returning (B, Sq, H, D).
-    `bias_grad=False`: the bias does not require grad (no dbias, in ours or the reference)."""
-    scale = 1.0 / math.sqrt(q.shape[-1])
+    `bias_grad=False`: the bias does not require grad (no dbias, in ours or the reference).
+    `scale`: softmax_scale (default 1 / sqrt(D), which ours is then left to pick)."""
+    explicit_scale = {} if scale is None else {"softmax_scale": scale}
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     dout = torch.randn_like(q)
     leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
     bias_leaf = None if bias is None else bias.detach().clone().requires_grad_(bias_grad)
@@ -62,7 +64,7 @@ def check_backward(q, k, v, mask=None, bias=None, causal=False, softcap=0.0, lab
         def ours_call(q_, k_, v_, b_):
             return flash_sparse_attn_func(q_, k_, v_, attn_bias=b_, is_causal=causal,
                                           softcap=softcap or None, deterministic=deterministic,
-                                          **how)
+                                          **explicit_scale, **how)
     ours = grads_of(lambda: ours_call(*leaves, bias_leaf), leaves + [bias_leaf], dout)
 
     def reference(dtype):
@@ -556,6 +558,38 @@ def test_lean_backward_passes_causal_key_bias(D, Sq, Sk, gen):
             assert lean_dq == (lean and not fused and Sk % 64 == 0), (how, names)
             assert any(lean_fused in n for n in names) == fused, (how, names)
             assert any("dkdvq_kernel_sm90" in n for n in names) == fused, (how, names)
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.03, 0.5])
+def test_lean_backward_passes_scale(scale, gen):
+    """Without a bias the lean passes fold the softmax scale into P's fma with the LSE
+    (key_row_logits leaves it to probabilities_t; the lean dQ pass does the same), with a per-key
+    bias they apply it first: against float64 at scales other than 1 / sqrt(D), 0 included (every
+    row uniform over the keys it keeps, dQ and dK exactly 0), over a block selection (the lean
+    dK/dV and dQ passes) and dense causal attention (the lean fused pass), with and without a
+    per-kv-head bias. On sm_90 the profile shows that the lean passes ran."""
+    B, Sq, Sk, H, Hk, D, block = 1, 1000, 1024, 4, 2, 128, 128
+    q, k, v = qkv(B, Sq, Sk, H, Hk, D, torch.bfloat16, gen)
+    sel = torch.rand(B, Hk, (Sq + block - 1) // block, Sk // block, device="cuda",
+                     generator=gen) < 0.5
+    sel[..., -1] = True
+    mask = sel.repeat_interleave(block, 2).repeat_interleave(block, 3)[..., :Sq, :Sk]
+    sm90 = torch.cuda.get_device_capability() == (9, 0)
+    lean_dkdv = f"dkdv_kernel_sm90<{D}, fsa::detail::cuda::Bf16, false, true, false>"
+    lean_fused = f"dkdvq_kernel_sm90<{D}, fsa::detail::cuda::Bf16, true, false>"
+    for bias, how in itertools.product((None, randn(B, Hk, 1, Sk, dtype=torch.bfloat16, gen=gen)),
+                                       ("selection", "dense")):
+        kwargs = {"mask": mask, "selection": (sel, block)} if how == "selection" else {}
+        label = f"lean passes scale={scale} {how} bias={bias is not None}"
+        names = cuda_kernel_names(lambda: check_backward(
+            q, k, v, bias=bias, causal=True, scale=scale, label=label, **kwargs))
+        if sm90 and names:  # (no profile under compute-sanitizer: CUPTI is taken)
+            fused = how == "dense"
+            lean_dq = any(f"dq_kernel_sm90<{D}," in n and "false, false, false, true, false>" in n
+                          for n in names)
+            assert any(lean_dkdv in n for n in names) == (not fused), (label, names)
+            assert lean_dq == (not fused), (label, names)
+            assert any(lean_fused in n for n in names) == fused, (label, names)
 
 
 @pytest.mark.parametrize("layout", ["fp32", "unaligned"])
