@@ -258,13 +258,18 @@ __device__ __forceinline__ void bulk_wait_all() {
 // key row's interval of queries (keep_query_interval), as the lean dK/dV pass; the general
 // element passes (mask, row bounds, staged or general bias) stay out of its code. kSoftcap ==
 // (p.softcap_in != 0): the cap and dX = dS (1 - t^2) for dK and the dS tile of dQ (softcap_pass,
-// apply_slope), never lean.
-template <int kHeadDim, class Elt, bool kLean = false, bool kSoftcap = false>
+// apply_slope), never lean. kFinite: the lean pass's twin without guards (probabilities_t,
+// BackwardParams::nonfinite).
+template <int kHeadDim, class Elt, bool kLean = false, bool kSoftcap = false, bool kFinite = false>
 __global__ void __launch_bounds__(Sm90FusedTiles<kHeadDim, Elt>::kThreads, 1)
     dkdvq_kernel_sm90(const __grid_constant__ BackwardParams p,
                       const __grid_constant__ QdoTensorMaps tma) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace cute;
+  static_assert(!kFinite || kLean, "the guard-free twin is the lean pass's");
+  if constexpr (kLean) {
+    if (pair_twin_runs<kFinite>(p)) return;
+  }
   using Tiles = Sm90FusedTiles<kHeadDim, Elt>;
   using T = typename Tiles::T;
   constexpr int kBlockM = Tiles::kBlockM, kBlockN = Tiles::kBlockN, kHalf = Tiles::kHalf;
@@ -478,7 +483,7 @@ __global__ void __launch_bounds__(Sm90FusedTiles<kHeadDim, Elt>::kThreads, 1)
           p, b, h, key_row, by_key_row, key_bias,
           s_bias + stage * Tiles::kBiasStageElems + wg * kHalf * kBlockN, warp * 16, check,
           keep_lo, keep_hi, ix, s, slope);
-      probabilities_t(s, s_lse + stage * kHalf, t, scale_left);
+      probabilities_t<kFinite>(s, s_lse + stage * kHalf, t, scale_left);
       if constexpr ((FSA_SM90_SOFTMAX_PIN & 4) && kLean) {
         pin_probabilities<Elt>(s, smem_raw + Tiles::kOffPin, ct == 0 && wg == 0);
       }
@@ -486,7 +491,7 @@ __global__ void __launch_bounds__(Sm90FusedTiles<kHeadDim, Elt>::kThreads, 1)
       warpgroup_fence_operand(tSrDp);
       pack_pairs<Elt>(p_regs, s);
       auto& ds = *reinterpret_cast<float(*)[kCTiles][4]>(raw_pointer_cast(tSrDp.data()));
-      ds_t(ds, s, s_rdot + stage * kHalf, t);
+      ds_t<kFinite>(ds, s, s_rdot + stage * kHalf, t);
       if (p.bias_grad == BiasGrad::kColumns) col.add(ds);  // dbias takes dS, dK and dQ dX
       if constexpr (kSoftcap) apply_slope(ds, slope);
       pack_pairs<Elt>(ds_regs, ds);

@@ -38,6 +38,15 @@ struct BackwardTiles {
                                   2 * 2 * kHalfM * int(sizeof(float));
 };
 
+// The preprocess's part of BackwardParams::nonfinite: a row whose rowdot is not finite (O or dO
+// holds a NaN / Inf) or whose LSE is NaN.
+__device__ __forceinline__ void flag_nonfinite_row(const BackwardParams& p, int b, int h, int i,
+                                                   float rowdot) {
+  if (p.nonfinite == nullptr) return;
+  const float lse = p.lse[b * p.lse_stride_b + h * p.lse_stride_h + int64_t(i) * p.lse_stride_s];
+  if (!isfinite(rowdot) || isnan(lse)) atomicOr(p.nonfinite, 1);
+}
+
 template <class Elt>
 __global__ void rowdot_kernel(const __grid_constant__ BackwardParams p) {
   const int64_t rows = int64_t(p.batch) * p.num_heads * p.seqlen_q;
@@ -53,7 +62,10 @@ __global__ void rowdot_kernel(const __grid_constant__ BackwardParams p) {
   float sum = 0.0f;
   for (int c = lane; c < p.head_dim; c += 32) sum += Elt::to_float(o, c) * Elt::to_float(d, c);
   for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-  if (lane == 0) const_cast<float*>(p.rowdot)[row] = sum;  // (B, H, Sq), row = (b H + h) Sq + i
+  if (lane == 0) {
+    const_cast<float*>(p.rowdot)[row] = sum;  // (B, H, Sq), row = (b H + h) Sq + i
+    flag_nonfinite_row(p, b, h, i, sum);
+  }
 }
 
 // rowdot over rows of 16-byte chunks (out and dout 16-byte aligned, head_dim % 8 == 0): kLanes
@@ -87,7 +99,11 @@ __global__ void rowdot_chunks_kernel(const __grid_constant__ BackwardParams p) {
     }
   }
   for (int off = kLanes / 2; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-  if (row < rows && lane == 0) const_cast<float*>(p.rowdot)[row] = sum;
+  if (row < rows && lane == 0) {
+    const_cast<float*>(p.rowdot)[row] = sum;
+    const int i = int(row % p.seqlen_q), h = int((row / p.seqlen_q) % p.num_heads);
+    flag_nonfinite_row(p, int(row / (int64_t(p.seqlen_q) * p.num_heads)), h, i, sum);
+  }
 }
 
 // One entry of the recomputation: from the raw product x = q.k and dP = dO.v of (query i, key j)

@@ -202,30 +202,52 @@ __device__ __forceinline__ void write_dkdv_rows(const BackwardParams& p, const D
 //     reference, it was read once per entry, under the entry's P != 0);
 //   pack_pairs: the 16-bit pairs of a 64-column C fragment, which are, value for value, the A
 //     fragment of a 64-row RS wgmma over those columns.
-template <int kC>
+// kFinite: the lean passes' twins without the per-entry guards, for calls whose V, rowdot and
+// LSE hold no NaN / Inf that could reach them (BackwardParams::nonfinite) and whose scale is
+// positive. The values are the guarded ones, bit for bit: an empty row's LSE (-inf) taken as
+// +inf makes exp2 of its every entry exp2(-inf) = 0, as a dropped entry's x = -inf does (-inf
+// times a positive scale, minus a finite or infinite LSE), and with dP and rowdot finite P = 0
+// gives dS = fma(0, dP - rowdot, +0) = +0.
+template <bool kFinite = false, int kC>
 __device__ __forceinline__ void probabilities_t(float (&s)[kC][4], const float* lse, int t,
                                                 float scale = 1.0f) {
 #pragma unroll
   for (int c = 0; c < kC; ++c)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const float lse2 = lse[c * 8 + 2 * t + (e & 1)] * kLog2e;
-      const bool keep = s[c][e] != -INFINITY && lse2 != -INFINITY;
-      s[c][e] = keep ? fast_exp2(fmaf(s[c][e], scale, -lse2)) : 0.0f;
+      const float l = lse[c * 8 + 2 * t + (e & 1)];
+      if constexpr (kFinite) {
+        const float lse2 = l == -INFINITY ? INFINITY : l * kLog2e;
+        s[c][e] = fast_exp2(fmaf(s[c][e], scale, -lse2));
+      } else {
+        const float lse2 = l * kLog2e;
+        const bool keep = s[c][e] != -INFINITY && lse2 != -INFINITY;
+        s[c][e] = keep ? fast_exp2(fmaf(s[c][e], scale, -lse2)) : 0.0f;
+      }
     }
 }
 __device__ __forceinline__ float ds_entry(float pt, float dpt, float rdot) {
   return pt != 0.0f ? pt * (dpt - rdot) : 0.0f;
 }
-template <int kC>
+template <bool kFinite = false, int kC>
 __device__ __forceinline__ void ds_t(float (&ds)[kC][4], const float (&pt)[kC][4],
                                      const float* rdot, int t) {
 #pragma unroll
   for (int c = 0; c < kC; ++c) {
     const float2 r = *reinterpret_cast<const float2*>(rdot + c * 8 + 2 * t);
 #pragma unroll
-    for (int e = 0; e < 4; ++e) ds[c][e] = ds_entry(pt[c][e], ds[c][e], e & 1 ? r.y : r.x);
+    for (int e = 0; e < 4; ++e) {
+      const float rd = e & 1 ? r.y : r.x;
+      ds[c][e] = kFinite ? fmaf(pt[c][e], ds[c][e] - rd, 0.0f) : ds_entry(pt[c][e], ds[c][e], rd);
+    }
   }
+}
+// Whether the other instantiation of a lean pass's pair does this call's work
+// (BackwardParams::nonfinite): the one without guards (kFinite) where the flag reads 0, the
+// guarded one where it does not. Without a flag only the guarded one is launched, and runs.
+template <bool kFinite>
+__device__ __forceinline__ bool pair_twin_runs(const BackwardParams& p) {
+  return p.nonfinite != nullptr && (*p.nonfinite == 0) != kFinite;
 }
 // ds_t with P^T read from shared memory as it goes: fp32 in fragment order (value 4 c + e of
 // warpgroup thread ct at pt[(4 c + e) * 128 + ct]), so that no register array holds it.
@@ -406,9 +428,11 @@ __device__ __forceinline__ float key_row_logits(const BackwardParams& p, int b, 
 // groups of compacted keys (BlockMapParams::dkv_slots), whose key rows are the group's slots
 // (gathered) and keep the interval of queries [key_first, key_last] of each slot (RowEnd;
 // slot_query_interval), held across the steps of a head.
-template <int kHeadDim, class Elt, bool kRowTopK, bool kLean, bool kSoftcap, bool kSlotRows>
+template <int kHeadDim, class Elt, bool kRowTopK, bool kLean, bool kSoftcap, bool kSlotRows,
+          bool kFinite>
 __device__ __forceinline__ void dkdv_sm90_cta(const BackwardParams& p, const QdoTensorMaps& tma) {
   using namespace cute;
+  static_assert(!kFinite || kLean, "the guard-free twins are the lean passes'");
   static_assert(!(kLean && kRowTopK), "the lean pass has no per-row top-k");
   static_assert(!(kLean && kSoftcap), "the lean pass has no softcap");
   static_assert(!kSlotRows || kLean, "the slot rows' pass is a lean one");
@@ -628,7 +652,7 @@ __device__ __forceinline__ void dkdv_sm90_cta(const BackwardParams& p, const Qdo
         p, b, h, key_row, by_key_row, key_bias, s_bias + stage * Tiles::kBiasStageElems,
         warp * 16, check, keep_lo, keep_hi, ix, s, slope);
     // P^T, then (dP^T retired) dS^T, each packed as the A operand of dV += P^T dO and dK += dX^T Q.
-    probabilities_t(s, s_lse + stage * kHalf, t, scale_left);
+    probabilities_t<kFinite>(s, s_lse + stage * kHalf, t, scale_left);
     if constexpr ((FSA_SM90_SOFTMAX_PIN & 2) && kLean) {
       pin_probabilities<Elt>(s, smem_raw + Tiles::kPinOffset, ct == 0 && wg == 0);
     }
@@ -636,7 +660,7 @@ __device__ __forceinline__ void dkdv_sm90_cta(const BackwardParams& p, const Qdo
     warpgroup_fence_operand(tSrDp);
     pack_pairs<Elt>(p_regs, s);
     auto& ds = *reinterpret_cast<float(*)[kCTiles][4]>(raw_pointer_cast(tSrDp.data()));
-    ds_t(ds, s, s_rdot + stage * kHalf, t);
+    ds_t<kFinite>(ds, s, s_rdot + stage * kHalf, t);
     if (p.bias_grad == BiasGrad::kColumns) col.add(ds);  // dbias takes dS, dK dX
     if constexpr (kSoftcap) apply_slope(ds, slope);
     pack_pairs<Elt>(ds_regs, ds);
@@ -671,14 +695,19 @@ __device__ __forceinline__ void dkdv_sm90_cta(const BackwardParams& p, const Qdo
   write_dkdv_rows<Elt, kDTiles>(p, cta, hk, b, key_row, t, tdK, tdV);
 }
 
-// The dK/dV pass (dkdv_sm90_cta) for every call but the slot rows' (below).
-template <int kHeadDim, class Elt, bool kRowTopK, bool kLean = false, bool kSoftcap = false>
+// The dK/dV pass (dkdv_sm90_cta) for every call but the slot rows' (below). kFinite: the lean
+// pass's twin without guards (probabilities_t).
+template <int kHeadDim, class Elt, bool kRowTopK, bool kLean = false, bool kSoftcap = false,
+          bool kFinite = false>
 __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
                                   Sm90DkvTiles<kHeadDim, Elt>::kCtasPerSm)
     dkdv_kernel_sm90(const __grid_constant__ BackwardParams p,
                      const __grid_constant__ QdoTensorMaps tma) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  dkdv_sm90_cta<kHeadDim, Elt, kRowTopK, kLean, kSoftcap, false>(p, tma);
+  if constexpr (kLean) {
+    if (pair_twin_runs<kFinite>(p)) return;
+  }
+  dkdv_sm90_cta<kHeadDim, Elt, kRowTopK, kLean, kSoftcap, false, kFinite>(p, tma);
 #else
   __trap();  // launched only on sm_90 devices, where the sm_90a image exists
 #endif
@@ -688,13 +717,15 @@ __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
 // lean_slot_rows_call): no mask, softcap, staged or general bias, so its element passes are the
 // per-key bias's fma and one compare pair per entry against each slot's interval of queries,
 // where the general pass (which such calls ran before) carries every other duty's code.
-template <int kHeadDim, class Elt>
+// kFinite: its twin without guards (probabilities_t).
+template <int kHeadDim, class Elt, bool kFinite = false>
 __global__ void __launch_bounds__(Sm90DkvTiles<kHeadDim, Elt>::kThreads,
                                   Sm90DkvTiles<kHeadDim, Elt>::kCtasPerSm)
     dkdv_kernel_sm90_slot_rows(const __grid_constant__ BackwardParams p,
                                const __grid_constant__ QdoTensorMaps tma) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  dkdv_sm90_cta<kHeadDim, Elt, false, true, false, true>(p, tma);
+  if (pair_twin_runs<kFinite>(p)) return;
+  dkdv_sm90_cta<kHeadDim, Elt, false, true, false, true, kFinite>(p, tma);
 #else
   __trap();  // launched only on sm_90 devices, where the sm_90a image exists
 #endif

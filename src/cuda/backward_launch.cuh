@@ -199,6 +199,18 @@ inline bool lean_fused_call(const BackwardParams& p) {
   return lean_dkdv_call(p) && p.map.kept_count == nullptr;
 }
 
+// Whether a call's lean dK/dV or fused pass runs as a pair, its twin without per-entry guards
+// beside it (BackwardParams::nonfinite; probabilities_t's kFinite): a positive scale (the twin's
+// drops rely on -inf times it staying -inf) and one of the lean passes with a twin.
+// FSA_CUDA_FINITE_PASSES=0 runs the guarded passes alone (A/B measurements).
+template <int kHeadDim>
+bool finite_pair_call(const BackwardParams& p, bool fused) {
+  static const bool enabled = !env_is("FSA_CUDA_FINITE_PASSES", "0");
+  if (!enabled || !(p.scale_log2 > 0.0f) || !use_sm90_backward(p)) return false;
+  if (fused) return lean_fused_call(p);
+  return sm90_backward_lean(kHeadDim) && (lean_dkdv_call(p) || lean_slot_rows_call(p));
+}
+
 // The sm90 dQ kernel for this call with its threads and shared memory, or null: the sm80 pass
 // (the sm80 kernels forced, or per-row top-k over compacted keys at D = 256).
 // `smem_limit`: the kernel's opt-in shared-memory limit, a fixed value per kernel (the D = 256
@@ -376,6 +388,7 @@ bool launch_sm90_dkdv(const BackwardParams& p, BackwardParams& kv, StreamBuffer&
   // it uses.
   using DkvKernel = void (*)(BackwardParams, QdoTensorMaps);
   DkvKernel dkdv = nullptr;
+  DkvKernel finite = nullptr;  // a lean pass's twin without guards (BackwardParams::nonfinite)
   int threads = 0, smem_limit = 0, smem = 0;
   if constexpr (kHeadDim > 128) {
     // No room for a staged bias at D = 256: the element pass reads such a bias from global
@@ -399,8 +412,14 @@ bool launch_sm90_dkdv(const BackwardParams& p, BackwardParams& kv, StreamBuffer&
                       : &dkdv_kernel_sm90<kHeadDim, Elt, false>;
     }
     if constexpr (sm90_backward_lean(kHeadDim)) {
-      if (lean_dkdv_call(kv)) dkdv = &dkdv_kernel_sm90<kHeadDim, Elt, false, true>;
-      if (lean_slot_rows_call(kv)) dkdv = &dkdv_kernel_sm90_slot_rows<kHeadDim, Elt>;
+      if (lean_dkdv_call(kv)) {
+        dkdv = &dkdv_kernel_sm90<kHeadDim, Elt, false, true>;
+        finite = &dkdv_kernel_sm90<kHeadDim, Elt, false, true, false, true>;
+      }
+      if (lean_slot_rows_call(kv)) {
+        dkdv = &dkdv_kernel_sm90_slot_rows<kHeadDim, Elt>;
+        finite = &dkdv_kernel_sm90_slot_rows<kHeadDim, Elt, true>;
+      }
     }
     threads = Sm90Tiles::kThreads, smem_limit = Sm90Tiles::smem_bytes(true);
     smem = Sm90Tiles::smem_bytes(p.bias_staged);
@@ -411,16 +430,28 @@ bool launch_sm90_dkdv(const BackwardParams& p, BackwardParams& kv, StreamBuffer&
       dkdv = lean_fused_call(kv)      ? &dkdvq_kernel_sm90<kHeadDim, Elt, true>
              : p.softcap_in != 0.0f ? &dkdvq_kernel_sm90<kHeadDim, Elt, false, true>
                                     : &dkdvq_kernel_sm90<kHeadDim, Elt>;
+      finite = lean_fused_call(kv) ? &dkdvq_kernel_sm90<kHeadDim, Elt, true, false, true> : nullptr;
       threads = Fused::kThreads, smem_limit = Fused::smem_bytes(true);
       smem = Fused::smem_bytes(p.bias_staged);
     }
   }
+  // A pair: both launched, each returning at once unless the flag calls for it (exactly one
+  // works). Without a flag, or without a twin, the guarded pass alone, which then always works.
+  if (kv.nonfinite == nullptr) finite = nullptr;
+  if (finite == nullptr) kv.nonfinite = nullptr;
   FSA_CUDA_CHECK(
       cudaFuncSetAttribute(dkdv, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_limit));
   const dim3 dkdv_grid =
       kv.dkv_tile_major ? dim3(unsigned(p.num_kv_heads), unsigned(grid_x), unsigned(p.batch))
                         : dim3(unsigned(grid_x), unsigned(p.num_kv_heads), unsigned(p.batch));
-  dkdv<<<dkdv_grid, threads, smem, stream>>>(kv, backward_tensor_maps(kv));
+  const QdoTensorMaps maps = backward_tensor_maps(kv);
+  if (finite != nullptr) {
+    FSA_CUDA_CHECK(
+        cudaFuncSetAttribute(finite, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_limit));
+    finite<<<dkdv_grid, threads, smem, stream>>>(kv, maps);
+    FSA_CUDA_CHECK(cudaGetLastError());
+  }
+  dkdv<<<dkdv_grid, threads, smem, stream>>>(kv, maps);
   FSA_CUDA_CHECK(cudaGetLastError());
   if (kv.dkv_splits > 1 || kv.dkv_by_count) {
     // Every list split: the reduction can write the caller's key axis (BackwardParams::scatter).
@@ -463,21 +494,38 @@ bool launch_backward(const BackwardParams& p, cudaStream_t stream) {
     }
     FSA_CUDA_CHECK(cudaGetLastError());
   }
+  const bool fused = fused_backward<kHeadDim>(p);
+  // A lean pass run as a pair (finite_pair_call): its flag, zeroed, then set by V's scan here and
+  // by the preprocess (BackwardParams::nonfinite). One read of V, on the stream, no host wait.
+  StreamBuffer nonfinite(stream);
+  BackwardParams pre = p;  // the preprocess's params, with the flag
+  if (finite_pair_call<kHeadDim>(p, fused)) {
+    FSA_CUDA_CHECK(scratch_malloc(&nonfinite.ptr, sizeof(int32_t), stream));
+    FSA_CUDA_CHECK(cudaMemsetAsync(nonfinite.ptr, 0, sizeof(int32_t), stream));
+    pre.nonfinite = static_cast<int32_t*>(nonfinite.ptr);
+    const int64_t head_chunks = int64_t(p.seqlen_k) * ((p.head_dim + 7) / 8);
+    const dim3 scan_grid(unsigned((head_chunks + kVScanChunks - 1) / kVScanChunks),
+                         unsigned(p.num_kv_heads), unsigned(p.batch));
+    if (scan_grid.x > 0) {
+      v_nonfinite_kernel<Elt, BackwardParams>
+          <<<scan_grid, kVScanThreads, 0, stream>>>(pre, pre.nonfinite);
+      FSA_CUDA_CHECK(cudaGetLastError());
+    }
+  }
   const int64_t rows = int64_t(p.batch) * p.num_heads * p.seqlen_q;
   if (rows > 0) {
     if (p.rowdot_chunks) {
       // A row's chunks over 8, 16 or 32 lanes: one pass of 16-byte loads for head dims <= 256.
       const int lanes = p.head_dim <= 64 ? 8 : p.head_dim <= 128 ? 16 : 32;
       const unsigned blocks = unsigned((rows * lanes + 255) / 256);
-      if (lanes == 8) rowdot_chunks_kernel<Elt, 8><<<blocks, 256, 0, stream>>>(p);
-      if (lanes == 16) rowdot_chunks_kernel<Elt, 16><<<blocks, 256, 0, stream>>>(p);
-      if (lanes == 32) rowdot_chunks_kernel<Elt, 32><<<blocks, 256, 0, stream>>>(p);
+      if (lanes == 8) rowdot_chunks_kernel<Elt, 8><<<blocks, 256, 0, stream>>>(pre);
+      if (lanes == 16) rowdot_chunks_kernel<Elt, 16><<<blocks, 256, 0, stream>>>(pre);
+      if (lanes == 32) rowdot_chunks_kernel<Elt, 32><<<blocks, 256, 0, stream>>>(pre);
     } else {
-      rowdot_kernel<Elt><<<unsigned((rows + 3) / 4), 128, 0, stream>>>(p);
+      rowdot_kernel<Elt><<<unsigned((rows + 3) / 4), 128, 0, stream>>>(pre);
     }
     FSA_CUDA_CHECK(cudaGetLastError());
   }
-  const bool fused = fused_backward<kHeadDim>(p);
   if (p.map.m_blocks > 0 && !fused) {
     int threads = 0, smem = 0, smem_limit = 0;
     BackwardKernel dq = sm90_dq_kernel<kHeadDim, Elt>(p, threads, smem, smem_limit);
@@ -509,6 +557,7 @@ bool launch_backward(const BackwardParams& p, cudaStream_t stream) {
   // the key tiles' query work is shared (BackwardParams::dkv_splits).
   BackwardParams kv = p;
   kv.scatter = KeyScatter{};  // set below where the reduction takes it
+  kv.nonfinite = pre.nonfinite;
   StreamBuffer dkv_workspace(stream), pair_lists(stream), dq_accum(stream);
   if constexpr (has_fused_backward(kHeadDim)) {
     if (fused) {

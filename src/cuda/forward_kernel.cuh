@@ -183,13 +183,14 @@ __device__ __forceinline__ bool chunk_nonfinite(uint4 x) {
 
 // The sm90 forward's V check ahead of it (launch_forward): sets *flag (zeroed before) when a V
 // value the forward may read is NaN / Inf, so that its partial tiles skip the scan when none is
-// (ForwardParams::v_nonfinite). Grid (kv head rows' 16-byte chunks / kVScanChunks, kv heads,
-// batch); each thread reads kVScanChunks / kVScanThreads chunks, all its loads in flight at once.
+// (ForwardParams::v_nonfinite); the backward's too (BackwardParams::nonfinite). Grid (kv head
+// rows' 16-byte chunks / kVScanChunks, kv heads, batch); each thread reads kVScanChunks /
+// kVScanThreads chunks, all its loads in flight at once.
 constexpr int kVScanThreads = 256;
 constexpr int kVScanChunks = 4 * kVScanThreads;
-template <class Elt>
+template <class Elt, class Params = ForwardParams>
 __global__ void __launch_bounds__(kVScanThreads)
-    v_nonfinite_kernel(const __grid_constant__ ForwardParams p, int32_t* flag) {
+    v_nonfinite_kernel(const __grid_constant__ Params p, int32_t* flag) {
   constexpr int kLoads = kVScanChunks / kVScanThreads;
   const int chunks = (p.head_dim + 7) / 8;  // rows are 16-byte chunks (kernel_rows)
   const int64_t head_chunks = int64_t(p.seqlen_k) * chunks;

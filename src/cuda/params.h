@@ -197,6 +197,12 @@ struct BackwardParams {
   int64_t lse_stride_b, lse_stride_h, lse_stride_s;
   const float* rowdot;  // (B, H, Sq) sum_d dO * O, from the preprocess kernel
   bool rowdot_chunks;   // out and dout rows are 16-byte chunks: rowdot_chunks_kernel reads them
+  // The lean sm90 passes' pair (their kFinite instantiations; launch_sm90_dkdv): a flag zeroed
+  // before the preprocess, which sets it where a row's rowdot is not finite or its LSE is NaN,
+  // and V's scan ahead where V holds a NaN / Inf. The pass compiled without the per-entry guards
+  // (P = 0 at x = -inf, dS = 0 at P = 0) runs where it reads 0, the guarded one elsewhere; null:
+  // the guarded one alone.
+  int32_t* nonfinite;
 
   const uint8_t* mask;  // as in ForwardParams
   int64_t mask_stride[4];

@@ -256,10 +256,11 @@ def test_case12_softcap(softcap, gen):
                    softcap=softcap, causal=True, label="case 12")
 
 
-# The Hopper backward passes' kernels (each has kSoftcap as its last template argument, with
-# this many arguments in all), and the sm80 passes.
-SM90_BACKWARD_ARGS = {"dkdv_kernel_sm90": 5, "dq_kernel_sm90": 8, "dkdvq_kernel_sm90": 4,
-                      "dkdv_kernel_sm90_wide": 3, "dq_kernel_sm90_wide": 4}
+# The Hopper backward passes' kernels: (their template arguments in all, kSoftcap's index among
+# them; the lean passes' kFinite comes after it), and the sm80 passes.
+SM90_BACKWARD_ARGS = {"dkdv_kernel_sm90": (6, 4), "dq_kernel_sm90": (8, 7),
+                      "dkdvq_kernel_sm90": (5, 3), "dkdv_kernel_sm90_wide": (3, 2),
+                      "dq_kernel_sm90_wide": (4, 3)}
 
 
 def backward_kernels(names):
@@ -318,9 +319,9 @@ def test_softcap_on_hopper_passes(dtype, D, gen):
             assert "dkdv_kernel" not in ran and "dq_kernel" not in ran, (label, names)
             assert ran, (label, names)
             for kernel, arg_lists in ran.items():
+                count, softcap_at = SM90_BACKWARD_ARGS[kernel]
                 for a in arg_lists:
-                    assert len(a) == SM90_BACKWARD_ARGS[kernel] and a[-1] == "true", \
-                        (label, kernel, a)
+                    assert len(a) == count and a[softcap_at] == "true", (label, kernel, a)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -538,9 +539,9 @@ def test_lean_backward_passes_causal_key_bias(D, Sq, Sk, gen):
     sel[..., -1] = True  # the ragged last key tile and the causal band's last blocks
     mask = sel.repeat_interleave(block, 2).repeat_interleave(block, 3)[..., :Sq, :Sk]
     sm90 = torch.cuda.get_device_capability() == (9, 0)
-    # (the last template argument, kSoftcap, false)
-    lean_dkdv = f"dkdv_kernel_sm90<{D}, fsa::detail::cuda::Bf16, false, true, false>"
-    lean_fused = f"dkdvq_kernel_sm90<{D}, fsa::detail::cuda::Bf16, true, false>"
+    # (kSoftcap false; either kFinite: the pair is launched together)
+    lean_dkdv = f"dkdv_kernel_sm90<{D}, fsa::detail::cuda::Bf16, false, true, false, "
+    lean_fused = f"dkdvq_kernel_sm90<{D}, fsa::detail::cuda::Bf16, true, false, "
     hows = ("selection", "deterministic", "mask", "dense", "dense non-causal")
     for bias, how in itertools.product(biases, hows):
         kwargs = ({"mask": mask, "selection": (sel, block)} if how == "selection" else
@@ -575,8 +576,8 @@ def test_lean_backward_passes_scale(scale, gen):
     sel[..., -1] = True
     mask = sel.repeat_interleave(block, 2).repeat_interleave(block, 3)[..., :Sq, :Sk]
     sm90 = torch.cuda.get_device_capability() == (9, 0)
-    lean_dkdv = f"dkdv_kernel_sm90<{D}, fsa::detail::cuda::Bf16, false, true, false>"
-    lean_fused = f"dkdvq_kernel_sm90<{D}, fsa::detail::cuda::Bf16, true, false>"
+    lean_dkdv = f"dkdv_kernel_sm90<{D}, fsa::detail::cuda::Bf16, false, true, false, "
+    lean_fused = f"dkdvq_kernel_sm90<{D}, fsa::detail::cuda::Bf16, true, false, "
     for bias, how in itertools.product((None, randn(B, Hk, 1, Sk, dtype=torch.bfloat16, gen=gen)),
                                        ("selection", "dense")):
         kwargs = {"mask": mask, "selection": (sel, block)} if how == "selection" else {}
@@ -590,6 +591,51 @@ def test_lean_backward_passes_scale(scale, gen):
             assert any(lean_dkdv in n for n in names) == (not fused), (label, names)
             assert lean_dq == (not fused), (label, names)
             assert any(lean_fused in n for n in names) == fused, (label, names)
+
+
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_lean_pair_guards_nonfinite_v(D, value, gen):
+    """The lean passes run as a pair (BackwardParams::nonfinite): the twin without per-entry guards
+    where V, rowdot and LSE hold no NaN / Inf, the guarded one where they do. A NaN (or Inf) in V
+    at keys 100 and 200 of dense causal attention (the lean fused pass): rows 0 .. 99 see neither
+    key, and their dQ must be what it is with those values zeroed (against float64). Rows 64 .. 99
+    share the diagonal tile with key 100, where dP = NaN at the dropped entry: the guarded twin's
+    dS is 0 there, the twin without guards would give 0 x NaN = NaN, so this fails unless V's scan
+    flags the call. (The other lean tests run the twin without guards: their inputs are finite.)
+    On sm_90 the profile shows both twins launched."""
+    B, Sq, Sk, H, Hk = 1, 256, 256, 4, 2
+    q, k, v = qkv(B, Sq, Sk, H, Hk, D, torch.bfloat16, gen)
+    v_bad = v.clone()
+    v_bad[:, 100, 0, :3] = value
+    v_bad[:, 200, 1, 5] = value
+    v_clean = v_bad.masked_fill(~torch.isfinite(v_bad), 0)
+    dout = torch.randn_like(q)
+    scale = 1.0 / math.sqrt(D)
+
+    def dq_of(values, dtype, ours):
+        leaves = [x.detach().to(dtype).requires_grad_(True) for x in (q, k, values)]
+        if ours:
+            out = flash_sparse_attn_func(*leaves, is_causal=True)
+        else:
+            out = attention(*leaves, None, None, scale, True, 0.0, dtype)[0]
+        out.backward(dout.to(dtype))
+        return leaves[0].grad
+
+    names = cuda_kernel_names(lambda: dq_of(v_bad, torch.bfloat16, True))
+    ours = dq_of(v_bad, torch.bfloat16, True)[:, :100]
+    ref = dq_of(v_clean, torch.float64, False)[:, :100]
+    naive = dq_of(v_clean, torch.bfloat16, False)[:, :100]
+    where = f"lean pair D={D} V {value} seed={SEED}"
+    assert torch.isfinite(ours).all(), f"non-finite dQ in rows that see no bad key: {where}"
+    err = (ours.double() - ref).abs().max().item()
+    naive_err = (naive.double() - ref).abs().max().item()
+    atol = 2.0 ** -9 * ref.abs().max().item()
+    assert err <= 2 * naive_err + atol, f"dq error {err:.3e} > 2 x naive {naive_err:.3e}: {where}"
+    if torch.cuda.get_device_capability() == (9, 0) and names:  # (none under compute-sanitizer)
+        for finite in ("false", "true"):
+            twin = f"dkdvq_kernel_sm90<{D}, fsa::detail::cuda::Bf16, true, false, {finite}>"
+            assert any(twin in n for n in names), (where, twin, names)
 
 
 @pytest.mark.parametrize("layout", ["fp32", "unaligned"])
