@@ -8,7 +8,8 @@
 #
 #   git archive main -o .device/base.tar            # then, on the GPU machine (carry .deps, .device):
 #   scripts/ab_check.sh .device/base.tar [--runs N] [--sweep "SWEEP ARGS"] [--peers IMPLS]
-#                                        [--topk CASES] [--head-flags FLAGS] [--smoke]
+#                                        [--topk CASES] [--head-flags FLAGS] [--head-env VARS]
+#                                        [--smoke]
 #
 # Default sweep: issue #14's dense D = 128 bars at 16K (causal and full), its block-selection
 # bars and the softcap group, ours alone (a few workloads a run, meant to let two runs a side and
@@ -17,15 +18,17 @@
 # --topk CASES adds bench/sweep.py's topk group with those cases (e.g. row16k: per-row top-k, the
 # dK/dV groups' workload), whose workloads run every implementation in every run. --runs N: runs
 # per side (default 2). --head-flags FLAGS: extra nvcc flags for the head's build alone (CMake's
-# CUDAFLAGS), e.g. "-DFSA_SM90_SOFTMAX_PIN=1" for an experiment compiled in behind a macro, against
-# `git archive HEAD` as the base. Each sweep run is time-boxed (FSA_AB_RUN_S, default 240 s) so that the
-# table still comes back from a call cut short. --smoke: tiny shapes on the CPU backend (no CUDA
-# build), to check this script anywhere. Logs and JSONs go to $OUT as ab.tar.gz, the table to
-# $OUT/ab.txt too.
+# CUDAFLAGS), e.g. "-DFSA_SM90_SOFTMAX_PIN=1" for an experiment compiled in behind a macro,
+# against `git archive HEAD` as the base. --head-env "VAR=VALUE ...": environment for the head's
+# sweep runs alone, e.g. "FSA_CUDA_FINITE_PASSES=0" to measure a switch in the same code (against
+# `git archive HEAD`: still two builds, the same sources). Each sweep run is time-boxed
+# (FSA_AB_RUN_S, default 240 s) so that the table still comes back from a call cut short.
+# --smoke: tiny shapes on the CPU backend (no CUDA build), to check this script anywhere. Logs
+# and JSONs go to $OUT as ab.tar.gz, the table to $OUT/ab.txt too.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 usage="usage: scripts/ab_check.sh BASE.tar [--runs N] [--sweep ARGS] [--peers IMPLS] [--topk CASES]"
-usage+=" [--head-flags FLAGS] [--smoke]"
+usage+=" [--head-flags FLAGS] [--head-env VARS] [--smoke]"
 OUT=${OUT:-/tmp/fsa_ab_out}
 mkdir -p "$OUT"
 base_tar=${1:?$usage}
@@ -37,6 +40,7 @@ sweep+=" --filter ^(dense/(causal|full)/D128/S16384|trainable/|softcap/) --reps 
 peers=""
 topk=""
 head_flags=""
+head_env=""
 smoke=0
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -44,7 +48,9 @@ while [ $# -gt 0 ]; do
     --sweep) sweep=${2:?--sweep needs bench/sweep.py arguments}; shift ;;
     --peers) peers=${2:?--peers needs implementation ids, e.g. sdpa_cudnn,flex}; shift ;;
     --topk) topk=${2:?--topk needs topk cases, e.g. row16k}; shift ;;
-    --head-flags) head_flags=${2:?--head-flags needs nvcc flags, e.g. -DFSA_SM90_SOFTMAX_PIN=1}; shift ;;
+    --head-flags) head_flags=${2:?--head-flags needs nvcc flags, e.g. -DFSA_SM90_SOFTMAX_PIN=1}
+                  shift ;;
+    --head-env) head_env=${2:?--head-env needs VAR=VALUE assignments}; shift ;;
     --smoke) smoke=1 ;;
     *) echo "unknown argument $1; $usage" >&2; exit 2 ;;
   esac
@@ -89,22 +95,25 @@ fi
 # configure only).
 if [ -n "$head_flags" ] && [ $smoke = 0 ] &&
    ! grep -q -F -- "$head_flags" "$work/head-build/CMakeCache.txt"; then
-  echo "--head-flags: '$head_flags' is not in $work/head-build/CMakeCache.txt's CMAKE_CUDA_FLAGS" >&2
+  echo "--head-flags: '$head_flags' not in $work/head-build/CMakeCache.txt (CMAKE_CUDA_FLAGS)" >&2
   exit 1
 fi
 
 # One sweep run of a side: its package first on the path; the head's first run adds the peers
 # (FlexAttention compiles in every process: once is enough for the ratios).
 sweep_run() {
-  local side=$1 i=$2 impls=ours
+  local side=$1 i=$2 impls=ours env_vars=()
   [ "$side" = head ] && [ "$i" = 1 ] && [ -n "$peers" ] && impls="ours,$peers"
+  # shellcheck disable=SC2206
+  [ "$side" = head ] && [ -n "$head_env" ] && env_vars=($head_env)
   # shellcheck disable=SC2086
-  PYTHONPATH="$work/$side-site" PYTHONUNBUFFERED=1 timeout "$run_s" python3 bench/sweep.py \
-    $sweep --impls "$impls" --json "$OUT/${side}_$i.json" > "$OUT/${side}_$i.log" 2>&1
+  env "${env_vars[@]}" PYTHONPATH="$work/$side-site" PYTHONUNBUFFERED=1 timeout "$run_s" \
+    python3 bench/sweep.py $sweep --impls "$impls" --json "$OUT/${side}_$i.json" \
+    > "$OUT/${side}_$i.log" 2>&1
   if [ -n "$topk" ]; then
-    PYTHONPATH="$work/$side-site" PYTHONUNBUFFERED=1 timeout "$run_s" python3 bench/sweep.py \
-      --only topk --topk-cases "$topk" --json "$OUT/${side}_$i.json" --resume \
-      >> "$OUT/${side}_$i.log" 2>&1
+    env "${env_vars[@]}" PYTHONPATH="$work/$side-site" PYTHONUNBUFFERED=1 timeout "$run_s" \
+      python3 bench/sweep.py --only topk --topk-cases "$topk" --json "$OUT/${side}_$i.json" \
+      --resume >> "$OUT/${side}_$i.log" 2>&1
   fi
   # The module each run imported, so that a run can never silently measure the other side.
   PYTHONPATH="$work/$side-site" python3 -c \

@@ -877,9 +877,10 @@ __device__ __forceinline__ void dq_pass_duty(const BackwardParams& p, int b, int
 // compare per entry against the row's visible end, as the forward's lean walk (docs/perf.md,
 // thirty-second session).
 // kSoftcap == (p.softcap_in != 0): the cap and dX = dS (1 - t^2) (softcap_pass, apply_slope;
-// the dbias duties take dS), never lean.
+// the dbias duties take dS), never lean. kFinite: the lean pass's twin without per-entry guards
+// (probabilities_t; BackwardParams::nonfinite).
 template <int kHeadDim, class Elt, DqBiasDuty kDuty, bool kStagedBias, bool kRowTopK,
-          bool kGathered = false, bool kLean = false, bool kSoftcap = false>
+          bool kGathered = false, bool kLean = false, bool kSoftcap = false, bool kFinite = false>
 __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
     dq_kernel_sm90(const __grid_constant__ BackwardParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -888,6 +889,10 @@ __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
                            !kSoftcap),
                 "the lean pass has no dbias duty, staged bias, per-row top-k, gathered tiles or "
                 "softcap");
+  static_assert(!kFinite || kLean, "the guard-free twin is the lean pass's");
+  if constexpr (kLean) {
+    if (pair_twin_runs<kFinite>(p)) return;
+  }
   using Tiles = Sm90DqTiles<kHeadDim, Elt>;
   using T = typename Tiles::T;
   constexpr int kBlockM = Tiles::kBlockM, kBlockN = Tiles::kBlockN;
@@ -1073,6 +1078,10 @@ __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
   int i_row[2];
   float lse2[2], rdot[2], row_grad[2] = {0.0f, 0.0f};
   dq_row_stats(p, b, h, row0 + warp * 16 + g, i_row, lse2, rdot);
+  if constexpr (kFinite) {  // an empty (or padded) row: exp2(-inf) for its every entry
+#pragma unroll
+    for (int r = 0; r < 2; ++r) lse2[r] = lse2[r] == -INFINITY ? INFINITY : lse2[r];
+  }
   int row_end[2] = {0, 0};  // gathered tiles and the lean pass: the rows' visible ends, once
   if constexpr (kGathered || kLean) {
 #pragma unroll
@@ -1178,8 +1187,12 @@ __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const float l2 = lse2[e / 2];
-        const bool keep = s[c][e] != -INFINITY && l2 != -INFINITY;
-        s[c][e] = keep ? fast_exp2(fmaf(s[c][e], scale_left, -l2)) : 0.0f;
+        if constexpr (kFinite) {
+          s[c][e] = fast_exp2(fmaf(s[c][e], scale_left, -l2));
+        } else {
+          const bool keep = s[c][e] != -INFINITY && l2 != -INFINITY;
+          s[c][e] = keep ? fast_exp2(fmaf(s[c][e], scale_left, -l2)) : 0.0f;
+        }
       }
     if constexpr ((FSA_SM90_SOFTMAX_PIN & 8) && kLean) {
       pin_probabilities<Elt>(s, smem_raw + Tiles::kPinOffset, ct == 0);
@@ -1196,7 +1209,8 @@ __global__ void __launch_bounds__(Sm90DqTiles<kHeadDim, Elt>::kThreads, 1)
     for (int c = 0; c < kNTiles; ++c)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        ds[c][e] = s[c][e] != 0.0f ? s[c][e] * (ds[c][e] - rdot[e / 2]) : 0.0f;
+        ds[c][e] = kFinite ? fmaf(s[c][e], ds[c][e] - rdot[e / 2], 0.0f)
+                           : ds_entry(s[c][e], ds[c][e], rdot[e / 2]);
       }
     // The dbias duty takes dS; dQ += dX K the packed dX (under softcap the slopes' product: the
     // duty runs before it, else from the packed dS, the same rounding).

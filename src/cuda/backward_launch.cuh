@@ -199,25 +199,29 @@ inline bool lean_fused_call(const BackwardParams& p) {
   return lean_dkdv_call(p) && p.map.kept_count == nullptr;
 }
 
-// Whether a call's lean dK/dV or fused pass runs as a pair, its twin without per-entry guards
-// beside it (BackwardParams::nonfinite; probabilities_t's kFinite): a positive scale (the twin's
-// drops rely on -inf times it staying -inf) and one of the lean passes with a twin.
+// Whether a call's lean dK/dV, dQ or fused pass runs as a pair, its twin without per-entry
+// guards beside it (BackwardParams::nonfinite; probabilities_t's kFinite): a positive scale (the
+// twin's drops rely on -inf times it staying -inf) and one of the lean passes with a twin.
 // FSA_CUDA_FINITE_PASSES=0 runs the guarded passes alone (A/B measurements).
 template <int kHeadDim>
 bool finite_pair_call(const BackwardParams& p, bool fused) {
   static const bool enabled = !env_is("FSA_CUDA_FINITE_PASSES", "0");
   if (!enabled || !(p.scale_log2 > 0.0f) || !use_sm90_backward(p)) return false;
   if (fused) return lean_fused_call(p);
-  return sm90_backward_lean(kHeadDim) && (lean_dkdv_call(p) || lean_slot_rows_call(p));
+  return sm90_backward_lean(kHeadDim) &&
+         (lean_dkdv_call(p) || lean_slot_rows_call(p) || lean_dq_call(p));
 }
 
 // The sm90 dQ kernel for this call with its threads and shared memory, or null: the sm80 pass
 // (the sm80 kernels forced, or per-row top-k over compacted keys at D = 256).
 // `smem_limit`: the kernel's opt-in shared-memory limit, a fixed value per kernel (the D = 256
 // pass serves staged and unstaged biases in one instantiation: host threads launching it
-// concurrently must never lower the limit under each other), at least `smem`.
+// concurrently must never lower the limit under each other), at least `smem`. `finite`: the lean
+// pass's twin without guards (BackwardParams::nonfinite), or null.
 template <int kHeadDim, class Elt>
-BackwardKernel sm90_dq_kernel(const BackwardParams& p, int& threads, int& smem, int& smem_limit) {
+BackwardKernel sm90_dq_kernel(const BackwardParams& p, int& threads, int& smem, int& smem_limit,
+                              BackwardKernel& finite) {
+  finite = nullptr;
   if constexpr (kHeadDim > 128) {
     if (!use_sm90_dq(p)) return nullptr;
     // The D = 256 pass does not gather K and V by slot, as the D = 256 forward.
@@ -278,6 +282,8 @@ BackwardKernel sm90_dq_kernel(const BackwardParams& p, int& threads, int& smem, 
     if constexpr (sm90_backward_lean(kHeadDim)) {
       if (lean_dq_call(p)) {  // (never gathered, per-row top-k or staged)
         dq = &dq_kernel_sm90<kHeadDim, Elt, DqBiasDuty::kNone, false, false, false, true>;
+        finite = &dq_kernel_sm90<kHeadDim, Elt, DqBiasDuty::kNone, false, false, false, true,
+                                 false, true>;
       }
     }
     // A query-invariant bias travels with the K/V tiles in the gathered tiles' region (the
@@ -528,7 +534,8 @@ bool launch_backward(const BackwardParams& p, cudaStream_t stream) {
   }
   if (p.map.m_blocks > 0 && !fused) {
     int threads = 0, smem = 0, smem_limit = 0;
-    BackwardKernel dq = sm90_dq_kernel<kHeadDim, Elt>(p, threads, smem, smem_limit);
+    BackwardKernel finite = nullptr;
+    BackwardKernel dq = sm90_dq_kernel<kHeadDim, Elt>(p, threads, smem, smem_limit, finite);
     if (dq == nullptr) {
       dq = row_topk ? &dq_kernel<kHeadDim, Elt, true> : &dq_kernel<kHeadDim, Elt, false>;
       threads = Tiles::kDqWarps * 32, smem = smem_limit = Tiles::kSmemDq;
@@ -536,7 +543,16 @@ bool launch_backward(const BackwardParams& p, cudaStream_t stream) {
     FSA_CUDA_CHECK(
         cudaFuncSetAttribute(dq, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_limit));
     if (!p.ordered_dbias) {
-      dq<<<dim3(p.map.m_blocks, p.num_heads, p.batch), threads, smem, stream>>>(p);
+      // The lean pass and its twin as a pair (as launch_sm90_dkdv's), where the flag exists.
+      BackwardParams dq_params = p;
+      if (finite != nullptr && pre.nonfinite != nullptr) {
+        dq_params.nonfinite = pre.nonfinite;
+        FSA_CUDA_CHECK(
+            cudaFuncSetAttribute(finite, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_limit));
+        finite<<<dim3(p.map.m_blocks, p.num_heads, p.batch), threads, smem, stream>>>(dq_params);
+        FSA_CUDA_CHECK(cudaGetLastError());
+      }
+      dq<<<dim3(p.map.m_blocks, p.num_heads, p.batch), threads, smem, stream>>>(dq_params);
       FSA_CUDA_CHECK(cudaGetLastError());
     } else {
       // One launch per member of a dbias slice, in order (BackwardParams::ordered_dbias).

@@ -258,7 +258,7 @@ def test_case12_softcap(softcap, gen):
 
 # The Hopper backward passes' kernels: (their template arguments in all, kSoftcap's index among
 # them; the lean passes' kFinite comes after it), and the sm80 passes.
-SM90_BACKWARD_ARGS = {"dkdv_kernel_sm90": (6, 4), "dq_kernel_sm90": (8, 7),
+SM90_BACKWARD_ARGS = {"dkdv_kernel_sm90": (6, 4), "dq_kernel_sm90": (9, 7),
                       "dkdvq_kernel_sm90": (5, 3), "dkdv_kernel_sm90_wide": (3, 2),
                       "dq_kernel_sm90_wide": (4, 3)}
 
@@ -551,7 +551,7 @@ def test_lean_backward_passes_causal_key_bias(D, Sq, Sk, gen):
         names = cuda_kernel_names(lambda: check_backward(
             q, k, v, bias=bias, causal=how != "dense non-causal", label=label, **kwargs))
         if sm90 and names:  # (no profile under compute-sanitizer: CUPTI is taken)
-            lean_dq = any(f"dq_kernel_sm90<{D}," in n and "false, false, false, true, false>" in n
+            lean_dq = any(f"dq_kernel_sm90<{D}," in n and "false, false, false, true, false, " in n
                           for n in names)
             fused = how.startswith("dense")
             lean = D in LEAN_BACKWARD_DIMS and how != "mask"
@@ -586,25 +586,26 @@ def test_lean_backward_passes_scale(scale, gen):
             q, k, v, bias=bias, causal=True, scale=scale, label=label, **kwargs))
         if sm90 and names:  # (no profile under compute-sanitizer: CUPTI is taken)
             fused = how == "dense"
-            lean_dq = any(f"dq_kernel_sm90<{D}," in n and "false, false, false, true, false>" in n
+            lean_dq = any(f"dq_kernel_sm90<{D}," in n and "false, false, false, true, false, " in n
                           for n in names)
             assert any(lean_dkdv in n for n in names) == (not fused), (label, names)
             assert lean_dq == (not fused), (label, names)
             assert any(lean_fused in n for n in names) == fused, (label, names)
 
 
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("D, how", [(64, "dense"), (128, "dense"), (128, "selection")])
 @pytest.mark.parametrize("value", [math.nan, math.inf])
-def test_lean_pair_guards_nonfinite_v(D, value, gen):
+def test_lean_pair_guards_nonfinite_v(D, how, value, gen):
     """The lean passes run as a pair (BackwardParams::nonfinite): the twin without per-entry guards
     where V, rowdot and LSE hold no NaN / Inf, the guarded one where they do. A NaN (or Inf) in V
-    at keys 100 and 200 of dense causal attention (the lean fused pass): rows 0 .. 99 see neither
-    key, and their dQ must be what it is with those values zeroed (against float64). Rows 64 .. 99
-    share the diagonal tile with key 100, where dP = NaN at the dropped entry: the guarded twin's
+    at keys 100 and 200 of causal attention, dense (the lean fused pass) or over a block selection
+    that keeps the diagonal blocks (the lean dK/dV and dQ passes): rows 0 .. 99 see neither key,
+    and their dQ must be what it is with those values zeroed (against float64). Rows 64 .. 99
+    share a diagonal tile with key 100, where dP = NaN at the dropped entry: the guarded twin's
     dS is 0 there, the twin without guards would give 0 x NaN = NaN, so this fails unless V's scan
-    flags the call. (The other lean tests run the twin without guards: their inputs are finite.)
+    flags the call. (The other lean tests run the twins without guards: their inputs are finite.)
     On sm_90 the profile shows both twins launched."""
-    B, Sq, Sk, H, Hk = 1, 256, 256, 4, 2
+    B, Sq, Sk, H, Hk, block = 1, 256, 256, 4, 2, 128
     q, k, v = qkv(B, Sq, Sk, H, Hk, D, torch.bfloat16, gen)
     v_bad = v.clone()
     v_bad[:, 100, 0, :3] = value
@@ -612,13 +613,19 @@ def test_lean_pair_guards_nonfinite_v(D, value, gen):
     v_clean = v_bad.masked_fill(~torch.isfinite(v_bad), 0)
     dout = torch.randn_like(q)
     scale = 1.0 / math.sqrt(D)
+    sel = mask = None
+    if how == "selection":
+        sel = torch.rand(B, Hk, Sq // block, Sk // block, device="cuda", generator=gen) < 0.5
+        sel |= torch.eye(Sq // block, dtype=torch.bool, device="cuda")
+        mask = sel.repeat_interleave(block, 2).repeat_interleave(block, 3)
 
     def dq_of(values, dtype, ours):
         leaves = [x.detach().to(dtype).requires_grad_(True) for x in (q, k, values)]
         if ours:
-            out = flash_sparse_attn_func(*leaves, is_causal=True)
+            selection = {} if sel is None else {"block_mask": sel, "block_size": (block, block)}
+            out = flash_sparse_attn_func(*leaves, is_causal=True, **selection)
         else:
-            out = attention(*leaves, None, None, scale, True, 0.0, dtype)[0]
+            out = attention(*leaves, mask, None, scale, True, 0.0, dtype)[0]
         out.backward(dout.to(dtype))
         return leaves[0].grad
 
@@ -626,16 +633,21 @@ def test_lean_pair_guards_nonfinite_v(D, value, gen):
     ours = dq_of(v_bad, torch.bfloat16, True)[:, :100]
     ref = dq_of(v_clean, torch.float64, False)[:, :100]
     naive = dq_of(v_clean, torch.bfloat16, False)[:, :100]
-    where = f"lean pair D={D} V {value} seed={SEED}"
+    where = f"lean pair {how} D={D} V {value} seed={SEED}"
     assert torch.isfinite(ours).all(), f"non-finite dQ in rows that see no bad key: {where}"
     err = (ours.double() - ref).abs().max().item()
     naive_err = (naive.double() - ref).abs().max().item()
     atol = 2.0 ** -9 * ref.abs().max().item()
     assert err <= 2 * naive_err + atol, f"dq error {err:.3e} > 2 x naive {naive_err:.3e}: {where}"
     if torch.cuda.get_device_capability() == (9, 0) and names:  # (none under compute-sanitizer)
-        for finite in ("false", "true"):
-            twin = f"dkdvq_kernel_sm90<{D}, fsa::detail::cuda::Bf16, true, false, {finite}>"
-            assert any(twin in n for n in names), (where, twin, names)
+        elt = "fsa::detail::cuda::Bf16"
+        pair = ([f"dkdvq_kernel_sm90<{D}, {elt}, true, false, "] if how == "dense" else
+                [f"dkdv_kernel_sm90<{D}, {elt}, false, true, false, ",
+                 f"dq_kernel_sm90<{D}, {elt}, (fsa::detail::cuda::DqBiasDuty)0, false, false, "
+                 "false, true, false, "])
+        for kernel in pair:
+            for finite in ("false>", "true>"):
+                assert any(kernel + finite in n for n in names), (where, kernel + finite, names)
 
 
 @pytest.mark.parametrize("layout", ["fp32", "unaligned"])
