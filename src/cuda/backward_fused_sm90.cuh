@@ -334,7 +334,7 @@ __global__ void __launch_bounds__(Sm90FusedTiles<kHeadDim, Elt>::kThreads, 1)
       load_step_rows_async<kHeadDim, kLoaders>(p, tma, s_q + stage * kStageElems,
                                                s_do + stage * kStageElems, q_dst, b, h, q0,
                                                &full_bar[stage]);
-      load_step_stats_async(p, b, h, q0, s_lse + stage * kHalf, s_rdot + stage * kHalf);
+      load_step_stats_async<kFinite>(p, b, h, q0, s_lse + stage * kHalf, s_rdot + stage * kHalf);
       if (!kLean && p.bias_staged) {  // rows = the half's queries, columns = each tile's keys
 #pragma unroll 1
         for (int w = 0; w < 2; ++w) {

@@ -38,12 +38,14 @@ struct BackwardTiles {
                                   2 * 2 * kHalfM * int(sizeof(float));
 };
 
-// The preprocess's part of BackwardParams::nonfinite: a row whose rowdot is not finite (O or dO
-// holds a NaN / Inf) or whose LSE is NaN.
-__device__ __forceinline__ void flag_nonfinite_row(const BackwardParams& p, int b, int h, int i,
-                                                   float rowdot) {
+// The preprocess's part of a lean pass's pair (BackwardParams::nonfinite): the flag where a
+// row's rowdot is not finite (O or dO holds a NaN / Inf) or its LSE is NaN, and the row's
+// lse_log2 (row = (b H + h) Sq + i).
+__device__ __forceinline__ void pair_row_stats(const BackwardParams& p, int64_t row, int b, int h,
+                                               int i, float rowdot) {
   if (p.nonfinite == nullptr) return;
   const float lse = p.lse[b * p.lse_stride_b + h * p.lse_stride_h + int64_t(i) * p.lse_stride_s];
+  p.lse_log2[row] = lse == -INFINITY ? INFINITY : lse * kLog2e;
   if (!isfinite(rowdot) || isnan(lse)) atomicOr(p.nonfinite, 1);
 }
 
@@ -64,7 +66,7 @@ __global__ void rowdot_kernel(const __grid_constant__ BackwardParams p) {
   for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
   if (lane == 0) {
     const_cast<float*>(p.rowdot)[row] = sum;  // (B, H, Sq), row = (b H + h) Sq + i
-    flag_nonfinite_row(p, b, h, i, sum);
+    pair_row_stats(p, row, b, h, i, sum);
   }
 }
 
@@ -102,7 +104,7 @@ __global__ void rowdot_chunks_kernel(const __grid_constant__ BackwardParams p) {
   if (row < rows && lane == 0) {
     const_cast<float*>(p.rowdot)[row] = sum;
     const int i = int(row % p.seqlen_q), h = int((row / p.seqlen_q) % p.num_heads);
-    flag_nonfinite_row(p, int(row / (int64_t(p.seqlen_q) * p.num_heads)), h, i, sum);
+    pair_row_stats(p, row, int(row / (int64_t(p.seqlen_q) * p.num_heads)), h, i, sum);
   }
 }
 

@@ -204,10 +204,11 @@ __device__ __forceinline__ void write_dkdv_rows(const BackwardParams& p, const D
 //     fragment of a 64-row RS wgmma over those columns.
 // kFinite: the lean passes' twins without the per-entry guards, for calls whose V, rowdot and
 // LSE hold no NaN / Inf that could reach them (BackwardParams::nonfinite) and whose scale is
-// positive. The values are the guarded ones, bit for bit: an empty row's LSE (-inf) taken as
-// +inf makes exp2 of its every entry exp2(-inf) = 0, as a dropped entry's x = -inf does (-inf
-// times a positive scale, minus a finite or infinite LSE), and with dP and rowdot finite P = 0
-// gives dS = fma(0, dP - rowdot, +0) = +0.
+// positive; `lse` is then BackwardParams::lse_log2's stage (load_step_stats_async). The values
+// are the guarded ones, bit for bit: an empty row's LSE (-inf) taken as +inf makes exp2 of its
+// every entry exp2(-inf) = 0, as a dropped entry's x = -inf does (-inf times a positive scale,
+// minus a finite or infinite LSE), and with dP and rowdot finite P = 0 gives dS = fma(0, dP -
+// rowdot, +0) = +0.
 template <bool kFinite = false, int kC>
 __device__ __forceinline__ void probabilities_t(float (&s)[kC][4], const float* lse, int t,
                                                 float scale = 1.0f) {
@@ -217,8 +218,7 @@ __device__ __forceinline__ void probabilities_t(float (&s)[kC][4], const float* 
     for (int e = 0; e < 4; ++e) {
       const float l = lse[c * 8 + 2 * t + (e & 1)];
       if constexpr (kFinite) {
-        const float lse2 = l == -INFINITY ? INFINITY : l * kLog2e;
-        s[c][e] = fast_exp2(fmaf(s[c][e], scale, -lse2));
+        s[c][e] = fast_exp2(fmaf(s[c][e], scale, -l));  // l: lse_log2, -inf as +inf
       } else {
         const float lse2 = l * kLog2e;
         const bool keep = s[c][e] != -INFINITY && lse2 != -INFINITY;
@@ -322,18 +322,21 @@ __device__ __forceinline__ void apply_slope(float (&ds)[kC][4], const uint32_t* 
 }
 
 // A dK/dV producer thread's share of a 64-query step's raw statistics (cp.async): threads 0-63
-// copy the LSE, threads 64-127 the rowdot of query q0 + threadIdx.x % 64 into the stage's s_lse /
-// s_rdot, zero past Sq (those queries are dropped by the consumers' drop pass).
+// copy the LSE (kFinite: lse_log2), threads 64-127 the rowdot of query q0 + threadIdx.x % 64 into
+// the stage's s_lse / s_rdot, zero past Sq (those queries are dropped by the consumers' drop
+// pass).
+template <bool kFinite = false>
 __device__ __forceinline__ void load_step_stats_async(const BackwardParams& p, int b, int h, int q0,
                                                       float* s_lse, float* s_rdot) {
   const int c = int(threadIdx.x % 64u);
   const bool loads_lse = threadIdx.x < 64u;
   const int i = q0 + c;
   const bool valid = i < p.seqlen_q;
-  const float* src = loads_lse ? p.lse + b * p.lse_stride_b + h * p.lse_stride_h +
-                                     int64_t(valid ? i : 0) * p.lse_stride_s
-                               : p.rowdot + (int64_t(b) * p.num_heads + h) * p.seqlen_q +
-                                     (valid ? i : 0);
+  const int64_t row = (int64_t(b) * p.num_heads + h) * p.seqlen_q + (valid ? i : 0);
+  const float* src = !loads_lse ? p.rowdot + row
+                     : kFinite  ? p.lse_log2 + row
+                                : p.lse + b * p.lse_stride_b + h * p.lse_stride_h +
+                                     int64_t(valid ? i : 0) * p.lse_stride_s;
   cute::SM80_CP_ASYNC_CACHEALWAYS_ZFILL<uint32_t>::copy(
       *reinterpret_cast<const uint32_t*>(src),
       *reinterpret_cast<uint32_t*>((loads_lse ? s_lse : s_rdot) + c), valid);
@@ -504,7 +507,7 @@ __device__ __forceinline__ void dkdv_sm90_cta(const BackwardParams& p, const Qdo
       load_step_rows_async<kHeadDim, kLoaders>(p, tma, s_q + stage * kStageElems,
                                                s_do + stage * kStageElems, q_dst, b, h, q0,
                                                &full_bar[stage]);
-      load_step_stats_async(p, b, h, q0, s_lse + stage * kHalf, s_rdot + stage * kHalf);
+      load_step_stats_async<kFinite>(p, b, h, q0, s_lse + stage * kHalf, s_rdot + stage * kHalf);
       if (!kLean && p.bias_staged) {  // rows = the half's queries, columns = this CTA's keys
         load_bias_tile_async<kHalf, kLoaders>(
             s_bias + stage * Tiles::kBiasStageElems,

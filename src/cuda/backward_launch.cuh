@@ -503,12 +503,17 @@ bool launch_backward(const BackwardParams& p, cudaStream_t stream) {
   const bool fused = fused_backward<kHeadDim>(p);
   // A lean pass run as a pair (finite_pair_call): its flag, zeroed, then set by V's scan here and
   // by the preprocess (BackwardParams::nonfinite). One read of V, on the stream, no host wait.
-  StreamBuffer nonfinite(stream);
+  // The rows' LSE in log2 units too (BackwardParams::lse_log2), written by the preprocess.
+  const int64_t rows = int64_t(p.batch) * p.num_heads * p.seqlen_q;
+  StreamBuffer nonfinite(stream), lse_log2(stream);
   BackwardParams pre = p;  // the preprocess's params, with the flag
   if (finite_pair_call<kHeadDim>(p, fused)) {
     FSA_CUDA_CHECK(scratch_malloc(&nonfinite.ptr, sizeof(int32_t), stream));
     FSA_CUDA_CHECK(cudaMemsetAsync(nonfinite.ptr, 0, sizeof(int32_t), stream));
+    FSA_CUDA_CHECK(
+        scratch_malloc(&lse_log2.ptr, size_t(std::max<int64_t>(rows, 1)) * sizeof(float), stream));
     pre.nonfinite = static_cast<int32_t*>(nonfinite.ptr);
+    pre.lse_log2 = static_cast<float*>(lse_log2.ptr);
     const int64_t head_chunks = int64_t(p.seqlen_k) * ((p.head_dim + 7) / 8);
     const dim3 scan_grid(unsigned((head_chunks + kVScanChunks - 1) / kVScanChunks),
                          unsigned(p.num_kv_heads), unsigned(p.batch));
@@ -518,7 +523,6 @@ bool launch_backward(const BackwardParams& p, cudaStream_t stream) {
       FSA_CUDA_CHECK(cudaGetLastError());
     }
   }
-  const int64_t rows = int64_t(p.batch) * p.num_heads * p.seqlen_q;
   if (rows > 0) {
     if (p.rowdot_chunks) {
       // A row's chunks over 8, 16 or 32 lanes: one pass of 16-byte loads for head dims <= 256.
@@ -574,6 +578,7 @@ bool launch_backward(const BackwardParams& p, cudaStream_t stream) {
   BackwardParams kv = p;
   kv.scatter = KeyScatter{};  // set below where the reduction takes it
   kv.nonfinite = pre.nonfinite;
+  kv.lse_log2 = pre.lse_log2;
   StreamBuffer dkv_workspace(stream), pair_lists(stream), dq_accum(stream);
   if constexpr (has_fused_backward(kHeadDim)) {
     if (fused) {

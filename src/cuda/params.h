@@ -203,6 +203,9 @@ struct BackwardParams {
   // (P = 0 at x = -inf, dS = 0 at P = 0) runs where it reads 0, the guarded one elsewhere; null:
   // the guarded one alone.
   int32_t* nonfinite;
+  // With it, (B, H, Sq) fp32 scratch that the preprocess fills with each row's LSE in log2 units,
+  // an empty row's -inf as +inf: what the dK/dV twins stage in place of lse (probabilities_t).
+  float* lse_log2;
 
   const uint8_t* mask;  // as in ForwardParams
   int64_t mask_stride[4];
