@@ -64,6 +64,9 @@ work=$PWD/build-ab
 rm -rf "$work/base-src" "$work/base-site" "$work/head-site"
 mkdir -p "$work/base-src"
 tar -xf "$base_tar" -C "$work/base-src" || { echo "cannot extract $base_tar" >&2; exit 2; }
+# The base tree builds from the work tree's dependencies (the CuTe headers, carried: no network
+# on the GPU machine).
+[ -d .deps ] && ln -sfn "$PWD/.deps" "$work/base-src/.deps"
 if [ $smoke = 1 ]; then
   export FSA_ENABLE_CUDA=OFF
   sweep="--smoke --device cpu --only dense --filter ^dense/causal/D64/"
