@@ -205,10 +205,10 @@ __device__ __forceinline__ void write_dkdv_rows(const BackwardParams& p, const D
 // kFinite: the lean passes' twins without the per-entry guards, for calls whose V, rowdot and
 // LSE hold no NaN / Inf that could reach them (BackwardParams::nonfinite) and whose scale is
 // positive; `lse` is then BackwardParams::lse_log2's stage (load_step_stats_async). The values
-// are the guarded ones, bit for bit: an empty row's LSE (-inf) taken as +inf makes exp2 of its
-// every entry exp2(-inf) = 0, as a dropped entry's x = -inf does (-inf times a positive scale,
-// minus a finite or infinite LSE), and with dP and rowdot finite P = 0 gives dS = fma(0, dP -
-// rowdot, +0) = +0.
+// are the guarded ones (bit for bit but the sign of a dS that is zero with P != 0): an empty
+// row's LSE (-inf) taken as +inf makes exp2 of its every entry exp2(-inf) = 0, as a dropped
+// entry's x = -inf does (-inf times a positive scale, minus a finite or infinite LSE), and with
+// dP and rowdot finite P = 0 gives dS = fma(0, dP - rowdot, +0) = +0.
 template <bool kFinite = false, int kC>
 __device__ __forceinline__ void probabilities_t(float (&s)[kC][4], const float* lse, int t,
                                                 float scale = 1.0f) {
