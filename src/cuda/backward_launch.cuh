@@ -514,14 +514,7 @@ bool launch_backward(const BackwardParams& p, cudaStream_t stream) {
         scratch_malloc(&lse_log2.ptr, size_t(std::max<int64_t>(rows, 1)) * sizeof(float), stream));
     pre.nonfinite = static_cast<int32_t*>(nonfinite.ptr);
     pre.lse_log2 = static_cast<float*>(lse_log2.ptr);
-    const int64_t head_chunks = int64_t(p.seqlen_k) * ((p.head_dim + 7) / 8);
-    const dim3 scan_grid(unsigned((head_chunks + kVScanChunks - 1) / kVScanChunks),
-                         unsigned(p.num_kv_heads), unsigned(p.batch));
-    if (scan_grid.x > 0) {
-      v_nonfinite_kernel<Elt, BackwardParams>
-          <<<scan_grid, kVScanThreads, 0, stream>>>(pre, pre.nonfinite);
-      FSA_CUDA_CHECK(cudaGetLastError());
-    }
+    launch_v_check<Elt>(pre, pre.nonfinite, stream);
   }
   if (rows > 0) {
     if (p.rowdot_chunks) {

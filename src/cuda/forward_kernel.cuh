@@ -23,6 +23,7 @@
 #include <cute/arch/copy_sm80.hpp>
 #include <cute/arch/mma_sm80.hpp>
 
+#include "cuda/check.h"
 #include "cuda/params.h"
 #include "cuda/tiles.h"
 
@@ -188,7 +189,7 @@ __device__ __forceinline__ bool chunk_nonfinite(uint4 x) {
 // kVScanThreads chunks, all its loads in flight at once.
 constexpr int kVScanThreads = 256;
 constexpr int kVScanChunks = 4 * kVScanThreads;
-template <class Elt, class Params = ForwardParams>
+template <class Elt, class Params>
 __global__ void __launch_bounds__(kVScanThreads)
     v_nonfinite_kernel(const __grid_constant__ Params p, int32_t* flag) {
   constexpr int kLoads = kVScanChunks / kVScanThreads;
@@ -208,6 +209,19 @@ __global__ void __launch_bounds__(kVScanThreads)
 #pragma unroll
   for (int u = 0; u < kLoads; ++u) bad |= chunk_nonfinite<Elt>(x[u]);
   if (__syncthreads_or(bad) && threadIdx.x == 0) atomicOr(flag, 1);
+}
+
+// The V check ahead (v_nonfinite_kernel), the forward's or the backward's: sets *flag where V
+// holds a NaN / Inf. The flag's memory must read zero before it.
+template <class Elt, class Params>
+void launch_v_check(const Params& p, int32_t* flag, cudaStream_t stream) {
+  const int64_t head_chunks = int64_t(p.seqlen_k) * ((p.head_dim + 7) / 8);
+  const dim3 scan_grid(unsigned((head_chunks + kVScanChunks - 1) / kVScanChunks),
+                       unsigned(p.num_kv_heads), unsigned(p.batch));
+  if (scan_grid.x > 0) {
+    v_nonfinite_kernel<Elt, Params><<<scan_grid, kVScanThreads, 0, stream>>>(p, flag);
+    FSA_CUDA_CHECK(cudaGetLastError());
+  }
 }
 
 // o += P(:, j) V(j, :) for every key j (tile column) of `keys`, from the tile's P (the C fragments

@@ -121,19 +121,6 @@ auto* lean_walk_kernel(const ForwardParams& p) {
   return p.bias != nullptr ? with_bias : without;
 }
 
-// The V check ahead (v_nonfinite_kernel): sets *flag where V holds a NaN / Inf. The flag's
-// memory must read zero before it.
-template <class Elt>
-void launch_v_check(const ForwardParams& p, int32_t* flag, cudaStream_t stream) {
-  const int64_t head_chunks = int64_t(p.seqlen_k) * ((p.head_dim + 7) / 8);
-  const dim3 scan_grid(unsigned((head_chunks + kVScanChunks - 1) / kVScanChunks),
-                       unsigned(p.num_kv_heads), unsigned(p.batch));
-  if (scan_grid.x > 0) {
-    v_nonfinite_kernel<Elt><<<scan_grid, kVScanThreads, 0, stream>>>(p, flag);
-    FSA_CUDA_CHECK(cudaGetLastError());
-  }
-}
-
 // The band walk (band_forward_call), its CTAs taking the band's query blocks from a counter (one
 // per SM at most), after the V check ahead where tiles are partial. A call whose V holds a NaN /
 // Inf runs the 128-row general walk with the V check instead: both are launched, each returning
