@@ -5,8 +5,10 @@
 # carried.
 #
 #   scripts/gpu_check.sh [--no-sanitizer] [--no-python] [--peers GROUPS] [--reps N]
-#                        [--sweep "SWEEP ARGS"] [--sweep-resume FILE]
+#                        [--sweep "SWEEP ARGS"] [--sweep-resume FILE] [--archs ARCHS]
 #
+# --archs: the C++ build's CUDA architectures (default "80;90a"; "90a" compiles each kernel once,
+# and an H200 runs every kernel's sm_90a code then, the sm80 kernels' included).
 # The peers step runs bench/sweep.py, writing $OUT/sweep.json. By default: the issue's three bar
 # workloads (dense causal (2, 16K, 16, 128), the trainable mask at 16K and 10%, the decode bars)
 # with --reps N (default 20). --peers GROUPS (formerly --compare, for bench/compare.py) runs every
@@ -16,7 +18,7 @@
 # the work tree; give the cut call's --peers or --sweep again) continues it, skipping the entries
 # it has.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 OUT=${OUT:-/tmp/fsa_gpu_out}
 mkdir -p "$OUT"
 sanitize=1
@@ -25,6 +27,7 @@ reps=20
 peers=""
 sweep_args=""
 sweep_resume=""
+archs="80;90a"
 while [ $# -gt 0 ]; do
   case "$1" in
     --no-sanitizer) sanitize=0 ;;
@@ -34,6 +37,7 @@ while [ $# -gt 0 ]; do
     --sweep) sweep_args=${2:?--sweep needs its arguments, e.g. --sweep \"--only dense\"}; shift ;;
     --sweep-resume) sweep_resume=${2:?--sweep-resume needs a sweep.json path}; shift
       [ -f "$sweep_resume" ] || { echo "--sweep-resume: no such file $sweep_resume" >&2; exit 2; } ;;
+    --archs) archs=${2:?--archs needs CUDA architectures, e.g. --archs 90a}; shift ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -52,7 +56,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem --
 step "build"
 build=build-gpu
 if ! { cmake -S . -B $build -G Ninja -DCMAKE_BUILD_TYPE=Release -DFSA_BUILD_TESTS=OFF \
-         -DFSA_BUILD_EXAMPLES=OFF -DFSA_CUDA_ARCHS="80;90a" && \
+         -DFSA_BUILD_EXAMPLES=OFF -DFSA_CUDA_ARCHS="$archs" && \
        cmake --build $build -j 16; } > "$OUT/build.log" 2>&1; then
   tail -n 40 "$OUT/build.log"
   echo "BUILD FAILED"
