@@ -72,6 +72,16 @@ constexpr bool sm90_forward_tma_kv(int kHeadDim) { return kHeadDim >= 128; }
 constexpr bool sm90_forward_band(int kHeadDim) { return kHeadDim <= 128; }
 constexpr int sm90_band_rows(int kHeadDim) { return kHeadDim == 64 ? 192 : 128; }
 
+// Whether the lean walks (the band walk among them) at kernel head dim kHeadDim have one
+// instantiation without bias code and one that adds a bias to every tile (forward_kernel_sm90's
+// kLeanBias), or one walk that branches on the call's bias at run time. The dense D = 64 forward
+// measured 7-9% slower with the split than before it (H200, docs/perf.md, forty-second session;
+// the uniform warpgroup index came in between too): without bias code the band walk's step is
+// 368 instructions against 454, the kind of shortening that made the lean walk slower than the
+// general one at D = 64 (the shorter step waits on P V and bursts its exp2s). So D = 64 keeps the
+// one walk with the branch (its SASS as long as before the split; the A/B is the next card's).
+constexpr bool sm90_lean_bias_split(int kHeadDim) { return kHeadDim >= 128; }
+
 // Whether the lean walks (forward_kernel_sm90's kLean, the band walk among them) step over
 // 128-key tiles at kernel head dim kHeadDim (Sm90ForwardTiles' kWide): one softmax, one set of
 // barrier waits and one O rescale per 128 keys, Q read from shared memory by the S product (a 64
@@ -882,7 +892,9 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
           }
         }
         // The lean walks' tiles are whole but for a 128-key step's second half at the keys' end.
-        if (kLean ? kLeanBias : bias_staged(bias_row, n_block)) {
+        const bool lean_bias =
+            sm90_lean_bias_split(kHeadDim) ? kLeanBias : bias_row != nullptr;
+        if (kLean ? lean_bias : bias_staged(bias_row, n_block)) {
           copy_key_bias_async<kBlockN>(bias_row, n_block, bias_bytes,
                                        s_bias + stage * Tiles::kBiasStageBytes,
                                        p.seqlen_k - n_block * kBlockN);
@@ -1274,8 +1286,10 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
         // Every key tile whole, the bias (if any) staged with it: its values, then a partial
         // tile's causal bound.
         if constexpr (kLeanBias) {
-          add_column_bias<Elt>(s[0], s_bias + stage * Tiles::kBiasStageBytes, p.bias_is_fp32,
-                               wr.t, wr.bias_factor);
+          if (sm90_lean_bias_split(kHeadDim) || bias_row != nullptr) {
+            add_column_bias<Elt>(s[0], s_bias + stage * Tiles::kBiasStageBytes, p.bias_is_fp32,
+                                 wr.t, wr.bias_factor);
+          }
         }
         if (partial) drop_keys_from<kNTiles>(s[0], n * kBlockN, row_end[0], wr.t);
         if constexpr (kKeyPairs) {
@@ -1412,9 +1426,10 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
 // 128-key tiles where sm90_forward_wide; BandList); for calls whose plan lists nothing else
 // (band_forward_call).
 //
-// kLeanBias (the lean walks'): whether the call has a bias, which lean_forward_call allows only
-// query-invariant and with every row aligned, so that each of its tiles is staged and added:
-// one walk adds it to every tile, the other has no bias code. A runtime branch on the tile's
+// kLeanBias (the lean walks' where sm90_lean_bias_split; true otherwise): whether the call has a
+// bias, which lean_forward_call allows only query-invariant and with every row aligned, so that
+// each of its tiles is staged and added: one walk adds it to every tile, the other has no bias
+// code. A runtime branch on the tile's
 // bias row in their place cost the dense D = 128 band walk 16 register copies of S per step at
 // the branch's join, and a compare and a branch (SASS, forty-first session).
 template <int kHeadDim, class Elt, bool kStagedBias, bool kGathered = false, bool kCheckV = true,

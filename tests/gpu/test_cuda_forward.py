@@ -178,9 +178,9 @@ def test_lean_walk_causal_per_key_bias(dtype, D, gen):
     (kBand: blocks and key tiles of its own, 192 rows at D = 64, 128-key tiles at D = 128; a
     ragged last block of queries too) or, at D = 256 and where the keys are no whole number of
     the band's key tiles, the lean instantiation, each in its variant with bias code where the
-    call has a bias and without where it has none (kLeanBias), and that a bias row off 16-byte
-    alignment, a mask, softcap or a ragged last key tile ran neither (they take the general
-    walk, checked against float64 too)."""
+    call has a bias and without where it has none (kLeanBias; at D = 64 with it always), and
+    that a bias row off 16-byte alignment, a mask, softcap or a ragged last key tile ran neither
+    (they take the general walk, checked against float64 too)."""
     B, H, Hk = 2, 8, 2
     sm90 = torch.cuda.get_device_capability() == (9, 0)
     band_keys = {64: 64, 128: 128}.get(D)
@@ -188,7 +188,9 @@ def test_lean_walk_causal_per_key_bias(dtype, D, gen):
     def run(label, expect_lean, *args, **kwargs):
         names = kernel_names(lambda: check(*args, label=f"{label} D={D}", **kwargs))
         if sm90 and names:  # (no profile under compute-sanitizer: CUPTI is taken)
-            has_bias = kwargs.get("bias") is not None
+            # The variant with bias code: calls with a bias, and at D = 64 every call (one
+            # walk there, its bias branch at run time: sm90_lean_bias_split).
+            has_bias = kwargs.get("bias") is not None or D < 128
             ran = {(band, bias): any(lean_walk_name(D, dtype, band, bias) in n for n in names)
                    for band in (False, True) for bias in (False, True)}
             expect_band = expect_lean and band_keys is not None and args[1].shape[1] % band_keys == 0
