@@ -9,7 +9,7 @@
 #   git archive main -o .device/base.tar            # then, on the GPU machine (carry .deps, .device):
 #   scripts/ab_check.sh .device/base.tar [--runs N] [--sweep "SWEEP ARGS"] [--peers IMPLS]
 #                                        [--topk CASES] [--head-flags FLAGS] [--head-env VARS]
-#                                        [--smoke]
+#                                        [--instances LIST] [--smoke]
 #
 # Default sweep: issue #14's dense D = 128 bars at 16K (causal and full), its block-selection
 # bars and the softcap group, ours alone (a few workloads a run, meant to let two runs a side and
@@ -23,12 +23,14 @@
 # sweep runs alone, e.g. "FSA_CUDA_FINITE_PASSES=0" to measure a switch in the same code (against
 # `git archive HEAD`: still two builds, the same sources). Each sweep run is time-boxed
 # (FSA_AB_RUN_S, default 240 s) so that the table still comes back from a call cut short.
+# --instances LIST: both sides build only those kernel instances (CMake's FSA_CUDA_INSTANCES, e.g.
+# "64_bf16"), for a sweep that runs no other head dim or dtype.
 # --smoke: tiny shapes on the CPU backend (no CUDA build), to check this script anywhere. Logs
 # and JSONs go to $OUT as ab.tar.gz, the table to $OUT/ab.txt too.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 usage="usage: scripts/ab_check.sh BASE.tar [--runs N] [--sweep ARGS] [--peers IMPLS] [--topk CASES]"
-usage+=" [--head-flags FLAGS] [--head-env VARS] [--smoke]"
+usage+=" [--head-flags FLAGS] [--head-env VARS] [--instances LIST] [--smoke]"
 OUT=${OUT:-/tmp/fsa_ab_out}
 mkdir -p "$OUT"
 base_tar=${1:?$usage}
@@ -41,6 +43,7 @@ peers=""
 topk=""
 head_flags=""
 head_env=""
+instances=""
 smoke=0
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -51,6 +54,7 @@ while [ $# -gt 0 ]; do
     --head-flags) head_flags=${2:?--head-flags needs nvcc flags, e.g. -DFSA_SM90_SOFTMAX_PIN=1}
                   shift ;;
     --head-env) head_env=${2:?--head-env needs VAR=VALUE assignments}; shift ;;
+    --instances) instances=${2:?--instances needs kernel instances, e.g. 64_bf16}; shift ;;
     --smoke) smoke=1 ;;
     *) echo "unknown argument $1; $usage" >&2; exit 2 ;;
   esac
@@ -81,7 +85,8 @@ fi
 build() {
   rm -rf "$work/$1-build"
   CUDAFLAGS="$3" SKBUILD_BUILD_DIR="$work/$1-build" python3 -m pip install --no-build-isolation \
-    --no-deps -q --target "$work/$1-site" "$2" > "$OUT/pip_$1.log" 2>&1
+    --no-deps -q ${instances:+-C "cmake.define.FSA_CUDA_INSTANCES=$instances"} \
+    --target "$work/$1-site" "$2" > "$OUT/pip_$1.log" 2>&1
 }
 step "build base ($base_tar) and head (work tree${head_flags:+, CUDAFLAGS=$head_flags})"
 build base "$work/base-src" "${CUDAFLAGS:-}" & base_pid=$!
