@@ -797,6 +797,11 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
   auto bias_staged = [&](const uint8_t* bias_row, int n_block) {
     return !kGathered && bias_row != nullptr && (n_block + 1) * kBlockN <= p.seqlen_k;
   };
+  // Whether a lean walk stages and adds a bias to each tile: the instantiation's kLeanBias where
+  // sm90_lean_bias_split, else the one walk's runtime branch on the call's bias row.
+  auto lean_bias = [&](const uint8_t* bias_row) {
+    return sm90_lean_bias_split(kHeadDim) ? kLeanBias : bias_row != nullptr;
+  };
   // Gathered tiles: the bias row of the tile's head, read by slot.
   auto gathered_bias_row = [&](int m, int h, int b) -> const float* {
     if (!kGathered || p.bias == nullptr) return nullptr;
@@ -892,9 +897,7 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
           }
         }
         // The lean walks' tiles are whole but for a 128-key step's second half at the keys' end.
-        const bool lean_bias =
-            sm90_lean_bias_split(kHeadDim) ? kLeanBias : bias_row != nullptr;
-        if (kLean ? lean_bias : bias_staged(bias_row, n_block)) {
+        if (kLean ? lean_bias(bias_row) : bias_staged(bias_row, n_block)) {
           copy_key_bias_async<kBlockN>(bias_row, n_block, bias_bytes,
                                        s_bias + stage * Tiles::kBiasStageBytes,
                                        p.seqlen_k - n_block * kBlockN);
@@ -1285,11 +1288,9 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
       if constexpr (kLean) {
         // Every key tile whole, the bias (if any) staged with it: its values, then a partial
         // tile's causal bound.
-        if constexpr (kLeanBias) {
-          if (sm90_lean_bias_split(kHeadDim) || bias_row != nullptr) {
-            add_column_bias<Elt>(s[0], s_bias + stage * Tiles::kBiasStageBytes, p.bias_is_fp32,
-                                 wr.t, wr.bias_factor);
-          }
+        if (lean_bias(bias_row)) {
+          add_column_bias<Elt>(s[0], s_bias + stage * Tiles::kBiasStageBytes, p.bias_is_fp32,
+                               wr.t, wr.bias_factor);
         }
         if (partial) drop_keys_from<kNTiles>(s[0], n * kBlockN, row_end[0], wr.t);
         if constexpr (kKeyPairs) {
@@ -1429,9 +1430,9 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
 // kLeanBias (the lean walks' where sm90_lean_bias_split; true otherwise): whether the call has a
 // bias, which lean_forward_call allows only query-invariant and with every row aligned, so that
 // each of its tiles is staged and added: one walk adds it to every tile, the other has no bias
-// code. A runtime branch on the tile's
-// bias row in their place cost the dense D = 128 band walk 16 register copies of S per step at
-// the branch's join, and a compare and a branch (SASS, forty-first session).
+// code. A runtime branch on the tile's bias row in their place cost the dense D = 128 band walk
+// 16 register copies of S per step at the branch's join, and a compare and a branch (SASS,
+// forty-first session).
 template <int kHeadDim, class Elt, bool kStagedBias, bool kGathered = false, bool kCheckV = true,
           bool kLean = false, bool kBand = false, bool kLeanBias = true>
 __global__ void __launch_bounds__(

@@ -116,13 +116,12 @@ inline bool band_forward_call(const ForwardParams& p, int band_keys) {
 // the one walk.
 template <int kHeadDim, class Elt, bool kBand>
 auto* lean_walk_kernel(const ForwardParams& p) {
-  constexpr auto* with_bias = &forward_kernel_sm90<kHeadDim, Elt, false, false, false, true, kBand>;
   if constexpr (sm90_lean_bias_split(kHeadDim)) {
     if (p.bias == nullptr) {
       return &forward_kernel_sm90<kHeadDim, Elt, false, false, false, true, kBand, false>;
     }
   }
-  return with_bias;
+  return &forward_kernel_sm90<kHeadDim, Elt, false, false, false, true, kBand>;
 }
 
 // The band walk (band_forward_call), its CTAs taking the band's query blocks from a counter (one
