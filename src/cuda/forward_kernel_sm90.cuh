@@ -11,10 +11,9 @@
 // maps: KvTensorMaps, sm90_forward_tma_kv) and arrives on the stage's "full" mbarrier when the
 // copies land. Two consumer warpgroups own 64 query rows each and never wait for each other: per
 // tile, S = Q K^T with Q in registers (wgmma RS; from shared memory at D = 256, whose O alone
-// takes 128 registers per thread, and over the lean walks' 128-key tiles at D = 128,
-// sm90_forward_wide), the logits and online softmax in registers (the WarpRows /
-// softmax_step code of the sm80 kernel: a wgmma accumulator is laid out per warp exactly like an
-// mma.sync C fragment), then O += P V with P from registers and V read from shared memory as an
+// takes 128 registers per thread, and over the lean walks' 128-key tiles, sm90_forward_wide),
+// the logits and online softmax in registers (the WarpRows / softmax_step code of the sm80
+// kernel: a wgmma accumulator is laid out per warp exactly like an mma.sync C fragment), then O += P V with P from registers and V read from shared memory as an
 // MN-major operand; each consumer overlaps the softmax of tile j with its P_{j-1} V_{j-1} and
 // releases a stage on its "empty" mbarrier.
 //
@@ -42,6 +41,12 @@
 // passes, 4 the lean fused pass, 8 the lean dQ pass; set by `scripts/ab_check.sh --head-flags`.
 #ifndef FSA_SM90_SOFTMAX_PIN
 #define FSA_SM90_SOFTMAX_PIN 0
+#endif
+// The D = 64 band walk over 128-key steps (sm90_forward_wide; FlashAttention-3's 192 x 128 tiles
+// at that head dim), an experiment off by default: 1 turns it on (`scripts/ab_check.sh
+// --head-flags -DFSA_SM90_WIDE_BAND64=1`). What wins becomes the code, what loses is deleted.
+#ifndef FSA_SM90_WIDE_BAND64
+#define FSA_SM90_WIDE_BAND64 0
 #endif
 
 namespace fsa::detail::cuda {
@@ -72,23 +77,36 @@ constexpr bool sm90_forward_tma_kv(int kHeadDim) { return kHeadDim >= 128; }
 constexpr bool sm90_forward_band(int kHeadDim) { return kHeadDim <= 128; }
 constexpr int sm90_band_rows(int kHeadDim) { return kHeadDim == 64 ? 192 : 128; }
 
-// Whether the lean walks (the band walk among them) at kernel head dim kHeadDim have one
-// instantiation without bias code and one that adds a bias to every tile (forward_kernel_sm90's
-// kLeanBias), or one walk that branches on the call's bias at run time. The dense D = 64 forward
-// measured 7-9% slower with the split than before it (H200, docs/perf.md, forty-second session;
-// the uniform warpgroup index came in between too): without bias code the band walk's step is
-// 368 instructions against 454, the kind of shortening that made the lean walk slower than the
-// general one at D = 64 (the shorter step waits on P V and bursts its exp2s). So D = 64 keeps the
-// one walk with the branch (its SASS as long as before the split; the A/B is the next card's).
-constexpr bool sm90_lean_bias_split(int kHeadDim) { return kHeadDim >= 128; }
-
 // Whether the lean walks (forward_kernel_sm90's kLean, the band walk among them) step over
 // 128-key tiles at kernel head dim kHeadDim (Sm90ForwardTiles' kWide): one softmax, one set of
 // barrier waits and one O rescale per 128 keys, Q read from shared memory by the S product (a 64
-// x 128 S tile beside O and P leaves no registers for Q's fragments), three stages of 64 KB. Over
-// the plan's 64-key lists a step is two consecutive tiles of one list, or one and the other half
-// dropped (KeyPairWalk).
-constexpr bool sm90_forward_wide(int kHeadDim) { return kHeadDim == 128; }
+// x 128 S tile beside O and P leaves no registers for Q's fragments), three stages of 64 KB at
+// D = 128. Over the plan's 64-key lists a step is two consecutive tiles of one list, or one and
+// the other half dropped (KeyPairWalk). At D = 64, where the band walk is the only lean walk,
+// behind FSA_SM90_WIDE_BAND64 (not yet measured: docs/perf.md, forty-third session).
+constexpr bool sm90_forward_wide(int kHeadDim) {
+  return kHeadDim == 128 || (kHeadDim == 64 && FSA_SM90_WIDE_BAND64 != 0);
+}
+
+// Whether the lean walks (the band walk among them) at kernel head dim kHeadDim have one
+// instantiation without bias code and one that adds a bias to every tile (forward_kernel_sm90's
+// kLeanBias), or one walk that branches on the call's bias at run time. Over 128-key steps a
+// runtime branch cost 16 register copies of S at its join (SASS, forty-first session). Over
+// 64-key tiles the dense D = 64 forward measured 7-9% slower with the split than before it
+// (H200, docs/perf.md, forty-second session; the uniform warpgroup index came in between too):
+// without bias code that band walk's step is 368 instructions against 454, the kind of
+// shortening that made the lean walk slower than the general one at D = 64 (the shorter step
+// waits on P V and bursts its exp2s). So D = 64 over 64-key tiles keeps the one walk with the
+// branch (its SASS as long as before the split; the A/B is the next card's).
+constexpr bool sm90_lean_bias_split(int kHeadDim) {
+  return kHeadDim > 128 || sm90_forward_wide(kHeadDim);
+}
+
+// The band walk's calls have keys a whole number of these (band_forward_call): its key tiles at
+// D = 128; at D = 64 the plan's 64-key tiles, also over 128-key steps (FSA_SM90_WIDE_BAND64),
+// whose last one's ragged half lies past every row's visible end, so the walk drops it as a
+// partial step (BandList), its K/V rows zero-filled and its bias slice cut at the keys' end.
+constexpr int sm90_band_keys(int kHeadDim) { return kHeadDim == 64 ? 64 : 128; }
 
 template <int kHeadDim_, class Elt, bool kBand_ = false, bool kWide_ = false>
 struct Sm90ForwardTiles {
@@ -112,9 +130,10 @@ struct Sm90ForwardTiles {
   static constexpr int kWarpGroups = kBlockM / 64;  // consumers: 64 rows each
   static_assert(kPlanRows == 1 || kPlanRows == kWarpGroups, "a plan tile per consumer");
   // Q is the register operand of S = Q K^T at D <= 128 over 64-key tiles; at D = 256 O takes 128
-  // registers per thread and S 32 more, and at D = 128 over 128-key tiles O and S take 64 each
-  // and P 32: there Q (64 or 32 more) is read from shared memory.
-  static constexpr bool kQInRegisters = kHeadDim <= 64 || (kHeadDim <= 128 && kBlockN == 64);
+  // registers per thread and S 32 more, and over 128-key tiles S takes 64 and P 32 beside O (64
+  // at D = 128; 32 at D = 64, whose three consumer warpgroups have 160 registers each): there Q
+  // is read from shared memory.
+  static constexpr bool kQInRegisters = kHeadDim <= 128 && kBlockN == 64;
   // At D = 256 a consumer waits for P_{j-1} V_{j-1} before tile j's softmax: its registers (P)
   // are then free for the softmax, which without them spilled.
   static constexpr bool kSoftmaxAfterPv = kHeadDim > 128;
@@ -132,8 +151,8 @@ struct Sm90ForwardTiles {
   // See the pipeline in forward_kernel_sm90. At D = 256 a stage is 64 KB: two, after Q's 64 KB;
   // over 128-key tiles at D = 128 too, three after Q's 32 KB (a stage goes back once its P V is
   // done, a tile after its S: with two, the producer would start a tile's copies half a tile
-  // before the consumers need it).
-  static constexpr int kStages = kHeadDim > 128 ? 2 : kBlockN == 128 ? 3 : 4;
+  // before the consumers need it). Stages of 32 KB or less: four.
+  static constexpr int kStages = kHeadDim > 128 ? 2 : kBlockN * kHeadDim > 64 * 128 ? 3 : 4;
   static constexpr bool kTmaKv = sm90_forward_tma_kv(kHeadDim);
 
   using T = typename CuteElement<Elt>::type;

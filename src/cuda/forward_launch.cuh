@@ -100,9 +100,9 @@ inline bool lean_forward_call(const ForwardParams& p) {
 // (forward_kernel_sm90's kBand: 192 rows and three consumer warpgroups at D = 64, 128 rows over
 // 128-key tiles at D = 128): at the head dims that have the band walk (sm90_forward_band), plan
 // lists that are the band alone (ForwardParams::causal_band), a lean call (lean_forward_call)
-// whose keys are whole band tiles of `band_keys`, one split, the persistent launch and the V
-// check ahead (the band walk has no V check of its own). FSA_CUDA_FORWARD_BAND=0 keeps the
-// plan's walks (A/B measurements).
+// whose keys are a whole number of `band_keys` (sm90_band_keys), one split, the persistent
+// launch and the V check ahead (the band walk has no V check of its own).
+// FSA_CUDA_FORWARD_BAND=0 keeps the plan's walks (A/B measurements).
 inline bool band_forward_call(const ForwardParams& p, int band_keys) {
   static const bool enabled = !env_is("FSA_CUDA_FORWARD_BAND", "0");
   return enabled && p.causal_band && p.num_splits == 1 && lean_forward_call(p) &&
@@ -198,7 +198,7 @@ void launch_forward(const ForwardParams& params, cudaStream_t stream) {
     const bool gathered = params.map.gather_slots != nullptr;
     if (use_sm90_forward(params, kHeadDim)) {
       if constexpr (sm90_forward_band(kHeadDim)) {
-        if (band_forward_call(params, Sm90WalkTiles<kHeadDim, Elt, true, true>::kBlockN)) {
+        if (band_forward_call(params, sm90_band_keys(kHeadDim))) {
           launch_band_forward<kHeadDim, Elt>(params, stream);
           FSA_CUDA_CHECK(cudaGetLastError());
           return;
