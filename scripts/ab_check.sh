@@ -23,6 +23,10 @@
 # sweep runs alone, e.g. "FSA_CUDA_FINITE_PASSES=0" to measure a switch in the same code (against
 # `git archive HEAD`: still two builds, the same sources). Each sweep run is time-boxed
 # (FSA_AB_RUN_S, default 240 s) so that the table still comes back from a call cut short.
+# Given more than once, --head-flags builds one head per value (head1, head2, ...: the work tree
+# each time, with that value's flags; "" for none), all in one call against one base: the sweep
+# runs alternate base, head1, head2, ..., each head's first run adds the peers, and the table
+# is one per head against the base.
 # --instances LIST: both sides build only those kernel instances (CMake's FSA_CUDA_INSTANCES, e.g.
 # "64_bf16"), for a sweep that runs no other head dim or dtype.
 # --smoke: tiny shapes on the CPU backend (no CUDA build), to check this script anywhere. Logs
@@ -41,7 +45,7 @@ sweep="--only dense,selection_bars,softcap"
 sweep+=" --filter ^(dense/(causal|full)/D128/S16384|trainable/|softcap/) --reps 10"
 peers=""
 topk=""
-head_flags=""
+head_flag_list=()
 head_env=""
 instances=""
 smoke=0
@@ -51,8 +55,8 @@ while [ $# -gt 0 ]; do
     --sweep) sweep=${2:?--sweep needs bench/sweep.py arguments}; shift ;;
     --peers) peers=${2:?--peers needs implementation ids, e.g. sdpa_cudnn,flex}; shift ;;
     --topk) topk=${2:?--topk needs topk cases, e.g. row16k}; shift ;;
-    --head-flags) head_flags=${2:?--head-flags needs nvcc flags, e.g. -DFSA_SM90_SOFTMAX_PIN=1}
-                  shift ;;
+    --head-flags) [ $# -ge 2 ] || { echo "--head-flags needs nvcc flags (\"\" for none)" >&2; exit 2; }
+                  head_flag_list+=("$2"); shift ;;
     --head-env) head_env=${2:?--head-env needs VAR=VALUE assignments}; shift ;;
     --instances) instances=${2:?--instances needs kernel instances, e.g. 64_bf16}; shift ;;
     --smoke) smoke=1 ;;
@@ -62,10 +66,21 @@ while [ $# -gt 0 ]; do
 done
 case "$runs" in ''|*[!0-9]*|0) echo "--runs: expected a positive integer, got $runs" >&2; exit 2 ;; esac
 run_s=${FSA_AB_RUN_S:-240}
+# The heads: one ("head") unless --head-flags came more than once (head1, head2, ...).
+heads=()
+if [ ${#head_flag_list[@]} -le 1 ]; then
+  heads=(head)
+  [ ${#head_flag_list[@]} -eq 0 ] && head_flag_list=("")
+else
+  for k in $(seq 1 ${#head_flag_list[@]}); do heads+=("head$k"); done
+fi
+head_flags_of() {  # the flags of head number $1 (0-based)
+  echo "${head_flag_list[$1]}"
+}
 step() { echo "== $1 ($(date +%T))"; }
 
 work=$PWD/build-ab
-rm -rf "$work/base-src" "$work/base-site" "$work/head-site"
+rm -rf "$work/base-src" "$work/base-site" "$work"/head*-site
 mkdir -p "$work/base-src"
 tar -xf "$base_tar" -C "$work/base-src" || { echo "cannot extract $base_tar" >&2; exit 2; }
 # The base tree builds from the work tree's dependencies (the CuTe headers, carried: no network
@@ -88,32 +103,41 @@ build() {
     --no-deps -q ${instances:+-C "cmake.define.FSA_CUDA_INSTANCES=$instances"} \
     --target "$work/$1-site" "$2" > "$OUT/pip_$1.log" 2>&1
 }
-step "build base ($base_tar) and head (work tree${head_flags:+, CUDAFLAGS=$head_flags})"
-build base "$work/base-src" "${CUDAFLAGS:-}" & base_pid=$!
-build head "$PWD" "${CUDAFLAGS:-}${head_flags:+ $head_flags}" & head_pid=$!
+pids=()
+step "build base ($base_tar)"
+build base "$work/base-src" "${CUDAFLAGS:-}" & pids+=($!)
+for k in "${!heads[@]}"; do
+  flags=$(head_flags_of "$k")
+  step "build ${heads[$k]} (work tree${flags:+, CUDAFLAGS=$flags})"
+  build "${heads[$k]}" "$PWD" "${CUDAFLAGS:-}${flags:+ $flags}" & pids+=($!)
+done
 failed=""
-wait $base_pid || failed+=" base"
-wait $head_pid || failed+=" head"
+sides=(base "${heads[@]}")
+for k in "${!pids[@]}"; do wait "${pids[$k]}" || failed+=" ${sides[$k]}"; done
 if [ -n "$failed" ]; then
   for side in $failed; do tail -n 30 "$OUT/pip_$side.log"; done
   echo "BUILD FAILED ($failed )"
   exit 1
 fi
-# The head's flags reached its CUDA compiles (CMake reads CUDAFLAGS at a build directory's first
-# configure only).
-if [ -n "$head_flags" ] && [ $smoke = 0 ] &&
-   ! grep -q -F -- "$head_flags" "$work/head-build/CMakeCache.txt"; then
-  echo "--head-flags: '$head_flags' not in $work/head-build/CMakeCache.txt (CMAKE_CUDA_FLAGS)" >&2
-  exit 1
-fi
+# Each head's flags reached its CUDA compiles (CMake reads CUDAFLAGS at a build directory's
+# first configure only).
+for k in "${!heads[@]}"; do
+  flags=$(head_flags_of "$k")
+  if [ -n "$flags" ] && [ $smoke = 0 ] &&
+     ! grep -q -F -- "$flags" "$work/${heads[$k]}-build/CMakeCache.txt"; then
+    echo "--head-flags: '$flags' not in $work/${heads[$k]}-build/CMakeCache.txt" \
+         "(CMAKE_CUDA_FLAGS)" >&2
+    exit 1
+  fi
+done
 
-# One sweep run of a side: its package first on the path; the head's first run adds the peers
-# (FlexAttention compiles in every process: once is enough for the ratios).
+# One sweep run of a side: its package first on the path; a head's first run adds the peers
+# (FlexAttention compiles in every process: once a head is enough for the ratios).
 sweep_run() {
   local side=$1 i=$2 impls=ours env_vars=()
-  [ "$side" = head ] && [ "$i" = 1 ] && [ -n "$peers" ] && impls="ours,$peers"
+  [ "$side" != base ] && [ "$i" = 1 ] && [ -n "$peers" ] && impls="ours,$peers"
   # shellcheck disable=SC2206
-  [ "$side" = head ] && [ -n "$head_env" ] && env_vars=($head_env)
+  [ "$side" != base ] && [ -n "$head_env" ] && env_vars=($head_env)
   # shellcheck disable=SC2086
   env "${env_vars[@]}" PYTHONPATH="$work/$side-site" PYTHONUNBUFFERED=1 timeout "$run_s" \
     python3 bench/sweep.py $sweep --impls "$impls" --json "$OUT/${side}_$i.json" \
@@ -128,26 +152,33 @@ sweep_run() {
     "import flash_sparse_attn as m; print('$side run $i:', m.__file__)" >> "$OUT/${side}_$i.log"
 }
 for i in $(seq 1 "$runs"); do
-  for side in base head; do
+  for side in "${sides[@]}"; do
     step "sweep: $side run $i"
-    sweep_run $side "$i"
+    sweep_run "$side" "$i"
     tail -n 1 "$OUT/${side}_$i.log"
   done
 done
 
 step "table"
-bases=() heads=()
-for i in $(seq 1 "$runs"); do
-  [ -f "$OUT/base_$i.json" ] && bases+=("$OUT/base_$i.json")
-  [ -f "$OUT/head_$i.json" ] && heads+=("$OUT/head_$i.json")
-done
+: > "$OUT/ab.txt"
 status=0
-if [ ${#bases[@]} -gt 0 ] && [ ${#heads[@]} -gt 0 ]; then
-  python3 bench/ab.py --base "${bases[@]}" --head "${heads[@]}" | tee "$OUT/ab.txt" || status=1
-else
-  echo "no sweep results on one side (see the logs)"
-  status=1
-fi
+for k in "${!heads[@]}"; do
+  side=${heads[$k]}
+  bases=() head_runs=()
+  for i in $(seq 1 "$runs"); do
+    [ -f "$OUT/base_$i.json" ] && bases+=("$OUT/base_$i.json")
+    [ -f "$OUT/${side}_$i.json" ] && head_runs+=("$OUT/${side}_$i.json")
+  done
+  flags=$(head_flags_of "$k")
+  [ ${#heads[@]} -gt 1 ] && echo "== $side: CUDAFLAGS ${flags:-(none)}" | tee -a "$OUT/ab.txt"
+  if [ ${#bases[@]} -gt 0 ] && [ ${#head_runs[@]} -gt 0 ]; then
+    python3 bench/ab.py --base "${bases[@]}" --head "${head_runs[@]}" | tee -a "$OUT/ab.txt" ||
+      status=1
+  else
+    echo "no sweep results on base or $side (see the logs)" | tee -a "$OUT/ab.txt"
+    status=1
+  fi
+done
 # The device tool brings back at most 8 files: everything but the table travels as one archive.
 (cd "$OUT" && tar -czf ab.tar.gz --exclude=ab.tar.gz --exclude=ab.txt -- *.log *.json 2>/dev/null \
    && find . -maxdepth 1 -type f \( -name "*.log" -o -name "*.json" -o -name "*.tmp" \) -delete)
