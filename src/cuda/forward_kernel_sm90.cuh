@@ -48,6 +48,12 @@
 #ifndef FSA_SM90_WIDE_BAND64
 #define FSA_SM90_WIDE_BAND64 0
 #endif
+// Warpgroup turns in the band walk (forward_sm90_cta's kTurns: FlashAttention-3's scheduler
+// barriers at its three consumer warpgroups of hdim 64), an experiment off by default: 1 turns
+// them on.
+#ifndef FSA_SM90_WG_TURNS
+#define FSA_SM90_WG_TURNS 0
+#endif
 
 namespace fsa::detail::cuda {
 
@@ -1120,6 +1126,22 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
     warpgroup_commit_batch();
   };
   const bool release_lane = ct % 32 == 0;
+  // Warpgroup turns (the band walk under FSA_SM90_WG_TURNS): warpgroup w issues a step's products
+  // only after warpgroup w - 1 issued its own (named barrier 3 + w: the previous warpgroup's 128
+  // threads arrive, w's 128 wait; warpgroup 0 hands itself the first turn), so that the tensor
+  // cores take the warpgroups' products in a fixed order and each one's softmax runs under the
+  // others' products. Every warpgroup of the CTA walks the same steps, so the turns stay in
+  // step across tiles; the last hand-over of the CTA is never waited for.
+  constexpr bool kTurns = FSA_SM90_WG_TURNS != 0 && kBand;
+  auto turn_wait = [&] {
+    if constexpr (kTurns) asm volatile("bar.sync %0, 256;\n" ::"r"(3 + wg) : "memory");
+  };
+  auto turn_pass = [&] {
+    if constexpr (kTurns) {
+      asm volatile("bar.arrive %0, 256;\n" ::"r"(3 + (wg + 1) % Tiles::kWarpGroups) : "memory");
+    }
+  };
+  if (kTurns && wg == 0) asm volatile("bar.arrive 3, 256;\n" ::: "memory");
   int it = 0;  // K/V tiles consumed so far, over every tile of the CTA
 #pragma unroll 1
   for (int t = 0;; ++t) {
@@ -1267,6 +1289,7 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
       }
       if (!by_tma || (kPaired && pending_fence)) fence_async_shared();
 
+      turn_wait();
       warpgroup_fence_operand(tSrS);
       warpgroup_arrive();
       mma_s.accumulate_ = GMMA::ScaleOut::Zero;
@@ -1280,9 +1303,11 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
       const bool has_prev = kPaired ? pending : j > 0;
       if (kPaired ? pending : j > 0) {
         issue_pv(prev_stage);
+        turn_pass();
         // S_j (groups retire in order); at D = 256 P_{j-1} V_{j-1} too (kSoftmaxAfterPv).
         warpgroup_wait<Tiles::kSoftmaxAfterPv ? 0 : 1>();
       } else {
+        turn_pass();
         warpgroup_wait<0>();
       }
       warpgroup_fence_operand(tSrS);
@@ -1405,7 +1430,9 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
         mbarrier_wait(&full_v[last_stage], pending_parity);
         if (pending_fence) fence_async_shared();
       }
+      turn_wait();
       issue_pv(last_stage);
+      turn_pass();
       warpgroup_wait<0>();
       warpgroup_fence_operand(tOrO);
       if (release_lane) mbarrier_arrive(kPaired ? &empty_v[last_stage] : &empty_bar[last_stage]);
