@@ -54,6 +54,12 @@
 #ifndef FSA_SM90_WG_TURNS
 #define FSA_SM90_WG_TURNS 0
 #endif
+// K/V by TMA in the D = 64 band walk over 128-key steps (Sm90ForwardTiles::kTmaKv; two 64 x 64
+// boxes each per step, as FlashAttention-3 loads them), an experiment off by default: 1 turns it
+// on where FSA_SM90_WIDE_BAND64 is on.
+#ifndef FSA_SM90_BAND64_TMA
+#define FSA_SM90_BAND64_TMA 0
+#endif
 
 namespace fsa::detail::cuda {
 
@@ -71,8 +77,11 @@ struct CuteElement<Fp16> {
 // Whether the sm90 forward at kernel head dim kHeadDim loads whole K/V tiles by TMA (KvTensorMaps).
 // At D = 128 TMA is 3-5% faster than cp.async; at D = 64 (one 64 x 64 box each for K and V per
 // tile) it measured 5-9% slower on H200, so that head dim keeps cp.async (docs/perf.md, twenty-
-// fourth session). D = 256 loads four boxes each.
-constexpr bool sm90_forward_tma_kv(int kHeadDim) { return kHeadDim >= 128; }
+// fourth session), but for the experiment FSA_SM90_BAND64_TMA (its walk's Sm90ForwardTiles::
+// kTmaKv; the other D = 64 walks ignore the maps). D = 256 loads four boxes each.
+constexpr bool sm90_forward_tma_kv(int kHeadDim) {
+  return kHeadDim >= 128 || (kHeadDim == 64 && FSA_SM90_BAND64_TMA != 0);
+}
 
 // The band walk (forward_kernel_sm90's kBand): over calls whose lists are causality's band alone,
 // which it computes instead of reading the plan's 128-row tiles (BandList), query blocks of its
@@ -159,7 +168,8 @@ struct Sm90ForwardTiles {
   // done, a tile after its S: with two, the producer would start a tile's copies half a tile
   // before the consumers need it). Stages of 32 KB or less: four.
   static constexpr int kStages = kHeadDim > 128 ? 2 : kBlockN * kHeadDim > 64 * 128 ? 3 : 4;
-  static constexpr bool kTmaKv = sm90_forward_tma_kv(kHeadDim);
+  static constexpr bool kTmaKv =
+      sm90_forward_tma_kv(kHeadDim) && (kHeadDim > 64 || (kBand && kWide));
 
   using T = typename CuteElement<Elt>::type;
   using SmemLayoutQ = decltype(cute::tile_to_shape(
