@@ -154,6 +154,23 @@ inline bool dkv_order_enabled() {
 }
 
 using BackwardKernel = void (*)(BackwardParams);
+// The D = 256 dQ pass (dq_kernel_sm90_wide), which takes K and V's tensor maps too.
+using WideDqKernel = void (*)(BackwardParams, KvTensorMaps);
+
+// The D = 256 dQ pass's K and V tensor maps ((64 columns x 32 keys) boxes), or none (enabled
+// false: cp.async): encoded only in builds with the experiment FSA_SM90_DQ256_TMA, and not under
+// FSA_CUDA_TMA=0 or where TMA cannot address the tensors (encode_rows_map; log_tma_fallback).
+inline KvTensorMaps dq_tensor_maps(const BackwardParams& p) {
+  KvTensorMaps maps{};
+  if (!FSA_SM90_DQ256_TMA || !tma_enabled()) return maps;
+  maps.enabled = encode_rows_map(maps.k, p.k, p.head_dim, p.seqlen_k, p.num_kv_heads, p.batch,
+                                 p.k_stride_s, p.k_stride_h, p.k_stride_b, 32) &&
+                 encode_rows_map(maps.v, p.v, p.head_dim, p.seqlen_k, p.num_kv_heads, p.batch,
+                                 p.v_stride_s, p.v_stride_h, p.v_stride_b, 32);
+  static std::atomic<bool> logged{false};
+  if (!maps.enabled) log_tma_fallback(logged, "key or value", "the Hopper dQ pass");
+  return maps;
+}
 
 // Whether the sm90 passes have lean instantiations at kernel head dim kHeadDim (the D = 256
 // passes are others): measured at D = 128 only. At D = 64 the forward's lean walk measured
@@ -213,15 +230,17 @@ bool finite_pair_call(const BackwardParams& p, bool fused) {
 }
 
 // The sm90 dQ kernel for this call with its threads and shared memory, or null: the sm80 pass
-// (the sm80 kernels forced, or per-row top-k over compacted keys at D = 256).
+// (the sm80 kernels forced, or per-row top-k over compacted keys at D = 256). At D = 256 it is
+// `wide` (the return value null).
 // `smem_limit`: the kernel's opt-in shared-memory limit, a fixed value per kernel (the D = 256
 // pass serves staged and unstaged biases in one instantiation: host threads launching it
 // concurrently must never lower the limit under each other), at least `smem`. `finite`: the lean
 // pass's twin without guards (BackwardParams::nonfinite), or null.
 template <int kHeadDim, class Elt>
 BackwardKernel sm90_dq_kernel(const BackwardParams& p, int& threads, int& smem, int& smem_limit,
-                              BackwardKernel& finite) {
+                              BackwardKernel& finite, WideDqKernel& wide) {
   finite = nullptr;
+  wide = nullptr;
   if constexpr (kHeadDim > 128) {
     if (!use_sm90_dq(p)) return nullptr;
     // The D = 256 pass does not gather K and V by slot, as the D = 256 forward.
@@ -234,7 +253,7 @@ BackwardKernel sm90_dq_kernel(const BackwardParams& p, int& threads, int& smem, 
     using Duty = DqBiasDuty;
     threads = Wide::kThreads, smem = Wide::smem_bytes(p.bias_staged);
     smem_limit = Wide::smem_bytes(true);
-    auto pick = [&](auto softcap) -> BackwardKernel {
+    auto pick = [&](auto softcap) -> WideDqKernel {
       constexpr bool kSoftcap = decltype(softcap)::value;
       if (p.row_topk.key != nullptr) return &dq_kernel_sm90_wide<Elt, Duty::kNone, true, kSoftcap>;
       switch (dq_bias_duty(p)) {
@@ -243,7 +262,8 @@ BackwardKernel sm90_dq_kernel(const BackwardParams& p, int& threads, int& smem, 
         default: return &dq_kernel_sm90_wide<Elt, Duty::kNone, false, kSoftcap>;
       }
     };
-    return p.softcap_in != 0.0f ? pick(std::true_type{}) : pick(std::false_type{});
+    wide = p.softcap_in != 0.0f ? pick(std::true_type{}) : pick(std::false_type{});
+    return nullptr;
   } else {
     if (!use_sm90_dq(p)) return nullptr;
     const bool row_topk = p.row_topk.key != nullptr;
@@ -532,13 +552,23 @@ bool launch_backward(const BackwardParams& p, cudaStream_t stream) {
   if (p.map.m_blocks > 0 && !fused) {
     int threads = 0, smem = 0, smem_limit = 0;
     BackwardKernel finite = nullptr;
-    BackwardKernel dq = sm90_dq_kernel<kHeadDim, Elt>(p, threads, smem, smem_limit, finite);
-    if (dq == nullptr) {
+    WideDqKernel wide = nullptr;
+    BackwardKernel dq = sm90_dq_kernel<kHeadDim, Elt>(p, threads, smem, smem_limit, finite, wide);
+    if (dq == nullptr && wide == nullptr) {
       dq = row_topk ? &dq_kernel<kHeadDim, Elt, true> : &dq_kernel<kHeadDim, Elt, false>;
       threads = Tiles::kDqWarps * 32, smem = smem_limit = Tiles::kSmemDq;
     }
-    FSA_CUDA_CHECK(
-        cudaFuncSetAttribute(dq, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_limit));
+    FSA_CUDA_CHECK(cudaFuncSetAttribute(
+        wide != nullptr ? reinterpret_cast<const void*>(wide) : reinterpret_cast<const void*>(dq),
+        cudaFuncAttributeMaxDynamicSharedMemorySize, smem_limit));
+    const KvTensorMaps dq_maps = wide != nullptr ? dq_tensor_maps(p) : KvTensorMaps{};
+    auto launch_dq = [&](dim3 grid, const BackwardParams& params) {
+      if (wide != nullptr) {
+        wide<<<grid, threads, smem, stream>>>(params, dq_maps);
+      } else {
+        dq<<<grid, threads, smem, stream>>>(params);
+      }
+    };
     if (!p.ordered_dbias) {
       // The lean pass and its twin as a pair (as launch_sm90_dkdv's), where the flag exists.
       BackwardParams dq_params = p;
@@ -549,7 +579,7 @@ bool launch_backward(const BackwardParams& p, cudaStream_t stream) {
         finite<<<dim3(p.map.m_blocks, p.num_heads, p.batch), threads, smem, stream>>>(dq_params);
         FSA_CUDA_CHECK(cudaGetLastError());
       }
-      dq<<<dim3(p.map.m_blocks, p.num_heads, p.batch), threads, smem, stream>>>(dq_params);
+      launch_dq(dim3(p.map.m_blocks, p.num_heads, p.batch), dq_params);
       FSA_CUDA_CHECK(cudaGetLastError());
     } else {
       // One launch per member of a dbias slice, in order (BackwardParams::ordered_dbias).
@@ -560,8 +590,7 @@ bool launch_backward(const BackwardParams& p, cudaStream_t stream) {
       for (int member = 0; member < members; ++member) {
         launch.dq_head0 = member % heads_per;
         launch.dq_batch0 = p.dbias_shape[0] == 1 ? member / heads_per : 0;
-        dq<<<dim3(p.map.m_blocks, p.dbias_shape[1], p.dbias_shape[0]), threads, smem, stream>>>(
-            launch);
+        launch_dq(dim3(p.map.m_blocks, p.dbias_shape[1], p.dbias_shape[0]), launch);
         FSA_CUDA_CHECK(cudaGetLastError());
       }
     }

@@ -10,6 +10,13 @@
 // sm90_dq_kernel).
 
 #include "cuda/backward_kernel_sm90.cuh"
+#include "cuda/tma.h"
+
+// K and V by TMA in the D = 256 dQ pass (dq_kernel_sm90_wide's tensor maps, encoded by the host
+// only then: dq_tensor_maps), an experiment off by default: 1 turns it on.
+#ifndef FSA_SM90_DQ256_TMA
+#define FSA_SM90_DQ256_TMA 0
+#endif
 
 namespace fsa::detail::cuda {
 
@@ -342,6 +349,12 @@ __global__ void __launch_bounds__(Sm90DkvWideTiles<Elt>::kThreads, 1)
 //   dQ[:, 128 w ..] += dS K[:, 128 w ..]   SS wgmma over all 64 keys, K read as the MN-major
 //                                          (columns x keys) view of its stage
 //
+// Under FSA_SM90_DQ256_TMA the K and V tiles come by TMA where the call has tensor maps (one
+// producer thread, a (64 columns x 32 keys) box per sub-tile and column block: a stage is 16 of
+// them), so the consumers' fence before their products is the first stage's alone (Q and dO come
+// by cp.async with it); the dK/dV pass's Q and dO by TMA took that pass 7.88 -> 7.35 ms
+// (twenty-eighth session). Not yet measured here.
+//
 // A tile's dQ product is issued before the next tile's x and dP and retires under them. The dS
 // tile is single: a warpgroup writes tile j + 1's once both retired tile j's dQ (a named
 // barrier), and both meet again before reading it. kRows sums each row's dS over both
@@ -422,7 +435,8 @@ struct Sm90DqWideTiles {
 // 0), as in dq_kernel_sm90; the staged bias is a runtime branch here (no spills either way).
 template <class Elt, DqBiasDuty kDuty, bool kRowTopK, bool kSoftcap = false>
 __global__ void __launch_bounds__(Sm90DqWideTiles<Elt>::kThreads, 1)
-    dq_kernel_sm90_wide(const __grid_constant__ BackwardParams p) {
+    dq_kernel_sm90_wide(const __grid_constant__ BackwardParams p,
+                        const __grid_constant__ KvTensorMaps tma) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace cute;
   using Tiles = Sm90DqWideTiles<Elt>;
@@ -451,6 +465,7 @@ __global__ void __launch_bounds__(Sm90DqWideTiles<Elt>::kThreads, 1)
   const int row0 = m * kBlockM;
   const DqTileList list(p, b, h, m);
   const int n_full = list.n_full, total = list.total;
+  const bool by_tma = FSA_SM90_DQ256_TMA != 0 && tma.enabled;  // K and V (producer, consumers)
 
   if (threadIdx.x < Tiles::kProducerThreads) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Tiles::kProducerRegisters));
@@ -477,16 +492,33 @@ __global__ void __launch_bounds__(Sm90DqWideTiles<Elt>::kThreads, 1)
       const int stage = j % kStages;
       const int n = list.at(j);
       if (j >= kStages) mbarrier_wait(&empty_bar[stage], (j / kStages - 1) & 1);
+      if (by_tma) {
+        if (threadIdx.x == 0) {
+          mbarrier_expect_tx(&full_bar[stage], 2 * kStageElems * 2);
+          // Sub-tile w's column block c: keys [32 w, 32 w + 32) of the tile, columns [64 c,
+          // 64 c + 64), 32 x 64 elements in (SmemLayoutK: the 64-column blocks after the rows).
+#pragma unroll
+          for (int w = 0; w < Tiles::kConsumerWarpGroups; ++w)
+#pragma unroll
+            for (int c = 0; c < kHeadDim / 64; ++c) {
+              const int at = stage * kStageElems + w * Tiles::kSubTileElems + c * kQuarter * 64;
+              const int key = n * kBlockN + w * kQuarter;
+              tma_load_4d(s_k + at, tma.k, 64 * c, key, hk, b, &full_bar[stage]);
+              tma_load_4d(s_v + at, tma.v, 64 * c, key, hk, b, &full_bar[stage]);
+            }
+        }
+      } else {
 #pragma unroll 1
-      for (int w = 0; w < Tiles::kConsumerWarpGroups; ++w) {  // the two 32-key sub-tiles
-        const int at = stage * kStageElems + w * Tiles::kSubTileElems;
-        const int key = n * kBlockN + w * kQuarter;
-        load_rows_async<kHeadDim, kQuarter, kLoaders>(s_k + at, k_dst.first, k_dst.step, k,
-                                                      p.k_stride_s, key, p.seqlen_k, p.head_dim,
-                                                      k_dst.half);
-        load_rows_async<kHeadDim, kQuarter, kLoaders>(s_v + at, k_dst.first, k_dst.step, v,
-                                                      p.v_stride_s, key, p.seqlen_k, p.head_dim,
-                                                      k_dst.half);
+        for (int w = 0; w < Tiles::kConsumerWarpGroups; ++w) {  // the two 32-key sub-tiles
+          const int at = stage * kStageElems + w * Tiles::kSubTileElems;
+          const int key = n * kBlockN + w * kQuarter;
+          load_rows_async<kHeadDim, kQuarter, kLoaders>(s_k + at, k_dst.first, k_dst.step, k,
+                                                        p.k_stride_s, key, p.seqlen_k,
+                                                        p.head_dim, k_dst.half);
+          load_rows_async<kHeadDim, kQuarter, kLoaders>(s_v + at, k_dst.first, k_dst.step, v,
+                                                        p.v_stride_s, key, p.seqlen_k,
+                                                        p.head_dim, k_dst.half);
+        }
       }
       if (p.bias_staged) {
         load_bias_tile_async<kBlockM, kLoaders>(
@@ -597,7 +629,9 @@ __global__ void __launch_bounds__(Sm90DqWideTiles<Elt>::kThreads, 1)
     const int n = list.at(j);
     const bool check = j >= n_full || (n + 1) * kBlockN > p.seqlen_k || row0 + kBlockM > p.seqlen_q;
     mbarrier_wait(&full_bar[stage], (j / kStages) & 1);
-    fence_async_shared();  // the producer's cp.async writes, before wgmma reads them
+    // The producer's cp.async writes, before wgmma reads them (by TMA: Q and dO's, with the
+    // first stage).
+    if (j == 0 || !by_tma) fence_async_shared();
     issue_s(mma_x, tSrS, tXrQ, tXrK, 2 * stage + wg);
     issue_s(mma_s, tSrDp, tSrDo, tSrV, 2 * stage + wg);
     warpgroup_wait<1>();  // dQ_{j-1} and x_j

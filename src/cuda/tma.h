@@ -22,7 +22,7 @@ static_assert(sizeof(TensorMap) == sizeof(CUtensorMap) &&
 
 // The forward's K and V as 4-d tensors (head dim, keys, kv heads, batch) of 16-bit elements, read
 // in (64 x 64) boxes with the 128-byte swizzle of the GMMA layouts; `enabled` false: the kernel
-// copies K and V with cp.async.
+// copies K and V with cp.async. The D = 256 dQ pass reads them in (64 columns x 32 keys) boxes.
 struct KvTensorMaps {
   TensorMap k, v;
   bool enabled;
@@ -59,10 +59,12 @@ __device__ __forceinline__ void tma_load_4d(void* smem, const TensorMap& map, in
 #endif
 
 // Encodes a (head_dim, rows, heads, batch) tensor of 16-bit elements at `base` with the given
-// element strides into `map`, boxes of 64 x 64. False where TMA cannot address it (a base not
-// 16-byte aligned, a stride not a multiple of 8 elements) or the driver refuses it.
+// element strides into `map`, boxes of 64 columns x `box_rows` rows. False where TMA cannot
+// address it (a base not 16-byte aligned, a stride not a multiple of 8 elements) or the driver
+// refuses it.
 inline bool encode_rows_map(TensorMap& map, const void* base, int head_dim, int rows, int heads,
-                            int batch, int64_t stride_s, int64_t stride_h, int64_t stride_b) {
+                            int batch, int64_t stride_s, int64_t stride_h, int64_t stride_b,
+                            int box_rows = 64) {
   // cuTensorMapEncodeTiled's type (cudaTypedefs.h's PFN typedef, which CUTLASS includes inside its
   // namespace).
   using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
@@ -91,7 +93,7 @@ inline bool encode_rows_map(TensorMap& map, const void* base, int head_dim, int 
   const cuuint64_t dims[4] = {cuuint64_t(head_dim), cuuint64_t(rows), cuuint64_t(heads),
                               cuuint64_t(batch)};
   const cuuint64_t strides[3] = {cuuint64_t(s1) * 2, cuuint64_t(s2) * 2, cuuint64_t(s3) * 2};
-  const cuuint32_t box[4] = {64, 64, 1, 1};
+  const cuuint32_t box[4] = {64, cuuint32_t(box_rows), 1, 1};
   const cuuint32_t element_strides[4] = {1, 1, 1, 1};
   return encode(reinterpret_cast<CUtensorMap*>(&map), CU_TENSOR_MAP_DATA_TYPE_UINT16, 4,
                 const_cast<void*>(base), dims, strides, box, element_strides,
