@@ -55,7 +55,8 @@ while [ $# -gt 0 ]; do
     --sweep) sweep=${2:?--sweep needs bench/sweep.py arguments}; shift ;;
     --peers) peers=${2:?--peers needs implementation ids, e.g. sdpa_cudnn,flex}; shift ;;
     --topk) topk=${2:?--topk needs topk cases, e.g. row16k}; shift ;;
-    --head-flags) [ $# -ge 2 ] || { echo "--head-flags needs nvcc flags (\"\" for none)" >&2; exit 2; }
+    --head-flags) [ $# -ge 2 ] || { echo "--head-flags needs nvcc flags (\"\" for none)" >&2
+                                    exit 2; }
                   head_flag_list+=("$2"); shift ;;
     --head-env) head_env=${2:?--head-env needs VAR=VALUE assignments}; shift ;;
     --instances) instances=${2:?--instances needs kernel instances, e.g. 64_bf16}; shift ;;

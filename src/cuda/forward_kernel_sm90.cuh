@@ -13,9 +13,10 @@
 // tile, S = Q K^T with Q in registers (wgmma RS; from shared memory at D = 256, whose O alone
 // takes 128 registers per thread, and over the lean walks' 128-key tiles, sm90_forward_wide),
 // the logits and online softmax in registers (the WarpRows / softmax_step code of the sm80
-// kernel: a wgmma accumulator is laid out per warp exactly like an mma.sync C fragment), then O += P V with P from registers and V read from shared memory as an
-// MN-major operand; each consumer overlaps the softmax of tile j with its P_{j-1} V_{j-1} and
-// releases a stage on its "empty" mbarrier.
+// kernel: a wgmma accumulator is laid out per warp exactly like an mma.sync C fragment), then
+// O += P V with P from registers and V read from shared memory as an MN-major operand; each
+// consumer overlaps the softmax of tile j with its P_{j-1} V_{j-1} and releases a stage on its
+// "empty" mbarrier.
 //
 // At D = 256 the plan's query tiles are 64 rows (forward_block_m: the sm80 kernels' and the
 // backward's), and a CTA of 128 rows runs two of them, one per consumer warpgroup, over the union
