@@ -35,6 +35,12 @@
 
 #include "cuda/backward_kernel_sm90.cuh"
 
+// dS stored by stmatrix in the fused pass (four 8 x 8 tiles of 16-bit pairs a warp instruction:
+// 4 a step where 16 st.shared.b32 store it), an experiment off by default: 1 turns it on.
+#ifndef FSA_SM90_DS_STSM
+#define FSA_SM90_DS_STSM 0
+#endif
+
 namespace fsa::detail::cuda {
 
 // The kernel head dims with a fused backward.
@@ -505,15 +511,38 @@ __global__ void __launch_bounds__(Sm90FusedTiles<kHeadDim, Elt>::kThreads, 1)
       // (gmma_offset's swizzle): here k % 8 = g, so query pair (8 c + 2 t) of key row r is at
       // ds_row ^ (c << 4) + 1024 r. (As gmma_offset calls, ptxas kept the 16 offsets across the
       // loop and spilled them.)
-      const uint32_t ds_row = smem_address(ds_tile) + (warp * 16 + g) * 128 + (g << 4) + 4 * t;
+      if constexpr (FSA_SM90_DS_STSM) {
+        // By stmatrix (FSA_SM90_DS_STSM): the 8 x 8 tile of key rows 8 r .. 8 r + 7 (of the
+        // warp's 16) and queries 8 c .. 8 c + 7 is, value for value, stmatrix's fragment (thread
+        // (g, t): row g, columns 2 t, 2 t + 1), and each of its rows one swizzled 16-byte chunk.
+        // Instruction q stores registers 4 q .. 4 q + 3, the tiles c = 2 q + i / 2, r = i % 2
+        // (consecutive registers: a quad of other ones took ptxas 14 moves); lane l gives the
+        // address of row l % 8 of tile i = l / 8: chunk (2 q + i / 2) ^ (l % 8), i.e.
+        // ((i / 2) ^ (l % 8)) ^ 2 q.
+        static_assert(kCTiles == 8, "four instructions of four tiles");
+        const int row = lane % 8, tile = lane / 8;
+        const uint32_t at = smem_address(ds_tile) + (warp * 16 + row) * 128 + 1024 * (tile & 1) +
+                            (((tile >> 1) ^ row) << 4);
 #pragma unroll
-      for (int c = 0; c < kCTiles; ++c)
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          asm volatile("st.shared.b32 [%0], %1;\n" ::"r"((ds_row ^ (c << 4)) + 1024 * r),
-                       "r"(ds_regs[2 * c + r])
+        for (int q = 0; q < 4; ++q) {
+          asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(
+                           at ^ (32 * q)),
+                       "r"(ds_regs[4 * q]), "r"(ds_regs[4 * q + 1]), "r"(ds_regs[4 * q + 2]),
+                       "r"(ds_regs[4 * q + 3])
                        : "memory");
         }
+      } else {
+        const uint32_t ds_row =
+            smem_address(ds_tile) + (warp * 16 + g) * 128 + (g << 4) + 4 * t;
+#pragma unroll
+        for (int c = 0; c < kCTiles; ++c)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"((ds_row ^ (c << 4)) + 1024 * r),
+                         "r"(ds_regs[2 * c + r])
+                         : "memory");
+          }
+      }
     } else {
       // This tile does not list the half's query tile: no products, and its dS is zero.
 #pragma unroll
