@@ -163,10 +163,7 @@ using WideDqKernel = void (*)(BackwardParams, KvTensorMaps);
 inline KvTensorMaps dq_tensor_maps(const BackwardParams& p) {
   KvTensorMaps maps{};
   if (!FSA_SM90_DQ256_TMA || !tma_enabled()) return maps;
-  maps.enabled = encode_rows_map(maps.k, p.k, p.head_dim, p.seqlen_k, p.num_kv_heads, p.batch,
-                                 p.k_stride_s, p.k_stride_h, p.k_stride_b, 32) &&
-                 encode_rows_map(maps.v, p.v, p.head_dim, p.seqlen_k, p.num_kv_heads, p.batch,
-                                 p.v_stride_s, p.v_stride_h, p.v_stride_b, 32);
+  maps.enabled = encode_kv_maps(maps, p, 32);
   static std::atomic<bool> logged{false};
   if (!maps.enabled) log_tma_fallback(logged, "key or value", "the Hopper dQ pass");
   return maps;

@@ -55,10 +55,7 @@ KvTensorMaps forward_tensor_maps(const ForwardParams& p, bool gathered) {
   KvTensorMaps maps{};
   if constexpr (sm90_forward_tma_kv(kHeadDim)) {
     if (gathered || !tma_enabled()) return maps;
-    maps.enabled = encode_rows_map(maps.k, p.k, p.head_dim, p.seqlen_k, p.num_kv_heads, p.batch,
-                                   p.k_stride_s, p.k_stride_h, p.k_stride_b) &&
-                   encode_rows_map(maps.v, p.v, p.head_dim, p.seqlen_k, p.num_kv_heads, p.batch,
-                                   p.v_stride_s, p.v_stride_h, p.v_stride_b);
+    maps.enabled = encode_kv_maps(maps, p);
     static std::atomic<bool> logged{false};
     if (!maps.enabled) log_tma_fallback(logged, "key or value", "the Hopper forward");
   }

@@ -102,6 +102,16 @@ inline bool encode_rows_map(TensorMap& map, const void* base, int head_dim, int 
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+// The K and V maps of a call (`p`: ForwardParams or BackwardParams, whose key fields are named
+// alike), boxes of 64 columns x `box_rows` keys; false where either cannot be encoded.
+template <class Params>
+bool encode_kv_maps(KvTensorMaps& maps, const Params& p, int box_rows = 64) {
+  return encode_rows_map(maps.k, p.k, p.head_dim, p.seqlen_k, p.num_kv_heads, p.batch,
+                         p.k_stride_s, p.k_stride_h, p.k_stride_b, box_rows) &&
+         encode_rows_map(maps.v, p.v, p.head_dim, p.seqlen_k, p.num_kv_heads, p.batch,
+                         p.v_stride_s, p.v_stride_h, p.v_stride_b, box_rows);
+}
+
 // Where TMA cannot address a call's tensors (encode_rows_map false: the caller's layout, not a
 // choice of ours), the first such call says so on stderr, once per process (`logged`: a training
 // loop repeats the same call): `tensors` are copied with cp.async by `kernel`.
