@@ -2352,6 +2352,11 @@ def main(argv=None):
         "triton": triton_version,
         "flash_sparse_attn": flash_sparse_attn.__version__,
         "git": git_commit(),
+        # Kernel experiments compiled in (src/cuda/experiments.h), the ones on: {} for a default
+        # build (and for builds from before the report, an A/B's older base).
+        "experiments": {name: value for name, value
+                        in getattr(flash_sparse_attn._C, "cuda_kernel_experiments", dict)().items()
+                        if value},
         "python": platform.python_version(),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": "python3 bench/sweep.py " + " ".join(shlex.quote(a) for a in argv),
@@ -2375,9 +2380,10 @@ def main(argv=None):
         if impls:
             todo.append((spec, wkey, impls))
     total = sum(1 if t[2] is None else len(t[2]) for t in todo)
+    built = "".join(f", {name}={value}" for name, value in run["experiments"].items())
     print(f"device: {device_name}, torch {torch.__version__}, triton {triton_version}, "
-          f"flash_sparse_attn {flash_sparse_attn.__version__} ({run['git']}), {run['date']}; "
-          f"{total} entries to run ({len(entries)} workloads selected)", flush=True)
+          f"flash_sparse_attn {flash_sparse_attn.__version__} ({run['git']}{built}), "
+          f"{run['date']}; {total} entries to run ({len(entries)} workloads selected)", flush=True)
     results.save()
     timer = Timer(args.device, args.flush_mb, args.flush)
     progress = Progress(total)

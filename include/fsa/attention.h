@@ -5,6 +5,8 @@
 // Arguments are validated before anything is written; a rejection throws fsa::Error.
 
 #include <optional>
+#include <string>
+#include <vector>
 
 #include "fsa/error.h"
 #include "fsa/plan.h"
@@ -106,5 +108,15 @@ struct CudaPlanGraphs {
   int64_t bytes = 0;   // their memory
 };
 CudaPlanGraphs cuda_plan_graphs();
+
+// The kernel experiments the CUDA backend was compiled with (src/cuda/experiments.h: macros off
+// by default that nvcc -DNAME=VALUE turns on for an A/B on a card), every one by name with its
+// value, 0 where off; empty without CUDA. For the benchmarks and tests run over such a build: the
+// names come and go with the experiments.
+struct KernelExperiment {
+  std::string name;
+  int value = 0;
+};
+std::vector<KernelExperiment> cuda_kernel_experiments();
 
 }  // namespace fsa

@@ -460,6 +460,15 @@ NB_MODULE(_C, m) {
         return nb::make_tuple(held.graphs, held.leased, held.bytes);
       },
       "(graphs, leased, bytes): the per-row top-k planning graphs held (every device).");
+  m.def(
+      "cuda_kernel_experiments",
+      [] {
+        nb::dict out;
+        for (const auto& e : fsa::cuda_kernel_experiments()) out[e.name.c_str()] = e.value;
+        return out;
+      },
+      "{name: value}: the kernel experiments the CUDA backend was compiled with (0: off, the "
+      "default; src/cuda/experiments.h); empty without CUDA.");
 
   // ---- mask utilities
   // ----------------------------------------------------------------------------

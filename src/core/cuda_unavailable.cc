@@ -59,6 +59,7 @@ CurrentDevice::~CurrentDevice() = default;
 void release_scratch() {}  // no pools without CUDA
 int64_t scratch_reserved() { return 0; }
 CudaPlanGraphs plan_graphs() { return {}; }
+std::vector<KernelExperiment> kernel_experiments() { return {}; }
 
 bool forward_built(int64_t, DType) { return false; }
 bool backward_built(int64_t, DType) { return false; }

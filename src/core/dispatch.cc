@@ -142,5 +142,8 @@ int num_threads() { return detail::cpu_threads(); }
 void release_cuda_memory() { detail::cuda::release_scratch(); }
 int64_t cuda_memory_reserved() { return detail::cuda::scratch_reserved(); }
 CudaPlanGraphs cuda_plan_graphs() { return detail::cuda::plan_graphs(); }
+std::vector<KernelExperiment> cuda_kernel_experiments() {
+  return detail::cuda::kernel_experiments();
+}
 
 }  // namespace fsa

@@ -11,6 +11,7 @@
 #include "cuda/cuda_backend.h"
 #include "cuda/device_arch.h"
 #include "cuda/device_plan.h"
+#include "cuda/experiments.h"
 #include "cuda/forward_launch.h"
 #include "cuda/list_sort.h"
 #include "cuda/memory_pool.h"
@@ -618,6 +619,12 @@ void require_built(const ForwardProblem& p) {
 
 void require_built(const BackwardProblem& p) {
   if (!backward_built(p.head_dim, p.dtype)) fail_not_built("backward", p.head_dim, p.dtype);
+}
+
+std::vector<fsa::KernelExperiment> kernel_experiments() {
+  std::vector<fsa::KernelExperiment> out;
+  for (const auto& e : kExperiments) out.push_back({e.name, e.value});
+  return out;
 }
 
 }  // namespace fsa::detail::cuda

@@ -34,12 +34,7 @@
 // top-k; launch_backward keeps the two passes for those (fused_backward says where else).
 
 #include "cuda/backward_kernel_sm90.cuh"
-
-// dS stored by stmatrix in the fused pass (four 8 x 8 tiles of 16-bit pairs a warp instruction:
-// 4 a step where 16 st.shared.b32 store it), an experiment off by default: 1 turns it on.
-#ifndef FSA_SM90_DS_STSM
-#define FSA_SM90_DS_STSM 0
-#endif
+#include "cuda/experiments.h"
 
 namespace fsa::detail::cuda {
 

@@ -10,13 +10,8 @@
 // sm90_dq_kernel).
 
 #include "cuda/backward_kernel_sm90.cuh"
+#include "cuda/experiments.h"
 #include "cuda/tma.h"
-
-// K and V by TMA in the D = 256 dQ pass (dq_kernel_sm90_wide's tensor maps, encoded by the host
-// only then: dq_tensor_maps), an experiment off by default: 1 turns it on.
-#ifndef FSA_SM90_DQ256_TMA
-#define FSA_SM90_DQ256_TMA 0
-#endif
 
 namespace fsa::detail::cuda {
 

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <vector>
 
 #include "core/compaction.h"
 #include "core/problem.h"
@@ -121,5 +122,7 @@ void release_scratch();
 int64_t scratch_reserved();
 // The planning graphs held (make_device_topk_plan).
 CudaPlanGraphs plan_graphs();
+// The kernel experiments this build was compiled with (cuda/experiments.h).
+std::vector<KernelExperiment> kernel_experiments();
 
 }  // namespace fsa::detail::cuda

@@ -35,32 +35,9 @@
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
 #include <cute/tensor.hpp>
 
+#include "cuda/experiments.h"
 #include "cuda/forward_kernel.cuh"
 #include "cuda/tma.h"
-
-// The softmax pin experiment (pin_before_wait), a bit mask: 1 the forward walks, 2 the lean dK/dV
-// passes, 4 the lean fused pass, 8 the lean dQ pass; set by `scripts/ab_check.sh --head-flags`.
-#ifndef FSA_SM90_SOFTMAX_PIN
-#define FSA_SM90_SOFTMAX_PIN 0
-#endif
-// The D = 64 band walk over 128-key steps (sm90_forward_wide; FlashAttention-3's 192 x 128 tiles
-// at that head dim), an experiment off by default: 1 turns it on (`scripts/ab_check.sh
-// --head-flags -DFSA_SM90_WIDE_BAND64=1`). What wins becomes the code, what loses is deleted.
-#ifndef FSA_SM90_WIDE_BAND64
-#define FSA_SM90_WIDE_BAND64 0
-#endif
-// Warpgroup turns in the band walk (forward_sm90_cta's kTurns: FlashAttention-3's scheduler
-// barriers at its three consumer warpgroups of hdim 64), an experiment off by default: 1 turns
-// them on.
-#ifndef FSA_SM90_WG_TURNS
-#define FSA_SM90_WG_TURNS 0
-#endif
-// K/V by TMA in the D = 64 band walk over 128-key steps (Sm90ForwardTiles::kTmaKv; two 64 x 64
-// boxes each per step, as FlashAttention-3 loads them), an experiment off by default: 1 turns it
-// on where FSA_SM90_WIDE_BAND64 is on.
-#ifndef FSA_SM90_BAND64_TMA
-#define FSA_SM90_BAND64_TMA 0
-#endif
 
 namespace fsa::detail::cuda {
 
@@ -275,8 +252,8 @@ __device__ __forceinline__ int uniform_warpgroup(int producer_threads) {
 // shared store on its side of that wait, so the step's exps are issued under the product instead
 // of after it (in the D = 128 bf16 build all 66 MUFU.EX2 of a band or lean walk step otherwise
 // follow the wait). The store is predicated inside the asm (one writer, no race), so every
-// thread still waits for its operand. Off by default (FSA_SM90_SOFTMAX_PIN is defined at the
-// top of this file): the default build's SASS is unchanged.
+// thread still waits for its operand. Off by default (cuda/experiments.h): the default build's
+// SASS is unchanged.
 __device__ __forceinline__ void pin_before_wait(const void* word, float value, bool writer) {
   asm volatile(
       "{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n @p st.shared.f32 [%0], %1;\n}\n" ::"r"(

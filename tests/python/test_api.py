@@ -144,3 +144,16 @@ def test_cuda_memory_pool_functions_exist_and_are_harmless():
     assert isinstance(reserved, int) and reserved >= 0
     if not flash_sparse_attn.CUDA_AVAILABLE:
         assert reserved == 0
+
+
+def test_kernel_experiments_reported_by_the_build():
+    """_C.cuda_kernel_experiments(): {name: value} of the kernel experiments the CUDA backend was
+    compiled with (src/cuda/experiments.h), every one an int (0: off); none without CUDA."""
+    from flash_sparse_attn import _C
+    experiments = _C.cuda_kernel_experiments()
+    assert isinstance(experiments, dict)
+    if not _C.has_cuda:
+        assert experiments == {}
+        return
+    assert experiments and all(name.startswith("FSA_SM90_") for name in experiments)
+    assert all(isinstance(value, int) for value in experiments.values())
