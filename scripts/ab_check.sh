@@ -9,7 +9,7 @@
 #   git archive main -o .device/base.tar            # then, on the GPU machine (carry .deps, .device):
 #   scripts/ab_check.sh .device/base.tar [--runs N] [--sweep "SWEEP ARGS"] [--peers IMPLS]
 #                                        [--topk CASES] [--head-flags FLAGS] [--head-env VARS]
-#                                        [--instances LIST] [--smoke]
+#                                        [--instances LIST] [--tests "PYTEST ARGS"] [--smoke]
 #
 # Default sweep: issue #14's dense D = 128 bars at 16K (causal and full), its block-selection
 # bars and the softcap group, ours alone (a few workloads a run, meant to let two runs a side and
@@ -29,12 +29,17 @@
 # is one per head against the base.
 # --instances LIST: both sides build only those kernel instances (CMake's FSA_CUDA_INSTANCES, e.g.
 # "64_bf16"), for a sweep that runs no other head dim or dtype.
+# --tests "PYTEST ARGS": after the table, pytest over each head's build (not the base's), with
+# those arguments as typed after `pytest` (paths from the repository's root; quote a -k
+# expression inside them), each time-boxed (FSA_AB_TEST_S, default 300 s), its last line added to
+# the table: the tests of an experiment in the call that measures it. A test that depends on an
+# experiment asks the build (flash_sparse_attn._C.cuda_kernel_experiments()).
 # --smoke: tiny shapes on the CPU backend (no CUDA build), to check this script anywhere. Logs
 # and JSONs go to $OUT as ab.tar.gz, the table to $OUT/ab.txt too.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 usage="usage: scripts/ab_check.sh BASE.tar [--runs N] [--sweep ARGS] [--peers IMPLS] [--topk CASES]"
-usage+=" [--head-flags FLAGS] [--head-env VARS] [--instances LIST] [--smoke]"
+usage+=" [--head-flags FLAGS] [--head-env VARS] [--instances LIST] [--tests ARGS] [--smoke]"
 OUT=${OUT:-/tmp/fsa_ab_out}
 mkdir -p "$OUT"
 base_tar=${1:?$usage}
@@ -48,6 +53,7 @@ topk=""
 head_flag_list=()
 head_env=""
 instances=""
+tests=""
 smoke=0
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -60,6 +66,7 @@ while [ $# -gt 0 ]; do
                   head_flag_list+=("$2"); shift ;;
     --head-env) head_env=${2:?--head-env needs VAR=VALUE assignments}; shift ;;
     --instances) instances=${2:?--instances needs kernel instances, e.g. 64_bf16}; shift ;;
+    --tests) tests=${2:?--tests needs pytest arguments, e.g. tests/gpu/test_cuda_forward.py}; shift ;;
     --smoke) smoke=1 ;;
     *) echo "unknown argument $1; $usage" >&2; exit 2 ;;
   esac
@@ -67,6 +74,7 @@ while [ $# -gt 0 ]; do
 done
 case "$runs" in ''|*[!0-9]*|0) echo "--runs: expected a positive integer, got $runs" >&2; exit 2 ;; esac
 run_s=${FSA_AB_RUN_S:-240}
+test_s=${FSA_AB_TEST_S:-300}
 # The heads: one ("head") unless --head-flags came more than once (head1, head2, ...).
 heads=()
 if [ ${#head_flag_list[@]} -le 1 ]; then
@@ -180,6 +188,19 @@ for k in "${!heads[@]}"; do
     status=1
   fi
 done
+# Each head's tests over its own build (its package first on the path), after the table, so that a
+# call cut short in them still brings the table back.
+if [ -n "$tests" ]; then
+  for side in "${heads[@]}"; do
+    step "tests: $side"
+    # $tests is pytest's arguments as typed, quoting included: eval'd.
+    (eval "PYTHONPATH=\"$work/$side-site\" PYTHONUNBUFFERED=1 timeout $test_s" \
+       "python3 -m pytest -q -p no:cacheprovider $tests") > "$OUT/tests_$side.log" 2>&1
+    rc=$?
+    echo "tests over $side (rc $rc): $(tail -n 1 "$OUT/tests_$side.log")" | tee -a "$OUT/ab.txt"
+    [ $rc = 0 ] || status=1
+  done
+fi
 # The device tool brings back at most 8 files: everything but the table travels as one archive.
 (cd "$OUT" && tar -czf ab.tar.gz --exclude=ab.tar.gz --exclude=ab.txt -- *.log *.json 2>/dev/null \
    && find . -maxdepth 1 -type f \( -name "*.log" -o -name "*.json" -o -name "*.tmp" \) -delete)
