@@ -745,6 +745,11 @@ Result run_workload(const Workload& w, const std::vector<Mode>& modes, const Tim
 void print_header(const Result& r, const std::string& what) {
   std::printf("fsa bench: %s on %s\n", what.c_str(), r.device_name.c_str());
   std::printf("method: %s\n", r.method.c_str());
+  std::string on;  // kernel experiments compiled in (src/cuda/experiments.h): a default build none
+  for (const auto& e : fsa::cuda_kernel_experiments()) {
+    if (e.value != 0) on += " " + e.name + "=" + std::to_string(e.value);
+  }
+  if (!on.empty()) std::printf("kernel experiments:%s\n", on.c_str());
 }
 
 void print_table_columns(const char* first, int width) {
