@@ -193,9 +193,14 @@ done
 if [ -n "$tests" ]; then
   for side in "${heads[@]}"; do
     step "tests: $side"
-    # $tests is pytest's arguments as typed, quoting included: eval'd.
+    # $tests is pytest's arguments as typed, quoting included: eval'd. python3 -P: the work tree
+    # (the current directory) is not put on the path, so the build's package is the one imported,
+    # and the log's first line says so.
+    PYTHONPATH="$work/$side-site" python3 -P -c \
+      "import flash_sparse_attn as m; print('tests over $side import', m.__file__)" \
+      > "$OUT/tests_$side.log" 2>&1
     (eval "PYTHONPATH=\"$work/$side-site\" PYTHONUNBUFFERED=1 timeout $test_s" \
-       "python3 -m pytest -q -p no:cacheprovider $tests") > "$OUT/tests_$side.log" 2>&1
+       "python3 -P -m pytest -q -p no:cacheprovider $tests") >> "$OUT/tests_$side.log" 2>&1
     rc=$?
     echo "tests over $side (rc $rc): $(tail -n 1 "$OUT/tests_$side.log")" | tee -a "$OUT/ab.txt"
     [ $rc = 0 ] || status=1

@@ -29,8 +29,8 @@ SEED = int(os.environ.get("FSA_TEST_SEED", time.time_ns() % (2**31)))
 DTYPES = [torch.bfloat16, torch.float16]
 ATOL = 1e-4  # below one ulp of bf16/fp16 outputs of magnitude ~1: only absorbs exact-zero refs
 # A build with the D = 64 band walk over 128-key steps (nvcc -DFSA_SM90_WIDE_BAND64=1, an
-# experiment off by default) launches the default build's kernel names for other walks: the
-# build says which it is.
+# experiment off by default) has the default build's kernel names, but some calls launch other
+# instantiations under them (the walk without bias code): the build says which build it is.
 WIDE_BAND64 = _C.cuda_kernel_experiments().get("FSA_SM90_WIDE_BAND64", 0) != 0
 
 
