@@ -8,7 +8,9 @@ and the topk group's in-call selection "topk", by default), and for every time m
 side's runs, the spread of each side's runs (max / min - 1: how far two runs of one build
 disagree, the noise a difference must exceed), and head / base. A row's peers from the head
 runs (SDPA cuDNN, FlexAttention, the reference), where those were measured, follow it as
-head / peer ratios, so a bar stays in view.
+head / peer ratios, so a bar stays in view: over the head runs that measured that peer alone
+(ab_check adds the peers to a head's first run), the best of ours against the best of the peer,
+never a better run of ours against a peer measured in another process.
 
     python3 bench/ab.py --base b1.json b2.json --head h1.json h2.json [--impls ours,topk]
 """
@@ -45,6 +47,19 @@ def times(files, impls):
     return out
 
 
+def times_by_file(files, impls):
+    """[{(workload, impl, measure): ms} per file] of the implementations `impls`."""
+    return [times([data], impls) for data in files]
+
+
+def peer_ratio(head_runs, key, peer_key):
+    """Best of ours over best of the peer, over the runs that measured both (None: no such run)."""
+    pairs = [(run[key][0], run[peer_key][0]) for run in head_runs if key in run and peer_key in run]
+    if not pairs:
+        return None
+    return min(h for h, _ in pairs) / min(p for _, p in pairs)
+
+
 def spread(values):
     return max(values) / min(values) - 1.0 if len(values) > 1 else float("nan")
 
@@ -60,14 +75,15 @@ def main(argv=None):
     base_files = [load(p) for p in args.base]
     head_files = [load(p) for p in args.head]
     base, head = times(base_files, impls), times(head_files, impls)
-    peers = times(head_files, set(PEERS))
+    head_runs = times_by_file(head_files, impls | set(PEERS))
     keys = [k for k in head if k in base]
     if not keys:
         print(f"no workload measured by both sides for impls {args.impls!r}", file=sys.stderr)
         return 1
     device = head_files[0].get("meta", {}).get("device", "?")
     print(f"A/B on {device}: base {len(base_files)} run(s), head {len(head_files)} run(s); "
-          "times are each side's best (ms), spread = max / min - 1 over a side's runs")
+          "times are each side's best (ms), spread = max / min - 1 over a side's runs; "
+          "head / peer over the head runs that measured the peer")
     print(f"{'workload':50s} {'impl':5s} {'measure':7s} {'base':>9s} {'head':>9s} "
           f"{'head/base':>9s} {'spread b':>8s} {'spread h':>8s}  peers (head / peer)")
     for key in sorted(keys):
@@ -75,9 +91,9 @@ def main(argv=None):
         b, h = min(base[key]), min(head[key])
         ratios = []
         for p in PEERS:
-            pv = peers.get((workload, p, m))
-            if pv:
-                ratios.append(f"{p} {h / min(pv):.3f}")
+            r = peer_ratio(head_runs, key, (workload, p, m))
+            if r is not None:
+                ratios.append(f"{p} {r:.3f}")
         print(f"{workload[:50]:50s} {impl[:5]:5s} {m[:-3]:7s} {b:9.3f} {h:9.3f} {h / b:9.3f} "
               f"{spread(base[key]):8.3f} {spread(head[key]):8.3f}  " + ", ".join(ratios))
     return 0
