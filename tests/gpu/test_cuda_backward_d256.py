@@ -20,7 +20,7 @@ kernels the same cases run the sm80 passes.
 import pytest
 import torch
 
-from flash_sparse_attn import flash_sparse_attn_func
+from flash_sparse_attn import _C, flash_sparse_attn_func
 
 from flash_sparse_attn.utils.mask import create_mask
 
@@ -163,4 +163,40 @@ print("equal" if same else "differ", flush=True)
 def test_tma_fallback_is_logged_once_and_exact():
     # Q expanded over heads (stride 0): the D = 256 dK/dV pass copies Q and dO with cp.async, with
     # the same bits in every gradient.
-    check_tma_fallback(TMA_FALLBACK, "query or output gradient")
+    check_tma_fallback(TMA_FALLBACK, ("query or output gradient", "the Hopper dK/dV pass"))
+
+
+KV_TMA_FALLBACK = """
+import sys, torch, flash_sparse_attn
+g = torch.Generator(device="cuda").manual_seed({seed})
+q = torch.randn(1, 400, 4, 256, generator=g, device="cuda").to(torch.bfloat16)
+k1, v1 = (torch.randn(1, 400, 1, 256, generator=g, device="cuda").to(torch.bfloat16)
+          for _ in range(2))
+dout = torch.randn(1, 400, 4, 256, generator=g, device="cuda").to(torch.bfloat16)
+def grads(expanded):
+    leaves = [x.detach().clone().requires_grad_(True) for x in (q, k1, v1)]
+    k, v = (x.expand(1, 400, 2, 256) for x in leaves[1:])  # kv-head stride 0
+    k, v = (k, v) if expanded else (k.contiguous(), v.contiguous())
+    out = flash_sparse_attn.flash_sparse_attn_func(leaves[0], k, v, is_causal=True)
+    out.backward(dout)
+    return [out.detach()] + [x.grad for x in leaves]
+dense = grads(False)
+torch.cuda.synchronize()
+print("<expanded>", file=sys.stderr, flush=True)
+runs = [grads(True) for _ in range(3)]
+torch.cuda.synchronize()
+same = all(torch.equal(a, b) for run in runs for a, b in zip(run, dense))
+print("equal" if same else "differ", flush=True)
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="the Hopper forward's and dQ pass's TMA paths")
+def test_kv_tma_fallback_is_logged_once_and_exact():
+    # K and V expanded over kv heads (stride 0): the D = 256 forward copies them with cp.async,
+    # and so does the dQ pass where it loads them by TMA (the experiment FSA_SM90_DQ256_TMA), with
+    # the same bits in the output and every gradient.
+    logged = [("key or value", "the Hopper forward")]
+    if _C.cuda_kernel_experiments().get("FSA_SM90_DQ256_TMA", 0):
+        logged.append(("key or value", "the Hopper dQ pass"))
+    check_tma_fallback(KV_TMA_FALLBACK, *logged)
