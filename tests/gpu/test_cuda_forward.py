@@ -398,10 +398,10 @@ def test_poisoned_strided_inputs_transposed_layout(gen):
 TMA_FALLBACK = """
 import sys, torch, flash_sparse_attn
 g = torch.Generator(device="cuda").manual_seed({seed})
-q = torch.randn(1, 384, 4, 128, generator=g, device="cuda").to(torch.bfloat16)
-k1, v1 = (torch.randn(1, 384, 1, 128, generator=g, device="cuda").to(torch.bfloat16)
+q = torch.randn(1, 384, 4, {D}, generator=g, device="cuda").to(torch.bfloat16)
+k1, v1 = (torch.randn(1, 384, 1, {D}, generator=g, device="cuda").to(torch.bfloat16)
           for _ in range(2))
-k, v = k1.expand(1, 384, 2, 128), v1.expand(1, 384, 2, 128)  # kv-head stride 0
+k, v = k1.expand(1, 384, 2, {D}), v1.expand(1, 384, 2, {D})  # kv-head stride 0
 dense = flash_sparse_attn.flash_sparse_attn_func(q, k.contiguous(), v.contiguous(), is_causal=True)
 torch.cuda.synchronize()
 print("<expanded>", file=sys.stderr, flush=True)
@@ -411,13 +411,13 @@ print("equal" if all(torch.equal(o, dense) for o in outs) else "differ", flush=T
 """
 
 
-def check_tma_fallback(script, *logged):
-    # `script` (a fresh process: the message is logged once per process) runs a contiguous call,
-    # prints <expanded> on stderr, runs the call whose stride-0 tensors no tensor map describes
-    # three times, and prints whether their results equal the contiguous call's. They must, and
-    # each kernel's cp.async path (`logged`: (tensors, kernel) pairs) must be named on stderr once
-    # after the marker and never before it, and no other.
-    run = subprocess.run([sys.executable, "-c", script.format(seed=SEED)],
+def check_tma_fallback(script, *logged, D=None):
+    # `script` (a fresh process: the message is logged once per process; {D} in it: the head dim)
+    # runs a contiguous call, prints <expanded> on stderr, runs the call whose stride-0 tensors no
+    # tensor map describes three times, and prints whether their results equal the contiguous
+    # call's. They must, and each kernel's cp.async path (`logged`: (tensors, kernel) pairs) must
+    # be named on stderr once after the marker and never before it, and no other.
+    run = subprocess.run([sys.executable, "-c", script.format(seed=SEED, D=D)],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["equal"], run.stdout + run.stderr
@@ -431,7 +431,12 @@ def check_tma_fallback(script, *logged):
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
                     reason="the Hopper forward's TMA path")
-def test_tma_fallback_is_logged_once_and_exact():
+@pytest.mark.parametrize("D", [64, 128])
+def test_tma_fallback_is_logged_once_and_exact(D):
     # K and V expanded over kv heads (stride 0): the Hopper forward at head dim 128 copies them
-    # with cp.async.
-    check_tma_fallback(TMA_FALLBACK, ("key or value", "the Hopper forward"))
+    # with cp.async, and says so. At D = 64 the forward loads them with cp.async anyway (nothing
+    # logged), but for the experiment FSA_SM90_BAND64_TMA (the band walk's K/V by TMA), whose
+    # fallback this is then.
+    tma = D == 128 or _C.cuda_kernel_experiments().get("FSA_SM90_BAND64_TMA", 0) != 0
+    check_tma_fallback(TMA_FALLBACK, *([("key or value", "the Hopper forward")] if tma else []),
+                       D=D)
