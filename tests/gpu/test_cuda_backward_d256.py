@@ -135,19 +135,25 @@ def test_row_topk_over_compacted_keys(dtype, gen):
                    ours_how={"topk": window, "topk_causal": True})
 
 
+# `expand` ("q" or "kv"): the operand given with a head stride of 0, against the same call on
+# contiguous copies; "kv" compares the output too.
 TMA_FALLBACK = """
 import sys, torch, flash_sparse_attn
+expand = "{expand}"
 g = torch.Generator(device="cuda").manual_seed({seed})
-q1 = torch.randn(1, 400, 1, 256, generator=g, device="cuda").to(torch.bfloat16)
-k, v = (torch.randn(1, 400, 2, 256, generator=g, device="cuda").to(torch.bfloat16)
-        for _ in range(2))
+q0 = torch.randn(1, 400, 1 if expand == "q" else 4, 256, generator=g, device="cuda")
+k0, v0 = (torch.randn(1, 400, 1 if expand == "kv" else 2, 256, generator=g, device="cuda")
+          for _ in range(2))
+q0, k0, v0 = (x.to(torch.bfloat16) for x in (q0, k0, v0))
 dout = torch.randn(1, 400, 4, 256, generator=g, device="cuda").to(torch.bfloat16)
 def grads(expanded):
-    leaves = [x.detach().clone().requires_grad_(True) for x in (q1, k, v)]
-    q = leaves[0].expand(1, 400, 4, 256)  # query-head stride 0
-    q = q if expanded else q.contiguous()
-    flash_sparse_attn.flash_sparse_attn_func(q, leaves[1], leaves[2], is_causal=True).backward(dout)
-    return [x.grad for x in leaves]
+    leaves = [x.detach().clone().requires_grad_(True) for x in (q0, k0, v0)]
+    q, k, v = (x.expand(1, 400, heads, 256) for x, heads in zip(leaves, (4, 2, 2)))
+    if not expanded:
+        q, k, v = (x.contiguous() for x in (q, k, v))
+    out = flash_sparse_attn.flash_sparse_attn_func(q, k, v, is_causal=True)
+    out.backward(dout)
+    return ([out.detach()] if expand == "kv" else []) + [x.grad for x in leaves]
 dense = grads(False)
 torch.cuda.synchronize()
 print("<expanded>", file=sys.stderr, flush=True)
@@ -163,31 +169,8 @@ print("equal" if same else "differ", flush=True)
 def test_tma_fallback_is_logged_once_and_exact():
     # Q expanded over heads (stride 0): the D = 256 dK/dV pass copies Q and dO with cp.async, with
     # the same bits in every gradient.
-    check_tma_fallback(TMA_FALLBACK, ("query or output gradient", "the Hopper dK/dV pass"))
-
-
-KV_TMA_FALLBACK = """
-import sys, torch, flash_sparse_attn
-g = torch.Generator(device="cuda").manual_seed({seed})
-q = torch.randn(1, 400, 4, 256, generator=g, device="cuda").to(torch.bfloat16)
-k1, v1 = (torch.randn(1, 400, 1, 256, generator=g, device="cuda").to(torch.bfloat16)
-          for _ in range(2))
-dout = torch.randn(1, 400, 4, 256, generator=g, device="cuda").to(torch.bfloat16)
-def grads(expanded):
-    leaves = [x.detach().clone().requires_grad_(True) for x in (q, k1, v1)]
-    k, v = (x.expand(1, 400, 2, 256) for x in leaves[1:])  # kv-head stride 0
-    k, v = (k, v) if expanded else (k.contiguous(), v.contiguous())
-    out = flash_sparse_attn.flash_sparse_attn_func(leaves[0], k, v, is_causal=True)
-    out.backward(dout)
-    return [out.detach()] + [x.grad for x in leaves]
-dense = grads(False)
-torch.cuda.synchronize()
-print("<expanded>", file=sys.stderr, flush=True)
-runs = [grads(True) for _ in range(3)]
-torch.cuda.synchronize()
-same = all(torch.equal(a, b) for run in runs for a, b in zip(run, dense))
-print("equal" if same else "differ", flush=True)
-"""
+    check_tma_fallback(TMA_FALLBACK.replace("{expand}", "q"),
+                       ("query or output gradient", "the Hopper dK/dV pass"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
@@ -199,4 +182,4 @@ def test_kv_tma_fallback_is_logged_once_and_exact():
     logged = [("key or value", "the Hopper forward")]
     if _C.cuda_kernel_experiments().get("FSA_SM90_DQ256_TMA", 0):
         logged.append(("key or value", "the Hopper dQ pass"))
-    check_tma_fallback(KV_TMA_FALLBACK, *logged)
+    check_tma_fallback(TMA_FALLBACK.replace("{expand}", "kv"), *logged)
