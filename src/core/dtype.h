@@ -63,8 +63,10 @@ inline uint16_t float_to_half(float f) {
   return uint16_t(sign | uint16_t(v >> 13));
 }
 
-// Reads n consecutive elements of a float-like dtype into fp32.
+// Reads n consecutive elements of a float-like dtype into fp32. (n = 0 returns before memcpy,
+// whose pointers must not be null even for no bytes: an empty row's buffer may have none.)
 inline void load_floats(const void* src, DType dtype, int64_t n, float* dst) {
+  if (n <= 0) return;
   switch (dtype) {
     case DType::kFloat32:
       std::memcpy(dst, src, size_t(n) * sizeof(float));
@@ -104,8 +106,10 @@ inline float load_float(const void* base, DType dtype, int64_t offset) {
   return 0.0f;
 }
 
-// Writes n consecutive fp32 values into a float dtype, rounding to nearest even.
+// Writes n consecutive fp32 values into a float dtype, rounding to nearest even (n = 0: nothing,
+// as load_floats).
 inline void store_floats(const float* src, int64_t n, DType dtype, void* dst) {
+  if (n <= 0) return;
   switch (dtype) {
     case DType::kFloat32:
       std::memcpy(dst, src, size_t(n) * sizeof(float));
@@ -152,6 +156,7 @@ inline T* element_ptr(void* base, DType dtype, int64_t offset) {
 // T = double for fp64 data (which is read and written without passing through fp32).
 template <typename T>
 inline void load_values(const void* src, DType dtype, int64_t n, T* dst) {
+  if (n <= 0) return;
   if constexpr (std::is_same_v<T, float>) {
     load_floats(src, dtype, n, dst);
   } else if (dtype == DType::kFloat64) {
@@ -169,6 +174,7 @@ inline T load_value(const void* base, DType dtype, int64_t offset) {
 
 template <typename T>
 inline void store_values(const T* src, int64_t n, DType dtype, void* dst) {
+  if (n <= 0) return;
   if constexpr (std::is_same_v<T, float>) {
     store_floats(src, n, dtype, dst);
   } else if (dtype == DType::kFloat64) {
