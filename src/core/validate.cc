@@ -56,6 +56,9 @@ void check_shape(const TensorView& t, const char* name, std::initializer_list<in
 }
 
 void check_contiguous_last_dim(const TensorView& t, const char* name) {
+  // A view without elements has no layout to check (torch gives the expanded gradient of an empty
+  // output stride 0 on every dim); seq_operand gives it plain strides.
+  if (t.numel() == 0) return;
   if (t.shape[t.rank - 1] > 1 && t.stride[t.rank - 1] != 1) {
     fail(ErrorKind::kValue, name,
          "expected a contiguous last dim (stride 1), got stride " + str(t.stride[t.rank - 1]) +
@@ -101,6 +104,10 @@ void check_backend(const Device& device) {
 }
 
 SeqOperand seq_operand(const TensorView& t) {
+  if (t.numel() == 0) {
+    // No element is ever addressed; the backends still see the strides of a packed layout.
+    return {t.data, t.shape[1] * t.shape[2] * t.shape[3], t.shape[2] * t.shape[3], t.shape[3]};
+  }
   return {t.data, t.stride[0], t.stride[1], t.stride[2]};
 }
 

@@ -69,6 +69,43 @@ TEST(EmptyTensors, NoKeys_Sk0_ZeroStridesOnEmptyViewsAccepted) {
   expect_matches_reference(p, in, buffers.outputs(true), spec.dtype, spec.dtype, true);
 }
 
+// Stride 0 on every dim of a view without elements, the last dim's included: torch hands the
+// backward of an output with no queries (Sq = 0) its expanded gradient so, e.g. from
+// out.sum().backward(), and no queries leave dkey and dvalue exactly 0. The same for the key side
+// with no keys (Sk = 0: out 0, lse -inf, dquery 0).
+TEST(EmptyTensors, ZeroStridesOnEveryDimOfEmptyViewsAccepted) {
+  for (const bool no_queries : {true, false}) {
+    SCOPED_TRACE(no_queries ? "Sq = 0" : "Sk = 0");
+    CaseSpec spec = case_spec(DType::kBFloat16, 2, no_queries ? 0 : 17, no_queries ? 17 : 0, 4,
+                              2, 32);
+    spec.bias_shape = Shape4{2, 2, 1, spec.seqlen_k};
+    const Problem p = make_problem(spec);
+    const Inputs in = make_inputs(spec, p);
+    LibraryBuffers buffers(p, in, spec.dtype, spec.dtype);
+    const fsa::AttentionOptions options = make_options(spec);
+    const std::vector<int64_t> zero_strides{0, 0, 0, 0};
+    auto empty_view = [&](HostTensor& t, int64_t heads) {
+      return make_view(t.data(), t.dtype(), {2, 0, heads, 32}, zero_strides);
+    };
+    fsa::ForwardArgs f = buffers.forward_args(options);
+    fsa::BackwardArgs bw = buffers.backward_args(options);
+    if (no_queries) {
+      f.query = bw.query = empty_view(buffers.q, 4);
+      f.out = bw.out = empty_view(buffers.out, 4);
+      bw.dout = empty_view(buffers.dout, 4);
+      bw.dquery = empty_view(buffers.dq, 4);
+    } else {
+      f.key = bw.key = empty_view(buffers.k, 2);
+      f.value = bw.value = empty_view(buffers.v, 2);
+      bw.dkey = empty_view(buffers.dk, 2);
+      bw.dvalue = empty_view(buffers.dv, 2);
+    }
+    fsa::forward(f);
+    fsa::backward(bw);
+    expect_matches_reference(p, in, buffers.outputs(true), spec.dtype, spec.dtype, true);
+  }
+}
+
 // Bottom-right causal with Sq > Sk: rows 0..79 see nothing; a full bias checks that dbias is
 // exactly 0 on them.
 TEST_P(EdgeCase, CausalSqAboveSk_LeadingRowsEmpty) {

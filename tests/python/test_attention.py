@@ -268,6 +268,22 @@ def test_empty_key_sequence():
     assert (out == 0).all() and torch.isneginf(lse).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_empty_query_sequence_backward_from_a_sum(dtype):
+    """out.sum().backward() with no queries: autograd hands the backward an expanded gradient
+    (stride 0 on every dim, the last included); no query sees a key, so dk, dv and dbias are 0."""
+    q = torch.randn(2, 0, 4, 16, dtype=dtype, requires_grad=True)
+    k = torch.randn(2, 7, 2, 16, dtype=dtype, requires_grad=True)
+    v = torch.randn(2, 7, 2, 16, dtype=dtype, requires_grad=True)
+    bias = torch.randn(2, 2, 1, 7, dtype=dtype, requires_grad=True)
+    out = flash_sparse_attn_func(q, k, v, attn_bias=bias, is_causal=True)
+    assert out.shape == (2, 0, 4, 16)
+    out.sum().backward()
+    assert q.grad.shape == q.shape
+    for t in (k, v, bias):
+        assert t.grad.shape == t.shape and (t.grad == 0).all()
+
+
 def test_sdpa_equivalence_no_grad_path():
     q, k, v = qkv(1, 33, 33, 2, 2, 16, torch.float32)
     with torch.no_grad():
