@@ -716,3 +716,25 @@ def test_trainable_backward_peak_memory(gen):
         f"backward scratch {scratch / 2**20:.2f} MiB (peak {peak / 2**20:.2f} MiB minus grads "
         f"{grads / 2**20:.2f} MiB, plus the library pool's growth {pool / 2**20:.2f} MiB) >= 10% "
         f"of q+k+v = {0.1 * qkv_bytes / 2**20:.2f} MiB")
+
+
+@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("Sq,Sk", [(0, 200), (200, 0)])
+def test_empty_sequences_backward_from_a_sum(Sq, Sk, D, gen):
+    """No queries or no keys, out.sum().backward(): autograd hands the backward the empty
+    output's expanded gradient (stride 0 on every dim). No keys: O = 0, LSE = -inf, dq = 0; no
+    queries: dk, dv and the bias gradient are 0."""
+    q = torch.randn(2, Sq, 4, D, device="cuda", generator=gen).to(torch.bfloat16)
+    k = torch.randn(2, Sk, 2, D, device="cuda", generator=gen).to(torch.bfloat16)
+    v = torch.randn(2, Sk, 2, D, device="cuda", generator=gen).to(torch.bfloat16)
+    bias = torch.randn(2, 2, 1, Sk, device="cuda", generator=gen).to(torch.bfloat16)
+    for t in (q, k, v, bias):
+        t.requires_grad_(True)
+    out, lse, _ = flash_sparse_attn_func(q, k, v, attn_bias=bias, is_causal=True,
+                                         return_attn_probs=True)
+    assert out.shape == q.shape and lse.shape == (2, 4, Sq)
+    if Sk == 0:
+        assert (out == 0).all() and torch.isneginf(lse).all()
+    out.sum().backward()
+    for t in (q, k, v, bias):
+        assert t.grad.shape == t.shape and (t.grad == 0).all(), t.shape
