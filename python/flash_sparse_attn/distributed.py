@@ -194,8 +194,6 @@ class _Selection:
         bm, bn = _resolve_block_size(block_size)
         if bm is None:
             bm = bn = 128
-        if bm < 1 or bn < 1:
-            raise ValueError(f"block_size: expected positive tiles, got {block_size!r}")
         S = ring.seqlen
         want = (-(-S // bm), -(-S // bn))
         if (block_mask.dtype != torch.bool or block_mask.dim() != 4

@@ -31,7 +31,7 @@ from . import _C
 # about 6 us for torch.cuda.current_stream(device).cuda_stream; a per-row top-k call asks for it
 # three times, and its forward + backward took 0.2-0.4 ms more host time with the public getter
 # (H200 host, docs/perf.md).
-from .utils.mask import _stream
+from .utils.mask import _block_pair, _stream
 
 _Tensor = torch.Tensor
 
@@ -66,10 +66,7 @@ def _check_inputs(query, key, value, attn_mask, attn_bias) -> None:
 def _resolve_block_size(block_size) -> Tuple[Optional[int], Optional[int]]:
     if block_size is None:
         return None, None
-    if isinstance(block_size, int):
-        return block_size, block_size
-    block_m, block_n = block_size
-    return int(block_m), int(block_n)
+    return _block_pair(block_size)
 
 
 def _new_outputs(query: _Tensor, need_lse: bool):

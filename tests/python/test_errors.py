@@ -110,6 +110,24 @@ def test_block_mask_bad_shape():
                                block_size=16)
 
 
+@pytest.mark.parametrize("block_size,error", [
+    (0, ValueError), (-16, ValueError), ((16, 0), ValueError), ((16,), TypeError),
+    ((16, 16, 16), TypeError), (2.5, TypeError), ((16.0, 16), TypeError), (True, TypeError),
+    ("16", TypeError)])
+def test_bad_block_size_names_block_size(block_size, error):
+    """flash_sparse_attn_func and create_block_mask read block_size alike: a positive int or a
+    pair of them; anything else is an error naming block_size (it was a tuple unpacking's error,
+    or, for 0 and negatives, a block_mask shape or the core's block_m)."""
+    from flash_sparse_attn.utils.mask import create_block_mask
+    q, k, v = qkv(sq=64, sk=64)
+    bias = torch.randn(1, 2, 1, 64)
+    blocks = create_block_mask(bias, 64, 2, block_size=16)
+    with pytest.raises(error, match="^block_size: "):
+        flash_sparse_attn_func(q, k, v, attn_bias=bias, block_mask=blocks, block_size=block_size)
+    with pytest.raises(error, match="^block_size: "):
+        create_block_mask(bias, 64, 2, block_size=block_size)
+
+
 def test_errors_with_gradients_too():
     q, k, v = (t.requires_grad_() for t in qkv())
     with pytest.raises(TypeError, match="attn_mask"):

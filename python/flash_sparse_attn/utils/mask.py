@@ -98,6 +98,18 @@ def _check_array(x, name: str, optional: bool = False) -> None:
     raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
 
 
+def _block_pair(block_size) -> Tuple[int, int]:
+    """A selection tile, block_size: one positive int for both sides or a pair (block_m,
+    block_n) of them (create_block_mask's and flash_sparse_attn_func's block_size)."""
+    pair = tuple(block_size) if isinstance(block_size, (tuple, list)) else (block_size, block_size)
+    if len(pair) != 2 or any(isinstance(x, bool) or not hasattr(x, "__index__") for x in pair):
+        raise TypeError("block_size: expected an int or a pair (block_m, block_n) of ints, got "
+                        f"{block_size!r}")
+    if min(pair) < 1:
+        raise ValueError(f"block_size: expected positive sizes, got {block_size!r}")
+    return int(pair[0]), int(pair[1])
+
+
 def _block_size_arg(block_size: Optional[int]) -> int:
     if block_size is None:
         return 1
@@ -303,10 +315,7 @@ def create_block_mask(
         ``flash_sparse_attn_func(q, k, v, attn_bias=..., block_mask=mask, block_size=...)``.
     """
     _check_array(attention_bias, "attention_bias")
-    if isinstance(block_size, int):
-        block_m = block_n = block_size
-    else:
-        block_m, block_n = block_size
+    block_m, block_n = _block_pair(block_size)
     bias = _detached(attention_bias)
     if bias.ndim != 4:
         raise ValueError(
@@ -315,8 +324,6 @@ def create_block_mask(
         )
     if int(query_len) < 0:
         raise ValueError(f"query_len: expected >= 0, got {query_len}")
-    if block_m < 1 or block_n < 1:
-        raise ValueError(f"block_size: expected positive sizes, got {(block_m, block_n)}")
     m_blocks = -(-int(query_len) // block_m)
     n_blocks = -(-int(bias.shape[3]) // block_n)
     out = _empty_bool(attention_bias, (bias.shape[0], bias.shape[1], m_blocks, n_blocks))
