@@ -156,7 +156,7 @@ def test_relu():
 
 def test_errors():
     bias = torch.randn(1, 1, 2, 8)
-    with pytest.raises(ValueError, match="type"):
+    with pytest.raises(ValueError, match="^type: "):
         create_mask(bias, None, 1, 2, 8, 4, -1e9, type="softmax")
     with pytest.raises(ValueError, match="block_size"):
         create_mask(bias, None, 1, 2, 8, 4, -1e9, block_size=0)
@@ -418,8 +418,12 @@ def test_block_selector_errors():
     bias = torch.randn(1, 2, 1, 64)
     with pytest.raises(ValueError, match="reduce"):
         create_block_mask(bias, 64, 2, reduce="median")
-    with pytest.raises(ValueError, match="top_k"):
+    with pytest.raises(ValueError, match="^num_blocks: "):
         create_block_mask(bias, 64, -1)
+    with pytest.raises(TypeError, match="^num_blocks: "):
+        create_block_mask(bias, 64, 2.5)  # was truncated to 2
+    with pytest.raises(TypeError, match="^query_len: "):
+        create_block_mask(bias, 64.0, 2)
     with pytest.raises(ValueError, match="attention_bias"):
         create_block_mask(torch.randn(1, 2, 3, 64), 64, 2)  # query dim neither 1 nor query_len
     with pytest.raises(ValueError, match="block_size"):

@@ -274,7 +274,8 @@ def create_mask(
         bool mask of the broadcast shape of attention_bias and attention_mask.
     """
     if type not in ("topk", "relu"):
-        raise ValueError(f"Unsupported mask type: {type}. Supported types are 'topk' and 'relu'.")
+        raise ValueError(f"type: unsupported mask type {type!r}; supported types are 'topk' and "
+                         "'relu'")
     _check_array(attention_bias, "attention_bias")
     _check_array(attention_mask, "attention_mask", optional=True)
     if attention_mask is not None and attention_mask.ndim == 2:
@@ -322,8 +323,11 @@ def create_block_mask(
             "attention_bias: expected 4 dims ({B|1}, {H|Hk|1}, {1|query_len}, key_len), got shape "
             f"{tuple(bias.shape)}"
         )
-    if int(query_len) < 0:
-        raise ValueError(f"query_len: expected >= 0, got {query_len}")
+    for name, value in (("query_len", query_len), ("num_blocks", num_blocks)):
+        if isinstance(value, bool) or not hasattr(value, "__index__"):
+            raise TypeError(f"{name}: expected an int, got {value!r}")
+        if value < 0:
+            raise ValueError(f"{name}: expected >= 0, got {value}")
     m_blocks = -(-int(query_len) // block_m)
     n_blocks = -(-int(bias.shape[3]) // block_n)
     out = _empty_bool(attention_bias, (bias.shape[0], bias.shape[1], m_blocks, n_blocks))
