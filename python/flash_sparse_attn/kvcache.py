@@ -23,6 +23,7 @@ range there, where the CPU backend raises), and a paged call runs the sm80 forwa
 one GQA-packed decode runs anyway; prefill-sized calls give up the Hopper kernel's speed).
 """
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -32,6 +33,23 @@ from .flash_sparse_attn_interface import (_dl, _new_outputs, _PagedKeyAxis, _pla
                                           _stream)
 
 __all__ = ["flash_sparse_attn_with_kvcache"]
+
+# The core names its operands query / key / value; this function's are q / k_cache / v_cache.
+_CACHE_NAMES = {"query": "q", "key": "k_cache", "value": "v_cache"}
+
+
+@contextlib.contextmanager
+def _cache_argument_names():
+    """Errors of the core's calls inside, re-raised naming this function's arguments."""
+    try:
+        yield
+    except (ValueError, TypeError, NotImplementedError) as e:
+        name, colon, rest = str(e).partition(":")
+        if not colon or name not in _CACHE_NAMES:
+            raise
+        for core, ours in _CACHE_NAMES.items():
+            rest = rest.replace(f"(the {core}'s)", f"({ours}'s)")
+        raise type(e)(_CACHE_NAMES[name] + colon + rest) from e
 
 
 def flash_sparse_attn_with_kvcache(
@@ -91,10 +109,12 @@ def flash_sparse_attn_with_kvcache(
     # The plan sees shapes, the mask and causality only (the lengths are the kernels'), so a decode
     # loop reuses it while the mask stays; calls with lengths keep the map of the full key axis.
     stream = _stream(q)
-    plan = _plan_for_call(q, key_axis, attn_mask, bool(is_causal), None, None, None, attn_bias,
-                          compact_keys="auto" if seqlens is None else "never", stream=stream)
-    out, lse = _new_outputs(q, return_softmax_lse)
-    _C.forward(_dl(q), _dl(k_cache), _dl(v_cache), _dl(attn_mask), _dl(attn_bias), _dl(out),
-               _dl(lse), softmax_scale, bool(is_causal), float(softcap) if softcap else 0.0, plan,
-               stream, page_table=_dl(page_table), cache_seqlens=_dl(seqlens))
+    with _cache_argument_names():
+        plan = _plan_for_call(q, key_axis, attn_mask, bool(is_causal), None, None, None,
+                              attn_bias, compact_keys="auto" if seqlens is None else "never",
+                              stream=stream)
+        out, lse = _new_outputs(q, return_softmax_lse)
+        _C.forward(_dl(q), _dl(k_cache), _dl(v_cache), _dl(attn_mask), _dl(attn_bias), _dl(out),
+                   _dl(lse), softmax_scale, bool(is_causal), float(softcap) if softcap else 0.0,
+                   plan, stream, page_table=_dl(page_table), cache_seqlens=_dl(seqlens))
     return (out, lse) if return_softmax_lse else out

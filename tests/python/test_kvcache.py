@@ -158,7 +158,13 @@ def test_bad_input_names_the_argument():
         with pytest.raises(ValueError, match="attn_mask"):
             flash_sparse_attn_with_kvcache(q, k_pages, k_pages, torch.tensor([3, 4]), table,
                                            attn_mask=torch.ones(2, 1, 1, 7, dtype=torch.bool))
-        with pytest.raises(ValueError, match="value"):
+        # the core's query / key / value errors name this function's q / k_cache / v_cache
+        with pytest.raises(ValueError, match=r"^v_cache: .*\(k_cache's\)"):
             flash_sparse_attn_with_kvcache(q, k_pages, k_pages[:, :8], page_table=table)
+        with pytest.raises(ValueError, match="^k_cache: "):
+            flash_sparse_attn_with_kvcache(q, k_pages[..., :8], k_pages[..., :8],
+                                           page_table=table)
+        with pytest.raises(TypeError, match="^q: "):
+            flash_sparse_attn_with_kvcache(q.int(), k_pages, k_pages, page_table=table)
     with pytest.raises(ValueError, match="inference"):
         flash_sparse_attn_with_kvcache(q.requires_grad_(True), k_pages, k_pages, page_table=table)
