@@ -77,7 +77,7 @@ def flash_sparse_attn_with_kvcache(
             t is not None and t.requires_grad for t in (q, k_cache, v_cache, attn_bias)):
         raise ValueError("q: flash_sparse_attn_with_kvcache is inference only (no gradient); "
                          "call it under torch.no_grad(), or use flash_sparse_attn_func")
-    batch, seqlen_q = q.shape[0], q.shape[1]
+    batch = q.shape[0]
     if page_table is not None:
         if not isinstance(page_table, torch.Tensor) or page_table.dim() != 2 or \
                 page_table.dtype != torch.int32:
