@@ -6,23 +6,14 @@
 // compiled with (kExperiments, reported by fsa::cuda_kernel_experiments): a test or a benchmark
 // over an experiment's build reads it there instead of being told.
 
-// The softmax pin (pin_before_wait, pin_probabilities), a bit mask: 1 the forward walks, 2 the lean
-// dK/dV passes, 4 the lean fused pass, 8 the lean dQ pass.
+// The softmax pin in the backward (pin_probabilities; the forward's at D = 64 is the code,
+// Sm90ForwardTiles::kPinSoftmax), a bit mask: 2 the lean dK/dV passes, 4 the lean fused pass, 8
+// the lean dQ pass.
 #ifndef FSA_SM90_SOFTMAX_PIN
 #define FSA_SM90_SOFTMAX_PIN 0
 #endif
-// 1: the D = 64 band walk over 128-key steps (sm90_forward_wide; FlashAttention-3's 192 x 128
-// tiles at that head dim).
-#ifndef FSA_SM90_WIDE_BAND64
-#define FSA_SM90_WIDE_BAND64 0
-#endif
-// 1: warpgroup turns in the band walk (forward_sm90_cta's kTurns: FlashAttention-3's scheduler
-// barriers at its three consumer warpgroups of hdim 64).
-#ifndef FSA_SM90_WG_TURNS
-#define FSA_SM90_WG_TURNS 0
-#endif
 // 1: K/V by TMA in the D = 64 band walk over 128-key steps (Sm90ForwardTiles::kTmaKv; two 64 x 64
-// boxes each per step, as FlashAttention-3 loads them), where FSA_SM90_WIDE_BAND64 is on.
+// boxes each per step, as FlashAttention-3 loads them).
 #ifndef FSA_SM90_BAND64_TMA
 #define FSA_SM90_BAND64_TMA 0
 #endif
@@ -47,9 +38,10 @@ struct ExperimentMacro {
 // Every experiment above with the value this translation unit was compiled with (the build gives
 // every CUDA source the same flags).
 inline constexpr ExperimentMacro kExperiments[] = {
-    {"FSA_SM90_SOFTMAX_PIN", FSA_SM90_SOFTMAX_PIN}, {"FSA_SM90_WIDE_BAND64", FSA_SM90_WIDE_BAND64},
-    {"FSA_SM90_WG_TURNS", FSA_SM90_WG_TURNS},       {"FSA_SM90_BAND64_TMA", FSA_SM90_BAND64_TMA},
-    {"FSA_SM90_DQ256_TMA", FSA_SM90_DQ256_TMA},     {"FSA_SM90_DS_STSM", FSA_SM90_DS_STSM},
+    {"FSA_SM90_SOFTMAX_PIN", FSA_SM90_SOFTMAX_PIN},
+    {"FSA_SM90_BAND64_TMA", FSA_SM90_BAND64_TMA},
+    {"FSA_SM90_DQ256_TMA", FSA_SM90_DQ256_TMA},
+    {"FSA_SM90_DS_STSM", FSA_SM90_DS_STSM},
 };
 
 }  // namespace fsa::detail::cuda

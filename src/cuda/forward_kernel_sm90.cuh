@@ -75,29 +75,15 @@ constexpr int sm90_band_rows(int kHeadDim) { return kHeadDim == 64 ? 192 : 128; 
 // barrier waits and one O rescale per 128 keys, Q read from shared memory by the S product (a 64
 // x 128 S tile beside O and P leaves no registers for Q's fragments), three stages of 64 KB at
 // D = 128. Over the plan's 64-key lists a step is two consecutive tiles of one list, or one and
-// the other half dropped (KeyPairWalk). At D = 64, where the band walk is the only lean walk,
-// behind FSA_SM90_WIDE_BAND64 (not yet measured: docs/perf.md, forty-third session).
-constexpr bool sm90_forward_wide(int kHeadDim) {
-  return kHeadDim == 128 || (kHeadDim == 64 && FSA_SM90_WIDE_BAND64 != 0);
-}
-
-// Whether the lean walks (the band walk among them) at kernel head dim kHeadDim have one
-// instantiation without bias code and one that adds a bias to every tile (forward_kernel_sm90's
-// kLeanBias), or one walk that branches on the call's bias at run time. Over 128-key steps a
-// runtime branch cost 16 register copies of S at its join (SASS, forty-first session). Over
-// 64-key tiles the dense D = 64 forward measured 7-9% slower with the split than before it
-// (H200, docs/perf.md, forty-second session; the uniform warpgroup index came in between too):
-// without bias code that band walk's step is 368 instructions against 454, the kind of
-// shortening that made the lean walk slower than the general one at D = 64 (the shorter step
-// waits on P V and bursts its exp2s). So D = 64 over 64-key tiles keeps the one walk with the
-// branch (its SASS as long as before the split; the A/B is the next card's).
-constexpr bool sm90_lean_bias_split(int kHeadDim) {
-  return kHeadDim > 128 || sm90_forward_wide(kHeadDim);
-}
+// the other half dropped (KeyPairWalk). At D = 64 the band walk is the only lean walk; its
+// 192 x 128 steps (FlashAttention-3's tiles there) made the dense (2, 16384, 16, 16, 64) forward
+// 15% faster than 192 x 64 steps, 21% with the softmax pin (Sm90ForwardTiles::kPinSoftmax): 1.11x
+// / 1.13x cuDNN's rate causal / non-causal (H100, docs/perf.md, forty-fifth session).
+constexpr bool sm90_forward_wide(int kHeadDim) { return kHeadDim == 64 || kHeadDim == 128; }
 
 // The band walk's calls have keys a whole number of these (band_forward_call): its key tiles at
-// D = 128; at D = 64 the plan's 64-key tiles, also over 128-key steps (FSA_SM90_WIDE_BAND64),
-// whose last one's ragged half lies past every row's visible end, so the walk drops it as a
+// D = 128; at D = 64 the plan's 64-key tiles, also over 128-key steps, whose last one's ragged
+// half lies past every row's visible end, so the walk drops it as a
 // partial step (BandList), its K/V rows zero-filled and its bias slice cut at the keys' end.
 constexpr int sm90_band_keys(int kHeadDim) { return kHeadDim == 64 ? 64 : 128; }
 
@@ -130,6 +116,10 @@ struct Sm90ForwardTiles {
   // At D = 256 a consumer waits for P_{j-1} V_{j-1} before tile j's softmax: its registers (P)
   // are then free for the softmax, which without them spilled.
   static constexpr bool kSoftmaxAfterPv = kHeadDim > 128;
+  // At D = 64 a step's row sums are stored into shared memory before the wait for P_{j-1}
+  // V_{j-1} (pin_before_wait), so that its exps issue under that product: 7% faster over 128-key
+  // steps there (forty-fifth session). At D = 128 it measured within the runs' spread.
+  static constexpr bool kPinSoftmax = kHeadDim == 64;
   static constexpr int kProducerThreads = 128;      // one warpgroup issues every K/V load
   static constexpr int kConsumerThreads = kWarpGroups * 128;
   static constexpr int kThreads = kProducerThreads + kConsumerThreads;
@@ -196,8 +186,8 @@ struct Sm90ForwardTiles {
   static constexpr int kStepOffset = kTileOffset + 3 * 8 + 4 * 4;
   static constexpr int kVBarrierOffset = kStepOffset + kStages * 8;
   // (The fourth int32 of the tile handshake is padding where a step record follows; the softmax
-  // pin experiment, FSA_SM90_SOFTMAX_PIN, stores into it, so it is allocated everywhere then.)
-  static constexpr int kTileInts = (FSA_SM90_SOFTMAX_PIN & 1) ? 4 : 3;
+  // pin, kPinSoftmax, stores into it, so it is allocated wherever the pin is.)
+  static constexpr int kTileInts = kPinSoftmax ? 4 : 3;
   static constexpr int kSmemBytes = kPlanRows == 2 ? kVBarrierOffset + 2 * kStages * 8
                                     : kWide        ? kVBarrierOffset
                                                    : kTileOffset + 3 * 8 + kTileInts * 4;
@@ -246,14 +236,13 @@ __device__ __forceinline__ int uniform_warpgroup(int producer_threads) {
   return __shfl_sync(0xffffffffu, (int(threadIdx.x) - producer_threads) / 128, 0);
 }
 
-// An experiment awaiting a card's A/B (docs/perf.md, "Remaining gaps"): with bit 1 of
-// FSA_SM90_SOFTMAX_PIN set, a consumer stores its row sums (which depend on every exp2 of the
-// step) into a shared word nobody reads, before the wait for its own previous P V. ptxas keeps a
-// shared store on its side of that wait, so the step's exps are issued under the product instead
-// of after it (in the D = 128 bf16 build all 66 MUFU.EX2 of a band or lean walk step otherwise
-// follow the wait). The store is predicated inside the asm (one writer, no race), so every
-// thread still waits for its operand. Off by default (cuda/experiments.h): the default build's
-// SASS is unchanged.
+// The softmax pin (the forward at D = 64, Sm90ForwardTiles::kPinSoftmax; the backward passes under
+// the experiment FSA_SM90_SOFTMAX_PIN): a consumer stores its row sums (which depend on every
+// exp2 of the step) into a shared word nobody reads, before the wait for its own previous P V.
+// ptxas keeps a shared store on its side of that wait, so the step's exps are issued under the
+// product instead of after it (without it, all 66 MUFU.EX2 of a 128-key step follow the wait).
+// The store is predicated inside the asm (one writer, no race), so every thread still waits for
+// its operand.
 __device__ __forceinline__ void pin_before_wait(const void* word, float value, bool writer) {
   asm volatile(
       "{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n @p st.shared.f32 [%0], %1;\n}\n" ::"r"(
@@ -810,11 +799,6 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
   auto bias_staged = [&](const uint8_t* bias_row, int n_block) {
     return !kGathered && bias_row != nullptr && (n_block + 1) * kBlockN <= p.seqlen_k;
   };
-  // Whether a lean walk stages and adds a bias to each tile: the instantiation's kLeanBias where
-  // sm90_lean_bias_split, else the one walk's runtime branch on the call's bias row.
-  auto lean_bias = [&](const uint8_t* bias_row) {
-    return sm90_lean_bias_split(kHeadDim) ? kLeanBias : bias_row != nullptr;
-  };
   // Gathered tiles: the bias row of the tile's head, read by slot.
   auto gathered_bias_row = [&](int m, int h, int b) -> const float* {
     if (!kGathered || p.bias == nullptr) return nullptr;
@@ -910,7 +894,7 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
           }
         }
         // The lean walks' tiles are whole but for a 128-key step's second half at the keys' end.
-        if (kLean ? lean_bias(bias_row) : bias_staged(bias_row, n_block)) {
+        if (kLean ? kLeanBias : bias_staged(bias_row, n_block)) {
           copy_key_bias_async<kBlockN>(bias_row, n_block, bias_bytes,
                                        s_bias + stage * Tiles::kBiasStageBytes,
                                        p.seqlen_k - n_block * kBlockN);
@@ -1114,22 +1098,6 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
     warpgroup_commit_batch();
   };
   const bool release_lane = ct % 32 == 0;
-  // Warpgroup turns (the band walk under FSA_SM90_WG_TURNS): warpgroup w issues a step's products
-  // only after warpgroup w - 1 issued its own (named barrier 3 + w: the previous warpgroup's 128
-  // threads arrive, w's 128 wait; warpgroup 0 hands itself the first turn), so that the tensor
-  // cores take the warpgroups' products in a fixed order and each one's softmax runs under the
-  // others' products. Every warpgroup of the CTA walks the same steps, so the turns stay in
-  // step across tiles; the last hand-over of the CTA is never waited for.
-  constexpr bool kTurns = FSA_SM90_WG_TURNS != 0 && kBand;
-  auto turn_wait = [&] {
-    if constexpr (kTurns) asm volatile("bar.sync %0, 256;\n" ::"r"(3 + wg) : "memory");
-  };
-  auto turn_pass = [&] {
-    if constexpr (kTurns) {
-      asm volatile("bar.arrive %0, 256;\n" ::"r"(3 + (wg + 1) % Tiles::kWarpGroups) : "memory");
-    }
-  };
-  if (kTurns && wg == 0) asm volatile("bar.arrive 3, 256;\n" ::: "memory");
   int it = 0;  // K/V tiles consumed so far, over every tile of the CTA
 #pragma unroll 1
   for (int t = 0;; ++t) {
@@ -1277,7 +1245,6 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
       }
       if (!by_tma || (kPaired && pending_fence)) fence_async_shared();
 
-      turn_wait();
       warpgroup_fence_operand(tSrS);
       warpgroup_arrive();
       mma_s.accumulate_ = GMMA::ScaleOut::Zero;
@@ -1291,11 +1258,9 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
       const bool has_prev = kPaired ? pending : j > 0;
       if (kPaired ? pending : j > 0) {
         issue_pv(prev_stage);
-        turn_pass();
         // S_j (groups retire in order); at D = 256 P_{j-1} V_{j-1} too (kSoftmaxAfterPv).
         warpgroup_wait<Tiles::kSoftmaxAfterPv ? 0 : 1>();
       } else {
-        turn_pass();
         warpgroup_wait<0>();
       }
       warpgroup_fence_operand(tSrS);
@@ -1320,7 +1285,7 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
       if constexpr (kLean) {
         // Every key tile whole, the bias (if any) staged with it: its values, then a partial
         // tile's causal bound.
-        if (lean_bias(bias_row)) {
+        if constexpr (kLeanBias) {
           add_column_bias<Elt>(s[0], s_bias + stage * Tiles::kBiasStageBytes, p.bias_is_fp32,
                                wr.t, wr.bias_factor);
         }
@@ -1354,7 +1319,7 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
       float correction[1][2];
       // (The lean walks never prescale: their scale, not WarpRows' select of it per step.)
       softmax_step(s, kLean ? p.scale_log2 : wr.exp_scale, row_max, row_sum, correction);
-      if constexpr ((FSA_SM90_SOFTMAX_PIN & 1) && !Tiles::kSoftmaxAfterPv) {
+      if constexpr (Tiles::kPinSoftmax) {
         pin_before_wait(&s_tile[3], row_sum[0][0] + row_sum[0][1], ct == 0);
       }
 
@@ -1418,9 +1383,7 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
         mbarrier_wait(&full_v[last_stage], pending_parity);
         if (pending_fence) fence_async_shared();
       }
-      turn_wait();
       issue_pv(last_stage);
-      turn_pass();
       warpgroup_wait<0>();
       warpgroup_fence_operand(tOrO);
       if (release_lane) mbarrier_arrive(kPaired ? &empty_v[last_stage] : &empty_bar[last_stage]);
@@ -1461,12 +1424,13 @@ __device__ __forceinline__ void forward_sm90_cta(const ForwardParams& p, const K
 // 128-key tiles where sm90_forward_wide; BandList); for calls whose plan lists nothing else
 // (band_forward_call).
 //
-// kLeanBias (the lean walks' where sm90_lean_bias_split; true otherwise): whether the call has a
-// bias, which lean_forward_call allows only query-invariant and with every row aligned, so that
-// each of its tiles is staged and added: one walk adds it to every tile, the other has no bias
-// code. A runtime branch on the tile's bias row in their place cost the dense D = 128 band walk
-// 16 register copies of S per step at the branch's join, and a compare and a branch (SASS,
-// forty-first session).
+// kLeanBias (the lean walks'; true otherwise): whether the call has a bias, which
+// lean_forward_call allows only query-invariant and with every row aligned, so that each of its
+// tiles is staged and added: one walk adds it to every tile, the other has no bias code. A
+// runtime branch on the tile's bias row in their place cost the dense D = 128 band walk 16
+// register copies of S per step at the branch's join, and a compare and a branch (SASS,
+// forty-first session); over the 64-key tiles the D = 64 walks had before the forty-fifth
+// session, the split measured 7-9% slower (forty-second session).
 template <int kHeadDim, class Elt, bool kStagedBias, bool kGathered = false, bool kCheckV = true,
           bool kLean = false, bool kBand = false, bool kLeanBias = true>
 __global__ void __launch_bounds__(

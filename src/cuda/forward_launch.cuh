@@ -108,15 +108,12 @@ inline bool band_forward_call(const ForwardParams& p, int band_keys) {
          int64_t(p.map.m_blocks) * p.num_heads * p.batch < (int64_t(1) << 30);  // (int counter)
 }
 
-// The lean walk (kBand: the band walk) for a lean call: where sm90_lean_bias_split, the
-// instantiation with bias code where it has a bias and the one without where it has none; else
-// the one walk.
+// The lean walk (kBand: the band walk) for a lean call: the instantiation with bias code where it
+// has a bias, the one without where it has none.
 template <int kHeadDim, class Elt, bool kBand>
 auto* lean_walk_kernel(const ForwardParams& p) {
-  if constexpr (sm90_lean_bias_split(kHeadDim)) {
-    if (p.bias == nullptr) {
-      return &forward_kernel_sm90<kHeadDim, Elt, false, false, false, true, kBand, false>;
-    }
+  if (p.bias == nullptr) {
+    return &forward_kernel_sm90<kHeadDim, Elt, false, false, false, true, kBand, false>;
   }
   return &forward_kernel_sm90<kHeadDim, Elt, false, false, false, true, kBand>;
 }

@@ -28,10 +28,6 @@ pytestmark = pytest.mark.skipif(
 SEED = int(os.environ.get("FSA_TEST_SEED", time.time_ns() % (2**31)))
 DTYPES = [torch.bfloat16, torch.float16]
 ATOL = 1e-4  # below one ulp of bf16/fp16 outputs of magnitude ~1: only absorbs exact-zero refs
-# A build with the D = 64 band walk over 128-key steps (nvcc -DFSA_SM90_WIDE_BAND64=1, an
-# experiment off by default) has the default build's kernel names, but some calls launch other
-# instantiations under them (the walk without bias code): the build says which build it is.
-WIDE_BAND64 = _C.cuda_kernel_experiments().get("FSA_SM90_WIDE_BAND64", 0) != 0
 
 
 def expand_heads(x, heads):
@@ -182,8 +178,7 @@ def test_lean_walk_causal_per_key_bias(dtype, D, gen):
     (kBand: blocks and key tiles of its own, 192 rows at D = 64, 128-key tiles at D = 128; a
     ragged last block of queries too) or, at D = 256 and where the keys are no whole number of
     the band's key tiles, the lean instantiation, each in its variant with bias code where the
-    call has a bias and without where it has none (kLeanBias; at D = 64 with it always, but
-    over 128-key steps: WIDE_BAND64), and that a bias row off 16-byte alignment, a mask, softcap
+    call has a bias and without where it has none (kLeanBias), and that a bias row off 16-byte alignment, a mask, softcap
     or a ragged last key tile ran neither (they take the general walk, checked against float64
     too)."""
     B, H, Hk = 2, 8, 2
@@ -193,10 +188,8 @@ def test_lean_walk_causal_per_key_bias(dtype, D, gen):
     def run(label, expect_lean, *args, **kwargs):
         names = kernel_names(lambda: check(*args, label=f"{label} D={D}", **kwargs))
         if sm90 and names:  # (no profile under compute-sanitizer: CUPTI is taken)
-            # The variant with bias code: calls with a bias, and at D = 64 every call (one
-            # walk there, its bias branch at run time: sm90_lean_bias_split), but over 128-key
-            # steps.
-            has_bias = kwargs.get("bias") is not None or (D < 128 and not WIDE_BAND64)
+            # The variant with bias code: calls with a bias (kLeanBias).
+            has_bias = kwargs.get("bias") is not None
             ran = {(band, bias): any(lean_walk_name(D, dtype, band, bias) in n for n in names)
                    for band in (False, True) for bias in (False, True)}
             expect_band = expect_lean and band_keys is not None and args[1].shape[1] % band_keys == 0
