@@ -158,11 +158,11 @@ using BackwardKernel = void (*)(BackwardParams);
 using WideDqKernel = void (*)(BackwardParams, KvTensorMaps);
 
 // The D = 256 dQ pass's K and V tensor maps ((64 columns x 32 keys) boxes), or none (enabled
-// false: cp.async): encoded only in builds with the experiment FSA_SM90_DQ256_TMA, and not under
-// FSA_CUDA_TMA=0 or where TMA cannot address the tensors (encode_rows_map; log_tma_fallback).
+// false: cp.async): not under FSA_CUDA_TMA=0 or where TMA cannot address the tensors
+// (encode_rows_map; log_tma_fallback).
 inline KvTensorMaps dq_tensor_maps(const BackwardParams& p) {
   KvTensorMaps maps{};
-  if (!FSA_SM90_DQ256_TMA || !tma_enabled()) return maps;
+  if (!tma_enabled()) return maps;
   maps.enabled = encode_kv_maps(maps, p, 32);
   static std::atomic<bool> logged{false};
   if (!maps.enabled) log_tma_fallback(logged, "key or value", "the Hopper dQ pass");

@@ -344,11 +344,11 @@ __global__ void __launch_bounds__(Sm90DkvWideTiles<Elt>::kThreads, 1)
 //   dQ[:, 128 w ..] += dS K[:, 128 w ..]   SS wgmma over all 64 keys, K read as the MN-major
 //                                          (columns x keys) view of its stage
 //
-// Under FSA_SM90_DQ256_TMA the K and V tiles come by TMA where the call has tensor maps (one
-// producer thread, a (64 columns x 32 keys) box per sub-tile and column block: a stage is 16 of
-// them), so the consumers' fence before their products is the first stage's alone (Q and dO come
-// by cp.async with it); the dK/dV pass's Q and dO by TMA took that pass 7.88 -> 7.35 ms
-// (twenty-eighth session). Not yet measured here.
+// The K and V tiles come by TMA where the call has tensor maps (one producer thread, a (64
+// columns x 32 keys) box per sub-tile and column block: a stage is 16 of them), so the consumers'
+// fence before their products is the first stage's alone (Q and dO come by cp.async with it):
+// the dense causal (1, 16384, 16, 16, 256) backward 1.7% faster than with cp.async, 0.97x cuDNN's
+// rate (H100, docs/perf.md, forty-fifth session).
 //
 // A tile's dQ product is issued before the next tile's x and dP and retires under them. The dS
 // tile is single: a warpgroup writes tile j + 1's once both retired tile j's dQ (a named
@@ -460,7 +460,7 @@ __global__ void __launch_bounds__(Sm90DqWideTiles<Elt>::kThreads, 1)
   const int row0 = m * kBlockM;
   const DqTileList list(p, b, h, m);
   const int n_full = list.n_full, total = list.total;
-  const bool by_tma = FSA_SM90_DQ256_TMA != 0 && tma.enabled;  // K and V (producer, consumers)
+  const bool by_tma = tma.enabled;  // K and V (producer, consumers)
 
   if (threadIdx.x < Tiles::kProducerThreads) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Tiles::kProducerRegisters));

@@ -17,11 +17,6 @@
 #ifndef FSA_SM90_BAND64_TMA
 #define FSA_SM90_BAND64_TMA 0
 #endif
-// 1: K and V by TMA in the D = 256 dQ pass (dq_kernel_sm90_wide's tensor maps, encoded by the host
-// only then: dq_tensor_maps).
-#ifndef FSA_SM90_DQ256_TMA
-#define FSA_SM90_DQ256_TMA 0
-#endif
 // 1: dS stored by stmatrix in the fused backward pass (four 8 x 8 tiles of 16-bit pairs a warp
 // instruction: 4 a step where 16 st.shared.b32 store it).
 #ifndef FSA_SM90_DS_STSM
@@ -40,7 +35,6 @@ struct ExperimentMacro {
 inline constexpr ExperimentMacro kExperiments[] = {
     {"FSA_SM90_SOFTMAX_PIN", FSA_SM90_SOFTMAX_PIN},
     {"FSA_SM90_BAND64_TMA", FSA_SM90_BAND64_TMA},
-    {"FSA_SM90_DQ256_TMA", FSA_SM90_DQ256_TMA},
     {"FSA_SM90_DS_STSM", FSA_SM90_DS_STSM},
 };
 

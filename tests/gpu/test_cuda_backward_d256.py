@@ -20,7 +20,7 @@ kernels the same cases run the sm80 passes.
 import pytest
 import torch
 
-from flash_sparse_attn import _C, flash_sparse_attn_func
+from flash_sparse_attn import flash_sparse_attn_func
 
 from flash_sparse_attn.utils.mask import create_mask
 
@@ -176,10 +176,8 @@ def test_tma_fallback_is_logged_once_and_exact():
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
                     reason="the Hopper forward's and dQ pass's TMA paths")
 def test_kv_tma_fallback_is_logged_once_and_exact():
-    # K and V expanded over kv heads (stride 0): the D = 256 forward copies them with cp.async,
-    # and so does the dQ pass where it loads them by TMA (the experiment FSA_SM90_DQ256_TMA), with
-    # the same bits in the output and every gradient.
-    logged = [("key or value", "the Hopper forward")]
-    if _C.cuda_kernel_experiments().get("FSA_SM90_DQ256_TMA", 0):
-        logged.append(("key or value", "the Hopper dQ pass"))
-    check_tma_fallback(TMA_FALLBACK.replace("{expand}", "kv"), *logged)
+    # K and V expanded over kv heads (stride 0): the D = 256 forward and dQ pass copy them with
+    # cp.async, with the same bits in the output and every gradient.
+    check_tma_fallback(TMA_FALLBACK.replace("{expand}", "kv"),
+                       ("key or value", "the Hopper forward"),
+                       ("key or value", "the Hopper dQ pass"))
