@@ -153,6 +153,15 @@ def damage_shape(rng, shape):
     return shape
 
 
+def damage_tensor(rng, shapes, dtypes, bad_dtypes):
+    """One defect of a random tensor of the call: its shape, or its dtype."""
+    name = rng.choice(sorted(shapes))
+    if rng.random() < 0.5:
+        shapes[name] = damage_shape(rng, shapes[name])
+    else:
+        dtypes[name] = rng.choice(bad_dtypes)
+
+
 def offsets(lengths):
     return torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int32)
 
@@ -181,24 +190,21 @@ def varlen_call(rng):
         dtypes["attn_mask"] = torch.bool
     cu = {"cu_seqlens_q": offsets(lens_q), "cu_seqlens_k": offsets(lens_k)}
     for _ in range(rng.choice([0, 1, 1, 2])):
-        kind = rng.randrange(6)
+        kind = rng.randrange(5)
         if kind == 0:
-            name = rng.choice(sorted(shapes))
-            shapes[name] = damage_shape(rng, shapes[name])
+            damage_tensor(rng, shapes, dtypes,
+                          [torch.float64, torch.int32, torch.bool, torch.float16])
         elif kind == 1:
-            name = rng.choice(sorted(shapes))
-            dtypes[name] = rng.choice([torch.float64, torch.int32, torch.bool, torch.float16])
-        elif kind == 2:
             name = rng.choice(sorted(cu))
             c = cu[name].clone().reshape(-1)  # (a defect may have made it 2-D or float)
             j = rng.randrange(len(c))
             c[j] = rng.choice([-1, 1 << 20, int(c[j]) + 1, int(c[j]) - 1])
             cu[name] = c.reshape(cu[name].shape)
-        elif kind == 3:
+        elif kind == 2:
             name = rng.choice(sorted(cu))
             cu[name] = rng.choice([cu[name].long(), cu[name].float(), cu[name][:-1],
                                    cu[name].reshape(1, -1)])
-        elif kind == 4:
+        elif kind == 3:
             kwargs["topk"] = rng.choice([0, -2, 2.5, True])
         else:
             kwargs["max_seqlen_q"] = rng.choice([0, -1, 1 << 20])
@@ -244,20 +250,16 @@ def cache_call(rng):
     lengths = torch.randint(0, sk + 1, (b,), dtype=torch.int32) if rng.random() < 0.7 else None
     kwargs = {"is_causal": rng.random() < 0.5}
     for _ in range(rng.choice([0, 1, 1, 2])):
-        kind = rng.randrange(6)
+        kind = rng.randrange(5)
         if kind == 0:
-            name = rng.choice(sorted(shapes))
-            shapes[name] = damage_shape(rng, shapes[name])
-        elif kind == 1:
-            name = rng.choice(sorted(shapes))
-            dtypes[name] = rng.choice([torch.float64, torch.int32, torch.float16])
-        elif kind == 2 and lengths is not None:
+            damage_tensor(rng, shapes, dtypes, [torch.float64, torch.int32, torch.float16])
+        elif kind == 1 and lengths is not None:
             lengths = lengths.clone()
             lengths[0] = rng.choice([-1, sk + 1, 1 << 20])
-        elif kind == 3 and table is not None:
+        elif kind == 2 and table is not None:
             table = table.clone()
             table[0, 0] = rng.choice([-1, 1 << 20, (1 << 31) - 1])
-        elif kind == 4:
+        elif kind == 3:
             lengths = torch.zeros(b + 1, dtype=rng.choice([torch.int32, torch.int64]))
         else:
             kwargs["softmax_scale"] = rng.choice([-1.0, math.nan])
