@@ -18,7 +18,7 @@
 # --topk CASES adds bench/sweep.py's topk group with those cases (e.g. row16k: per-row top-k, the
 # dK/dV groups' workload), whose workloads run every implementation in every run. --runs N: runs
 # per side (default 2). --head-flags FLAGS: extra nvcc flags for the head's build alone (CMake's
-# CUDAFLAGS), e.g. "-DFSA_SM90_SOFTMAX_PIN=1" for an experiment compiled in behind a macro,
+# CUDAFLAGS), e.g. "-DFSA_SM90_SOFTMAX_PIN=2" for an experiment compiled in behind a macro,
 # against `git archive HEAD` as the base. --head-env "VAR=VALUE ...": environment for the head's
 # sweep runs alone, e.g. "FSA_CUDA_FINITE_PASSES=0" to measure a switch in the same code (against
 # `git archive HEAD`: still two builds, the same sources). Each sweep run is time-boxed
