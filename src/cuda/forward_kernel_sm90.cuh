@@ -83,8 +83,8 @@ constexpr bool sm90_forward_wide(int kHeadDim) { return kHeadDim == 64 || kHeadD
 
 // The band walk's calls have keys a whole number of these (band_forward_call): its key tiles at
 // D = 128; at D = 64 the plan's 64-key tiles, also over 128-key steps, whose last one's ragged
-// half lies past every row's visible end, so the walk drops it as a
-// partial step (BandList), its K/V rows zero-filled and its bias slice cut at the keys' end.
+// half lies past every row's visible end, so the walk drops it as a partial step (BandList), its
+// K/V rows zero-filled and its bias slice cut at the keys' end.
 constexpr int sm90_band_keys(int kHeadDim) { return kHeadDim == 64 ? 64 : 128; }
 
 template <int kHeadDim_, class Elt, bool kBand_ = false, bool kWide_ = false>
