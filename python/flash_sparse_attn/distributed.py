@@ -41,7 +41,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from .flash_sparse_attn_interface import (_make_plan, _resolve_block_size, _run_backward,
+from .flash_sparse_attn_interface import (_block_tile, _make_plan, _run_backward,
                                           flash_sparse_attn_func)
 
 __all__ = ["shard_positions", "ring_flash_sparse_attn_func"]
@@ -190,10 +190,7 @@ class _Selection:
     """A global block selection (B|1, H|Hk|1, ceil(S / bm), ceil(S / bn)) and its tile: each
     (query run, key run) pair's slice, and which pairs select something (read back once)."""
 
-    def __init__(self, ring: "_Ring", block_mask: torch.Tensor, block_size):
-        bm, bn = _resolve_block_size(block_size)
-        if bm is None:
-            bm = bn = 128
+    def __init__(self, ring: "_Ring", block_mask: torch.Tensor, bm: int, bn: int):
         S = ring.seqlen
         want = (-(-S // bm), -(-S // bn))
         if (block_mask.dtype != torch.bool or block_mask.dim() != 4
@@ -443,6 +440,7 @@ def ring_flash_sparse_attn_func(
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("ring_flash_sparse_attn_func: torch.distributed is not initialized")
     _check(query, key, value, positions, attn_mask, attn_bias)
+    block_m, block_n = _block_tile(block_mask, block_size)
     ring = _ring_for(group, positions, query.device)
     if topk is not None:
         if attn_bias is None:
@@ -450,7 +448,7 @@ def ring_flash_sparse_attn_func(
         if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
             raise ValueError(f"topk: expected a positive int, got {topk!r}")
         attn_mask = _global_topk_mask(ring, attn_mask, attn_bias, topk, query.shape[0])
-    selection = None if block_mask is None else _Selection(ring, block_mask, block_size)
+    selection = None if block_mask is None else _Selection(ring, block_mask, block_m, block_n)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(query.shape[-1])
     softcap = float(softcap) if softcap else 0.0
     return _RingAttention.apply(query, key, value, attn_bias, attn_mask, ring, scale,

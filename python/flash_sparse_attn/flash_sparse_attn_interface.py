@@ -63,10 +63,17 @@ def _check_inputs(query, key, value, attn_mask, attn_bias) -> None:
         )
 
 
-def _resolve_block_size(block_size) -> Tuple[Optional[int], Optional[int]]:
-    if block_size is None:
+def _block_tile(block_mask, block_size) -> Tuple[Optional[int], Optional[int]]:
+    """block_mask's (bm, bn) tile, default (128, 128); (None, None) without a block_mask. A
+    block_size without a block_mask describes nothing: an error rather than silently ignored."""
+    if block_mask is None:
+        if block_size is not None:
+            raise ValueError(
+                f"block_size: gives block_mask's tile, but block_mask is None; pass a block_mask "
+                f"or leave block_size out (got block_size={block_size!r})"
+            )
         return None, None
-    return _block_pair(block_size)
+    return (128, 128) if block_size is None else _block_pair(block_size)
 
 
 def _new_outputs(query: _Tensor, need_lse: bool):
@@ -603,7 +610,7 @@ def flash_sparse_attn_func(
             ``flash_sparse_attn.utils.mask.create_block_mask``; tiles marked False are skipped.
         block_size: the (bm, bn) tile of ``block_mask`` (an int for both); default (128, 128),
             as ``create_block_mask``'s. On CUDA it must be a whole multiple of the kernel's tile
-            (128 x 128 always is).
+            (128 x 128 always is). Given without a ``block_mask``, it is an error.
         topk: keep in every row only the ``topk`` largest ``attn_bias`` entries among the keys
             ``attn_mask`` allows (all keys without one); causality then applies to the kept keys.
             Exactly the keys ``create_mask(attn_bias, attn_mask, ..., window_size=topk,
@@ -619,6 +626,7 @@ def flash_sparse_attn_func(
     Returns ``out`` (B, Sq, H, D) in the query dtype, or ``(out, lse, None)``.
     """
     _check_inputs(query, key, value, attn_mask, attn_bias)
+    block_m, block_n = _block_tile(block_mask, block_size)
     is_causal = bool(is_causal) if is_causal is not None else False
     row_topk = max_kept = 0
     if topk_causal:
@@ -638,11 +646,6 @@ def flash_sparse_attn_func(
     return_lse = bool(return_attn_probs)
     if softmax_scale is not None:
         softmax_scale = float(softmax_scale)
-    block_m = block_n = None
-    if block_mask is not None:
-        block_m, block_n = _resolve_block_size(block_size)
-        if block_m is None:
-            block_m = block_n = 128
 
     query = _last_dim_contiguous(query)
     key = _last_dim_contiguous(key)

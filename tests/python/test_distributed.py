@@ -125,6 +125,8 @@ def _bad_input_worker(rank, world, init_file):
         with pytest.raises(ValueError, match="block_mask: expected a bool"):
             ring_flash_sparse_attn_func(q, q, q, pos, block_mask=torch.ones(1, 2, 3, 3, dtype=torch.bool),
                                         block_size=4)
+        with pytest.raises(ValueError, match="block_size: .*block_mask is None"):
+            ring_flash_sparse_attn_func(q, q, q, pos, block_size=4)
     finally:
         dist.destroy_process_group()
 

@@ -128,6 +128,18 @@ def test_bad_block_size_names_block_size(block_size, error):
         create_block_mask(bias, 64, 2, block_size=block_size)
 
 
+def test_block_size_without_block_mask_is_an_error():
+    """block_size gives block_mask's tile; alone it was silently ignored, which hides a caller's
+    forgotten block_mask (the attention then runs dense). The topk work is not started either."""
+    q, k, v = qkv(sq=64, sk=64)
+    bias = torch.randn(1, 2, 1, 64)
+    for block_size in (16, (16, 32), 0):
+        with pytest.raises(ValueError, match="^block_size: .*block_mask is None"):
+            flash_sparse_attn_func(q, k, v, attn_bias=bias, block_size=block_size, topk=8)
+    out = flash_sparse_attn_func(q, k, v, attn_bias=bias, block_size=None)
+    assert torch.isfinite(out).all()
+
+
 def test_errors_with_gradients_too():
     q, k, v = (t.requires_grad_() for t in qkv())
     with pytest.raises(TypeError, match="attn_mask"):
