@@ -319,12 +319,29 @@ std::shared_ptr<const DeviceBlockMap> make_device_plan(
       FSA_CUDA_CHECK(cudaGetLastError());
     }
     if (dkv_groups) plan_dkv_groups(pp, outer, dkv_stride, dkv_stream);
-  } else if (rows > 0) {  // Sk = 0: every row has empty lists
-    FSA_CUDA_CHECK(cudaMemsetAsync(const_cast<int32_t*>(mp.full_count), 0, rows * sizeof(int32_t), stream));
-    FSA_CUDA_CHECK(cudaMemsetAsync(const_cast<int32_t*>(mp.partial_count), 0, rows * sizeof(int32_t), stream));
+  } else {
+    // Sk = 0 or Sq = 0: every list is empty, by row and by column. The storage comes from the
+    // scratch pool, which holds what its last user left: with Sq = 0 (rows = 0) the dK/dV pass
+    // still runs every key tile over its column's counts (zeroing dK and dV), and read such
+    // leftovers as lists of query tiles (an illegal address on the card, the empty-sequence
+    // backward test at D = 128).
+    auto fill = [&](const int32_t* list, int64_t count, int byte) {
+      if (count > 0) {
+        FSA_CUDA_CHECK(cudaMemsetAsync(const_cast<int32_t*>(list), byte,
+                                       size_t(count) * sizeof(int32_t), stream));
+      }
+    };
+    fill(mp.full_count, rows, 0);
+    fill(mp.partial_count, rows, 0);
+    fill(mp.full_count_t, cols, 0);
+    fill(mp.partial_count_t, cols, 0);
     if (gathered) {
-      FSA_CUDA_CHECK(cudaMemsetAsync(const_cast<int32_t*>(mp.gather_full), 0, rows * sizeof(int32_t), stream));
-      FSA_CUDA_CHECK(cudaMemsetAsync(const_cast<int32_t*>(mp.gather_tiles), 0, rows * sizeof(int32_t), stream));
+      fill(mp.gather_full, rows, 0);
+      fill(mp.gather_tiles, rows, 0);
+    }
+    if (dkv_groups) {  // no slot in any group (-1), no query tile in any group's lists
+      fill(mp.dkv_slots, outer * dkv_stride, 0xff);
+      fill(mp.dkv_full_count_t, 2 * cols, 0);
     }
   }
   return map;

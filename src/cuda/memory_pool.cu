@@ -2,6 +2,8 @@
 
 #include "cuda/memory_pool.h"
 
+#include "cuda/device_arch.h"
+
 #include <cstdint>
 #include <mutex>
 #include <vector>
@@ -38,6 +40,15 @@ cudaMemPool_t pool_of(int device) {
 
 thread_local ScratchArena* t_arena = nullptr;  // this thread's ScratchArena scope, if any
 
+// FSA_CUDA_SCRATCH_POISON=1 fills every scratch allocation with 0xff bytes on its stream (NaN as
+// a float, -1 as an int32), a debug switch for the tests: a read of scratch that nothing wrote
+// first otherwise sees what the pool's last user left, often zeros, and passes by luck (an empty
+// query axis's plan left its column counts unwritten so). Read once per process.
+cudaError_t poison(void* ptr, size_t bytes, cudaStream_t stream) {
+  static const bool enabled = env_is("FSA_CUDA_SCRATCH_POISON", "1");
+  return enabled && bytes > 0 ? cudaMemsetAsync(ptr, 0xff, bytes, stream) : cudaSuccess;
+}
+
 }  // namespace
 
 ScratchArena::ScratchArena(void* base, size_t capacity)
@@ -56,14 +67,14 @@ cudaError_t scratch_malloc(void** ptr, size_t bytes, cudaStream_t stream) {
       if (taken > arena->capacity_ - at) return cudaErrorMemoryAllocation;
       arena->used_ += taken;
       *ptr = arena->base_ + at;
-      return cudaSuccess;
+      return poison(*ptr, bytes, stream);
     }
     arena->used_ += taken;  // measuring: taken from the pool below
   }
   int device = 0;
-  const cudaError_t e = cudaGetDevice(&device);
-  if (e != cudaSuccess) return e;
-  return cudaMallocFromPoolAsync(ptr, bytes, pool_of(device), stream);
+  cudaError_t e = cudaGetDevice(&device);
+  if (e == cudaSuccess) e = cudaMallocFromPoolAsync(ptr, bytes, pool_of(device), stream);
+  return e == cudaSuccess ? poison(*ptr, bytes, stream) : e;
 }
 
 void scratch_free(void* ptr, cudaStream_t stream) {
