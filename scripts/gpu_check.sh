@@ -105,6 +105,15 @@ if [ $python = 1 ]; then
     grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck_fuzz.log" | tail -n 3
     [ $rc -ne 0 ] && { echo "FUZZ MEMCHECK FAILED (rc $rc)"; status=1; }
   fi
+  step "poisoned scratch (FSA_CUDA_SCRATCH_POISON 0x7f and 0xff): the empty-sequence tests"
+  # Their plans once left lists unwritten, which passed over a pool of zeros (docs/numerics.md,
+  # "Scratch memory"); each byte gets a fresh process (the switch is read once).
+  for byte in 0x7f 0xff; do
+    (cd /tmp && FSA_CUDA_SCRATCH_POISON=$byte python3 -m pytest -q -p no:cacheprovider \
+        "$OLDPWD/tests/gpu/test_cuda_backward.py" -k empty_sequences > "$OUT/poison_$byte.log" 2>&1) \
+      || { echo "POISONED SCRATCH $byte FAILED"; status=1; }
+    tail -n 1 "$OUT/poison_$byte.log"
+  done
   if [ -z "$sweep_args" ]; then
     if [ -n "$peers" ]; then
       sweep_args="--only $peers --reps $reps"

@@ -2,9 +2,8 @@
 
 #include "cuda/memory_pool.h"
 
-#include "cuda/device_arch.h"
-
 #include <cstdint>
+#include <cstdlib>
 #include <mutex>
 #include <vector>
 
@@ -40,13 +39,18 @@ cudaMemPool_t pool_of(int device) {
 
 thread_local ScratchArena* t_arena = nullptr;  // this thread's ScratchArena scope, if any
 
-// FSA_CUDA_SCRATCH_POISON=1 fills every scratch allocation with 0xff bytes on its stream (NaN as
-// a float, -1 as an int32), a debug switch for the tests: a read of scratch that nothing wrote
-// first otherwise sees what the pool's last user left, often zeros, and passes by luck (an empty
-// query axis's plan left its column counts unwritten so). Read once per process.
+// FSA_CUDA_SCRATCH_POISON=B fills every scratch allocation with the byte B (1 to 255, e.g. 0xff:
+// NaN as a float, -1 as an int32; 0x7f: a large positive int32 and float) on its stream, a debug
+// switch for the tests: a read of scratch that nothing wrote first otherwise sees what the pool's
+// last user left, often zeros, and passes by luck (an empty query axis's plan left its column
+// counts unwritten so; 0x7f makes them huge). Read once per process.
 cudaError_t poison(void* ptr, size_t bytes, cudaStream_t stream) {
-  static const bool enabled = env_is("FSA_CUDA_SCRATCH_POISON", "1");
-  return enabled && bytes > 0 ? cudaMemsetAsync(ptr, 0xff, bytes, stream) : cudaSuccess;
+  static const int byte = [] {
+    const char* env = std::getenv("FSA_CUDA_SCRATCH_POISON");
+    const long value = env != nullptr ? std::strtol(env, nullptr, 0) : 0;
+    return value >= 1 && value <= 255 ? int(value) : 0;
+  }();
+  return byte != 0 && bytes > 0 ? cudaMemsetAsync(ptr, byte, bytes, stream) : cudaSuccess;
 }
 
 }  // namespace
