@@ -321,10 +321,10 @@ std::shared_ptr<const DeviceBlockMap> make_device_plan(
     if (dkv_groups) plan_dkv_groups(pp, outer, dkv_stride, dkv_stream);
   } else {
     // Sk = 0 or Sq = 0: every list is empty, by row and by column. The storage comes from the
-    // scratch pool, which holds what its last user left: with Sq = 0 (rows = 0) the dK/dV pass
-    // still runs every key tile over its column's counts (zeroing dK and dV), and read such
-    // leftovers as lists of query tiles (an illegal address on the card, the empty-sequence
-    // backward test at D = 128).
+    // scratch pool, which holds what its last user left. With Sq = 0 (rows = 0) the dK/dV pass
+    // still runs every key tile over its column's counts (to write zero dK and dV); unwritten,
+    // those counts were read as lists of query tiles (an illegal address on the card in the
+    // empty-sequence backward test at D = 128).
     auto fill = [&](const int32_t* list, int64_t count, int byte) {
       if (count > 0) {
         FSA_CUDA_CHECK(cudaMemsetAsync(const_cast<int32_t*>(list), byte,

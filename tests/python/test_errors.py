@@ -130,7 +130,7 @@ def test_bad_block_size_names_block_size(block_size, error):
 
 def test_block_size_without_block_mask_is_an_error():
     """block_size gives block_mask's tile; alone it was silently ignored, which hides a caller's
-    forgotten block_mask (the attention then runs dense). The topk work is not started either."""
+    forgotten block_mask (the attention then runs dense). Checked before the topk selection."""
     q, k, v = qkv(sq=64, sk=64)
     bias = torch.randn(1, 2, 1, 64)
     for block_size in (16, (16, 32), 0):
