@@ -110,7 +110,8 @@ if [ $python = 1 ]; then
   # "Scratch memory"); each byte gets a fresh process (the switch is read once).
   for byte in 0x7f 0xff; do
     (cd /tmp && FSA_CUDA_SCRATCH_POISON=$byte python3 -m pytest -q -p no:cacheprovider \
-        "$OLDPWD/tests/gpu/test_cuda_backward.py" -k empty_sequences > "$OUT/poison_$byte.log" 2>&1) \
+        "$OLDPWD/tests/gpu/test_cuda_backward.py" -k empty_sequences \
+        > "$OUT/poison_$byte.log" 2>&1) \
       || { echo "POISONED SCRATCH $byte FAILED"; status=1; }
     tail -n 1 "$OUT/poison_$byte.log"
   done

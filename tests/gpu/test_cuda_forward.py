@@ -178,9 +178,9 @@ def test_lean_walk_causal_per_key_bias(dtype, D, gen):
     (kBand: blocks and key tiles of its own, 192 rows at D = 64, 128-key tiles at D = 128; a
     ragged last block of queries too) or, at D = 256 and where the keys are no whole number of
     the band's key tiles, the lean instantiation, each in its variant with bias code where the
-    call has a bias and without where it has none (kLeanBias), and that a bias row off 16-byte alignment, a mask, softcap
-    or a ragged last key tile ran neither (they take the general walk, checked against float64
-    too)."""
+    call has a bias and without where it has none (kLeanBias), and that a bias row off 16-byte
+    alignment, a mask, softcap or a ragged last key tile ran neither (they take the general walk,
+    checked against float64 too)."""
     B, H, Hk = 2, 8, 2
     sm90 = torch.cuda.get_device_capability() == (9, 0)
     band_keys = {64: 64, 128: 128}.get(D)
